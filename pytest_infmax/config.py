@@ -1,0 +1,159 @@
+"""Session settings: one definition per setting, read from CLI, env and ini.
+
+Precedence, highest first: the command line (``--infmax-x``), the environment
+(``INFMAX_X``), the ini file (``infmax_x``), the default. Per-test markers
+(``@pytest.mark.infmax_server(...)``) override all of these for that test.
+Every value is validated at start-up; a bad one names the setting, where it
+came from, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .servers import ServerConfig, ServerError, command_from_template
+
+
+class SettingError(ValueError):
+    """A setting has a value that cannot work."""
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or math.isinf(value):
+        raise ValueError("must be a positive number")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be a whole number >= 1")
+    return value
+
+
+def _percentiles(text: str) -> tuple[float, ...]:
+    values = tuple(float(p) for p in text.replace(" ", "").split(",") if p)
+    if not values or any(not 0 < p <= 100 for p in values):
+        raise ValueError("must be a comma-separated list of numbers in (0, 100], e.g. 50,90,99")
+    return values
+
+
+def _text(text: str) -> str:
+    return text
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    help: str
+    default: Any
+    parse: Callable[[str], Any] = _text
+    metavar: str = "VALUE"
+
+    @property
+    def flag(self) -> str:
+        return "--infmax-" + self.name.replace("_", "-")
+
+    @property
+    def ini(self) -> str:
+        return "infmax_" + self.name
+
+    @property
+    def env(self) -> str:
+        return "INFMAX_" + self.name.upper()
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("endpoint", "base URL of an OpenAI-compatible server that is already running "
+            "(instead of starting one)", None, metavar="URL"),
+    Setting("server_command", "command that starts the server under test, split like a shell "
+            "would but never run through one; {host}, {port} and {model} are filled in",
+            None, metavar="TEMPLATE"),
+    Setting("sim_args", "extra flags for the embedded simulator (see `infmax sim --help`)", "",
+            metavar="FLAGS"),
+    Setting("model", "model name to request (default: the first one /v1/models lists)", None,
+            metavar="NAME"),
+    Setting("gpus", "GPUs behind the server, for per-GPU metrics", 1, _positive_int, "N"),
+    Setting("api_key_env", "environment variable that holds the server's API key "
+            "(the key itself is never printed or saved)", "INFMAX_API_KEY", metavar="VAR"),
+    Setting("startup_timeout", "seconds to wait for a started server to become ready", 600.0,
+            _positive_float, "SECONDS"),
+    Setting("request_timeout", "seconds one request may take before it is recorded as a timeout",
+            600.0, _positive_float, "SECONDS"),
+    Setting("percentiles", "percentiles reported for latency distributions", (50.0, 90.0, 95.0, 99.0),
+            _percentiles, "LIST"),
+    Setting("json", "write every result, with per-request records and the environment, to this "
+            "JSON file (atomically)", None, metavar="PATH"),
+    Setting("log_dir", "directory for server logs", ".infmax/logs", metavar="DIR"),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    values: dict[str, Any]
+    sources: dict[str, str]
+
+    def __getitem__(self, name: str) -> Any:
+        return self.values[name]
+
+    def server_config(self) -> ServerConfig:
+        """The session's default server; markers may override it per test."""
+        v = self.values
+        common = dict(
+            model=v["model"], num_gpus=v["gpus"], api_key_env=v["api_key_env"],
+            startup_timeout=v["startup_timeout"],
+        )
+        try:
+            if v["endpoint"]:
+                return ServerConfig(kind="endpoint", endpoint=v["endpoint"], **common)
+            if v["server_command"]:
+                return ServerConfig(kind="command", command=command_from_template(v["server_command"]), **common)
+            return ServerConfig(kind="sim", sim_args=tuple(shlex.split(v["sim_args"] or "")), **common)
+        except ServerError as exc:
+            raise SettingError(str(exc)) from None
+
+
+def add_options(parser: Any) -> None:
+    """Register every setting as a CLI flag and an ini key (pytest's parser)."""
+    group = parser.getgroup("infmax", "LLM inference SLA testing (pytest-infmax)")
+    for s in SETTINGS:
+        group.addoption(s.flag, dest=f"infmax_{s.name}", default=None, metavar=s.metavar,
+                        help=f"{s.help} [env {s.env}, ini {s.ini}]")
+        parser.addini(s.ini, help=s.help, default=None)
+
+
+def resolve(config: Any) -> Settings:
+    """Read every setting with CLI > env > ini > default precedence."""
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for s in SETTINGS:
+        raw: str | None = config.getoption(f"infmax_{s.name}")
+        source = s.flag
+        if raw is None and os.environ.get(s.env) is not None:
+            raw, source = os.environ[s.env], f"environment variable {s.env}"
+        if raw is None:
+            ini = config.getini(s.ini)
+            if ini not in (None, "", []):
+                raw, source = str(ini), f"ini option {s.ini}"
+        if raw is None:
+            values[s.name], sources[s.name] = s.default, "default"
+            continue
+        try:
+            values[s.name] = s.parse(raw)
+        except ValueError as exc:
+            raise SettingError(f"{source} = {raw!r} is not valid: {exc}") from None
+        sources[s.name] = source
+    if values["endpoint"] and values["server_command"]:
+        raise SettingError(
+            f"both an endpoint ({sources['endpoint']}) and a server command ({sources['server_command']}) "
+            "are set; give one: the endpoint of a running server, or the command that starts one"
+        )
+    values["log_dir"] = Path(values["log_dir"])
+    return Settings(values, sources)

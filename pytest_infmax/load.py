@@ -1,0 +1,484 @@
+"""The load generator: streaming requests against an OpenAI-compatible server.
+
+Two arrival models, as in vLLM's and InferenceMAX's benchmark clients:
+
+* closed loop (``concurrency=N``): N workers each keep one request in flight;
+* open loop (``rate=R``): arrivals follow a Poisson process (``burstiness=1``)
+  or a gamma process (burstiness < 1 is burstier, > 1 smoother), optionally
+  capped at ``max_concurrency`` in flight.
+
+Warm-up requests run first, as their own phase at the same concurrency, and
+are recorded with ``warmup=True`` so metrics leave them out; the measured phase
+then starts on warm connections.
+
+Every request ends with a record: success, or a typed error. Nothing the
+server sends can make a request hang past ``request_timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import numpy as np
+
+from .records import ErrorKind, RequestRecord, TokenSource
+from .scenarios import Endpoint, PlannedRequest, Scenario, plan_request, request_body
+
+# aiohttp refuses a body line longer than twice its read buffer; such an SSE
+# line ends that request as a protocol error instead of growing memory.
+READ_BUFSIZE = 1 << 18
+
+
+class LoadConfigError(ValueError):
+    """A run was asked for with arguments that cannot work together."""
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    """How much load, of what shape, for how long."""
+
+    scenario: Scenario
+    concurrency: int | None = None
+    rate: float | None = None
+    burstiness: float = 1.0
+    max_concurrency: int | None = None
+    num_requests: int | None = None
+    duration: float | None = None
+    warmup: int | None = None
+    request_timeout: float = 600.0
+    seed: int = 0
+    extra_body: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if (self.concurrency is None) == (self.rate is None):
+            raise LoadConfigError(
+                "give exactly one of concurrency= (closed loop) or rate= (open loop, requests/s)"
+            )
+        if self.concurrency is not None and self.concurrency < 1:
+            raise LoadConfigError(f"concurrency must be >= 1, got {self.concurrency}")
+        if self.rate is not None and not self.rate > 0:
+            raise LoadConfigError(f"rate must be > 0 requests/s (math.inf: all at once), got {self.rate}")
+        if not self.burstiness > 0:
+            raise LoadConfigError(f"burstiness must be > 0 (1 = Poisson), got {self.burstiness}")
+        if self.max_concurrency is not None and self.max_concurrency < 1:
+            raise LoadConfigError(f"max_concurrency must be >= 1, got {self.max_concurrency}")
+        if self.num_requests is not None and self.num_requests < 1:
+            raise LoadConfigError(f"num_requests must be >= 1, got {self.num_requests}")
+        if self.duration is not None and not self.duration > 0:
+            raise LoadConfigError(f"duration must be > 0 seconds, got {self.duration}")
+        if self.warmup is not None and self.warmup < 0:
+            raise LoadConfigError(f"warmup must be >= 0, got {self.warmup}")
+        if not self.request_timeout > 0:
+            raise LoadConfigError(f"request_timeout must be > 0 seconds, got {self.request_timeout}")
+        if self.rate is not None and self.num_requests is None and self.duration is None:
+            raise LoadConfigError(
+                "an open-loop run needs an end: give num_requests= or duration= with rate="
+            )
+
+    @property
+    def effective_num_requests(self) -> int | None:
+        """InferenceMAX's default: 10 requests per unit of concurrency."""
+        if self.num_requests is not None:
+            return self.num_requests
+        if self.duration is not None:
+            return None
+        assert self.concurrency is not None
+        return 10 * self.concurrency
+
+    @property
+    def effective_warmup(self) -> int:
+        """InferenceMAX's default: 2 warm-up requests per unit of concurrency."""
+        if self.warmup is not None:
+            return self.warmup
+        width = self.concurrency or self.max_concurrency or 0
+        return 2 * width
+
+    @property
+    def label(self) -> str:
+        if self.concurrency is not None:
+            return f"c={self.concurrency}"
+        rate = "inf" if math.isinf(self.rate or 0) else f"{self.rate:g}"
+        return f"rate={rate}/s"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "scenario": self.scenario.to_dict(),
+            "concurrency": self.concurrency,
+            "rate": None if self.rate is None or math.isinf(self.rate) else self.rate,
+            "rate_infinite": self.rate is not None and math.isinf(self.rate),
+            "burstiness": self.burstiness,
+            "max_concurrency": self.max_concurrency,
+            "num_requests": self.effective_num_requests,
+            "duration": self.duration,
+            "warmup": self.effective_warmup,
+            "request_timeout": self.request_timeout,
+            "seed": self.seed,
+            "extra_body": self.extra_body,
+        }
+
+
+@dataclass
+class RunRecords:
+    """What one run produced: records plus the clock they were taken on."""
+
+    records: list[RequestRecord]
+    clock_origin: float  # perf_counter() at the start of the run
+    epoch_origin: float  # time.time() at the same instant
+    measured_start: float  # perf_counter() when the measured phase began
+    measured_end: float
+
+
+def arrival_offsets(
+    n: int, rate: float, burstiness: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Send offsets (seconds from the start) for ``n`` open-loop arrivals.
+
+    Gamma inter-arrival times with shape ``burstiness`` and mean ``1/rate``
+    (shape 1 is the exponential, i.e. Poisson arrivals), as vLLM does.
+    """
+    if math.isinf(rate):
+        return np.zeros(n)
+    theta = 1.0 / (rate * burstiness)
+    gaps = rng.gamma(shape=burstiness, scale=theta, size=n)
+    return np.cumsum(gaps) - gaps[0]  # the first request goes at once
+
+
+class _StreamState:
+    """Accumulates one SSE response into a record."""
+
+    __slots__ = ("rec", "texts", "usage", "cumulative", "finished", "done")
+
+    def __init__(self, rec: RequestRecord) -> None:
+        self.rec = rec
+        self.texts: list[int] = []  # characters per content chunk, for apportioning
+        self.usage: dict[str, Any] | None = None
+        self.cumulative: list[int] = []  # continuous usage: completion tokens so far
+        self.finished = False  # a finish_reason was seen
+        self.done = False  # [DONE] was seen
+
+    def on_event(self, data: str, t: float) -> None:
+        if data == "[DONE]":
+            self.done = True
+            return
+        try:
+            obj = json.loads(data)
+        except ValueError as exc:
+            raise _StreamError(ErrorKind.PROTOCOL, f"SSE data is not JSON ({exc}): {data[:120]!r}") from None
+        if not isinstance(obj, dict):
+            raise _StreamError(ErrorKind.PROTOCOL, f"SSE data is not a JSON object: {data[:120]!r}")
+        if "error" in obj:
+            err = obj["error"]
+            msg = err.get("message", err) if isinstance(err, dict) else err
+            raise _StreamError(ErrorKind.SERVER, f"server error in stream: {msg}")
+        usage = obj.get("usage")
+        choices = obj.get("choices") or []
+        text = ""
+        if choices:
+            choice = choices[0]
+            if not isinstance(choice, dict):
+                raise _StreamError(ErrorKind.PROTOCOL, f"choices[0] is not an object: {data[:120]!r}")
+            if "delta" in choice:
+                delta = choice.get("delta") or {}
+                text = (delta.get("content") or "") + (delta.get("reasoning_content") or "")
+            else:
+                text = choice.get("text") or ""
+            if choice.get("finish_reason"):
+                self.finished = True
+        if text:
+            rec = self.rec
+            if rec.first_token_time is None:
+                rec.first_token_time = t
+            rec.chunk_times.append(t)
+            self.texts.append(len(text))
+            if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
+                self.cumulative.append(usage["completion_tokens"])
+        if isinstance(usage, dict):
+            self.usage = usage
+
+    def finish(self, t: float, requested_input: int | None) -> None:
+        rec = self.rec
+        rec.end_time = t
+        if not self.done and not self.finished:
+            raise _StreamError(ErrorKind.DISCONNECT, "stream ended before a finish_reason or [DONE]")
+        if not rec.chunk_times:
+            raise _StreamError(ErrorKind.EMPTY, "stream ended without any content token")
+        n_chunks = len(rec.chunk_times)
+        usage = self.usage or {}
+        prompt_tokens = usage.get("prompt_tokens")
+        if isinstance(prompt_tokens, int):
+            rec.input_tokens, rec.input_tokens_source = prompt_tokens, TokenSource.USAGE
+        elif requested_input is not None:
+            rec.input_tokens, rec.input_tokens_source = requested_input, TokenSource.REQUEST
+        completion_tokens = usage.get("completion_tokens")
+        if isinstance(completion_tokens, int):
+            rec.output_tokens, rec.output_tokens_source = completion_tokens, TokenSource.USAGE
+        else:
+            rec.output_tokens, rec.output_tokens_source = n_chunks, TokenSource.CHUNKS
+        rec.chunk_tokens, rec.chunk_tokens_source = _chunk_tokens(
+            n_chunks, rec.output_tokens, self.cumulative, self.texts,
+            from_usage=rec.output_tokens_source is TokenSource.USAGE,
+        )
+
+
+def _chunk_tokens(
+    n_chunks: int, total: int, cumulative: list[int], text_lens: list[int], from_usage: bool
+) -> tuple[list[int], TokenSource]:
+    """How many tokens each content chunk carried, and how we know.
+
+    Exact when the server sent cumulative usage per chunk, or when the usage
+    total equals the chunk count (one token per event). Otherwise the total is
+    spread over chunks in proportion to their text (largest remainder), and
+    flagged as an estimate.
+    """
+    if len(cumulative) == n_chunks and cumulative and cumulative[-1] == total:
+        counts = [cumulative[0]] + [b - a for a, b in zip(cumulative, cumulative[1:])]
+        if all(c >= 0 for c in counts):
+            return counts, TokenSource.USAGE_DELTA
+    if not from_usage:
+        return [1] * n_chunks, TokenSource.CHUNKS
+    if total == n_chunks:
+        return [1] * n_chunks, TokenSource.USAGE
+    chars = sum(text_lens) or n_chunks
+    shares = [total * (c or 1) / chars for c in text_lens]
+    counts = [int(s) for s in shares]
+    order = sorted(range(n_chunks), key=lambda i: shares[i] - counts[i], reverse=True)
+    for i in order[: total - sum(counts)]:
+        counts[i] += 1
+    return counts, TokenSource.APPORTIONED
+
+
+class _StreamError(Exception):
+    def __init__(self, kind: ErrorKind, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def _error_message(status: int, body: str) -> str:
+    try:
+        err = json.loads(body).get("error")
+        if isinstance(err, dict) and err.get("message"):
+            return f"HTTP {status}: {err['message']}"
+    except (ValueError, AttributeError):
+        pass
+    return f"HTTP {status}: {body[:200]}"
+
+
+class LoadGenerator:
+    """Drives load against one server's OpenAI-compatible API."""
+
+    def __init__(self, base_url: str, model: str, api_key: str | None = None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self._headers = {"Content-Type": "application/json"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+
+    def _url(self, endpoint: Endpoint) -> str:
+        return f"{self.base_url}/v1/{'completions' if endpoint == 'completions' else 'chat/completions'}"
+
+    async def run(
+        self,
+        config: LoadConfig,
+        on_record: Callable[[RequestRecord], None] | None = None,
+    ) -> RunRecords:
+        """Run warm-up then the measured phase; return every record."""
+        clock_origin, epoch_origin = time.perf_counter(), time.time()
+        records: list[RequestRecord] = []
+
+        def keep(rec: RequestRecord) -> None:
+            records.append(rec)
+            if on_record is not None:
+                on_record(rec)
+
+        width = config.concurrency or config.max_concurrency or 1024
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=None)
+        timeout = aiohttp.ClientTimeout(total=config.request_timeout)
+        async with aiohttp.ClientSession(
+            connector=connector, timeout=timeout, headers=self._headers, read_bufsize=READ_BUFSIZE
+        ) as session:
+            url = self._url(config.scenario.endpoint)
+            warmup = config.effective_warmup
+            index = itertools.count()
+            if warmup:
+                await self._closed_loop(
+                    session, url, config, min(width, warmup), warmup, None, index, True, keep
+                )
+            measured_start = time.perf_counter()
+            if config.concurrency is not None:
+                await self._closed_loop(
+                    session, url, config, config.concurrency,
+                    config.effective_num_requests, config.duration, index, False, keep,
+                )
+            else:
+                await self._open_loop(session, url, config, index, keep)
+            measured_end = time.perf_counter()
+        records.sort(key=lambda r: r.index)
+        return RunRecords(records, clock_origin, epoch_origin, measured_start, measured_end)
+
+    async def _closed_loop(
+        self,
+        session: aiohttp.ClientSession,
+        url: str,
+        config: LoadConfig,
+        concurrency: int,
+        num_requests: int | None,
+        duration: float | None,
+        index: itertools.count[int],
+        warmup: bool,
+        keep: Callable[[RequestRecord], None],
+    ) -> None:
+        deadline = None if duration is None else time.perf_counter() + duration
+        issued = itertools.count()
+
+        async def worker() -> None:
+            while True:
+                if num_requests is not None and next(issued) >= num_requests:
+                    return
+                if deadline is not None and time.perf_counter() >= deadline:
+                    return
+                plan = plan_request(config.scenario, next(index), config.seed)
+                keep(await self._one(session, url, config, plan, warmup, None))
+
+        await _gather_cancelling([worker() for _ in range(concurrency)])
+
+    async def _open_loop(
+        self,
+        session: aiohttp.ClientSession,
+        url: str,
+        config: LoadConfig,
+        index: itertools.count[int],
+        keep: Callable[[RequestRecord], None],
+    ) -> None:
+        assert config.rate is not None
+        rng = np.random.default_rng([config.seed, 0x0A77])
+        n = config.num_requests
+        if n is None:  # duration-bound: enough arrivals to outlast the duration
+            assert config.duration is not None
+            n = max(1, math.ceil(config.rate * config.duration * 2 + 10)) if not math.isinf(config.rate) else 1
+        offsets = arrival_offsets(n, config.rate, config.burstiness, rng)
+        gate = asyncio.Semaphore(config.max_concurrency) if config.max_concurrency else None
+        start = time.perf_counter()
+        tasks: list[asyncio.Task[None]] = []
+
+        async def fire(plan: PlannedRequest, scheduled: float) -> None:
+            if gate is None:
+                keep(await self._one(session, url, config, plan, False, scheduled))
+                return
+            async with gate:
+                keep(await self._one(session, url, config, plan, False, scheduled))
+
+        try:
+            for offset in offsets:
+                if config.duration is not None and offset >= config.duration:
+                    break
+                scheduled = start + float(offset)
+                delay = scheduled - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                plan = plan_request(config.scenario, next(index), config.seed)
+                tasks.append(asyncio.ensure_future(fire(plan, scheduled)))
+            await _gather_cancelling(tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def _one(
+        self,
+        session: aiohttp.ClientSession,
+        url: str,
+        config: LoadConfig,
+        plan: PlannedRequest,
+        warmup: bool,
+        scheduled: float | None,
+    ) -> RequestRecord:
+        """Send one streaming request; always returns a record, never raises."""
+        rec = RequestRecord(
+            index=plan.index,
+            warmup=warmup,
+            scheduled_time=scheduled,
+            requested_input_tokens=plan.input_len,
+            requested_output_tokens=plan.output_len,
+        )
+        body = json.dumps(request_body(plan, self.model, config.scenario.endpoint, config.extra_body))
+        exact_input = plan.input_len if plan.token_ids is not None else None
+        state = _StreamState(rec)
+        rec.send_time = time.perf_counter()
+        try:
+            async with session.post(url, data=body) as resp:
+                rec.http_status = resp.status
+                if resp.status != 200:
+                    text = await resp.text(errors="replace")
+                    raise _StreamError(ErrorKind.HTTP, _error_message(resp.status, text))
+                await _read_sse(resp, state)
+                state.finish(time.perf_counter(), exact_input)
+        except _StreamError as exc:
+            _fail(rec, exc.kind, str(exc))
+        except asyncio.TimeoutError:
+            _fail(rec, ErrorKind.TIMEOUT, f"no complete response within {config.request_timeout:g} s")
+        except aiohttp.ClientConnectorError as exc:
+            _fail(rec, ErrorKind.CONNECT, f"cannot connect to {url}: {exc.os_error or exc}")
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, ConnectionError) as exc:
+            _fail(rec, ErrorKind.DISCONNECT, f"connection lost mid-response: {exc or type(exc).__name__}")
+        except aiohttp.ClientError as exc:
+            _fail(rec, ErrorKind.PROTOCOL, f"{type(exc).__name__}: {exc}")
+        except (UnicodeDecodeError, ValueError) as exc:
+            _fail(rec, ErrorKind.PROTOCOL, f"unreadable response: {exc}")
+        except asyncio.CancelledError:
+            _fail(rec, ErrorKind.CANCELLED, "the run was stopped before this request ended")
+            raise
+        return rec
+
+
+async def _read_sse(resp: aiohttp.ClientResponse, state: _StreamState) -> None:
+    """Parse ``text/event-stream`` per the SSE spec, timestamping each event.
+
+    Tolerates what real servers do: no space after ``data:``, comment lines,
+    CRLF line ends, multi-line data fields; an event is dispatched at its
+    terminating blank line, stamped with the time its last data line arrived.
+    """
+    data_lines: list[str] = []
+    stamp = 0.0
+    async for raw in resp.content:
+        now = time.perf_counter()
+        line = raw.decode("utf-8").rstrip("\r\n")
+        if not line:
+            if data_lines:
+                state.on_event("\n".join(data_lines), stamp)
+                data_lines = []
+                if state.done:
+                    return
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        if name == "data":
+            data_lines.append(value[1:] if value.startswith(" ") else value)
+            stamp = now
+    if data_lines:  # a final event without its blank line
+        state.on_event("\n".join(data_lines), stamp)
+
+
+def _fail(rec: RequestRecord, kind: ErrorKind, message: str) -> None:
+    rec.error_kind = kind
+    rec.error_message = message
+    if rec.end_time is None:
+        rec.end_time = time.perf_counter()
+
+
+async def _gather_cancelling(aws: list[Any]) -> None:
+    """Await all; if one raises or we are cancelled, cancel the rest first."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,247 @@
+"""The pytest plugin: fixtures, markers and report hooks, kept thin.
+
+Everything here wires pytest to the plain modules (servers, runner, sla,
+reports). Results travel on test reports (``report.infmax_results``), so they
+reach the controller under pytest-xdist as they do in a single process.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from . import config as settings_mod
+from . import reports
+from .results import LoadResult
+from .runner import Infmax
+from .servers import Server, ServerConfig, ServerError, ServerPool, config_from_mapping
+from .sla import SLA, SLAFailed, SLASyntaxError
+
+RESULTS_KEY = pytest.StashKey[list[LoadResult]]()
+STATE_KEY = pytest.StashKey["PluginState"]()
+
+# The key figures every perf test leaves in JUnit XML (and report.user_properties).
+JUNIT_PROPERTIES = ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "interactivity", "throughput_per_gpu",
+                    "error_rate", "requests", "sla")
+
+
+@dataclass
+class PluginState:
+    settings: settings_mod.Settings
+    log_dir: Path
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    full_results: list[dict[str, Any]] = field(default_factory=list)
+    json_written: Path | None = None
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    settings_mod.add_options(parser)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "sla(*objectives, goodput=None): SLA expressions every infmax result of this test must meet, "
+        "e.g. @pytest.mark.sla('p99(ttft) < 500ms', 'throughput_per_gpu > 5000 tok/s')",
+    )
+    config.addinivalue_line(
+        "markers",
+        "infmax_server(**options): server for this test: sim_args=, command=, endpoint=, model=, "
+        "num_gpus=, startup_timeout=, env= (one server per distinct configuration)",
+    )
+    try:
+        settings = settings_mod.resolve(config)
+        settings.server_config()
+    except settings_mod.SettingError as exc:
+        raise pytest.UsageError(f"pytest-infmax: {exc}") from None
+    log_dir = settings["log_dir"]
+    if not log_dir.is_absolute():
+        log_dir = config.rootpath / log_dir
+    state = PluginState(settings, log_dir)
+    config.stash[STATE_KEY] = state
+    if not hasattr(config, "workerinput"):  # xdist workers send their reports to the controller
+        config.pluginmanager.register(ResultCollector(config, state), "infmax-results")
+    _terminate_gracefully()
+
+
+def _terminate_gracefully() -> None:
+    """Make SIGTERM unwind like Ctrl-C so fixtures stop the servers they started."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+
+        def on_sigterm(signum: int, frame: Any) -> None:
+            raise KeyboardInterrupt("SIGTERM")
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Validate markers before any server starts or any request is sent."""
+    state = config.stash[STATE_KEY]
+    base = state.settings.server_config()
+    for item in items:
+        for marker in item.iter_markers("sla"):
+            try:
+                SLA(*marker.args, **marker.kwargs)
+            except (SLASyntaxError, TypeError, ValueError) as exc:
+                raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.sla: {exc}") from None
+        marker = item.get_closest_marker("infmax_server")
+        if marker is not None:
+            try:
+                config_from_mapping(base, marker.kwargs)
+            except (ServerError, TypeError, ValueError) as exc:
+                raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.infmax_server: {exc}") from None
+
+
+# -- fixtures -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def infmax_server_pool(pytestconfig: pytest.Config) -> Iterator[ServerPool]:
+    """Every server this session started, one per distinct configuration; stopped at the end."""
+    pool = ServerPool(pytestconfig.stash[STATE_KEY].log_dir)
+    try:
+        yield pool
+    finally:
+        pool.stop_all()
+
+
+@pytest.fixture
+def infmax_server_config(request: pytest.FixtureRequest) -> ServerConfig:
+    """The server configuration for this test: settings, then the closest marker."""
+    base = request.config.stash[STATE_KEY].settings.server_config()
+    marker = request.node.get_closest_marker("infmax_server")
+    return config_from_mapping(base, marker.kwargs) if marker else base
+
+
+@pytest.fixture
+def infmax_server(infmax_server_pool: ServerPool, infmax_server_config: ServerConfig) -> Server:
+    """The server under test, started once per configuration and ready to serve."""
+    return infmax_server_pool.get(infmax_server_config)
+
+
+@pytest.fixture
+def infmax(request: pytest.FixtureRequest, infmax_server: Server) -> Infmax:
+    """Runs load against the server under test: ``infmax.run("1k1k-mini", concurrency=8)``."""
+    settings = request.config.stash[STATE_KEY].settings
+    results = request.node.stash.setdefault(RESULTS_KEY, [])
+    return Infmax(
+        infmax_server,
+        name=request.node.nodeid,
+        percentiles=settings["percentiles"],
+        request_timeout=settings["request_timeout"],
+        on_result=results.append,
+    )
+
+
+@pytest.fixture
+def infmax_openai(infmax_server: Server) -> Iterator[Any]:
+    """The official ``openai.OpenAI`` client, pointed at the server under test."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{infmax_server.base_url}/v1", api_key=infmax_server.api_key or "EMPTY",
+                           max_retries=0)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def infmax_async_openai(infmax_server: Server) -> Any:
+    """The official ``openai.AsyncOpenAI`` client, pointed at the server under test."""
+    import openai
+
+    return openai.AsyncOpenAI(base_url=f"{infmax_server.base_url}/v1",
+                              api_key=infmax_server.api_key or "EMPTY", max_retries=0)
+
+
+# -- verdicts and reports -------------------------------------------------------
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Any:
+    """After the test body: check its @pytest.mark.sla objectives on every result it made."""
+    outcome = yield
+    markers = list(pyfuncitem.iter_markers("sla"))
+    if not markers:
+        return outcome
+    results = pyfuncitem.stash.get(RESULTS_KEY, [])
+    if not results:
+        pytest.fail("@pytest.mark.sla is set but the test ran no load: call infmax.run(...)", pytrace=False)
+    failures = []
+    for marker in markers:
+        sla = SLA(*marker.args, **marker.kwargs)
+        for result in results:
+            failed = [v for v in result.evaluate(sla=sla) if not v.passed]
+            if failed:
+                failures.append(SLAFailed(failed, context=result.headline()))
+    if failures:
+        raise SLAFailed([v for f in failures for v in f.verdicts], context="\n".join(
+            f.context for f in failures if f.context))
+    return outcome
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if call.when != "call":
+        return report
+    results = item.stash.get(RESULTS_KEY, [])
+    if results:
+        want_records = item.config.stash[STATE_KEY].settings["json"] is not None
+        report.infmax_results = [
+            {"summary": r.summary(), "full": r.to_dict(include_records=want_records)} for r in results
+        ]
+        for i, r in enumerate(results):
+            prefix = "infmax_" if len(results) == 1 else f"infmax_{i}_"
+            summary = r.summary()
+            props = [(prefix + key, summary[key]) for key in JUNIT_PROPERTIES]
+            report.user_properties.extend(props)
+            item.user_properties.extend(props)  # junitxml reads them from the teardown report
+    return report
+
+
+class ResultCollector:
+    """Gathers results from test reports and writes the session's reports.
+
+    Registered only where reports are final (not on xdist workers), so under
+    pytest-xdist the controller sees every worker's results exactly once.
+    """
+
+    def __init__(self, config: pytest.Config, state: PluginState) -> None:
+        self.config = config
+        self.state = state
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        for entry in getattr(report, "infmax_results", None) or ():
+            self.state.rows.append(entry["summary"])
+            self.state.full_results.append(entry["full"])
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        state = self.state
+        if state.settings["json"] is None or not state.full_results:
+            return
+        servers = {repr(r.get("server")): r.get("server") for r in state.full_results}
+        doc = reports.results_document(state.full_results, list(servers.values()))
+        path = Path(state.settings["json"])
+        if not path.is_absolute():
+            path = Path(self.config.invocation_params.dir) / path
+        state.json_written = reports.write_json_atomic(path, doc)
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        state = self.state
+        if not state.rows:
+            return
+        terminalreporter.write_sep("=", "infmax results")
+        terminalreporter.write_line(reports.format_table(state.rows))
+        if state.json_written:
+            terminalreporter.write_line(f"infmax: results written to {state.json_written}")

@@ -1,0 +1,138 @@
+"""Per-request records: what the load generator saw, one record per request.
+
+Records are the single source every metric is computed from, and what the JSON
+report keeps, so they hold raw observations (timestamps, counts and where each
+count came from), never derived figures.
+
+All times are seconds on the load generator's monotonic clock
+(``time.perf_counter()``); a run keeps the epoch of its clock origin so records
+can be placed in wall-clock time.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+class TokenSource(str, enum.Enum):
+    """Where a token count came from. Reports keep it beside every count."""
+
+    USAGE = "usage"  # the server's own `usage` object (stream_options.include_usage)
+    USAGE_DELTA = "usage_delta"  # per-chunk cumulative usage (vLLM continuous_usage_stats)
+    REQUEST = "request"  # what we asked for: the exact token ids we sent
+    CHUNKS = "chunks"  # counted content chunks, assuming one token each: an estimate
+    APPORTIONED = "apportioned"  # a usage total spread over chunks by text length: an estimate
+    NONE = "none"  # nothing known (failed request)
+
+
+class ErrorKind(str, enum.Enum):
+    """Typed request outcomes other than success."""
+
+    HTTP = "http_error"  # non-2xx status
+    CONNECT = "connect_error"  # could not connect
+    DISCONNECT = "disconnected"  # connection closed or reset mid-stream
+    TIMEOUT = "timeout"  # request exceeded its timeout
+    PROTOCOL = "protocol_error"  # malformed SSE / JSON / missing fields
+    SERVER = "server_error"  # an error object inside a 200 stream
+    EMPTY = "empty_response"  # stream ended without any content token
+    CANCELLED = "cancelled"  # the run was stopped before the request ended
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """One request as observed by the client.
+
+    ``chunk_times[i]`` is when the i-th content-bearing SSE event arrived and
+    ``chunk_tokens[i]`` how many output tokens it carried (see
+    ``chunk_tokens_source`` for how that was known).
+    """
+
+    index: int
+    warmup: bool = False
+    scheduled_time: float | None = None  # open loop: when the arrival process said to send
+    send_time: float = 0.0  # when the request was actually written
+    first_token_time: float | None = None  # first event with non-empty content
+    end_time: float | None = None  # response fully read (or failure observed)
+    chunk_times: list[float] = field(default_factory=list)
+    chunk_tokens: list[int] = field(default_factory=list)
+    input_tokens: int | None = None
+    input_tokens_source: TokenSource = TokenSource.NONE
+    output_tokens: int | None = None
+    output_tokens_source: TokenSource = TokenSource.NONE
+    chunk_tokens_source: TokenSource = TokenSource.NONE
+    requested_input_tokens: int | None = None
+    requested_output_tokens: int | None = None
+    http_status: int | None = None
+    error_kind: ErrorKind | None = None
+    error_message: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error_kind is None
+
+    # -- derived per-request latencies (None when not defined) -------------
+
+    @property
+    def ttft(self) -> float | None:
+        if not self.ok or self.first_token_time is None:
+            return None
+        return self.first_token_time - self.send_time
+
+    @property
+    def e2e(self) -> float | None:
+        if not self.ok or self.end_time is None:
+            return None
+        return self.end_time - self.send_time
+
+    @property
+    def tpot(self) -> float | None:
+        """InferenceMAX TPOT: (E2E - TTFT) / (output tokens - 1)."""
+        ttft, e2e = self.ttft, self.e2e
+        if ttft is None or e2e is None or not self.output_tokens or self.output_tokens < 2:
+            return None
+        return (e2e - ttft) / (self.output_tokens - 1)
+
+    def itls(self) -> list[float]:
+        """Per-token inter-token latencies.
+
+        A chunk carrying k tokens that arrived ``dt`` after the previous chunk
+        contributes k gaps of ``dt / k``: streaming in chunks must not look like
+        one long stall followed by instant tokens.
+        """
+        if not self.ok or len(self.chunk_times) < 2:
+            return []
+        out: list[float] = []
+        for i in range(1, len(self.chunk_times)):
+            dt = self.chunk_times[i] - self.chunk_times[i - 1]
+            k = self.chunk_tokens[i] if i < len(self.chunk_tokens) else 1
+            k = max(int(k), 1)
+            out.extend([dt / k] * k)
+        return out
+
+    # -- serialisation ----------------------------------------------------
+
+    def to_dict(self, t0: float = 0.0) -> dict[str, Any]:
+        """JSON-ready dict with times relative to ``t0`` (the run's clock origin)."""
+        d = asdict(self)
+        for key in ("scheduled_time", "send_time", "first_token_time", "end_time"):
+            if d[key] is not None:
+                d[key] = round(d[key] - t0, 9)
+        d["chunk_times"] = [round(t - t0, 9) for t in self.chunk_times]
+        for key in ("input_tokens_source", "output_tokens_source", "chunk_tokens_source"):
+            d[key] = d[key].value
+        d["error_kind"] = self.error_kind.value if self.error_kind else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], t0: float = 0.0) -> RequestRecord:
+        d = dict(d)
+        for key in ("scheduled_time", "send_time", "first_token_time", "end_time"):
+            if d.get(key) is not None:
+                d[key] = d[key] + t0
+        d["chunk_times"] = [t + t0 for t in d.get("chunk_times", [])]
+        for key in ("input_tokens_source", "output_tokens_source", "chunk_tokens_source"):
+            d[key] = TokenSource(d.get(key, "none"))
+        d["error_kind"] = ErrorKind(d["error_kind"]) if d.get("error_kind") else None
+        return cls(**d)

@@ -1,0 +1,110 @@
+"""Reports: the terminal table and the JSON results file.
+
+Reports read plain dicts (``LoadResult.summary()`` / ``to_dict()``), because
+under pytest-xdist results arrive from workers as serialised data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+
+COLUMNS: tuple[tuple[str, str, str], ...] = (
+    # (key in summary, header, format)
+    ("test", "test", "s"),
+    ("scenario", "scenario", "s"),
+    ("load", "load", "s"),
+    ("requests", "reqs", "d"),
+    ("ttft_p50_ms", "TTFT p50 ms", ".1f"),
+    ("ttft_p99_ms", "TTFT p99 ms", ".1f"),
+    ("tpot_p50_ms", "TPOT p50 ms", ".2f"),
+    ("interactivity", "tok/s/user", ".1f"),
+    ("throughput_per_gpu", "tok/s/GPU", ".0f"),
+    ("error_rate", "errors", "%"),
+    ("sla", "SLA", "s"),
+)
+
+
+def _cell(value: Any, fmt: str) -> str:
+    if value is None:
+        return "n/a"
+    if fmt == "%":
+        return f"{value * 100:.1f}%"
+    if fmt == "s":
+        return str(value)
+    return format(value, fmt)
+
+
+def format_table(rows: Sequence[dict[str, Any]], max_test_width: int = 48) -> str:
+    """A fixed-width table, one row per result."""
+    if not rows:
+        return ""
+    cells = []
+    for row in rows:
+        line = [_cell(row.get(key), fmt) for key, _, fmt in COLUMNS]
+        if len(line[0]) > max_test_width:  # keep the tail: it names the test
+            line[0] = "…" + line[0][-(max_test_width - 1):]
+        if row.get("ok", row.get("requests")) != row.get("requests"):
+            line[3] = f"{row.get('ok')}/{row.get('requests')}"
+        cells.append(line)
+    headers = [h for _, h, _ in COLUMNS]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+    left = {0, 1, 2, len(COLUMNS) - 1}
+
+    def fmt_line(items: Sequence[str]) -> str:
+        return "  ".join(s.ljust(w) if i in left else s.rjust(w) for i, (s, w) in enumerate(zip(items, widths)))
+
+    out = [fmt_line(headers), "  ".join("-" * w for w in widths)]
+    out.extend(fmt_line(c) for c in cells)
+    return "\n".join(out)
+
+
+def environment() -> dict[str, Any]:
+    """Facts about where the run happened; no secrets, no environment variables."""
+    return {
+        "plugin_version": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "hostname": platform.node(),
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
+    """Write JSON so that readers see the old file or the new one, never half of one."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, allow_nan=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return target
+
+
+def results_document(results: Sequence[dict[str, Any]], servers: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The ``--infmax-json`` document."""
+    return {
+        "format": "pytest-infmax/1",
+        "environment": environment(),
+        "servers": list(servers),
+        "results": list(results),
+    }

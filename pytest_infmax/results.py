@@ -1,0 +1,141 @@
+"""A finished run: its records, the metrics computed from them, and SLA verdicts."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .load import LoadConfig, RunRecords
+from .metrics import GoodputLimits, Metrics, compute_metrics
+from .records import RequestRecord
+from .sla import SLA, Objective, SLAFailed, Verdict
+
+DEFAULT_PERCENTILES: tuple[float, ...] = (50.0, 90.0, 95.0, 99.0)
+
+
+@dataclass
+class LoadResult:
+    """What ``infmax.run(...)`` returns.
+
+    ``metrics`` are computed from the measured (non-warm-up) records on first
+    use. Every SLA checked against this result is kept in ``verdicts`` so the
+    reports show it whether it passed or not.
+    """
+
+    name: str
+    config: LoadConfig
+    run: RunRecords
+    server: dict[str, Any]
+    num_gpus: int = 1
+    percentiles: tuple[float, ...] = DEFAULT_PERCENTILES
+    goodput: GoodputLimits | None = None
+    verdicts: list[Verdict] = field(default_factory=list)
+
+    @property
+    def records(self) -> list[RequestRecord]:
+        return self.run.records
+
+    @functools.cached_property
+    def metrics(self) -> Metrics:
+        return compute_metrics(
+            self.run.records, num_gpus=self.num_gpus, percentiles=self.percentiles, goodput=self.goodput
+        )
+
+    def evaluate(self, *objectives: str | Objective, sla: SLA | None = None) -> list[Verdict]:
+        """Verdicts for the objectives (recorded on this result), without raising."""
+        sla = sla if sla is not None else SLA(*objectives)
+        metrics = self.metrics
+        if sla.goodput is not None and sla.goodput != self.goodput:
+            metrics = compute_metrics(
+                self.run.records, num_gpus=self.num_gpus, percentiles=self.percentiles, goodput=sla.goodput
+            )
+        verdicts = sla.evaluate(metrics)
+        self.verdicts.extend(verdicts)
+        return verdicts
+
+    def check(self, *objectives: str | Objective, sla: SLA | None = None) -> list[Verdict]:
+        """Evaluate and raise ``SLAFailed`` listing every violated objective."""
+        verdicts = self.evaluate(*objectives, sla=sla)
+        failed = [v for v in verdicts if not v.passed]
+        if failed:
+            raise SLAFailed(failed, context=self.headline())
+        return verdicts
+
+    @property
+    def passed(self) -> bool | None:
+        """True/False once any SLA was checked, None when none was."""
+        if not self.verdicts:
+            return None
+        return all(v.passed for v in self.verdicts)
+
+    def headline(self) -> str:
+        m = self.metrics
+        return (
+            f"{self.name}: {self.config.scenario.name} {self.config.label}, "
+            f"{m.num_ok}/{m.num_requests} requests ok"
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """The figures one table row shows (None where not measured)."""
+        m = self.metrics
+        return {
+            "test": self.name,
+            "scenario": self.config.scenario.name,
+            "load": self.config.label,
+            "requests": m.num_requests,
+            "ok": m.num_ok,
+            "ttft_p50_ms": _ms(m.value("ttft", "p50")),
+            "ttft_p99_ms": _ms(m.value("ttft", "p99")),
+            "tpot_p50_ms": _ms(m.value("tpot", "p50")),
+            "interactivity": _num(m.value("interactivity", "p50")),
+            "throughput_per_gpu": _num(m.value("throughput_per_gpu")),
+            "error_rate": _num(m.value("error_rate")),
+            "sla": {None: "-", True: "PASS", False: "FAIL"}[self.passed],
+        }
+
+    def to_dict(self, include_records: bool = True) -> dict[str, Any]:
+        run = self.run
+        out: dict[str, Any] = {
+            "name": self.name,
+            "load": self.config.to_dict(),
+            "server": self.server,
+            "num_gpus": self.num_gpus,
+            "started_at": run.epoch_origin,
+            "measured_window_s": [
+                round(run.measured_start - run.clock_origin, 6),
+                round(run.measured_end - run.clock_origin, 6),
+            ],
+            "metrics": self.metrics.to_dict(),
+            "sla": [verdict_to_dict(v) for v in self.verdicts],
+            "passed": self.passed,
+        }
+        if include_records:
+            out["records"] = [r.to_dict(run.clock_origin) for r in run.records]
+        return out
+
+
+def verdict_to_dict(v: Verdict) -> dict[str, Any]:
+    return {
+        "objective": str(v.objective),
+        "measured": _num(v.measured),
+        "passed": v.passed,
+        "count": v.count,
+        "message": v.message,
+    }
+
+
+def _num(x: float | None) -> float | None:
+    if x is None or x != x:  # NaN: not measured
+        return None
+    return float(x)
+
+
+def _ms(x: float | None) -> float | None:
+    x = _num(x)
+    return None if x is None else x * 1000.0
+
+
+def failed_verdicts(results: Sequence[LoadResult]) -> list[Verdict]:
+    return [v for r in results for v in r.verdicts if not v.passed]

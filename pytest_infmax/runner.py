@@ -1,0 +1,132 @@
+"""``infmax.run(...)``: one call from a test to a checked result.
+
+Usable without pytest::
+
+    with running_server(ServerConfig(), Path("logs")) as server:
+        result = Infmax(server).run("1k1k-mini", concurrency=4, sla=["p99(ttft) < 500ms"])
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .load import LoadConfig, LoadGenerator
+from .metrics import GoodputLimits
+from .results import DEFAULT_PERCENTILES, LoadResult
+from .scenarios import Endpoint, Scenario, get_scenario
+from .servers import Server
+from .sla import SLA, Objective
+
+
+class Infmax:
+    """Drives load against one server and collects the results."""
+
+    def __init__(
+        self,
+        server: Server,
+        *,
+        name: str = "run",
+        percentiles: Sequence[float] = DEFAULT_PERCENTILES,
+        request_timeout: float = 600.0,
+        on_result: Callable[[LoadResult], None] | None = None,
+    ) -> None:
+        self.server = server
+        self.name = name
+        self.percentiles = tuple(percentiles)
+        self.request_timeout = request_timeout
+        self.results: list[LoadResult] = []
+        self._on_result = on_result
+
+    def run(self, scenario: str | Scenario = "1k1k-mini", **kwargs: Any) -> LoadResult:
+        """Run load and return its result; see :meth:`arun` for the arguments."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(self.arun(scenario, **kwargs))
+        raise RuntimeError(
+            "infmax.run() was called inside a running event loop; use `await infmax.arun(...)` there"
+        )
+
+    async def arun(
+        self,
+        scenario: str | Scenario = "1k1k-mini",
+        *,
+        concurrency: int | None = None,
+        rate: float | None = None,
+        burstiness: float = 1.0,
+        max_concurrency: int | None = None,
+        num_requests: int | None = None,
+        duration: float | None = None,
+        warmup: int | None = None,
+        endpoint: Endpoint | None = None,
+        sla: Sequence[str | Objective] | SLA | None = None,
+        goodput: GoodputLimits | str | dict[str, Any] | None = None,
+        seed: int = 0,
+        extra_body: dict[str, Any] | None = None,
+        request_timeout: float | None = None,
+        name: str | None = None,
+    ) -> LoadResult:
+        """Run warm-up and measured load; check ``sla`` if given.
+
+        Exactly one of ``concurrency`` (closed loop) and ``rate`` (open loop,
+        requests/s; ``math.inf`` sends all at once) is required. SLA
+        expressions and goodput limits are validated before any request is
+        sent. If an SLA fails, the result is still recorded for the reports
+        before ``SLAFailed`` is raised.
+        """
+        sla_obj = _as_sla(sla, goodput)
+        goodput_limits = sla_obj.goodput if sla_obj is not None else _as_goodput(goodput)
+        scen = get_scenario(scenario)
+        if endpoint is not None:
+            scen = scen.with_endpoint(endpoint)
+        config = LoadConfig(
+            scenario=scen,
+            concurrency=concurrency,
+            rate=math.inf if rate == "inf" else rate,
+            burstiness=burstiness,
+            max_concurrency=max_concurrency,
+            num_requests=num_requests,
+            duration=duration,
+            warmup=warmup,
+            request_timeout=request_timeout or self.request_timeout,
+            seed=seed,
+            extra_body=dict(extra_body or {}),
+        )
+        generator = LoadGenerator(self.server.base_url, self.server.model, self.server.api_key)
+        run = await generator.run(config)
+        result = LoadResult(
+            name=name or self.name,
+            config=config,
+            run=run,
+            server=self.server.describe(),
+            num_gpus=self.server.num_gpus,
+            percentiles=self.percentiles,
+            goodput=goodput_limits,
+        )
+        self.results.append(result)
+        if self._on_result is not None:
+            self._on_result(result)
+        if sla_obj is not None:
+            result.check(sla=sla_obj)
+        return result
+
+
+def _as_goodput(goodput: GoodputLimits | str | dict[str, Any] | None) -> GoodputLimits | None:
+    if goodput is None or isinstance(goodput, GoodputLimits):
+        return goodput
+    return GoodputLimits.parse(goodput)
+
+
+def _as_sla(
+    sla: Sequence[str | Objective] | SLA | None, goodput: GoodputLimits | str | dict[str, Any] | None
+) -> SLA | None:
+    if sla is None:
+        return SLA(goodput=_as_goodput(goodput)) if goodput is not None else None
+    if isinstance(sla, SLA):
+        return sla
+    if isinstance(sla, (str, Objective)):
+        sla = [sla]
+    return SLA(*sla, goodput=_as_goodput(goodput))

@@ -1,0 +1,644 @@
+"""OpenAI-compatible HTTP front end of the simulator (aiohttp.web).
+
+It speaks the wire format of vLLM / TensorRT-LLM / SGLang's OpenAI servers closely
+enough that the official ``openai`` SDK and any load generator parse it unchanged:
+``/v1/completions`` and ``/v1/chat/completions`` (streaming SSE or not, with
+``stream_options.include_usage`` and vLLM's ``continuous_usage_stats``),
+``/v1/models``, ``/health``, plus ``/sim/stats`` for tests.
+
+Text is fake but countable: a prompt's token count is the number of matches of
+``\\w+|[^\\w\\s]``, and every output token is one word with a leading space, so a
+client re-tokenising the output with the same regex gets exactly the token count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import random
+import re
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+
+from pytest_infmax.sim.engine import (
+    FINISH_ABORT,
+    Engine,
+    EngineConfig,
+    EngineRequest,
+    EngineStopped,
+    LinearCostModel,
+    StepCostModel,
+    TokenDelivery,
+)
+
+logger = logging.getLogger("pytest_infmax.sim")
+
+DEFAULT_MAX_TOKENS = 16
+CHAT_TOKENS_PER_MESSAGE = 3  # role and separator overhead, like a chat template adds
+TOKEN_PATTERN = re.compile(r"\w+|[^\w\s]")
+OWNED_BY = "pytest-infmax"
+
+# Output vocabulary: plain \w+ words only, so each emitted token is exactly one regex token.
+_OUTPUT_WORDS: tuple[str, ...] = tuple(
+    " " + word
+    for word in (
+        "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor "
+        "incididunt ut labore et dolore magna aliqua enim ad minim veniam quis nostrud "
+        "exercitation ullamco laboris nisi aliquip ex ea commodo consequat duis aute irure "
+        "in reprehenderit voluptate velit esse cillum fugiat nulla pariatur excepteur sint "
+        "occaecat cupidatat non proident sunt culpa qui officia deserunt mollit anim id est "
+        "laborum"
+    ).split()
+)
+
+_SSE_DONE = b"data: [DONE]\n\n"
+_SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+_encode_json = json.JSONEncoder(separators=(",", ":")).encode
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """Everything the HTTP app needs; built from the command line by ``main``."""
+
+    model: str = "sim-model"
+    api_key: str | None = None
+    startup_delay_s: float = 0.0
+    seed: int = 0
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    cost_model: StepCostModel = field(default_factory=LinearCostModel)
+
+
+CONFIG_KEY = web.AppKey("infmax_sim_config", SimConfig)
+ENGINE_KEY = web.AppKey("infmax_sim_engine", Engine)
+READY_AT_KEY = web.AppKey("infmax_sim_ready_at", float)
+
+
+# -- errors --------------------------------------------------------------------------
+
+
+class ApiError(Exception):
+    """An error answered in the OpenAI shape ``{"error": {...}}``."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | int | None = None,
+        error_type: str = "invalid_request_error",
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.error_type = error_type
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def response(self) -> web.Response:
+        return web.json_response(self.body(), status=self.status, dumps=_encode_json)
+
+
+def _bad_field(param: str, expected: str, value: Any) -> ApiError:
+    return ApiError(
+        400,
+        f"'{param}': expected {expected}, got {type(value).__name__} {_short_repr(value)}",
+        param=param,
+    )
+
+
+def _short_repr(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _service_unavailable(message: str) -> ApiError:
+    return ApiError(503, message, code=503, error_type="service_unavailable_error")
+
+
+# -- sim tokenizer and output text ------------------------------------------------------
+
+
+def count_text_tokens(text: str) -> int:
+    """Prompt tokens of a text under the simulator's regex tokenizer."""
+    return len(TOKEN_PATTERN.findall(text))
+
+
+class OutputText:
+    """Deterministic fake output: one word (with a leading space) per token."""
+
+    __slots__ = ("_rng",)
+
+    def __init__(self, seed: int) -> None:
+        self._rng = random.Random(seed)
+
+    def take(self, token_count: int) -> str:
+        return "".join(self._rng.choices(_OUTPUT_WORDS, k=token_count))
+
+
+# -- request parsing --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """The parts of a request the simulator acts on; everything else is ignored."""
+
+    prompt_tokens: int
+    max_tokens: int
+    stream: bool
+    include_usage: bool
+    continuous_usage: bool
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _optional(body: dict[str, Any], name: str, kind: type, expected: str) -> Any:
+    """A field that may be absent or null, else must have the given JSON type."""
+    value = body.get(name)
+    if value is None:
+        return None
+    if kind is int:
+        valid = _is_int(value)
+    elif kind is bool:
+        valid = isinstance(value, bool)
+    else:
+        valid = isinstance(value, kind) and not isinstance(value, bool)
+    if not valid:
+        raise _bad_field(name, expected, value)
+    return value
+
+
+async def _read_json_body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json(loads=json.loads)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, f"request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def _check_model(body: dict[str, Any], served_model: str) -> None:
+    model = body.get("model")
+    if model is None:
+        return
+    if not isinstance(model, str):
+        raise _bad_field("model", "a string", model)
+    if model != served_model:
+        raise ApiError(
+            404,
+            f"The model `{model}` does not exist. This server serves `{served_model}`.",
+            param="model",
+            code="model_not_found",
+        )
+
+
+def _check_unsupported(body: dict[str, Any], *, chat: bool) -> None:
+    """Reject options that would change the response shape the simulator produces."""
+    n = _optional(body, "n", int, "an integer")
+    if n is not None and n != 1:
+        raise ApiError(400, f"'n': the simulator supports only n=1, got {n}", param="n")
+    if not chat:
+        best_of = _optional(body, "best_of", int, "an integer")
+        if best_of is not None and best_of != 1:
+            raise ApiError(400, f"'best_of': the simulator supports only best_of=1, got {best_of}", param="best_of")
+        if _optional(body, "echo", bool, "a boolean"):
+            raise ApiError(400, "'echo': not supported by the simulator", param="echo")
+    if body.get("logprobs") not in (None, False, 0):
+        raise ApiError(400, "'logprobs': not supported by the simulator", param="logprobs")
+    _optional(body, "ignore_eos", bool, "a boolean")  # accepted; the sim never emits EOS
+
+
+def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool, bool]:
+    """(stream, include_usage, continuous_usage), validated like vLLM does."""
+    stream = bool(_optional(body, "stream", bool, "a boolean"))
+    options = _optional(body, "stream_options", dict, "an object")
+    if options is None:
+        return stream, False, False
+    if not stream:
+        raise ApiError(
+            400, "'stream_options': can only be set when 'stream' is true", param="stream_options"
+        )
+    include_usage = bool(_optional(options, "include_usage", bool, "a boolean"))
+    continuous = bool(_optional(options, "continuous_usage_stats", bool, "a boolean"))
+    # vLLM sends per-chunk usage only when include_usage is also set.
+    return stream, include_usage, include_usage and continuous
+
+
+def _max_tokens(body: dict[str, Any], names: tuple[str, ...]) -> int:
+    for name in names:
+        value = _optional(body, name, int, "a positive integer")
+        if value is None:
+            continue
+        if value < 1:
+            raise ApiError(400, f"'{name}': must be at least 1, got {value}", param=name)
+        return value
+    return DEFAULT_MAX_TOKENS
+
+
+def _token_id_list(value: list[Any], param: str) -> int:
+    if not all(_is_int(token) and token >= 0 for token in value):
+        raise ApiError(400, f"'{param}': token ids must be non-negative integers", param=param)
+    return len(value)
+
+
+def completion_prompt_tokens(prompt: Any) -> int:
+    """Token count of a completions ``prompt``: a string, a token-id list, or a
+    one-element list of either. Several prompts in one request are refused."""
+    if isinstance(prompt, str):
+        return count_text_tokens(prompt)
+    if not isinstance(prompt, list):
+        raise _bad_field("prompt", "a string, a list of token ids, or a one-element list of those", prompt)
+    if not prompt:
+        raise ApiError(400, "'prompt': must not be empty", param="prompt")
+    if all(_is_int(item) for item in prompt):
+        return _token_id_list(prompt, "prompt")
+    if all(isinstance(item, (str, list)) for item in prompt):
+        if len(prompt) != 1:
+            raise ApiError(
+                400,
+                f"'prompt': the simulator serves one prompt per request, got {len(prompt)} prompts",
+                param="prompt",
+            )
+        only = prompt[0]
+        if isinstance(only, str):
+            return count_text_tokens(only)
+        return _token_id_list(only, "prompt")
+    raise _bad_field("prompt", "a string, a list of token ids, or a one-element list of those", prompt)
+
+
+def _message_content_tokens(content: Any, index: int) -> int:
+    param = f"messages[{index}].content"
+    if content is None:
+        return 0
+    if isinstance(content, str):
+        return count_text_tokens(content)
+    if not isinstance(content, list):
+        raise _bad_field(param, "a string or a list of content parts", content)
+    total = 0
+    for part_index, part in enumerate(content):
+        part_param = f"{param}[{part_index}]"
+        if not isinstance(part, dict):
+            raise _bad_field(part_param, "an object", part)
+        if part.get("type") != "text":
+            raise ApiError(
+                400,
+                f"'{part_param}.type': the simulator supports only 'text' parts, got {part.get('type')!r}",
+                param=f"{part_param}.type",
+            )
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise _bad_field(f"{part_param}.text", "a string", text)
+        total += count_text_tokens(text)
+    return total
+
+
+def chat_prompt_tokens(messages: Any) -> int:
+    """Sum over messages of their content tokens plus a fixed per-message overhead."""
+    if not isinstance(messages, list) or not messages:
+        raise _bad_field("messages", "a non-empty list of message objects", messages)
+    total = 0
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise _bad_field(f"messages[{index}]", "an object", message)
+        if not isinstance(message.get("role"), str):
+            raise _bad_field(f"messages[{index}].role", "a string", message.get("role"))
+        total += _message_content_tokens(message.get("content"), index) + CHAT_TOKENS_PER_MESSAGE
+    return total
+
+
+def parse_completion_request(body: dict[str, Any], served_model: str) -> GenerationParams:
+    _check_model(body, served_model)
+    if "prompt" not in body:
+        raise ApiError(400, "'prompt': required field is missing", param="prompt")
+    prompt_tokens = completion_prompt_tokens(body["prompt"])
+    _check_unsupported(body, chat=False)
+    stream, include_usage, continuous = _stream_flags(body)
+    return GenerationParams(prompt_tokens, _max_tokens(body, ("max_tokens",)), stream, include_usage, continuous)
+
+
+def parse_chat_request(body: dict[str, Any], served_model: str) -> GenerationParams:
+    _check_model(body, served_model)
+    if "messages" not in body:
+        raise ApiError(400, "'messages': required field is missing", param="messages")
+    prompt_tokens = chat_prompt_tokens(body["messages"])
+    _check_unsupported(body, chat=True)
+    stream, include_usage, continuous = _stream_flags(body)
+    max_tokens = _max_tokens(body, ("max_completion_tokens", "max_tokens"))
+    return GenerationParams(prompt_tokens, max_tokens, stream, include_usage, continuous)
+
+
+# -- response shapes --------------------------------------------------------------------
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _sse(payload: dict[str, Any]) -> bytes:
+    return b"data: " + _encode_json(payload).encode() + b"\n\n"
+
+
+class _ResponseShape:
+    """The JSON objects of one response; subclasses give the completions / chat forms."""
+
+    id_prefix = ""
+    chunk_object = ""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.response_id = self.id_prefix + uuid.uuid4().hex
+        self.created = int(time.time())
+
+    def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": self.response_id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+
+    def preamble_choice(self) -> dict[str, Any] | None:
+        """The choice of a chunk sent before any content (chat's role chunk), if any."""
+        return None
+
+    def content_choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def full_choice(self, text: str, finish_reason: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    full_object = ""
+
+    def chunk(self, choice: dict[str, Any] | None, usage: dict[str, int] | None, with_usage: bool) -> dict[str, Any]:
+        payload = self._envelope(self.chunk_object, [choice] if choice is not None else [])
+        if with_usage:
+            payload["usage"] = usage
+        return payload
+
+    def full_response(self, text: str, finish_reason: str, usage: dict[str, int]) -> dict[str, Any]:
+        payload = self._envelope(self.full_object, [self.full_choice(text, finish_reason)])
+        payload["usage"] = usage
+        return payload
+
+
+class CompletionShape(_ResponseShape):
+    id_prefix = "cmpl-"
+    chunk_object = "text_completion"
+    full_object = "text_completion"
+
+    def content_choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+    def full_choice(self, text: str, finish_reason: str) -> dict[str, Any]:
+        return self.content_choice(text, finish_reason)
+
+
+class ChatShape(_ResponseShape):
+    id_prefix = "chatcmpl-"
+    chunk_object = "chat.completion.chunk"
+    full_object = "chat.completion"
+
+    def preamble_choice(self) -> dict[str, Any] | None:
+        return {
+            "index": 0,
+            "delta": {"role": "assistant", "content": ""},
+            "logprobs": None,
+            "finish_reason": None,
+        }
+
+    def content_choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
+        return {"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": finish_reason}
+
+    def full_choice(self, text: str, finish_reason: str) -> dict[str, Any]:
+        return {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": None,
+            "finish_reason": finish_reason,
+        }
+
+
+# -- generation -------------------------------------------------------------------------
+
+
+async def _next_deliveries(engine_request: EngineRequest) -> list[TokenDelivery]:
+    """Wait for the next delivery, then take any others already queued, so a
+    consumer that fell behind catches up with one write instead of many."""
+    queue = engine_request.deliveries
+    deliveries = [await queue.get()]
+    while not queue.empty():
+        deliveries.append(queue.get_nowait())
+    return deliveries
+
+
+def _aborted_error() -> ApiError:
+    return _service_unavailable("the simulator is shutting down; the request was aborted")
+
+
+async def _stream_response(
+    request: web.Request,
+    params: GenerationParams,
+    shape: _ResponseShape,
+    engine_request: EngineRequest,
+    output: OutputText,
+) -> web.StreamResponse:
+    """SSE stream: one event per delivery, then the usage chunk and ``[DONE]``.
+
+    Chat's role chunk goes out with the first tokens, as vLLM does, so the first
+    event a client sees coincides with the first token."""
+    response = web.StreamResponse(status=200, headers=_SSE_HEADERS)
+    await response.prepare(request)
+    with_usage = params.include_usage
+    completion_tokens = 0
+    first_write = True
+    try:
+        while True:
+            parts: list[bytes] = []
+            if first_write:
+                preamble = shape.preamble_choice()
+                if preamble is not None:
+                    usage = _usage(params.prompt_tokens, 0) if params.continuous_usage else None
+                    parts.append(_sse(shape.chunk(preamble, usage, with_usage)))
+                first_write = False
+            finished = False
+            for delivery in await _next_deliveries(engine_request):
+                if delivery.finish_reason == FINISH_ABORT:
+                    parts.append(_sse(_aborted_error().body()))
+                    parts.append(_SSE_DONE)
+                    await response.write(b"".join(parts))
+                    return response
+                completion_tokens += delivery.token_count
+                usage = _usage(params.prompt_tokens, completion_tokens) if params.continuous_usage else None
+                choice = shape.content_choice(output.take(delivery.token_count), delivery.finish_reason)
+                parts.append(_sse(shape.chunk(choice, usage, with_usage)))
+                finished = delivery.finish_reason is not None
+                if finished:
+                    break
+            if finished:
+                if with_usage:
+                    parts.append(_sse(shape.chunk(None, _usage(params.prompt_tokens, completion_tokens), True)))
+                parts.append(_SSE_DONE)
+                await response.write(b"".join(parts))
+                break
+            await response.write(b"".join(parts))
+        await response.write_eof()
+    except ConnectionError:
+        pass  # the client went away; the caller drops the request from the engine
+    return response
+
+
+async def _full_response(
+    params: GenerationParams, shape: _ResponseShape, engine_request: EngineRequest, output: OutputText
+) -> web.Response:
+    """Non-streaming: wait for the whole generation (paced by the engine), answer once."""
+    completion_tokens = 0
+    while True:
+        delivery = await engine_request.deliveries.get()
+        if delivery.finish_reason == FINISH_ABORT:
+            raise _aborted_error()
+        completion_tokens += delivery.token_count
+        if delivery.finish_reason is not None:
+            break
+    payload = shape.full_response(
+        output.take(completion_tokens), delivery.finish_reason, _usage(params.prompt_tokens, completion_tokens)
+    )
+    return web.json_response(payload, dumps=_encode_json)
+
+
+async def _generate(request: web.Request, params: GenerationParams, shape: _ResponseShape) -> web.StreamResponse:
+    config = request.app[CONFIG_KEY]
+    engine = request.app[ENGINE_KEY]
+    try:
+        engine_request = engine.submit(params.prompt_tokens, params.max_tokens)
+    except EngineStopped:
+        raise _aborted_error() from None
+    output = OutputText(config.seed * 1_000_003 + engine_request.request_id)
+    try:
+        if params.stream:
+            return await _stream_response(request, params, shape, engine_request, output)
+        return await _full_response(params, shape, engine_request, output)
+    finally:
+        engine.cancel(engine_request)  # no-op when finished; frees the slot on disconnect
+
+
+# -- handlers ---------------------------------------------------------------------------
+
+
+async def handle_completions(request: web.Request) -> web.StreamResponse:
+    config = request.app[CONFIG_KEY]
+    params = parse_completion_request(await _read_json_body(request), config.model)
+    return await _generate(request, params, CompletionShape(config.model))
+
+
+async def handle_chat_completions(request: web.Request) -> web.StreamResponse:
+    config = request.app[CONFIG_KEY]
+    params = parse_chat_request(await _read_json_body(request), config.model)
+    return await _generate(request, params, ChatShape(config.model))
+
+
+async def handle_models(request: web.Request) -> web.Response:
+    config = request.app[CONFIG_KEY]
+    model = {"id": config.model, "object": "model", "created": int(time.time()), "owned_by": OWNED_BY}
+    return web.json_response({"object": "list", "data": [model]}, dumps=_encode_json)
+
+
+async def handle_health(request: web.Request) -> web.Response:
+    if not _is_ready(request.app):
+        raise _service_unavailable("the simulator is starting (startup delay)")
+    return web.Response(status=200)
+
+
+async def handle_stats(request: web.Request) -> web.Response:
+    stats = request.app[ENGINE_KEY].stats()
+    return web.json_response(asdict(stats), dumps=_encode_json)
+
+
+# -- middleware and app -----------------------------------------------------------------
+
+
+def _is_ready(app: web.Application) -> bool:
+    return asyncio.get_running_loop().time() >= app[READY_AT_KEY]
+
+
+def _check_api_key(request: web.Request, api_key: str) -> None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def _openai_gate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Auth and readiness for /v1/*, and OpenAI-shaped errors (logged, one line each)."""
+    is_api = request.path.startswith("/v1/")
+    try:
+        if is_api:
+            config = request.app[CONFIG_KEY]
+            if config.api_key:
+                _check_api_key(request, config.api_key)
+            if not _is_ready(request.app):
+                raise _service_unavailable("the simulator is starting (startup delay)")
+        return await handler(request)
+    except ApiError as error:
+        logger.warning("infmax-sim: %d %s %s: %s", error.status, request.method, request.path, error.message)
+        return error.response()
+    except web.HTTPException as exc:
+        if not is_api or exc.status < 400:
+            raise
+        logger.warning("infmax-sim: %d %s %s", exc.status, request.method, request.path)
+        return ApiError(exc.status, f"{exc.reason}: {request.method} {request.path}", code=exc.status).response()
+
+
+def build_app(config: SimConfig) -> web.Application:
+    """The simulator's aiohttp application. The engine starts with the app and is
+    stopped in ``on_shutdown`` so in-flight requests end before the server waits
+    for its handlers."""
+    app = web.Application(middlewares=[_openai_gate], client_max_size=256 * 1024 * 1024)
+    app[CONFIG_KEY] = config
+
+    async def start_engine(app: web.Application) -> None:
+        engine = Engine(config.engine, config.cost_model)
+        engine.start()
+        app[ENGINE_KEY] = engine
+        app[READY_AT_KEY] = asyncio.get_running_loop().time() + config.startup_delay_s
+
+    async def stop_engine(app: web.Application) -> None:
+        if ENGINE_KEY in app:
+            await app[ENGINE_KEY].stop()
+
+    app.on_startup.append(start_engine)
+    app.on_shutdown.append(stop_engine)
+    app.on_cleanup.append(stop_engine)
+    app.router.add_get("/health", handle_health)
+    app.router.add_get("/v1/models", handle_models)
+    app.router.add_post("/v1/completions", handle_completions)
+    app.router.add_post("/v1/chat/completions", handle_chat_completions)
+    app.router.add_get("/sim/stats", handle_stats)
+    return app

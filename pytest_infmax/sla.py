@@ -1,0 +1,807 @@
+"""One grammar for SLA expressions, and judging a run's metrics against them.
+
+An SLA is a list of objectives, each one line of text::
+
+    p99(ttft) < 500ms            median(tpot) <= 20 ms       p99.9(itl) < 100ms
+    p50(interactivity) > 50 tok/s/user                       mean(e2e) < 2s
+    throughput_per_gpu >= 5000 tok/s/gpu                     output_throughput > 1.2k tok/s
+    error_rate < 0.1%            goodput_ratio >= 95%        request_throughput > 2 req/s
+
+Grammar (whitespace-insensitive; statistics, metric names and units are
+case-insensitive)::
+
+    objective := [STAT '(' METRIC ')' | METRIC] OP NUMBER [UNIT]
+    STAT      := mean | median | std | min | max | pNN[.N]      (0 < NN <= 100)
+    OP        := < | <= | > | >=                               (also ≤ and ≥)
+    NUMBER    := decimal, optional exponent, optional suffix k (1e3) or M (1e6)
+    UNIT      := us | µs | ms | s                    for times
+               | tok/s | tok/s/gpu | tok/s/user      for token rates
+               | req/s                               for request rates
+               | % | (none)                          for ratios
+
+Per-request distributions (ttft, tpot, itl, e2e, interactivity) need a
+statistic; run-level scalars take none. ``tok/s/gpu`` is accepted only on
+``*_per_gpu`` metrics and ``tok/s/user`` only on interactivity (both also take
+plain ``tok/s``). Times and rates must carry a unit, because a bare ``500`` in an
+SLA file is a misreading waiting to happen; ratios may be bare fractions
+(``0.001``) or percentages (``0.1%``). A unit is matched before a number suffix,
+so ``5Ms`` is 5 ms; the mega suffix is upper-case ``M`` only.
+
+Limits are stored canonically (seconds, per second, fraction) in
+``Objective.limit``; the number as written (``Objective.value``) and its unit are
+kept for display, so messages speak the SLA author's units.
+
+Goodput limits (``"ttft <= 500ms, tpot < 50ms"``) use the same grammar without a
+statistic: they bound every request, see :func:`parse_goodput_limits`.
+
+Adding a metric of a new dimension (say cost per million tokens) takes a
+``METRICS`` entry in :mod:`pytest_infmax.metrics` and its units in
+:data:`UNITS` here.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import numbers
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, NamedTuple
+
+from pytest_infmax.metrics import (
+    GOODPUT_METRICS,
+    METRICS,
+    NAMED_STATS,
+    OPS,
+    GoodputLimits,
+    GoodputSpec,
+    MetricInfo,
+    Metrics,
+    parse_stat,
+)
+
+__all__ = [
+    "UNITS",
+    "Objective",
+    "SLA",
+    "SLAFailed",
+    "SLASyntaxError",
+    "Verdict",
+    "format_quantity",
+    "parse",
+    "parse_all",
+    "parse_goodput_limits",
+    "split_expressions",
+    "unit_divisor",
+    "units_for",
+]
+
+#: unit spelling -> (dimension, divisor taking the written number to canonical).
+#: Divisors rather than factors: ``95 / 100`` is exactly 0.95, ``95 * 0.01`` is not.
+UNITS: dict[str, tuple[str, float]] = {
+    "us": ("time", 1e6),
+    "ms": ("time", 1e3),
+    "s": ("time", 1.0),
+    "tok/s": ("tokens_per_second", 1.0),
+    "tok/s/gpu": ("tokens_per_second", 1.0),
+    "tok/s/user": ("tokens_per_second", 1.0),
+    "req/s": ("requests_per_second", 1.0),
+    "%": ("ratio", 100.0),
+}
+_UNIT_ALIASES = {"µs": "us", "μs": "us"}  # micro sign and Greek mu (what .lower() gives)
+#: units that only fit metrics whose own display unit is exactly this
+_QUALIFIED_UNITS = frozenset({"tok/s/gpu", "tok/s/user"})
+_SUFFIXES = {"k": 1e3, "K": 1e3, "M": 1e6}
+
+_DIMENSION_PHRASE = {
+    "time": "a time",
+    "tokens_per_second": "a token rate",
+    "requests_per_second": "a request rate",
+    "ratio": "a ratio",
+}
+
+_EXAMPLE = "e.g. 'p99(ttft) < 500ms' or 'throughput > 5000 tok/s'"
+_GOODPUT_EXAMPLE = "e.g. 'ttft <= 500ms, tpot < 50ms'"
+
+_WS = re.compile(r"\s*")
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
+_OP = re.compile(r"<=|>=|<|>|≤|≥")
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_OP_ALIASES = {"≤": "<=", "≥": ">="}
+_SPLIT = re.compile(r"[,;\n]")
+
+
+# -- errors ---------------------------------------------------------------------
+
+
+class SLASyntaxError(ValueError):
+    """An SLA expression that cannot be parsed or does not make sense.
+
+    The message names the whole expression, what is wrong (and at which
+    column, for syntax errors) and a concrete fix. Attributes keep the parts
+    for tools: ``expression``, ``problem``, ``hint``, ``column`` (1-based or
+    None), ``index`` (position in a list of expressions, 0-based, or None).
+    """
+
+    def __init__(
+        self,
+        expression: str,
+        problem: str,
+        hint: str | None = None,
+        *,
+        column: int | None = None,
+        what: str = "SLA",
+        index: int | None = None,
+        total: int | None = None,
+    ) -> None:
+        self.expression = expression
+        self.problem = problem
+        self.hint = hint
+        self.column = column
+        self.what = what
+        self.index = index
+        self.total = total
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        where = f" at column {self.column}" if self.column is not None else ""
+        hint = ""
+        if self.hint:
+            hint = (", " if self.hint.startswith("e.g.") else "; ") + self.hint
+        prefix = ""
+        if self.index is not None and self.total is not None and self.total > 1:
+            prefix = f"{self.what} #{self.index + 1} of {self.total}: "
+        return f"{prefix}invalid {self.what} {self.expression!r}{where}: {self.problem}{hint}"
+
+    def at_index(self, index: int, total: int) -> SLASyntaxError:
+        """The same error, placed in a list of ``total`` expressions."""
+        return SLASyntaxError(
+            self.expression, self.problem, self.hint, column=self.column,
+            what=self.what, index=index, total=total,
+        )
+
+
+class SLAFailed(AssertionError):
+    """Raised by :meth:`SLA.check`: every violated objective, one per line.
+
+    ``verdicts`` keeps the verdicts it was given (:meth:`SLA.check` gives all,
+    passed ones too, for reports); ``failures`` just the failed ones.
+    ``context`` (e.g. which run) heads the message when given.
+    """
+
+    def __init__(self, verdicts: Iterable[Verdict], *, context: str | None = None) -> None:
+        self.verdicts = list(verdicts)
+        self.failures = [v for v in self.verdicts if not v.passed]
+        self.context = context
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        n, total = len(self.failures), len(self.verdicts)
+        noun = "objective" if total == 1 else "objectives"
+        count = f"{n} of {total}" if n != total else f"{n}"
+        lines = [self.context] if self.context else []
+        lines.append(f"{count} SLA {noun} failed:")
+        lines += [f"  {v.message}" for v in self.failures]
+        return "\n".join(lines)
+
+
+# -- numbers and units ---------------------------------------------------------------
+
+
+def _fmt_exact(value: float) -> str:
+    """Shortest spelling of ``value`` that parses back to the same float."""
+    value = float(value) + 0.0  # -0.0 -> 0.0
+    if value.is_integer() and abs(value) < 1e16:
+        return str(int(value))
+    if 1e-4 <= abs(value) < 1e16:
+        return format(Decimal(repr(value)), "f")
+    return repr(value)
+
+
+def _fmt_measured(value: float) -> str:
+    """A measured figure at sensible precision: 812.3, 12.35, 0.01234, 51234."""
+    if value != value or math.isinf(value):
+        return str(value)
+    if abs(value) >= 1000:
+        return f"{value:.0f}"
+    return f"{value:.4g}"
+
+
+def _unit_sep(unit: str) -> str:
+    return "" if unit in ("", "%") else " "
+
+
+def unit_divisor(unit: str) -> float:
+    """How many ``unit`` make one canonical unit (``ms`` -> 1000, ``%`` -> 100).
+
+    Written numbers are divided by it; canonical values are multiplied by it
+    for display. A bare number ('') is already canonical.
+    """
+    return UNITS[unit][1] if unit else 1.0
+
+
+def format_quantity(value: float, unit: str) -> str:
+    """A canonical value in ``unit`` for display: (0.8123, 'ms') -> '812.3 ms'."""
+    return f"{_fmt_measured(value * unit_divisor(unit))}{_unit_sep(unit)}{unit}"
+
+
+def _normalise_unit(compact: str) -> str:
+    low = compact.lower()
+    return _UNIT_ALIASES.get(low, low)
+
+
+def units_for(info: MetricInfo) -> list[str]:
+    """The unit spellings a metric accepts ('' meaning a bare number)."""
+    units = [
+        u for u, (dim, _) in UNITS.items()
+        if dim == info.dimension and (u not in _QUALIFIED_UNITS or u == info.unit)
+    ]
+    if info.dimension == "ratio":
+        units.append("")
+    return units
+
+
+def _suggest(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}? " if close else ""
+
+
+def _or_list(items: list[str]) -> str:
+    items = [i for i in items if i]
+    if len(items) <= 1:
+        return "".join(items)
+    return ", ".join(items[:-1]) + " or " + items[-1]
+
+
+# -- objectives ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One parsed SLA expression (or, with ``stat=None`` on a distribution
+    metric, one per-request goodput limit).
+
+    ``limit`` is canonical (seconds, per second, fraction); ``value`` is the
+    number as written in ``unit`` (suffixes applied), kept so messages and
+    ``str()`` speak the author's units. ``text`` is the original expression
+    and takes no part in equality: ``parse(str(o)) == o``.
+    """
+
+    metric: str
+    stat: str | None
+    op: str
+    limit: float
+    unit: str = ""
+    value: float | None = None
+    text: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if self.op not in OPS:
+            raise ValueError(f"op must be one of {', '.join(OPS)}, got {self.op!r}")
+        if self.value is None:
+            object.__setattr__(self, "value", self.limit * unit_divisor(self.unit))
+        if not self.text:
+            object.__setattr__(self, "text", str(self))
+
+    @classmethod
+    def parse(cls, text: str) -> Objective:
+        """Parse one SLA expression; raises SLASyntaxError."""
+        return parse(text)
+
+    @property
+    def info(self) -> MetricInfo:
+        return METRICS[self.metric]
+
+    @property
+    def lhs(self) -> str:
+        """The left-hand side: 'p99(ttft)' or 'throughput'."""
+        return f"{self.stat}({self.metric})" if self.stat else self.metric
+
+    @property
+    def limit_text(self) -> str:
+        """The limit in the author's unit: '500 ms', '0.1%', '5000 tok/s'."""
+        assert self.value is not None
+        return f"{_fmt_exact(self.value)}{_unit_sep(self.unit)}{self.unit}"
+
+    def holds(self, measured: float) -> bool:
+        return OPS[self.op](measured, self.limit)
+
+    def __str__(self) -> str:
+        return f"{self.lhs} {self.op} {self.limit_text}"
+
+
+class _Parts(NamedTuple):
+    """The syntactic pieces of an expression, before any meaning is checked."""
+
+    stat: str | None
+    stat_col: int
+    metric: str
+    metric_col: int
+    op: str
+    number: str
+    number_col: int
+    unit: str  # the rest of the text, whitespace removed
+    unit_col: int
+
+
+class _Parser:
+    """Parses one expression; ``per_request`` switches to the goodput-limit form."""
+
+    def __init__(self, text: str, *, per_request: bool = False) -> None:
+        self.text = text
+        self.pos = 0
+        self.per_request = per_request
+        self.what = "goodput limit" if per_request else "SLA"
+        self.example = _GOODPUT_EXAMPLE if per_request else _EXAMPLE
+
+    # -- error helpers
+
+    def fail(self, problem: str, hint: str | None = None, *, col: int | None = None) -> SLASyntaxError:
+        return SLASyntaxError(self.text, problem, hint, column=col, what=self.what)
+
+    def _skip_ws(self) -> None:
+        self.pos = _WS.match(self.text, self.pos).end()  # type: ignore[union-attr]
+
+    def _take(self, pattern: re.Pattern[str]) -> str | None:
+        self._skip_ws()
+        match = pattern.match(self.text, self.pos)
+        if match is None or not match.group():
+            return None
+        self.pos = match.end()
+        return match.group()
+
+    def _col(self) -> int:
+        return self.pos + 1
+
+    # -- syntax
+
+    def parts(self) -> _Parts:
+        if not self.text.strip():
+            raise self.fail("empty expression", f"write one, {self.example}")
+        stat, stat_col, metric, metric_col = self._lhs()
+        op = self._op(stat, metric)
+        self._skip_ws()
+        number_col = self._col()
+        number = self._take(_NUMBER)
+        if number is None:
+            raise self.fail(
+                f"expected a number after {op!r}", self.example, col=number_col,
+            )
+        self._skip_ws()
+        unit_col = self._col()
+        rest = self.text[self.pos:]
+        if any(c in rest for c in "<>=≤≥"):
+            raise self.fail(
+                "one comparison per expression", f"split it into separate objectives, {self.example}",
+                col=unit_col,
+            )
+        return _Parts(stat, stat_col, metric, metric_col, op, number, number_col,
+                      "".join(rest.split()), unit_col)
+
+    def _lhs(self) -> tuple[str | None, int, str, int]:
+        self._skip_ws()
+        first_col = self._col()
+        first = self._take(_IDENT)
+        if first is None:
+            if _NUMBER.match(self.text, self.pos):
+                raise self.fail(
+                    "expected a metric name first", f"the limit goes on the right, {self.example}",
+                    col=first_col,
+                )
+            raise self.fail("expected a metric name or STAT(metric)", self.example, col=first_col)
+        self._skip_ws()
+        if not self.text.startswith("(", self.pos):
+            return None, 0, first, first_col
+        self.pos += 1
+        self._skip_ws()
+        metric_col = self._col()
+        metric = self._take(_IDENT)
+        if metric is None:
+            raise self.fail(
+                f"expected a metric name inside {first}( )",
+                f"e.g. '{first}(ttft) < 500ms'", col=metric_col,
+            )
+        self._skip_ws()
+        if not self.text.startswith(")", self.pos):
+            raise self.fail(
+                f"expected ')' after {metric!r}", f"e.g. '{first}({metric}) < …'", col=self._col(),
+            )
+        self.pos += 1
+        return first, first_col, metric, metric_col
+
+    def _op(self, stat: str | None, metric: str) -> str:
+        self._skip_ws()
+        col = self._col()
+        op = self._take(_OP)
+        if op is not None:
+            return _OP_ALIASES.get(op, op)
+        lhs = f"{stat}({metric})" if stat else metric
+        following = _IDENT.match(self.text, self.pos)
+        if stat is None and following and _is_stat(metric):
+            fixed = f"{metric}({following.group()})"
+            raise self.fail(
+                "a statistic takes its metric in parentheses",
+                f"write '{fixed} < …'", col=col,
+            )
+        if self.text.startswith(("=", "!"), self.pos):
+            raise self.fail(
+                "equality is not an SLA comparison; expected <, <=, > or >=",
+                f"e.g. '{lhs} <= …'", col=col,
+            )
+        raise self.fail(
+            f"expected a comparison (<, <=, > or >=) after {lhs!r}", self.example, col=col,
+        )
+
+    # -- meaning
+
+    def objective(self) -> Objective:
+        p = self.parts()
+        info = self._metric(p)
+        stat = self._stat(p, info)
+        value, unit = self._quantity(p, info, stat)
+        divisor = unit_divisor(unit)
+        return Objective(
+            metric=info.name, stat=stat, op=p.op, limit=value / divisor,
+            unit=unit, value=value, text=self.text,
+        )
+
+    def _metric(self, p: _Parts) -> MetricInfo:
+        name = p.metric.lower()
+        known = GOODPUT_METRICS if self.per_request else tuple(METRICS)
+        if name in known:
+            return METRICS[name]
+        if self.per_request and name in METRICS:
+            raise self.fail(
+                f"{name} is not a per-request metric; goodput limits bound each request",
+                f"use {_or_list(list(GOODPUT_METRICS))}, {self.example}", col=p.metric_col,
+            )
+        raise self.fail(
+            f"unknown metric {p.metric!r}",
+            f"{_suggest(name, known)}known metrics: {', '.join(known)}", col=p.metric_col,
+        )
+
+    def _stat(self, p: _Parts, info: MetricInfo) -> str | None:
+        rhs = f"{p.op} {p.number}{_unit_sep(p.unit)}{p.unit}"
+        if self.per_request:
+            if p.stat is not None:
+                raise self.fail(
+                    "a goodput limit bounds every request, so it takes no statistic",
+                    f"write '{info.name} {rhs}'", col=p.stat_col,
+                )
+            return None
+        if p.stat is None:
+            if info.kind == "distribution":
+                raise self.fail(
+                    f"{info.name} is a per-request distribution; say which statistic",
+                    f"e.g. 'p99({info.name}) {rhs}'",
+                )
+            return None
+        if info.kind != "distribution":
+            raise self.fail(
+                f"{info.name} is a run-level figure, so it takes no statistic",
+                f"write '{info.name} {rhs}'", col=p.stat_col,
+            )
+        try:
+            return parse_stat(p.stat)
+        except ValueError as exc:
+            raise self.fail(
+                str(exc), f"{_suggest(p.stat.lower(), NAMED_STATS)}e.g. 'p99({info.name}) {rhs}'",
+                col=p.stat_col,
+            ) from None
+
+    def _quantity(self, p: _Parts, info: MetricInfo, stat: str | None) -> tuple[float, str]:
+        """The written number (suffix applied) and its normalised unit."""
+        unit, multiplier, shown = self._split_unit(p)
+        lhs = f"{stat}({info.name})" if stat else info.name
+        self._check_unit(unit, info, lhs, p, shown)
+        value = float(p.number) * multiplier + 0.0
+        if not math.isfinite(value):
+            raise self.fail("the limit is not a finite number", self.example, col=p.number_col)
+        if value < 0:
+            raise self.fail("a limit cannot be negative", self.example, col=p.number_col)
+        if info.dimension == "ratio" and value / unit_divisor(unit) > 1:
+            hint = "a ratio is at most 100% (or 1)"
+            if not unit and value <= 100:
+                hint += f"; did you mean '{lhs} {p.op} {shown}%'?"
+            raise self.fail(f"{info.name} is a ratio above 100%", hint, col=p.number_col)
+        return value, unit
+
+    def _split_unit(self, p: _Parts) -> tuple[str, float, str]:
+        """(unit, multiplier, number as shown): a unit wins over a suffix (5Ms is 5 ms)."""
+        unit = _normalise_unit(p.unit)
+        if unit in UNITS or unit == "":
+            return unit, 1.0, p.number
+        if p.unit[:1] in _SUFFIXES:
+            rest = _normalise_unit(p.unit[1:])
+            if rest in UNITS or rest == "":
+                return rest, _SUFFIXES[p.unit[0]], p.number + p.unit[0]
+        return unit, 1.0, p.number  # unknown: _check_unit reports it
+
+    def _check_unit(self, unit: str, info: MetricInfo, lhs: str, p: _Parts, shown: str) -> None:
+        allowed = units_for(info)
+        if unit in allowed:
+            return
+        fix = f"'{lhs} {p.op} {shown}{_preferred_unit(info)}'"
+        phrase = _DIMENSION_PHRASE.get(info.dimension, f"measured in {info.unit}")
+        col = p.unit_col
+        if unit == "":
+            raise self.fail(
+                f"{info.name} is {phrase}; give a unit ({_or_list(allowed)})", f"e.g. {fix}", col=col,
+            )
+        if unit in UNITS and UNITS[unit][0] == info.dimension:  # a qualified unit on the wrong metric
+            raise self.fail(self._qualified_problem(unit, info), f"use {_or_list(allowed)}, e.g. {fix}", col=col)
+        if unit in UNITS:
+            raise self.fail(
+                f"{info.name} is {phrase}, but {unit!r} is {_DIMENSION_PHRASE[UNITS[unit][0]]}",
+                f"use {_or_list(allowed)}, e.g. {fix}", col=col,
+            )
+        raise self.fail(
+            f"unknown unit {p.unit!r} for {info.name}",
+            f"{_suggest(unit, [u for u in allowed if u])}{info.name} takes {_or_list(allowed)}, e.g. {fix}",
+            col=col,
+        )
+
+    @staticmethod
+    def _qualified_problem(unit: str, info: MetricInfo) -> str:
+        if unit == "tok/s/gpu":
+            per_gpu = f"{info.name}_per_gpu"
+            also = f" (or did you mean {per_gpu}?)" if per_gpu in METRICS else ""
+            return f"'tok/s/gpu' only applies to *_per_gpu metrics, not {info.name}{also}"
+        if unit == "tok/s/user":
+            return f"'tok/s/user' only applies to interactivity, not {info.name}"
+        return f"{unit!r} does not apply to {info.name}"
+
+
+def _preferred_unit(info: MetricInfo) -> str:
+    """The unit to suggest in a fix, with its separator: 'ms', ' tok/s', '%'."""
+    if info.dimension == "time":
+        return "ms"
+    unit = "%" if info.dimension == "ratio" else info.unit
+    return f"{_unit_sep(unit)}{unit}"
+
+
+def _is_stat(word: str) -> bool:
+    try:
+        parse_stat(word)
+    except ValueError:
+        return False
+    return True
+
+
+def parse(text: str) -> Objective:
+    """Parse one SLA expression into an Objective; raises SLASyntaxError."""
+    if not isinstance(text, str):
+        raise TypeError(f"an SLA expression is a str, got {type(text).__name__}")
+    return _Parser(text).objective()
+
+
+def split_expressions(text: str) -> list[str]:
+    """Split 'a, b; c' or one-per-line text into expressions (blank ones dropped).
+
+    Safe because no valid expression contains ',', ';' or a newline.
+    """
+    return [piece.strip() for piece in _SPLIT.split(text) if piece.strip()]
+
+
+def parse_all(exprs: Iterable[str | Objective]) -> list[Objective]:
+    """Parse several expressions, raising on the first bad one.
+
+    When there are several, the error says which (``SLA #2 of 3: ...``).
+    Objectives pass through unchanged.
+    """
+    items = list(exprs)
+    out: list[Objective] = []
+    for i, item in enumerate(items):
+        if isinstance(item, Objective):
+            out.append(item)
+            continue
+        try:
+            out.append(parse(item))
+        except SLASyntaxError as exc:
+            raise exc.at_index(i, len(items)) from None
+    return out
+
+
+# -- goodput limits ---------------------------------------------------------------------
+
+
+def parse_goodput_limits(spec: str | Mapping[str, str | float | int]) -> tuple[Objective, ...]:
+    """Per-request limits for goodput, as Objectives with ``stat=None``.
+
+    A string holds comma- (or ';'/newline-) separated ``METRIC OP NUMBER UNIT``
+    limits. In a mapping, a number is in the base unit (seconds for times,
+    tok/s for interactivity) and a string carries its unit; the comparison is
+    ``<=`` for lower-is-better metrics and ``>=`` for interactivity, unless the
+    string starts with its own (``{"ttft": "< 500ms"}``).
+    """
+    if isinstance(spec, str):
+        texts = split_expressions(spec)
+    elif isinstance(spec, Mapping):
+        texts = [_limit_text(key, val) for key, val in spec.items()]
+    else:
+        raise TypeError(
+            f"goodput limits are a str or a mapping, got {type(spec).__name__}; {_GOODPUT_EXAMPLE}"
+        )
+    if not texts:
+        raise SLASyntaxError(str(spec), "no limits given", _GOODPUT_EXAMPLE, what="goodput limit")
+    out = []
+    for i, text in enumerate(texts):
+        try:
+            out.append(_Parser(text, per_request=True).objective())
+        except SLASyntaxError as exc:
+            raise exc.at_index(i, len(texts)) from None
+    return tuple(out)
+
+
+def _limit_text(key: Any, val: Any) -> str:
+    """Turn one mapping entry into limit text, so one parser judges both forms."""
+    metric = str(key).strip().lower()
+    info = METRICS.get(metric)
+    op = ">=" if info is not None and info.higher_is_better else "<="
+    if isinstance(val, bool) or not isinstance(val, (str, numbers.Real)):
+        raise SLASyntaxError(
+            f"{key}: {val!r}", "a limit is a number or a string with a unit",
+            _GOODPUT_EXAMPLE, what="goodput limit",
+        )
+    if isinstance(val, str):
+        stripped = val.strip()
+        return f"{metric} {stripped}" if _OP.match(stripped) else f"{metric} {op} {stripped}"
+    base = "s" if info is None or info.dimension == "time" else info.unit
+    return f"{metric} {op} {float(val)!r} {base}"
+
+
+# -- evaluation ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """How one objective fared against a run.
+
+    ``passed`` is always a bool: an objective with nothing to measure (no
+    requests measured, no successful requests for a latency statistic, no
+    goodput limits) has ``measured=None`` and *fails*, because an SLA that was
+    not shown to hold did not hold.
+    ``count`` is how many requests the figure rests on.
+    """
+
+    objective: Objective
+    measured: float | None
+    passed: bool
+    count: int
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+    def to_dict(self) -> dict[str, Any]:
+        o = self.objective
+        return {
+            "objective": str(o), "metric": o.metric, "stat": o.stat, "op": o.op,
+            "limit": o.limit, "unit": o.unit, "measured": self.measured,
+            "passed": self.passed, "count": self.count, "message": self.message,
+        }
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _over_under(objective: Objective, measured: float) -> str:
+    if objective.limit == 0 or measured == objective.limit:
+        return "at the limit" if measured == objective.limit else ""
+    rel = abs(measured - objective.limit) / abs(objective.limit) * 100
+    pct = f"{rel:.0f}" if rel >= 10 else (f"{rel:.1f}" if rel >= 1 else f"{rel:.2g}")
+    return f"{pct}% {'over' if measured > objective.limit else 'under'}"
+
+
+def _no_data_reason(objective: Objective, metrics: Metrics) -> str:
+    if objective.metric in ("goodput", "goodput_ratio") and metrics.goodput_limits is None:
+        return "goodput needs per-request limits: pass goodput='ttft<500ms, tpot<50ms'"
+    if metrics.num_requests == 0:
+        return "no requests were measured"
+    if metrics.num_ok == 0:
+        return f"no successful requests ({metrics.num_requests} measured, all failed)"
+    return f"no {objective.metric} values among {_plural(metrics.num_ok, 'successful request')}"
+
+
+def _judge(objective: Objective, metrics: Metrics) -> Verdict:
+    # An empty run proves nothing, even where a figure exists (throughput 0.0).
+    measured = metrics.value(objective.metric, objective.stat) if metrics.num_requests else None
+    count = metrics.count_behind(objective.metric)
+    if measured is None:
+        message = f"FAILED {objective}: {_no_data_reason(objective, metrics)}"
+        return Verdict(objective, None, False, count, message)
+    passed = objective.holds(measured)
+    shown = format_quantity(measured, objective.unit)
+    behind = f"over {_plural(count, 'request')}"
+    if objective.metric == "itl":
+        behind += f" ({_plural(metrics.itl.count, 'token gap')})"
+    if passed:
+        return Verdict(objective, measured, True, count, f"{objective}: measured {shown} {behind}")
+    detail = ", ".join(x for x in (f"limit {objective.limit_text}", _over_under(objective, measured)) if x)
+    message = f"FAILED {objective}: measured {shown} ({detail}) {behind}"
+    return Verdict(objective, measured, False, count, message)
+
+
+def _flatten(arg: str | Objective | Iterable[str | Objective]) -> list[str | Objective]:
+    if isinstance(arg, str):
+        return list(split_expressions(arg))
+    if isinstance(arg, Objective):
+        return [arg]
+    if isinstance(arg, Iterable):
+        return [piece for item in arg for piece in _flatten(item)]
+    raise TypeError(f"an SLA objective is a str or an Objective, got {type(arg).__name__}")
+
+
+class SLA:
+    """A set of objectives, validated when built so mistakes surface before load.
+
+    Each positional argument may be a string (split on ',', ';' and
+    newlines), an Objective, or an iterable of either, so ``SLA("a", "b")``,
+    ``SLA(["a", "b"])`` and ``SLA("a, b")`` are the same SLA (and
+    ``@pytest.mark.sla("a", "b")`` args can be passed straight through).
+    ``goodput`` holds the per-request limits that ``goodput``/``goodput_ratio``
+    objectives are computed against; pass ``sla.goodput`` to ``compute_metrics``.
+    """
+
+    def __init__(
+        self,
+        *objectives: str | Objective | Iterable[str | Objective],
+        goodput: GoodputSpec | None = None,
+    ) -> None:
+        items: list[str | Objective] = []
+        for arg in objectives:
+            items.extend(_flatten(arg))
+        self.objectives: tuple[Objective, ...] = tuple(parse_all(items))
+        self.goodput: GoodputLimits | None = (
+            GoodputLimits.parse(goodput) if goodput is not None else None
+        )
+
+    @property
+    def needs_goodput(self) -> bool:
+        """Whether some objective is on goodput (so limits must reach compute_metrics)."""
+        return any(o.metric in ("goodput", "goodput_ratio") for o in self.objectives)
+
+    def evaluate(self, metrics: Metrics) -> list[Verdict]:
+        """One verdict per objective, in order."""
+        return [self._evaluate_one(o, metrics) for o in self.objectives]
+
+    def _evaluate_one(self, objective: Objective, metrics: Metrics) -> Verdict:
+        if objective.metric in ("goodput", "goodput_ratio") and self.goodput is not None:
+            problem = None
+            if metrics.goodput_limits is None:
+                problem = (
+                    "goodput needs per-request limits: these metrics were computed "
+                    "without them; pass goodput=sla.goodput to compute_metrics"
+                )
+            elif metrics.goodput_limits != self.goodput:
+                problem = (
+                    f"metrics were computed with goodput limits '{metrics.goodput_limits}' "
+                    f"but this SLA's are '{self.goodput}'"
+                )
+            if problem is not None:
+                count = metrics.count_behind(objective.metric)
+                return Verdict(objective, None, False, count, f"FAILED {objective}: {problem}")
+        return _judge(objective, metrics)
+
+    def check(self, metrics: Metrics) -> list[Verdict]:
+        """Evaluate, raising SLAFailed (an AssertionError) listing every violation."""
+        verdicts = self.evaluate(metrics)
+        if not all(v.passed for v in verdicts):
+            raise SLAFailed(verdicts)
+        return verdicts
+
+    def __iter__(self) -> Iterator[Objective]:
+        return iter(self.objectives)
+
+    def __len__(self) -> int:
+        return len(self.objectives)
+
+    def __str__(self) -> str:
+        return ", ".join(str(o) for o in self.objectives)
+
+    def __repr__(self) -> str:
+        goodput = f", goodput={str(self.goodput)!r}" if self.goodput is not None else ""
+        return f"SLA({', '.join(repr(str(o)) for o in self.objectives)}{goodput})"

@@ -1,0 +1,358 @@
+"""The plugin as users run it: a pytest session in a subprocess, against the simulator."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import textwrap
+
+import pytest
+
+from pytest_infmax.servers import ServerConfig, running_server
+
+pytestmark = pytest.mark.usefixtures("no_leaked_servers")
+
+# A quick, fast simulator: 2 ms steps, so a 6-request run takes well under a second.
+FAST_SIM = "--decode-step-ms 2 --decode-ms-per-seq 0.01"
+
+
+@pytest.fixture
+def no_leaked_servers(pytester: pytest.Pytester):
+    """After each test, no simulator started by the inner session may survive.
+
+    Inner sessions run in ``pytester.path``, so their servers have it as their
+    working directory (or in their arguments); other tests' servers do not.
+    """
+    yield
+    leaked = _sim_pids_under(str(pytester.path))
+    assert not leaked, f"simulator processes left running: {leaked}"
+
+
+def _sim_pids_under(path: str) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().decode(errors="replace")
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+        except OSError:
+            continue
+        if "pytest_infmax.sim" in cmd and (path in cmd or cwd.startswith(path)):
+            pids.append(int(entry))
+    return sorted(pids)
+
+
+def _write(pytester: pytest.Pytester, body: str) -> None:
+    pytester.makepyfile(test_perf=textwrap.dedent(body))
+    pytester.makeini(f"[pytest]\ninfmax_sim_args = {FAST_SIM}\nasyncio_default_fixture_loop_scope = function\n")
+
+
+def test_sla_that_holds_passes_and_prints_table(pytester: pytest.Pytester) -> None:
+    _write(pytester, """
+        import pytest
+
+        @pytest.mark.sla("p99(ttft) < 5s", "error_rate < 1%", "throughput_per_gpu > 10 tok/s")
+        def test_quick(infmax):
+            result = infmax.run("1k1k-mini", concurrency=2, num_requests=6, warmup=2)
+            assert result.metrics.num_ok == 6
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines([
+        "*infmax results*",
+        "test*scenario*load*reqs*TTFT p50 ms*TTFT p99 ms*TPOT p50 ms*tok/s/user*tok/s/GPU*errors*SLA*",
+        "*test_quick*1k1k-mini*c=2*6*PASS*",
+    ])
+
+
+def test_sla_that_cannot_hold_fails_with_measured_value(pytester: pytest.Pytester) -> None:
+    _write(pytester, """
+        import pytest
+
+        @pytest.mark.sla("p50(tpot) < 0.001ms", "error_rate < 1%")
+        def test_too_strict(infmax):
+            infmax.run("1k1k-mini", concurrency=2, num_requests=6, warmup=0)
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    out = result.stdout.str()
+    assert "p50(tpot)" in out and "measured" in out
+    assert "6 requests" in out  # how many requests the figure rests on
+    result.stdout.fnmatch_lines(["*test_too_strict*FAIL*"])
+
+
+def test_sla_in_run_fails_with_every_violation(pytester: pytest.Pytester) -> None:
+    _write(pytester, """
+        def test_run_sla(infmax):
+            infmax.run("1k1k-mini", concurrency=2, num_requests=4, warmup=0,
+                       sla=["p99(ttft) < 0.001ms", "p50(tpot) < 0.001ms", "error_rate < 50%"])
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    out = result.stdout.str()
+    assert "p99(ttft)" in out and "p50(tpot)" in out
+
+
+def test_malformed_marker_is_usage_error_before_any_server(pytester: pytest.Pytester) -> None:
+    _write(pytester, """
+        import pytest
+
+        @pytest.mark.sla("p99(ttft) < 500")
+        def test_bad(infmax):
+            infmax.run("1k1k-mini", concurrency=1, num_requests=1)
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*test_bad*p99(ttft) < 500*"])
+    # Nothing was started: no server log exists.
+    assert not (pytester.path / ".infmax" / "logs").exists()
+
+
+def test_malformed_sla_in_run_raises_before_load(pytester: pytest.Pytester) -> None:
+    _write(pytester, """
+        import json, urllib.request
+        import pytest
+        from pytest_infmax.sla import SLASyntaxError
+
+        def test_bad_expression(infmax, infmax_server):
+            with pytest.raises(SLASyntaxError, match="p99.ttft. < fast"):
+                infmax.run("1k1k-mini", concurrency=1, num_requests=1, sla=["p99(ttft) < fast"])
+            with urllib.request.urlopen(infmax_server.base_url + "/sim/stats") as resp:
+                assert json.load(resp)["requests_received"] == 0
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+
+
+def test_json_has_records_and_environment(pytester: pytest.Pytester) -> None:
+    _write(pytester, """
+        def test_json(infmax):
+            infmax.run("1k1k-mini", concurrency=2, num_requests=5, warmup=2, sla=["p99(ttft) < 10s"])
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-json", "out/results.json")
+    result.assert_outcomes(passed=1)
+    doc = json.loads((pytester.path / "out" / "results.json").read_text())
+    assert doc["environment"]["plugin_version"]
+    (res,) = doc["results"]
+    assert res["name"].endswith("test_json")
+    assert res["server"]["kind"] == "sim" and res["server"]["num_gpus"] == 1
+    records = res["records"]
+    assert len(records) == 7
+    assert sum(r["warmup"] for r in records) == 2
+    measured = [r for r in records if not r["warmup"]]
+    for r in measured:
+        assert r["error_kind"] is None
+        assert r["output_tokens"] == r["requested_output_tokens"]
+        assert r["output_tokens_source"] == "usage"
+        assert r["input_tokens"] == r["requested_input_tokens"]
+        assert len(r["chunk_times"]) == r["output_tokens"]  # one token per SSE event by default
+        assert r["send_time"] < r["first_token_time"] <= r["end_time"]
+    assert res["metrics"]["num_requests"] == 5
+    assert res["sla"][0]["passed"] is True
+    assert res["passed"] is True
+    assert not list((pytester.path / "out").glob(".*.tmp"))  # atomic write leaves no temp file
+
+
+def _server_pid_test(action: str) -> str:
+    return f"""
+        import os, signal
+
+        def test_dies(infmax, infmax_server):
+            with open("server.pid", "w") as f:
+                f.write(str(infmax_server.pid))
+            infmax.run("1k1k-mini", concurrency=1, num_requests=1, warmup=0)
+            {action}
+    """
+
+
+def _group_gone(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize(
+    "action, expected",
+    [
+        ("raise RuntimeError('boom in the middle')", pytest.ExitCode.TESTS_FAILED),
+        ("os.kill(os.getpid(), signal.SIGINT)", pytest.ExitCode.INTERRUPTED),
+        ("os.kill(os.getpid(), signal.SIGTERM)", pytest.ExitCode.INTERRUPTED),
+    ],
+    ids=["test-error", "ctrl-c", "sigterm"],
+)
+def test_server_process_group_is_gone_after_session(pytester: pytest.Pytester, action, expected) -> None:
+    _write(pytester, _server_pid_test(action))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    assert result.ret == expected
+    pgid = int((pytester.path / "server.pid").read_text())
+    assert _group_gone(pgid)
+
+
+def test_error_in_fixture_setup_still_stops_server(pytester: pytest.Pytester) -> None:
+    _write(pytester, """
+        import pytest
+
+        @pytest.fixture
+        def broken(infmax_server):
+            with open("server.pid", "w") as f:
+                f.write(str(infmax_server.pid))
+            raise RuntimeError("setup failed")
+
+        def test_x(broken):
+            pass
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(errors=1)
+    assert _group_gone(int((pytester.path / "server.pid").read_text()))
+
+
+def test_openai_sdk_fixtures(pytester: pytest.Pytester) -> None:
+    _write(pytester, """
+        import asyncio
+
+        def test_sync(infmax_openai):
+            out = infmax_openai.completions.create(model="sim-model", prompt="hello world", max_tokens=5)
+            assert out.usage.completion_tokens == 5
+            chat = infmax_openai.chat.completions.create(
+                model="sim-model", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+            assert chat.choices[0].message.content
+
+        def test_async(infmax_async_openai):
+            async def go():
+                stream = await infmax_async_openai.chat.completions.create(
+                    model="sim-model", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                    stream=True, stream_options={"include_usage": True})
+                chunks = [c async for c in stream]
+                await infmax_async_openai.close()
+                return chunks
+            chunks = asyncio.run(go())
+            assert chunks[-1].usage.completion_tokens == 4
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+
+
+def test_arun_with_pytest_asyncio(pytester: pytest.Pytester) -> None:
+    _write(pytester, """
+        import pytest
+
+        @pytest.mark.asyncio
+        async def test_async_run(infmax):
+            result = await infmax.arun("1k1k-mini", rate=50, num_requests=4)
+            assert result.metrics.num_ok == 4
+            with pytest.raises(RuntimeError, match="arun"):
+                infmax.run("1k1k-mini", concurrency=1, num_requests=1)
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "asyncio")
+    result.assert_outcomes(passed=1)
+
+
+def test_endpoint_option_uses_running_server(pytester: pytest.Pytester, tmp_path) -> None:
+    _write(pytester, """
+        def test_remote(infmax, infmax_server):
+            assert infmax_server.config.kind == "endpoint"
+            assert infmax_server.process is None
+            result = infmax.run("1k1k-mini", concurrency=2, num_requests=4, warmup=0)
+            assert result.metrics.num_ok == 4
+            assert result.metrics.num_gpus == 8
+    """)
+    config = ServerConfig(sim_args=("--decode-step-ms", "2", "--api-key", "sk-secret-123"))
+    env_key = {"INFMAX_API_KEY": "sk-secret-123"}
+    os.environ.update(env_key)
+    try:
+        with running_server(config, tmp_path) as server:
+            result = pytester.runpytest_subprocess(
+                "-p", "no:cacheprovider", "--infmax-endpoint", server.base_url, "--infmax-gpus", "8",
+                "--infmax-json", "r.json",
+            )
+    finally:
+        os.environ.pop("INFMAX_API_KEY")
+    result.assert_outcomes(passed=1)
+    artefacts = (pytester.path / "r.json").read_text() + result.stdout.str() + result.stderr.str()
+    assert "sk-secret-123" not in artefacts
+
+
+def test_dead_endpoint_is_a_clear_error(pytester: pytest.Pytester) -> None:
+    _write(pytester, """
+        def test_remote(infmax):
+            pass
+    """)
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "--infmax-endpoint", "http://127.0.0.1:9",
+        timeout=120,
+    )
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*endpoint http://127.0.0.1:9 did not answer*"])
+
+
+def test_command_template_server_and_startup_crash(pytester: pytest.Pytester) -> None:
+    _write(pytester, f"""
+        import sys
+        import pytest
+
+        SIM = [sys.executable, "-m", "pytest_infmax.sim", "--host", "{{host}}", "--port", "{{port}}",
+               "--decode-step-ms", "2"]
+
+        @pytest.mark.infmax_server(command=SIM)
+        def test_command(infmax, infmax_server):
+            assert infmax_server.config.kind == "command"
+            assert infmax.run("1k1k-mini", concurrency=1, num_requests=2, warmup=0).metrics.num_ok == 2
+
+        @pytest.mark.infmax_server(command=[sys.executable, "-c", "import sys; print('no GPU found'); sys.exit(3)"])
+        def test_crash(infmax):
+            pass
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(["*server exited with code 3 before it was ready*", "*no GPU found*"])
+
+
+def test_bad_setting_is_usage_error(pytester: pytest.Pytester) -> None:
+    _write(pytester, "def test_x():\n    pass\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-gpus", "zero")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--infmax-gpus*'zero'*"])
+
+
+def test_xdist_workers_get_their_own_servers(pytester: pytest.Pytester) -> None:
+    _write(pytester, """
+        import pytest
+
+        @pytest.mark.parametrize("i", range(4))
+        def test_parallel(infmax, i):
+            assert infmax.run("1k1k-mini", concurrency=2, num_requests=4, warmup=0).metrics.num_ok == 4
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2", "--infmax-json", "x.json")
+    result.assert_outcomes(passed=4)
+    doc = json.loads((pytester.path / "x.json").read_text())
+    assert len(doc["results"]) == 4
+    assert len({r["server"]["base_url"] for r in doc["results"]}) == 2  # one server per worker
+    result.stdout.fnmatch_lines(["*infmax results*"])
+
+
+def test_junit_properties(pytester: pytest.Pytester) -> None:
+    _write(pytester, """
+        def test_j(infmax):
+            infmax.run("1k1k-mini", concurrency=1, num_requests=2, warmup=0)
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--junitxml", "j.xml")
+    result.assert_outcomes(passed=1)
+    xml = (pytester.path / "j.xml").read_text()
+    assert 'name="infmax_ttft_p99_ms"' in xml and 'name="infmax_throughput_per_gpu"' in xml
+
+
+def test_console_script_table(pytester: pytest.Pytester) -> None:
+    _write(pytester, """
+        def test_t(infmax):
+            infmax.run("1k1k-mini", concurrency=1, num_requests=2, warmup=0)
+    """)
+    pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-json", "t.json").assert_outcomes(passed=1)
+    proc = pytester.run(sys.executable, "-m", "pytest_infmax.cli", "table", "t.json")
+    assert proc.ret == 0
+    proc.stdout.fnmatch_lines(["*test_t*1k1k-mini*c=1*"])
