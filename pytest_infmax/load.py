@@ -22,7 +22,7 @@ import itertools
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -151,7 +151,7 @@ def arrival_offsets(
     return np.cumsum(gaps) - gaps[0]  # the first request goes at once
 
 
-class _StreamState:
+class ResponseAccumulator:
     """Accumulates one SSE response into a record."""
 
     __slots__ = ("rec", "texts", "usage", "cumulative", "finished", "done")
@@ -171,20 +171,20 @@ class _StreamState:
         try:
             obj = json.loads(data)
         except ValueError as exc:
-            raise _StreamError(ErrorKind.PROTOCOL, f"SSE data is not JSON ({exc}): {data[:120]!r}") from None
+            raise StreamError(ErrorKind.PROTOCOL, f"SSE data is not JSON ({exc}): {data[:120]!r}") from None
         if not isinstance(obj, dict):
-            raise _StreamError(ErrorKind.PROTOCOL, f"SSE data is not a JSON object: {data[:120]!r}")
+            raise StreamError(ErrorKind.PROTOCOL, f"SSE data is not a JSON object: {data[:120]!r}")
         if "error" in obj:
             err = obj["error"]
             msg = err.get("message", err) if isinstance(err, dict) else err
-            raise _StreamError(ErrorKind.SERVER, f"server error in stream: {msg}")
+            raise StreamError(ErrorKind.SERVER, f"server error in stream: {msg}")
         usage = obj.get("usage")
         choices = obj.get("choices") or []
         text = ""
         if choices:
             choice = choices[0]
             if not isinstance(choice, dict):
-                raise _StreamError(ErrorKind.PROTOCOL, f"choices[0] is not an object: {data[:120]!r}")
+                raise StreamError(ErrorKind.PROTOCOL, f"choices[0] is not an object: {data[:120]!r}")
             if "delta" in choice:
                 delta = choice.get("delta") or {}
                 text = (delta.get("content") or "") + (delta.get("reasoning_content") or "")
@@ -207,9 +207,9 @@ class _StreamState:
         rec = self.rec
         rec.end_time = t
         if not self.done and not self.finished:
-            raise _StreamError(ErrorKind.DISCONNECT, "stream ended before a finish_reason or [DONE]")
+            raise StreamError(ErrorKind.DISCONNECT, "stream ended before a finish_reason or [DONE]")
         if not rec.chunk_times:
-            raise _StreamError(ErrorKind.EMPTY, "stream ended without any content token")
+            raise StreamError(ErrorKind.EMPTY, "stream ended without any content token")
         n_chunks = len(rec.chunk_times)
         usage = self.usage or {}
         prompt_tokens = usage.get("prompt_tokens")
@@ -255,7 +255,7 @@ def _chunk_tokens(
     return counts, TokenSource.APPORTIONED
 
 
-class _StreamError(Exception):
+class StreamError(Exception):
     def __init__(self, kind: ErrorKind, message: str) -> None:
         super().__init__(message)
         self.kind = kind
@@ -409,17 +409,17 @@ class LoadGenerator:
         )
         body = json.dumps(request_body(plan, self.model, config.scenario.endpoint, config.extra_body))
         exact_input = plan.input_len if plan.token_ids is not None else None
-        state = _StreamState(rec)
+        state = ResponseAccumulator(rec)
         rec.send_time = time.perf_counter()
         try:
             async with session.post(url, data=body) as resp:
                 rec.http_status = resp.status
                 if resp.status != 200:
                     text = await resp.text(errors="replace")
-                    raise _StreamError(ErrorKind.HTTP, _error_message(resp.status, text))
-                await _read_sse(resp, state)
+                    raise StreamError(ErrorKind.HTTP, _error_message(resp.status, text))
+                await read_sse(resp.content, state)
                 state.finish(time.perf_counter(), exact_input)
-        except _StreamError as exc:
+        except StreamError as exc:
             _fail(rec, exc.kind, str(exc))
         except asyncio.TimeoutError:
             _fail(rec, ErrorKind.TIMEOUT, f"no complete response within {config.request_timeout:g} s")
@@ -437,23 +437,29 @@ class LoadGenerator:
         return rec
 
 
-async def _read_sse(resp: aiohttp.ClientResponse, state: _StreamState) -> None:
+async def read_sse(
+    lines: AsyncIterator[bytes],
+    acc: ResponseAccumulator,
+    clock: Callable[[], float] = time.perf_counter,
+) -> None:
     """Parse ``text/event-stream`` per the SSE spec, timestamping each event.
 
     Tolerates what real servers do: no space after ``data:``, comment lines,
     CRLF line ends, multi-line data fields; an event is dispatched at its
     terminating blank line, stamped with the time its last data line arrived.
+    ``clock`` is read once per line as it arrives (tests replay recorded
+    streams with recorded times).
     """
     data_lines: list[str] = []
     stamp = 0.0
-    async for raw in resp.content:
-        now = time.perf_counter()
+    async for raw in lines:
+        now = clock()
         line = raw.decode("utf-8").rstrip("\r\n")
         if not line:
             if data_lines:
-                state.on_event("\n".join(data_lines), stamp)
+                acc.on_event("\n".join(data_lines), stamp)
                 data_lines = []
-                if state.done:
+                if acc.done:
                     return
             continue
         if line.startswith(":"):
@@ -463,7 +469,7 @@ async def _read_sse(resp: aiohttp.ClientResponse, state: _StreamState) -> None:
             data_lines.append(value[1:] if value.startswith(" ") else value)
             stamp = now
     if data_lines:  # a final event without its blank line
-        state.on_event("\n".join(data_lines), stamp)
+        acc.on_event("\n".join(data_lines), stamp)
 
 
 def _fail(rec: RequestRecord, kind: ErrorKind, message: str) -> None:

@@ -21,7 +21,7 @@ from . import reports
 from .results import LoadResult
 from .runner import Infmax
 from .servers import Server, ServerConfig, ServerError, ServerPool, config_from_mapping
-from .sla import SLA, SLAFailed, SLASyntaxError
+from .sla import SLA, SLAFailed, SLASyntaxError, format_quantity
 
 RESULTS_KEY = pytest.StashKey[list[LoadResult]]()
 STATE_KEY = pytest.StashKey["PluginState"]()
@@ -184,8 +184,10 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Any:
             if failed:
                 failures.append(SLAFailed(failed, context=result.headline()))
     if failures:
-        raise SLAFailed([v for f in failures for v in f.verdicts], context="\n".join(
+        exc = SLAFailed([v for f in failures for v in f.verdicts], context="\n".join(
             f.context for f in failures if f.context))
+        exc.from_marker = True  # type: ignore[attr-defined]  # reported without our traceback
+        raise exc
     return outcome
 
 
@@ -194,6 +196,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report = yield
     if call.when != "call":
         return report
+    if call.excinfo is not None and getattr(call.excinfo.value, "from_marker", False):
+        # The marker's verdicts are the whole story; the plugin's frames would only distract.
+        exc = call.excinfo.value
+        brief = "; ".join(f"{v.objective} (measured {_shown(v)})" for v in exc.failures)
+        report.longrepr = f"SLA failed: {brief}\n\n{exc}"
     results = item.stash.get(RESULTS_KEY, [])
     if results:
         want_records = item.config.stash[STATE_KEY].settings["json"] is not None
@@ -207,6 +214,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             report.user_properties.extend(props)
             item.user_properties.extend(props)  # junitxml reads them from the teardown report
     return report
+
+
+def _shown(verdict: Any) -> str:
+    if verdict.measured is None:
+        return "nothing"
+    return format_quantity(verdict.measured, verdict.objective.unit)
 
 
 class ResultCollector:

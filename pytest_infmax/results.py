@@ -57,6 +57,7 @@ class LoadResult:
 
     def check(self, *objectives: str | Objective, sla: SLA | None = None) -> list[Verdict]:
         """Evaluate and raise ``SLAFailed`` listing every violated objective."""
+        __tracebackhide__ = True  # failures point at the test line that ran the load
         verdicts = self.evaluate(*objectives, sla=sla)
         failed = [v for v in verdicts if not v.passed]
         if failed:

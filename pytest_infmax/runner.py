@@ -9,7 +9,7 @@ Usable without pytest::
 from __future__ import annotations
 
 import asyncio
-import math
+from dataclasses import dataclass
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -42,17 +42,34 @@ class Infmax:
 
     def run(self, scenario: str | Scenario = "1k1k-mini", **kwargs: Any) -> LoadResult:
         """Run load and return its result; see :meth:`arun` for the arguments."""
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return asyncio.run(self.arun(scenario, **kwargs))
-        raise RuntimeError(
-            "infmax.run() was called inside a running event loop; use `await infmax.arun(...)` there"
-        )
+        __tracebackhide__ = True  # failures point at the test line that ran the load
+        if _loop_running():
+            raise RuntimeError(
+                "infmax.run() was called inside a running event loop; use `await infmax.arun(...)` there"
+            )
+        plan = self._plan(scenario, **kwargs)
+        return self._conclude(asyncio.run(self._measure(plan)), plan)
 
-    async def arun(
+    async def arun(self, scenario: str | Scenario = "1k1k-mini", **kwargs: Any) -> LoadResult:
+        """Run warm-up and measured load; check ``sla`` if given.
+
+        Keyword arguments: ``concurrency`` (closed loop) or ``rate`` (open loop,
+        requests/s; ``math.inf`` sends all at once), exactly one of them;
+        ``burstiness``, ``max_concurrency``, ``num_requests``, ``duration``,
+        ``warmup``, ``endpoint`` ("completions" or "chat"), ``sla``,
+        ``goodput``, ``seed``, ``extra_body``, ``request_timeout``, ``name``.
+
+        SLA expressions and goodput limits are validated before any request is
+        sent. If an SLA fails, the result is still recorded for the reports
+        before ``SLAFailed`` is raised.
+        """
+        __tracebackhide__ = True
+        plan = self._plan(scenario, **kwargs)
+        return self._conclude(await self._measure(plan), plan)
+
+    def _plan(
         self,
-        scenario: str | Scenario = "1k1k-mini",
+        scenario: str | Scenario,
         *,
         concurrency: int | None = None,
         rate: float | None = None,
@@ -62,30 +79,22 @@ class Infmax:
         duration: float | None = None,
         warmup: int | None = None,
         endpoint: Endpoint | None = None,
-        sla: Sequence[str | Objective] | SLA | None = None,
+        sla: Sequence[str | Objective] | SLA | str | None = None,
         goodput: GoodputLimits | str | dict[str, Any] | None = None,
         seed: int = 0,
         extra_body: dict[str, Any] | None = None,
         request_timeout: float | None = None,
         name: str | None = None,
-    ) -> LoadResult:
-        """Run warm-up and measured load; check ``sla`` if given.
-
-        Exactly one of ``concurrency`` (closed loop) and ``rate`` (open loop,
-        requests/s; ``math.inf`` sends all at once) is required. SLA
-        expressions and goodput limits are validated before any request is
-        sent. If an SLA fails, the result is still recorded for the reports
-        before ``SLAFailed`` is raised.
-        """
+    ) -> _Plan:
+        """Validate every argument before any request is sent."""
         sla_obj = _as_sla(sla, goodput)
-        goodput_limits = sla_obj.goodput if sla_obj is not None else _as_goodput(goodput)
         scen = get_scenario(scenario)
         if endpoint is not None:
             scen = scen.with_endpoint(endpoint)
         config = LoadConfig(
             scenario=scen,
             concurrency=concurrency,
-            rate=math.inf if rate == "inf" else rate,
+            rate=rate,
             burstiness=burstiness,
             max_concurrency=max_concurrency,
             num_requests=num_requests,
@@ -95,23 +104,47 @@ class Infmax:
             seed=seed,
             extra_body=dict(extra_body or {}),
         )
+        goodput_limits = sla_obj.goodput if sla_obj is not None else _as_goodput(goodput)
+        return _Plan(config, sla_obj, goodput_limits, name or self.name)
+
+    async def _measure(self, plan: _Plan) -> LoadResult:
         generator = LoadGenerator(self.server.base_url, self.server.model, self.server.api_key)
-        run = await generator.run(config)
+        run = await generator.run(plan.config)
         result = LoadResult(
-            name=name or self.name,
-            config=config,
+            name=plan.name,
+            config=plan.config,
             run=run,
             server=self.server.describe(),
             num_gpus=self.server.num_gpus,
             percentiles=self.percentiles,
-            goodput=goodput_limits,
+            goodput=plan.goodput,
         )
         self.results.append(result)
         if self._on_result is not None:
             self._on_result(result)
-        if sla_obj is not None:
-            result.check(sla=sla_obj)
         return result
+
+    def _conclude(self, result: LoadResult, plan: _Plan) -> LoadResult:
+        __tracebackhide__ = True
+        if plan.sla is not None and len(plan.sla):
+            result.check(sla=plan.sla)
+        return result
+
+
+@dataclass(frozen=True)
+class _Plan:
+    config: LoadConfig
+    sla: SLA | None
+    goodput: GoodputLimits | None
+    name: str
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _as_goodput(goodput: GoodputLimits | str | dict[str, Any] | None) -> GoodputLimits | None:

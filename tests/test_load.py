@@ -1,0 +1,242 @@
+"""The load generator's parsing and accounting, on recorded streams with recorded times."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+
+from pytest_infmax.load import (
+    LoadConfig,
+    LoadConfigError,
+    ResponseAccumulator,
+    StreamError,
+    arrival_offsets,
+    read_sse,
+)
+from pytest_infmax.metrics import compute_metrics
+from pytest_infmax.records import ErrorKind, RequestRecord, TokenSource
+from pytest_infmax.scenarios import PRESETS, Scenario, plan_request, request_body
+
+
+def _chunk(text: str, finish: str | None = None, usage: dict | None = None, chat: bool = False) -> str:
+    if chat:
+        choice = {"index": 0, "delta": {"content": text}, "finish_reason": finish}
+        obj = {"id": "c", "object": "chat.completion.chunk", "choices": [choice]}
+    else:
+        obj = {"id": "c", "object": "text_completion", "choices": [{"index": 0, "text": text, "finish_reason": finish}]}
+    if usage is not None:
+        obj["usage"] = usage
+    return json.dumps(obj)
+
+
+def _usage(prompt: int, completion: int) -> str:
+    return json.dumps({"id": "c", "choices": [], "usage": {
+        "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}})
+
+
+def replay(events: list[tuple[float, str]], send_time: float = 0.0, requested_input: int | None = None,
+           sep: str = "\n", space: str = " ") -> RequestRecord:
+    """Feed recorded (arrival time, raw SSE data) pairs through the real parser."""
+    lines: list[tuple[float, bytes]] = []
+    for t, data in events:
+        lines.append((t, f"data:{space}{data}{sep}".encode()))
+        lines.append((t, sep.encode()))
+    times = iter([t for t, _ in lines])
+
+    async def source():
+        for _, line in lines:
+            yield line
+
+    rec = RequestRecord(index=0, send_time=send_time)
+    acc = ResponseAccumulator(rec)
+    end = lines[-1][0] if lines else send_time
+
+    async def go():
+        await read_sse(source(), acc, clock=lambda: next(times))
+        acc.finish(end, requested_input)
+
+    try:
+        asyncio.run(go())
+    except StreamError as exc:
+        rec.error_kind, rec.error_message = exc.kind, str(exc)
+    return rec
+
+
+# A recorded stream: request sent at t=10.000; 5 tokens one per event, then usage and [DONE].
+ONE_PER_EVENT = [
+    (10.050, _chunk(" a")),
+    (10.060, _chunk(" b")),
+    (10.072, _chunk(" c")),
+    (10.080, _chunk(" d")),
+    (10.090, _chunk(" e", finish="length")),
+    (10.091, _usage(100, 5)),
+    (10.091, "[DONE]"),
+]
+
+
+def test_one_token_per_event_latencies_by_hand() -> None:
+    rec = replay(ONE_PER_EVENT, send_time=10.0, requested_input=100)
+    assert rec.ok
+    assert rec.ttft == pytest.approx(0.050)
+    assert rec.e2e == pytest.approx(0.091)  # ends at the last line read
+    # TPOT = (E2E - TTFT) / (out - 1) = (0.091 - 0.050) / 4
+    assert rec.tpot == pytest.approx(0.01025)
+    assert rec.itls() == pytest.approx([0.010, 0.012, 0.008, 0.010])
+    assert (rec.output_tokens, rec.output_tokens_source) == (5, TokenSource.USAGE)
+    assert (rec.input_tokens, rec.input_tokens_source) == (100, TokenSource.USAGE)
+    assert rec.chunk_tokens == [1] * 5 and rec.chunk_tokens_source is TokenSource.USAGE
+
+
+def test_multi_token_events_apportion_usage_by_text() -> None:
+    # stream_interval-style chunks: " aa bb" (6 chars), " cc" (3), " dd ee" (6); usage says 5 tokens.
+    rec = replay([
+        (1.10, _chunk(" aa bb")),
+        (1.16, _chunk(" cc")),
+        (1.22, _chunk(" dd ee", finish="length")),
+        (1.23, _usage(8, 5)),
+        (1.23, "[DONE]"),
+    ], send_time=1.0)
+    assert rec.chunk_tokens == [2, 1, 2]
+    assert rec.chunk_tokens_source is TokenSource.APPORTIONED
+    # Per-token ITL: chunk 2 (1 token, 60 ms after chunk 1) -> [0.06]; chunk 3 (2 tokens, 60 ms) -> [0.03, 0.03]
+    assert rec.itls() == pytest.approx([0.06, 0.03, 0.03])
+    assert rec.tpot == pytest.approx((0.23 - 0.10) / 4)
+
+
+def test_continuous_usage_gives_exact_chunk_counts() -> None:
+    rec = replay([
+        (0.1, _chunk(" x", usage={"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6})),
+        (0.2, _chunk(" y", finish="length", usage={"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7})),
+        (0.2, "[DONE]"),
+    ])
+    assert rec.chunk_tokens == [3, 1] and rec.chunk_tokens_source is TokenSource.USAGE_DELTA
+    assert rec.output_tokens == 4
+
+
+def test_no_usage_counts_chunks_and_says_so() -> None:
+    rec = replay([(0.1, _chunk("hi", chat=True)), (0.2, _chunk(" there", "stop", chat=True)), (0.2, "[DONE]")],
+                 requested_input=12)
+    assert rec.ok
+    assert (rec.output_tokens, rec.output_tokens_source) == (2, TokenSource.CHUNKS)
+    assert (rec.input_tokens, rec.input_tokens_source) == (12, TokenSource.REQUEST)
+    assert rec.chunk_tokens_source is TokenSource.CHUNKS
+
+
+def test_sse_quirks_real_servers_send() -> None:
+    # No space after "data:", CRLF line ends: still parsed identically.
+    rec = replay(ONE_PER_EVENT, send_time=10.0, sep="\r\n", space="")
+    assert rec.ok and rec.output_tokens == 5 and rec.ttft == pytest.approx(0.05)
+
+
+def test_comment_lines_and_multiline_data_are_handled() -> None:
+    obj = json.loads(_chunk(" hi", finish="length"))
+    body = [b": keep-alive\n", b"data: {\"id\": \"c\",\n", b"data: " + json.dumps(obj)[1:].encode() + b"\n", b"\n",
+            b"data: [DONE]\n", b"\n"]
+
+    async def source():
+        for line in body:
+            yield line
+
+    rec = RequestRecord(index=0)
+    acc = ResponseAccumulator(rec)
+    asyncio.run(read_sse(source(), acc, clock=lambda: 1.0))
+    acc.finish(1.0, None)
+    assert rec.ok and rec.output_tokens == 1
+
+
+@pytest.mark.parametrize(
+    "events, kind",
+    [
+        ([(0.1, _chunk(" a"))], ErrorKind.DISCONNECT),  # ends with neither finish_reason nor [DONE]
+        ([(0.1, _chunk("", finish="length")), (0.1, "[DONE]")], ErrorKind.EMPTY),
+        ([(0.1, "{not json")], ErrorKind.PROTOCOL),
+        ([(0.1, json.dumps({"error": {"message": "CUDA out of memory"}}))], ErrorKind.SERVER),
+    ],
+    ids=["no-done", "empty", "not-json", "error-object"],
+)
+def test_broken_streams_are_typed_errors(events, kind) -> None:
+    rec = replay(events)
+    assert rec.error_kind is kind and rec.error_message
+
+
+def test_done_without_finish_reason_and_finish_without_done_both_succeed() -> None:
+    assert replay([(0.1, _chunk(" a")), (0.2, "[DONE]")]).ok
+    assert replay([(0.1, _chunk(" a", finish="length"))]).ok
+
+
+def test_recorded_run_metrics_by_hand() -> None:
+    """Two recorded requests plus a warm-up and a failure, through parser and metrics."""
+    warm = replay(ONE_PER_EVENT, send_time=9.0)
+    warm.warmup = True
+    r1 = replay(ONE_PER_EVENT, send_time=10.0)  # 100 in, 5 out, ends 10.091
+    r2 = replay([(10.2, _chunk(" x y")), (10.4, _chunk(" z w", "length")), (10.4, _usage(50, 4)), (10.4, "[DONE]")],
+                send_time=10.05)  # 50 in, 4 out, ends 10.4
+    failed = RequestRecord(index=3, send_time=10.1, end_time=10.3, error_kind=ErrorKind.HTTP, error_message="HTTP 500")
+    m = compute_metrics([warm, r1, r2, failed], num_gpus=2)
+    # Measured window: earliest send 10.0 to latest end 10.4 = 0.4 s (the warm-up is excluded).
+    assert m.duration == pytest.approx(0.4)
+    assert (m.num_requests, m.num_ok, m.num_errors) == (3, 2, 1)
+    assert m.error_rate == pytest.approx(1 / 3)
+    # Tokens: input 100 + 50 = 150, output 5 + 4 = 9, over 0.4 s and 2 GPUs.
+    assert m.input_throughput == pytest.approx(150 / 0.4)
+    assert m.output_throughput == pytest.approx(9 / 0.4)
+    assert m.throughput_per_gpu == pytest.approx(159 / 0.4 / 2)
+    # TTFT: r1 0.050, r2 0.150; TPOT: r1 0.01025, r2 (0.35 - 0.15) / 3.
+    assert m.ttft.mean == pytest.approx(0.1)
+    assert m.tpot.values.tolist() == pytest.approx(sorted([0.01025, 0.2 / 3]))
+    assert m.interactivity.median == pytest.approx(np.median([1 / 0.01025, 3 / 0.2]))
+    # ITL: r1 [0.010, 0.012, 0.008, 0.010]; r2: 2 tokens 0.2 s after the first chunk -> [0.1, 0.1].
+    assert sorted(m.itl.values.tolist()) == pytest.approx(sorted([0.010, 0.012, 0.008, 0.010, 0.1, 0.1]))
+
+
+def test_arrival_processes() -> None:
+    rng = np.random.default_rng(1)
+    poisson = np.diff(arrival_offsets(20000, rate=10.0, burstiness=1.0, rng=rng))
+    assert poisson.mean() == pytest.approx(0.1, rel=0.03)
+    assert poisson.std() / poisson.mean() == pytest.approx(1.0, rel=0.05)  # exponential: CV 1
+    bursty = np.diff(arrival_offsets(20000, rate=10.0, burstiness=0.25, rng=rng))
+    assert bursty.mean() == pytest.approx(0.1, rel=0.05)
+    assert bursty.std() / bursty.mean() == pytest.approx(2.0, rel=0.08)  # gamma shape k: CV 1/sqrt(k)
+    assert arrival_offsets(3, rate=float("inf"), burstiness=1.0, rng=rng).tolist() == [0, 0, 0]
+
+
+def test_requests_are_reproducible_and_exact() -> None:
+    scenario = PRESETS["1k1k"]
+    a = plan_request(scenario, 7, seed=3)
+    assert a == plan_request(scenario, 7, seed=3)
+    assert a != plan_request(scenario, 8, seed=3)
+    assert 819 <= a.input_len <= 1024 and 819 <= a.output_len <= 1024
+    assert len(a.token_ids) == a.input_len
+    body = request_body(a, "m", "completions")
+    assert body["max_tokens"] == a.output_len and body["ignore_eos"] is True
+    assert body["stream_options"] == {"include_usage": True}
+    chat = plan_request(Scenario("c", 64, 8, endpoint="chat"), 0, seed=0)
+    assert len(chat.text.split()) == chat.input_len
+    assert "messages" in request_body(chat, "m", "chat")
+
+
+def test_presets_follow_inferencemax() -> None:
+    assert {k: (v.isl, v.osl) for k, v in PRESETS.items() if "mini" not in k} == {
+        "1k1k": (1024, 1024), "1k8k": (1024, 8192), "8k1k": (8192, 1024)}
+    assert (PRESETS["1k1k-mini"].isl, PRESETS["1k1k-mini"].osl) == (128, 128)
+    cfg = LoadConfig(PRESETS["1k1k"], concurrency=16)
+    assert (cfg.effective_num_requests, cfg.effective_warmup) == (160, 32)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({}, "exactly one of concurrency"),
+        ({"concurrency": 2, "rate": 1.0}, "exactly one of concurrency"),
+        ({"concurrency": 0}, "concurrency must be >= 1"),
+        ({"rate": 5.0}, "needs an end"),
+        ({"rate": -1.0, "num_requests": 3}, "rate must be > 0"),
+        ({"concurrency": 1, "burstiness": 0}, "burstiness must be > 0"),
+    ],
+)
+def test_bad_load_arguments(kwargs, message) -> None:
+    with pytest.raises(LoadConfigError, match=message):
+        LoadConfig(PRESETS["1k1k"], **kwargs)
