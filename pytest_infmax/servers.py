@@ -75,8 +75,12 @@ class ServerConfig:
         if self.kind == "endpoint":
             return f"endpoint {self.endpoint}"
         if self.kind == "sim":
-            return "simulator " + " ".join(self.sim_args) if self.sim_args else "simulator"
-        return redact(" ".join(self.command), self.api_key)
+            return " ".join(["simulator", *redact_argv(self.sim_args, self.api_key)])
+        return " ".join(redact_argv(self.command, self.api_key))
+
+
+# Flags whose value is a secret in the engines' command lines.
+SECRET_FLAGS = ("--api-key", "--api_key", "--token", "--hf-token", "--hf_token", "--auth-token")
 
 
 def redact(text: str, *secrets: str | None) -> str:
@@ -84,6 +88,25 @@ def redact(text: str, *secrets: str | None) -> str:
         if secret:
             text = text.replace(secret, "***")
     return text
+
+
+def redact_argv(argv: tuple[str, ...] | list[str], *secrets: str | None) -> list[str]:
+    """argv with known secrets and the values of secret flags replaced by ***."""
+    out: list[str] = []
+    hide_next = False
+    for arg in argv:
+        if hide_next:
+            out.append("***")
+            hide_next = False
+            continue
+        flag, eq, _ = arg.partition("=")
+        if flag in SECRET_FLAGS:
+            if eq:
+                out.append(f"{flag}=***")
+                continue
+            hide_next = True
+        out.append(redact(arg, *secrets))
+    return out
 
 
 def command_from_template(template: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
@@ -132,7 +155,7 @@ class Server:
             "base_url": self.base_url,
             "model": self.model,
             "num_gpus": self.num_gpus,
-            "command": [redact(a, self.api_key) for a in self.argv],
+            "command": redact_argv(self.argv, self.api_key),
             "pid": self.pid,
             "log": str(self.log_path) if self.log_path else None,
             "startup_seconds": round(self.startup_seconds, 3),
@@ -227,10 +250,11 @@ def _http_get(url: str, api_key: str | None, timeout: float = 2.0) -> tuple[int,
         return exc.code, exc.read()
 
 
-def probe_ready(base_url: str, api_key: str | None) -> str | None:
+def probe_ready(base_url: str, api_key: str | None, api_key_env: str = "INFMAX_API_KEY") -> str | None:
     """The served model name if the server answers /health and /v1/models, else None.
 
-    A refused connection, a reset and HTTP 503 all mean "not yet".
+    A refused connection, a reset and HTTP 503 all mean "not yet"; 401/403 will
+    never get better by waiting, so they raise at once.
     """
     try:
         status, _ = _http_get(f"{base_url}/health", api_key)
@@ -239,6 +263,12 @@ def probe_ready(base_url: str, api_key: str | None) -> str | None:
         status, body = _http_get(f"{base_url}/v1/models", api_key)
     except (OSError, urllib.error.URLError):
         return None
+    if status in (401, 403):
+        given = f"the key in ${api_key_env} was refused" if api_key else f"${api_key_env} is not set"
+        raise ServerError(
+            f"{base_url}/v1/models answered HTTP {status}: the server wants an API key and {given}; "
+            f"put the key in ${api_key_env} (or name another variable with --infmax-api-key-env)"
+        )
     if status != 200:
         return None
     try:
@@ -256,7 +286,7 @@ def connect_endpoint(config: ServerConfig, timeout: float = 30.0) -> Server:
         base_url = base_url[:-3]
     deadline = time.monotonic() + timeout
     while True:
-        model = probe_ready(base_url, config.api_key)
+        model = probe_ready(base_url, config.api_key, config.api_key_env)
         if model is not None:
             break
         if time.monotonic() > deadline:
@@ -334,7 +364,7 @@ def _wait_ready(server: Server, port: int | None, port_file: Path | None) -> tup
             if text.isdigit():
                 base_url = f"http://{config.host}:{int(text)}"
         if base_url:
-            model = probe_ready(base_url, config.api_key)
+            model = probe_ready(base_url, config.api_key, config.api_key_env)
             if model is not None:
                 return base_url, model
         if time.monotonic() > deadline:
@@ -347,7 +377,7 @@ def _wait_ready(server: Server, port: int | None, port_file: Path | None) -> tup
 
 
 def _shown(server: Server) -> str:
-    return redact(shlex.join(server.argv), server.api_key)
+    return shlex.join(redact_argv(server.argv, server.api_key))
 
 
 class ServerPool:

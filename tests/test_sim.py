@@ -28,12 +28,14 @@ import aiohttp
 import openai
 import pytest
 
+from pytest_infmax.servers import ServerConfig, running_server, stop_process_group
 from pytest_infmax.sim.engine import Engine, EngineConfig, FINISH_LENGTH, TokenDelivery
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOKEN_REGEX = re.compile(r"\w+|[^\w\s]")
 STARTUP_TIMEOUT_S = 20.0
 TEST_API_KEY = "sim-test-key"
+KEY_ENV = "INFMAX_TEST_SIM_API_KEY"
 
 
 # -- launching simulators ---------------------------------------------------------------
@@ -88,34 +90,23 @@ def _wait_for_port(process: subprocess.Popen[bytes], port_file: Path, log_path: 
     pytest.fail(f"simulator wrote no port file within {STARTUP_TIMEOUT_S}s:\n{log_path.read_text()}")
 
 
-def _wait_for_health(process: subprocess.Popen[bytes], base_url: str, log_path: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"simulator exited with {process.returncode}:\n{log_path.read_text()}")
-        if _http_status(f"{base_url}/health") == 200:
-            return
-        time.sleep(0.02)
-    pytest.fail(f"simulator not healthy within {STARTUP_TIMEOUT_S}s:\n{log_path.read_text()}")
-
-
-def _terminate(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the simulator's process group, then SIGKILL if it lingers."""
-    if process.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-
-
 @contextlib.contextmanager
 def running_sim(workdir: Path, *extra_args: str, wait_healthy: bool = True) -> Iterator[SimProcess]:
+    """A simulator started by the plugin's own launcher (as the fixtures start it).
+
+    ``wait_healthy=False`` is for watching a simulator before it is ready: it only
+    waits for the port, and still tears down through the launcher's group kill.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
+    if wait_healthy:
+        config = ServerConfig(sim_args=extra_args, startup_timeout=STARTUP_TIMEOUT_S, api_key_env=KEY_ENV)
+        with pytest.MonkeyPatch.context() as mp:  # the launcher's readiness probe needs the key
+            if "--api-key" in extra_args:
+                mp.setenv(KEY_ENV, extra_args[extra_args.index("--api-key") + 1])
+            with running_server(config, workdir) as server:
+                assert server.process is not None and server.log_path is not None
+                yield SimProcess(server.process, server.base_url, server.log_path)
+        return
     port_file = workdir / "port"
     log_path = workdir / "sim.log"
     with open(log_path, "wb") as log_file:
@@ -128,12 +119,9 @@ def running_sim(workdir: Path, *extra_args: str, wait_healthy: bool = True) -> I
         )
     try:
         port = _wait_for_port(process, port_file, log_path)
-        base_url = f"http://127.0.0.1:{port}"
-        if wait_healthy:
-            _wait_for_health(process, base_url, log_path)
-        yield SimProcess(process, base_url, log_path)
+        yield SimProcess(process, f"http://127.0.0.1:{port}", log_path)
     finally:
-        _terminate(process)
+        stop_process_group(process, grace=10)
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +190,7 @@ async def _sse_data_lines(response: aiohttp.ClientResponse) -> Any:
 
 
 def _content_events(events: list[SseEvent]) -> list[SseEvent]:
-    """Events that carry output text (not [DONE], not the usage-only chunk)."""
+    """Completion events that carry output text (not [DONE], not the usage-only chunk)."""
     return [e for e in events if e.data != "[DONE]" and e.json()["choices"] and e.json()["choices"][0]["text"]]
 
 
