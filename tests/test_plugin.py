@@ -356,3 +356,18 @@ def test_console_script_table(pytester: pytest.Pytester) -> None:
     proc = pytester.run(sys.executable, "-m", "pytest_infmax.cli", "table", "t.json")
     assert proc.ret == 0
     proc.stdout.fnmatch_lines(["*test_t*1k1k-mini*c=1*"])
+
+
+def test_chat_endpoint_and_duration_bound(pytester: pytest.Pytester) -> None:
+    _write(pytester, """
+        def test_chat(infmax):
+            result = infmax.run("1k1k-mini", concurrency=2, duration=1.0, warmup=0, endpoint="chat")
+            m = result.metrics
+            assert m.num_requests >= 2 and m.num_ok == m.num_requests
+            # No new request starts after the duration; the last ones finish within one request time.
+            assert m.duration < 1.0 + 2.0
+            assert {r.input_tokens_source.value for r in result.records} == {"usage"}
+            assert all(r.output_tokens == r.requested_output_tokens for r in result.records)
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
