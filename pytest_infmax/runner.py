@@ -13,12 +13,14 @@ from dataclasses import dataclass
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .load import LoadConfig, LoadGenerator
+from .cost import Price
+from .load import LoadConfig, LoadConfigError, LoadGenerator
 from .metrics import GoodputLimits
 from .results import DEFAULT_PERCENTILES, LoadResult
 from .scenarios import Endpoint, Scenario, get_scenario
 from .servers import Server
 from .sla import SLA, Objective
+from .sweep import FrontierObjective, SweepResult
 
 
 class Infmax:
@@ -66,6 +68,40 @@ class Infmax:
         __tracebackhide__ = True
         plan = self._plan(scenario, **kwargs)
         return self._conclude(await self._measure(plan), plan)
+
+    def sweep(
+        self,
+        scenario: str | Scenario = "1k1k-mini",
+        *,
+        concurrency: Sequence[int] | None = None,
+        rate: Sequence[float] | None = None,
+        frontier_sla: Sequence[str] = (),
+        price: Price | None = None,
+        **kwargs: Any,
+    ) -> SweepResult:
+        """One run per concurrency (or request rate) level; returns every point.
+
+        ``frontier_sla`` expressions (``"throughput_per_gpu@interactivity=50 > 10000 tok/s"``)
+        are validated before the first run and checked after the last.
+        """
+        __tracebackhide__ = True
+        if (concurrency is None) == (rate is None):
+            raise LoadConfigError("sweep() needs exactly one of concurrency=[...] or rate=[...]")
+        levels = list(concurrency if concurrency is not None else rate or [])
+        if not levels:
+            raise LoadConfigError("sweep() needs at least one level")
+        objectives = [FrontierObjective.parse(o) for o in frontier_sla]
+        key, short = ("concurrency", "c") if concurrency is not None else ("rate", "rate")
+        base = kwargs.pop("name", None) or self.name
+        plans = [self._plan(scenario, **{key: level}, name=f"{base}[{short}={level}]", **kwargs)
+                 for level in levels]
+        sweep = SweepResult([], price=price)
+        for plan in plans:
+            result = self._conclude(_run_sync(self._measure(plan)), plan)
+            sweep.results.append(result)
+        if objectives:
+            sweep.check(*(o.text for o in objectives))
+        return sweep
 
     def _plan(
         self,
@@ -137,6 +173,13 @@ class _Plan:
     sla: SLA | None
     goodput: GoodputLimits | None
     name: str
+
+
+def _run_sync(coro: Any) -> Any:
+    if _loop_running():
+        coro.close()
+        raise RuntimeError("infmax.sweep() was called inside a running event loop; run it from a sync test")
+    return asyncio.run(coro)
 
 
 def _loop_running() -> bool:

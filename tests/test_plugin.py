@@ -371,3 +371,21 @@ def test_chat_endpoint_and_duration_bound(pytester: pytest.Pytester) -> None:
     """)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
+
+
+def test_sweep_frontier_sla_through_the_plugin(pytester: pytest.Pytester) -> None:
+    _write(pytester, """
+        import pytest
+        from pytest_infmax.sweep import FrontierSLAFailed
+
+        def test_sweep(infmax):
+            sweep = infmax.sweep("1k1k-mini", concurrency=[1, 8], num_requests=8, warmup=0)
+            assert [r.config.concurrency for r in sweep.results] == [1, 8]
+            lo, hi = sweep.frontier().x_range
+            with pytest.raises(FrontierSLAFailed, match="outside the measured range"):
+                sweep.check(f"throughput_per_gpu@interactivity={hi * 2:.0f} > 1 tok/s")
+            sweep.check(f"throughput_per_gpu@interactivity={(lo + hi) / 2:.1f} > 1 tok/s")
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*test_sweep?c=1?*c=1*", "*test_sweep?c=8?*c=8*"])

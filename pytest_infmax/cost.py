@@ -1,0 +1,99 @@
+"""What tokens cost: $/GPU-hour turned into $ per million tokens.
+
+cost per million tokens = $/GPU-hour × GPUs / (tokens/s × 3600) × 10^6
+
+Default prices are SemiAnalysis' August 2025 TCO survey ($/GPU-hour, three
+tiers); users override them with their own price. Every cost keeps the price
+it used and why that price was chosen.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+Tier = Literal["hyperscaler", "neocloud", "rental-3y"]
+TIERS: tuple[Tier, ...] = ("hyperscaler", "neocloud", "rental-3y")
+PRICE_SOURCE = "SemiAnalysis TCO survey, August 2025 ($/GPU-hour)"
+
+# $/GPU-hour: hyperscaler / neocloud / 3-year rental.
+PRICES: dict[str, dict[Tier, float]] = {
+    "H100": {"hyperscaler": 1.30, "neocloud": 1.69, "rental-3y": 1.30},
+    "H200": {"hyperscaler": 1.41, "neocloud": 1.74, "rental-3y": 1.60},
+    "B200": {"hyperscaler": 1.95, "neocloud": 2.34, "rental-3y": 2.90},
+    "GB200": {"hyperscaler": 2.21, "neocloud": 2.75, "rental-3y": 3.30},
+}
+
+
+class PriceError(ValueError):
+    """No price can be chosen for this GPU."""
+
+
+@dataclass(frozen=True)
+class Price:
+    usd_per_gpu_hour: float
+    gpu: str | None
+    tier: str | None
+    source: str  # where the number came from, for the report
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def gpu_family(name: str) -> str | None:
+    """'NVIDIA H200' / 'NVIDIA GB200 NVL72' / 'b200' -> the table's key, or None."""
+    upper = name.upper()
+    for key in sorted(PRICES, key=len, reverse=True):  # GB200 before B200
+        if key in upper:
+            return key
+    return None
+
+
+def default_price(gpu_name: str, tier: Tier = "neocloud") -> Price:
+    family = gpu_family(gpu_name)
+    if family is None:
+        raise PriceError(
+            f"no default price for GPU {gpu_name!r} (known: {', '.join(PRICES)}); "
+            f"give one with --infmax-gpu-hour-usd"
+        )
+    if tier not in TIERS:
+        raise PriceError(f"unknown price tier {tier!r}; use one of {', '.join(TIERS)}")
+    return Price(PRICES[family][tier], family, tier, f"{PRICE_SOURCE}, {family} {tier}, GPU {gpu_name!r}")
+
+
+def user_price(usd_per_gpu_hour: float, where: str) -> Price:
+    if not usd_per_gpu_hour > 0 or math.isinf(usd_per_gpu_hour):
+        raise PriceError(f"$/GPU-hour must be a positive number, got {usd_per_gpu_hour!r} ({where})")
+    return Price(float(usd_per_gpu_hour), None, None, f"user-set ({where})")
+
+
+def cost_per_million_tokens(usd_per_gpu_hour: float, num_gpus: int, tokens_per_second: float) -> float | None:
+    """$ per million tokens; None when nothing was produced (no cost per token exists)."""
+    if not tokens_per_second > 0:
+        return None
+    return usd_per_gpu_hour * num_gpus / (tokens_per_second * 3600.0) * 1e6
+
+
+@dataclass(frozen=True)
+class TokenCost:
+    """Cost per million total, input and output tokens at one price."""
+
+    total: float | None
+    input: float | None
+    output: float | None
+    price: Price
+
+    @classmethod
+    def of(cls, price: Price, num_gpus: int, total_tps: float, input_tps: float, output_tps: float) -> TokenCost:
+        p = price.usd_per_gpu_hour
+        return cls(
+            cost_per_million_tokens(p, num_gpus, total_tps),
+            cost_per_million_tokens(p, num_gpus, input_tps),
+            cost_per_million_tokens(p, num_gpus, output_tps),
+            price,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"usd_per_mtok_total": self.total, "usd_per_mtok_input": self.input,
+                "usd_per_mtok_output": self.output, "price": self.price.to_dict()}
