@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .servers import ServerConfig, ServerError, command_from_template
+from . import engines
+from .servers import ServerConfig, ServerError, command_from_template, config_from_mapping
 
 
 class SettingError(ValueError):
@@ -45,7 +46,22 @@ def _percentiles(text: str) -> tuple[float, ...]:
     return values
 
 
+def _on_off(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("on", "true", "yes", "1"):
+        return True
+    if value in ("off", "false", "no", "0"):
+        return False
+    raise ValueError("must be on or off")
+
+
 def _text(text: str) -> str:
+    return text
+
+
+def _engine(text: str) -> str:
+    if text not in engines.ENGINES:
+        raise ValueError(f"must be one of {', '.join(engines.ENGINES)}")
     return text
 
 
@@ -78,9 +94,16 @@ SETTINGS: tuple[Setting, ...] = (
             None, metavar="TEMPLATE"),
     Setting("sim_args", "extra flags for the embedded simulator (see `infmax sim --help`)", "",
             metavar="FLAGS"),
+    Setting("engine", "start this inference engine: trtllm (trtllm-serve), vllm (vllm serve) or "
+            "sglang (python -m sglang.launch_server); needs the model (--infmax-model or the engine "
+            "config)", None, _engine, "NAME"),
+    Setting("engine_config", "YAML file with the engine's launch options (engine:, model:, tp:, "
+            "max_batch_size:, engine_options:, extra_args:, launcher_prefix:, env:, ...; the keys "
+            "of @pytest.mark.infmax_server)", None, metavar="YAML"),
     Setting("model", "model name to request (default: the first one /v1/models lists)", None,
             metavar="NAME"),
-    Setting("gpus", "GPUs behind the server, for per-GPU metrics", 1, _positive_int, "N"),
+    Setting("gpus", "GPUs behind the server, for per-GPU metrics (default: tp x pp x dp of an "
+            "engine, else 1)", None, _positive_int, "N"),
     Setting("api_key_env", "environment variable that holds the server's API key "
             "(the key itself is never printed or saved)", "INFMAX_API_KEY", metavar="VAR"),
     Setting("startup_timeout", "seconds to wait for a started server to become ready", 600.0,
@@ -91,6 +114,13 @@ SETTINGS: tuple[Setting, ...] = (
             _percentiles, "LIST"),
     Setting("json", "write every result, with per-request records and the environment, to this "
             "JSON file (atomically)", None, metavar="PATH"),
+    Setting("html", "write a self-contained HTML report (tables, verdicts, plots) to this file",
+            None, metavar="PATH"),
+    Setting("markdown", "write the Markdown summary to this file", None, metavar="PATH"),
+    Setting("plots", "write PNG plots (frontier, latency distributions, throughput over time) next "
+            "to the --infmax-json file: on or off (needs the 'plots' extra)", False, _on_off, "on|off"),
+    Setting("step_summary", "append the Markdown summary to $GITHUB_STEP_SUMMARY when that is set: "
+            "on or off", True, _on_off, "on|off"),
     Setting("log_dir", "directory for server logs", ".infmax/logs", metavar="DIR"),
 )
 
@@ -111,6 +141,8 @@ class Settings:
             startup_timeout=v["startup_timeout"],
         )
         try:
+            if v["engine"] or v["engine_config"]:
+                return self._engine_config(common)
             if v["endpoint"]:
                 return ServerConfig(kind="endpoint", endpoint=v["endpoint"], **common)
             if v["server_command"]:
@@ -118,6 +150,28 @@ class Settings:
             return ServerConfig(kind="sim", sim_args=tuple(shlex.split(v["sim_args"] or "")), **common)
         except ServerError as exc:
             raise SettingError(str(exc)) from None
+
+    def _engine_config(self, common: dict[str, Any]) -> ServerConfig:
+        """An engine server: the engine config file, then settings given explicitly on top."""
+        v, sources = self.values, self.sources
+        mapping: dict[str, Any] = {}
+        if v["engine_config"]:
+            mapping["engine_config"] = v["engine_config"]
+        if v["engine"]:
+            mapping["engine"] = v["engine"]
+        names = {"model": "model", "num_gpus": "gpus", "api_key_env": "api_key_env",
+                 "startup_timeout": "startup_timeout"}
+        for key, setting in names.items():
+            if sources[setting] != "default":  # an explicit setting beats the file
+                mapping[key] = common[key]
+        base = ServerConfig(api_key_env=common["api_key_env"], startup_timeout=common["startup_timeout"])
+        config = config_from_mapping(base, mapping)
+        if not engines.is_engine(config.kind):
+            raise ServerError(
+                f"{v['engine_config']} names no engine; add engine: trtllm, vllm or sglang "
+                f"(or pass --infmax-engine)"
+            )
+        return config
 
 
 def add_options(parser: Any) -> None:
@@ -155,5 +209,18 @@ def resolve(config: Any) -> Settings:
             f"both an endpoint ({sources['endpoint']}) and a server command ({sources['server_command']}) "
             "are set; give one: the endpoint of a running server, or the command that starts one"
         )
+    engine_set = [s for s in ("engine", "engine_config") if values[s]]
+    other_set = [s for s in ("endpoint", "server_command") if values[s]]
+    if engine_set and other_set:
+        raise SettingError(
+            f"both an engine ({sources[engine_set[0]]}) and {other_set[0].replace('_', ' ')} "
+            f"({sources[other_set[0]]}) are set; give one way to reach the server"
+        )
+    if values["engine_config"]:
+        path = Path(values["engine_config"])
+        if not path.is_absolute():  # an ini file's paths are relative to it, others to where pytest ran
+            anchor = config.rootpath if sources["engine_config"].startswith("ini") else config.invocation_params.dir
+            path = Path(anchor) / path
+        values["engine_config"] = str(path)
     values["log_dir"] = Path(values["log_dir"])
     return Settings(values, sources)

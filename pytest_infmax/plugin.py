@@ -7,6 +7,7 @@ reach the controller under pytest-xdist as they do in a single process.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -19,11 +20,14 @@ import pytest
 from . import config as settings_mod
 from . import reports
 from .results import LoadResult
+from .summary import markdown_summary, sweep_to_dict, write_github_step_summary
+from .sweep import SweepResult
 from .runner import Infmax
-from .servers import Server, ServerConfig, ServerError, ServerPool, config_from_mapping
+from .servers import Server, ServerConfig, ServerError, ServerPool, config_from_mapping, require_gpus_released
 from .sla import SLA, SLAFailed, SLASyntaxError, format_quantity
 
 RESULTS_KEY = pytest.StashKey[list[LoadResult]]()
+SWEEPS_KEY = pytest.StashKey[list[SweepResult]]()
 STATE_KEY = pytest.StashKey["PluginState"]()
 
 # The key figures every perf test leaves in JUnit XML (and report.user_properties).
@@ -38,6 +42,32 @@ class PluginState:
     rows: list[dict[str, Any]] = field(default_factory=list)
     full_results: list[dict[str, Any]] = field(default_factory=list)
     json_written: Path | None = None
+    sweeps: list[dict[str, Any]] = field(default_factory=list)
+    written: list[Path] = field(default_factory=list)  # report files, in the order written
+    notes: list[str] = field(default_factory=list)  # said once in the terminal summary
+    echo: Any = None  # at -v: writes server log lines to the terminal
+
+
+def _terminal_echo() -> Any:
+    """A writer to the terminal as it is now, before pytest captures output around each test.
+
+    Server logs are copied by a background thread while tests run; writing to a
+    duplicate of the terminal's file descriptor keeps those lines out of the
+    test's captured output and shows them as they come.
+    """
+    import os
+
+    try:
+        fd = os.dup(1)
+    except OSError:
+        return None
+    lock = threading.Lock()
+
+    def echo(line: str) -> None:
+        with lock:
+            os.write(fd, (line + "\n").encode("utf-8", errors="replace"))
+
+    return echo
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -52,8 +82,11 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     config.addinivalue_line(
         "markers",
-        "infmax_server(**options): server for this test: sim_args=, command=, endpoint=, model=, "
-        "num_gpus=, startup_timeout=, env= (one server per distinct configuration)",
+        "infmax_server(**options): server for this test: sim_args=, command=, endpoint=, "
+        "engine='trtllm'|'vllm'|'sglang' with tp=, pp=, dp=, ep=, max_batch_size=, max_num_tokens=, "
+        "max_seq_len=, gpu_memory_fraction=, engine_options={...}, extra_args=, launcher_prefix=, "
+        "engine_config='file.yaml'; model=, num_gpus=, startup_timeout=, shutdown_grace=, env= "
+        "(one server per distinct configuration)",
     )
     try:
         settings = settings_mod.resolve(config)
@@ -64,6 +97,8 @@ def pytest_configure(config: pytest.Config) -> None:
     if not log_dir.is_absolute():
         log_dir = config.rootpath / log_dir
     state = PluginState(settings, log_dir)
+    if (config.getoption("verbose") or 0) >= 1 and not hasattr(config, "workerinput"):
+        state.echo = _terminal_echo()
     config.stash[STATE_KEY] = state
     if not hasattr(config, "workerinput"):  # xdist workers send their reports to the controller
         config.pluginmanager.register(ResultCollector(config, state), "infmax-results")
@@ -95,7 +130,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         marker = item.get_closest_marker("infmax_server")
         if marker is not None:
             try:
-                config_from_mapping(base, marker.kwargs)
+                config_from_mapping(base, marker.kwargs, base_dir=item.path.parent)
             except (ServerError, TypeError, ValueError) as exc:
                 raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.infmax_server: {exc}") from None
 
@@ -106,7 +141,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def infmax_server_pool(pytestconfig: pytest.Config) -> Iterator[ServerPool]:
     """Every server this session started, one per distinct configuration; stopped at the end."""
-    pool = ServerPool(pytestconfig.stash[STATE_KEY].log_dir)
+    state = pytestconfig.stash[STATE_KEY]
+    pool = ServerPool(state.log_dir, echo=state.echo, after_stop=require_gpus_released)
     try:
         yield pool
     finally:
@@ -118,7 +154,7 @@ def infmax_server_config(request: pytest.FixtureRequest) -> ServerConfig:
     """The server configuration for this test: settings, then the closest marker."""
     base = request.config.stash[STATE_KEY].settings.server_config()
     marker = request.node.get_closest_marker("infmax_server")
-    return config_from_mapping(base, marker.kwargs) if marker else base
+    return config_from_mapping(base, marker.kwargs, base_dir=request.node.path.parent) if marker else base
 
 
 @pytest.fixture
@@ -138,6 +174,7 @@ def infmax(request: pytest.FixtureRequest, infmax_server: Server) -> Infmax:
         percentiles=settings["percentiles"],
         request_timeout=settings["request_timeout"],
         on_result=results.append,
+        on_sweep=request.node.stash.setdefault(SWEEPS_KEY, []).append,
     )
 
 
@@ -201,9 +238,14 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         exc = call.excinfo.value
         brief = "; ".join(f"{v.objective} (measured {_shown(v)})" for v in exc.failures)
         report.longrepr = f"SLA failed: {brief}\n\n{exc}"
+    sweeps = item.stash.get(SWEEPS_KEY, [])
+    if sweeps:
+        report.infmax_sweeps = [sweep_to_dict(sw, name=item.nodeid) for sw in sweeps]
     results = item.stash.get(RESULTS_KEY, [])
     if results:
-        want_records = item.config.stash[STATE_KEY].settings["json"] is not None
+        settings = item.config.stash[STATE_KEY].settings
+        # Plots and the HTML report are drawn from the per-request records too.
+        want_records = any(settings[k] for k in ("json", "html", "plots"))
         report.infmax_results = [
             {"summary": r.summary(), "full": r.to_dict(include_records=want_records)} for r in results
         ]
@@ -237,18 +279,64 @@ class ResultCollector:
         for entry in getattr(report, "infmax_results", None) or ():
             self.state.rows.append(entry["summary"])
             self.state.full_results.append(entry["full"])
+        self.state.sweeps.extend(getattr(report, "infmax_sweeps", None) or ())
+
+    def _path(self, name: str) -> Path | None:
+        value = self.state.settings[name]
+        if value is None:
+            return None
+        path = Path(value)
+        return path if path.is_absolute() else Path(self.config.invocation_params.dir) / path
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         state = self.state
-        if state.settings["json"] is None or not state.full_results:
+        if not state.full_results:
             return
-        servers = {repr(r.get("server")): r.get("server") for r in state.full_results}
-        doc = reports.results_document(state.full_results, list(servers.values()))
-        path = Path(state.settings["json"])
-        if not path.is_absolute():
-            path = Path(self.config.invocation_params.dir) / path
-        state.json_written = reports.write_json_atomic(path, doc)
+        settings = state.settings
+        servers = list({repr(r.get("server")): r.get("server") for r in state.full_results}.values())
+        doc = reports.results_document(state.full_results, servers)
+        doc["sweeps"] = state.sweeps
+        json_path = self._path("json")
+        if json_path is not None:
+            state.json_written = reports.write_json_atomic(json_path, doc)
+            state.written.append(json_path)
+        rendered: Any = "auto"
+        if settings["plots"]:
+            rendered = self._write_plots(doc, json_path)
+        html_path = self._path("html")
+        if html_path is not None:
+            from .html_report import write_html_report
+
+            state.written.append(write_html_report(
+                html_path, doc["results"], sweeps=doc["sweeps"], environment=doc["environment"],
+                servers=servers, plots=rendered, title="infmax report"))
+        markdown_path = self._path("markdown")
+        if markdown_path is not None or (settings["step_summary"] and os.environ.get("GITHUB_STEP_SUMMARY")):
+            md = markdown_summary(doc["results"], doc["sweeps"], title="infmax results",
+                                  artifacts=[p.name for p in state.written])
+            if markdown_path is not None:
+                markdown_path.parent.mkdir(parents=True, exist_ok=True)
+                markdown_path.write_text(md, encoding="utf-8")
+                state.written.append(markdown_path)
+            if settings["step_summary"]:
+                write_github_step_summary(md)
+
+    def _write_plots(self, doc: dict[str, Any], json_path: Path | None) -> Any:
+        """PNGs next to the JSON results; the rendered plots are reused by the HTML report."""
+        from . import plots
+
+        if json_path is None:
+            self.state.notes.append("--infmax-plots needs --infmax-json: the PNGs go next to it")
+            return "auto"
+        try:
+            rendered = plots.render_plots(doc["results"], doc["sweeps"])
+            self.state.written.extend(plots.write_plots(doc["results"], json_path.parent, prefix=json_path.stem,
+                                                        plots=rendered))
+            return rendered
+        except plots.PlotsUnavailable as exc:
+            self.state.notes.append(str(exc))
+            return None
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         state = self.state
@@ -256,5 +344,7 @@ class ResultCollector:
             return
         terminalreporter.write_sep("=", "infmax results")
         terminalreporter.write_line(reports.format_table(state.rows))
-        if state.json_written:
-            terminalreporter.write_line(f"infmax: results written to {state.json_written}")
+        for path in state.written:
+            terminalreporter.write_line(f"infmax: wrote {path}")
+        for note in state.notes:
+            terminalreporter.write_line(f"infmax: {note}")

@@ -34,6 +34,7 @@ class Infmax:
         percentiles: Sequence[float] = DEFAULT_PERCENTILES,
         request_timeout: float = 600.0,
         on_result: Callable[[LoadResult], None] | None = None,
+        on_sweep: Callable[[SweepResult], None] | None = None,
     ) -> None:
         self.server = server
         self.name = name
@@ -41,6 +42,7 @@ class Infmax:
         self.request_timeout = request_timeout
         self.results: list[LoadResult] = []
         self._on_result = on_result
+        self._on_sweep = on_sweep
 
     def run(self, scenario: str | Scenario = "1k1k-mini", **kwargs: Any) -> LoadResult:
         """Run load and return its result; see :meth:`arun` for the arguments."""
@@ -96,6 +98,8 @@ class Infmax:
         plans = [self._plan(scenario, **{key: level}, name=f"{base}[{short}={level}]", **kwargs)
                  for level in levels]
         sweep = SweepResult([], price=price)
+        if self._on_sweep is not None:  # reported even if a point fails its SLA
+            self._on_sweep(sweep)
         for plan in plans:
             result = self._conclude(_run_sync(self._measure(plan)), plan)
             sweep.results.append(result)

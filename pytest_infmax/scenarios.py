@@ -134,7 +134,12 @@ def request_body(
     endpoint: Endpoint,
     extra_body: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The JSON body: streaming, usage requested, exact output length."""
+    """The JSON body: streaming, usage requested, exact output length.
+
+    ``extra_body`` adds or replaces fields; a field set to None is left out,
+    for servers that reject one they do not know (``{"ignore_eos": None}``).
+    TensorRT-LLM, vLLM and SGLang all accept every field sent here.
+    """
     body: dict[str, Any] = {
         "model": model,
         "max_tokens": plan.output_len,
@@ -149,4 +154,4 @@ def request_body(
         body["messages"] = [{"role": "user", "content": plan.text or ""}]
     if extra_body:
         body.update(extra_body)
-    return body
+    return {k: v for k, v in body.items() if v is not None}

@@ -4,6 +4,14 @@ Every server the plugin starts runs in its own process group (its own
 session), so teardown can signal the whole tree an engine spawns (MPI ranks,
 engine-core workers, tokenizer processes): SIGTERM to the group, a grace
 period, SIGKILL to the group, then a check that nothing of the group is left.
+Processes that left the group (a child that called setsid, as some engine
+workers do) are found by walking /proc while the server runs (during startup,
+at readiness and again just before the signals) and are signalled and checked
+the same way.
+
+Real engines (trtllm-serve, vllm serve, SGLang) get their command lines from
+``engines``; they cannot bind port 0, so they get ``free_port()`` and are
+started again on a new port (up to 3 tries) if the port was taken meanwhile.
 
 The embedded simulator goes through the same code as any command; it binds
 port 0 itself and reports the port through a file, so parallel sessions
@@ -26,12 +34,14 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-ServerKind = Literal["sim", "command", "endpoint"]
+ServerKind = Literal["sim", "command", "endpoint", "trtllm", "vllm", "sglang"]
+KINDS = ("sim", "command", "endpoint", "trtllm", "vllm", "sglang")
+PORT_TRIES = 3  # starts of a server that could not bind its port (another process took it)
 PLACEHOLDERS = ("host", "port", "model")
 
 
@@ -47,36 +57,83 @@ class ServerConfig:
     command: tuple[str, ...] = ()  # kind="command": argv template with {host} {port} {model}
     sim_args: tuple[str, ...] = ()  # kind="sim": extra simulator flags
     endpoint: str | None = None  # kind="endpoint": base URL of a running server
-    model: str | None = None  # None: ask /v1/models
-    num_gpus: int = 1
+    model: str | None = None  # None: ask /v1/models; engines: the model path or name to serve
+    num_gpus: int | None = None  # None: tp x pp (x dp) for engines, else 1
     host: str = "127.0.0.1"
     api_key_env: str = "INFMAX_API_KEY"
     startup_timeout: float = 600.0
     shutdown_grace: float = 10.0
     env: tuple[tuple[str, str], ...] = ()
+    # kind in engines.ENGINES: options (tp=2, max_batch_size=256, or any engine flag by name)
+    engine_options: tuple[tuple[str, Any], ...] = ()
+    extra_args: tuple[str, ...] = ()  # engines and commands: appended to the command line untouched
+    launcher_prefix: tuple[str, ...] = ()  # engines and commands: e.g. ("mpirun", "-n", "1") or ("srun",)
 
     def __post_init__(self) -> None:
-        if self.kind not in ("sim", "command", "endpoint"):
-            raise ServerError(f"server kind must be 'sim', 'command' or 'endpoint', got {self.kind!r}")
+        from . import engines
+
+        if self.kind not in KINDS:
+            raise ServerError(f"server kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         if self.kind == "command" and not self.command:
             raise ServerError("a 'command' server needs a command template, e.g. 'my-server --port {port}'")
         if self.kind == "endpoint" and not self.endpoint:
             raise ServerError("an 'endpoint' server needs a URL, e.g. --infmax-endpoint http://127.0.0.1:8000")
-        if self.num_gpus < 1:
-            raise ServerError(f"num_gpus must be >= 1, got {self.num_gpus}")
+        if self.num_gpus is not None and (isinstance(self.num_gpus, bool) or not isinstance(self.num_gpus, int)
+                                          or self.num_gpus < 1):
+            raise ServerError(f"num_gpus must be a whole number >= 1, got {self.num_gpus!r}")
         if not self.startup_timeout > 0:
             raise ServerError(f"startup_timeout must be > 0 seconds, got {self.startup_timeout}")
+        if engines.is_engine(self.kind):
+            if not self.model:
+                raise ServerError(
+                    f"a {self.kind} server needs the model to serve: model='/path/or/hf-id' "
+                    f"(--infmax-model, or model: in the engine config)"
+                )
+            try:
+                engines.validate_options(self.kind, dict(self.engine_options))
+                if self.num_gpus is None:
+                    engines.num_gpus(self.kind, dict(self.engine_options), self.extra_args)
+            except engines.EngineOptionError as exc:
+                raise ServerError(f"{self.kind}: {exc}") from None
+        elif self.engine_options:
+            keys = ", ".join(k for k, _ in self.engine_options)
+            raise ServerError(
+                f"engine options ({keys}) apply to engine servers only; add engine='vllm' "
+                f"(or 'trtllm', 'sglang'), or put the flags in the command"
+            )
+        if (self.extra_args or self.launcher_prefix) and self.kind in ("sim", "endpoint"):
+            raise ServerError(
+                f"extra_args and launcher_prefix apply to started commands and engines, not to a "
+                f"{'simulator (use sim_args)' if self.kind == 'sim' else 'running endpoint'}"
+            )
+
+    @property
+    def gpus(self) -> int:
+        """GPUs behind the server: as given, else from the engine's launch configuration, else 1."""
+        from . import engines
+
+        if self.num_gpus is not None:
+            return self.num_gpus
+        if engines.is_engine(self.kind):
+            return engines.num_gpus(self.kind, dict(self.engine_options), self.extra_args)
+        return 1
 
     @property
     def api_key(self) -> str | None:
         return os.environ.get(self.api_key_env) or None
 
     def describe(self) -> str:
+        from . import engines
+
         if self.kind == "endpoint":
             return f"endpoint {self.endpoint}"
         if self.kind == "sim":
             return " ".join(["simulator", *redact_argv(self.sim_args, self.api_key)])
-        return " ".join(redact_argv(self.command, self.api_key))
+        if engines.is_engine(self.kind):
+            opts = [f"{k}={engines.thaw(v)!r}" for k, v in self.engine_options]
+            argv = [*self.launcher_prefix, self.kind, str(self.model), *opts, *self.extra_args]
+            return " ".join(redact_argv(argv, self.api_key))
+        return " ".join(redact_argv((*self.launcher_prefix, *self.command, *self.extra_args), self.api_key))
 
 
 # Flags whose value is a secret in the engines' command lines.
@@ -135,6 +192,14 @@ class Server:
     process: subprocess.Popen[bytes] | None = None
     started_at: float = field(default_factory=time.time)
     startup_seconds: float = 0.0
+    # Hook for checks after teardown (e.g. telemetry: GPU memory released by these pids).
+    # Called with every pid the server ever had (leader, group members, escaped children).
+    after_stop: Callable[[list[int]], None] | None = None
+    # pid -> start time (clock ticks) of every descendant seen while running; the start time
+    # guards against signalling an unrelated process that reused a pid.
+    tracked: dict[int, int] = field(default_factory=dict)
+    stopped_pids: list[int] = field(default_factory=list)
+    _tailer: LogTailer | None = None
 
     @property
     def pid(self) -> int | None:
@@ -142,7 +207,12 @@ class Server:
 
     @property
     def num_gpus(self) -> int:
-        return self.config.num_gpus
+        return self.config.gpus
+
+    def track_descendants(self) -> None:
+        """Record the server's descendants now (they may leave its process group later)."""
+        if self.process is not None:
+            self.tracked.update(descendants(self.process.pid))
 
     @property
     def api_key(self) -> str | None:
@@ -167,9 +237,17 @@ class Server:
         return tail(self.log_path, lines)
 
     def stop(self) -> None:
-        if self.process is not None:
-            stop_process_group(self.process, self.config.shutdown_grace)
+        if self.process is None or self.stopped_pids:
+            return
+        try:
+            self.stopped_pids = stop_process_group(self.process, self.config.shutdown_grace, self.tracked)
+        finally:
+            if self._tailer is not None:
+                self._tailer.stop()
+        with _LIVE_LOCK:  # only once it is really gone; else exit-time cleanup tries again
             _LIVE.discard(self)
+        if self.after_stop is not None:
+            self.after_stop(self.stopped_pids)
 
     def __hash__(self) -> int:
         return id(self)
@@ -197,24 +275,45 @@ def _stop_all() -> None:
             server.stop()
 
 
-def stop_process_group(proc: subprocess.Popen[bytes], grace: float) -> None:
-    """SIGTERM the group, wait ``grace``, SIGKILL it, then verify it is gone."""
+def stop_process_group(
+    proc: subprocess.Popen[bytes], grace: float, tracked: Mapping[int, int] | None = None
+) -> list[int]:
+    """SIGTERM the group and escaped descendants, wait ``grace``, SIGKILL them, verify they are gone.
+
+    ``tracked`` maps pids seen earlier (pid -> start time) to their start
+    time; the tree is walked once more here, before any signal. Returns every
+    pid that was stopped (for checks such as GPU memory release).
+    """
     pgid = proc.pid  # start_new_session=True: the leader's pid is the group id
-    if proc.poll() is None:
+    known = dict(tracked or {})
+    known.update(descendants(pgid))  # before signalling: children may reparent once the leader exits
+    others = {pid: start for pid, start in known.items() if pid != pgid}
+
+    def running() -> bool:
+        return proc.poll() is None or _group_alive(pgid) or any(_alive(p, s) for p, s in others.items())
+
+    if running():
         _signal_group(pgid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-    # Members other than the leader may still run (or ignore SIGTERM).
+        for pid, start in others.items():  # those that left the group get the same chance to clean up
+            _signal_pid(pid, start, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while running() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    # Whatever is left (ignored SIGTERM, or is still cleaning up) is killed.
     _signal_group(pgid, signal.SIGKILL)
+    for pid, start in others.items():
+        _signal_pid(pid, start, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=10)
     deadline = time.monotonic() + 10
-    while _group_alive(pgid):
+    while _group_alive(pgid) or any(_alive(p, s) for p, s in others.items()):
         if time.monotonic() > deadline:
-            raise ServerError(f"process group {pgid} survived SIGKILL for 10 s")
+            left = sorted(p for p, s in others.items() if _alive(p, s))
+            raise ServerError(
+                f"process group {pgid} or its escaped descendants {left} survived SIGKILL for 10 s"
+            )
         time.sleep(0.05)
+    return sorted({pgid, *others})
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
@@ -230,6 +329,83 @@ def _group_alive(pgid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _stat(pid: int) -> tuple[str, int, int, int] | None:
+    """(state, ppid, pgid, start time) from /proc/PID/stat, or None if the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    fields = text.rsplit(")", 1)[1].split()  # the command name may contain spaces and parentheses
+    return fields[0], int(fields[1]), int(fields[2]), int(fields[19])
+
+
+def descendants(root: int) -> dict[int, int]:
+    """Every live descendant of ``root`` (walking /proc ppid links), as pid -> start time."""
+    children: dict[int, list[int]] = {}
+    starts: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        st = _stat(int(entry))
+        if st is None or st[0] in ("Z", "X"):
+            continue
+        children.setdefault(st[1], []).append(int(entry))
+        starts[int(entry)] = st[3]
+    found: dict[int, int] = {}
+    todo = list(children.get(root, ()))
+    while todo:
+        pid = todo.pop()
+        if pid in found:
+            continue
+        found[pid] = starts[pid]
+        todo.extend(children.get(pid, ()))
+    return found
+
+
+def _alive(pid: int, start: int) -> bool:
+    """True while ``pid`` is the same process (same start time) and not a zombie."""
+    st = _stat(pid)
+    return st is not None and st[3] == start and st[0] not in ("Z", "X")
+
+
+def _signal_pid(pid: int, start: int, sig: signal.Signals) -> None:
+    if _alive(pid, start):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+
+
+class LogTailer(threading.Thread):
+    """Copies new lines of a server log to ``write`` (the terminal at -v) until stopped."""
+
+    def __init__(self, path: Path, prefix: str, write: Callable[[str], None]) -> None:
+        super().__init__(name=f"infmax-log-{path.name}", daemon=True)
+        self.path, self.prefix, self.write = path, prefix, write
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        pos, partial = 0, b""
+        while True:
+            stopping = self._stop_event.is_set()
+            with contextlib.suppress(OSError):
+                with open(self.path, "rb") as f:
+                    f.seek(pos)
+                    chunk = f.read()
+                    pos += len(chunk)
+                *lines, partial = (partial + chunk).split(b"\n")
+                for line in lines:
+                    with contextlib.suppress(Exception):
+                        self.write(f"{self.prefix}{line.decode('utf-8', errors='replace').rstrip()}")
+            if stopping:
+                return
+            self._stop_event.wait(0.2)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        if self.is_alive() and self is not threading.current_thread():
+            self.join(timeout=2)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -298,10 +474,52 @@ def connect_endpoint(config: ServerConfig, timeout: float = 30.0) -> Server:
     return Server(config, base_url, config.model or model or "default")
 
 
-def start_server(config: ServerConfig, log_dir: Path) -> Server:
-    """Start (or connect to) the configured server and return it once ready."""
+class PortInUse(ServerError):
+    """The server exited because its port was taken between free_port() and its bind."""
+
+
+# Log text of a server that lost its port (SGLang also derives further ports from --port).
+ADDRESS_IN_USE = ("address already in use", "errno 98", "eaddrinuse", "is used by a process already")
+
+
+def start_server(
+    config: ServerConfig,
+    log_dir: Path,
+    *,
+    echo: Callable[[str], None] | None = None,
+    after_stop: Callable[[list[int]], None] | None = None,
+) -> Server:
+    """Start (or connect to) the configured server and return it once ready.
+
+    ``echo`` receives each line of the server's log as it is written (the
+    plugin passes the terminal at ``-v``); ``after_stop`` is called with every
+    pid of the server once it has been stopped.
+    """
     if config.kind == "endpoint":
         return connect_endpoint(config)
+    tries = 1 if config.kind == "sim" else PORT_TRIES  # the simulator binds port 0 itself
+    failures: list[str] = []
+    for attempt in range(1, tries + 1):
+        try:
+            return _start_once(config, log_dir, echo, after_stop)
+        except PortInUse as exc:
+            failures.append(str(exc))
+            if attempt == tries:
+                raise ServerError(
+                    f"the server could not bind a port {tries} times (another process took each free "
+                    f"port first):\n" + "\n".join(failures)
+                ) from None
+    raise AssertionError("unreachable")
+
+
+def _start_once(
+    config: ServerConfig,
+    log_dir: Path,
+    echo: Callable[[str], None] | None,
+    after_stop: Callable[[list[int]], None] | None,
+) -> Server:
+    from . import engines
+
     log_dir.mkdir(parents=True, exist_ok=True)
     stamp = f"{os.getpid()}-{time.monotonic_ns()}"
     log_path = log_dir / f"server-{config.kind}-{stamp}.log"
@@ -315,10 +533,21 @@ def start_server(config: ServerConfig, log_dir: Path) -> Server:
             "--parent-pid", str(os.getpid()), "--model", model, *config.sim_args,
         )
         port: int | None = None
+    elif engines.is_engine(config.kind):
+        port = free_port(config.host)
+        assert config.model
+        try:
+            engine_argv = engines.build_argv(
+                config.kind, config.model, dict(config.engine_options), config.extra_args,
+                config.host, port, log_dir,
+            )
+        except engines.EngineOptionError as exc:
+            raise ServerError(f"{config.kind}: {exc}") from None
+        argv = (*config.launcher_prefix, *engine_argv)
     else:
         port = free_port(config.host)
         fill = {"host": config.host, "port": str(port), "model": config.model or ""}
-        argv = tuple(arg.format(**fill) for arg in config.command)
+        argv = (*config.launcher_prefix, *(arg.format(**fill) for arg in config.command), *config.extra_args)
 
     env = {**os.environ, **dict(config.env)}
     started = time.monotonic()
@@ -334,13 +563,17 @@ def start_server(config: ServerConfig, log_dir: Path) -> Server:
     finally:
         if not log.closed:
             log.close()
-    server = Server(config, "", config.model or "", argv, log_path, proc)
+    server = Server(config, "", config.model or "", argv, log_path, proc, after_stop=after_stop)
     with _LIVE_LOCK:
         _LIVE.add(server)
+    if echo is not None:
+        server._tailer = LogTailer(log_path, f"[{config.kind} {proc.pid}] ", echo)
+        server._tailer.start()
     try:
         server.base_url, served = _wait_ready(server, port, port_file)
         server.model = config.model or served or "default"
         server.startup_seconds = time.monotonic() - started
+        server.track_descendants()
         return server
     except BaseException:
         server.stop()
@@ -352,12 +585,21 @@ def _wait_ready(server: Server, port: int | None, port_file: Path | None) -> tup
     assert proc is not None
     deadline = time.monotonic() + config.startup_timeout
     base_url = f"http://{config.host}:{port}" if port else ""
+    next_track = 0.0
     while True:
+        now = time.monotonic()
+        if now >= next_track:  # engines spawn their workers while loading; remember them early
+            server.track_descendants()
+            next_track = now + 1.0
         code = proc.poll()
         if code is not None:
+            tail_text = server.log_tail()
+            if port is not None and any(s in tail_text.lower() for s in ADDRESS_IN_USE):
+                raise PortInUse(f"port {port}: server exited with code {code}: {_shown(server)}\n"
+                                f"last lines of {server.log_path}:\n{tail_text}")
             raise ServerError(
                 f"server exited with code {code} before it was ready: {_shown(server)}\n"
-                f"last lines of {server.log_path}:\n{server.log_tail()}"
+                f"last lines of {server.log_path}:\n{tail_text}"
             )
         if not base_url and port_file is not None and port_file.exists():
             text = port_file.read_text().strip()
@@ -380,11 +622,31 @@ def _shown(server: Server) -> str:
     return shlex.join(redact_argv(server.argv, server.api_key))
 
 
+def require_gpus_released(pids: list[int], timeout: float = 60.0) -> None:
+    """After a server stopped: wait until no pid of it holds a GPU; raise naming any that does.
+
+    Without NVML (no GPU here) there is nothing to check and nothing is said.
+    """
+    from . import telemetry
+
+    check = telemetry.wait_released(pids, timeout=timeout)
+    if check.measured and not check.released:
+        raise ServerError(check.describe() + "; the GPU is still occupied by a process this session started")
+
+
 class ServerPool:
     """One server per distinct configuration, shared by every test that asks for it."""
 
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(
+        self,
+        log_dir: Path,
+        *,
+        echo: Callable[[str], None] | None = None,
+        after_stop: Callable[[list[int]], None] | None = None,
+    ) -> None:
         self.log_dir = log_dir
+        self.echo = echo  # each server log line, as written (the terminal at -v)
+        self.after_stop = after_stop  # called with a stopped server's pids (e.g. GPU release checks)
         self._servers: dict[ServerConfig, Server] = {}
         self._failed: dict[ServerConfig, str] = {}
 
@@ -394,7 +656,7 @@ class ServerPool:
         server = self._servers.get(config)
         if server is None:
             try:
-                server = start_server(config, self.log_dir)
+                server = start_server(config, self.log_dir, echo=self.echo, after_stop=self.after_stop)
             except ServerError as exc:
                 self._failed[config] = str(exc)
                 raise
@@ -426,15 +688,49 @@ def running_server(config: ServerConfig, log_dir: Path) -> Iterator[Server]:
         server.stop()
 
 
-def config_from_mapping(base: ServerConfig, options: Mapping[str, Any]) -> ServerConfig:
-    """``base`` with the ``infmax_server`` marker's keyword arguments applied."""
+# Marker / YAML keys besides the ServerConfig fields.
+MAPPING_KEYS = ("engine", "engine_config")
+
+
+def config_from_mapping(
+    base: ServerConfig, options: Mapping[str, Any], base_dir: Path | None = None
+) -> ServerConfig:
+    """``base`` with the ``infmax_server`` marker's keyword arguments (or a YAML mapping) applied.
+
+    Besides the ServerConfig fields: ``engine="vllm"`` (or "trtllm", "sglang")
+    picks an engine; the common engine options (``tp=2``, ``max_batch_size=...``,
+    see ``engines.COMMON_OPTIONS``) may be given directly; ``engine_options={...}``
+    passes any other engine flag by name; ``engine_config="file.yaml"`` reads
+    the same keys from a file (relative to ``base_dir``), the other keywords
+    taking precedence over it.
+    """
+    from . import engines
+
+    options = dict(options)
+    if "engine_config" in options:
+        path = Path(str(options.pop("engine_config")))
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path
+        try:
+            from_file = engines.load_engine_config(path)
+        except engines.EngineOptionError as exc:
+            raise ServerError(str(exc)) from None
+        from_file.pop("engine_config", None)
+        options = {**from_file, **options}
     known = {f.name for f in dataclasses.fields(ServerConfig)}
-    unknown = sorted(set(options) - known)
+    allowed = known | set(MAPPING_KEYS) | set(engines.COMMON_OPTIONS)
+    unknown = sorted(set(options) - allowed)
     if unknown:
         raise ServerError(
-            f"unknown infmax_server option(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}"
+            f"unknown infmax_server option(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))} "
+            f"(other engine flags go in engine_options={{...}} or extra_args=)"
         )
-    changes = dict(options)
+    changes = {k: v for k, v in options.items() if k in known}
+    if "engine" in options:
+        engine = str(options["engine"])
+        if not engines.is_engine(engine):
+            raise ServerError(f"engine must be one of {', '.join(engines.ENGINES)}, got {engine!r}")
+        changes["kind"] = engine
     if "command" in changes:
         changes["command"] = command_from_template(changes["command"])
         changes.setdefault("kind", "command")
@@ -445,5 +741,22 @@ def config_from_mapping(base: ServerConfig, options: Mapping[str, Any]) -> Serve
         changes["sim_args"] = tuple(shlex.split(sim_args) if isinstance(sim_args, str) else sim_args)
         changes.setdefault("kind", "sim")
     if "env" in changes and isinstance(changes["env"], Mapping):
-        changes["env"] = tuple(sorted(changes["env"].items()))
+        changes["env"] = tuple(sorted((str(k), str(v)) for k, v in changes["env"].items()))
+    for key in ("extra_args", "launcher_prefix"):
+        if key in changes:
+            changes[key] = engines.split_args(changes[key])
+    kind = changes.get("kind", base.kind)
+    # Engine options: the base's carry over only to the same engine; a new engine starts afresh.
+    merged: dict[str, Any] = dict(base.engine_options) if kind == base.kind else {}
+    if kind != base.kind:  # another kind of server: nothing of the old launch carries over
+        changes.setdefault("extra_args", ())
+        changes.setdefault("launcher_prefix", ())
+        changes["engine_options"] = ()
+    given = options.get("engine_options") or {}
+    if not isinstance(given, Mapping):
+        raise ServerError(f"engine_options must be a mapping of flag names to values, got {given!r}")
+    merged.update({str(k): v for k, v in given.items()})
+    merged.update({k: v for k, v in options.items() if k in engines.COMMON_OPTIONS})
+    if merged or "engine_options" in changes:
+        changes["engine_options"] = tuple(sorted((k, engines.freeze(v)) for k, v in merged.items()))
     return dataclasses.replace(base, **changes)

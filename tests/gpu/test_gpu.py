@@ -10,7 +10,8 @@ import os
 import sys
 from pathlib import Path
 
-from pytest_infmax import Infmax, Scenario, ServerConfig, running_server, telemetry
+from pytest_infmax import Infmax, Scenario, ServerConfig, telemetry
+from pytest_infmax.servers import require_gpus_released, start_server
 from pytest_infmax.reports import write_json_atomic
 
 ENGINE = str(Path(__file__).with_name("tiny_gpu_engine.py"))
@@ -43,7 +44,9 @@ def test_server_on_gpu_is_measured_and_released(tmp_path: Path) -> None:
         model="tiny-gpu",
         startup_timeout=300,
     )
-    with running_server(config, tmp_path) as server:
+    # The plugin's own teardown path: stop() then require_gpus_released (raises if a pid holds the GPU).
+    server = start_server(config, tmp_path, after_stop=require_gpus_released)
+    try:
         pid = server.pid
         assert pid is not None
         during = telemetry.memory_used_mib() or {}
@@ -60,6 +63,8 @@ def test_server_on_gpu_is_measured_and_released(tmp_path: Path) -> None:
         print(f"measured on GPU: {m.output_throughput:.0f} output tok/s, "
               f"TTFT p50 {m.ttft.median * 1e3:.1f} ms, TPOT p50 {m.tpot.median * 1e3:.2f} ms; "
               f"server pid {pid} seen by NVML: {bool(on_gpu)}; memory taken {taken:.0f} MiB")
+    finally:
+        server.stop()
     check = telemetry.wait_released({pid}, baseline, timeout=60)
     print(check.describe())
     _out("gpu_server.json", {
@@ -69,4 +74,31 @@ def test_server_on_gpu_is_measured_and_released(tmp_path: Path) -> None:
         "release": check.describe(),
         "released": check.released,
     })
+    assert check.measured and check.released, check.describe()
+
+
+def test_escaped_cuda_worker_is_killed_and_gpu_released(tmp_path: Path) -> None:
+    """A worker that left the process group (setsid) and holds GPU memory is still stopped."""
+    baseline = telemetry.memory_used_mib()
+    config = ServerConfig(
+        kind="command",
+        command=(sys.executable, ENGINE, "--host", "{host}", "--port", "{port}", "--model", "{model}",
+                 "--reserve-gib", "1", "--escaped-worker-gib", "2"),
+        model="tiny-gpu",
+        startup_timeout=300,
+    )
+    server = start_server(config, tmp_path, after_stop=require_gpus_released)
+    try:
+        log = server.log_path.read_text()
+        worker_pid = int(log.split("worker-ready", 1)[1].split()[0])
+        assert os.getpgid(worker_pid) != server.pid  # it really left the group
+        Infmax(server).run(Scenario("gpu-64-8", 64, 8), concurrency=2, num_requests=4, warmup=0)
+    finally:
+        server.stop()  # raises ServerError if any of its pids still holds the GPU
+    assert worker_pid in server.stopped_pids
+    assert not os.path.exists(f"/proc/{worker_pid}") or "Z" in open(f"/proc/{worker_pid}/stat").read().split(")")[1][:3]
+    check = telemetry.wait_released(server.stopped_pids, baseline, timeout=60)
+    print(f"escaped worker {worker_pid} stopped; {check.describe()}")
+    _out("gpu_escaped_worker.json", {"worker_pid": worker_pid, "stopped_pids": server.stopped_pids,
+                                     "release": check.describe(), "released": check.released})
     assert check.measured and check.released, check.describe()

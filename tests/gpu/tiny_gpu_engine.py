@@ -92,13 +92,38 @@ def build_app(model_name: str, reserve_gib: float) -> web.Application:
     return app
 
 
+WORKER = """
+import os, sys, time, torch
+block = torch.empty(int(float(sys.argv[1]) * 2**30), dtype=torch.uint8, device="cuda")
+torch.cuda.synchronize()
+print("worker-ready", os.getpid(), os.getpgid(0), flush=True)
+while True:
+    time.sleep(1)
+"""
+
+
+def spawn_escaped_worker(gib: float) -> None:
+    """A CUDA worker in its own session, as vLLM's EngineCore or MPI ranks can be:
+    a signal to our process group does not reach it."""
+    import subprocess
+    import sys
+
+    worker = subprocess.Popen([sys.executable, "-c", WORKER, str(gib)], start_new_session=True,
+                              stdout=subprocess.PIPE, text=True)
+    print(worker.stdout.readline().strip(), flush=True)  # wait until it holds its GPU memory
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--model", default="tiny-gpu")
     p.add_argument("--reserve-gib", type=float, default=4.0)
+    p.add_argument("--escaped-worker-gib", type=float, default=0.0,
+                   help="also start a setsid CUDA worker holding this much GPU memory")
     a = p.parse_args()
+    if a.escaped_worker_gib:
+        spawn_escaped_worker(a.escaped_worker_gib)
     web.run_app(build_app(a.model, a.reserve_gib), host=a.host, port=a.port, print=None)
 
 

@@ -1,0 +1,275 @@
+"""Launchers for real inference engines: trtllm-serve, vllm serve, SGLang.
+
+Each engine gets the same small vocabulary of options (``tp``, ``pp``, ``dp``,
+``ep``, ``max_batch_size``, ``max_num_tokens``, ``max_seq_len``,
+``gpu_memory_fraction``, ...) mapped onto its own flag names, plus anything
+else passed through untouched (``engine_options={...}`` turned into flags the
+engine's way, ``extra_args`` appended as given). The command line is built
+here; starting, readiness and teardown are the common code in ``servers``.
+
+Flag names were checked against each engine's documentation and source
+(``docs/engines.md`` cites the pages):
+
+- TensorRT-LLM ``trtllm-serve`` (click): underscores, ``--tp_size``,
+  ``--kv_cache_free_gpu_memory_fraction``, ``--extra_llm_api_options YAML``.
+- vLLM ``vllm serve`` (argparse): dashes, ``--tensor-parallel-size``,
+  ``--max-num-seqs``, ``--gpu-memory-utilization``.
+- SGLang ``python -m sglang.launch_server`` (argparse): dashes,
+  ``--model-path``, ``--tp-size``, ``--mem-fraction-static``.
+
+None of the three can bind port 0 and report the port, so each gets a port
+from ``servers.free_port()`` and is retried on a new port if the port was
+taken in between ("address already in use").
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+ENGINES = ("trtllm", "vllm", "sglang")
+
+
+class EngineOptionError(ValueError):
+    """An engine option that cannot work; the message says what to do instead."""
+
+
+class FrozenMap(tuple):  # type: ignore[type-arg]
+    """A mapping frozen into sorted (key, value) pairs, so ServerConfig stays hashable."""
+
+    def thaw(self) -> dict[str, Any]:
+        return {k: thaw(v) for k, v in self}
+
+
+def freeze(value: Any) -> Any:
+    """A hashable, order-independent copy of option values (dicts and lists included)."""
+    if isinstance(value, Mapping):
+        return FrozenMap(sorted((str(k), freeze(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)) and not isinstance(value, FrozenMap):
+        return tuple(freeze(v) for v in value)
+    return value
+
+
+def thaw(value: Any) -> Any:
+    if isinstance(value, FrozenMap):
+        return value.thaw()
+    if isinstance(value, tuple):
+        return [thaw(v) for v in value]
+    return value
+
+
+# The common vocabulary: option -> what it means (shown in errors and docs).
+COMMON_OPTIONS: dict[str, str] = {
+    "tp": "tensor-parallel size",
+    "pp": "pipeline-parallel size",
+    "dp": "data-parallel size (vLLM, SGLang)",
+    "ep": "expert-parallel size (TensorRT-LLM, SGLang)",
+    "max_batch_size": "most requests scheduled at once",
+    "max_num_tokens": "most tokens batched in one step",
+    "max_seq_len": "longest sequence (prompt + output)",
+    "gpu_memory_fraction": "GPU memory share (each engine defines it its own way, see docs/engines.md)",
+    "trust_remote_code": "allow the model's own code (True/False)",
+    "backend": "TensorRT-LLM backend (default pytorch)",
+    "extra_llm_api_options": "TensorRT-LLM YAML overrides: a path, or a mapping written to a YAML file",
+    "enable_dp_attention": "SGLang data-parallel attention (True/False)",
+}
+
+# Engine flag for each common option; an option missing here does not exist for that engine.
+FLAGS: dict[str, dict[str, str]] = {
+    "trtllm": {
+        "tp": "--tp_size", "pp": "--pp_size", "ep": "--ep_size",
+        "max_batch_size": "--max_batch_size", "max_num_tokens": "--max_num_tokens",
+        "max_seq_len": "--max_seq_len", "gpu_memory_fraction": "--kv_cache_free_gpu_memory_fraction",
+        "trust_remote_code": "--trust_remote_code", "backend": "--backend",
+        "extra_llm_api_options": "--extra_llm_api_options",
+    },
+    "vllm": {
+        "tp": "--tensor-parallel-size", "pp": "--pipeline-parallel-size", "dp": "--data-parallel-size",
+        "max_batch_size": "--max-num-seqs", "max_num_tokens": "--max-num-batched-tokens",
+        "max_seq_len": "--max-model-len", "gpu_memory_fraction": "--gpu-memory-utilization",
+        "trust_remote_code": "--trust-remote-code",
+    },
+    "sglang": {
+        "tp": "--tp-size", "pp": "--pp-size", "dp": "--dp-size", "ep": "--ep-size",
+        "max_batch_size": "--max-running-requests", "max_num_tokens": "--chunked-prefill-size",
+        "max_seq_len": "--context-length", "gpu_memory_fraction": "--mem-fraction-static",
+        "trust_remote_code": "--trust-remote-code", "enable_dp_attention": "--enable-dp-attention",
+    },
+}
+
+# Why an option has no flag on an engine, and what to use instead.
+MISSING: dict[tuple[str, str], str] = {
+    ("trtllm", "dp"): "trtllm-serve has no data-parallel flag; attention data parallelism is "
+                      "enable_attention_dp: true in extra_llm_api_options (it runs inside the tp GPUs)",
+    ("vllm", "ep"): "vllm serve has no expert-parallel size; it is tp x dp when "
+                    "engine_options={'enable-expert-parallel': True} is set",
+}
+
+# Flags that change how many GPUs an engine uses. Seen in extra_args or engine_options, they make
+# the GPU count unknowable from tp/pp/dp, so num_gpus must then be given.
+PARALLEL_FLAGS: dict[str, frozenset[str]] = {
+    "trtllm": frozenset({"--tp_size", "--tensor_parallel_size", "--pp_size", "--pipeline_parallel_size",
+                         "--cp_size", "--context_parallel_size"}),
+    "vllm": frozenset({"--tensor-parallel-size", "-tp", "--pipeline-parallel-size", "-pp",
+                       "--data-parallel-size", "-dp", "--data-parallel-size-local", "-dpl",
+                       "--decode-context-parallel-size", "-dcp", "--headless"}),
+    "sglang": frozenset({"--tp", "--tp-size", "--tensor-parallel-size", "--pp-size",
+                         "--pipeline-parallel-size", "--dp", "--dp-size", "--data-parallel-size",
+                         "--nnodes", "--attn-cp-size", "--attention-context-parallel-size"}),
+}
+
+# Keys of trtllm's extra_llm_api_options YAML that override the parallel sizes.
+_TRTLLM_YAML_PARALLEL = ("tensor_parallel_size", "pipeline_parallel_size", "context_parallel_size")
+
+
+def is_engine(kind: str) -> bool:
+    return kind in ENGINES
+
+
+def engine_flag(engine: str, key: str) -> str:
+    """The flag for an option passed through by name: underscores for trtllm, dashes otherwise."""
+    if key.startswith("-"):
+        return key
+    return "--" + (key.replace("-", "_") if engine == "trtllm" else key.replace("_", "-"))
+
+
+def validate_options(engine: str, options: Mapping[str, Any]) -> None:
+    """Reject options the engine has no flag for, and values that cannot be right."""
+    for key, value in options.items():
+        if key in COMMON_OPTIONS and key not in FLAGS[engine]:
+            hint = MISSING.get((engine, key)) or f"{engine} has no such option"
+            raise EngineOptionError(f"{key}={value!r} does not apply to {engine}: {hint}")
+        if key in ("tp", "pp", "dp", "ep"):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise EngineOptionError(f"{key} must be a whole number >= 1, got {value!r}")
+
+
+def num_gpus(engine: str, options: Mapping[str, Any], extra_args: Iterable[str] = ()) -> int:
+    """GPUs the launch configuration uses: from tp x pp (x dp), never guessed.
+
+    Raises EngineOptionError when parallelism is set some other way (a
+    parallel flag in extra_args or engine_options), so the caller asks for
+    ``num_gpus`` instead of reporting a wrong per-GPU figure.
+    """
+    given = [a.split("=", 1)[0] for a in extra_args if a.startswith("-")]
+    given += [engine_flag(engine, k) for k in options if k not in COMMON_OPTIONS]
+    hidden = sorted(set(given) & PARALLEL_FLAGS[engine])
+    if hidden:
+        raise EngineOptionError(
+            f"the GPU count cannot be derived: {', '.join(hidden)} is set outside tp/pp/dp; "
+            f"give the parallel sizes as tp=/pp=/dp= options, or give num_gpus="
+        )
+    tp, pp, dp = (int(options.get(k, 1)) for k in ("tp", "pp", "dp"))
+    if engine == "trtllm":
+        yaml_sizes = _trtllm_yaml_parallel(options.get("extra_llm_api_options"))
+        tp = int(yaml_sizes.get("tensor_parallel_size", tp))
+        pp = int(yaml_sizes.get("pipeline_parallel_size", pp))
+        return tp * pp * int(yaml_sizes.get("context_parallel_size", 1))
+    if engine == "sglang" and options.get("enable_dp_attention"):
+        return tp * pp  # DP attention runs inside the TP group (dp == tp)
+    return tp * pp * dp
+
+
+def _trtllm_yaml_parallel(value: Any) -> dict[str, Any]:
+    """Parallel sizes set in extra_llm_api_options (they override the command line)."""
+    if value is None:
+        return {}
+    if isinstance(value, FrozenMap):
+        data = value.thaw()
+    elif isinstance(value, Mapping):
+        data = dict(value)
+    else:
+        path = Path(str(value))
+        if not path.is_file():
+            return {}
+        import yaml
+
+        data = yaml.safe_load(path.read_text()) or {}
+    return {k: data[k] for k in _TRTLLM_YAML_PARALLEL if isinstance(data, dict) and k in data}
+
+
+def _value_args(flag: str, value: Any) -> list[str]:
+    value = thaw(value)
+    if value is True:
+        return [flag]
+    if value is False or value is None:
+        return []
+    if isinstance(value, (dict, list)):
+        return [flag, json.dumps(value)]
+    return [flag, str(value)]
+
+
+def build_argv(
+    engine: str,
+    model: str,
+    options: Mapping[str, Any],
+    extra_args: Iterable[str],
+    host: str,
+    port: int,
+    work_dir: Path,
+) -> list[str]:
+    """The engine's command line (without any launcher prefix).
+
+    ``work_dir`` receives files the command needs, e.g. the YAML written from
+    an ``extra_llm_api_options`` mapping.
+    """
+    validate_options(engine, options)
+    flags = FLAGS[engine]
+    opts = dict(options)
+    if engine == "trtllm":
+        argv = ["trtllm-serve", model, "--host", host, "--port", str(port)]
+        opts.setdefault("backend", "pytorch")
+        extra = opts.get("extra_llm_api_options")
+        if isinstance(extra, (FrozenMap, Mapping)):
+            import yaml
+
+            work_dir.mkdir(parents=True, exist_ok=True)
+            path = work_dir / f"extra-llm-api-options-{port}.yaml"
+            path.write_text(yaml.safe_dump(thaw(extra) if isinstance(extra, FrozenMap) else dict(extra),
+                                           sort_keys=True))
+            opts["extra_llm_api_options"] = str(path)
+    elif engine == "vllm":
+        argv = ["vllm", "serve", model, "--host", host, "--port", str(port)]
+    elif engine == "sglang":
+        argv = [sys.executable, "-m", "sglang.launch_server", "--model-path", model,
+                "--host", host, "--port", str(port)]
+    else:
+        raise EngineOptionError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
+    for key in sorted(opts):
+        flag = flags.get(key) or engine_flag(engine, key)
+        argv += _value_args(flag, opts[key])
+    return [*argv, *extra_args]
+
+
+def split_args(value: str | Iterable[str] | None) -> tuple[str, ...]:
+    """``"--a 1 --b"`` or ``["--a", "1"]`` -> argv tuple (never through a shell)."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return tuple(shlex.split(value))
+    return tuple(str(v) for v in value)
+
+
+def load_engine_config(path: str | Path) -> dict[str, Any]:
+    """Read an engine configuration YAML file (same keys as the infmax_server marker)."""
+    import yaml
+
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except OSError as exc:
+        raise EngineOptionError(f"cannot read engine config {p}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise EngineOptionError(f"engine config {p} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise EngineOptionError(
+            f"engine config {p} must be a mapping (engine: vllm, model: ..., tp: 2, ...), "
+            f"got {type(data).__name__}"
+        )
+    return {str(k).replace("-", "_"): v for k, v in data.items()}

@@ -1,0 +1,78 @@
+"""Shared behaviour of the stand-in engines (tests only).
+
+Each stand-in checks its command line with argparse built from the real
+engine's documented flags, then serves through the embedded simulator
+(``python -m pytest_infmax.sim``), so the plugin is exercised against the same
+command lines, exit codes and process trees as with the real engine.
+
+Environment variables the tests set (through the server's ``env``):
+
+- ``INFMAX_STANDIN_ARGV``: append ``{"prog": ..., "argv": [...]}`` as one JSON line to this file.
+- ``INFMAX_STANDIN_SIM_ARGS``: extra simulator flags (e.g. ``--decode-step-ms 2``).
+- ``INFMAX_STANDIN_MODE``: comma-separated behaviours:
+  ``crash`` (exit 1 at startup with an engine-like error), ``hang`` (never
+  listen), ``ignore-sigterm`` (the launched process ignores SIGTERM; the
+  simulator runs as its child), ``escape`` (spawn a child that calls setsid,
+  like a worker leaving the process group; its pid goes to
+  ``INFMAX_STANDIN_PIDFILE``), ``parse-only`` (print the parsed options as
+  JSON and exit 0).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+
+def modes() -> set[str]:
+    return {m.strip() for m in os.environ.get("INFMAX_STANDIN_MODE", "").split(",") if m.strip()}
+
+
+def record_argv(prog: str) -> None:
+    path = os.environ.get("INFMAX_STANDIN_ARGV")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"prog": prog, "argv": sys.argv[1:], "pid": os.getpid()}) + "\n")
+
+
+def serve(prog: str, host: str, port: int, model: str, parsed: dict[str, Any]) -> None:
+    """Behave as the engine would once its arguments are accepted: serve, crash or hang."""
+    mode = modes()
+    if "parse-only" in mode:
+        print(json.dumps({"prog": prog, **parsed}, default=str))
+        sys.exit(0)
+    print(f"[{prog} stand-in] pid {os.getpid()} serving {model} on {host}:{port}", flush=True)
+    if "crash" in mode:
+        print("RuntimeError: CUDA error: out of memory (stand-in crash during model loading)", flush=True)
+        sys.exit(1)
+    if "hang" in mode:
+        print("Loading model weights... (stand-in hangs here forever)", flush=True)
+        while True:
+            time.sleep(3600)
+    if "escape" in mode:
+        # A worker that leaves the process group (setsid), as engine-core or MPI children can.
+        child = subprocess.Popen(
+            [sys.executable, "-c", "import time\nwhile True: time.sleep(3600)", f"escaped-worker-of-{model}"],
+            start_new_session=True, stdin=subprocess.DEVNULL,
+        )
+        pidfile = os.environ.get("INFMAX_STANDIN_PIDFILE")
+        if pidfile:
+            with open(pidfile, "w") as f:
+                f.write(str(child.pid))
+    sim = [sys.executable, "-m", "pytest_infmax.sim", "--host", host, "--port", str(port), "--model", model,
+           *shlex.split(os.environ.get("INFMAX_STANDIN_SIM_ARGS", ""))]
+    if "ignore-sigterm" in mode:
+        proc = subprocess.Popen(sim, stdin=subprocess.DEVNULL)  # before SIG_IGN, which children inherit
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        proc.wait()
+        print("[stand-in] simulator exited; still ignoring SIGTERM", flush=True)
+        while True:
+            time.sleep(3600)
+    sys.stdout.flush()
+    os.execv(sys.executable, sim)

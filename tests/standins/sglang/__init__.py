@@ -1,0 +1,1 @@
+"""Stand-in ``sglang`` package for the tests: only ``python -m sglang.launch_server``."""
