@@ -1,0 +1,371 @@
+"""The Markdown summary (for ``$GITHUB_STEP_SUMMARY``, PR comments, or a file).
+
+Everything here reads plain data: result dicts as ``LoadResult.to_dict()``
+makes them (what arrives from pytest-xdist workers and what ``--infmax-json``
+keeps), sweep dicts from :func:`sweep_to_dict`, and optional check dicts
+(``{"name", "passed", "message"}``, e.g. baseline comparisons). Per-request
+records are not needed.
+
+Optional keys a result dict may carry, which the summary shows when present:
+
+* ``"cost"``: ``TokenCost.to_dict()`` (``usd_per_mtok_total`` and its ``price``
+  with ``source``). Without it, ``markdown_summary(price=...)`` computes cost
+  per million tokens from the result's throughput and GPU count.
+* ``"energy"``: ``EnergyReport.to_dict()`` (:mod:`pytest_infmax.energy`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .cost import Price, cost_per_million_tokens
+
+# GitHub shows at most 1 MiB of step summary per step.
+STEP_SUMMARY_LIMIT = 1024 * 1024
+
+Result = Mapping[str, Any]
+
+
+# -- figures from a result dict -------------------------------------------------------
+
+
+def load_label(load: Mapping[str, Any]) -> str:
+    """``c=8``, ``rate=4/s`` or ``rate=inf/s``, as the terminal table writes a load."""
+    if load.get("concurrency") is not None:
+        return f"c={load['concurrency']}"
+    if load.get("rate_infinite"):
+        return "rate=inf/s"
+    rate = load.get("rate")
+    return f"rate={rate:g}/s" if isinstance(rate, (int, float)) else "?"
+
+
+def _stat(metrics: Mapping[str, Any], metric: str, key: str, scale: float = 1.0) -> float | None:
+    value = (metrics.get(metric) or {}).get(key)
+    return None if value is None else value * scale
+
+
+def price_of(price: Price | Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if price is None:
+        return None
+    return price.to_dict() if isinstance(price, Price) else dict(price)
+
+
+def result_row(result: Result, price: Price | Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """One table row: the figures every report shows for a result (None: not measured)."""
+    m = result.get("metrics") or {}
+    load = result.get("load") or {}
+    scenario = (load.get("scenario") or {}).get("name", "?")
+    cost = result.get("cost") or None
+    usd, source, per_hour = None, None, None
+    if cost and cost.get("usd_per_mtok_total") is not None:
+        usd = cost["usd_per_mtok_total"]
+        p = cost.get("price") or {}
+        source, per_hour = p.get("source"), p.get("usd_per_gpu_hour")
+    elif price is not None:
+        p = price_of(price) or {}
+        per_hour = p.get("usd_per_gpu_hour")
+        gpus = result.get("num_gpus") or m.get("num_gpus") or 1
+        tps = m.get("throughput")
+        if per_hour and tps:
+            usd = cost_per_million_tokens(per_hour, gpus, tps)
+            source = p.get("source")
+    energy = result.get("energy") or None
+    passed = result.get("passed")
+    return {
+        "test": result.get("name", "?"),
+        "scenario": scenario,
+        "load": load_label(load),
+        "requests": m.get("num_requests"),
+        "ok": m.get("num_ok"),
+        "errors_by_kind": dict(m.get("errors_by_kind") or {}),
+        "ttft_p50_ms": _stat(m, "ttft", "p50", 1000.0),
+        "ttft_p99_ms": _stat(m, "ttft", "p99", 1000.0),
+        "tpot_p50_ms": _stat(m, "tpot", "p50", 1000.0),
+        "interactivity": _stat(m, "interactivity", "p50"),
+        "throughput_per_gpu": m.get("throughput_per_gpu"),
+        "error_rate": m.get("error_rate"),
+        "usd_per_mtok": usd,
+        "usd_per_gpu_hour": per_hour,
+        "price_source": source,
+        "energy": energy,
+        "j_per_token": energy.get("j_per_token") if energy and energy.get("measured") else None,
+        "passed": passed,
+        "sla": {None: "-", True: "PASS", False: "FAIL"}.get(passed, "-"),
+    }
+
+
+def failed_verdicts(results: Sequence[Result]) -> list[tuple[Result, Mapping[str, Any]]]:
+    """(result, verdict) for every failed SLA verdict, in result order."""
+    return [(r, v) for r in results for v in (r.get("sla") or ()) if not v.get("passed")]
+
+
+def base_name(name: str) -> str:
+    """``tests/x.py::test_sweep[c=4]`` -> ``tests/x.py::test_sweep`` (a sweep's points share it)."""
+    return re.sub(r"\[(c|rate)=[^\]]*\]$", "", name)
+
+
+def sweep_to_dict(sweep: Any, name: str | None = None) -> dict[str, Any]:
+    """A ``SweepResult`` as plain data for the reports (send it from workers like results).
+
+    Keys: ``name``, ``scenario``, ``points`` (names of its results), ``frontier``
+    (throughput per GPU against interactivity, ``Frontier.to_dict()``),
+    ``verdicts`` (frontier SLA verdicts), ``price`` and ``costs`` (when priced),
+    ``targets`` (the frontier SLA texts, drawn on the frontier plot).
+    """
+    results = list(sweep.results)
+    names = [r.name for r in results]
+    costs = None
+    if sweep.price is not None:
+        costs = [c.to_dict() for c in sweep.costs()]
+    return {
+        "name": name or (base_name(names[0]) if names else "sweep"),
+        "scenario": results[0].config.scenario.name if results else None,
+        "points": names,
+        "frontier": sweep.frontier("throughput_per_gpu", "interactivity").to_dict(),
+        "verdicts": [v.to_dict() for v in sweep.verdicts],
+        "targets": [v.objective.text for v in sweep.verdicts],
+        "price": None if sweep.price is None else sweep.price.to_dict(),
+        "costs": costs,
+    }
+
+
+# -- formatting -------------------------------------------------------------------------
+
+
+def fmt(value: Any, spec: str) -> str:
+    """A cell: ``n/a`` for not measured, ``%`` for ratios, else ``format(value, spec)``."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    if spec == "%":
+        return f"{value * 100:.1f}%"
+    if spec == "$":
+        return f"${value:.4f}" if value < 10 else f"${value:,.2f}"
+    if spec == "g":
+        return f"{value:.3g}"
+    return format(value, spec)
+
+
+def errors_cell(row: Mapping[str, Any]) -> str:
+    text = fmt(row.get("error_rate"), "%")
+    kinds = row.get("errors_by_kind") or {}
+    if kinds:
+        text += " (" + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) + ")"
+    return text
+
+
+def requests_cell(row: Mapping[str, Any]) -> str:
+    reqs, ok = row.get("requests"), row.get("ok")
+    if reqs is None:
+        return "n/a"
+    return str(reqs) if ok in (None, reqs) else f"{ok}/{reqs} ok"
+
+
+_TAG_START = re.compile(r"<(?=[A-Za-z/!?])")
+
+
+def md_text(text: Any) -> str:
+    """Plain text safe inside a Markdown table cell (no pipes, no HTML tags, one line)."""
+    s = str(text).replace("\\", "\\\\").replace("|", "\\|")
+    s = _TAG_START.sub("&lt;", s)
+    return " ".join(s.split())
+
+
+def md_code(text: Any) -> str:
+    """Inline code, safe inside a table cell."""
+    s = " ".join(str(text).split()).replace("|", "\\|")
+    ticks = "``" if "`" in s else "`"
+    pad = " " if s.startswith("`") or s.endswith("`") else ""
+    return f"{ticks}{pad}{s}{pad}{ticks}"
+
+
+SLA_BADGE = {"PASS": "✅ PASS", "FAIL": "❌ FAIL", "-": "–"}
+
+
+# -- the summary ------------------------------------------------------------------------
+
+
+def markdown_summary(
+    results: Sequence[Result],
+    sweeps: Sequence[Mapping[str, Any]] = (),
+    checks: Sequence[Mapping[str, Any]] = (),
+    *,
+    price: Price | Mapping[str, Any] | None = None,
+    title: str = "infmax results",
+    artifacts: Sequence[str] = (),
+    max_rows: int = 200,
+) -> str:
+    """GitHub-flavoured Markdown: headline, results table, failed SLAs, frontiers, energy.
+
+    ``checks`` are further verdicts to list (``{"name", "passed", "message"}``),
+    e.g. regressions against a baseline; ``artifacts`` names report files to
+    point readers at (HTML report, PNGs).
+    """
+    rows = [result_row(r, price) for r in results]
+    failed = failed_verdicts(results)
+    failed_frontier = [(s, v) for s in sweeps for v in (s.get("verdicts") or ()) if not v.get("passed")]
+    failed_checks = [c for c in checks if not c.get("passed")]
+    n_fail = len(failed) + len(failed_frontier) + len(failed_checks)
+    out = [f"## {md_text(title)}", ""]
+    if not rows:
+        out += ["No perf results were recorded.", ""]
+    else:
+        checked = sum(1 for r in rows if r["passed"] is not None) + len(sweeps) + len(checks)
+        head = f"{len(rows)} result{'s' if len(rows) != 1 else ''}"
+        if n_fail:
+            out.append(f"**❌ {head}, {n_fail} failed check{'s' if n_fail != 1 else ''}.**")
+        elif checked:
+            out.append(f"**✅ {head}, every SLA met.**")
+        else:
+            out.append(f"**{head}, no SLA checked.**")
+        out.append("")
+        out += _results_table(rows, max_rows)
+    if failed:
+        out += ["", "### Failed SLAs", ""]
+        for r, v in failed:
+            row = result_row(r)
+            out.append(f"- {md_code(row['test'])} ({md_text(row['scenario'])} {md_text(row['load'])}): "
+                       f"{md_text(v.get('message') or v.get('objective'))}")
+    if sweeps:
+        out += ["", "### Sweeps", ""]
+        out += _sweeps_section(sweeps)
+    if checks:
+        out += ["", "### Other checks", ""]
+        for c in checks:
+            mark = "✅" if c.get("passed") else "❌"
+            name = f"{md_code(c['name'])}: " if c.get("name") else ""
+            out.append(f"- {mark} {name}{md_text(c.get('message', ''))}")
+    energy_rows = [r for r in rows if r["energy"]]
+    if energy_rows:
+        out += ["", "### Energy", ""]
+        out += _energy_table(energy_rows)
+    if artifacts:
+        out += ["", "Reports: " + ", ".join(md_code(a) for a in artifacts)]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _results_table(rows: list[dict[str, Any]], max_rows: int) -> list[str]:
+    with_cost = any(r["usd_per_mtok"] is not None for r in rows)
+    with_energy = any(r["energy"] for r in rows)
+    headers = ["test", "scenario", "load", "requests", "TTFT p50 (ms)", "TTFT p99 (ms)", "TPOT p50 (ms)",
+               "interactivity (tok/s/user)", "throughput (tok/s/GPU)", "errors"]
+    align = ["---", "---", "---", "--:", "--:", "--:", "--:", "--:", "--:", "--:"]
+    sources: dict[str, int] = {}
+    if with_cost:
+        headers.append("$ / M tokens")
+        align.append("--:")
+    if with_energy:
+        headers.append("J / token")
+        align.append("--:")
+    headers.append("SLA")
+    align.append(":-:")
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join(align) + "|"]
+    for row in rows[:max_rows]:
+        cells = [md_code(row["test"]), md_text(row["scenario"]), md_text(row["load"]), requests_cell(row),
+                 fmt(row["ttft_p50_ms"], ".1f"), fmt(row["ttft_p99_ms"], ".1f"), fmt(row["tpot_p50_ms"], ".2f"),
+                 fmt(row["interactivity"], ".1f"), fmt(row["throughput_per_gpu"], ",.0f"),
+                 md_text(errors_cell(row))]
+        if with_cost:
+            cell = fmt(row["usd_per_mtok"], "$")
+            if row["usd_per_mtok"] is not None and row["price_source"]:
+                n = sources.setdefault(_source_text(row), len(sources) + 1)
+                cell += f" [{n}]"
+            cells.append(cell)
+        if with_energy:
+            e = row["energy"]
+            cells.append("–" if not e else fmt(row["j_per_token"], ".3g") if e.get("measured") else "not measured")
+        cells.append(SLA_BADGE.get(row["sla"], row["sla"]))
+        out.append("| " + " | ".join(cells) + " |")
+    if len(rows) > max_rows:
+        out.append("")
+        out.append(f"… and {len(rows) - max_rows} more results (see the JSON or HTML report).")
+    if sources:
+        out.append("")
+        out += [f"[{n}] price: {md_text(text)}" + ("  " if i < len(sources) - 1 else "")
+                for i, (text, n) in enumerate(sources.items())]
+    return out
+
+
+def _source_text(row: Mapping[str, Any]) -> str:
+    per_hour = row.get("usd_per_gpu_hour")
+    prefix = f"${per_hour:g}/GPU-hour, " if per_hour is not None else ""
+    return prefix + str(row.get("price_source"))
+
+
+def _sweeps_section(sweeps: Sequence[Mapping[str, Any]]) -> list[str]:
+    out: list[str] = []
+    for s in sweeps:
+        front = (s.get("frontier") or {}).get("front") or []
+        points = (s.get("frontier") or {}).get("points") or []
+        labels = ", ".join(p.get("label", "?") for p in front) or "none"
+        out.append(f"- {md_code(s.get('name', 'sweep'))} ({md_text(s.get('scenario') or '?')}): "
+                   f"{len(front)} of {len(points)} points on the throughput-per-GPU / interactivity "
+                   f"frontier ({md_text(labels)})")
+        for v in s.get("verdicts") or ():
+            mark = "✅" if v.get("passed") else "❌"
+            out.append(f"  - {mark} {md_text(v.get('message') or v.get('objective'))}")
+    return out
+
+
+def _energy_table(rows: list[dict[str, Any]]) -> list[str]:
+    out = ["| test | load | energy | avg power (W) | J / input token | J / output token | "
+           "tok/s per MW | energy cost | source |",
+           "|---|---|--:|--:|--:|--:|--:|--:|---|"]
+    for row in rows:
+        e = row["energy"]
+        if not e.get("measured"):
+            out.append(f"| {md_code(row['test'])} | {md_text(row['load'])} | not measured | | | | | | "
+                       f"{md_text(e.get('reason', ''))} |")
+            continue
+        joules = fmt(e.get("energy_j"), ",.1f") + " J"
+        cost = "n/a"
+        if e.get("energy_usd") is not None:
+            cost = f"${e['energy_usd']:.6f} (${e.get('usd_per_kwh')}/kWh"
+            if e.get("energy_usd_per_mtok") is not None:
+                cost += f", ${e['energy_usd_per_mtok']:.4f}/M tok"
+            cost += ")"
+        kind = "modelled: " if e.get("modelled") else ""
+        source = e.get("source", "")
+        if source.startswith("modelled: "):
+            kind = ""
+        out.append(
+            f"| {md_code(row['test'])} | {md_text(row['load'])} | {joules} | {fmt(e.get('avg_power_w'), ',.0f')} | "
+            f"{fmt(e.get('j_per_input_token'), '.3g')} | {fmt(e.get('j_per_output_token'), '.3g')} | "
+            f"{fmt(e.get('tokens_per_s_per_mw'), ',.0f')} | {md_text(cost)} | {md_text(kind + source)} |")
+    return out
+
+
+# -- GitHub ------------------------------------------------------------------------------
+
+
+def write_github_step_summary(markdown: str, environ: Mapping[str, str] | None = None) -> Path | None:
+    """Append ``markdown`` to ``$GITHUB_STEP_SUMMARY`` when it is set; return the file or None.
+
+    GitHub gives each step its own file and shows what the step appended, so
+    this appends (never truncates), separated from what is already there by a
+    blank line. A summary over GitHub's 1 MiB limit is cut with a note.
+    """
+    env = os.environ if environ is None else environ
+    target = env.get("GITHUB_STEP_SUMMARY")
+    if not target:
+        return None
+    path = Path(target)
+    existing = path.stat().st_size if path.exists() else 0
+    text = markdown if markdown.endswith("\n") else markdown + "\n"
+    sep = "\n" if existing else ""
+    room = STEP_SUMMARY_LIMIT - existing - len(sep.encode())
+    data = text.encode("utf-8")
+    if len(data) > room:
+        note = "\n\n… summary cut at GitHub's 1 MiB step-summary limit; see the report artifacts.\n"
+        keep = max(room - len(note.encode()), 0)
+        data = data[:keep].decode("utf-8", errors="ignore").rsplit("\n", 1)[0].encode() + note.encode()
+        if len(data) > max(room, 0):
+            return path  # no room at all: leave the file as it is
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "ab") as f:
+        f.write(sep.encode() + data)
+    return path
