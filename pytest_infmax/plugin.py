@@ -135,6 +135,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.infmax_server: {exc}") from None
 
 
+def _progress_writer(config: pytest.Config) -> Any:
+    """Writes progress lines to the terminal even while pytest captures output (no -s needed)."""
+    reporter = config.pluginmanager.getplugin("terminalreporter")
+    capman = config.pluginmanager.getplugin("capturemanager")
+    if reporter is None or hasattr(config, "workerinput"):  # xdist workers have no terminal
+        return None
+
+    def write(line: str) -> None:
+        if capman is not None:
+            with capman.global_and_fixture_disabled():
+                reporter.write_line(line)
+        else:
+            reporter.write_line(line)
+
+    return write
+
+
 # -- fixtures -----------------------------------------------------------------
 
 
@@ -175,6 +192,7 @@ def infmax(request: pytest.FixtureRequest, infmax_server: Server) -> Infmax:
         request_timeout=settings["request_timeout"],
         on_result=results.append,
         on_sweep=request.node.stash.setdefault(SWEEPS_KEY, []).append,
+        progress=_progress_writer(request.config),
     )
 
 

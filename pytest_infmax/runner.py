@@ -16,6 +16,7 @@ from typing import Any
 from .cost import Price
 from .load import LoadConfig, LoadConfigError, LoadGenerator
 from .metrics import GoodputLimits
+from .progress import Progress
 from .results import DEFAULT_PERCENTILES, LoadResult
 from .scenarios import Endpoint, Scenario, get_scenario
 from .servers import Server
@@ -35,6 +36,7 @@ class Infmax:
         request_timeout: float = 600.0,
         on_result: Callable[[LoadResult], None] | None = None,
         on_sweep: Callable[[SweepResult], None] | None = None,
+        progress: Callable[[str], None] | None = None,
     ) -> None:
         self.server = server
         self.name = name
@@ -43,6 +45,7 @@ class Infmax:
         self.results: list[LoadResult] = []
         self._on_result = on_result
         self._on_sweep = on_sweep
+        self._progress = progress  # receives a progress line every few seconds of a long run
 
     def run(self, scenario: str | Scenario = "1k1k-mini", **kwargs: Any) -> LoadResult:
         """Run load and return its result; see :meth:`arun` for the arguments."""
@@ -149,7 +152,11 @@ class Infmax:
 
     async def _measure(self, plan: _Plan) -> LoadResult:
         generator = LoadGenerator(self.server.base_url, self.server.model, self.server.api_key)
-        run = await generator.run(plan.config)
+        on_record = None
+        if self._progress is not None:
+            total = (plan.config.effective_num_requests or 0) + plan.config.effective_warmup or None
+            on_record = Progress(self._progress, plan.name, plan.config.label, total).on_record
+        run = await generator.run(plan.config, on_record=on_record)
         result = LoadResult(
             name=plan.name,
             config=plan.config,
