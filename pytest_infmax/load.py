@@ -425,7 +425,12 @@ class LoadGenerator:
             _fail(rec, ErrorKind.TIMEOUT, f"no complete response within {config.request_timeout:g} s")
         except aiohttp.ClientConnectorError as exc:
             _fail(rec, ErrorKind.CONNECT, f"cannot connect to {url}: {exc.os_error or exc}")
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, ConnectionError) as exc:
+        except (
+            aiohttp.ServerDisconnectedError,
+            aiohttp.ClientPayloadError,
+            aiohttp.ClientOSError,  # e.g. ECONNRESET before the status line; connect errors are caught above
+            ConnectionError,
+        ) as exc:
             _fail(rec, ErrorKind.DISCONNECT, f"connection lost mid-response: {exc or type(exc).__name__}")
         except aiohttp.ClientError as exc:
             _fail(rec, ErrorKind.PROTOCOL, f"{type(exc).__name__}: {exc}")

@@ -22,7 +22,7 @@ import socket
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the server imports aiohttp; keep `import pytest_infmax.sim` light
     from pytest_infmax.sim.server import SimConfig
@@ -56,35 +56,194 @@ def build_parser() -> argparse.ArgumentParser:
     )
     server.add_argument("--seed", type=int, default=0, help="seed of the deterministic output text")
 
-    engine = parser.add_argument_group("engine")
-    engine.add_argument("--max-num-seqs", type=int, default=256)
-    engine.add_argument("--decode-step-ms", type=float, default=4.0, help="fixed cost of one engine step")
-    engine.add_argument("--decode-ms-per-seq", type=float, default=0.05, help="added per running sequence per step")
-    engine.add_argument("--prefill-ms-per-1k-tokens", type=float, default=20.0)
-    engine.add_argument("--max-prefill-tokens-per-step", type=int, default=8192)
-    engine.add_argument("--stream-interval", type=int, default=1, help="tokens per SSE event")
+    _add_engine_arguments(parser)
+    _add_fault_arguments(parser)
+    _add_observability_arguments(parser)
     return parser
 
 
+def _add_fault_arguments(parser: argparse.ArgumentParser) -> None:
+    """Fault injection; each fault also exists per request as an X-Infmax-Fault header
+    (see pytest_infmax.sim.faults and docs/simulator.md)."""
+    faults = parser.add_argument_group(
+        "faults", "applied to a fraction --fault-rate of generation requests; the X-Infmax-Fault "
+        "request header overrides them for one request ('none' exempts it)"
+    )
+    faults.add_argument("--fault-rate", type=float, default=1.0, metavar="P",
+                        help="fraction of requests the fault flags apply to (default: 1, every request)")
+    faults.add_argument("--fault-status", type=int, metavar="CODE",
+                        help="answer this HTTP error status (e.g. 429, 500, 503) with an OpenAI error body")
+    faults.add_argument("--fault-retry-after", type=float, metavar="S",
+                        help="Retry-After seconds sent with --fault-status (default: 1 for 429, else none)")
+    faults.add_argument("--fault-stall-seconds", type=float, default=0.0, metavar="S",
+                        help="pause the stream S seconds once --fault-stall-after tokens were sent")
+    faults.add_argument("--fault-stall-after", type=int, default=1, metavar="K",
+                        help="output tokens sent before the stall (default: %(default)s; 0 stalls the first token)")
+    faults.add_argument("--fault-reset-after", type=int, metavar="K",
+                        help="reset the connection (TCP RST) once K output tokens were sent")
+    faults.add_argument("--fault-malformed", metavar="MODES",
+                        help="malformed SSE, modes joined by + or ',': split, no_space, empty_choices, comment, "
+                        "no_done, no_finish, no_usage, invalid_json")
+    faults.add_argument("--crash-after", type=int, metavar="N",
+                        help="serve N generation requests, then exit abruptly (os._exit(1)) when the next arrives")
+
+
+def _add_observability_arguments(parser: argparse.ArgumentParser) -> None:
+    observability = parser.add_argument_group(
+        "observability", "ground-truth trace (GET /sim/trace) and Prometheus metrics (GET /metrics)"
+    )
+    observability.add_argument("--trace-capacity", type=int, default=100_000, metavar="N",
+                               help="finished requests kept for GET /sim/trace (default: %(default)s; 0: none)")
+    observability.add_argument("--trace-file", type=Path, metavar="PATH",
+                               help="append every finished request to PATH as a JSON line, as it ends")
+
+
+def _faults_and_observability(args: argparse.Namespace) -> dict[str, Any]:
+    """SimConfig fields of the faults and observability groups."""
+    from pytest_infmax.sim.faults import FaultConfig, spec_from_flags
+
+    if args.trace_capacity < 0:
+        raise ValueError(f"--trace-capacity must be >= 0, got {args.trace_capacity}")
+    spec = spec_from_flags(
+        status=args.fault_status,
+        retry_after=args.fault_retry_after,
+        stall_seconds=args.fault_stall_seconds,
+        stall_after=args.fault_stall_after,
+        reset_after=args.fault_reset_after,
+        malformed=args.fault_malformed,
+    )
+    return {
+        "faults": FaultConfig(spec=spec, rate=args.fault_rate, crash_after=args.crash_after),
+        "trace_capacity": args.trace_capacity,
+        "trace_file": args.trace_file,
+    }
+
+
+class _ListProfiles(argparse.Action):
+    """--list-profiles: print the hardware and model profiles (built-in, then any
+    --profile-file given before it) and exit."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, *_: Any) -> None:
+        from pytest_infmax.sim.roofline import ProfileError, ProfileRegistry
+
+        try:
+            registry = ProfileRegistry.with_files(getattr(namespace, "profile_file", None) or ())
+        except ProfileError as exc:
+            parser.exit(2, f"infmax-sim: {exc}\n")
+        lines = ["hardware:"]
+        lines += [f"  {name:<16} {hw.description or ''} ({hw.origin})" for name, hw in sorted(registry.hardware.items())]
+        lines += ["models:"]
+        lines += [f"  {name:<16} {m.description or ''} ({m.origin})" for name, m in sorted(registry.models.items())]
+        lines += ["use: --profile HARDWARE/MODEL, e.g. --profile b200/gpt-oss-120b"]
+        parser.exit(0, "\n".join(lines) + "\n")
+
+
+def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    engine = parser.add_argument_group(
+        "engine",
+        "continuous-batching scheduler; step times from the linear model (default, fast) or, with "
+        "--profile, from a roofline model of a GPU deployment (docs/calibration.md)",
+    )
+    engine.add_argument("--max-num-seqs", type=int, default=256,
+                        help="most sequences running at once (per data-parallel rank with --profile; default: %(default)s)")
+    engine.add_argument("--max-num-batched-tokens", type=int, metavar="N",
+                        help="token budget of one step, decode + prefill (per rank; default: 8192 with --profile, "
+                        "else no joint budget)")
+    engine.add_argument("--max-prefill-tokens-per-step", type=int, default=8192,
+                        help="prompt tokens prefilled per step; longer prompts are chunked (default: %(default)s)")
+    engine.add_argument("--kv-cache-tokens", type=int, metavar="N",
+                        help="KV-cache capacity; a request is admitted once blocks for prompt + max_tokens are free "
+                        "(default: computed from --profile, else unlimited)")
+    engine.add_argument("--block-size", type=int, default=16, help="KV-cache block, tokens (default: %(default)s)")
+    engine.add_argument("--slowdown", type=float, default=1.0, metavar="FACTOR",
+                        help="multiply every step's duration (inject a regression of known size; default: 1)")
+    engine.add_argument("--stream-interval", type=int, default=1, help="tokens per SSE event")
+    engine.add_argument("--decode-step-ms", type=float, default=4.0, help="linear model: fixed cost of one step")
+    engine.add_argument("--decode-ms-per-seq", type=float, default=0.05,
+                        help="linear model: added per running sequence per step")
+    engine.add_argument("--prefill-ms-per-1k-tokens", type=float, default=20.0, help="linear model: prefill cost")
+    engine.add_argument("--profile", metavar="HARDWARE/MODEL",
+                        help="roofline model of a deployment, e.g. b200/gpt-oss-120b (see --list-profiles)")
+    engine.add_argument("--profile-file", type=Path, action="append", default=[], metavar="FILE.toml",
+                        help="extra [hardware.NAME] / [model.NAME] profiles (repeatable; replace built-ins of the same name)")
+    engine.add_argument("--list-profiles", action=_ListProfiles, help="print the known profiles and exit")
+    engine.add_argument("--tp", type=int, metavar="N",
+                        help="tensor-parallel GPUs per attention group (default: smallest of 1, 2, 4, 8 that fits)")
+    engine.add_argument("--gpus", type=int, metavar="N",
+                        help="GPUs in all (default: --tp); gpus / tp data-parallel attention groups (DEP for MoE)")
+    engine.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                        help="fraction of GPU memory for weights + KV cache (default: %(default)s)")
+    engine.add_argument("--precision", choices=("fp4", "fp8", "bf16"),
+                        help="weights and math precision (default: the model profile's)")
+    engine.add_argument("--kv-cache-dtype", choices=("fp8", "bf16"), help="default: the model profile's")
+    engine.add_argument("--compute-efficiency", type=float, metavar="F", help="override the calibrated value")
+    engine.add_argument("--moe-compute-efficiency", type=float, metavar="F", help="override the calibrated value")
+    engine.add_argument("--bandwidth-efficiency", type=float, metavar="F", help="override the calibrated value")
+    engine.add_argument("--step-overhead-ms", type=float, metavar="MS", help="override the calibrated value")
+
+
+def _engine_and_cost_model(args: argparse.Namespace) -> dict[str, Any]:
+    """SimConfig fields of the engine group: the scheduler's limits and the cost model."""
+    from pytest_infmax.sim.engine import EngineConfig, LinearCostModel, StepCostModel
+
+    limits: dict[str, Any] = {
+        "max_num_seqs": args.max_num_seqs,
+        "max_prefill_tokens_per_step": args.max_prefill_tokens_per_step,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+        "kv_cache_tokens": args.kv_cache_tokens,
+    }
+    cost_model: StepCostModel
+    if args.profile is None:
+        cost_model = LinearCostModel(
+            decode_step_ms=args.decode_step_ms,
+            decode_ms_per_seq=args.decode_ms_per_seq,
+            prefill_ms_per_1k_tokens=args.prefill_ms_per_1k_tokens,
+        )
+    else:
+        from pytest_infmax.sim.roofline import Deployment, ProfileRegistry, RooflineCostModel, auto_deployment
+
+        hardware, model = ProfileRegistry.with_files(args.profile_file).resolve(args.profile)
+        options = {
+            "gpu_memory_utilization": args.gpu_memory_utilization,
+            "precision": args.precision,
+            "kv_cache_dtype": args.kv_cache_dtype,
+            "compute_efficiency": args.compute_efficiency,
+            "moe_compute_efficiency": args.moe_compute_efficiency,
+            "bandwidth_efficiency": args.bandwidth_efficiency,
+            "step_overhead_ms": args.step_overhead_ms,
+        }
+        if args.tp is None and args.gpus is None:
+            deployment = auto_deployment(hardware, model, **options)
+        else:
+            tp = args.tp or args.gpus
+            deployment = Deployment(hardware, model, tp=tp, gpus=args.gpus or tp, **options)
+        cost_model = RooflineCostModel(deployment)
+        dp = deployment.dp  # scheduler limits are per data-parallel rank, as in vLLM / TensorRT-LLM
+        limits["max_num_seqs"] *= dp
+        limits["max_prefill_tokens_per_step"] *= dp
+        limits["max_num_batched_tokens"] = (args.max_num_batched_tokens or 8192) * dp
+        if args.kv_cache_tokens is None:
+            limits["kv_cache_tokens"] = deployment.kv_cache_tokens
+        logger.info("infmax-sim: %s", deployment.describe())
+    engine = EngineConfig(
+        **limits, block_size=args.block_size, slowdown=args.slowdown, stream_interval=args.stream_interval
+    )
+    return {"engine": engine, "cost_model": cost_model}
+
+
 def config_from_args(args: argparse.Namespace) -> SimConfig:
-    from pytest_infmax.sim.engine import EngineConfig, LinearCostModel
     from pytest_infmax.sim.server import SimConfig
 
     return SimConfig(
+        **_faults_and_observability(args),
+        **_engine_and_cost_model(args),
         model=args.model,
         api_key=args.api_key,
         startup_delay_s=args.startup_delay,
         seed=args.seed,
-        engine=EngineConfig(
-            max_num_seqs=args.max_num_seqs,
-            max_prefill_tokens_per_step=args.max_prefill_tokens_per_step,
-            stream_interval=args.stream_interval,
-        ),
-        cost_model=LinearCostModel(
-            decode_step_ms=args.decode_step_ms,
-            decode_ms_per_seq=args.decode_ms_per_seq,
-            prefill_ms_per_1k_tokens=args.prefill_ms_per_1k_tokens,
-        ),
     )
 
 

@@ -1,23 +1,51 @@
-"""The simulator's engine: a real-time step loop shaped like a serving engine's scheduler.
+"""The simulator's engine: a continuous-batching scheduler and the clocks that drive it.
 
 Latency in a real engine comes from its step loop: every step runs one forward pass
-that prefills newly admitted prompts and decodes one token for each running sequence,
-so per-token latency grows with the batch and new requests queue once the batch is
-full. This module reproduces that loop in real time on the event loop, so the
-load generator measures the same shapes (TTFT, TPOT, queueing) it would on a GPU.
+that prefills (chunks of) newly admitted prompts and decodes one token for each
+running sequence, so per-token latency grows with the batch, and new requests queue
+once the batch or the KV cache is full. This module has that loop once, as the
+clock-free :class:`Scheduler`, and two drivers of it:
 
-The time a step takes comes from a pluggable :class:`StepCostModel`, so a later
-cost model (for example a roofline one) only has to implement ``step_seconds``.
+* :class:`Engine` runs it in real time on the event loop, so the load generator
+  measures the same shapes (TTFT, TPOT, queueing) it would on a GPU;
+* :func:`simulate` runs the same scheduler and cost model in simulated time (a
+  discrete-event run: no sleeping), so sweeps and calibration finish in seconds.
+
+Scheduling, as in vLLM (V1) and TensorRT-LLM:
+
+* requests are admitted first come, first served, while fewer than
+  ``max_num_seqs`` run and the KV cache has room (head-of-line: a request that does
+  not fit blocks the ones behind it);
+* KV cache: ``kv_cache_tokens`` (None: unlimited) in blocks of ``block_size``
+  tokens. A request is admitted only once blocks for its whole prompt +
+  ``max_tokens`` are free, and holds them until it ends: TensorRT-LLM's default
+  ``GUARANTEED_NO_EVICT`` capacity policy. Nothing is ever preempted, and there is
+  no prefix caching (benchmark prompts are random token ids, which never share a
+  prefix). A request that could never fit is refused at :meth:`Engine.submit`;
+* each step decodes one token for every sequence whose prefill is done, then
+  spends what is left of the step's token budget (``max_num_batched_tokens``;
+  None: no joint budget) on prefill chunks, at most ``max_prefill_tokens_per_step``
+  prompt tokens per step (chunked prefill mixed with decode). The step that
+  completes a prompt's prefill produces that request's first token.
+
+How long a step takes comes from a pluggable :class:`StepCostModel` (times
+``slowdown``). A cost model may also implement ``batch_seconds(batch)`` to see the
+per-sequence shape of the step (:class:`StepBatch`), as the roofline model
+(:mod:`pytest_infmax.sim.roofline`) does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import enum
-from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, NamedTuple, Protocol, Sequence
+
+logger = logging.getLogger("pytest_infmax.sim")
 
 FINISH_LENGTH = "length"
 FINISH_ABORT = "abort"  # the engine stopped before the request finished (server shutdown)
@@ -25,6 +53,13 @@ FINISH_ABORT = "abort"  # the engine stopped before the request finished (server
 # If the loop falls this far behind its absolute schedule (an overloaded event loop),
 # the schedule is rebased on "now" instead of bursting the missed steps back to back.
 _MAX_SCHEDULE_LAG_S = 0.05
+# Lateness of the most recent steps kept for the percentiles in /sim/stats.
+LATENESS_WINDOW = 8192  # sorting this many floats per /sim/stats call takes well under 1 ms
+# The event loop waits in epoll, whose timeout has 1 ms resolution and is rounded up,
+# so a timer at the deadline fires 0-1 ms late. The step timer is set this much early
+# instead, and a timer that fires before the deadline sleeps the rest (at most this
+# long, and only the step loop's own idle time), so steps end within ~0.5 ms of it.
+_TIMER_LEAD_S = 0.0005
 
 
 class StepCostModel(Protocol):
@@ -35,6 +70,17 @@ class StepCostModel(Protocol):
         ``prefill_tokens`` prompt tokens, attending over ``context_tokens`` tokens of
         KV cache in total (decode contexts plus the prefilled prompts so far)."""
         ...
+
+
+class StepBatch(NamedTuple):
+    """The full shape of one step, for cost models that implement
+    ``batch_seconds(batch)`` instead of (or as well as) ``step_seconds``."""
+
+    num_decode: int
+    prefill_tokens: int
+    context_tokens: int  # as passed to step_seconds
+    decode_contexts: list[int]  # per decoding sequence: KV tokens it attends over
+    prefill_chunks: list[tuple[int, int]]  # per prefilling sequence: (tokens already cached, chunk)
 
 
 @dataclass(frozen=True)
@@ -63,6 +109,10 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_prefill_tokens_per_step: int = 8192
     stream_interval: int = 1
+    max_num_batched_tokens: int | None = None  # decode + prefill tokens per step; None: no joint budget
+    kv_cache_tokens: int | None = None  # KV-cache capacity; None: unlimited
+    block_size: int = 16  # KV-cache block, in tokens
+    slowdown: float = 1.0  # every step's duration is multiplied by this
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -71,6 +121,20 @@ class EngineConfig:
             raise ValueError("max_prefill_tokens_per_step must be >= 1")
         if self.stream_interval < 1:
             raise ValueError("stream_interval must be >= 1")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be >= 1")
+        if self.block_size < 1:
+            raise ValueError("block_size must be >= 1")
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.block_size:
+            raise ValueError(
+                f"kv_cache_tokens must hold at least one block ({self.block_size} tokens), got {self.kv_cache_tokens}"
+            )
+        if not (self.slowdown > 0 and math.isfinite(self.slowdown)):
+            raise ValueError(f"slowdown must be a finite number > 0, got {self.slowdown}")
+
+    @property
+    def kv_cache_blocks(self) -> int | None:
+        return None if self.kv_cache_tokens is None else self.kv_cache_tokens // self.block_size
 
 
 class TokenDelivery(NamedTuple):
@@ -105,18 +169,24 @@ class EngineRequest:
         "generated_tokens",
         "undelivered_tokens",
         "decoding",
+        "kv_blocks",
+        "scheduled_time",
     )
 
-    def __init__(self, request_id: int, prompt_tokens: int, max_tokens: int) -> None:
+    def __init__(self, request_id: int, prompt_tokens: int, max_tokens: int, *, with_queue: bool = True) -> None:
         self.request_id = request_id
         self.prompt_tokens = prompt_tokens
         self.max_tokens = max_tokens
-        self.deliveries: asyncio.Queue[TokenDelivery] = asyncio.Queue()
+        # The real-time engine hands tokens over through this queue; simulated runs
+        # record them directly and have none.
+        self.deliveries: asyncio.Queue[TokenDelivery] = asyncio.Queue() if with_queue else None  # type: ignore[assignment]
         self.state = RequestState.WAITING
         self.prefilled_tokens = 0
         self.generated_tokens = 0
         self.undelivered_tokens = 0
         self.decoding = False  # True once prefill is done and the first token produced
+        self.kv_blocks = 0  # KV-cache blocks held while running
+        self.scheduled_time: float | None = None  # real-time engine: first step it was in (queue time)
 
     @property
     def done(self) -> bool:
@@ -130,14 +200,24 @@ class EngineStats:
     requests_cancelled: int
     running: int
     waiting: int
+    # Fraction of KV-cache blocks held by running requests (0.0 when unlimited).
+    kv_cache_usage: float = 0.0
+    # Real-time engine: how late steps ended against their schedule (actual emit
+    # time - deadline), in ms, over the last LATENESS_WINDOW steps: count, p50, p99,
+    # max (max over the engine's whole life).
+    lateness_ms: dict[str, float] = field(default_factory=dict)
 
 
 class EngineStopped(RuntimeError):
     """Raised by :meth:`Engine.submit` once the engine has been stopped."""
 
 
+class RequestTooLarge(ValueError):
+    """The request's prompt + max_tokens can never fit in the KV cache."""
+
+
 @dataclass
-class _StepPlan:
+class StepPlan:
     """What one step does, fixed before it runs so arrivals mid-step wait for the next."""
 
     prefill: list[tuple[EngineRequest, int]]  # (request, prompt tokens prefilled this step)
@@ -151,160 +231,188 @@ class _StepPlan:
         prefill_context = sum(r.prefilled_tokens + chunk for r, chunk in self.prefill)
         return decode_context + prefill_context
 
+    def batch(self) -> StepBatch:
+        decode_contexts = [r.prompt_tokens + r.generated_tokens for r in self.decode]
+        prefill_chunks = [(r.prefilled_tokens, chunk) for r, chunk in self.prefill]
+        prefill_tokens = sum(chunk for _, chunk in prefill_chunks)
+        context = sum(decode_contexts) + sum(cached + chunk for cached, chunk in prefill_chunks)
+        return StepBatch(len(decode_contexts), prefill_tokens, context, decode_contexts, prefill_chunks)
 
-class Engine:
-    """Continuous-batching scheduler driven by one asyncio task.
 
-    Requests are admitted first-come-first-served while fewer than ``max_num_seqs``
-    run. Each step prefills admitted prompts (at most ``max_prefill_tokens_per_step``
-    prompt tokens per step, chunking longer prompts across steps) and decodes one
-    token for every sequence whose prefill is complete; the step that completes a
-    prompt's prefill produces that request's first token. Steps are paced against
-    absolute deadlines on ``loop.time()``, so sleep overshoot never accumulates.
+_StepPlan = StepPlan  # the name before the scheduler was split out
+
+
+def step_duration(cost_model: StepCostModel, plan: StepPlan, slowdown: float = 1.0) -> float:
+    """Seconds the step takes: the cost model's answer (its ``batch_seconds`` when it
+    has one) times ``slowdown``. Both drivers call this, so they agree exactly."""
+    batch_seconds = getattr(cost_model, "batch_seconds", None)
+    if batch_seconds is not None:
+        seconds = batch_seconds(plan.batch())
+    else:
+        seconds = cost_model.step_seconds(len(plan.decode), plan.prefill_tokens(), plan.context_tokens())
+    return max(0.0, seconds) * slowdown
+
+
+Deliver = Callable[[EngineRequest, TokenDelivery], None]
+
+
+class Scheduler:
+    """The continuous-batching scheduler, without a clock (see the module docstring).
+
+    A driver calls :meth:`schedule` to admit waiting requests and fix the next
+    step, lets the step's duration pass (really or in simulation), then calls
+    :meth:`complete` with the time it ended; tokens go out through ``deliver``.
     """
 
-    def __init__(self, config: EngineConfig, cost_model: StepCostModel) -> None:
-        self._config = config
-        self._cost_model = cost_model
+    def __init__(self, config: EngineConfig, deliver: Deliver) -> None:
+        self.config = config
+        self._deliver = deliver
+        self._stream_interval = config.stream_interval
         self._waiting: collections.OrderedDict[int, EngineRequest] = collections.OrderedDict()
-        self._running: dict[int, EngineRequest] = {}
-        self._work_available = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._stopped = False
-        self._next_request_id = 0
-        self._requests_received = 0
-        self._requests_finished = 0
-        self._requests_cancelled = 0
+        self._running: dict[int, EngineRequest] = {}  # admission order
+        self._prefilling: dict[int, EngineRequest] = {}  # running, prompt not done (admission order)
+        self._decoding: dict[int, EngineRequest] = {}  # running, producing tokens
+        self.total_blocks = config.kv_cache_blocks
+        self.free_blocks = self.total_blocks
+        self.requests_received = 0
+        self.requests_finished = 0
+        self.requests_cancelled = 0
 
-    # -- lifecycle -----------------------------------------------------------------
+    # -- requests ------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Start the step loop on the running event loop."""
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="infmax-sim-engine")
+    def blocks_needed(self, prompt_tokens: int, max_tokens: int) -> int:
+        return -(-(prompt_tokens + max_tokens) // self.config.block_size)
 
-    async def stop(self) -> None:
-        """Stop stepping and end every open request with an ``abort`` delivery, so
-        the HTTP handlers waiting on them return promptly during shutdown."""
-        self._stopped = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        now = asyncio.get_running_loop().time()
-        for request in [*self._waiting.values(), *self._running.values()]:
-            request.state = RequestState.CANCELLED
-            request.deliveries.put_nowait(TokenDelivery(0, now, FINISH_ABORT))
-        self._waiting.clear()
-        self._running.clear()
-
-    # -- request API ---------------------------------------------------------------
-
-    def submit(self, prompt_tokens: int, max_tokens: int) -> EngineRequest:
-        """Queue a request; its tokens arrive on ``request.deliveries``."""
-        if self._stopped:
-            raise EngineStopped("engine is stopped")
-        if prompt_tokens < 0 or max_tokens < 1:
-            raise ValueError("prompt_tokens must be >= 0 and max_tokens >= 1")
-        request = EngineRequest(self._next_request_id, prompt_tokens, max_tokens)
-        self._next_request_id += 1
-        self._requests_received += 1
+    def add(self, request: EngineRequest) -> None:
+        if self.total_blocks is not None:
+            needed = self.blocks_needed(request.prompt_tokens, request.max_tokens)
+            if needed > self.total_blocks:
+                raise RequestTooLarge(
+                    f"prompt ({request.prompt_tokens} tokens) + max_tokens ({request.max_tokens}) = "
+                    f"{request.prompt_tokens + request.max_tokens} tokens exceeds the KV cache "
+                    f"({self.total_blocks * self.config.block_size} tokens)"
+                )
+        self.requests_received += 1
         self._waiting[request.request_id] = request
-        self._work_available.set()
-        return request
 
     def cancel(self, request: EngineRequest) -> None:
-        """Drop a request from the queue or the batch (client went away). A finished
-        request is left alone, so handlers may call this unconditionally."""
         if request.done:
             return
         self._waiting.pop(request.request_id, None)
-        self._running.pop(request.request_id, None)
+        if self._running.pop(request.request_id, None) is not None:
+            self._prefilling.pop(request.request_id, None)
+            self._decoding.pop(request.request_id, None)
+            self._release(request)
         request.state = RequestState.CANCELLED
-        self._requests_cancelled += 1
+        self.requests_cancelled += 1
 
-    def stats(self) -> EngineStats:
-        return EngineStats(
-            requests_received=self._requests_received,
-            requests_finished=self._requests_finished,
-            requests_cancelled=self._requests_cancelled,
-            running=len(self._running),
-            waiting=len(self._waiting),
-        )
+    def abort_all(self, now: float) -> None:
+        """End every open request with an ``abort`` delivery (engine shutdown)."""
+        for request in [*self._waiting.values(), *self._running.values()]:
+            request.state = RequestState.CANCELLED
+            self._release(request)
+            self._deliver(request, TokenDelivery(0, now, FINISH_ABORT))
+        self._waiting.clear()
+        self._running.clear()
+        self._prefilling.clear()
+        self._decoding.clear()
 
-    # -- step loop -----------------------------------------------------------------
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        previous_deadline: float | None = None
-        while True:
-            self._admit_waiting()
-            if not self._running:
-                previous_deadline = None  # idle: the next step starts from "now"
-                self._work_available.clear()
-                await self._work_available.wait()
-                continue
-            plan = self._plan_step()
-            duration = self._cost_model.step_seconds(
-                len(plan.decode), plan.prefill_tokens(), plan.context_tokens()
-            )
-            now = loop.time()
-            if previous_deadline is None or now - previous_deadline > _MAX_SCHEDULE_LAG_S:
-                previous_deadline = now
-            deadline = previous_deadline + duration
-            # Always yield at least once so a zero-cost model cannot starve the handlers.
-            await asyncio.sleep(max(0.0, deadline - loop.time()))
-            self._publish(plan, loop.time())
-            previous_deadline = deadline
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
 
-    def _admit_waiting(self) -> None:
-        while self._waiting and len(self._running) < self._config.max_num_seqs:
-            request_id, request = self._waiting.popitem(last=False)
-            request.state = RequestState.RUNNING
-            self._running[request_id] = request
+    @property
+    def has_work(self) -> bool:
+        return bool(self._running or self._waiting)
 
-    def _plan_step(self) -> _StepPlan:
-        budget = self._config.max_prefill_tokens_per_step
+    @property
+    def kv_cache_usage(self) -> float:
+        if not self.total_blocks:
+            return 0.0
+        return (self.total_blocks - (self.free_blocks or 0)) / self.total_blocks
+
+    # -- steps ---------------------------------------------------------------------
+
+    def schedule(self) -> StepPlan | None:
+        """Admit what fits, then fix the next step; None when nothing can run."""
+        self._admit()
+        if not self._running:
+            return None
+        config = self.config
+        token_budget = config.max_num_batched_tokens
+        decode = list(self._decoding.values())
+        if token_budget is not None:
+            if len(decode) > token_budget:
+                decode = decode[:token_budget]
+            token_budget -= len(decode)
+        prefill_budget = config.max_prefill_tokens_per_step
+        if token_budget is not None:
+            prefill_budget = min(prefill_budget, token_budget)
         prefill: list[tuple[EngineRequest, int]] = []
-        decode: list[EngineRequest] = []
-        for request in self._running.values():
-            if request.decoding:
-                decode.append(request)
-                continue
+        for request in self._prefilling.values():
             remaining = request.prompt_tokens - request.prefilled_tokens
-            chunk = min(remaining, budget)
+            chunk = min(remaining, prefill_budget)
             if chunk == 0 and remaining > 0:
-                continue  # prefill budget of this step is spent; waits for the next step
+                continue  # the step's prefill budget is spent; waits for the next step
             prefill.append((request, chunk))
-            budget -= chunk
-        return _StepPlan(prefill=prefill, decode=decode)
+            prefill_budget -= chunk
+        if not decode and not prefill:
+            return None
+        return StepPlan(prefill=prefill, decode=decode)
 
-    def _publish(self, plan: _StepPlan, emit_time: float) -> None:
+    def complete(self, plan: StepPlan, emit_time: float) -> None:
         """Apply a finished step: advance prefills, hand out the step's tokens."""
+        running = RequestState.RUNNING
+        emit = self._emit_token
         for request, chunk in plan.prefill:
-            if request.done:
+            if request.state is not running:
                 continue  # cancelled while the step ran
             request.prefilled_tokens += chunk
             if request.prefilled_tokens >= request.prompt_tokens:
                 request.decoding = True
-                self._emit_token(request, emit_time)
+                del self._prefilling[request.request_id]
+                self._decoding[request.request_id] = request
+                emit(request, emit_time)
         for request in plan.decode:
-            if not request.done:
-                self._emit_token(request, emit_time)
+            if request.state is running:  # else cancelled while the step ran
+                emit(request, emit_time)
+
+    def _admit(self) -> None:
+        waiting = self._waiting
+        max_num_seqs = self.config.max_num_seqs
+        while waiting and len(self._running) < max_num_seqs:
+            request = next(iter(waiting.values()))
+            if self.total_blocks is not None:
+                needed = self.blocks_needed(request.prompt_tokens, request.max_tokens)
+                if needed > self.free_blocks:  # type: ignore[operator]
+                    return  # head of line waits for KV blocks; FCFS, no skipping
+                self.free_blocks -= needed  # type: ignore[operator]
+                request.kv_blocks = needed
+            del waiting[request.request_id]
+            request.state = RequestState.RUNNING
+            self._running[request.request_id] = request
+            self._prefilling[request.request_id] = request
+
+    def _release(self, request: EngineRequest) -> None:
+        if request.kv_blocks and self.free_blocks is not None:
+            self.free_blocks += request.kv_blocks
+        request.kv_blocks = 0
 
     def _emit_token(self, request: EngineRequest, emit_time: float) -> None:
         request.generated_tokens += 1
-        request.undelivered_tokens += 1
+        count = request.undelivered_tokens + 1
         finish_reason = self._finish_reason(request)
-        if finish_reason is None and request.undelivered_tokens < self._config.stream_interval:
+        if finish_reason is None and count < self._stream_interval:
+            request.undelivered_tokens = count
             return
-        request.deliveries.put_nowait(
-            TokenDelivery(request.undelivered_tokens, emit_time, finish_reason)
-        )
         request.undelivered_tokens = 0
         if finish_reason is not None:
             self._finish(request)
+        self._deliver(request, TokenDelivery(count, emit_time, finish_reason))
 
     def _finish_reason(self, request: EngineRequest) -> str | None:
         """Why the request stops after its latest token, or None to go on.
@@ -312,11 +420,330 @@ class Engine:
         The simulator never samples EOS, so requests always run to ``max_tokens``
         whether or not ``ignore_eos`` was set. This is the hook for an early-stop
         model (return ``"stop"``) should one be wanted."""
-        if request.generated_tokens >= request.max_tokens:
-            return FINISH_LENGTH
-        return None
+        return FINISH_LENGTH if request.generated_tokens >= request.max_tokens else None
 
     def _finish(self, request: EngineRequest) -> None:
         request.state = RequestState.FINISHED
-        self._running.pop(request.request_id, None)
-        self._requests_finished += 1
+        del self._running[request.request_id]
+        self._decoding.pop(request.request_id, None)
+        self._release(request)
+        self.requests_finished += 1
+
+
+# -- real time ----------------------------------------------------------------------------
+
+
+class Engine:
+    """The scheduler driven in real time on the running event loop.
+
+    Each step is a timer: the step is planned, its end is scheduled with
+    ``loop.call_at`` at an absolute deadline (so sleep overshoot never accumulates),
+    and the timer callback publishes the tokens and plans the next step at once,
+    without a task switch in between. How late each step ended against its deadline
+    is recorded (``stats().lateness_ms``).
+    """
+
+    def __init__(self, config: EngineConfig, cost_model: StepCostModel) -> None:
+        self._config = config
+        self._cost_model = cost_model
+        self._scheduler = Scheduler(config, self._put_delivery)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._kick: asyncio.Handle | None = None
+        self._previous_deadline: float | None = None
+        self._stopped = False
+        self._next_request_id = 0
+        self._lateness: collections.deque[float] = collections.deque(maxlen=LATENESS_WINDOW)
+        self._lateness_max = 0.0
+        self._steps = 0
+
+    @property
+    def config(self) -> EngineConfig:
+        return self._config
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return self._scheduler
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start stepping on the running event loop."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self._wake()
+
+    async def stop(self) -> None:
+        """Stop stepping and end every open request with an ``abort`` delivery, so
+        the HTTP handlers waiting on them return promptly during shutdown."""
+        self._stopped = True
+        for handle in (self._timer, self._kick):
+            if handle is not None:
+                handle.cancel()
+        self._timer = self._kick = None
+        self._scheduler.abort_all(asyncio.get_running_loop().time())
+
+    # -- request API ---------------------------------------------------------------
+
+    def submit(self, prompt_tokens: int, max_tokens: int) -> EngineRequest:
+        """Queue a request; its tokens arrive on ``request.deliveries``.
+
+        Raises :class:`RequestTooLarge` when prompt + max_tokens can never fit in
+        the KV cache, :class:`EngineStopped` after :meth:`stop`."""
+        if self._stopped:
+            raise EngineStopped("engine is stopped")
+        if prompt_tokens < 0 or max_tokens < 1:
+            raise ValueError("prompt_tokens must be >= 0 and max_tokens >= 1")
+        request = EngineRequest(self._next_request_id, prompt_tokens, max_tokens)
+        self._scheduler.add(request)
+        self._next_request_id += 1
+        self._wake()
+        return request
+
+    def cancel(self, request: EngineRequest) -> None:
+        """Drop a request from the queue or the batch (client went away). A finished
+        request is left alone, so handlers may call this unconditionally."""
+        self._scheduler.cancel(request)
+
+    def stats(self) -> EngineStats:
+        scheduler = self._scheduler
+        return EngineStats(
+            requests_received=scheduler.requests_received,
+            requests_finished=scheduler.requests_finished,
+            requests_cancelled=scheduler.requests_cancelled,
+            running=scheduler.num_running,
+            waiting=scheduler.num_waiting,
+            kv_cache_usage=scheduler.kv_cache_usage,
+            lateness_ms=self.lateness_ms(),
+        )
+
+    def lateness_ms(self) -> dict[str, float]:
+        """count, p50, p99 (over the last LATENESS_WINDOW steps) and max, in ms."""
+        values = sorted(self._lateness)
+        return {
+            "count": self._steps,
+            "p50": _percentile(values, 50) * 1e3,
+            "p99": _percentile(values, 99) * 1e3,
+            "max": self._lateness_max * 1e3,
+        }
+
+    # -- step loop -----------------------------------------------------------------
+
+    def _wake(self) -> None:
+        """Plan a step soon if the engine is idle (never synchronously: a request
+        submitted now is admitted at the next step, as in a real engine)."""
+        if self._loop is not None and not self._stopped and self._timer is None and self._kick is None:
+            self._kick = self._loop.call_soon(self._begin_step)
+
+    def _begin_step(self) -> None:
+        self._kick = None
+        loop = self._loop
+        assert loop is not None
+        plan = self._scheduler.schedule()
+        if plan is None:
+            self._previous_deadline = None  # idle: the next step starts from "now"
+            return
+        try:
+            duration = step_duration(self._cost_model, plan, self._config.slowdown)
+        except Exception:
+            logger.exception("infmax-sim: the cost model failed; aborting every request")
+            self._scheduler.abort_all(loop.time())
+            return
+        now = loop.time()
+        for request, _ in plan.prefill:  # first scheduled: ends the server's queue-time metric
+            if request.scheduled_time is None:
+                request.scheduled_time = now
+        previous = self._previous_deadline
+        if previous is None or now - previous > _MAX_SCHEDULE_LAG_S:
+            previous = now
+        deadline = previous + duration
+        self._timer = loop.call_at(deadline - _TIMER_LEAD_S, self._end_step, plan, deadline)
+
+    def _end_step(self, plan: StepPlan, deadline: float) -> None:
+        self._timer = None
+        loop = self._loop
+        assert loop is not None
+        early = deadline - loop.time()
+        if early > 0:
+            time.sleep(min(early, _TIMER_LEAD_S))
+        now = loop.time()
+        lateness = now - deadline
+        self._lateness.append(lateness)
+        self._steps += 1
+        if lateness > self._lateness_max:
+            self._lateness_max = lateness
+        self._scheduler.complete(plan, now)
+        self._previous_deadline = deadline
+        self._begin_step()
+
+    @staticmethod
+    def _put_delivery(request: EngineRequest, delivery: TokenDelivery) -> None:
+        request.deliveries.put_nowait(delivery)
+
+
+def _percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile of already sorted values (0.0 when empty)."""
+    if not sorted_values:
+        return 0.0
+    position = (len(sorted_values) - 1) * q / 100.0
+    low = math.floor(position)
+    high = min(low + 1, len(sorted_values) - 1)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
+
+
+# -- simulated time -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SimulatedRequest:
+    """One request of a simulated run; times in seconds from the run's start."""
+
+    prompt_tokens: int
+    output_tokens: int
+    sent: float
+    first_token: float
+    finished: float
+
+    @property
+    def ttft(self) -> float:
+        return self.first_token - self.sent
+
+    @property
+    def e2e(self) -> float:
+        return self.finished - self.sent
+
+    @property
+    def tpot(self) -> float:
+        """InferenceMAX's TPOT: (E2E - TTFT) / (output tokens - 1)."""
+        if self.output_tokens < 2:
+            return 0.0
+        return (self.finished - self.first_token) / (self.output_tokens - 1)
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    """What a simulated run measured, in the load generator's terms."""
+
+    requests: list[SimulatedRequest]
+    duration: float  # first request sent -> last request finished, seconds
+    steps: int
+    max_running: int  # the largest batch any step had
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(r.output_tokens for r in self.requests)
+
+    @property
+    def input_tokens(self) -> int:
+        return sum(r.prompt_tokens for r in self.requests)
+
+    @property
+    def output_throughput(self) -> float:
+        return self.output_tokens / self.duration if self.duration > 0 else 0.0
+
+    @property
+    def total_throughput(self) -> float:
+        return (self.input_tokens + self.output_tokens) / self.duration if self.duration > 0 else 0.0
+
+    def percentile(self, metric: str, q: float) -> float:
+        """``metric`` is ``ttft``, ``tpot`` or ``e2e``; seconds."""
+        return _percentile(sorted(getattr(r, metric) for r in self.requests), q)
+
+    def median(self, metric: str) -> float:
+        return self.percentile(metric, 50)
+
+    def mean(self, metric: str) -> float:
+        values = [getattr(r, metric) for r in self.requests]
+        return sum(values) / len(values) if values else 0.0
+
+    @property
+    def interactivity(self) -> float:
+        """Median per-request 1 / TPOT (tok/s/user)."""
+        return _percentile(sorted(1.0 / r.tpot for r in self.requests if r.tpot > 0), 50)
+
+
+class _Recorder:
+    __slots__ = ("request", "sent", "first_token")
+
+    def __init__(self, request: EngineRequest, sent: float) -> None:
+        self.request = request
+        self.sent = sent
+        self.first_token: float | None = None
+
+
+def simulate(
+    config: EngineConfig,
+    cost_model: StepCostModel,
+    requests: Iterable[tuple[int, int]],
+    *,
+    concurrency: int | None = None,
+    max_steps: int | None = None,
+) -> SimulationResult:
+    """Run ``requests`` ((prompt tokens, max_tokens) pairs) through the same
+    :class:`Scheduler` and :func:`step_duration` as the real-time engine, in
+    simulated time.
+
+    ``concurrency=N`` is the load generator's closed loop: N requests in flight, the
+    next one sent when one finishes (it joins at the step after, like a request
+    arriving while a step runs). ``concurrency=None`` sends them all at time 0
+    (an offline max-throughput run, as ``trtllm-bench throughput`` does).
+    """
+    pending = collections.deque(requests)
+    total = len(pending)
+    if total == 0:
+        raise ValueError("simulate needs at least one request")
+    if concurrency is not None and concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    recorders: dict[int, _Recorder] = {}
+    done: list[SimulatedRequest] = []
+    arrivals: list[EngineRequest] = []
+    next_id = 0
+
+    def deliver(request: EngineRequest, delivery: TokenDelivery) -> None:
+        recorder = recorders[request.request_id]
+        if recorder.first_token is None:
+            recorder.first_token = delivery.emit_time
+        if delivery.finish_reason is not None:
+            del recorders[request.request_id]
+            done.append(
+                SimulatedRequest(
+                    request.prompt_tokens, request.generated_tokens, recorder.sent, recorder.first_token, delivery.emit_time
+                )
+            )
+            if pending:
+                arrivals.append(send(delivery.emit_time))
+
+    scheduler = Scheduler(config, deliver)
+
+    def send(now: float) -> EngineRequest:
+        nonlocal next_id
+        prompt_tokens, max_tokens = pending.popleft()
+        if prompt_tokens < 0 or max_tokens < 1:
+            raise ValueError("prompt_tokens must be >= 0 and max_tokens >= 1")
+        request = EngineRequest(next_id, prompt_tokens, max_tokens, with_queue=False)
+        next_id += 1
+        recorders[request.request_id] = _Recorder(request, now)
+        return request
+
+    first_wave = total if concurrency is None else min(concurrency, total)
+    for _ in range(first_wave):
+        scheduler.add(send(0.0))
+    now = 0.0
+    steps = 0
+    max_running = 0
+    while scheduler.has_work or arrivals:
+        plan = scheduler.schedule()
+        if plan is None and scheduler.has_work:  # not reachable: add() refuses what never fits
+            raise RuntimeError("simulate: the scheduler has requests but cannot run any")
+        for request in arrivals:  # sent while the last step ran: admitted from the next one
+            scheduler.add(request)
+        arrivals.clear()
+        if plan is None:
+            continue
+        max_running = max(max_running, len(plan.decode) + len(plan.prefill))
+        now += step_duration(cost_model, plan, config.slowdown)
+        scheduler.complete(plan, now)
+        steps += 1
+        if max_steps is not None and steps >= max_steps:
+            break
+    return SimulationResult(done, now, steps, max_running)

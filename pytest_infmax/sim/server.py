@@ -4,7 +4,11 @@ It speaks the wire format of vLLM / TensorRT-LLM / SGLang's OpenAI servers close
 enough that the official ``openai`` SDK and any load generator parse it unchanged:
 ``/v1/completions`` and ``/v1/chat/completions`` (streaming SSE or not, with
 ``stream_options.include_usage`` and vLLM's ``continuous_usage_stats``),
-``/v1/models``, ``/health``, plus ``/sim/stats`` for tests.
+``/v1/models``, ``/health``, plus ``/sim/stats`` for tests, ``/sim/trace`` (what was
+sent when, per request: see :mod:`pytest_infmax.sim.trace`) and a Prometheus
+``/metrics`` with vLLM's metric names (:mod:`pytest_infmax.sim.metrics`). Faults
+(error statuses, stalls, resets, malformed SSE, a crash) are injected per flag or
+per request header (:mod:`pytest_infmax.sim.faults`). ``docs/simulator.md`` has it all.
 
 Text is fake but countable: a prompt's token count is the number of matches of
 ``\\w+|[^\\w\\s]``, and every output token is one word with a leading space, so a
@@ -14,14 +18,23 @@ client re-tokenising the output with the same regex gets exactly the token count
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import hmac
+import http
 import json
 import logging
+import math
+import os
 import random
 import re
+import socket
+import struct
+import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
@@ -31,10 +44,41 @@ from pytest_infmax.sim.engine import (
     Engine,
     EngineConfig,
     EngineRequest,
+    EngineStats,
     EngineStopped,
     LinearCostModel,
+    RequestTooLarge,
     StepCostModel,
     TokenDelivery,
+)
+from pytest_infmax.sim.faults import (
+    COMMENT,
+    EMPTY_CHOICES,
+    FAULT_HEADER,
+    INVALID_JSON,
+    NO_DONE,
+    NO_FINISH,
+    NO_SPACE,
+    NO_USAGE,
+    SPLIT,
+    FaultConfig,
+    FaultPlan,
+    FaultSpec,
+    FaultSpecError,
+)
+from pytest_infmax.sim.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from pytest_infmax.sim.metrics import SimMetrics
+from pytest_infmax.sim.trace import (
+    ABORTED,
+    CANCELLED,
+    CRASHED,
+    DEFAULT_TRACE_CAPACITY,
+    ERROR,
+    OK,
+    RESET,
+    Clock,
+    RequestTrace,
+    TraceLog,
 )
 
 logger = logging.getLogger("pytest_infmax.sim")
@@ -72,6 +116,9 @@ class SimConfig:
     seed: int = 0
     engine: EngineConfig = field(default_factory=EngineConfig)
     cost_model: StepCostModel = field(default_factory=LinearCostModel)
+    faults: FaultConfig = field(default_factory=FaultConfig)
+    trace_capacity: int = DEFAULT_TRACE_CAPACITY
+    trace_file: Path | None = None
 
 
 CONFIG_KEY = web.AppKey("infmax_sim_config", SimConfig)
@@ -93,6 +140,7 @@ class ApiError(Exception):
         param: str | None = None,
         code: str | int | None = None,
         error_type: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -100,6 +148,7 @@ class ApiError(Exception):
         self.param = param
         self.code = code
         self.error_type = error_type
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
         return {
@@ -112,7 +161,7 @@ class ApiError(Exception):
         }
 
     def response(self) -> web.Response:
-        return web.json_response(self.body(), status=self.status, dumps=_encode_json)
+        return web.json_response(self.body(), status=self.status, headers=self.headers, dumps=_encode_json)
 
 
 def _bad_field(param: str, expected: str, value: Any) -> ApiError:
@@ -442,7 +491,168 @@ class ChatShape(_ResponseShape):
         }
 
 
+# -- observability and faults -------------------------------------------------------------
+
+
+class Observability:
+    """Per-app bookkeeping shared by the handlers: the trace log, the Prometheus
+    metrics, the fault plan and the request counter behind ``--crash-after``."""
+
+    def __init__(self, config: SimConfig) -> None:
+        self.clock = Clock()
+        self.traces = TraceLog(self.clock, config.trace_capacity, config.trace_file)
+        self.metrics = SimMetrics(config.model)
+        self.faults = FaultPlan(config.faults, config.seed)
+        self.crash_after = config.faults.crash_after
+        self.generation_requests = 0
+
+    def on_generation_request(self) -> None:
+        """Count a generation request; past ``--crash-after``, exit like a crashed
+        process: no response, no graceful shutdown, every connection dropped."""
+        self.generation_requests += 1
+        if self.crash_after is not None and self.generation_requests > self.crash_after:
+            logger.error(
+                "infmax-sim: injected crash (--crash-after %d): exiting with status 1 at request %d",
+                self.crash_after,
+                self.generation_requests,
+            )
+            self.traces.commit_open(CRASHED)
+            self.traces.close()
+            with contextlib.suppress(Exception):
+                sys.stderr.flush()
+            _close_listening_sockets()
+            os._exit(1)
+
+    def choose_fault(self, request: web.Request) -> FaultSpec:
+        try:
+            return self.faults.choose(request.headers.get(FAULT_HEADER))
+        except FaultSpecError as exc:
+            raise ApiError(400, f"{FAULT_HEADER}: {exc}", param=FAULT_HEADER) from None
+
+    def record_chunk(self, trace: RequestTrace, t: float, tokens: int) -> None:
+        """A content event with ``tokens`` output tokens is being written at ``t``."""
+        previous = trace.chunk_times[-1] if trace.chunk_times else None
+        trace.add_chunk(t, tokens)
+        if previous is None:
+            self.metrics.on_first_token(trace.prompt_tokens or 0, t - trace.arrival)
+        self.metrics.on_tokens(tokens, None if previous is None else t - previous)
+
+    def finish(
+        self,
+        trace: RequestTrace,
+        outcome: str,
+        engine_request: EngineRequest | None,
+        finish_reason: str | None = None,
+    ) -> None:
+        """Commit the trace (once) and, for a normal finish, the request metrics."""
+        if trace.committed:
+            return
+        if trace.end is None:
+            trace.end = time.monotonic()
+        if trace.outcome is None:
+            trace.outcome = outcome
+        if finish_reason is not None:
+            trace.finish_reason = finish_reason
+        if engine_request is not None:
+            trace.scheduled = getattr(engine_request, "scheduled_time", None)
+        self.traces.commit(trace)
+        if trace.outcome == OK and trace.finish_reason is not None:
+            queue = None if trace.scheduled is None or trace.queued is None else trace.scheduled - trace.queued
+            ttft = None if trace.first_token is None else trace.first_token - trace.arrival
+            self.metrics.on_finished(
+                trace.finish_reason, trace.end - trace.arrival, queue, ttft, trace.completion_tokens
+            )
+
+
+OBS_KEY = web.AppKey("infmax_sim_observability", Observability)
+
+
+def _close_listening_sockets() -> None:
+    """Close our listening sockets before an injected crash. Exit closes every
+    descriptor, but in no promised order: a client reconnecting the instant its
+    connection drops could still be accepted by the kernel into a listen backlog
+    that dies a moment later (a reset instead of a refusal). Closing the listeners
+    first makes every later request a clean ``connection refused``. Linux only
+    (``/proc/self/fd``); elsewhere the race stays, as with a real crash."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                sock = socket.socket(fileno=int(name))
+            except (OSError, ValueError):
+                continue  # not a socket (or already gone)
+            try:
+                listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+            except OSError:
+                listening = 0
+            if listening:
+                sock.close()
+            else:
+                sock.detach()  # not ours to close: leave the descriptor as it was
+
+_STATUS_ERROR_TYPES = {
+    429: ("rate_limit_exceeded", "rate_limit_error"),
+    500: ("internal_error", "server_error"),
+    502: ("bad_gateway", "server_error"),
+    503: ("service_unavailable", "service_unavailable_error"),
+    504: ("gateway_timeout", "server_error"),
+}
+
+
+def injected_status_error(fault: FaultSpec) -> ApiError:
+    """The OpenAI-shaped error of ``status=``; 429 carries ``Retry-After``."""
+    assert fault.status is not None
+    status = fault.status
+    try:
+        phrase = http.HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Error"
+    default_type = "server_error" if status >= 500 else "invalid_request_error"
+    code, error_type = _STATUS_ERROR_TYPES.get(status, (status, default_type))
+    headers = None
+    retry_after = fault.effective_retry_after()
+    if retry_after is not None:
+        headers = {"Retry-After": str(math.ceil(retry_after)), "retry-after-ms": str(round(retry_after * 1000))}
+    return ApiError(
+        status, f"injected fault: {status} {phrase}", code=code, error_type=error_type, headers=headers
+    )
+
+
+class _ConnectionResetInjected(Exception):
+    """The injected reset happened; the handler must not touch the transport again."""
+
+
+def _reset_connection(request: web.Request) -> None:
+    """Abort the connection with a TCP RST (SO_LINGER 0): unsent bytes are dropped."""
+    transport = request.transport
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
 # -- generation -------------------------------------------------------------------------
+
+# Gap between the pieces of one event under malformed=split, so they leave as
+# separate TCP segments rather than being coalesced in the socket buffer.
+SPLIT_GAP_S = 0.001
+_SSE_COMMENT = b": ping\n\n"
+
+
+def _sse_no_space(payload: dict[str, Any]) -> bytes:
+    return b"data:" + _encode_json(payload).encode() + b"\n\n"
+
+
+def _split_event(data: bytes) -> list[bytes]:
+    """One SSE event in four pieces: inside ``data:``, mid-payload, the first
+    newline, the blank line."""
+    if len(data) < 8:
+        return [data]
+    body_end = len(data) - 2
+    middle = max(3, body_end // 2)
+    return [data[:2], data[2:middle], data[middle:body_end + 1], data[body_end + 1:]]
 
 
 async def _next_deliveries(engine_request: EngineRequest) -> list[TokenDelivery]:
@@ -459,105 +669,261 @@ def _aborted_error() -> ApiError:
     return _service_unavailable("the simulator is shutting down; the request was aborted")
 
 
+class _SseWriter:
+    """Writes SSE events and stamps each content event in the trace just before
+    the write that completes it. Without stream faults a batch of events is one
+    write; with them, events go one by one so a stall, a reset or a split can
+    land between any two."""
+
+    def __init__(
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        fault: FaultSpec,
+        trace: RequestTrace,
+        obs: Observability,
+    ) -> None:
+        self.request = request
+        self.response = response
+        self.fault = fault
+        self.trace = trace
+        self.obs = obs
+        self.tokens_written = 0
+        self.stalled = False
+
+    async def send(self, events: list[tuple[bytes, int]], on_last: Callable[[], None] | None = None) -> None:
+        """Write ``(bytes, content tokens)`` events. ``on_last`` runs just before
+        the write of the last byte (to commit the trace before the client can
+        have seen the end of the stream)."""
+        if not self.fault.rewrites_stream:
+            now = time.monotonic()
+            for _, tokens in events:
+                if tokens:
+                    self._record(now, tokens)
+            if on_last is not None:
+                on_last()
+            await self.response.write(b"".join(data for data, _ in events))
+            return
+        split = SPLIT in self.fault.malformed
+        for index, (data, tokens) in enumerate(events):
+            await self._before_event()
+            pieces = _split_event(data) if split else [data]
+            for piece_index, piece in enumerate(pieces):
+                if piece_index:
+                    await asyncio.sleep(SPLIT_GAP_S)
+                if piece_index == len(pieces) - 1:
+                    if tokens:
+                        self._record(time.monotonic(), tokens)
+                    if on_last is not None and index == len(events) - 1:
+                        on_last()
+                await self.response.write(piece)
+
+    def _record(self, t: float, tokens: int) -> None:
+        self.obs.record_chunk(self.trace, t, tokens)
+        self.tokens_written += tokens
+
+    async def _before_event(self) -> None:
+        fault = self.fault
+        if fault.stall_seconds > 0 and not self.stalled and self.tokens_written >= fault.stall_after:
+            self.stalled = True
+            await asyncio.sleep(fault.stall_seconds)
+        if fault.reset_after is not None and self.tokens_written >= fault.reset_after:
+            self.trace.outcome = RESET
+            _reset_connection(self.request)
+            raise _ConnectionResetInjected
+
+
+def _truncated_json(shape: _ResponseShape) -> bytes:
+    """A data line whose JSON stops mid-object (malformed=invalid_json)."""
+    text = _encode_json(shape.chunk(shape.content_choice("", None), None, False))
+    return b"data: " + text[: len(text) // 2].encode() + b"\n\n"
+
+
 async def _stream_response(
     request: web.Request,
     params: GenerationParams,
     shape: _ResponseShape,
     engine_request: EngineRequest,
     output: OutputText,
+    fault: FaultSpec,
+    trace: RequestTrace,
 ) -> web.StreamResponse:
     """SSE stream: one event per delivery, then the usage chunk and ``[DONE]``.
 
     Chat's role chunk goes out with the first tokens, as vLLM does, so the first
     event a client sees coincides with the first token."""
-    response = web.StreamResponse(status=200, headers=_SSE_HEADERS)
+    obs = request.app[OBS_KEY]
+    if fault.reset_after == 0:  # reset before the status line: the client gets no response at all
+        trace.outcome = RESET
+        _reset_connection(request)
+        raise _ConnectionResetInjected
+    response = web.StreamResponse(status=200, headers=_response_headers(_SSE_HEADERS, trace))
     await response.prepare(request)
-    with_usage = params.include_usage
+    writer = _SseWriter(request, response, fault, trace, obs)
+    malformed = fault.malformed
+    encode = _sse_no_space if NO_SPACE in malformed else _sse
+    with_usage = params.include_usage and NO_USAGE not in malformed
+    continuous = params.continuous_usage and NO_USAGE not in malformed
+    invalid_json_pending = INVALID_JSON in malformed
     completion_tokens = 0
     first_write = True
     try:
         while True:
-            parts: list[bytes] = []
+            events: list[tuple[bytes, int]] = []
             if first_write:
+                if EMPTY_CHOICES in malformed:
+                    events.append((encode(shape.chunk(None, None, False)), 0))
                 preamble = shape.preamble_choice()
                 if preamble is not None:
-                    usage = _usage(params.prompt_tokens, 0) if params.continuous_usage else None
-                    parts.append(_sse(shape.chunk(preamble, usage, with_usage)))
+                    usage = _usage(params.prompt_tokens, 0) if continuous else None
+                    events.append((encode(shape.chunk(preamble, usage, with_usage)), 0))
                 first_write = False
-            finished = False
+            finish_reason: str | None = None
             for delivery in await _next_deliveries(engine_request):
                 if delivery.finish_reason == FINISH_ABORT:
-                    parts.append(_sse(_aborted_error().body()))
-                    parts.append(_SSE_DONE)
-                    await response.write(b"".join(parts))
+                    obs.finish(trace, ABORTED, engine_request)
+                    events.append((encode(_aborted_error().body()), 0))
+                    events.append((_SSE_DONE, 0))
+                    await writer.send(events)
                     return response
                 completion_tokens += delivery.token_count
-                usage = _usage(params.prompt_tokens, completion_tokens) if params.continuous_usage else None
-                choice = shape.content_choice(output.take(delivery.token_count), delivery.finish_reason)
-                parts.append(_sse(shape.chunk(choice, usage, with_usage)))
-                finished = delivery.finish_reason is not None
-                if finished:
+                usage = _usage(params.prompt_tokens, completion_tokens) if continuous else None
+                shown_reason = None if NO_FINISH in malformed else delivery.finish_reason
+                choice = shape.content_choice(output.take(delivery.token_count), shown_reason)
+                if COMMENT in malformed:
+                    events.append((_SSE_COMMENT, 0))
+                events.append((encode(shape.chunk(choice, usage, with_usage)), delivery.token_count))
+                if invalid_json_pending:
+                    events.append((_truncated_json(shape), 0))
+                    invalid_json_pending = False
+                finish_reason = delivery.finish_reason
+                if finish_reason is not None:
                     break
-            if finished:
+            if finish_reason is not None:
                 if with_usage:
-                    parts.append(_sse(shape.chunk(None, _usage(params.prompt_tokens, completion_tokens), True)))
-                parts.append(_SSE_DONE)
-                await response.write(b"".join(parts))
+                    final_usage = _usage(params.prompt_tokens, completion_tokens)
+                    events.append((encode(shape.chunk(None, final_usage, True)), 0))
+                if NO_DONE not in malformed:
+                    events.append((_SSE_DONE, 0))
+                reason = finish_reason
+                await writer.send(events, on_last=lambda: obs.finish(trace, OK, engine_request, reason))
                 break
-            await response.write(b"".join(parts))
+            await writer.send(events)
         await response.write_eof()
+    except _ConnectionResetInjected:
+        pass  # the transport is gone; aiohttp's own clean-up handles the rest
     except ConnectionError:
         pass  # the client went away; the caller drops the request from the engine
     return response
 
 
 async def _full_response(
-    params: GenerationParams, shape: _ResponseShape, engine_request: EngineRequest, output: OutputText
-) -> web.Response:
+    request: web.Request,
+    params: GenerationParams,
+    shape: _ResponseShape,
+    engine_request: EngineRequest,
+    output: OutputText,
+    fault: FaultSpec,
+    trace: RequestTrace,
+) -> web.StreamResponse:
     """Non-streaming: wait for the whole generation (paced by the engine), answer once."""
+    obs = request.app[OBS_KEY]
     completion_tokens = 0
     while True:
         delivery = await engine_request.deliveries.get()
         if delivery.finish_reason == FINISH_ABORT:
+            trace.outcome = ABORTED
             raise _aborted_error()
         completion_tokens += delivery.token_count
         if delivery.finish_reason is not None:
             break
+    if fault.stall_seconds > 0:
+        await asyncio.sleep(fault.stall_seconds)
+    if fault.reset_after is not None:
+        trace.outcome = RESET
+        _reset_connection(request)
+        raise _ConnectionResetInjected
     payload = shape.full_response(
         output.take(completion_tokens), delivery.finish_reason, _usage(params.prompt_tokens, completion_tokens)
     )
-    return web.json_response(payload, dumps=_encode_json)
+    headers = _response_headers({}, trace)
+    obs.record_chunk(trace, time.monotonic(), completion_tokens)
+    obs.finish(trace, OK, engine_request, delivery.finish_reason)
+    if INVALID_JSON in fault.malformed:
+        text = _encode_json(payload)
+        return web.Response(text=text[: len(text) // 2], content_type="application/json", headers=headers)
+    return web.json_response(payload, headers=headers, dumps=_encode_json)
 
 
-async def _generate(request: web.Request, params: GenerationParams, shape: _ResponseShape) -> web.StreamResponse:
+def _response_headers(base: dict[str, str], trace: RequestTrace) -> dict[str, str]:
+    """Echo the client's ``X-Request-Id`` (as vLLM does with request-id headers)."""
+    if trace.x_request_id is None:
+        return base
+    return {**base, "X-Request-Id": trace.x_request_id}
+
+
+async def _generate(
+    request: web.Request, params: GenerationParams, shape: _ResponseShape, arrival: float
+) -> web.StreamResponse:
     config = request.app[CONFIG_KEY]
     engine = request.app[ENGINE_KEY]
+    obs = request.app[OBS_KEY]
+    fault = obs.choose_fault(request)
+    trace = obs.traces.begin(request.path, arrival, request.headers.get("X-Request-Id"))
+    trace.response_id = shape.response_id
+    trace.stream = params.stream
+    trace.prompt_tokens = params.prompt_tokens
+    trace.max_tokens = params.max_tokens
+    trace.body_sha256 = hashlib.sha256(await request.read()).hexdigest()
+    trace.fault = fault.describe()
+    engine_request: EngineRequest | None = None
     try:
-        engine_request = engine.submit(params.prompt_tokens, params.max_tokens)
-    except EngineStopped:
-        raise _aborted_error() from None
-    output = OutputText(config.seed * 1_000_003 + engine_request.request_id)
-    try:
+        if fault.status is not None:
+            raise injected_status_error(fault)
+        try:
+            engine_request = engine.submit(params.prompt_tokens, params.max_tokens)
+        except EngineStopped:
+            trace.outcome = ABORTED
+            raise _aborted_error() from None
+        except RequestTooLarge as exc:  # vLLM answers a request longer than the context with 400
+            raise ApiError(400, str(exc), param="max_tokens") from None
+        trace.queued = time.monotonic()
+        output = OutputText(config.seed * 1_000_003 + engine_request.request_id)
         if params.stream:
-            return await _stream_response(request, params, shape, engine_request, output)
-        return await _full_response(params, shape, engine_request, output)
+            return await _stream_response(request, params, shape, engine_request, output, fault, trace)
+        return await _full_response(request, params, shape, engine_request, output, fault, trace)
+    except ApiError as error:
+        trace.status = error.status
+        trace.error = error.message
+        obs.finish(trace, ERROR, engine_request)
+        raise
+    except _ConnectionResetInjected:
+        # The transport is aborted: aiohttp's write of this response fails with a
+        # ConnectionError, which it treats as a client that went away (no traceback).
+        return web.Response(status=200)
     finally:
-        engine.cancel(engine_request)  # no-op when finished; frees the slot on disconnect
+        if engine_request is not None:
+            engine.cancel(engine_request)  # no-op when finished; frees the slot on disconnect
+        obs.finish(trace, CANCELLED, engine_request)
 
 
 # -- handlers ---------------------------------------------------------------------------
 
 
 async def handle_completions(request: web.Request) -> web.StreamResponse:
+    arrival = time.monotonic()
+    request.app[OBS_KEY].on_generation_request()
     config = request.app[CONFIG_KEY]
     params = parse_completion_request(await _read_json_body(request), config.model)
-    return await _generate(request, params, CompletionShape(config.model))
+    return await _generate(request, params, CompletionShape(config.model), arrival)
 
 
 async def handle_chat_completions(request: web.Request) -> web.StreamResponse:
+    arrival = time.monotonic()
+    request.app[OBS_KEY].on_generation_request()
     config = request.app[CONFIG_KEY]
     params = parse_chat_request(await _read_json_body(request), config.model)
-    return await _generate(request, params, ChatShape(config.model))
+    return await _generate(request, params, ChatShape(config.model), arrival)
 
 
 async def handle_models(request: web.Request) -> web.Response:
@@ -575,6 +941,48 @@ async def handle_health(request: web.Request) -> web.Response:
 async def handle_stats(request: web.Request) -> web.Response:
     stats = request.app[ENGINE_KEY].stats()
     return web.json_response(asdict(stats), dumps=_encode_json)
+
+
+def _query_flag(request: web.Request, name: str) -> bool:
+    value = request.query.get(name, "").strip().lower()
+    if value in ("", "0", "false", "no"):
+        return False
+    if value in ("1", "true", "yes"):
+        return True
+    raise ApiError(400, f"'{name}': expected 1 or 0, got {value!r}", param=name)
+
+
+async def handle_trace(request: web.Request) -> web.Response:
+    """``GET /sim/trace[?since=SEQ][&clear=1]``: finished requests, oldest first."""
+    since_text = request.query.get("since")
+    since: int | None = None
+    if since_text is not None:
+        try:
+            since = int(since_text)
+        except ValueError:
+            message = f"'since': expected an integer sequence number, got {since_text!r}"
+            raise ApiError(400, message, param="since") from None
+    clear = _query_flag(request, "clear")
+    snapshot = request.app[OBS_KEY].traces.snapshot(since, clear)
+    return web.json_response(snapshot, dumps=_encode_json)
+
+
+def kv_cache_usage(stats: EngineStats, config: SimConfig) -> float:
+    """The engine's KV-cache fill when it models a finite KV cache, else the
+    fraction of ``--max-num-seqs`` batch slots in use (a stand-in that still rises
+    and falls with load)."""
+    if getattr(config.engine, "kv_cache_tokens", None) is not None:
+        return float(getattr(stats, "kv_cache_usage", 0.0))
+    return stats.running / config.engine.max_num_seqs
+
+
+async def handle_metrics(request: web.Request) -> web.Response:
+    """``GET /metrics``: Prometheus text format, vLLM's names and buckets."""
+    stats = request.app[ENGINE_KEY].stats()
+    text = request.app[OBS_KEY].metrics.render(
+        stats.running, stats.waiting, kv_cache_usage(stats, request.app[CONFIG_KEY])
+    )
+    return web.Response(body=text.encode(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
 # -- middleware and app -----------------------------------------------------------------
@@ -622,23 +1030,31 @@ def build_app(config: SimConfig) -> web.Application:
     for its handlers."""
     app = web.Application(middlewares=[_openai_gate], client_max_size=256 * 1024 * 1024)
     app[CONFIG_KEY] = config
+    app[OBS_KEY] = Observability(config)
 
     async def start_engine(app: web.Application) -> None:
         engine = Engine(config.engine, config.cost_model)
         engine.start()
         app[ENGINE_KEY] = engine
         app[READY_AT_KEY] = asyncio.get_running_loop().time() + config.startup_delay_s
+        app[OBS_KEY].traces.open_file()
 
     async def stop_engine(app: web.Application) -> None:
         if ENGINE_KEY in app:
             await app[ENGINE_KEY].stop()
 
+    async def close_trace(app: web.Application) -> None:
+        app[OBS_KEY].traces.close()
+
     app.on_startup.append(start_engine)
     app.on_shutdown.append(stop_engine)
     app.on_cleanup.append(stop_engine)
+    app.on_cleanup.append(close_trace)
     app.router.add_get("/health", handle_health)
     app.router.add_get("/v1/models", handle_models)
     app.router.add_post("/v1/completions", handle_completions)
     app.router.add_post("/v1/chat/completions", handle_chat_completions)
     app.router.add_get("/sim/stats", handle_stats)
+    app.router.add_get("/sim/trace", handle_trace)
+    app.router.add_get("/metrics", handle_metrics)
     return app
