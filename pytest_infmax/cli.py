@@ -1,4 +1,5 @@
-"""The ``infmax`` command: ``infmax sim`` serves the simulator, ``infmax table`` prints a results file."""
+"""The ``infmax`` command: ``infmax sim`` serves the simulator, ``infmax table`` prints a results file,
+``infmax compare`` compares results with a baseline (exit 1 on regression)."""
 
 from __future__ import annotations
 
@@ -48,6 +49,41 @@ def _summary_from_full(result: dict) -> dict:
     }
 
 
+def _compare(ns: argparse.Namespace) -> int:
+    from .baselines import BaselineError
+    from .compare import CompareOptions, compare_files, parse_gates
+
+    try:
+        options = CompareOptions(
+            gates=parse_gates(ns.metrics) if ns.metrics else CompareOptions().gates,
+            min_effect=ns.min_effect / 100.0,
+            alpha=ns.alpha,
+        )
+        reports, messages = compare_files(ns.baseline, ns.current, options=options, force=ns.force,
+                                          keys=ns.key, last=ns.last)
+    except (BaselineError, ValueError) as exc:
+        print(f"infmax compare: {exc}", file=sys.stderr)
+        return 2
+    for message in messages:
+        print(f"infmax compare: {message}", file=sys.stderr)
+    if not reports:
+        print("infmax compare: no result is in both files; nothing compared", file=sys.stderr)
+        return 2
+    for report in reports:
+        print(report.format_table(methods=not ns.brief))
+        print()
+    if ns.json:
+        from .reports import write_json_atomic
+
+        write_json_atomic(ns.json, {"format": "pytest-infmax-compare/1", "comparisons": [r.to_dict() for r in reports]})
+    verdicts = [r.verdict for r in reports]
+    print("infmax compare: " + ", ".join(f"{v} {verdicts.count(v)}" for v in ("regressed", "unsure", "improved", "same")
+                                         if verdicts.count(v)))
+    if "regressed" in verdicts or (ns.fail_on_unsure and "unsure" in verdicts):
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "sim":  # hand every remaining flag to the simulator's own parser
@@ -60,9 +96,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("sim", help="serve the embedded simulator (infmax sim --help)")
     table = sub.add_parser("table", help="print the results table of an --infmax-json file")
     table.add_argument("path")
+    cmp = sub.add_parser(
+        "compare", help="compare current results with a baseline; exit 1 on a regression",
+        description="Compare CURRENT with BASELINE: each a baseline file or directory (.infmax/baselines) "
+        "or an --infmax-json results file. Exit 0: no regression; 1: a regression "
+        "(or unsure, with --fail-on-unsure); 2: unreadable input or a testbed/workload mismatch.",
+    )
+    cmp.add_argument("baseline")
+    cmp.add_argument("current")
+    cmp.add_argument("--min-effect", type=float, default=5.0, metavar="PCT",
+                     help="smallest change that matters, percent (default 5)")
+    cmp.add_argument("--alpha", type=float, default=0.01, help="false-alarm rate per comparison (default 0.01)")
+    cmp.add_argument("--metrics", help="gated metrics, e.g. 'p50(tpot), p99(ttft), throughput_per_gpu'")
+    cmp.add_argument("--key", action="append", help="compare only this result key (repeatable)")
+    cmp.add_argument("--last", type=int, metavar="N", help="use only the last N current runs")
+    cmp.add_argument("--force", action="store_true", help="compare even across testbeds or workloads")
+    cmp.add_argument("--fail-on-unsure", action="store_true", help="exit 1 on unsure as well")
+    cmp.add_argument("--brief", action="store_true", help="leave the method column out")
+    cmp.add_argument("--json", metavar="PATH", help="also write the comparison as JSON")
     ns = parser.parse_args(args)
     if ns.command == "table":
         return _table(ns.path)
+    if ns.command == "compare":
+        return _compare(ns)
     return 2
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import engines
+from .regression import GateSettings
 from .servers import ServerConfig, ServerError, command_from_template, config_from_mapping
 
 
@@ -55,6 +56,25 @@ def _on_off(text: str) -> bool:
     raise ValueError("must be on or off")
 
 
+def _set_name(text: str) -> str:
+    name = text.strip()
+    if not name or "/" in name or "\\" in name or name in (".", ".."):
+        raise ValueError("must be a plain name such as main or default (it names a folder)")
+    return name
+
+
+def _set_name_or_off(text: str) -> str | None:
+    return None if text.strip().lower() in ("off", "none", "no") else _set_name(text)
+
+
+def _fraction(text: str) -> float:
+    t = text.strip()
+    value = float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    if not 0 < value < 1:
+        raise ValueError("must be between 0 and 100%, e.g. 5%")
+    return value
+
+
 def _text(text: str) -> str:
     return text
 
@@ -72,6 +92,7 @@ class Setting:
     default: Any
     parse: Callable[[str], Any] = _text
     metavar: str = "VALUE"
+    switch: bool = False  # a bare flag on the command line (on/off in env and ini)
 
     @property
     def flag(self) -> str:
@@ -122,6 +143,25 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("step_summary", "append the Markdown summary to $GITHUB_STEP_SUMMARY when that is set: "
             "on or off", True, _on_off, "on|off"),
     Setting("log_dir", "directory for server logs", ".infmax/logs", metavar="DIR"),
+    Setting("baselines", "directory of baseline sets (one JSON file per test in each set)",
+            ".infmax/baselines", metavar="DIR"),
+    Setting("compare", "compare each result with its baseline in this set, where one exists "
+            "(a missing baseline is recorded, never a failure); off: no comparison", "default",
+            _set_name_or_off, "NAME|off"),
+    Setting("save", "add this run to the history of the baselines in this set (e.g. main)", None,
+            _set_name, "NAME"),
+    Setting("autosave", "add this run to the set it was compared with", False, _on_off, switch=True),
+    Setting("update", "rewrite the compared set's baselines of the tests that ran with this run",
+            False, _on_off, switch=True),
+    Setting("fail_on_unsure", "fail a test whose comparison is unsure (not enough evidence either way)",
+            False, _on_off, switch=True),
+    Setting("compare_force", "compare with baselines from another testbed (GPU, driver, engine, model, "
+            "options) anyway", False, _on_off, switch=True),
+    Setting("min_effect", "smallest change that counts as a regression, e.g. 5%", 0.05, _fraction, "PCT"),
+    Setting("gates", "metrics the regression gate compares, e.g. 'p50(tpot), p99(ttft), throughput_per_gpu'",
+            None, metavar="LIST"),
+    Setting("benchmark_json", "also write results in pytest-benchmark's JSON layout to this file", None,
+            metavar="PATH"),
 )
 
 
@@ -132,6 +172,30 @@ class Settings:
 
     def __getitem__(self, name: str) -> Any:
         return self.values[name]
+
+    def gate_settings(self, root: Path) -> GateSettings:
+        """The regression gate's settings; relative directories are under ``root`` (pytest's rootdir)."""
+        from .compare import CompareOptions, parse_gates
+
+        v = self.values
+        directory = Path(v["baselines"])
+        compare_set = v["compare"]
+        try:
+            options = CompareOptions(min_effect=v["min_effect"], **({"gates": parse_gates(v["gates"])}
+                                                                   if v["gates"] else {}))
+        except (ValueError, TypeError) as exc:
+            raise SettingError(f"{self.sources['gates']} = {v['gates']!r} is not valid: {exc}") from None
+        if v["update"] and compare_set is None:
+            raise SettingError("--infmax-update rewrites the compared set: don't combine it with --infmax-compare off")
+        return GateSettings(
+            directory=directory if directory.is_absolute() else root / directory,
+            compare_set=compare_set,
+            save_set=v["save"] or (compare_set if v["autosave"] else None),
+            update=v["update"],
+            fail_on_unsure=v["fail_on_unsure"],
+            force=v["compare_force"],
+            options=options,
+        )
 
     def server_config(self) -> ServerConfig:
         """The session's default server; markers may override it per test."""
@@ -178,8 +242,12 @@ def add_options(parser: Any) -> None:
     """Register every setting as a CLI flag and an ini key (pytest's parser)."""
     group = parser.getgroup("infmax", "LLM inference SLA testing (pytest-infmax)")
     for s in SETTINGS:
-        group.addoption(s.flag, dest=f"infmax_{s.name}", default=None, metavar=s.metavar,
-                        help=f"{s.help} [env {s.env}, ini {s.ini}]")
+        if s.switch:
+            group.addoption(s.flag, dest=f"infmax_{s.name}", default=None, action="store_const", const="on",
+                            help=f"{s.help} [env {s.env}, ini {s.ini}: on/off]")
+        else:
+            group.addoption(s.flag, dest=f"infmax_{s.name}", default=None, metavar=s.metavar,
+                            help=f"{s.help} [env {s.env}, ini {s.ini}]")
         parser.addini(s.ini, help=s.help, default=None)
 
 

@@ -19,6 +19,8 @@ import pytest
 
 from . import config as settings_mod
 from . import reports
+from .baselines import export_benchmark_json
+from .regression import GateSettings, RegressionFailed, gate_results
 from .results import LoadResult
 from .summary import markdown_summary, sweep_to_dict, write_github_step_summary
 from .sweep import SweepResult
@@ -28,6 +30,7 @@ from .sla import SLA, SLAFailed, SLASyntaxError, format_quantity
 
 RESULTS_KEY = pytest.StashKey[list[LoadResult]]()
 SWEEPS_KEY = pytest.StashKey[list[SweepResult]]()
+GATE_KEY = pytest.StashKey[list[dict[str, Any]]]()
 STATE_KEY = pytest.StashKey["PluginState"]()
 
 # The key figures every perf test leaves in JUnit XML (and report.user_properties).
@@ -42,7 +45,9 @@ class PluginState:
     rows: list[dict[str, Any]] = field(default_factory=list)
     full_results: list[dict[str, Any]] = field(default_factory=list)
     json_written: Path | None = None
+    gate: GateSettings | None = None
     sweeps: list[dict[str, Any]] = field(default_factory=list)
+    checks: list[dict[str, Any]] = field(default_factory=list)  # baseline comparisons, for the reports
     written: list[Path] = field(default_factory=list)  # report files, in the order written
     notes: list[str] = field(default_factory=list)  # said once in the terminal summary
     echo: Any = None  # at -v: writes server log lines to the terminal
@@ -96,7 +101,11 @@ def pytest_configure(config: pytest.Config) -> None:
     log_dir = settings["log_dir"]
     if not log_dir.is_absolute():
         log_dir = config.rootpath / log_dir
-    state = PluginState(settings, log_dir)
+    try:
+        gate = settings.gate_settings(config.rootpath)
+    except settings_mod.SettingError as exc:
+        raise pytest.UsageError(f"pytest-infmax: {exc}") from None
+    state = PluginState(settings, log_dir, gate=gate)
     if (config.getoption("verbose") or 0) >= 1 and not hasattr(config, "workerinput"):
         state.echo = _terminal_echo()
     config.stash[STATE_KEY] = state
@@ -225,9 +234,30 @@ def infmax_async_openai(infmax_server: Server) -> Any:
 def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Any:
     """After the test body: check its @pytest.mark.sla objectives on every result it made."""
     outcome = yield
+    _check_marker_slas(pyfuncitem)
+    _check_baselines(pyfuncitem)
+    return outcome
+
+
+def _check_baselines(item: pytest.Item) -> None:
+    """Compare this test's results with their baselines (and save them, as asked)."""
+    results = item.stash.get(RESULTS_KEY, [])
+    gate = item.config.stash[STATE_KEY].gate
+    if not results or gate is None or not gate.active:
+        return
+    outcomes = gate_results(results, gate)
+    item.stash[GATE_KEY] = [o.to_check(gate) for o in outcomes]
+    failing = [o for o in outcomes if o.fails(gate)]
+    if failing:
+        exc = RegressionFailed(failing)
+        exc.from_marker = True  # type: ignore[attr-defined]  # the table says it all
+        raise exc
+
+
+def _check_marker_slas(pyfuncitem: pytest.Item) -> None:
     markers = list(pyfuncitem.iter_markers("sla"))
     if not markers:
-        return outcome
+        return
     results = pyfuncitem.stash.get(RESULTS_KEY, [])
     if not results:
         pytest.fail("@pytest.mark.sla is set but the test ran no load: call infmax.run(...)", pytrace=False)
@@ -243,7 +273,6 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Any:
             f.context for f in failures if f.context))
         exc.from_marker = True  # type: ignore[attr-defined]  # reported without our traceback
         raise exc
-    return outcome
 
 
 @pytest.hookimpl(wrapper=True)
@@ -252,10 +281,18 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if call.when != "call":
         return report
     if call.excinfo is not None and getattr(call.excinfo.value, "from_marker", False):
-        # The marker's verdicts are the whole story; the plugin's frames would only distract.
+        # The verdicts are the whole story; the plugin's frames would only distract.
         exc = call.excinfo.value
-        brief = "; ".join(f"{v.objective} (measured {_shown(v)})" for v in exc.failures)
-        report.longrepr = f"SLA failed: {brief}\n\n{exc}"
+        if isinstance(exc, RegressionFailed):
+            brief = "; ".join(o.message() for o in exc.outcomes)
+            what = "baseline regression" if any(o.report is not None for o in exc.outcomes) else "baseline check failed"
+            report.longrepr = f"{what}: {brief}\n\n{exc.tables()}"
+        else:
+            brief = "; ".join(f"{v.objective} (measured {_shown(v)})" for v in exc.failures)
+            report.longrepr = f"SLA failed: {brief}\n\n{exc}"
+    checks = item.stash.get(GATE_KEY, [])
+    if checks:
+        report.infmax_checks = checks
     sweeps = item.stash.get(SWEEPS_KEY, [])
     if sweeps:
         report.infmax_sweeps = [sweep_to_dict(sw, name=item.nodeid) for sw in sweeps]
@@ -263,7 +300,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if results:
         settings = item.config.stash[STATE_KEY].settings
         # Plots and the HTML report are drawn from the per-request records too.
-        want_records = any(settings[k] for k in ("json", "html", "plots"))
+        want_records = any(settings[k] for k in ("json", "html", "plots", "benchmark_json"))
         report.infmax_results = [
             {"summary": r.summary(), "full": r.to_dict(include_records=want_records)} for r in results
         ]
@@ -298,6 +335,7 @@ class ResultCollector:
             self.state.rows.append(entry["summary"])
             self.state.full_results.append(entry["full"])
         self.state.sweeps.extend(getattr(report, "infmax_sweeps", None) or ())
+        self.state.checks.extend(getattr(report, "infmax_checks", None) or ())
 
     def _path(self, name: str) -> Path | None:
         value = self.state.settings[name]
@@ -315,10 +353,14 @@ class ResultCollector:
         servers = list({repr(r.get("server")): r.get("server") for r in state.full_results}.values())
         doc = reports.results_document(state.full_results, servers)
         doc["sweeps"] = state.sweeps
+        doc["checks"] = state.checks
         json_path = self._path("json")
         if json_path is not None:
             state.json_written = reports.write_json_atomic(json_path, doc)
             state.written.append(json_path)
+        bench_path = self._path("benchmark_json")
+        if bench_path is not None:
+            state.written.append(reports.write_json_atomic(bench_path, export_benchmark_json(doc["results"])))
         rendered: Any = "auto"
         if settings["plots"]:
             rendered = self._write_plots(doc, json_path)
@@ -327,11 +369,11 @@ class ResultCollector:
             from .html_report import write_html_report
 
             state.written.append(write_html_report(
-                html_path, doc["results"], sweeps=doc["sweeps"], environment=doc["environment"],
+                html_path, doc["results"], sweeps=doc["sweeps"], checks=doc["checks"], environment=doc["environment"],
                 servers=servers, plots=rendered, title="infmax report"))
         markdown_path = self._path("markdown")
         if markdown_path is not None or (settings["step_summary"] and os.environ.get("GITHUB_STEP_SUMMARY")):
-            md = markdown_summary(doc["results"], doc["sweeps"], title="infmax results",
+            md = markdown_summary(doc["results"], doc["sweeps"], doc["checks"], title="infmax results",
                                   artifacts=[p.name for p in state.written])
             if markdown_path is not None:
                 markdown_path.parent.mkdir(parents=True, exist_ok=True)
@@ -362,6 +404,11 @@ class ResultCollector:
             return
         terminalreporter.write_sep("=", "infmax results")
         terminalreporter.write_line(reports.format_table(state.rows))
+        if state.checks:
+            terminalreporter.write_sep("-", "infmax baselines")
+            for check in state.checks:
+                mark = "ok  " if check["passed"] else "FAIL"
+                terminalreporter.write_line(f"{mark} {check['message']}")
         for path in state.written:
             terminalreporter.write_line(f"infmax: wrote {path}")
         for note in state.notes:

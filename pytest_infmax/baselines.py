@@ -1,0 +1,998 @@
+"""Baselines: what earlier runs of each perf test measured, kept for comparison.
+
+One JSON file per result key (the pytest node id, plus ``[c=N]`` for sweep points)
+under a baselines directory (default ``.infmax/baselines/``). A file holds
+
+* ``format``: ``pytest-infmax-baseline/1``;
+* ``key``: the result key, and ``testbed``: what the numbers are only valid for
+  (GPU model and count, driver, engine and its version, model, server options);
+* ``runs``: a bounded history (default the last 10) of runs, oldest first. Each
+  run keeps its per-request samples in send order (``ttft``, ``tpot``, ``e2e``,
+  ``itl_mean``, ``itl_max``; seconds, rounded to 0.1 µs), its run-level scalars
+  (throughput, error rate, cost when a price was given), the full metrics summary,
+  the workload and the environment it ran in.
+
+Several runs are kept because between-run variance (a server start differs from
+the next by more than requests differ within one run) can only be estimated from
+several runs; :mod:`pytest_infmax.compare` explains how they are used.
+
+Files are written atomically with sorted keys and indentation so that they diff
+well in git. They are plain JSON and never pickled; a file that cannot be read is
+a :class:`CorruptBaselineError` naming the file and the fix, never a traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from .records import RequestRecord
+from .reports import environment, write_json_atomic
+
+if TYPE_CHECKING:
+    from .compare import CompareOptions, ComparisonReport
+    from .cost import Price
+    from .results import LoadResult
+
+FORMAT = "pytest-infmax-baseline/1"
+FORMAT_NAME, _, _FORMAT_VERSION = FORMAT.rpartition("/")
+FORMAT_VERSION = int(_FORMAT_VERSION)
+DEFAULT_DIR = ".infmax/baselines"
+DEFAULT_HISTORY = 10
+
+#: per-request sample arrays a run keeps (seconds, send order)
+SAMPLE_METRICS: tuple[str, ...] = ("ttft", "tpot", "e2e", "itl_mean", "itl_max")
+#: run-level figures a run keeps (from Metrics; cost_per_mtok only with a price)
+SCALAR_KEYS: tuple[str, ...] = (
+    "throughput_per_gpu", "output_throughput_per_gpu", "input_throughput_per_gpu", "throughput",
+    "output_throughput", "request_throughput", "error_rate", "goodput_ratio", "duration",
+    "num_requests", "num_ok", "num_errors", "num_gpus",
+)
+#: workload fields that must match for two runs to be comparable
+WORKLOAD_KEYS: tuple[str, ...] = (
+    "scenario", "concurrency", "rate", "rate_infinite", "burstiness", "max_concurrency", "extra_body",
+)
+#: testbed fields always present (None where unknown)
+TESTBED_KEYS: tuple[str, ...] = (
+    "gpu_model", "gpu_count", "driver", "engine", "engine_version", "model", "server_options",
+)
+_SAMPLE_DECIMALS = 7  # seconds: 0.1 µs
+
+# server argv flags whose value changes from one start to the next (ports, temp files, pids)
+_VOLATILE_FLAGS = frozenset({
+    "--host", "--port", "--port-file", "--parent-pid", "--log-file", "--trace-file", "--master-port",
+    "--master_port", "--dist-init-addr", "--nccl-port",
+})
+
+
+# -- errors --------------------------------------------------------------------------
+
+
+class BaselineError(Exception):
+    """A baseline cannot be used; the message says why and what to do."""
+
+    __test__ = False  # not a pytest test class, even when imported into a test module
+
+
+class CorruptBaselineError(BaselineError):
+    """A baseline file is not valid JSON or not a pytest-infmax baseline."""
+
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(
+            f"baseline file {self.path} is unusable: {reason}. Rewrite it with --infmax-update "
+            f"(or `infmax` compare against another file), or delete it to start a new history"
+        )
+
+
+@dataclass(frozen=True)
+class Difference:
+    """One field that differs between the baseline and the current run."""
+
+    where: str  # "testbed" or "workload"
+    name: str
+    baseline: Any
+    current: Any
+
+    def __str__(self) -> str:
+        return f"{self.where} {self.name}: baseline {_show(self.baseline)}, current {_show(self.current)}"
+
+
+class BaselineMismatch(BaselineError):
+    """The baseline was recorded on another testbed or with another workload."""
+
+    __test__ = False
+
+    def __init__(self, key: str, differences: Sequence[Difference], path: Path | None = None) -> None:
+        self.key = key
+        self.differences = list(differences)
+        self.path = path
+        fields = "; ".join(str(d) for d in self.differences)
+        where = f" ({path})" if path else ""
+        super().__init__(
+            f"baseline for {key}{where} was recorded on a different testbed or workload, so the numbers "
+            f"are not comparable: {fields}. Compare anyway with force (--infmax-compare-force, "
+            f"`infmax compare --force`), or start a new baseline with --infmax-update"
+        )
+
+    @property
+    def fields(self) -> list[str]:
+        return [d.name for d in self.differences]
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return repr(" ".join(str(v) for v in value))
+    return repr(value)
+
+
+# -- one run ---------------------------------------------------------------------------
+
+
+@dataclass
+class BaselineRun:
+    """One measured run in compact form: what comparisons need, nothing more.
+
+    ``samples`` are per-request values in send order (time-contiguous, which the
+    block bootstrap relies on), seconds. ``scalars`` are run-level figures
+    (``None`` where not measured).
+    """
+
+    name: str
+    samples: dict[str, list[float]]
+    scalars: dict[str, float | None]
+    workload: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+    environment: dict[str, Any] = field(default_factory=dict)
+    recorded_at: str = ""
+    started_at: float | None = None
+
+    # -- construction ---------------------------------------------------------------
+
+    @classmethod
+    def from_result(
+        cls,
+        result: LoadResult | Mapping[str, Any],
+        *,
+        price: Price | float | None = None,
+        environment_info: Mapping[str, Any] | None = None,
+    ) -> BaselineRun:
+        """Compact a ``LoadResult`` (or its ``to_dict()`` with records, as xdist workers send).
+
+        ``price`` ($/GPU-hour, or a :class:`~pytest_infmax.cost.Price`) adds
+        ``cost_per_mtok`` ($ per million total tokens at the measured throughput).
+        """
+        if isinstance(result, Mapping):
+            return cls._from_dict_result(result, price=price, environment_info=environment_info)
+        metrics = result.metrics
+        run = result.run
+        return cls._build(
+            name=result.name,
+            records=[r for r in result.records if not r.warmup],
+            summary=metrics.to_dict(),
+            workload=result.config.to_dict(),
+            num_gpus=result.num_gpus,
+            started_at=run.epoch_origin,
+            price=price,
+            environment_info=environment_info,
+        )
+
+    @classmethod
+    def _from_dict_result(
+        cls, result: Mapping[str, Any], *, price: Price | float | None, environment_info: Mapping[str, Any] | None
+    ) -> BaselineRun:
+        try:
+            raw_records = result["records"]
+            summary = dict(result["metrics"])
+            name = str(result["name"])
+        except (KeyError, TypeError) as exc:
+            raise BaselineError(
+                f"result {result.get('name', '?')} has no {exc}: "
+                "a baseline needs per-request records (LoadResult.to_dict(include_records=True))"
+            ) from None
+        records = [RequestRecord.from_dict(r) for r in raw_records]
+        return cls._build(
+            name=name,
+            records=[r for r in records if not r.warmup],
+            summary=summary,
+            workload=dict(result.get("load") or {}),
+            num_gpus=int(result.get("num_gpus") or summary.get("num_gpus") or 1),
+            started_at=result.get("started_at"),
+            price=price,
+            environment_info=environment_info,
+        )
+
+    @classmethod
+    def _build(
+        cls,
+        *,
+        name: str,
+        records: Sequence[RequestRecord],
+        summary: dict[str, Any],
+        workload: dict[str, Any],
+        num_gpus: int,
+        started_at: float | None,
+        price: Price | float | None,
+        environment_info: Mapping[str, Any] | None,
+    ) -> BaselineRun:
+        scalars: dict[str, float | None] = {key: _finite(summary.get(key)) for key in SCALAR_KEYS}
+        scalars["num_gpus"] = float(num_gpus)
+        if price is not None:
+            from .cost import cost_per_million_tokens
+
+            usd = price if isinstance(price, (int, float)) else price.usd_per_gpu_hour
+            tput = scalars.get("throughput")
+            scalars["cost_per_mtok"] = (
+                cost_per_million_tokens(float(usd), num_gpus, tput) if tput is not None else None
+            )
+        env = environment()
+        env.pop("written_at", None)
+        env.update(environment_info or {})
+        return cls(
+            name=name,
+            samples=compact_samples(records),
+            scalars=scalars,
+            workload=workload_of(workload),
+            summary=summary,
+            environment=env,
+            recorded_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            started_at=started_at,
+        )
+
+    # -- access -------------------------------------------------------------------
+
+    def values(self, metric: str) -> np.ndarray:
+        """Per-request samples of a metric (send order); empty when not kept."""
+        return np.asarray(self.samples.get(metric) or [], dtype=np.float64)
+
+    def scalar(self, metric: str) -> float | None:
+        return _finite(self.scalars.get(metric))
+
+    @property
+    def concurrency(self) -> int | None:
+        c = self.workload.get("concurrency") or self.workload.get("max_concurrency")
+        return int(c) if c else None
+
+    # -- serialisation ----------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "recorded_at": self.recorded_at,
+            "started_at": self.started_at,
+            "workload": self.workload,
+            "samples": {k: [round(float(x), _SAMPLE_DECIMALS) for x in v] for k, v in self.samples.items()},
+            "scalars": self.scalars,
+            "summary": self.summary,
+            "environment": self.environment,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> BaselineRun:
+        """Parse and validate; raises ValueError saying what is wrong."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"a run must be an object, got {type(d).__name__}")
+        samples = d.get("samples")
+        if not isinstance(samples, Mapping):
+            raise ValueError("a run has no 'samples' object")
+        clean: dict[str, list[float]] = {}
+        for key, values in samples.items():
+            if not isinstance(values, list) or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in values
+            ):
+                raise ValueError(f"samples[{key!r}] must be a list of numbers")
+            clean[str(key)] = [float(x) for x in values]
+        scalars = d.get("scalars")
+        if not isinstance(scalars, Mapping):
+            raise ValueError("a run has no 'scalars' object")
+        for key, value in scalars.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"scalars[{key!r}] must be a number or null")
+        for key in ("workload", "summary", "environment"):
+            if not isinstance(d.get(key, {}), Mapping):
+                raise ValueError(f"a run's {key!r} must be an object")
+        return cls(
+            name=str(d.get("name", "")),
+            samples=clean,
+            scalars={str(k): (None if v is None else float(v)) for k, v in scalars.items()},
+            workload=dict(d.get("workload") or {}),
+            summary=dict(d.get("summary") or {}),
+            environment=dict(d.get("environment") or {}),
+            recorded_at=str(d.get("recorded_at", "")),
+            started_at=d.get("started_at"),
+        )
+
+
+def merge_runs(runs: Sequence[BaselineRun], name: str | None = None) -> BaselineRun:
+    """One run from repeats that shared a server start (one warm server).
+
+    Repeats against the same start share its between-run offset, so they are
+    not independent runs; comparing them as separate runs would understate the
+    noise. Their samples are concatenated (in order) and their scalars averaged.
+    """
+    if not runs:
+        raise ValueError("merge_runs needs at least one run")
+    samples: dict[str, list[float]] = {}
+    for run in runs:
+        for key, values in run.samples.items():
+            samples.setdefault(key, []).extend(values)
+    scalars: dict[str, float | None] = {}
+    for key in {k for run in runs for k in run.scalars}:
+        values = [run.scalars.get(key) for run in runs]
+        known = [v for v in values if v is not None]
+        scalars[key] = sum(known) / len(known) if len(known) == len(values) else None
+    first = runs[0]
+    return BaselineRun(name=name or first.name, samples=samples, scalars=scalars, workload=dict(first.workload),
+                       summary={}, environment=dict(first.environment), recorded_at=runs[-1].recorded_at,
+                       started_at=first.started_at)
+
+
+def compact_samples(records: Iterable[RequestRecord]) -> dict[str, list[float]]:
+    """Per-request arrays of successful measured requests, in send order.
+
+    ``itl_mean`` / ``itl_max`` summarise each request's inter-token latencies
+    (the per-token definition of :meth:`RequestRecord.itls`), so the per-chunk
+    times need not be kept.
+    """
+    ok = sorted((r for r in records if r.ok and not r.warmup), key=lambda r: (r.send_time, r.index))
+    out: dict[str, list[float]] = {name: [] for name in SAMPLE_METRICS}
+    for r in ok:
+        for name, value in (("ttft", r.ttft), ("tpot", r.tpot), ("e2e", r.e2e)):
+            if value is not None and math.isfinite(value):
+                out[name].append(round(value, _SAMPLE_DECIMALS))
+        gaps = r.itls()
+        if gaps:
+            out["itl_mean"].append(round(float(np.mean(gaps)), _SAMPLE_DECIMALS))
+            out["itl_max"].append(round(float(np.max(gaps)), _SAMPLE_DECIMALS))
+    return out
+
+
+def workload_of(load: Mapping[str, Any]) -> dict[str, Any]:
+    """The load configuration as stored with a run (``LoadConfig.to_dict()`` fields)."""
+    out = {key: load.get(key) for key in WORKLOAD_KEYS}
+    for key in ("num_requests", "warmup", "duration", "seed"):
+        out[key] = load.get(key)
+    return out
+
+
+def _finite(x: Any) -> float | None:
+    if x is None or isinstance(x, bool):
+        return None
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+# -- testbed ---------------------------------------------------------------------------
+
+
+def normalise_server_options(command: Sequence[str] | str | None) -> list[str]:
+    """The server command without what changes between starts.
+
+    The executable keeps only its base name (virtualenv paths differ between
+    machines); ``--host``, ``--port``, ``--port-file``, ``--parent-pid`` and other
+    per-start values are dropped, in both ``--flag value`` and ``--flag=value`` forms.
+    """
+    if command is None:
+        return []
+    argv = command.split() if isinstance(command, str) else [str(a) for a in command]
+    out: list[str] = []
+    skip = False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        flag, eq, _ = arg.partition("=")
+        if flag in _VOLATILE_FLAGS:
+            skip = not eq
+            continue
+        if i == 0 and "/" in arg:
+            arg = arg.rsplit("/", 1)[-1]
+        out.append(arg)
+    return out
+
+
+def build_testbed(server: Mapping[str, Any] | None, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What a baseline is keyed by, from ``LoadResult.server`` plus facts the plugin knows.
+
+    ``extra`` may set ``gpu_model``, ``gpu_count``, ``driver``, ``engine_version``
+    (e.g. from :func:`gpu_testbed`) and any further field to key on; its values
+    win over those derived from ``server``. Every field in :data:`TESTBED_KEYS`
+    is present, ``None`` when unknown.
+    """
+    server = dict(server or {})
+    kind = server.get("kind")
+    options: Any = normalise_server_options(server.get("command"))
+    if kind == "endpoint":  # nothing is started: the endpoint itself is the option
+        options = [str(server.get("base_url"))] if server.get("base_url") else []
+    tb: dict[str, Any] = {
+        "gpu_model": None,
+        "gpu_count": server.get("num_gpus"),
+        "driver": None,
+        "engine": kind,
+        "engine_version": None,
+        "model": server.get("model"),
+        "server_options": options,
+    }
+    for key, value in (extra or {}).items():
+        tb[str(key)] = _plain(value)
+    return tb
+
+
+def gpu_testbed() -> dict[str, Any]:
+    """GPU model, count and driver from NVML; ``{}`` where NVML is not available."""
+    try:
+        from . import telemetry
+
+        gpus = telemetry.gpus()
+    except Exception:  # no NVML, no driver, no GPU: nothing to add
+        return {}
+    if not gpus:
+        return {}
+    names = sorted({g.name for g in gpus})
+    return {"gpu_model": " + ".join(names), "gpu_count": len(gpus), "driver": gpus[0].driver}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+def differences(
+    baseline_testbed: Mapping[str, Any] | None,
+    current_testbed: Mapping[str, Any] | None,
+    baseline_workload: Mapping[str, Any] | None = None,
+    current_workload: Mapping[str, Any] | None = None,
+) -> list[Difference]:
+    """Fields whose values differ (testbed: every field; workload: :data:`WORKLOAD_KEYS`).
+
+    Only known values are compared: a field that is None (unknown) on one side
+    is listed by :func:`unknown_fields`, not here: a results file cannot know the
+    GPU that a baseline recorded through NVML.
+    """
+    out: list[Difference] = []
+    if baseline_testbed is not None and current_testbed is not None:
+        for key in sorted(set(baseline_testbed) | set(current_testbed)):
+            a, b = _plain(baseline_testbed.get(key)), _plain(current_testbed.get(key))
+            if a is not None and b is not None and a != b:
+                out.append(Difference("testbed", key, a, b))
+    if baseline_workload is not None and current_workload is not None:
+        for key in WORKLOAD_KEYS:
+            a, b = _plain(baseline_workload.get(key)), _plain(current_workload.get(key))
+            if a != b and not (key == "extra_body" and not a and not b):
+                out.append(Difference("workload", key, a, b))
+    return out
+
+
+def unknown_fields(baseline_testbed: Mapping[str, Any] | None, current_testbed: Mapping[str, Any] | None) -> list[str]:
+    """Testbed fields known on one side only (not checked by :func:`differences`)."""
+    if baseline_testbed is None or current_testbed is None:
+        return []
+    return sorted(key for key in set(baseline_testbed) | set(current_testbed)
+                  if (baseline_testbed.get(key) is None) != (current_testbed.get(key) is None))
+
+
+# -- one test's history ---------------------------------------------------------------------
+
+
+@dataclass
+class Baseline:
+    """The stored history of one result key on one testbed (oldest run first)."""
+
+    key: str
+    testbed: dict[str, Any]
+    runs: list[BaselineRun]
+    history: int = DEFAULT_HISTORY
+    path: Path | None = None
+
+    @property
+    def latest(self) -> BaselineRun:
+        return self.runs[-1]
+
+    @property
+    def workload(self) -> dict[str, Any]:
+        return self.latest.workload if self.runs else {}
+
+    def differences(self, testbed: Mapping[str, Any] | None, workload: Mapping[str, Any] | None = None) -> list[Difference]:
+        return differences(self.testbed, testbed, self.workload if workload is not None else None, workload)
+
+    def check(self, testbed: Mapping[str, Any] | None, workload: Mapping[str, Any] | None = None) -> None:
+        """Raise :class:`BaselineMismatch` naming each field that differs."""
+        diffs = self.differences(testbed, workload)
+        if diffs:
+            raise BaselineMismatch(self.key, diffs, self.path)
+
+    def with_run(self, run: BaselineRun) -> Baseline:
+        """A copy with ``run`` appended and the oldest runs dropped beyond ``history``."""
+        runs = [*self.runs, run][-self.history:]
+        return Baseline(self.key, dict(self.testbed), runs, self.history, self.path)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "key": self.key,
+            "testbed": self.testbed,
+            "history": self.history,
+            "runs": [r.to_dict() for r in self.runs],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any, path: Path | None = None) -> Baseline:
+        """Parse and validate a baseline document; ValueError says what is wrong."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"the document is a JSON {type(d).__name__}, not an object")
+        fmt = d.get("format")
+        if not isinstance(fmt, str) or not fmt.startswith(FORMAT_NAME + "/"):
+            raise ValueError(f"'format' is {fmt!r}, expected {FORMAT!r}")
+        try:
+            version = int(fmt.rpartition("/")[2])
+        except ValueError:
+            raise ValueError(f"'format' is {fmt!r}, expected {FORMAT!r}") from None
+        if version > FORMAT_VERSION:
+            raise ValueError(f"it was written by a newer pytest-infmax (format {fmt}; this one reads {FORMAT})")
+        key = d.get("key")
+        if not isinstance(key, str) or not key:
+            raise ValueError("'key' is missing")
+        testbed = d.get("testbed")
+        if not isinstance(testbed, Mapping):
+            raise ValueError("'testbed' is missing")
+        runs = d.get("runs")
+        if not isinstance(runs, list) or not runs:
+            raise ValueError("'runs' must be a non-empty list")
+        history = d.get("history", DEFAULT_HISTORY)
+        if isinstance(history, bool) or not isinstance(history, int) or history < 1:
+            raise ValueError(f"'history' must be a whole number >= 1, got {history!r}")
+        parsed = []
+        for i, run in enumerate(runs):
+            try:
+                parsed.append(BaselineRun.from_dict(run))
+            except ValueError as exc:
+                raise ValueError(f"runs[{i}]: {exc}") from None
+        return cls(key, dict(testbed), parsed, history, path)
+
+
+def load_baseline(path: str | os.PathLike[str]) -> Baseline:
+    """Read one baseline file; :class:`CorruptBaselineError` if it cannot be used."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise CorruptBaselineError(path, "it is not UTF-8 text") from None
+    except OSError as exc:
+        raise BaselineError(f"cannot read baseline file {path}: {exc.strerror or exc}") from None
+    if not text.strip():
+        raise CorruptBaselineError(path, "it is empty")
+    try:
+        doc = json.loads(text, parse_constant=_reject_constant)
+    except ValueError as exc:
+        raise CorruptBaselineError(path, f"it is not valid JSON ({exc}); was the write interrupted?") from None
+    try:
+        return Baseline.from_dict(doc, path)
+    except ValueError as exc:
+        raise CorruptBaselineError(path, str(exc)) from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed in a baseline")
+
+
+# -- the directory -----------------------------------------------------------------------------
+
+
+def safe_filename(key: str, max_length: int = 96) -> str:
+    """A file name for a result key: readable, safe on every OS, stable, collision-free.
+
+    Characters other than letters, digits, ``.``, ``-`` and ``_`` become ``_``
+    (runs collapsed); the name is cut to ``max_length`` and ends with 10 hex digits
+    of the key's SHA-1, so two keys never share a file. The same key always gives
+    the same name.
+    """
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", key).strip("._") or "result"
+    slug = slug[:max_length].rstrip("._-")
+    digest = hashlib.sha1(key.encode("utf-8")).hexdigest()[:10]
+    return f"{slug}-{digest}.json"
+
+
+Mode = Literal["append", "replace"]
+
+
+class BaselineStore:
+    """A directory of baselines, one file per result key.
+
+    The plugin's options map onto it: ``--infmax-save``/``--infmax-autosave``
+    call :meth:`save` (append to the history; refused on another testbed),
+    ``--infmax-update`` calls :meth:`save` with ``mode="replace"`` (a new history,
+    also over a corrupt file), ``--infmax-compare`` calls :meth:`compare`.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str] = DEFAULT_DIR, *, history: int = DEFAULT_HISTORY) -> None:
+        if isinstance(history, bool) or not isinstance(history, int) or history < 1:
+            raise ValueError(f"history must be a whole number >= 1, got {history!r}")
+        self.directory = Path(directory)
+        self.history = history
+
+    def path_for(self, key: str) -> Path:
+        return self.directory / safe_filename(key)
+
+    def load(self, key: str) -> Baseline | None:
+        """The baseline of ``key``; None when there is none; CorruptBaselineError if unusable."""
+        path = self.path_for(key)
+        if not path.exists():
+            return None
+        baseline = load_baseline(path)
+        if baseline.key != key:
+            raise CorruptBaselineError(path, f"it holds the baseline of {baseline.key!r}, not of {key!r}")
+        return baseline
+
+    def save(
+        self,
+        key: str,
+        runs: BaselineRun | Sequence[BaselineRun],
+        testbed: Mapping[str, Any],
+        *,
+        mode: Mode = "append",
+    ) -> Baseline:
+        """Add runs to the history of ``key`` (``append``) or start it anew (``replace``).
+
+        ``append`` refuses (:class:`BaselineMismatch`) when the stored baseline is
+        from another testbed or workload, and (:class:`CorruptBaselineError`) when
+        the stored file is unusable: both say to use ``--infmax-update``.
+        """
+        new_runs = [runs] if isinstance(runs, BaselineRun) else list(runs)
+        if not new_runs:
+            raise ValueError("save() needs at least one run")
+        if mode not in ("append", "replace"):
+            raise ValueError(f"mode must be 'append' or 'replace', got {mode!r}")
+        path = self.path_for(key)
+        current = None if mode == "replace" else self.load(key)
+        testbed = _plain(dict(testbed))
+        if current is None:
+            baseline = Baseline(key, testbed, [], self.history, path)
+        else:
+            current.check(testbed, new_runs[0].workload)
+            baseline = Baseline(key, current.testbed, current.runs, self.history, path)
+        for run in new_runs:
+            baseline = baseline.with_run(run)
+        write_json_atomic(path, _sorted(baseline.to_dict()))
+        _make_readable(path)
+        baseline.path = path
+        return baseline
+
+    def compare(
+        self,
+        key: str,
+        current: BaselineRun | Sequence[BaselineRun],
+        testbed: Mapping[str, Any],
+        *,
+        options: CompareOptions | None = None,
+        force: bool = False,
+    ) -> ComparisonReport | None:
+        """Compare current run(s) with the stored baseline; None when there is none.
+
+        Raises :class:`BaselineMismatch` (unless ``force``) and
+        :class:`CorruptBaselineError`.
+        """
+        from .compare import compare_baseline
+
+        baseline = self.load(key)
+        if baseline is None:
+            return None
+        return compare_baseline(baseline, current, testbed=testbed, options=options, force=force)
+
+    def keys(self) -> list[str]:
+        return [b.key for b in self]
+
+    def __iter__(self) -> Iterator[Baseline]:
+        """Every readable baseline in the directory (a corrupt file raises)."""
+        if not self.directory.is_dir():
+            return
+        for path in sorted(self.directory.glob("*.json")):
+            yield load_baseline(path)
+
+
+def _make_readable(path: Path) -> None:
+    """Baselines are shared (committed, read by other CI users): rw-r--r-- rather
+    than the private mode of the temporary file they were written as."""
+    try:
+        os.chmod(path, 0o644)
+    except OSError:
+        pass
+
+
+def _sorted(value: Any) -> Any:
+    """Sorted keys all the way down (write_json_atomic keeps insertion order)."""
+    if isinstance(value, Mapping):
+        return {str(k): _sorted(value[k]) for k in sorted(value, key=str)}
+    if isinstance(value, (list, tuple)):
+        return [_sorted(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def result_keys(names: Sequence[str]) -> list[str]:
+    """Unique keys for the results of one test: a repeated name gets ``#2``, ``#3``...
+
+    A test that calls ``infmax.run`` twice with the same name must not put both
+    runs into one history.
+    """
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
+    return out
+
+
+# -- results files --------------------------------------------------------------------------
+
+
+def runs_from_results_document(doc: Any, source: str = "results") -> dict[str, tuple[dict[str, Any], list[BaselineRun]]]:
+    """Runs of an ``--infmax-json`` document by result name (repeats together), each
+    with its testbed (the result's ``testbed`` if the plugin wrote one, else derived
+    from its ``server``)."""
+    if not isinstance(doc, Mapping) or not isinstance(doc.get("results"), list):
+        raise BaselineError(f"{source} is not an --infmax-json results file (no 'results' list)")
+    out: dict[str, tuple[dict[str, Any], list[BaselineRun]]] = {}
+    for result in doc["results"]:
+        if not isinstance(result, Mapping) or "records" not in result:
+            raise BaselineError(
+                f"{source}: result {result.get('name') if isinstance(result, Mapping) else '?'} has no "
+                "per-request records; write it with --infmax-json, which keeps them"
+            )
+        try:
+            run = BaselineRun.from_result(result)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BaselineError(f"{source}: result {result.get('name')!r} cannot be read: {exc}") from None
+        testbed = result.get("testbed")
+        if not isinstance(testbed, Mapping):
+            testbed = build_testbed(result.get("server") if isinstance(result.get("server"), Mapping) else None)
+        out.setdefault(run.name, (dict(testbed), []))[1].append(run)
+    return out
+
+
+def load_runs(path: str | os.PathLike[str]) -> dict[str, tuple[dict[str, Any], list[BaselineRun]]]:
+    """Result key -> (testbed, runs) from a baseline file, a directory of them, or
+    an ``--infmax-json`` results file. Unreadable input raises :class:`BaselineError`."""
+    path = Path(path)
+    if path.is_dir():
+        return {b.key: (b.testbed, b.runs) for b in BaselineStore(path)}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BaselineError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
+        raise CorruptBaselineError(path, f"it is not valid JSON ({exc}); was the write interrupted?") from None
+    if isinstance(doc, Mapping) and "results" in doc and "format" in doc and not str(doc["format"]).startswith(FORMAT_NAME):
+        return runs_from_results_document(doc, str(path))
+    baseline = load_baseline(path)
+    return {baseline.key: (baseline.testbed, baseline.runs)}
+
+
+# -- pytest-benchmark export -----------------------------------------------------------------
+
+BENCHMARK_METRICS: tuple[str, ...] = ("ttft", "tpot", "e2e", "itl")
+
+
+def export_benchmark_json(
+    results: Iterable[LoadResult | Mapping[str, Any] | BaselineRun],
+    *,
+    machine_info: Mapping[str, Any] | None = None,
+    commit_info: Mapping[str, Any] | None = None,
+    include_data: bool = True,
+    metrics: Sequence[str] = BENCHMARK_METRICS,
+) -> dict[str, Any]:
+    """Results in pytest-benchmark's JSON layout (``--benchmark-json`` / saved runs).
+
+    Each result gives one benchmark per latency metric (``<name>::ttft`` ...,
+    grouped by result name) whose "rounds" are the per-request values in seconds,
+    with pytest-benchmark's statistics (min, max, mean, stddev, rounds, median,
+    iqr, q1, q3, outliers, ld15iqr, hd15iqr, ops, total; quartiles by its
+    method), plus ``<name>::throughput_per_gpu`` whose one round is seconds per
+    token per GPU, so that its ``ops`` is the throughput (tok/s/GPU) and lower is
+    better as everywhere in pytest-benchmark. ``extra_info`` keeps the unit, the
+    scenario and load, p90/p99 (which pytest-benchmark lacks) and the scalars.
+    ``pytest-benchmark compare FILE`` reads the output.
+    """
+    benchmarks: list[dict[str, Any]] = []
+    for result in results:
+        name, data, scalars, info = _benchmark_source(result)
+        for metric in metrics:
+            values = data.get(metric)
+            if values is None or len(values) == 0:
+                continue
+            benchmarks.append(_benchmark_entry(name, metric, [float(v) for v in values], info, scalars, include_data))
+        tput = scalars.get("throughput_per_gpu")
+        if tput:
+            benchmarks.append(_benchmark_entry(name, "throughput_per_gpu", [1.0 / tput], info, scalars, include_data))
+    return {
+        "machine_info": dict(machine_info) if machine_info is not None else benchmark_machine_info(),
+        "commit_info": dict(commit_info) if commit_info is not None else benchmark_commit_info(),
+        "benchmarks": benchmarks,
+        "datetime": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
+        "version": "5.1.0",  # the pytest-benchmark JSON layout this follows
+    }
+
+
+def _benchmark_source(
+    result: LoadResult | Mapping[str, Any] | BaselineRun,
+) -> tuple[str, dict[str, Sequence[float]], dict[str, float | None], dict[str, Any]]:
+    if isinstance(result, BaselineRun):
+        data: dict[str, Sequence[float]] = {m: result.samples.get(m, []) for m in ("ttft", "tpot", "e2e")}
+        data["itl"] = result.samples.get("itl_mean", [])
+        return result.name, data, dict(result.scalars), {"workload": result.workload, "itl": "per-request mean"}
+    if isinstance(result, Mapping):
+        run = BaselineRun.from_result(result)
+        records = [RequestRecord.from_dict(r) for r in result["records"]]
+        return run.name, _latencies(records), dict(run.scalars), {"workload": run.workload}
+    run = BaselineRun.from_result(result)
+    return run.name, _latencies(result.records), dict(run.scalars), {"workload": run.workload}
+
+
+def _latencies(records: Sequence[RequestRecord]) -> dict[str, Sequence[float]]:
+    ok = sorted((r for r in records if r.ok and not r.warmup), key=lambda r: r.send_time)
+    return {
+        "ttft": [r.ttft for r in ok if r.ttft is not None],
+        "tpot": [r.tpot for r in ok if r.tpot is not None],
+        "e2e": [r.e2e for r in ok if r.e2e is not None],
+        "itl": [gap for r in ok for gap in r.itls()],
+    }
+
+
+def _benchmark_entry(
+    name: str, metric: str, data: list[float], info: dict[str, Any], scalars: dict[str, float | None], include_data: bool
+) -> dict[str, Any]:
+    stats = benchmark_stats(data)
+    if include_data:
+        stats["data"] = data
+    stats["iterations"] = 1
+    unit = "s/token/GPU (ops = tok/s/GPU)" if metric == "throughput_per_gpu" else "s"
+    extra: dict[str, Any] = {"metric": metric, "unit": unit, **_plain(info)}
+    if metric != "throughput_per_gpu":
+        arr = np.asarray(data)
+        extra.update({"p90": float(np.percentile(arr, 90)), "p99": float(np.percentile(arr, 99))})
+    extra["scalars"] = {k: v for k, v in scalars.items() if v is not None}
+    return {
+        "group": name,
+        "name": f"{name}::{metric}",
+        "fullname": f"{name}::{metric}",
+        "params": None,
+        "param": None,
+        "extra_info": extra,
+        "options": {"disable_gc": False, "timer": "perf_counter", "min_rounds": len(data),
+                    "max_time": None, "min_time": None, "warmup": False},
+        "stats": stats,
+    }
+
+
+def benchmark_stats(data: Sequence[float]) -> dict[str, Any]:
+    """pytest-benchmark's ``Stats.as_dict()`` for these rounds, computed as it does.
+
+    Sample standard deviation (0 for one round); quartiles by its methods
+    (median of halves for an even count, Tukey-style weights for an odd one);
+    outliers as ``"<stddev outliers>;<iqr outliers>"``; ops = rounds / total.
+    """
+    values = [float(x) for x in data]
+    if not values:
+        raise ValueError("benchmark_stats needs at least one value")
+    s = sorted(values)
+    n = len(s)
+    mean = sum(s) / n
+    if n > 1:
+        stddev = math.sqrt(sum((x - mean) ** 2 for x in s) / (n - 1))
+    else:
+        stddev = 0.0
+    median = _median(s)
+    if n == 1:
+        q1 = q3 = s[0]
+    elif n % 2:
+        k, r = n // 4, n % 4
+        if r == 1:
+            q1 = 0.25 * s[k - 1] + 0.75 * s[k]
+            q3 = 0.75 * s[3 * k] + 0.25 * s[3 * k + 1]
+        else:
+            q1 = 0.75 * s[k] + 0.25 * s[k + 1]
+            q3 = 0.25 * s[3 * k + 1] + 0.75 * s[3 * k + 2]
+    else:
+        q1 = _median(s[: n // 2])
+        q3 = _median(s[n // 2:])
+    iqr = q3 - q1
+    low, high = q1 - 1.5 * iqr, q3 + 1.5 * iqr
+    iqr_outliers = sum(1 for x in s if x < low or x > high)
+    stddev_outliers = sum(1 for x in s if x < mean - stddev or x > mean + stddev)
+    if n == 1:
+        ld15iqr = hd15iqr = s[0]
+    else:
+        import bisect
+
+        ld15iqr = s[bisect.bisect_left(s, low)]
+        pos = bisect.bisect_right(s, high)
+        hd15iqr = s[-1] if pos == n else s[pos]
+    total = sum(s)
+    return {
+        "min": s[0],
+        "max": s[-1],
+        "mean": mean,
+        "stddev": stddev,
+        "rounds": n,
+        "median": median,
+        "iqr": iqr,
+        "q1": q1,
+        "q3": q3,
+        "iqr_outliers": iqr_outliers,
+        "stddev_outliers": stddev_outliers,
+        "outliers": f"{stddev_outliers};{iqr_outliers}",
+        "ld15iqr": ld15iqr,
+        "hd15iqr": hd15iqr,
+        "ops": n / total if total else 0,
+        "total": total,
+    }
+
+
+def _median(s: Sequence[float]) -> float:
+    n = len(s)
+    mid = n // 2
+    return s[mid] if n % 2 else (s[mid - 1] + s[mid]) / 2
+
+
+def benchmark_machine_info() -> dict[str, Any]:
+    """pytest-benchmark's ``machine_info`` keys, from the standard library."""
+    return {
+        "node": platform.node(),
+        "processor": platform.processor(),
+        "machine": platform.machine(),
+        "python_compiler": platform.python_compiler(),
+        "python_implementation": platform.python_implementation(),
+        "python_implementation_version": platform.python_version(),
+        "python_version": platform.python_version(),
+        "python_build": list(platform.python_build()),
+        "release": platform.release(),
+        "system": platform.system(),
+        "cpu": {"arch": platform.machine(), "count": os.cpu_count(), "brand_raw": platform.processor()},
+    }
+
+
+def benchmark_commit_info(cwd: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """pytest-benchmark's ``commit_info`` keys, read from git (read-only) where there is one."""
+    info: dict[str, Any] = {"id": "unversioned", "time": None, "author_time": None, "dirty": False,
+                            "project": Path(cwd or os.getcwd()).name, "branch": "(unknown)"}
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=5, check=True,
+                                 env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"})  # read-only: no index refresh
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip()
+
+    commit = git("rev-parse", "HEAD")
+    if commit:
+        info["id"] = commit
+        info["time"] = git("show", "-s", "--pretty=format:%cI")
+        info["author_time"] = git("show", "-s", "--pretty=format:%aI")
+        info["dirty"] = bool(git("status", "--porcelain", "--untracked-files=no"))
+        branch = git("rev-parse", "--abbrev-ref", "HEAD")
+        info["branch"] = "(detached head)" if branch == "HEAD" else (branch or "(unknown)")
+    return info

@@ -1,0 +1,880 @@
+"""Regression verdicts: is the current run slower than its baseline, and how sure are we?
+
+Three verdicts, as in Chromium's Pinpoint, plus improvements:
+
+* ``regressed``: the change is significantly worse than zero *and* its interval
+  reaches past the minimum effect (default 5 %): it may well matter;
+* ``same``: the interval lies inside ±minimum effect (equivalence, as in a TOST):
+  any change is too small to matter, including a real but tiny one;
+* ``improved``: the mirror image of ``regressed``;
+* ``unsure``: neither: the interval straddles zero and reaches past the minimum
+  effect. Run more (more baseline history, or repeats of the current run).
+
+Why not Mann-Whitney on the requests? Requests of one closed-loop run share engine
+steps (their latencies are correlated), and a server start differs from the next
+(clocks, placement, warm-up) by more than requests differ within a run. Treating a
+run's requests as independent samples therefore makes the test ever more "sure"
+as requests grow, while the thing that actually varies, the run, was sampled once:
+such a gate flaps (``benchmarks/regression_error_rates.py`` measures it).
+
+The model, per gated statistic (e.g. p99 TTFT), on the log scale, for run j::
+
+    y_j = log(statistic of run j) = mu + b_j + w_j
+
+``b_j`` is the between-run (per server start) effect with variance ``sigma_b^2``;
+``w_j`` the within-run sampling error of the statistic, whose variance comes from a
+**circular block bootstrap** over time-contiguous blocks of requests (block = the
+concurrency of a closed-loop run: the requests that share engine steps), so
+correlation between requests is kept inside a block. The per-run variance
+``tau^2 = sigma_b^2 + var(w)`` is estimated from the **spread of the baseline's run
+history** (and of the current repeats, if any), shrunk towards a documented
+**conservative prior** (default run-to-run sd 3 % for medians, more for tails;
+4 pseudo-degrees of freedom) plus the bootstrap within-run variance::
+
+    tau_hat^2 = (nu0 * (prior^2 + mean within var) + sum of squares of runs about their group means)
+                / (nu0 + (k - 1) + (n - 1))
+
+The change ``d = mean(y_current) - mean(y_baseline)`` has standard error
+``tau_hat * sqrt(1/k + 1/n)`` with Student-t ``nu0 + k + n - 2`` degrees of freedom:
+a prediction interval for a new run when n = 1. With one baseline run there is no
+history, the prior alone sets the interval, and verdicts lean to ``unsure``. Run-level
+scalars (throughput, cost) have one value per run and no within-run part: they are
+compared against the spread of repeated runs when there are several, and by their
+ratio against the prior otherwise; each row says which.
+
+Error rates: ``alpha`` (default 1 %) is the chance that a comparison of two
+identical setups yields ``regressed`` on any gated metric; it is split over the
+gated metrics (Bonferroni), each interval being a two-sided ``1 - 2*alpha/m``
+interval whose lower end is a one-sided ``alpha/m`` bound.
+
+:class:`SequentialComparison` decides after each batch of requests with an
+always-valid (asymptotic) confidence sequence, so peeking is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import numpy as np
+from scipy import stats as sps
+
+from .baselines import (
+    Baseline, BaselineError, BaselineMismatch, BaselineRun, Difference, differences, load_runs, unknown_fields,
+)
+from .metrics import METRICS, SCALAR_METRICS, parse_stat, stat_quantile
+
+Verdict = Literal["regressed", "unsure", "improved", "same"]
+VERDICT_ORDER: tuple[Verdict, ...] = ("regressed", "unsure", "improved", "same")
+
+#: per-request metrics a gate can name (samples kept in baselines; interactivity = 1/tpot)
+SAMPLE_GATE_METRICS: tuple[str, ...] = ("ttft", "tpot", "e2e", "itl_mean", "itl_max", "interactivity")
+#: run-level metrics a gate can name (one value per run)
+SCALAR_GATE_METRICS: tuple[str, ...] = (*SCALAR_METRICS, "cost_per_mtok")
+_LOWER_IS_BETTER_SCALARS = {"cost_per_mtok", "error_rate", "duration"}
+
+
+# -- what is gated -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Gate:
+    """One gated statistic: ``p99(ttft)``, ``mean(tpot)`` or a scalar like ``throughput_per_gpu``."""
+
+    metric: str
+    stat: str | None = None
+
+    @classmethod
+    def parse(cls, text: str | Gate) -> Gate:
+        if isinstance(text, Gate):
+            return text
+        s = text.strip()
+        m = re.fullmatch(r"([A-Za-z0-9.]+)\(\s*([a-z0-9_]+)\s*\)", s)
+        if m:
+            metric = m.group(2)
+            if metric not in SAMPLE_GATE_METRICS:
+                raise ValueError(
+                    f"gate {text!r}: {metric!r} has no per-request samples; "
+                    f"use one of {', '.join(SAMPLE_GATE_METRICS)}"
+                )
+            stat = parse_stat(m.group(1))
+            if stat in ("std", "min", "max"):
+                raise ValueError(f"gate {text!r}: gate a percentile, mean or median, not {stat}")
+            return cls(metric, "p50" if stat == "median" else stat)
+        if re.fullmatch(r"[a-z0-9_]+", s):
+            if s in SAMPLE_GATE_METRICS:
+                raise ValueError(f"gate {text!r} is a per-request metric; say which statistic, e.g. p99({s})")
+            if s not in SCALAR_GATE_METRICS:
+                raise ValueError(f"gate {text!r}: unknown run-level metric; use one of {', '.join(SCALAR_GATE_METRICS)}")
+            return cls(s, None)
+        raise ValueError(f"gate {text!r}: expected STAT(METRIC) such as p99(ttft), or a scalar such as throughput_per_gpu")
+
+    @property
+    def label(self) -> str:
+        return self.metric if self.stat is None else f"{self.stat}({self.metric})"
+
+    @property
+    def higher_is_better(self) -> bool:
+        if self.metric == "interactivity":
+            return True
+        if self.metric in SAMPLE_GATE_METRICS or self.metric in _LOWER_IS_BETTER_SCALARS:
+            return False
+        info = METRICS.get(self.metric)
+        return bool(info.higher_is_better) if info else False
+
+    @property
+    def unit(self) -> str:
+        if self.metric in ("ttft", "tpot", "e2e", "itl_mean", "itl_max"):
+            return "ms"
+        if self.metric == "cost_per_mtok":
+            return "$/Mtok"
+        info = METRICS.get(self.metric)
+        return info.unit if info else ""
+
+    def __str__(self) -> str:
+        return self.label
+
+
+DEFAULT_GATES: tuple[Gate, ...] = tuple(
+    Gate.parse(s)
+    for s in (
+        "p50(ttft)", "p90(ttft)", "p99(ttft)",
+        "p50(tpot)", "p90(tpot)", "p99(tpot)",
+        "p50(e2e)", "p90(e2e)", "p99(e2e)",
+        "throughput_per_gpu", "cost_per_mtok",
+    )
+)
+
+
+def parse_gates(spec: str | Sequence[str | Gate]) -> tuple[Gate, ...]:
+    """``"p50(tpot), p99(ttft), throughput_per_gpu"`` or a list of them."""
+    items = _split_gates(spec) if isinstance(spec, str) else list(spec)
+    gates = tuple(Gate.parse(g) for g in items)
+    if not gates:
+        raise ValueError("no gated metrics given")
+    return gates
+
+
+def _split_gates(spec: str) -> list[str]:
+    parts, depth, cur = [], 0, ""
+    for ch in spec:
+        depth += ch == "("
+        depth -= ch == ")"
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    return [p.strip() for p in parts if p.strip()]
+
+
+def default_prior_sigma(gate: Gate) -> float:
+    """Conservative prior run-to-run sd (log scale) of a gated statistic.
+
+    Our synthetic model, like published GPU variability (about 8 % spread between
+    GPUs of one SKU, Sinha et al., SC'22), has 2-3 % per server start; the prior
+    is set above that (3 % for medians and throughput, more for TTFT and tails,
+    whose sampling noise in a run of ~100 requests is larger), so that with little
+    history a comparison is more often ``unsure`` than wrong.
+    """
+    if gate.stat is None:
+        return 0.03 if gate.metric in ("throughput_per_gpu", "throughput", "output_throughput",
+                                       "output_throughput_per_gpu", "input_throughput",
+                                       "input_throughput_per_gpu", "request_throughput",
+                                       "cost_per_mtok") else 0.05
+    q = stat_quantile(gate.stat)
+    tail = 0 if q is None or q <= 75 else (1 if q <= 95 else 2)
+    if gate.metric == "ttft":
+        return (0.04, 0.05, 0.08)[tail]
+    if gate.metric == "itl_max":
+        return 0.08
+    return (0.03, 0.04, 0.06)[tail]
+
+
+@dataclass(frozen=True)
+class CompareOptions:
+    """How comparisons are made. Defaults are what the measured error rates in
+    docs/baselines.md were obtained with.
+
+    ``min_effect``: the smallest relative change that matters (0.05 = 5 %).
+    ``alpha``: chance of a false ``regressed`` over all gates of one comparison.
+    ``prior_sigma``: overrides of the prior run-to-run sd by gate label or metric
+    name (``{"p99(ttft)": 0.1, "tpot": 0.02}``); ``prior_df``: its weight in
+    pseudo-runs. ``bootstrap``: block-bootstrap resamples per run; ``block``:
+    block length in requests (None: the run's concurrency, else n^(1/3)).
+    """
+
+    gates: tuple[Gate, ...] = DEFAULT_GATES
+    min_effect: float = 0.05
+    alpha: float = 0.01
+    prior_sigma: Mapping[str, float] = field(default_factory=dict)
+    prior_df: float = 4.0
+    bootstrap: int = 200
+    block: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "gates", parse_gates(self.gates))
+        if not 0 < self.min_effect < 1:
+            raise ValueError(f"min_effect must be a fraction in (0, 1), e.g. 0.05 for 5 %; got {self.min_effect!r}")
+        if not 0 < self.alpha < 0.5:
+            raise ValueError(f"alpha must be in (0, 0.5), got {self.alpha!r}")
+        if not self.prior_df > 0:
+            raise ValueError(f"prior_df must be > 0, got {self.prior_df!r}")
+        if self.bootstrap < 50:
+            raise ValueError(f"bootstrap must be >= 50 resamples, got {self.bootstrap!r}")
+        if self.block is not None and self.block < 1:
+            raise ValueError(f"block must be >= 1 request, got {self.block!r}")
+        for key, value in self.prior_sigma.items():
+            if not value > 0:
+                raise ValueError(f"prior_sigma[{key!r}] must be > 0, got {value!r}")
+
+    def prior_for(self, gate: Gate) -> float:
+        for key in (gate.label, gate.metric):
+            if key in self.prior_sigma:
+                return float(self.prior_sigma[key])
+        return default_prior_sigma(gate)
+
+
+# -- results -------------------------------------------------------------------------------
+
+
+@dataclass
+class ComparisonRow:
+    """One gated statistic, baseline against current.
+
+    ``baseline``/``current`` are geometric means over runs (the value itself for
+    one run), in canonical units (seconds, tok/s ...); ``change`` is
+    current/baseline - 1 and ``interval`` its interval at ``level``; ``p_value``
+    is two-sided for "no change" (before the Bonferroni split).
+    """
+
+    gate: Gate
+    verdict: Verdict
+    baseline: float | None
+    current: float | None
+    change: float | None
+    interval: tuple[float, float] | None
+    level: float | None
+    p_value: float | None
+    method: str
+    baseline_runs: int
+    current_runs: int
+    run_sd: float | None = None  # estimated run-to-run sd (log scale) used
+    note: str = ""
+
+    @property
+    def label(self) -> str:
+        return self.gate.label
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "metric": self.gate.label,
+            "unit": self.gate.unit,
+            "higher_is_better": self.gate.higher_is_better,
+            "baseline": self.baseline,
+            "current": self.current,
+            "change": self.change,
+            "interval": list(self.interval) if self.interval else None,
+            "level": self.level,
+            "p_value": self.p_value,
+            "verdict": self.verdict,
+            "method": self.method,
+            "baseline_runs": self.baseline_runs,
+            "current_runs": self.current_runs,
+            "run_sd": self.run_sd,
+            "note": self.note,
+        }
+
+
+@dataclass
+class ComparisonReport:
+    """Every gated statistic of one result key; ``verdict`` is the worst of the rows
+    (regressed > unsure > improved > same)."""
+
+    key: str | None
+    rows: list[ComparisonRow]
+    options: CompareOptions
+    baseline_runs: int
+    current_runs: int
+    forced_differences: list[Difference] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    unchecked: list[str] = field(default_factory=list)  # testbed fields known on one side only
+
+    @property
+    def verdict(self) -> Verdict:
+        verdicts = {r.verdict for r in self.rows}
+        for v in VERDICT_ORDER:
+            if v in verdicts:
+                return v
+        return "unsure"  # nothing could be compared
+
+    @property
+    def regressed(self) -> bool:
+        return self.verdict == "regressed"
+
+    def rows_with(self, verdict: Verdict) -> list[ComparisonRow]:
+        return [r for r in self.rows if r.verdict == verdict]
+
+    def summary_line(self) -> str:
+        """``regressed: p50(tpot) +12.3% [+8.1%, +16.6%], ...`` for a test report."""
+        head = f"{self.key}: " if self.key else ""
+        worst = self.rows_with(self.verdict) if self.rows else []
+        parts = [f"{r.label} {_pct(r.change)} [{_pct(r.interval[0])}, {_pct(r.interval[1])}]"
+                 for r in worst if r.interval is not None and r.change is not None]
+        tail = f" ({self.baseline_runs} baseline vs {self.current_runs} current runs)"
+        return f"{head}{self.verdict}: " + (", ".join(parts) if parts else "nothing compared") + tail
+
+    def format_table(self, methods: bool = True) -> str:
+        return format_report(self, methods=methods)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "verdict": self.verdict,
+            "baseline_runs": self.baseline_runs,
+            "current_runs": self.current_runs,
+            "min_effect": self.options.min_effect,
+            "alpha": self.options.alpha,
+            "rows": [r.to_dict() for r in self.rows],
+            "forced_differences": [str(d) for d in self.forced_differences],
+            "skipped": list(self.skipped),
+            "unchecked_testbed_fields": list(self.unchecked),
+        }
+
+
+# -- the comparison --------------------------------------------------------------------------
+
+
+def compare_baseline(
+    baseline: Baseline,
+    current: BaselineRun | Sequence[BaselineRun],
+    *,
+    testbed: Mapping[str, Any] | None = None,
+    options: CompareOptions | None = None,
+    force: bool = False,
+) -> ComparisonReport:
+    """Compare current run(s) with a stored baseline.
+
+    Refuses (:class:`~pytest_infmax.baselines.BaselineMismatch`, naming each field)
+    when the testbed (if given) or the workload differs, unless ``force``; forced
+    differences are kept in the report.
+    """
+    runs = [current] if isinstance(current, BaselineRun) else list(current)
+    if not runs:
+        raise ValueError("compare_baseline needs at least one current run")
+    diffs = differences(baseline.testbed if testbed is not None else None, testbed,
+                        baseline.workload, runs[0].workload)
+    if diffs and not force:
+        raise BaselineMismatch(baseline.key, diffs, baseline.path)
+    report = compare_runs(baseline.runs, runs, options=options, key=baseline.key)
+    report.forced_differences = diffs
+    report.unchecked = unknown_fields(baseline.testbed, testbed)
+    return report
+
+
+def compare_files(
+    baseline_path: str,
+    current_path: str,
+    *,
+    options: CompareOptions | None = None,
+    force: bool = False,
+    keys: Sequence[str] | None = None,
+    last: int | None = None,
+) -> tuple[list[ComparisonReport], list[str]]:
+    """``infmax compare``: baseline file/directory or results file against another.
+
+    Every run of the current side is a current run (repeats), or its last ``last``
+    runs. Returns the reports of keys on both sides and messages about the rest;
+    raises :class:`~pytest_infmax.baselines.BaselineError` for unreadable input and
+    :class:`~pytest_infmax.baselines.BaselineMismatch` for a testbed or workload
+    difference (unless ``force``).
+    """
+    base = load_runs(baseline_path)
+    cur = load_runs(current_path)
+    wanted = list(keys) if keys else sorted(set(base) | set(cur))
+    reports, messages = [], []
+    for key in wanted:
+        if key not in base or key not in cur:
+            side = "baseline" if key not in base else "current"
+            messages.append(f"{key}: not in the {side} ({baseline_path if side == 'baseline' else current_path})")
+            continue
+        testbed, runs = base[key]
+        cur_testbed, cur_runs = cur[key]
+        if last:
+            cur_runs = cur_runs[-last:]
+        baseline = Baseline(key, testbed, runs)
+        reports.append(compare_baseline(baseline, cur_runs, testbed=cur_testbed, options=options, force=force))
+    if not reports and not messages:
+        raise BaselineError(f"nothing to compare: no results in {baseline_path} or {current_path}")
+    return reports, messages
+
+
+def compare_runs(
+    baseline: Sequence[BaselineRun],
+    current: Sequence[BaselineRun] | BaselineRun,
+    *,
+    options: CompareOptions | None = None,
+    key: str | None = None,
+    cache: dict[Any, Any] | None = None,
+) -> ComparisonReport:
+    """Compare current run(s) with baseline run(s), one row per gate both sides have.
+
+    ``cache`` (a dict the caller keeps) reuses the bootstrap of runs seen before,
+    for many comparisons against one baseline with the same options.
+    """
+    opts = options or CompareOptions()
+    base = list(baseline)
+    cur = [current] if isinstance(current, BaselineRun) else list(current)
+    if not base or not cur:
+        raise ValueError("compare_runs needs at least one baseline run and one current run")
+    stats = _RunStatistics(opts, cache)
+    prepared = []
+    skipped = []
+    for gate in opts.gates:
+        ya, wa = stats.collect(base, gate, side=0)
+        yb, wb = stats.collect(cur, gate, side=1)
+        if ya is None or yb is None:
+            if ya is None and yb is None and opts.gates == DEFAULT_GATES:
+                continue  # a default gate this result does not have (cost without a price)
+            skipped.append(f"{gate.label}: {'not measured' if ya is None and yb is None else 'not on both sides'}"
+                           " (or not positive, so no ratio)")
+            continue
+        prepared.append((gate, ya, wa, yb, wb))
+    m = max(len({_family(g) for g, *_ in prepared}), 1)
+    rows = [_compare_gate(gate, ya, wa, yb, wb, opts, m, stats.block_used) for gate, ya, wa, yb, wb in prepared]
+    return ComparisonReport(key, rows, opts, len(base), len(cur), skipped=skipped)
+
+
+class _RunStatistics:
+    """Run-level statistics and their block-bootstrap within-run variances, cached per run."""
+
+    def __init__(self, opts: CompareOptions, cache: dict[Any, Any] | None = None) -> None:
+        self.opts = opts
+        self._cache: dict[Any, Any] = {} if cache is None else cache
+        self.block_used: dict[str, set[int]] = {}
+
+    def collect(
+        self, runs: Sequence[BaselineRun], gate: Gate, side: int
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """log statistic per run and its within-run variance (0 for scalars); None if any run lacks it."""
+        ys, ws = [], []
+        for i, run in enumerate(runs):
+            if gate.stat is None:
+                value = run.scalar(gate.metric)
+                if value is None or value <= 0:
+                    return None, None
+                ys.append(math.log(value))
+                ws.append(0.0)
+                continue
+            point, var = self._distribution(run, gate.metric, side, i)
+            value = point.get(gate.stat)
+            if value is None or not value > 0:
+                return None, None
+            ys.append(math.log(value))
+            ws.append(var.get(gate.stat, 0.0))
+        return np.asarray(ys), np.asarray(ws)
+
+    def _distribution(self, run: BaselineRun, metric: str, side: int, index: int) -> tuple[dict[str, float], dict[str, float]]:
+        key = (id(run), metric, side, index)
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] is run:  # the same object, not a new one at a reused id
+            return hit[1]
+        values = _metric_values(run, metric)
+        gate_stats = sorted({g.stat for g in self.opts.gates if g.metric == metric and g.stat})
+        if values.size == 0 or not gate_stats:
+            out: tuple[dict[str, float], dict[str, float]] = ({}, {})
+        else:
+            block = self.opts.block or default_block(run, values.size)
+            self.block_used.setdefault(metric, set()).add(block)
+            seed = [self.opts.seed, side, index, SAMPLE_GATE_METRICS.index(metric)]
+            out = run_statistics(values, gate_stats, block=block, resamples=self.opts.bootstrap,
+                                 rng=np.random.default_rng(seed))
+        self._cache[key] = (run, out)
+        return out
+
+
+def _family(gate: Gate) -> str:
+    """Gates that are exact transforms of one another count once in the Bonferroni split:
+    cost per token is price x GPUs / throughput, so its ratio is throughput's, inverted."""
+    if gate.metric in ("cost_per_mtok", "throughput", "throughput_per_gpu"):
+        return "throughput"
+    return gate.label
+
+
+def _metric_values(run: BaselineRun, metric: str) -> np.ndarray:
+    if metric == "interactivity":
+        tpot = run.values("tpot")
+        return 1.0 / tpot[tpot > 0]
+    return run.values(metric)
+
+
+def default_block(run: BaselineRun | None, n: int) -> int:
+    """Block length for the bootstrap: the closed loop's concurrency (requests that
+    share engine steps), else n^(1/3); at most n/5 so there are at least 5 blocks."""
+    c = run.concurrency if run is not None else None
+    block = c if c else max(1, round(n ** (1 / 3)))
+    return int(max(1, min(block, n // 5 if n >= 5 else 1)))
+
+
+def statistic(values: np.ndarray, stat: str, axis: int | None = None) -> Any:
+    q = stat_quantile(stat)
+    if q is not None:
+        return np.percentile(values, q, axis=axis)
+    if stat == "mean":
+        return np.mean(values, axis=axis)
+    if stat == "median":
+        return np.median(values, axis=axis)
+    raise ValueError(f"cannot gate on {stat!r}")
+
+
+def block_bootstrap_indices(n: int, block: int, resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """Circular block bootstrap: (resamples, n) indices made of ``block``-long runs
+    of consecutive requests starting at random places (wrapping around)."""
+    block = max(1, min(block, n))
+    nblocks = -(-n // block)
+    starts = rng.integers(0, n, size=(resamples, nblocks))
+    idx = (starts[:, :, None] + np.arange(block)) % n
+    return idx.reshape(resamples, nblocks * block)[:, :n]
+
+
+def run_statistics(
+    values: np.ndarray, stats: Sequence[str], *, block: int, resamples: int, rng: np.random.Generator
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Point value of each statistic and the block-bootstrap variance of its log."""
+    values = np.asarray(values, dtype=np.float64)
+    point = {s: float(statistic(values, s)) for s in stats}
+    if values.size < 4:
+        return point, {s: 0.0 for s in stats}
+    boot = np.sort(values[block_bootstrap_indices(values.size, block, resamples, rng)], axis=1)
+    var: dict[str, float] = {}
+    for s in stats:
+        q = stat_quantile(s)
+        b = _sorted_percentile(boot, q) if q is not None else np.asarray(statistic(boot, s, axis=1))
+        b = b[b > 0]
+        var[s] = float(np.var(np.log(b), ddof=1)) if b.size > 1 else 0.0
+    return point, var
+
+
+def _sorted_percentile(rows: np.ndarray, q: float) -> np.ndarray:
+    """numpy's default (linear) percentile of each already-sorted row."""
+    n = rows.shape[1]
+    pos = q / 100 * (n - 1)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, n - 1)
+    frac = pos - lo
+    return rows[:, lo] * (1 - frac) + rows[:, hi] * frac
+
+
+@dataclass(frozen=True)
+class RunNoise:
+    """The run-to-run variance estimate behind an interval."""
+
+    tau2: float  # per-run variance of the log statistic
+    df: float  # degrees of freedom of the t distribution
+    history_df: int  # of which from observed runs
+    prior_sd: float
+    within_sd: float  # sqrt of the mean bootstrap within-run variance
+
+
+def estimate_run_noise(
+    groups: Sequence[np.ndarray], within: Sequence[np.ndarray], prior_sd: float, prior_df: float
+) -> RunNoise:
+    """Pooled per-run variance of log statistics, shrunk towards the prior.
+
+    ``groups`` are log statistics of runs that share a mean (baseline runs;
+    current runs). The prior is ``prior_sd^2 + mean within-run variance`` with
+    ``prior_df`` pseudo degrees of freedom (a scaled inverse chi-square prior);
+    the estimate never falls below the mean within-run variance.
+    """
+    ss = sum(float(np.sum((g - g.mean()) ** 2)) for g in groups if len(g) > 1)
+    hist_df = sum(len(g) - 1 for g in groups)
+    w = np.concatenate([np.asarray(x, dtype=np.float64) for x in within]) if within else np.zeros(1)
+    w_mean = float(np.mean(w)) if w.size else 0.0
+    tau0 = prior_sd**2 + w_mean
+    tau2 = (prior_df * tau0 + ss) / (prior_df + hist_df)
+    return RunNoise(max(tau2, w_mean), prior_df + hist_df, hist_df, prior_sd, math.sqrt(w_mean))
+
+
+def _compare_gate(
+    gate: Gate, ya: np.ndarray, wa: np.ndarray, yb: np.ndarray, wb: np.ndarray,
+    opts: CompareOptions, m: int, blocks: Mapping[str, set[int]],
+) -> ComparisonRow:
+    k, n = len(ya), len(yb)
+    prior = opts.prior_for(gate)
+    noise = estimate_run_noise([ya, yb], [wa, wb], prior, opts.prior_df)
+    d = float(yb.mean() - ya.mean())
+    se = math.sqrt(noise.tau2 * (1 / k + 1 / n))
+    one_sided = opts.alpha / m
+    tq = float(sps.t.ppf(1 - one_sided, noise.df))
+    lo, hi = d - tq * se, d + tq * se
+    p = float(2 * sps.t.sf(abs(d) / se, noise.df)) if se > 0 else (0.0 if d else 1.0)
+    sign = -1.0 if gate.higher_is_better else 1.0
+    bad_lo, bad_hi = sorted((sign * lo, sign * hi))
+    verdict = decide(bad_lo, bad_hi, math.log1p(opts.min_effect))
+    method = _method(gate, k, n, noise, blocks.get(gate.metric), 1 - 2 * one_sided, m, opts.alpha)
+    note = _note(verdict, gate, k, n, noise, tq, opts, d)
+    return ComparisonRow(
+        gate=gate,
+        verdict=verdict,
+        baseline=math.exp(float(ya.mean())),
+        current=math.exp(float(yb.mean())),
+        change=math.expm1(d),
+        interval=(math.expm1(lo), math.expm1(hi)),
+        level=1 - 2 * one_sided,
+        p_value=p,
+        method=method,
+        baseline_runs=k,
+        current_runs=n,
+        run_sd=math.sqrt(noise.tau2),
+        note=note,
+    )
+
+
+def decide(bad_lo: float, bad_hi: float, margin: float) -> Verdict:
+    """The verdict from an interval of the change in the *worse* direction (log scale).
+
+    regressed: significantly worse (bad_lo > 0) and possibly by at least the margin
+    (bad_hi > margin); improved: the mirror image; same: inside (-margin, margin);
+    unsure: anything else.
+    """
+    if bad_lo > 0 and bad_hi > margin:
+        return "regressed"
+    if bad_hi < 0 and bad_lo < -margin:
+        return "improved"
+    if -margin < bad_lo and bad_hi < margin:
+        return "same"
+    return "unsure"
+
+
+def _method(gate: Gate, k: int, n: int, noise: RunNoise, blocks: set[int] | None, level: float,
+            m: int, alpha: float) -> str:
+    runs = f"{k} vs {n} run{'s' if n > 1 else ''}"
+    sd = math.sqrt(noise.tau2)
+    if noise.history_df:
+        spread = f"run sd {sd:.1%} ({noise.history_df} df history + prior {noise.prior_sd:.0%})"
+    else:
+        spread = f"run sd {sd:.1%} from prior {noise.prior_sd:.0%} (no history)"
+    if gate.stat is None:
+        kind = "one value/run vs spread of runs" if noise.history_df else "one value/run: ratio"
+        within = ""
+    else:
+        kind = "log ratio of run stats"
+        bl = "/".join(str(b) for b in sorted(blocks)) if blocks else "?"
+        within = f"; block bootstrap L={bl}"
+    return f"{kind}, {runs}; {spread}{within}; t({noise.df:g}), {m} gates"
+
+
+def _note(verdict: Verdict, gate: Gate, k: int, n: int, noise: RunNoise, tq: float, opts: CompareOptions,
+          d: float) -> str:
+    notes = []
+    if k < 3:
+        notes.append(f"{k} baseline run{'s' if k > 1 else ''}: interval from the prior; record >= 3 runs")
+    if verdict == "unsure":
+        notes.append(runs_needed(math.sqrt(noise.tau2), tq, k, math.log1p(opts.min_effect)))
+    return "; ".join(notes)
+
+
+def runs_needed(tau: float, tq: float, k: int, margin: float) -> str:
+    """What would settle the verdict whatever the change, at this run-to-run sd:
+    how many current runs (fresh server starts) in all, or more baseline history first."""
+    # an interval of half-width margin/2 always settles: it either excludes 0 or lies in ±margin
+    target = (margin / 2 / (tq * tau)) ** 2 if tau > 0 else math.inf  # need 1/k + 1/n <= target
+    if 1 / k >= target:
+        return "to settle: more baseline runs first"
+    n = math.ceil(1 / (target - 1 / k))
+    return f"to settle: ~{n} current runs (fresh starts) in all"
+
+
+# -- formatting --------------------------------------------------------------------------------
+
+
+def _pct(x: float | None) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x * 100:+.1f}%"
+
+
+def _value(x: float | None, gate: Gate) -> str:
+    if x is None:
+        return "n/a"
+    if gate.unit == "ms":
+        return f"{x * 1000:.3g} ms" if x * 1000 < 100 else f"{x * 1000:.0f} ms"
+    if gate.unit == "$/Mtok":
+        return f"${x:.4g}"
+    return f"{x:.4g} {gate.unit}".strip()
+
+
+def format_report(report: ComparisonReport, *, methods: bool = True) -> str:
+    """A fixed-width table: metric, baseline, current, change, interval, p, verdict, method."""
+    headers = ["metric", "baseline", "current", "change", "interval", "p", "verdict"]
+    if methods:
+        headers.append("method")
+    lines = []
+    for r in report.rows:
+        cells = [
+            r.label,
+            _value(r.baseline, r.gate),
+            _value(r.current, r.gate),
+            _pct(r.change),
+            f"[{_pct(r.interval[0])}, {_pct(r.interval[1])}]" if r.interval else "n/a",
+            "n/a" if r.p_value is None else (f"{r.p_value:.2g}" if r.p_value >= 1e-4 else "<1e-4"),
+            r.verdict.upper() if r.verdict == "regressed" else r.verdict,
+        ]
+        if methods:
+            cells.append(r.method + (f" [{r.note}]" if r.note else ""))
+        lines.append(cells)
+    widths = [max(len(h), *(len(c[i]) for c in lines)) if lines else len(h) for i, h in enumerate(headers)]
+    right = {1, 2, 3, 5}
+
+    def fmt(items: Sequence[str]) -> str:
+        return "  ".join(s.rjust(w) if i in right else s.ljust(w)
+                         for i, (s, w) in enumerate(zip(items, widths))).rstrip()
+
+    level = report.rows[0].level if report.rows else None
+    title = (f"{report.key or 'comparison'}: {report.verdict} ({report.baseline_runs} baseline run(s) vs "
+             f"{report.current_runs} current run(s); min effect {report.options.min_effect:.0%}"
+             + (f"; intervals at {level:.2%}" if level else "") + ")")
+    out = [title, fmt(headers), "  ".join("-" * w for w in widths)]
+    out += [fmt(c) for c in lines]
+    for d in report.forced_differences:
+        out.append(f"warning: compared across differing {d} (forced)")
+    if report.unchecked:
+        out.append(f"note: testbed fields known on one side only, not checked: {', '.join(report.unchecked)}")
+    for s in report.skipped:
+        out.append(f"skipped {s}")
+    return "\n".join(out)
+
+
+# -- sequential decisions ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SequentialState:
+    """Where a sequential comparison stands after the latest batch.
+
+    ``interval`` bounds the relative change (current/baseline - 1) and holds at
+    level ``1 - alpha`` simultaneously at every look. ``stop`` is True once the
+    verdict is settled (anything but ``unsure``) or the request cap is reached;
+    ``limited_by_history`` says the between-run part of the interval (which more
+    requests cannot shrink) is already wider than what is left of the within-run part.
+    """
+
+    requests: int
+    verdict: Verdict
+    settled: bool
+    stop: bool
+    change: float | None
+    interval: tuple[float, float] | None
+    within_half_width: float | None  # log scale, confidence-sequence part
+    between_half_width: float  # log scale, run-to-run part
+    limited_by_history: bool
+    reason: str
+
+
+class SequentialComparison:
+    """Decide after each batch of requests whether a gated statistic is settled.
+
+    An always-valid interval for the log change, union of two parts at error
+    ``alpha/2`` each:
+
+    * within the current run, an asymptotic confidence sequence (Waudby-Smith et
+      al., "Time-uniform central limit theory and asymptotic confidence
+      sequences", 2023; the normal-mixture boundary of Howard et al. 2021),
+      ``hat_t ± sd_t * sqrt(2 (t rho^2 + 1) / (t^2 rho^2) * log(sqrt(t rho^2 + 1) / (alpha/2)))``
+      with ``sd_t^2 = t * (block-bootstrap variance of the log statistic)`` and
+      ``rho`` tuned to the cap; it holds at every look at once, so checking
+      after each batch is not "peeking";
+    * between runs, a t bound on the baseline's mean plus the current start's own
+      offset, from the history (and prior) as in :func:`compare_runs`; it does
+      not shrink with more requests.
+
+    The verdict rule is :func:`decide` with ``min_effect``. Feed per-request values
+    of the gate's metric in send order with :meth:`update` (TPOTs for
+    ``interactivity``: they are inverted here, as for baselines); stop when
+    ``state.stop``. One gate per instance (split ``alpha`` for several).
+    """
+
+    def __init__(
+        self,
+        baseline: Sequence[BaselineRun],
+        gate: Gate | str = "p50(tpot)",
+        *,
+        alpha: float = 0.01,
+        min_effect: float = 0.05,
+        max_requests: int = 400,
+        min_requests: int | None = None,
+        block: int | None = None,
+        options: CompareOptions | None = None,
+    ) -> None:
+        self.gate = Gate.parse(gate)
+        if self.gate.stat is None:
+            raise ValueError("a sequential comparison needs a per-request statistic such as p50(tpot)")
+        if not baseline:
+            raise ValueError("a sequential comparison needs at least one baseline run")
+        self.opts = replace(options or CompareOptions(), gates=(self.gate,), alpha=alpha, min_effect=min_effect)
+        self.alpha = alpha
+        self.margin = math.log1p(min_effect)
+        self.max_requests = int(max_requests)
+        stats = _RunStatistics(self.opts)
+        ya, wa = stats.collect(list(baseline), self.gate, side=0)
+        if ya is None or wa is None:
+            raise ValueError(f"the baseline has no {self.gate.metric} samples")
+        self.baseline_log = float(ya.mean())
+        k = len(ya)
+        noise = estimate_run_noise([ya], [wa], self.opts.prior_for(self.gate), self.opts.prior_df)
+        # the baseline mean's error (tau^2/k) plus the current start's own offset (<= tau^2)
+        tq = float(sps.t.ppf(1 - alpha / 4, noise.df))
+        self.between = tq * math.sqrt(noise.tau2 * (1 + 1 / k))
+        self.block = block or default_block(baseline[0], len(baseline[0].values(self.gate.metric)) or 80)
+        self.min_requests = min_requests or max(4 * self.block, 16)
+        a = alpha / 2
+        self._rho2 = (-2 * math.log(a) + math.log(-2 * math.log(a) + 1)) / self.max_requests
+        self._values: list[float] = []
+        self._rng = np.random.default_rng(self.opts.seed)
+        self.state = SequentialState(0, "unsure", False, False, None, None, None, self.between,
+                                     self.between >= self.margin, "no requests yet")
+
+    def update(self, values: Iterable[float]) -> SequentialState:
+        """Add a batch of per-request values (send order) and decide."""
+        new = [float(v) for v in values]
+        if self.gate.metric == "interactivity":
+            new = [1.0 / v for v in new if v > 0]
+        self._values.extend(new)
+        t = len(self._values)
+        if t < self.min_requests:
+            self.state = replace(self.state, requests=t, reason=f"waiting for {self.min_requests} requests")
+            return self.state
+        arr = np.asarray(self._values)
+        point, var = run_statistics(arr, [self.gate.stat or "p50"], block=self.block,
+                                    resamples=self.opts.bootstrap, rng=self._rng)
+        stat = point[self.gate.stat or "p50"]
+        if not stat > 0:
+            raise ValueError(f"{self.gate.label} is not positive; cannot compare ratios")
+        d = math.log(stat) - self.baseline_log
+        sd2 = t * max(var[self.gate.stat or "p50"], 1e-12)
+        a = self.alpha / 2
+        r2 = self._rho2
+        within = math.sqrt(sd2 * 2 * (t * r2 + 1) / (t * t * r2) * math.log(math.sqrt(t * r2 + 1) / a))
+        lo, hi = d - within - self.between, d + within + self.between
+        sign = -1.0 if self.gate.higher_is_better else 1.0
+        bad_lo, bad_hi = sorted((sign * lo, sign * hi))
+        verdict = decide(bad_lo, bad_hi, self.margin)
+        settled = verdict != "unsure"
+        capped = t >= self.max_requests
+        limited = self.between >= max(within, 1e-12) or self.between >= self.margin
+        if settled:
+            reason = f"settled after {t} requests"
+        elif capped:
+            reason = f"request cap {self.max_requests} reached without a verdict"
+        elif self.between >= self.margin:
+            reason = "between-run noise alone exceeds the minimum effect: only 'regressed'/'improved' can settle"
+        else:
+            reason = "not settled yet"
+        self.state = SequentialState(t, verdict, settled, settled or capped, math.expm1(d),
+                                     (math.expm1(lo), math.expm1(hi)), within, self.between, limited, reason)
+        return self.state

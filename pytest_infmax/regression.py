@@ -1,0 +1,117 @@
+"""The regression gate for one test: compare its results with stored baselines, then save.
+
+Plain and importable: the plugin calls :func:`gate_results` after a test body
+(on the worker that ran it, so a regression fails that test), and sends the
+outcomes to the reports as plain dicts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .baselines import BaselineError, BaselineRun, BaselineStore, build_testbed, gpu_testbed, result_keys
+from .compare import CompareOptions, ComparisonReport
+from .results import LoadResult
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    """What the gate does this session (from --infmax-baselines, -compare, -save, -update...)."""
+
+    directory: Path
+    compare_set: str | None = "default"  # None: no comparison
+    save_set: str | None = None  # append this run to that set's history
+    update: bool = False  # replace the compared set's baselines with this run
+    fail_on_unsure: bool = False
+    force: bool = False  # compare across testbeds anyway
+    options: CompareOptions = field(default_factory=CompareOptions)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.compare_set or self.save_set or self.update)
+
+
+@dataclass
+class GateOutcome:
+    """One result's comparison and what was stored."""
+
+    key: str
+    report: ComparisonReport | None = None
+    note: str = ""  # e.g. "no baseline yet", "saved to main", an error
+    error: str | None = None  # a baseline problem the user must fix (corrupt file, other testbed)
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None or (self.report is not None and self.report.regressed)
+
+    def fails(self, settings: GateSettings) -> bool:
+        return self.failed or (settings.fail_on_unsure and self.report is not None
+                               and self.report.verdict == "unsure")
+
+    def message(self) -> str:
+        if self.error:
+            return f"{self.key}: {self.error}"
+        if self.report is None:
+            return f"{self.key}: {self.note}"
+        return self.report.summary_line() + (f"; {self.note}" if self.note else "")
+
+    def to_check(self, settings: GateSettings) -> dict[str, Any]:
+        """The dict the Markdown/HTML reports list under checks."""
+        return {
+            "name": f"baseline {self.key}",
+            "passed": not self.fails(settings),
+            "message": self.message(),
+            "verdict": None if self.report is None else self.report.verdict,
+            "comparison": None if self.report is None else self.report.to_dict(),
+        }
+
+
+def testbed_for(result: LoadResult) -> dict[str, Any]:
+    """The testbed a result's baseline is keyed by. The simulator runs the same anywhere,
+    so GPU facts of the machine are left out for it."""
+    extra = {} if result.server.get("kind") == "sim" else gpu_testbed()
+    return build_testbed(result.server, extra)
+
+
+def gate_results(results: list[LoadResult], settings: GateSettings) -> list[GateOutcome]:
+    """Compare each result with its baseline (if any), then save as asked."""
+    if not settings.active:
+        return []
+    compare_store = BaselineStore(settings.directory / settings.compare_set) if settings.compare_set else None
+    save_store = BaselineStore(settings.directory / settings.save_set) if settings.save_set else None
+    outcomes = []
+    for key, result in zip(result_keys([r.name for r in results]), results):
+        outcome = GateOutcome(key)
+        run = BaselineRun.from_result(result)
+        testbed = testbed_for(result)
+        try:
+            if compare_store is not None and not settings.update:
+                outcome.report = compare_store.compare(key, run, testbed, options=settings.options,
+                                                       force=settings.force)
+                if outcome.report is None:
+                    outcome.note = f"no baseline in {compare_store.directory} yet (recorded, not a failure)"
+            if settings.update and compare_store is not None:
+                compare_store.save(key, run, testbed, mode="replace")
+                outcome.note = f"baseline rewritten in {compare_store.directory}"
+            # A regressed run is not added to a history: it would widen the spread the gate learns.
+            if save_store is not None and not outcome.failed:
+                save_store.save(key, run, testbed)
+                outcome.note = "; ".join(filter(None, [outcome.note, f"saved to {save_store.directory}"]))
+        except BaselineError as exc:
+            outcome.error = str(exc)
+        outcomes.append(outcome)
+    return outcomes
+
+
+class RegressionFailed(AssertionError):
+    """A test's results regressed against their baselines (or a baseline is unusable)."""
+
+    def __init__(self, outcomes: list[GateOutcome]) -> None:
+        self.outcomes = outcomes
+        super().__init__("\n".join([o.message() for o in outcomes] + [self.tables()]))
+
+    def tables(self) -> str:
+        """Each comparison's table (metric, baseline, current, change, interval, p, verdict, method)."""
+        return "\n\n".join(o.report.format_table() for o in self.outcomes if o.report is not None)

@@ -1,0 +1,109 @@
+"""The regression gate as users run it: save, compare, update, corrupt files, exports."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+FAST = "--decode-step-ms 2 --decode-ms-per-seq 0.01"
+
+
+def _project(pytester: pytest.Pytester, sim_args: str = FAST) -> None:
+    pytester.makepyfile(test_perf="""
+        def test_one(infmax):
+            infmax.run("1k1k-mini", concurrency=4, num_requests=24, warmup=4)
+
+        def test_two(infmax):
+            infmax.run("1k1k-mini", concurrency=2, num_requests=8, warmup=0)
+    """)
+    pytester.makeini(f"[pytest]\ninfmax_sim_args = {sim_args}\nasyncio_default_fixture_loop_scope = function\n")
+
+
+def _files(pytester: pytest.Pytester, set_name: str = "default") -> dict[str, dict]:
+    folder = pytester.path / ".infmax" / "baselines" / set_name
+    return {p.name: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+
+
+def test_missing_baseline_is_recorded_then_compared(pytester: pytest.Pytester) -> None:
+    _project(pytester)
+    first = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-save", "default", "-k", "one")
+    first.assert_outcomes(passed=1)
+    first.stdout.fnmatch_lines(["*infmax baselines*", "ok * no baseline in * yet (recorded, not a failure)*"])
+    (name, doc), = _files(pytester).items()
+    assert "test_one" in name and len(doc["runs"]) == 1
+    second = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-k", "one")
+    second.assert_outcomes(passed=1)  # one baseline run: unsure at worst, never a false alarm here
+    second.stdout.fnmatch_lines(["ok * test_perf.py::test_one: * (1 baseline vs 1 current runs)*"])
+
+
+def test_two_fold_slowdown_fails_with_a_table_and_is_not_saved(pytester: pytest.Pytester) -> None:
+    _project(pytester)
+    pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-save", "default", "-k", "one") \
+        .assert_outcomes(passed=1)
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-k", "one", "--infmax-autosave", "--infmax-compare-force",
+        f"--infmax-sim-args={FAST} --slowdown 2")
+    result.assert_outcomes(failed=1)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines([
+        "*baseline regression: test_perf.py::test_one: regressed: *p50(tpot) +*",
+        "*metric*baseline*current*change*interval*verdict*",
+        "*p50(tpot)*REGRESSED*",
+        "FAIL test_perf.py::test_one: regressed*",
+    ])
+    (doc,) = _files(pytester).values()
+    assert len(doc["runs"]) == 1  # the regressed run did not join the history
+
+
+def test_testbed_change_is_refused_naming_what_differs(pytester: pytest.Pytester) -> None:
+    _project(pytester)
+    pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-save", "default", "-k", "one") \
+        .assert_outcomes(passed=1)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-k", "one",
+                                           f"--infmax-sim-args={FAST} --slowdown 2")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*baseline check failed*different testbed*server_options*--infmax-update*"])
+
+
+def test_corrupt_baseline_is_a_clear_error_and_update_rewrites_only_tests_that_ran(
+        pytester: pytest.Pytester) -> None:
+    _project(pytester)
+    pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-save", "default").assert_outcomes(passed=2)
+    files = _files(pytester)
+    one = next(n for n in files if "test_one" in n)
+    two = next(n for n in files if "test_two" in n)
+    folder = pytester.path / ".infmax" / "baselines" / "default"
+    (folder / one).write_text('{"format": "pytest-infmax-baseline/1", "runs": [')  # truncated
+    before_two = (folder / two).read_text()
+    broken = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-k", "one")
+    broken.assert_outcomes(failed=1)
+    out = broken.stdout.str()
+    assert one in out and "--infmax-update" in out and "Traceback" not in out
+    fixed = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-k", "one", "--infmax-update")
+    fixed.assert_outcomes(passed=1)
+    assert len(json.loads((folder / one).read_text())["runs"]) == 1
+    assert (folder / two).read_text() == before_two  # -k: the other test's baseline is untouched
+
+
+def test_benchmark_json_export(pytester: pytest.Pytester) -> None:
+    _project(pytester)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-k", "two", "--infmax-compare", "off",
+                                           "--infmax-benchmark-json", "bench.json")
+    result.assert_outcomes(passed=1)
+    doc = json.loads((pytester.path / "bench.json").read_text())
+    assert {"machine_info", "commit_info", "benchmarks", "datetime", "version"} <= set(doc)
+    names = {b["name"] for b in doc["benchmarks"]}
+    assert any(n.endswith("::ttft") for n in names) and any(n.endswith("::tpot") for n in names)
+    stats = doc["benchmarks"][0]["stats"]
+    assert {"min", "max", "mean", "stddev", "rounds", "median", "iqr", "q1", "q3", "ops"} <= set(stats)
+
+
+def test_bad_gate_settings_are_usage_errors(pytester: pytest.Pytester) -> None:
+    _project(pytester)
+    for args, message in ((["--infmax-min-effect", "150%"], "*--infmax-min-effect*between 0 and 100%*"),
+                          (["--infmax-save", "../x"], "*--infmax-save*plain name*"),
+                          (["--infmax-gates", "p99(nope)"], "*gates*")):
+        result = pytester.runpytest_subprocess("-p", "no:cacheprovider", *args)
+        assert result.ret == pytest.ExitCode.USAGE_ERROR, args
+        result.stderr.fnmatch_lines([message])
