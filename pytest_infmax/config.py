@@ -56,6 +56,14 @@ def _on_off(text: str) -> bool:
     raise ValueError("must be on or off")
 
 
+def _tier(text: str) -> str:
+    from .cost import TIERS
+
+    if text not in TIERS:
+        raise ValueError(f"must be one of {', '.join(TIERS)}")
+    return text
+
+
 def _set_name(text: str) -> str:
     name = text.strip()
     if not name or "/" in name or "\\" in name or name in (".", ".."):
@@ -143,6 +151,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("step_summary", "append the Markdown summary to $GITHUB_STEP_SUMMARY when that is set: "
             "on or off", True, _on_off, "on|off"),
     Setting("log_dir", "directory for server logs", ".infmax/logs", metavar="DIR"),
+    Setting("gpu_hour_usd", "$ per GPU-hour for cost per million tokens (default: SemiAnalysis' Aug 2025 "
+            "table for the GPU NVML reports or the simulator's profile)", None, _positive_float, "USD"),
+    Setting("price_tier", "row of the default price table: hyperscaler, neocloud or rental-3y", "neocloud",
+            _tier, "TIER"),
+    Setting("energy", "measure GPU energy through NVML while load runs (servers started on this "
+            "machine): on or off", True, _on_off, "on|off"),
+    Setting("usd_per_kwh", "electricity price, to cost the measured energy", None, _positive_float, "USD"),
     Setting("baselines", "directory of baseline sets (one JSON file per test in each set)",
             ".infmax/baselines", metavar="DIR"),
     Setting("compare", "compare each result with its baseline in this set, where one exists "

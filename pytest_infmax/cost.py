@@ -97,3 +97,49 @@ class TokenCost:
     def to_dict(self) -> dict[str, Any]:
         return {"usd_per_mtok_total": self.total, "usd_per_mtok_input": self.input,
                 "usd_per_mtok_output": self.output, "price": self.price.to_dict()}
+
+
+def choose_price(
+    user_usd: float | None,
+    tier: Tier,
+    server_kind: str,
+    sim_args: tuple[str, ...] = (),
+    nvml_gpu_name: str | None = None,
+) -> tuple[Price | None, str]:
+    """The price a result is costed at, and why (the reason is kept when there is none).
+
+    Precedence: the user's $/GPU-hour; else the default table for the GPU the
+    simulator's profile names, or the GPU NVML reports for a started server.
+    """
+    if user_usd is not None:
+        return user_price(user_usd, "--infmax-gpu-hour-usd"), ""
+    if server_kind == "sim":
+        profile = _sim_profile(sim_args)
+        if profile is None:
+            return None, "the default simulator models no GPU: pass --infmax-sim-args '--profile b200/...' or --infmax-gpu-hour-usd"
+        hardware = profile.split("/", 1)[0]
+        try:
+            price = default_price(hardware, tier)
+        except PriceError as exc:
+            return None, str(exc)
+        return Price(price.usd_per_gpu_hour, price.gpu, price.tier,
+                     f"{PRICE_SOURCE}, {price.gpu} {tier}, from the simulator profile {profile!r}"), ""
+    if server_kind == "endpoint":
+        return None, "a running endpoint's GPUs are unknown here: pass --infmax-gpu-hour-usd"
+    if nvml_gpu_name is None:
+        return None, "no GPU seen through NVML: pass --infmax-gpu-hour-usd"
+    try:
+        price = default_price(nvml_gpu_name, tier)
+    except PriceError as exc:
+        return None, str(exc)
+    return Price(price.usd_per_gpu_hour, price.gpu, price.tier,
+                 f"{PRICE_SOURCE}, {price.gpu} {tier}, GPU {nvml_gpu_name!r} reported by NVML"), ""
+
+
+def _sim_profile(sim_args: tuple[str, ...]) -> str | None:
+    for i, arg in enumerate(sim_args):
+        if arg == "--profile" and i + 1 < len(sim_args):
+            return sim_args[i + 1]
+        if arg.startswith("--profile="):
+            return arg.split("=", 1)[1]
+    return None

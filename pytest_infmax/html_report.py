@@ -172,7 +172,7 @@ def render_html(
     parts.append(_verdicts_section(results, checks))
     if sweeps:
         parts.append(_sweeps_section(results, sweeps))
-    if any(r.get("energy") for r in results):
+    if any((r.get("energy") or {}).get("measured") for r in results):
         parts.append(_energy_section(results))
     parts.append(_details_section(results))
     parts.append(_environment_section(env, servers))
@@ -182,7 +182,7 @@ def render_html(
 
 def _results_table(rows: list[dict[str, Any]]) -> str:
     with_cost = any(r["usd_per_mtok"] is not None for r in rows)
-    with_energy = any(r["energy"] for r in rows)
+    with_energy = any((r["energy"] or {}).get("measured") for r in rows)
     headers = ["test", "scenario", "load", "requests", "TTFT p50 (ms)", "TTFT p99 (ms)", "TPOT p50 (ms)",
                "interactivity (tok/s/user)", "throughput (tok/s/GPU)", "errors"]
     headers += ["$ / M tokens"] * with_cost + ["J / token"] * with_energy + ["SLA"]

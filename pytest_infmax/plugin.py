@@ -202,6 +202,10 @@ def infmax(request: pytest.FixtureRequest, infmax_server: Server) -> Infmax:
         on_result=results.append,
         on_sweep=request.node.stash.setdefault(SWEEPS_KEY, []).append,
         progress=_progress_writer(request.config),
+        energy=settings["energy"],
+        usd_per_kwh=settings["usd_per_kwh"],
+        gpu_hour_usd=settings["gpu_hour_usd"],
+        price_tier=settings["price_tier"],
     )
 
 

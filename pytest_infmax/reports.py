@@ -30,6 +30,7 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("interactivity", "tok/s/user", ".1f"),
     ("throughput_per_gpu", "tok/s/GPU", ".0f"),
     ("error_rate", "errors", "%"),
+    ("usd_per_mtok", "$/Mtok", ".4f"),
     ("sla", "SLA", "s"),
 )
 

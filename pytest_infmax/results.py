@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .cost import Price, TokenCost
+from .energy import EnergyReport
 from .load import LoadConfig, RunRecords
 from .metrics import GoodputLimits, Metrics, compute_metrics
 from .records import RequestRecord
@@ -32,6 +34,17 @@ class LoadResult:
     percentiles: tuple[float, ...] = DEFAULT_PERCENTILES
     goodput: GoodputLimits | None = None
     verdicts: list[Verdict] = field(default_factory=list)
+    price: Price | None = None  # what the GPU time is costed at; None: not priced
+    price_note: str = ""  # why there is no price
+    energy: EnergyReport | None = None  # GPU energy during the measured phase
+
+    @property
+    def cost(self) -> TokenCost | None:
+        """Cost per million total, input and output tokens at ``price``."""
+        if self.price is None:
+            return None
+        m = self.metrics
+        return TokenCost.of(self.price, self.num_gpus, m.throughput, m.input_throughput, m.output_throughput)
 
     @property
     def records(self) -> list[RequestRecord]:
@@ -93,6 +106,7 @@ class LoadResult:
             "interactivity": _num(m.value("interactivity", "p50")),
             "throughput_per_gpu": _num(m.value("throughput_per_gpu")),
             "error_rate": _num(m.value("error_rate")),
+            "usd_per_mtok": None if self.cost is None else self.cost.total,
             "sla": {None: "-", True: "PASS", False: "FAIL"}[self.passed],
         }
 
@@ -111,6 +125,8 @@ class LoadResult:
             "metrics": self.metrics.to_dict(),
             "sla": [verdict_to_dict(v) for v in self.verdicts],
             "passed": self.passed,
+            "cost": self.cost.to_dict() if self.cost is not None else {"not_priced": self.price_note or None},
+            "energy": self.energy.to_dict() if self.energy is not None else None,
         }
         if include_records:
             out["records"] = [r.to_dict(run.clock_origin) for r in run.records]

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .cost import Price
+from . import telemetry
+from .cost import Price, Tier, choose_price
+from .energy import EnergyReport, EnergySampler, NvmlPowerSource, gpus_for_pids
 from .load import LoadConfig, LoadConfigError, LoadGenerator
 from .metrics import GoodputLimits
 from .progress import Progress
@@ -37,6 +39,10 @@ class Infmax:
         on_result: Callable[[LoadResult], None] | None = None,
         on_sweep: Callable[[SweepResult], None] | None = None,
         progress: Callable[[str], None] | None = None,
+        energy: bool = True,
+        usd_per_kwh: float | None = None,
+        gpu_hour_usd: float | None = None,
+        price_tier: Tier = "neocloud",
     ) -> None:
         self.server = server
         self.name = name
@@ -46,6 +52,10 @@ class Infmax:
         self._on_result = on_result
         self._on_sweep = on_sweep
         self._progress = progress  # receives a progress line every few seconds of a long run
+        self.energy = energy
+        self.usd_per_kwh = usd_per_kwh
+        self._price: tuple[Price | None, str] | None = None
+        self._gpu_hour_usd, self._price_tier = gpu_hour_usd, price_tier
 
     def run(self, scenario: str | Scenario = "1k1k-mini", **kwargs: Any) -> LoadResult:
         """Run load and return its result; see :meth:`arun` for the arguments."""
@@ -156,7 +166,12 @@ class Infmax:
         if self._progress is not None:
             total = (plan.config.effective_num_requests or 0) + plan.config.effective_warmup or None
             on_record = Progress(self._progress, plan.name, plan.config.label, total).on_record
-        run = await generator.run(plan.config, on_record=on_record)
+        sampler, not_measured = self._energy_sampler()
+        try:
+            run = await generator.run(plan.config, on_record=on_record)
+        finally:
+            if sampler is not None:
+                sampler.stop()
         result = LoadResult(
             name=plan.name,
             config=plan.config,
@@ -166,10 +181,43 @@ class Infmax:
             percentiles=self.percentiles,
             goodput=plan.goodput,
         )
+        result.price, result.price_note = self.price()
+        result.energy = (sampler.report_for(result, self.usd_per_kwh) if sampler is not None
+                         else EnergyReport.not_measured(not_measured))
         self.results.append(result)
         if self._on_result is not None:
             self._on_result(result)
         return result
+
+    def price(self) -> tuple[Price | None, str]:
+        """The $/GPU-hour results are costed at (and why there is none, if so); chosen once."""
+        if self._price is None:
+            config = self.server.config
+            gpu_name = None
+            if config.kind not in ("sim", "endpoint") and self._gpu_hour_usd is None:
+                try:
+                    gpu_name = telemetry.gpus()[0].name
+                except Exception:  # no NVML here: no GPU to name
+                    gpu_name = None
+            self._price = choose_price(self._gpu_hour_usd, self._price_tier, config.kind, config.sim_args, gpu_name)
+        return self._price
+
+    def _energy_sampler(self) -> tuple[EnergySampler | None, str]:
+        """A running NVML sampler for the server's GPUs, or None and why energy is not measured."""
+        kind = self.server.config.kind
+        if not self.energy:
+            return None, "energy measurement is off (--infmax-energy off)"
+        if kind == "sim":
+            return None, "the simulator models no power"
+        if kind == "endpoint":
+            return None, "a running endpoint's GPUs may be on another machine"
+        ok, why = telemetry.available()
+        if not ok:
+            return None, why
+        pids = [p for p in (self.server.pid, *self.server.tracked) if p]
+        sampler = EnergySampler(NvmlPowerSource(gpus_for_pids(pids)))
+        sampler.start()
+        return sampler, ""
 
     def _conclude(self, result: LoadResult, plan: _Plan) -> LoadResult:
         __tracebackhide__ = True

@@ -496,7 +496,8 @@ def start_server(
     pid of the server once it has been stopped.
     """
     if config.kind == "endpoint":
-        return connect_endpoint(config)
+        # A running server answers at once or never; a short wait covers a restart in progress.
+        return connect_endpoint(config, timeout=min(30.0, config.startup_timeout))
     tries = 1 if config.kind == "sim" else PORT_TRIES  # the simulator binds port 0 itself
     failures: list[str] = []
     for attempt in range(1, tries + 1):

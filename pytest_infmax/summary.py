@@ -240,9 +240,12 @@ def markdown_summary(
             name = f"{md_code(c['name'])}: " if c.get("name") else ""
             out.append(f"- {mark} {name}{md_text(c.get('message', ''))}")
     energy_rows = [r for r in rows if r["energy"]]
-    if energy_rows:
+    if any(_measured(r) for r in energy_rows):
         out += ["", "### Energy", ""]
         out += _energy_table(energy_rows)
+    elif energy_rows:  # say why once, rather than a column of "not measured"
+        reasons = sorted({str(r["energy"].get("reason") or "unknown") for r in energy_rows})
+        out += ["", "Energy: not measured (" + "; ".join(md_text(x) for x in reasons) + ")."]
     if artifacts:
         out += ["", "Reports: " + ", ".join(md_code(a) for a in artifacts)]
     return "\n".join(out).rstrip() + "\n"
@@ -250,7 +253,7 @@ def markdown_summary(
 
 def _results_table(rows: list[dict[str, Any]], max_rows: int) -> list[str]:
     with_cost = any(r["usd_per_mtok"] is not None for r in rows)
-    with_energy = any(r["energy"] for r in rows)
+    with_energy = any(_measured(r) for r in rows)
     headers = ["test", "scenario", "load", "requests", "TTFT p50 (ms)", "TTFT p99 (ms)", "TPOT p50 (ms)",
                "interactivity (tok/s/user)", "throughput (tok/s/GPU)", "errors"]
     align = ["---", "---", "---", "--:", "--:", "--:", "--:", "--:", "--:", "--:"]
@@ -309,6 +312,10 @@ def _sweeps_section(sweeps: Sequence[Mapping[str, Any]]) -> list[str]:
             mark = "✅" if v.get("passed") else "❌"
             out.append(f"  - {mark} {md_text(v.get('message') or v.get('objective'))}")
     return out
+
+
+def _measured(row: Mapping[str, Any]) -> bool:
+    return bool(row.get("energy") and row["energy"].get("measured"))
 
 
 def _energy_table(rows: list[dict[str, Any]]) -> list[str]:

@@ -284,7 +284,7 @@ def test_dead_endpoint_is_a_clear_error(pytester: pytest.Pytester) -> None:
             pass
     """)
     result = pytester.runpytest_subprocess(
-        "-p", "no:cacheprovider", "--infmax-endpoint", "http://127.0.0.1:9",
+        "-p", "no:cacheprovider", "--infmax-endpoint", "http://127.0.0.1:9", "--infmax-startup-timeout", "2",
         timeout=120,
     )
     result.assert_outcomes(errors=1)

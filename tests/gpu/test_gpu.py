@@ -60,6 +60,14 @@ def test_server_on_gpu_is_measured_and_released(tmp_path: Path) -> None:
         )
         m = result.metrics
         assert m.num_ok == 16 and m.output_throughput > 0
+        # Energy through NVML during the measured phase, and a price from the GPU NVML names.
+        energy = result.energy
+        assert energy is not None and energy.measured, energy and energy.reason
+        assert energy.energy_j > 0 and energy.j_per_token > 0 and energy.avg_power_w > 20
+        assert result.price is not None and "reported by NVML" in result.price.source
+        print(f"energy: {energy.energy_j:.0f} J over {energy.duration_s:.1f} s ({energy.method}), "
+              f"{energy.avg_power_w:.0f} W, {energy.j_per_token:.3f} J/token; "
+              f"cost ${result.cost.total:.2f}/Mtok at {result.price.source}")
         print(f"measured on GPU: {m.output_throughput:.0f} output tok/s, "
               f"TTFT p50 {m.ttft.median * 1e3:.1f} ms, TPOT p50 {m.tpot.median * 1e3:.2f} ms; "
               f"server pid {pid} seen by NVML: {bool(on_gpu)}; memory taken {taken:.0f} MiB")
