@@ -50,7 +50,8 @@ def gpu_family(name: str) -> str | None:
     return None
 
 
-def default_price(gpu_name: str, tier: Tier = "neocloud") -> Price:
+def default_price(gpu_name: str, tier: Tier = "neocloud", why: str | None = None) -> Price:
+    """The table's price for ``gpu_name``; ``why`` says where the GPU name came from."""
     family = gpu_family(gpu_name)
     if family is None:
         raise PriceError(
@@ -59,7 +60,8 @@ def default_price(gpu_name: str, tier: Tier = "neocloud") -> Price:
         )
     if tier not in TIERS:
         raise PriceError(f"unknown price tier {tier!r}; use one of {', '.join(TIERS)}")
-    return Price(PRICES[family][tier], family, tier, f"{PRICE_SOURCE}, {family} {tier}, GPU {gpu_name!r}")
+    return Price(PRICES[family][tier], family, tier,
+                 f"{PRICE_SOURCE}, {family} {tier}, {why or f'GPU {gpu_name!r}'}")
 
 
 def user_price(usd_per_gpu_hour: float, where: str) -> Price:
@@ -117,23 +119,19 @@ def choose_price(
         profile = _sim_profile(sim_args)
         if profile is None:
             return None, "the default simulator models no GPU: pass --infmax-sim-args '--profile b200/...' or --infmax-gpu-hour-usd"
-        hardware = profile.split("/", 1)[0]
-        try:
-            price = default_price(hardware, tier)
-        except PriceError as exc:
-            return None, str(exc)
-        return Price(price.usd_per_gpu_hour, price.gpu, price.tier,
-                     f"{PRICE_SOURCE}, {price.gpu} {tier}, from the simulator profile {profile!r}"), ""
+        return _table_price(profile.split("/", 1)[0], tier, f"from the simulator profile {profile!r}")
     if server_kind == "endpoint":
         return None, "a running endpoint's GPUs are unknown here: pass --infmax-gpu-hour-usd"
     if nvml_gpu_name is None:
         return None, "no GPU seen through NVML: pass --infmax-gpu-hour-usd"
+    return _table_price(nvml_gpu_name, tier, f"GPU {nvml_gpu_name!r} reported by NVML")
+
+
+def _table_price(gpu_name: str, tier: Tier, why: str) -> tuple[Price | None, str]:
     try:
-        price = default_price(nvml_gpu_name, tier)
+        return default_price(gpu_name, tier, why), ""
     except PriceError as exc:
         return None, str(exc)
-    return Price(price.usd_per_gpu_hour, price.gpu, price.tier,
-                 f"{PRICE_SOURCE}, {price.gpu} {tier}, GPU {nvml_gpu_name!r} reported by NVML"), ""
 
 
 def _sim_profile(sim_args: tuple[str, ...]) -> str | None:
