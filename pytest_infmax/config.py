@@ -56,6 +56,13 @@ def _on_off(text: str) -> bool:
     raise ValueError("must be on or off")
 
 
+def _warn_or_fail(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("warn", "fail"):
+        raise ValueError("must be warn or fail")
+    return value
+
+
 def _tier(text: str) -> str:
     from .cost import TIERS
 
@@ -158,6 +165,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("energy", "measure GPU energy through NVML while load runs (servers started on this "
             "machine): on or off", True, _on_off, "on|off"),
     Setting("usd_per_kwh", "electricity price, to cost the measured energy", None, _positive_float, "USD"),
+    Setting("client_bound", "when the load generator itself falls behind (event-loop or send lag p99 "
+            "over 10 ms): warn, or fail the test", "warn", _warn_or_fail, "warn|fail"),
     Setting("baselines", "directory of baseline sets (one JSON file per test in each set)",
             ".infmax/baselines", metavar="DIR"),
     Setting("compare", "compare each result with its baseline in this set, where one exists "

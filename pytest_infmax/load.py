@@ -13,6 +13,10 @@ then starts on warm connections.
 
 Every request ends with a record: success, or a typed error. Nothing the
 server sends can make a request hang past ``request_timeout``.
+
+The client also watches itself (``clientstats``): per-request send lag, event-loop
+lag and its CPU use during the measured phase, returned as ``RunRecords.client``;
+a run whose client fell behind is marked ``client_bound`` with the reason.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 
+from .clientstats import DEFAULT_LAG_THRESHOLD, ClientStats, LoopLagMonitor
 from .records import ErrorKind, RequestRecord, TokenSource
 from .scenarios import Endpoint, PlannedRequest, Scenario, plan_request, request_body
 
@@ -56,6 +61,8 @@ class LoadConfig:
     request_timeout: float = 600.0
     seed: int = 0
     extra_body: dict[str, Any] = field(default_factory=dict)
+    # a run is client-bound when event-loop lag p99 or send lag p99 exceeds this (seconds)
+    client_lag_threshold: float = DEFAULT_LAG_THRESHOLD
 
     def __post_init__(self) -> None:
         if (self.concurrency is None) == (self.rate is None):
@@ -78,6 +85,10 @@ class LoadConfig:
             raise LoadConfigError(f"warmup must be >= 0, got {self.warmup}")
         if not self.request_timeout > 0:
             raise LoadConfigError(f"request_timeout must be > 0 seconds, got {self.request_timeout}")
+        if not self.client_lag_threshold > 0:
+            raise LoadConfigError(
+                f"client_lag_threshold must be > 0 seconds, got {self.client_lag_threshold}"
+            )
         if self.rate is not None and self.num_requests is None and self.duration is None:
             raise LoadConfigError(
                 "an open-loop run needs an end: give num_requests= or duration= with rate="
@@ -134,6 +145,12 @@ class RunRecords:
     epoch_origin: float  # time.time() at the same instant
     measured_start: float  # perf_counter() when the measured phase began
     measured_end: float
+    client: ClientStats | None = None  # the client's own limits during the measured phase
+
+    @property
+    def client_bound(self) -> bool:
+        """True when the client itself fell behind (see ``client.reason``)."""
+        return self.client is not None and self.client.client_bound
 
 
 def arrival_offsets(
@@ -299,29 +316,49 @@ class LoadGenerator:
                 on_record(rec)
 
         width = config.concurrency or config.max_concurrency or 1024
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=None)
-        timeout = aiohttp.ClientTimeout(total=config.request_timeout)
-        async with aiohttp.ClientSession(
-            connector=connector, timeout=timeout, headers=self._headers, read_bufsize=READ_BUFSIZE
-        ) as session:
-            url = self._url(config.scenario.endpoint)
-            warmup = config.effective_warmup
-            index = itertools.count()
-            if warmup:
-                await self._closed_loop(
-                    session, url, config, min(width, warmup), warmup, None, index, True, keep
-                )
-            measured_start = time.perf_counter()
-            if config.concurrency is not None:
-                await self._closed_loop(
-                    session, url, config, config.concurrency,
-                    config.effective_num_requests, config.duration, index, False, keep,
-                )
-            else:
-                await self._open_loop(session, url, config, index, keep)
-            measured_end = time.perf_counter()
+        monitor = LoopLagMonitor()
+        monitor.start()
+        try:
+            connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=None)
+            timeout = aiohttp.ClientTimeout(total=config.request_timeout)
+            async with aiohttp.ClientSession(
+                connector=connector, timeout=timeout, headers=self._headers, read_bufsize=READ_BUFSIZE
+            ) as session:
+                url = self._url(config.scenario.endpoint)
+                warmup = config.effective_warmup
+                index = itertools.count()
+                if warmup:
+                    await self._closed_loop(
+                        session, url, config, min(width, warmup), warmup, None, index, True, keep
+                    )
+                measured_start = time.perf_counter()
+                cpu_start = time.process_time()
+                if config.concurrency is not None:
+                    await self._closed_loop(
+                        session, url, config, config.concurrency,
+                        config.effective_num_requests, config.duration, index, False, keep,
+                    )
+                else:
+                    await self._open_loop(session, url, config, index, keep)
+                measured_end = time.perf_counter()
+                cpu_end = time.process_time()
+        finally:
+            await monitor.stop()
         records.sort(key=lambda r: r.index)
-        return RunRecords(records, clock_origin, epoch_origin, measured_start, measured_end)
+        client = ClientStats(
+            send_lags=[lag for r in records if not r.warmup and (lag := r.send_lag) is not None],
+            loop_lags=monitor.lags_between(measured_start, measured_end),
+            loop_lag_interval=monitor.interval,
+            cpu_seconds=cpu_end - cpu_start,
+            wall_seconds=measured_end - measured_start,
+            threshold=config.client_lag_threshold,
+            send_lag_reference=(
+                "closed loop: from the end of the worker's previous response (its first: the worker's start)"
+                if config.concurrency is not None
+                else "open loop: from the scheduled arrival (or the max_concurrency slot, if later)"
+            ),
+        )
+        return RunRecords(records, clock_origin, epoch_origin, measured_start, measured_end, client)
 
     async def _closed_loop(
         self,
@@ -339,13 +376,19 @@ class LoadGenerator:
         issued = itertools.count()
 
         async def worker() -> None:
+            previous_end: float | None = None
             while True:
+                # ready: the slot is free since the previous response ended (so a
+                # slow on_record callback counts as the client's delay), else now
+                ready = previous_end if previous_end is not None else time.perf_counter()
                 if num_requests is not None and next(issued) >= num_requests:
                     return
                 if deadline is not None and time.perf_counter() >= deadline:
                     return
                 plan = plan_request(config.scenario, next(index), config.seed)
-                keep(await self._one(session, url, config, plan, warmup, None))
+                rec = await self._one(session, url, config, plan, warmup, None, ready)
+                previous_end = rec.end_time
+                keep(rec)
 
         await _gather_cancelling([worker() for _ in range(concurrency)])
 
@@ -370,10 +413,11 @@ class LoadGenerator:
 
         async def fire(plan: PlannedRequest, scheduled: float) -> None:
             if gate is None:
-                keep(await self._one(session, url, config, plan, False, scheduled))
+                keep(await self._one(session, url, config, plan, False, scheduled, scheduled))
                 return
             async with gate:
-                keep(await self._one(session, url, config, plan, False, scheduled))
+                ready = max(scheduled, time.perf_counter())  # a slot is free
+                keep(await self._one(session, url, config, plan, False, scheduled, ready))
 
         try:
             for offset in offsets:
@@ -398,12 +442,14 @@ class LoadGenerator:
         plan: PlannedRequest,
         warmup: bool,
         scheduled: float | None,
+        ready: float | None = None,
     ) -> RequestRecord:
         """Send one streaming request; always returns a record, never raises."""
         rec = RequestRecord(
             index=plan.index,
             warmup=warmup,
             scheduled_time=scheduled,
+            ready_time=ready,
             requested_input_tokens=plan.input_len,
             requested_output_tokens=plan.output_len,
         )

@@ -297,11 +297,11 @@ def per_request_value(record: RequestRecord, metric: str) -> float | None:
             return None
         return math.inf if tpot <= 0 else 1.0 / tpot
     if metric == "ttft":
-        return record.ttft
+        return record.ttft_from_schedule
     if metric == "tpot":
         return record.tpot
     if metric == "e2e":
-        return record.e2e
+        return record.e2e_from_schedule
     raise KeyError(f"{metric!r} is not a per-request metric; use one of {', '.join(GOODPUT_METRICS)}")
 
 
@@ -502,8 +502,10 @@ def _errors_by_kind(records: Iterable[RequestRecord]) -> dict[str, int]:
 
 
 def _distributions(ok: Sequence[RequestRecord], qs: tuple[float, ...]) -> dict[str, Distribution]:
-    ttft = [r.ttft for r in ok if r.ttft is not None]
-    e2e = [r.e2e for r in ok if r.e2e is not None]
+    # Open-loop latencies start at the scheduled send time, so a client that sends late
+    # cannot hide its own delay (no coordinated omission); closed loop: from the write.
+    ttft = [t for t in (r.ttft_from_schedule for r in ok) if t is not None]
+    e2e = [t for t in (r.e2e_from_schedule for r in ok) if t is not None]
     tpot = [r.tpot for r in ok if r.tpot is not None]
     interactivity = [1.0 / t for t in tpot if t > 0]
     itl_lists = [r.itls() for r in ok]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,9 +239,26 @@ def infmax_async_openai(infmax_server: Server) -> Any:
 def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Any:
     """After the test body: check its @pytest.mark.sla objectives on every result it made."""
     outcome = yield
+    _check_client(pyfuncitem)
     _check_marker_slas(pyfuncitem)
     _check_baselines(pyfuncitem)
     return outcome
+
+
+class ClientBoundWarning(pytest.PytestWarning):
+    """The load generator fell behind: latencies measured in that run are upper bounds."""
+
+
+def _check_client(item: pytest.Item) -> None:
+    """Say when a run was limited by the client, not the server (fail with --infmax-client-bound fail)."""
+    bound = [r for r in item.stash.get(RESULTS_KEY, []) if r.run.client_bound]
+    if not bound:
+        return
+    reasons = "; ".join(f"{r.name} {r.config.label}: {r.run.client.reason}" for r in bound if r.run.client)
+    if item.config.stash[STATE_KEY].settings["client_bound"] == "fail":
+        pytest.fail(f"the load generator fell behind, so the measurement is not the server's: {reasons}",
+                    pytrace=False)
+    warnings.warn(ClientBoundWarning(f"latencies are upper bounds: {reasons}"), stacklevel=1)
 
 
 def _check_baselines(item: pytest.Item) -> None:
@@ -408,6 +426,9 @@ class ResultCollector:
             return
         terminalreporter.write_sep("=", "infmax results")
         terminalreporter.write_line(reports.format_table(state.rows))
+        if any(str(row.get("sla", "")).endswith("*") for row in state.rows):
+            terminalreporter.write_line("* client-bound: the load generator fell behind in that run; its "
+                                        "latencies are upper bounds (see the warnings)")
         if state.checks:
             terminalreporter.write_sep("-", "infmax baselines")
             for check in state.checks:

@@ -16,6 +16,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
+_TIME_KEYS = ("scheduled_time", "send_time", "first_token_time", "end_time", "ready_time")
+
+
 class TokenSource(str, enum.Enum):
     """Where a token count came from. Reports keep it beside every count."""
 
@@ -67,6 +70,10 @@ class RequestRecord:
     http_status: int | None = None
     error_kind: ErrorKind | None = None
     error_message: str | None = None
+    # when the load model said "send now": closed loop, the worker decided to send
+    # its next request; open loop, the scheduled time or, with max_concurrency,
+    # the moment a slot was obtained if later. None in records from older reports.
+    ready_time: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -85,6 +92,31 @@ class RequestRecord:
         if not self.ok or self.end_time is None:
             return None
         return self.end_time - self.send_time
+
+    @property
+    def send_lag(self) -> float | None:
+        """Actual write minus when the load model said to send (``ready_time``,
+        else ``scheduled_time``): the client's own delay, in seconds."""
+        ref = self.ready_time if self.ready_time is not None else self.scheduled_time
+        return None if ref is None else self.send_time - ref
+
+    @property
+    def ttft_from_schedule(self) -> float | None:
+        """TTFT measured from the scheduled send time (open loop; no coordinated
+        omission: a client that sends late does not hide the wait). Equals
+        ``ttft`` when there is no schedule (closed loop)."""
+        ttft = self.ttft
+        if ttft is None or self.scheduled_time is None:
+            return ttft
+        return self.first_token_time - self.scheduled_time  # type: ignore[operator]
+
+    @property
+    def e2e_from_schedule(self) -> float | None:
+        """E2E from the scheduled send time (open loop); ``e2e`` without a schedule."""
+        e2e = self.e2e
+        if e2e is None or self.scheduled_time is None:
+            return e2e
+        return self.end_time - self.scheduled_time  # type: ignore[operator]
 
     @property
     def tpot(self) -> float | None:
@@ -116,8 +148,8 @@ class RequestRecord:
     def to_dict(self, t0: float = 0.0) -> dict[str, Any]:
         """JSON-ready dict with times relative to ``t0`` (the run's clock origin)."""
         d = asdict(self)
-        for key in ("scheduled_time", "send_time", "first_token_time", "end_time"):
-            if d[key] is not None:
+        for key in _TIME_KEYS:
+            if d.get(key) is not None:
                 d[key] = round(d[key] - t0, 9)
         d["chunk_times"] = [round(t - t0, 9) for t in self.chunk_times]
         for key in ("input_tokens_source", "output_tokens_source", "chunk_tokens_source"):
@@ -128,7 +160,7 @@ class RequestRecord:
     @classmethod
     def from_dict(cls, d: dict[str, Any], t0: float = 0.0) -> RequestRecord:
         d = dict(d)
-        for key in ("scheduled_time", "send_time", "first_token_time", "end_time"):
+        for key in _TIME_KEYS:
             if d.get(key) is not None:
                 d[key] = d[key] + t0
         d["chunk_times"] = [t + t0 for t in d.get("chunk_times", [])]

@@ -79,6 +79,9 @@ def gate_results(results: list[LoadResult], settings: GateSettings) -> list[Gate
     """Compare each result with its baseline (if any), then save as asked."""
     if not settings.active:
         return []
+    if (settings.compare_set and not settings.save_set and not settings.update
+            and not (settings.directory / settings.compare_set).is_dir()):
+        return []  # nobody uses baselines here: nothing to compare, nothing to say
     compare_store = BaselineStore(settings.directory / settings.compare_set) if settings.compare_set else None
     save_store = BaselineStore(settings.directory / settings.save_set) if settings.save_set else None
     outcomes = []

@@ -35,6 +35,9 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
 )
 
 
+OPTIONAL = frozenset({"usd_per_mtok"})
+
+
 def _cell(value: Any, fmt: str) -> str:
     if value is None:
         return "n/a"
@@ -49,17 +52,19 @@ def format_table(rows: Sequence[dict[str, Any]], max_test_width: int = 48) -> st
     """A fixed-width table, one row per result."""
     if not rows:
         return ""
+    # Columns that only some setups fill (cost needs a price) are left out when empty.
+    columns = [c for c in COLUMNS if c[0] not in OPTIONAL or any(row.get(c[0]) is not None for row in rows)]
     cells = []
     for row in rows:
-        line = [_cell(row.get(key), fmt) for key, _, fmt in COLUMNS]
+        line = [_cell(row.get(key), fmt) for key, _, fmt in columns]
         if len(line[0]) > max_test_width:  # keep the tail: it names the test
             line[0] = "…" + line[0][-(max_test_width - 1):]
         if row.get("ok", row.get("requests")) != row.get("requests"):
             line[3] = f"{row.get('ok')}/{row.get('requests')}"
         cells.append(line)
-    headers = [h for _, h, _ in COLUMNS]
+    headers = [h for _, h, _ in columns]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
-    left = {0, 1, 2, len(COLUMNS) - 1}
+    left = {0, 1, 2, len(columns) - 1}
 
     def fmt_line(items: Sequence[str]) -> str:
         return "  ".join(s.ljust(w) if i in left else s.rjust(w) for i, (s, w) in enumerate(zip(items, widths)))

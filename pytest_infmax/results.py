@@ -106,8 +106,10 @@ class LoadResult:
             "interactivity": _num(m.value("interactivity", "p50")),
             "throughput_per_gpu": _num(m.value("throughput_per_gpu")),
             "error_rate": _num(m.value("error_rate")),
+            "client_bound": self.run.client_bound,
             "usd_per_mtok": None if self.cost is None else self.cost.total,
-            "sla": {None: "-", True: "PASS", False: "FAIL"}[self.passed],
+            # "*": the client fell behind, so latencies are upper bounds (see the legend).
+            "sla": {None: "-", True: "PASS", False: "FAIL"}[self.passed] + ("*" if self.run.client_bound else ""),
         }
 
     def to_dict(self, include_records: bool = True) -> dict[str, Any]:
@@ -123,6 +125,7 @@ class LoadResult:
                 round(run.measured_end - run.clock_origin, 6),
             ],
             "metrics": self.metrics.to_dict(),
+            "client": run.client.to_dict() if run.client is not None else None,
             "sla": [verdict_to_dict(v) for v in self.verdicts],
             "passed": self.passed,
             "cost": self.cost.to_dict() if self.cost is not None else {"not_priced": self.price_note or None},

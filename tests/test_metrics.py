@@ -349,8 +349,10 @@ def test_open_loop_window_starts_at_earliest_schedule() -> None:
     m = compute_metrics(records)
     assert m.duration == 2.0  # 2.5 - 0.5
     assert m.output_throughput == 1.0  # 2 tokens / 2 s
-    # TTFT still runs from the actual send
-    assert list(m.ttft.values) == [0.5, 0.5]
+    # Open loop: TTFT runs from the scheduled send (no coordinated omission): r0's
+    # 0.5 s of client delay counts (1.5 - 0.5 = 1.0); the raw figure from the send stays.
+    assert list(m.ttft.values) == [0.5, 1.0]
+    assert records[0].ttft == 0.5 and records[0].ttft_from_schedule == 1.0
 
 
 def test_unfinished_request_counts_at_its_send_time() -> None:

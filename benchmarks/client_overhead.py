@@ -1,0 +1,381 @@
+"""What does our load generator cost in client CPU, against a floor?
+
+A dedicated minimal emitter (its own process: raw asyncio, HTTP/1.1 keep-alive,
+chunked transfer) streams pre-built OpenAI completions SSE events at a fixed
+total event rate, ``--tokens-per-event`` tokens per event (1, or 8 as vLLM's
+``stream_interval``), then the usage event and ``[DONE]``. Against it, each in a
+client subprocess of its own:
+
+* **ours**: ``LoadGenerator.run`` (closed loop, ``concurrency`` = streams): the
+  full SSE parse, JSON decode, timestamps, token accounting, the client's
+  self-monitoring;
+* **floor**: a raw aiohttp loop with the same concurrency that posts a
+  pre-built body and only reads the response bytes (``iter_any``), parsing
+  nothing.
+
+Client CPU is ``time.process_time()`` of the client process around the run
+(imports and interpreter start excluded). The table gives CPU-seconds per
+million streamed tokens and per thousand requests, the ratio ours / floor, and
+the requests and tokens the client counted next to what the emitter sent.
+
+    .venv/bin/python benchmarks/client_overhead.py            # ~2.5 min on 2 cores
+    .venv/bin/python benchmarks/client_overhead.py --quick    # < 1 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ISL = 128  # prompt tokens per request (our client builds and serialises them)
+EVENTS_PER_REQUEST = 128  # content events per response, whatever the tokens per event
+
+
+# -- the emitter --------------------------------------------------------------------
+
+
+def _chunk(payload: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(payload), payload)
+
+
+def _event(obj: object) -> bytes:
+    return _chunk(b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n")
+
+
+class _Stream:
+    __slots__ = ("transport", "events_left", "last", "tail")
+
+    def __init__(self, transport: asyncio.Transport, events: int, last: bytes, tail: bytes) -> None:
+        self.transport, self.events_left, self.last, self.tail = transport, events, last, tail
+
+
+class Emitter:
+    """Every ``tick`` seconds, writes the next pre-built event to every open stream."""
+
+    HEAD = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+        b"Transfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n"
+    )
+
+    def __init__(self, tokens_per_event: int, tick: float) -> None:
+        self.k = tokens_per_event
+        self.tick = tick
+        text = " tok" * tokens_per_event
+        choice = {"index": 0, "text": text, "finish_reason": None}
+        self.body_event = _event({"id": "c", "object": "text_completion", "choices": [choice]})
+        self.last_event = _event(
+            {"id": "c", "object": "text_completion", "choices": [dict(choice, finish_reason="length")]}
+        )
+        self.streams: list[_Stream] = []
+        self.sent_requests = 0
+        self.sent_tokens = 0
+        self.sent_events = 0
+        self._tails: dict[int, bytes] = {}
+
+    def tail(self, tokens: int) -> bytes:
+        if tokens not in self._tails:
+            usage = {"prompt_tokens": ISL, "completion_tokens": tokens, "total_tokens": ISL + tokens}
+            self._tails[tokens] = (
+                _event({"id": "c", "object": "text_completion", "choices": [], "usage": usage})
+                + _chunk(b"data: [DONE]\n\n")
+                + b"0\r\n\r\n"
+            )
+        return self._tails[tokens]
+
+    def start_stream(self, transport: asyncio.Transport, max_tokens: int) -> None:
+        events = max(1, max_tokens // self.k)
+        transport.write(self.HEAD)
+        self.streams.append(_Stream(transport, events, self.last_event, self.tail(events * self.k)))
+
+    async def ticker(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_tick = loop.time()
+        while True:
+            next_tick += self.tick
+            await asyncio.sleep(max(0.0, next_tick - loop.time()))
+            keep: list[_Stream] = []
+            for s in self.streams:
+                if s.transport.is_closing():
+                    continue
+                s.events_left -= 1
+                self.sent_events += 1
+                if s.events_left > 0:
+                    s.transport.write(self.body_event)
+                    keep.append(s)
+                else:
+                    s.transport.write(s.last + s.tail)
+                    self.sent_requests += 1
+            self.sent_tokens = self.sent_events * self.k  # every content event carries k tokens
+            self.streams = keep
+
+    def stats(self) -> bytes:
+        body = json.dumps(
+            {"requests": self.sent_requests, "tokens": self.sent_tokens, "events": self.sent_events}
+        ).encode()
+        return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+            len(body), body,
+        )
+
+
+_MAX_TOKENS = re.compile(rb'"max_tokens"\s*:\s*(\d+)')
+
+
+class _Conn(asyncio.Protocol):
+    def __init__(self, emitter: Emitter) -> None:
+        self.emitter = emitter
+        self.buf = b""
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while True:
+            head_end = self.buf.find(b"\r\n\r\n")
+            if head_end < 0:
+                return
+            head = self.buf[:head_end]
+            m = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
+            length = int(m.group(1)) if m else 0
+            if len(self.buf) < head_end + 4 + length:
+                return
+            body = self.buf[head_end + 4: head_end + 4 + length]
+            self.buf = self.buf[head_end + 4 + length:]
+            assert self.transport is not None
+            if head.startswith(b"GET /stats"):
+                self.transport.write(self.emitter.stats())
+                continue
+            mt = _MAX_TOKENS.search(body)
+            self.emitter.start_stream(self.transport, int(mt.group(1)) if mt else 16)
+
+
+def serve(port_file: Path, tokens_per_event: int, tick: float) -> None:
+    async def main() -> None:
+        emitter = Emitter(tokens_per_event, tick)
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: _Conn(emitter), "127.0.0.1", 0, backlog=1024)
+        port = server.sockets[0].getsockname()[1]
+        tmp = port_file.with_suffix(".tmp")
+        tmp.write_text(str(port))
+        tmp.rename(port_file)
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        ticker = asyncio.ensure_future(emitter.ticker())
+        await stop.wait()
+        ticker.cancel()
+        server.close()
+
+    asyncio.run(main())
+
+
+# -- the clients (each run in a subprocess of its own) ----------------------------
+
+
+def client_ours(url: str, streams: int, requests: int, osl: int) -> dict:
+    from pytest_infmax.load import LoadConfig, LoadGenerator
+    from pytest_infmax.scenarios import Scenario
+
+    config = LoadConfig(
+        Scenario("bench", ISL, osl, range_ratio=1.0), concurrency=streams,
+        num_requests=requests, warmup=0, request_timeout=120,
+    )
+    gen = LoadGenerator(url, "bench")
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    run = asyncio.run(gen.run(config))
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
+    ok = [r for r in run.records if r.ok]
+    errors = sorted({r.error_message or "" for r in run.records if not r.ok})
+    client = run.client.to_dict() if run.client else {}
+    return {
+        "cpu": cpu, "wall": wall, "requests": len(ok),
+        "tokens": sum(r.output_tokens or 0 for r in ok),
+        "chunk_tokens": sum(sum(r.chunk_tokens) for r in ok),
+        "errors": errors[:3],
+        "client_bound": client.get("client_bound"), "reason": client.get("reason"),
+        "loop_lag_p99_ms": client.get("loop_lag", {}).get("p99_ms"),
+    }
+
+
+def client_floor(url: str, streams: int, requests: int, osl: int) -> dict:
+    import aiohttp
+
+    from pytest_infmax.scenarios import Scenario, plan_request, request_body
+
+    # the same kind of body ours sends, built once
+    body = json.dumps(request_body(plan_request(Scenario("bench", ISL, osl, range_ratio=1.0), 0, 0), "bench",
+                                   "completions", {})).encode()
+
+    async def main() -> tuple[int, int]:
+        issued = itertools.count()
+        done = 0
+        nbytes = 0
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            async def worker() -> None:
+                nonlocal done, nbytes
+                while next(issued) < requests:
+                    async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as resp:
+                        async for data in resp.content.iter_any():
+                            nbytes += len(data)
+                    done += 1
+
+            await asyncio.gather(*(worker() for _ in range(streams)))
+        return done, nbytes
+
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    done, nbytes = asyncio.run(main())
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
+    return {"cpu": cpu, "wall": wall, "requests": done, "tokens": None, "bytes": nbytes}
+
+
+# -- the driver -----------------------------------------------------------------------
+
+
+def _get_stats(base: str) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(base + "/stats", timeout=10) as r:
+        return json.loads(r.read())
+
+
+def _start_emitter(tmp: Path, k: int, tick: float) -> tuple[subprocess.Popen, str]:
+    port_file = tmp / f"port-{k}-{tick}"
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "_emit", str(port_file), str(k), str(tick)], cwd=REPO,
+    )
+    deadline = time.monotonic() + 20
+    while not port_file.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit("the emitter did not start")
+        time.sleep(0.02)
+    return proc, f"http://127.0.0.1:{port_file.read_text()}"
+
+
+def _run_client(kind: str, base: str, streams: int, requests: int, osl: int) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "_client", kind, base, str(streams), str(requests), str(osl)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    if out.returncode != 0:
+        raise SystemExit(f"{kind} client failed:\n{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer events per measurement (< 1 min)")
+    p.add_argument("--streams", type=int, nargs="+", default=[64, 256])
+    p.add_argument("--tokens-per-event", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--event-rate", type=float, default=10_000.0,
+                   help="SSE events per second the emitter sends, over all streams (default: %(default)g)")
+    p.add_argument("--events", type=int, default=None,
+                   help="content events per measurement (default: 120k, --quick 25k)")
+    p.add_argument("--json", type=Path, help="also write the rows here")
+    args = p.parse_args()
+    events = args.events or (25_000 if args.quick else 120_000)
+
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or platform.platform()}, "
+          f"Python {platform.python_version()}")
+    print(f"emitter: {args.event_rate:g} events/s in all, {EVENTS_PER_REQUEST} content events per "
+          f"response, ~{events} events per measurement\n")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmpdir:
+        for streams in args.streams:
+            for k in args.tokens_per_event:
+                osl = EVENTS_PER_REQUEST * k
+                requests = max(streams, round(events / EVENTS_PER_REQUEST / streams) * streams)
+                tick = streams / args.event_rate  # each stream gets one event per tick
+                proc, base = _start_emitter(Path(tmpdir), k, tick)
+                url = base + "/v1/completions"
+                try:
+                    res = {}
+                    for kind in ("ours", "floor"):
+                        before = _get_stats(base)
+                        res[kind] = _run_client(kind, url, streams, requests, osl)
+                        after = _get_stats(base)
+                        res[kind]["sent_requests"] = after["requests"] - before["requests"]
+                        res[kind]["sent_tokens"] = after["tokens"] - before["tokens"]
+                finally:
+                    proc.send_signal(signal.SIGTERM)
+                    proc.wait(timeout=10)
+                ours, floor = res["ours"], res["floor"]
+                mtok = ours["sent_tokens"] / 1e6
+                row = {
+                    "streams": streams, "tokens_per_event": k, "requests": requests, "osl": osl,
+                    "ours_cpu_s": ours["cpu"], "floor_cpu_s": floor["cpu"],
+                    "ours_cpu_per_mtok": ours["cpu"] / mtok, "floor_cpu_per_mtok": floor["cpu"] / (floor["sent_tokens"] / 1e6),
+                    "ours_cpu_per_kreq": ours["cpu"] / (ours["sent_requests"] / 1e3),
+                    "floor_cpu_per_kreq": floor["cpu"] / (floor["sent_requests"] / 1e3),
+                    "ours_wall_s": ours["wall"], "floor_wall_s": floor["wall"],
+                    "ours_requests": ours["requests"], "ours_tokens": ours["tokens"],
+                    "ours_chunk_tokens": ours["chunk_tokens"],
+                    "floor_requests": floor["requests"],
+                    "sent_requests": ours["sent_requests"], "sent_tokens": ours["sent_tokens"],
+                    "floor_sent_requests": floor["sent_requests"], "floor_sent_tokens": floor["sent_tokens"],
+                    "ours_client_bound": ours["client_bound"], "ours_reason": ours["reason"],
+                    "ours_loop_lag_p99_ms": ours["loop_lag_p99_ms"], "errors": ours["errors"],
+                }
+                row["ratio"] = row["ours_cpu_per_mtok"] / row["floor_cpu_per_mtok"]
+                row["counts_match"] = (
+                    ours["requests"] == ours["sent_requests"] == requests
+                    and ours["tokens"] == ours["chunk_tokens"] == ours["sent_tokens"] == requests * osl
+                    and floor["requests"] == floor["sent_requests"] == requests
+                )
+                rows.append(row)
+                print(f"  streams={streams} tokens/event={k}: ours {ours['cpu']:.2f} CPU-s in {ours['wall']:.1f} s, "
+                      f"floor {floor['cpu']:.2f} CPU-s in {floor['wall']:.1f} s", flush=True)
+
+    print()
+    header = ("streams", "tok/event", "ours CPU-s/Mtok", "floor CPU-s/Mtok", "ours/floor",
+              "ours CPU-s/1k req", "floor CPU-s/1k req", "requests (counted/sent)",
+              "tokens (counted/sent)", "ours CPU %", "client-bound")
+    lines = []
+    for r in rows:
+        lines.append((
+            str(r["streams"]), str(r["tokens_per_event"]),
+            f"{r['ours_cpu_per_mtok']:.1f}", f"{r['floor_cpu_per_mtok']:.1f}", f"{r['ratio']:.2f}",
+            f"{r['ours_cpu_per_kreq']:.2f}", f"{r['floor_cpu_per_kreq']:.2f}",
+            f"{r['ours_requests']}/{r['sent_requests']}",
+            f"{r['ours_tokens']}/{r['sent_tokens']}",
+            f"{100 * r['ours_cpu_s'] / r['ours_wall_s']:.0f}%",
+            "yes" if r["ours_client_bound"] else "no",
+        ))
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for line in lines:
+        print("| " + " | ".join(c.rjust(w) for c, w in zip(line, widths)) + " |")
+    bad = [r for r in rows if not r["counts_match"]]
+    for r in rows:
+        if r["ours_client_bound"]:
+            print(f"  streams={r['streams']} tok/event={r['tokens_per_event']}: {r['ours_reason']}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    if bad:
+        print(f"\nCOUNT MISMATCH in {len(bad)} row(s): {json.dumps(bad, indent=1)}")
+        raise SystemExit(1)
+    print("\nevery request and token the emitter sent was counted (ours: usage and per-chunk sums agree)")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_emit":
+        serve(Path(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))
+    elif len(sys.argv) > 1 and sys.argv[1] == "_client":
+        sys.path.insert(0, str(REPO))
+        fn = client_ours if sys.argv[2] == "ours" else client_floor
+        print(json.dumps(fn(sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]))))
+    else:
+        main()

@@ -1,0 +1,148 @@
+"""The load generator's view of its own limits.
+
+A load generator that falls behind makes the server look slower than it is:
+requests go out later than the load model said, and chunks are stamped late
+because the event loop was busy. This module measures that during a run:
+
+* **send lag** per request: actual write time minus the time the load model
+  said to send (open loop: the scheduled arrival time, or the moment a
+  ``max_concurrency`` slot was obtained if later; closed loop: the moment the
+  worker decided to send its next request, i.e. planning and serialising the
+  request plus any blocking in between);
+* **event-loop lag**: a task asks to sleep ``interval`` seconds again and again
+  and records how much longer it actually slept (a busy or blocked loop delays
+  every timestamp the client takes by about that much);
+* **client CPU**: process CPU seconds over wall seconds of the measured phase
+  (1.0 = one core busy all the time; the asyncio client uses at most ~1 core).
+
+A run is marked ``client_bound`` with the reason when the p99 of the event-loop
+lag or of the send lag passes ``threshold`` (default 10 ms).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+DEFAULT_LAG_THRESHOLD = 0.010  # seconds
+DEFAULT_LOOP_LAG_INTERVAL = 0.010  # seconds between event-loop lag samples
+
+
+def _summary(values: list[float]) -> dict[str, Any]:
+    """p50 / p99 / max in milliseconds (None for an empty sample) and the count."""
+    if not values:
+        return {"n": 0, "p50_ms": None, "p99_ms": None, "max_ms": None}
+    a = np.asarray(values, dtype=float) * 1000.0
+    return {
+        "n": int(a.size),
+        "p50_ms": round(float(np.percentile(a, 50)), 4),
+        "p99_ms": round(float(np.percentile(a, 99)), 4),
+        "max_ms": round(float(a.max()), 4),
+    }
+
+
+class LoopLagMonitor:
+    """Samples event-loop lag: how late a ``sleep(interval)`` wakes up.
+
+    ``start()`` inside the running loop, ``stop()`` when done; ``samples`` holds
+    ``(wake time, lag seconds)`` pairs on the ``time.perf_counter()`` clock.
+    """
+
+    def __init__(self, interval: float = DEFAULT_LOOP_LAG_INTERVAL) -> None:
+        self.interval = interval
+        self.samples: list[tuple[float, float]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        interval = self.interval
+        while True:
+            t0 = time.perf_counter()
+            await asyncio.sleep(interval)
+            t1 = time.perf_counter()
+            self.samples.append((t1, max(0.0, t1 - t0 - interval)))
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    def lags_between(self, start: float, end: float) -> list[float]:
+        """Lags of the samples that woke in ``[start, end]`` (a sample woken
+        after ``end`` still counts if it slept through it, so a block at the
+        very end of the phase is not missed)."""
+        out = [lag for t, lag in self.samples if start <= t <= end]
+        for t, lag in self.samples:
+            if t > end:
+                if t - lag - self.interval <= end:
+                    out.append(lag)
+                break
+        return out
+
+
+@dataclass
+class ClientStats:
+    """How the client itself behaved during the measured phase."""
+
+    send_lags: list[float] = field(default_factory=list)  # seconds, one per measured request
+    loop_lags: list[float] = field(default_factory=list)  # seconds, one per sample
+    loop_lag_interval: float = DEFAULT_LOOP_LAG_INTERVAL
+    cpu_seconds: float = 0.0  # process CPU (user + system) during the measured phase
+    wall_seconds: float = 0.0
+    threshold: float = DEFAULT_LAG_THRESHOLD
+    send_lag_reference: str = ""  # what send lag was measured from (closed / open loop)
+
+    @property
+    def cpu_utilisation(self) -> float | None:
+        """Process CPU seconds per wall second (1.0 = one core fully busy)."""
+        return self.cpu_seconds / self.wall_seconds if self.wall_seconds > 0 else None
+
+    @property
+    def reasons(self) -> list[str]:
+        """Why the run is client-bound; empty when it is not."""
+        out: list[str] = []
+        limit_ms = self.threshold * 1000
+        for name, values in (("event-loop lag", self.loop_lags), ("send lag", self.send_lags)):
+            s = _summary(values)
+            if s["p99_ms"] is not None and s["p99_ms"] > limit_ms:
+                out.append(
+                    f"{name} p99 {s['p99_ms']:.1f} ms > {limit_ms:g} ms "
+                    f"(max {s['max_ms']:.1f} ms over {s['n']} samples)"
+                )
+        return out
+
+    @property
+    def client_bound(self) -> bool:
+        return bool(self.reasons)
+
+    @property
+    def reason(self) -> str | None:
+        """One line for a results table; None when not client-bound."""
+        reasons = self.reasons
+        if not reasons:
+            return None
+        cpu = self.cpu_utilisation
+        tail = f"; client CPU {cpu:.0%} of a core" if cpu is not None else ""
+        return "client-bound: " + "; ".join(reasons) + tail
+
+    def to_dict(self) -> dict[str, Any]:
+        cpu = self.cpu_utilisation
+        return {
+            "client_bound": self.client_bound,
+            "reason": self.reason,
+            "threshold_ms": self.threshold * 1000,
+            "send_lag": _summary(self.send_lags),
+            "send_lag_reference": self.send_lag_reference,
+            "loop_lag": _summary(self.loop_lags),
+            "loop_lag_interval_ms": self.loop_lag_interval * 1000,
+            "cpu_seconds": round(self.cpu_seconds, 6),
+            "wall_seconds": round(self.wall_seconds, 6),
+            "cpu_utilisation": None if cpu is None else round(cpu, 4),
+        }
