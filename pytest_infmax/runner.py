@@ -15,7 +15,7 @@ from typing import Any
 
 from . import telemetry
 from .cost import Price, Tier, choose_price
-from .energy import EnergyReport, EnergySampler, NvmlPowerSource, gpus_for_pids
+from .energy import EnergyReport, EnergySampler, HttpPowerSource, NvmlPowerSource, gpus_for_pids
 from .load import LoadConfig, LoadConfigError, LoadGenerator
 from .metrics import GoodputLimits
 from .progress import Progress
@@ -208,7 +208,11 @@ class Infmax:
         if not self.energy:
             return None, "energy measurement is off (--infmax-energy off)"
         if kind == "sim":
-            return None, "the simulator models no power"
+            if "--profile" not in " ".join(self.server.config.sim_args):
+                return None, "the default simulator models no power (a --profile hardware does)"
+            sampler = EnergySampler(HttpPowerSource(f"{self.server.base_url}/sim/power"))
+            sampler.start()
+            return sampler, ""
         if kind == "endpoint":
             return None, "a running endpoint's GPUs may be on another machine"
         ok, why = telemetry.available()

@@ -337,3 +337,34 @@ def test_real_gpu_energy_through_nvml() -> None:
         assert 5.0 < g["avg_power_w"] < 2000.0, g
     assert rep.method in ("counter", "power-integration", "mixed")
     assert math.isfinite(rep.j_per_token) and rep.j_per_token > 0
+
+
+def test_simulator_modelled_power_flows_into_results(tmp_path) -> None:
+    """The whole energy path without a GPU: the simulator's modelled power, sampled during a run."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from pytest_infmax import Infmax, ServerConfig, running_server
+
+    config = ServerConfig(sim_args=("--profile", "b200/gpt-oss-120b", "--max-num-seqs", "8"))
+    with running_server(config, tmp_path) as server:
+        result = Infmax(server, usd_per_kwh=0.10).run("1k1k-mini", concurrency=4, num_requests=8, warmup=0)
+        with urllib.request.urlopen(f"{server.base_url}/sim/power") as resp:
+            power = json.load(resp)
+    e = result.energy
+    assert e.measured and e.modelled and e.method == "counter", e.reason
+    # B200 profile: 150 W idle, 1000 W while steps run, one GPU.
+    assert power["tdp_w"] == 1000 and power["idle_w"] == 150 and power["gpus"] == 1
+    assert 150 <= e.avg_power_w <= 1000
+    m = result.metrics
+    assert abs(e.j_per_token - e.energy_j / (m.total_input_tokens + m.total_output_tokens)) < 1e-9
+    assert abs(e.energy_usd - e.energy_j / 3.6e6 * 0.10) < 1e-12
+    with running_server(ServerConfig(sim_args=("--decode-step-ms", "2")), tmp_path) as plain:
+        quiet = Infmax(plain).run("1k1k-mini", concurrency=1, num_requests=1, warmup=0)
+        try:
+            urllib.request.urlopen(f"{plain.base_url}/sim/power")
+            raise AssertionError("the default simulator has no power model")
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 404 and b"--profile" in exc.read()
+    assert not quiet.energy.measured and "models no power" in quiet.energy.reason

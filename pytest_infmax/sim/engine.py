@@ -456,6 +456,16 @@ class Engine:
         self._lateness: collections.deque[float] = collections.deque(maxlen=LATENESS_WINDOW)
         self._lateness_max = 0.0
         self._steps = 0
+        self._busy_s = 0.0
+
+    @property
+    def busy_seconds(self) -> float:
+        """Modelled time the GPUs spent in steps so far."""
+        return self._busy_s
+
+    @property
+    def step_running(self) -> bool:
+        return self._timer is not None
 
     @property
     def config(self) -> EngineConfig:
@@ -557,10 +567,11 @@ class Engine:
         if previous is None or now - previous > _MAX_SCHEDULE_LAG_S:
             previous = now
         deadline = previous + duration
-        self._timer = loop.call_at(deadline - _TIMER_LEAD_S, self._end_step, plan, deadline)
+        self._timer = loop.call_at(deadline - _TIMER_LEAD_S, self._end_step, plan, deadline, duration)
 
-    def _end_step(self, plan: StepPlan, deadline: float) -> None:
+    def _end_step(self, plan: StepPlan, deadline: float, duration: float = 0.0) -> None:
         self._timer = None
+        self._busy_s += duration  # modelled GPU time, for /sim/power
         loop = self._loop
         assert loop is not None
         early = deadline - loop.time()

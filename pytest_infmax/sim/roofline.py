@@ -168,6 +168,8 @@ HARDWARE_KEYS: tuple[_Key, ...] = (
     _Key("moe_compute_efficiency", _fraction, help="achieved / peak FLOP/s of routed experts (default: compute_efficiency)"),
     _Key("bandwidth_efficiency", _fraction, help="achieved / peak HBM bandwidth (default 0.8)"),
     _Key("step_overhead_ms", _non_negative, help="fixed cost of every step: launch, scheduling, sampling (default 0)"),
+    _Key("tdp_w", _positive, help="board power at full load, W (modelled power; default: none modelled)"),
+    _Key("idle_w", _non_negative, help="board power when no step runs, W (default 15 % of tdp_w)"),
 )
 
 MODEL_KEYS: tuple[_Key, ...] = (
@@ -242,6 +244,8 @@ class HardwareProfile:
     moe_compute_efficiency: float | None = None  # None: compute_efficiency
     bandwidth_efficiency: float = 0.8
     step_overhead_ms: float = 0.0
+    tdp_w: float | None = None
+    idle_w: float | None = None
     description: str = ""
     source: str = ""
     origin: str = ""  # the file it was read from

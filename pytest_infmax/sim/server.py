@@ -124,6 +124,7 @@ class SimConfig:
 CONFIG_KEY = web.AppKey("infmax_sim_config", SimConfig)
 ENGINE_KEY = web.AppKey("infmax_sim_engine", Engine)
 READY_AT_KEY = web.AppKey("infmax_sim_ready_at", float)
+STARTED_AT_KEY = web.AppKey("infmax_sim_started_at", float)  # monotonic; origin of modelled energy
 
 
 # -- errors --------------------------------------------------------------------------
@@ -938,6 +939,27 @@ async def handle_health(request: web.Request) -> web.Response:
     return web.Response(status=200)
 
 
+async def handle_power(request: web.Request) -> web.Response:
+    """Modelled GPU power and energy: idle power plus (TDP - idle) while a step runs.
+
+    Needs a hardware profile with ``tdp_w`` (``--profile b200/...``); the default
+    cost model has no hardware, so there is no power to model.
+    """
+    config, engine = request.app[CONFIG_KEY], request.app[ENGINE_KEY]
+    deployment = getattr(config.cost_model, "deployment", None)
+    hardware = getattr(deployment, "hardware", None)
+    if hardware is None or hardware.tdp_w is None:
+        raise ApiError(404, "no modelled power: start the simulator with --profile HARDWARE/MODEL "
+                            "(a hardware profile with tdp_w)", error_type="not_found_error")
+    gpus = deployment.gpus
+    idle = hardware.idle_w if hardware.idle_w is not None else 0.15 * hardware.tdp_w
+    elapsed = time.monotonic() - request.app[STARTED_AT_KEY]
+    energy_j = gpus * (idle * elapsed + (hardware.tdp_w - idle) * engine.busy_seconds)
+    power_w = gpus * (hardware.tdp_w if engine.step_running else idle)
+    return web.json_response({"power_w": power_w, "energy_j": energy_j, "gpus": gpus, "modelled": True,
+                              "tdp_w": hardware.tdp_w, "idle_w": idle}, dumps=_encode_json)
+
+
 async def handle_stats(request: web.Request) -> web.Response:
     stats = request.app[ENGINE_KEY].stats()
     return web.json_response(asdict(stats), dumps=_encode_json)
@@ -1036,6 +1058,7 @@ def build_app(config: SimConfig) -> web.Application:
         engine = Engine(config.engine, config.cost_model)
         engine.start()
         app[ENGINE_KEY] = engine
+        app[STARTED_AT_KEY] = time.monotonic()
         app[READY_AT_KEY] = asyncio.get_running_loop().time() + config.startup_delay_s
         app[OBS_KEY].traces.open_file()
 
@@ -1055,6 +1078,7 @@ def build_app(config: SimConfig) -> web.Application:
     app.router.add_post("/v1/completions", handle_completions)
     app.router.add_post("/v1/chat/completions", handle_chat_completions)
     app.router.add_get("/sim/stats", handle_stats)
+    app.router.add_get("/sim/power", handle_power)
     app.router.add_get("/sim/trace", handle_trace)
     app.router.add_get("/metrics", handle_metrics)
     return app
