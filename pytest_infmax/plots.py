@@ -266,7 +266,6 @@ def frontier_plot(results: Sequence[Result], sweeps: Sequence[Mapping[str, Any]]
     groups = {sc: series for sc, series in groups.items() if series}
     if not groups:
         return Plot("frontier", title, "", reason="no result has both interactivity and throughput per GPU")
-    t_points, t_lines = _targets(results, sweeps, targets)
     n = len(groups)
     cols = min(n, 2)
     rows = math.ceil(n / cols)
@@ -275,6 +274,9 @@ def frontier_plot(results: Sequence[Result], sweeps: Sequence[Mapping[str, Any]]
     alt_parts = []
     for k, (scenario, series) in enumerate(sorted(groups.items())):
         ax = axes[k // cols][k % cols]
+        # Each panel shows the SLAs of its own scenario's results and sweeps only.
+        t_points, t_lines = _targets([r for r in results if _scenario(r) == scenario],
+                                     [sw for sw in sweeps if sw.get("scenario") in (None, scenario)], targets)
         colors = _colors(len(series))
         for series_index, ((name, rs), color) in enumerate(zip(series.items(), colors)):
             pts = [Point(*_point_xy(r), load_label(r.get("load") or {})) for r in rs]  # type: ignore[misc]
