@@ -88,6 +88,11 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     config.addinivalue_line(
         "markers",
+        "infmax_price(gpu_hour_usd=None, tier=None, usd_per_kwh=None): what this test's GPU time and "
+        "energy cost (over --infmax-gpu-hour-usd, --infmax-price-tier, --infmax-usd-per-kwh)",
+    )
+    config.addinivalue_line(
+        "markers",
         "infmax_server(**options): server for this test: sim_args=, command=, endpoint=, "
         "engine='trtllm'|'vllm'|'sglang' with tp=, pp=, dp=, ep=, max_batch_size=, max_num_tokens=, "
         "max_seq_len=, gpu_memory_fraction=, engine_options={...}, extra_args=, launcher_prefix=, "
@@ -137,6 +142,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 SLA(*marker.args, **marker.kwargs)
             except (SLASyntaxError, TypeError, ValueError) as exc:
                 raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.sla: {exc}") from None
+        price = item.get_closest_marker("infmax_price")
+        if price is not None:
+            try:
+                price_marker_options(price.kwargs)
+            except ValueError as exc:
+                raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.infmax_price: {exc}") from None
         marker = item.get_closest_marker("infmax_server")
         if marker is not None:
             try:
@@ -204,10 +215,40 @@ def infmax(request: pytest.FixtureRequest, infmax_server: Server) -> Infmax:
         on_sweep=request.node.stash.setdefault(SWEEPS_KEY, []).append,
         progress=_progress_writer(request.config),
         energy=settings["energy"],
-        usd_per_kwh=settings["usd_per_kwh"],
-        gpu_hour_usd=settings["gpu_hour_usd"],
-        price_tier=settings["price_tier"],
+        **_price_options(request.node, settings),
     )
+
+
+def _price_options(item: pytest.Item, settings: settings_mod.Settings) -> dict[str, Any]:
+    """Price and energy tariff: @pytest.mark.infmax_price over the session settings."""
+    options = {"usd_per_kwh": settings["usd_per_kwh"], "gpu_hour_usd": settings["gpu_hour_usd"],
+               "price_tier": settings["price_tier"]}
+    marker = item.get_closest_marker("infmax_price")
+    if marker is not None:
+        options.update(price_marker_options(marker.kwargs))
+    return options
+
+
+def price_marker_options(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Validate @pytest.mark.infmax_price(gpu_hour_usd=, tier=, usd_per_kwh=)."""
+    from .cost import TIERS
+
+    allowed = {"gpu_hour_usd", "tier", "usd_per_kwh"}
+    unknown = sorted(set(kwargs) - allowed)
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+    out: dict[str, Any] = {}
+    for key in ("gpu_hour_usd", "usd_per_kwh"):
+        if key in kwargs:
+            value = kwargs[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{key} must be a positive number, got {value!r}")
+            out[key] = float(value)
+    if "tier" in kwargs:
+        if kwargs["tier"] not in TIERS:
+            raise ValueError(f"tier must be one of {', '.join(TIERS)}, got {kwargs['tier']!r}")
+        out["price_tier"] = kwargs["tier"]
+    return out
 
 
 @pytest.fixture

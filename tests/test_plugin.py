@@ -421,3 +421,32 @@ def test_bad_on_off_setting_is_usage_error(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-plots", "maybe")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*--infmax-plots*'maybe'*must be on or off*"])
+
+
+def test_price_marker_and_setting(pytester: pytest.Pytester) -> None:
+    _write(pytester, """
+        import pytest
+
+        @pytest.mark.infmax_price(gpu_hour_usd=3.6)
+        def test_priced(infmax):
+            r = infmax.run("1k1k-mini", concurrency=2, num_requests=4, warmup=0)
+            # $3.6/GPU-hour x 1 GPU / (tokens/s x 3600) x 1e6 = 1000 / (tokens/s) $ per million tokens
+            assert abs(r.cost.total - 1000 / r.metrics.throughput) < 1e-9
+            assert r.price.source == "user-set (--infmax-gpu-hour-usd)"
+
+        def test_session_price(infmax):
+            assert infmax.run("1k1k-mini", concurrency=1, num_requests=2, warmup=0).price.usd_per_gpu_hour == 2.0
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-gpu-hour-usd", "2")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*$/Mtok*"])
+    bad = pytester.makepyfile(test_bad="""
+        import pytest
+
+        @pytest.mark.infmax_price(gpu_hour=3)
+        def test_x(infmax):
+            pass
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", str(bad))
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*infmax_price: unknown option(s) gpu_hour*"])
