@@ -27,6 +27,7 @@ from typing import Any, Iterator
 import aiohttp
 import openai
 import pytest
+from _sim_helpers import poll_stats_until
 
 from pytest_infmax.servers import ServerConfig, running_server, stop_process_group
 from pytest_infmax.sim.engine import Engine, EngineConfig, FINISH_LENGTH, TokenDelivery
@@ -464,7 +465,7 @@ async def test_max_num_seqs_queues_requests(tmp_path: Path) -> None:
     with running_sim(tmp_path, *args) as handle:
         async with aiohttp.ClientSession() as session:
             streams = [asyncio.ensure_future(_timed_stream(session, handle.base_url, 20)) for _ in range(4)]
-            saw_waiting = await _poll_stats_until(session, handle.base_url, lambda s: s["waiting"] == 2)
+            saw_waiting = await poll_stats_until(session, handle.base_url, lambda s: s["waiting"] == 2)
             results = await asyncio.gather(*streams)
     assert saw_waiting["running"] == 2
     ttfts = sorted(arrivals[0] - started for started, arrivals in results)
@@ -474,15 +475,6 @@ async def test_max_num_seqs_queues_requests(tmp_path: Path) -> None:
     assert ttfts[2] - ttfts[1] > 0.7 * one_request, (ttfts, durations)
 
 
-async def _poll_stats_until(session: aiohttp.ClientSession, base_url: str, predicate: Any) -> dict[str, int]:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        async with session.get(f"{base_url}/sim/stats") as response:
-            stats = await response.json()
-        if predicate(stats):
-            return stats
-        await asyncio.sleep(0.005)
-    pytest.fail(f"/sim/stats never matched; last: {stats}")
 
 
 @pytest.mark.asyncio
@@ -493,7 +485,7 @@ async def test_client_disconnect_frees_the_slot(sim: str) -> None:
         async with session.post(f"{sim}/v1/completions", json=body) as response:
             await response.content.readline()  # first event arrived: it is running
         # Leaving the block without reading to the end closes the connection.
-        stats = await _poll_stats_until(
+        stats = await poll_stats_until(
             session, sim, lambda s: s["running"] == 0 and s["requests_cancelled"] > before
         )
     assert stats["waiting"] == 0

@@ -20,6 +20,7 @@ from typing import Any, Iterator
 
 import aiohttp
 import pytest
+from _sim_helpers import poll_stats_until
 
 from pytest_infmax.sim import roofline
 
@@ -468,15 +469,6 @@ def test_profile_server_serves_refuses_too_large_and_reports_lateness(served_pro
     assert 0 <= lateness["p50"] <= lateness["p99"] <= lateness["max"]
 
 
-async def _poll_stats(session: aiohttp.ClientSession, base_url: str, predicate: Any) -> dict[str, Any]:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        async with session.get(f"{base_url}/sim/stats") as response:
-            stats = await response.json()
-        if predicate(stats):
-            return stats
-        await asyncio.sleep(0.005)
-    pytest.fail(f"/sim/stats never matched; last: {stats}")
 
 
 @pytest.mark.asyncio
@@ -495,7 +487,7 @@ async def test_requests_wait_for_kv_blocks_over_http(served_profile: str) -> Non
 
     async with aiohttp.ClientSession() as session:
         streams = [asyncio.ensure_future(stream(session)) for _ in range(3)]
-        stats = await _poll_stats(session, served_profile, lambda s: s["running"] == 2 and s["waiting"] == 1)
+        stats = await poll_stats_until(session, served_profile, lambda s: s["running"] == 2 and s["waiting"] == 1)
         results = sorted(await asyncio.gather(*streams))
     assert stats["kv_cache_usage"] == pytest.approx(30 / 32)
     (ttft_a, e2e_a), (ttft_b, e2e_b), (ttft_c, _) = results
