@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from collections.abc import Mapping
 from typing import Any, Literal
 
 Tier = Literal["hyperscaler", "neocloud", "rental-3y"]
@@ -141,3 +142,23 @@ def _sim_profile(sim_args: tuple[str, ...]) -> str | None:
         if arg.startswith("--profile="):
             return arg.split("=", 1)[1]
     return None
+
+
+def price_marker_options(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate ``@pytest.mark.infmax_price(gpu_hour_usd=, tier=, usd_per_kwh=)`` into runner options."""
+    allowed = {"gpu_hour_usd", "tier", "usd_per_kwh"}
+    unknown = sorted(set(kwargs) - allowed)
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+    out: dict[str, Any] = {}
+    for key in ("gpu_hour_usd", "usd_per_kwh"):
+        if key in kwargs:
+            value = kwargs[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{key} must be a positive number, got {value!r}")
+            out[key] = float(value)
+    if "tier" in kwargs:
+        if kwargs["tier"] not in TIERS:
+            raise ValueError(f"tier must be one of {', '.join(TIERS)}, got {kwargs['tier']!r}")
+        out["price_tier"] = kwargs["tier"]
+    return out

@@ -21,6 +21,7 @@ import pytest
 from . import config as settings_mod
 from . import reports
 from .baselines import export_benchmark_json
+from .cost import price_marker_options
 from .regression import GateSettings, RegressionFailed, gate_results
 from .results import LoadResult
 from .summary import markdown_summary, sweep_to_dict, write_github_step_summary
@@ -61,8 +62,6 @@ def _terminal_echo() -> Any:
     duplicate of the terminal's file descriptor keeps those lines out of the
     test's captured output and shows them as they come.
     """
-    import os
-
     try:
         fd = os.dup(1)
     except OSError:
@@ -227,28 +226,6 @@ def _price_options(item: pytest.Item, settings: settings_mod.Settings) -> dict[s
     if marker is not None:
         options.update(price_marker_options(marker.kwargs))
     return options
-
-
-def price_marker_options(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Validate @pytest.mark.infmax_price(gpu_hour_usd=, tier=, usd_per_kwh=)."""
-    from .cost import TIERS
-
-    allowed = {"gpu_hour_usd", "tier", "usd_per_kwh"}
-    unknown = sorted(set(kwargs) - allowed)
-    if unknown:
-        raise ValueError(f"unknown option(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
-    out: dict[str, Any] = {}
-    for key in ("gpu_hour_usd", "usd_per_kwh"):
-        if key in kwargs:
-            value = kwargs[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{key} must be a positive number, got {value!r}")
-            out[key] = float(value)
-    if "tier" in kwargs:
-        if kwargs["tier"] not in TIERS:
-            raise ValueError(f"tier must be one of {', '.join(TIERS)}, got {kwargs['tier']!r}")
-        out["price_tier"] = kwargs["tier"]
-    return out
 
 
 @pytest.fixture
