@@ -181,6 +181,10 @@ SETTINGS: tuple[Setting, ...] = (
             False, _on_off, switch=True),
     Setting("compare_force", "compare with baselines from another testbed (GPU, driver, engine, model, "
             "options) anyway", False, _on_off, switch=True),
+    Setting("sequential", "stop a run as soon as its comparison with the baseline is settled (an "
+            "always-valid confidence sequence, looked at every 8 requests; the run's request count "
+            "is the cap)", False, _on_off, switch=True),
+    Setting("sequential_gate", "the statistic a sequential comparison watches", "p50(tpot)", metavar="STAT"),
     Setting("min_effect", "smallest change that counts as a regression, e.g. 5%", 0.05, _fraction, "PCT"),
     Setting("gates", "metrics the regression gate compares, e.g. 'p50(tpot), p99(ttft), throughput_per_gpu'",
             None, metavar="LIST"),
@@ -209,6 +213,16 @@ class Settings:
                                                                    if v["gates"] else {}))
         except (ValueError, TypeError) as exc:
             raise SettingError(f"{self.sources['gates']} = {v['gates']!r} is not valid: {exc}") from None
+        if v["sequential"]:
+            from .compare import Gate
+
+            try:
+                gate = Gate.parse(v["sequential_gate"])
+            except (ValueError, TypeError) as exc:
+                raise SettingError(f"{self.sources['sequential_gate']} = {v['sequential_gate']!r} is not valid: {exc}") from None
+            if gate.stat is None:
+                raise SettingError(f"--infmax-sequential-gate needs a per-request statistic such as p50(tpot), "
+                                   f"not {v['sequential_gate']!r}")
         if v["update"] and compare_set is None:
             raise SettingError("--infmax-update rewrites the compared set: don't combine it with --infmax-compare off")
         return GateSettings(

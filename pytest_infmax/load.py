@@ -305,8 +305,14 @@ class LoadGenerator:
         self,
         config: LoadConfig,
         on_record: Callable[[RequestRecord], None] | None = None,
+        stop: Callable[[], bool] | None = None,
     ) -> RunRecords:
-        """Run warm-up then the measured phase; return every record."""
+        """Run warm-up then the measured phase; return every record.
+
+        ``stop`` is asked before each measured request is sent: once it answers
+        True no new request starts (those in flight finish). Sequential
+        comparisons use it to end a run whose verdict is settled.
+        """
         clock_origin, epoch_origin = time.perf_counter(), time.time()
         records: list[RequestRecord] = []
 
@@ -336,10 +342,10 @@ class LoadGenerator:
                 if config.concurrency is not None:
                     await self._closed_loop(
                         session, url, config, config.concurrency,
-                        config.effective_num_requests, config.duration, index, False, keep,
+                        config.effective_num_requests, config.duration, index, False, keep, stop,
                     )
                 else:
-                    await self._open_loop(session, url, config, index, keep)
+                    await self._open_loop(session, url, config, index, keep, stop)
                 measured_end = time.perf_counter()
                 cpu_end = time.process_time()
         finally:
@@ -371,6 +377,7 @@ class LoadGenerator:
         index: itertools.count[int],
         warmup: bool,
         keep: Callable[[RequestRecord], None],
+        stop: Callable[[], bool] | None = None,
     ) -> None:
         deadline = None if duration is None else time.perf_counter() + duration
         issued = itertools.count()
@@ -384,6 +391,8 @@ class LoadGenerator:
                 if num_requests is not None and next(issued) >= num_requests:
                     return
                 if deadline is not None and time.perf_counter() >= deadline:
+                    return
+                if stop is not None and stop():
                     return
                 plan = plan_request(config.scenario, next(index), config.seed)
                 rec = await self._one(session, url, config, plan, warmup, None, ready)
@@ -399,6 +408,7 @@ class LoadGenerator:
         config: LoadConfig,
         index: itertools.count[int],
         keep: Callable[[RequestRecord], None],
+        stop: Callable[[], bool] | None = None,
     ) -> None:
         assert config.rate is not None
         rng = np.random.default_rng([config.seed, 0x0A77])
@@ -422,6 +432,8 @@ class LoadGenerator:
         try:
             for offset in offsets:
                 if config.duration is not None and offset >= config.duration:
+                    break
+                if stop is not None and stop():
                     break
                 scheduled = start + float(offset)
                 delay = scheduled - time.perf_counter()

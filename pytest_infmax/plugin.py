@@ -22,7 +22,7 @@ from . import config as settings_mod
 from . import reports
 from .baselines import export_benchmark_json
 from .cost import price_marker_options
-from .regression import GateSettings, RegressionFailed, gate_results
+from .regression import GateSettings, RegressionFailed, gate_results, sequential_for
 from .results import LoadResult
 from .summary import markdown_summary, sweep_to_dict, write_github_step_summary
 from .sweep import SweepResult
@@ -203,7 +203,8 @@ def infmax_server(infmax_server_pool: ServerPool, infmax_server_config: ServerCo
 @pytest.fixture
 def infmax(request: pytest.FixtureRequest, infmax_server: Server) -> Infmax:
     """Runs load against the server under test: ``infmax.run("1k1k-mini", concurrency=8)``."""
-    settings = request.config.stash[STATE_KEY].settings
+    state = request.config.stash[STATE_KEY]
+    settings = state.settings
     results = request.node.stash.setdefault(RESULTS_KEY, [])
     return Infmax(
         infmax_server,
@@ -213,6 +214,8 @@ def infmax(request: pytest.FixtureRequest, infmax_server: Server) -> Infmax:
         on_result=results.append,
         on_sweep=request.node.stash.setdefault(SWEEPS_KEY, []).append,
         progress=_progress_writer(request.config),
+        sequential=(sequential_for(state.gate, settings["sequential_gate"])
+                    if settings["sequential"] and state.gate is not None else None),
         energy=settings["energy"],
         **_price_options(request.node, settings),
     )

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .baselines import BaselineError, BaselineRun, BaselineStore, build_testbed, gpu_testbed, result_keys
-from .compare import CompareOptions, ComparisonReport
+from .compare import CompareOptions, ComparisonReport, SequentialComparison
 from .results import LoadResult
 
 
@@ -118,3 +118,28 @@ class RegressionFailed(AssertionError):
     def tables(self) -> str:
         """Each comparison's table (metric, baseline, current, change, interval, p, verdict, method)."""
         return "\n\n".join(o.report.format_table() for o in self.outcomes if o.report is not None)
+
+
+SEQUENTIAL_BATCH = 8  # requests between looks; the confidence sequence holds at every look
+
+
+def sequential_for(settings: GateSettings, gate: str = "p50(tpot)"):  # type: ignore[no-untyped-def]
+    """A factory ``(result name, request cap) -> SequentialComparison | None`` for --infmax-sequential.
+
+    None (run to the cap as usual) where there is no baseline to compare with, or it
+    cannot be read (the gate after the run reports that).
+    """
+
+    def make(name: str, cap: int | None) -> SequentialComparison | None:
+        if not settings.compare_set or settings.update or not cap:
+            return None
+        try:
+            baseline = BaselineStore(settings.directory / settings.compare_set).load(name)
+        except BaselineError:
+            return None
+        if baseline is None or not baseline.runs:
+            return None
+        return SequentialComparison(baseline.runs, gate, alpha=settings.options.alpha,
+                                    min_effect=settings.options.min_effect, max_requests=cap)
+
+    return make

@@ -37,6 +37,7 @@ class LoadResult:
     price: Price | None = None  # what the GPU time is costed at; None: not priced
     price_note: str = ""  # why there is no price
     energy: EnergyReport | None = None  # GPU energy during the measured phase
+    sequential: dict[str, Any] | None = None  # --infmax-sequential: where the comparison stopped, and why
 
     @property
     def cost(self) -> TokenCost | None:
@@ -130,6 +131,7 @@ class LoadResult:
             "passed": self.passed,
             "cost": self.cost.to_dict() if self.cost is not None else {"not_priced": self.price_note or None},
             "energy": self.energy.to_dict() if self.energy is not None else None,
+            "sequential": self.sequential,
         }
         if include_records:
             out["records"] = [r.to_dict(run.clock_origin) for r in run.records]

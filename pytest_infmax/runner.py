@@ -9,6 +9,7 @@ Usable without pytest::
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from dataclasses import dataclass
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,6 +20,7 @@ from .energy import EnergyReport, EnergySampler, HttpPowerSource, NvmlPowerSourc
 from .load import LoadConfig, LoadConfigError, LoadGenerator
 from .metrics import GoodputLimits
 from .progress import Progress
+from .records import RequestRecord
 from .results import DEFAULT_PERCENTILES, LoadResult
 from .scenarios import Endpoint, Scenario, get_scenario
 from .servers import Server
@@ -39,6 +41,7 @@ class Infmax:
         on_result: Callable[[LoadResult], None] | None = None,
         on_sweep: Callable[[SweepResult], None] | None = None,
         progress: Callable[[str], None] | None = None,
+        sequential: Callable[[str, int | None], Any] | None = None,
         energy: bool = True,
         usd_per_kwh: float | None = None,
         gpu_hour_usd: float | None = None,
@@ -52,6 +55,7 @@ class Infmax:
         self._on_result = on_result
         self._on_sweep = on_sweep
         self._progress = progress  # receives a progress line every few seconds of a long run
+        self._sequential = sequential  # (name, cap) -> SequentialComparison | None
         self.energy = energy
         self.usd_per_kwh = usd_per_kwh
         self._price: tuple[Price | None, str] | None = None
@@ -162,13 +166,22 @@ class Infmax:
 
     async def _measure(self, plan: _Plan) -> LoadResult:
         generator = LoadGenerator(self.server.base_url, self.server.model, self.server.api_key)
-        on_record = None
+        watchers: list[Callable[[RequestRecord], None]] = []
         if self._progress is not None:
             total = (plan.config.effective_num_requests or 0) + plan.config.effective_warmup or None
-            on_record = Progress(self._progress, plan.name, plan.config.label, total).on_record
+            watchers.append(Progress(self._progress, plan.name, plan.config.label, total).on_record)
+        seq = self._sequential(plan.name, plan.config.effective_num_requests) if self._sequential else None
+        if seq is not None:
+            watchers.append(_feed_sequential(seq))
+
+        def on_record(rec: RequestRecord) -> None:
+            for watch in watchers:
+                watch(rec)
+
         sampler, not_measured = self._energy_sampler()
         try:
-            run = await generator.run(plan.config, on_record=on_record)
+            run = await generator.run(plan.config, on_record=on_record if watchers else None,
+                                      stop=(lambda: seq.state.stop) if seq is not None else None)
         finally:
             if sampler is not None:
                 sampler.stop()
@@ -182,6 +195,8 @@ class Infmax:
             goodput=plan.goodput,
         )
         result.price, result.price_note = self.price()
+        if seq is not None:
+            result.sequential = {"gate": seq.gate.label, **dataclasses.asdict(seq.state)}
         result.energy = (sampler.report_for(result, self.usd_per_kwh) if sampler is not None
                          else EnergyReport.not_measured(not_measured))
         self.results.append(result)
@@ -236,6 +251,27 @@ class _Plan:
     sla: SLA | None
     goodput: GoodputLimits | None
     name: str
+
+
+def _feed_sequential(seq: Any) -> Callable[[RequestRecord], None]:
+    """Give the sequential comparison its gate's per-request values in batches."""
+    from .metrics import per_request_value
+    from .regression import SEQUENTIAL_BATCH
+
+    metric = "tpot" if seq.gate.metric == "interactivity" else seq.gate.metric  # it inverts TPOTs itself
+    batch: list[float] = []
+
+    def feed(rec: RequestRecord) -> None:
+        if rec.warmup or not rec.ok or seq.state.stop:
+            return
+        value = per_request_value(rec, metric)
+        if value is not None:
+            batch.append(value)
+        if len(batch) >= SEQUENTIAL_BATCH:
+            seq.update(batch)
+            batch.clear()
+
+    return feed
 
 
 def _run_sync(coro: Any) -> Any:

@@ -107,3 +107,31 @@ def test_bad_gate_settings_are_usage_errors(pytester: pytest.Pytester) -> None:
         result = pytester.runpytest_subprocess("-p", "no:cacheprovider", *args)
         assert result.ret == pytest.ExitCode.USAGE_ERROR, args
         result.stderr.fnmatch_lines([message])
+
+
+def test_sequential_stops_a_clear_regression_early(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_perf="""
+        def test_seq(infmax):
+            infmax.run("1k1k-mini", concurrency=8, num_requests=240, warmup=8)
+    """)
+    pytester.makeini(f"[pytest]\ninfmax_sim_args = {FAST}\nasyncio_default_fixture_loop_scope = function\n")
+    saved = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-save", "default")
+    saved.assert_outcomes(passed=1)
+    slow = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "--infmax-sequential", "--infmax-compare-force", "--infmax-json", "r.json",
+        f"--infmax-sim-args={FAST} --slowdown 2")
+    slow.assert_outcomes(failed=1)  # the gate after the run agrees: regressed
+    (result,) = json.loads((pytester.path / "r.json").read_text())["results"]
+    seq = result["sequential"]
+    assert seq["gate"] == "p50(tpot)" and seq["verdict"] == "regressed" and seq["settled"]
+    # Stopped long before the 240-request cap: only requests already in flight finish after the stop.
+    assert seq["requests"] < 240 and result["metrics"]["num_requests"] <= seq["requests"] + 8 + 8
+    assert result["metrics"]["num_requests"] < 120
+
+
+def test_sequential_needs_a_per_request_statistic(pytester: pytest.Pytester) -> None:
+    _project(pytester)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-sequential",
+                                           "--infmax-sequential-gate", "throughput_per_gpu")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--infmax-sequential-gate needs a per-request statistic*"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import textwrap
 import threading
 import time
@@ -22,6 +23,7 @@ from pytest_infmax.records import ErrorKind
 from pytest_infmax.runner import Infmax
 from pytest_infmax.scenarios import Scenario
 from pytest_infmax.servers import ServerConfig, running_server
+from pytest_infmax.sla import SLAFailed
 
 FAST_SIM = "--decode-step-ms 2 --decode-ms-per-seq 0.01"
 SMALL = Scenario("reliability", 16, 8)
@@ -77,8 +79,8 @@ def test_error_rate_sla_sees_injected_500s_and_every_request_has_an_outcome(tmp_
     measured = len(failed) / 40
     assert result.metrics.error_rate == pytest.approx(measured)
     (verdict,) = result.evaluate("error_rate < 1%")
-    assert not verdict.passed
-    with pytest.raises(Exception, match=r"error_rate < 1%.*measured " + f"{measured * 100:.1f}".rstrip("0").rstrip(".")):
+    assert not verdict.passed and verdict.measured == pytest.approx(measured) and verdict.count == 40
+    with pytest.raises(SLAFailed, match=r"error_rate < 1%.*measured"):
         result.check("error_rate < 1%")
 
 
@@ -109,6 +111,9 @@ def test_stall_past_the_request_timeout_ends_the_run_in_about_the_timeout(tmp_pa
 # -- results directory not writable ------------------------------------------------------------------
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "known bug: plugin.py pytest_sessionfinish lets the OSError from write_json_atomic escape: a raw "
+    "Python traceback, no failure details, no summary line, no infmax table (docs/reliability.md)"))
 def test_unwritable_results_path_is_a_clear_error_and_outcomes_are_still_reported(
     pytester: pytest.Pytester, no_leaked_servers
 ) -> None:
@@ -117,16 +122,32 @@ def test_unwritable_results_path_is_a_clear_error_and_outcomes_are_still_reporte
             infmax.run("1k1k-mini", concurrency=1, num_requests=2, warmup=0)
 
         def test_fails():
-            assert False
+            assert False, "the failure the user must still see"
     """)
     (pytester.path / "blocker").write_text("a file, not a directory\n")  # fails for root too
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-json", "blocker/out/r.json")
     out = result.stdout.str() + result.stderr.str()
-    # What the plugin does today (see docs/reliability.md):
-    result.stdout.fnmatch_lines(["*test_perf.py::test_ok PASSED*", "*test_perf.py::test_fails FAILED*"]
-                                if "-v" in result.stdout.str() else ["*1 failed, 1 passed*"])
-    assert "blocker" in out
-    assert result.ret != pytest.ExitCode.OK
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    assert "blocker/out" in out  # the error names the path
+    assert "Traceback" not in out and "INTERNALERROR" not in out
+    result.stdout.fnmatch_lines(["*the failure the user must still see*", "*infmax results*", "*1 failed, 1 passed*"])
+
+
+def test_unwritable_results_path_today_test_outcomes_reach_the_terminal(
+    pytester: pytest.Pytester, no_leaked_servers
+) -> None:
+    """What the plugin does today (the xfail above is what it should do): the per-test
+    progress letters are printed, the exit status is non-zero, the message names the path,
+    and the server is still stopped (no_leaked_servers)."""
+    _write(pytester, """
+        def test_ok(infmax):
+            infmax.run("1k1k-mini", concurrency=1, num_requests=2, warmup=0)
+    """)
+    (pytester.path / "blocker").write_text("a file, not a directory\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-json", "blocker/out/r.json")
+    assert result.ret != pytest.ExitCode.OK  # a passing session does not report success
+    result.stdout.fnmatch_lines(["test_perf.py .*"])
+    assert "Not a directory" in result.stderr.str() and "blocker/out" in result.stderr.str()
 
 
 # -- two sessions writing baselines at once ---------------------------------------------------------
@@ -136,7 +157,7 @@ def test_concurrent_baseline_saves_never_corrupt_the_file(tmp_path: Path) -> Non
     from test_baselines import SERVER, make_result
 
     key = "tests/test_perf.py::test_x[c=4]"
-    store = BaselineStore(tmp_path)
+    store = BaselineStore(tmp_path, history=100)
     testbed = build_testbed(SERVER)
     errors: list[BaseException] = []
     barrier = threading.Barrier(8)
@@ -145,8 +166,8 @@ def test_concurrent_baseline_saves_never_corrupt_the_file(tmp_path: Path) -> Non
         try:
             barrier.wait()
             for round_ in range(3):
-                BaselineStore(tmp_path).save(key, BaselineRun.from_result(make_result(key, seed=seed * 10 + round_)),
-                                             testbed)
+                BaselineStore(tmp_path, history=100).save(
+                    key, BaselineRun.from_result(make_result(key, seed=seed * 10 + round_)), testbed)
         except BaseException as exc:  # noqa: BLE001 - collected and asserted below
             errors.append(exc)
 
@@ -156,11 +177,14 @@ def test_concurrent_baseline_saves_never_corrupt_the_file(tmp_path: Path) -> Non
     for t in threads:
         t.join()
     assert not errors, errors
-    # Valid JSON, loadable, no temp file left; last writer wins, so runs may be lost (documented).
+    # Valid JSON, loadable, no temp file left. There is no lock: each save reads the file,
+    # adds its run and atomically replaces it, so the last writer wins and concurrent saves
+    # may drop each other's runs (24 saves here; docs/reliability.md says so).
     json.loads(store.path_for(key).read_text())
     baseline = store.load(key)
     assert baseline is not None
-    assert 1 <= len(baseline.runs) <= store.history
+    assert 1 <= len(baseline.runs) <= 24
+    print(f"runs kept after 24 concurrent saves: {len(baseline.runs)}")
     assert [p.name for p in tmp_path.iterdir()] == [store.path_for(key).name]
 
 
@@ -170,12 +194,15 @@ def test_two_sessions_saving_baselines_at_once(pytester: pytest.Pytester, no_lea
             infmax.run("1k1k-mini", concurrency=1, num_requests=2, warmup=0)
     """)
     procs = [pytester.popen([*_pytest_argv(), "-p", "no:cacheprovider", "--infmax-save", "main"],
-                            stdout=-1, stderr=-1) for _ in range(2)]
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for _ in range(2)]
     outputs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     (path,) = (pytester.path / ".infmax" / "baselines" / "main").glob("*.json")
     doc = json.loads(path.read_text())
-    assert 1 <= len(doc["runs"]) <= 2  # one session's history, or both: never a broken file
+    # Never a broken file; both runs when the saves did not overlap, one when they did
+    # (last writer wins: BaselineStore.save takes no lock).
+    assert 1 <= len(doc["runs"]) <= 2
     assert not list(path.parent.glob(".*.tmp"))
 
 
@@ -210,4 +237,29 @@ def test_xdist_worker_crash_is_reported_and_leaves_no_server(pytester: pytest.Py
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     assert "INTERNALERROR" not in out
     doc = json.loads((pytester.path / "x.json").read_text())
-    assert len([r for r in doc["results"] if "test_load" in r["test"]]) == 4
+    names = sorted(r["name"] for r in doc["results"])
+    assert names == [f"test_perf.py::test_load[{i}]" for i in range(4)]  # the crashed test's run is lost
+
+
+# -- Ctrl-C during a run: what is kept -----------------------------------------------------------------
+
+
+def test_ctrl_c_mid_session_keeps_the_results_of_tests_that_finished(
+    pytester: pytest.Pytester, no_leaked_servers
+) -> None:
+    _write(pytester, """
+        import os, signal, threading
+
+        def test_a_first(infmax):
+            infmax.run("1k1k-mini", concurrency=1, num_requests=2, warmup=0)
+
+        def test_b_interrupted(infmax):
+            threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+            infmax.run("1k1k-mini", concurrency=1, num_requests=500, warmup=0)
+    """)
+    started = time.monotonic()
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-json", "r.json", timeout=120)
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    assert time.monotonic() - started < 30  # the interrupted run does not finish its 500 requests
+    doc = json.loads((pytester.path / "r.json").read_text())
+    assert [r["name"] for r in doc["results"]] == ["test_perf.py::test_a_first"]
