@@ -23,6 +23,7 @@ a :class:`CorruptBaselineError` naming the file and the fix, never a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -664,6 +665,11 @@ class BaselineStore:
         if mode not in ("append", "replace"):
             raise ValueError(f"mode must be 'append' or 'replace', got {mode!r}")
         path = self.path_for(key)
+        with _locked(path):  # read-modify-write: sessions saving at once must not lose runs
+            return self._save_locked(key, path, new_runs, testbed, mode)
+
+    def _save_locked(self, key: str, path: Path, new_runs: list[BaselineRun], testbed: Mapping[str, Any],
+                     mode: Mode) -> Baseline:
         current = None if mode == "replace" else self.load(key)
         testbed = _plain(dict(testbed))
         if current is None:
@@ -708,6 +714,20 @@ class BaselineStore:
             return
         for path in sorted(self.directory.glob("*.json")):
             yield load_baseline(path)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock for one baseline file, held across processes (flock on ``PATH.lock``)."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a+b") as lock:  # hidden: not a baseline
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
 
 def _make_readable(path: Path) -> None:

@@ -389,6 +389,17 @@ class ResultCollector:
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        """Write the reports; one that cannot be written is a clear error, not a lost session."""
+        try:
+            self._write_reports()
+        except OSError as exc:
+            where = exc.filename or "a report file"
+            self.state.notes.append(f"could not write {where}: {exc.strerror or exc}; "
+                                    "check that the directory exists and is writable")
+            if session.exitstatus == pytest.ExitCode.OK:
+                session.exitstatus = pytest.ExitCode.TESTS_FAILED  # the results the user asked for are missing
+
+    def _write_reports(self) -> None:
         state = self.state
         if not state.full_results:
             return
@@ -458,4 +469,4 @@ class ResultCollector:
         for path in state.written:
             terminalreporter.write_line(f"infmax: wrote {path}")
         for note in state.notes:
-            terminalreporter.write_line(f"infmax: {note}")
+            terminalreporter.write_line(f"infmax: {note}", red=note.startswith("could not write"))

@@ -159,7 +159,7 @@ def test_write_is_atomic_no_temp_left_and_old_file_intact_on_failure(tmp_path, m
     key = "t::a"
     store.save(key, BaselineRun.from_result(make_result(key, seed=1)), build_testbed(SERVER))
     before = store.path_for(key).read_bytes()
-    assert [p.name for p in tmp_path.iterdir()] == [store.path_for(key).name]  # no temp file left
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == [store.path_for(key).name]  # no temp file left
 
     def fail(*args, **kwargs):
         raise OSError(28, "No space left on device")
@@ -169,7 +169,7 @@ def test_write_is_atomic_no_temp_left_and_old_file_intact_on_failure(tmp_path, m
         store.save(key, BaselineRun.from_result(make_result(key, seed=2)), build_testbed(SERVER))
     monkeypatch.undo()
     assert store.path_for(key).read_bytes() == before  # the old baseline survives
-    assert [p.name for p in tmp_path.iterdir()] == [store.path_for(key).name]  # temp removed
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == [store.path_for(key).name]  # temp removed
     assert len(store.load(key).runs) == 1
 
 
