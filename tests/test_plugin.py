@@ -18,34 +18,6 @@ pytestmark = pytest.mark.usefixtures("no_leaked_servers")
 FAST_SIM = "--decode-step-ms 2 --decode-ms-per-seq 0.01"
 
 
-@pytest.fixture
-def no_leaked_servers(pytester: pytest.Pytester):
-    """After each test, no simulator started by the inner session may survive.
-
-    Inner sessions run in ``pytester.path``, so their servers have it as their
-    working directory (or in their arguments); other tests' servers do not.
-    """
-    yield
-    leaked = _sim_pids_under(str(pytester.path))
-    assert not leaked, f"simulator processes left running: {leaked}"
-
-
-def _sim_pids_under(path: str) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmd = f.read().decode(errors="replace")
-            cwd = os.readlink(f"/proc/{entry}/cwd")
-        except OSError:
-            continue
-        if "pytest_infmax.sim" in cmd and (path in cmd or cwd.startswith(path)):
-            pids.append(int(entry))
-    return sorted(pids)
-
-
 def _write(pytester: pytest.Pytester, body: str) -> None:
     pytester.makepyfile(test_perf=textwrap.dedent(body))
     pytester.makeini(f"[pytest]\ninfmax_sim_args = {FAST_SIM}\nasyncio_default_fixture_loop_scope = function\n")

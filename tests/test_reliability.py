@@ -29,33 +29,6 @@ FAST_SIM = "--decode-step-ms 2 --decode-ms-per-seq 0.01"
 SMALL = Scenario("reliability", 16, 8)
 
 
-def _sim_pids_under(path: str) -> list[int]:
-    """Simulator processes whose working directory or arguments are under ``path``."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmd = f.read().decode(errors="replace")
-            cwd = os.readlink(f"/proc/{entry}/cwd")
-        except OSError:
-            continue
-        if "pytest_infmax.sim" in cmd and (path in cmd or cwd.startswith(path)):
-            pids.append(int(entry))
-    return sorted(pids)
-
-
-@pytest.fixture
-def no_leaked_servers(pytester: pytest.Pytester):
-    yield
-    deadline = time.monotonic() + 5  # a crashed worker's server notices its parent is gone
-    while _sim_pids_under(str(pytester.path)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    leaked = _sim_pids_under(str(pytester.path))
-    assert not leaked, f"simulator processes left running: {leaked}"
-
-
 def _write(pytester: pytest.Pytester, body: str) -> None:
     pytester.makepyfile(test_perf=textwrap.dedent(body))
     pytester.makeini(f"[pytest]\ninfmax_sim_args = {FAST_SIM}\nasyncio_default_fixture_loop_scope = function\n")
