@@ -153,7 +153,9 @@ def _group_gone(pgid: int) -> bool:
     "action, expected",
     [
         ("raise RuntimeError('boom in the middle')", pytest.ExitCode.TESTS_FAILED),
-        ("os.kill(os.getpid(), signal.SIGINT)", pytest.ExitCode.INTERRUPTED),
+        # Ctrl-C as at a terminal, even where SIGINT was inherited ignored (background CI jobs).
+        ("signal.signal(signal.SIGINT, signal.default_int_handler); os.kill(os.getpid(), signal.SIGINT)",
+         pytest.ExitCode.INTERRUPTED),
         ("os.kill(os.getpid(), signal.SIGTERM)", pytest.ExitCode.INTERRUPTED),
     ],
     ids=["test-error", "ctrl-c", "sigterm"],

@@ -205,6 +205,9 @@ def test_ctrl_c_mid_session_keeps_the_results_of_tests_that_finished(
             infmax.run("1k1k-mini", concurrency=1, num_requests=2, warmup=0)
 
         def test_b_interrupted(infmax):
+            # Ctrl-C as at a terminal, even where this session inherited SIGINT ignored
+            # (a background job of a non-interactive shell, as some CI runners start it).
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
             infmax.run("1k1k-mini", concurrency=1, num_requests=500, warmup=0)
     """)
