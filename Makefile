@@ -41,7 +41,7 @@ chromium:
 	|| echo "make: installing Chromium failed: the HTML browser test will be skipped"; fi
 
 test: $(INTEGRATION_STAMP) chromium
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2
 
 clean:
 	rm -rf $(VENV) .infmax results .pytest_cache
