@@ -217,3 +217,25 @@ def test_ctrl_c_mid_session_keeps_the_results_of_tests_that_finished(
     assert time.monotonic() - started < 30  # the interrupted run does not finish its 500 requests
     doc = json.loads((pytester.path / "r.json").read_text())
     assert [r["name"] for r in doc["results"]] == ["test_perf.py::test_a_first"]
+
+
+def test_api_key_appears_in_no_artefact(pytester: pytest.Pytester, no_leaked_servers, monkeypatch) -> None:
+    """The key is on the server's command line and in the client's environment; no report,
+    log, baseline or terminal line may contain it."""
+    key = "sk-live-0123456789abcdef"
+    monkeypatch.setenv("INFMAX_API_KEY", key)
+    _write(pytester, """
+        def test_secret(infmax, infmax_server):
+            infmax.run("1k1k-mini", concurrency=1, num_requests=2, warmup=0, sla=["error_rate < 1%"])
+    """)
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-v", f"--infmax-sim-args={FAST_SIM} --api-key {key}",
+        "--infmax-json", "out/r.json", "--infmax-html", "out/r.html", "--infmax-markdown", "out/r.md",
+        "--infmax-benchmark-json", "out/b.json", "--infmax-save", "main", "--junitxml", "out/j.xml")
+    result.assert_outcomes(passed=1)
+    seen = result.stdout.str() + result.stderr.str()
+    files = [p for p in pytester.path.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".log" for p in files) and any("baselines" in str(p) for p in files)
+    leaks = [str(p) for p in files if key.encode() in p.read_bytes()]
+    assert key not in seen and not leaks, leaks
+    assert "***" in (pytester.path / "out" / "r.json").read_text()  # the command line shows it redacted
