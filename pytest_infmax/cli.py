@@ -13,74 +13,16 @@ from . import __version__
 
 def _table(path: str) -> int:
     from .reports import format_table
+    from .summary import result_row
 
     try:
         with open(path, encoding="utf-8") as f:
             doc = json.load(f)
-        rows = [_summary_from_full(r) for r in doc["results"]]
+        rows = [result_row(r) for r in doc["results"]]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         print(f"infmax: cannot read results from {path}: {exc}", file=sys.stderr)
         return 2
     print(format_table(rows))
-    return 0
-
-
-def _summary_from_full(result: dict) -> dict:
-    m = result["metrics"]
-    load = result["load"]
-
-    def stat(metric: str, key: str, scale: float = 1.0) -> float | None:
-        value = (m.get(metric) or {}).get(key)
-        return None if value is None else value * scale
-
-    return {
-        "test": result["name"],
-        "scenario": load["scenario"]["name"],
-        "load": f"c={load['concurrency']}" if load.get("concurrency") else f"rate={load.get('rate')}/s",
-        "requests": m["num_requests"],
-        "ok": m["num_ok"],
-        "ttft_p50_ms": stat("ttft", "p50", 1000),
-        "ttft_p99_ms": stat("ttft", "p99", 1000),
-        "tpot_p50_ms": stat("tpot", "p50", 1000),
-        "interactivity": stat("interactivity", "p50"),
-        "throughput_per_gpu": m.get("throughput_per_gpu"),
-        "error_rate": m.get("error_rate"),
-        "sla": {None: "-", True: "PASS", False: "FAIL"}[result.get("passed")],
-    }
-
-
-def _compare(ns: argparse.Namespace) -> int:
-    from .baselines import BaselineError
-    from .compare import CompareOptions, compare_files, parse_gates
-
-    try:
-        options = CompareOptions(
-            gates=parse_gates(ns.metrics) if ns.metrics else CompareOptions().gates,
-            min_effect=ns.min_effect / 100.0,
-            alpha=ns.alpha,
-        )
-        reports, messages = compare_files(ns.baseline, ns.current, options=options, force=ns.force,
-                                          keys=ns.key, last=ns.last)
-    except (BaselineError, ValueError) as exc:
-        print(f"infmax compare: {exc}", file=sys.stderr)
-        return 2
-    for message in messages:
-        print(f"infmax compare: {message}", file=sys.stderr)
-    if not reports:
-        print("infmax compare: no result is in both files; nothing compared", file=sys.stderr)
-        return 2
-    for report in reports:
-        print(report.format_table(methods=not ns.brief))
-        print()
-    if ns.json:
-        from .reports import write_json_atomic
-
-        write_json_atomic(ns.json, {"format": "pytest-infmax-compare/1", "comparisons": [r.to_dict() for r in reports]})
-    verdicts = [r.verdict for r in reports]
-    print("infmax compare: " + ", ".join(f"{v} {verdicts.count(v)}" for v in ("regressed", "unsure", "improved", "same")
-                                         if verdicts.count(v)))
-    if "regressed" in verdicts or (ns.fail_on_unsure and "unsure" in verdicts):
-        return 1
     return 0
 
 
