@@ -26,6 +26,41 @@ def _table(path: str) -> int:
     return 0
 
 
+def _compare(ns: argparse.Namespace) -> int:
+    from .baselines import BaselineError
+    from .compare import CompareOptions, compare_files, parse_gates
+
+    try:
+        options = CompareOptions(
+            gates=parse_gates(ns.metrics) if ns.metrics else CompareOptions().gates,
+            min_effect=ns.min_effect / 100.0,
+            alpha=ns.alpha,
+        )
+        reports, messages = compare_files(ns.baseline, ns.current, options=options, force=ns.force,
+                                          keys=ns.key, last=ns.last)
+    except (BaselineError, ValueError) as exc:
+        print(f"infmax compare: {exc}", file=sys.stderr)
+        return 2
+    for message in messages:
+        print(f"infmax compare: {message}", file=sys.stderr)
+    if not reports:
+        print("infmax compare: no result is in both files; nothing compared", file=sys.stderr)
+        return 2
+    for report in reports:
+        print(report.format_table(methods=not ns.brief))
+        print()
+    if ns.json:
+        from .reports import write_json_atomic
+
+        write_json_atomic(ns.json, {"format": "pytest-infmax-compare/1", "comparisons": [r.to_dict() for r in reports]})
+    verdicts = [r.verdict for r in reports]
+    print("infmax compare: " + ", ".join(f"{v} {verdicts.count(v)}" for v in ("regressed", "unsure", "improved", "same")
+                                         if verdicts.count(v)))
+    if "regressed" in verdicts or (ns.fail_on_unsure and "unsure" in verdicts):
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "sim":  # hand every remaining flag to the simulator's own parser
