@@ -46,7 +46,6 @@ class PluginState:
     log_dir: Path
     rows: list[dict[str, Any]] = field(default_factory=list)
     full_results: list[dict[str, Any]] = field(default_factory=list)
-    json_written: Path | None = None
     gate: GateSettings | None = None
     sweeps: list[dict[str, Any]] = field(default_factory=list)
     checks: list[dict[str, Any]] = field(default_factory=list)  # baseline comparisons, for the reports
@@ -410,8 +409,7 @@ class ResultCollector:
         doc["checks"] = state.checks
         json_path = self._path("json")
         if json_path is not None:
-            state.json_written = reports.write_json_atomic(json_path, doc)
-            state.written.append(json_path)
+            state.written.append(reports.write_json_atomic(json_path, doc))
         bench_path = self._path("benchmark_json")
         if bench_path is not None:
             state.written.append(reports.write_json_atomic(bench_path, export_benchmark_json(doc["results"])))

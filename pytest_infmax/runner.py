@@ -64,12 +64,8 @@ class Infmax:
     def run(self, scenario: str | Scenario = "1k1k-mini", **kwargs: Any) -> LoadResult:
         """Run load and return its result; see :meth:`arun` for the arguments."""
         __tracebackhide__ = True  # failures point at the test line that ran the load
-        if _loop_running():
-            raise RuntimeError(
-                "infmax.run() was called inside a running event loop; use `await infmax.arun(...)` there"
-            )
-        plan = self._plan(scenario, **kwargs)
-        return self._conclude(asyncio.run(self._measure(plan)), plan)
+        plan = self._plan(scenario, **kwargs)  # validation only: nothing is sent yet
+        return self._conclude(_run_sync(self._measure(plan), "infmax.run()"), plan)
 
     async def arun(self, scenario: str | Scenario = "1k1k-mini", **kwargs: Any) -> LoadResult:
         """Run warm-up and measured load; check ``sla`` if given.
@@ -118,7 +114,7 @@ class Infmax:
         if self._on_sweep is not None:  # reported even if a point fails its SLA
             self._on_sweep(sweep)
         for plan in plans:
-            result = self._conclude(_run_sync(self._measure(plan)), plan)
+            result = self._conclude(_run_sync(self._measure(plan), "infmax.sweep()"), plan)
             sweep.results.append(result)
         if objectives:
             sweep.check(*(o.text for o in objectives))
@@ -274,10 +270,11 @@ def _feed_sequential(seq: Any) -> Callable[[RequestRecord], None]:
     return feed
 
 
-def _run_sync(coro: Any) -> Any:
+def _run_sync(coro: Any, caller: str) -> Any:
+    """Run ``coro`` on a fresh event loop; inside a running one, say what to call instead."""
     if _loop_running():
         coro.close()
-        raise RuntimeError("infmax.sweep() was called inside a running event loop; run it from a sync test")
+        raise RuntimeError(f"{caller} was called inside a running event loop; use `await infmax.arun(...)` there")
     return asyncio.run(coro)
 
 
