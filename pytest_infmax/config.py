@@ -26,24 +26,33 @@ class SettingError(ValueError):
     """A setting has a value that cannot work."""
 
 
+def _convert(text: str, kind: Callable[[str], Any], allowed: str) -> Any:
+    """``kind(text)``, or a ValueError saying what is allowed (not Python's 'invalid literal')."""
+    try:
+        return kind(text.strip())
+    except (ValueError, OverflowError):
+        raise ValueError(f"must be {allowed}") from None
+
+
 def _positive_float(text: str) -> float:
-    value = float(text)
+    value = _convert(text, float, "a positive number")
     if not value > 0 or math.isinf(value):
         raise ValueError("must be a positive number")
     return value
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _convert(text, int, "a whole number >= 1")
     if value < 1:
         raise ValueError("must be a whole number >= 1")
     return value
 
 
 def _percentiles(text: str) -> tuple[float, ...]:
-    values = tuple(float(p) for p in text.replace(" ", "").split(",") if p)
+    allowed = "a comma-separated list of numbers in (0, 100], e.g. 50,90,99"
+    values = tuple(_convert(p, float, allowed) for p in text.replace(" ", "").split(",") if p)
     if not values or any(not 0 < p <= 100 for p in values):
-        raise ValueError("must be a comma-separated list of numbers in (0, 100], e.g. 50,90,99")
+        raise ValueError(f"must be {allowed}")
     return values
 
 
@@ -73,7 +82,8 @@ def _tier(text: str) -> str:
 
 def _set_name(text: str) -> str:
     name = text.strip()
-    if not name or "/" in name or "\\" in name or name in (".", ".."):
+    if (not name or "/" in name or "\\" in name or name in (".", "..")
+            or any(not c.isprintable() for c in name)):
         raise ValueError("must be a plain name such as main or default (it names a folder)")
     return name
 
@@ -84,14 +94,59 @@ def _set_name_or_off(text: str) -> str | None:
 
 def _fraction(text: str) -> float:
     t = text.strip()
-    value = float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    allowed = "between 0 and 100%, e.g. 5%"
+    value = _convert(t[:-1], float, allowed) / 100 if t.endswith("%") else _convert(t, float, allowed)
     if not 0 < value < 1:
-        raise ValueError("must be between 0 and 100%, e.g. 5%")
+        raise ValueError(f"must be {allowed}")
     return value
 
 
 def _text(text: str) -> str:
     return text
+
+
+def _path(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must be a file or directory path, not empty")
+    return text
+
+
+def _flags(text: str) -> str:
+    try:
+        shlex.split(text)
+    except ValueError as exc:  # e.g. "No closing quotation"
+        raise ValueError(f"must be flags split as a shell would split them ({str(exc).lower()}), "
+                         "e.g. --profile b200/gpt-oss-120b") from None
+    return text
+
+
+def _command(text: str) -> str:
+    if not text.strip():
+        return ""  # empty: not set
+    _flags(text)
+    try:
+        command_from_template(text)
+    except ServerError as exc:
+        raise ValueError(f"must be a command template: {exc}") from None
+    if not shlex.split(text):
+        raise ValueError("must be a command template, e.g. 'my-server --port {port}'")
+    return text
+
+
+def _url(text: str) -> str:
+    from urllib.parse import urlsplit
+
+    allowed = "an http:// or https:// URL with a host, e.g. http://127.0.0.1:8000"
+    if not text.strip():
+        return ""  # empty: not set
+    try:
+        parts = urlsplit(text.strip())
+        parts.port  # noqa: B018  (raises ValueError for a port out of range or not a number)
+    except ValueError:
+        raise ValueError(f"must be {allowed}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"must be {allowed}")
+    return text.strip()
 
 
 def _engine(text: str) -> str:
@@ -124,18 +179,18 @@ class Setting:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("endpoint", "base URL of an OpenAI-compatible server that is already running "
-            "(instead of starting one)", None, metavar="URL"),
+            "(instead of starting one)", None, _url, "URL"),
     Setting("server_command", "command that starts the server under test, split like a shell "
             "would but never run through one; {host}, {port} and {model} are filled in",
-            None, metavar="TEMPLATE"),
+            None, _command, "TEMPLATE"),
     Setting("sim_args", "extra flags for the embedded simulator (see `infmax sim --help`)", "",
-            metavar="FLAGS"),
+            _flags, "FLAGS"),
     Setting("engine", "start this inference engine: trtllm (trtllm-serve), vllm (vllm serve) or "
             "sglang (python -m sglang.launch_server); needs the model (--infmax-model or the engine "
             "config)", None, _engine, "NAME"),
     Setting("engine_config", "YAML file with the engine's launch options (engine:, model:, tp:, "
             "max_batch_size:, engine_options:, extra_args:, launcher_prefix:, env:, ...; the keys "
-            "of @pytest.mark.infmax_server)", None, metavar="YAML"),
+            "of @pytest.mark.infmax_server)", None, _path, "YAML"),
     Setting("model", "model name to request (default: the first one /v1/models lists)", None,
             metavar="NAME"),
     Setting("gpus", "GPUs behind the server, for per-GPU metrics (default: tp x pp x dp of an "
@@ -149,15 +204,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("percentiles", "percentiles reported for latency distributions", (50.0, 90.0, 95.0, 99.0),
             _percentiles, "LIST"),
     Setting("json", "write every result, with per-request records and the environment, to this "
-            "JSON file (atomically)", None, metavar="PATH"),
+            "JSON file (atomically)", None, _path, "PATH"),
     Setting("html", "write a self-contained HTML report (tables, verdicts, plots) to this file",
-            None, metavar="PATH"),
-    Setting("markdown", "write the Markdown summary to this file", None, metavar="PATH"),
+            None, _path, "PATH"),
+    Setting("markdown", "write the Markdown summary to this file", None, _path, "PATH"),
     Setting("plots", "write PNG plots (frontier, latency distributions, throughput over time) next "
             "to the --infmax-json file: on or off (needs the 'plots' extra)", False, _on_off, "on|off"),
     Setting("step_summary", "append the Markdown summary to $GITHUB_STEP_SUMMARY when that is set: "
             "on or off", True, _on_off, "on|off"),
-    Setting("log_dir", "directory for server logs", ".infmax/logs", metavar="DIR"),
+    Setting("log_dir", "directory for server logs", ".infmax/logs", _path, "DIR"),
     Setting("gpu_hour_usd", "$ per GPU-hour for cost per million tokens (default: SemiAnalysis' Aug 2025 "
             "table for the GPU NVML reports or the simulator's profile)", None, _positive_float, "USD"),
     Setting("price_tier", "row of the default price table: hyperscaler, neocloud or rental-3y", "neocloud",
@@ -168,7 +223,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("client_bound", "when the load generator itself falls behind (event-loop or send lag p99 "
             "over 10 ms): warn, or fail the test", "warn", _warn_or_fail, "warn|fail"),
     Setting("baselines", "directory of baseline sets (one JSON file per test in each set)",
-            ".infmax/baselines", metavar="DIR"),
+            ".infmax/baselines", _path, "DIR"),
     Setting("compare", "compare each result with its baseline in this set, where one exists "
             "(a missing baseline is recorded, never a failure); off: no comparison", "default",
             _set_name_or_off, "NAME|off"),
@@ -189,7 +244,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("gates", "metrics the regression gate compares, e.g. 'p50(tpot), p99(ttft), throughput_per_gpu'",
             None, metavar="LIST"),
     Setting("benchmark_json", "also write results in pytest-benchmark's JSON layout to this file", None,
-            metavar="PATH"),
+            _path, "PATH"),
 )
 
 
@@ -251,7 +306,8 @@ class Settings:
                 return ServerConfig(kind="command", command=command_from_template(v["server_command"]), **common)
             return ServerConfig(kind="sim", sim_args=tuple(shlex.split(v["sim_args"] or "")), **common)
         except ServerError as exc:
-            raise SettingError(str(exc)) from None
+            where = f"{self.sources['engine_config']}: " if v["engine_config"] and "engine config" in str(exc) else ""
+            raise SettingError(f"{where}{exc}") from None
 
     def _engine_config(self, common: dict[str, Any]) -> ServerConfig:
         """An engine server: the engine config file, then settings given explicitly on top."""
@@ -306,6 +362,8 @@ def resolve(config: Any) -> Settings:
             values[s.name], sources[s.name] = s.default, "default"
             continue
         try:
+            if "\x00" in raw:
+                raise ValueError("must not contain a NUL character")
             values[s.name] = s.parse(raw)
         except ValueError as exc:
             raise SettingError(f"{source} = {raw!r} is not valid: {exc}") from None

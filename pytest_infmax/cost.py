@@ -144,21 +144,34 @@ def _sim_profile(sim_args: tuple[str, ...]) -> str | None:
     return None
 
 
-def price_marker_options(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+def price_marker_options(kwargs: Mapping[str, Any], args: tuple[Any, ...] = ()) -> dict[str, Any]:
     """Validate ``@pytest.mark.infmax_price(gpu_hour_usd=, tier=, usd_per_kwh=)`` into runner options."""
     allowed = {"gpu_hour_usd", "tier", "usd_per_kwh"}
-    unknown = sorted(set(kwargs) - allowed)
+    if args:
+        raise ValueError(f"takes keyword arguments only ({'=, '.join(sorted(allowed))}=), got positional {args!r}")
+    unknown = sorted((str(k) for k in kwargs if k not in allowed), key=str)
     if unknown:
         raise ValueError(f"unknown option(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
     out: dict[str, Any] = {}
     for key in ("gpu_hour_usd", "usd_per_kwh"):
         if key in kwargs:
             value = kwargs[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{key} must be a positive number, got {value!r}")
-            out[key] = float(value)
+            number = _finite(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+            if number is None or not number > 0:
+                raise ValueError(f"{key} must be a positive, finite number, got {value!r}")
+            out[key] = number
     if "tier" in kwargs:
-        if kwargs["tier"] not in TIERS:
-            raise ValueError(f"tier must be one of {', '.join(TIERS)}, got {kwargs['tier']!r}")
-        out["price_tier"] = kwargs["tier"]
+        tier = kwargs["tier"]
+        if not isinstance(tier, str) or tier not in TIERS:
+            raise ValueError(f"tier must be one of {', '.join(TIERS)}, got {tier!r}")
+        out["price_tier"] = tier
     return out
+
+
+def _finite(value: int | float) -> float | None:
+    """``value`` as a finite float, or None (NaN, infinity, an int too large for a float)."""
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None

@@ -143,12 +143,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         price = item.get_closest_marker("infmax_price")
         if price is not None:
             try:
-                price_marker_options(price.kwargs)
+                price_marker_options(price.kwargs, price.args)
             except ValueError as exc:
                 raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.infmax_price: {exc}") from None
         marker = item.get_closest_marker("infmax_server")
         if marker is not None:
             try:
+                if marker.args:
+                    raise ValueError(f"takes keyword arguments only (e.g. sim_args=, engine=, model=), "
+                                     f"got positional {marker.args!r}")
                 config_from_mapping(base, marker.kwargs, base_dir=item.path.parent)
             except (ServerError, TypeError, ValueError) as exc:
                 raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.infmax_server: {exc}") from None

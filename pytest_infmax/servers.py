@@ -24,6 +24,7 @@ import atexit
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import shlex
 import signal
@@ -72,6 +73,7 @@ class ServerConfig:
     def __post_init__(self) -> None:
         from . import engines
 
+        self._check_types()
         if self.kind not in KINDS:
             raise ServerError(f"server kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         if self.kind == "command" and not self.command:
@@ -106,6 +108,49 @@ class ServerConfig:
                 f"extra_args and launcher_prefix apply to started commands and engines, not to a "
                 f"{'simulator (use sim_args)' if self.kind == 'sim' else 'running endpoint'}"
             )
+        if self.kind == "endpoint":
+            _check_url(self.endpoint or "")
+        try:
+            hash(self)
+        except TypeError:
+            raise ServerError(f"engine_options values must be numbers, strings, lists or mappings, got "
+                              f"{dict(self.engine_options)!r}") from None
+
+    def _check_types(self) -> None:
+        """Each field has its type, so a wrong marker or YAML value fails here, not at server start."""
+        def fail(name: str, allowed: str) -> ServerError:
+            return ServerError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
+
+        if not isinstance(self.kind, str):
+            raise fail("kind", f"one of {', '.join(KINDS)}")
+        for name in ("host", "api_key_env"):
+            if not isinstance(getattr(self, name), str):
+                raise fail(name, "a string")
+        for name in ("model", "endpoint"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise fail(name, "a string")
+        for name in ("command", "sim_args", "extra_args", "launcher_prefix"):
+            value = getattr(self, name)
+            try:  # a list (or a string, split as a shell would) is taken as the tuple it stands for
+                value = tuple(shlex.split(value)) if isinstance(value, str) else tuple(value)
+            except (TypeError, ValueError):
+                raise fail(name, "a string or a list of strings") from None
+            if not all(isinstance(a, str) for a in value):
+                raise fail(name, "a string or a list of strings")
+            object.__setattr__(self, name, value)
+        for name, low in (("startup_timeout", "> 0"), ("shutdown_grace", ">= 0")):
+            value = getattr(self, name)
+            if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                    or not (value > 0 if low == "> 0" else value >= 0)):
+                raise fail(name, f"a finite number of seconds {low}")
+        if isinstance(self.env, list):
+            object.__setattr__(self, "env", tuple(tuple(kv) if isinstance(kv, list) else kv for kv in self.env))
+        if not isinstance(self.env, tuple) or not all(
+            isinstance(kv, tuple) and len(kv) == 2 and all(isinstance(x, str) for x in kv) for kv in self.env
+        ):
+            raise fail("env", "a mapping of variable names to values, e.g. {'CUDA_VISIBLE_DEVICES': '0'}")
+        if not isinstance(self.engine_options, tuple):
+            raise fail("engine_options", "a mapping of engine flag names to values")
 
     @property
     def gpus(self) -> int:
@@ -134,6 +179,19 @@ class ServerConfig:
             argv = [*self.launcher_prefix, self.kind, str(self.model), *opts, *self.extra_args]
             return " ".join(redact_argv(argv, self.api_key))
         return " ".join(redact_argv((*self.launcher_prefix, *self.command, *self.extra_args), self.api_key))
+
+
+def _check_url(url: str) -> None:
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (a port out of range or not a number raises ValueError)
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ServerError(f"endpoint must be an http:// or https:// URL with a host, e.g. "
+                          f"http://127.0.0.1:8000, got {url!r}")
 
 
 # Flags whose value is a secret in the engines' command lines.
@@ -168,7 +226,13 @@ def redact_argv(argv: tuple[str, ...] | list[str], *secrets: str | None) -> list
 
 def command_from_template(template: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     """Split a command template into argv without a shell; placeholders stay for later."""
-    argv = tuple(shlex.split(template)) if isinstance(template, str) else tuple(template)
+    try:
+        argv = tuple(shlex.split(template)) if isinstance(template, str) else tuple(template)
+    except (TypeError, ValueError) as exc:  # not iterable; "No closing quotation"
+        raise ServerError(f"command must be a string or a list of strings, split as a shell would "
+                          f"({exc}), got {template!r}") from None
+    if not all(isinstance(arg, str) for arg in argv):
+        raise ServerError(f"command must be a string or a list of strings, got {template!r}")
     for arg in argv:
         try:
             arg.format(host="", port="", model="")
@@ -737,9 +801,14 @@ def config_from_mapping(
         changes.setdefault("kind", "command")
     if "endpoint" in changes:
         changes.setdefault("kind", "endpoint")
+    for key in ("sim_args", "extra_args", "launcher_prefix"):
+        if key in changes:
+            value = changes[key]
+            try:
+                changes[key] = tuple(shlex.split(value) if isinstance(value, str) else value)
+            except (TypeError, ValueError) as exc:
+                raise ServerError(f"{key} must be a string or a list of strings ({exc}), got {value!r}") from None
     if "sim_args" in changes:
-        sim_args = changes["sim_args"]
-        changes["sim_args"] = tuple(shlex.split(sim_args) if isinstance(sim_args, str) else sim_args)
         changes.setdefault("kind", "sim")
     if "env" in changes and isinstance(changes["env"], Mapping):
         changes["env"] = tuple(sorted((str(k), str(v)) for k, v in changes["env"].items()))

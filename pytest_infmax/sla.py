@@ -622,15 +622,18 @@ def parse_goodput_limits(spec: str | Mapping[str, str | float | int]) -> tuple[O
         texts = [_limit_text(key, val) for key, val in spec.items()]
     else:
         raise TypeError(
-            f"goodput limits are a str or a mapping, got {type(spec).__name__}; {_GOODPUT_EXAMPLE}"
+            f"goodput limits are a str or a mapping, got {type(spec).__name__} {_short_repr(spec)}; {_GOODPUT_EXAMPLE}"
         )
     if not texts:
         raise SLASyntaxError(str(spec), "no limits given", _GOODPUT_EXAMPLE, what="goodput limit")
+    entries = [f"{key}: {val!r}" for key, val in spec.items()] if isinstance(spec, Mapping) else texts
     out = []
-    for i, text in enumerate(texts):
+    for i, (text, entry) in enumerate(zip(texts, entries)):
         try:
             out.append(_Parser(text, per_request=True).objective())
         except SLASyntaxError as exc:
+            if entry != text:  # a mapping entry: name it as the user wrote it
+                exc = SLASyntaxError(entry, exc.problem, exc.hint, what=exc.what)
             raise exc.at_index(i, len(texts)) from None
     return tuple(out)
 
@@ -648,8 +651,15 @@ def _limit_text(key: Any, val: Any) -> str:
     if isinstance(val, str):
         stripped = val.strip()
         return f"{metric} {stripped}" if _OP.match(stripped) else f"{metric} {op} {stripped}"
+    try:
+        number = float(val)
+    except OverflowError:  # an int too large for a float
+        number = math.inf
+    if not math.isfinite(number):
+        raise SLASyntaxError(f"{key}: {val!r}", "the limit is not a finite number", _GOODPUT_EXAMPLE,
+                             what="goodput limit")
     base = "s" if info is None or info.dimension == "time" else info.unit
-    return f"{metric} {op} {float(val)!r} {base}"
+    return f"{metric} {op} {number!r} {base}"
 
 
 # -- evaluation ---------------------------------------------------------------------------
@@ -730,9 +740,18 @@ def _flatten(arg: str | Objective | Iterable[str | Objective]) -> list[str | Obj
         return list(split_expressions(arg))
     if isinstance(arg, Objective):
         return [arg]
-    if isinstance(arg, Iterable):
+    if isinstance(arg, Iterable) and not isinstance(arg, (bytes, bytearray, Mapping)):
         return [piece for item in arg for piece in _flatten(item)]
-    raise TypeError(f"an SLA objective is a str or an Objective, got {type(arg).__name__}")
+    raise TypeError(
+        f"an SLA objective is a str (e.g. 'p99(ttft) < 500ms') or an Objective, "
+        f"got {type(arg).__name__} {_short_repr(arg)}"
+        + ("; per-request limits go in goodput={...}" if isinstance(arg, Mapping) else "")
+    )
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class SLA:
