@@ -122,6 +122,16 @@ PARALLEL_FLAGS: dict[str, frozenset[str]] = {
                          "--nnodes", "--attn-cp-size", "--attention-context-parallel-size"}),
 }
 
+# Where each engine serves Prometheus metrics, scraped around every run (pytest_infmax.servermetrics);
+# and what to do when the page is not there or has none of the request metrics read.
+METRICS_PATHS: dict[str, str] = {"trtllm": "/prometheus/metrics", "vllm": "/metrics", "sglang": "/metrics"}
+METRICS_HINTS: dict[str, str] = {
+    "sglang": " (SGLang serves /metrics only when started with --enable-metrics: "
+              "engine_options={'enable-metrics': True})",
+    "trtllm": " (trtllm-serve records request metrics only with return_perf_metrics: true in "
+              "extra_llm_api_options)",
+}
+
 # Keys of trtllm's extra_llm_api_options YAML that override the parallel sizes.
 _TRTLLM_YAML_PARALLEL = ("tensor_parallel_size", "pipeline_parallel_size", "context_parallel_size")
 

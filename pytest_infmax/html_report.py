@@ -174,6 +174,8 @@ def render_html(
         parts.append(_sweeps_section(results, sweeps))
     if any((r.get("energy") or {}).get("measured") for r in results):
         parts.append(_energy_section(results))
+    if any(r["server_available"] for r in rows):
+        parts.append(_server_section(rows))
     parts.append(_details_section(results))
     parts.append(_environment_section(env, servers))
     parts.append("</body></html>")
@@ -318,6 +320,18 @@ def _energy_section(results: Sequence[Result]) -> str:
     note = ('<p class="note">J per input (output) token: all energy of the measured phase over its input '
             '(output) tokens, as cost per input/output token is computed.</p>')
     return '<h2 id="energy">Energy</h2>' + _table(headers, body, "energy") + note
+
+
+def _server_section(rows: list[dict[str, Any]]) -> str:
+    from .summary import SERVER_HEADERS, SERVER_NOTE, server_cells
+
+    body = [[(_e(r["test"]), "test"), (_e(r["load"]), "nowrap"), *((_e(c), "num") for c in server_cells(r))]
+            for r in rows if r["server_available"]]
+    notes = "".join(f"<li><code>{_e(r['test'])}</code> ({_e(r['load'])}): "
+                    f"<span class=\"missed\">{_e(r['client_overhead_note'])}</span></li>"
+                    for r in rows if r["server_available"] and r["client_overhead_note"])
+    return ('<h2 id="server-metrics">Server-side metrics</h2>' + _table(list(SERVER_HEADERS), body, "server")
+            + f'<p class="note">{_e(SERVER_NOTE)}</p>' + (f'<ul class="failed">{notes}</ul>' if notes else ""))
 
 
 def _details_section(results: Sequence[Result]) -> str:

@@ -462,6 +462,9 @@ class ResultCollector:
         if any(str(row.get("sla", "")).endswith("*") for row in state.rows):
             terminalreporter.write_line("* client-bound: the load generator fell behind in that run; its "
                                         "latencies are upper bounds (see the warnings)")
+        for row in state.rows:  # the client's TTFT well above the server's own (servermetrics)
+            if row.get("client_overhead_note"):
+                terminalreporter.write_line(f"infmax: {row['test']} {row['load']}: {row['client_overhead_note']}")
         if state.checks:
             terminalreporter.write_sep("-", "infmax baselines")
             for check in state.checks:

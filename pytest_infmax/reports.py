@@ -26,6 +26,7 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("requests", "reqs", "d"),
     ("ttft_p50_ms", "TTFT p50 ms", ".1f"),
     ("ttft_p99_ms", "TTFT p99 ms", ".1f"),
+    ("server_ttft_p50_ms", "srv TTFT p50 ms", ".1f"),  # the server's own (Prometheus), beside the client's
     ("tpot_p50_ms", "TPOT p50 ms", ".2f"),
     ("interactivity", "tok/s/user", ".1f"),
     ("throughput_per_gpu", "tok/s/GPU", ".0f"),
@@ -35,7 +36,7 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-OPTIONAL = frozenset({"usd_per_mtok"})
+OPTIONAL = frozenset({"usd_per_mtok", "server_ttft_p50_ms"})
 
 
 def _cell(value: Any, fmt: str) -> str:

@@ -12,6 +12,7 @@ from .energy import EnergyReport
 from .load import LoadConfig, RunRecords
 from .metrics import GoodputLimits, Metrics, compute_metrics
 from .records import RequestRecord
+from .servermetrics import ServerMetrics, compare_ttft
 from .sla import SLA, Objective, SLAFailed, Verdict
 
 DEFAULT_PERCENTILES: tuple[float, ...] = (50.0, 90.0, 95.0, 99.0)
@@ -38,6 +39,7 @@ class LoadResult:
     price_note: str = ""  # why there is no price
     energy: EnergyReport | None = None  # GPU energy during the measured phase
     sequential: dict[str, Any] | None = None  # --infmax-sequential: where the comparison stopped, and why
+    server_metrics: ServerMetrics | None = None  # the server's own Prometheus metrics over the run
 
     @property
     def cost(self) -> TokenCost | None:
@@ -108,10 +110,21 @@ class LoadResult:
             "throughput_per_gpu": _num(m.value("throughput_per_gpu")),
             "error_rate": _num(m.value("error_rate")),
             "client_bound": self.run.client_bound,
+            **_server_summary(self.server_metrics_report()),
             "usd_per_mtok": None if self.cost is None else self.cost.total,
             # "*": the client fell behind, so latencies are upper bounds (see the legend).
             "sla": {None: "-", True: "PASS", False: "FAIL"}[self.passed] + ("*" if self.run.client_bound else ""),
         }
+
+    def server_metrics_report(self) -> dict[str, Any] | None:
+        """``server_metrics`` as plain data, with ``comparison``: the client's TTFT against the
+        server's (and the client-overhead note when the client's is well above it)."""
+        if self.server_metrics is None:
+            return None
+        out = self.server_metrics.to_dict()
+        m = self.metrics
+        out["comparison"] = compare_ttft(out, m.value("ttft", "mean"), m.value("ttft", "p50"))
+        return out
 
     def to_dict(self, include_records: bool = True) -> dict[str, Any]:
         run = self.run
@@ -132,10 +145,19 @@ class LoadResult:
             "cost": self.cost.to_dict() if self.cost is not None else {"not_priced": self.price_note or None},
             "energy": self.energy.to_dict() if self.energy is not None else None,
             "sequential": self.sequential,
+            "server_metrics": self.server_metrics_report(),
         }
         if include_records:
             out["records"] = [r.to_dict(run.clock_origin) for r in run.records]
         return out
+
+
+def _server_summary(report: dict[str, Any] | None) -> dict[str, Any]:
+    """The server's TTFT for a table row, and the client-overhead note (None where not known)."""
+    ttft = ((report or {}).get("histograms") or {}).get("ttft") or {}
+    comparison = (report or {}).get("comparison") or {}
+    return {"server_ttft_p50_ms": ttft.get("p50_ms"), "server_ttft_mean_ms": ttft.get("mean_ms"),
+            "client_overhead_note": comparison.get("note")}
 
 
 def verdict_to_dict(v: Verdict) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from .progress import Progress
 from .records import RequestRecord
 from .results import DEFAULT_PERCENTILES, LoadResult
 from .scenarios import Endpoint, Scenario, get_scenario
+from .servermetrics import Scraper, metrics_url
 from .servers import Server
 from .sla import SLA, Objective
 from .sweep import FrontierObjective, SweepResult
@@ -46,6 +47,8 @@ class Infmax:
         usd_per_kwh: float | None = None,
         gpu_hour_usd: float | None = None,
         price_tier: Tier = "neocloud",
+        server_metrics: bool = True,
+        server_metrics_interval: float = 1.0,
     ) -> None:
         self.server = server
         self.name = name
@@ -60,6 +63,8 @@ class Infmax:
         self.usd_per_kwh = usd_per_kwh
         self._price: tuple[Price | None, str] | None = None
         self._gpu_hour_usd, self._price_tier = gpu_hour_usd, price_tier
+        # The server's own Prometheus metrics, scraped around each run (servermetrics); gauges every N s
+        self.server_metrics, self.server_metrics_interval = server_metrics, server_metrics_interval
 
     def run(self, scenario: str | Scenario = "1k1k-mini", **kwargs: Any) -> LoadResult:
         """Run load and return its result; see :meth:`arun` for the arguments."""
@@ -174,13 +179,21 @@ class Infmax:
             for watch in watchers:
                 watch(rec)
 
+        scraper = await self._metrics_scraper(plan.config.effective_warmup)
+        if scraper is not None:  # baseline when warm-up ends; counts the measured requests
+            watchers.append(scraper.on_record)
         sampler, not_measured = self._energy_sampler()
         try:
             run = await generator.run(plan.config, on_record=on_record if watchers else None,
                                       stop=(lambda: seq.state.stop) if seq is not None else None)
+        except BaseException:
+            if scraper is not None:
+                await scraper.close()
+            raise
         finally:
             if sampler is not None:
                 sampler.stop()
+        server_metrics = await scraper.finish() if scraper is not None else None
         result = LoadResult(
             name=plan.name,
             config=plan.config,
@@ -191,6 +204,7 @@ class Infmax:
             goodput=plan.goodput,
         )
         result.price, result.price_note = self.price()
+        result.server_metrics = server_metrics
         if seq is not None:
             result.sequential = {"gate": seq.gate.label, **dataclasses.asdict(seq.state)}
         result.energy = (sampler.report_for(result, self.usd_per_kwh) if sampler is not None
@@ -212,6 +226,23 @@ class Infmax:
                     gpu_name = None
             self._price = choose_price(self._gpu_hour_usd, self._price_tier, config.kind, config.sim_args, gpu_name)
         return self._price
+
+    async def _metrics_scraper(self, warmup: int) -> Scraper | None:
+        """The server's Prometheus metrics page, read once (None when not scraped). Never raises:
+        a page that cannot be read gives a result that says why."""
+        from . import engines
+
+        config = self.server.config
+        path = config.prometheus_path if self.server_metrics else None
+        if path is None:
+            return None
+        kind = "vllm" if config.kind == "sim" else config.kind  # the simulator uses vLLM's names
+        scraper = Scraper(metrics_url(self.server.base_url, path), model=self.server.model,
+                          engine=kind if kind in engines.ENGINES else None, api_key=self.server.api_key,
+                          interval=self.server_metrics_interval, warmup=warmup,
+                          hint=engines.METRICS_HINTS.get(kind, ""))
+        await scraper.open()
+        return scraper
 
     def _energy_sampler(self) -> tuple[EnergySampler | None, str]:
         """A running NVML sampler for the server's GPUs, or None and why energy is not measured."""

@@ -69,6 +69,9 @@ class ServerConfig:
     engine_options: tuple[tuple[str, Any], ...] = ()
     extra_args: tuple[str, ...] = ()  # engines and commands: appended to the command line untouched
     launcher_prefix: tuple[str, ...] = ()  # engines and commands: e.g. ("mpirun", "-n", "1") or ("srun",)
+    # Prometheus metrics page scraped around each run (servermetrics): None: the kind's own
+    # (engines.METRICS_PATHS; /metrics for the simulator, commands and endpoints); "": not scraped
+    metrics_path: str | None = None
 
     def __post_init__(self) -> None:
         from . import engines
@@ -166,6 +169,15 @@ class ServerConfig:
     @property
     def api_key(self) -> str | None:
         return os.environ.get(self.api_key_env) or None
+
+    @property
+    def prometheus_path(self) -> str | None:
+        """Path of the server's Prometheus metrics page; None when it is not to be scraped."""
+        from . import engines
+
+        if self.metrics_path is not None:
+            return self.metrics_path or None
+        return engines.METRICS_PATHS.get(self.kind, "/metrics")
 
     def describe(self) -> str:
         from . import engines

@@ -12,6 +12,9 @@ Optional keys a result dict may carry, which the summary shows when present:
   with ``source``). Without it, ``markdown_summary(price=...)`` computes cost
   per million tokens from the result's throughput and GPU count.
 * ``"energy"``: ``EnergyReport.to_dict()`` (:mod:`pytest_infmax.energy`).
+* ``"server_metrics"``: ``LoadResult.server_metrics_report()`` (:mod:`pytest_infmax.servermetrics`):
+  the server's own TTFT, queue time, running/waiting requests and KV-cache use, and
+  the comparison of the client's TTFT with the server's.
 """
 
 from __future__ import annotations
@@ -94,8 +97,46 @@ def result_row(result: Result, price: Price | Mapping[str, Any] | None = None) -
         "price_source": source,
         "energy": energy,
         "j_per_token": energy.get("j_per_token") if energy and energy.get("measured") else None,
+        **server_figures(result),
         "passed": passed,
         "sla": {None: "-", True: "PASS", False: "FAIL"}.get(passed, "-"),
+    }
+
+
+def server_figures(result: Result) -> dict[str, Any]:
+    """The server's own figures for a result (``server_metrics``), beside the client's; None where
+    the server's metrics were not scraped or lack the figure."""
+    sm = result.get("server_metrics") or {}
+    available = bool(sm.get("available"))
+    hist = sm.get("histograms") or {} if available else {}
+    gauges = sm.get("gauges") or {} if available else {}
+    comparison = sm.get("comparison") or {}
+
+    def h(role: str, key: str) -> float | None:
+        return (hist.get(role) or {}).get(key)
+
+    def g(role: str, key: str) -> float | None:
+        return (gauges.get(role) or {}).get(key)
+
+    m = result.get("metrics") or {}
+    return {
+        "server_metrics": sm or None,
+        "server_available": available,
+        "server_reason": None if available else sm.get("reason"),
+        "server_ttft_mean_ms": h("ttft", "mean_ms"),
+        "server_ttft_p50_ms": h("ttft", "p50_ms"),
+        "server_ttft_p99_ms": h("ttft", "p99_ms"),
+        "server_ttft_count": h("ttft", "count"),
+        "client_ttft_mean_ms": _stat(m, "ttft", "mean", 1000.0),
+        "server_queue_mean_ms": h("queue_time", "mean_ms"),
+        "server_itl_mean_ms": h("itl", "mean_ms") if h("itl", "mean_ms") is not None else h("tpot", "mean_ms"),
+        "server_running_mean": g("running", "mean"),
+        "server_running_max": g("running", "max"),
+        "server_waiting_mean": g("waiting", "mean"),
+        "server_waiting_max": g("waiting", "max"),
+        "server_kv_cache_mean": g("kv_cache_usage", "mean"),
+        "server_kv_cache_max": g("kv_cache_usage", "max"),
+        "client_overhead_note": comparison.get("note"),
     }
 
 
@@ -246,6 +287,13 @@ def markdown_summary(
     elif energy_rows:  # say why once, rather than a column of "not measured"
         reasons = sorted({str(r["energy"].get("reason") or "unknown") for r in energy_rows})
         out += ["", "Energy: not measured (" + "; ".join(md_text(x) for x in reasons) + ")."]
+    server_rows = [r for r in rows if r["server_available"]]
+    if server_rows:
+        out += ["", "### Server-side metrics", ""]
+        out += _server_table(server_rows)
+    unavailable = sorted({str(r["server_reason"]) for r in rows if r["server_metrics"] and not r["server_available"]})
+    if unavailable:
+        out += ["", "Server metrics: " + "; ".join(md_text(x) for x in unavailable) + "."]
     if artifacts:
         out += ["", "Reports: " + ", ".join(md_code(a) for a in artifacts)]
     return "\n".join(out).rstrip() + "\n"
@@ -316,6 +364,41 @@ def _sweeps_section(sweeps: Sequence[Mapping[str, Any]]) -> list[str]:
 
 def _measured(row: Mapping[str, Any]) -> bool:
     return bool(row.get("energy") and row["energy"].get("measured"))
+
+
+SERVER_HEADERS = ("test", "load", "TTFT mean server / client (ms)", "TTFT p50 server / client (ms)",
+                  "queue time mean (ms)", "ITL mean (ms)", "running mean / max", "waiting mean / max",
+                  "KV cache mean / max")
+
+
+def server_cells(row: Mapping[str, Any]) -> list[str]:
+    """The server-side figures of a row as text, after ``test`` and ``load`` (see SERVER_HEADERS)."""
+    def pair(a: Any, b: Any, spec: str) -> str:
+        return f"{fmt(a, spec)} / {fmt(b, spec)}"
+
+    return [pair(row["server_ttft_mean_ms"], row["client_ttft_mean_ms"], ".1f"),
+            pair(row["server_ttft_p50_ms"], row["ttft_p50_ms"], ".1f"),
+            fmt(row["server_queue_mean_ms"], ".2f"), fmt(row["server_itl_mean_ms"], ".2f"),
+            pair(row["server_running_mean"], row["server_running_max"], ".1f"),
+            pair(row["server_waiting_mean"], row["server_waiting_max"], ".1f"),
+            pair(row["server_kv_cache_mean"], row["server_kv_cache_max"], "%")]
+
+
+SERVER_NOTE = ("From the server's own Prometheus metrics over the measured phase (means exact, p50 "
+               "interpolated inside histogram buckets; gauges sampled during the run).")
+
+
+def _server_table(rows: list[dict[str, Any]]) -> list[str]:
+    out = ["| " + " | ".join(SERVER_HEADERS) + " |", "|---|---|" + "--:|" * (len(SERVER_HEADERS) - 2)]
+    for row in rows:
+        out.append("| " + " | ".join([md_code(row["test"]), md_text(row["load"]),
+                                      *(md_text(c) for c in server_cells(row))]) + " |")
+    out += ["", md_text(SERVER_NOTE)]
+    notes = [(row, row["client_overhead_note"]) for row in rows if row["client_overhead_note"]]
+    if notes:
+        out.append("")
+        out += [f"- ⚠️ {md_code(row['test'])} ({md_text(row['load'])}): {md_text(note)}" for row, note in notes]
+    return out
 
 
 def _energy_table(rows: list[dict[str, Any]]) -> list[str]:
