@@ -325,6 +325,11 @@ class Server:
         if self.after_stop is not None:
             self.after_stop(self.stopped_pids)
 
+    @property
+    def restartable(self) -> bool:
+        """Whether :func:`restart_server` can give this server a fresh start (an endpoint: no)."""
+        return self.config.kind != "endpoint"
+
     def __hash__(self) -> int:
         return id(self)
 
@@ -740,6 +745,18 @@ class ServerPool:
             self._servers[config] = server
         return server
 
+    def restart(self, server: Server) -> Server:
+        """A fresh start of ``server`` (see :func:`restart_server`), in place: every test that
+        holds it sees the new process. If the restart fails, its configuration counts as failed
+        for the rest of the session, as a failed first start does."""
+        try:
+            return restart_server(server, self.log_dir, echo=self.echo)
+        except ServerError as exc:
+            if self._servers.get(server.config) is server:
+                del self._servers[server.config]
+            self._failed[server.config] = f"restarting it failed: {exc}"
+            raise
+
     def stop_all(self) -> None:
         errors = []
         for server in self._servers.values():
@@ -753,6 +770,34 @@ class ServerPool:
 
     def servers(self) -> list[Server]:
         return list(self._servers.values())
+
+
+def restart_server(
+    server: Server, log_dir: Path | None = None, *, echo: Callable[[str], None] | None = None
+) -> Server:
+    """Stop ``server`` (its whole process group, as at teardown) and start its configuration
+    again through the same launcher: a fresh start, for repeated runs (``--infmax-repeat``).
+
+    The ``Server`` object is updated in place (new process, pid, log file, and base URL:
+    the port may change), so whoever holds it keeps working with the new start; clients
+    made earlier for the old address must be made again. A new log file is written
+    (under ``log_dir``, default the old log's folder). An endpoint cannot be restarted
+    (:class:`ServerError`; check :attr:`Server.restartable` first).
+    """
+    if not server.restartable:
+        raise ServerError(f"{server.config.describe()} is a running endpoint; it cannot be restarted from here")
+    if log_dir is None:
+        log_dir = server.log_path.parent if server.log_path is not None else Path(".infmax/logs")
+    if echo is None and server._tailer is not None:
+        echo = server._tailer.write
+    server.stop()
+    fresh = start_server(server.config, log_dir, echo=echo, after_stop=server.after_stop)
+    with _LIVE_LOCK:  # the old object stands for the new process from now on
+        _LIVE.discard(fresh)
+        for f in dataclasses.fields(Server):
+            setattr(server, f.name, getattr(fresh, f.name))
+        _LIVE.add(server)
+    return server
 
 
 @contextlib.contextmanager
