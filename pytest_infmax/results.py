@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .cost import Price, TokenCost
 from .energy import EnergyReport
@@ -14,6 +14,9 @@ from .metrics import GoodputLimits, Metrics, compute_metrics
 from .records import RequestRecord
 from .servermetrics import ServerMetrics, compare_ttft
 from .sla import SLA, Objective, SLAFailed, Verdict
+
+if TYPE_CHECKING:
+    from .repeats import Repeats
 
 DEFAULT_PERCENTILES: tuple[float, ...] = (50.0, 90.0, 95.0, 99.0)
 
@@ -39,6 +42,7 @@ class LoadResult:
     price_note: str = ""  # why there is no price
     energy: EnergyReport | None = None  # GPU energy during the measured phase
     sequential: dict[str, Any] | None = None  # --infmax-sequential: where the comparison stopped, and why
+    repeats: Repeats | None = None  # --infmax-repeat: the runs pooled here, each kept on its own
     server_metrics: ServerMetrics | None = None  # the server's own Prometheus metrics over the run
 
     @property
@@ -55,18 +59,22 @@ class LoadResult:
 
     @functools.cached_property
     def metrics(self) -> Metrics:
-        return compute_metrics(
-            self.run.records, num_gpus=self.num_gpus, percentiles=self.percentiles, goodput=self.goodput
-        )
+        return self._metrics(self.goodput)
+
+    def _metrics(self, goodput: GoodputLimits | None) -> Metrics:
+        if self.repeats is not None:  # rates over the runs' measured time, not the restarts between
+            from .repeats import pooled_metrics
+
+            return pooled_metrics([r.run for r in self.repeats.runs], num_gpus=self.num_gpus,
+                                  percentiles=self.percentiles, goodput=goodput)
+        return compute_metrics(self.run.records, num_gpus=self.num_gpus, percentiles=self.percentiles, goodput=goodput)
 
     def evaluate(self, *objectives: str | Objective, sla: SLA | None = None) -> list[Verdict]:
         """Verdicts for the objectives (recorded on this result), without raising."""
         sla = sla if sla is not None else SLA(*objectives)
         metrics = self.metrics
         if sla.goodput is not None and sla.goodput != self.goodput:
-            metrics = compute_metrics(
-                self.run.records, num_gpus=self.num_gpus, percentiles=self.percentiles, goodput=sla.goodput
-            )
+            metrics = self._metrics(sla.goodput)
         verdicts = sla.evaluate(metrics)
         self.verdicts.extend(verdicts)
         return verdicts
@@ -100,7 +108,7 @@ class LoadResult:
         return {
             "test": self.name,
             "scenario": self.config.scenario.name,
-            "load": self.config.label,
+            "load": self.config.label + (f" x{len(self.repeats)}" if self.repeats is not None else ""),
             "requests": m.num_requests,
             "ok": m.num_ok,
             "ttft_p50_ms": _ms(m.value("ttft", "p50")),
@@ -147,6 +155,8 @@ class LoadResult:
             "sequential": self.sequential,
             "server_metrics": self.server_metrics_report(),
         }
+        if self.repeats is not None:
+            out["repeats"] = self.repeats.to_dict(run.clock_origin)
         if include_records:
             out["records"] = [r.to_dict(run.clock_origin) for r in run.records]
         return out
