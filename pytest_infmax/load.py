@@ -23,23 +23,80 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import math
+import os
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
-import aiohttp
 import numpy as np
+import orjson
 
 from .clientstats import DEFAULT_LAG_THRESHOLD, ClientStats, LoopLagMonitor
 from .records import ErrorKind, RequestRecord, TokenSource
 from .scenarios import Endpoint, PlannedRequest, Scenario, plan_request, request_body
+from .streamclient import (
+    DEFAULT_MAX_EVENT_BYTES,
+    ConnectionPool,
+    SSEDecoder,
+    StreamError,
+    build_request,
+    stream_post,
+)
 
-# aiohttp refuses a body line longer than twice its read buffer; such an SSE
-# line ends that request as a protocol error instead of growing memory.
-READ_BUFSIZE = 1 << 18
+__all__ = ["LoadConfig", "LoadConfigError", "LoadGenerator", "RunRecords", "StreamError", "arrival_offsets"]
+
+
+EVENT_LOOP_ENV = "INFMAX_EVENT_LOOP"
+
+
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop runs start on: uvloop's when installed, else asyncio's.
+
+    uvloop cuts the client's CPU per streamed event by about a fifth
+    (docs/load-generator.md); ``INFMAX_EVENT_LOOP=asyncio`` opts out.
+    """
+    choice = os.environ.get(EVENT_LOOP_ENV, "uvloop").strip().lower()
+    if choice not in ("uvloop", "asyncio"):
+        raise LoadConfigError(f"{EVENT_LOOP_ENV}={choice!r}: allowed are 'uvloop' (the default) and 'asyncio'")
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:  # not installed (e.g. Windows): the standard loop
+        return None
+    return uvloop.new_event_loop
+
+
+def run_coroutine(coro: Any) -> Any:
+    """``asyncio.run(coro)`` on the loop ``event_loop_factory`` chooses."""
+    factory = event_loop_factory()
+    if factory is None:
+        return asyncio.run(coro)
+    if sys.version_info >= (3, 11):
+        with asyncio.Runner(loop_factory=factory) as runner:
+            return runner.run(coro)
+    loop = factory()  # Python 3.10: no Runner
+    try:
+        asyncio.set_event_loop(loop)
+        return loop.run_until_complete(coro)
+    finally:
+        asyncio.set_event_loop(None)
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+
+def max_events_for(max_tokens: int | None) -> int | None:
+    """The most SSE events a stream of ``max_tokens`` can honestly need.
+
+    One content event per token, plus room for role, usage, finish and
+    keep-alive events; beyond that the stream is endless or hostile and ends
+    as a protocol error rather than growing the record without bound.
+    """
+    return None if max_tokens is None else 2 * max_tokens + 64
 
 
 class LoadConfigError(ValueError):
@@ -171,53 +228,67 @@ def arrival_offsets(
 class ResponseAccumulator:
     """Accumulates one SSE response into a record."""
 
-    __slots__ = ("rec", "texts", "usage", "cumulative", "finished", "done")
+    __slots__ = ("rec", "texts", "usage", "cumulative", "finished", "done", "events_left", "max_events")
 
-    def __init__(self, rec: RequestRecord) -> None:
+    def __init__(self, rec: RequestRecord, max_events: int | None = None) -> None:
         self.rec = rec
+        self.max_events = max_events
+        self.events_left = max_events + 1 if max_events is not None else -1
         self.texts: list[int] = []  # characters per content chunk, for apportioning
         self.usage: dict[str, Any] | None = None
         self.cumulative: list[int] = []  # continuous usage: completion tokens so far
         self.finished = False  # a finish_reason was seen
         self.done = False  # [DONE] was seen
 
-    def on_event(self, data: str, t: float) -> None:
-        if data == "[DONE]":
+    def on_event(self, data: bytes | str, t: float) -> None:
+        if data == b"[DONE]" or data == "[DONE]":
             self.done = True
             return
+        self.events_left -= 1
+        if not self.events_left:
+            raise StreamError(
+                ErrorKind.PROTOCOL,
+                f"the stream sent more than {self.max_events} events for max_tokens="
+                f"{self.rec.requested_output_tokens}; an endless stream, ended by the client",
+            )
         try:
-            obj = json.loads(data)
+            obj = orjson.loads(data)  # also rejects invalid UTF-8
         except ValueError as exc:
             raise StreamError(ErrorKind.PROTOCOL, f"SSE data is not JSON ({exc}): {data[:120]!r}") from None
-        if not isinstance(obj, dict):
+        if type(obj) is not dict:
             raise StreamError(ErrorKind.PROTOCOL, f"SSE data is not a JSON object: {data[:120]!r}")
         if "error" in obj:
             err = obj["error"]
             msg = err.get("message", err) if isinstance(err, dict) else err
             raise StreamError(ErrorKind.SERVER, f"server error in stream: {msg}")
         usage = obj.get("usage")
-        choices = obj.get("choices") or []
+        choices = obj.get("choices")
         text = ""
         if choices:
-            choice = choices[0]
-            if not isinstance(choice, dict):
+            choice = choices[0] if type(choices) is list else None
+            if type(choice) is not dict:
                 raise StreamError(ErrorKind.PROTOCOL, f"choices[0] is not an object: {data[:120]!r}")
-            if "delta" in choice:
-                delta = choice.get("delta") or {}
-                text = (delta.get("content") or "") + (delta.get("reasoning_content") or "")
-            else:
+            delta = choice.get("delta")
+            if delta is None:  # completions: {"text": ...}
                 text = choice.get("text") or ""
+            elif type(delta) is dict:  # chat: the answer and/or a reasoning model's thinking
+                text = delta.get("content") or ""
+                reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+                if reasoning:
+                    text = text + reasoning if type(text) is str and type(reasoning) is str else reasoning
             if choice.get("finish_reason"):
                 self.finished = True
         if text:
+            if type(text) is not str:
+                raise StreamError(ErrorKind.PROTOCOL, f"content is not a string: {data[:120]!r}")
             rec = self.rec
             if rec.first_token_time is None:
                 rec.first_token_time = t
             rec.chunk_times.append(t)
             self.texts.append(len(text))
-            if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
+            if usage is not None and type(usage) is dict and type(usage.get("completion_tokens")) is int:
                 self.cumulative.append(usage["completion_tokens"])
-        if isinstance(usage, dict):
+        if usage is not None and type(usage) is dict:
             self.usage = usage
 
     def finish(self, t: float, requested_input: int | None) -> None:
@@ -272,20 +343,6 @@ def _chunk_tokens(
     return counts, TokenSource.APPORTIONED
 
 
-class StreamError(Exception):
-    def __init__(self, kind: ErrorKind, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-
-
-def _error_message(status: int, body: str) -> str:
-    try:
-        err = json.loads(body).get("error")
-        if isinstance(err, dict) and err.get("message"):
-            return f"HTTP {status}: {err['message']}"
-    except (ValueError, AttributeError):
-        pass
-    return f"HTTP {status}: {body[:200]}"
 
 
 class LoadGenerator:
@@ -294,7 +351,7 @@ class LoadGenerator:
     def __init__(self, base_url: str, model: str, api_key: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.model = model
-        self._headers = {"Content-Type": "application/json"}
+        self._headers: dict[str, str] = {}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
 
@@ -321,34 +378,33 @@ class LoadGenerator:
             if on_record is not None:
                 on_record(rec)
 
-        width = config.concurrency or config.max_concurrency or 1024
+        width = config.concurrency or config.max_concurrency or 0
+        url = self._url(config.scenario.endpoint)
+        pool = ConnectionPool(url, connect_timeout=min(30.0, config.request_timeout))
+        sender = _Sender(pool, urlsplit(url).path, self._headers, self.model, config)
         monitor = LoopLagMonitor()
         monitor.start()
         try:
-            connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=None)
-            timeout = aiohttp.ClientTimeout(total=config.request_timeout)
-            async with aiohttp.ClientSession(
-                connector=connector, timeout=timeout, headers=self._headers, read_bufsize=READ_BUFSIZE
-            ) as session:
-                url = self._url(config.scenario.endpoint)
-                warmup = config.effective_warmup
-                index = itertools.count()
-                if warmup:
-                    await self._closed_loop(
-                        session, url, config, min(width, warmup), warmup, None, index, True, keep
-                    )
-                measured_start = time.perf_counter()
-                cpu_start = time.process_time()
-                if config.concurrency is not None:
-                    await self._closed_loop(
-                        session, url, config, config.concurrency,
-                        config.effective_num_requests, config.duration, index, False, keep, stop,
-                    )
-                else:
-                    await self._open_loop(session, url, config, index, keep, stop)
-                measured_end = time.perf_counter()
-                cpu_end = time.process_time()
+            warmup = config.effective_warmup
+            index = itertools.count()
+            if warmup:
+                await self._closed_loop(sender, min(width or warmup, warmup), warmup, None, index, True, keep)
+            # warm connections: the measured phase pays no TCP handshakes (open loop:
+            # as many as max_concurrency allows, else a first batch)
+            await pool.prefill(min(width or 64, 4096))
+            measured_start = time.perf_counter()
+            cpu_start = time.process_time()
+            if config.concurrency is not None:
+                await self._closed_loop(
+                    sender, config.concurrency, config.effective_num_requests, config.duration,
+                    index, False, keep, stop,
+                )
+            else:
+                await self._open_loop(sender, index, keep, stop)
+            measured_end = time.perf_counter()
+            cpu_end = time.process_time()
         finally:
+            pool.close()
             await monitor.stop()
         records.sort(key=lambda r: r.index)
         client = ClientStats(
@@ -368,9 +424,7 @@ class LoadGenerator:
 
     async def _closed_loop(
         self,
-        session: aiohttp.ClientSession,
-        url: str,
-        config: LoadConfig,
+        sender: _Sender,
         concurrency: int,
         num_requests: int | None,
         duration: float | None,
@@ -381,6 +435,7 @@ class LoadGenerator:
     ) -> None:
         deadline = None if duration is None else time.perf_counter() + duration
         issued = itertools.count()
+        config = sender.config
 
         async def worker() -> None:
             previous_end: float | None = None
@@ -395,7 +450,7 @@ class LoadGenerator:
                 if stop is not None and stop():
                     return
                 plan = plan_request(config.scenario, next(index), config.seed)
-                rec = await self._one(session, url, config, plan, warmup, None, ready)
+                rec = await sender.one(plan, warmup, None, ready)
                 previous_end = rec.end_time
                 keep(rec)
 
@@ -403,13 +458,12 @@ class LoadGenerator:
 
     async def _open_loop(
         self,
-        session: aiohttp.ClientSession,
-        url: str,
-        config: LoadConfig,
+        sender: _Sender,
         index: itertools.count[int],
         keep: Callable[[RequestRecord], None],
         stop: Callable[[], bool] | None = None,
     ) -> None:
+        config = sender.config
         assert config.rate is not None
         rng = np.random.default_rng([config.seed, 0x0A77])
         n = config.num_requests
@@ -423,11 +477,11 @@ class LoadGenerator:
 
         async def fire(plan: PlannedRequest, scheduled: float) -> None:
             if gate is None:
-                keep(await self._one(session, url, config, plan, False, scheduled, scheduled))
+                keep(await sender.one(plan, False, scheduled, scheduled))
                 return
             async with gate:
                 ready = max(scheduled, time.perf_counter())  # a slot is free
-                keep(await self._one(session, url, config, plan, False, scheduled, ready))
+                keep(await sender.one(plan, False, scheduled, ready))
 
         try:
             for offset in offsets:
@@ -446,17 +500,29 @@ class LoadGenerator:
             for task in tasks:
                 task.cancel()
 
-    async def _one(
+
+class _Sender:
+    """Sends one planned request on the pool and turns whatever happens into a record."""
+
+    def __init__(
+        self, pool: ConnectionPool, path: str, headers: dict[str, str], model: str, config: LoadConfig
+    ) -> None:
+        self.pool = pool
+        self.path = path
+        self.headers = headers
+        self.model = model
+        self.config = config
+        self.target = f"{pool.scheme}://{pool.host_header}{path}"
+
+    async def one(
         self,
-        session: aiohttp.ClientSession,
-        url: str,
-        config: LoadConfig,
         plan: PlannedRequest,
         warmup: bool,
         scheduled: float | None,
         ready: float | None = None,
     ) -> RequestRecord:
-        """Send one streaming request; always returns a record, never raises."""
+        """Send one streaming request; always returns a record, never raises (but cancellation)."""
+        config = self.config
         rec = RequestRecord(
             index=plan.index,
             warmup=warmup,
@@ -465,39 +531,37 @@ class LoadGenerator:
             requested_input_tokens=plan.input_len,
             requested_output_tokens=plan.output_len,
         )
-        body = json.dumps(request_body(plan, self.model, config.scenario.endpoint, config.extra_body))
+        body = encode_body(plan, self.model, config)
+        request = build_request(self.pool, self.path, body, self.headers)
         exact_input = plan.input_len if plan.token_ids is not None else None
-        state = ResponseAccumulator(rec)
+        state = ResponseAccumulator(rec, max_events_for(plan.output_len))
+        decoder = SSEDecoder(state, DEFAULT_MAX_EVENT_BYTES)
+
+        def sent() -> None:
+            rec.send_time = time.perf_counter()
+
         rec.send_time = time.perf_counter()
         try:
-            async with session.post(url, data=body) as resp:
-                rec.http_status = resp.status
-                if resp.status != 200:
-                    text = await resp.text(errors="replace")
-                    raise StreamError(ErrorKind.HTTP, _error_message(resp.status, text))
-                await read_sse(resp.content, state)
-                state.finish(time.perf_counter(), exact_input)
+            rec.http_status = await asyncio.wait_for(
+                stream_post(self.pool, request, decoder, on_sent=sent), config.request_timeout
+            )
+            # the stream's end: the arrival of [DONE], else of the body's last bytes
+            state.finish(decoder.last_time or time.perf_counter(), exact_input)
         except StreamError as exc:
+            if exc.status is not None:
+                rec.http_status = exc.status
             _fail(rec, exc.kind, str(exc))
         except asyncio.TimeoutError:
             _fail(rec, ErrorKind.TIMEOUT, f"no complete response within {config.request_timeout:g} s")
-        except aiohttp.ClientConnectorError as exc:
-            _fail(rec, ErrorKind.CONNECT, f"cannot connect to {url}: {exc.os_error or exc}")
-        except (
-            aiohttp.ServerDisconnectedError,
-            aiohttp.ClientPayloadError,
-            aiohttp.ClientOSError,  # e.g. ECONNRESET before the status line; connect errors are caught above
-            ConnectionError,
-        ) as exc:
-            _fail(rec, ErrorKind.DISCONNECT, f"connection lost mid-response: {exc or type(exc).__name__}")
-        except aiohttp.ClientError as exc:
-            _fail(rec, ErrorKind.PROTOCOL, f"{type(exc).__name__}: {exc}")
-        except (UnicodeDecodeError, ValueError) as exc:
-            _fail(rec, ErrorKind.PROTOCOL, f"unreadable response: {exc}")
         except asyncio.CancelledError:
             _fail(rec, ErrorKind.CANCELLED, "the run was stopped before this request ended")
             raise
         return rec
+
+
+def encode_body(plan: PlannedRequest, model: str, config: LoadConfig) -> bytes:
+    """The exact bytes the client posts for ``plan`` (the simulator's trace keys requests by their hash)."""
+    return orjson.dumps(request_body(plan, model, config.scenario.endpoint, config.extra_body))
 
 
 async def read_sse(
@@ -505,34 +569,20 @@ async def read_sse(
     acc: ResponseAccumulator,
     clock: Callable[[], float] = time.perf_counter,
 ) -> None:
-    """Parse ``text/event-stream`` per the SSE spec, timestamping each event.
+    """Feed a byte stream through the client's SSE decoder, stamping each piece.
 
-    Tolerates what real servers do: no space after ``data:``, comment lines,
-    CRLF line ends, multi-line data fields; an event is dispatched at its
-    terminating blank line, stamped with the time its last data line arrived.
-    ``clock`` is read once per line as it arrives (tests replay recorded
-    streams with recorded times).
+    The live client feeds the decoder from its socket (``streamclient``); this
+    entry point lets tests replay recorded streams with recorded times through
+    the same decoder. ``clock`` is read once per piece as it arrives.
     """
-    data_lines: list[str] = []
-    stamp = 0.0
+    decoder = SSEDecoder(acc)
+    t = 0.0
     async for raw in lines:
-        now = clock()
-        line = raw.decode("utf-8").rstrip("\r\n")
-        if not line:
-            if data_lines:
-                acc.on_event("\n".join(data_lines), stamp)
-                data_lines = []
-                if acc.done:
-                    return
-            continue
-        if line.startswith(":"):
-            continue
-        name, _, value = line.partition(":")
-        if name == "data":
-            data_lines.append(value[1:] if value.startswith(" ") else value)
-            stamp = now
-    if data_lines:  # a final event without its blank line
-        acc.on_event("\n".join(data_lines), stamp)
+        t = clock()
+        decoder.feed(raw, t)
+        if acc.done:
+            return
+    decoder.close(t)
 
 
 def _fail(rec: RequestRecord, kind: ErrorKind, message: str) -> None:

@@ -30,10 +30,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         yield s
 
 
-def _run(server: Server, config: LoadConfig, on_record=None, before=None) -> RunRecords:
+def _run(server: Server, config: LoadConfig, on_record=None) -> RunRecords:
     async def go() -> RunRecords:
-        if before is not None:
-            before(asyncio.get_running_loop())
         return await LoadGenerator(server.base_url, server.model).run(config, on_record=on_record)
 
     return asyncio.run(go())
@@ -79,17 +77,26 @@ def test_a_starved_client_is_marked_client_bound_with_the_reason(server: Server)
     assert loose.client is not None and not loose.client_bound
 
 
-def test_open_loop_latency_from_the_schedule_includes_the_send_delay(server: Server) -> None:
-    """All requests are due at once (rate=inf); the loop is blocked for 150 ms
-    right then, before any of them can be written."""
+def test_open_loop_latency_from_the_schedule_includes_the_send_delay(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """All requests are due at once (rate=inf); building the first one blocks the
+    loop for 150 ms, before any of them can be written."""
     block_s = 0.15
+    from pytest_infmax import load
 
-    def before(loop: asyncio.AbstractEventLoop) -> None:
-        # queued ahead of the request tasks the run creates when they are due
-        loop.call_soon(time.sleep, block_s)
+    real_plan = load.plan_request
+    blocked: list[bool] = []
 
+    def slow_plan(*args, **kwargs):
+        if not blocked:
+            blocked.append(True)
+            time.sleep(block_s)  # the client is slow exactly when the requests are due
+        return real_plan(*args, **kwargs)
+
+    monkeypatch.setattr(load, "plan_request", slow_plan)
     config = LoadConfig(SCENARIO, rate=math.inf, num_requests=8, warmup=0)
-    run = _run(server, config, before=before)
+    run = _run(server, config)
     assert len(run.records) == 8 and all(r.ok for r in run.records)
     for r in run.records:
         assert r.scheduled_time is not None and r.ready_time == r.scheduled_time

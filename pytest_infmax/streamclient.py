@@ -1,0 +1,453 @@
+"""The load generator's wire: HTTP/1.1 streaming POSTs on an asyncio Protocol.
+
+Why not aiohttp's client here: its streaming path (StreamReader, per-line
+futures, payload objects) costs more CPU per SSE event than everything we do
+with the event, and at hundreds of streams of one-token events that makes the
+client, not the server, the bottleneck (docs/load-generator.md has the
+measured table). This module reads the socket with a ``Protocol``:
+
+* each ``data_received`` call is stamped once with ``perf_counter()``, the
+  moment the bytes reached the process, before any parsing;
+* HTTP framing (status, headers, chunked or length-delimited bodies) is parsed
+  by ``httptools`` (llhttp, the parser uvicorn uses), not by hand;
+* the de-chunked body is split into SSE events at the byte level and each
+  event's ``data`` is handed to a sink with that stamp.
+
+Connections are kept alive and pooled (one per concurrent stream, opened before
+the measured phase by ``ConnectionPool.prefill``), so the measured phase does not
+pay for TCP handshakes.
+
+Defences against a broken or hostile server, each ending only that request
+with a ``StreamError`` and bounded memory: an SSE event larger than
+``max_event_bytes``; an error body larger than that (truncated, not buffered);
+a malformed HTTP response; and (checked by the sink) more events than the
+request can produce. A stream that never ends is cut by the request timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl as ssl_module
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import httptools
+
+from .records import ErrorKind
+
+# An SSE event (or a non-stream body we read to report it) larger than this ends
+# the request as a protocol error instead of growing memory. OpenAI-style events
+# are a few hundred bytes; 1 MiB leaves room for big tool-call or logprob chunks.
+DEFAULT_MAX_EVENT_BYTES = 1 << 20
+# Error bodies are kept only this far, for the message.
+_ERROR_BODY_BYTES = 4096
+
+
+class StreamError(Exception):
+    """A request failed; ``kind`` is the typed outcome recorded for it."""
+
+    def __init__(self, kind: ErrorKind, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.status = status  # the HTTP status, when a response had begun
+
+
+class EventSink(Protocol):
+    """Receives a stream's SSE events (``data`` bytes, arrival stamp)."""
+
+    done: bool  # the sink has seen the end of the stream ([DONE]); later events are ignored
+
+    def on_event(self, data: bytes, t: float) -> None: ...
+
+
+class SSEDecoder:
+    """``text/event-stream`` framing at the byte level, per the SSE spec.
+
+    Events end at a blank line; lines end with LF, CRLF or CR; ``data:`` fields
+    of one event are joined with LF (one space after the colon is dropped);
+    comment lines (``:``) and other fields are ignored. An event is stamped with
+    the arrival time of the bytes that completed it.
+    """
+
+    __slots__ = ("sink", "max_event_bytes", "_buf", "last_time")
+
+    def __init__(self, sink: EventSink, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
+        self.sink = sink
+        self.max_event_bytes = max_event_bytes
+        self._buf = b""
+        self.last_time: float | None = None  # arrival of the latest bytes fed
+
+    def feed(self, data: bytes, t: float) -> None:
+        self.last_time = t
+        if not self._buf and data[-2:] == b"\n\n" and data[:6] == b"data: " and data.find(b"\n") == len(data) - 2:
+            # the common case, worth its own path: exactly one single-line event
+            if b"\r" not in data:
+                self.sink.on_event(data[6:-2], t)
+                return
+        buf = self._buf + data if self._buf else data
+        if b"\r" in buf:
+            # rare: normalise CRLF and CR to LF, keeping a trailing CR that may be
+            # the first half of a CRLF split across reads
+            tail = b"\r" if buf.endswith(b"\r") else b""
+            if tail:
+                buf = buf[:-1]
+            buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n") + tail
+        sink = self.sink
+        start = 0
+        while True:
+            end = buf.find(b"\n\n", start)
+            if end < 0:
+                break
+            block = buf[start:end]
+            start = end + 2
+            if block[:6] == b"data: " and b"\n" not in block:
+                sink.on_event(block[6:], t)
+            else:
+                self._dispatch(block, t)
+            if sink.done:
+                self._buf = b""
+                return
+        rest = buf[start:] if start else buf
+        if len(rest) > self.max_event_bytes:
+            self._buf = b""
+            raise StreamError(
+                ErrorKind.PROTOCOL,
+                f"an SSE event exceeded {self.max_event_bytes} bytes without ending; "
+                "the server's stream is malformed (or raise max_event_bytes)",
+            )
+        self._buf = rest
+
+    def _dispatch(self, block: bytes, t: float) -> None:
+        data: list[bytes] = []
+        for line in block.lstrip(b"\n").split(b"\n"):
+            if not line or line[:1] == b":":
+                continue
+            name, _, value = line.partition(b":")
+            if name == b"data":
+                data.append(value[1:] if value[:1] == b" " else value)
+        if data:
+            self.sink.on_event(b"\n".join(data), t)
+
+    def close(self, t: float) -> None:
+        """The body ended: dispatch a last event that lacked its blank line."""
+        self.last_time = t
+        rest, self._buf = self._buf.strip(b"\r\n"), b""
+        if rest and not self.sink.done:
+            self._dispatch(rest, t)
+
+
+class _Exchange:
+    """One request/response on a connection."""
+
+    __slots__ = (
+        "future", "decoder", "status", "content_type", "framed", "error_body",
+        "error_body_bytes", "finished", "keep_alive", "streaming",
+    )
+
+    def __init__(self, future: asyncio.Future[int], decoder: SSEDecoder) -> None:
+        self.future = future
+        self.decoder = decoder
+        self.status = 0
+        self.content_type = b""
+        self.framed = False  # chunked or Content-Length: EOF before the end is a disconnect
+        self.error_body: list[bytes] = []  # a non-stream body, kept for the message
+        self.error_body_bytes = 0
+        self.finished = False  # the HTTP message is complete
+        self.keep_alive = False
+        self.streaming = False  # a 200 event stream (not an error or JSON body)
+
+
+class StreamConnection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection that runs one streaming exchange at a time."""
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.exchange: _Exchange | None = None
+        self.closed = False
+        self._now = 0.0
+        self._header_name = b""
+
+    # -- asyncio.Protocol ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self._now = time.perf_counter()  # when these bytes reached us: every stamp below
+        ex = self.exchange
+        if ex is None:  # bytes nobody asked for (or after a failure): the connection is unusable
+            self._abort()
+            return
+        try:
+            self.parser.feed_data(data)
+        except StreamError as exc:
+            self._fail(exc)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__ or exc.__cause__
+            self._fail(cause if isinstance(cause, StreamError) else StreamError(
+                ErrorKind.PROTOCOL, f"unreadable response: {cause or exc}"))
+        except httptools.HttpParserError as exc:
+            self._fail(StreamError(ErrorKind.PROTOCOL, f"malformed HTTP response: {exc}"))
+        except Exception as exc:  # never let a bad stream kill the event loop's callback
+            self._fail(StreamError(ErrorKind.PROTOCOL, f"unreadable response: {type(exc).__name__}: {exc}"))
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool._forget(self)
+        ex = self.exchange
+        if ex is None or ex.future.done():
+            return
+        now = time.perf_counter()
+        if not ex.framed and ex.status:
+            # a close-delimited body (no Content-Length, not chunked): EOF is its end
+            try:
+                ex.decoder.close(now)
+                self._finish(ex)
+            except StreamError as err:
+                self._fail(err)
+            return
+        reason = f"{exc}" if exc else "the server closed the connection"
+        self._fail(StreamError(ErrorKind.DISCONNECT, f"connection lost mid-response: {reason}"))
+
+    # -- httptools callbacks --------------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        ex = self.exchange
+        if ex is None:
+            return
+        lname = name.lower()
+        if lname == b"content-type":
+            ex.content_type = value.lower()
+        elif lname == b"transfer-encoding" or lname == b"content-length":
+            ex.framed = True
+
+    def on_headers_complete(self) -> None:
+        ex = self.exchange
+        if ex is not None:
+            ex.status = self.parser.get_status_code()
+            ex.streaming = ex.status == 200 and not ex.content_type.startswith(b"application/json")
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.exchange
+        if ex is None:
+            return
+        if ex.streaming:
+            if ex.future.done():
+                return  # [DONE] came; the rest of the message is drained unread
+            decoder = ex.decoder
+            decoder.feed(body, self._now)
+            if decoder.sink.done:
+                ex.future.set_result(ex.status)
+            return
+        # not a stream: keep a bounded prefix for the error message
+        if ex.error_body_bytes < _ERROR_BODY_BYTES:
+            ex.error_body.append(body[: _ERROR_BODY_BYTES - ex.error_body_bytes])
+        ex.error_body_bytes += len(body)
+
+    def on_message_complete(self) -> None:
+        ex = self.exchange
+        if ex is None:
+            return
+        ex.finished = True
+        ex.keep_alive = self.parser.should_keep_alive()
+        if not ex.future.done():
+            ex.decoder.close(self._now)
+            self._finish(ex)
+        self._release(ex)
+
+    # -- the exchange -----------------------------------------------------------------------
+
+    def start(self, request: bytes, decoder: SSEDecoder) -> asyncio.Future[int]:
+        """Write ``request``; the future resolves with the HTTP status when the stream ends."""
+        assert self.transport is not None and self.exchange is None
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.exchange = _Exchange(future, decoder)
+        self.transport.write(request)
+        return future
+
+    def _finish(self, ex: _Exchange) -> None:
+        """The body ended (message complete or EOF): resolve or explain."""
+        if ex.status != 200:
+            body = b"".join(ex.error_body).decode("utf-8", "replace")
+            self._fail(StreamError(ErrorKind.HTTP, _error_message(ex.status, body), ex.status),
+                       close=not ex.finished)
+            return
+        if ex.content_type.startswith(b"application/json"):
+            body = b"".join(ex.error_body).decode("utf-8", "replace")
+            self._fail(StreamError(
+                ErrorKind.PROTOCOL,
+                "the server answered with a JSON body, not an event stream (does it support "
+                f"\"stream\": true?): {body[:200]!r}",
+                ex.status,
+            ), close=not ex.finished)
+            return
+        self._resolve(ex)
+
+    def _resolve(self, ex: _Exchange) -> None:
+        if not ex.future.done():
+            ex.future.set_result(ex.status)
+
+    def _fail(self, exc: StreamError, close: bool = True) -> None:
+        ex = self.exchange
+        if ex is not None and not ex.future.done():
+            ex.future.set_exception(exc)
+        if close:
+            self._abort()
+
+    def _release(self, ex: _Exchange) -> None:
+        """The HTTP message is complete: reuse the connection if both sides keep it."""
+        if ex is not self.exchange:
+            return
+        if ex.keep_alive and ex.future.done() and not ex.future.cancelled() and ex.future.exception() is None:
+            self.exchange = None
+            self.pool._idle(self)
+        elif ex.future.done():
+            self.exchange = None
+            self._abort()
+
+    def finished_with(self, ok: bool) -> None:
+        """The caller is done with its exchange; give the connection back or close it."""
+        ex = self.exchange
+        if ex is None:
+            return
+        if ok and ex.finished:
+            self._release(ex)
+        elif not ok:
+            self.exchange = None
+            self._abort()
+        # else: [DONE] came before the end of the HTTP message; on_message_complete releases it
+
+    def _abort(self) -> None:
+        self.closed = True
+        self.exchange = None
+        self.pool._forget(self)
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.abort()
+
+
+class ConnectionPool:
+    """Keep-alive connections to one origin; idle ones are reused last-in first-out."""
+
+    def __init__(self, url: str, connect_timeout: float = 30.0, ssl: ssl_module.SSLContext | None = None) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {url!r}")
+        self.scheme = parts.scheme
+        self.host = parts.hostname
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        default_port = self.port == (443 if parts.scheme == "https" else 80)
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self.host_header = host if default_port else f"{host}:{self.port}"
+        self.connect_timeout = connect_timeout
+        self.ssl = ssl if ssl is not None else (ssl_module.create_default_context() if parts.scheme == "https" else None)
+        self._idle_conns: list[StreamConnection] = []
+        self._all: set[StreamConnection] = set()
+
+    async def acquire(self) -> StreamConnection:
+        while self._idle_conns:
+            conn = self._idle_conns.pop()
+            if not conn.closed:
+                return conn
+        return await self._connect()
+
+    async def _connect(self) -> StreamConnection:
+        loop = asyncio.get_running_loop()
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: StreamConnection(self), self.host, self.port,
+                    ssl=self.ssl, server_hostname=self.host if self.ssl else None,
+                ),
+                self.connect_timeout,
+            )
+        except asyncio.TimeoutError:
+            raise StreamError(
+                ErrorKind.CONNECT, f"cannot connect to {self.host}:{self.port}: no answer within {self.connect_timeout:g} s"
+            ) from None
+        except OSError as exc:
+            raise StreamError(ErrorKind.CONNECT, f"cannot connect to {self.host}:{self.port}: {exc}") from None
+        self._all.add(conn)
+        return conn
+
+    async def prefill(self, n: int) -> None:
+        """Open connections until ``n`` are idle (warm them before a measured phase)."""
+        missing = n - sum(1 for c in self._idle_conns if not c.closed)
+        if missing <= 0:
+            return
+        results = await asyncio.gather(*(self._connect() for _ in range(missing)), return_exceptions=True)
+        for conn in results:
+            if isinstance(conn, StreamConnection):
+                self._idle_conns.append(conn)
+            # a failure here is not an error yet: the requests will report it
+
+    def _idle(self, conn: StreamConnection) -> None:
+        if not conn.closed:
+            self._idle_conns.append(conn)
+
+    def _forget(self, conn: StreamConnection) -> None:
+        self._all.discard(conn)
+
+    def close(self) -> None:
+        for conn in list(self._all):
+            conn._abort()
+        self._all.clear()
+        self._idle_conns.clear()
+
+
+def build_request(pool: ConnectionPool, path: str, body: bytes, headers: dict[str, str]) -> bytes:
+    """The bytes of one ``POST`` with a JSON body."""
+    lines = [
+        f"POST {path} HTTP/1.1",
+        f"Host: {pool.host_header}",
+        "Content-Type: application/json",
+        "Accept: text/event-stream",
+        f"Content-Length: {len(body)}",
+        "User-Agent: pytest-infmax",
+    ]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+async def stream_post(
+    pool: ConnectionPool,
+    request: bytes,
+    decoder: SSEDecoder,
+    on_sent: Callable[[], Any] | None = None,
+) -> int:
+    """Send ``request`` on a pooled connection and feed the response's events to ``decoder``.
+
+    Returns the HTTP status (200) once the stream ended (the sink saw ``[DONE]``
+    or the body ended); raises ``StreamError`` for every failure. Cancelling the
+    caller closes the connection. Timeouts are the caller's (``asyncio.timeout``).
+    """
+    conn = await pool.acquire()
+    if on_sent is not None:
+        on_sent()
+    ok = False
+    try:
+        status = await conn.start(request, decoder)
+        ok = True
+        return status
+    finally:
+        conn.finished_with(ok)
+
+
+def _error_message(status: int, body: str) -> str:
+    import json
+
+    try:
+        err = json.loads(body).get("error")
+        if isinstance(err, dict) and err.get("message"):
+            return f"HTTP {status}: {err['message']}"
+        if isinstance(err, str):
+            return f"HTTP {status}: {err}"
+    except (ValueError, AttributeError):
+        pass
+    return f"HTTP {status}: {body[:200]}"
