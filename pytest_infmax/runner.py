@@ -17,14 +17,15 @@ from typing import Any
 from . import telemetry
 from .cost import Price, Tier, choose_price
 from .energy import EnergyReport, EnergySampler, HttpPowerSource, NvmlPowerSource, gpus_for_pids
-from .load import LoadConfig, LoadConfigError, LoadGenerator
+from .load import LoadConfig, LoadConfigError, LoadGenerator, run_coroutine
 from .metrics import GoodputLimits
 from .progress import Progress
 from .records import RequestRecord
 from .results import DEFAULT_PERCENTILES, LoadResult
 from .scenarios import Endpoint, Scenario, get_scenario
+from .repeats import RepeatError, combine, repeat_count
 from .servermetrics import Scraper, metrics_url
-from .servers import Server
+from .servers import Server, ServerError, restart_server
 from .sla import SLA, Objective
 from .sweep import FrontierObjective, SweepResult
 
@@ -49,8 +50,13 @@ class Infmax:
         price_tier: Tier = "neocloud",
         server_metrics: bool = True,
         server_metrics_interval: float = 1.0,
+        repeat: int = 1,
+        restart: Callable[[Server], Server] | None = None,
     ) -> None:
         self.server = server
+        # --infmax-repeat: runs per run() / sweep point, the server restarted (a fresh start) between them
+        self.repeat = repeat_count(repeat)
+        self._restart = restart or restart_server  # (server) -> the same server, started afresh
         self.name = name
         self.percentiles = tuple(percentiles)
         self.request_timeout = request_timeout
@@ -70,7 +76,7 @@ class Infmax:
         """Run load and return its result; see :meth:`arun` for the arguments."""
         __tracebackhide__ = True  # failures point at the test line that ran the load
         plan = self._plan(scenario, **kwargs)  # validation only: nothing is sent yet
-        return self._conclude(_run_sync(self._measure(plan), "infmax.run()"), plan)
+        return self._conclude(_run_sync(self._measure_all(plan), "infmax.run()"), plan)
 
     async def arun(self, scenario: str | Scenario = "1k1k-mini", **kwargs: Any) -> LoadResult:
         """Run warm-up and measured load; check ``sla`` if given.
@@ -79,7 +85,9 @@ class Infmax:
         requests/s; ``math.inf`` sends all at once), exactly one of them;
         ``burstiness``, ``max_concurrency``, ``num_requests``, ``duration``,
         ``warmup``, ``endpoint`` ("completions" or "chat"), ``sla``,
-        ``goodput``, ``seed``, ``extra_body``, ``request_timeout``, ``name``.
+        ``goodput``, ``seed``, ``extra_body``, ``request_timeout``, ``name``,
+        ``repeat`` (runs of this load, each on a fresh server start; default
+        ``--infmax-repeat``): the result pools their requests and keeps each run.
 
         SLA expressions and goodput limits are validated before any request is
         sent. If an SLA fails, the result is still recorded for the reports
@@ -87,7 +95,7 @@ class Infmax:
         """
         __tracebackhide__ = True
         plan = self._plan(scenario, **kwargs)
-        return self._conclude(await self._measure(plan), plan)
+        return self._conclude(await self._measure_all(plan), plan)
 
     def sweep(
         self,
@@ -119,7 +127,7 @@ class Infmax:
         if self._on_sweep is not None:  # reported even if a point fails its SLA
             self._on_sweep(sweep)
         for plan in plans:
-            result = self._conclude(_run_sync(self._measure(plan), "infmax.sweep()"), plan)
+            result = self._conclude(_run_sync(self._measure_all(plan), "infmax.sweep()"), plan)
             sweep.results.append(result)
         if objectives:
             sweep.check(*(o.text for o in objectives))
@@ -143,8 +151,13 @@ class Infmax:
         extra_body: dict[str, Any] | None = None,
         request_timeout: float | None = None,
         name: str | None = None,
+        repeat: int | None = None,
     ) -> _Plan:
         """Validate every argument before any request is sent."""
+        try:
+            runs = self.repeat if repeat is None else repeat_count(repeat, "repeat=")
+        except RepeatError as exc:
+            raise LoadConfigError(str(exc)) from None
         sla_obj = _as_sla(sla, goodput)
         scen = get_scenario(scenario)
         if endpoint is not None:
@@ -163,15 +176,45 @@ class Infmax:
             extra_body=dict(extra_body or {}),
         )
         goodput_limits = sla_obj.goodput if sla_obj is not None else _as_goodput(goodput)
-        return _Plan(config, sla_obj, goodput_limits, name or self.name)
+        return _Plan(config, sla_obj, goodput_limits, name or self.name, runs)
 
-    async def _measure(self, plan: _Plan) -> LoadResult:
+    async def _measure_all(self, plan: _Plan) -> LoadResult:
+        """One run, or ``plan.repeat`` runs with a fresh server start before each but the first."""
+        if plan.repeat == 1:
+            return await self._measure(plan)
+        fresh = self.server.restartable
+        notes = [] if fresh else [f"{self.server.config.kind} servers cannot be restarted: the {plan.repeat} runs "
+                                  "share one server start, so the gate compares them as one run"]
+        if self._sequential is not None:
+            notes.append("--infmax-sequential applies to single runs: each repeat ran to its request count")
+        runs: list[LoadResult] = []
+        for i in range(plan.repeat):
+            if i and fresh:
+                try:
+                    await asyncio.to_thread(self._restart, self.server)  # blocking: stop, start, wait ready
+                except ServerError as exc:
+                    raise ServerError(f"{plan.name}: fresh start for run {i + 1} of {plan.repeat} failed: {exc}") \
+                        from None
+            if self._progress is not None:
+                self._progress(f"{plan.name}: run {i + 1}/{plan.repeat} on server pid {self.server.pid or '-'}")
+            runs.append(await self._measure(plan, record=False, sequential=False))
+        result = combine(runs, fresh_starts=fresh, note="; ".join(notes), usd_per_kwh=self.usd_per_kwh)
+        self._record(result)
+        return result
+
+    def _record(self, result: LoadResult) -> None:
+        self.results.append(result)
+        if self._on_result is not None:
+            self._on_result(result)
+
+    async def _measure(self, plan: _Plan, *, record: bool = True, sequential: bool = True) -> LoadResult:
         generator = LoadGenerator(self.server.base_url, self.server.model, self.server.api_key)
         watchers: list[Callable[[RequestRecord], None]] = []
         if self._progress is not None:
             total = (plan.config.effective_num_requests or 0) + plan.config.effective_warmup or None
             watchers.append(Progress(self._progress, plan.name, plan.config.label, total).on_record)
-        seq = self._sequential(plan.name, plan.config.effective_num_requests) if self._sequential else None
+        seq = (self._sequential(plan.name, plan.config.effective_num_requests)
+               if self._sequential and sequential else None)
         if seq is not None:
             watchers.append(_feed_sequential(seq))
 
@@ -209,9 +252,8 @@ class Infmax:
             result.sequential = {"gate": seq.gate.label, **dataclasses.asdict(seq.state)}
         result.energy = (sampler.report_for(result, self.usd_per_kwh) if sampler is not None
                          else EnergyReport.not_measured(not_measured))
-        self.results.append(result)
-        if self._on_result is not None:
-            self._on_result(result)
+        if record:
+            self._record(result)
         return result
 
     def price(self) -> tuple[Price | None, str]:
@@ -278,6 +320,7 @@ class _Plan:
     sla: SLA | None
     goodput: GoodputLimits | None
     name: str
+    repeat: int = 1  # runs, each on a fresh server start
 
 
 def _feed_sequential(seq: Any) -> Callable[[RequestRecord], None]:
@@ -306,7 +349,7 @@ def _run_sync(coro: Any, caller: str) -> Any:
     if _loop_running():
         coro.close()
         raise RuntimeError(f"{caller} was called inside a running event loop; use `await infmax.arun(...)` there")
-    return asyncio.run(coro)
+    return run_coroutine(coro)
 
 
 def _loop_running() -> bool:
