@@ -6,7 +6,7 @@ under a baselines directory (default ``.infmax/baselines/``). A file holds
 * ``format``: ``pytest-infmax-baseline/1``;
 * ``key``: the result key, and ``testbed``: what the numbers are only valid for
   (GPU model and count, driver, engine and its version, model, server options);
-* ``runs``: a bounded history (default the last 10) of runs, oldest first. Each
+* ``runs``: a bounded history (default the last 20) of runs, oldest first. Each
   run keeps its per-request samples in send order (``ttft``, ``tpot``, ``e2e``,
   ``itl_mean``, ``itl_max``; seconds, rounded to 0.1 µs), its run-level scalars
   (throughput, error rate, cost when a price was given), the full metrics summary,
@@ -51,7 +51,9 @@ FORMAT = "pytest-infmax-baseline/1"
 FORMAT_NAME, _, _FORMAT_VERSION = FORMAT.rpartition("/")
 FORMAT_VERSION = int(_FORMAT_VERSION)
 DEFAULT_DIR = ".infmax/baselines"
-DEFAULT_HISTORY = 10
+#: runs a history keeps (oldest dropped first; a save of more runs keeps all of them): room for
+#: two saves at --infmax-repeat 10, so the spread spans more than one CI job's machine and day
+DEFAULT_HISTORY = 20
 
 #: per-request sample arrays a run keeps (seconds, send order)
 SAMPLE_METRICS: tuple[str, ...] = ("ttft", "tpot", "e2e", "itl_mean", "itl_max")
@@ -317,6 +319,37 @@ class BaselineRun:
         )
 
 
+def runs_of(result: LoadResult | Mapping[str, Any], *, price: Price | float | None = None,
+            environment_info: Mapping[str, Any] | None = None) -> list[BaselineRun]:
+    """The runs a result stands for in comparisons and histories.
+
+    One run, or with ``--infmax-repeat`` every repeat on its own (each a fresh server
+    start); repeats that shared one start (an endpoint cannot be restarted) are merged
+    into one run (:func:`merge_runs`). ``result`` is a ``LoadResult`` or its
+    ``to_dict()`` with records (``repeats.runs[i].records`` slices its ``records``).
+    """
+    kw: dict[str, Any] = {"price": price, "environment_info": environment_info}
+    if not isinstance(result, Mapping):
+        if result.repeats is None:
+            return [BaselineRun.from_result(result, **kw)]
+        runs = [BaselineRun.from_result(r, **kw) for r in result.repeats.runs]
+        fresh = result.repeats.fresh_starts
+    else:
+        repeats = result.get("repeats")
+        if not isinstance(repeats, Mapping) or not repeats.get("runs"):
+            return [BaselineRun.from_result(result, **kw)]
+        if "records" not in result:
+            BaselineRun.from_result(result, **kw)  # raises, saying that records are needed
+        runs = []
+        for entry in repeats["runs"]:
+            lo, hi = entry["records"]
+            one = {**result, "records": result["records"][lo:hi], "metrics": entry["metrics"],
+                   "started_at": entry.get("started_at")}
+            runs.append(BaselineRun.from_result(one, **kw))
+        fresh = bool(repeats.get("fresh_starts", True))
+    return runs if fresh else [merge_runs(runs)]
+
+
 def merge_runs(runs: Sequence[BaselineRun], name: str | None = None) -> BaselineRun:
     """One run from repeats that shared a server start (one warm server).
 
@@ -525,8 +558,14 @@ class Baseline:
 
     def with_run(self, run: BaselineRun) -> Baseline:
         """A copy with ``run`` appended and the oldest runs dropped beyond ``history``."""
-        runs = [*self.runs, run][-self.history:]
-        return Baseline(self.key, dict(self.testbed), runs, self.history, self.path)
+        return self.with_runs([run])
+
+    def with_runs(self, runs: Sequence[BaselineRun]) -> Baseline:
+        """A copy with ``runs`` appended and the oldest dropped beyond ``history``; the new
+        runs themselves are all kept, even more of them than ``history`` (the repeats of one
+        save, e.g. ``--infmax-repeat 30``, belong together)."""
+        kept = [*self.runs, *runs][-max(self.history, len(runs)):]
+        return Baseline(self.key, dict(self.testbed), kept, self.history, self.path)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -677,8 +716,7 @@ class BaselineStore:
         else:
             current.check(testbed, new_runs[0].workload)
             baseline = Baseline(key, current.testbed, current.runs, self.history, path)
-        for run in new_runs:
-            baseline = baseline.with_run(run)
+        baseline = baseline.with_runs(new_runs)
         write_json_atomic(path, _sorted(baseline.to_dict()))
         _make_readable(path)
         baseline.path = path
@@ -781,13 +819,13 @@ def runs_from_results_document(doc: Any, source: str = "results") -> dict[str, t
                 "per-request records; write it with --infmax-json, which keeps them"
             )
         try:
-            run = BaselineRun.from_result(result)
+            runs = runs_of(result)  # --infmax-repeat: each repeat is a run
         except (KeyError, TypeError, ValueError) as exc:
             raise BaselineError(f"{source}: result {result.get('name')!r} cannot be read: {exc}") from None
         testbed = result.get("testbed")
         if not isinstance(testbed, Mapping):
             testbed = build_testbed(result.get("server") if isinstance(result.get("server"), Mapping) else None)
-        out.setdefault(run.name, (dict(testbed), []))[1].append(run)
+        out.setdefault(runs[0].name, (dict(testbed), []))[1].extend(runs)
     return out
 
 

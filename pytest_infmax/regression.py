@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .baselines import BaselineError, BaselineRun, BaselineStore, build_testbed, gpu_testbed, result_keys
+from .baselines import BaselineError, BaselineStore, build_testbed, gpu_testbed, result_keys, runs_of
 from .compare import CompareOptions, ComparisonReport, SequentialComparison
 from .results import LoadResult
 
@@ -87,21 +87,26 @@ def gate_results(results: list[LoadResult], settings: GateSettings) -> list[Gate
     outcomes = []
     for key, result in zip(result_keys([r.name for r in results]), results):
         outcome = GateOutcome(key)
-        run = BaselineRun.from_result(result)
+        runs = runs_of(result)  # --infmax-repeat N: N runs (fresh starts), compared and saved as such
         testbed = testbed_for(result)
+        if result.repeats is not None and not result.repeats.fresh_starts:
+            outcome.note = f"{len(result.repeats)} repeats on one server start, merged into one run"
         try:
             if compare_store is not None and not settings.update:
-                outcome.report = compare_store.compare(key, run, testbed, options=settings.options,
+                outcome.report = compare_store.compare(key, runs, testbed, options=settings.options,
                                                        force=settings.force)
                 if outcome.report is None:
-                    outcome.note = f"no baseline in {compare_store.directory} yet (recorded, not a failure)"
+                    outcome.note = "; ".join(filter(None, [
+                        outcome.note, f"no baseline in {compare_store.directory} yet (recorded, not a failure)"]))
             if settings.update and compare_store is not None:
-                compare_store.save(key, run, testbed, mode="replace")
-                outcome.note = f"baseline rewritten in {compare_store.directory}"
+                compare_store.save(key, runs, testbed, mode="replace")
+                outcome.note = "; ".join(filter(None, [outcome.note,
+                                                       f"baseline rewritten in {compare_store.directory}"]))
             # A regressed run is not added to a history: it would widen the spread the gate learns.
             if save_store is not None and not outcome.failed:
-                save_store.save(key, run, testbed)
-                outcome.note = "; ".join(filter(None, [outcome.note, f"saved to {save_store.directory}"]))
+                save_store.save(key, runs, testbed)
+                saved = f"saved to {save_store.directory}" + (f" ({len(runs)} runs)" if len(runs) > 1 else "")
+                outcome.note = "; ".join(filter(None, [outcome.note, saved]))
         except BaselineError as exc:
             outcome.error = str(exc)
         outcomes.append(outcome)
