@@ -111,19 +111,19 @@ def _path(text: str) -> str:
     return text
 
 
-def _flags(text: str) -> str:
+def _flags(text: str, what: str = "flags", example: str = "--profile b200/gpt-oss-120b") -> str:
     try:
         shlex.split(text)
     except ValueError as exc:  # e.g. "No closing quotation"
-        raise ValueError(f"must be flags split as a shell would split them ({str(exc).lower()}), "
-                         "e.g. --profile b200/gpt-oss-120b") from None
+        raise ValueError(f"must be {what} that split as a shell would split them ({str(exc).lower()}), "
+                         f"e.g. {example}") from None
     return text
 
 
 def _command(text: str) -> str:
     if not text.strip():
         return ""  # empty: not set
-    _flags(text)
+    _flags(text, "a command template", "'my-server --port {port}'")
     try:
         command_from_template(text)
     except ServerError as exc:
