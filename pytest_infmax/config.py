@@ -48,6 +48,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _repeat(text: str) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError("must be a whole number >= 1: how many runs of each load, each on a fresh "
+                         "server start (e.g. 10)")
+    return value
+
+
 def _percentiles(text: str) -> tuple[float, ...]:
     allowed = "a comma-separated list of numbers in (0, 100], e.g. 50,90,99"
     values = tuple(_convert(p, float, allowed) for p in text.replace(" ", "").split(",") if p)
@@ -240,6 +251,10 @@ SETTINGS: tuple[Setting, ...] = (
             "always-valid confidence sequence, looked at every 8 requests; the run's request count "
             "is the cap)", False, _on_off, switch=True),
     Setting("sequential_gate", "the statistic a sequential comparison watches", "p50(tpot)", metavar="STAT"),
+    Setting("repeat", "run each infmax.run() (and each sweep point) N times, restarting the server "
+            "before each run but the first (fresh starts); metrics pool the runs, the regression gate "
+            "compares all N with the baseline history and --infmax-save stores all N "
+            "(@pytest.mark.infmax_repeat(N) per test)", 1, _repeat, "N"),
     Setting("min_effect", "smallest change that counts as a regression, e.g. 5%", 0.05, _fraction, "PCT"),
     Setting("gates", "metrics the regression gate compares, e.g. 'p50(tpot), p99(ttft), throughput_per_gpu'",
             None, metavar="LIST"),

@@ -23,6 +23,7 @@ from . import reports
 from .baselines import export_benchmark_json
 from .cost import price_marker_options
 from .regression import GateSettings, RegressionFailed, gate_results, sequential_for
+from .repeats import RepeatError, repeat_marker_count
 from .results import LoadResult
 from .summary import markdown_summary, sweep_to_dict, write_github_step_summary
 from .sweep import SweepResult
@@ -91,6 +92,11 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     config.addinivalue_line(
         "markers",
+        "infmax_repeat(N): run each infmax.run() (and sweep point) of this test N times, each on a fresh "
+        "server start (over --infmax-repeat); the regression gate compares all N runs",
+    )
+    config.addinivalue_line(
+        "markers",
         "infmax_server(**options): server for this test: sim_args=, command=, endpoint=, "
         "engine='trtllm'|'vllm'|'sglang' with tp=, pp=, dp=, ep=, max_batch_size=, max_num_tokens=, "
         "max_seq_len=, gpu_memory_fraction=, engine_options={...}, extra_args=, launcher_prefix=, "
@@ -146,6 +152,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 price_marker_options(price.kwargs, price.args)
             except ValueError as exc:
                 raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.infmax_price: {exc}") from None
+        repeat = item.get_closest_marker("infmax_repeat")
+        if repeat is not None:
+            try:
+                repeat_marker_count(repeat.args, repeat.kwargs)
+            except RepeatError as exc:
+                raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.infmax_repeat: {exc}") from None
         marker = item.get_closest_marker("infmax_server")
         if marker is not None:
             try:
@@ -203,7 +215,7 @@ def infmax_server(infmax_server_pool: ServerPool, infmax_server_config: ServerCo
 
 
 @pytest.fixture
-def infmax(request: pytest.FixtureRequest, infmax_server: Server) -> Infmax:
+def infmax(request: pytest.FixtureRequest, infmax_server: Server, infmax_server_pool: ServerPool) -> Infmax:
     """Runs load against the server under test: ``infmax.run("1k1k-mini", concurrency=8)``."""
     state = request.config.stash[STATE_KEY]
     settings = state.settings
@@ -219,8 +231,16 @@ def infmax(request: pytest.FixtureRequest, infmax_server: Server) -> Infmax:
         sequential=(sequential_for(state.gate, settings["sequential_gate"])
                     if settings["sequential"] and state.gate is not None else None),
         energy=settings["energy"],
+        repeat=_repeat(request.node, settings),
+        restart=infmax_server_pool.restart,
         **_price_options(request.node, settings),
     )
+
+
+def _repeat(item: pytest.Item, settings: settings_mod.Settings) -> int:
+    """Runs per load: @pytest.mark.infmax_repeat(N) over --infmax-repeat."""
+    marker = item.get_closest_marker("infmax_repeat")
+    return repeat_marker_count(marker.args, marker.kwargs) if marker is not None else settings["repeat"]
 
 
 def _price_options(item: pytest.Item, settings: settings_mod.Settings) -> dict[str, Any]:
