@@ -84,6 +84,8 @@ class Repeats:
                 "client_bound": run.client_bound,
                 "metrics": r.metrics.to_dict(),
                 "energy": r.energy.to_dict() if r.energy is not None else None,
+                # the server's own metrics cannot be pooled across starts (its counters restart)
+                "server_metrics": r.server_metrics_report(),
             })
             start = stop
         return {"count": len(self.runs), "fresh_starts": self.fresh_starts, "note": self.note, "runs": out}
