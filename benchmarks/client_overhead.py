@@ -3,23 +3,28 @@
 A dedicated minimal emitter (its own process: raw asyncio, HTTP/1.1 keep-alive,
 chunked transfer) streams pre-built OpenAI completions SSE events at a fixed
 total event rate, ``--tokens-per-event`` tokens per event (1, or 8 as vLLM's
-``stream_interval``), then the usage event and ``[DONE]``. Against it, each in a
-client subprocess of its own:
+``stream_interval``), 1,024 tokens per response (``--tokens-per-request``), then
+the usage event and ``[DONE]``. Against it, each in a client subprocess of its own:
 
-* **ours**: ``LoadGenerator.run`` (closed loop, ``concurrency`` = streams): the
-  full SSE parse, JSON decode, timestamps, token accounting, the client's
-  self-monitoring;
+* **ours**: ``LoadGenerator.run`` (closed loop, ``concurrency`` = streams) on
+  the event loop it uses by default (uvloop): the full SSE parse, JSON decode,
+  timestamps, token accounting, the client's self-monitoring;
+* **ours, asyncio loop**: the same with ``INFMAX_EVENT_LOOP=asyncio``, which
+  shows what uvloop is worth;
 * **floor**: a raw aiohttp loop with the same concurrency that posts a
   pre-built body and only reads the response bytes (``iter_any``), parsing
-  nothing.
+  nothing (the issue's reference floor);
+* **protocol floor**: a uvloop ``asyncio.Protocol`` on keep-alive connections
+  that only looks for the end of each response: the cost of the kernel and the
+  event loop alone, below which no Python client on this machine can go.
 
 Client CPU is ``time.process_time()`` of the client process around the run
 (imports and interpreter start excluded). The table gives CPU-seconds per
 million streamed tokens and per thousand requests, the ratio ours / floor, and
 the requests and tokens the client counted next to what the emitter sent.
 
-    .venv/bin/python benchmarks/client_overhead.py            # ~2.5 min on 2 cores
-    .venv/bin/python benchmarks/client_overhead.py --quick    # < 1 min
+    .venv/bin/python benchmarks/client_overhead.py            # ~6 min on 2 cores
+    .venv/bin/python benchmarks/client_overhead.py --quick    # ~1.5 min
 """
 
 from __future__ import annotations
@@ -40,7 +45,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 ISL = 128  # prompt tokens per request (our client builds and serialises them)
-EVENTS_PER_REQUEST = 128  # content events per response, whatever the tokens per event
 
 
 # -- the emitter --------------------------------------------------------------------
@@ -184,8 +188,9 @@ def serve(port_file: Path, tokens_per_event: int, tick: float) -> None:
 # -- the clients (each run in a subprocess of its own) ----------------------------
 
 
-def client_ours(url: str, streams: int, requests: int, osl: int) -> dict:
-    from pytest_infmax.load import LoadConfig, LoadGenerator
+def client_ours(url: str, streams: int, requests: int, osl: int, loop: str = "uvloop") -> dict:
+    os.environ["INFMAX_EVENT_LOOP"] = loop
+    from pytest_infmax.load import LoadConfig, LoadGenerator, run_coroutine
     from pytest_infmax.scenarios import Scenario
 
     config = LoadConfig(
@@ -194,7 +199,7 @@ def client_ours(url: str, streams: int, requests: int, osl: int) -> dict:
     )
     gen = LoadGenerator(url, "bench")
     cpu0, t0 = time.process_time(), time.perf_counter()
-    run = asyncio.run(gen.run(config))
+    run = run_coroutine(gen.run(config))
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
     ok = [r for r in run.records if r.ok]
     errors = sorted({r.error_message or "" for r in run.records if not r.ok})
@@ -241,6 +246,59 @@ def client_floor(url: str, streams: int, requests: int, osl: int) -> dict:
     return {"cpu": cpu, "wall": wall, "requests": done, "tokens": None, "bytes": nbytes}
 
 
+def client_protocol_floor(url: str, streams: int, requests: int, osl: int) -> dict:
+    import uvloop
+
+    from pytest_infmax.scenarios import Scenario, plan_request, request_body
+
+    body = json.dumps(request_body(plan_request(Scenario("bench", ISL, osl, range_ratio=1.0), 0, 0), "bench",
+                                   "completions", {})).encode()
+    host, port = url.split("//", 1)[1].split("/", 1)[0].split(":")
+    request = (b"POST /v1/completions HTTP/1.1\r\nHost: %s:%s\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (host.encode(), port.encode(), len(body), body))
+
+    class Reader(asyncio.Protocol):
+        """Keeps its connection; per read, only a timestamp and an end-of-response check."""
+
+        def __init__(self) -> None:
+            self.done: asyncio.Future[None] | None = None
+            self.nbytes = 0
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+
+        def data_received(self, data: bytes) -> None:
+            time.perf_counter()
+            self.nbytes += len(data)
+            if data.endswith(b"0\r\n\r\n") and self.done is not None:
+                self.done.set_result(None)
+
+    async def main() -> tuple[int, int]:
+        loop = asyncio.get_running_loop()
+        issued = itertools.count()
+        done = 0
+        nbytes = 0
+
+        async def worker() -> None:
+            nonlocal done, nbytes
+            transport, proto = await loop.create_connection(Reader, host, int(port))
+            while next(issued) < requests:
+                proto.done = loop.create_future()
+                transport.write(request)
+                await proto.done
+                done += 1
+            nbytes += proto.nbytes
+            transport.close()
+
+        await asyncio.gather(*(worker() for _ in range(streams)))
+        return done, nbytes
+
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    done, nbytes = uvloop.run(main())
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
+    return {"cpu": cpu, "wall": wall, "requests": done, "tokens": None, "bytes": nbytes}
+
+
 # -- the driver -----------------------------------------------------------------------
 
 
@@ -274,84 +332,92 @@ def _run_client(kind: str, base: str, streams: int, requests: int, osl: int) -> 
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+KINDS = ("ours", "ours-asyncio", "floor", "protocol-floor")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="fewer events per measurement (< 1 min)")
+    p.add_argument("--quick", action="store_true", help="shorter responses, fewer events (< 1.5 min)")
     p.add_argument("--streams", type=int, nargs="+", default=[64, 256])
     p.add_argument("--tokens-per-event", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--tokens-per-request", type=int, default=None,
+                   help="output tokens per response (default 1024, --quick 256)")
     p.add_argument("--event-rate", type=float, default=10_000.0,
                    help="SSE events per second the emitter sends, over all streams (default: %(default)g)")
     p.add_argument("--events", type=int, default=None,
-                   help="content events per measurement (default: 120k, --quick 25k)")
+                   help="at least this many content events per measurement (default: 120k, --quick 25k)")
     p.add_argument("--json", type=Path, help="also write the rows here")
     args = p.parse_args()
     events = args.events or (25_000 if args.quick else 120_000)
+    osl = args.tokens_per_request or (256 if args.quick else 1024)
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or platform.platform()}, "
           f"Python {platform.python_version()}")
-    print(f"emitter: {args.event_rate:g} events/s in all, {EVENTS_PER_REQUEST} content events per "
-          f"response, ~{events} events per measurement\n")
+    print(f"emitter: {args.event_rate:g} events/s in all, {osl} tokens per response, "
+          f">= {events} events per measurement\n")
     rows = []
     with tempfile.TemporaryDirectory() as tmpdir:
         for streams in args.streams:
             for k in args.tokens_per_event:
-                osl = EVENTS_PER_REQUEST * k
-                requests = max(streams, round(events / EVENTS_PER_REQUEST / streams) * streams)
+                per_request = max(1, osl // k)  # content events per response
+                rounds = max(1, round(events / per_request / streams))
+                requests = streams * rounds
                 tick = streams / args.event_rate  # each stream gets one event per tick
                 proc, base = _start_emitter(Path(tmpdir), k, tick)
                 url = base + "/v1/completions"
                 try:
                     res = {}
-                    for kind in ("ours", "floor"):
+                    for kind in KINDS:
                         before = _get_stats(base)
-                        res[kind] = _run_client(kind, url, streams, requests, osl)
+                        res[kind] = _run_client(kind, url, streams, requests, per_request * k)
                         after = _get_stats(base)
                         res[kind]["sent_requests"] = after["requests"] - before["requests"]
                         res[kind]["sent_tokens"] = after["tokens"] - before["tokens"]
                 finally:
                     proc.send_signal(signal.SIGTERM)
                     proc.wait(timeout=10)
-                ours, floor = res["ours"], res["floor"]
-                mtok = ours["sent_tokens"] / 1e6
-                row = {
-                    "streams": streams, "tokens_per_event": k, "requests": requests, "osl": osl,
-                    "ours_cpu_s": ours["cpu"], "floor_cpu_s": floor["cpu"],
-                    "ours_cpu_per_mtok": ours["cpu"] / mtok, "floor_cpu_per_mtok": floor["cpu"] / (floor["sent_tokens"] / 1e6),
-                    "ours_cpu_per_kreq": ours["cpu"] / (ours["sent_requests"] / 1e3),
-                    "floor_cpu_per_kreq": floor["cpu"] / (floor["sent_requests"] / 1e3),
-                    "ours_wall_s": ours["wall"], "floor_wall_s": floor["wall"],
-                    "ours_requests": ours["requests"], "ours_tokens": ours["tokens"],
-                    "ours_chunk_tokens": ours["chunk_tokens"],
-                    "floor_requests": floor["requests"],
-                    "sent_requests": ours["sent_requests"], "sent_tokens": ours["sent_tokens"],
-                    "floor_sent_requests": floor["sent_requests"], "floor_sent_tokens": floor["sent_tokens"],
-                    "ours_client_bound": ours["client_bound"], "ours_reason": ours["reason"],
-                    "ours_loop_lag_p99_ms": ours["loop_lag_p99_ms"], "errors": ours["errors"],
-                }
-                row["ratio"] = row["ours_cpu_per_mtok"] / row["floor_cpu_per_mtok"]
+                ours = res["ours"]
+                row = {"streams": streams, "tokens_per_event": k, "requests": requests, "osl": per_request * k}
+                for kind in KINDS:
+                    r = res[kind]
+                    row[kind] = {
+                        "cpu_s": r["cpu"], "wall_s": r["wall"],
+                        "cpu_per_mtok": r["cpu"] / (r["sent_tokens"] / 1e6),
+                        "cpu_per_kreq": r["cpu"] / (r["sent_requests"] / 1e3),
+                        "requests": r["requests"], "sent_requests": r["sent_requests"],
+                        "sent_tokens": r["sent_tokens"],
+                    }
+                row["ours"].update(
+                    tokens=ours["tokens"], chunk_tokens=ours["chunk_tokens"], client_bound=ours["client_bound"],
+                    reason=ours["reason"], loop_lag_p99_ms=ours["loop_lag_p99_ms"], errors=ours["errors"],
+                )
+                row["ratio"] = row["ours"]["cpu_per_mtok"] / row["floor"]["cpu_per_mtok"]
+                row["ratio_protocol"] = row["ours"]["cpu_per_mtok"] / row["protocol-floor"]["cpu_per_mtok"]
                 row["counts_match"] = (
-                    ours["requests"] == ours["sent_requests"] == requests
-                    and ours["tokens"] == ours["chunk_tokens"] == ours["sent_tokens"] == requests * osl
-                    and floor["requests"] == floor["sent_requests"] == requests
+                    all(res[kind]["requests"] == res[kind]["sent_requests"] == requests for kind in KINDS)
+                    and ours["tokens"] == ours["chunk_tokens"] == ours["sent_tokens"] == requests * per_request * k
+                    and res["ours-asyncio"]["tokens"] == res["ours-asyncio"]["sent_tokens"]
                 )
                 rows.append(row)
-                print(f"  streams={streams} tokens/event={k}: ours {ours['cpu']:.2f} CPU-s in {ours['wall']:.1f} s, "
-                      f"floor {floor['cpu']:.2f} CPU-s in {floor['wall']:.1f} s", flush=True)
+                print(f"  streams={streams} tokens/event={k}: " + ", ".join(
+                    f"{kind} {res[kind]['cpu']:.2f} CPU-s in {res[kind]['wall']:.1f} s" for kind in KINDS), flush=True)
 
     print()
-    header = ("streams", "tok/event", "ours CPU-s/Mtok", "floor CPU-s/Mtok", "ours/floor",
-              "ours CPU-s/1k req", "floor CPU-s/1k req", "requests (counted/sent)",
-              "tokens (counted/sent)", "ours CPU %", "client-bound")
+    header = ("streams", "tok/event", "ours CPU-s/Mtok", "ours on asyncio loop", "floor (aiohttp)",
+              "ours/floor", "protocol floor", "ours/protocol floor", "ours CPU-s/1k req",
+              "requests (counted/sent)", "tokens (counted/sent)", "ours CPU %", "client-bound")
     lines = []
     for r in rows:
+        o = r["ours"]
         lines.append((
             str(r["streams"]), str(r["tokens_per_event"]),
-            f"{r['ours_cpu_per_mtok']:.1f}", f"{r['floor_cpu_per_mtok']:.1f}", f"{r['ratio']:.2f}",
-            f"{r['ours_cpu_per_kreq']:.2f}", f"{r['floor_cpu_per_kreq']:.2f}",
-            f"{r['ours_requests']}/{r['sent_requests']}",
-            f"{r['ours_tokens']}/{r['sent_tokens']}",
-            f"{100 * r['ours_cpu_s'] / r['ours_wall_s']:.0f}%",
-            "yes" if r["ours_client_bound"] else "no",
+            f"{o['cpu_per_mtok']:.1f}", f"{r['ours-asyncio']['cpu_per_mtok']:.1f}",
+            f"{r['floor']['cpu_per_mtok']:.1f}", f"{r['ratio']:.2f}",
+            f"{r['protocol-floor']['cpu_per_mtok']:.1f}", f"{r['ratio_protocol']:.2f}",
+            f"{o['cpu_per_kreq']:.2f}",
+            f"{o['requests']}/{o['sent_requests']}", f"{o['tokens']}/{o['sent_tokens']}",
+            f"{100 * o['cpu_s'] / o['wall_s']:.0f}%",
+            "yes" if o["client_bound"] else "no",
         ))
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
     print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
@@ -360,8 +426,8 @@ def main() -> None:
         print("| " + " | ".join(c.rjust(w) for c, w in zip(line, widths)) + " |")
     bad = [r for r in rows if not r["counts_match"]]
     for r in rows:
-        if r["ours_client_bound"]:
-            print(f"  streams={r['streams']} tok/event={r['tokens_per_event']}: {r['ours_reason']}")
+        if r["ours"]["client_bound"]:
+            print(f"  streams={r['streams']} tok/event={r['tokens_per_event']}: {r['ours']['reason']}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     if bad:
@@ -375,7 +441,15 @@ if __name__ == "__main__":
         serve(Path(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))
     elif len(sys.argv) > 1 and sys.argv[1] == "_client":
         sys.path.insert(0, str(REPO))
-        fn = client_ours if sys.argv[2] == "ours" else client_floor
-        print(json.dumps(fn(sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]))))
+        kind, rest = sys.argv[2], (sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]))
+        if kind == "ours":
+            out = client_ours(*rest)
+        elif kind == "ours-asyncio":
+            out = client_ours(*rest, loop="asyncio")
+        elif kind == "floor":
+            out = client_floor(*rest)
+        else:
+            out = client_protocol_floor(*rest)
+        print(json.dumps(out))
     else:
         main()

@@ -81,11 +81,13 @@ class SSEDecoder:
 
     def feed(self, data: bytes, t: float) -> None:
         self.last_time = t
-        if not self._buf and data[-2:] == b"\n\n" and data[:6] == b"data: " and data.find(b"\n") == len(data) - 2:
+        if (
+            not self._buf and data.startswith(b"data: ") and data.find(b"\n") == len(data) - 2
+            and data.endswith(b"\n\n") and b"\r" not in data
+        ):
             # the common case, worth its own path: exactly one single-line event
-            if b"\r" not in data:
-                self.sink.on_event(data[6:-2], t)
-                return
+            self.sink.on_event(data[6:-2], t)
+            return
         buf = self._buf + data if self._buf else data
         if b"\r" in buf:
             # rare: normalise CRLF and CR to LF, keeping a trailing CR that may be
