@@ -98,6 +98,7 @@ class ClientStats:
     wall_seconds: float = 0.0
     threshold: float = DEFAULT_LAG_THRESHOLD
     send_lag_reference: str = ""  # what send lag was measured from (closed / open loop)
+    workers: int = 1  # processes the load ran in (CPU is their sum; loop lag is every loop's samples)
 
     @property
     def cpu_utilisation(self) -> float | None:
@@ -130,6 +131,8 @@ class ClientStats:
             return None
         cpu = self.cpu_utilisation
         tail = f"; client CPU {cpu:.0%} of a core" if cpu is not None else ""
+        if self.workers > 1:
+            tail += f" over {self.workers} worker processes"
         return "client-bound: " + "; ".join(reasons) + tail
 
     def to_dict(self) -> dict[str, Any]:
@@ -145,4 +148,5 @@ class ClientStats:
             "cpu_seconds": round(self.cpu_seconds, 6),
             "wall_seconds": round(self.wall_seconds, 6),
             "cpu_utilisation": None if cpu is None else round(cpu, 4),
+            "workers": self.workers,
         }

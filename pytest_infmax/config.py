@@ -255,6 +255,9 @@ SETTINGS: tuple[Setting, ...] = (
             "before each run but the first (fresh starts); metrics pool the runs, the regression gate "
             "compares all N with the baseline history and --infmax-save stores all N "
             "(@pytest.mark.infmax_repeat(N) per test)", 1, _repeat, "N"),
+    Setting("workers", "processes the load generator spreads each run's streams over, each with its own "
+            "event loop; 1 (the default) keeps up with tens of thousands of events/s, see "
+            "docs/load-generator.md", 1, _positive_int, "N"),
     Setting("min_effect", "smallest change that counts as a regression, e.g. 5%", 0.05, _fraction, "PCT"),
     Setting("gates", "metrics the regression gate compares, e.g. 'p50(tpot), p99(ttft), throughput_per_gpu'",
             None, metavar="LIST"),
@@ -283,6 +286,9 @@ class Settings:
                                                                    if v["gates"] else {}))
         except (ValueError, TypeError) as exc:
             raise SettingError(f"{self.sources['gates']} = {v['gates']!r} is not valid: {exc}") from None
+        if v["sequential"] and v["workers"] > 1:
+            raise SettingError(f"{self.sources['sequential']} stops a run from its records as they arrive, which "
+                               f"needs one load process; {self.sources['workers']} = {v['workers']} (use 1)")
         if v["sequential"]:
             from .compare import Gate
 

@@ -38,6 +38,7 @@ import numpy as np
 from .clientstats import DEFAULT_LAG_THRESHOLD, ClientStats, LoopLagMonitor
 from .records import ErrorKind, RequestRecord, TokenSource
 from .scenarios import Endpoint, PlannedRequest, Scenario, plan_request, request_body
+from .workers import Shard, run_sharded, share
 from .streamclient import (
     DEFAULT_MAX_EVENT_BYTES,
     ConnectionPool,
@@ -120,6 +121,8 @@ class LoadConfig:
     extra_body: dict[str, Any] = field(default_factory=dict)
     # a run is client-bound when event-loop lag p99 or send lag p99 exceeds this (seconds)
     client_lag_threshold: float = DEFAULT_LAG_THRESHOLD
+    # processes the load is spread over, each with its own event loop (pytest_infmax.workers)
+    workers: int = 1
 
     def __post_init__(self) -> None:
         if (self.concurrency is None) == (self.rate is None):
@@ -145,6 +148,14 @@ class LoadConfig:
         if not self.client_lag_threshold > 0:
             raise LoadConfigError(
                 f"client_lag_threshold must be > 0 seconds, got {self.client_lag_threshold}"
+            )
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise LoadConfigError(f"workers must be a whole number >= 1, got {self.workers!r}")
+        width = self.concurrency or self.max_concurrency
+        if self.workers > 1 and width is not None and self.workers > width:
+            raise LoadConfigError(
+                f"workers={self.workers} is more than the {width} concurrent streams to spread over them; "
+                "give at most one worker per stream"
             )
         if self.rate is not None and self.num_requests is None and self.duration is None:
             raise LoadConfigError(
@@ -190,6 +201,7 @@ class LoadConfig:
             "request_timeout": self.request_timeout,
             "seed": self.seed,
             "extra_body": self.extra_body,
+            "workers": self.workers,
         }
 
 
@@ -374,6 +386,7 @@ class LoadGenerator:
     def __init__(self, base_url: str, model: str, api_key: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.model = model
+        self._api_key = api_key
         self._headers: dict[str, str] = {}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
@@ -386,13 +399,25 @@ class LoadGenerator:
         config: LoadConfig,
         on_record: Callable[[RequestRecord], None] | None = None,
         stop: Callable[[], bool] | None = None,
+        *,
+        shard: Shard | None = None,
     ) -> RunRecords:
         """Run warm-up then the measured phase; return every record.
 
         ``stop`` is asked before each measured request is sent: once it answers
         True no new request starts (those in flight finish). Sequential
         comparisons use it to end a run whose verdict is settled.
+
+        With ``config.workers > 1`` the load is spread over worker processes
+        (``pytest_infmax.workers``), each running its ``shard`` of it here.
         """
+        if config.workers > 1 and shard is None:
+            if stop is not None:
+                raise LoadConfigError(
+                    "a run that can stop early (sequential comparison) needs workers=1; "
+                    f"got workers={config.workers}"
+                )
+            return await run_sharded(self.base_url, self.model, self._api_key, config, on_record)
         clock_origin, epoch_origin = time.perf_counter(), time.time()
         records: list[RequestRecord] = []
 
@@ -401,29 +426,39 @@ class LoadGenerator:
             if on_record is not None:
                 on_record(rec)
 
-        width = config.concurrency or config.max_concurrency or 0
+        # this process's part of the load: all of it, or shard k of n
+        k, n = (shard.index, shard.count) if shard is not None else (0, 1)
+        concurrency = None if config.concurrency is None else share(config.concurrency, k, n)
+        max_concurrency = None if config.max_concurrency is None else share(config.max_concurrency, k, n)
+        num_requests = config.effective_num_requests
+        if num_requests is not None and config.concurrency is not None:
+            num_requests = share(num_requests, k, n)
+        width = concurrency or max_concurrency or 0
         url = self._url(config.scenario.endpoint)
         pool = ConnectionPool(url, connect_timeout=min(30.0, config.request_timeout))
         sender = _Sender(pool, urlsplit(url).path, self._headers, self.model, config)
         monitor = LoopLagMonitor()
         monitor.start()
         try:
-            warmup = config.effective_warmup
-            index = itertools.count()
+            warmup = share(config.effective_warmup, k, n)
+            index = itertools.count(k, n)
             if warmup:
                 await self._closed_loop(sender, min(width or warmup, warmup), warmup, None, index, True, keep)
             # warm connections: the measured phase pays no TCP handshakes (open loop:
             # as many as max_concurrency allows, else a first batch)
             await pool.prefill(min(width or 64, 4096))
-            measured_start = time.perf_counter()
+            if shard is not None:  # every shard starts its measured phase at one instant
+                measured_start = await shard.start_time()
+                await asyncio.sleep(max(0.0, measured_start - time.perf_counter()))
+            else:
+                measured_start = time.perf_counter()
             cpu_start = time.process_time()
-            if config.concurrency is not None:
+            if concurrency is not None:
                 await self._closed_loop(
-                    sender, config.concurrency, config.effective_num_requests, config.duration,
-                    index, False, keep, stop,
+                    sender, concurrency, num_requests, config.duration, index, False, keep, stop,
                 )
             else:
-                await self._open_loop(sender, index, keep, stop)
+                await self._open_loop(sender, measured_start, config.effective_warmup, (k, n), keep, stop)
             measured_end = time.perf_counter()
             cpu_end = time.process_time()
         finally:
@@ -482,10 +517,14 @@ class LoadGenerator:
     async def _open_loop(
         self,
         sender: _Sender,
-        index: itertools.count[int],
+        start: float,
+        first_index: int,
+        part: tuple[int, int],
         keep: Callable[[RequestRecord], None],
         stop: Callable[[], bool] | None = None,
     ) -> None:
+        """Arrivals from the schedule; with ``part=(k, n)`` only every n-th one, from the k-th
+        (every shard computes the same schedule, so together they send exactly it)."""
         config = sender.config
         assert config.rate is not None
         rng = np.random.default_rng([config.seed, 0x0A77])
@@ -494,8 +533,9 @@ class LoadGenerator:
             assert config.duration is not None
             n = max(1, math.ceil(config.rate * config.duration * 2 + 10)) if not math.isinf(config.rate) else 1
         offsets = arrival_offsets(n, config.rate, config.burstiness, rng)
-        gate = asyncio.Semaphore(config.max_concurrency) if config.max_concurrency else None
-        start = time.perf_counter()
+        k, count = part
+        width = config.max_concurrency and share(config.max_concurrency, k, count)
+        gate = asyncio.Semaphore(width) if width else None
         tasks: list[asyncio.Task[None]] = []
 
         async def fire(plan: PlannedRequest, scheduled: float) -> None:
@@ -507,7 +547,8 @@ class LoadGenerator:
                 keep(await sender.one(plan, False, scheduled, ready))
 
         try:
-            for offset in offsets:
+            for j in range(k, len(offsets), count):
+                offset = offsets[j]
                 if config.duration is not None and offset >= config.duration:
                     break
                 if stop is not None and stop():
@@ -516,7 +557,7 @@ class LoadGenerator:
                 delay = scheduled - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                plan = plan_request(config.scenario, next(index), config.seed)
+                plan = plan_request(config.scenario, first_index + j, config.seed)
                 tasks.append(asyncio.ensure_future(fire(plan, scheduled)))
             await _gather_cancelling(tasks)
         finally:

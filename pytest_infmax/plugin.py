@@ -233,6 +233,7 @@ def infmax(request: pytest.FixtureRequest, infmax_server: Server, infmax_server_
         energy=settings["energy"],
         repeat=_repeat(request.node, settings),
         restart=infmax_server_pool.restart,
+        workers=settings["workers"],
         **_price_options(request.node, settings),
     )
 

@@ -52,12 +52,14 @@ class Infmax:
         server_metrics_interval: float = 1.0,
         repeat: int = 1,
         restart: Callable[[Server], Server] | None = None,
+        workers: int = 1,
     ) -> None:
         self.server = server
         # --infmax-repeat: runs per run() / sweep point, the server restarted (a fresh start) between them
         self.repeat = repeat_count(repeat)
         self._restart = restart or restart_server  # (server) -> the same server, started afresh
         self.name = name
+        self.workers = workers  # load-generator processes per run (LoadConfig.workers)
         self.percentiles = tuple(percentiles)
         self.request_timeout = request_timeout
         self.results: list[LoadResult] = []
@@ -87,7 +89,8 @@ class Infmax:
         ``warmup``, ``endpoint`` ("completions" or "chat"), ``sla``,
         ``goodput``, ``seed``, ``extra_body``, ``request_timeout``, ``name``,
         ``repeat`` (runs of this load, each on a fresh server start; default
-        ``--infmax-repeat``): the result pools their requests and keeps each run.
+        ``--infmax-repeat``): the result pools their requests and keeps each run;
+        ``workers`` (load-generator processes; default ``--infmax-workers``).
 
         SLA expressions and goodput limits are validated before any request is
         sent. If an SLA fails, the result is still recorded for the reports
@@ -152,6 +155,7 @@ class Infmax:
         request_timeout: float | None = None,
         name: str | None = None,
         repeat: int | None = None,
+        workers: int | None = None,
     ) -> _Plan:
         """Validate every argument before any request is sent."""
         try:
@@ -174,6 +178,8 @@ class Infmax:
             request_timeout=request_timeout or self.request_timeout,
             seed=seed,
             extra_body=dict(extra_body or {}),
+            # the session's --infmax-workers never exceeds a level's streams (a sweep's c=1 runs in one)
+            workers=min(self.workers, concurrency or max_concurrency or self.workers) if workers is None else workers,
         )
         goodput_limits = sla_obj.goodput if sla_obj is not None else _as_goodput(goodput)
         return _Plan(config, sla_obj, goodput_limits, name or self.name, runs)
@@ -214,7 +220,7 @@ class Infmax:
             total = (plan.config.effective_num_requests or 0) + plan.config.effective_warmup or None
             watchers.append(Progress(self._progress, plan.name, plan.config.label, total).on_record)
         seq = (self._sequential(plan.name, plan.config.effective_num_requests)
-               if self._sequential and sequential else None)
+               if self._sequential and sequential and plan.config.workers == 1 else None)
         if seq is not None:
             watchers.append(_feed_sequential(seq))
 

@@ -1,0 +1,294 @@
+"""Load spread over worker processes (``LoadConfig(workers=N)``).
+
+One asyncio loop on one core runs out at some tens of thousands of SSE events
+per second (docs/load-generator.md). Past that, ``workers=N`` starts N
+processes, each running ``LoadGenerator.run`` on its own event loop over a
+shard of the load, and merges their records:
+
+* closed loop: the streams, warm-up and request count are split as evenly as
+  possible; shard ``k`` takes request indices ``k, k+N, k+2N, ...``, so every
+  request's content (which depends only on seed and index) is one the
+  single-process run could have sent;
+* open loop: every shard computes the same arrival schedule and takes every
+  N-th arrival, so the merged arrivals are exactly the single-process schedule.
+
+Every shard warms up and opens its connections first; the parent then gives
+them one common start time (``perf_counter`` is the system-wide monotonic clock
+on Linux and macOS, so it means the same instant in every process), which is
+the merged run's measured start.
+
+Workers are ``python -c "...workers.main()"`` subprocesses talking JSON lines
+over stdin/stdout (nothing is pickled; the API key travels in the environment,
+never on a command line). A worker whose stdin closes (its parent died) stops;
+a parent that is cancelled or fails kills its workers before it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from .clientstats import ClientStats
+from .records import RequestRecord
+from .scenarios import Scenario
+
+_API_KEY_ENV = "INFMAX_WORKER_API_KEY"
+_FLUSH_SECONDS = 0.25  # how often a worker sends the records it finished
+_START_MARGIN = 0.02  # seconds between the start message and the common start
+_LINE_LIMIT = 1 << 28  # one batch of records per line
+
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder().decode
+
+
+class WorkerError(RuntimeError):
+    """A load worker process failed; the message says which and why."""
+
+
+def share(total: int, k: int, n: int) -> int:
+    """Shard ``k``'s part of ``total`` when split as evenly as possible over ``n``."""
+    return total // n + (1 if k < total % n else 0)
+
+
+def config_to_json(config: Any) -> dict[str, Any]:
+    """A LoadConfig as the JSON a worker rebuilds it from (exact, unlike ``to_dict``)."""
+    return {
+        "scenario": config.scenario.to_dict(),
+        "concurrency": config.concurrency,
+        "rate": None if config.rate is None else ("inf" if config.rate == float("inf") else config.rate),
+        "burstiness": config.burstiness,
+        "max_concurrency": config.max_concurrency,
+        "num_requests": config.num_requests,
+        "duration": config.duration,
+        "warmup": config.warmup,
+        "request_timeout": config.request_timeout,
+        "seed": config.seed,
+        "extra_body": config.extra_body,
+        "client_lag_threshold": config.client_lag_threshold,
+        "workers": config.workers,
+    }
+
+
+def config_from_json(d: dict[str, Any]) -> Any:
+    from .load import LoadConfig
+
+    d = dict(d)
+    d["scenario"] = Scenario(**d["scenario"])
+    if d.get("rate") == "inf":
+        d["rate"] = float("inf")
+    return LoadConfig(**d)
+
+
+class Shard:
+    """What one worker process runs: its part of the load, and the common start."""
+
+    def __init__(self, index: int, count: int, wait_start: Callable[[], Any]) -> None:
+        self.index = index
+        self.count = count
+        self._wait_start = wait_start  # async () -> the common start (perf_counter seconds)
+
+    async def start_time(self) -> float:
+        return float(await self._wait_start())
+
+
+async def run_sharded(
+    base_url: str,
+    model: str,
+    api_key: str | None,
+    config: Any,
+    on_record: Callable[[RequestRecord], None] | None = None,
+) -> Any:
+    """Run ``config`` over ``config.workers`` processes; merged ``RunRecords``."""
+    from .load import RunRecords
+
+    n = config.workers
+    env = dict(os.environ)
+    env.pop(_API_KEY_ENV, None)
+    if api_key:
+        env[_API_KEY_ENV] = api_key
+    procs: list[asyncio.subprocess.Process] = []
+    clock_origin, epoch_origin = time.perf_counter(), time.time()
+    try:
+        for k in range(n):
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", "from pytest_infmax.workers import main; main()",
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                env=env, limit=_LINE_LIMIT,
+            )
+            procs.append(proc)
+            assert proc.stdin is not None
+            proc.stdin.write(_encode({
+                "base_url": base_url, "model": model, "config": config_to_json(config), "shard": [k, n],
+            }) + b"\n")
+            await proc.stdin.drain()
+
+        records: list[RequestRecord] = []
+        results: list[dict[str, Any] | None] = [None] * n
+        ready = [asyncio.get_running_loop().create_future() for _ in range(n)]
+
+        async def follow(k: int, proc: asyncio.subprocess.Process) -> None:
+            assert proc.stdout is not None
+            while True:
+                line = await proc.stdout.readline()
+                if not line:
+                    code = await proc.wait()
+                    raise WorkerError(
+                        f"load worker {k} of {n} exited with status {code} before its run ended "
+                        "(its error, if any, is on stderr above)"
+                    )
+                msg = _decode(line)
+                kind = msg.get("kind")
+                if kind == "ready":
+                    ready[k].set_result(None)
+                elif kind == "records":
+                    for d in msg["records"]:
+                        rec = RequestRecord.from_dict(d)
+                        records.append(rec)
+                        if on_record is not None:
+                            on_record(rec)
+                elif kind == "done":
+                    results[k] = msg
+                    return
+                elif kind == "error":
+                    raise WorkerError(f"load worker {k} of {n} failed: {msg.get('message')}")
+
+        followers = [asyncio.ensure_future(follow(k, p)) for k, p in enumerate(procs)]
+        try:
+            # every shard warmed up and connected: one start for all
+            waiting = asyncio.ensure_future(asyncio.gather(*ready))
+            while not waiting.done():
+                await asyncio.wait([waiting, *followers], return_when=asyncio.FIRST_COMPLETED)
+                for f in followers:
+                    if f.done() and not waiting.done():
+                        waiting.cancel()
+                        f.result()  # the worker's error
+                        raise WorkerError("a load worker ended before the common start")
+            start_at = time.perf_counter() + _START_MARGIN
+            for proc in procs:
+                assert proc.stdin is not None
+                proc.stdin.write(_encode({"kind": "start", "at": start_at}) + b"\n")
+                await proc.stdin.drain()
+            await asyncio.gather(*followers)
+        finally:
+            for f in followers:
+                f.cancel()
+            await asyncio.gather(*followers, return_exceptions=True)
+    finally:
+        for proc in procs:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(proc.wait(), 10)
+
+    records.sort(key=lambda r: r.index)
+    parts = [r for r in results if r is not None]
+    measured_start = min(p["measured_start"] for p in parts)
+    measured_end = max(p["measured_end"] for p in parts)
+    stats = [p["client"] for p in parts]
+    client = ClientStats(
+        send_lags=[lag for r in records if not r.warmup and (lag := r.send_lag) is not None],
+        loop_lags=[x for s in stats for x in s["loop_lags"]],
+        loop_lag_interval=stats[0]["loop_lag_interval"],
+        cpu_seconds=sum(s["cpu_seconds"] for s in stats),
+        wall_seconds=measured_end - measured_start,
+        threshold=config.client_lag_threshold,
+        send_lag_reference=stats[0]["send_lag_reference"],
+        workers=n,
+    )
+    return RunRecords(records, clock_origin, epoch_origin, measured_start, measured_end, client)
+
+
+# -- the worker process ---------------------------------------------------------------
+
+
+async def _worker(stdin: asyncio.StreamReader, out: Callable[[dict[str, Any]], None]) -> None:
+    from .load import LoadGenerator
+
+    job = _decode(await stdin.readline())
+    config = config_from_json(job["config"])
+    k, n = job["shard"]
+    pending: list[dict[str, Any]] = []
+
+    def flush() -> None:
+        if pending:
+            out({"kind": "records", "records": list(pending)})
+            pending.clear()
+
+    run_task: asyncio.Future[Any] | None = None
+
+    async def watch_parent() -> None:
+        # stdin closes when the parent dies: stop rather than load a server for nobody
+        await stdin.read()
+        if run_task is not None:
+            run_task.cancel()
+
+    async def wait_start() -> float:
+        out({"kind": "ready"})
+        line = await stdin.readline()
+        if not line:
+            raise WorkerError("the parent closed the pipe before the common start")
+        asyncio.ensure_future(watch_parent())
+        return float(_decode(line)["at"])
+
+    async def flusher() -> None:
+        while True:
+            await asyncio.sleep(_FLUSH_SECONDS)
+            flush()
+
+    generator = LoadGenerator(job["base_url"], job["model"], os.environ.get(_API_KEY_ENV))
+    ticking = asyncio.ensure_future(flusher())
+    try:
+        run_task = asyncio.ensure_future(generator.run(
+            config, on_record=lambda r: pending.append(r.to_dict()), shard=Shard(k, n, wait_start),
+        ))
+        run = await run_task
+    finally:
+        ticking.cancel()
+    flush()
+    client = run.client
+    assert client is not None
+    out({
+        "kind": "done",
+        "measured_start": run.measured_start,
+        "measured_end": run.measured_end,
+        "client": {
+            "loop_lags": client.loop_lags,
+            "loop_lag_interval": client.loop_lag_interval,
+            "cpu_seconds": client.cpu_seconds,
+            "send_lag_reference": client.send_lag_reference,
+        },
+    })
+
+
+def main() -> None:
+    from .load import run_coroutine
+
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        stdin = asyncio.StreamReader(limit=_LINE_LIMIT)
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
+        stdout = sys.stdout.buffer
+
+        def out(msg: dict[str, Any]) -> None:
+            stdout.write(_encode(msg) + b"\n")
+            stdout.flush()
+
+        try:
+            await _worker(stdin, out)
+        except Exception as exc:  # reported to the parent, which raises it as a WorkerError
+            out({"kind": "error", "message": f"{type(exc).__name__}: {exc}"})
+            raise SystemExit(1) from None
+
+    run_coroutine(go())
+
+
+if __name__ == "__main__":
+    main()
