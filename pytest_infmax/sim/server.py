@@ -975,14 +975,15 @@ def _query_flag(request: web.Request, name: str) -> bool:
 
 
 async def handle_trace(request: web.Request) -> web.Response:
-    """``GET /sim/trace[?since=SEQ][&clear=1]``: finished requests, oldest first."""
+    """``GET /sim/trace[?since=N][&clear=1]``: finished requests in the order they were
+    recorded; ``since`` and ``next_since`` count that order (``commit_seq``), not arrival."""
     since_text = request.query.get("since")
     since: int | None = None
     if since_text is not None:
         try:
             since = int(since_text)
         except ValueError:
-            message = f"'since': expected an integer sequence number, got {since_text!r}"
+            message = f"'since': expected an integer (a previous next_since), got {since_text!r}"
             raise ApiError(400, message, param="since") from None
     clear = _query_flag(request, "clear")
     snapshot = request.app[OBS_KEY].traces.snapshot(since, clear)

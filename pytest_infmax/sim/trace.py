@@ -56,6 +56,7 @@ class RequestTrace:
 
     __slots__ = (
         "seq",
+        "commit_seq",
         "response_id",
         "x_request_id",
         "endpoint",
@@ -80,7 +81,8 @@ class RequestTrace:
     )
 
     def __init__(self, seq: int, endpoint: str, arrival: float, x_request_id: str | None) -> None:
-        self.seq = seq
+        self.seq = seq  # arrival order
+        self.commit_seq: int | None = None  # order of recording (what ?since= counts), set by commit
         self.endpoint = endpoint
         self.arrival = arrival
         self.x_request_id = x_request_id
@@ -116,6 +118,7 @@ class RequestTrace:
         offset = clock.wall_offset
         return {
             "seq": self.seq,
+            "commit_seq": self.commit_seq,
             "id": self.response_id,
             "x_request_id": self.x_request_id,
             "endpoint": self.endpoint,
@@ -159,6 +162,7 @@ class TraceLog:
         self._path = path
         self._file: IO[str] | None = None
         self._next_seq = 0
+        self._next_commit_seq = 0
         self._open: dict[int, RequestTrace] = {}
 
     def open_file(self) -> None:
@@ -184,6 +188,8 @@ class TraceLog:
         if trace.committed:
             return False
         trace.committed = True
+        trace.commit_seq = self._next_commit_seq
+        self._next_commit_seq += 1
         self._open.pop(trace.seq, None)
         if self.capacity:
             if len(self._ring) == self._ring.maxlen:
@@ -201,11 +207,24 @@ class TraceLog:
             self.commit(trace)
 
     def snapshot(self, since: int | None = None, clear: bool = False) -> dict[str, Any]:
-        """The buffer as JSON: traces with ``seq > since`` (all when None)."""
-        traces = [t for t in self._ring if since is None or t.seq > since] if self.capacity else []
+        """The buffer as JSON: traces recorded after the one whose ``commit_seq`` is
+        ``since`` (all when None), in the order they were recorded.
+
+        ``since`` and ``next_since`` count in recording order (``commit_seq``), not in
+        arrival order (``seq``): requests end out of arrival order, and a cursor in
+        arrival order would skip a request that ends after a later-arriving one.
+        ``next_since`` is the last recorded trace's ``commit_seq`` (-1 before any),
+        so a poll with it returns exactly what was recorded since."""
+        traces = [t for t in self._ring if since is None or t.commit_seq > since] if self.capacity else []  # type: ignore[operator]
+        if traces:
+            next_since: int | None = traces[-1].commit_seq
+        elif since is None:
+            next_since = self._next_commit_seq - 1
+        else:
+            next_since = since
         body = {
             "requests": [t.to_dict(self.clock) for t in traces],
-            "next_since": traces[-1].seq if traces else since,
+            "next_since": next_since,
             "capacity": self.capacity,
             "dropped": self._dropped,
             "open": len(self._open),
