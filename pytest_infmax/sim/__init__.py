@@ -57,9 +57,58 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--seed", type=int, default=0, help="seed of the deterministic output text")
 
     _add_engine_arguments(parser)
+    _add_noise_arguments(parser)
     _add_fault_arguments(parser)
     _add_observability_arguments(parser)
     return parser
+
+
+def _stall_ms(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(part) for part in text.replace(":", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH milliseconds (e.g. 5,30), got {text!r}") from None
+    return low, high
+
+
+def _add_noise_arguments(parser: argparse.ArgumentParser) -> None:
+    """Timing noise (pytest_infmax.sim.noise and docs/simulator.md); all off by default."""
+    noise = parser.add_argument_group(
+        "noise", "timing noise on every step's cost, off by default: a per-start factor drawn from fresh OS "
+        "entropy at each start (not from --seed), and per-step jitter (pytest_infmax.sim.noise)"
+    )
+    noise.add_argument("--start-jitter", type=float, default=0.0, metavar="SD",
+                       help="per-start factor on every step's cost, lognormal with this sd (0.02: 2%%; default: 0)")
+    noise.add_argument("--prefill-start-jitter", type=float, default=0.0, metavar="SD",
+                       help="a further per-start factor on the prefill part of each step (default: 0)")
+    noise.add_argument("--step-jitter", type=float, default=0.0, metavar="SD",
+                       help="per-step lognormal multiplier with this sd (default: 0)")
+    noise.add_argument("--step-drift", type=float, default=0.0, metavar="SD",
+                       help="slow drift of step costs: AR(1) on the log scale with this sd (default: 0)")
+    noise.add_argument("--step-drift-steps", type=float, default=200.0, metavar="N",
+                       help="memory of --step-drift, in steps (default: %(default)g)")
+    noise.add_argument("--stall-rate", type=float, default=0.0, metavar="P",
+                       help="chance per step of a stall of --stall-ms added to it (default: 0)")
+    noise.add_argument("--stall-ms", type=_stall_ms, default=(5.0, 30.0), metavar="LOW,HIGH",
+                       help="stall length, uniform in [LOW, HIGH] ms (default: 5,30)")
+    noise.add_argument("--start-seed", type=int, metavar="N",
+                       help="seed the per-start factors and the per-step noise (default: fresh OS entropy "
+                       "at each start, which the start-up log line and /sim/stats show)")
+
+
+def _noise_config(args: argparse.Namespace) -> Any:
+    from pytest_infmax.sim.noise import NoiseConfig
+
+    return NoiseConfig(
+        start_jitter=args.start_jitter,
+        prefill_start_jitter=args.prefill_start_jitter,
+        step_jitter=args.step_jitter,
+        step_drift=args.step_drift,
+        step_drift_steps=args.step_drift_steps,
+        stall_rate=args.stall_rate,
+        stall_ms=tuple(args.stall_ms),
+        start_seed=args.start_seed,
+    )
 
 
 def _add_fault_arguments(parser: argparse.ArgumentParser) -> None:
@@ -231,6 +280,12 @@ def _engine_and_cost_model(args: argparse.Namespace) -> dict[str, Any]:
     engine = EngineConfig(
         **limits, block_size=args.block_size, slowdown=args.slowdown, stream_interval=args.stream_interval
     )
+    from pytest_infmax.sim.noise import noise_of, with_noise
+
+    cost_model = with_noise(cost_model, _noise_config(args))  # this start's factors are drawn here
+    noise = noise_of(cost_model)
+    if noise is not None:
+        logger.info("%s", noise.log_line())
     return {"engine": engine, "cost_model": cost_model}
 
 

@@ -68,6 +68,7 @@ from pytest_infmax.sim.faults import (
 )
 from pytest_infmax.sim.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from pytest_infmax.sim.metrics import SimMetrics
+from pytest_infmax.sim.noise import noise_of
 from pytest_infmax.sim.trace import (
     ABORTED,
     CANCELLED,
@@ -962,7 +963,11 @@ async def handle_power(request: web.Request) -> web.Response:
 
 async def handle_stats(request: web.Request) -> web.Response:
     stats = request.app[ENGINE_KEY].stats()
-    return web.json_response(asdict(stats), dumps=_encode_json)
+    body = asdict(stats)
+    noise = noise_of(request.app[CONFIG_KEY].cost_model)
+    if noise is not None:  # this start's drawn factors (--start-jitter and friends)
+        body["noise"] = noise.describe()
+    return web.json_response(body, dumps=_encode_json)
 
 
 def _query_flag(request: web.Request, name: str) -> bool:
