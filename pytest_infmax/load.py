@@ -295,14 +295,18 @@ class ResponseAccumulator:
                 f"{self.rec.requested_output_tokens}; an endless stream, ended by the client",
             )
         try:
-            chunk = _decode_chunk(data)  # also rejects invalid UTF-8
+            chunk = _decode_chunk(data)
         except msgspec.ValidationError as exc:
             raise StreamError(ErrorKind.PROTOCOL, f"unexpected SSE data ({exc}): {data[:120]!r}") from None
         except msgspec.DecodeError as exc:
             raise StreamError(ErrorKind.PROTOCOL, f"SSE data is not JSON ({exc}): {data[:120]!r}") from None
+        except UnicodeDecodeError as exc:  # in a string it decodes (skipped fields are not checked)
+            raise StreamError(ErrorKind.PROTOCOL, f"SSE data is not valid UTF-8 ({exc}): {data[:120]!r}") from None
         if chunk.error is not None:
             err = chunk.error
-            msg = err.get("message", err) if isinstance(err, dict) else err
+            msg = str(err.get("message", err) if isinstance(err, dict) else err)
+            if len(msg) > 500:  # kept in every record and report: the start says what it is
+                msg = f"{msg[:500]}... ({len(msg)} characters)"
             raise StreamError(ErrorKind.SERVER, f"server error in stream: {msg}")
         usage = chunk.usage
         choices = chunk.choices

@@ -18,10 +18,13 @@ the measured phase by ``ConnectionPool.prefill``), so the measured phase does no
 pay for TCP handshakes.
 
 Defences against a broken or hostile server, each ending only that request
-with a ``StreamError`` and bounded memory: an SSE event larger than
-``max_event_bytes``; an error body larger than that (truncated, not buffered);
-a malformed HTTP response; and (checked by the sink) more events than the
-request can produce. A stream that never ends is cut by the request timeout.
+with a ``StreamError`` and bounded memory (tests/test_hostile_server.py): an SSE
+event larger than ``max_event_bytes``; a status line and headers larger than
+``MAX_HEADER_BYTES``; an error (or JSON) body, read only as far as its message
+needs, so a huge or endless one ends the request at once; a body that is not an
+event stream (a line that is neither an SSE field nor a comment); a malformed
+HTTP response; and (checked by the sink) more events than the request can
+produce. A stream that never ends is cut by the request timeout.
 """
 
 from __future__ import annotations
@@ -43,6 +46,12 @@ from .records import ErrorKind
 DEFAULT_MAX_EVENT_BYTES = 1 << 20
 # Error bodies are kept only this far, for the message.
 _ERROR_BODY_BYTES = 4096
+# The status line and headers of a response, which httptools buffers whole, may not
+# exceed this (real servers send under 2 KiB; Node allows 16 KiB).
+MAX_HEADER_BYTES = 64 * 1024
+# The fields of the SSE spec; a line that is none of them (nor a comment) means the
+# body is not an event stream (an HTML page, NDJSON).
+_SSE_FIELDS = frozenset((b"data", b"event", b"id", b"retry"))
 
 
 class StreamError(Exception):
@@ -129,6 +138,12 @@ class SSEDecoder:
             name, _, value = line.partition(b":")
             if name == b"data":
                 data.append(value[1:] if value[:1] == b" " else value)
+            elif name not in _SSE_FIELDS:
+                raise StreamError(
+                    ErrorKind.PROTOCOL,
+                    "the body is not an SSE event stream: a line is neither a field (data, event, id, "
+                    f"retry) nor a comment: {line[:120]!r}",
+                )
         if data:
             self.sink.on_event(b"\n".join(data), t)
 
@@ -145,7 +160,7 @@ class _Exchange:
 
     __slots__ = (
         "future", "decoder", "status", "content_type", "framed", "error_body",
-        "error_body_bytes", "finished", "keep_alive", "streaming",
+        "error_body_bytes", "finished", "keep_alive", "streaming", "head_bytes",
     )
 
     def __init__(self, future: asyncio.Future[int], decoder: SSEDecoder) -> None:
@@ -159,6 +174,7 @@ class _Exchange:
         self.finished = False  # the HTTP message is complete
         self.keep_alive = False
         self.streaming = False  # a 200 event stream (not an error or JSON body)
+        self.head_bytes = 0  # bytes read before the headers were complete
 
 
 class StreamConnection(asyncio.Protocol):
@@ -186,6 +202,14 @@ class StreamConnection(asyncio.Protocol):
             return
         try:
             self.parser.feed_data(data)
+            if not ex.status:  # still in the status line or headers, which httptools buffers
+                ex.head_bytes += len(data)
+                if ex.head_bytes > MAX_HEADER_BYTES:
+                    raise StreamError(
+                        ErrorKind.PROTOCOL,
+                        f"the response's status line and headers exceeded {MAX_HEADER_BYTES} bytes "
+                        "without ending; the server is broken or hostile",
+                    )
         except StreamError as exc:
             self._fail(exc)
         except httptools.HttpParserCallbackError as exc:
@@ -252,6 +276,9 @@ class StreamConnection(asyncio.Protocol):
         if ex.error_body_bytes < _ERROR_BODY_BYTES:
             ex.error_body.append(body[: _ERROR_BODY_BYTES - ex.error_body_bytes])
         ex.error_body_bytes += len(body)
+        if ex.error_body_bytes >= _ERROR_BODY_BYTES:
+            # enough for the message: neither read nor wait for the rest (it may never end)
+            self._finish(ex)
 
     def on_message_complete(self) -> None:
         ex = self.exchange
