@@ -126,7 +126,7 @@ class SSEDecoder:
             raise StreamError(
                 ErrorKind.PROTOCOL,
                 f"an SSE event exceeded {self.max_event_bytes} bytes without ending; "
-                "the server's stream is malformed (or raise max_event_bytes)",
+                "the server's stream is malformed",
             )
         self._buf = rest
 
@@ -326,6 +326,8 @@ class StreamConnection(asyncio.Protocol):
     def _fail(self, exc: StreamError, close: bool = True) -> None:
         ex = self.exchange
         if ex is not None and not ex.future.done():
+            if exc.status is None and ex.status:
+                exc.status = ex.status  # the response had begun: the record keeps its status
             ex.future.set_exception(exc)
         if close:
             self._abort()
