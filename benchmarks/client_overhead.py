@@ -188,14 +188,14 @@ def serve(port_file: Path, tokens_per_event: int, tick: float) -> None:
 # -- the clients (each run in a subprocess of its own) ----------------------------
 
 
-def client_ours(url: str, streams: int, requests: int, osl: int, loop: str = "uvloop") -> dict:
+def client_ours(url: str, streams: int, requests: int, osl: int, loop: str = "uvloop", workers: int = 1) -> dict:
     os.environ["INFMAX_EVENT_LOOP"] = loop
     from pytest_infmax.load import LoadConfig, LoadGenerator, run_coroutine
     from pytest_infmax.scenarios import Scenario
 
     config = LoadConfig(
         Scenario("bench", ISL, osl, range_ratio=1.0), concurrency=streams,
-        num_requests=requests, warmup=0, request_timeout=120,
+        num_requests=requests, warmup=0, request_timeout=300, workers=workers,
     )
     gen = LoadGenerator(url, "bench")
     cpu0, t0 = time.process_time(), time.perf_counter()
@@ -211,6 +211,9 @@ def client_ours(url: str, streams: int, requests: int, osl: int, loop: str = "uv
         "errors": errors[:3],
         "client_bound": client.get("client_bound"), "reason": client.get("reason"),
         "loop_lag_p99_ms": client.get("loop_lag", {}).get("p99_ms"),
+        # the measured phase as the run saw it (with workers: every worker's CPU, summed)
+        "measured_wall": run.measured_end - run.measured_start,
+        "measured_cpu": client.get("cpu_seconds"),
     }
 
 
@@ -335,6 +338,33 @@ def _run_client(kind: str, base: str, streams: int, requests: int, osl: int) -> 
 KINDS = ("ours", "ours-asyncio", "floor", "protocol-floor")
 
 
+def workers_sweep(counts: list[int], streams: int, event_rate: float, osl: int) -> None:
+    """Tokens per second the client consumes from an emitter asked for more than one
+    process can read, with the load over 1..N worker processes."""
+    print(f"\nworkers: {streams} streams of {osl} one-token events, the emitter asked for "
+          f"{event_rate:g} events/s (more than one client process reads)")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmpdir:
+        proc, base = _start_emitter(Path(tmpdir), 1, streams / event_rate)
+        try:
+            for n in counts:
+                before = _get_stats(base)
+                r = _run_client(f"ours-w{n}", base + "/v1/completions", streams, streams * 2, osl)
+                after = _get_stats(base)
+                assert r["requests"] == after["requests"] - before["requests"] == streams * 2, r
+                rows.append((n, r["tokens"] / r["measured_wall"], r["measured_cpu"], r["measured_wall"],
+                             r["client_bound"]))
+                print(f"  workers={n}: {rows[-1][1]:,.0f} tok/s", flush=True)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=10)
+    print("\n| workers | tokens/s consumed | vs 1 worker | client CPU-s (all workers) | CPU % of one core | client-bound |")
+    print("|---|---|---|---|---|---|")
+    for n, rate, cpu, wall, bound in rows:
+        print(f"| {n} | {rate:,.0f} | {rate / rows[0][1]:.2f} | {cpu:.2f} | {100 * cpu / wall:.0f}% | "
+              f"{'yes' if bound else 'no'} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="shorter responses, fewer events (< 1.5 min)")
@@ -347,8 +377,16 @@ def main() -> None:
     p.add_argument("--events", type=int, default=None,
                    help="at least this many content events per measurement (default: 120k, --quick 25k)")
     p.add_argument("--json", type=Path, help="also write the rows here")
+    p.add_argument("--workers-sweep", type=int, nargs="+", metavar="N",
+                   help="instead: tokens/s consumed with the load over each of these worker counts")
+    p.add_argument("--sweep-event-rate", type=float, default=400_000.0,
+                   help="events/s the emitter is asked for in --workers-sweep (default: %(default)g)")
     args = p.parse_args()
     events = args.events or (25_000 if args.quick else 120_000)
+    if args.workers_sweep:
+        workers_sweep(args.workers_sweep, args.streams[-1], args.sweep_event_rate,
+                      args.tokens_per_request or (256 if args.quick else 1024))
+        return
     osl = args.tokens_per_request or (256 if args.quick else 1024)
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or platform.platform()}, "
@@ -444,6 +482,8 @@ if __name__ == "__main__":
         kind, rest = sys.argv[2], (sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]))
         if kind == "ours":
             out = client_ours(*rest)
+        elif kind.startswith("ours-w"):
+            out = client_ours(*rest, workers=int(kind[len("ours-w"):]))
         elif kind == "ours-asyncio":
             out = client_ours(*rest, loop="asyncio")
         elif kind == "floor":
