@@ -11,6 +11,9 @@ the usage event and ``[DONE]``. Against it, each in a client subprocess of its o
   timestamps, token accounting, the client's self-monitoring;
 * **ours, asyncio loop**: the same with ``INFMAX_EVENT_LOOP=asyncio``, which
   shows what uvloop is worth;
+* **peer**: what the most frugal peer does per event, after vLLM's
+  ``benchmark_serving.py`` (InferenceMAX's client is a fork of it): aiohttp line
+  iteration, ``json.loads`` per event, a timestamp and the text kept;
 * **floor**: a raw aiohttp loop with the same concurrency that posts a
   pre-built body and only reads the response bytes (``iter_any``), parsing
   nothing (the issue's reference floor);
@@ -249,6 +252,59 @@ def client_floor(url: str, streams: int, requests: int, osl: int) -> dict:
     return {"cpu": cpu, "wall": wall, "requests": done, "tokens": None, "bytes": nbytes}
 
 
+def client_peer(url: str, streams: int, requests: int, osl: int) -> dict:
+    """What the most frugal peer does per event, after vLLM's benchmark_serving.py
+    (which InferenceMAX's client forks): aiohttp, one line at a time from
+    ``response.content``, strip, drop the ``data: `` prefix, ``json.loads``, a
+    timestamp per event, the text appended. Written here from that description
+    (one shared session, its newer form: the older one opened a session per request,
+    which costs more)."""
+    import aiohttp
+
+    from pytest_infmax.scenarios import Scenario, plan_request, request_body
+
+    async def main() -> tuple[int, int]:
+        issued = itertools.count()
+        done = 0
+        tokens = 0
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=6 * 3600)) as session:
+            async def worker() -> None:
+                nonlocal done, tokens
+                while (i := next(issued)) < requests:
+                    payload = request_body(plan_request(Scenario("bench", ISL, osl, range_ratio=1.0), i, 0),
+                                           "bench", "completions", {})
+                    st = time.perf_counter()
+                    most_recent, ttft, itl, text = st, 0.0, [], ""
+                    async with session.post(url, json=payload) as response:
+                        async for chunk_bytes in response.content:
+                            chunk_bytes = chunk_bytes.strip()
+                            if not chunk_bytes:
+                                continue
+                            chunk = chunk_bytes.decode("utf-8").removeprefix("data: ")
+                            if chunk == "[DONE]":
+                                continue
+                            data = json.loads(chunk)
+                            if choices := data.get("choices"):
+                                timestamp = time.perf_counter()
+                                if not ttft:
+                                    ttft = timestamp - st
+                                else:
+                                    itl.append(timestamp - most_recent)
+                                most_recent = timestamp
+                                text += choices[0].get("text") or ""
+                            elif usage := data.get("usage"):
+                                tokens += usage.get("completion_tokens") or 0
+                    done += 1
+
+            await asyncio.gather(*(worker() for _ in range(streams)))
+        return done, tokens
+
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    done, tokens = asyncio.run(main())
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
+    return {"cpu": cpu, "wall": wall, "requests": done, "tokens": tokens}
+
+
 def client_protocol_floor(url: str, streams: int, requests: int, osl: int) -> dict:
     import uvloop
 
@@ -335,7 +391,7 @@ def _run_client(kind: str, base: str, streams: int, requests: int, osl: int) -> 
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-KINDS = ("ours", "ours-asyncio", "floor", "protocol-floor")
+KINDS = ("ours", "ours-asyncio", "peer", "floor", "protocol-floor")
 
 
 def workers_sweep(counts: list[int], streams: int, event_rate: float, osl: int) -> None:
@@ -430,6 +486,7 @@ def main() -> None:
                     reason=ours["reason"], loop_lag_p99_ms=ours["loop_lag_p99_ms"], errors=ours["errors"],
                 )
                 row["ratio"] = row["ours"]["cpu_per_mtok"] / row["floor"]["cpu_per_mtok"]
+                row["ratio_peer"] = row["ours"]["cpu_per_mtok"] / row["peer"]["cpu_per_mtok"]
                 row["ratio_protocol"] = row["ours"]["cpu_per_mtok"] / row["protocol-floor"]["cpu_per_mtok"]
                 row["counts_match"] = (
                     all(res[kind]["requests"] == res[kind]["sent_requests"] == requests for kind in KINDS)
@@ -441,8 +498,9 @@ def main() -> None:
                     f"{kind} {res[kind]['cpu']:.2f} CPU-s in {res[kind]['wall']:.1f} s" for kind in KINDS), flush=True)
 
     print()
-    header = ("streams", "tok/event", "ours CPU-s/Mtok", "ours on asyncio loop", "floor (aiohttp)",
-              "ours/floor", "protocol floor", "ours/protocol floor", "ours CPU-s/1k req",
+    header = ("streams", "tok/event", "ours CPU-s/Mtok", "ours on asyncio loop", "peer (vLLM-style)",
+              "ours/peer", "floor (aiohttp)", "ours/floor", "protocol floor", "ours/protocol floor",
+              "ours CPU-s/1k req",
               "requests (counted/sent)", "tokens (counted/sent)", "ours CPU %", "client-bound")
     lines = []
     for r in rows:
@@ -450,6 +508,7 @@ def main() -> None:
         lines.append((
             str(r["streams"]), str(r["tokens_per_event"]),
             f"{o['cpu_per_mtok']:.1f}", f"{r['ours-asyncio']['cpu_per_mtok']:.1f}",
+            f"{r['peer']['cpu_per_mtok']:.1f}", f"{r['ratio_peer']:.2f}",
             f"{r['floor']['cpu_per_mtok']:.1f}", f"{r['ratio']:.2f}",
             f"{r['protocol-floor']['cpu_per_mtok']:.1f}", f"{r['ratio_protocol']:.2f}",
             f"{o['cpu_per_kreq']:.2f}",
@@ -488,6 +547,8 @@ if __name__ == "__main__":
             out = client_ours(*rest, loop="asyncio")
         elif kind == "floor":
             out = client_floor(*rest)
+        elif kind == "peer":
+            out = client_peer(*rest)
         else:
             out = client_protocol_floor(*rest)
         print(json.dumps(out))

@@ -453,7 +453,9 @@ class LoadGenerator:
             await pool.prefill(min(width or 64, 4096))
             if shard is not None:  # every shard starts its measured phase at one instant
                 measured_start = await shard.start_time()
-                await asyncio.sleep(max(0.0, measured_start - time.perf_counter()))
+                # libuv's timers have millisecond resolution and may wake early: wait out the rest
+                while (delay := measured_start - time.perf_counter()) > 0:
+                    await asyncio.sleep(delay)
             else:
                 measured_start = time.perf_counter()
             cpu_start = time.process_time()
@@ -558,8 +560,7 @@ class LoadGenerator:
                 if stop is not None and stop():
                     break
                 scheduled = start + float(offset)
-                delay = scheduled - time.perf_counter()
-                if delay > 0:
+                while (delay := scheduled - time.perf_counter()) > 0:  # never early (libuv timers are ms)
                     await asyncio.sleep(delay)
                 plan = plan_request(config.scenario, first_index + j, config.seed)
                 tasks.append(asyncio.ensure_future(fire(plan, scheduled)))
