@@ -240,3 +240,19 @@ def test_presets_follow_inferencemax() -> None:
 def test_bad_load_arguments(kwargs, message) -> None:
     with pytest.raises(LoadConfigError, match=message):
         LoadConfig(PRESETS["1k1k"], **kwargs)
+
+
+def test_runs_start_on_uvloop_unless_told_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pytest_infmax.load import LoadConfigError, run_coroutine
+
+    async def loop_module() -> str:
+        return type(asyncio.get_running_loop()).__module__
+
+    assert run_coroutine(loop_module()).startswith("uvloop")
+    monkeypatch.setenv("INFMAX_EVENT_LOOP", "asyncio")
+    assert run_coroutine(loop_module()).startswith("asyncio")
+    monkeypatch.setenv("INFMAX_EVENT_LOOP", "trio")
+    coro = loop_module()
+    with pytest.raises(LoadConfigError, match="INFMAX_EVENT_LOOP='trio': allowed are 'uvloop'"):
+        run_coroutine(coro)
+    coro.close()
