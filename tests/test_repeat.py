@@ -80,6 +80,48 @@ def test_repeat_starts_the_server_afresh_and_the_gate_sees_every_run(pytester: p
     assert (report.baseline_runs, report.current_runs) == (3, 3)
 
 
+#: the simulator with start-to-start variation (and per-step jitter), as on a GPU
+NOISY = f"{FAST} --start-jitter 0.02 --step-jitter 0.03"
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("no_leaked_servers")
+def test_repeats_of_a_noisy_simulator_catch_a_slowdown_and_pass_without_one(pytester: pytest.Pytester) -> None:
+    """End to end with start-to-start noise: a baseline of 3 fresh starts, then 3 more
+    starts with --slowdown 2 (regressed) and 3 without (not regressed). Each start
+    draws its own factor, though the plugin restarts the simulator with the same flags."""
+    pytester.makepyfile(test_perf="""
+        from pytest_infmax.scenarios import Scenario
+
+        def test_one(infmax):
+            infmax.run(Scenario("tiny", 16, 16), concurrency=4, num_requests=12, warmup=2)
+    """)
+    # Gated on medians: p99 of 16 requests is their maximum, which a loaded CI host moves
+    # by more than the per-start noise this test is about.
+    pytester.makeini(f"[pytest]\ninfmax_sim_args = {NOISY}\ninfmax_repeat = 3\n"
+                     "infmax_gates = p50(tpot), p50(e2e)\nasyncio_default_fixture_loop_scope = function\n")
+    saved = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-save", "default",
+                                          "--infmax-json", "base.json")
+    saved.assert_outcomes(passed=1)
+    saved.stdout.fnmatch_lines(["*saved to * (3 runs)*"])
+    (result,) = json.loads((pytester.path / "base.json").read_text())["results"]
+    logs = [Path(run["server"]["log"]).read_text() for run in result["repeats"]["runs"]]
+    factors = {line.split("start factor ")[1].split()[0] for log in logs for line in log.splitlines()
+               if line.startswith("infmax-sim: noise: ")}
+    assert len(factors) == 3, logs  # three starts, three factors drawn
+
+    slowed = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-compare-force",
+                                           f"--infmax-sim-args={NOISY} --slowdown 2")
+    slowed.assert_outcomes(failed=1)
+    slowed.stdout.fnmatch_lines(["FAIL test_perf.py::test_one: regressed: *p50(tpot) +*(3 baseline vs 3 current runs)*"])
+
+    same = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    same.assert_outcomes(passed=1)
+    (line,) = [x for x in same.outlines if "test_perf.py::test_one: " in x and "current runs)" in x]
+    assert line.startswith("ok ") and ": regressed" not in line, line
+    assert "(3 baseline vs 3 current runs)" in line
+
+
 def test_bad_repeat_values_are_usage_errors_naming_the_setting(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_perf="""
         import pytest
