@@ -3,6 +3,8 @@
     .venv/bin/python benchmarks/regression_error_rates.py           # the full tables (~3 min on 2 cores)
     .venv/bin/python benchmarks/regression_error_rates.py --quick   # fewer comparisons (~40 s)
     .venv/bin/python benchmarks/regression_error_rates.py --json out.json
+    .venv/bin/python benchmarks/regression_error_rates.py --simulator   # against the real simulator (~4 min):
+                                                # regression_error_rates_sim.py, options passed on
 
 What it measures, at the default request count (1k1k-mini, concurrency 8: 16 warm-up
 and 80 measured requests per run):
@@ -19,6 +21,9 @@ and 80 measured requests per run):
 
 Runs come from a synthetic generator (below), not from the real-time simulator:
 hundreds of thousands of server starts would take days in real time on 2 cores.
+``--simulator`` (``regression_error_rates_sim.py``) checks the generator against the
+real simulator, whose noise flags (``--start-jitter`` and friends) reproduce this
+noise model, at a scale that fits a few minutes.
 
 The generator
 -------------
@@ -137,8 +142,12 @@ def simulate_run(
     ttft_effect: float = 0.0,
     name: str = "synthetic",
     start_factors: tuple[float, float] | None = None,
+    slowdown: float = 1.0,
 ) -> BaselineRun:
-    """One run (one server start) as a BaselineRun: per-request samples in send order."""
+    """One run (one server start) as a BaselineRun: per-request samples in send order.
+
+    ``slowdown`` multiplies every step's duration, stalls included (the simulator's
+    ``--slowdown``), where ``tpot_effect`` slows decode only."""
     wl = workload
     # a slower prefill kernel, sized so that the noise-free median TTFT grows by ttft_effect
     mean_isl = (int(wl.isl * wl.range_ratio) + wl.isl) / 2
@@ -152,9 +161,9 @@ def simulate_run(
         f_pre = f_dec * (math.exp(rng.normal(0, noise.start_prefill)) if noise.start_prefill else 1.0)
     else:
         f_dec, f_pre = start_factors
-    dec = wl.decode_ms / 1000 * f_dec * (1 + tpot_effect)
-    per_seq = wl.per_seq_ms / 1000 * f_dec * (1 + tpot_effect)
-    pre = wl.prefill_ms_per_1k / 1e6 * f_pre * prefill_scale
+    dec = wl.decode_ms / 1000 * f_dec * (1 + tpot_effect) * slowdown
+    per_seq = wl.per_seq_ms / 1000 * f_dec * (1 + tpot_effect) * slowdown
+    pre = wl.prefill_ms_per_1k / 1e6 * f_pre * prefill_scale * slowdown
 
     max_steps = int(total * wl.osl / wl.concurrency * 1.3) + 4 * wl.osl + 100
     mult = np.ones(max_steps)
@@ -168,7 +177,7 @@ def simulate_run(
     stall = np.zeros(max_steps)
     if noise.hiccup_rate:
         hit = rng.random(max_steps) < noise.hiccup_rate
-        stall[hit] = rng.uniform(*noise.hiccup_ms, hit.sum()) / 1000
+        stall[hit] = rng.uniform(*noise.hiccup_ms, hit.sum()) / 1000 * slowdown
     mult_l = mult.tolist()
     stall_l = stall.tolist()
     net = noise.network_ms / 1000
@@ -412,7 +421,8 @@ def calibration_check() -> list[str]:
         noisy = [f for f in flags if "noise" in f or "jitter" in f]
     except Exception:
         noisy = []
-    lines.append("real-time simulator noise flag: " + (", ".join(noisy) + " (not used here)" if noisy
+    lines.append("real-time simulator noise flags: " + (", ".join(noisy) + " (--simulator runs the real "
+                 "simulator with them: regression_error_rates_sim.py)" if noisy
                  else "none, so no real-time noise calibration (skipped)"))
     return lines
 
@@ -437,7 +447,18 @@ def _pct(count: int, total: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--simulator" in argv:  # the real simulator: its own script, the other options passed on
+        import os
+
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from regression_error_rates_sim import main as simulator_main
+
+        return simulator_main([a for a in argv if a != "--simulator"])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--simulator", action="store_true",
+                        help="measure against the real simulator instead (regression_error_rates_sim.py; "
+                        "its options: --simulator --help)")
     parser.add_argument("--quick", action="store_true", help="fewer setups and comparisons (~40 s)")
     parser.add_argument("--reps", type=int, help="comparisons per setup and effect (default 200, quick 100)")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")

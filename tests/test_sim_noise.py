@@ -10,6 +10,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pytest_infmax.servers import ServerConfig, running_server
@@ -139,3 +140,60 @@ def test_each_start_draws_its_factor_and_shows_it(tmp_path: Path) -> None:
 def test_stats_have_no_noise_entry_without_noise(tmp_path: Path) -> None:
     with running_server(ServerConfig(sim_args=FAST, startup_timeout=20), tmp_path) as server:
         assert "noise" not in _get_json(f"{server.base_url}/sim/stats")
+
+
+# -- benchmarks/regression_error_rates_sim.py: the same noise, through the real simulator ----------------
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def rates_sim():  # type: ignore[no-untyped-def]
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import regression_error_rates_sim
+
+        yield regression_error_rates_sim
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_benchmark_flags_give_the_simulator_the_synthetic_noise(rates_sim) -> None:  # type: ignore[no-untyped-def]
+    noise = rates_sim.NOISE
+    args = build_parser().parse_args(list(rates_sim.sim_args(noise, 1.05)))
+    config = config_from_args(args)
+    drawn = noise_of(config.cost_model)
+    assert drawn is not None and config.engine.slowdown == 1.05
+    assert drawn.config == NoiseConfig(start_jitter=noise.start_decode, prefill_start_jitter=noise.start_prefill,
+                                       step_jitter=noise.step_jitter, step_drift=noise.drift,
+                                       step_drift_steps=noise.drift_steps, stall_rate=noise.hiccup_rate,
+                                       stall_ms=noise.hiccup_ms)
+    w = rates_sim.WORKLOAD
+    assert config.cost_model.inner == LinearCostModel(w.decode_ms, w.per_seq_ms, w.prefill_ms_per_1k)  # type: ignore[attr-defined]
+    assert rates_sim._schedule(4, 2) == [False, False, True, False, False, True]
+    assert rates_sim.wilson(0, 200)[1] == pytest.approx(0.0188, abs=1e-4)
+    lo, hi = rates_sim.wilson(95, 100)
+    assert lo < 0.95 < hi
+
+
+@pytest.mark.slow
+def test_benchmark_collects_fresh_starts_and_reports(rates_sim, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    pools = rates_sim.collect_pools(1, 1, tmp_path / "logs", log=lambda _: None)
+    assert len(pools["base"]) == len(pools["slow"]) == 1
+    assert len(pools["base"][0].samples["tpot"]) == rates_sim.WORKLOAD.num_requests
+    factors = [i["start_factor"] for i in pools["base_info"] + pools["slow_info"]]
+    assert factors[0] != factors[1]  # two starts, two draws
+    # The analysis, on synthetic pools big enough for the quick setups (no more starts).
+    rng = np.random.default_rng(0)
+    pools["base"] = rates_sim.synthetic_pool(rng, 6)
+    pools["slow"] = rates_sim.synthetic_pool(rng, 3, rates_sim.SLOWDOWN)
+    pools["base_info"] = pools["base_info"] * 6
+    pools["slow_info"] = pools["slow_info"] * 3
+    rates_sim.save_pools(pools, str(tmp_path / "pools.json"))
+    assert rates_sim.main(["--quick", "--load-pools", str(tmp_path / "pools.json"), "--reps", "4",
+                           "--synthetic-pools", "1", "--jobs", "1", "--json", str(tmp_path / "out.json")]) == 0
+    out = capsys.readouterr().out
+    assert "NOT independent" in out and "5 vs 1    A/A" in out
+    doc = json.loads((tmp_path / "out.json").read_text())
+    assert {(r["baseline_runs"], r["current_runs"], r["effect"]) for r in doc["verdicts"]} >= {(5, 1, "A/A")}
