@@ -418,7 +418,7 @@ def calibration_check() -> list[str]:
         from pytest_infmax.sim import build_parser
 
         flags = [s for a in build_parser()._actions for s in a.option_strings]
-        noisy = [f for f in flags if "noise" in f or "jitter" in f]
+        noisy = [f for f in flags if any(w in f for w in ("jitter", "drift", "stall-rate", "stall-ms", "start-seed"))]
     except Exception:
         noisy = []
     lines.append("real-time simulator noise flags: " + (", ".join(noisy) + " (--simulator runs the real "
