@@ -227,12 +227,8 @@ class _Monitor(threading.Thread):
         self.poll_failures = 0
 
     def poll_trace(self) -> dict[str, Any]:
-        """Every trace committed since the last poll, which empties the server's buffer.
-
-        Not ``?since=``: ``seq`` is in arrival order but traces are committed as
-        requests end, so a request that ends after a later-arriving one has a
-        ``seq`` below the last ``next_since`` and a ``since`` poll never returns it.
-        """
+        """Every trace committed since the last poll, which empties the server's buffer
+        (so a ten-minute run does not hold every trace in the server's memory)."""
         body = _get_json(f"{self.server.base_url}/sim/trace?clear=1")
         for trace in body["requests"]:
             self.report.server_received += 1
