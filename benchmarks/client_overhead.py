@@ -267,7 +267,9 @@ def client_peer(url: str, streams: int, requests: int, osl: int) -> dict:
         issued = itertools.count()
         done = 0
         tokens = 0
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=6 * 3600)) as session:
+        # no connection limit (aiohttp's default of 100 would run 256 streams in waves)
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=6 * 3600)) as session:
             async def worker() -> None:
                 nonlocal done, tokens
                 while (i := next(issued)) < requests:
