@@ -611,8 +611,8 @@ class _Sender:
 
         rec.send_time = time.perf_counter()
         try:
-            rec.http_status = await asyncio.wait_for(
-                stream_post(self.pool, request, decoder, on_sent=sent), config.request_timeout
+            rec.http_status = await stream_post(
+                self.pool, request, decoder, on_sent=sent, timeout=config.request_timeout
             )
             # the stream's end: the arrival of [DONE], else of the body's last bytes
             state.finish(decoder.last_time or time.perf_counter(), exact_input)
@@ -620,8 +620,6 @@ class _Sender:
             if exc.status is not None:
                 rec.http_status = exc.status
             _fail(rec, exc.kind, str(exc))
-        except asyncio.TimeoutError:
-            _fail(rec, ErrorKind.TIMEOUT, f"no complete response within {config.request_timeout:g} s")
         except asyncio.CancelledError:
             _fail(rec, ErrorKind.CANCELLED, "the run was stopped before this request ended")
             raise

@@ -451,23 +451,37 @@ async def stream_post(
     request: bytes,
     decoder: SSEDecoder,
     on_sent: Callable[[], Any] | None = None,
+    timeout: float | None = None,
 ) -> int:
     """Send ``request`` on a pooled connection and feed the response's events to ``decoder``.
 
     Returns the HTTP status (200) once the stream ended (the sink saw ``[DONE]``
-    or the body ended); raises ``StreamError`` for every failure. Cancelling the
-    caller closes the connection. Timeouts are the caller's (``asyncio.timeout``).
+    or the body ended); raises ``StreamError`` for every failure, a ``TIMEOUT``
+    one when no complete response came within ``timeout`` seconds of the call.
+    The deadline is a timer on the exchange, not a task wrapped around it (cheaper
+    by a task per request). Cancelling the caller closes the connection.
     """
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
     conn = await pool.acquire()
     if on_sent is not None:
         on_sent()
     ok = False
+    future = conn.start(request, decoder)
+    timer = None if deadline is None else loop.call_at(deadline, _expire, conn, future, timeout)
     try:
-        status = await conn.start(request, decoder)
+        status = await future
         ok = True
         return status
     finally:
+        if timer is not None:
+            timer.cancel()
         conn.finished_with(ok)
+
+
+def _expire(conn: StreamConnection, future: asyncio.Future[int], timeout: float) -> None:
+    if not future.done() and conn.exchange is not None and conn.exchange.future is future:
+        conn._fail(StreamError(ErrorKind.TIMEOUT, f"no complete response within {timeout:g} s"))
 
 
 def _error_message(status: int, body: str) -> str:
