@@ -373,6 +373,9 @@ def _chunk_tokens(
         return [1] * n_chunks, TokenSource.CHUNKS
     if total == n_chunks:
         return [1] * n_chunks, TokenSource.USAGE
+    if total % n_chunks == 0 and min(text_lens) == max(text_lens):
+        # equal texts share equally: what the general path below gives, without its sort
+        return [total // n_chunks] * n_chunks, TokenSource.APPORTIONED
     chars = sum(text_lens) or n_chunks
     shares = [total * (c or 1) / chars for c in text_lens]
     counts = [int(s) for s in shares]
