@@ -434,6 +434,8 @@ def main() -> None:
                    help="SSE events per second the emitter sends, over all streams (default: %(default)g)")
     p.add_argument("--events", type=int, default=None,
                    help="at least this many content events per measurement (default: 120k, --quick 25k)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="measure every client this many times, interleaved, and report the median (default: 1)")
     p.add_argument("--json", type=Path, help="also write the rows here")
     p.add_argument("--workers-sweep", type=int, nargs="+", metavar="N",
                    help="instead: tokens/s consumed with the load over each of these worker counts")
@@ -463,12 +465,19 @@ def main() -> None:
                 url = base + "/v1/completions"
                 try:
                     res = {}
-                    for kind in KINDS:
-                        before = _get_stats(base)
-                        res[kind] = _run_client(kind, url, streams, requests, per_request * k)
-                        after = _get_stats(base)
-                        res[kind]["sent_requests"] = after["requests"] - before["requests"]
-                        res[kind]["sent_tokens"] = after["tokens"] - before["tokens"]
+                    samples: dict[str, list[dict]] = {kind: [] for kind in KINDS}
+                    for _ in range(args.repeat):  # interleaved, so drifts of the machine hit every kind
+                        for kind in KINDS:
+                            before = _get_stats(base)
+                            r = _run_client(kind, url, streams, requests, per_request * k)
+                            after = _get_stats(base)
+                            r["sent_requests"] = after["requests"] - before["requests"]
+                            r["sent_tokens"] = after["tokens"] - before["tokens"]
+                            samples[kind].append(r)
+                    for kind in KINDS:  # the median run by CPU
+                        runs = sorted(samples[kind], key=lambda r: r["cpu"])
+                        res[kind] = runs[len(runs) // 2]
+                        res[kind]["cpu_all"] = [r["cpu"] / (r["sent_tokens"] / 1e6) for r in samples[kind]]
                 finally:
                     proc.send_signal(signal.SIGTERM)
                     proc.wait(timeout=10)
@@ -477,7 +486,7 @@ def main() -> None:
                 for kind in KINDS:
                     r = res[kind]
                     row[kind] = {
-                        "cpu_s": r["cpu"], "wall_s": r["wall"],
+                        "cpu_s": r["cpu"], "wall_s": r["wall"], "cpu_per_mtok_runs": r["cpu_all"],
                         "cpu_per_mtok": r["cpu"] / (r["sent_tokens"] / 1e6),
                         "cpu_per_kreq": r["cpu"] / (r["sent_requests"] / 1e3),
                         "requests": r["requests"], "sent_requests": r["sent_requests"],
@@ -496,8 +505,8 @@ def main() -> None:
                     and res["ours-asyncio"]["tokens"] == res["ours-asyncio"]["sent_tokens"]
                 )
                 rows.append(row)
-                print(f"  streams={streams} tokens/event={k}: " + ", ".join(
-                    f"{kind} {res[kind]['cpu']:.2f} CPU-s in {res[kind]['wall']:.1f} s" for kind in KINDS), flush=True)
+                print(f"  streams={streams} tokens/event={k}, CPU-s/Mtok of each run: " + "; ".join(
+                    f"{kind} " + " ".join(f"{x:.1f}" for x in res[kind]["cpu_all"]) for kind in KINDS), flush=True)
 
     print()
     header = ("streams", "tok/event", "ours CPU-s/Mtok", "ours on asyncio loop", "peer (vLLM-style)",

@@ -22,3 +22,12 @@ async def poll_stats_until(session: aiohttp.ClientSession, base_url: str, predic
             return stats
         await asyncio.sleep(0.005)
     pytest.fail(f"/sim/stats never matched; last: {stats}")
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie or a dead process is not alive)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False

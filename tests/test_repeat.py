@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from _sim_helpers import pid_alive
 
 from pytest_infmax.baselines import Baseline, BaselineRun, BaselineStore, runs_of
 from pytest_infmax.compare import compare_files
@@ -18,14 +19,6 @@ from pytest_infmax.servers import ServerConfig, ServerError, ServerPool, running
 
 FAST = "--decode-step-ms 2 --decode-ms-per-seq 0.01"
 FAST_ARGS = tuple(FAST.split())
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
 
 
 # -- in the plugin -------------------------------------------------------------------------------
@@ -168,13 +161,13 @@ def test_pool_restart_is_a_fresh_start_in_place(tmp_path: Path) -> None:
         server = pool.get(config)
         old_pid = server.pid
         assert pool.restart(server) is server
-        assert server.pid != old_pid and not _alive(old_pid)  # the old process group is gone
-        assert pool.get(config) is server and _alive(server.pid) and server.base_url
+        assert server.pid != old_pid and not pid_alive(old_pid)  # the old process group is gone
+        assert pool.get(config) is server and pid_alive(server.pid) and server.base_url
         result = Infmax(server).run("1k1k-mini", concurrency=1, num_requests=2, warmup=0)
         assert result.metrics.num_ok == 2 and result.server["pid"] == server.pid
     finally:
         pool.stop_all()
-    assert not _alive(server.pid)
+    assert not pid_alive(server.pid)
 
 
 def test_endpoint_repeats_without_restart_and_the_gate_merges_them(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+from _sim_helpers import pid_alive
 
 from pytest_infmax.servers import (
     ServerConfig,
@@ -18,14 +19,6 @@ from pytest_infmax.servers import (
     start_server,
     stop_process_group,
 )
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
 
 
 def test_group_kill_reaches_children_that_ignore_sigterm(tmp_path) -> None:
@@ -45,7 +38,7 @@ def test_group_kill_reaches_children_that_ignore_sigterm(tmp_path) -> None:
     started = time.monotonic()
     stop_process_group(proc, grace=0.5)
     assert time.monotonic() - started < 10
-    assert not _alive(proc.pid) and not _alive(child_pid)
+    assert not pid_alive(proc.pid) and not pid_alive(child_pid)
 
 
 def test_readiness_waits_through_startup_delay(tmp_path) -> None:
