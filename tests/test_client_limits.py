@@ -171,6 +171,7 @@ def test_loop_lag_monitor_counts_a_block_at_the_end_of_the_phase() -> None:
     assert lags and max(lags) >= 0.04
 
 
+@pytest.mark.slow
 def test_plugin_warns_or_fails_on_a_client_bound_run(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_starved="""
         import time

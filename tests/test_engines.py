@@ -316,6 +316,7 @@ def test_port_taken_meanwhile_is_retried_on_a_new_port(tmp_path: Path, monkeypat
             server.stop()
 
 
+@pytest.mark.slow
 def test_port_always_taken_gives_up_after_three_tries(tmp_path: Path, monkeypatch, no_leaks) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -355,6 +356,7 @@ def test_engine_marker_through_the_plugin(pytester: pytest.Pytester, no_leaks_in
     assert "--max-num-seqs" in res["server"]["command"]
 
 
+@pytest.mark.slow
 def test_engine_config_file_through_the_plugin(pytester: pytest.Pytester, no_leaks_in_pytester) -> None:
     env = standin_env(pytester.path)
     (pytester.path / "engine.yaml").write_text(json.dumps({  # JSON is YAML
@@ -375,6 +377,7 @@ def test_engine_config_file_through_the_plugin(pytester: pytest.Pytester, no_lea
     conflict.stderr.fnmatch_lines(["*both an engine*--infmax-engine-config*endpoint*"])
 
 
+@pytest.mark.slow
 def test_engine_options_on_the_command_line(pytester: pytest.Pytester, monkeypatch, no_leaks_in_pytester) -> None:
     for key, value in standin_env(pytester.path).items():  # the inner session inherits the environment
         monkeypatch.setenv(key, value)
@@ -435,6 +438,7 @@ def test_crash_mid_run_records_errors_and_fails_the_test_cleanly(
     assert all(r["error_message"] for r in res["records"] if r["error_kind"])
 
 
+@pytest.mark.slow
 def test_xdist_workers_get_their_own_engine_servers(pytester: pytest.Pytester, no_leaks_in_pytester) -> None:
     env = standin_env(pytester.path)
     _inner(pytester, f"""

@@ -25,6 +25,7 @@ def _files(pytester: pytest.Pytester, set_name: str = "default") -> dict[str, di
     return {p.name: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
 
 
+@pytest.mark.slow
 def test_missing_baseline_is_recorded_then_compared(pytester: pytest.Pytester) -> None:
     _project(pytester)
     first = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-save", "default", "-k", "one")
@@ -37,6 +38,7 @@ def test_missing_baseline_is_recorded_then_compared(pytester: pytest.Pytester) -
     second.stdout.fnmatch_lines(["ok * test_perf.py::test_one: * (1 baseline vs 1 current runs)*"])
 
 
+@pytest.mark.slow
 def test_two_fold_slowdown_fails_with_a_table_and_is_not_saved(pytester: pytest.Pytester) -> None:
     _project(pytester)
     pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-save", "default", "-k", "one") \
@@ -56,6 +58,7 @@ def test_two_fold_slowdown_fails_with_a_table_and_is_not_saved(pytester: pytest.
     assert len(doc["runs"]) == 1  # the regressed run did not join the history
 
 
+@pytest.mark.slow
 def test_testbed_change_is_refused_naming_what_differs(pytester: pytest.Pytester) -> None:
     _project(pytester)
     pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-save", "default", "-k", "one") \
@@ -66,6 +69,7 @@ def test_testbed_change_is_refused_naming_what_differs(pytester: pytest.Pytester
     result.stdout.fnmatch_lines(["*baseline check failed*different testbed*server_options*--infmax-update*"])
 
 
+@pytest.mark.slow
 def test_corrupt_baseline_is_a_clear_error_and_update_rewrites_only_tests_that_ran(
         pytester: pytest.Pytester) -> None:
     _project(pytester)
@@ -109,6 +113,7 @@ def test_bad_gate_settings_are_usage_errors(pytester: pytest.Pytester) -> None:
         result.stderr.fnmatch_lines([message])
 
 
+@pytest.mark.slow
 def test_sequential_stops_a_clear_regression_early(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_perf="""
         def test_seq(infmax):

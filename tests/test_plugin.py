@@ -294,6 +294,7 @@ def test_bad_setting_is_usage_error(pytester: pytest.Pytester) -> None:
     result.stderr.fnmatch_lines(["*--infmax-gpus*'zero'*"])
 
 
+@pytest.mark.slow
 def test_xdist_workers_get_their_own_servers(pytester: pytest.Pytester) -> None:
     _write(pytester, """
         import pytest
@@ -347,6 +348,7 @@ def test_chat_endpoint_and_duration_bound(pytester: pytest.Pytester) -> None:
     result.assert_outcomes(passed=1)
 
 
+@pytest.mark.slow
 def test_sweep_frontier_sla_through_the_plugin(pytester: pytest.Pytester) -> None:
     _write(pytester, """
         import pytest
@@ -397,6 +399,7 @@ def test_bad_on_off_setting_is_usage_error(pytester: pytest.Pytester) -> None:
     result.stderr.fnmatch_lines(["*--infmax-plots*'maybe'*must be on or off*"])
 
 
+@pytest.mark.slow
 def test_price_marker_and_setting(pytester: pytest.Pytester) -> None:
     _write(pytester, """
         import pytest

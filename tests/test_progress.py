@@ -25,6 +25,7 @@ def test_progress_lines_by_hand() -> None:
     assert lines[1:] == ["infmax: t.py::test c=8: 6/10 requests, 1 errors, 60 tok/s, 11 s"]
 
 
+@pytest.mark.slow
 def test_plugin_shows_progress_without_s(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_long="""
         from pytest_infmax import Scenario

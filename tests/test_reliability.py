@@ -140,6 +140,7 @@ def test_concurrent_baseline_saves_never_corrupt_the_file(tmp_path: Path) -> Non
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, f".{name}.lock"])
 
 
+@pytest.mark.slow
 def test_two_sessions_saving_baselines_at_once(pytester: pytest.Pytester, no_leaked_servers) -> None:
     _write(pytester, """
         def test_one(infmax):
@@ -166,6 +167,7 @@ def _pytest_argv() -> list[str]:
 # -- pytest-xdist worker crash -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_xdist_worker_crash_is_reported_and_leaves_no_server(pytester: pytest.Pytester, no_leaked_servers) -> None:
     _write(pytester, """
         import os
