@@ -40,7 +40,6 @@ from .records import ErrorKind, RequestRecord, TokenSource
 from .scenarios import Endpoint, PlannedRequest, Scenario, plan_request, request_body
 from .workers import Shard, run_sharded, share
 from .streamclient import (
-    DEFAULT_MAX_EVENT_BYTES,
     ConnectionPool,
     SSEDecoder,
     StreamError,
@@ -584,7 +583,6 @@ class _Sender:
         self.headers = headers
         self.model = model
         self.config = config
-        self.target = f"{pool.scheme}://{pool.host_header}{path}"
 
     async def one(
         self,
@@ -607,7 +605,7 @@ class _Sender:
         request = build_request(self.pool, self.path, body, self.headers)
         exact_input = plan.input_len if plan.token_ids is not None else None
         state = ResponseAccumulator(rec, max_events_for(plan.output_len))
-        decoder = SSEDecoder(state, DEFAULT_MAX_EVENT_BYTES)
+        decoder = SSEDecoder(state)
 
         def sent() -> None:
             rec.send_time = time.perf_counter()

@@ -187,7 +187,6 @@ class StreamConnection(asyncio.Protocol):
         self.exchange: _Exchange | None = None
         self.closed = False
         self._now = 0.0
-        self._header_name = b""
 
     # -- asyncio.Protocol ------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import sys
 import time
@@ -58,22 +59,12 @@ def share(total: int, k: int, n: int) -> int:
 
 
 def config_to_json(config: Any) -> dict[str, Any]:
-    """A LoadConfig as the JSON a worker rebuilds it from (exact, unlike ``to_dict``)."""
-    return {
-        "scenario": config.scenario.to_dict(),
-        "concurrency": config.concurrency,
-        "rate": None if config.rate is None else ("inf" if config.rate == float("inf") else config.rate),
-        "burstiness": config.burstiness,
-        "max_concurrency": config.max_concurrency,
-        "num_requests": config.num_requests,
-        "duration": config.duration,
-        "warmup": config.warmup,
-        "request_timeout": config.request_timeout,
-        "seed": config.seed,
-        "extra_body": config.extra_body,
-        "client_lag_threshold": config.client_lag_threshold,
-        "workers": config.workers,
-    }
+    """A LoadConfig as the JSON a worker rebuilds it from: every field, exactly
+    (``to_dict`` is the report's view, with effective values filled in)."""
+    d = dataclasses.asdict(config)
+    if d["rate"] == float("inf"):
+        d["rate"] = "inf"  # JSON has no infinity
+    return d
 
 
 def config_from_json(d: dict[str, Any]) -> Any:

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _sim_helpers import pid_alive
 
 from pytest_infmax import engines, servers
 from pytest_infmax.runner import Infmax
@@ -75,14 +76,6 @@ def pids_mentioning(text: str) -> list[tuple[int, str]]:
         if text in cmd:
             found.append((int(entry), cmd))
     return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
 
 
 @pytest.fixture
@@ -251,7 +244,7 @@ def test_engine_starts_serves_load_and_stops_cleanly(engine: str, tmp_path: Path
     finally:
         server.stop()
     assert any("stand-in] pid" in line and line.startswith(f"[{engine} ") for line in lines)  # -v echo
-    assert server.stopped_pids and not any(alive(p) for p in server.stopped_pids)
+    assert server.stopped_pids and not any(pid_alive(p) for p in server.stopped_pids)
 
 
 def test_mpirun_as_root_without_the_flag_fails_at_once(tmp_path: Path, no_leaks) -> None:
@@ -280,7 +273,7 @@ def test_server_that_ignores_sigterm_is_killed_after_the_grace_period(tmp_path: 
     started = time.monotonic()
     server.stop()
     assert 1.0 <= time.monotonic() - started < 10
-    assert not alive(server.pid)
+    assert not pid_alive(server.pid)
 
 
 @pytest.mark.parametrize("leader_dies_first", [False, True], ids=["stop", "leader-killed-first"])
@@ -288,14 +281,14 @@ def test_child_that_left_the_process_group_is_killed(leader_dies_first, tmp_path
     stopped: list[list[int]] = []
     server = start_server(engine_config(tmp_path, "vllm", "escape"), tmp_path / "logs", after_stop=stopped.append)
     escaped = int((tmp_path / "escaped.pid").read_text())
-    assert alive(escaped) and os.getpgid(escaped) != server.pid  # it left the group (setsid)
+    assert pid_alive(escaped) and os.getpgid(escaped) != server.pid  # it left the group (setsid)
     assert escaped in server.tracked  # seen while the server ran
     if leader_dies_first:  # like an API server SIGKILLed while its EngineCore lives on, reparented
         os.kill(server.pid, signal.SIGKILL)
         server.process.wait(timeout=10)
-        assert alive(escaped)
+        assert pid_alive(escaped)
     server.stop()
-    assert not alive(escaped)
+    assert not pid_alive(escaped)
     assert stopped == [server.stopped_pids] and escaped in stopped[0] and server.pid in stopped[0]
 
 
