@@ -12,7 +12,7 @@ INTEGRATION_STAMP := $(VENV)/.installed-integration
 
 .PHONY: demo test install clean chromium
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py pytest_infmax/_lane.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'

@@ -9,6 +9,10 @@ the usage event and ``[DONE]``. Against it, each in a client subprocess of its o
 * **ours**: ``LoadGenerator.run`` (closed loop, ``concurrency`` = streams) on
   the event loop it uses by default (uvloop): the full SSE parse, JSON decode,
   timestamps, token accounting, the client's self-monitoring;
+* **ours without the C lane**: the same with ``INFMAX_WIRE=python``: streaming
+  bodies de-chunked and split into events in Python (httptools' body callback
+  and ``SSEDecoder``) instead of by ``pytest_infmax/_lane.c``; what the C lane
+  is worth, and what runs where it is not built;
 * **ours, asyncio loop**: the same with ``INFMAX_EVENT_LOOP=asyncio``, which
   shows what uvloop is worth;
 * **peer**: what the most frugal peer does per event, after vLLM's
@@ -26,8 +30,8 @@ Client CPU is ``time.process_time()`` of the client process around the run
 million streamed tokens and per thousand requests, the ratio ours / floor, and
 the requests and tokens the client counted next to what the emitter sent.
 
-    .venv/bin/python benchmarks/client_overhead.py            # ~6 min on 2 cores
-    .venv/bin/python benchmarks/client_overhead.py --quick    # ~1.5 min
+    .venv/bin/python benchmarks/client_overhead.py            # ~8 min on 2 cores
+    .venv/bin/python benchmarks/client_overhead.py --quick    # ~2 min
 """
 
 from __future__ import annotations
@@ -191,8 +195,10 @@ def serve(port_file: Path, tokens_per_event: int, tick: float) -> None:
 # -- the clients (each run in a subprocess of its own) ----------------------------
 
 
-def client_ours(url: str, streams: int, requests: int, osl: int, loop: str = "uvloop", workers: int = 1) -> dict:
+def client_ours(url: str, streams: int, requests: int, osl: int, loop: str = "uvloop", workers: int = 1,
+                wire: str = "") -> dict:
     os.environ["INFMAX_EVENT_LOOP"] = loop
+    os.environ["INFMAX_WIRE"] = wire  # "python": streaming bodies without the C fast lane
     from pytest_infmax.load import LoadConfig, LoadGenerator, run_coroutine
     from pytest_infmax.scenarios import Scenario
 
@@ -393,7 +399,7 @@ def _run_client(kind: str, base: str, streams: int, requests: int, osl: int) -> 
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-KINDS = ("ours", "ours-asyncio", "peer", "floor", "protocol-floor")
+KINDS = ("ours", "ours-python-wire", "ours-asyncio", "peer", "floor", "protocol-floor")
 
 
 def workers_sweep(counts: list[int], streams: int, event_rate: float, osl: int) -> None:
@@ -503,13 +509,15 @@ def main() -> None:
                     all(res[kind]["requests"] == res[kind]["sent_requests"] == requests for kind in KINDS)
                     and ours["tokens"] == ours["chunk_tokens"] == ours["sent_tokens"] == requests * per_request * k
                     and res["ours-asyncio"]["tokens"] == res["ours-asyncio"]["sent_tokens"]
+                    and res["ours-python-wire"]["tokens"] == res["ours-python-wire"]["sent_tokens"]
                 )
                 rows.append(row)
                 print(f"  streams={streams} tokens/event={k}, CPU-s/Mtok of each run: " + "; ".join(
                     f"{kind} " + " ".join(f"{x:.1f}" for x in res[kind]["cpu_all"]) for kind in KINDS), flush=True)
 
     print()
-    header = ("streams", "tok/event", "ours CPU-s/Mtok", "ours on asyncio loop", "peer (vLLM-style)",
+    header = ("streams", "tok/event", "ours CPU-s/Mtok", "ours without C lane", "ours on asyncio loop",
+              "peer (vLLM-style)",
               "ours/peer", "floor (aiohttp)", "ours/floor", "protocol floor", "ours/protocol floor",
               "ours CPU-s/1k req",
               "requests (counted/sent)", "tokens (counted/sent)", "ours CPU %", "client-bound")
@@ -518,7 +526,8 @@ def main() -> None:
         o = r["ours"]
         lines.append((
             str(r["streams"]), str(r["tokens_per_event"]),
-            f"{o['cpu_per_mtok']:.1f}", f"{r['ours-asyncio']['cpu_per_mtok']:.1f}",
+            f"{o['cpu_per_mtok']:.1f}", f"{r['ours-python-wire']['cpu_per_mtok']:.1f}",
+            f"{r['ours-asyncio']['cpu_per_mtok']:.1f}",
             f"{r['peer']['cpu_per_mtok']:.1f}", f"{r['ratio_peer']:.2f}",
             f"{r['floor']['cpu_per_mtok']:.1f}", f"{r['ratio']:.2f}",
             f"{r['protocol-floor']['cpu_per_mtok']:.1f}", f"{r['ratio_protocol']:.2f}",
@@ -554,6 +563,8 @@ if __name__ == "__main__":
             out = client_ours(*rest)
         elif kind.startswith("ours-w"):
             out = client_ours(*rest, workers=int(kind[len("ours-w"):]))
+        elif kind == "ours-python-wire":
+            out = client_ours(*rest, wire="python")
         elif kind == "ours-asyncio":
             out = client_ours(*rest, loop="asyncio")
         elif kind == "floor":

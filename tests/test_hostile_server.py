@@ -6,7 +6,8 @@ the client sends), so one ``LoadGenerator.run`` mixes hostile and good requests.
 Each hostile behaviour must end only its own request, with a typed error whose
 message names the problem, within the request timeout, with bounded client memory
 (tracemalloc, in this process), while the good requests of the same run succeed and
-no connection that carried a hostile response is used again.
+no connection that carried a hostile response is used again. Every test runs twice:
+with the C fast lane reading streaming bodies and with the Python path.
 """
 
 from __future__ import annotations
@@ -36,6 +37,14 @@ MODEL = "hostile-model"
 TIMEOUT = 1.0  # request_timeout of every run here
 SLACK = 1.0  # a timed-out request ends within TIMEOUT + SLACK (a loaded 2-core machine)
 MIB = 1 << 20
+
+
+@pytest.fixture(autouse=True, params=["lane", "python"])
+def wire(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every case twice: streaming bodies read by the C fast lane, and by the Python path
+    (``INFMAX_WIRE=python``, what runs where the extension is not built)."""
+    monkeypatch.setenv("INFMAX_WIRE", "" if request.param == "lane" else "python")
+    return request.param
 
 
 @dataclass(frozen=True)

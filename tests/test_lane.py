@@ -1,0 +1,225 @@
+"""The C fast lane (``pytest_infmax/_lane.c``) reads streaming bodies exactly as the Python path.
+
+The lane de-chunks a ``200 text/event-stream`` chunked body and splits it into SSE
+events; whatever it does not handle itself (CR line ends, comments, other fields,
+multi-line data) it hands to the Python decoder. Both paths must deliver the same
+events with the same arrival stamps, end the same way (status, typed error) and leave
+the connection in the same state, for any body cut into any chunks and any reads.
+Here a ``StreamConnection`` is fed bytes directly (a fake transport; no sockets), once
+with the lane and once with ``INFMAX_WIRE=python``, and the two are compared. The
+live paths over loopback are covered by test_hostile_server.py, which runs both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pytest_infmax import streamclient
+from pytest_infmax.streamclient import ConnectionPool, SSEDecoder, StreamConnection, StreamError
+
+HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def test_the_fast_lane_is_built() -> None:
+    """The extension compiles wherever the package is installed with a C compiler (CI
+    included): a silent build failure would quietly double the client's CPU."""
+    assert streamclient._Lane is not None, (
+        "pytest_infmax._lane is not built: install a C compiler (gcc) and the Python "
+        "headers, then reinstall the package (pip install -e .)"
+    )
+
+
+@dataclass
+class _Sink:
+    events: list[tuple[bytes, float]] = field(default_factory=list)
+    done: bool = False
+
+    def on_event(self, data: bytes, t: float) -> None:
+        if data == b"[DONE]":
+            self.done = True
+            return
+        self.events.append((data, t))
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.aborted = False
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return self.aborted
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def _replay(reads: list[bytes], lane: bool, max_event_bytes: int, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """Feed ``reads`` (read i stamped i) to one connection; what it delivered and how it ended."""
+    monkeypatch.setenv(streamclient.WIRE_ENV, "" if lane else "python")
+    _stamps.clear()
+
+    async def go() -> dict:
+        pool = ConnectionPool("http://127.0.0.1:9/v1/completions")
+        assert pool.fast_lane is lane
+        conn = StreamConnection(pool)
+        transport = _Transport()
+        conn.connection_made(transport)  # type: ignore[arg-type]
+        sink = _Sink()
+        decoder = SSEDecoder(sink, max_event_bytes)
+        future = conn.start(b"POST", decoder)
+        used_lane = False
+        for data in reads:
+            if transport.aborted:
+                break
+            conn.data_received(data)
+            used_lane = used_lane or conn._parser_spent  # httptools was stopped for the lane
+        outcome: object
+        if future.done():
+            exc = future.exception()
+            outcome = ("error", exc.kind, str(exc)) if isinstance(exc, StreamError) else ("ok", future.result())
+        else:
+            outcome = ("pending",)
+        return {
+            "events": [d for d, _ in sink.events],
+            "stamps": [t for _, t in sink.events],  # read i is stamped i (the fixture below)
+            "done": sink.done,
+            "outcome": outcome,
+            "idle": conn in pool._idle_conns and not conn.closed,  # would be reused
+            "aborted": transport.aborted,
+            "used_lane": used_lane,
+        }
+
+    return asyncio.run(go())
+
+
+_stamps: list[float] = []
+
+
+@pytest.fixture(autouse=True)
+def _stamp_per_read(monkeypatch: pytest.MonkeyPatch):
+    """perf_counter() in streamclient returns 0.0, 1.0, 2.0, ... one per read."""
+    _stamps.clear()
+
+    def fake() -> float:
+        t = float(len(_stamps))
+        _stamps.append(t)
+        return t
+
+    # only streamclient's clock: hypothesis times itself with the real one
+    monkeypatch.setattr(streamclient, "time", SimpleNamespace(perf_counter=fake))
+    yield
+    _stamps.clear()
+
+
+# -- strategies ------------------------------------------------------------------------------------
+
+_TEXT = st.text(st.sampled_from("ab {}\":,é[]DONE"), max_size=12)
+
+
+@st.composite
+def _event(draw: st.DrawFn) -> str:
+    kind = draw(st.sampled_from(["data", "data", "data", "done", "multi", "comment", "field", "nospace", "empty"]))
+    if kind == "data":
+        return f"data: {draw(_TEXT)}"
+    if kind == "done":
+        return "data: [DONE]"
+    if kind == "multi":
+        return "\n".join(f"data: {draw(_TEXT)}" for _ in range(draw(st.integers(2, 3))))
+    if kind == "comment":
+        return f": {draw(_TEXT)}"
+    if kind == "field":
+        return f"event: {draw(_TEXT)}\ndata: {draw(_TEXT)}"
+    if kind == "nospace":
+        return f"data:{draw(_TEXT)}"
+    return ""
+
+
+@st.composite
+def _stream(draw: st.DrawFn) -> tuple[list[bytes], int]:
+    events = draw(st.lists(_event(), min_size=0, max_size=8))
+    newline = draw(st.sampled_from(["\n", "\n", "\r\n", "\r"]))
+    text = "".join(e.replace("\n", newline) + newline * 2 for e in events)
+    if draw(st.booleans()):  # an unfinished last event (no blank line)
+        text += f"data: {draw(_TEXT)}"
+    body = text.encode()
+    # chunked framing with random chunk sizes, extensions, trailers
+    chunks, i = [], 0
+    while i < len(body):
+        n = draw(st.integers(1, max(1, len(body) - i)))
+        ext = draw(st.sampled_from(["", "", ";x=1"]))
+        size = draw(st.sampled_from(["%x", "%X"])) % n
+        chunks.append(f"{size}{ext}\r\n".encode() + body[i:i + n] + b"\r\n")
+        i += n
+    chunks.append(b"0\r\n" + draw(st.sampled_from([b"", b"X-Trailer: 1\r\n"])) + b"\r\n")
+    wire = HEAD + b"".join(chunks)
+    # random reads: the head may share a read with the body, or be cut anywhere
+    cuts = sorted(set(draw(st.lists(st.integers(1, len(wire) - 1), max_size=10))))
+    reads = [wire[a:b] for a, b in zip([0, *cuts], [*cuts, len(wire)])]
+    max_event = draw(st.sampled_from([1 << 20, 24]))
+    return reads, max_event
+
+
+PROPERTY = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@PROPERTY
+@given(_stream())
+def test_lane_and_python_read_every_stream_alike(stream: tuple[list[bytes], int]) -> None:
+    reads, max_event = stream
+    with pytest.MonkeyPatch.context() as mp:
+        python = _replay(reads, False, max_event, mp)
+    with pytest.MonkeyPatch.context() as mp:
+        lane = _replay(reads, True, max_event, mp)
+    assert not python["used_lane"]
+    python.pop("used_lane")
+    lane.pop("used_lane")
+    assert lane == python
+
+
+def _chunked(*payloads: bytes, end: bytes = b"0\r\n\r\n") -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in payloads) + end
+
+
+@pytest.mark.parametrize("lane", [True, False], ids=["lane", "python"])
+@pytest.mark.parametrize(
+    ("wire", "message"),
+    [
+        (b"zz\r\n", "malformed HTTP response"),
+        (b"3\r\ndata\r\n", "malformed HTTP response"),  # 4 bytes in a 3-byte chunk
+        (b"ffffffffffffffffffff\r\n", "malformed HTTP response"),
+    ],
+    ids=["bad-size", "long-chunk", "size-overflow"],
+)
+def test_malformed_chunking_is_a_protocol_error_on_both_paths(
+    wire: bytes, message: str, lane: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    result = _replay([HEAD, wire], lane, 1 << 20, monkeypatch)
+    assert result["outcome"][0] == "error" and result["outcome"][2].startswith(message), result
+    assert result["aborted"] and not result["idle"]
+    assert result["used_lane"] is lane
+
+
+@pytest.mark.parametrize("lane", [True, False], ids=["lane", "python"])
+def test_a_whole_stream_in_one_read_and_the_connection_is_kept(lane: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    wire = HEAD + _chunked(b'data: {"a":1}\n\n', b'data: {"a":2}\n\ndata: [DONE]\n\n')
+    result = _replay([wire], lane, 1 << 20, monkeypatch)
+    assert result["events"] == [b'{"a":1}', b'{"a":2}']
+    assert result["stamps"] == [0, 0]
+    assert result["outcome"] == ("ok", 200) and result["idle"] and not result["aborted"]
+    assert result["used_lane"] is lane
+
+
+@pytest.mark.parametrize("lane", [True, False], ids=["lane", "python"])
+def test_bytes_after_the_end_of_the_message_retire_the_connection(lane: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    wire = HEAD + _chunked(b"data: x\n\ndata: [DONE]\n\n") + b"HTTP/1.1 200 OK\r\n"
+    result = _replay([wire], lane, 1 << 20, monkeypatch)
+    assert result["events"] == [b"x"] and result["outcome"] == ("ok", 200)
+    assert not result["idle"]
