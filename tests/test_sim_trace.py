@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import urllib.request
 from pathlib import Path
 
@@ -63,3 +64,50 @@ async def test_trace_since_polling_returns_a_request_that_ends_after_a_later_one
     (long_trace,) = later["requests"]
     assert long_trace["x_request_id"] == "long" and long_trace["outcome"] == "ok"
     assert long_trace["seq"] < poll["requests"][0]["seq"]  # it arrived first, and is still returned
+
+
+def _prom_sum(text: str, name: str) -> float:
+    (line,) = [ln for ln in text.splitlines() if ln.startswith(f"{name}_sum")]
+    return float(line.rsplit(" ", 1)[1])
+
+
+def test_arrival_is_when_the_bytes_came_not_when_the_handler_started(tmp_path: Path) -> None:
+    """Two requests pipelined in one write on one connection: both reach the process
+    together, but the second's handler only starts once the first response is done.
+    Its ``arrival`` is the first (the HTTP layer's data_received), ``handler_mono``
+    the second, and TTFT and e2e (trace and /metrics) count from ``arrival``: the
+    server's front-end queue is the server's time, as the user sees it."""
+    sim = ("--decode-step-ms", "5", "--decode-ms-per-seq", "0")
+    with running_server(ServerConfig(sim_args=sim, startup_timeout=20), tmp_path) as server:
+        host, port = server.base_url.removeprefix("http://").rsplit(":", 1)
+        requests = b""
+        for name in ("one", "two"):
+            body = json.dumps({"prompt": "a b c", "max_tokens": 10, "stream": True}).encode()
+            requests += (
+                f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                f"X-Request-Id: {name}\r\nContent-Length: {len(body)}\r\n\r\n"
+            ).encode() + body
+        with socket.create_connection((host, int(port)), timeout=20) as sock:
+            sock.sendall(requests)  # one write: both requests arrive together
+            received = b""
+            while received.count(b"data: [DONE]") < 2 or not received.endswith(b"0\r\n\r\n"):
+                data = sock.recv(65536)
+                assert data, "connection closed before both responses ended"
+                received += data
+        traces = {t["x_request_id"]: t for t in _get_json(f"{server.base_url}/sim/trace")["requests"]}
+        with urllib.request.urlopen(f"{server.base_url}/metrics", timeout=10) as response:
+            metrics = response.read().decode()
+    one, two = traces["one"], traces["two"]
+    for trace in (one, two):
+        assert trace["outcome"] == "ok"
+        assert trace["arrival_mono"] <= trace["handler_mono"] <= trace["first_token_mono"]
+        wall_offset = trace["arrival_wall"] - trace["arrival_mono"]
+        assert trace["handler_wall"] - trace["handler_mono"] == pytest.approx(wall_offset)
+    # the second arrived with the first, and waited for it to end before its handler ran
+    assert two["arrival_mono"] < one["first_token_mono"] < one["end_mono"] < two["handler_mono"]
+    # TTFT and e2e count from arrival, in the trace and on /metrics
+    ttft_sum = sum(t["first_token_mono"] - t["arrival_mono"] for t in (one, two))
+    e2e_sum = sum(t["end_mono"] - t["arrival_mono"] for t in (one, two))
+    assert _prom_sum(metrics, "vllm:time_to_first_token_seconds") == pytest.approx(ttft_sum, abs=1e-9)
+    assert _prom_sum(metrics, "vllm:e2e_request_latency_seconds") == pytest.approx(e2e_sum, abs=1e-9)
+    assert ttft_sum > sum(t["first_token_mono"] - t["handler_mono"] for t in (one, two))

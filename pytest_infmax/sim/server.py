@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from pytest_infmax.sim.engine import (
     FINISH_ABORT,
@@ -865,13 +866,15 @@ def _response_headers(base: dict[str, str], trace: RequestTrace) -> dict[str, st
 
 
 async def _generate(
-    request: web.Request, params: GenerationParams, shape: _ResponseShape, arrival: float
+    request: web.Request, params: GenerationParams, shape: _ResponseShape, handler_start: float
 ) -> web.StreamResponse:
     config = request.app[CONFIG_KEY]
     engine = request.app[ENGINE_KEY]
     obs = request.app[OBS_KEY]
     fault = obs.choose_fault(request)
-    trace = obs.traces.begin(request.path, arrival, request.headers.get("X-Request-Id"))
+    trace = obs.traces.begin(
+        request.path, request_arrival(request, handler_start), request.headers.get("X-Request-Id"), handler_start
+    )
     trace.response_id = shape.response_id
     trace.stream = params.stream
     trace.prompt_tokens = params.prompt_tokens
@@ -909,23 +912,123 @@ async def _generate(
         obs.finish(trace, CANCELLED, engine_request)
 
 
+# -- arrival: when a request's first bytes reached the process ---------------------------
+#
+# A handler starts when the event loop gets to it: after the HTTP layer has read and
+# parsed the request, and after whatever else the single loop was doing (writing
+# chunks for every other stream, parsing the other requests that arrived together).
+# Counting TTFT from there hides the server's own front-end queue, and a client
+# compared against it is charged with the server's delay. So every request is stamped
+# in ``data_received``, when the first bytes of it reach the process, and that stamp
+# is the request's ``arrival`` (trace, TTFT, e2e); the handler start is kept beside it
+# (``handler_mono``). It is still as late as the loop's next read of that socket:
+# ``benchmarks/timing_truth.py --wire`` measures that part from kernel timestamps.
+#
+# aiohttp has no public hook for the per-connection protocol, so ``build_app``
+# wraps the app's (private) ``_make_handler``: the Server it returns makes
+# ``_ArrivalStampingHandler`` protocols, and its request factory moves each stamp
+# onto its request (``request[ARRIVAL_KEY]``). Wherever a stamp is missing (an
+# aiohttp whose internals moved, a request parsed from an upgrade's tail), the
+# arrival is the handler start, as before.
+
+ARRIVAL_KEY = web.RequestKey("infmax_sim_arrival", float)
+_MAX_PENDING_STAMPS = 64  # bounded: stamps of messages that never reach the factory are dropped
+
+
+class _ArrivalStampingHandler(RequestHandler):
+    """aiohttp's HTTP/1 protocol, plus a ``time.monotonic()`` stamp per request of
+    when its first bytes were handed to ``data_received``."""
+
+    __slots__ = ("infmax_stamps", "_infmax_first_rx", "_infmax_body")
+
+    def __init__(self, manager: web.Server, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        # id(message) -> (message, stamp): the factory looks its message up by identity
+        self.infmax_stamps: dict[int, tuple[object, float]] = {}
+        self._infmax_first_rx: float | None = None  # first bytes of a request not yet parsed
+        self._infmax_body: Any = None  # payload of the latest request, while its body arrives
+
+    def data_received(self, data: bytes) -> None:
+        now = time.monotonic()
+        body = self._infmax_body
+        if data and self._infmax_first_rx is None and (body is None or body.is_eof()):
+            self._infmax_first_rx = now  # not the rest of a body: these bytes start a request
+        before = self._request_count
+        super().data_received(data)
+        new = self._request_count - before
+        if new <= 0:
+            return
+        stamps = self.infmax_stamps
+        if len(stamps) + new > _MAX_PENDING_STAMPS:
+            stamps.clear()
+        first = self._infmax_first_rx if self._infmax_first_rx is not None else now
+        self._infmax_first_rx = None
+        entries = list(self._messages)[-new:]  # data_received appended them last
+        for index, (message, _) in enumerate(entries):
+            stamps[id(message)] = (message, first if index == 0 else now)
+        self._infmax_body = entries[-1][1]
+
+
+class _ArrivalStampingServer(web.Server):
+    """A ``web.Server`` whose connections are :class:`_ArrivalStampingHandler`."""
+
+    def __call__(self) -> RequestHandler:
+        try:
+            return _ArrivalStampingHandler(self, loop=self._loop, **self._kwargs)
+        except TypeError:  # handler arguments this aiohttp does not know: aiohttp's own fallback
+            return super().__call__()
+
+
+def _stamping_request_factory(make_request: Callable[..., web.BaseRequest]) -> Callable[..., web.BaseRequest]:
+    def factory(message: Any, payload: Any, protocol: Any, writer: Any, task: Any) -> web.BaseRequest:
+        request = make_request(message, payload, protocol, writer, task)
+        stamps = getattr(protocol, "infmax_stamps", None)
+        if stamps:
+            entry = stamps.pop(id(message), None)
+            if entry is not None and entry[0] is message:
+                request[ARRIVAL_KEY] = entry[1]
+        return request
+
+    return factory
+
+
+def _install_arrival_stamps(app: web.Application) -> None:
+    make_handler = app._make_handler
+
+    def make_stamping_handler(**kwargs: Any) -> web.Server:
+        server = make_handler(**kwargs)
+        if type(server) is web.Server:  # only the class we know the state of
+            server.__class__ = _ArrivalStampingServer
+            server.request_factory = _stamping_request_factory(server.request_factory)
+        return server
+
+    app._make_handler = make_stamping_handler  # type: ignore[method-assign]
+
+
+def request_arrival(request: web.Request, handler_start: float) -> float:
+    """When the request's first bytes reached the process (``time.monotonic()``), or
+    ``handler_start`` where the HTTP layer did not stamp it; never later than it."""
+    stamp = request.get(ARRIVAL_KEY)
+    return handler_start if stamp is None else min(stamp, handler_start)
+
+
 # -- handlers ---------------------------------------------------------------------------
 
 
 async def handle_completions(request: web.Request) -> web.StreamResponse:
-    arrival = time.monotonic()
+    handler_start = time.monotonic()
     request.app[OBS_KEY].on_generation_request()
     config = request.app[CONFIG_KEY]
     params = parse_completion_request(await _read_json_body(request), config.model)
-    return await _generate(request, params, CompletionShape(config.model), arrival)
+    return await _generate(request, params, CompletionShape(config.model), handler_start)
 
 
 async def handle_chat_completions(request: web.Request) -> web.StreamResponse:
-    arrival = time.monotonic()
+    handler_start = time.monotonic()
     request.app[OBS_KEY].on_generation_request()
     config = request.app[CONFIG_KEY]
     params = parse_chat_request(await _read_json_body(request), config.model)
-    return await _generate(request, params, ChatShape(config.model), arrival)
+    return await _generate(request, params, ChatShape(config.model), handler_start)
 
 
 async def handle_models(request: web.Request) -> web.Response:
@@ -1059,6 +1162,7 @@ def build_app(config: SimConfig) -> web.Application:
     app = web.Application(middlewares=[_openai_gate], client_max_size=256 * 1024 * 1024)
     app[CONFIG_KEY] = config
     app[OBS_KEY] = Observability(config)
+    _install_arrival_stamps(app)
 
     async def start_engine(app: web.Application) -> None:
         engine = Engine(config.engine, config.cost_model)

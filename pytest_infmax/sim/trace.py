@@ -1,7 +1,8 @@
 """Ground truth: what the simulator sent, and when, request by request.
 
 For every generation request the server keeps a :class:`RequestTrace`: when it
-arrived, was scheduled, and when each content event was handed to the socket
+arrived (its first bytes reached the process; the handler start, later by the
+server's front-end queue, is kept beside it), was scheduled, and when each content event was handed to the socket
 (stamped just before the write, on ``time.monotonic()`` and as a wall-clock epoch),
 with the tokens each event carried. A client's timestamps can then be checked
 against the server's: the difference is the client's measurement error plus the
@@ -65,6 +66,7 @@ class RequestTrace:
         "prompt_tokens",
         "max_tokens",
         "arrival",
+        "handler",
         "queued",
         "scheduled",
         "first_token",
@@ -80,11 +82,17 @@ class RequestTrace:
         "committed",
     )
 
-    def __init__(self, seq: int, endpoint: str, arrival: float, x_request_id: str | None) -> None:
+    def __init__(
+        self, seq: int, endpoint: str, arrival: float, x_request_id: str | None, handler: float | None = None
+    ) -> None:
         self.seq = seq  # arrival order
         self.commit_seq: int | None = None  # order of recording (what ?since= counts), set by commit
         self.endpoint = endpoint
+        # The request's first bytes reached the process (the HTTP layer's data_received):
+        # what TTFT and e2e count from. ``handler``: its handler started (later by the
+        # server's front-end queue: the loop parsing and serving everything else).
         self.arrival = arrival
+        self.handler = arrival if handler is None else handler
         self.x_request_id = x_request_id
         self.response_id: str | None = None
         self.stream = False
@@ -134,6 +142,8 @@ class RequestTrace:
             "completion_tokens": self.completion_tokens,
             "arrival_mono": self.arrival,
             "arrival_wall": clock.wall(self.arrival),
+            "handler_mono": self.handler,
+            "handler_wall": clock.wall(self.handler),
             "queued_mono": self.queued,
             "queued_wall": clock.wall(self.queued),
             "scheduled_mono": self.scheduled,
@@ -177,8 +187,10 @@ class TraceLog:
             self._file.close()
             self._file = None
 
-    def begin(self, endpoint: str, arrival: float, x_request_id: str | None) -> RequestTrace:
-        trace = RequestTrace(self._next_seq, endpoint, arrival, x_request_id)
+    def begin(
+        self, endpoint: str, arrival: float, x_request_id: str | None, handler: float | None = None
+    ) -> RequestTrace:
+        trace = RequestTrace(self._next_seq, endpoint, arrival, x_request_id, handler)
         self._next_seq += 1
         self._open[trace.seq] = trace
         return trace
