@@ -993,6 +993,8 @@ def _stamping_request_factory(make_request: Callable[..., web.BaseRequest]) -> C
 
 
 def _install_arrival_stamps(app: web.Application) -> None:
+    if not all(hasattr(RequestHandler, name) for name in ("_request_count", "_messages")):
+        return  # an aiohttp whose internals moved: arrival stays the handler start
     make_handler = app._make_handler
 
     def make_stamping_handler(**kwargs: Any) -> web.Server:
