@@ -233,14 +233,8 @@ class StreamConnection(asyncio.Protocol):
             # (_lane_feed inlined: a Python call less per event)
             try:
                 end = lane.feed(data, now)
-            except StreamError as exc:
-                self._fail(exc)
-                return
-            except _LaneError as exc:
-                self._fail(StreamError(ErrorKind.PROTOCOL, str(exc)))
-                return
             except Exception as exc:  # never let a bad stream kill the event loop's callback
-                self._fail(StreamError(ErrorKind.PROTOCOL, f"unreadable response: {type(exc).__name__}: {exc}"))
+                self._fail(_lane_failure(exc))
                 return
             if lane.done or end >= 0:
                 self._lane_progress(lane, end < len(data) if end >= 0 else False, end >= 0, now)
@@ -402,14 +396,8 @@ class StreamConnection(asyncio.Protocol):
         """Body bytes that arrived at ``now``, through the fast lane."""
         try:
             end = lane.feed(data, now)
-        except StreamError as exc:
-            self._fail(exc)
-            return
-        except _LaneError as exc:
-            self._fail(StreamError(ErrorKind.PROTOCOL, str(exc)))
-            return
         except Exception as exc:
-            self._fail(StreamError(ErrorKind.PROTOCOL, f"unreadable response: {type(exc).__name__}: {exc}"))
+            self._fail(_lane_failure(exc))
             return
         if lane.done or end >= 0:
             self._lane_progress(lane, end < len(data) if end >= 0 else False, end >= 0, now)
@@ -637,6 +625,16 @@ async def stream_post(
 def _expire(conn: StreamConnection, future: asyncio.Future[int], timeout: float) -> None:
     if not future.done() and conn.exchange is not None and conn.exchange.future is future:
         conn._fail(StreamError(ErrorKind.TIMEOUT, f"no complete response within {timeout:g} s"))
+
+
+def _lane_failure(exc: Exception) -> StreamError:
+    """What ends a request whose body the fast lane was reading: the sink's own typed
+    error, the lane's framing error, or anything else as an unreadable response."""
+    if isinstance(exc, StreamError):
+        return exc
+    if isinstance(exc, _LaneError):
+        return StreamError(ErrorKind.PROTOCOL, str(exc))
+    return StreamError(ErrorKind.PROTOCOL, f"unreadable response: {type(exc).__name__}: {exc}")
 
 
 def _error_message(status: int, body: str) -> str:
