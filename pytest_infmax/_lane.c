@@ -253,7 +253,7 @@ body(Lane *self, const char *p, Py_ssize_t n, PyObject *t)
         }
         return 0;
     }
-    Py_ssize_t from = self->buf_len > 0 ? self->buf_len - 1 : 0;  /* a blank line may straddle */
+    Py_ssize_t from = self->buf_len - 1;  /* a blank line may straddle the old end */
     if (buf_append(self, p, n) < 0)
         return -1;
     Py_ssize_t rest = split(self, self->buf, self->buf_len, from, t);
@@ -425,7 +425,6 @@ static PyMethodDef lane_methods[] = {
 
 static PyMemberDef lane_members[] = {
     {"done", T_BOOL, offsetof(Lane, done), READONLY, "a data: [DONE] event was seen"},
-    {"raw", T_BOOL, offsetof(Lane, raw), READONLY, "body bytes go to on_raw (a CR was seen)"},
     {NULL}
 };
 

@@ -237,7 +237,7 @@ class StreamConnection(asyncio.Protocol):
                 self._fail(_lane_failure(exc))
                 return
             if lane.done or end >= 0:
-                self._lane_progress(lane, end < len(data) if end >= 0 else False, end >= 0, now)
+                self._lane_progress(lane, end, len(data), now)
             return
         self._now = now
         ex = self.exchange
@@ -376,17 +376,9 @@ class StreamConnection(asyncio.Protocol):
         self._parser_spent = True
         head = b"".join(self._head)
         self._head.clear()
-        end = head.find(b"\r\n\r\n")
-        body_start = end + 4 - (len(head) - len(data))
-        if end < 0 or body_start < 0:  # a head ended some other way (bare LF): no lane for it
-            self.parser = httptools.HttpResponseParser(self)
-            self._parser_spent = False
-            ex.status, ex.chunked = 0, None
-            try:
-                self.parser.feed_data(head)
-            except httptools.HttpParserError as exc:
-                self._fail(StreamError(ErrorKind.PROTOCOL, f"malformed HTTP response: {exc}"))
-            return
+        # llhttp takes a response head only with CRLF line ends, so its first blank
+        # line is its end, and the headers were completed in this read
+        body_start = head.find(b"\r\n\r\n") + 4 - (len(head) - len(data))
         decoder = ex.decoder
         self.lane = _Lane(decoder.sink.on_event, self._lane_block, self._lane_raw, decoder.max_event_bytes)
         if body_start < len(data):
@@ -400,7 +392,7 @@ class StreamConnection(asyncio.Protocol):
             self._fail(_lane_failure(exc))
             return
         if lane.done or end >= 0:
-            self._lane_progress(lane, end < len(data) if end >= 0 else False, end >= 0, now)
+            self._lane_progress(lane, end, len(data), now)
 
     def _lane_block(self, block: bytes, t: float) -> bool:
         """An event that is not one ``data:`` line: the SSE spec's path, in Python."""
@@ -415,8 +407,9 @@ class StreamConnection(asyncio.Protocol):
         decoder.feed(data, t)
         return decoder.sink.done
 
-    def _lane_progress(self, lane: Any, leftover: bool, complete: bool, now: float) -> None:
-        """The lane saw [DONE], or the end of the HTTP message (``complete``)."""
+    def _lane_progress(self, lane: Any, end: int, size: int, now: float) -> None:
+        """The lane saw [DONE], or the end of the HTTP message (``end`` ≥ 0: just past
+        it, in a read of ``size`` bytes)."""
         ex = self.exchange
         if ex is None:
             return
@@ -424,11 +417,11 @@ class StreamConnection(asyncio.Protocol):
         if lane.done and not ex.future.done():
             decoder.last_time = now
             ex.future.set_result(ex.status)
-        if not complete:
+        if end < 0:
             return
         self.lane = None
         ex.finished = True
-        if leftover:  # bytes after the end of the message, unasked for: do not reuse the connection
+        if end < size:  # bytes after the end of the message, unasked for: do not reuse the connection
             ex.keep_alive = False
         if not ex.future.done():
             rest = lane.take_rest()

@@ -13,6 +13,7 @@ live paths over loopback are covered by test_hostile_server.py, which runs both.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -64,7 +65,10 @@ class _Transport:
 def _replay(reads: list[bytes], lane: bool, max_event_bytes: int, monkeypatch: pytest.MonkeyPatch) -> dict:
     """Feed ``reads`` (read i stamped i) to one connection; what it delivered and how it ended."""
     monkeypatch.setenv(streamclient.WIRE_ENV, "" if lane else "python")
-    _stamps.clear()
+    # streamclient reads its clock once per read: read i is stamped i (only its clock:
+    # hypothesis times itself with the real one)
+    reads_so_far = itertools.count()
+    monkeypatch.setattr(streamclient, "time", SimpleNamespace(perf_counter=lambda: float(next(reads_so_far))))
 
     async def go() -> dict:
         pool = ConnectionPool("http://127.0.0.1:9/v1/completions")
@@ -89,7 +93,7 @@ def _replay(reads: list[bytes], lane: bool, max_event_bytes: int, monkeypatch: p
             outcome = ("pending",)
         return {
             "events": [d for d, _ in sink.events],
-            "stamps": [t for _, t in sink.events],  # read i is stamped i (the fixture below)
+            "stamps": [t for _, t in sink.events],
             "done": sink.done,
             "outcome": outcome,
             "idle": conn in pool._idle_conns and not conn.closed,  # would be reused
@@ -98,25 +102,6 @@ def _replay(reads: list[bytes], lane: bool, max_event_bytes: int, monkeypatch: p
         }
 
     return asyncio.run(go())
-
-
-_stamps: list[float] = []
-
-
-@pytest.fixture(autouse=True)
-def _stamp_per_read(monkeypatch: pytest.MonkeyPatch):
-    """perf_counter() in streamclient returns 0.0, 1.0, 2.0, ... one per read."""
-    _stamps.clear()
-
-    def fake() -> float:
-        t = float(len(_stamps))
-        _stamps.append(t)
-        return t
-
-    # only streamclient's clock: hypothesis times itself with the real one
-    monkeypatch.setattr(streamclient, "time", SimpleNamespace(perf_counter=fake))
-    yield
-    _stamps.clear()
 
 
 # -- strategies ------------------------------------------------------------------------------------

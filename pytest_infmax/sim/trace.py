@@ -2,8 +2,8 @@
 
 For every generation request the server keeps a :class:`RequestTrace`: when it
 arrived (its first bytes reached the process; the handler start, later by the
-server's front-end queue, is kept beside it), was scheduled, and when each content event was handed to the socket
-(stamped just before the write, on ``time.monotonic()`` and as a wall-clock epoch),
+server's front-end queue, is kept beside it), was scheduled, and when each content
+event was handed to the socket (stamped just before the write, on ``time.monotonic()`` and as a wall-clock epoch),
 with the tokens each event carried. A client's timestamps can then be checked
 against the server's: the difference is the client's measurement error plus the
 loopback transfer.
