@@ -357,12 +357,14 @@ def add_options(parser: Any) -> None:
     """Register every setting as a CLI flag and an ini key (pytest's parser)."""
     group = parser.getgroup("infmax", "LLM inference SLA testing (pytest-infmax)")
     for s in SETTINGS:
+        # argparse %-formats help texts when it prints them: a literal % (e.g. "5%") must be doubled
+        text = s.help.replace("%", "%%")
         if s.switch:
             group.addoption(s.flag, dest=f"infmax_{s.name}", default=None, action="store_const", const="on",
-                            help=f"{s.help} [env {s.env}, ini {s.ini}: on/off]")
+                            help=f"{text} [env {s.env}, ini {s.ini}: on/off]")
         else:
             group.addoption(s.flag, dest=f"infmax_{s.name}", default=None, metavar=s.metavar,
-                            help=f"{s.help} [env {s.env}, ini {s.ini}]")
+                            help=f"{text} [env {s.env}, ini {s.ini}]")
         parser.addini(s.ini, help=s.help, default=None)
 
 

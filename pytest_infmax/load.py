@@ -314,10 +314,17 @@ class ResponseAccumulator:
             chunk = _decode_chunk(data)
         except msgspec.ValidationError as exc:
             raise StreamError(ErrorKind.PROTOCOL, f"unexpected SSE data ({exc}): {data[:120]!r}") from None
-        except msgspec.DecodeError as exc:
-            raise StreamError(ErrorKind.PROTOCOL, f"SSE data is not JSON ({exc}): {data[:120]!r}") from None
-        except UnicodeDecodeError as exc:  # in a string it decodes (skipped fields are not checked)
+        except UnicodeDecodeError as exc:  # msgspec < 0.23, in a string it decodes (skipped fields are not checked)
             raise StreamError(ErrorKind.PROTOCOL, f"SSE data is not valid UTF-8 ({exc}): {data[:120]!r}") from None
+        except msgspec.DecodeError as exc:
+            # msgspec >= 0.23 reports invalid UTF-8 as a DecodeError ("Invalid UTF-8 encoded string"):
+            # tell that case apart by decoding, on this error path only, so the message does not
+            # depend on which release is installed.
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError as utf8:
+                raise StreamError(ErrorKind.PROTOCOL, f"SSE data is not valid UTF-8 ({utf8}): {data[:120]!r}") from None
+            raise StreamError(ErrorKind.PROTOCOL, f"SSE data is not JSON ({exc}): {data[:120]!r}") from None
         if chunk.error is not None:
             err = chunk.error
             msg = str(err.get("message", err) if isinstance(err, dict) else err)

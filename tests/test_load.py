@@ -162,6 +162,18 @@ def test_broken_streams_are_typed_errors(events, kind) -> None:
     assert rec.error_kind is kind and rec.error_message
 
 
+def test_invalid_utf8_is_named_whichever_msgspec_is_installed() -> None:
+    # msgspec < 0.23 raised UnicodeDecodeError for invalid UTF-8 inside a string, 0.23 a
+    # DecodeError("Invalid UTF-8 encoded string"); the user is told the same either way.
+    acc = ResponseAccumulator(RequestRecord(index=0))
+    bad = b'{"choices": [{"index": 0, "text": "\xff\xfe bad", "finish_reason": null}]}'
+    with pytest.raises(StreamError, match=r"^SSE data is not valid UTF-8 \(") as info:
+        acc.on_event(bad, 1.0)
+    assert info.value.kind is ErrorKind.PROTOCOL
+    with pytest.raises(StreamError, match=r"^SSE data is not JSON \("):  # valid UTF-8, broken JSON
+        acc.on_event(b'{"choices": [', 1.0)
+
+
 def test_done_without_finish_reason_and_finish_without_done_both_succeed() -> None:
     assert replay([(0.1, _chunk(" a")), (0.2, "[DONE]")]).ok
     assert replay([(0.1, _chunk(" a", finish="length"))]).ok

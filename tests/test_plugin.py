@@ -23,6 +23,19 @@ def _write(pytester: pytest.Pytester, body: str) -> None:
     pytester.makeini(f"[pytest]\ninfmax_sim_args = {FAST_SIM}\nasyncio_default_fixture_loop_scope = function\n")
 
 
+def test_help_lists_every_option(pytester: pytest.Pytester) -> None:
+    # argparse %-formats help texts: one bare "%" (e.g. "5%" in --infmax-min-effect's) crashed
+    # `pytest --help` for every project in the venv. Each flag is named with its env variable.
+    from pytest_infmax.config import SETTINGS
+
+    result = pytester.runpytest_subprocess("--help")
+    assert result.ret == 0, result.stderr.str()
+    out = result.stdout.str()
+    for setting in SETTINGS:
+        assert setting.flag in out and setting.env in out, setting.flag
+    assert "e.g. 5% [env INFMAX_MIN_EFFECT" in " ".join(out.split())  # printed as written, not as %%
+
+
 def test_sla_that_holds_passes_and_prints_table(pytester: pytest.Pytester) -> None:
     _write(pytester, """
         import pytest
