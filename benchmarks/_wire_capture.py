@@ -182,8 +182,13 @@ def capture(port: int, out: Path, idle: bool, cpus: set[int] | None) -> dict:
             sec, nsec = struct.unpack("qq", ts[:16])
             f.write(struct.pack("<qI", sec * 1_000_000_000 + nsec, len(data)))
             f.write(data)
-    return {"packets": len(packets), "kernel_received": received, "kernel_dropped": dropped,
-            "no_timestamp": bad_ts, "clock_samples": len(samples)}
+    return {
+        "packets": len(packets),
+        "kernel_received": received,
+        "kernel_dropped": dropped,
+        "no_timestamp": bad_ts,
+        "clock_samples": len(samples),
+    }
 
 
 # -- reading a capture -------------------------------------------------------------------
@@ -214,7 +219,7 @@ def read_capture(path: Path) -> tuple[list[tuple[int, int]], list[tuple[int, byt
     while pos < len(raw):
         ts, length = struct.unpack_from("<qI", raw, pos)
         pos += 12
-        packets.append((ts, raw[pos:pos + length]))
+        packets.append((ts, raw[pos : pos + length]))
         pos += length
     return samples, packets
 
@@ -325,7 +330,7 @@ def _responses(stream: _Stream) -> list[tuple[float, list[float]]]:
                 if size == 0:
                     p = data.find(b"\r\n", chunk_start) + 2  # no trailers from these servers
                     break
-                chunk = data[chunk_start:chunk_start + size]
+                chunk = data[chunk_start : chunk_start + size]
                 # events ending inside this chunk: their last byte's packet
                 base = len(pending)
                 pending += chunk
@@ -358,7 +363,7 @@ def reassemble(path: Path, server_port: int) -> tuple[list[WireRequest], dict]:
         total = struct.unpack_from("!H", pkt, 2)[0]
         sport, dport, seq = struct.unpack_from("!HHI", pkt, ihl)
         doff = (pkt[ihl + 12] >> 4) * 4
-        payload = pkt[ihl + doff:total]
+        payload = pkt[ihl + doff : total]
         t = to_mono(ts)
         if dport == server_port:
             c2s[sport].add(seq, payload, t)
@@ -376,16 +381,23 @@ def reassemble(path: Path, server_port: int) -> tuple[list[WireRequest], dict]:
             request_line, headers, body = head
             method, path_, _ = (request_line.split(" ") + ["", ""])[:3]
             length = int(headers.get("content-length", "0"))
-            content = data[body:body + length]
-            conn_requests.append(WireRequest(conn, len(conn_requests), stream.time_of(pos), method, path_,
-                                             hashlib.sha256(content).hexdigest()))
+            content = data[body : body + length]
+            conn_requests.append(
+                WireRequest(
+                    conn, len(conn_requests), stream.time_of(pos), method, path_, hashlib.sha256(content).hexdigest()
+                )
+            )
             pos = body + length
         for request, (start, events) in zip(conn_requests, _responses(s2c[conn]) if conn in s2c else []):
             request.response_start = start
             request.event_times = events
         requests += conn_requests
-    info = {"packets": len(packets), "connections": len(c2s), "clock_offset_spread_us": to_mono.spread_ns / 1e3,
-            "clock_samples": len(samples)}
+    info = {
+        "packets": len(packets),
+        "connections": len(c2s),
+        "clock_offset_spread_us": to_mono.spread_ns / 1e3,
+        "clock_samples": len(samples),
+    }
     return requests, info
 
 

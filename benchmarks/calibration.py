@@ -165,7 +165,9 @@ def parallel_label(tp: int, gpus: int) -> str:
     return f"DEP{dp}" if tp == 1 else f"TP{tp}xDP{dp}"
 
 
-def engine_for(registry: ProfileRegistry, profile: str, tp: int, gpus: int, serving: Serving, precision: str | None = None):
+def engine_for(
+    registry: ProfileRegistry, profile: str, tp: int, gpus: int, serving: Serving, precision: str | None = None
+):
     hardware, model = registry.resolve(profile)
     deployment = Deployment(
         hardware, model, tp=tp, gpus=gpus, gpu_memory_utilization=serving.gpu_memory_utilization, precision=precision
@@ -208,9 +210,7 @@ def sweep(point: FrontierPoint, registry: ProfileRegistry, tp: int) -> list[tupl
 
 def frontier_at(curves: dict[int, list[tuple[int, float, float]]], interactivity: float) -> tuple[float, str]:
     """The upper envelope of every (interactivity, throughput) point, read at ``interactivity``."""
-    points = sorted(
-        ((x, y, f"TP{tp} c={c}") for tp, curve in curves.items() for c, x, y in curve), key=lambda p: -p[0]
-    )
+    points = sorted(((x, y, f"TP{tp} c={c}") for tp, curve in curves.items() for c, x, y in curve), key=lambda p: -p[0])
     envelope: list[tuple[float, float, str]] = []  # interactivity falling, throughput rising
     for x, y, label in points:
         if not envelope or y > envelope[-1][1]:
@@ -286,7 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--check", action="store_true", help="exit 1 if a target or fit point is outside 0.8-1.25")
-    parser.add_argument("--profile-file", action="append", default=[], help="extra profile TOML (as the simulator takes)")
+    parser.add_argument(
+        "--profile-file", action="append", default=[], help="extra profile TOML (as the simulator takes)"
+    )
     parser.add_argument("--jobs", type=int, default=2, help="points run in parallel (processes)")
     parser.add_argument("--extended", action="store_true", help="also the frontier swept to 512 streams (slower)")
     args = parser.parse_args(argv)
@@ -309,7 +311,9 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(results, indent=2))
     outside = [r for r in results if r["role"] != "check" and not BAND[0] <= r["ratio"] <= BAND[1]]
     if args.check and outside:
-        print(f"{len(outside)} target/fit point(s) outside {BAND[0]}-{BAND[1]}: {', '.join(r['name'] for r in outside)}")
+        print(
+            f"{len(outside)} target/fit point(s) outside {BAND[0]}-{BAND[1]}: {', '.join(r['name'] for r in outside)}"
+        )
         return 1
     return 0
 

@@ -136,7 +136,8 @@ class Emitter:
             {"requests": self.sent_requests, "tokens": self.sent_tokens, "events": self.sent_events}
         ).encode()
         return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
-            len(body), body,
+            len(body),
+            body,
         )
 
 
@@ -163,8 +164,8 @@ class _Conn(asyncio.Protocol):
             length = int(m.group(1)) if m else 0
             if len(self.buf) < head_end + 4 + length:
                 return
-            body = self.buf[head_end + 4: head_end + 4 + length]
-            self.buf = self.buf[head_end + 4 + length:]
+            body = self.buf[head_end + 4 : head_end + 4 + length]
+            self.buf = self.buf[head_end + 4 + length :]
             assert self.transport is not None
             if head.startswith(b"GET /stats"):
                 self.transport.write(self.emitter.stats())
@@ -195,16 +196,21 @@ def serve(port_file: Path, tokens_per_event: int, tick: float) -> None:
 # -- the clients (each run in a subprocess of its own) ----------------------------
 
 
-def client_ours(url: str, streams: int, requests: int, osl: int, loop: str = "uvloop", workers: int = 1,
-                wire: str = "") -> dict:
+def client_ours(
+    url: str, streams: int, requests: int, osl: int, loop: str = "uvloop", workers: int = 1, wire: str = ""
+) -> dict:
     os.environ["INFMAX_EVENT_LOOP"] = loop
     os.environ["INFMAX_WIRE"] = wire  # "python": streaming bodies without the C fast lane
     from pytest_infmax.load import LoadConfig, LoadGenerator, run_coroutine
     from pytest_infmax.scenarios import Scenario
 
     config = LoadConfig(
-        Scenario("bench", ISL, osl, range_ratio=1.0), concurrency=streams,
-        num_requests=requests, warmup=0, request_timeout=300, workers=workers,
+        Scenario("bench", ISL, osl, range_ratio=1.0),
+        concurrency=streams,
+        num_requests=requests,
+        warmup=0,
+        request_timeout=300,
+        workers=workers,
     )
     gen = LoadGenerator(url, "bench")
     cpu0, t0 = time.process_time(), time.perf_counter()
@@ -214,11 +220,14 @@ def client_ours(url: str, streams: int, requests: int, osl: int, loop: str = "uv
     errors = sorted({r.error_message or "" for r in run.records if not r.ok})
     client = run.client.to_dict() if run.client else {}
     return {
-        "cpu": cpu, "wall": wall, "requests": len(ok),
+        "cpu": cpu,
+        "wall": wall,
+        "requests": len(ok),
         "tokens": sum(r.output_tokens or 0 for r in ok),
         "chunk_tokens": sum(sum(r.chunk_tokens) for r in ok),
         "errors": errors[:3],
-        "client_bound": client.get("client_bound"), "reason": client.get("reason"),
+        "client_bound": client.get("client_bound"),
+        "reason": client.get("reason"),
         "loop_lag_p99_ms": client.get("loop_lag", {}).get("p99_ms"),
         # the measured phase as the run saw it (with workers: every worker's CPU, summed)
         "measured_wall": run.measured_end - run.measured_start,
@@ -232,8 +241,9 @@ def client_floor(url: str, streams: int, requests: int, osl: int) -> dict:
     from pytest_infmax.scenarios import Scenario, plan_request, request_body
 
     # the same kind of body ours sends, built once
-    body = json.dumps(request_body(plan_request(Scenario("bench", ISL, osl, range_ratio=1.0), 0, 0), "bench",
-                                   "completions", {})).encode()
+    body = json.dumps(
+        request_body(plan_request(Scenario("bench", ISL, osl, range_ratio=1.0), 0, 0), "bench", "completions", {})
+    ).encode()
 
     async def main() -> tuple[int, int]:
         issued = itertools.count()
@@ -241,6 +251,7 @@ def client_floor(url: str, streams: int, requests: int, osl: int) -> dict:
         nbytes = 0
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0)
         async with aiohttp.ClientSession(connector=connector) as session:
+
             async def worker() -> None:
                 nonlocal done, nbytes
                 while next(issued) < requests:
@@ -276,11 +287,13 @@ def client_peer(url: str, streams: int, requests: int, osl: int) -> dict:
         # no connection limit (aiohttp's default of 100 would run 256 streams in waves)
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=6 * 3600)) as session:
+
             async def worker() -> None:
                 nonlocal done, tokens
                 while (i := next(issued)) < requests:
-                    payload = request_body(plan_request(Scenario("bench", ISL, osl, range_ratio=1.0), i, 0),
-                                           "bench", "completions", {})
+                    payload = request_body(
+                        plan_request(Scenario("bench", ISL, osl, range_ratio=1.0), i, 0), "bench", "completions", {}
+                    )
                     st = time.perf_counter()
                     most_recent, ttft, itl, text = st, 0.0, [], ""
                     async with session.post(url, json=payload) as response:
@@ -318,11 +331,14 @@ def client_protocol_floor(url: str, streams: int, requests: int, osl: int) -> di
 
     from pytest_infmax.scenarios import Scenario, plan_request, request_body
 
-    body = json.dumps(request_body(plan_request(Scenario("bench", ISL, osl, range_ratio=1.0), 0, 0), "bench",
-                                   "completions", {})).encode()
+    body = json.dumps(
+        request_body(plan_request(Scenario("bench", ISL, osl, range_ratio=1.0), 0, 0), "bench", "completions", {})
+    ).encode()
     host, port = url.split("//", 1)[1].split("/", 1)[0].split(":")
-    request = (b"POST /v1/completions HTTP/1.1\r\nHost: %s:%s\r\nContent-Type: application/json\r\n"
-               b"Content-Length: %d\r\n\r\n%s" % (host.encode(), port.encode(), len(body), body))
+    request = (
+        b"POST /v1/completions HTTP/1.1\r\nHost: %s:%s\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (host.encode(), port.encode(), len(body), body)
+    )
 
     class Reader(asyncio.Protocol):
         """Keeps its connection; per read, only a timestamp and an end-of-response check."""
@@ -379,7 +395,8 @@ def _get_stats(base: str) -> dict:
 def _start_emitter(tmp: Path, k: int, tick: float) -> tuple[subprocess.Popen, str]:
     port_file = tmp / f"port-{k}-{tick}"
     proc = subprocess.Popen(
-        [sys.executable, __file__, "_emit", str(port_file), str(k), str(tick)], cwd=REPO,
+        [sys.executable, __file__, "_emit", str(port_file), str(k), str(tick)],
+        cwd=REPO,
     )
     deadline = time.monotonic() + 20
     while not port_file.exists():
@@ -392,7 +409,10 @@ def _start_emitter(tmp: Path, k: int, tick: float) -> tuple[subprocess.Popen, st
 def _run_client(kind: str, base: str, streams: int, requests: int, osl: int) -> dict:
     out = subprocess.run(
         [sys.executable, __file__, "_client", kind, base, str(streams), str(requests), str(osl)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     if out.returncode != 0:
         raise SystemExit(f"{kind} client failed:\n{out.stderr}")
@@ -405,8 +425,10 @@ KINDS = ("ours", "ours-python-wire", "ours-asyncio", "peer", "floor", "protocol-
 def workers_sweep(counts: list[int], streams: int, event_rate: float, osl: int) -> None:
     """Tokens per second the client consumes from an emitter asked for more than one
     process can read, with the load over 1..N worker processes."""
-    print(f"\nworkers: {streams} streams of {osl} one-token events, the emitter asked for "
-          f"{event_rate:g} events/s (more than one client process reads)")
+    print(
+        f"\nworkers: {streams} streams of {osl} one-token events, the emitter asked for "
+        f"{event_rate:g} events/s (more than one client process reads)"
+    )
     rows = []
     with tempfile.TemporaryDirectory() as tmpdir:
         proc, base = _start_emitter(Path(tmpdir), 1, streams / event_rate)
@@ -416,17 +438,22 @@ def workers_sweep(counts: list[int], streams: int, event_rate: float, osl: int) 
                 r = _run_client(f"ours-w{n}", base + "/v1/completions", streams, streams * 2, osl)
                 after = _get_stats(base)
                 assert r["requests"] == after["requests"] - before["requests"] == streams * 2, r
-                rows.append((n, r["tokens"] / r["measured_wall"], r["measured_cpu"], r["measured_wall"],
-                             r["client_bound"]))
+                rows.append(
+                    (n, r["tokens"] / r["measured_wall"], r["measured_cpu"], r["measured_wall"], r["client_bound"])
+                )
                 print(f"  workers={n}: {rows[-1][1]:,.0f} tok/s", flush=True)
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=10)
-    print("\n| workers | tokens/s consumed | vs 1 worker | client CPU-s (all workers) | CPU % of one core | client-bound |")
+    print(
+        "\n| workers | tokens/s consumed | vs 1 worker | client CPU-s (all workers) | CPU % of one core | client-bound |"
+    )
     print("|---|---|---|---|---|---|")
     for n, rate, cpu, wall, bound in rows:
-        print(f"| {n} | {rate:,.0f} | {rate / rows[0][1]:.2f} | {cpu:.2f} | {100 * cpu / wall:.0f}% | "
-              f"{'yes' if bound else 'no'} |")
+        print(
+            f"| {n} | {rate:,.0f} | {rate / rows[0][1]:.2f} | {cpu:.2f} | {100 * cpu / wall:.0f}% | "
+            f"{'yes' if bound else 'no'} |"
+        )
 
 
 def main() -> None:
@@ -434,31 +461,60 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="shorter responses, fewer events (< 1.5 min)")
     p.add_argument("--streams", type=int, nargs="+", default=[64, 256])
     p.add_argument("--tokens-per-event", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--tokens-per-request", type=int, default=None,
-                   help="output tokens per response (default 1024, --quick 256)")
-    p.add_argument("--event-rate", type=float, default=10_000.0,
-                   help="SSE events per second the emitter sends, over all streams (default: %(default)g)")
-    p.add_argument("--events", type=int, default=None,
-                   help="at least this many content events per measurement (default: 120k, --quick 25k)")
-    p.add_argument("--repeat", type=int, default=1,
-                   help="measure every client this many times, interleaved, and report the median (default: 1)")
+    p.add_argument(
+        "--tokens-per-request", type=int, default=None, help="output tokens per response (default 1024, --quick 256)"
+    )
+    p.add_argument(
+        "--event-rate",
+        type=float,
+        default=10_000.0,
+        help="SSE events per second the emitter sends, over all streams (default: %(default)g)",
+    )
+    p.add_argument(
+        "--events",
+        type=int,
+        default=None,
+        help="at least this many content events per measurement (default: 120k, --quick 25k)",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="measure every client this many times, interleaved, and report the median (default: 1)",
+    )
     p.add_argument("--json", type=Path, help="also write the rows here")
-    p.add_argument("--workers-sweep", type=int, nargs="+", metavar="N",
-                   help="instead: tokens/s consumed with the load over each of these worker counts")
-    p.add_argument("--sweep-event-rate", type=float, default=400_000.0,
-                   help="events/s the emitter is asked for in --workers-sweep (default: %(default)g)")
+    p.add_argument(
+        "--workers-sweep",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="instead: tokens/s consumed with the load over each of these worker counts",
+    )
+    p.add_argument(
+        "--sweep-event-rate",
+        type=float,
+        default=400_000.0,
+        help="events/s the emitter is asked for in --workers-sweep (default: %(default)g)",
+    )
     args = p.parse_args()
     events = args.events or (25_000 if args.quick else 120_000)
     if args.workers_sweep:
-        workers_sweep(args.workers_sweep, args.streams[-1], args.sweep_event_rate,
-                      args.tokens_per_request or (256 if args.quick else 1024))
+        workers_sweep(
+            args.workers_sweep,
+            args.streams[-1],
+            args.sweep_event_rate,
+            args.tokens_per_request or (256 if args.quick else 1024),
+        )
         return
     osl = args.tokens_per_request or (256 if args.quick else 1024)
 
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or platform.platform()}, "
-          f"Python {platform.python_version()}")
-    print(f"emitter: {args.event_rate:g} events/s in all, {osl} tokens per response, "
-          f">= {events} events per measurement\n")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or platform.platform()}, "
+        f"Python {platform.python_version()}"
+    )
+    print(
+        f"emitter: {args.event_rate:g} events/s in all, {osl} tokens per response, >= {events} events per measurement\n"
+    )
     rows = []
     with tempfile.TemporaryDirectory() as tmpdir:
         for streams in args.streams:
@@ -492,15 +548,22 @@ def main() -> None:
                 for kind in KINDS:
                     r = res[kind]
                     row[kind] = {
-                        "cpu_s": r["cpu"], "wall_s": r["wall"], "cpu_per_mtok_runs": r["cpu_all"],
+                        "cpu_s": r["cpu"],
+                        "wall_s": r["wall"],
+                        "cpu_per_mtok_runs": r["cpu_all"],
                         "cpu_per_mtok": r["cpu"] / (r["sent_tokens"] / 1e6),
                         "cpu_per_kreq": r["cpu"] / (r["sent_requests"] / 1e3),
-                        "requests": r["requests"], "sent_requests": r["sent_requests"],
+                        "requests": r["requests"],
+                        "sent_requests": r["sent_requests"],
                         "sent_tokens": r["sent_tokens"],
                     }
                 row["ours"].update(
-                    tokens=ours["tokens"], chunk_tokens=ours["chunk_tokens"], client_bound=ours["client_bound"],
-                    reason=ours["reason"], loop_lag_p99_ms=ours["loop_lag_p99_ms"], errors=ours["errors"],
+                    tokens=ours["tokens"],
+                    chunk_tokens=ours["chunk_tokens"],
+                    client_bound=ours["client_bound"],
+                    reason=ours["reason"],
+                    loop_lag_p99_ms=ours["loop_lag_p99_ms"],
+                    errors=ours["errors"],
                 )
                 row["ratio"] = row["ours"]["cpu_per_mtok"] / row["floor"]["cpu_per_mtok"]
                 row["ratio_peer"] = row["ours"]["cpu_per_mtok"] / row["peer"]["cpu_per_mtok"]
@@ -512,30 +575,54 @@ def main() -> None:
                     and res["ours-python-wire"]["tokens"] == res["ours-python-wire"]["sent_tokens"]
                 )
                 rows.append(row)
-                print(f"  streams={streams} tokens/event={k}, CPU-s/Mtok of each run: " + "; ".join(
-                    f"{kind} " + " ".join(f"{x:.1f}" for x in res[kind]["cpu_all"]) for kind in KINDS), flush=True)
+                print(
+                    f"  streams={streams} tokens/event={k}, CPU-s/Mtok of each run: "
+                    + "; ".join(f"{kind} " + " ".join(f"{x:.1f}" for x in res[kind]["cpu_all"]) for kind in KINDS),
+                    flush=True,
+                )
 
     print()
-    header = ("streams", "tok/event", "ours CPU-s/Mtok", "ours without C lane", "ours on asyncio loop",
-              "peer (vLLM-style)",
-              "ours/peer", "floor (aiohttp)", "ours/floor", "protocol floor", "ours/protocol floor",
-              "ours CPU-s/1k req",
-              "requests (counted/sent)", "tokens (counted/sent)", "ours CPU %", "client-bound")
+    header = (
+        "streams",
+        "tok/event",
+        "ours CPU-s/Mtok",
+        "ours without C lane",
+        "ours on asyncio loop",
+        "peer (vLLM-style)",
+        "ours/peer",
+        "floor (aiohttp)",
+        "ours/floor",
+        "protocol floor",
+        "ours/protocol floor",
+        "ours CPU-s/1k req",
+        "requests (counted/sent)",
+        "tokens (counted/sent)",
+        "ours CPU %",
+        "client-bound",
+    )
     lines = []
     for r in rows:
         o = r["ours"]
-        lines.append((
-            str(r["streams"]), str(r["tokens_per_event"]),
-            f"{o['cpu_per_mtok']:.1f}", f"{r['ours-python-wire']['cpu_per_mtok']:.1f}",
-            f"{r['ours-asyncio']['cpu_per_mtok']:.1f}",
-            f"{r['peer']['cpu_per_mtok']:.1f}", f"{r['ratio_peer']:.2f}",
-            f"{r['floor']['cpu_per_mtok']:.1f}", f"{r['ratio']:.2f}",
-            f"{r['protocol-floor']['cpu_per_mtok']:.1f}", f"{r['ratio_protocol']:.2f}",
-            f"{o['cpu_per_kreq']:.2f}",
-            f"{o['requests']}/{o['sent_requests']}", f"{o['tokens']}/{o['sent_tokens']}",
-            f"{100 * o['cpu_s'] / o['wall_s']:.0f}%",
-            "yes" if o["client_bound"] else "no",
-        ))
+        lines.append(
+            (
+                str(r["streams"]),
+                str(r["tokens_per_event"]),
+                f"{o['cpu_per_mtok']:.1f}",
+                f"{r['ours-python-wire']['cpu_per_mtok']:.1f}",
+                f"{r['ours-asyncio']['cpu_per_mtok']:.1f}",
+                f"{r['peer']['cpu_per_mtok']:.1f}",
+                f"{r['ratio_peer']:.2f}",
+                f"{r['floor']['cpu_per_mtok']:.1f}",
+                f"{r['ratio']:.2f}",
+                f"{r['protocol-floor']['cpu_per_mtok']:.1f}",
+                f"{r['ratio_protocol']:.2f}",
+                f"{o['cpu_per_kreq']:.2f}",
+                f"{o['requests']}/{o['sent_requests']}",
+                f"{o['tokens']}/{o['sent_tokens']}",
+                f"{100 * o['cpu_s'] / o['wall_s']:.0f}%",
+                "yes" if o["client_bound"] else "no",
+            )
+        )
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
     print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
@@ -562,7 +649,7 @@ if __name__ == "__main__":
         if kind == "ours":
             out = client_ours(*rest)
         elif kind.startswith("ours-w"):
-            out = client_ours(*rest, workers=int(kind[len("ours-w"):]))
+            out = client_ours(*rest, workers=int(kind[len("ours-w") :]))
         elif kind == "ours-python-wire":
             out = client_ours(*rest, wire="python")
         elif kind == "ours-asyncio":

@@ -99,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
             deadline = time.monotonic() + 30
             while not port_file.exists():
                 if server.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"simulator did not start: {server.stderr.read().decode() if server.stderr else ''}")
+                    raise SystemExit(
+                        f"simulator did not start: {server.stderr.read().decode() if server.stderr else ''}"
+                    )
                 time.sleep(0.02)
             url = f"http://127.0.0.1:{int(port_file.read_text())}"
             cpu_before, started, client_before = _cpu_seconds(server.pid), time.monotonic(), time.process_time()

@@ -90,7 +90,6 @@ from pytest_infmax.baselines import BaselineRun
 from pytest_infmax.compare import CompareOptions, SequentialComparison, compare_runs
 
 
-
 @dataclass(frozen=True)
 class Workload:
     concurrency: int = 8
@@ -251,15 +250,32 @@ def simulate_run(
     tput = tokens / wall
     samples = {"ttft": ttft, "tpot": tpot, "e2e": e2e, "itl_mean": tpot, "itl_max": []}
     scalars: dict[str, float | None] = {
-        "throughput_per_gpu": tput, "throughput": tput, "num_requests": float(wl.num_requests),
-        "num_ok": float(wl.num_requests), "error_rate": 0.0, "duration": wall, "num_gpus": 1.0,
+        "throughput_per_gpu": tput,
+        "throughput": tput,
+        "num_requests": float(wl.num_requests),
+        "num_ok": float(wl.num_requests),
+        "error_rate": 0.0,
+        "duration": wall,
+        "num_gpus": 1.0,
     }
     workload = {
-        "scenario": {"name": "1k1k-mini", "isl": wl.isl, "osl": wl.osl, "range_ratio": wl.range_ratio,
-                     "endpoint": "completions"},
-        "concurrency": wl.concurrency, "rate": None, "rate_infinite": False, "burstiness": 1.0,
-        "max_concurrency": None, "extra_body": {}, "num_requests": wl.num_requests, "warmup": wl.warmup,
-        "duration": None, "seed": 0,
+        "scenario": {
+            "name": "1k1k-mini",
+            "isl": wl.isl,
+            "osl": wl.osl,
+            "range_ratio": wl.range_ratio,
+            "endpoint": "completions",
+        },
+        "concurrency": wl.concurrency,
+        "rate": None,
+        "rate_infinite": False,
+        "burstiness": 1.0,
+        "max_concurrency": None,
+        "extra_body": {},
+        "num_requests": wl.num_requests,
+        "warmup": wl.warmup,
+        "duration": None,
+        "seed": 0,
     }
     return BaselineRun(name=name, samples=samples, scalars=scalars, workload=workload)
 
@@ -289,10 +305,24 @@ QUIET_SETUPS: tuple[tuple[int, int], ...] = ((10, 1), (10, 3), (10, 5))
 VERDICTS = ("regressed", "unsure", "same", "improved")
 
 
-def _current(rng: np.random.Generator, n: int, kind: str | None, size: float,
-             workload: Workload = Workload(), noise: Noise = Noise()) -> list[BaselineRun]:
-    return [simulate_run(rng, workload, noise, tpot_effect=size if kind == "tpot" else 0.0,
-                         ttft_effect=size if kind == "ttft" else 0.0) for _ in range(n)]
+def _current(
+    rng: np.random.Generator,
+    n: int,
+    kind: str | None,
+    size: float,
+    workload: Workload = Workload(),
+    noise: Noise = Noise(),
+) -> list[BaselineRun]:
+    return [
+        simulate_run(
+            rng,
+            workload,
+            noise,
+            tpot_effect=size if kind == "tpot" else 0.0,
+            ttft_effect=size if kind == "ttft" else 0.0,
+        )
+        for _ in range(n)
+    ]
 
 
 #: a testbed with locked clocks on a fixed GPU: per-start sd 1 % instead of 2 % (+2 % prefill)
@@ -358,8 +388,9 @@ def naive_job(reps: int, seed: int) -> dict:
     return out
 
 
-def sequential_job(reps: int, seed: int, effects: tuple = (("A/A (none)", 0.0), ("TPOT +10%", 0.10),
-                                                            ("TPOT +20%", 0.20))) -> dict:
+def sequential_job(
+    reps: int, seed: int, effects: tuple = (("A/A (none)", 0.0), ("TPOT +10%", 0.10), ("TPOT +20%", 0.20))
+) -> dict:
     """Decide after each batch of 8 requests (one current run of up to 400 requests,
     10 baseline runs of 80): the confidence sequence vs naive Mann-Whitney peeking."""
     rng = np.random.default_rng(seed)
@@ -374,7 +405,7 @@ def sequential_job(reps: int, seed: int, effects: tuple = (("A/A (none)", 0.0), 
             seq = SequentialComparison(base, "p50(tpot)", alpha=0.01, min_effect=0.05, max_requests=400)
             state = None
             for i in range(0, len(y), 8):
-                state = seq.update(y[i:i + 8])
+                state = seq.update(y[i : i + 8])
                 if state.stop:
                     break
             assert state is not None
@@ -400,16 +431,28 @@ def calibration_check() -> list[str]:
     lo_i, lo_o = int(wl.isl * wl.range_ratio), int(wl.osl * wl.range_ratio)
     reqs = [(int(rng.integers(lo_i, wl.isl + 1)), int(rng.integers(lo_o, wl.osl + 1))) for _ in range(total)]
     try:
-        sim = simulate(EngineConfig(), LinearCostModel(wl.decode_ms, wl.per_seq_ms, wl.prefill_ms_per_1k),
-                       reqs, concurrency=wl.concurrency)
+        sim = simulate(
+            EngineConfig(),
+            LinearCostModel(wl.decode_ms, wl.per_seq_ms, wl.prefill_ms_per_1k),
+            reqs,
+            concurrency=wl.concurrency,
+        )
     except Exception as exc:
         return [f"skipped: simulate() failed ({exc})"]
-    measured = sim.requests[wl.warmup:]
+    measured = sim.requests[wl.warmup :]
     quiet = dataclasses.replace(Noise.none(), network_ms=0.0)
     syn = simulate_run(np.random.default_rng(7), wl, quiet)
     pairs = (
-        ("p50 TTFT ms", float(np.median([r.ttft for r in measured])) * 1e3, float(np.median(syn.samples["ttft"])) * 1e3),
-        ("p50 TPOT ms", float(np.median([r.tpot for r in measured])) * 1e3, float(np.median(syn.samples["tpot"])) * 1e3),
+        (
+            "p50 TTFT ms",
+            float(np.median([r.ttft for r in measured])) * 1e3,
+            float(np.median(syn.samples["ttft"])) * 1e3,
+        ),
+        (
+            "p50 TPOT ms",
+            float(np.median([r.tpot for r in measured])) * 1e3,
+            float(np.median(syn.samples["tpot"])) * 1e3,
+        ),
         ("throughput tok/s", sim.total_throughput, syn.scalars["throughput_per_gpu"] or 0.0),
     )
     for name, a, b in pairs:
@@ -421,9 +464,14 @@ def calibration_check() -> list[str]:
         noisy = [f for f in flags if any(w in f for w in ("jitter", "drift", "stall-rate", "stall-ms", "start-seed"))]
     except Exception:
         noisy = []
-    lines.append("real-time simulator noise flags: " + (", ".join(noisy) + " (--simulator runs the real "
-                 "simulator with them: regression_error_rates_sim.py)" if noisy
-                 else "none, so no real-time noise calibration (skipped)"))
+    lines.append(
+        "real-time simulator noise flags: "
+        + (
+            ", ".join(noisy) + " (--simulator runs the real simulator with them: regression_error_rates_sim.py)"
+            if noisy
+            else "none, so no real-time noise calibration (skipped)"
+        )
+    )
     return lines
 
 
@@ -456,9 +504,12 @@ def main(argv: list[str] | None = None) -> int:
 
         return simulator_main([a for a in argv if a != "--simulator"])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--simulator", action="store_true",
-                        help="measure against the real simulator instead (regression_error_rates_sim.py; "
-                        "its options: --simulator --help)")
+    parser.add_argument(
+        "--simulator",
+        action="store_true",
+        help="measure against the real simulator instead (regression_error_rates_sim.py; "
+        "its options: --simulator --help)",
+    )
     parser.add_argument("--quick", action="store_true", help="fewer setups and comparisons (~40 s)")
     parser.add_argument("--reps", type=int, help="comparisons per setup and effect (default 200, quick 100)")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
@@ -471,9 +522,11 @@ def main(argv: list[str] | None = None) -> int:
     quiet_setups = () if args.quick else QUIET_SETUPS
     started = time.time()
     chunks = max(1, args.jobs)
-    plan = ([(k, n, EFFECTS, "") for k, n in setups]
-            + [(k, n, REQUIREMENT_EFFECTS, "") for k, n in requirement_setups]
-            + [(k, n, REQUIREMENT_EFFECTS, "quiet") for k, n in quiet_setups])
+    plan = (
+        [(k, n, EFFECTS, "") for k, n in setups]
+        + [(k, n, REQUIREMENT_EFFECTS, "") for k, n in requirement_setups]
+        + [(k, n, REQUIREMENT_EFFECTS, "quiet") for k, n in quiet_setups]
+    )
     results: dict = {}
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         futures = {}
@@ -482,7 +535,9 @@ def main(argv: list[str] | None = None) -> int:
             noise = QUIET if tag == "quiet" else Noise()
             futures[(k, n, len(effects), tag)] = [
                 pool.submit(gate_job, k, n, size, args.seed + 1000 * s + i, effects, noise)
-                for i, size in enumerate(sizes) if size]
+                for i, size in enumerate(sizes)
+                if size
+            ]
         naive_reps = reps
         naive_f = [pool.submit(naive_job, naive_reps // chunks, args.seed + 50_000 + i) for i in range(chunks)]
         seq_reps = max(20, reps // 2)
@@ -504,13 +559,16 @@ def main(argv: list[str] | None = None) -> int:
     print("Default gate: p50/p90/p99 of TTFT, TPOT, E2E and throughput per GPU; min effect 5%, alpha 1%.")
     print("'gate regr.' = the comparison's verdict is regressed (any metric); the verdict columns are those")
     print("of the metric the slowdown targets (p50 TPOT, or p50 TTFT for TTFT slowdowns).\n")
-    header = (f"{'setup (baseline vs current runs)':34s} {'injected':11s} {'comps':>5s} {'gate regr.%':>11s} "
-              f"{'regressed%':>10s} {'unsure%':>8s} {'same%':>6s} {'improved%':>9s}")
+    header = (
+        f"{'setup (baseline vs current runs)':34s} {'injected':11s} {'comps':>5s} {'gate regr.%':>11s} "
+        f"{'regressed%':>10s} {'unsure%':>8s} {'same%':>6s} {'improved%':>9s}"
+    )
     table = []
-    sections = (("Every effect:", len(EFFECTS), ""),
-                ("History and repeats needed:", len(REQUIREMENT_EFFECTS), ""),
-                ("Quiet testbed (clocks locked, one GPU: per-start sd 1 %, prefill 1.4 %):",
-                 len(REQUIREMENT_EFFECTS), "quiet"))
+    sections = (
+        ("Every effect:", len(EFFECTS), ""),
+        ("History and repeats needed:", len(REQUIREMENT_EFFECTS), ""),
+        ("Quiet testbed (clocks locked, one GPU: per-start sd 1 %, prefill 1.4 %):", len(REQUIREMENT_EFFECTS), "quiet"),
+    )
     for title, wanted, want_tag in sections:
         if not any(c == wanted and t == want_tag for _, _, c, t in results):
             continue
@@ -524,15 +582,22 @@ def main(argv: list[str] | None = None) -> int:
                 parts = res[label]
                 total = sum(parts["gate"].values())
                 t = parts["target"]
-                row = {"testbed": tag or "default", "baseline_runs": k, "current_runs": n, "effect": label,
-                       "comparisons": total,
-                       "gate_regressed": parts["gate"]["regressed"] / total,
-                       **{f"target_{v}": t[v] / total for v in VERDICTS},
-                       "regressed_rows": dict(parts["rows"])}
+                row = {
+                    "testbed": tag or "default",
+                    "baseline_runs": k,
+                    "current_runs": n,
+                    "effect": label,
+                    "comparisons": total,
+                    "gate_regressed": parts["gate"]["regressed"] / total,
+                    **{f"target_{v}": t[v] / total for v in VERDICTS},
+                    "regressed_rows": dict(parts["rows"]),
+                }
                 table.append(row)
-                print(f"{f'{k} vs {n}':34s} {label:11s} {total:5d} {_pct(parts['gate']['regressed'], total):>11s} "
-                      f"{_pct(t['regressed'], total):>10s} {_pct(t['unsure'], total):>8s} "
-                      f"{_pct(t['same'], total):>6s} {_pct(t['improved'], total):>9s}")
+                print(
+                    f"{f'{k} vs {n}':34s} {label:11s} {total:5d} {_pct(parts['gate']['regressed'], total):>11s} "
+                    f"{_pct(t['regressed'], total):>10s} {_pct(t['unsure'], total):>8s} "
+                    f"{_pct(t['same'], total):>6s} {_pct(t['improved'], total):>9s}"
+                )
             print()
 
     assert naive is not None
@@ -544,15 +609,21 @@ def main(argv: list[str] | None = None) -> int:
 
     assert seq is not None
     seq_total = seq_reps // chunks * chunks
-    print(f"\nSequential (10 baseline runs; one current run, checked after every 8 requests, cap 400; "
-          f"{seq_total} runs each):")
-    print(f"{'injected':11s} {'regressed%':>10s} {'unsure%':>8s} {'same%':>6s} {'mean requests':>13s} "
-          f"{'naive MWU peeking regressed%':>28s}")
+    print(
+        f"\nSequential (10 baseline runs; one current run, checked after every 8 requests, cap 400; "
+        f"{seq_total} runs each):"
+    )
+    print(
+        f"{'injected':11s} {'regressed%':>10s} {'unsure%':>8s} {'same%':>6s} {'mean requests':>13s} "
+        f"{'naive MWU peeking regressed%':>28s}"
+    )
     for label, parts in seq.items():
         v = parts["verdicts"]
-        print(f"{label:11s} {_pct(v['regressed'], seq_total):>10s} {_pct(v['unsure'], seq_total):>8s} "
-              f"{_pct(v['same'], seq_total):>6s} {np.mean(parts['requests']):13.0f} "
-              f"{_pct(parts['naive_regressed'], seq_total):>28s}")
+        print(
+            f"{label:11s} {_pct(v['regressed'], seq_total):>10s} {_pct(v['unsure'], seq_total):>8s} "
+            f"{_pct(v['same'], seq_total):>6s} {np.mean(parts['requests']):13.0f} "
+            f"{_pct(parts['naive_regressed'], seq_total):>28s}"
+        )
 
     print("\nCalibration check (generator, noise off, vs the simulator's engine model; 400 requests):")
     calibration = calibration_check()
@@ -560,10 +631,20 @@ def main(argv: list[str] | None = None) -> int:
         print("  " + line)
     print(f"\n({time.time() - started:.0f} s)")
     if args.json:
-        doc = {"gate": table, "naive": naive,
-               "sequential": {k: {"verdicts": dict(v["verdicts"]), "mean_requests": float(np.mean(v["requests"])),
-                                  "naive_regressed": v["naive_regressed"], "runs": seq_total} for k, v in seq.items()},
-               "calibration": calibration}
+        doc = {
+            "gate": table,
+            "naive": naive,
+            "sequential": {
+                k: {
+                    "verdicts": dict(v["verdicts"]),
+                    "mean_requests": float(np.mean(v["requests"])),
+                    "naive_regressed": v["naive_regressed"],
+                    "runs": seq_total,
+                }
+                for k, v in seq.items()
+            },
+            "calibration": calibration,
+        }
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(doc, f, indent=1)
     return 0

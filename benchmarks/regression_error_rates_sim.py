@@ -81,19 +81,38 @@ SLOWDOWN = 1.05
 #: (baseline runs, current runs)
 SETUPS: tuple[tuple[int, int], ...] = ((10, 1), (10, 5), (10, 10), (10, 20))
 QUICK_SETUPS: tuple[tuple[int, int], ...] = ((5, 1), (5, 3), (5, 8))
-STATS = (("p50(tpot)", "tpot", 50), ("p50(ttft)", "ttft", 50), ("p99(ttft)", "ttft", 99), ("p50(e2e)", "e2e", 50),
-         ("throughput", None, None))
+STATS = (
+    ("p50(tpot)", "tpot", 50),
+    ("p50(ttft)", "ttft", 50),
+    ("p99(ttft)", "ttft", 99),
+    ("p50(e2e)", "e2e", 50),
+    ("throughput", None, None),
+)
 
 
 def sim_args(noise: Noise, slowdown: float = 1.0) -> tuple[str, ...]:
     """The simulator flags that reproduce the synthetic generator's ``noise``."""
     args = [
-        "--decode-step-ms", f"{WORKLOAD.decode_ms:g}", "--decode-ms-per-seq", f"{WORKLOAD.per_seq_ms:g}",
-        "--prefill-ms-per-1k-tokens", f"{WORKLOAD.prefill_ms_per_1k:g}",
-        "--start-jitter", f"{noise.start_decode:g}", "--prefill-start-jitter", f"{noise.start_prefill:g}",
-        "--step-jitter", f"{noise.step_jitter:g}", "--step-drift", f"{noise.drift:g}",
-        "--step-drift-steps", f"{noise.drift_steps:g}", "--stall-rate", f"{noise.hiccup_rate:g}",
-        "--stall-ms", f"{noise.hiccup_ms[0]:g},{noise.hiccup_ms[1]:g}",
+        "--decode-step-ms",
+        f"{WORKLOAD.decode_ms:g}",
+        "--decode-ms-per-seq",
+        f"{WORKLOAD.per_seq_ms:g}",
+        "--prefill-ms-per-1k-tokens",
+        f"{WORKLOAD.prefill_ms_per_1k:g}",
+        "--start-jitter",
+        f"{noise.start_decode:g}",
+        "--prefill-start-jitter",
+        f"{noise.start_prefill:g}",
+        "--step-jitter",
+        f"{noise.step_jitter:g}",
+        "--step-drift",
+        f"{noise.drift:g}",
+        "--step-drift-steps",
+        f"{noise.drift_steps:g}",
+        "--stall-rate",
+        f"{noise.hiccup_rate:g}",
+        "--stall-ms",
+        f"{noise.hiccup_ms[0]:g},{noise.hiccup_ms[1]:g}",
     ]
     if slowdown != 1.0:
         args += ["--slowdown", f"{slowdown:g}"]
@@ -118,8 +137,9 @@ def collect_pools(n_base: int, n_slow: int, log_dir: Path, log: Any = print) -> 
         config = ServerConfig(sim_args=sim_args(NOISE, SLOWDOWN if slow else 1.0), startup_timeout=60)
         server = start_server(config, log_dir)
         try:
-            result = Infmax(server, name="sim").run(SCENARIO, concurrency=WORKLOAD.concurrency,
-                                                    num_requests=WORKLOAD.num_requests, warmup=WORKLOAD.warmup)
+            result = Infmax(server, name="sim").run(
+                SCENARIO, concurrency=WORKLOAD.concurrency, num_requests=WORKLOAD.num_requests, warmup=WORKLOAD.warmup
+            )
             with urllib.request.urlopen(f"{server.base_url}/sim/stats", timeout=10) as response:
                 engine = json.loads(response.read())
         finally:
@@ -129,12 +149,16 @@ def collect_pools(n_base: int, n_slow: int, log_dir: Path, log: Any = print) -> 
         (run,) = runs_of(result)
         key = "slow" if slow else "base"
         pools[key].append(run)
-        pools[key + "_info"].append({
-            "start_factor": engine["noise"]["start_factor"],
-            "prefill_start_factor": engine["noise"]["prefill_start_factor"],
-            "stalls": engine["noise"]["stalls"], "steps": engine["noise"]["steps"],
-            "lateness_p99_ms": engine["lateness_ms"]["p99"], "startup_s": server.startup_seconds,
-        })
+        pools[key + "_info"].append(
+            {
+                "start_factor": engine["noise"]["start_factor"],
+                "prefill_start_factor": engine["noise"]["prefill_start_factor"],
+                "stalls": engine["noise"]["stalls"],
+                "steps": engine["noise"]["steps"],
+                "lateness_p99_ms": engine["lateness_ms"]["p99"],
+                "startup_s": server.startup_seconds,
+            }
+        )
         if (i + 1) % 10 == 0 or i + 1 == len(schedule):
             log(f"  {i + 1}/{len(schedule)} fresh starts ({time.monotonic() - started:.0f} s)")
     pools["seconds"] = time.monotonic() - started
@@ -185,8 +209,9 @@ def spread(runs: list[BaselineRun]) -> dict[str, dict[str, float]]:
     return out
 
 
-def resampled(base: list[BaselineRun], slow: list[BaselineRun], setups: tuple[tuple[int, int], ...], reps: int,
-              seed: int) -> dict[tuple[int, int, str], Counter]:
+def resampled(
+    base: list[BaselineRun], slow: list[BaselineRun], setups: tuple[tuple[int, int], ...], reps: int, seed: int
+) -> dict[tuple[int, int, str], Counter]:
     """Verdicts of comparisons resampled from the pools: A/A from ``base`` without overlap,
     detection with the current runs from ``slow``."""
     rng = np.random.default_rng(seed)
@@ -201,7 +226,7 @@ def resampled(base: list[BaselineRun], slow: list[BaselineRun], setups: tuple[tu
                 order = rng.permutation(len(base))
                 baseline = [base[j] for j in order[:k]]
                 if effect == "A/A":
-                    current = [base[j] for j in order[k:k + n]]
+                    current = [base[j] for j in order[k : k + n]]
                 else:
                     current = [slow[j] for j in rng.permutation(len(slow))[:n]]
                 report = compare_runs(baseline, current, options=opts)
@@ -240,8 +265,9 @@ def synthetic_independent_job(setups: tuple[tuple[int, int], ...], reps: int, se
     return out
 
 
-def synthetic_pools_job(setups: tuple[tuple[int, int], ...], n_base: int, n_slow: int, pools: int, reps: int,
-                        seed: int) -> dict:
+def synthetic_pools_job(
+    setups: tuple[tuple[int, int], ...], n_base: int, n_slow: int, pools: int, reps: int, seed: int
+) -> dict:
     """Synthetic pools of the real pools' sizes, resampled as the real ones are: one rate per pool."""
     rng = np.random.default_rng(seed)
     rates: dict = {}
@@ -280,8 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="16 + 8 fresh starts and smaller setups (~1.5 min)")
     parser.add_argument("--pool", type=int, help="fresh-start runs without a regression (default 40, quick 16)")
-    parser.add_argument("--slow-pool", type=int, help=f"fresh-start runs with --slowdown {SLOWDOWN:g} "
-                        "(default 20, quick 8)")
+    parser.add_argument(
+        "--slow-pool", type=int, help=f"fresh-start runs with --slowdown {SLOWDOWN:g} (default 20, quick 8)"
+    )
     parser.add_argument("--reps", type=int, help="resampled comparisons per setup and effect (default 200, quick 100)")
     parser.add_argument("--synthetic-pools", type=int, help="synthetic pools of the same sizes (default 6, quick 4)")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes for the synthetic part (default 2)")
@@ -297,9 +324,11 @@ def main(argv: list[str] | None = None) -> int:
     setups = QUICK_SETUPS if args.quick else SETUPS
     started = time.time()
 
-    print(f"Regression gate error rates against the real simulator ({SCENARIO.name}: ISL/OSL "
-          f"[{int(SCENARIO.isl * SCENARIO.range_ratio)}, {SCENARIO.isl}], concurrency {WORKLOAD.concurrency}, "
-          f"{WORKLOAD.warmup} warm-up + {WORKLOAD.num_requests} measured requests per run).")
+    print(
+        f"Regression gate error rates against the real simulator ({SCENARIO.name}: ISL/OSL "
+        f"[{int(SCENARIO.isl * SCENARIO.range_ratio)}, {SCENARIO.isl}], concurrency {WORKLOAD.concurrency}, "
+        f"{WORKLOAD.warmup} warm-up + {WORKLOAD.num_requests} measured requests per run)."
+    )
     print("Simulator flags: " + " ".join(sim_args(NOISE)))
     if args.load_pools:
         pools = load_pools(args.load_pools)
@@ -317,11 +346,16 @@ def main(argv: list[str] | None = None) -> int:
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         spread_f = pool.submit(synthetic_spread_job, 400, args.seed)
         chunks = max(1, args.jobs)
-        indep_f = [pool.submit(synthetic_independent_job, setups, reps // chunks + (i < reps % chunks), args.seed + 1 + i)
-                   for i in range(chunks)]
+        indep_f = [
+            pool.submit(synthetic_independent_job, setups, reps // chunks + (i < reps % chunks), args.seed + 1 + i)
+            for i in range(chunks)
+        ]
         per = [n_pools // chunks + (i < n_pools % chunks) for i in range(chunks)]
-        pools_f = [pool.submit(synthetic_pools_job, setups, n_base, n_slow, count, max(20, reps // 4), args.seed + 100 + i)
-                   for i, count in enumerate(per) if count]
+        pools_f = [
+            pool.submit(synthetic_pools_job, setups, n_base, n_slow, count, max(20, reps // 4), args.seed + 100 + i)
+            for i, count in enumerate(per)
+            if count
+        ]
         real = resampled(base, slow, setups, reps, args.seed + 7)
         syn_spread, syn_slow_spread = spread_f.result()
         indep = _merge_counts([f.result() for f in indep_f])
@@ -332,38 +366,59 @@ def main(argv: list[str] | None = None) -> int:
 
     real_spread, real_slow_spread = spread(base), spread(slow)
     print(f"\nRun-to-run spread ({n_base} real fresh starts; synthetic: 400 runs of the same configuration):")
-    print(f"{'statistic':12s} {'real mean':>11s} {'synthetic':>11s} {'real sd %':>10s} {'95% interval':>15s} "
-          f"{'synthetic sd %':>15s}")
+    print(
+        f"{'statistic':12s} {'real mean':>11s} {'synthetic':>11s} {'real sd %':>10s} {'95% interval':>15s} "
+        f"{'synthetic sd %':>15s}"
+    )
     for label, *_ in STATS:
         r, s = real_spread[label], syn_spread[label]
         unit = 1 if label == "throughput" else 1e3
-        print(f"{label:12s} {r['mean'] * unit:11.3f} {s['mean'] * unit:11.3f} {100 * r['sd']:10.2f} "
-              f"{_ci(r['sd_lo'], r['sd_hi']):>15s} {100 * s['sd']:15.2f}")
+        print(
+            f"{label:12s} {r['mean'] * unit:11.3f} {s['mean'] * unit:11.3f} {100 * r['sd']:10.2f} "
+            f"{_ci(r['sd_lo'], r['sd_hi']):>15s} {100 * s['sd']:15.2f}"
+        )
     print("(means in ms, throughput in tok/s/gpu)")
     factors = np.log([i["start_factor"] for i in pools["base_info"]])
     tpot = np.log([run_value(r, "tpot", 50) for r in base])
-    corr = (float(np.corrcoef(factors, tpot)[0, 1]) if len(base) > 2 and np.std(factors) > 0 and np.std(tpot) > 0
-            else float("nan"))
-    print(f"drawn start factors (/sim/stats): sd {100 * float(np.std(factors, ddof=1)):.2f} % of the asked "
-          f"{100 * NOISE.start_decode:g} %; correlation of log start factor with log p50 TPOT: {corr:.2f}")
+    corr = (
+        float(np.corrcoef(factors, tpot)[0, 1])
+        if len(base) > 2 and np.std(factors) > 0 and np.std(tpot) > 0
+        else float("nan")
+    )
+    print(
+        f"drawn start factors (/sim/stats): sd {100 * float(np.std(factors, ddof=1)):.2f} % of the asked "
+        f"{100 * NOISE.start_decode:g} %; correlation of log start factor with log p50 TPOT: {corr:.2f}"
+    )
     effect_real = real_slow_spread["p50(tpot)"]["mean"] / real_spread["p50(tpot)"]["mean"] - 1
     effect_syn = syn_slow_spread["p50(tpot)"]["mean"] / syn_spread["p50(tpot)"]["mean"] - 1
-    print(f"--slowdown {SLOWDOWN:g} moved mean p50 TPOT by {100 * effect_real:+.1f} % (real, {n_slow} vs {n_base} "
-          f"runs) and {100 * effect_syn:+.1f} % (synthetic)")
+    print(
+        f"--slowdown {SLOWDOWN:g} moved mean p50 TPOT by {100 * effect_real:+.1f} % (real, {n_slow} vs {n_base} "
+        f"runs) and {100 * effect_syn:+.1f} % (synthetic)"
+    )
     lateness = [i["lateness_p99_ms"] for i in pools["base_info"] + pools["slow_info"]]
     print(f"host timing: p99 step lateness per run, median {np.median(lateness):.2f} ms, max {max(lateness):.2f} ms")
 
-    print(f"\nVerdicts: real = {reps} comparisons resampled from the pools (NOT independent: they share runs); "
-          f"synthetic = {reps // chunks * chunks} independent comparisons")
-    print(f"of fresh synthetic runs, and the same resampling from {n_pools} synthetic pools of {n_base} + {n_slow} "
-          "runs (mean and range of their rates).")
-    print("'regr.%' = the comparison's verdict is regressed (any of the 10 default gates); 'tpot%' = p50(tpot) "
-          "regressed. A/A: a false alarm;")
-    print(f"slowdown: --slowdown {SLOWDOWN:g} on the current runs (detection). Intervals: Wilson 95 %; "
-          "'n_eff' = the disjoint comparisons the pool holds.\n")
-    header = (f"{'setup':9s} {'effect':8s} | {'real regr.%':>11s} {'Wilson, resamples':>17s} {'n_eff':>5s} "
-              f"{'Wilson, n_eff':>14s} {'tpot%':>6s} | {'synthetic':>9s} {'Wilson':>13s} {'tpot%':>6s} | "
-              f"{'synthetic pools':>19s}")
+    print(
+        f"\nVerdicts: real = {reps} comparisons resampled from the pools (NOT independent: they share runs); "
+        f"synthetic = {reps // chunks * chunks} independent comparisons"
+    )
+    print(
+        f"of fresh synthetic runs, and the same resampling from {n_pools} synthetic pools of {n_base} + {n_slow} "
+        "runs (mean and range of their rates)."
+    )
+    print(
+        "'regr.%' = the comparison's verdict is regressed (any of the 10 default gates); 'tpot%' = p50(tpot) "
+        "regressed. A/A: a false alarm;"
+    )
+    print(
+        f"slowdown: --slowdown {SLOWDOWN:g} on the current runs (detection). Intervals: Wilson 95 %; "
+        "'n_eff' = the disjoint comparisons the pool holds.\n"
+    )
+    header = (
+        f"{'setup':9s} {'effect':8s} | {'real regr.%':>11s} {'Wilson, resamples':>17s} {'n_eff':>5s} "
+        f"{'Wilson, n_eff':>14s} {'tpot%':>6s} | {'synthetic':>9s} {'Wilson':>13s} {'tpot%':>6s} | "
+        f"{'synthetic pools':>19s}"
+    )
     print(header)
     print("-" * len(header))
     table = []
@@ -377,40 +432,63 @@ def main(argv: list[str] | None = None) -> int:
         rates = pool_rates.get((k, n, effect), [])
         label = "A/A" if effect == "A/A" else f"x{SLOWDOWN:g}"
         row = {
-            "baseline_runs": k, "current_runs": n, "effect": effect,
-            "real": {"comparisons": total, "regressed": hits / total, "wilson": wilson(hits, total),
-                     "n_eff": n_eff, "wilson_n_eff": wilson(eff_hits, n_eff),
-                     "tpot_regressed": counts["tpot_regressed"] / total,
-                     "verdicts": {k2: v for k2, v in counts.items() if k2 != "total"}},
-            "synthetic_independent": {"comparisons": ind_total, "regressed": ind["gate_regressed"] / ind_total,
-                                      "wilson": wilson(ind["gate_regressed"], ind_total),
-                                      "tpot_regressed": ind["tpot_regressed"] / ind_total,
-                                      "verdicts": {k2: v for k2, v in ind.items() if k2 != "total"}},
+            "baseline_runs": k,
+            "current_runs": n,
+            "effect": effect,
+            "real": {
+                "comparisons": total,
+                "regressed": hits / total,
+                "wilson": wilson(hits, total),
+                "n_eff": n_eff,
+                "wilson_n_eff": wilson(eff_hits, n_eff),
+                "tpot_regressed": counts["tpot_regressed"] / total,
+                "verdicts": {k2: v for k2, v in counts.items() if k2 != "total"},
+            },
+            "synthetic_independent": {
+                "comparisons": ind_total,
+                "regressed": ind["gate_regressed"] / ind_total,
+                "wilson": wilson(ind["gate_regressed"], ind_total),
+                "tpot_regressed": ind["tpot_regressed"] / ind_total,
+                "verdicts": {k2: v for k2, v in ind.items() if k2 != "total"},
+            },
             "synthetic_pools": {"rates": rates},
         }
         table.append(row)
-        pools_text = (f"{_pct(float(np.mean(rates)))} [{_pct(min(rates))}-{_pct(max(rates))}]" if rates else "n/a")
-        print(f"{f'{k} vs {n}':9s} {label:8s} | {_pct(hits / total):>11s} {_ci(*wilson(hits, total)):>17s} "
-              f"{n_eff:5d} {_ci(*wilson(eff_hits, n_eff)):>14s} {_pct(counts['tpot_regressed'] / total):>6s} | "
-              f"{_pct(ind['gate_regressed'] / ind_total):>9s} {_ci(*wilson(ind['gate_regressed'], ind_total)):>13s} "
-              f"{_pct(ind['tpot_regressed'] / ind_total):>6s} | {pools_text:>19s}")
+        pools_text = f"{_pct(float(np.mean(rates)))} [{_pct(min(rates))}-{_pct(max(rates))}]" if rates else "n/a"
+        print(
+            f"{f'{k} vs {n}':9s} {label:8s} | {_pct(hits / total):>11s} {_ci(*wilson(hits, total)):>17s} "
+            f"{n_eff:5d} {_ci(*wilson(eff_hits, n_eff)):>14s} {_pct(counts['tpot_regressed'] / total):>6s} | "
+            f"{_pct(ind['gate_regressed'] / ind_total):>9s} {_ci(*wilson(ind['gate_regressed'], ind_total)):>13s} "
+            f"{_pct(ind['tpot_regressed'] / ind_total):>6s} | {pools_text:>19s}"
+        )
     print("\nWhich gates fired (regressed rows over all comparisons; A/A: the false alarms):")
     for (k, n, effect), counts in real.items():
+
         def fired(c: Counter) -> str:
             rows = sorted(((v, key[4:]) for key, v in c.items() if key.startswith("row_")), reverse=True)
             return ", ".join(f"{label} {v}" for v, label in rows) or "none"
+
         label = "A/A" if effect == "A/A" else f"x{SLOWDOWN:g}"
         print(f"  {f'{k} vs {n}':9s} {label:6s} real: {fired(counts)}; synthetic: {fired(indep[(k, n, effect)])}")
-    print("\nThe resampled rates share runs: read them against the synthetic pools' range (what a pool of this "
-          "size gives\nwhen the truth is the synthetic column), not against the Wilson interval over resamples.")
+    print(
+        "\nThe resampled rates share runs: read them against the synthetic pools' range (what a pool of this "
+        "size gives\nwhen the truth is the synthetic column), not against the Wilson interval over resamples."
+    )
     print(f"\n({time.time() - started:.0f} s; fresh starts {pools.get('seconds', 0):.0f} s)")
     if args.json:
-        doc = {"scenario": SCENARIO.to_dict(), "sim_args": list(sim_args(NOISE)), "slowdown": SLOWDOWN,
-               "pool": n_base, "slow_pool": n_slow, "spread": {"real": real_spread, "real_slowed": real_slow_spread,
-                                                                "synthetic": syn_spread},
-               "start_factor_sd": float(np.std(factors, ddof=1)), "start_factor_tpot_correlation": corr,
-               "slowdown_effect": {"real": effect_real, "synthetic": effect_syn},
-               "run_info": {"base": pools["base_info"], "slow": pools["slow_info"]}, "verdicts": table}
+        doc = {
+            "scenario": SCENARIO.to_dict(),
+            "sim_args": list(sim_args(NOISE)),
+            "slowdown": SLOWDOWN,
+            "pool": n_base,
+            "slow_pool": n_slow,
+            "spread": {"real": real_spread, "real_slowed": real_slow_spread, "synthetic": syn_spread},
+            "start_factor_sd": float(np.std(factors, ddof=1)),
+            "start_factor_tpot_correlation": corr,
+            "slowdown_effect": {"real": effect_real, "synthetic": effect_syn},
+            "run_info": {"base": pools["base_info"], "slow": pools["slow_info"]},
+            "verdicts": table,
+        }
         Path(args.json).write_text(json.dumps(doc, indent=1))
     return 0
 

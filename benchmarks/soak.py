@@ -90,10 +90,20 @@ class SoakOptions:
 
     def sim_args(self) -> tuple[str, ...]:
         return (
-            "--decode-step-ms", f"{self.decode_step_ms:g}", "--decode-ms-per-seq", "0",
-            "--max-num-seqs", str(max(256, self.streams)), "--trace-capacity", "1000000",
-            "--fault-status", str(self.error_status), "--fault-rate", f"{self.error_rate:g}",
-            "--seed", str(self.seed),
+            "--decode-step-ms",
+            f"{self.decode_step_ms:g}",
+            "--decode-ms-per-seq",
+            "0",
+            "--max-num-seqs",
+            str(max(256, self.streams)),
+            "--trace-capacity",
+            "1000000",
+            "--fault-status",
+            str(self.error_status),
+            "--fault-rate",
+            f"{self.error_rate:g}",
+            "--seed",
+            str(self.seed),
         )
 
     def runs(self) -> list[float]:
@@ -137,18 +147,28 @@ class SoakReport:
         return max(self.options.memory_tolerance_mib * MIB, 0.25 * self.rss_warm)
 
     def criteria(self) -> list[tuple[bool, str]]:
-        sent_ok = (self.server_received == self.recorded == self.client_issued and self.index_gaps == 0
-                   and self.server_dropped == 0 and self.recorded > 0)
-        sent = (f"requests sent == outcomes recorded: server received {self.server_received}, client issued "
-                f"{self.client_issued}, recorded {self.recorded}"
-                + (f", {self.index_gaps} index gaps" if self.index_gaps else "")
-                + (f", {self.server_dropped} traces dropped" if self.server_dropped else ""))
+        sent_ok = (
+            self.server_received == self.recorded == self.client_issued
+            and self.index_gaps == 0
+            and self.server_dropped == 0
+            and self.recorded > 0
+        )
+        sent = (
+            f"requests sent == outcomes recorded: server received {self.server_received}, client issued "
+            f"{self.client_issued}, recorded {self.recorded}"
+            + (f", {self.index_gaps} index gaps" if self.index_gaps else "")
+            + (f", {self.server_dropped} traces dropped" if self.server_dropped else "")
+        )
         errors = self.outcomes.get("http_error", 0)
-        injected = (f"every injected error recorded: {errors} http_error recorded, {self.server_injected} "
-                    f"injected by the server")
+        injected = (
+            f"every injected error recorded: {errors} http_error recorded, {self.server_injected} "
+            f"injected by the server"
+        )
         growth = self.rss_end - self.rss_warm
-        memory = (f"client memory bounded: {self.rss_end / MIB:.1f} MiB at the end, {growth / MIB:+.1f} MiB "
-                  f"since the first run ended (limit {self.memory_limit / MIB:+.1f} MiB)")
+        memory = (
+            f"client memory bounded: {self.rss_end / MIB:.1f} MiB at the end, {growth / MIB:+.1f} MiB "
+            f"since the first run ended (limit {self.memory_limit / MIB:+.1f} MiB)"
+        )
         left = f"processes left: {', '.join(self.processes_left) or 'none'}"
         return [
             (sent_ok, sent),
@@ -167,17 +187,26 @@ class SoakReport:
         server_kinds = ", ".join(f"{k} {v}" for k, v in sorted(self.server_outcomes.items(), key=lambda kv: -kv[1]))
         per_run = " ".join(f"{r / MIB:.0f}" for r in self.rss_after_runs)
         rows = [
-            ("load", f"{self.wall_s:.0f} s at {o.streams} streams, {self.runs} back-to-back run(s), "
-                     f"isl {o.isl} / osl {o.osl}, decode step {o.decode_step_ms:g} ms"),
-            ("faults", f"{o.error_rate:.2%} HTTP {o.error_status}; {self.stalls} server stalls of "
-                       f"{o.stall_seconds:g} s (every {o.stall_every:g} s), {self.stalled_s:.1f} s in all"),
+            (
+                "load",
+                f"{self.wall_s:.0f} s at {o.streams} streams, {self.runs} back-to-back run(s), "
+                f"isl {o.isl} / osl {o.osl}, decode step {o.decode_step_ms:g} ms",
+            ),
+            (
+                "faults",
+                f"{o.error_rate:.2%} HTTP {o.error_status}; {self.stalls} server stalls of "
+                f"{o.stall_seconds:g} s (every {o.stall_every:g} s), {self.stalled_s:.1f} s in all",
+            ),
             ("requests sent (server, /sim/trace)", f"{self.server_received}  ({server_kinds or '-'})"),
             ("requests issued (client)", str(self.client_issued)),
             ("outcomes recorded", f"{self.recorded}  ({kinds or '-'})"),
             ("injected errors (server)", str(self.server_injected)),
             ("admitted by the engine (/sim/stats)", "-" if self.engine_admitted is None else str(self.engine_admitted)),
-            ("client RSS start / warm / end / peak", f"{self.rss_start / MIB:.1f} / {self.rss_warm / MIB:.1f} / "
-                                                     f"{self.rss_end / MIB:.1f} / {self.rss_peak / MIB:.1f} MiB"),
+            (
+                "client RSS start / warm / end / peak",
+                f"{self.rss_start / MIB:.1f} / {self.rss_warm / MIB:.1f} / "
+                f"{self.rss_end / MIB:.1f} / {self.rss_peak / MIB:.1f} MiB",
+            ),
             ("client RSS after each run (MiB)", per_run or "-"),
             ("client-bound runs", f"{self.client_bound_runs} of {self.runs}"),
             ("server exit status", "-" if self.server_exit is None else str(self.server_exit)),
@@ -216,8 +245,9 @@ def _get_json(url: str, timeout: float = 10.0) -> Any:
 class _Monitor(threading.Thread):
     """While load runs: freezes the server on schedule, samples RSS, counts the server's traces."""
 
-    def __init__(self, server: Server, options: SoakOptions, report: SoakReport,
-                 live: Counter[str], log: Callable[[str], None]) -> None:
+    def __init__(
+        self, server: Server, options: SoakOptions, report: SoakReport, live: Counter[str], log: Callable[[str], None]
+    ) -> None:
         super().__init__(name="soak-monitor", daemon=True)
         self.server, self.options, self.report, self.live, self.log = server, options, report, live, log
         self.pgid = server.pid
@@ -277,9 +307,11 @@ class _Monitor(threading.Thread):
                     next_poll = now + o.poll_every
                 if now >= next_progress:
                     next_progress += o.progress_every
-                    self.log(f"soak: {now - start:5.0f} s: {sum(self.live.values())} outcomes "
-                             f"({self.live.get('ok', 0)} ok), server traced {self.report.server_received}, "
-                             f"{self.report.stalls} stalls, client RSS {rss_bytes() / MIB:.1f} MiB")
+                    self.log(
+                        f"soak: {now - start:5.0f} s: {sum(self.live.values())} outcomes "
+                        f"({self.live.get('ok', 0)} ok), server traced {self.report.server_received}, "
+                        f"{self.report.stalls} stalls, client RSS {rss_bytes() / MIB:.1f} MiB"
+                    )
         except BaseException as exc:  # reported by the caller; the server must not stay frozen
             self.error = exc
         finally:
@@ -347,8 +379,14 @@ def soak(options: SoakOptions, log: Callable[[str], None] = print) -> SoakReport
                 live["ok" if record.ok else "error"] += 1
 
             for i, seconds in enumerate(options.runs()):
-                load = LoadConfig(scenario=scenario, concurrency=options.streams, duration=seconds, warmup=0,
-                                  request_timeout=options.request_timeout, seed=options.seed + i)
+                load = LoadConfig(
+                    scenario=scenario,
+                    concurrency=options.streams,
+                    duration=seconds,
+                    warmup=0,
+                    request_timeout=options.request_timeout,
+                    seed=options.seed + i,
+                )
                 run = run_coroutine(generator.run(load, on_record=count))
                 report.runs += 1
                 if getattr(run, "client_bound", False):
@@ -398,10 +436,12 @@ def main(argv: list[str] | None = None) -> int:
     d = SoakOptions()
     parser.add_argument("--duration", type=float, help=f"seconds of load (default: {d.duration:g}, --quick 60)")
     parser.add_argument("--streams", type=int, default=d.streams, help="concurrent streams (default: %(default)s)")
-    parser.add_argument("--quick", action="store_true",
-                        help="60 s in 15 s runs with a stall every 15 s (unless given otherwise)")
-    parser.add_argument("--segment", type=float, help=f"seconds per back-to-back run; 0: one run "
-                                                      f"(default: {d.segment:g}, --quick 15)")
+    parser.add_argument(
+        "--quick", action="store_true", help="60 s in 15 s runs with a stall every 15 s (unless given otherwise)"
+    )
+    parser.add_argument(
+        "--segment", type=float, help=f"seconds per back-to-back run; 0: one run (default: {d.segment:g}, --quick 15)"
+    )
     parser.add_argument("--error-rate", type=float, default=d.error_rate, help="default: %(default)s")
     parser.add_argument("--stall-every", type=float, help=f"default: {d.stall_every:g} s, --quick 15 s")
     parser.add_argument("--stall-seconds", type=float, default=d.stall_seconds, help="default: %(default)s")
@@ -414,16 +454,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     duration = args.duration if args.duration is not None else (60.0 if args.quick else d.duration)
     options = SoakOptions(
-        duration=duration, streams=args.streams,
+        duration=duration,
+        streams=args.streams,
         segment=args.segment if args.segment is not None else (15.0 if args.quick else d.segment),
         error_rate=args.error_rate,
         stall_every=args.stall_every if args.stall_every is not None else (15.0 if args.quick else d.stall_every),
-        stall_seconds=args.stall_seconds, isl=args.isl, osl=args.osl, decode_step_ms=args.decode_step_ms,
-        request_timeout=args.request_timeout, memory_tolerance_mib=args.memory_tolerance_mib,
+        stall_seconds=args.stall_seconds,
+        isl=args.isl,
+        osl=args.osl,
+        decode_step_ms=args.decode_step_ms,
+        request_timeout=args.request_timeout,
+        memory_tolerance_mib=args.memory_tolerance_mib,
         progress_every=10.0 if args.quick else d.progress_every,
     )
-    print(f"soak: {options.duration:g} s at {options.streams} streams; simulator {' '.join(options.sim_args())}",
-          flush=True)
+    print(
+        f"soak: {options.duration:g} s at {options.streams} streams; simulator {' '.join(options.sim_args())}",
+        flush=True,
+    )
     report = soak(options, log=lambda line: print(line, flush=True))
     print(report.table())
     if args.json:

@@ -79,8 +79,13 @@ def _same_clock() -> bool:
 
 def _pcts(values: list[float]) -> dict[str, float]:
     a = np.asarray(values) * 1000.0
-    return {"n": int(a.size), "p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99)),
-            "max": float(a.max()), "min": float(a.min())}
+    return {
+        "n": int(a.size),
+        "p50": float(np.percentile(a, 50)),
+        "p99": float(np.percentile(a, 99)),
+        "max": float(a.max()),
+        "min": float(a.min()),
+    }
 
 
 def _pin(pid: int, cpus: set[int]) -> None:
@@ -93,8 +98,14 @@ class WireCapture:
 
     def __init__(self, port: int, out: Path, cpus: list[int] | None) -> None:
         self.port, self.out = port, out
-        cmd = [sys.executable, str(Path(__file__).with_name("_wire_capture.py")), "--port", str(port),
-               "--out", str(out)]
+        cmd = [
+            sys.executable,
+            str(Path(__file__).with_name("_wire_capture.py")),
+            "--port",
+            str(port),
+            "--out",
+            str(out),
+        ]
         if cpus:
             cmd += ["--cpus", *map(str, cpus)]
         self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
@@ -126,13 +137,34 @@ def wire_available() -> str | None:
     return None
 
 
-def measure(streams: int, rounds: int, osl: int, step_ms: float, workers: int, pin: bool,
-            range_ratio: float, wire: bool, wire_cpus: list[int] | None) -> dict:
+def measure(
+    streams: int,
+    rounds: int,
+    osl: int,
+    step_ms: float,
+    workers: int,
+    pin: bool,
+    range_ratio: float,
+    wire: bool,
+    wire_cpus: list[int] | None,
+) -> dict:
     scenario = Scenario("truth", 64, osl, range_ratio=range_ratio)
-    sim_args = ("--decode-step-ms", f"{step_ms:g}", "--max-num-seqs", str(max(256, streams)),
-                "--trace-capacity", str(streams * (rounds + 2) + 16))
-    config = LoadConfig(scenario, concurrency=streams, num_requests=streams * rounds, warmup=streams,
-                        request_timeout=120, workers=workers)
+    sim_args = (
+        "--decode-step-ms",
+        f"{step_ms:g}",
+        "--max-num-seqs",
+        str(max(256, streams)),
+        "--trace-capacity",
+        str(streams * (rounds + 2) + 16),
+    )
+    config = LoadConfig(
+        scenario,
+        concurrency=streams,
+        num_requests=streams * rounds,
+        warmup=streams,
+        request_timeout=120,
+        workers=workers,
+    )
     wire_stats: dict | None = None
     wire_requests: dict[str, _wire_capture.WireRequest] = {}
     wire_info: dict = {}
@@ -159,8 +191,10 @@ def measure(streams: int, rounds: int, osl: int, step_ms: float, workers: int, p
             found, wire_info = _wire_capture.reassemble(capture.out, port)
             wire_requests = {w.body_sha256: w for w in found if w.method == "POST"}
     sim: dict[str, list[float]] = {k: [] for k in ("first", "ttft", "trip", "queue", "chunk", "itl")}
-    wr: dict[str, list[float]] = {k: [] for k in ("send", "first", "ttft", "chunk", "itl", "read_lag", "queue",
-                                                  "server_ttft_vs_wire", "server_write")}
+    wr: dict[str, list[float]] = {
+        k: []
+        for k in ("send", "first", "ttft", "chunk", "itl", "read_lag", "queue", "server_ttft_vs_wire", "server_write")
+    }
     unmatched = unmatched_wire = 0
     for rec in run.records:
         if rec.warmup or not rec.ok:
@@ -179,8 +213,10 @@ def measure(streams: int, rounds: int, osl: int, step_ms: float, workers: int, p
         sim["trip"].append(arrival - rec.send_time)
         sim["queue"].append(handler - arrival)
         sim["chunk"] += [c - s for c, s in zip(client_chunks, server_chunks)]
-        sim["itl"] += [(c1 - c0) - (s1 - s0) for c0, c1, s0, s1 in
-                       zip(client_chunks, client_chunks[1:], server_chunks, server_chunks[1:])]
+        sim["itl"] += [
+            (c1 - c0) - (s1 - s0)
+            for c0, c1, s0, s1 in zip(client_chunks, client_chunks[1:], server_chunks, server_chunks[1:])
+        ]
         if not wire:
             continue
         w = wire_requests.get(sha)
@@ -192,18 +228,23 @@ def measure(streams: int, rounds: int, osl: int, step_ms: float, workers: int, p
         wr["first"].append(client_chunks[0] - events[0])
         wr["ttft"].append((client_chunks[0] - rec.send_time) - (events[0] - w.time))
         wr["chunk"] += [c - e for c, e in zip(client_chunks, events)]
-        wr["itl"] += [(c1 - c0) - (e1 - e0) for c0, c1, e0, e1 in
-                      zip(client_chunks, client_chunks[1:], events, events[1:])]
+        wr["itl"] += [
+            (c1 - c0) - (e1 - e0) for c0, c1, e0, e1 in zip(client_chunks, client_chunks[1:], events, events[1:])
+        ]
         wr["read_lag"].append(arrival - w.time)
         wr["queue"].append(handler - w.time)
         wr["server_ttft_vs_wire"].append((server_chunks[0] - arrival) - (events[0] - w.time))
         wr["server_write"] += [s - e for s, e in zip(server_chunks, events)]
     client = run.client.to_dict() if run.client else {}
     row = {
-        "streams": streams, "workers": workers, "requests": len(sim["first"]), "unmatched": unmatched,
+        "streams": streams,
+        "workers": workers,
+        "requests": len(sim["first"]),
+        "unmatched": unmatched,
         "errors": sum(1 for r in run.records if not r.ok),
         "sim": {k: _pcts(v) for k, v in sim.items()},
-        "loop_lag_p99_ms": client.get("loop_lag", {}).get("p99_ms"), "client_bound": client.get("client_bound"),
+        "loop_lag_p99_ms": client.get("loop_lag", {}).get("p99_ms"),
+        "client_bound": client.get("client_bound"),
         "cpu_utilisation": client.get("cpu_utilisation"),
     }
     if wire:
@@ -223,18 +264,29 @@ def main() -> None:
     p.add_argument("--streams", type=int, nargs="+", default=[64, 256])
     p.add_argument("--rounds", type=int, default=3, help="measured requests per stream (default: %(default)s)")
     p.add_argument("--osl", type=int, default=256, help="output tokens per request (default: %(default)s)")
-    p.add_argument("--range-ratio", type=float, default=0.8,
-                   help="lengths uniform in [ratio*L, L], as InferenceMAX (default: %(default)s); 1.0 puts "
-                        "every stream in lock-step, the client's worst case")
-    p.add_argument("--decode-step-ms", type=float, default=25.0,
-                   help="the simulator's decode step: one chunk per stream per step (default: %(default)g)")
+    p.add_argument(
+        "--range-ratio",
+        type=float,
+        default=0.8,
+        help="lengths uniform in [ratio*L, L], as InferenceMAX (default: %(default)s); 1.0 puts "
+        "every stream in lock-step, the client's worst case",
+    )
+    p.add_argument(
+        "--decode-step-ms",
+        type=float,
+        default=25.0,
+        help="the simulator's decode step: one chunk per stream per step (default: %(default)g)",
+    )
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--no-pin", action="store_true",
-                   help="let the OS place server and client (by default they get CPUs of their own)")
-    p.add_argument("--no-wire", action="store_true",
-                   help="no packet capture: only the simulator's own trace as truth")
-    p.add_argument("--wire-cpus", type=int, nargs="*",
-                   help="pin the capture process (default: unpinned, at SCHED_IDLE)")
+    p.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="let the OS place server and client (by default they get CPUs of their own)",
+    )
+    p.add_argument("--no-wire", action="store_true", help="no packet capture: only the simulator's own trace as truth")
+    p.add_argument(
+        "--wire-cpus", type=int, nargs="*", help="pin the capture process (default: unpinned, at SCHED_IDLE)"
+    )
     p.add_argument("--json", type=Path, help="also write the rows here")
     args = p.parse_args()
     if not _same_clock():
@@ -245,60 +297,95 @@ def main() -> None:
         if why is not None:
             print(f"wire-level truth: OFF: {why}; only the simulator's trace is used", flush=True)
             wire = False
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-          f"event loop: {os.environ.get('INFMAX_EVENT_LOOP', 'uvloop')}, workers: {args.workers}, "
-          f"wire capture: {'on' if wire else 'off'}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"event loop: {os.environ.get('INFMAX_EVENT_LOOP', 'uvloop')}, workers: {args.workers}, "
+        f"wire capture: {'on' if wire else 'off'}"
+    )
     rows = []
     for streams in args.streams:
-        row = measure(streams, args.rounds, args.osl, args.decode_step_ms, args.workers,
-                      pin=not args.no_pin and (os.cpu_count() or 1) >= 2, range_ratio=args.range_ratio,
-                      wire=wire, wire_cpus=args.wire_cpus)
+        row = measure(
+            streams,
+            args.rounds,
+            args.osl,
+            args.decode_step_ms,
+            args.workers,
+            pin=not args.no_pin and (os.cpu_count() or 1) >= 2,
+            range_ratio=args.range_ratio,
+            wire=wire,
+            wire_cpus=args.wire_cpus,
+        )
         rows.append(row)
-        print(f"  streams={streams}: {row['requests']} requests matched to the trace ({row['unmatched']} "
-              f"unmatched, {row['errors']} errors); client loop lag p99 {row['loop_lag_p99_ms']:.2f} ms, "
-              f"CPU {row['cpu_utilisation']:.0%}", flush=True)
+        print(
+            f"  streams={streams}: {row['requests']} requests matched to the trace ({row['unmatched']} "
+            f"unmatched, {row['errors']} errors); client loop lag p99 {row['loop_lag_p99_ms']:.2f} ms, "
+            f"CPU {row['cpu_utilisation']:.0%}",
+            flush=True,
+        )
         if wire:
             cap = row["capture"]
-            print(f"    wire: {row['wire_matched']} requests matched ({row['wire_unmatched']} unmatched); "
-                  f"{cap.get('packets')} packets, kernel dropped {cap.get('kernel_dropped')}, "
-                  f"realtime-monotonic offset moved {cap.get('clock_offset_spread_us', 0):.1f} us over "
-                  f"{cap.get('clock_samples')} samples", flush=True)
+            print(
+                f"    wire: {row['wire_matched']} requests matched ({row['wire_unmatched']} unmatched); "
+                f"{cap.get('packets')} packets, kernel dropped {cap.get('kernel_dropped')}, "
+                f"realtime-monotonic offset moved {cap.get('clock_offset_spread_us', 0):.1f} us over "
+                f"{cap.get('clock_samples')} samples",
+                flush=True,
+            )
             if cap.get("kernel_dropped") or cap.get("no_timestamp"):
                 print("    wire: the capture LOST packets: its numbers below are not used", flush=True)
                 row["wire"] = None
-    print("\nAgainst the simulator's trace (its write stamps; arrival = the request's first bytes in "
-          "data_received), ms p50 / p99 / max:\n")
-    print("| streams | chunk stamp error | ITL error | first-token stamp error | TTFT error | "
-          "request trip (send to server arrival) | server front-end queue (handler start - arrival) |")
+    print(
+        "\nAgainst the simulator's trace (its write stamps; arrival = the request's first bytes in "
+        "data_received), ms p50 / p99 / max:\n"
+    )
+    print(
+        "| streams | chunk stamp error | ITL error | first-token stamp error | TTFT error | "
+        "request trip (send to server arrival) | server front-end queue (handler start - arrival) |"
+    )
     print("|--:|--|--|--|--|--|--|")
     for r in rows:
-        print(f"| {r['streams']} | " + " | ".join(_cell(r["sim"][k]) for k in
-                                                  ("chunk", "itl", "first", "ttft", "trip", "queue")) + " |")
+        print(
+            f"| {r['streams']} | "
+            + " | ".join(_cell(r["sim"][k]) for k in ("chunk", "itl", "first", "ttft", "trip", "queue"))
+            + " |"
+        )
     wired = [r for r in rows if r.get("wire")]
     if wired:
         print("\nAgainst the wire (kernel timestamps of the loopback packets), ms p50 / p99 / max:\n")
-        print("| streams | chunk stamp error | ITL error | first-token stamp error | send stamp error | "
-              "TTFT error | server read lag (arrival - wire) | handler start - wire |")
+        print(
+            "| streams | chunk stamp error | ITL error | first-token stamp error | send stamp error | "
+            "TTFT error | server read lag (arrival - wire) | handler start - wire |"
+        )
         print("|--:|--|--|--|--|--|--|--|")
         for r in wired:
-            print(f"| {r['streams']} | " + " | ".join(_cell(r["wire"][k]) for k in
-                                                      ("chunk", "itl", "first", "send", "ttft", "read_lag",
-                                                       "queue")) + " |")
-        print("\n(server write stamp - wire, every chunk: " + ", ".join(
-            f"{r['streams']}: {_cell(r['wire']['server_write'])}" for r in wired) + ")")
+            print(
+                f"| {r['streams']} | "
+                + " | ".join(
+                    _cell(r["wire"][k]) for k in ("chunk", "itl", "first", "send", "ttft", "read_lag", "queue")
+                )
+                + " |"
+            )
+        print(
+            "\n(server write stamp - wire, every chunk: "
+            + ", ".join(f"{r['streams']}: {_cell(r['wire']['server_write'])}" for r in wired)
+            + ")"
+        )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 
     def met(r: dict, truth: str) -> bool:
         t = r[truth]
-        return (t["chunk"]["p99"] <= 1.0 and t["itl"]["p99"] <= 1.0 and t["ttft"]["p50"] <= 1.0
-                and t["ttft"]["p99"] <= 5.0)
+        return (
+            t["chunk"]["p99"] <= 1.0 and t["itl"]["p99"] <= 1.0 and t["ttft"]["p50"] <= 1.0 and t["ttft"]["p99"] <= 5.0
+        )
 
     goal = "chunk and ITL error p99 <= 1 ms, TTFT error p50 <= 1 ms and p99 <= 5 ms"
     print(f"\ngoal ({goal}) against the simulator's trace: {'met' if all(met(r, 'sim') for r in rows) else 'NOT met'}")
     if wired:
-        print(f"goal against the wire: {'met' if all(met(r, 'wire') for r in wired) else 'NOT met'}"
-              + ("" if len(wired) == len(rows) else " (not every row had a usable capture)"))
+        print(
+            f"goal against the wire: {'met' if all(met(r, 'wire') for r in wired) else 'NOT met'}"
+            + ("" if len(wired) == len(rows) else " (not every row had a usable capture)")
+        )
 
 
 if __name__ == "__main__":

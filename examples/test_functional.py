@@ -3,7 +3,9 @@
 
 def test_completion_returns_requested_tokens(infmax_openai, infmax_server):
     out = infmax_openai.completions.create(
-        model=infmax_server.model, prompt="The capital of France is", max_tokens=8,
+        model=infmax_server.model,
+        prompt="The capital of France is",
+        max_tokens=8,
         extra_body={"ignore_eos": True},
     )
     assert out.usage.completion_tokens == 8
@@ -11,8 +13,11 @@ def test_completion_returns_requested_tokens(infmax_openai, infmax_server):
 
 def test_chat_streams_with_usage(infmax_openai, infmax_server):
     stream = infmax_openai.chat.completions.create(
-        model=infmax_server.model, messages=[{"role": "user", "content": "Say hi"}],
-        max_tokens=6, stream=True, stream_options={"include_usage": True},
+        model=infmax_server.model,
+        messages=[{"role": "user", "content": "Say hi"}],
+        max_tokens=6,
+        stream=True,
+        stream_options={"include_usage": True},
     )
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)

@@ -59,25 +59,57 @@ DEFAULT_HISTORY = 20
 SAMPLE_METRICS: tuple[str, ...] = ("ttft", "tpot", "e2e", "itl_mean", "itl_max")
 #: run-level figures a run keeps (from Metrics; cost_per_mtok only with a price)
 SCALAR_KEYS: tuple[str, ...] = (
-    "throughput_per_gpu", "output_throughput_per_gpu", "input_throughput_per_gpu", "throughput",
-    "output_throughput", "request_throughput", "error_rate", "goodput_ratio", "duration",
-    "num_requests", "num_ok", "num_errors", "num_gpus",
+    "throughput_per_gpu",
+    "output_throughput_per_gpu",
+    "input_throughput_per_gpu",
+    "throughput",
+    "output_throughput",
+    "request_throughput",
+    "error_rate",
+    "goodput_ratio",
+    "duration",
+    "num_requests",
+    "num_ok",
+    "num_errors",
+    "num_gpus",
 )
 #: workload fields that must match for two runs to be comparable
 WORKLOAD_KEYS: tuple[str, ...] = (
-    "scenario", "concurrency", "rate", "rate_infinite", "burstiness", "max_concurrency", "extra_body",
+    "scenario",
+    "concurrency",
+    "rate",
+    "rate_infinite",
+    "burstiness",
+    "max_concurrency",
+    "extra_body",
 )
 #: testbed fields always present (None where unknown)
 TESTBED_KEYS: tuple[str, ...] = (
-    "gpu_model", "gpu_count", "driver", "engine", "engine_version", "model", "server_options",
+    "gpu_model",
+    "gpu_count",
+    "driver",
+    "engine",
+    "engine_version",
+    "model",
+    "server_options",
 )
 _SAMPLE_DECIMALS = 7  # seconds: 0.1 µs
 
 # server argv flags whose value changes from one start to the next (ports, temp files, pids)
-_VOLATILE_FLAGS = frozenset({
-    "--host", "--port", "--port-file", "--parent-pid", "--log-file", "--trace-file", "--master-port",
-    "--master_port", "--dist-init-addr", "--nccl-port",
-})
+_VOLATILE_FLAGS = frozenset(
+    {
+        "--host",
+        "--port",
+        "--port-file",
+        "--parent-pid",
+        "--log-file",
+        "--trace-file",
+        "--master-port",
+        "--master_port",
+        "--dist-init-addr",
+        "--nccl-port",
+    }
+)
 
 
 # -- errors --------------------------------------------------------------------------
@@ -238,9 +270,7 @@ class BaselineRun:
 
             usd = price if isinstance(price, (int, float)) else price.usd_per_gpu_hour
             tput = scalars.get("throughput")
-            scalars["cost_per_mtok"] = (
-                cost_per_million_tokens(float(usd), num_gpus, tput) if tput is not None else None
-            )
+            scalars["cost_per_mtok"] = cost_per_million_tokens(float(usd), num_gpus, tput) if tput is not None else None
         env = environment()
         env.pop("written_at", None)
         env.update(environment_info or {})
@@ -319,8 +349,12 @@ class BaselineRun:
         )
 
 
-def runs_of(result: LoadResult | Mapping[str, Any], *, price: Price | float | None = None,
-            environment_info: Mapping[str, Any] | None = None) -> list[BaselineRun]:
+def runs_of(
+    result: LoadResult | Mapping[str, Any],
+    *,
+    price: Price | float | None = None,
+    environment_info: Mapping[str, Any] | None = None,
+) -> list[BaselineRun]:
     """The runs a result stands for in comparisons and histories.
 
     One run, or with ``--infmax-repeat`` every repeat on its own (each a fresh server
@@ -343,8 +377,12 @@ def runs_of(result: LoadResult | Mapping[str, Any], *, price: Price | float | No
         runs = []
         for entry in repeats["runs"]:
             lo, hi = entry["records"]
-            one = {**result, "records": result["records"][lo:hi], "metrics": entry["metrics"],
-                   "started_at": entry.get("started_at")}
+            one = {
+                **result,
+                "records": result["records"][lo:hi],
+                "metrics": entry["metrics"],
+                "started_at": entry.get("started_at"),
+            }
             runs.append(BaselineRun.from_result(one, **kw))
         fresh = bool(repeats.get("fresh_starts", True))
     return runs if fresh else [merge_runs(runs)]
@@ -369,9 +407,16 @@ def merge_runs(runs: Sequence[BaselineRun], name: str | None = None) -> Baseline
         known = [v for v in values if v is not None]
         scalars[key] = sum(known) / len(known) if len(known) == len(values) else None
     first = runs[0]
-    return BaselineRun(name=name or first.name, samples=samples, scalars=scalars, workload=dict(first.workload),
-                       summary={}, environment=dict(first.environment), recorded_at=runs[-1].recorded_at,
-                       started_at=first.started_at)
+    return BaselineRun(
+        name=name or first.name,
+        samples=samples,
+        scalars=scalars,
+        workload=dict(first.workload),
+        summary={},
+        environment=dict(first.environment),
+        recorded_at=runs[-1].recorded_at,
+        started_at=first.started_at,
+    )
 
 
 def compact_samples(records: Iterable[RequestRecord]) -> dict[str, list[float]]:
@@ -522,8 +567,11 @@ def unknown_fields(baseline_testbed: Mapping[str, Any] | None, current_testbed: 
     """Testbed fields known on one side only (not checked by :func:`differences`)."""
     if baseline_testbed is None or current_testbed is None:
         return []
-    return sorted(key for key in set(baseline_testbed) | set(current_testbed)
-                  if (baseline_testbed.get(key) is None) != (current_testbed.get(key) is None))
+    return sorted(
+        key
+        for key in set(baseline_testbed) | set(current_testbed)
+        if (baseline_testbed.get(key) is None) != (current_testbed.get(key) is None)
+    )
 
 
 # -- one test's history ---------------------------------------------------------------------
@@ -547,7 +595,9 @@ class Baseline:
     def workload(self) -> dict[str, Any]:
         return self.latest.workload if self.runs else {}
 
-    def differences(self, testbed: Mapping[str, Any] | None, workload: Mapping[str, Any] | None = None) -> list[Difference]:
+    def differences(
+        self, testbed: Mapping[str, Any] | None, workload: Mapping[str, Any] | None = None
+    ) -> list[Difference]:
         return differences(self.testbed, testbed, self.workload if workload is not None else None, workload)
 
     def check(self, testbed: Mapping[str, Any] | None, workload: Mapping[str, Any] | None = None) -> None:
@@ -564,7 +614,7 @@ class Baseline:
         """A copy with ``runs`` appended and the oldest dropped beyond ``history``; the new
         runs themselves are all kept, even more of them than ``history`` (the repeats of one
         save, e.g. ``--infmax-repeat 30``, belong together)."""
-        kept = [*self.runs, *runs][-max(self.history, len(runs)):]
+        kept = [*self.runs, *runs][-max(self.history, len(runs)) :]
         return Baseline(self.key, dict(self.testbed), kept, self.history, self.path)
 
     def to_dict(self) -> dict[str, Any]:
@@ -707,8 +757,9 @@ class BaselineStore:
         with _locked(path):  # read-modify-write: sessions saving at once must not lose runs
             return self._save_locked(key, path, new_runs, testbed, mode)
 
-    def _save_locked(self, key: str, path: Path, new_runs: list[BaselineRun], testbed: Mapping[str, Any],
-                     mode: Mode) -> Baseline:
+    def _save_locked(
+        self, key: str, path: Path, new_runs: list[BaselineRun], testbed: Mapping[str, Any], mode: Mode
+    ) -> Baseline:
         current = None if mode == "replace" else self.load(key)
         testbed = _plain(dict(testbed))
         if current is None:
@@ -805,7 +856,9 @@ def result_keys(names: Sequence[str]) -> list[str]:
 # -- results files --------------------------------------------------------------------------
 
 
-def runs_from_results_document(doc: Any, source: str = "results") -> dict[str, tuple[dict[str, Any], list[BaselineRun]]]:
+def runs_from_results_document(
+    doc: Any, source: str = "results"
+) -> dict[str, tuple[dict[str, Any], list[BaselineRun]]]:
     """Runs of an ``--infmax-json`` document by result name (repeats together), each
     with its testbed (the result's ``testbed`` if the plugin wrote one, else derived
     from its ``server``)."""
@@ -843,7 +896,12 @@ def load_runs(path: str | os.PathLike[str]) -> dict[str, tuple[dict[str, Any], l
         doc = json.loads(text)
     except ValueError as exc:
         raise CorruptBaselineError(path, f"it is not valid JSON ({exc}); was the write interrupted?") from None
-    if isinstance(doc, Mapping) and "results" in doc and "format" in doc and not str(doc["format"]).startswith(FORMAT_NAME):
+    if (
+        isinstance(doc, Mapping)
+        and "results" in doc
+        and "format" in doc
+        and not str(doc["format"]).startswith(FORMAT_NAME)
+    ):
         return runs_from_results_document(doc, str(path))
     baseline = load_baseline(path)
     return {baseline.key: (baseline.testbed, baseline.runs)}
@@ -920,7 +978,12 @@ def _latencies(records: Sequence[RequestRecord]) -> dict[str, Sequence[float]]:
 
 
 def _benchmark_entry(
-    name: str, metric: str, data: list[float], info: dict[str, Any], scalars: dict[str, float | None], include_data: bool
+    name: str,
+    metric: str,
+    data: list[float],
+    info: dict[str, Any],
+    scalars: dict[str, float | None],
+    include_data: bool,
 ) -> dict[str, Any]:
     stats = benchmark_stats(data)
     if include_data:
@@ -939,8 +1002,14 @@ def _benchmark_entry(
         "params": None,
         "param": None,
         "extra_info": extra,
-        "options": {"disable_gc": False, "timer": "perf_counter", "min_rounds": len(data),
-                    "max_time": None, "min_time": None, "warmup": False},
+        "options": {
+            "disable_gc": False,
+            "timer": "perf_counter",
+            "min_rounds": len(data),
+            "max_time": None,
+            "min_time": None,
+            "warmup": False,
+        },
         "stats": stats,
     }
 
@@ -975,7 +1044,7 @@ def benchmark_stats(data: Sequence[float]) -> dict[str, Any]:
             q3 = 0.25 * s[3 * k + 1] + 0.75 * s[3 * k + 2]
     else:
         q1 = _median(s[: n // 2])
-        q3 = _median(s[n // 2:])
+        q3 = _median(s[n // 2 :])
     iqr = q3 - q1
     low, high = q1 - 1.5 * iqr, q3 + 1.5 * iqr
     iqr_outliers = sum(1 for x in s if x < low or x > high)
@@ -1034,13 +1103,26 @@ def benchmark_machine_info() -> dict[str, Any]:
 
 def benchmark_commit_info(cwd: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """pytest-benchmark's ``commit_info`` keys, read from git (read-only) where there is one."""
-    info: dict[str, Any] = {"id": "unversioned", "time": None, "author_time": None, "dirty": False,
-                            "project": Path(cwd or os.getcwd()).name, "branch": "(unknown)"}
+    info: dict[str, Any] = {
+        "id": "unversioned",
+        "time": None,
+        "author_time": None,
+        "dirty": False,
+        "project": Path(cwd or os.getcwd()).name,
+        "branch": "(unknown)",
+    }
 
     def git(*args: str) -> str | None:
         try:
-            out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=5, check=True,
-                                 env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"})  # read-only: no index refresh
+            out = subprocess.run(
+                ["git", *args],
+                cwd=cwd,
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=True,
+                env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"},
+            )  # read-only: no index refresh
         except (OSError, subprocess.SubprocessError):
             return None
         return out.stdout.strip()

@@ -36,8 +36,9 @@ def _compare(ns: argparse.Namespace) -> int:
             min_effect=ns.min_effect / 100.0,
             alpha=ns.alpha,
         )
-        reports, messages = compare_files(ns.baseline, ns.current, options=options, force=ns.force,
-                                          keys=ns.key, last=ns.last)
+        reports, messages = compare_files(
+            ns.baseline, ns.current, options=options, force=ns.force, keys=ns.key, last=ns.last
+        )
     except (BaselineError, ValueError) as exc:
         print(f"infmax compare: {exc}", file=sys.stderr)
         return 2
@@ -54,8 +55,12 @@ def _compare(ns: argparse.Namespace) -> int:
 
         write_json_atomic(ns.json, {"format": "pytest-infmax-compare/1", "comparisons": [r.to_dict() for r in reports]})
     verdicts = [r.verdict for r in reports]
-    print("infmax compare: " + ", ".join(f"{v} {verdicts.count(v)}" for v in ("regressed", "unsure", "improved", "same")
-                                         if verdicts.count(v)))
+    print(
+        "infmax compare: "
+        + ", ".join(
+            f"{v} {verdicts.count(v)}" for v in ("regressed", "unsure", "improved", "same") if verdicts.count(v)
+        )
+    )
     if "regressed" in verdicts or (ns.fail_on_unsure and "unsure" in verdicts):
         return 1
     return 0
@@ -74,15 +79,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = sub.add_parser("table", help="print the results table of an --infmax-json file")
     table.add_argument("path")
     cmp = sub.add_parser(
-        "compare", help="compare current results with a baseline; exit 1 on a regression",
+        "compare",
+        help="compare current results with a baseline; exit 1 on a regression",
         description="Compare CURRENT with BASELINE: each a baseline file or directory (.infmax/baselines) "
         "or an --infmax-json results file. Exit 0: no regression; 1: a regression "
         "(or unsure, with --fail-on-unsure); 2: unreadable input or a testbed/workload mismatch.",
     )
     cmp.add_argument("baseline")
     cmp.add_argument("current")
-    cmp.add_argument("--min-effect", type=float, default=5.0, metavar="PCT",
-                     help="smallest change that matters, percent (default 5)")
+    cmp.add_argument(
+        "--min-effect", type=float, default=5.0, metavar="PCT", help="smallest change that matters, percent (default 5)"
+    )
     cmp.add_argument("--alpha", type=float, default=0.01, help="false-alarm rate per comparison (default 0.01)")
     cmp.add_argument("--metrics", help="gated metrics, e.g. 'p50(tpot), p99(ttft), throughput_per_gpu'")
     cmp.add_argument("--key", action="append", help="compare only this result key (repeatable)")

@@ -63,7 +63,14 @@ import numpy as np
 from scipy import stats as sps
 
 from .baselines import (
-    Baseline, BaselineError, BaselineMismatch, BaselineRun, Difference, differences, load_runs, unknown_fields,
+    Baseline,
+    BaselineError,
+    BaselineMismatch,
+    BaselineRun,
+    Difference,
+    differences,
+    load_runs,
+    unknown_fields,
 )
 from .metrics import METRICS, SCALAR_METRICS, parse_stat, stat_quantile
 
@@ -97,8 +104,7 @@ class Gate:
             metric = m.group(2)
             if metric not in SAMPLE_GATE_METRICS:
                 raise ValueError(
-                    f"gate {text!r}: {metric!r} has no per-request samples; "
-                    f"use one of {', '.join(SAMPLE_GATE_METRICS)}"
+                    f"gate {text!r}: {metric!r} has no per-request samples; use one of {', '.join(SAMPLE_GATE_METRICS)}"
                 )
             stat = parse_stat(m.group(1))
             if stat in ("std", "min", "max"):
@@ -108,9 +114,13 @@ class Gate:
             if s in SAMPLE_GATE_METRICS:
                 raise ValueError(f"gate {text!r} is a per-request metric; say which statistic, e.g. p99({s})")
             if s not in SCALAR_GATE_METRICS:
-                raise ValueError(f"gate {text!r}: unknown run-level metric; use one of {', '.join(SCALAR_GATE_METRICS)}")
+                raise ValueError(
+                    f"gate {text!r}: unknown run-level metric; use one of {', '.join(SCALAR_GATE_METRICS)}"
+                )
             return cls(s, None)
-        raise ValueError(f"gate {text!r}: expected STAT(METRIC) such as p99(ttft), or a scalar such as throughput_per_gpu")
+        raise ValueError(
+            f"gate {text!r}: expected STAT(METRIC) such as p99(ttft), or a scalar such as throughput_per_gpu"
+        )
 
     @property
     def label(self) -> str:
@@ -141,10 +151,17 @@ class Gate:
 DEFAULT_GATES: tuple[Gate, ...] = tuple(
     Gate.parse(s)
     for s in (
-        "p50(ttft)", "p90(ttft)", "p99(ttft)",
-        "p50(tpot)", "p90(tpot)", "p99(tpot)",
-        "p50(e2e)", "p90(e2e)", "p99(e2e)",
-        "throughput_per_gpu", "cost_per_mtok",
+        "p50(ttft)",
+        "p90(ttft)",
+        "p99(ttft)",
+        "p50(tpot)",
+        "p90(tpot)",
+        "p99(tpot)",
+        "p50(e2e)",
+        "p90(e2e)",
+        "p99(e2e)",
+        "throughput_per_gpu",
+        "cost_per_mtok",
     )
 )
 
@@ -182,10 +199,21 @@ def default_prior_sigma(gate: Gate) -> float:
     history a comparison is more often ``unsure`` than wrong.
     """
     if gate.stat is None:
-        return 0.03 if gate.metric in ("throughput_per_gpu", "throughput", "output_throughput",
-                                       "output_throughput_per_gpu", "input_throughput",
-                                       "input_throughput_per_gpu", "request_throughput",
-                                       "cost_per_mtok") else 0.05
+        return (
+            0.03
+            if gate.metric
+            in (
+                "throughput_per_gpu",
+                "throughput",
+                "output_throughput",
+                "output_throughput_per_gpu",
+                "input_throughput",
+                "input_throughput_per_gpu",
+                "request_throughput",
+                "cost_per_mtok",
+            )
+            else 0.05
+        )
     q = stat_quantile(gate.stat)
     tail = 0 if q is None or q <= 75 else (1 if q <= 95 else 2)
     if gate.metric == "ttft":
@@ -324,8 +352,11 @@ class ComparisonReport:
         """``regressed: p50(tpot) +12.3% [+8.1%, +16.6%], ...`` for a test report."""
         head = f"{self.key}: " if self.key else ""
         worst = self.rows_with(self.verdict) if self.rows else []
-        parts = [f"{r.label} {_pct(r.change)} [{_pct(r.interval[0])}, {_pct(r.interval[1])}]"
-                 for r in worst if r.interval is not None and r.change is not None]
+        parts = [
+            f"{r.label} {_pct(r.change)} [{_pct(r.interval[0])}, {_pct(r.interval[1])}]"
+            for r in worst
+            if r.interval is not None and r.change is not None
+        ]
         tail = f" ({self.baseline_runs} baseline vs {self.current_runs} current runs)"
         return f"{head}{self.verdict}: " + (", ".join(parts) if parts else "nothing compared") + tail
 
@@ -367,8 +398,7 @@ def compare_baseline(
     runs = [current] if isinstance(current, BaselineRun) else list(current)
     if not runs:
         raise ValueError("compare_baseline needs at least one current run")
-    diffs = differences(baseline.testbed if testbed is not None else None, testbed,
-                        baseline.workload, runs[0].workload)
+    diffs = differences(baseline.testbed if testbed is not None else None, testbed, baseline.workload, runs[0].workload)
     if diffs and not force:
         raise BaselineMismatch(baseline.key, diffs, baseline.path)
     report = compare_runs(baseline.runs, runs, options=options, key=baseline.key)
@@ -441,8 +471,10 @@ def compare_runs(
         if ya is None or yb is None:
             if ya is None and yb is None and opts.gates == DEFAULT_GATES:
                 continue  # a default gate this result does not have (cost without a price)
-            skipped.append(f"{gate.label}: {'not measured' if ya is None and yb is None else 'not on both sides'}"
-                           " (or not positive, so no ratio)")
+            skipped.append(
+                f"{gate.label}: {'not measured' if ya is None and yb is None else 'not on both sides'}"
+                " (or not positive, so no ratio)"
+            )
             continue
         prepared.append((gate, ya, wa, yb, wb))
     m = max(len({_family(g) for g, *_ in prepared}), 1)
@@ -479,7 +511,9 @@ class _RunStatistics:
             ws.append(var.get(gate.stat, 0.0))
         return np.asarray(ys), np.asarray(ws)
 
-    def _distribution(self, run: BaselineRun, metric: str, side: int, index: int) -> tuple[dict[str, float], dict[str, float]]:
+    def _distribution(
+        self, run: BaselineRun, metric: str, side: int, index: int
+    ) -> tuple[dict[str, float], dict[str, float]]:
         key = (id(run), metric, side, index)
         hit = self._cache.get(key)
         if hit is not None and hit[0] is run:  # the same object, not a new one at a reused id
@@ -492,8 +526,9 @@ class _RunStatistics:
             block = self.opts.block or default_block(run, values.size)
             self.block_used.setdefault(metric, set()).add(block)
             seed = [self.opts.seed, side, index, SAMPLE_GATE_METRICS.index(metric)]
-            out = run_statistics(values, gate_stats, block=block, resamples=self.opts.bootstrap,
-                                 rng=np.random.default_rng(seed))
+            out = run_statistics(
+                values, gate_stats, block=block, resamples=self.opts.bootstrap, rng=np.random.default_rng(seed)
+            )
         self._cache[key] = (run, out)
         return out
 
@@ -601,8 +636,14 @@ def estimate_run_noise(
 
 
 def _compare_gate(
-    gate: Gate, ya: np.ndarray, wa: np.ndarray, yb: np.ndarray, wb: np.ndarray,
-    opts: CompareOptions, m: int, blocks: Mapping[str, set[int]],
+    gate: Gate,
+    ya: np.ndarray,
+    wa: np.ndarray,
+    yb: np.ndarray,
+    wb: np.ndarray,
+    opts: CompareOptions,
+    m: int,
+    blocks: Mapping[str, set[int]],
 ) -> ComparisonRow:
     k, n = len(ya), len(yb)
     prior = opts.prior_for(gate)
@@ -651,8 +692,9 @@ def decide(bad_lo: float, bad_hi: float, margin: float) -> Verdict:
     return "unsure"
 
 
-def _method(gate: Gate, k: int, n: int, noise: RunNoise, blocks: set[int] | None, level: float,
-            m: int, alpha: float) -> str:
+def _method(
+    gate: Gate, k: int, n: int, noise: RunNoise, blocks: set[int] | None, level: float, m: int, alpha: float
+) -> str:
     runs = f"{k} vs {n} run{'s' if n > 1 else ''}"
     sd = math.sqrt(noise.tau2)
     if noise.history_df:
@@ -669,8 +711,9 @@ def _method(gate: Gate, k: int, n: int, noise: RunNoise, blocks: set[int] | None
     return f"{kind}, {runs}; {spread}{within}; t({noise.df:g}), {m} gates"
 
 
-def _note(verdict: Verdict, gate: Gate, k: int, n: int, noise: RunNoise, tq: float, opts: CompareOptions,
-          d: float) -> str:
+def _note(
+    verdict: Verdict, gate: Gate, k: int, n: int, noise: RunNoise, tq: float, opts: CompareOptions, d: float
+) -> str:
     notes = []
     if k < 3:
         notes.append(f"{k} baseline run{'s' if k > 1 else ''}: interval from the prior; record >= 3 runs")
@@ -732,13 +775,17 @@ def format_report(report: ComparisonReport, *, methods: bool = True) -> str:
     right = {1, 2, 3, 5}
 
     def fmt(items: Sequence[str]) -> str:
-        return "  ".join(s.rjust(w) if i in right else s.ljust(w)
-                         for i, (s, w) in enumerate(zip(items, widths))).rstrip()
+        return "  ".join(
+            s.rjust(w) if i in right else s.ljust(w) for i, (s, w) in enumerate(zip(items, widths))
+        ).rstrip()
 
     level = report.rows[0].level if report.rows else None
-    title = (f"{report.key or 'comparison'}: {report.verdict} ({report.baseline_runs} baseline run(s) vs "
-             f"{report.current_runs} current run(s); min effect {report.options.min_effect:.0%}"
-             + (f"; intervals at {level:.2%}" if level else "") + ")")
+    title = (
+        f"{report.key or 'comparison'}: {report.verdict} ({report.baseline_runs} baseline run(s) vs "
+        f"{report.current_runs} current run(s); min effect {report.options.min_effect:.0%}"
+        + (f"; intervals at {level:.2%}" if level else "")
+        + ")"
+    )
     out = [title, fmt(headers), "  ".join("-" * w for w in widths)]
     out += [fmt(c) for c in lines]
     for d in report.forced_differences:
@@ -836,8 +883,9 @@ class SequentialComparison:
         self._rho2 = (-2 * math.log(a) + math.log(-2 * math.log(a) + 1)) / self.max_requests
         self._values: list[float] = []
         self._rng = np.random.default_rng(self.opts.seed)
-        self.state = SequentialState(0, "unsure", False, False, None, None, None, self.between,
-                                     self.between >= self.margin, "no requests yet")
+        self.state = SequentialState(
+            0, "unsure", False, False, None, None, None, self.between, self.between >= self.margin, "no requests yet"
+        )
 
     def update(self, values: Iterable[float]) -> SequentialState:
         """Add a batch of per-request values (send order) and decide."""
@@ -850,8 +898,9 @@ class SequentialComparison:
             self.state = replace(self.state, requests=t, reason=f"waiting for {self.min_requests} requests")
             return self.state
         arr = np.asarray(self._values)
-        point, var = run_statistics(arr, [self.gate.stat or "p50"], block=self.block,
-                                    resamples=self.opts.bootstrap, rng=self._rng)
+        point, var = run_statistics(
+            arr, [self.gate.stat or "p50"], block=self.block, resamples=self.opts.bootstrap, rng=self._rng
+        )
         stat = point[self.gate.stat or "p50"]
         if not stat > 0:
             raise ValueError(f"{self.gate.label} is not positive; cannot compare ratios")
@@ -875,6 +924,16 @@ class SequentialComparison:
             reason = "between-run noise alone exceeds the minimum effect: only 'regressed'/'improved' can settle"
         else:
             reason = "not settled yet"
-        self.state = SequentialState(t, verdict, settled, settled or capped, math.expm1(d),
-                                     (math.expm1(lo), math.expm1(hi)), within, self.between, limited, reason)
+        self.state = SequentialState(
+            t,
+            verdict,
+            settled,
+            settled or capped,
+            math.expm1(d),
+            (math.expm1(lo), math.expm1(hi)),
+            within,
+            self.between,
+            limited,
+            reason,
+        )
         return self.state

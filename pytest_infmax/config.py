@@ -54,8 +54,9 @@ def _repeat(text: str) -> int:
     except ValueError:
         value = 0
     if value < 1:
-        raise ValueError("must be a whole number >= 1: how many runs of each load, each on a fresh "
-                         "server start (e.g. 10)")
+        raise ValueError(
+            "must be a whole number >= 1: how many runs of each load, each on a fresh server start (e.g. 10)"
+        )
     return value
 
 
@@ -93,8 +94,7 @@ def _tier(text: str) -> str:
 
 def _set_name(text: str) -> str:
     name = text.strip()
-    if (not name or "/" in name or "\\" in name or name in (".", "..")
-            or any(not c.isprintable() for c in name)):
+    if not name or "/" in name or "\\" in name or name in (".", "..") or any(not c.isprintable() for c in name):
         raise ValueError("must be a plain name such as main or default (it names a folder)")
     return name
 
@@ -126,8 +126,9 @@ def _flags(text: str, what: str = "flags", example: str = "--profile b200/gpt-os
     try:
         shlex.split(text)
     except ValueError as exc:  # e.g. "No closing quotation"
-        raise ValueError(f"must be {what} that split as a shell would split them ({str(exc).lower()}), "
-                         f"e.g. {example}") from None
+        raise ValueError(
+            f"must be {what} that split as a shell would split them ({str(exc).lower()}), e.g. {example}"
+        ) from None
     return text
 
 
@@ -189,80 +190,193 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("endpoint", "base URL of an OpenAI-compatible server that is already running "
-            "(instead of starting one)", None, _url, "URL"),
-    Setting("server_command", "command that starts the server under test, split like a shell "
-            "would but never run through one; {host}, {port} and {model} are filled in",
-            None, _command, "TEMPLATE"),
-    Setting("sim_args", "extra flags for the embedded simulator (see `infmax sim --help`)", "",
-            _flags, "FLAGS"),
-    Setting("engine", "start this inference engine: trtllm (trtllm-serve), vllm (vllm serve) or "
-            "sglang (python -m sglang.launch_server); needs the model (--infmax-model or the engine "
-            "config)", None, _engine, "NAME"),
-    Setting("engine_config", "YAML file with the engine's launch options (engine:, model:, tp:, "
-            "max_batch_size:, engine_options:, extra_args:, launcher_prefix:, env:, ...; the keys "
-            "of @pytest.mark.infmax_server)", None, _path, "YAML"),
-    Setting("model", "model name to request (default: the first one /v1/models lists)", None,
-            metavar="NAME"),
-    Setting("gpus", "GPUs behind the server, for per-GPU metrics (default: tp x pp x dp of an "
-            "engine, else 1)", None, _positive_int, "N"),
-    Setting("api_key_env", "environment variable that holds the server's API key "
-            "(the key itself is never printed or saved)", "INFMAX_API_KEY", metavar="VAR"),
-    Setting("startup_timeout", "seconds to wait for a started server to become ready", 600.0,
-            _positive_float, "SECONDS"),
-    Setting("request_timeout", "seconds one request may take before it is recorded as a timeout",
-            600.0, _positive_float, "SECONDS"),
-    Setting("percentiles", "percentiles reported for latency distributions", (50.0, 90.0, 95.0, 99.0),
-            _percentiles, "LIST"),
-    Setting("json", "write every result, with per-request records and the environment, to this "
-            "JSON file (atomically)", None, _path, "PATH"),
-    Setting("html", "write a self-contained HTML report (tables, verdicts, plots) to this file",
-            None, _path, "PATH"),
+    Setting(
+        "endpoint",
+        "base URL of an OpenAI-compatible server that is already running (instead of starting one)",
+        None,
+        _url,
+        "URL",
+    ),
+    Setting(
+        "server_command",
+        "command that starts the server under test, split like a shell "
+        "would but never run through one; {host}, {port} and {model} are filled in",
+        None,
+        _command,
+        "TEMPLATE",
+    ),
+    Setting("sim_args", "extra flags for the embedded simulator (see `infmax sim --help`)", "", _flags, "FLAGS"),
+    Setting(
+        "engine",
+        "start this inference engine: trtllm (trtllm-serve), vllm (vllm serve) or "
+        "sglang (python -m sglang.launch_server); needs the model (--infmax-model or the engine "
+        "config)",
+        None,
+        _engine,
+        "NAME",
+    ),
+    Setting(
+        "engine_config",
+        "YAML file with the engine's launch options (engine:, model:, tp:, "
+        "max_batch_size:, engine_options:, extra_args:, launcher_prefix:, env:, ...; the keys "
+        "of @pytest.mark.infmax_server)",
+        None,
+        _path,
+        "YAML",
+    ),
+    Setting("model", "model name to request (default: the first one /v1/models lists)", None, metavar="NAME"),
+    Setting(
+        "gpus",
+        "GPUs behind the server, for per-GPU metrics (default: tp x pp x dp of an engine, else 1)",
+        None,
+        _positive_int,
+        "N",
+    ),
+    Setting(
+        "api_key_env",
+        "environment variable that holds the server's API key (the key itself is never printed or saved)",
+        "INFMAX_API_KEY",
+        metavar="VAR",
+    ),
+    Setting(
+        "startup_timeout", "seconds to wait for a started server to become ready", 600.0, _positive_float, "SECONDS"
+    ),
+    Setting(
+        "request_timeout",
+        "seconds one request may take before it is recorded as a timeout",
+        600.0,
+        _positive_float,
+        "SECONDS",
+    ),
+    Setting(
+        "percentiles", "percentiles reported for latency distributions", (50.0, 90.0, 95.0, 99.0), _percentiles, "LIST"
+    ),
+    Setting(
+        "json",
+        "write every result, with per-request records and the environment, to this JSON file (atomically)",
+        None,
+        _path,
+        "PATH",
+    ),
+    Setting("html", "write a self-contained HTML report (tables, verdicts, plots) to this file", None, _path, "PATH"),
     Setting("markdown", "write the Markdown summary to this file", None, _path, "PATH"),
-    Setting("plots", "write PNG plots (frontier, latency distributions, throughput over time) next "
-            "to the --infmax-json file: on or off (needs the 'plots' extra)", False, _on_off, "on|off"),
-    Setting("step_summary", "append the Markdown summary to $GITHUB_STEP_SUMMARY when that is set: "
-            "on or off", True, _on_off, "on|off"),
+    Setting(
+        "plots",
+        "write PNG plots (frontier, latency distributions, throughput over time) next "
+        "to the --infmax-json file: on or off (needs the 'plots' extra)",
+        False,
+        _on_off,
+        "on|off",
+    ),
+    Setting(
+        "step_summary",
+        "append the Markdown summary to $GITHUB_STEP_SUMMARY when that is set: on or off",
+        True,
+        _on_off,
+        "on|off",
+    ),
     Setting("log_dir", "directory for server logs", ".infmax/logs", _path, "DIR"),
-    Setting("gpu_hour_usd", "$ per GPU-hour for cost per million tokens (default: SemiAnalysis' Aug 2025 "
-            "table for the GPU NVML reports or the simulator's profile)", None, _positive_float, "USD"),
-    Setting("price_tier", "row of the default price table: hyperscaler, neocloud or rental-3y", "neocloud",
-            _tier, "TIER"),
-    Setting("energy", "measure GPU energy through NVML while load runs (servers started on this "
-            "machine): on or off", True, _on_off, "on|off"),
+    Setting(
+        "gpu_hour_usd",
+        "$ per GPU-hour for cost per million tokens (default: SemiAnalysis' Aug 2025 "
+        "table for the GPU NVML reports or the simulator's profile)",
+        None,
+        _positive_float,
+        "USD",
+    ),
+    Setting(
+        "price_tier", "row of the default price table: hyperscaler, neocloud or rental-3y", "neocloud", _tier, "TIER"
+    ),
+    Setting(
+        "energy",
+        "measure GPU energy through NVML while load runs (servers started on this machine): on or off",
+        True,
+        _on_off,
+        "on|off",
+    ),
     Setting("usd_per_kwh", "electricity price, to cost the measured energy", None, _positive_float, "USD"),
-    Setting("client_bound", "when the load generator itself falls behind (event-loop or send lag p99 "
-            "over 10 ms): warn, or fail the test", "warn", _warn_or_fail, "warn|fail"),
-    Setting("baselines", "directory of baseline sets (one JSON file per test in each set)",
-            ".infmax/baselines", _path, "DIR"),
-    Setting("compare", "compare each result with its baseline in this set, where one exists "
-            "(a missing baseline is recorded, never a failure); off: no comparison", "default",
-            _set_name_or_off, "NAME|off"),
-    Setting("save", "add this run to the history of the baselines in this set (e.g. main)", None,
-            _set_name, "NAME"),
+    Setting(
+        "client_bound",
+        "when the load generator itself falls behind (event-loop or send lag p99 over 10 ms): warn, or fail the test",
+        "warn",
+        _warn_or_fail,
+        "warn|fail",
+    ),
+    Setting(
+        "baselines",
+        "directory of baseline sets (one JSON file per test in each set)",
+        ".infmax/baselines",
+        _path,
+        "DIR",
+    ),
+    Setting(
+        "compare",
+        "compare each result with its baseline in this set, where one exists "
+        "(a missing baseline is recorded, never a failure); off: no comparison",
+        "default",
+        _set_name_or_off,
+        "NAME|off",
+    ),
+    Setting("save", "add this run to the history of the baselines in this set (e.g. main)", None, _set_name, "NAME"),
     Setting("autosave", "add this run to the set it was compared with", False, _on_off, switch=True),
-    Setting("update", "rewrite the compared set's baselines of the tests that ran with this run",
-            False, _on_off, switch=True),
-    Setting("fail_on_unsure", "fail a test whose comparison is unsure (not enough evidence either way)",
-            False, _on_off, switch=True),
-    Setting("compare_force", "compare with baselines from another testbed (GPU, driver, engine, model, "
-            "options) anyway", False, _on_off, switch=True),
-    Setting("sequential", "stop a run as soon as its comparison with the baseline is settled (an "
-            "always-valid confidence sequence, looked at every 8 requests; the run's request count "
-            "is the cap)", False, _on_off, switch=True),
+    Setting(
+        "update",
+        "rewrite the compared set's baselines of the tests that ran with this run",
+        False,
+        _on_off,
+        switch=True,
+    ),
+    Setting(
+        "fail_on_unsure",
+        "fail a test whose comparison is unsure (not enough evidence either way)",
+        False,
+        _on_off,
+        switch=True,
+    ),
+    Setting(
+        "compare_force",
+        "compare with baselines from another testbed (GPU, driver, engine, model, options) anyway",
+        False,
+        _on_off,
+        switch=True,
+    ),
+    Setting(
+        "sequential",
+        "stop a run as soon as its comparison with the baseline is settled (an "
+        "always-valid confidence sequence, looked at every 8 requests; the run's request count "
+        "is the cap)",
+        False,
+        _on_off,
+        switch=True,
+    ),
     Setting("sequential_gate", "the statistic a sequential comparison watches", "p50(tpot)", metavar="STAT"),
-    Setting("repeat", "run each infmax.run() (and each sweep point) N times, restarting the server "
-            "before each run but the first (fresh starts); metrics pool the runs, the regression gate "
-            "compares all N with the baseline history and --infmax-save stores all N "
-            "(@pytest.mark.infmax_repeat(N) per test)", 1, _repeat, "N"),
-    Setting("workers", "processes the load generator spreads each run's streams over, each with its own "
-            "event loop; 1 (the default) keeps up with tens of thousands of events/s, see "
-            "docs/load-generator.md", 1, _positive_int, "N"),
+    Setting(
+        "repeat",
+        "run each infmax.run() (and each sweep point) N times, restarting the server "
+        "before each run but the first (fresh starts); metrics pool the runs, the regression gate "
+        "compares all N with the baseline history and --infmax-save stores all N "
+        "(@pytest.mark.infmax_repeat(N) per test)",
+        1,
+        _repeat,
+        "N",
+    ),
+    Setting(
+        "workers",
+        "processes the load generator spreads each run's streams over, each with its own "
+        "event loop; 1 (the default) keeps up with tens of thousands of events/s, see "
+        "docs/load-generator.md",
+        1,
+        _positive_int,
+        "N",
+    ),
     Setting("min_effect", "smallest change that counts as a regression, e.g. 5%", 0.05, _fraction, "PCT"),
-    Setting("gates", "metrics the regression gate compares, e.g. 'p50(tpot), p99(ttft), throughput_per_gpu'",
-            None, metavar="LIST"),
-    Setting("benchmark_json", "also write results in pytest-benchmark's JSON layout to this file", None,
-            _path, "PATH"),
+    Setting(
+        "gates",
+        "metrics the regression gate compares, e.g. 'p50(tpot), p99(ttft), throughput_per_gpu'",
+        None,
+        metavar="LIST",
+    ),
+    Setting("benchmark_json", "also write results in pytest-benchmark's JSON layout to this file", None, _path, "PATH"),
 )
 
 
@@ -282,23 +396,30 @@ class Settings:
         directory = Path(v["baselines"])
         compare_set = v["compare"]
         try:
-            options = CompareOptions(min_effect=v["min_effect"], **({"gates": parse_gates(v["gates"])}
-                                                                   if v["gates"] else {}))
+            options = CompareOptions(
+                min_effect=v["min_effect"], **({"gates": parse_gates(v["gates"])} if v["gates"] else {})
+            )
         except (ValueError, TypeError) as exc:
             raise SettingError(f"{self.sources['gates']} = {v['gates']!r} is not valid: {exc}") from None
         if v["sequential"] and v["workers"] > 1:
-            raise SettingError(f"{self.sources['sequential']} stops a run from its records as they arrive, which "
-                               f"needs one load process; {self.sources['workers']} = {v['workers']} (use 1)")
+            raise SettingError(
+                f"{self.sources['sequential']} stops a run from its records as they arrive, which "
+                f"needs one load process; {self.sources['workers']} = {v['workers']} (use 1)"
+            )
         if v["sequential"]:
             from .compare import Gate
 
             try:
                 gate = Gate.parse(v["sequential_gate"])
             except (ValueError, TypeError) as exc:
-                raise SettingError(f"{self.sources['sequential_gate']} = {v['sequential_gate']!r} is not valid: {exc}") from None
+                raise SettingError(
+                    f"{self.sources['sequential_gate']} = {v['sequential_gate']!r} is not valid: {exc}"
+                ) from None
             if gate.stat is None:
-                raise SettingError(f"--infmax-sequential-gate needs a per-request statistic such as p50(tpot), "
-                                   f"not {v['sequential_gate']!r}")
+                raise SettingError(
+                    f"--infmax-sequential-gate needs a per-request statistic such as p50(tpot), "
+                    f"not {v['sequential_gate']!r}"
+                )
         if v["update"] and compare_set is None:
             raise SettingError("--infmax-update rewrites the compared set: don't combine it with --infmax-compare off")
         return GateSettings(
@@ -315,7 +436,9 @@ class Settings:
         """The session's default server; markers may override it per test."""
         v = self.values
         common = dict(
-            model=v["model"], num_gpus=v["gpus"], api_key_env=v["api_key_env"],
+            model=v["model"],
+            num_gpus=v["gpus"],
+            api_key_env=v["api_key_env"],
             startup_timeout=v["startup_timeout"],
         )
         try:
@@ -338,8 +461,12 @@ class Settings:
             mapping["engine_config"] = v["engine_config"]
         if v["engine"]:
             mapping["engine"] = v["engine"]
-        names = {"model": "model", "num_gpus": "gpus", "api_key_env": "api_key_env",
-                 "startup_timeout": "startup_timeout"}
+        names = {
+            "model": "model",
+            "num_gpus": "gpus",
+            "api_key_env": "api_key_env",
+            "startup_timeout": "startup_timeout",
+        }
         for key, setting in names.items():
             if sources[setting] != "default":  # an explicit setting beats the file
                 mapping[key] = common[key]
@@ -347,8 +474,7 @@ class Settings:
         config = config_from_mapping(base, mapping)
         if not engines.is_engine(config.kind):
             raise ServerError(
-                f"{v['engine_config']} names no engine; add engine: trtllm, vllm or sglang "
-                f"(or pass --infmax-engine)"
+                f"{v['engine_config']} names no engine; add engine: trtllm, vllm or sglang (or pass --infmax-engine)"
             )
         return config
 
@@ -360,11 +486,22 @@ def add_options(parser: Any) -> None:
         # argparse %-formats help texts when it prints them: a literal % (e.g. "5%") must be doubled
         text = s.help.replace("%", "%%")
         if s.switch:
-            group.addoption(s.flag, dest=f"infmax_{s.name}", default=None, action="store_const", const="on",
-                            help=f"{text} [env {s.env}, ini {s.ini}: on/off]")
+            group.addoption(
+                s.flag,
+                dest=f"infmax_{s.name}",
+                default=None,
+                action="store_const",
+                const="on",
+                help=f"{text} [env {s.env}, ini {s.ini}: on/off]",
+            )
         else:
-            group.addoption(s.flag, dest=f"infmax_{s.name}", default=None, metavar=s.metavar,
-                            help=f"{text} [env {s.env}, ini {s.ini}]")
+            group.addoption(
+                s.flag,
+                dest=f"infmax_{s.name}",
+                default=None,
+                metavar=s.metavar,
+                help=f"{text} [env {s.env}, ini {s.ini}]",
+            )
         parser.addini(s.ini, help=s.help, default=None)
 
 

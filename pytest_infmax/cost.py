@@ -10,8 +10,8 @@ it used and why that price was chosen.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 Tier = Literal["hyperscaler", "neocloud", "rental-3y"]
@@ -56,13 +56,11 @@ def default_price(gpu_name: str, tier: Tier = "neocloud", why: str | None = None
     family = gpu_family(gpu_name)
     if family is None:
         raise PriceError(
-            f"no default price for GPU {gpu_name!r} (known: {', '.join(PRICES)}); "
-            f"give one with --infmax-gpu-hour-usd"
+            f"no default price for GPU {gpu_name!r} (known: {', '.join(PRICES)}); give one with --infmax-gpu-hour-usd"
         )
     if tier not in TIERS:
         raise PriceError(f"unknown price tier {tier!r}; use one of {', '.join(TIERS)}")
-    return Price(PRICES[family][tier], family, tier,
-                 f"{PRICE_SOURCE}, {family} {tier}, {why or f'GPU {gpu_name!r}'}")
+    return Price(PRICES[family][tier], family, tier, f"{PRICE_SOURCE}, {family} {tier}, {why or f'GPU {gpu_name!r}'}")
 
 
 def user_price(usd_per_gpu_hour: float, where: str) -> Price:
@@ -98,8 +96,12 @@ class TokenCost:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"usd_per_mtok_total": self.total, "usd_per_mtok_input": self.input,
-                "usd_per_mtok_output": self.output, "price": self.price.to_dict()}
+        return {
+            "usd_per_mtok_total": self.total,
+            "usd_per_mtok_input": self.input,
+            "usd_per_mtok_output": self.output,
+            "price": self.price.to_dict(),
+        }
 
 
 def choose_price(
@@ -119,7 +121,10 @@ def choose_price(
     if server_kind == "sim":
         profile = _sim_profile(sim_args)
         if profile is None:
-            return None, "the default simulator models no GPU: pass --infmax-sim-args '--profile b200/...' or --infmax-gpu-hour-usd"
+            return (
+                None,
+                "the default simulator models no GPU: pass --infmax-sim-args '--profile b200/...' or --infmax-gpu-hour-usd",
+            )
         return _table_price(profile.split("/", 1)[0], tier, f"from the simulator profile {profile!r}")
     if server_kind == "endpoint":
         return None, "a running endpoint's GPUs are unknown here: pass --infmax-gpu-hour-usd"

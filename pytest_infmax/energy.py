@@ -165,15 +165,17 @@ class NvmlPowerSource(PowerSource):
             mem = _try(n, n.nvmlDeviceGetMemoryInfo, h)
             sm = _try(n, n.nvmlDeviceGetClockInfo, h, n.NVML_CLOCK_SM)
             mc = _try(n, n.nvmlDeviceGetClockInfo, h, n.NVML_CLOCK_MEM)
-            out.append(DeviceReading(
-                power_w=None if mw is None else mw / 1000.0,
-                energy_j=None if mj is None else mj / 1000.0,
-                gpu_util_pct=None if util is None else float(util.gpu),
-                mem_util_pct=None if util is None else float(util.memory),
-                memory_used_mib=None if mem is None else mem.used / 2**20,
-                sm_clock_mhz=None if sm is None else float(sm),
-                mem_clock_mhz=None if mc is None else float(mc),
-            ))
+            out.append(
+                DeviceReading(
+                    power_w=None if mw is None else mw / 1000.0,
+                    energy_j=None if mj is None else mj / 1000.0,
+                    gpu_util_pct=None if util is None else float(util.gpu),
+                    mem_util_pct=None if util is None else float(util.memory),
+                    memory_used_mib=None if mem is None else mem.used / 2**20,
+                    sm_clock_mhz=None if sm is None else float(sm),
+                    mem_clock_mhz=None if mc is None else float(mc),
+                )
+            )
         return out
 
     def close(self) -> None:
@@ -188,9 +190,13 @@ class NvmlPowerSource(PowerSource):
         if not self._devices:
             return "NVML"
         counters = sum(self._has_counter)
-        how = ("total-energy counter" if counters == len(self._devices)
-               else "power integrated (trapezoid)" if counters == 0
-               else "total-energy counter where available, else power integrated")
+        how = (
+            "total-energy counter"
+            if counters == len(self._devices)
+            else "power integrated (trapezoid)"
+            if counters == 0
+            else "total-energy counter where available, else power integrated"
+        )
         gpus = ", ".join(f"{d.key} {d.name}" for d in self._devices)
         return f"NVML {how}; GPUs {gpus}"
 
@@ -271,8 +277,11 @@ class ModelledPowerSource(PowerSource):
             energy = _number(item.get("energy_j"), "energy_j")
             if power is None and energy is None:
                 raise ValueError("neither power_w nor energy_j given")
-            out.append(DeviceReading(power_w=power, energy_j=energy,
-                                     gpu_util_pct=_number(item.get("gpu_util_pct"), "gpu_util_pct")))
+            out.append(
+                DeviceReading(
+                    power_w=power, energy_j=energy, gpu_util_pct=_number(item.get("gpu_util_pct"), "gpu_util_pct")
+                )
+            )
         return out
 
 
@@ -357,8 +366,10 @@ class EnergyReport:
         if not self.measured:
             return f"energy not measured: {self.reason}"
         kind = "modelled" if self.modelled else "measured"
-        parts = [f"{self.energy_j:.1f} J over {self.duration_s:.2f} s ({kind}, {self.source})",
-                 f"{self.avg_power_w:.0f} W average"]
+        parts = [
+            f"{self.energy_j:.1f} J over {self.duration_s:.2f} s ({kind}, {self.source})",
+            f"{self.avg_power_w:.0f} W average",
+        ]
         if self.j_per_token is not None:
             parts.append(f"{self.j_per_token:.4g} J/token")
         if self.energy_usd is not None:
@@ -576,7 +587,9 @@ class EnergySampler:
         if not hi > lo:
             return EnergyReport.not_measured(
                 f"no power samples during the window ({start:.3f} to {end:.3f} s; "
-                f"sampled {t_first:.3f} to {t_last:.3f} s)", source)
+                f"sampled {t_first:.3f} to {t_last:.3f} s)",
+                source,
+            )
         duration = end - start
         coverage = (hi - lo) / duration
         n_dev = len(self._devices)
@@ -598,8 +611,7 @@ class EnergySampler:
             peak_power_w=max(powers) if powers else None,
             input_tokens=input_tokens,
             output_tokens=output_tokens,
-            gpus=[_device_summary(d, [s for s in inside], i, dev_j[i], duration)
-                  for i, d in enumerate(self._devices)],
+            gpus=[_device_summary(d, [s for s in inside], i, dev_j[i], duration) for i, d in enumerate(self._devices)],
             timeline=_timeline(inside, start),
         )
         _per_token(rep, usd_per_kwh)
@@ -608,8 +620,13 @@ class EnergySampler:
     def report_for(self, result: Any, usd_per_kwh: float | None = None) -> EnergyReport:
         """The report for a ``LoadResult``'s measured phase and its token counts."""
         run, m = result.run, result.metrics
-        return self.report(run.measured_start, run.measured_end, input_tokens=m.total_input_tokens,
-                           output_tokens=m.total_output_tokens, usd_per_kwh=usd_per_kwh)
+        return self.report(
+            run.measured_start,
+            run.measured_end,
+            input_tokens=m.total_input_tokens,
+            output_tokens=m.total_output_tokens,
+            usd_per_kwh=usd_per_kwh,
+        )
 
 
 def _interp(samples: list[_Sample], t: float, i: int) -> float:
@@ -644,8 +661,11 @@ def _device_summary(d: DeviceInfo, samples: list[_Sample], i: int, energy: float
     rs = [s.readings[i] for s in samples]
     mem = [r.memory_used_mib for r in rs if r.memory_used_mib is not None]
     return {
-        "key": d.key, "name": d.name, "uuid": d.uuid,
-        "energy_j": energy, "avg_power_w": energy / duration,
+        "key": d.key,
+        "name": d.name,
+        "uuid": d.uuid,
+        "energy_j": energy,
+        "avg_power_w": energy / duration,
         "gpu_util_pct": _mean(r.gpu_util_pct for r in rs),
         "mem_util_pct": _mean(r.mem_util_pct for r in rs),
         "memory_used_mib_max": max(mem) if mem else None,
@@ -682,8 +702,13 @@ def _per_token(rep: EnergyReport, usd_per_kwh: float | None) -> None:
         rep.energy_usd_per_mtok = rep.energy_usd / total * 1e6 if total else None
 
 
-def measure(source: PowerSource | None, fn: Callable[[], Any], *, period: float = DEFAULT_PERIOD_S,
-            usd_per_kwh: float | None = None) -> tuple[Any, EnergyReport]:
+def measure(
+    source: PowerSource | None,
+    fn: Callable[[], Any],
+    *,
+    period: float = DEFAULT_PERIOD_S,
+    usd_per_kwh: float | None = None,
+) -> tuple[Any, EnergyReport]:
     """Run ``fn()`` (e.g. ``lambda: infmax.run(...)``) under a sampler; return its value and the report.
 
     When ``fn`` returns a ``LoadResult`` the report covers its measured phase and tokens.

@@ -81,45 +81,92 @@ COMMON_OPTIONS: dict[str, str] = {
 # Engine flag for each common option; an option missing here does not exist for that engine.
 FLAGS: dict[str, dict[str, str]] = {
     "trtllm": {
-        "tp": "--tp_size", "pp": "--pp_size", "ep": "--ep_size",
-        "max_batch_size": "--max_batch_size", "max_num_tokens": "--max_num_tokens",
-        "max_seq_len": "--max_seq_len", "gpu_memory_fraction": "--kv_cache_free_gpu_memory_fraction",
-        "trust_remote_code": "--trust_remote_code", "backend": "--backend",
+        "tp": "--tp_size",
+        "pp": "--pp_size",
+        "ep": "--ep_size",
+        "max_batch_size": "--max_batch_size",
+        "max_num_tokens": "--max_num_tokens",
+        "max_seq_len": "--max_seq_len",
+        "gpu_memory_fraction": "--kv_cache_free_gpu_memory_fraction",
+        "trust_remote_code": "--trust_remote_code",
+        "backend": "--backend",
         "extra_llm_api_options": "--extra_llm_api_options",
     },
     "vllm": {
-        "tp": "--tensor-parallel-size", "pp": "--pipeline-parallel-size", "dp": "--data-parallel-size",
-        "max_batch_size": "--max-num-seqs", "max_num_tokens": "--max-num-batched-tokens",
-        "max_seq_len": "--max-model-len", "gpu_memory_fraction": "--gpu-memory-utilization",
+        "tp": "--tensor-parallel-size",
+        "pp": "--pipeline-parallel-size",
+        "dp": "--data-parallel-size",
+        "max_batch_size": "--max-num-seqs",
+        "max_num_tokens": "--max-num-batched-tokens",
+        "max_seq_len": "--max-model-len",
+        "gpu_memory_fraction": "--gpu-memory-utilization",
         "trust_remote_code": "--trust-remote-code",
     },
     "sglang": {
-        "tp": "--tp-size", "pp": "--pp-size", "dp": "--dp-size", "ep": "--ep-size",
-        "max_batch_size": "--max-running-requests", "max_num_tokens": "--chunked-prefill-size",
-        "max_seq_len": "--context-length", "gpu_memory_fraction": "--mem-fraction-static",
-        "trust_remote_code": "--trust-remote-code", "enable_dp_attention": "--enable-dp-attention",
+        "tp": "--tp-size",
+        "pp": "--pp-size",
+        "dp": "--dp-size",
+        "ep": "--ep-size",
+        "max_batch_size": "--max-running-requests",
+        "max_num_tokens": "--chunked-prefill-size",
+        "max_seq_len": "--context-length",
+        "gpu_memory_fraction": "--mem-fraction-static",
+        "trust_remote_code": "--trust-remote-code",
+        "enable_dp_attention": "--enable-dp-attention",
     },
 }
 
 # Why an option has no flag on an engine, and what to use instead.
 MISSING: dict[tuple[str, str], str] = {
     ("trtllm", "dp"): "trtllm-serve has no data-parallel flag; attention data parallelism is "
-                      "enable_attention_dp: true in extra_llm_api_options (it runs inside the tp GPUs)",
+    "enable_attention_dp: true in extra_llm_api_options (it runs inside the tp GPUs)",
     ("vllm", "ep"): "vllm serve has no expert-parallel size; it is tp x dp when "
-                    "engine_options={'enable-expert-parallel': True} is set",
+    "engine_options={'enable-expert-parallel': True} is set",
 }
 
 # Flags that change how many GPUs an engine uses. Seen in extra_args or engine_options, they make
 # the GPU count unknowable from tp/pp/dp, so num_gpus must then be given.
 PARALLEL_FLAGS: dict[str, frozenset[str]] = {
-    "trtllm": frozenset({"--tp_size", "--tensor_parallel_size", "--pp_size", "--pipeline_parallel_size",
-                         "--cp_size", "--context_parallel_size"}),
-    "vllm": frozenset({"--tensor-parallel-size", "-tp", "--pipeline-parallel-size", "-pp",
-                       "--data-parallel-size", "-dp", "--data-parallel-size-local", "-dpl",
-                       "--decode-context-parallel-size", "-dcp", "--headless"}),
-    "sglang": frozenset({"--tp", "--tp-size", "--tensor-parallel-size", "--pp-size",
-                         "--pipeline-parallel-size", "--dp", "--dp-size", "--data-parallel-size",
-                         "--nnodes", "--attn-cp-size", "--attention-context-parallel-size"}),
+    "trtllm": frozenset(
+        {
+            "--tp_size",
+            "--tensor_parallel_size",
+            "--pp_size",
+            "--pipeline_parallel_size",
+            "--cp_size",
+            "--context_parallel_size",
+        }
+    ),
+    "vllm": frozenset(
+        {
+            "--tensor-parallel-size",
+            "-tp",
+            "--pipeline-parallel-size",
+            "-pp",
+            "--data-parallel-size",
+            "-dp",
+            "--data-parallel-size-local",
+            "-dpl",
+            "--decode-context-parallel-size",
+            "-dcp",
+            "--headless",
+        }
+    ),
+    "sglang": frozenset(
+        {
+            "--tp",
+            "--tp-size",
+            "--tensor-parallel-size",
+            "--pp-size",
+            "--pipeline-parallel-size",
+            "--dp",
+            "--dp-size",
+            "--data-parallel-size",
+            "--nnodes",
+            "--attn-cp-size",
+            "--attention-context-parallel-size",
+        }
+    ),
 }
 
 # Where each engine serves Prometheus metrics, scraped around every run (pytest_infmax.servermetrics);
@@ -127,9 +174,8 @@ PARALLEL_FLAGS: dict[str, frozenset[str]] = {
 METRICS_PATHS: dict[str, str] = {"trtllm": "/prometheus/metrics", "vllm": "/metrics", "sglang": "/metrics"}
 METRICS_HINTS: dict[str, str] = {
     "sglang": " (SGLang serves /metrics only when started with --enable-metrics: "
-              "engine_options={'enable-metrics': True})",
-    "trtllm": " (trtllm-serve records request metrics only with return_perf_metrics: true in "
-              "extra_llm_api_options)",
+    "engine_options={'enable-metrics': True})",
+    "trtllm": " (trtllm-serve records request metrics only with return_perf_metrics: true in extra_llm_api_options)",
 }
 
 # Keys of trtllm's extra_llm_api_options YAML that override the parallel sizes.
@@ -239,14 +285,24 @@ def build_argv(
 
             work_dir.mkdir(parents=True, exist_ok=True)
             path = work_dir / f"extra-llm-api-options-{port}.yaml"
-            path.write_text(yaml.safe_dump(thaw(extra) if isinstance(extra, FrozenMap) else dict(extra),
-                                           sort_keys=True))
+            path.write_text(
+                yaml.safe_dump(thaw(extra) if isinstance(extra, FrozenMap) else dict(extra), sort_keys=True)
+            )
             opts["extra_llm_api_options"] = str(path)
     elif engine == "vllm":
         argv = ["vllm", "serve", model, "--host", host, "--port", str(port)]
     elif engine == "sglang":
-        argv = [sys.executable, "-m", "sglang.launch_server", "--model-path", model,
-                "--host", host, "--port", str(port)]
+        argv = [
+            sys.executable,
+            "-m",
+            "sglang.launch_server",
+            "--model-path",
+            model,
+            "--host",
+            host,
+            "--port",
+            str(port),
+        ]
     else:
         raise EngineOptionError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
     for key in sorted(opts):
@@ -279,7 +335,6 @@ def load_engine_config(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise EngineOptionError(
-            f"engine config {p} must be a mapping (engine: vllm, model: ..., tp: 2, ...), "
-            f"got {type(data).__name__}"
+            f"engine config {p} must be a mapping (engine: vllm, model: ..., tp: 2, ...), got {type(data).__name__}"
         )
     return {str(k).replace("-", "_"): v for k, v in data.items()}

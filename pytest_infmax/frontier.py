@@ -30,18 +30,16 @@ class Point:
     data: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
 
-def pareto_front(points: Sequence[Point], x_higher_is_better: bool = True,
-                 y_higher_is_better: bool = True) -> list[Point]:
+def pareto_front(
+    points: Sequence[Point], x_higher_is_better: bool = True, y_higher_is_better: bool = True
+) -> list[Point]:
     """The non-dominated points, sorted by x ascending."""
     sx = 1.0 if x_higher_is_better else -1.0
     sy = 1.0 if y_higher_is_better else -1.0
     finite = [p for p in points if np.isfinite(p.x) and np.isfinite(p.y)]
     front = []
     for p in finite:
-        dominated = any(
-            sx * q.x >= sx * p.x and sy * q.y >= sy * p.y and (q.x != p.x or q.y != p.y)
-            for q in finite
-        )
+        dominated = any(sx * q.x >= sx * p.x and sy * q.y >= sy * p.y and (q.x != p.x or q.y != p.y) for q in finite)
         if not dominated:
             front.append(p)
     front.sort(key=lambda p: (p.x, p.y))
@@ -63,10 +61,15 @@ class Frontier:
     front: tuple[Point, ...]
 
     @classmethod
-    def build(cls, x_name: str, y_name: str, points: Sequence[Point], x_higher_is_better: bool = True,
-              y_higher_is_better: bool = True) -> Frontier:
-        return cls(x_name, y_name, tuple(points),
-                   tuple(pareto_front(points, x_higher_is_better, y_higher_is_better)))
+    def build(
+        cls,
+        x_name: str,
+        y_name: str,
+        points: Sequence[Point],
+        x_higher_is_better: bool = True,
+        y_higher_is_better: bool = True,
+    ) -> Frontier:
+        return cls(x_name, y_name, tuple(points), tuple(pareto_front(points, x_higher_is_better, y_higher_is_better)))
 
     @property
     def x_range(self) -> tuple[float, float]:

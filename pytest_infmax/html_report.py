@@ -76,8 +76,12 @@ def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[tuple[str, str]]], cls: str = "",
-           row_classes: Sequence[str] | None = None) -> str:
+def _table(
+    headers: Sequence[str],
+    rows: Sequence[Sequence[tuple[str, str]]],
+    cls: str = "",
+    row_classes: Sequence[str] | None = None,
+) -> str:
     """rows: cells as (escaped html, td class)."""
     out = [f'<div class="scroll"><table class="{_e(cls)}">']
     if headers:
@@ -133,19 +137,23 @@ def render_html(
     n_fail = len(failed) + len(failed_frontier) + len(failed_checks)
     checked = sum(1 for r in rows if r["passed"] is not None) + len(sweeps) + len(checks)
 
-    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-             '<meta name="viewport" content="width=device-width, initial-scale=1">',
-             # Nothing may be fetched: no scripts, styles or images from anywhere but this file.
-             "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; "
-             "img-src data:; style-src 'unsafe-inline'\">",
-             f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
-             f"<h1>{_e(title)}</h1>",
-             f'<div class="meta">{len(rows)} result{"s" if len(rows) != 1 else ""}; written '
-             f'{_e(env.get("written_at") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))}; '
-             f'pytest-infmax {_e(env.get("plugin_version", ""))}</div>']
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        # Nothing may be fetched: no scripts, styles or images from anywhere but this file.
+        '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; '
+        "img-src data:; style-src 'unsafe-inline'\">",
+        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{_e(title)}</h1>",
+        f'<div class="meta">{len(rows)} result{"s" if len(rows) != 1 else ""}; written '
+        f"{_e(env.get('written_at') or time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))}; "
+        f"pytest-infmax {_e(env.get('plugin_version', ''))}</div>",
+    ]
     if n_fail:
-        parts.append(f'<div class="banner fail" id="verdict">FAILED: {n_fail} check'
-                     f'{"s" if n_fail != 1 else ""} failed</div>')
+        parts.append(
+            f'<div class="banner fail" id="verdict">FAILED: {n_fail} check{"s" if n_fail != 1 else ""} failed</div>'
+        )
     elif checked:
         parts.append('<div class="banner pass" id="verdict">PASSED: every SLA met</div>')
     else:
@@ -158,14 +166,20 @@ def render_html(
         parts.append('<h2 id="failed">Failed checks</h2><ul class="failed">')
         for r, v in failed:
             row = result_row(r)
-            parts.append(f"<li><code>{_e(row['test'])}</code> ({_e(row['scenario'])} {_e(row['load'])}): "
-                         f"<span class=\"missed\">{_e(v.get('message') or v.get('objective'))}</span></li>")
+            parts.append(
+                f"<li><code>{_e(row['test'])}</code> ({_e(row['scenario'])} {_e(row['load'])}): "
+                f'<span class="missed">{_e(v.get("message") or v.get("objective"))}</span></li>'
+            )
         for s, v in failed_frontier:
-            parts.append(f"<li><code>{_e(s.get('name', 'sweep'))}</code>: "
-                         f"<span class=\"missed\">{_e(v.get('message') or v.get('objective'))}</span></li>")
+            parts.append(
+                f"<li><code>{_e(s.get('name', 'sweep'))}</code>: "
+                f'<span class="missed">{_e(v.get("message") or v.get("objective"))}</span></li>'
+            )
         for c in failed_checks:
-            parts.append(f"<li><code>{_e(c.get('name', 'check'))}</code>: "
-                         f"<span class=\"missed\">{_e(c.get('message', ''))}</span></li>")
+            parts.append(
+                f"<li><code>{_e(c.get('name', 'check'))}</code>: "
+                f'<span class="missed">{_e(c.get("message", ""))}</span></li>'
+            )
         parts.append("</ul>")
 
     parts.append(_plots_section(results, sweeps, targets, plots))
@@ -185,16 +199,34 @@ def render_html(
 def _results_table(rows: list[dict[str, Any]]) -> str:
     with_cost = any(r["usd_per_mtok"] is not None for r in rows)
     with_energy = any((r["energy"] or {}).get("measured") for r in rows)
-    headers = ["test", "scenario", "load", "requests", "TTFT p50 (ms)", "TTFT p99 (ms)", "TPOT p50 (ms)",
-               "interactivity (tok/s/user)", "throughput (tok/s/GPU)", "errors"]
+    headers = [
+        "test",
+        "scenario",
+        "load",
+        "requests",
+        "TTFT p50 (ms)",
+        "TTFT p99 (ms)",
+        "TPOT p50 (ms)",
+        "interactivity (tok/s/user)",
+        "throughput (tok/s/GPU)",
+        "errors",
+    ]
     headers += ["$ / M tokens"] * with_cost + ["J / token"] * with_energy + ["SLA"]
     body, classes = [], []
     sources: dict[str, int] = {}
     for r in rows:
-        cells = [(_e(r["test"]), "test"), (_e(r["scenario"]), "nowrap"), (_e(r["load"]), "nowrap"),
-                 (_e(requests_cell(r)), "num"), _n(r["ttft_p50_ms"], ".1f"), _n(r["ttft_p99_ms"], ".1f"),
-                 _n(r["tpot_p50_ms"], ".2f"), _n(r["interactivity"], ".1f"), _n(r["throughput_per_gpu"], ",.0f"),
-                 (_e(errors_cell(r)), "num")]
+        cells = [
+            (_e(r["test"]), "test"),
+            (_e(r["scenario"]), "nowrap"),
+            (_e(r["load"]), "nowrap"),
+            (_e(requests_cell(r)), "num"),
+            _n(r["ttft_p50_ms"], ".1f"),
+            _n(r["ttft_p99_ms"], ".1f"),
+            _n(r["tpot_p50_ms"], ".2f"),
+            _n(r["interactivity"], ".1f"),
+            _n(r["throughput_per_gpu"], ",.0f"),
+            (_e(errors_cell(r)), "num"),
+        ]
         if with_cost:
             text = fmt(r["usd_per_mtok"], "$")
             if r["usd_per_mtok"] is not None and r["price_source"]:
@@ -204,20 +236,22 @@ def _results_table(rows: list[dict[str, Any]]) -> str:
             cells.append((_e(text), "num"))
         if with_energy:
             e = r["energy"]
-            cells.append((_e("–" if not e else fmt(r["j_per_token"], ".3g") if e.get("measured")
-                             else "not measured"), "num"))
+            cells.append(
+                (_e("–" if not e else fmt(r["j_per_token"], ".3g") if e.get("measured") else "not measured"), "num")
+            )
         sla = r["sla"] if r["sla"] in ("PASS", "FAIL") else ""
         cells.append((sla or "–", sla))
         body.append(cells)
         classes.append("failrow" if r["sla"] == "FAIL" else "")
     out = _table(headers, body, "results", classes)
     if sources:
-        out += "<p class=\"note\">" + "<br>".join(f"[{n}] price: {_e(s)}" for s, n in sources.items()) + "</p>"
+        out += '<p class="note">' + "<br>".join(f"[{n}] price: {_e(s)}" for s, n in sources.items()) + "</p>"
     return out
 
 
-def _plots_section(results: Sequence[Result], sweeps: Sequence[Mapping[str, Any]], targets: Sequence[str],
-                   plots: Any) -> str:
+def _plots_section(
+    results: Sequence[Result], sweeps: Sequence[Mapping[str, Any]], targets: Sequence[str], plots: Any
+) -> str:
     if plots is None or plots is False:
         return ""
     out = ['<h2 id="plots">Plots</h2>']
@@ -234,9 +268,11 @@ def _plots_section(results: Sequence[Result], sweeps: Sequence[Mapping[str, Any]
             out.append(f'<p class="note">{_e(p.title)}: not drawn ({_e(p.reason)})</p>')
             continue
         data = base64.b64encode(p.png).decode("ascii")
-        out.append(f'<figure id="plot-{_e(p.name)}"><img class="plot" data-plot="{_e(p.name)}" '
-                   f'alt="{_e(p.alt or p.title)}" src="data:image/png;base64,{data}">'
-                   f"<figcaption>{_e(p.title)}</figcaption></figure>")
+        out.append(
+            f'<figure id="plot-{_e(p.name)}"><img class="plot" data-plot="{_e(p.name)}" '
+            f'alt="{_e(p.alt or p.title)}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{_e(p.title)}</figcaption></figure>"
+        )
     return "\n".join(out)
 
 
@@ -246,20 +282,33 @@ def _verdicts_section(results: Sequence[Result], checks: Sequence[Mapping[str, A
     for r in results:
         for v in r.get("sla") or ():
             ok = bool(v.get("passed"))
-            body.append([(_e(r.get("name", "?")), "test"), (_e(load_label(r.get("load") or {})), ""),
-                         (f"<code>{_e(v.get('objective', ''))}</code>", ""),
-                         (_e("met" if ok else "missed"), "met" if ok else "missed"),
-                         (_e(v.get("message", "")), "")])
+            body.append(
+                [
+                    (_e(r.get("name", "?")), "test"),
+                    (_e(load_label(r.get("load") or {})), ""),
+                    (f"<code>{_e(v.get('objective', ''))}</code>", ""),
+                    (_e("met" if ok else "missed"), "met" if ok else "missed"),
+                    (_e(v.get("message", "")), ""),
+                ]
+            )
             classes.append("" if ok else "failrow")
     for c in checks:
         ok = bool(c.get("passed"))
-        body.append([(_e(c.get("name", "check")), "test"), ("", ""), ("", ""),
-                     (_e("met" if ok else "missed"), "met" if ok else "missed"), (_e(c.get("message", "")), "")])
+        body.append(
+            [
+                (_e(c.get("name", "check")), "test"),
+                ("", ""),
+                ("", ""),
+                (_e("met" if ok else "missed"), "met" if ok else "missed"),
+                (_e(c.get("message", "")), ""),
+            ]
+        )
         classes.append("" if ok else "failrow")
     if not body:
         return '<h2 id="sla">SLA verdicts</h2><p class="note">No SLA was checked.</p>'
-    return ('<h2 id="sla">SLA verdicts</h2>'
-            + _table(["test", "load", "objective", "verdict", "message"], body, "verdicts", classes))
+    return '<h2 id="sla">SLA verdicts</h2>' + _table(
+        ["test", "load", "objective", "verdict", "message"], body, "verdicts", classes
+    )
 
 
 def _sweeps_section(results: Sequence[Result], sweeps: Sequence[Mapping[str, Any]]) -> str:
@@ -273,10 +322,22 @@ def _sweeps_section(results: Sequence[Result], sweeps: Sequence[Mapping[str, Any
         body = []
         for i, p in enumerate(fr.get("points") or ()):
             cost = costs[i].get("usd_per_mtok_total") if i < len(costs) else None
-            body.append([(_e(p.get("label", "")), ""), _n(p.get("x"), ".1f"), _n(p.get("y"), ",.0f"),
-                         (_e("yes" if (p.get("x"), p.get("y")) in on_front else "no"), ""), _n(cost, "$")])
-        out.append(_table(["load", "interactivity (tok/s/user)", "throughput (tok/s/GPU)", "on the frontier",
-                           "$ / M tokens"], body, "frontier"))
+            body.append(
+                [
+                    (_e(p.get("label", "")), ""),
+                    _n(p.get("x"), ".1f"),
+                    _n(p.get("y"), ",.0f"),
+                    (_e("yes" if (p.get("x"), p.get("y")) in on_front else "no"), ""),
+                    _n(cost, "$"),
+                ]
+            )
+        out.append(
+            _table(
+                ["load", "interactivity (tok/s/user)", "throughput (tok/s/GPU)", "on the frontier", "$ / M tokens"],
+                body,
+                "frontier",
+            )
+        )
         if s.get("price"):
             p = s["price"]
             out.append(f'<p class="note">price: ${_e(p.get("usd_per_gpu_hour"))}/GPU-hour, {_e(p.get("source"))}</p>')
@@ -309,29 +370,61 @@ def _energy_section(results: Sequence[Result]) -> str:
             if e.get("energy_usd_per_mtok") is not None:
                 cost += f" (${e['energy_usd_per_mtok']:.4f} / M tokens)"
         kind = "modelled" if e.get("modelled") else "measured"
-        body.append([name, load, (_e(kind), ""), _n(e.get("energy_j"), ",.1f"), _n(e.get("avg_power_w"), ",.0f"),
-                     _n(e.get("peak_power_w"), ",.0f"), _n(e.get("j_per_input_token"), ".3g"),
-                     _n(e.get("j_per_output_token"), ".3g"), _n(e.get("j_per_token"), ".3g"),
-                     _n(e.get("tokens_per_s_per_mw"), ",.0f"),
-                     (_e(f"{cost}; {e.get('source', '')}; {e.get('samples', 0)} samples, method "
-                         f"{e.get('method', '')}"), "")])
-    headers = ["test", "load", "energy", "J", "avg W", "peak W", "J / input token", "J / output token",
-               "J / token", "tok/s per MW", "cost, source"]
-    note = ('<p class="note">J per input (output) token: all energy of the measured phase over its input '
-            '(output) tokens, as cost per input/output token is computed.</p>')
+        body.append(
+            [
+                name,
+                load,
+                (_e(kind), ""),
+                _n(e.get("energy_j"), ",.1f"),
+                _n(e.get("avg_power_w"), ",.0f"),
+                _n(e.get("peak_power_w"), ",.0f"),
+                _n(e.get("j_per_input_token"), ".3g"),
+                _n(e.get("j_per_output_token"), ".3g"),
+                _n(e.get("j_per_token"), ".3g"),
+                _n(e.get("tokens_per_s_per_mw"), ",.0f"),
+                (_e(f"{cost}; {e.get('source', '')}; {e.get('samples', 0)} samples, method {e.get('method', '')}"), ""),
+            ]
+        )
+    headers = [
+        "test",
+        "load",
+        "energy",
+        "J",
+        "avg W",
+        "peak W",
+        "J / input token",
+        "J / output token",
+        "J / token",
+        "tok/s per MW",
+        "cost, source",
+    ]
+    note = (
+        '<p class="note">J per input (output) token: all energy of the measured phase over its input '
+        "(output) tokens, as cost per input/output token is computed.</p>"
+    )
     return '<h2 id="energy">Energy</h2>' + _table(headers, body, "energy") + note
 
 
 def _server_section(rows: list[dict[str, Any]]) -> str:
     from .summary import SERVER_HEADERS, SERVER_NOTE, server_cells
 
-    body = [[(_e(r["test"]), "test"), (_e(r["load"]), "nowrap"), *((_e(c), "num") for c in server_cells(r))]
-            for r in rows if r["server_available"]]
-    notes = "".join(f"<li><code>{_e(r['test'])}</code> ({_e(r['load'])}): "
-                    f"<span class=\"missed\">{_e(r['client_overhead_note'])}</span></li>"
-                    for r in rows if r["server_available"] and r["client_overhead_note"])
-    return ('<h2 id="server-metrics">Server-side metrics</h2>' + _table(list(SERVER_HEADERS), body, "server")
-            + f'<p class="note">{_e(SERVER_NOTE)}</p>' + (f'<ul class="failed">{notes}</ul>' if notes else ""))
+    body = [
+        [(_e(r["test"]), "test"), (_e(r["load"]), "nowrap"), *((_e(c), "num") for c in server_cells(r))]
+        for r in rows
+        if r["server_available"]
+    ]
+    notes = "".join(
+        f"<li><code>{_e(r['test'])}</code> ({_e(r['load'])}): "
+        f'<span class="missed">{_e(r["client_overhead_note"])}</span></li>'
+        for r in rows
+        if r["server_available"] and r["client_overhead_note"]
+    )
+    return (
+        '<h2 id="server-metrics">Server-side metrics</h2>'
+        + _table(list(SERVER_HEADERS), body, "server")
+        + f'<p class="note">{_e(SERVER_NOTE)}</p>'
+        + (f'<ul class="failed">{notes}</ul>' if notes else "")
+    )
 
 
 def _details_section(results: Sequence[Result]) -> str:
@@ -348,15 +441,23 @@ def _details_section(results: Sequence[Result]) -> str:
             "server": (r.get("server") or {}).get("kind"),
         }
         lat = []
-        for metric, scale, unit in (("ttft", 1000, "ms"), ("tpot", 1000, "ms"), ("itl", 1000, "ms"),
-                                    ("e2e", 1000, "ms"), ("interactivity", 1, "tok/s/user")):
+        for metric, scale, unit in (
+            ("ttft", 1000, "ms"),
+            ("tpot", 1000, "ms"),
+            ("itl", 1000, "ms"),
+            ("e2e", 1000, "ms"),
+            ("interactivity", 1, "tok/s/user"),
+        ):
             d = m.get(metric) or {}
             keys = ["mean", "median", "std", "min", "max"] + [k for k in d if k.startswith("p")]
-            lat.append([(_e(f"{metric} ({unit})"), ""), (_e(d.get("count", "")), "num")] +
-                       [_n(None if d.get(k) is None else d[k] * scale, ".3g") for k in keys])
+            lat.append(
+                [(_e(f"{metric} ({unit})"), ""), (_e(d.get("count", "")), "num")]
+                + [_n(None if d.get(k) is None else d[k] * scale, ".3g") for k in keys]
+            )
             header_keys = keys
-        out.append(f"<details><summary><code>{_e(r.get('name', '?'))}</code> "
-                   f"{_e(load_label(r.get('load') or {}))}</summary>")
+        out.append(
+            f"<details><summary><code>{_e(r.get('name', '?'))}</code> {_e(load_label(r.get('load') or {}))}</summary>"
+        )
         out.append(_table(["metric", "count"] + header_keys, lat, "distributions"))
         out.append(f"<pre>{_e(json.dumps(info, indent=1, default=str))}</pre></details>")
     return "\n".join(out)
@@ -370,8 +471,12 @@ def _environment_section(env: Mapping[str, Any], servers: Sequence[Mapping[str, 
         shown = {k: v for k, v in s.items() if k != "command"}
         rows = [[(f"<b>{_e(k)}</b>", ""), (_e(v), "")] for k, v in shown.items()]
         if cmd:
-            rows.append([("<b>command</b>", ""), (f"<code>{_e(' '.join(map(str, cmd)) if isinstance(cmd, list) else cmd)}"
-                                           "</code>", "")])
+            rows.append(
+                [
+                    ("<b>command</b>", ""),
+                    (f"<code>{_e(' '.join(map(str, cmd)) if isinstance(cmd, list) else cmd)}</code>", ""),
+                ]
+            )
         out.append(f"<h3>server: {_e(s.get('kind', '?'))} {_e(s.get('model', ''))}</h3>")
         out.append(_table([], rows, "server"))
     return "\n".join(out)
@@ -397,9 +502,17 @@ def write_html_report(path: str | os.PathLike[str], results: Sequence[Result], *
 # -- from a results file ---------------------------------------------------------------
 
 
-def reports_from_document(doc: Mapping[str, Any], json_path: str | os.PathLike[str], *, html_path: Any = None,
-                          plots: bool = False, markdown_path: Any = None, step_summary: bool = False,
-                          title: str | None = None, price: Price | Mapping[str, Any] | None = None) -> list[Path]:
+def reports_from_document(
+    doc: Mapping[str, Any],
+    json_path: str | os.PathLike[str],
+    *,
+    html_path: Any = None,
+    plots: bool = False,
+    markdown_path: Any = None,
+    step_summary: bool = False,
+    title: str | None = None,
+    price: Price | Mapping[str, Any] | None = None,
+) -> list[Path]:
     """Write the HTML report (and PNGs, Markdown, step summary) for an ``--infmax-json`` document.
 
     Files go next to ``json_path``: ``NAME.html``, ``NAME-frontier.png`` ...,
@@ -421,14 +534,24 @@ def reports_from_document(doc: Mapping[str, Any], json_path: str | os.PathLike[s
             print(f"infmax: {exc}", file=sys.stderr)
             rendered = "auto"
     html_target = Path(html_path) if html_path else src.with_suffix(".html")
-    written.append(write_html_report(html_target, results, sweeps=sweeps, checks=checks,
-                                     environment=doc.get("environment"), servers=doc.get("servers"),
-                                     price=price, plots=rendered if plots else "auto",
-                                     title=title or f"infmax report: {src.name}"))
+    written.append(
+        write_html_report(
+            html_target,
+            results,
+            sweeps=sweeps,
+            checks=checks,
+            environment=doc.get("environment"),
+            servers=doc.get("servers"),
+            price=price,
+            plots=rendered if plots else "auto",
+            title=title or f"infmax report: {src.name}",
+        )
+    )
     if markdown_path or step_summary:
         artifacts = [p.name for p in written]
-        md = markdown_summary(results, sweeps, checks, price=price, title=title or "infmax results",
-                              artifacts=artifacts)
+        md = markdown_summary(
+            results, sweeps, checks, price=price, title=title or "infmax results", artifacts=artifacts
+        )
         if markdown_path:
             target = src.with_suffix(".md") if markdown_path is True else Path(markdown_path)
             target.write_text(md, encoding="utf-8")
@@ -444,14 +567,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pytest_infmax.html_report",
         description="Write the HTML report (and optionally PNG plots and a Markdown summary) for an "
-                    "--infmax-json results file.")
+        "--infmax-json results file.",
+    )
     parser.add_argument("json", help="results file written with --infmax-json")
     parser.add_argument("-o", "--html", help="HTML file to write (default: the JSON's name with .html)")
     parser.add_argument("--plots", action="store_true", help="also write PNG plots next to the JSON")
-    parser.add_argument("--markdown", nargs="?", const=True, default=None, metavar="PATH",
-                        help="also write the Markdown summary (default path: the JSON's name with .md)")
-    parser.add_argument("--step-summary", action="store_true",
-                        help="append the Markdown summary to $GITHUB_STEP_SUMMARY when it is set")
+    parser.add_argument(
+        "--markdown",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="PATH",
+        help="also write the Markdown summary (default path: the JSON's name with .md)",
+    )
+    parser.add_argument(
+        "--step-summary", action="store_true", help="append the Markdown summary to $GITHUB_STEP_SUMMARY when it is set"
+    )
     parser.add_argument("--title", default=None)
     ns = parser.parse_args(argv)
     try:
@@ -462,8 +593,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"infmax: cannot read results from {ns.json}: {exc}", file=sys.stderr)
         return 2
-    for path in reports_from_document(doc, ns.json, html_path=ns.html, plots=ns.plots,
-                                      markdown_path=ns.markdown, step_summary=ns.step_summary, title=ns.title):
+    for path in reports_from_document(
+        doc,
+        ns.json,
+        html_path=ns.html,
+        plots=ns.plots,
+        markdown_path=ns.markdown,
+        step_summary=ns.step_summary,
+        title=ns.title,
+    ):
         print(f"infmax: wrote {path}")
     return 0
 

@@ -38,7 +38,6 @@ import numpy as np
 from .clientstats import DEFAULT_LAG_THRESHOLD, ClientStats, LoopLagMonitor
 from .records import ErrorKind, RequestRecord, TokenSource
 from .scenarios import Endpoint, PlannedRequest, Scenario, plan_request, request_body
-from .workers import Shard, run_sharded, share
 from .streamclient import (
     ConnectionPool,
     SSEDecoder,
@@ -46,6 +45,7 @@ from .streamclient import (
     build_request,
     stream_post,
 )
+from .workers import Shard, run_sharded, share
 
 __all__ = ["LoadConfig", "LoadConfigError", "LoadGenerator", "RunRecords", "StreamError", "arrival_offsets"]
 
@@ -142,9 +142,7 @@ class LoadConfig:
 
     def __post_init__(self) -> None:
         if (self.concurrency is None) == (self.rate is None):
-            raise LoadConfigError(
-                "give exactly one of concurrency= (closed loop) or rate= (open loop, requests/s)"
-            )
+            raise LoadConfigError("give exactly one of concurrency= (closed loop) or rate= (open loop, requests/s)")
         if self.concurrency is not None and self.concurrency < 1:
             raise LoadConfigError(f"concurrency must be >= 1, got {self.concurrency}")
         if self.rate is not None and not self.rate > 0:
@@ -162,9 +160,7 @@ class LoadConfig:
         if not self.request_timeout > 0:
             raise LoadConfigError(f"request_timeout must be > 0 seconds, got {self.request_timeout}")
         if not self.client_lag_threshold > 0:
-            raise LoadConfigError(
-                f"client_lag_threshold must be > 0 seconds, got {self.client_lag_threshold}"
-            )
+            raise LoadConfigError(f"client_lag_threshold must be > 0 seconds, got {self.client_lag_threshold}")
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
             raise LoadConfigError(f"workers must be a whole number >= 1, got {self.workers!r}")
         width = self.concurrency or self.max_concurrency
@@ -174,9 +170,7 @@ class LoadConfig:
                 "give at most one worker per stream"
             )
         if self.rate is not None and self.num_requests is None and self.duration is None:
-            raise LoadConfigError(
-                "an open-loop run needs an end: give num_requests= or duration= with rate="
-            )
+            raise LoadConfigError("an open-loop run needs an end: give num_requests= or duration= with rate=")
 
     @property
     def effective_num_requests(self) -> int | None:
@@ -238,9 +232,7 @@ class RunRecords:
         return self.client is not None and self.client.client_bound
 
 
-def arrival_offsets(
-    n: int, rate: float, burstiness: float, rng: np.random.Generator
-) -> np.ndarray:
+def arrival_offsets(n: int, rate: float, burstiness: float, rng: np.random.Generator) -> np.ndarray:
     """Send offsets (seconds from the start) for ``n`` open-loop arrivals.
 
     Gamma inter-arrival times with shape ``burstiness`` and mean ``1/rate``
@@ -373,7 +365,10 @@ class ResponseAccumulator:
         else:
             rec.output_tokens, rec.output_tokens_source = n_chunks, TokenSource.CHUNKS
         rec.chunk_tokens, rec.chunk_tokens_source = _chunk_tokens(
-            n_chunks, rec.output_tokens, self.cumulative, self.texts,
+            n_chunks,
+            rec.output_tokens,
+            self.cumulative,
+            self.texts,
             from_usage=rec.output_tokens_source is TokenSource.USAGE,
         )
 
@@ -406,8 +401,6 @@ def _chunk_tokens(
     for i in order[: total - sum(counts)]:
         counts[i] += 1
     return counts, TokenSource.APPORTIONED
-
-
 
 
 class LoadGenerator:
@@ -444,8 +437,7 @@ class LoadGenerator:
         if config.workers > 1 and shard is None:
             if stop is not None:
                 raise LoadConfigError(
-                    "a run that can stop early (sequential comparison) needs workers=1; "
-                    f"got workers={config.workers}"
+                    f"a run that can stop early (sequential comparison) needs workers=1; got workers={config.workers}"
                 )
             return await run_sharded(self.base_url, self.model, self._api_key, config, on_record)
         clock_origin, epoch_origin = time.perf_counter(), time.time()
@@ -487,7 +479,14 @@ class LoadGenerator:
             cpu_start = time.process_time()
             if concurrency is not None:
                 await self._closed_loop(
-                    sender, concurrency, num_requests, config.duration, index, False, keep, stop,
+                    sender,
+                    concurrency,
+                    num_requests,
+                    config.duration,
+                    index,
+                    False,
+                    keep,
+                    stop,
                 )
             else:
                 await self._open_loop(sender, measured_start, config.effective_warmup, (k, n), keep, stop)

@@ -75,45 +75,100 @@ def _registry(*infos: MetricInfo) -> dict[str, MetricInfo]:
 
 METRICS: dict[str, MetricInfo] = _registry(
     # per-request distributions
-    MetricInfo("ttft", "distribution", "time", "ms",
-               "time to first token: request sent to first content token", False),
-    MetricInfo("tpot", "distribution", "time", "ms",
-               "time per output token: (E2E - TTFT) / (output tokens - 1)", False),
-    MetricInfo("itl", "distribution", "time", "ms",
-               "inter-token latency, per token (a k-token chunk gives k gaps)", False),
-    MetricInfo("e2e", "distribution", "time", "ms",
-               "end-to-end latency: request sent to response fully read", False),
-    MetricInfo("interactivity", "distribution", "tokens_per_second", "tok/s/user",
-               "tokens per second seen by one user: 1 / TPOT", True),
+    MetricInfo("ttft", "distribution", "time", "ms", "time to first token: request sent to first content token", False),
+    MetricInfo(
+        "tpot", "distribution", "time", "ms", "time per output token: (E2E - TTFT) / (output tokens - 1)", False
+    ),
+    MetricInfo(
+        "itl", "distribution", "time", "ms", "inter-token latency, per token (a k-token chunk gives k gaps)", False
+    ),
+    MetricInfo("e2e", "distribution", "time", "ms", "end-to-end latency: request sent to response fully read", False),
+    MetricInfo(
+        "interactivity",
+        "distribution",
+        "tokens_per_second",
+        "tok/s/user",
+        "tokens per second seen by one user: 1 / TPOT",
+        True,
+    ),
     # run-level scalars
-    MetricInfo("request_throughput", "scalar", "requests_per_second", "req/s",
-               "successful requests per second of wall time", True),
-    MetricInfo("input_throughput", "scalar", "tokens_per_second", "tok/s",
-               "input tokens of successful requests per second", True),
-    MetricInfo("output_throughput", "scalar", "tokens_per_second", "tok/s",
-               "output tokens of successful requests per second", True),
-    MetricInfo("throughput", "scalar", "tokens_per_second", "tok/s",
-               "input + output tokens of successful requests per second", True),
-    MetricInfo("input_throughput_per_gpu", "scalar", "tokens_per_second", "tok/s/gpu",
-               "input throughput divided by the GPU count", True),
-    MetricInfo("output_throughput_per_gpu", "scalar", "tokens_per_second", "tok/s/gpu",
-               "output throughput divided by the GPU count", True),
-    MetricInfo("throughput_per_gpu", "scalar", "tokens_per_second", "tok/s/gpu",
-               "total (input + output) throughput divided by the GPU count", True),
-    MetricInfo("error_rate", "scalar", "ratio", "%",
-               "failed requests / measured requests", False),
-    MetricInfo("goodput", "scalar", "requests_per_second", "req/s",
-               "requests per second that succeeded and met every goodput limit", True),
-    MetricInfo("goodput_ratio", "scalar", "ratio", "%",
-               "share of measured requests that succeeded and met every goodput limit", True),
+    MetricInfo(
+        "request_throughput",
+        "scalar",
+        "requests_per_second",
+        "req/s",
+        "successful requests per second of wall time",
+        True,
+    ),
+    MetricInfo(
+        "input_throughput",
+        "scalar",
+        "tokens_per_second",
+        "tok/s",
+        "input tokens of successful requests per second",
+        True,
+    ),
+    MetricInfo(
+        "output_throughput",
+        "scalar",
+        "tokens_per_second",
+        "tok/s",
+        "output tokens of successful requests per second",
+        True,
+    ),
+    MetricInfo(
+        "throughput",
+        "scalar",
+        "tokens_per_second",
+        "tok/s",
+        "input + output tokens of successful requests per second",
+        True,
+    ),
+    MetricInfo(
+        "input_throughput_per_gpu",
+        "scalar",
+        "tokens_per_second",
+        "tok/s/gpu",
+        "input throughput divided by the GPU count",
+        True,
+    ),
+    MetricInfo(
+        "output_throughput_per_gpu",
+        "scalar",
+        "tokens_per_second",
+        "tok/s/gpu",
+        "output throughput divided by the GPU count",
+        True,
+    ),
+    MetricInfo(
+        "throughput_per_gpu",
+        "scalar",
+        "tokens_per_second",
+        "tok/s/gpu",
+        "total (input + output) throughput divided by the GPU count",
+        True,
+    ),
+    MetricInfo("error_rate", "scalar", "ratio", "%", "failed requests / measured requests", False),
+    MetricInfo(
+        "goodput",
+        "scalar",
+        "requests_per_second",
+        "req/s",
+        "requests per second that succeeded and met every goodput limit",
+        True,
+    ),
+    MetricInfo(
+        "goodput_ratio",
+        "scalar",
+        "ratio",
+        "%",
+        "share of measured requests that succeeded and met every goodput limit",
+        True,
+    ),
 )
 
-DISTRIBUTION_METRICS: tuple[str, ...] = tuple(
-    name for name, info in METRICS.items() if info.kind == "distribution"
-)
-SCALAR_METRICS: tuple[str, ...] = tuple(
-    name for name, info in METRICS.items() if info.kind == "scalar"
-)
+DISTRIBUTION_METRICS: tuple[str, ...] = tuple(name for name, info in METRICS.items() if info.kind == "distribution")
+SCALAR_METRICS: tuple[str, ...] = tuple(name for name, info in METRICS.items() if info.kind == "scalar")
 
 #: metrics a goodput limit may constrain: those defined for a single request
 GOODPUT_METRICS: tuple[str, ...] = ("ttft", "tpot", "e2e", "interactivity")
@@ -124,9 +179,7 @@ def metric_info(name: str) -> MetricInfo:
     try:
         return METRICS[name]
     except KeyError:
-        raise KeyError(
-            f"unknown metric {name!r}; known metrics: {', '.join(METRICS)}"
-        ) from None
+        raise KeyError(f"unknown metric {name!r}; known metrics: {', '.join(METRICS)}") from None
 
 
 # -- comparisons and statistic names (shared with the SLA grammar) ------------
@@ -168,9 +221,7 @@ def parse_stat(name: str) -> str:
         )
     q = float(match.group(1))
     if not 0.0 < q <= 100.0:
-        raise ValueError(
-            f"percentile {name!r} is out of range: it must be above p0 and at most p100"
-        )
+        raise ValueError(f"percentile {name!r} is out of range: it must be above p0 and at most p100")
     return "p" + format_quantile(q)
 
 
@@ -283,7 +334,7 @@ def _json_float(x: float | None) -> float | None:
 
 # -- goodput limits -------------------------------------------------------------
 
-GoodputSpec = Union["GoodputLimits", str, Mapping[str, Union[str, float, int]]]
+GoodputSpec = Union["GoodputLimits", str, Mapping[str, str | float | int]]
 
 
 def per_request_value(record: RequestRecord, metric: str) -> float | None:
@@ -411,15 +462,13 @@ class Metrics:
         if info.kind == "distribution":
             if stat is None:
                 raise ValueError(
-                    f"{metric} is a per-request distribution; say which statistic, "
-                    f"e.g. value({metric!r}, 'p99')"
+                    f"{metric} is a per-request distribution; say which statistic, e.g. value({metric!r}, 'p99')"
                 )
             result: float | None = self.distribution(metric).stat(stat)
         else:
             if stat is not None:
                 raise ValueError(
-                    f"{metric} is a run-level scalar; it takes no statistic "
-                    f"(got {stat!r}), use value({metric!r})"
+                    f"{metric} is a run-level scalar; it takes no statistic (got {stat!r}), use value({metric!r})"
                 )
             result = getattr(self, metric)
         if result is None or math.isnan(result):

@@ -206,8 +206,9 @@ def _series(results: Sequence[Result], sweeps: Sequence[Mapping[str, Any]]) -> d
     return out
 
 
-def _targets(results: Sequence[Result], sweeps: Sequence[Mapping[str, Any]], extra: Sequence[str]) -> tuple[
-        list[tuple[float, float, str, bool | None]], list[tuple[str, float, str, bool | None]]]:
+def _targets(
+    results: Sequence[Result], sweeps: Sequence[Mapping[str, Any]], extra: Sequence[str]
+) -> tuple[list[tuple[float, float, str, bool | None]], list[tuple[str, float, str, bool | None]]]:
     """Frontier SLA points (x, y, text, passed) and scalar threshold lines (axis, value, text, passed)."""
     from .sla import SLASyntaxError, parse
     from .sweep import FrontierObjective
@@ -222,7 +223,12 @@ def _targets(results: Sequence[Result], sweeps: Sequence[Mapping[str, Any]], ext
             return
         if o.x == "interactivity" and o.y == "throughput_per_gpu":
             prev = points.get(text)
-            points[text] = (o.at, o.limit, text, passed if prev is None or prev[3] is None else prev[3] and bool(passed))
+            points[text] = (
+                o.at,
+                o.limit,
+                text,
+                passed if prev is None or prev[3] is None else prev[3] and bool(passed),
+            )
 
     for s in sweeps:
         for v in s.get("verdicts") or ():
@@ -255,8 +261,9 @@ def _targets(results: Sequence[Result], sweeps: Sequence[Mapping[str, Any]], ext
     return list(points.values()), list(lines.values())
 
 
-def frontier_plot(results: Sequence[Result], sweeps: Sequence[Mapping[str, Any]] = (),
-                  targets: Sequence[str] = ()) -> Plot:
+def frontier_plot(
+    results: Sequence[Result], sweeps: Sequence[Mapping[str, Any]] = (), targets: Sequence[str] = ()
+) -> Plot:
     """Throughput per GPU against interactivity, one panel per scenario."""
     _require()
     title = "Throughput per GPU vs interactivity"
@@ -275,32 +282,62 @@ def frontier_plot(results: Sequence[Result], sweeps: Sequence[Mapping[str, Any]]
     for k, (scenario, series) in enumerate(sorted(groups.items())):
         ax = axes[k // cols][k % cols]
         # Each panel shows the SLAs of its own scenario's results and sweeps only.
-        t_points, t_lines = _targets([r for r in results if _scenario(r) == scenario],
-                                     [sw for sw in sweeps if sw.get("scenario") in (None, scenario)], targets)
+        t_points, t_lines = _targets(
+            [r for r in results if _scenario(r) == scenario],
+            [sw for sw in sweeps if sw.get("scenario") in (None, scenario)],
+            targets,
+        )
         colors = _colors(len(series))
         for series_index, ((name, rs), color) in enumerate(zip(series.items(), colors)):
             pts = [Point(*_point_xy(r), load_label(r.get("load") or {})) for r in rs]  # type: ignore[misc]
             front = pareto_front(pts)
             short = name.rsplit("::", 1)[-1]
-            ax.scatter([p.x for p in pts], [p.y for p in pts], color=color, alpha=0.45, s=36, zorder=3,
-                       label=f"{short}: all points" if len(series) == 1 else None)
-            ax.plot([p.x for p in front], [p.y for p in front], "-o", color=color, lw=2, ms=7, zorder=4,
-                    label=f"{short}: frontier" if len(series) == 1 else short)
+            ax.scatter(
+                [p.x for p in pts],
+                [p.y for p in pts],
+                color=color,
+                alpha=0.45,
+                s=36,
+                zorder=3,
+                label=f"{short}: all points" if len(series) == 1 else None,
+            )
+            ax.plot(
+                [p.x for p in front],
+                [p.y for p in front],
+                "-o",
+                color=color,
+                lw=2,
+                ms=7,
+                zorder=4,
+                label=f"{short}: frontier" if len(series) == 1 else short,
+            )
             offset = (5, 5) if series_index % 2 == 0 else (5, -13)
             for p in pts:
-                ax.annotate(p.label, (p.x, p.y), textcoords="offset points", xytext=offset, fontsize=8,
-                            color=color)
+                ax.annotate(p.label, (p.x, p.y), textcoords="offset points", xytext=offset, fontsize=8, color=color)
             alt_parts.append(f"{scenario} {short}: {len(pts)} points, {len(front)} on the frontier")
         for x, y, text, passed in t_points:
             color = {True: "tab:green", False: "tab:red", None: "black"}[passed]
             ax.axvline(x, color=color, ls=":", lw=1.2, zorder=2)
-            ax.plot([x], [y], marker="X", ms=12, color=color, mec="white", zorder=5,
-                    label=f"SLA {text}" + {True: " (met)", False: " (missed)", None: ""}[passed])
+            ax.plot(
+                [x],
+                [y],
+                marker="X",
+                ms=12,
+                color=color,
+                mec="white",
+                zorder=5,
+                label=f"SLA {text}" + {True: " (met)", False: " (missed)", None: ""}[passed],
+            )
         for axis, value, text, passed in t_lines:
             color = {True: "tab:green", False: "tab:red", None: "black"}[passed]
             (ax.axvline if axis == "x" else ax.axhline)(
-                value, color=color, ls="--", lw=1.2, zorder=2,
-                label=f"SLA {text}" + {True: " (met)", False: " (missed)", None: ""}[passed])
+                value,
+                color=color,
+                ls="--",
+                lw=1.2,
+                zorder=2,
+                label=f"SLA {text}" + {True: " (met)", False: " (missed)", None: ""}[passed],
+            )
         ax.set_title(f"{scenario}", fontsize=11)
         ax.set_xlabel("interactivity, median per request (tok/s/user)")
         ax.set_ylabel("throughput per GPU (tok/s/GPU)")
@@ -342,8 +379,15 @@ def latency_plot(results: Sequence[Result]) -> Plot:
         ax.set_ylim(0, 1.02)
         for q in (0.5, 0.99):
             ax.axhline(q, color="0.5", ls=":", lw=1)
-            ax.annotate(f"p{int(q * 100)}", (1.0, q), xycoords=("axes fraction", "data"), xytext=(-22, -11),
-                        textcoords="offset points", fontsize=8, color="0.35")
+            ax.annotate(
+                f"p{int(q * 100)}",
+                (1.0, q),
+                xycoords=("axes fraction", "data"),
+                xytext=(-22, -11),
+                textcoords="offset points",
+                fontsize=8,
+                color="0.35",
+            )
         values = [v for _, a, b in data for v in (a if what == "TTFT" else b)]
         if values and min(values) > 0 and max(values) / min(values) > 100:
             ax.set_xscale("log")
@@ -387,8 +431,11 @@ def throughput_plot(results: Sequence[Result], bin_s: float = 1.0) -> Plot:
 
 def power_plot(results: Sequence[Result]) -> Plot | None:
     """GPU power across each measured phase; None when no result carries a measured energy timeline."""
-    data = [(r, r["energy"]) for r in results
-            if (r.get("energy") or {}).get("measured") and (r.get("energy") or {}).get("timeline")]
+    data = [
+        (r, r["energy"])
+        for r in results
+        if (r.get("energy") or {}).get("measured") and (r.get("energy") or {}).get("timeline")
+    ]
     if not data:
         return None
     _require()
@@ -412,8 +459,9 @@ def power_plot(results: Sequence[Result]) -> Plot | None:
 # -- all of them ------------------------------------------------------------------------------
 
 
-def render_plots(results: Sequence[Result], sweeps: Sequence[Mapping[str, Any]] = (),
-                 targets: Sequence[str] = (), bin_s: float = 1.0) -> list[Plot]:
+def render_plots(
+    results: Sequence[Result], sweeps: Sequence[Mapping[str, Any]] = (), targets: Sequence[str] = (), bin_s: float = 1.0
+) -> list[Plot]:
     """Every plot the data allows (a plot that cannot be drawn comes back with its ``reason``)."""
     _require()
     plots = [frontier_plot(results, sweeps, targets), latency_plot(results), throughput_plot(results, bin_s)]
@@ -423,9 +471,16 @@ def render_plots(results: Sequence[Result], sweeps: Sequence[Mapping[str, Any]] 
     return plots
 
 
-def write_plots(results: Sequence[Result], out_dir: str | Path, *, prefix: str = "infmax",
-                sweeps: Sequence[Mapping[str, Any]] = (), targets: Sequence[str] = (),
-                bin_s: float = 1.0, plots: Sequence[Plot] | None = None) -> list[Path]:
+def write_plots(
+    results: Sequence[Result],
+    out_dir: str | Path,
+    *,
+    prefix: str = "infmax",
+    sweeps: Sequence[Mapping[str, Any]] = (),
+    targets: Sequence[str] = (),
+    bin_s: float = 1.0,
+    plots: Sequence[Plot] | None = None,
+) -> list[Path]:
     """Write ``{prefix}-frontier.png`` etc. into ``out_dir`` (next to the JSON results); return the paths."""
     if plots is None:
         plots = render_plots(results, sweeps, targets, bin_s)

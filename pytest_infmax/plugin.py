@@ -25,11 +25,11 @@ from .cost import price_marker_options
 from .regression import GateSettings, RegressionFailed, gate_results, sequential_for
 from .repeats import RepeatError, repeat_marker_count
 from .results import LoadResult
-from .summary import markdown_summary, sweep_to_dict, write_github_step_summary
-from .sweep import SweepResult
 from .runner import Infmax
 from .servers import Server, ServerConfig, ServerError, ServerPool, config_from_mapping, require_gpus_released
 from .sla import SLA, SLAFailed, SLASyntaxError, format_quantity
+from .summary import markdown_summary, sweep_to_dict, write_github_step_summary
+from .sweep import SweepResult
 
 RESULTS_KEY = pytest.StashKey[list[LoadResult]]()
 SWEEPS_KEY = pytest.StashKey[list[SweepResult]]()
@@ -37,8 +37,16 @@ GATE_KEY = pytest.StashKey[list[dict[str, Any]]]()
 STATE_KEY = pytest.StashKey["PluginState"]()
 
 # The key figures every perf test leaves in JUnit XML (and report.user_properties).
-JUNIT_PROPERTIES = ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "interactivity", "throughput_per_gpu",
-                    "error_rate", "requests", "sla")
+JUNIT_PROPERTIES = (
+    "ttft_p50_ms",
+    "ttft_p99_ms",
+    "tpot_p50_ms",
+    "interactivity",
+    "throughput_per_gpu",
+    "error_rate",
+    "requests",
+    "sla",
+)
 
 
 @dataclass
@@ -162,8 +170,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if marker is not None:
             try:
                 if marker.args:
-                    raise ValueError(f"takes keyword arguments only (e.g. sim_args=, engine=, model=), "
-                                     f"got positional {marker.args!r}")
+                    raise ValueError(
+                        f"takes keyword arguments only (e.g. sim_args=, engine=, model=), "
+                        f"got positional {marker.args!r}"
+                    )
                 config_from_mapping(base, marker.kwargs, base_dir=item.path.parent)
             except (ServerError, TypeError, ValueError) as exc:
                 raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.infmax_server: {exc}") from None
@@ -228,8 +238,11 @@ def infmax(request: pytest.FixtureRequest, infmax_server: Server, infmax_server_
         on_result=results.append,
         on_sweep=request.node.stash.setdefault(SWEEPS_KEY, []).append,
         progress=_progress_writer(request.config),
-        sequential=(sequential_for(state.gate, settings["sequential_gate"])
-                    if settings["sequential"] and state.gate is not None else None),
+        sequential=(
+            sequential_for(state.gate, settings["sequential_gate"])
+            if settings["sequential"] and state.gate is not None
+            else None
+        ),
         energy=settings["energy"],
         repeat=_repeat(request.node, settings),
         restart=infmax_server_pool.restart,
@@ -246,8 +259,11 @@ def _repeat(item: pytest.Item, settings: settings_mod.Settings) -> int:
 
 def _price_options(item: pytest.Item, settings: settings_mod.Settings) -> dict[str, Any]:
     """Price and energy tariff: @pytest.mark.infmax_price over the session settings."""
-    options = {"usd_per_kwh": settings["usd_per_kwh"], "gpu_hour_usd": settings["gpu_hour_usd"],
-               "price_tier": settings["price_tier"]}
+    options = {
+        "usd_per_kwh": settings["usd_per_kwh"],
+        "gpu_hour_usd": settings["gpu_hour_usd"],
+        "price_tier": settings["price_tier"],
+    }
     marker = item.get_closest_marker("infmax_price")
     if marker is not None:
         options.update(price_marker_options(marker.kwargs))
@@ -259,8 +275,9 @@ def infmax_openai(infmax_server: Server) -> Iterator[Any]:
     """The official ``openai.OpenAI`` client, pointed at the server under test."""
     import openai
 
-    client = openai.OpenAI(base_url=f"{infmax_server.base_url}/v1", api_key=infmax_server.api_key or "EMPTY",
-                           max_retries=0)
+    client = openai.OpenAI(
+        base_url=f"{infmax_server.base_url}/v1", api_key=infmax_server.api_key or "EMPTY", max_retries=0
+    )
     try:
         yield client
     finally:
@@ -272,8 +289,9 @@ def infmax_async_openai(infmax_server: Server) -> Any:
     """The official ``openai.AsyncOpenAI`` client, pointed at the server under test."""
     import openai
 
-    return openai.AsyncOpenAI(base_url=f"{infmax_server.base_url}/v1",
-                              api_key=infmax_server.api_key or "EMPTY", max_retries=0)
+    return openai.AsyncOpenAI(
+        base_url=f"{infmax_server.base_url}/v1", api_key=infmax_server.api_key or "EMPTY", max_retries=0
+    )
 
 
 # -- verdicts and reports -------------------------------------------------------
@@ -300,8 +318,7 @@ def _check_client(item: pytest.Item) -> None:
         return
     reasons = "; ".join(f"{r.name} {r.config.label}: {r.run.client.reason}" for r in bound if r.run.client)
     if item.config.stash[STATE_KEY].settings["client_bound"] == "fail":
-        pytest.fail(f"the load generator fell behind, so the measurement is not the server's: {reasons}",
-                    pytrace=False)
+        pytest.fail(f"the load generator fell behind, so the measurement is not the server's: {reasons}", pytrace=False)
     warnings.warn(ClientBoundWarning(f"latencies are upper bounds: {reasons}"), stacklevel=1)
 
 
@@ -335,8 +352,9 @@ def _check_marker_slas(pyfuncitem: pytest.Item) -> None:
             if failed:
                 failures.append(SLAFailed(failed, context=result.headline()))
     if failures:
-        exc = SLAFailed([v for f in failures for v in f.verdicts], context="\n".join(
-            f.context for f in failures if f.context))
+        exc = SLAFailed(
+            [v for f in failures for v in f.verdicts], context="\n".join(f.context for f in failures if f.context)
+        )
         exc.from_marker = True  # type: ignore[attr-defined]  # reported without our traceback
         raise exc
 
@@ -417,8 +435,9 @@ class ResultCollector:
             self._write_reports()
         except OSError as exc:
             where = exc.filename or "a report file"
-            self.state.notes.append(f"could not write {where}: {exc.strerror or exc}; "
-                                    "check that the directory exists and is writable")
+            self.state.notes.append(
+                f"could not write {where}: {exc.strerror or exc}; check that the directory exists and is writable"
+            )
             if session.exitstatus == pytest.ExitCode.OK:
                 session.exitstatus = pytest.ExitCode.TESTS_FAILED  # the results the user asked for are missing
 
@@ -444,13 +463,27 @@ class ResultCollector:
         if html_path is not None:
             from .html_report import write_html_report
 
-            state.written.append(write_html_report(
-                html_path, doc["results"], sweeps=doc["sweeps"], checks=doc["checks"], environment=doc["environment"],
-                servers=servers, plots=rendered, title="infmax report"))
+            state.written.append(
+                write_html_report(
+                    html_path,
+                    doc["results"],
+                    sweeps=doc["sweeps"],
+                    checks=doc["checks"],
+                    environment=doc["environment"],
+                    servers=servers,
+                    plots=rendered,
+                    title="infmax report",
+                )
+            )
         markdown_path = self._path("markdown")
         if markdown_path is not None or (settings["step_summary"] and os.environ.get("GITHUB_STEP_SUMMARY")):
-            md = markdown_summary(doc["results"], doc["sweeps"], doc["checks"], title="infmax results",
-                                  artifacts=[p.name for p in state.written])
+            md = markdown_summary(
+                doc["results"],
+                doc["sweeps"],
+                doc["checks"],
+                title="infmax results",
+                artifacts=[p.name for p in state.written],
+            )
             if markdown_path is not None:
                 markdown_path.parent.mkdir(parents=True, exist_ok=True)
                 markdown_path.write_text(md, encoding="utf-8")
@@ -467,8 +500,9 @@ class ResultCollector:
             return "auto"
         try:
             rendered = plots.render_plots(doc["results"], doc["sweeps"])
-            self.state.written.extend(plots.write_plots(doc["results"], json_path.parent, prefix=json_path.stem,
-                                                        plots=rendered))
+            self.state.written.extend(
+                plots.write_plots(doc["results"], json_path.parent, prefix=json_path.stem, plots=rendered)
+            )
             return rendered
         except plots.PlotsUnavailable as exc:
             self.state.notes.append(str(exc))
@@ -481,8 +515,10 @@ class ResultCollector:
         terminalreporter.write_sep("=", "infmax results")
         terminalreporter.write_line(reports.format_table(state.rows))
         if any(str(row.get("sla", "")).endswith("*") for row in state.rows):
-            terminalreporter.write_line("* client-bound: the load generator fell behind in that run; its "
-                                        "latencies are upper bounds (see the warnings)")
+            terminalreporter.write_line(
+                "* client-bound: the load generator fell behind in that run; its "
+                "latencies are upper bounds (see the warnings)"
+            )
         for row in state.rows:  # the client's TTFT well above the server's own (servermetrics)
             if row.get("client_overhead_note"):
                 terminalreporter.write_line(f"infmax: {row['test']} {row['load']}: {row['client_overhead_note']}")

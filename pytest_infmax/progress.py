@@ -16,8 +16,15 @@ from .records import RequestRecord
 class Progress:
     """Counts records as they complete and reports every ``interval`` seconds."""
 
-    def __init__(self, write: Callable[[str], None], name: str, label: str, total: int | None,
-                 interval: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        write: Callable[[str], None],
+        name: str,
+        label: str,
+        total: int | None,
+        interval: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.write, self.name, self.label, self.total = write, name, label, total
         self.interval, self.clock = interval, clock
         self.started = clock()
@@ -40,5 +47,7 @@ class Progress:
     def line(self, rate: float) -> str:
         total = f"/{self.total}" if self.total else ""
         errors = f", {self.errors} errors" if self.errors else ""
-        return (f"infmax: {self.name} {self.label}: {self.done}{total} requests{errors}, "
-                f"{rate:,.0f} tok/s, {self.clock() - self.started:.0f} s")
+        return (
+            f"infmax: {self.name} {self.label}: {self.done}{total} requests{errors}, "
+            f"{rate:,.0f} tok/s, {self.clock() - self.started:.0f} s"
+        )

@@ -15,7 +15,6 @@ import enum
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-
 _TIME_KEYS = ("scheduled_time", "send_time", "first_token_time", "end_time", "ready_time")
 
 

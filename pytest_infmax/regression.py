@@ -47,8 +47,7 @@ class GateOutcome:
         return self.error is not None or (self.report is not None and self.report.regressed)
 
     def fails(self, settings: GateSettings) -> bool:
-        return self.failed or (settings.fail_on_unsure and self.report is not None
-                               and self.report.verdict == "unsure")
+        return self.failed or (settings.fail_on_unsure and self.report is not None and self.report.verdict == "unsure")
 
     def message(self) -> str:
         if self.error:
@@ -79,8 +78,12 @@ def gate_results(results: list[LoadResult], settings: GateSettings) -> list[Gate
     """Compare each result with its baseline (if any), then save as asked."""
     if not settings.active:
         return []
-    if (settings.compare_set and not settings.save_set and not settings.update
-            and not (settings.directory / settings.compare_set).is_dir()):
+    if (
+        settings.compare_set
+        and not settings.save_set
+        and not settings.update
+        and not (settings.directory / settings.compare_set).is_dir()
+    ):
         return []  # nobody uses baselines here: nothing to compare, nothing to say
     compare_store = BaselineStore(settings.directory / settings.compare_set) if settings.compare_set else None
     save_store = BaselineStore(settings.directory / settings.save_set) if settings.save_set else None
@@ -93,15 +96,21 @@ def gate_results(results: list[LoadResult], settings: GateSettings) -> list[Gate
             outcome.note = f"{len(result.repeats)} repeats on one server start, merged into one run"
         try:
             if compare_store is not None and not settings.update:
-                outcome.report = compare_store.compare(key, runs, testbed, options=settings.options,
-                                                       force=settings.force)
+                outcome.report = compare_store.compare(
+                    key, runs, testbed, options=settings.options, force=settings.force
+                )
                 if outcome.report is None:
-                    outcome.note = "; ".join(filter(None, [
-                        outcome.note, f"no baseline in {compare_store.directory} yet (recorded, not a failure)"]))
+                    outcome.note = "; ".join(
+                        filter(
+                            None,
+                            [outcome.note, f"no baseline in {compare_store.directory} yet (recorded, not a failure)"],
+                        )
+                    )
             if settings.update and compare_store is not None:
                 compare_store.save(key, runs, testbed, mode="replace")
-                outcome.note = "; ".join(filter(None, [outcome.note,
-                                                       f"baseline rewritten in {compare_store.directory}"]))
+                outcome.note = "; ".join(
+                    filter(None, [outcome.note, f"baseline rewritten in {compare_store.directory}"])
+                )
             # A regressed run is not added to a history: it would widen the spread the gate learns.
             if save_store is not None and not outcome.failed:
                 save_store.save(key, runs, testbed)
@@ -144,7 +153,8 @@ def sequential_for(settings: GateSettings, gate: str = "p50(tpot)"):  # type: ig
             return None
         if baseline is None or not baseline.runs:
             return None
-        return SequentialComparison(baseline.runs, gate, alpha=settings.options.alpha,
-                                    min_effect=settings.options.min_effect, max_requests=cap)
+        return SequentialComparison(
+            baseline.runs, gate, alpha=settings.options.alpha, min_effect=settings.options.min_effect, max_requests=cap
+        )
 
     return make

@@ -40,16 +40,17 @@ class RepeatError(ValueError):
 def repeat_count(value: Any, where: str = "repeat") -> int:
     """A whole number >= 1 of runs, or :class:`RepeatError` naming ``where``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise RepeatError(f"{where} must be a whole number >= 1 (runs, each on a fresh server start), "
-                          f"got {value!r}")
+        raise RepeatError(f"{where} must be a whole number >= 1 (runs, each on a fresh server start), got {value!r}")
     return value
 
 
 def repeat_marker_count(args: Sequence[Any], kwargs: dict[str, Any]) -> int:
     """The N of ``@pytest.mark.infmax_repeat(N)`` (also ``n=N``); RepeatError if malformed."""
     if kwargs and set(kwargs) != {"n"} or len(args) + len(kwargs) != 1:
-        raise RepeatError(f"takes one whole number >= 1, e.g. @pytest.mark.infmax_repeat(10); "
-                          f"got args {tuple(args)!r} and keywords {dict(kwargs)!r}")
+        raise RepeatError(
+            f"takes one whole number >= 1, e.g. @pytest.mark.infmax_repeat(10); "
+            f"got args {tuple(args)!r} and keywords {dict(kwargs)!r}"
+        )
     return repeat_count(args[0] if args else kwargs["n"], "the number of runs")
 
 
@@ -73,20 +74,24 @@ class Repeats:
             run = r.run
             stop = start + len(run.records)
             server = r.server or {}
-            out.append({
-                "index": i,
-                "records": [start, stop],
-                "started_at": run.epoch_origin,
-                "measured_window_s": [round(run.measured_start - clock_origin, 6),
-                                      round(run.measured_end - clock_origin, 6)],
-                "server": {k: server.get(k) for k in ("pid", "base_url", "startup_seconds", "log")},
-                "fresh_start": self.fresh_starts or i == 0,
-                "client_bound": run.client_bound,
-                "metrics": r.metrics.to_dict(),
-                "energy": r.energy.to_dict() if r.energy is not None else None,
-                # the server's own metrics cannot be pooled across starts (its counters restart)
-                "server_metrics": r.server_metrics_report(),
-            })
+            out.append(
+                {
+                    "index": i,
+                    "records": [start, stop],
+                    "started_at": run.epoch_origin,
+                    "measured_window_s": [
+                        round(run.measured_start - clock_origin, 6),
+                        round(run.measured_end - clock_origin, 6),
+                    ],
+                    "server": {k: server.get(k) for k in ("pid", "base_url", "startup_seconds", "log")},
+                    "fresh_start": self.fresh_starts or i == 0,
+                    "client_bound": run.client_bound,
+                    "metrics": r.metrics.to_dict(),
+                    "energy": r.energy.to_dict() if r.energy is not None else None,
+                    # the server's own metrics cannot be pooled across starts (its counters restart)
+                    "server_metrics": r.server_metrics_report(),
+                }
+            )
             start = stop
         return {"count": len(self.runs), "fresh_starts": self.fresh_starts, "note": self.note, "runs": out}
 
@@ -143,8 +148,9 @@ def pooled_metrics(
     )
 
 
-def pooled_energy(reports: Sequence[EnergyReport | None], runs: Sequence[RunRecords],
-                  usd_per_kwh: float | None) -> EnergyReport | None:
+def pooled_energy(
+    reports: Sequence[EnergyReport | None], runs: Sequence[RunRecords], usd_per_kwh: float | None
+) -> EnergyReport | None:
     """The runs' energy summed (joules, seconds, tokens); not measured if any run was not."""
     if not reports or any(r is None for r in reports):
         return None
@@ -157,8 +163,7 @@ def pooled_energy(reports: Sequence[EnergyReport | None], runs: Sequence[RunReco
     duration = sum(r.duration_s or 0.0 for r in reps)
     energy = sum(r.energy_j or 0.0 for r in reps)
     origin = runs[0].measured_start
-    timeline = [[round(t + run.measured_start - origin, 6), w]
-                for rep, run in zip(reps, runs) for t, w in rep.timeline]
+    timeline = [[round(t + run.measured_start - origin, 6), w] for rep, run in zip(reps, runs) for t, w in rep.timeline]
     peaks = [r.peak_power_w for r in reps if r.peak_power_w is not None]
     methods = {r.method for r in reps}
 
@@ -173,7 +178,8 @@ def pooled_energy(reports: Sequence[EnergyReport | None], runs: Sequence[RunReco
         method=methods.pop() if len(methods) == 1 else "mixed",
         duration_s=duration,
         coverage=round(sum((r.coverage or 0.0) * (r.duration_s or 0.0) for r in reps) / duration, 6)
-        if duration > 0 else None,
+        if duration > 0
+        else None,
         samples=sum(r.samples for r in reps),
         read_errors=sum(r.read_errors for r in reps),
         energy_j=energy,

@@ -59,7 +59,7 @@ def format_table(rows: Sequence[dict[str, Any]], max_test_width: int = 48) -> st
     for row in rows:
         line = [_cell(row.get(key), fmt) for key, _, fmt in columns]
         if len(line[0]) > max_test_width:  # keep the tail: it names the test
-            line[0] = "…" + line[0][-(max_test_width - 1):]
+            line[0] = "…" + line[0][-(max_test_width - 1) :]
         if row.get("ok", row.get("requests")) != row.get("requests"):
             line[3] = f"{row.get('ok')}/{row.get('requests')}"
         cells.append(line)

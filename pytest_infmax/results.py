@@ -65,8 +65,12 @@ class LoadResult:
         if self.repeats is not None:  # rates over the runs' measured time, not the restarts between
             from .repeats import pooled_metrics
 
-            return pooled_metrics([r.run for r in self.repeats.runs], num_gpus=self.num_gpus,
-                                  percentiles=self.percentiles, goodput=goodput)
+            return pooled_metrics(
+                [r.run for r in self.repeats.runs],
+                num_gpus=self.num_gpus,
+                percentiles=self.percentiles,
+                goodput=goodput,
+            )
         return compute_metrics(self.run.records, num_gpus=self.num_gpus, percentiles=self.percentiles, goodput=goodput)
 
     def evaluate(self, *objectives: str | Objective, sla: SLA | None = None) -> list[Verdict]:
@@ -97,10 +101,7 @@ class LoadResult:
 
     def headline(self) -> str:
         m = self.metrics
-        return (
-            f"{self.name}: {self.config.scenario.name} {self.config.label}, "
-            f"{m.num_ok}/{m.num_requests} requests ok"
-        )
+        return f"{self.name}: {self.config.scenario.name} {self.config.label}, {m.num_ok}/{m.num_requests} requests ok"
 
     def summary(self) -> dict[str, Any]:
         """The figures one table row shows (None where not measured)."""
@@ -166,8 +167,11 @@ def _server_summary(report: dict[str, Any] | None) -> dict[str, Any]:
     """The server's TTFT for a table row, and the client-overhead note (None where not known)."""
     ttft = ((report or {}).get("histograms") or {}).get("ttft") or {}
     comparison = (report or {}).get("comparison") or {}
-    return {"server_ttft_p50_ms": ttft.get("p50_ms"), "server_ttft_mean_ms": ttft.get("mean_ms"),
-            "client_overhead_note": comparison.get("note")}
+    return {
+        "server_ttft_p50_ms": ttft.get("p50_ms"),
+        "server_ttft_mean_ms": ttft.get("mean_ms"),
+        "client_overhead_note": comparison.get("note"),
+    }
 
 
 def verdict_to_dict(v: Verdict) -> dict[str, Any]:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from dataclasses import dataclass
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from . import telemetry
@@ -21,9 +21,9 @@ from .load import LoadConfig, LoadConfigError, LoadGenerator, run_coroutine
 from .metrics import GoodputLimits
 from .progress import Progress
 from .records import RequestRecord
+from .repeats import RepeatError, combine, repeat_count
 from .results import DEFAULT_PERCENTILES, LoadResult
 from .scenarios import Endpoint, Scenario, get_scenario
-from .repeats import RepeatError, combine, repeat_count
 from .servermetrics import Scraper, metrics_url
 from .servers import Server, ServerError, restart_server
 from .sla import SLA, Objective
@@ -124,8 +124,7 @@ class Infmax:
         objectives = [FrontierObjective.parse(o) for o in frontier_sla]
         key, short = ("concurrency", "c") if concurrency is not None else ("rate", "rate")
         base = kwargs.pop("name", None) or self.name
-        plans = [self._plan(scenario, **{key: level}, name=f"{base}[{short}={level}]", **kwargs)
-                 for level in levels]
+        plans = [self._plan(scenario, **{key: level}, name=f"{base}[{short}={level}]", **kwargs) for level in levels]
         sweep = SweepResult([], price=price)
         if self._on_sweep is not None:  # reported even if a point fails its SLA
             self._on_sweep(sweep)
@@ -189,8 +188,14 @@ class Infmax:
         if plan.repeat == 1:
             return await self._measure(plan)
         fresh = self.server.restartable
-        notes = [] if fresh else [f"{self.server.config.kind} servers cannot be restarted: the {plan.repeat} runs "
-                                  "share one server start, so the gate compares them as one run"]
+        notes = (
+            []
+            if fresh
+            else [
+                f"{self.server.config.kind} servers cannot be restarted: the {plan.repeat} runs "
+                "share one server start, so the gate compares them as one run"
+            ]
+        )
         if self._sequential is not None:
             notes.append("--infmax-sequential applies to single runs: each repeat ran to its request count")
         runs: list[LoadResult] = []
@@ -199,8 +204,9 @@ class Infmax:
                 try:
                     await asyncio.to_thread(self._restart, self.server)  # blocking: stop, start, wait ready
                 except ServerError as exc:
-                    raise ServerError(f"{plan.name}: fresh start for run {i + 1} of {plan.repeat} failed: {exc}") \
-                        from None
+                    raise ServerError(
+                        f"{plan.name}: fresh start for run {i + 1} of {plan.repeat} failed: {exc}"
+                    ) from None
             if self._progress is not None:
                 self._progress(f"{plan.name}: run {i + 1}/{plan.repeat} on server pid {self.server.pid or '-'}")
             runs.append(await self._measure(plan, record=False, sequential=False))
@@ -219,8 +225,11 @@ class Infmax:
         if self._progress is not None:
             total = (plan.config.effective_num_requests or 0) + plan.config.effective_warmup or None
             watchers.append(Progress(self._progress, plan.name, plan.config.label, total).on_record)
-        seq = (self._sequential(plan.name, plan.config.effective_num_requests)
-               if self._sequential and sequential and plan.config.workers == 1 else None)
+        seq = (
+            self._sequential(plan.name, plan.config.effective_num_requests)
+            if self._sequential and sequential and plan.config.workers == 1
+            else None
+        )
         if seq is not None:
             watchers.append(_feed_sequential(seq))
 
@@ -233,8 +242,11 @@ class Infmax:
             watchers.append(scraper.on_record)
         sampler, not_measured = self._energy_sampler()
         try:
-            run = await generator.run(plan.config, on_record=on_record if watchers else None,
-                                      stop=(lambda: seq.state.stop) if seq is not None else None)
+            run = await generator.run(
+                plan.config,
+                on_record=on_record if watchers else None,
+                stop=(lambda: seq.state.stop) if seq is not None else None,
+            )
         except BaseException:
             if scraper is not None:
                 await scraper.close()
@@ -256,8 +268,11 @@ class Infmax:
         result.server_metrics = server_metrics
         if seq is not None:
             result.sequential = {"gate": seq.gate.label, **dataclasses.asdict(seq.state)}
-        result.energy = (sampler.report_for(result, self.usd_per_kwh) if sampler is not None
-                         else EnergyReport.not_measured(not_measured))
+        result.energy = (
+            sampler.report_for(result, self.usd_per_kwh)
+            if sampler is not None
+            else EnergyReport.not_measured(not_measured)
+        )
         if record:
             self._record(result)
         return result
@@ -285,10 +300,15 @@ class Infmax:
         if path is None:
             return None
         kind = "vllm" if config.kind == "sim" else config.kind  # the simulator uses vLLM's names
-        scraper = Scraper(metrics_url(self.server.base_url, path), model=self.server.model,
-                          engine=kind if kind in engines.ENGINES else None, api_key=self.server.api_key,
-                          interval=self.server_metrics_interval, warmup=warmup,
-                          hint=engines.METRICS_HINTS.get(kind, ""))
+        scraper = Scraper(
+            metrics_url(self.server.base_url, path),
+            model=self.server.model,
+            engine=kind if kind in engines.ENGINES else None,
+            api_key=self.server.api_key,
+            interval=self.server_metrics_interval,
+            warmup=warmup,
+            hint=engines.METRICS_HINTS.get(kind, ""),
+        )
         await scraper.open()
         return scraper
 

@@ -47,13 +47,9 @@ class Scenario:
         if self.isl < 1 or self.osl < 1:
             raise ValueError(f"scenario {self.name!r}: isl and osl must be >= 1, got {self.isl}/{self.osl}")
         if not 0.0 < self.range_ratio <= 1.0:
-            raise ValueError(
-                f"scenario {self.name!r}: range_ratio must be in (0, 1], got {self.range_ratio}"
-            )
+            raise ValueError(f"scenario {self.name!r}: range_ratio must be in (0, 1], got {self.range_ratio}")
         if self.endpoint not in ("completions", "chat"):
-            raise ValueError(
-                f"scenario {self.name!r}: endpoint must be 'completions' or 'chat', got {self.endpoint!r}"
-            )
+            raise ValueError(f"scenario {self.name!r}: endpoint must be 'completions' or 'chat', got {self.endpoint!r}")
 
     def scaled(self, factor: float, name: str | None = None) -> Scenario:
         """The same shape with both lengths multiplied by ``factor`` (for quick runs)."""
@@ -96,9 +92,7 @@ def get_scenario(scenario: str | Scenario) -> Scenario:
         return PRESETS[scenario]
     except KeyError:
         known = ", ".join(PRESETS)
-        raise ValueError(
-            f"unknown scenario {scenario!r}; use one of {known}, or a Scenario(name, isl, osl)"
-        ) from None
+        raise ValueError(f"unknown scenario {scenario!r}; use one of {known}, or a Scenario(name, isl, osl)") from None
 
 
 @dataclass(frozen=True, slots=True)

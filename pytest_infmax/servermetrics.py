@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,14 +77,26 @@ ENGINE_METRICS: dict[str, dict[str, tuple[str, ...]]] = {
         "generation_tokens": ("sglang:generation_tokens_total",),
     },
     "trtllm": {
-        "ttft": ("trtllm_time_to_first_token_seconds", "trtllm:time_to_first_token_seconds",
-                 "time_to_first_token_seconds"),
-        "queue_time": ("trtllm_request_queue_time_seconds", "trtllm:request_queue_time_seconds",
-                       "request_queue_time_seconds"),
-        "tpot": ("trtllm_time_per_output_token_seconds", "trtllm:time_per_output_token_seconds",
-                 "time_per_output_token_seconds"),
-        "e2e": ("trtllm_e2e_request_latency_seconds", "trtllm:e2e_request_latency_seconds",
-                "e2e_request_latency_seconds"),
+        "ttft": (
+            "trtllm_time_to_first_token_seconds",
+            "trtllm:time_to_first_token_seconds",
+            "time_to_first_token_seconds",
+        ),
+        "queue_time": (
+            "trtllm_request_queue_time_seconds",
+            "trtllm:request_queue_time_seconds",
+            "request_queue_time_seconds",
+        ),
+        "tpot": (
+            "trtllm_time_per_output_token_seconds",
+            "trtllm:time_per_output_token_seconds",
+            "time_per_output_token_seconds",
+        ),
+        "e2e": (
+            "trtllm_e2e_request_latency_seconds",
+            "trtllm:e2e_request_latency_seconds",
+            "e2e_request_latency_seconds",
+        ),
         "running": ("trtllm_num_requests_running", "trtllm:num_requests_running"),
         "waiting": ("trtllm_num_requests_waiting", "trtllm:num_requests_waiting"),
         "kv_cache_usage": ("trtllm_kv_cache_utilization", "trtllm:kv_cache_utilization"),
@@ -220,8 +232,7 @@ def histogram_state(samples: Mapping[str, Series], name: str, model: str | None 
             buckets[le] = buckets.get(le, 0.0) + value
     total = sum(v for _, v in _select(samples.get(f"{name}_sum", []), model))
     count_series = samples.get(f"{name}_count")
-    count = (sum(v for _, v in _select(count_series, model)) if count_series
-             else buckets.get(math.inf, 0.0))
+    count = sum(v for _, v in _select(count_series, model)) if count_series else buckets.get(math.inf, 0.0)
     return HistogramState(tuple(sorted(buckets.items())), total, count)
 
 
@@ -377,7 +388,8 @@ def summarise(
         result.counters[role] = {"metric": hit[1], "delta": now_v - then_v}
     if not found_engines:
         return ServerMetrics.unavailable(
-            url, "the page has none of the metrics read (vLLM, SGLang or TensorRT-LLM names)", interval)
+            url, "the page has none of the metrics read (vLLM, SGLang or TensorRT-LLM names)", interval
+        )
     result.engine = max(set(found_engines), key=found_engines.count)
     return result
 
@@ -410,9 +422,11 @@ def compare_ttft(
         p50 = ""
         if client_p50 is not None and ttft.get("p50_ms") is not None:
             p50 = f"; p50 {client_p50:.1f} vs ~{ttft['p50_ms']:.1f} ms"
-        note = (f"client-side TTFT exceeds the server's by {excess:.1f} ms (mean {client_mean:.1f} vs "
-                f"{server_mean:.1f} ms{p50}; threshold {threshold:.1f} ms): evidence of client overhead "
-                f"(or of time outside the engine's clock: network, HTTP front end)")
+        note = (
+            f"client-side TTFT exceeds the server's by {excess:.1f} ms (mean {client_mean:.1f} vs "
+            f"{server_mean:.1f} ms{p50}; threshold {threshold:.1f} ms): evidence of client overhead "
+            f"(or of time outside the engine's clock: network, HTTP front end)"
+        )
     return {
         "client_ttft_mean_ms": client_mean,
         "server_ttft_mean_ms": server_mean,
@@ -481,8 +495,9 @@ class Scraper:
     async def fetch(self) -> str:
         """The page's text; ScrapeError on any failure."""
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout),
-                                                  headers=self._headers)
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.timeout), headers=self._headers
+            )
         try:
             async with self._session.get(self.url) as response:
                 body = await response.text(errors="replace")
@@ -505,7 +520,7 @@ class Scraper:
             self._failed = str(exc)
             return False
         if not any(find_name(samples, role, self.engine) for role in (*HISTOGRAMS, *GAUGES)):
-            self._failed = (f"{self.url} has none of the metrics read (vLLM, SGLang or TensorRT-LLM names)")
+            self._failed = f"{self.url} has none of the metrics read (vLLM, SGLang or TensorRT-LLM names)"
             return False
         self._probe = text
         if self.warmup <= 0:
@@ -521,8 +536,11 @@ class Scraper:
         if not self.ok or self._baseline is not None:
             return
         self._baseline = asyncio.ensure_future(self.fetch())
-        self._baseline_window = ("from the end of warm-up to the end of the measured phase" if self.warmup > 0
-                                 else "the measured phase (no warm-up)")
+        self._baseline_window = (
+            "from the end of warm-up to the end of the measured phase"
+            if self.warmup > 0
+            else "the measured phase (no warm-up)"
+        )
         self._sampler = asyncio.ensure_future(self._sample_gauges())
 
     def on_record(self, rec: Any) -> None:
@@ -576,22 +594,32 @@ class Scraper:
                 before_text = await asyncio.wait_for(self._baseline, timeout=self.timeout + 1.0)
                 window = self._baseline_window
             except (ScrapeError, asyncio.TimeoutError) as exc:
-                notes.append(f"the scrape at the start of the measured phase failed ({exc}); "
-                             f"the figures include warm-up")
+                notes.append(
+                    f"the scrape at the start of the measured phase failed ({exc}); the figures include warm-up"
+                )
         try:
             before = parse(before_text)
             after = await self._settled_after(before, expected)
         except ScrapeError as exc:
             return ServerMetrics.unavailable(self.url, str(exc), self.interval)
-        result = summarise(before, after, self.gauge_samples, url=self.url, engine=self.engine,
-                           model=self.model, interval=self.interval, window=window)
+        result = summarise(
+            before,
+            after,
+            self.gauge_samples,
+            url=self.url,
+            engine=self.engine,
+            model=self.model,
+            interval=self.interval,
+            window=window,
+        )
         result.notes[:0] = notes
         if self.sample_errors:
             result.notes.append(f"{self.sample_errors} gauge sample(s) during the run could not be read")
         ttft = result.histograms.get("ttft")
         if expected is not None and ttft is not None and ttft["count"] < expected:
-            result.notes.append(f"the server recorded {ttft['count']} first tokens for {expected} measured "
-                                f"requests that got one")
+            result.notes.append(
+                f"the server recorded {ttft['count']} first tokens for {expected} measured requests that got one"
+            )
         return result
 
     async def _settled_after(self, before: Mapping[str, Series], expected: int | None) -> dict[str, Series]:

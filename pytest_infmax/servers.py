@@ -83,8 +83,9 @@ class ServerConfig:
             raise ServerError("a 'command' server needs a command template, e.g. 'my-server --port {port}'")
         if self.kind == "endpoint" and not self.endpoint:
             raise ServerError("an 'endpoint' server needs a URL, e.g. --infmax-endpoint http://127.0.0.1:8000")
-        if self.num_gpus is not None and (isinstance(self.num_gpus, bool) or not isinstance(self.num_gpus, int)
-                                          or self.num_gpus < 1):
+        if self.num_gpus is not None and (
+            isinstance(self.num_gpus, bool) or not isinstance(self.num_gpus, int) or self.num_gpus < 1
+        ):
             raise ServerError(f"num_gpus must be a whole number >= 1, got {self.num_gpus!r}")
         if not self.startup_timeout > 0:
             raise ServerError(f"startup_timeout must be > 0 seconds, got {self.startup_timeout}")
@@ -116,11 +117,13 @@ class ServerConfig:
         try:
             hash(self)
         except TypeError:
-            raise ServerError(f"engine_options values must be numbers, strings, lists or mappings, got "
-                              f"{dict(self.engine_options)!r}") from None
+            raise ServerError(
+                f"engine_options values must be numbers, strings, lists or mappings, got {dict(self.engine_options)!r}"
+            ) from None
 
     def _check_types(self) -> None:
         """Each field has its type, so a wrong marker or YAML value fails here, not at server start."""
+
         def fail(name: str, allowed: str) -> ServerError:
             return ServerError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
 
@@ -143,8 +146,12 @@ class ServerConfig:
             object.__setattr__(self, name, value)
         for name, low in (("startup_timeout", "> 0"), ("shutdown_grace", ">= 0")):
             value = getattr(self, name)
-            if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-                    or not (value > 0 if low == "> 0" else value >= 0)):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or not (value > 0 if low == "> 0" else value >= 0)
+            ):
                 raise fail(name, f"a finite number of seconds {low}")
         if isinstance(self.env, list):
             object.__setattr__(self, "env", tuple(tuple(kv) if isinstance(kv, list) else kv for kv in self.env))
@@ -202,8 +209,9 @@ def _check_url(url: str) -> None:
     except ValueError:
         parts = None
     if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ServerError(f"endpoint must be an http:// or https:// URL with a host, e.g. "
-                          f"http://127.0.0.1:8000, got {url!r}")
+        raise ServerError(
+            f"endpoint must be an http:// or https:// URL with a host, e.g. http://127.0.0.1:8000, got {url!r}"
+        )
 
 
 # Flags whose value is a secret in the engines' command lines.
@@ -241,8 +249,9 @@ def command_from_template(template: str | list[str] | tuple[str, ...]) -> tuple[
     try:
         argv = tuple(shlex.split(template)) if isinstance(template, str) else tuple(template)
     except (TypeError, ValueError) as exc:  # not iterable; "No closing quotation"
-        raise ServerError(f"command must be a string or a list of strings, split as a shell would "
-                          f"({exc}), got {template!r}") from None
+        raise ServerError(
+            f"command must be a string or a list of strings, split as a shell would ({exc}), got {template!r}"
+        ) from None
     if not all(isinstance(arg, str) for arg in argv):
         raise ServerError(f"command must be a string or a list of strings, got {template!r}")
     for arg in argv:
@@ -390,9 +399,7 @@ def stop_process_group(
     while _group_alive(pgid) or any(_alive(p, s) for p, s in others.items()):
         if time.monotonic() > deadline:
             left = sorted(p for p, s in others.items() if _alive(p, s))
-            raise ServerError(
-                f"process group {pgid} or its escaped descendants {left} survived SIGKILL for 10 s"
-            )
+            raise ServerError(f"process group {pgid} or its escaped descendants {left} survived SIGKILL for 10 s")
         time.sleep(0.05)
     return sorted({pgid, *others})
 
@@ -610,9 +617,20 @@ def _start_once(
         port_file = log_dir / f"sim-{stamp}.port"
         model = config.model or "sim-model"
         argv: tuple[str, ...] = (
-            sys.executable, "-m", "pytest_infmax.sim",
-            "--host", config.host, "--port", "0", "--port-file", str(port_file),
-            "--parent-pid", str(os.getpid()), "--model", model, *config.sim_args,
+            sys.executable,
+            "-m",
+            "pytest_infmax.sim",
+            "--host",
+            config.host,
+            "--port",
+            "0",
+            "--port-file",
+            str(port_file),
+            "--parent-pid",
+            str(os.getpid()),
+            "--model",
+            model,
+            *config.sim_args,
         )
         port: int | None = None
     elif engines.is_engine(config.kind):
@@ -620,8 +638,13 @@ def _start_once(
         assert config.model
         try:
             engine_argv = engines.build_argv(
-                config.kind, config.model, dict(config.engine_options), config.extra_args,
-                config.host, port, log_dir,
+                config.kind,
+                config.model,
+                dict(config.engine_options),
+                config.extra_args,
+                config.host,
+                port,
+                log_dir,
             )
         except engines.EngineOptionError as exc:
             raise ServerError(f"{config.kind}: {exc}") from None
@@ -636,8 +659,12 @@ def _start_once(
     log = open(log_path, "wb")
     try:
         proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            env=env, start_new_session=True,
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
         )
     except OSError as exc:
         log.close()
@@ -677,8 +704,10 @@ def _wait_ready(server: Server, port: int | None, port_file: Path | None) -> tup
         if code is not None:
             tail_text = server.log_tail()
             if port is not None and any(s in tail_text.lower() for s in ADDRESS_IN_USE):
-                raise PortInUse(f"port {port}: server exited with code {code}: {_shown(server)}\n"
-                                f"last lines of {server.log_path}:\n{tail_text}")
+                raise PortInUse(
+                    f"port {port}: server exited with code {code}: {_shown(server)}\n"
+                    f"last lines of {server.log_path}:\n{tail_text}"
+                )
             raise ServerError(
                 f"server exited with code {code} before it was ready: {_shown(server)}\n"
                 f"last lines of {server.log_path}:\n{tail_text}"
@@ -772,9 +801,7 @@ class ServerPool:
         return list(self._servers.values())
 
 
-def restart_server(
-    server: Server, log_dir: Path | None = None, *, echo: Callable[[str], None] | None = None
-) -> Server:
+def restart_server(server: Server, log_dir: Path | None = None, *, echo: Callable[[str], None] | None = None) -> Server:
     """Stop ``server`` (its whole process group, as at teardown) and start its configuration
     again through the same launcher: a fresh start, for repeated runs (``--infmax-repeat``).
 
@@ -814,9 +841,7 @@ def running_server(config: ServerConfig, log_dir: Path) -> Iterator[Server]:
 MAPPING_KEYS = ("engine", "engine_config")
 
 
-def config_from_mapping(
-    base: ServerConfig, options: Mapping[str, Any], base_dir: Path | None = None
-) -> ServerConfig:
+def config_from_mapping(base: ServerConfig, options: Mapping[str, Any], base_dir: Path | None = None) -> ServerConfig:
     """``base`` with the ``infmax_server`` marker's keyword arguments (or a YAML mapping) applied.
 
     Besides the ServerConfig fields: ``engine="vllm"`` (or "trtllm", "sglang")

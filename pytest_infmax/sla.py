@@ -158,8 +158,13 @@ class SLASyntaxError(ValueError):
     def at_index(self, index: int, total: int) -> SLASyntaxError:
         """The same error, placed in a list of ``total`` expressions."""
         return SLASyntaxError(
-            self.expression, self.problem, self.hint, column=self.column,
-            what=self.what, index=index, total=total,
+            self.expression,
+            self.problem,
+            self.hint,
+            column=self.column,
+            what=self.what,
+            index=index,
+            total=total,
         )
 
 
@@ -235,8 +240,7 @@ def _normalise_unit(compact: str) -> str:
 def units_for(info: MetricInfo) -> list[str]:
     """The unit spellings a metric accepts ('' meaning a bare number)."""
     units = [
-        u for u, (dim, _) in UNITS.items()
-        if dim == info.dimension and (u not in _QUALIFIED_UNITS or u == info.unit)
+        u for u, (dim, _) in UNITS.items() if dim == info.dimension and (u not in _QUALIFIED_UNITS or u == info.unit)
     ]
     if info.dimension == "ratio":
         units.append("")
@@ -367,18 +371,20 @@ class _Parser:
         number = self._take(_NUMBER)
         if number is None:
             raise self.fail(
-                f"expected a number after {op!r}", self.example, col=number_col,
+                f"expected a number after {op!r}",
+                self.example,
+                col=number_col,
             )
         self._skip_ws()
         unit_col = self._col()
-        rest = self.text[self.pos:]
+        rest = self.text[self.pos :]
         if any(c in rest for c in "<>=≤≥"):
             raise self.fail(
-                "one comparison per expression", f"split it into separate objectives, {self.example}",
+                "one comparison per expression",
+                f"split it into separate objectives, {self.example}",
                 col=unit_col,
             )
-        return _Parts(stat, stat_col, metric, metric_col, op, number, number_col,
-                      "".join(rest.split()), unit_col)
+        return _Parts(stat, stat_col, metric, metric_col, op, number, number_col, "".join(rest.split()), unit_col)
 
     def _lhs(self) -> tuple[str | None, int, str, int]:
         self._skip_ws()
@@ -387,7 +393,8 @@ class _Parser:
         if first is None:
             if _NUMBER.match(self.text, self.pos):
                 raise self.fail(
-                    "expected a metric name first", f"the limit goes on the right, {self.example}",
+                    "expected a metric name first",
+                    f"the limit goes on the right, {self.example}",
                     col=first_col,
                 )
             raise self.fail("expected a metric name or STAT(metric)", self.example, col=first_col)
@@ -401,12 +408,15 @@ class _Parser:
         if metric is None:
             raise self.fail(
                 f"expected a metric name inside {first}( )",
-                f"e.g. '{first}(ttft) < 500ms'", col=metric_col,
+                f"e.g. '{first}(ttft) < 500ms'",
+                col=metric_col,
             )
         self._skip_ws()
         if not self.text.startswith(")", self.pos):
             raise self.fail(
-                f"expected ')' after {metric!r}", f"e.g. '{first}({metric}) < …'", col=self._col(),
+                f"expected ')' after {metric!r}",
+                f"e.g. '{first}({metric}) < …'",
+                col=self._col(),
             )
         self.pos += 1
         return first, first_col, metric, metric_col
@@ -423,15 +433,19 @@ class _Parser:
             fixed = f"{metric}({following.group()})"
             raise self.fail(
                 "a statistic takes its metric in parentheses",
-                f"write '{fixed} < …'", col=col,
+                f"write '{fixed} < …'",
+                col=col,
             )
         if self.text.startswith(("=", "!"), self.pos):
             raise self.fail(
                 "equality is not an SLA comparison; expected <, <=, > or >=",
-                f"e.g. '{lhs} <= …'", col=col,
+                f"e.g. '{lhs} <= …'",
+                col=col,
             )
         raise self.fail(
-            f"expected a comparison (<, <=, > or >=) after {lhs!r}", self.example, col=col,
+            f"expected a comparison (<, <=, > or >=) after {lhs!r}",
+            self.example,
+            col=col,
         )
 
     # -- meaning
@@ -443,8 +457,13 @@ class _Parser:
         value, unit = self._quantity(p, info, stat)
         divisor = unit_divisor(unit)
         return Objective(
-            metric=info.name, stat=stat, op=p.op, limit=value / divisor,
-            unit=unit, value=value, text=self.text,
+            metric=info.name,
+            stat=stat,
+            op=p.op,
+            limit=value / divisor,
+            unit=unit,
+            value=value,
+            text=self.text,
         )
 
     def _metric(self, p: _Parts) -> MetricInfo:
@@ -455,11 +474,13 @@ class _Parser:
         if self.per_request and name in METRICS:
             raise self.fail(
                 f"{name} is not a per-request metric; goodput limits bound each request",
-                f"use {_or_list(list(GOODPUT_METRICS))}, {self.example}", col=p.metric_col,
+                f"use {_or_list(list(GOODPUT_METRICS))}, {self.example}",
+                col=p.metric_col,
             )
         raise self.fail(
             f"unknown metric {p.metric!r}",
-            f"{_suggest(name, known)}known metrics: {', '.join(known)}", col=p.metric_col,
+            f"{_suggest(name, known)}known metrics: {', '.join(known)}",
+            col=p.metric_col,
         )
 
     def _stat(self, p: _Parts, info: MetricInfo) -> str | None:
@@ -468,7 +489,8 @@ class _Parser:
             if p.stat is not None:
                 raise self.fail(
                     "a goodput limit bounds every request, so it takes no statistic",
-                    f"write '{info.name} {rhs}'", col=p.stat_col,
+                    f"write '{info.name} {rhs}'",
+                    col=p.stat_col,
                 )
             return None
         if p.stat is None:
@@ -481,13 +503,15 @@ class _Parser:
         if info.kind != "distribution":
             raise self.fail(
                 f"{info.name} is a run-level figure, so it takes no statistic",
-                f"write '{info.name} {rhs}'", col=p.stat_col,
+                f"write '{info.name} {rhs}'",
+                col=p.stat_col,
             )
         try:
             return parse_stat(p.stat)
         except ValueError as exc:
             raise self.fail(
-                str(exc), f"{_suggest(p.stat.lower(), NAMED_STATS)}e.g. 'p99({info.name}) {rhs}'",
+                str(exc),
+                f"{_suggest(p.stat.lower(), NAMED_STATS)}e.g. 'p99({info.name}) {rhs}'",
                 col=p.stat_col,
             ) from None
 
@@ -528,14 +552,17 @@ class _Parser:
         col = p.unit_col
         if unit == "":
             raise self.fail(
-                f"{info.name} is {phrase}; give a unit ({_or_list(allowed)})", f"e.g. {fix}", col=col,
+                f"{info.name} is {phrase}; give a unit ({_or_list(allowed)})",
+                f"e.g. {fix}",
+                col=col,
             )
         if unit in UNITS and UNITS[unit][0] == info.dimension:  # a qualified unit on the wrong metric
             raise self.fail(self._qualified_problem(unit, info), f"use {_or_list(allowed)}, e.g. {fix}", col=col)
         if unit in UNITS:
             raise self.fail(
                 f"{info.name} is {phrase}, but {unit!r} is {_DIMENSION_PHRASE[UNITS[unit][0]]}",
-                f"use {_or_list(allowed)}, e.g. {fix}", col=col,
+                f"use {_or_list(allowed)}, e.g. {fix}",
+                col=col,
             )
         raise self.fail(
             f"unknown unit {p.unit!r} for {info.name}",
@@ -645,8 +672,10 @@ def _limit_text(key: Any, val: Any) -> str:
     op = ">=" if info is not None and info.higher_is_better else "<="
     if isinstance(val, bool) or not isinstance(val, (str, numbers.Real)):
         raise SLASyntaxError(
-            f"{key}: {val!r}", "a limit is a number or a string with a unit",
-            _GOODPUT_EXAMPLE, what="goodput limit",
+            f"{key}: {val!r}",
+            "a limit is a number or a string with a unit",
+            _GOODPUT_EXAMPLE,
+            what="goodput limit",
         )
     if isinstance(val, str):
         stripped = val.strip()
@@ -656,8 +685,9 @@ def _limit_text(key: Any, val: Any) -> str:
     except OverflowError:  # an int too large for a float
         number = math.inf
     if not math.isfinite(number):
-        raise SLASyntaxError(f"{key}: {val!r}", "the limit is not a finite number", _GOODPUT_EXAMPLE,
-                             what="goodput limit")
+        raise SLASyntaxError(
+            f"{key}: {val!r}", "the limit is not a finite number", _GOODPUT_EXAMPLE, what="goodput limit"
+        )
     base = "s" if info is None or info.dimension == "time" else info.unit
     return f"{metric} {op} {number!r} {base}"
 
@@ -688,9 +718,16 @@ class Verdict:
     def to_dict(self) -> dict[str, Any]:
         o = self.objective
         return {
-            "objective": str(o), "metric": o.metric, "stat": o.stat, "op": o.op,
-            "limit": o.limit, "unit": o.unit, "measured": self.measured,
-            "passed": self.passed, "count": self.count, "message": self.message,
+            "objective": str(o),
+            "metric": o.metric,
+            "stat": o.stat,
+            "op": o.op,
+            "limit": o.limit,
+            "unit": o.unit,
+            "measured": self.measured,
+            "passed": self.passed,
+            "count": self.count,
+            "message": self.message,
         }
 
 
@@ -774,9 +811,7 @@ class SLA:
         for arg in objectives:
             items.extend(_flatten(arg))
         self.objectives: tuple[Objective, ...] = tuple(parse_all(items))
-        self.goodput: GoodputLimits | None = (
-            GoodputLimits.parse(goodput) if goodput is not None else None
-        )
+        self.goodput: GoodputLimits | None = GoodputLimits.parse(goodput) if goodput is not None else None
 
     @property
     def needs_goodput(self) -> bool:

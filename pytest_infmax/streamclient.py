@@ -69,6 +69,7 @@ class _SwitchToLane(Exception):
     """Raised from httptools' headers-complete callback to stop it at the end of the
     head, so the body is read by the fast lane from its first byte."""
 
+
 # An SSE event (or a non-stream body we read to report it) larger than this ends
 # the request as a protocol error instead of growing memory. OpenAI-style events
 # are a few hundred bytes; 1 MiB leaves room for big tool-call or logprob chunks.
@@ -120,8 +121,11 @@ class SSEDecoder:
     def feed(self, data: bytes, t: float) -> None:
         self.last_time = t
         if (
-            not self._buf and data.startswith(b"data: ") and data.find(b"\n") == len(data) - 2
-            and data.endswith(b"\n\n") and b"\r" not in data
+            not self._buf
+            and data.startswith(b"data: ")
+            and data.find(b"\n") == len(data) - 2
+            and data.endswith(b"\n\n")
+            and b"\r" not in data
         ):
             # the common case, worth its own path: exactly one single-line event
             self.sink.on_event(data[6:-2], t)
@@ -154,8 +158,7 @@ class SSEDecoder:
             self._buf = b""
             raise StreamError(
                 ErrorKind.PROTOCOL,
-                f"an SSE event exceeded {self.max_event_bytes} bytes without ending; "
-                "the server's stream is malformed",
+                f"an SSE event exceeded {self.max_event_bytes} bytes without ending; the server's stream is malformed",
             )
         self._buf = rest
 
@@ -188,8 +191,18 @@ class _Exchange:
     """One request/response on a connection."""
 
     __slots__ = (
-        "future", "decoder", "status", "content_type", "framed", "error_body",
-        "error_body_bytes", "finished", "keep_alive", "streaming", "head_bytes", "chunked",
+        "future",
+        "decoder",
+        "status",
+        "content_type",
+        "framed",
+        "error_body",
+        "error_body_bytes",
+        "finished",
+        "keep_alive",
+        "streaming",
+        "head_bytes",
+        "chunked",
     )
 
     def __init__(self, future: asyncio.Future[int], decoder: SSEDecoder) -> None:
@@ -264,8 +277,11 @@ class StreamConnection(asyncio.Protocol):
             if isinstance(cause, _SwitchToLane):
                 self._enter_lane(ex, data, now)
                 return
-            self._fail(cause if isinstance(cause, StreamError) else StreamError(
-                ErrorKind.PROTOCOL, f"unreadable response: {cause or exc}"))
+            self._fail(
+                cause
+                if isinstance(cause, StreamError)
+                else StreamError(ErrorKind.PROTOCOL, f"unreadable response: {cause or exc}")
+            )
         except httptools.HttpParserError as exc:
             self._fail(StreamError(ErrorKind.PROTOCOL, f"malformed HTTP response: {exc}"))
         except Exception as exc:  # never let a bad stream kill the event loop's callback
@@ -439,17 +455,19 @@ class StreamConnection(asyncio.Protocol):
         """The body ended (message complete or EOF): resolve or explain."""
         if ex.status != 200:
             body = b"".join(ex.error_body).decode("utf-8", "replace")
-            self._fail(StreamError(ErrorKind.HTTP, _error_message(ex.status, body), ex.status),
-                       close=not ex.finished)
+            self._fail(StreamError(ErrorKind.HTTP, _error_message(ex.status, body), ex.status), close=not ex.finished)
             return
         if ex.content_type.startswith(b"application/json"):
             body = b"".join(ex.error_body).decode("utf-8", "replace")
-            self._fail(StreamError(
-                ErrorKind.PROTOCOL,
-                "the server answered with a JSON body, not an event stream (does it support "
-                f"\"stream\": true?): {body[:200]!r}",
-                ex.status,
-            ), close=not ex.finished)
+            self._fail(
+                StreamError(
+                    ErrorKind.PROTOCOL,
+                    "the server answered with a JSON body, not an event stream (does it support "
+                    f'"stream": true?): {body[:200]!r}',
+                    ex.status,
+                ),
+                close=not ex.finished,
+            )
             return
         self._resolve(ex)
 
@@ -512,7 +530,9 @@ class ConnectionPool:
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.host_header = host if default_port else f"{host}:{self.port}"
         self.connect_timeout = connect_timeout
-        self.ssl = ssl if ssl is not None else (ssl_module.create_default_context() if parts.scheme == "https" else None)
+        self.ssl = (
+            ssl if ssl is not None else (ssl_module.create_default_context() if parts.scheme == "https" else None)
+        )
         self._idle_conns: list[StreamConnection] = []
         self._all: set[StreamConnection] = set()
         self.fast_lane = fast_lane_available()  # read streaming bodies with the C fast lane
@@ -529,14 +549,18 @@ class ConnectionPool:
         try:
             _, conn = await asyncio.wait_for(
                 loop.create_connection(
-                    lambda: StreamConnection(self), self.host, self.port,
-                    ssl=self.ssl, server_hostname=self.host if self.ssl else None,
+                    lambda: StreamConnection(self),
+                    self.host,
+                    self.port,
+                    ssl=self.ssl,
+                    server_hostname=self.host if self.ssl else None,
                 ),
                 self.connect_timeout,
             )
         except asyncio.TimeoutError:
             raise StreamError(
-                ErrorKind.CONNECT, f"cannot connect to {self.host}:{self.port}: no answer within {self.connect_timeout:g} s"
+                ErrorKind.CONNECT,
+                f"cannot connect to {self.host}:{self.port}: no answer within {self.connect_timeout:g} s",
             ) from None
         except OSError as exc:
             raise StreamError(ErrorKind.CONNECT, f"cannot connect to {self.host}:{self.port}: {exc}") from None

@@ -269,8 +269,10 @@ def markdown_summary(
         out += ["", "### Failed SLAs", ""]
         for r, v in failed:
             row = result_row(r)
-            out.append(f"- {md_code(row['test'])} ({md_text(row['scenario'])} {md_text(row['load'])}): "
-                       f"{md_text(v.get('message') or v.get('objective'))}")
+            out.append(
+                f"- {md_code(row['test'])} ({md_text(row['scenario'])} {md_text(row['load'])}): "
+                f"{md_text(v.get('message') or v.get('objective'))}"
+            )
     if sweeps:
         out += ["", "### Sweeps", ""]
         out += _sweeps_section(sweeps)
@@ -302,8 +304,18 @@ def markdown_summary(
 def _results_table(rows: list[dict[str, Any]], max_rows: int) -> list[str]:
     with_cost = any(r["usd_per_mtok"] is not None for r in rows)
     with_energy = any(_measured(r) for r in rows)
-    headers = ["test", "scenario", "load", "requests", "TTFT p50 (ms)", "TTFT p99 (ms)", "TPOT p50 (ms)",
-               "interactivity (tok/s/user)", "throughput (tok/s/GPU)", "errors"]
+    headers = [
+        "test",
+        "scenario",
+        "load",
+        "requests",
+        "TTFT p50 (ms)",
+        "TTFT p99 (ms)",
+        "TPOT p50 (ms)",
+        "interactivity (tok/s/user)",
+        "throughput (tok/s/GPU)",
+        "errors",
+    ]
     align = ["---", "---", "---", "--:", "--:", "--:", "--:", "--:", "--:", "--:"]
     sources: dict[str, int] = {}
     if with_cost:
@@ -316,10 +328,18 @@ def _results_table(rows: list[dict[str, Any]], max_rows: int) -> list[str]:
     align.append(":-:")
     out = ["| " + " | ".join(headers) + " |", "|" + "|".join(align) + "|"]
     for row in rows[:max_rows]:
-        cells = [md_code(row["test"]), md_text(row["scenario"]), md_text(row["load"]), requests_cell(row),
-                 fmt(row["ttft_p50_ms"], ".1f"), fmt(row["ttft_p99_ms"], ".1f"), fmt(row["tpot_p50_ms"], ".2f"),
-                 fmt(row["interactivity"], ".1f"), fmt(row["throughput_per_gpu"], ",.0f"),
-                 md_text(errors_cell(row))]
+        cells = [
+            md_code(row["test"]),
+            md_text(row["scenario"]),
+            md_text(row["load"]),
+            requests_cell(row),
+            fmt(row["ttft_p50_ms"], ".1f"),
+            fmt(row["ttft_p99_ms"], ".1f"),
+            fmt(row["tpot_p50_ms"], ".2f"),
+            fmt(row["interactivity"], ".1f"),
+            fmt(row["throughput_per_gpu"], ",.0f"),
+            md_text(errors_cell(row)),
+        ]
         if with_cost:
             cell = fmt(row["usd_per_mtok"], "$")
             if row["usd_per_mtok"] is not None and row["price_source"]:
@@ -336,8 +356,10 @@ def _results_table(rows: list[dict[str, Any]], max_rows: int) -> list[str]:
         out.append(f"… and {len(rows) - max_rows} more results (see the JSON or HTML report).")
     if sources:
         out.append("")
-        out += [f"[{n}] price: {md_text(text)}" + ("  " if i < len(sources) - 1 else "")
-                for i, (text, n) in enumerate(sources.items())]
+        out += [
+            f"[{n}] price: {md_text(text)}" + ("  " if i < len(sources) - 1 else "")
+            for i, (text, n) in enumerate(sources.items())
+        ]
     return out
 
 
@@ -353,9 +375,11 @@ def _sweeps_section(sweeps: Sequence[Mapping[str, Any]]) -> list[str]:
         front = (s.get("frontier") or {}).get("front") or []
         points = (s.get("frontier") or {}).get("points") or []
         labels = ", ".join(p.get("label", "?") for p in front) or "none"
-        out.append(f"- {md_code(s.get('name', 'sweep'))} ({md_text(s.get('scenario') or '?')}): "
-                   f"{len(front)} of {len(points)} points on the throughput-per-GPU / interactivity "
-                   f"frontier ({md_text(labels)})")
+        out.append(
+            f"- {md_code(s.get('name', 'sweep'))} ({md_text(s.get('scenario') or '?')}): "
+            f"{len(front)} of {len(points)} points on the throughput-per-GPU / interactivity "
+            f"frontier ({md_text(labels)})"
+        )
         for v in s.get("verdicts") or ():
             mark = "✅" if v.get("passed") else "❌"
             out.append(f"  - {mark} {md_text(v.get('message') or v.get('objective'))}")
@@ -366,33 +390,50 @@ def _measured(row: Mapping[str, Any]) -> bool:
     return bool(row.get("energy") and row["energy"].get("measured"))
 
 
-SERVER_HEADERS = ("test", "load", "TTFT mean server / client (ms)", "TTFT p50 server / client (ms)",
-                  "queue time mean (ms)", "ITL mean (ms)", "running mean / max", "waiting mean / max",
-                  "KV cache mean / max")
+SERVER_HEADERS = (
+    "test",
+    "load",
+    "TTFT mean server / client (ms)",
+    "TTFT p50 server / client (ms)",
+    "queue time mean (ms)",
+    "ITL mean (ms)",
+    "running mean / max",
+    "waiting mean / max",
+    "KV cache mean / max",
+)
 
 
 def server_cells(row: Mapping[str, Any]) -> list[str]:
     """The server-side figures of a row as text, after ``test`` and ``load`` (see SERVER_HEADERS)."""
+
     def pair(a: Any, b: Any, spec: str) -> str:
         return f"{fmt(a, spec)} / {fmt(b, spec)}"
 
-    return [pair(row["server_ttft_mean_ms"], row["client_ttft_mean_ms"], ".1f"),
-            pair(row["server_ttft_p50_ms"], row["ttft_p50_ms"], ".1f"),
-            fmt(row["server_queue_mean_ms"], ".2f"), fmt(row["server_itl_mean_ms"], ".2f"),
-            pair(row["server_running_mean"], row["server_running_max"], ".1f"),
-            pair(row["server_waiting_mean"], row["server_waiting_max"], ".1f"),
-            pair(row["server_kv_cache_mean"], row["server_kv_cache_max"], "%")]
+    return [
+        pair(row["server_ttft_mean_ms"], row["client_ttft_mean_ms"], ".1f"),
+        pair(row["server_ttft_p50_ms"], row["ttft_p50_ms"], ".1f"),
+        fmt(row["server_queue_mean_ms"], ".2f"),
+        fmt(row["server_itl_mean_ms"], ".2f"),
+        pair(row["server_running_mean"], row["server_running_max"], ".1f"),
+        pair(row["server_waiting_mean"], row["server_waiting_max"], ".1f"),
+        pair(row["server_kv_cache_mean"], row["server_kv_cache_max"], "%"),
+    ]
 
 
-SERVER_NOTE = ("From the server's own Prometheus metrics over the measured phase (means exact, p50 "
-               "interpolated inside histogram buckets; gauges sampled during the run).")
+SERVER_NOTE = (
+    "From the server's own Prometheus metrics over the measured phase (means exact, p50 "
+    "interpolated inside histogram buckets; gauges sampled during the run)."
+)
 
 
 def _server_table(rows: list[dict[str, Any]]) -> list[str]:
     out = ["| " + " | ".join(SERVER_HEADERS) + " |", "|---|---|" + "--:|" * (len(SERVER_HEADERS) - 2)]
     for row in rows:
-        out.append("| " + " | ".join([md_code(row["test"]), md_text(row["load"]),
-                                      *(md_text(c) for c in server_cells(row))]) + " |")
+        out.append(
+            "| "
+            + " | ".join([md_code(row["test"]), md_text(row["load"]), *(md_text(c) for c in server_cells(row))])
+            + " |"
+        )
     out += ["", md_text(SERVER_NOTE)]
     notes = [(row, row["client_overhead_note"]) for row in rows if row["client_overhead_note"]]
     if notes:
@@ -402,14 +443,18 @@ def _server_table(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _energy_table(rows: list[dict[str, Any]]) -> list[str]:
-    out = ["| test | load | energy | avg power (W) | J / input token | J / output token | "
-           "tok/s per MW | energy cost | source |",
-           "|---|---|--:|--:|--:|--:|--:|--:|---|"]
+    out = [
+        "| test | load | energy | avg power (W) | J / input token | J / output token | "
+        "tok/s per MW | energy cost | source |",
+        "|---|---|--:|--:|--:|--:|--:|--:|---|",
+    ]
     for row in rows:
         e = row["energy"]
         if not e.get("measured"):
-            out.append(f"| {md_code(row['test'])} | {md_text(row['load'])} | not measured | | | | | | "
-                       f"{md_text(e.get('reason', ''))} |")
+            out.append(
+                f"| {md_code(row['test'])} | {md_text(row['load'])} | not measured | | | | | | "
+                f"{md_text(e.get('reason', ''))} |"
+            )
             continue
         joules = fmt(e.get("energy_j"), ",.1f") + " J"
         cost = "n/a"
@@ -425,7 +470,8 @@ def _energy_table(rows: list[dict[str, Any]]) -> list[str]:
         out.append(
             f"| {md_code(row['test'])} | {md_text(row['load'])} | {joules} | {fmt(e.get('avg_power_w'), ',.0f')} | "
             f"{fmt(e.get('j_per_input_token'), '.3g')} | {fmt(e.get('j_per_output_token'), '.3g')} | "
-            f"{fmt(e.get('tokens_per_s_per_mw'), ',.0f')} | {md_text(cost)} | {md_text(kind + source)} |")
+            f"{fmt(e.get('tokens_per_s_per_mw'), ',.0f')} | {md_text(cost)} | {md_text(kind + source)} |"
+        )
     return out
 
 

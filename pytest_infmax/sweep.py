@@ -61,8 +61,9 @@ class SweepResult:
         if self.price is None:
             raise ValueError("no price: pass price= to sweep() or set --infmax-gpu-hour-usd")
         return [
-            TokenCost.of(self.price, r.num_gpus, r.metrics.throughput, r.metrics.input_throughput,
-                         r.metrics.output_throughput)
+            TokenCost.of(
+                self.price, r.num_gpus, r.metrics.throughput, r.metrics.input_throughput, r.metrics.output_throughput
+            )
             for r in self.results
         ]
 
@@ -100,7 +101,9 @@ def _higher_is_better(metric: str) -> bool:
         raise ValueError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}") from None
 
 
-_FRONTIER_EXPR = re.compile(r"^\s*(?P<y>[A-Za-z_][A-Za-z0-9_]*)\s*@\s*(?P<x>[A-Za-z_][A-Za-z0-9_]*)\s*=\s*(?P<at>[^<>=≤≥]+?)\s*(?P<rest>(<=|>=|<|>|≤|≥).*)$")
+_FRONTIER_EXPR = re.compile(
+    r"^\s*(?P<y>[A-Za-z_][A-Za-z0-9_]*)\s*@\s*(?P<x>[A-Za-z_][A-Za-z0-9_]*)\s*=\s*(?P<at>[^<>=≤≥]+?)\s*(?P<rest>(<=|>=|<|>|≤|≥).*)$"
+)
 
 
 @dataclass(frozen=True)
@@ -120,8 +123,11 @@ class FrontierObjective:
     def parse(cls, text: str) -> FrontierObjective:
         m = _FRONTIER_EXPR.match(text)
         if not m:
-            raise SLASyntaxError(text, "a frontier SLA reads Y@X=VALUE OP LIMIT",
-                                 "e.g. 'throughput_per_gpu@interactivity=50 > 10000 tok/s'")
+            raise SLASyntaxError(
+                text,
+                "a frontier SLA reads Y@X=VALUE OP LIMIT",
+                "e.g. 'throughput_per_gpu@interactivity=50 > 10000 tok/s'",
+            )
         y, x = m["y"], m["x"]
         # Reuse the SLA grammar for both sides: same metrics, units and messages.
         try:
@@ -140,12 +146,18 @@ class FrontierObjective:
             measured = frontier.at(self.at)
         except FrontierRangeError as exc:
             return FrontierVerdict(self, None, False, f"FAILED {self.text}: {exc}")
-        ok = {"<": measured < self.limit, "<=": measured <= self.limit,
-              ">": measured > self.limit, ">=": measured >= self.limit}[self.op]
+        ok = {
+            "<": measured < self.limit,
+            "<=": measured <= self.limit,
+            ">": measured > self.limit,
+            ">=": measured >= self.limit,
+        }[self.op]
         shown = format_quantity(measured, self.unit)
-        msg = (f"{'' if ok else 'FAILED '}{self.text}: {shown} on the frontier at "
-               f"{self.x}={format_quantity(self.at, self.at_unit)} "
-               f"(from {len(frontier.front)} frontier points of {len(frontier.points)})")
+        msg = (
+            f"{'' if ok else 'FAILED '}{self.text}: {shown} on the frontier at "
+            f"{self.x}={format_quantity(self.at, self.at_unit)} "
+            f"(from {len(frontier.front)} frontier points of {len(frontier.points)})"
+        )
         return FrontierVerdict(self, measured, ok, msg)
 
 
@@ -157,12 +169,17 @@ class FrontierVerdict:
     message: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {"objective": self.objective.text, "measured": self.measured, "passed": self.passed,
-                "message": self.message}
+        return {
+            "objective": self.objective.text,
+            "measured": self.measured,
+            "passed": self.passed,
+            "message": self.message,
+        }
 
 
 class FrontierSLAFailed(AssertionError):
     def __init__(self, failures: Sequence[FrontierVerdict]) -> None:
         self.failures = list(failures)
-        super().__init__("\n".join([f"{len(self.failures)} frontier SLA(s) failed:"] +
-                                   [f"  {v.message}" for v in self.failures]))
+        super().__init__(
+            "\n".join([f"{len(self.failures)} frontier SLA(s) failed:"] + [f"  {v.message}" for v in self.failures])
+        )

@@ -91,8 +91,16 @@ def gpus() -> list[GpuInfo]:
         for i in range(n.nvmlDeviceGetCount()):
             h = n.nvmlDeviceGetHandleByIndex(i)
             mem = n.nvmlDeviceGetMemoryInfo(h)
-            out.append(GpuInfo(i, _text(n.nvmlDeviceGetName(h)), _text(n.nvmlDeviceGetUUID(h)),
-                               mem.total / 2**20, mem.used / 2**20, driver))
+            out.append(
+                GpuInfo(
+                    i,
+                    _text(n.nvmlDeviceGetName(h)),
+                    _text(n.nvmlDeviceGetUUID(h)),
+                    mem.total / 2**20,
+                    mem.used / 2**20,
+                    driver,
+                )
+            )
         return out
 
 
@@ -137,8 +145,10 @@ class ReleaseCheck:
         if self.released:
             return f"GPUs released (checked for {self.waited_s:.1f} s)"
         parts = [f"pid {p.pid} on GPU {p.gpu_index}" for p in self.holding]
-        parts += [f"GPU {i} holds {mib:.0f} MiB more than before the server started"
-                  for i, mib in (self.memory_excess_mib or {}).items()]
+        parts += [
+            f"GPU {i} holds {mib:.0f} MiB more than before the server started"
+            for i, mib in (self.memory_excess_mib or {}).items()
+        ]
         return "GPUs not released after " + f"{self.waited_s:.1f} s: " + "; ".join(parts)
 
 

@@ -109,15 +109,27 @@ async def run_sharded(
     try:
         for k in range(n):
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-c", "from pytest_infmax.workers import main; main()",
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                env=env, limit=_LINE_LIMIT,
+                sys.executable,
+                "-c",
+                "from pytest_infmax.workers import main; main()",
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                env=env,
+                limit=_LINE_LIMIT,
             )
             procs.append(proc)
             assert proc.stdin is not None
-            proc.stdin.write(_encode({
-                "base_url": base_url, "model": model, "config": config_to_json(config), "shard": [k, n],
-            }) + b"\n")
+            proc.stdin.write(
+                _encode(
+                    {
+                        "base_url": base_url,
+                        "model": model,
+                        "config": config_to_json(config),
+                        "shard": [k, n],
+                    }
+                )
+                + b"\n"
+            )
             await proc.stdin.drain()
 
         records: list[RequestRecord] = []
@@ -237,26 +249,32 @@ async def _worker(stdin: asyncio.StreamReader, out: Callable[[dict[str, Any]], N
     generator = LoadGenerator(job["base_url"], job["model"], os.environ.get(_API_KEY_ENV))
     ticking = asyncio.ensure_future(flusher())
     try:
-        run_task = asyncio.ensure_future(generator.run(
-            config, on_record=lambda r: pending.append(r.to_dict()), shard=Shard(k, n, wait_start),
-        ))
+        run_task = asyncio.ensure_future(
+            generator.run(
+                config,
+                on_record=lambda r: pending.append(r.to_dict()),
+                shard=Shard(k, n, wait_start),
+            )
+        )
         run = await run_task
     finally:
         ticking.cancel()
     flush()
     client = run.client
     assert client is not None
-    out({
-        "kind": "done",
-        "measured_start": run.measured_start,
-        "measured_end": run.measured_end,
-        "client": {
-            "loop_lags": client.loop_lags,
-            "loop_lag_interval": client.loop_lag_interval,
-            "cpu_seconds": client.cpu_seconds,
-            "send_lag_reference": client.send_lag_reference,
-        },
-    })
+    out(
+        {
+            "kind": "done",
+            "measured_start": run.measured_start,
+            "measured_end": run.measured_end,
+            "client": {
+                "loop_lags": client.loop_lags,
+                "loop_lag_interval": client.loop_lag_interval,
+                "cpu_seconds": client.cpu_seconds,
+                "send_lag_reference": client.send_lag_reference,
+            },
+        }
+    )
 
 
 def main() -> None:

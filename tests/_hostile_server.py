@@ -57,7 +57,9 @@ def sse(obj: object) -> bytes:
 
 
 def content(text: str, finish: str | None = None) -> bytes:
-    return sse({"id": "h", "object": "text_completion", "choices": [{"index": 0, "text": text, "finish_reason": finish}]})
+    return sse(
+        {"id": "h", "object": "text_completion", "choices": [{"index": 0, "text": text, "finish_reason": finish}]}
+    )
 
 
 SSE_CHUNKED = (
@@ -68,7 +70,9 @@ SSE_CHUNKED = (
 
 def good_body(n: int) -> bytes:
     events = [content(f" t{i}", "length" if i == n - 1 else None) for i in range(n)]
-    events.append(sse({"id": "h", "choices": [], "usage": {"prompt_tokens": 16, "completion_tokens": n, "total_tokens": 16 + n}}))
+    events.append(
+        sse({"id": "h", "choices": [], "usage": {"prompt_tokens": 16, "completion_tokens": n, "total_tokens": 16 + n}})
+    )
     events.append(b"data: [DONE]\n\n")
     return b"".join(chunk(e) for e in events) + b"0\r\n\r\n"
 
@@ -127,16 +131,23 @@ async def endless_pings(reader, writer, req) -> bool:
 async def bad_utf8(reader, writer, req) -> bool:
     """Invalid UTF-8 inside the text the client reads."""
     event = b'data: {"id": "h", "choices": [{"index": 0, "text": "\xff\xfe bad", "finish_reason": null}]}\n\n'
-    writer.write(SSE_CHUNKED + chunk(event) + chunk(content(" ok", "length")) + chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+    writer.write(
+        SSE_CHUNKED + chunk(event) + chunk(content(" ok", "length")) + chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n"
+    )
     await writer.drain()
     return True
 
 
 async def json_body(reader, writer, req) -> bool:
     """A server that ignores "stream": true and answers one JSON completion."""
-    body = json.dumps({"id": "h", "object": "text_completion",
-                       "choices": [{"index": 0, "text": " the whole answer", "finish_reason": "length"}],
-                       "usage": {"prompt_tokens": 16, "completion_tokens": 4, "total_tokens": 20}}).encode()
+    body = json.dumps(
+        {
+            "id": "h",
+            "object": "text_completion",
+            "choices": [{"index": 0, "text": " the whole answer", "finish_reason": "length"}],
+            "usage": {"prompt_tokens": 16, "completion_tokens": 4, "total_tokens": 20},
+        }
+    ).encode()
     writer.write(length_response(b"200 OK", b"application/json", body))
     await writer.drain()
     return True
@@ -144,8 +155,10 @@ async def json_body(reader, writer, req) -> bool:
 
 async def html_body(reader, writer, req) -> bool:
     """A login page (a proxy in the way) labelled as an event stream."""
-    body = (b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head>\n\n"
-            b"<body><form action=\"/login\">Please sign in</form></body></html>\n")
+    body = (
+        b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head>\n\n"
+        b'<body><form action="/login">Please sign in</form></body></html>\n'
+    )
     writer.write(length_response(b"200 OK", b"text/event-stream", body))
     await writer.drain()
     return True
@@ -192,7 +205,9 @@ async def huge_500(reader, writer, req) -> bool:
 
 async def endless_500(reader, writer, req) -> bool:
     """HTTP 500 whose chunked body never ends."""
-    writer.write(b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n")
+    writer.write(
+        b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
     piece = chunk(b"engine crashed; dumping state " + b"S" * 65000 + b"\n")
     deadline = time.monotonic() + CAP_S
     while time.monotonic() < deadline:
@@ -277,10 +292,28 @@ async def huge_error_object(reader, writer, req) -> bool:
 
 
 BEHAVIOURS: dict[str, Behaviour] = {
-    f.__name__: f for f in (
-        good, huge_event, endless_events, endless_pings, bad_utf8, json_body, html_body, not_object,
-        wrong_choices, garbage_status, bad_chunk_size, huge_500, endless_500, slowloris, slowloris_head,
-        cut_mid_chunk, short_body, huge_header, endless_after_done, huge_error_object,
+    f.__name__: f
+    for f in (
+        good,
+        huge_event,
+        endless_events,
+        endless_pings,
+        bad_utf8,
+        json_body,
+        html_body,
+        not_object,
+        wrong_choices,
+        garbage_status,
+        bad_chunk_size,
+        huge_500,
+        endless_500,
+        slowloris,
+        slowloris_head,
+        cut_mid_chunk,
+        short_body,
+        huge_header,
+        endless_after_done,
+        huge_error_object,
     )
 }
 

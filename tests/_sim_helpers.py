@@ -10,8 +10,9 @@ import aiohttp
 import pytest
 
 
-async def poll_stats_until(session: aiohttp.ClientSession, base_url: str, predicate: Any,
-                           timeout: float = 10.0) -> dict[str, Any]:
+async def poll_stats_until(
+    session: aiohttp.ClientSession, base_url: str, predicate: Any, timeout: float = 10.0
+) -> dict[str, Any]:
     """GET /sim/stats until ``predicate(stats)`` holds; fail with the last stats after ``timeout``."""
     deadline = time.monotonic() + timeout
     stats: dict[str, Any] = {}

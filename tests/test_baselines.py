@@ -19,6 +19,7 @@ from pytest_infmax.baselines import (
     BaselineStore,
     CorruptBaselineError,
     benchmark_stats,
+    build_testbed,
     export_benchmark_json,
     load_baseline,
     load_runs,
@@ -26,7 +27,6 @@ from pytest_infmax.baselines import (
     normalise_server_options,
     result_keys,
     safe_filename,
-    build_testbed,
 )
 from pytest_infmax.compare import compare_baseline
 from pytest_infmax.load import LoadConfig, RunRecords
@@ -39,9 +39,23 @@ SERVER = {
     "base_url": "http://127.0.0.1:40123",
     "model": "sim-model",
     "num_gpus": 1,
-    "command": ["/home/u/.venv/bin/python", "-m", "pytest_infmax.sim", "--host", "127.0.0.1", "--port", "0",
-                "--port-file", "/tmp/x/port", "--parent-pid", "4242", "--model", "sim-model",
-                "--decode-step-ms", "8"],
+    "command": [
+        "/home/u/.venv/bin/python",
+        "-m",
+        "pytest_infmax.sim",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--port-file",
+        "/tmp/x/port",
+        "--parent-pid",
+        "4242",
+        "--model",
+        "sim-model",
+        "--decode-step-ms",
+        "8",
+    ],
     "pid": 4321,
     "log": "/tmp/x/sim.log",
     "startup_seconds": 0.4,
@@ -49,8 +63,9 @@ SERVER = {
 GPU = {"gpu_model": "NVIDIA H100 80GB HBM3", "gpu_count": 1, "driver": "550.54.15", "engine_version": "0.1.0"}
 
 
-def make_result(name: str = "tests/test_perf.py::test_x[c=4]", n: int = 24, seed: int = 0, scale: float = 1.0,
-                concurrency: int = 4) -> LoadResult:
+def make_result(
+    name: str = "tests/test_perf.py::test_x[c=4]", n: int = 24, seed: int = 0, scale: float = 1.0, concurrency: int = 4
+) -> LoadResult:
     """A closed-loop-looking run: 2 warm-up requests, n measured, one failure."""
     rng = np.random.default_rng(seed)
     records = []
@@ -60,12 +75,22 @@ def make_result(name: str = "tests/test_perf.py::test_x[c=4]", n: int = 24, seed
         tpot = scale * rng.uniform(0.0045, 0.0050)
         tokens = int(rng.integers(8, 12))
         chunks = [t + ttft + j * tpot for j in range(tokens)]
-        records.append(RequestRecord(
-            index=i, warmup=i < 2, send_time=t, first_token_time=chunks[0], end_time=chunks[-1],
-            chunk_times=chunks, chunk_tokens=[1] * tokens, input_tokens=100, output_tokens=tokens,
-            input_tokens_source=TokenSource.REQUEST, output_tokens_source=TokenSource.USAGE,
-            chunk_tokens_source=TokenSource.USAGE,
-        ))
+        records.append(
+            RequestRecord(
+                index=i,
+                warmup=i < 2,
+                send_time=t,
+                first_token_time=chunks[0],
+                end_time=chunks[-1],
+                chunk_times=chunks,
+                chunk_tokens=[1] * tokens,
+                input_tokens=100,
+                output_tokens=tokens,
+                input_tokens_source=TokenSource.REQUEST,
+                output_tokens_source=TokenSource.USAGE,
+                chunk_tokens_source=TokenSource.USAGE,
+            )
+        )
         t += 0.01
     records[-1].error_kind = ErrorKind.HTTP
     records[-1].http_status = 500
@@ -159,7 +184,9 @@ def test_write_is_atomic_no_temp_left_and_old_file_intact_on_failure(tmp_path, m
     key = "t::a"
     store.save(key, BaselineRun.from_result(make_result(key, seed=1)), build_testbed(SERVER))
     before = store.path_for(key).read_bytes()
-    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == [store.path_for(key).name]  # no temp file left
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == [
+        store.path_for(key).name
+    ]  # no temp file left
 
     def fail(*args, **kwargs):
         raise OSError(28, "No space left on device")
@@ -169,23 +196,34 @@ def test_write_is_atomic_no_temp_left_and_old_file_intact_on_failure(tmp_path, m
         store.save(key, BaselineRun.from_result(make_result(key, seed=2)), build_testbed(SERVER))
     monkeypatch.undo()
     assert store.path_for(key).read_bytes() == before  # the old baseline survives
-    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == [store.path_for(key).name]  # temp removed
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == [
+        store.path_for(key).name
+    ]  # temp removed
     assert len(store.load(key).runs) == 1
 
 
-@pytest.mark.parametrize("content, reason", [
-    ('{"format": "pytest-infmax-baseline/1", "key": "t::a", "runs": [{"sam', "not valid JSON"),
-    ("not json at all", "not valid JSON"),
-    ("", "empty"),
-    ("[1, 2, 3]", "not an object"),
-    ('{"format": "something-else/1"}', "'format'"),
-    ('{"format": "pytest-infmax-baseline/99", "key": "t::a", "testbed": {}, "runs": [{}]}', "newer"),
-    ('{"format": "pytest-infmax-baseline/1", "key": "t::a", "testbed": {}, "runs": []}', "non-empty"),
-    ('{"format": "pytest-infmax-baseline/1", "key": "t::a", "testbed": {}, "runs": [{"samples": {"ttft": ["x"]}, '
-     '"scalars": {}}]}', "list of numbers"),
-    ('{"format": "pytest-infmax-baseline/1", "key": "t::a", "testbed": {}, "runs": [{"samples": {}, '
-     '"scalars": {"x": NaN}}]}', "NaN"),
-])
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        ('{"format": "pytest-infmax-baseline/1", "key": "t::a", "runs": [{"sam', "not valid JSON"),
+        ("not json at all", "not valid JSON"),
+        ("", "empty"),
+        ("[1, 2, 3]", "not an object"),
+        ('{"format": "something-else/1"}', "'format'"),
+        ('{"format": "pytest-infmax-baseline/99", "key": "t::a", "testbed": {}, "runs": [{}]}', "newer"),
+        ('{"format": "pytest-infmax-baseline/1", "key": "t::a", "testbed": {}, "runs": []}', "non-empty"),
+        (
+            '{"format": "pytest-infmax-baseline/1", "key": "t::a", "testbed": {}, "runs": [{"samples": {"ttft": ["x"]}, '
+            '"scalars": {}}]}',
+            "list of numbers",
+        ),
+        (
+            '{"format": "pytest-infmax-baseline/1", "key": "t::a", "testbed": {}, "runs": [{"samples": {}, '
+            '"scalars": {"x": NaN}}]}',
+            "NaN",
+        ),
+    ],
+)
 def test_corrupt_file_is_a_clear_error_naming_file_and_fix(tmp_path, content, reason) -> None:
     store = BaselineStore(tmp_path)
     path = store.path_for("t::a")
@@ -228,7 +266,12 @@ def test_server_options_drop_what_changes_between_starts() -> None:
     opts = normalise_server_options(SERVER["command"])
     assert opts == ["python", "-m", "pytest_infmax.sim", "--model", "sim-model", "--decode-step-ms", "8"]
     assert normalise_server_options(["vllm", "serve", "m", "--port=8123", "--tensor-parallel-size", "2"]) == [
-        "vllm", "serve", "m", "--tensor-parallel-size", "2"]
+        "vllm",
+        "serve",
+        "m",
+        "--tensor-parallel-size",
+        "2",
+    ]
     other_start = dict(SERVER, command=[c.replace("40123", "5") for c in SERVER["command"]], pid=1, base_url="x")
     assert build_testbed(other_start, GPU) == build_testbed(SERVER, GPU)
 
@@ -274,7 +317,8 @@ def test_repeats_on_one_server_start_merge_into_one_run() -> None:
     merged = merge_runs([a, b])
     assert merged.samples["tpot"] == a.samples["tpot"] + b.samples["tpot"]
     assert merged.scalars["throughput_per_gpu"] == pytest.approx(
-        (a.scalars["throughput_per_gpu"] + b.scalars["throughput_per_gpu"]) / 2)
+        (a.scalars["throughput_per_gpu"] + b.scalars["throughput_per_gpu"]) / 2
+    )
     assert merged.workload == a.workload
 
 
@@ -284,7 +328,8 @@ def test_result_keys_are_unique_within_a_test() -> None:
 
 def test_load_runs_reads_results_files_grouping_repeats(tmp_path) -> None:
     doc = reports.results_document(
-        [make_result("t::a", seed=i).to_dict() for i in range(3)] + [make_result("t::b").to_dict()], [SERVER])
+        [make_result("t::a", seed=i).to_dict() for i in range(3)] + [make_result("t::b").to_dict()], [SERVER]
+    )
     path = tmp_path / "results.json"
     path.write_text(json.dumps(doc))
     runs = load_runs(path)
@@ -295,8 +340,24 @@ def test_load_runs_reads_results_files_grouping_repeats(tmp_path) -> None:
 
 # -- pytest-benchmark ------------------------------------------------------------------------------
 
-BENCHMARK_STATS_KEYS = {"min", "max", "mean", "stddev", "rounds", "median", "iqr", "q1", "q3", "iqr_outliers",
-                        "stddev_outliers", "outliers", "ld15iqr", "hd15iqr", "ops", "total"}
+BENCHMARK_STATS_KEYS = {
+    "min",
+    "max",
+    "mean",
+    "stddev",
+    "rounds",
+    "median",
+    "iqr",
+    "q1",
+    "q3",
+    "iqr_outliers",
+    "stddev_outliers",
+    "outliers",
+    "ld15iqr",
+    "hd15iqr",
+    "ops",
+    "total",
+}
 
 
 def test_benchmark_stats_follow_pytest_benchmark() -> None:
@@ -329,9 +390,10 @@ def test_benchmark_stats_match_pytest_benchmark_itself() -> None:
 
 def test_export_benchmark_json_has_pytest_benchmark_layout() -> None:
     result = make_result("t::a")
-    doc = export_benchmark_json([result, BaselineRun.from_result(make_result("t::b"))],
-                                commit_info={"id": "abc", "time": None, "author_time": None, "dirty": False,
-                                             "project": "p", "branch": "main"})
+    doc = export_benchmark_json(
+        [result, BaselineRun.from_result(make_result("t::b"))],
+        commit_info={"id": "abc", "time": None, "author_time": None, "dirty": False, "project": "p", "branch": "main"},
+    )
     assert {"machine_info", "commit_info", "benchmarks", "datetime", "version"} <= set(doc)
     assert {"node", "machine", "python_version", "system", "cpu"} <= set(doc["machine_info"])
     assert doc["commit_info"]["id"] == "abc"

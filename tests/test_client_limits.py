@@ -10,7 +10,6 @@ import asyncio
 import math
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -124,8 +123,9 @@ def test_open_loop_without_blocking_keeps_to_its_schedule(server: Server) -> Non
 
 
 def test_records_keep_ready_time_through_json() -> None:
-    rec = RequestRecord(index=3, scheduled_time=10.0, ready_time=10.5, send_time=10.75,
-                        first_token_time=11.0, end_time=12.0)
+    rec = RequestRecord(
+        index=3, scheduled_time=10.0, ready_time=10.5, send_time=10.75, first_token_time=11.0, end_time=12.0
+    )
     back = RequestRecord.from_dict(rec.to_dict(t0=10.0), t0=10.0)
     assert back == rec
     assert back.send_lag == pytest.approx(0.25)
@@ -141,9 +141,7 @@ def test_client_stats_summary_and_threshold() -> None:
     quiet = ClientStats(send_lags=[0.001] * 100, loop_lags=[0.0005] * 100, cpu_seconds=0.5, wall_seconds=2.0)
     assert not quiet.client_bound and quiet.reason is None and quiet.cpu_utilisation == 0.25
     busy = ClientStats(send_lags=[0.001] * 90 + [0.05] * 10, loop_lags=[0.0] * 10)
-    assert busy.client_bound and busy.reasons == [
-        "send lag p99 50.0 ms > 10 ms (max 50.0 ms over 100 samples)"
-    ]
+    assert busy.client_bound and busy.reasons == ["send lag p99 50.0 ms > 10 ms (max 50.0 ms over 100 samples)"]
     assert ClientStats(send_lags=[0.05] * 10, threshold=0.1).reason is None
     empty = ClientStats().to_dict()
     assert empty["send_lag"] == {"n": 0, "p50_ms": None, "p99_ms": None, "max_ms": None}
@@ -173,7 +171,8 @@ def test_loop_lag_monitor_counts_a_block_at_the_end_of_the_phase() -> None:
 
 @pytest.mark.slow
 def test_plugin_warns_or_fails_on_a_client_bound_run(pytester: pytest.Pytester) -> None:
-    pytester.makepyfile(test_starved="""
+    pytester.makepyfile(
+        test_starved="""
         import time
         from pytest_infmax import Scenario
 
@@ -191,13 +190,18 @@ def test_plugin_warns_or_fails_on_a_client_bound_run(pytester: pytest.Pytester) 
                 infmax.run(Scenario("tiny", 16, 32), concurrency=2, num_requests=4, warmup=0)
             finally:
                 load.ResponseAccumulator.on_event = original
-    """)
+    """
+    )
     pytester.makeini("[pytest]\ninfmax_sim_args = --decode-step-ms 2\nasyncio_default_fixture_loop_scope = function\n")
     warned = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     warned.assert_outcomes(passed=1, warnings=1)
-    warned.stdout.fnmatch_lines(["*ClientBoundWarning: latencies are upper bounds*lag p99*",
-                                 "*test_starved.py::test_starved*-[*]*",
-                                 "[*] client-bound: the load generator fell behind*"])
+    warned.stdout.fnmatch_lines(
+        [
+            "*ClientBoundWarning: latencies are upper bounds*lag p99*",
+            "*test_starved.py::test_starved*-[*]*",
+            "[*] client-bound: the load generator fell behind*",
+        ]
+    )
     failed = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-client-bound", "fail")
     failed.assert_outcomes(failed=1)
     failed.stdout.fnmatch_lines(["*the load generator fell behind, so the measurement is not the server's*"])

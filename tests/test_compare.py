@@ -24,13 +24,26 @@ from pytest_infmax.compare import (
 )
 
 SERVER = {"kind": "sim", "model": "sim-model", "num_gpus": 1, "command": ["python", "-m", "pytest_infmax.sim"]}
-WORKLOAD = {"scenario": {"name": "1k1k-mini", "isl": 128, "osl": 128, "range_ratio": 0.8, "endpoint": "completions"},
-            "concurrency": 8, "rate": None, "rate_infinite": False, "burstiness": 1.0, "max_concurrency": None,
-            "extra_body": {}}
+WORKLOAD = {
+    "scenario": {"name": "1k1k-mini", "isl": 128, "osl": 128, "range_ratio": 0.8, "endpoint": "completions"},
+    "concurrency": 8,
+    "rate": None,
+    "rate_infinite": False,
+    "burstiness": 1.0,
+    "max_concurrency": None,
+    "extra_body": {},
+}
 
 
-def make_run(rng: np.random.Generator, *, scale: float = 1.0, ttft_scale: float | None = None,
-             run_sd: float = 0.0, n: int = 80, name: str = "t::a") -> BaselineRun:
+def make_run(
+    rng: np.random.Generator,
+    *,
+    scale: float = 1.0,
+    ttft_scale: float | None = None,
+    run_sd: float = 0.0,
+    n: int = 80,
+    name: str = "t::a",
+) -> BaselineRun:
     """A run whose latencies are lognormal around TTFT 11 ms / TPOT 4.5 ms, times ``scale``
     and a per-run factor with sd ``run_sd`` (a server start)."""
     start = math.exp(rng.normal(0, run_sd)) if run_sd else 1.0
@@ -39,8 +52,12 @@ def make_run(rng: np.random.Generator, *, scale: float = 1.0, ttft_scale: float 
     tpot = 0.0045 * f * rng.lognormal(0, 0.03, n)
     e2e = ttft + 114 * tpot
     tput = 3400.0 / f
-    return BaselineRun(name=name, samples={"ttft": list(ttft), "tpot": list(tpot), "e2e": list(e2e)},
-                       scalars={"throughput_per_gpu": tput, "throughput": tput}, workload=dict(WORKLOAD))
+    return BaselineRun(
+        name=name,
+        samples={"ttft": list(ttft), "tpot": list(tpot), "e2e": list(e2e)},
+        scalars={"throughput_per_gpu": tput, "throughput": tput},
+        workload=dict(WORKLOAD),
+    )
 
 
 def runs(seed: int, count: int, **kwargs) -> list[BaselineRun]:
@@ -63,8 +80,11 @@ def test_obvious_2x_regression_is_regressed_even_from_one_run_each() -> None:
 
 
 def test_identical_distributions_with_enough_data_are_same() -> None:
-    report = compare_runs(runs(1, 10, run_sd=0.005), runs(2, 10, run_sd=0.005),
-                          options=CompareOptions(gates=("p50(tpot)", "p90(tpot)", "p50(e2e)", "throughput_per_gpu")))
+    report = compare_runs(
+        runs(1, 10, run_sd=0.005),
+        runs(2, 10, run_sd=0.005),
+        options=CompareOptions(gates=("p50(tpot)", "p90(tpot)", "p50(e2e)", "throughput_per_gpu")),
+    )
     assert {r.verdict for r in report.rows} == {"same"}, report.format_table()
     assert report.verdict == "same"
 
@@ -96,8 +116,11 @@ def test_improvement_is_improved() -> None:
 
 
 def test_ttft_only_regression_is_reported_on_ttft_rows() -> None:
-    report = compare_runs(runs(1, 5, run_sd=0.01), runs(2, 5, run_sd=0.01, ttft_scale=1.5),
-                          options=CompareOptions(gates=("p50(ttft)", "p50(tpot)")))
+    report = compare_runs(
+        runs(1, 5, run_sd=0.01),
+        runs(2, 5, run_sd=0.01, ttft_scale=1.5),
+        options=CompareOptions(gates=("p50(ttft)", "p50(tpot)")),
+    )
     rows = {r.label: r for r in report.rows}
     assert rows["p50(ttft)"].verdict == "regressed"
     assert rows["p50(tpot)"].verdict != "regressed"
@@ -129,26 +152,38 @@ def test_alpha_is_split_over_the_gates() -> None:
 
 def test_gates_parse() -> None:
     assert parse_gates("p50(tpot), p99( ttft ), median(e2e), throughput_per_gpu") == (
-        Gate("tpot", "p50"), Gate("ttft", "p99"), Gate("e2e", "p50"), Gate("throughput_per_gpu"))
+        Gate("tpot", "p50"),
+        Gate("ttft", "p99"),
+        Gate("e2e", "p50"),
+        Gate("throughput_per_gpu"),
+    )
     assert Gate.parse("p99.9(ttft)").label == "p99.9(ttft)"
     assert "cost_per_mtok" in [g.label for g in DEFAULT_GATES]
-    for bad, match in (("p99(bogus)", "per-request"), ("ttft", "say which statistic"), ("std(ttft)", "percentile"),
-                       ("p99 ttft", "expected"), ("bogus", "unknown run-level")):
+    for bad, match in (
+        ("p99(bogus)", "per-request"),
+        ("ttft", "say which statistic"),
+        ("std(ttft)", "percentile"),
+        ("p99 ttft", "expected"),
+        ("bogus", "unknown run-level"),
+    ):
         with pytest.raises(ValueError, match=match):
             Gate.parse(bad)
     assert Gate.parse("throughput_per_gpu").higher_is_better and not Gate.parse("p50(ttft)").higher_is_better
     assert not Gate.parse("cost_per_mtok").higher_is_better
 
 
-@pytest.mark.parametrize("lo, hi, verdict", [
-    (0.01, 0.10, "regressed"),  # significant and may exceed the 5 % margin
-    (0.01, 0.03, "same"),  # significant but certainly below the margin
-    (-0.02, 0.03, "same"),
-    (-0.02, 0.10, "unsure"),
-    (-0.10, -0.01, "improved"),
-    (-0.03, -0.01, "same"),
-    (-0.10, 0.02, "unsure"),
-])
+@pytest.mark.parametrize(
+    "lo, hi, verdict",
+    [
+        (0.01, 0.10, "regressed"),  # significant and may exceed the 5 % margin
+        (0.01, 0.03, "same"),  # significant but certainly below the margin
+        (-0.02, 0.03, "same"),
+        (-0.02, 0.10, "unsure"),
+        (-0.10, -0.01, "improved"),
+        (-0.03, -0.01, "same"),
+        (-0.10, 0.02, "unsure"),
+    ],
+)
 def test_decision_rule(lo: float, hi: float, verdict: str) -> None:
     assert decide(lo, hi, math.log1p(0.05)) == verdict
 
@@ -191,7 +226,7 @@ def test_run_noise_uses_history_and_falls_back_to_the_prior() -> None:
 def _feed(seq: SequentialComparison, values: np.ndarray, batch: int = 8):
     state = None
     for i in range(0, len(values), batch):
-        state = seq.update(values[i:i + batch])
+        state = seq.update(values[i : i + batch])
         if state.stop:
             break
     return state
@@ -237,8 +272,18 @@ def _load_result(seed: int, scale: float):
         t = i * 0.01
         ttft, tpot = scale * rng.uniform(0.010, 0.012), scale * rng.uniform(0.0045, 0.0047)
         chunks = [t + ttft + j * tpot for j in range(10)]
-        records.append(RequestRecord(index=i, send_time=t, first_token_time=chunks[0], end_time=chunks[-1],
-                                     chunk_times=chunks, chunk_tokens=[1] * 10, input_tokens=100, output_tokens=10))
+        records.append(
+            RequestRecord(
+                index=i,
+                send_time=t,
+                first_token_time=chunks[0],
+                end_time=chunks[-1],
+                chunk_times=chunks,
+                chunk_tokens=[1] * 10,
+                input_tokens=100,
+                output_tokens=10,
+            )
+        )
     run = RunRecords(records, clock_origin=0.0, epoch_origin=1.7e9, measured_start=0.0, measured_end=1.0)
     return LoadResult("t::a", LoadConfig(scenario=get_scenario("1k1k-mini"), concurrency=4), run, dict(SERVER))
 

@@ -87,8 +87,9 @@ def test_a_window_inside_the_samples_is_read_between_them() -> None:
 def test_the_energy_counter_is_preferred_to_power() -> None:
     """A counter rising 500 J/s beats a power reading of 700 W: counters see every joule."""
     clock = FakeClock()
-    sampler = EnergySampler(ModelledPowerSource(lambda: {"power_w": 700.0, "energy_j": 1e6 + 500.0 * clock.t}),
-                            clock=clock)
+    sampler = EnergySampler(
+        ModelledPowerSource(lambda: {"power_w": 700.0, "energy_j": 1e6 + 500.0 * clock.t}), clock=clock
+    )
     sampler.start(thread=False)
     stepped(sampler, clock, 2.0)
     rep = sampler.report(input_tokens=500, output_tokens=500)

@@ -91,8 +91,9 @@ def no_leaks(tmp_path: Path):
 # -- command lines -------------------------------------------------------------------
 
 
-COMMON = dict(tp=2, max_batch_size=64, max_num_tokens=8192, max_seq_len=2048, gpu_memory_fraction=0.8,
-              trust_remote_code=True)
+COMMON = dict(
+    tp=2, max_batch_size=64, max_num_tokens=8192, max_seq_len=2048, gpu_memory_fraction=0.8, trust_remote_code=True
+)
 
 
 def test_command_lines_use_each_engines_flags(tmp_path: Path) -> None:
@@ -101,21 +102,79 @@ def test_command_lines_use_each_engines_flags(tmp_path: Path) -> None:
         for e, extra in [("trtllm", {"ep": 2}), ("vllm", {"dp": 2}), ("sglang", {"dp": 2})]
     }
     assert argv["trtllm"] == [
-        "trtllm-serve", "org/model", "--host", "127.0.0.1", "--port", "8123", "--backend", "pytorch",
-        "--ep_size", "2", "--kv_cache_free_gpu_memory_fraction", "0.8", "--max_batch_size", "64",
-        "--max_num_tokens", "8192", "--max_seq_len", "2048", "--tp_size", "2", "--trust_remote_code",
-        "--x", "1",
+        "trtllm-serve",
+        "org/model",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "8123",
+        "--backend",
+        "pytorch",
+        "--ep_size",
+        "2",
+        "--kv_cache_free_gpu_memory_fraction",
+        "0.8",
+        "--max_batch_size",
+        "64",
+        "--max_num_tokens",
+        "8192",
+        "--max_seq_len",
+        "2048",
+        "--tp_size",
+        "2",
+        "--trust_remote_code",
+        "--x",
+        "1",
     ]
     assert argv["vllm"] == [
-        "vllm", "serve", "org/model", "--host", "127.0.0.1", "--port", "8123", "--data-parallel-size", "2",
-        "--gpu-memory-utilization", "0.8", "--max-num-seqs", "64", "--max-num-batched-tokens", "8192",
-        "--max-model-len", "2048", "--tensor-parallel-size", "2", "--trust-remote-code", "--x", "1",
+        "vllm",
+        "serve",
+        "org/model",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "8123",
+        "--data-parallel-size",
+        "2",
+        "--gpu-memory-utilization",
+        "0.8",
+        "--max-num-seqs",
+        "64",
+        "--max-num-batched-tokens",
+        "8192",
+        "--max-model-len",
+        "2048",
+        "--tensor-parallel-size",
+        "2",
+        "--trust-remote-code",
+        "--x",
+        "1",
     ]
     assert argv["sglang"] == [
-        sys.executable, "-m", "sglang.launch_server", "--model-path", "org/model", "--host", "127.0.0.1",
-        "--port", "8123", "--dp-size", "2", "--mem-fraction-static", "0.8", "--max-running-requests", "64",
-        "--chunked-prefill-size", "8192", "--context-length", "2048", "--tp-size", "2", "--trust-remote-code",
-        "--x", "1",
+        sys.executable,
+        "-m",
+        "sglang.launch_server",
+        "--model-path",
+        "org/model",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "8123",
+        "--dp-size",
+        "2",
+        "--mem-fraction-static",
+        "0.8",
+        "--max-running-requests",
+        "64",
+        "--chunked-prefill-size",
+        "8192",
+        "--context-length",
+        "2048",
+        "--tp-size",
+        "2",
+        "--trust-remote-code",
+        "--x",
+        "1",
     ]
 
 
@@ -130,9 +189,11 @@ def test_extra_llm_api_options_mapping_becomes_a_yaml_file(tmp_path: Path) -> No
 
 @pytest.mark.parametrize("engine", engines.ENGINES)
 def test_engine_parsers_accept_the_launchers_command_line(engine: str, tmp_path: Path) -> None:
-    extra = {"trtllm": {"ep": 2, "extra_llm_api_options": {"enable_attention_dp": True}},
-             "vllm": {"dp": 2, "engine_options": {"enable_prefix_caching": True}},
-             "sglang": {"dp": 2, "enable_dp_attention": True}}[engine]
+    extra = {
+        "trtllm": {"ep": 2, "extra_llm_api_options": {"enable_attention_dp": True}},
+        "vllm": {"dp": 2, "engine_options": {"enable_prefix_caching": True}},
+        "sglang": {"dp": 2, "enable_dp_attention": True},
+    }[engine]
     config = engine_config(tmp_path, engine, **COMMON, **extra)
     argv = engines.build_argv(engine, config.model, dict(config.engine_options), (), "127.0.0.1", 8125, tmp_path)
     env = {**os.environ, **standin_env(tmp_path, "parse-only")}
@@ -145,9 +206,11 @@ def test_engine_parsers_accept_the_launchers_command_line(engine: str, tmp_path:
 
 @pytest.mark.parametrize(
     "engine, expected",
-    [("vllm", "vllm: error: unrecognized arguments: --no-such-flag 1"),
-     ("trtllm", "Error: No such option: --no_such_flag"),
-     ("sglang", "launch_server.py: error: unrecognized arguments: --no-such-flag 1")],
+    [
+        ("vllm", "vllm: error: unrecognized arguments: --no-such-flag 1"),
+        ("trtllm", "Error: No such option: --no_such_flag"),
+        ("sglang", "launch_server.py: error: unrecognized arguments: --no-such-flag 1"),
+    ],
 )
 def test_unknown_flag_fails_at_once_with_the_engines_usage(engine, expected, tmp_path, no_leaks) -> None:
     config = engine_config(tmp_path, engine, engine_options={"no_such_flag": 1})
@@ -202,7 +265,8 @@ def test_engine_needs_a_model() -> None:
 
 
 def test_engine_config_yaml_keys_and_precedence(tmp_path: Path) -> None:
-    (tmp_path / "engine.yaml").write_text(textwrap.dedent("""
+    (tmp_path / "engine.yaml").write_text(
+        textwrap.dedent("""
         engine: vllm
         model: org/model
         tp: 2
@@ -210,7 +274,8 @@ def test_engine_config_yaml_keys_and_precedence(tmp_path: Path) -> None:
         engine_options: {enable-prefix-caching: true}
         extra_args: --seed 1
         env: {VLLM_LOGGING_LEVEL: DEBUG}
-    """))
+    """)
+    )
     config = config_from_mapping(BASE, dict(engine_config="engine.yaml", tp=4), base_dir=tmp_path)
     options = dict(config.engine_options)
     assert config.kind == "vllm" and options["tp"] == 4 and options["max_batch_size"] == 128
@@ -226,8 +291,11 @@ def test_engine_config_yaml_keys_and_precedence(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("engine", engines.ENGINES)
 def test_engine_starts_serves_load_and_stops_cleanly(engine: str, tmp_path: Path, no_leaks) -> None:
-    extra = {"trtllm": dict(tp=2, ep=2, launcher_prefix="mpirun -n 1 --oversubscribe --allow-run-as-root"),
-             "vllm": dict(tp=2, dp=2), "sglang": dict(tp=2, max_batch_size=64)}[engine]
+    extra = {
+        "trtllm": dict(tp=2, ep=2, launcher_prefix="mpirun -n 1 --oversubscribe --allow-run-as-root"),
+        "vllm": dict(tp=2, dp=2),
+        "sglang": dict(tp=2, max_batch_size=64),
+    }[engine]
     lines: list[str] = []
     server = start_server(engine_config(tmp_path, engine, **extra), tmp_path / "logs", echo=lines.append)
     try:
@@ -235,7 +303,7 @@ def test_engine_starts_serves_load_and_stops_cleanly(engine: str, tmp_path: Path
         if engine == "trtllm":  # mpirun started trtllm-serve as its child
             assert [c["prog"] for c in calls] == ["mpirun", "trtllm-serve"]
             assert server.argv[:5] == ("mpirun", "-n", "1", "--oversubscribe", "--allow-run-as-root")
-        assert calls[-1]["argv"] == list(server.argv[-len(calls[-1]["argv"]):])
+        assert calls[-1]["argv"] == list(server.argv[-len(calls[-1]["argv"]) :])
         assert server.num_gpus == {"trtllm": 2, "vllm": 4, "sglang": 2}[engine]
         assert server.model == f"{tmp_path}/models/tiny-llama"
         result = Infmax(server).run("1k1k-mini", concurrency=2, num_requests=4, warmup=0)
@@ -330,7 +398,9 @@ def _inner(pytester: pytest.Pytester, body: str) -> None:
 
 def test_engine_marker_through_the_plugin(pytester: pytest.Pytester, no_leaks_in_pytester) -> None:
     env = standin_env(pytester.path)
-    _inner(pytester, f"""
+    _inner(
+        pytester,
+        f"""
         import pytest
 
         @pytest.mark.infmax_server(engine="vllm", model="{pytester.path}/models/llama", tp=2,
@@ -339,7 +409,8 @@ def test_engine_marker_through_the_plugin(pytester: pytest.Pytester, no_leaks_in
         def test_vllm(infmax, infmax_server):
             assert infmax_server.num_gpus == 2
             infmax.run("1k1k-mini", concurrency=2, num_requests=4, warmup=0)
-    """)
+    """,
+    )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-v", "--infmax-json", "r.json")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["*[[]vllm *[[]vllm stand-in[]] pid * serving *"])  # the log, live at -v
@@ -352,20 +423,32 @@ def test_engine_marker_through_the_plugin(pytester: pytest.Pytester, no_leaks_in
 @pytest.mark.slow
 def test_engine_config_file_through_the_plugin(pytester: pytest.Pytester, no_leaks_in_pytester) -> None:
     env = standin_env(pytester.path)
-    (pytester.path / "engine.yaml").write_text(json.dumps({  # JSON is YAML
-        "engine": "trtllm", "model": f"{pytester.path}/models/llama", "tp": 1, "ep": 1,
-        "launcher_prefix": "mpirun -n 1 --oversubscribe --allow-run-as-root",
-        "extra_llm_api_options": {"enable_attention_dp": False, "stream_interval": 4}, "env": env,
-    }))
-    _inner(pytester, """
+    (pytester.path / "engine.yaml").write_text(
+        json.dumps(
+            {  # JSON is YAML
+                "engine": "trtllm",
+                "model": f"{pytester.path}/models/llama",
+                "tp": 1,
+                "ep": 1,
+                "launcher_prefix": "mpirun -n 1 --oversubscribe --allow-run-as-root",
+                "extra_llm_api_options": {"enable_attention_dp": False, "stream_interval": 4},
+                "env": env,
+            }
+        )
+    )
+    _inner(
+        pytester,
+        """
         def test_trtllm(infmax, infmax_server):
             assert infmax_server.config.kind == "trtllm" and infmax_server.num_gpus == 1
             assert infmax.run("1k1k-mini", concurrency=1, num_requests=2, warmup=0).metrics.num_ok == 2
-    """)
+    """,
+    )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-engine-config", "engine.yaml")
     result.assert_outcomes(passed=1)
-    conflict = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-engine-config", "engine.yaml",
-                                             "--infmax-endpoint", "http://127.0.0.1:9")
+    conflict = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "--infmax-engine-config", "engine.yaml", "--infmax-endpoint", "http://127.0.0.1:9"
+    )
     assert conflict.ret == pytest.ExitCode.USAGE_ERROR
     conflict.stderr.fnmatch_lines(["*both an engine*--infmax-engine-config*endpoint*"])
 
@@ -374,14 +457,18 @@ def test_engine_config_file_through_the_plugin(pytester: pytest.Pytester, no_lea
 def test_engine_options_on_the_command_line(pytester: pytest.Pytester, monkeypatch, no_leaks_in_pytester) -> None:
     for key, value in standin_env(pytester.path).items():  # the inner session inherits the environment
         monkeypatch.setenv(key, value)
-    _inner(pytester, """
+    _inner(
+        pytester,
+        """
         def test_sglang(infmax, infmax_server):
             assert infmax_server.config.kind == "sglang" and infmax_server.num_gpus == 3
             assert infmax.run("1k1k-mini", concurrency=1, num_requests=2, warmup=0).metrics.num_gpus == 3
-    """)
+    """,
+    )
     model = f"{pytester.path}/models/llama"
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-engine", "sglang",
-                                           "--infmax-model", model, "--infmax-gpus", "3")
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "--infmax-engine", "sglang", "--infmax-model", model, "--infmax-gpus", "3"
+    )
     result.assert_outcomes(passed=1)
     missing = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-engine", "sglang")
     assert missing.ret == pytest.ExitCode.USAGE_ERROR
@@ -393,25 +480,31 @@ def test_engine_options_on_the_command_line(pytester: pytest.Pytester, monkeypat
 
 def test_startup_failure_through_the_plugin(pytester: pytest.Pytester, no_leaks_in_pytester) -> None:
     env = standin_env(pytester.path)
-    _inner(pytester, f"""
+    _inner(
+        pytester,
+        f"""
         import pytest
 
         @pytest.mark.infmax_server(engine="sglang", model="{pytester.path}/models/llama",
                                    engine_options={{"no_such_flag": 1}}, env={env!r})
         def test_sglang(infmax):
             pass
-    """)
+    """,
+    )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(errors=1)
-    result.stdout.fnmatch_lines(["*server exited with code 2 before it was ready*",
-                                 "*unrecognized arguments: --no-such-flag 1*"])
+    result.stdout.fnmatch_lines(
+        ["*server exited with code 2 before it was ready*", "*unrecognized arguments: --no-such-flag 1*"]
+    )
 
 
 def test_crash_mid_run_records_errors_and_fails_the_test_cleanly(
     pytester: pytest.Pytester, no_leaks_in_pytester
 ) -> None:
     env = standin_env(pytester.path, sim_args="--decode-step-ms 5")
-    _inner(pytester, f"""
+    _inner(
+        pytester,
+        f"""
         import os, signal, threading
         import pytest
 
@@ -420,7 +513,8 @@ def test_crash_mid_run_records_errors_and_fails_the_test_cleanly(
         def test_crash(infmax, infmax_server):
             threading.Timer(1.0, os.kill, (infmax_server.pid, signal.SIGKILL)).start()
             infmax.run("1k1k-mini", concurrency=2, num_requests=30, warmup=0)
-    """)
+    """,
+    )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-json", "r.json")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*SLA failed: error_rate < 1% (measured *", "*test_crash*1k1k-mini*FAIL*"])
@@ -434,14 +528,17 @@ def test_crash_mid_run_records_errors_and_fails_the_test_cleanly(
 @pytest.mark.slow
 def test_xdist_workers_get_their_own_engine_servers(pytester: pytest.Pytester, no_leaks_in_pytester) -> None:
     env = standin_env(pytester.path)
-    _inner(pytester, f"""
+    _inner(
+        pytester,
+        f"""
         import pytest
 
         @pytest.mark.infmax_server(engine="sglang", model="{pytester.path}/models/llama", tp=2, env={env!r})
         @pytest.mark.parametrize("i", range(4))
         def test_parallel(infmax, i):
             assert infmax.run("1k1k-mini", concurrency=2, num_requests=2, warmup=0).metrics.num_ok == 2
-    """)
+    """,
+    )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2", "--infmax-json", "x.json")
     result.assert_outcomes(passed=4)
     doc = json.loads((pytester.path / "x.json").read_text())
@@ -491,15 +588,22 @@ def test_third_party_server_transformers_serve_on_cpu(tmp_path: Path, no_leaks) 
     if not cli.exists():
         pytest.skip(f"{cli} not found; pip install -e '.[integration]'")
     model_dir = tmp_path / "tiny-llama"
-    subprocess.run([sys.executable, "-c", MAKE_TINY_MODEL, str(model_dir)], check=True, timeout=300,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, "-c", MAKE_TINY_MODEL, str(model_dir)], check=True, timeout=300, capture_output=True
+    )
     (tmp_path / "hf-cache").mkdir()
     config = ServerConfig(
         kind="command",
         command=(str(cli), "serve", "{model}", "--host", "{host}", "--port", "{port}", "--device", "cpu"),
-        model=str(model_dir), startup_timeout=180, shutdown_grace=10,
+        model=str(model_dir),
+        startup_timeout=180,
+        shutdown_grace=10,
         # No network: the model is a local path. /v1/models lists the (empty) cache it is pointed at.
-        env=(("HF_HUB_OFFLINE", "1"), ("HF_HUB_DISABLE_UPDATE_CHECK", "1"), ("HF_HUB_CACHE", str(tmp_path / "hf-cache"))),
+        env=(
+            ("HF_HUB_OFFLINE", "1"),
+            ("HF_HUB_DISABLE_UPDATE_CHECK", "1"),
+            ("HF_HUB_CACHE", str(tmp_path / "hf-cache")),
+        ),
     )
     scenario = Scenario("tiny-chat", isl=24, osl=12, endpoint="chat")
     server = start_server(config, tmp_path / "logs")
@@ -510,8 +614,9 @@ def test_third_party_server_transformers_serve_on_cpu(tmp_path: Path, no_leaks) 
         (rec,) = strict.records
         assert rec.error_kind is not None and rec.error_kind.value == "http_error"
         assert "ignore_eos" in (rec.error_message or "")
-        result = infmax.run(scenario, concurrency=2, num_requests=6, warmup=1, extra_body={"ignore_eos": None},
-                            sla=["error_rate < 1%"])
+        result = infmax.run(
+            scenario, concurrency=2, num_requests=6, warmup=1, extra_body={"ignore_eos": None}, sla=["error_rate < 1%"]
+        )
     finally:
         server.stop()
     m = result.metrics

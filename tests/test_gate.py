@@ -10,13 +10,15 @@ FAST = "--decode-step-ms 2 --decode-ms-per-seq 0.01"
 
 
 def _project(pytester: pytest.Pytester, sim_args: str = FAST) -> None:
-    pytester.makepyfile(test_perf="""
+    pytester.makepyfile(
+        test_perf="""
         def test_one(infmax):
             infmax.run("1k1k-mini", concurrency=4, num_requests=24, warmup=4)
 
         def test_two(infmax):
             infmax.run("1k1k-mini", concurrency=2, num_requests=8, warmup=0)
-    """)
+    """
+    )
     pytester.makeini(f"[pytest]\ninfmax_sim_args = {sim_args}\nasyncio_default_fixture_loop_scope = function\n")
 
 
@@ -31,7 +33,7 @@ def test_missing_baseline_is_recorded_then_compared(pytester: pytest.Pytester) -
     first = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-save", "default", "-k", "one")
     first.assert_outcomes(passed=1)
     first.stdout.fnmatch_lines(["*infmax baselines*", "ok * no baseline in * yet (recorded, not a failure)*"])
-    (name, doc), = _files(pytester).items()
+    ((name, doc),) = _files(pytester).items()
     assert "test_one" in name and len(doc["runs"]) == 1
     second = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-k", "one")
     second.assert_outcomes(passed=1)  # one baseline run: unsure at worst, never a false alarm here
@@ -41,19 +43,28 @@ def test_missing_baseline_is_recorded_then_compared(pytester: pytest.Pytester) -
 @pytest.mark.slow
 def test_two_fold_slowdown_fails_with_a_table_and_is_not_saved(pytester: pytest.Pytester) -> None:
     _project(pytester)
-    pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-save", "default", "-k", "one") \
-        .assert_outcomes(passed=1)
+    pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-save", "default", "-k", "one").assert_outcomes(
+        passed=1
+    )
     result = pytester.runpytest_subprocess(
-        "-p", "no:cacheprovider", "-k", "one", "--infmax-autosave", "--infmax-compare-force",
-        f"--infmax-sim-args={FAST} --slowdown 2")
+        "-p",
+        "no:cacheprovider",
+        "-k",
+        "one",
+        "--infmax-autosave",
+        "--infmax-compare-force",
+        f"--infmax-sim-args={FAST} --slowdown 2",
+    )
     result.assert_outcomes(failed=1)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
-    result.stdout.fnmatch_lines([
-        "*baseline regression: test_perf.py::test_one: regressed: *p50(tpot) +*",
-        "*metric*baseline*current*change*interval*verdict*",
-        "*p50(tpot)*REGRESSED*",
-        "FAIL test_perf.py::test_one: regressed*",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "*baseline regression: test_perf.py::test_one: regressed: *p50(tpot) +*",
+            "*metric*baseline*current*change*interval*verdict*",
+            "*p50(tpot)*REGRESSED*",
+            "FAIL test_perf.py::test_one: regressed*",
+        ]
+    )
     (doc,) = _files(pytester).values()
     assert len(doc["runs"]) == 1  # the regressed run did not join the history
 
@@ -61,17 +72,18 @@ def test_two_fold_slowdown_fails_with_a_table_and_is_not_saved(pytester: pytest.
 @pytest.mark.slow
 def test_testbed_change_is_refused_naming_what_differs(pytester: pytest.Pytester) -> None:
     _project(pytester)
-    pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-save", "default", "-k", "one") \
-        .assert_outcomes(passed=1)
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-k", "one",
-                                           f"--infmax-sim-args={FAST} --slowdown 2")
+    pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-save", "default", "-k", "one").assert_outcomes(
+        passed=1
+    )
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-k", "one", f"--infmax-sim-args={FAST} --slowdown 2"
+    )
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*baseline check failed*different testbed*server_options*--infmax-update*"])
 
 
 @pytest.mark.slow
-def test_corrupt_baseline_is_a_clear_error_and_update_rewrites_only_tests_that_ran(
-        pytester: pytest.Pytester) -> None:
+def test_corrupt_baseline_is_a_clear_error_and_update_rewrites_only_tests_that_ran(pytester: pytest.Pytester) -> None:
     _project(pytester)
     pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-save", "default").assert_outcomes(passed=2)
     files = _files(pytester)
@@ -92,8 +104,9 @@ def test_corrupt_baseline_is_a_clear_error_and_update_rewrites_only_tests_that_r
 
 def test_benchmark_json_export(pytester: pytest.Pytester) -> None:
     _project(pytester)
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-k", "two", "--infmax-compare", "off",
-                                           "--infmax-benchmark-json", "bench.json")
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-k", "two", "--infmax-compare", "off", "--infmax-benchmark-json", "bench.json"
+    )
     result.assert_outcomes(passed=1)
     doc = json.loads((pytester.path / "bench.json").read_text())
     assert {"machine_info", "commit_info", "benchmarks", "datetime", "version"} <= set(doc)
@@ -105,9 +118,11 @@ def test_benchmark_json_export(pytester: pytest.Pytester) -> None:
 
 def test_bad_gate_settings_are_usage_errors(pytester: pytest.Pytester) -> None:
     _project(pytester)
-    for args, message in ((["--infmax-min-effect", "150%"], "*--infmax-min-effect*between 0 and 100%*"),
-                          (["--infmax-save", "../x"], "*--infmax-save*plain name*"),
-                          (["--infmax-gates", "p99(nope)"], "*gates*")):
+    for args, message in (
+        (["--infmax-min-effect", "150%"], "*--infmax-min-effect*between 0 and 100%*"),
+        (["--infmax-save", "../x"], "*--infmax-save*plain name*"),
+        (["--infmax-gates", "p99(nope)"], "*gates*"),
+    ):
         result = pytester.runpytest_subprocess("-p", "no:cacheprovider", *args)
         assert result.ret == pytest.ExitCode.USAGE_ERROR, args
         result.stderr.fnmatch_lines([message])
@@ -115,16 +130,24 @@ def test_bad_gate_settings_are_usage_errors(pytester: pytest.Pytester) -> None:
 
 @pytest.mark.slow
 def test_sequential_stops_a_clear_regression_early(pytester: pytest.Pytester) -> None:
-    pytester.makepyfile(test_perf="""
+    pytester.makepyfile(
+        test_perf="""
         def test_seq(infmax):
             infmax.run("1k1k-mini", concurrency=8, num_requests=240, warmup=8)
-    """)
+    """
+    )
     pytester.makeini(f"[pytest]\ninfmax_sim_args = {FAST}\nasyncio_default_fixture_loop_scope = function\n")
     saved = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-save", "default")
     saved.assert_outcomes(passed=1)
     slow = pytester.runpytest_subprocess(
-        "-p", "no:cacheprovider", "--infmax-sequential", "--infmax-compare-force", "--infmax-json", "r.json",
-        f"--infmax-sim-args={FAST} --slowdown 2")
+        "-p",
+        "no:cacheprovider",
+        "--infmax-sequential",
+        "--infmax-compare-force",
+        "--infmax-json",
+        "r.json",
+        f"--infmax-sim-args={FAST} --slowdown 2",
+    )
     slow.assert_outcomes(failed=1)  # the gate after the run agrees: regressed
     (result,) = json.loads((pytester.path / "r.json").read_text())["results"]
     seq = result["sequential"]
@@ -136,7 +159,8 @@ def test_sequential_stops_a_clear_regression_early(pytester: pytest.Pytester) ->
 
 def test_sequential_needs_a_per_request_statistic(pytester: pytest.Pytester) -> None:
     _project(pytester)
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-sequential",
-                                           "--infmax-sequential-gate", "throughput_per_gpu")
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "--infmax-sequential", "--infmax-sequential-gate", "throughput_per_gpu"
+    )
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*--infmax-sequential-gate needs a per-request statistic*"])

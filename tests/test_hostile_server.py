@@ -103,7 +103,8 @@ class HostileServer:
 def server() -> Iterator[HostileServer]:
     proc = subprocess.Popen(
         [sys.executable, str(Path(__file__).with_name("_hostile_server.py"))],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
     )
     try:
         assert proc.stdout is not None
@@ -123,8 +124,7 @@ def server() -> Iterator[HostileServer]:
 
 
 def _config(concurrency: int, num_requests: int) -> LoadConfig:
-    return LoadConfig(SCENARIO, concurrency=concurrency, num_requests=num_requests, warmup=0,
-                      request_timeout=TIMEOUT)
+    return LoadConfig(SCENARIO, concurrency=concurrency, num_requests=num_requests, warmup=0, request_timeout=TIMEOUT)
 
 
 def _run(server: HostileServer, behaviours: dict[int, str], concurrency: int, num_requests: int) -> RunRecords:
@@ -199,7 +199,13 @@ def test_one_run_mixing_every_hostile_behaviour_with_good_requests(server: Hosti
 # Hostile payloads that would grow the client without a limit: each is 16 MiB or more
 # per request (endless for some), 4 at once.
 MEMORY_CASES = [
-    "huge_event", "huge_header", "huge_500", "endless_500", "endless_events", "endless_pings", "slowloris",
+    "huge_event",
+    "huge_header",
+    "huge_500",
+    "endless_500",
+    "endless_events",
+    "endless_pings",
+    "slowloris",
     "endless_after_done",
 ]
 MEMORY_CONCURRENCY = 4

@@ -45,7 +45,8 @@ def real(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         result = one.run("1k1k-mini", concurrency=2, num_requests=6)
         result.evaluate("p99(ttft) < 0.001ms", "p50(interactivity) > 100 tok/s/user")
         sweep = Infmax(server, name="tests/test_perf.py::test_sweep").sweep(
-            "1k1k-mini", concurrency=[1, 2, 4], duration=1.2, price=default_price("H100"))
+            "1k1k-mini", concurrency=[1, 2, 4], duration=1.2, price=default_price("H100")
+        )
     lo, hi = sweep.frontier().x_range
     sweep.check(f"throughput_per_gpu@interactivity={(lo + hi) / 2:.1f} > 1 tok/s")
     return {"results": [result.to_dict()] + [r.to_dict() for r in sweep.results], "sweeps": [sweep_to_dict(sweep)]}
@@ -142,8 +143,12 @@ class Outline(html.parser.HTMLParser):
 
 
 def test_html_is_self_contained_with_tables_and_verdicts(real: dict[str, Any]) -> None:
-    page = render_html(real["results"], real["sweeps"], price=default_price("H100"),
-                       environment={"plugin_version": "9.9", "python": "3.x", "hostname": "ci-gpu-7"})
+    page = render_html(
+        real["results"],
+        real["sweeps"],
+        price=default_price("H100"),
+        environment={"plugin_version": "9.9", "python": "3.x", "hostname": "ci-gpu-7"},
+    )
     outline = Outline()
     outline.feed(page)
     assert outline.scripts == 0
@@ -171,8 +176,10 @@ def find_chromium() -> tuple[str | None, str]:
     names = [explicit] if explicit else ["chromium", "chromium-browser", "google-chrome", "google-chrome-stable"]
     found = [p for p in (shutil.which(n) for n in names if n) if p]
     if not found:
-        return None, ("no headless Chromium: install it (Debian: apt-get install -y chromium; `make test` does "
-                      "when it can) or set INFMAX_CHROMIUM to a Chrome/Chromium binary")
+        return None, (
+            "no headless Chromium: install it (Debian: apt-get install -y chromium; `make test` does "
+            "when it can) or set INFMAX_CHROMIUM to a Chrome/Chromium binary"
+        )
     try:  # Ubuntu's chromium-browser may be a snap stub that cannot run here
         done = subprocess.run([found[0], "--version"], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -207,9 +214,20 @@ window.addEventListener("load", function () {
 
 
 def chromium(*args: str, profile: Path) -> subprocess.CompletedProcess[str]:
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={profile}", "--hide-scrollbars", *args]
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--hide-scrollbars",
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
@@ -227,7 +245,7 @@ def test_report_in_headless_chromium(real: dict[str, Any], tmp_path: Path) -> No
         done = chromium("--dump-dom", probe_page.as_uri(), profile=Path(profile))
     assert done.returncode == 0, done.stderr[-2000:]
     start = done.stdout.index('<pre id="probe">') + len('<pre id="probe">')
-    seen = json.loads(html.unescape(done.stdout[start:done.stdout.index("</pre>", start)]))
+    seen = json.loads(html.unescape(done.stdout[start : done.stdout.index("</pre>", start)]))
     expected = {p.name: png_size(p.png) for p in rendered if p.png}
     assert {i["plot"] for i in seen["images"]} == set(expected) == {"frontier", "latency", "throughput"}
     for img in seen["images"]:
@@ -250,8 +268,9 @@ def test_report_in_headless_chromium(real: dict[str, Any], tmp_path: Path) -> No
         shutil.copy(shot, keep)
 
 
-def test_report_command_from_a_results_file(real: dict[str, Any], tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_report_command_from_a_results_file(
+    real: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from pytest_infmax.reports import results_document
 
     doc = results_document(real["results"], [])
@@ -263,13 +282,16 @@ def test_report_command_from_a_results_file(real: dict[str, Any], tmp_path: Path
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
     assert html_main([str(src), "--plots", "--markdown", "--step-summary"]) == 0
     page = (tmp_path / "perf.html").read_text(encoding="utf-8")
-    assert "infmax report: perf.json" in page and "table class=\"results\"" in page
+    assert "infmax report: perf.json" in page and 'table class="results"' in page
     md = (tmp_path / "perf.md").read_text(encoding="utf-8")
     assert "### Failed SLAs" in md
     assert summary.read_text(encoding="utf-8") == "earlier\n\n" + md
     if plots.plots_available()[0]:
         assert {p.name for p in tmp_path.glob("perf-*.png")} == {
-            "perf-frontier.png", "perf-latency.png", "perf-throughput.png"}
+            "perf-frontier.png",
+            "perf-latency.png",
+            "perf-throughput.png",
+        }
         assert "perf-frontier.png" in md  # the summary points at the artifacts
     assert "wrote" in capsys.readouterr().out
 
@@ -281,10 +303,21 @@ def test_report_command_from_a_results_file(real: dict[str, Any], tmp_path: Path
 
 def test_energy_and_modelled_power_in_the_report(real: dict[str, Any]) -> None:
     r = copy.deepcopy(real["results"][0])
-    r["energy"] = {"measured": True, "modelled": True, "source": "modelled: http://127.0.0.1:1/sim/power",
-                   "energy_j": 10.0, "avg_power_w": 700.0, "peak_power_w": 720.0, "j_per_token": 0.5,
-                   "j_per_input_token": 1.0, "j_per_output_token": 1.0, "tokens_per_s_per_mw": 2e6, "samples": 9,
-                   "method": "counter", "timeline": [[0.0, 690.0], [0.1, 700.0], [0.2, 720.0]]}
+    r["energy"] = {
+        "measured": True,
+        "modelled": True,
+        "source": "modelled: http://127.0.0.1:1/sim/power",
+        "energy_j": 10.0,
+        "avg_power_w": 700.0,
+        "peak_power_w": 720.0,
+        "j_per_token": 0.5,
+        "j_per_input_token": 1.0,
+        "j_per_output_token": 1.0,
+        "tokens_per_s_per_mw": 2e6,
+        "samples": 9,
+        "method": "counter",
+        "timeline": [[0.0, 690.0], [0.1, 700.0], [0.2, 720.0]],
+    }
     page = render_html([r], plots=False)
     outline = Outline()
     outline.feed(page)
@@ -303,8 +336,9 @@ def test_a_run_where_every_request_failed_still_reports(real: dict[str, Any]) ->
 
     r = copy.deepcopy(real["results"][0])
     for rec in r["records"]:
-        rec.update(error_kind="connect_error", first_token_time=None, chunk_times=[], chunk_tokens=[],
-                   output_tokens=None)
+        rec.update(
+            error_kind="connect_error", first_token_time=None, chunk_times=[], chunk_tokens=[], output_tokens=None
+        )
     r["metrics"] = compute_metrics([RequestRecord.from_dict(x) for x in r["records"]]).to_dict()
     md = markdown_summary([r])
     assert "| 0/6 ok | n/a | n/a | n/a | n/a | 0 | 100.0% (6 connect_error) | ❌ FAIL |" in md

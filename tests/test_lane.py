@@ -106,7 +106,7 @@ def _replay(reads: list[bytes], lane: bool, max_event_bytes: int, monkeypatch: p
 
 # -- strategies ------------------------------------------------------------------------------------
 
-_TEXT = st.text(st.sampled_from("ab {}\":,é[]DONE"), max_size=12)
+_TEXT = st.text(st.sampled_from('ab {}":,é[]DONE'), max_size=12)
 
 
 @st.composite
@@ -141,7 +141,7 @@ def _stream(draw: st.DrawFn) -> tuple[list[bytes], int]:
         n = draw(st.integers(1, max(1, len(body) - i)))
         ext = draw(st.sampled_from(["", "", ";x=1"]))
         size = draw(st.sampled_from(["%x", "%X"])) % n
-        chunks.append(f"{size}{ext}\r\n".encode() + body[i:i + n] + b"\r\n")
+        chunks.append(f"{size}{ext}\r\n".encode() + body[i : i + n] + b"\r\n")
         i += n
     chunks.append(b"0\r\n" + draw(st.sampled_from([b"", b"X-Trailer: 1\r\n"])) + b"\r\n")
     wire = HEAD + b"".join(chunks)

@@ -33,12 +33,22 @@ def _chunk(text: str, finish: str | None = None, usage: dict | None = None, chat
 
 
 def _usage(prompt: int, completion: int) -> str:
-    return json.dumps({"id": "c", "choices": [], "usage": {
-        "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}})
+    return json.dumps(
+        {
+            "id": "c",
+            "choices": [],
+            "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
+        }
+    )
 
 
-def replay(events: list[tuple[float, str]], send_time: float = 0.0, requested_input: int | None = None,
-           sep: str = "\n", space: str = " ") -> RequestRecord:
+def replay(
+    events: list[tuple[float, str]],
+    send_time: float = 0.0,
+    requested_input: int | None = None,
+    sep: str = "\n",
+    space: str = " ",
+) -> RequestRecord:
     """Feed recorded (arrival time, raw SSE data) pairs through the real parser."""
     lines: list[tuple[float, bytes]] = []
     for t, data in events:
@@ -92,13 +102,16 @@ def test_one_token_per_event_latencies_by_hand() -> None:
 
 def test_multi_token_events_apportion_usage_by_text() -> None:
     # stream_interval-style chunks: " aa bb" (6 chars), " cc" (3), " dd ee" (6); usage says 5 tokens.
-    rec = replay([
-        (1.10, _chunk(" aa bb")),
-        (1.16, _chunk(" cc")),
-        (1.22, _chunk(" dd ee", finish="length")),
-        (1.23, _usage(8, 5)),
-        (1.23, "[DONE]"),
-    ], send_time=1.0)
+    rec = replay(
+        [
+            (1.10, _chunk(" aa bb")),
+            (1.16, _chunk(" cc")),
+            (1.22, _chunk(" dd ee", finish="length")),
+            (1.23, _usage(8, 5)),
+            (1.23, "[DONE]"),
+        ],
+        send_time=1.0,
+    )
     assert rec.chunk_tokens == [2, 1, 2]
     assert rec.chunk_tokens_source is TokenSource.APPORTIONED
     # Per-token ITL: chunk 2 (1 token, 60 ms after chunk 1) -> [0.06]; chunk 3 (2 tokens, 60 ms) -> [0.03, 0.03]
@@ -107,18 +120,22 @@ def test_multi_token_events_apportion_usage_by_text() -> None:
 
 
 def test_continuous_usage_gives_exact_chunk_counts() -> None:
-    rec = replay([
-        (0.1, _chunk(" x", usage={"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6})),
-        (0.2, _chunk(" y", finish="length", usage={"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7})),
-        (0.2, "[DONE]"),
-    ])
+    rec = replay(
+        [
+            (0.1, _chunk(" x", usage={"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6})),
+            (0.2, _chunk(" y", finish="length", usage={"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7})),
+            (0.2, "[DONE]"),
+        ]
+    )
     assert rec.chunk_tokens == [3, 1] and rec.chunk_tokens_source is TokenSource.USAGE_DELTA
     assert rec.output_tokens == 4
 
 
 def test_no_usage_counts_chunks_and_says_so() -> None:
-    rec = replay([(0.1, _chunk("hi", chat=True)), (0.2, _chunk(" there", "stop", chat=True)), (0.2, "[DONE]")],
-                 requested_input=12)
+    rec = replay(
+        [(0.1, _chunk("hi", chat=True)), (0.2, _chunk(" there", "stop", chat=True)), (0.2, "[DONE]")],
+        requested_input=12,
+    )
     assert rec.ok
     assert (rec.output_tokens, rec.output_tokens_source) == (2, TokenSource.CHUNKS)
     assert (rec.input_tokens, rec.input_tokens_source) == (12, TokenSource.REQUEST)
@@ -133,8 +150,14 @@ def test_sse_quirks_real_servers_send() -> None:
 
 def test_comment_lines_and_multiline_data_are_handled() -> None:
     obj = json.loads(_chunk(" hi", finish="length"))
-    body = [b": keep-alive\n", b"data: {\"id\": \"c\",\n", b"data: " + json.dumps(obj)[1:].encode() + b"\n", b"\n",
-            b"data: [DONE]\n", b"\n"]
+    body = [
+        b": keep-alive\n",
+        b'data: {"id": "c",\n',
+        b"data: " + json.dumps(obj)[1:].encode() + b"\n",
+        b"\n",
+        b"data: [DONE]\n",
+        b"\n",
+    ]
 
     async def source():
         for line in body:
@@ -184,8 +207,10 @@ def test_recorded_run_metrics_by_hand() -> None:
     warm = replay(ONE_PER_EVENT, send_time=9.0)
     warm.warmup = True
     r1 = replay(ONE_PER_EVENT, send_time=10.0)  # 100 in, 5 out, ends 10.091
-    r2 = replay([(10.2, _chunk(" x y")), (10.4, _chunk(" z w", "length")), (10.4, _usage(50, 4)), (10.4, "[DONE]")],
-                send_time=10.05)  # 50 in, 4 out, ends 10.4
+    r2 = replay(
+        [(10.2, _chunk(" x y")), (10.4, _chunk(" z w", "length")), (10.4, _usage(50, 4)), (10.4, "[DONE]")],
+        send_time=10.05,
+    )  # 50 in, 4 out, ends 10.4
     failed = RequestRecord(index=3, send_time=10.1, end_time=10.3, error_kind=ErrorKind.HTTP, error_message="HTTP 500")
     m = compute_metrics([warm, r1, r2, failed], num_gpus=2)
     # Measured window: earliest send 10.0 to latest end 10.4 = 0.4 s (the warm-up is excluded).
@@ -232,7 +257,10 @@ def test_requests_are_reproducible_and_exact() -> None:
 
 def test_presets_follow_inferencemax() -> None:
     assert {k: (v.isl, v.osl) for k, v in PRESETS.items() if "mini" not in k} == {
-        "1k1k": (1024, 1024), "1k8k": (1024, 8192), "8k1k": (8192, 1024)}
+        "1k1k": (1024, 1024),
+        "1k8k": (1024, 8192),
+        "8k1k": (8192, 1024),
+    }
     assert (PRESETS["1k1k-mini"].isl, PRESETS["1k1k-mini"].osl) == (128, 128)
     cfg = LoadConfig(PRESETS["1k1k"], concurrency=16)
     assert (cfg.effective_num_requests, cfg.effective_warmup) == (160, 32)

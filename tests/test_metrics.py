@@ -30,32 +30,60 @@ from pytest_infmax.sla import SLASyntaxError
 def _run() -> list[RequestRecord]:
     """A warm-up, three successes (one with a 4-token chunk, one single-token), one failure."""
     warmup = RequestRecord(
-        index=0, warmup=True, send_time=0.0, first_token_time=0.5, end_time=0.875,
-        chunk_times=[0.5], chunk_tokens=[1], input_tokens=1000, output_tokens=1,
+        index=0,
+        warmup=True,
+        send_time=0.0,
+        first_token_time=0.5,
+        end_time=0.875,
+        chunk_times=[0.5],
+        chunk_tokens=[1],
+        input_tokens=1000,
+        output_tokens=1,
     )
     # r1: 8 output tokens in chunks of 1, 1, 1, 4, 1.
     r1 = RequestRecord(
-        index=1, send_time=1.0, first_token_time=1.25, end_time=2.75,
-        chunk_times=[1.25, 1.375, 1.5, 2.5, 2.625], chunk_tokens=[1, 1, 1, 4, 1],
-        input_tokens=100, input_tokens_source=TokenSource.REQUEST,
-        output_tokens=8, output_tokens_source=TokenSource.USAGE,
+        index=1,
+        send_time=1.0,
+        first_token_time=1.25,
+        end_time=2.75,
+        chunk_times=[1.25, 1.375, 1.5, 2.5, 2.625],
+        chunk_tokens=[1, 1, 1, 4, 1],
+        input_tokens=100,
+        input_tokens_source=TokenSource.REQUEST,
+        output_tokens=8,
+        output_tokens_source=TokenSource.USAGE,
         chunk_tokens_source=TokenSource.USAGE_DELTA,
     )
     # r2: 3 output tokens, one per chunk.
     r2 = RequestRecord(
-        index=2, send_time=2.0, first_token_time=2.5, end_time=3.5,
-        chunk_times=[2.5, 3.0, 3.5], chunk_tokens=[1, 1, 1],
-        input_tokens=200, output_tokens=3,
+        index=2,
+        send_time=2.0,
+        first_token_time=2.5,
+        end_time=3.5,
+        chunk_times=[2.5, 3.0, 3.5],
+        chunk_tokens=[1, 1, 1],
+        input_tokens=200,
+        output_tokens=3,
     )
     # r3: a single output token: no TPOT, no ITL.
     r3 = RequestRecord(
-        index=3, send_time=3.0, first_token_time=3.125, end_time=3.125,
-        chunk_times=[3.125], chunk_tokens=[1], input_tokens=50, output_tokens=1,
+        index=3,
+        send_time=3.0,
+        first_token_time=3.125,
+        end_time=3.125,
+        chunk_times=[3.125],
+        chunk_tokens=[1],
+        input_tokens=50,
+        output_tokens=1,
     )
     # r4: timed out; it ends last, so it closes the wall-time window.
     r4 = RequestRecord(
-        index=4, send_time=4.0, end_time=5.0, input_tokens=300,
-        error_kind=ErrorKind.TIMEOUT, error_message="timed out after 1s",
+        index=4,
+        send_time=4.0,
+        end_time=5.0,
+        input_tokens=300,
+        error_kind=ErrorKind.TIMEOUT,
+        error_message="timed out after 1s",
     )
     return [warmup, r1, r2, r3, r4]
 
@@ -111,8 +139,16 @@ def test_error_rate(m: Metrics) -> None:
 
 
 def test_output_tokens_none_counts_as_zero() -> None:
-    r = RequestRecord(index=0, send_time=0.0, first_token_time=0.5, end_time=1.0,
-                      chunk_times=[0.5], chunk_tokens=[1], input_tokens=None, output_tokens=None)
+    r = RequestRecord(
+        index=0,
+        send_time=0.0,
+        first_token_time=0.5,
+        end_time=1.0,
+        chunk_times=[0.5],
+        chunk_tokens=[1],
+        input_tokens=None,
+        output_tokens=None,
+    )
     m = compute_metrics([r])
     assert (m.total_input_tokens, m.total_output_tokens) == (0, 0)
     assert m.throughput == 0.0
@@ -183,8 +219,9 @@ def test_itl_is_per_token_with_multi_token_chunks(m: Metrics) -> None:
 
 def test_zero_tpot_has_no_finite_interactivity() -> None:
     # every token arrived in the first chunk: E2E == TTFT -> TPOT 0, 1/TPOT undefined
-    r = RequestRecord(index=0, send_time=0.0, first_token_time=0.5, end_time=0.5,
-                      chunk_times=[0.5], chunk_tokens=[4], output_tokens=4)
+    r = RequestRecord(
+        index=0, send_time=0.0, first_token_time=0.5, end_time=0.5, chunk_times=[0.5], chunk_tokens=[4], output_tokens=4
+    )
     m = compute_metrics([r])
     assert list(m.tpot.values) == [0.0]
     assert m.interactivity.count == 0
@@ -256,8 +293,9 @@ def test_percentiles_match_numpy() -> None:
     rng = np.random.default_rng(7)
     ttfts = rng.gamma(2.0, 0.1, size=257)
     records = [
-        RequestRecord(index=i, send_time=float(i), first_token_time=float(i) + t,
-                      end_time=float(i) + t + 0.5, output_tokens=1)
+        RequestRecord(
+            index=i, send_time=float(i), first_token_time=float(i) + t, end_time=float(i) + t + 0.5, output_tokens=1
+        )
         for i, t in enumerate(ttfts)
     ]
     m = compute_metrics(records, percentiles=(50, 90, 99, 99.9))
@@ -269,8 +307,7 @@ def test_percentiles_match_numpy() -> None:
     assert m.ttft.stat("P50") == m.ttft.median
     assert m.value("ttft", "std") == pytest.approx(np.std(expected))
     assert m.percentiles == (50.0, 90.0, 99.0, 99.9)
-    assert set(m.to_dict()["ttft"]) == {"count", "mean", "median", "std", "min", "max",
-                                        "p50", "p90", "p99", "p99.9"}
+    assert set(m.to_dict()["ttft"]) == {"count", "mean", "median", "std", "min", "max", "p50", "p90", "p99", "p99.9"}
 
 
 def test_distribution_values_sorted_and_read_only() -> None:
@@ -285,8 +322,16 @@ def test_empty_distribution_is_nan_not_an_error() -> None:
     assert d.count == 0
     for name in ("mean", "median", "std", "min", "max", "p50", "p99", "p99.9"):
         assert math.isnan(d.stat(name))
-    assert d.to_dict() == {"count": 0, "mean": None, "median": None, "std": None,
-                           "min": None, "max": None, "p50": None, "p99": None}
+    assert d.to_dict() == {
+        "count": 0,
+        "mean": None,
+        "median": None,
+        "std": None,
+        "min": None,
+        "max": None,
+        "p50": None,
+        "p99": None,
+    }
 
 
 def test_stat_names() -> None:
@@ -306,8 +351,15 @@ def test_stat_names() -> None:
 def test_empty_run(records: list[RequestRecord]) -> None:
     m = compute_metrics(records, goodput="ttft < 1s")
     assert (m.num_requests, m.num_ok, m.num_errors, m.duration) == (0, 0, 0, 0.0)
-    for name in ("request_throughput", "input_throughput", "output_throughput", "throughput",
-                 "input_throughput_per_gpu", "output_throughput_per_gpu", "throughput_per_gpu"):
+    for name in (
+        "request_throughput",
+        "input_throughput",
+        "output_throughput",
+        "throughput",
+        "input_throughput_per_gpu",
+        "output_throughput_per_gpu",
+        "throughput_per_gpu",
+    ):
         assert getattr(m, name) == 0.0
     assert math.isnan(m.error_rate) and m.value("error_rate") is None  # 0/0 is not 0% errors
     assert m.goodput == 0.0 and m.value("goodput_ratio") is None
@@ -319,8 +371,13 @@ def test_empty_run(records: list[RequestRecord]) -> None:
 
 def test_all_failed_run() -> None:
     records = [
-        RequestRecord(index=i, send_time=float(i), end_time=float(i) + 0.5,
-                      error_kind=ErrorKind.HTTP if i else ErrorKind.CONNECT, http_status=503)
+        RequestRecord(
+            index=i,
+            send_time=float(i),
+            end_time=float(i) + 0.5,
+            error_kind=ErrorKind.HTTP if i else ErrorKind.CONNECT,
+            http_status=503,
+        )
         for i in range(3)
     ]
     m = compute_metrics(records)
@@ -332,8 +389,16 @@ def test_all_failed_run() -> None:
 
 
 def test_zero_duration_gives_zero_throughput() -> None:
-    r = RequestRecord(index=0, send_time=1.0, first_token_time=1.0, end_time=1.0,
-                      chunk_times=[1.0], chunk_tokens=[1], input_tokens=10, output_tokens=1)
+    r = RequestRecord(
+        index=0,
+        send_time=1.0,
+        first_token_time=1.0,
+        end_time=1.0,
+        chunk_times=[1.0],
+        chunk_tokens=[1],
+        input_tokens=10,
+        output_tokens=1,
+    )
     m = compute_metrics([r])
     assert m.duration == 0.0 and m.throughput == 0.0 and m.request_throughput == 0.0
 
@@ -341,10 +406,26 @@ def test_zero_duration_gives_zero_throughput() -> None:
 def test_open_loop_window_starts_at_earliest_schedule() -> None:
     # the client fell behind: r0 was due at 0.5 but sent at 1.0; the window opens at 0.5
     records = [
-        RequestRecord(index=0, scheduled_time=0.5, send_time=1.0, first_token_time=1.5,
-                      end_time=2.0, chunk_times=[1.5], chunk_tokens=[1], output_tokens=1),
-        RequestRecord(index=1, scheduled_time=1.5, send_time=1.5, first_token_time=2.0,
-                      end_time=2.5, chunk_times=[2.0], chunk_tokens=[1], output_tokens=1),
+        RequestRecord(
+            index=0,
+            scheduled_time=0.5,
+            send_time=1.0,
+            first_token_time=1.5,
+            end_time=2.0,
+            chunk_times=[1.5],
+            chunk_tokens=[1],
+            output_tokens=1,
+        ),
+        RequestRecord(
+            index=1,
+            scheduled_time=1.5,
+            send_time=1.5,
+            first_token_time=2.0,
+            end_time=2.5,
+            chunk_times=[2.0],
+            chunk_tokens=[1],
+            output_tokens=1,
+        ),
     ]
     m = compute_metrics(records)
     assert m.duration == 2.0  # 2.5 - 0.5
@@ -357,8 +438,15 @@ def test_open_loop_window_starts_at_earliest_schedule() -> None:
 
 def test_unfinished_request_counts_at_its_send_time() -> None:
     records = [
-        RequestRecord(index=0, send_time=0.0, first_token_time=0.5, end_time=1.0,
-                      chunk_times=[0.5], chunk_tokens=[1], output_tokens=1),
+        RequestRecord(
+            index=0,
+            send_time=0.0,
+            first_token_time=0.5,
+            end_time=1.0,
+            chunk_times=[0.5],
+            chunk_tokens=[1],
+            output_tokens=1,
+        ),
         RequestRecord(index=1, send_time=3.0, end_time=None, error_kind=ErrorKind.CANCELLED),
     ]
     assert compute_metrics(records).duration == 3.0
@@ -393,9 +481,16 @@ def test_registry_matches_metrics_fields(m: Metrics) -> None:
     # every registered metric is reachable by name; a new scalar needs entry + field only
     assert set(DISTRIBUTION_METRICS) == {"ttft", "tpot", "itl", "e2e", "interactivity"}
     assert set(SCALAR_METRICS) == {
-        "request_throughput", "input_throughput", "output_throughput", "throughput",
-        "input_throughput_per_gpu", "output_throughput_per_gpu", "throughput_per_gpu",
-        "error_rate", "goodput", "goodput_ratio",
+        "request_throughput",
+        "input_throughput",
+        "output_throughput",
+        "throughput",
+        "input_throughput_per_gpu",
+        "output_throughput_per_gpu",
+        "throughput_per_gpu",
+        "error_rate",
+        "goodput",
+        "goodput_ratio",
     }
     for name, info in METRICS.items():
         assert info.name == name

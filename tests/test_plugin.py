@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import textwrap
 
@@ -37,31 +36,39 @@ def test_help_lists_every_option(pytester: pytest.Pytester) -> None:
 
 
 def test_sla_that_holds_passes_and_prints_table(pytester: pytest.Pytester) -> None:
-    _write(pytester, """
+    _write(
+        pytester,
+        """
         import pytest
 
         @pytest.mark.sla("p99(ttft) < 5s", "error_rate < 1%", "throughput_per_gpu > 10 tok/s")
         def test_quick(infmax):
             result = infmax.run("1k1k-mini", concurrency=2, num_requests=6, warmup=2)
             assert result.metrics.num_ok == 6
-    """)
+    """,
+    )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines([
-        "*infmax results*",
-        "test*scenario*load*reqs*TTFT p50 ms*TTFT p99 ms*TPOT p50 ms*tok/s/user*tok/s/GPU*errors*SLA*",
-        "*test_quick*1k1k-mini*c=2*6*PASS*",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "*infmax results*",
+            "test*scenario*load*reqs*TTFT p50 ms*TTFT p99 ms*TPOT p50 ms*tok/s/user*tok/s/GPU*errors*SLA*",
+            "*test_quick*1k1k-mini*c=2*6*PASS*",
+        ]
+    )
 
 
 def test_sla_that_cannot_hold_fails_with_measured_value(pytester: pytest.Pytester) -> None:
-    _write(pytester, """
+    _write(
+        pytester,
+        """
         import pytest
 
         @pytest.mark.sla("p50(tpot) < 0.001ms", "error_rate < 1%")
         def test_too_strict(infmax):
             infmax.run("1k1k-mini", concurrency=2, num_requests=6, warmup=0)
-    """)
+    """,
+    )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(failed=1)
     out = result.stdout.str()
@@ -71,11 +78,14 @@ def test_sla_that_cannot_hold_fails_with_measured_value(pytester: pytest.Pyteste
 
 
 def test_sla_in_run_fails_with_every_violation(pytester: pytest.Pytester) -> None:
-    _write(pytester, """
+    _write(
+        pytester,
+        """
         def test_run_sla(infmax):
             infmax.run("1k1k-mini", concurrency=2, num_requests=4, warmup=0,
                        sla=["p99(ttft) < 0.001ms", "p50(tpot) < 0.001ms", "error_rate < 50%"])
-    """)
+    """,
+    )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(failed=1)
     out = result.stdout.str()
@@ -83,13 +93,16 @@ def test_sla_in_run_fails_with_every_violation(pytester: pytest.Pytester) -> Non
 
 
 def test_malformed_marker_is_usage_error_before_any_server(pytester: pytest.Pytester) -> None:
-    _write(pytester, """
+    _write(
+        pytester,
+        """
         import pytest
 
         @pytest.mark.sla("p99(ttft) < 500")
         def test_bad(infmax):
             infmax.run("1k1k-mini", concurrency=1, num_requests=1)
-    """)
+    """,
+    )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*test_bad*p99(ttft) < 500*"])
@@ -98,7 +111,9 @@ def test_malformed_marker_is_usage_error_before_any_server(pytester: pytest.Pyte
 
 
 def test_malformed_sla_in_run_raises_before_load(pytester: pytest.Pytester) -> None:
-    _write(pytester, """
+    _write(
+        pytester,
+        """
         import json, urllib.request
         import pytest
         from pytest_infmax.sla import SLASyntaxError
@@ -108,16 +123,20 @@ def test_malformed_sla_in_run_raises_before_load(pytester: pytest.Pytester) -> N
                 infmax.run("1k1k-mini", concurrency=1, num_requests=1, sla=["p99(ttft) < fast"])
             with urllib.request.urlopen(infmax_server.base_url + "/sim/stats") as resp:
                 assert json.load(resp)["requests_received"] == 0
-    """)
+    """,
+    )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
 
 
 def test_json_has_records_and_environment(pytester: pytest.Pytester) -> None:
-    _write(pytester, """
+    _write(
+        pytester,
+        """
         def test_json(infmax):
             infmax.run("1k1k-mini", concurrency=2, num_requests=5, warmup=2, sla=["p99(ttft) < 10s"])
-    """)
+    """,
+    )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-json", "out/results.json")
     result.assert_outcomes(passed=1)
     doc = json.loads((pytester.path / "out" / "results.json").read_text())
@@ -167,8 +186,10 @@ def _group_gone(pgid: int) -> bool:
     [
         ("raise RuntimeError('boom in the middle')", pytest.ExitCode.TESTS_FAILED),
         # Ctrl-C as at a terminal, even where SIGINT was inherited ignored (background CI jobs).
-        ("signal.signal(signal.SIGINT, signal.default_int_handler); os.kill(os.getpid(), signal.SIGINT)",
-         pytest.ExitCode.INTERRUPTED),
+        (
+            "signal.signal(signal.SIGINT, signal.default_int_handler); os.kill(os.getpid(), signal.SIGINT)",
+            pytest.ExitCode.INTERRUPTED,
+        ),
         ("os.kill(os.getpid(), signal.SIGTERM)", pytest.ExitCode.INTERRUPTED),
     ],
     ids=["test-error", "ctrl-c", "sigterm"],
@@ -182,7 +203,9 @@ def test_server_process_group_is_gone_after_session(pytester: pytest.Pytester, a
 
 
 def test_error_in_fixture_setup_still_stops_server(pytester: pytest.Pytester) -> None:
-    _write(pytester, """
+    _write(
+        pytester,
+        """
         import pytest
 
         @pytest.fixture
@@ -193,14 +216,17 @@ def test_error_in_fixture_setup_still_stops_server(pytester: pytest.Pytester) ->
 
         def test_x(broken):
             pass
-    """)
+    """,
+    )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(errors=1)
     assert _group_gone(int((pytester.path / "server.pid").read_text()))
 
 
 def test_openai_sdk_fixtures(pytester: pytest.Pytester) -> None:
-    _write(pytester, """
+    _write(
+        pytester,
+        """
         import asyncio
 
         def test_sync(infmax_openai):
@@ -220,13 +246,16 @@ def test_openai_sdk_fixtures(pytester: pytest.Pytester) -> None:
                 return chunks
             chunks = asyncio.run(go())
             assert chunks[-1].usage.completion_tokens == 4
-    """)
+    """,
+    )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=2)
 
 
 def test_arun_with_pytest_asyncio(pytester: pytest.Pytester) -> None:
-    _write(pytester, """
+    _write(
+        pytester,
+        """
         import pytest
 
         @pytest.mark.asyncio
@@ -235,28 +264,38 @@ def test_arun_with_pytest_asyncio(pytester: pytest.Pytester) -> None:
             assert result.metrics.num_ok == 4
             with pytest.raises(RuntimeError, match="arun"):
                 infmax.run("1k1k-mini", concurrency=1, num_requests=1)
-    """)
+    """,
+    )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "asyncio")
     result.assert_outcomes(passed=1)
 
 
 def test_endpoint_option_uses_running_server(pytester: pytest.Pytester, tmp_path) -> None:
-    _write(pytester, """
+    _write(
+        pytester,
+        """
         def test_remote(infmax, infmax_server):
             assert infmax_server.config.kind == "endpoint"
             assert infmax_server.process is None
             result = infmax.run("1k1k-mini", concurrency=2, num_requests=4, warmup=0)
             assert result.metrics.num_ok == 4
             assert result.metrics.num_gpus == 8
-    """)
+    """,
+    )
     config = ServerConfig(sim_args=("--decode-step-ms", "2", "--api-key", "sk-secret-123"))
     env_key = {"INFMAX_API_KEY": "sk-secret-123"}
     os.environ.update(env_key)
     try:
         with running_server(config, tmp_path) as server:
             result = pytester.runpytest_subprocess(
-                "-p", "no:cacheprovider", "--infmax-endpoint", server.base_url, "--infmax-gpus", "8",
-                "--infmax-json", "r.json",
+                "-p",
+                "no:cacheprovider",
+                "--infmax-endpoint",
+                server.base_url,
+                "--infmax-gpus",
+                "8",
+                "--infmax-json",
+                "r.json",
             )
     finally:
         os.environ.pop("INFMAX_API_KEY")
@@ -266,12 +305,20 @@ def test_endpoint_option_uses_running_server(pytester: pytest.Pytester, tmp_path
 
 
 def test_dead_endpoint_is_a_clear_error(pytester: pytest.Pytester) -> None:
-    _write(pytester, """
+    _write(
+        pytester,
+        """
         def test_remote(infmax):
             pass
-    """)
+    """,
+    )
     result = pytester.runpytest_subprocess(
-        "-p", "no:cacheprovider", "--infmax-endpoint", "http://127.0.0.1:9", "--infmax-startup-timeout", "2",
+        "-p",
+        "no:cacheprovider",
+        "--infmax-endpoint",
+        "http://127.0.0.1:9",
+        "--infmax-startup-timeout",
+        "2",
         timeout=120,
     )
     result.assert_outcomes(errors=1)
@@ -279,11 +326,13 @@ def test_dead_endpoint_is_a_clear_error(pytester: pytest.Pytester) -> None:
 
 
 def test_command_template_server_and_startup_crash(pytester: pytest.Pytester) -> None:
-    _write(pytester, f"""
+    _write(
+        pytester,
+        """
         import sys
         import pytest
 
-        SIM = [sys.executable, "-m", "pytest_infmax.sim", "--host", "{{host}}", "--port", "{{port}}",
+        SIM = [sys.executable, "-m", "pytest_infmax.sim", "--host", "{host}", "--port", "{port}",
                "--decode-step-ms", "2"]
 
         @pytest.mark.infmax_server(command=SIM)
@@ -294,7 +343,8 @@ def test_command_template_server_and_startup_crash(pytester: pytest.Pytester) ->
         @pytest.mark.infmax_server(command=[sys.executable, "-c", "import sys; print('no GPU found'); sys.exit(3)"])
         def test_crash(infmax):
             pass
-    """)
+    """,
+    )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1, errors=1)
     result.stdout.fnmatch_lines(["*server exited with code 3 before it was ready*", "*no GPU found*"])
@@ -309,13 +359,16 @@ def test_bad_setting_is_usage_error(pytester: pytest.Pytester) -> None:
 
 @pytest.mark.slow
 def test_xdist_workers_get_their_own_servers(pytester: pytest.Pytester) -> None:
-    _write(pytester, """
+    _write(
+        pytester,
+        """
         import pytest
 
         @pytest.mark.parametrize("i", range(4))
         def test_parallel(infmax, i):
             assert infmax.run("1k1k-mini", concurrency=2, num_requests=4, warmup=0).metrics.num_ok == 4
-    """)
+    """,
+    )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2", "--infmax-json", "x.json")
     result.assert_outcomes(passed=4)
     doc = json.loads((pytester.path / "x.json").read_text())
@@ -325,10 +378,13 @@ def test_xdist_workers_get_their_own_servers(pytester: pytest.Pytester) -> None:
 
 
 def test_junit_properties(pytester: pytest.Pytester) -> None:
-    _write(pytester, """
+    _write(
+        pytester,
+        """
         def test_j(infmax):
             infmax.run("1k1k-mini", concurrency=1, num_requests=2, warmup=0)
-    """)
+    """,
+    )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--junitxml", "j.xml")
     result.assert_outcomes(passed=1)
     xml = (pytester.path / "j.xml").read_text()
@@ -336,10 +392,13 @@ def test_junit_properties(pytester: pytest.Pytester) -> None:
 
 
 def test_console_script_table(pytester: pytest.Pytester) -> None:
-    _write(pytester, """
+    _write(
+        pytester,
+        """
         def test_t(infmax):
             infmax.run("1k1k-mini", concurrency=1, num_requests=2, warmup=0)
-    """)
+    """,
+    )
     pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-json", "t.json").assert_outcomes(passed=1)
     proc = pytester.run(sys.executable, "-m", "pytest_infmax.cli", "table", "t.json")
     assert proc.ret == 0
@@ -347,7 +406,9 @@ def test_console_script_table(pytester: pytest.Pytester) -> None:
 
 
 def test_chat_endpoint_and_duration_bound(pytester: pytest.Pytester) -> None:
-    _write(pytester, """
+    _write(
+        pytester,
+        """
         def test_chat(infmax):
             result = infmax.run("1k1k-mini", concurrency=2, duration=1.0, warmup=0, endpoint="chat")
             m = result.metrics
@@ -356,14 +417,17 @@ def test_chat_endpoint_and_duration_bound(pytester: pytest.Pytester) -> None:
             assert m.duration < 1.0 + 2.0
             assert {r.input_tokens_source.value for r in result.records} == {"usage"}
             assert all(r.output_tokens == r.requested_output_tokens for r in result.records)
-    """)
+    """,
+    )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
 
 
 @pytest.mark.slow
 def test_sweep_frontier_sla_through_the_plugin(pytester: pytest.Pytester) -> None:
-    _write(pytester, """
+    _write(
+        pytester,
+        """
         import pytest
         from pytest_infmax.sweep import FrontierSLAFailed
 
@@ -375,23 +439,36 @@ def test_sweep_frontier_sla_through_the_plugin(pytester: pytest.Pytester) -> Non
                 sweep.check(f"throughput_per_gpu@interactivity={hi * 2:.0f} > 1 tok/s")
             # Full precision: under CPU load one point may dominate the other (lo == hi).
             sweep.check(f"throughput_per_gpu@interactivity={(lo + hi) / 2!r} > 1 tok/s")
-    """)
+    """,
+    )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["*test_sweep?c=1?*c=1*", "*test_sweep?c=8?*c=8*"])
 
 
 def test_html_markdown_plots_and_step_summary(pytester: pytest.Pytester, monkeypatch) -> None:
-    _write(pytester, """
+    _write(
+        pytester,
+        """
         def test_r(infmax):
             infmax.run("1k1k-mini", concurrency=2, num_requests=4, warmup=0, sla=["error_rate < 1%"])
-    """)
+    """,
+    )
     summary = pytester.path / "step_summary.md"
     summary.write_text("earlier step\n")
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
     result = pytester.runpytest_subprocess(
-        "-p", "no:cacheprovider", "--infmax-json", "out/r.json", "--infmax-plots", "on",
-        "--infmax-html", "out/r.html", "--infmax-markdown", "out/r.md")
+        "-p",
+        "no:cacheprovider",
+        "--infmax-json",
+        "out/r.json",
+        "--infmax-plots",
+        "on",
+        "--infmax-html",
+        "out/r.html",
+        "--infmax-markdown",
+        "out/r.md",
+    )
     result.assert_outcomes(passed=1)
     out = pytester.path / "out"
     for name in ("r.json", "r-frontier.png", "r-latency.png", "r-throughput.png", "r.html", "r.md"):
@@ -414,7 +491,9 @@ def test_bad_on_off_setting_is_usage_error(pytester: pytest.Pytester) -> None:
 
 @pytest.mark.slow
 def test_price_marker_and_setting(pytester: pytest.Pytester) -> None:
-    _write(pytester, """
+    _write(
+        pytester,
+        """
         import pytest
 
         @pytest.mark.infmax_price(gpu_hour_usd=3.6)
@@ -426,17 +505,20 @@ def test_price_marker_and_setting(pytester: pytest.Pytester) -> None:
 
         def test_session_price(infmax):
             assert infmax.run("1k1k-mini", concurrency=1, num_requests=2, warmup=0).price.usd_per_gpu_hour == 2.0
-    """)
+    """,
+    )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-gpu-hour-usd", "2")
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(["*$/Mtok*"])
-    bad = pytester.makepyfile(test_bad="""
+    bad = pytester.makepyfile(
+        test_bad="""
         import pytest
 
         @pytest.mark.infmax_price(gpu_hour=3)
         def test_x(infmax):
             pass
-    """)
+    """
+    )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", str(bad))
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*infmax_price: unknown option(s) gpu_hour*"])

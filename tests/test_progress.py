@@ -27,12 +27,14 @@ def test_progress_lines_by_hand() -> None:
 
 @pytest.mark.slow
 def test_plugin_shows_progress_without_s(pytester: pytest.Pytester) -> None:
-    pytester.makepyfile(test_long="""
+    pytester.makepyfile(
+        test_long="""
         from pytest_infmax import Scenario
 
         def test_long(infmax):
             infmax.run(Scenario("long", 16, 300, range_ratio=1.0), concurrency=2, num_requests=4, warmup=0)
-    """)
+    """
+    )
     pytester.makeini("[pytest]\ninfmax_sim_args = --decode-step-ms 10\n")
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")  # capture on, as users run it
     result.assert_outcomes(passed=1)

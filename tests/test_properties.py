@@ -48,8 +48,9 @@ from pytest_infmax.sla import (
 )
 from pytest_infmax.sweep import FrontierObjective
 
-PROPERTY = settings(max_examples=200, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+PROPERTY = settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]
+)
 
 # -- strategies: SLA expressions -------------------------------------------------------------------
 
@@ -67,18 +68,22 @@ def _number_for(draw: st.DrawFn, info: Any, unit: str) -> str:
     """A non-negative number, as written, in range for the metric and unit."""
     if info.dimension == "ratio":
         top = 100.0 if unit == "%" else 1.0
-        return draw(st.one_of(
-            st.floats(min_value=0, max_value=top).map(repr),
-            st.integers(min_value=0, max_value=int(top)).map(str),
-            st.sampled_from(["0", ".5" if top == 1.0 else "5.", "1e-3", "+0.25"]),
-        ))
-    return draw(st.one_of(
-        st.floats(min_value=0, max_value=1e12).map(repr),
-        st.integers(min_value=0, max_value=10**9).map(str),
-        st.integers(min_value=0, max_value=999).map(lambda n: f"{n}k"),
-        st.integers(min_value=0, max_value=99).map(lambda n: f"{n}M"),
-        st.sampled_from([".5", "5.", "1e3", "2.5E-2", "+7", "0"]),
-    ))
+        return draw(
+            st.one_of(
+                st.floats(min_value=0, max_value=top).map(repr),
+                st.integers(min_value=0, max_value=int(top)).map(str),
+                st.sampled_from(["0", ".5" if top == 1.0 else "5.", "1e-3", "+0.25"]),
+            )
+        )
+    return draw(
+        st.one_of(
+            st.floats(min_value=0, max_value=1e12).map(repr),
+            st.integers(min_value=0, max_value=10**9).map(str),
+            st.integers(min_value=0, max_value=999).map(lambda n: f"{n}k"),
+            st.integers(min_value=0, max_value=99).map(lambda n: f"{n}M"),
+            st.sampled_from([".5", "5.", "1e3", "2.5E-2", "+7", "0"]),
+        )
+    )
 
 
 @st.composite
@@ -108,8 +113,9 @@ def sla_expressions(draw: st.DrawFn, wrong: bool = False) -> tuple[str, bool]:
     unit = draw(st.sampled_from(units_for(info)))
     if "unit" in broken:
         other = [u for u, (dim, _) in UNITS.items() if dim != info.dimension]
-        qualified = [u for u in ("tok/s/gpu", "tok/s/user") if info.dimension == "tokens_per_second"
-                     and u not in units_for(info)]
+        qualified = [
+            u for u in ("tok/s/gpu", "tok/s/user") if info.dimension == "tokens_per_second" and u not in units_for(info)
+        ]
         bare = [""] if info.dimension != "ratio" else []
         unit = draw(st.sampled_from(other + qualified + bare + _UNKNOWN_UNITS))
 
@@ -189,22 +195,32 @@ def test_random_goodput_and_frontier_text_only_raise_syntax_errors(text: str) ->
 
 _JUNK = st.recursive(
     st.one_of(
-        st.none(), st.booleans(), st.integers(), st.integers(min_value=10**308, max_value=10**400),
-        st.floats(), st.text(max_size=20), st.binary(max_size=6),
+        st.none(),
+        st.booleans(),
+        st.integers(),
+        st.integers(min_value=10**308, max_value=10**400),
+        st.floats(),
+        st.text(max_size=20),
+        st.binary(max_size=6),
         st.sampled_from([*METRICS, "500ms", "< 5ms", "p99(ttft) < 5ms", "-1 s", "ttft < 5ms, tpot < 3ms"]),
     ),
     lambda inner: st.one_of(
-        st.lists(inner, max_size=3), st.tuples(inner), st.frozensets(st.text(max_size=5), max_size=2),
-        st.dictionaries(st.one_of(st.sampled_from(list(METRICS)), st.text(max_size=8), st.integers()),
-                        inner, max_size=3),
+        st.lists(inner, max_size=3),
+        st.tuples(inner),
+        st.frozensets(st.text(max_size=5), max_size=2),
+        st.dictionaries(
+            st.one_of(st.sampled_from(list(METRICS)), st.text(max_size=8), st.integers()), inner, max_size=3
+        ),
     ),
     max_leaves=6,
 )
 
 
 @PROPERTY
-@given(st.lists(_JUNK, max_size=3),
-       st.dictionaries(st.sampled_from(["goodput", "goodput", "sla", "Goodput"]), _JUNK, max_size=2))
+@given(
+    st.lists(_JUNK, max_size=3),
+    st.dictionaries(st.sampled_from(["goodput", "goodput", "sla", "Goodput"]), _JUNK, max_size=2),
+)
 def test_sla_arguments_of_any_type_give_a_named_error(args: list[Any], kwargs: dict[str, Any]) -> None:
     """``SLA(*args, **kwargs)`` is what ``@pytest.mark.sla(...)`` and ``infmax.run(sla=...)`` build."""
     try:
@@ -217,8 +233,9 @@ def test_sla_arguments_of_any_type_give_a_named_error(args: list[Any], kwargs: d
 
 
 @PROPERTY
-@given(st.dictionaries(st.one_of(st.sampled_from(list(METRICS)), st.text(max_size=8), st.integers()),
-                       _JUNK, max_size=3))
+@given(
+    st.dictionaries(st.one_of(st.sampled_from(list(METRICS)), st.text(max_size=8), st.integers()), _JUNK, max_size=3)
+)
 def test_goodput_mapping_names_the_entry(spec: dict[Any, Any]) -> None:
     """The dict form ``goodput={"ttft": "500ms", "tpot": 0.05}``: a bad entry is named as written."""
     try:
@@ -259,19 +276,22 @@ def test_sla_round_trips_through_its_text(cases: list[tuple[str, bool]]) -> None
 
 @st.composite
 def goodput_specs(draw: st.DrawFn) -> dict[str, Any]:
-    names = draw(st.lists(st.sampled_from(["ttft", "tpot", "e2e", "interactivity"]), min_size=1, max_size=4,
-                          unique=True))
+    names = draw(
+        st.lists(st.sampled_from(["ttft", "tpot", "e2e", "interactivity"]), min_size=1, max_size=4, unique=True)
+    )
     spec: dict[str, Any] = {}
     for name in names:
         info = METRICS[name]
         unit = draw(st.sampled_from(units_for(info)))
         number = _number_for(draw, info, unit)
-        spec[name] = draw(st.one_of(
-            st.just(f"{number} {unit}"),
-            st.just(f"{'>=' if info.higher_is_better else '<'} {number}{unit}"),
-            st.floats(min_value=0, max_value=1e6),
-            st.integers(min_value=0, max_value=10**6),
-        ))
+        spec[name] = draw(
+            st.one_of(
+                st.just(f"{number} {unit}"),
+                st.just(f"{'>=' if info.higher_is_better else '<'} {number}{unit}"),
+                st.floats(min_value=0, max_value=1e6),
+                st.integers(min_value=0, max_value=10**6),
+            )
+        )
     return spec
 
 
@@ -304,12 +324,57 @@ class _FakeConfig:
 
 
 _SPECIAL_VALUES = [
-    "", " ", "0", "-1", "1", "1.5", "nan", "inf", "-inf", "1e400", "10" * 30, "1_0", "on", "off", "yes",
-    "5%", "150%", "%", "50,90,99", "50,,0", "p99(ttft)", "p50(tpot), throughput", "median(e2e)", "vllm",
-    "trtllm", "neocloud", "warn", "fail", "main", "a/b", "..", "'", '"', "a 'b", "{x}", "{port}", "{}",
-    "srv --port {port}", "--profile b200/gpt-oss-120b", "http://127.0.0.1:8000", "https://h/v1",
-    "localhost:8000", "http://", "http://[::1", "http://h:99999", "ftp://h", "/no/such/engine.yaml",
-    "café", "tab\there", "new\nline", "\x1b[31m",
+    "",
+    " ",
+    "0",
+    "-1",
+    "1",
+    "1.5",
+    "nan",
+    "inf",
+    "-inf",
+    "1e400",
+    "10" * 30,
+    "1_0",
+    "on",
+    "off",
+    "yes",
+    "5%",
+    "150%",
+    "%",
+    "50,90,99",
+    "50,,0",
+    "p99(ttft)",
+    "p50(tpot), throughput",
+    "median(e2e)",
+    "vllm",
+    "trtllm",
+    "neocloud",
+    "warn",
+    "fail",
+    "main",
+    "a/b",
+    "..",
+    "'",
+    '"',
+    "a 'b",
+    "{x}",
+    "{port}",
+    "{}",
+    "srv --port {port}",
+    "--profile b200/gpt-oss-120b",
+    "http://127.0.0.1:8000",
+    "https://h/v1",
+    "localhost:8000",
+    "http://",
+    "http://[::1",
+    "http://h:99999",
+    "ftp://h",
+    "/no/such/engine.yaml",
+    "café",
+    "tab\there",
+    "new\nline",
+    "\x1b[31m",
 ]
 _RAW = st.one_of(st.sampled_from(_SPECIAL_VALUES), st.text(max_size=30))
 
@@ -416,20 +481,42 @@ def _check_marker(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> b
 
 
 @PROPERTY
-@given(st.lists(st.one_of(sla_expressions(wrong=True).map(lambda c: c[0]), _JUNK), max_size=3),
-       st.dictionaries(st.sampled_from(["goodput", "sla", "limits", "gooput"]), _JUNK, max_size=2))
+@given(
+    st.lists(st.one_of(sla_expressions(wrong=True).map(lambda c: c[0]), _JUNK), max_size=3),
+    st.dictionaries(st.sampled_from(["goodput", "sla", "limits", "gooput"]), _JUNK, max_size=2),
+)
 def test_sla_marker_arguments(args: list[Any], kwargs: dict[str, Any]) -> None:
     _check_marker("sla", tuple(args), kwargs)
 
 
-_SERVER_KEYS = sorted({f.name for f in dataclasses.fields(ServerConfig)} | set(MAPPING_KEYS)
-                      | set(engines.COMMON_OPTIONS) | {"port", "engine_opts", "timeout"})
+_SERVER_KEYS = sorted(
+    {f.name for f in dataclasses.fields(ServerConfig)}
+    | set(MAPPING_KEYS)
+    | set(engines.COMMON_OPTIONS)
+    | {"port", "engine_opts", "timeout"}
+)
 _SERVER_VALUES = st.one_of(
     _JUNK,
-    st.sampled_from(["sim", "command", "endpoint", "vllm", "sglang", "trtllm", "http://127.0.0.1:8000",
-                     "localhost:8000", "--decode-step-ms 2", "'", "srv --port {port}", "{nope}", "model-x",
-                     "/no/such.yaml"]),
-    st.floats(min_value=-10, max_value=1e4), st.integers(min_value=-2, max_value=16),
+    st.sampled_from(
+        [
+            "sim",
+            "command",
+            "endpoint",
+            "vllm",
+            "sglang",
+            "trtllm",
+            "http://127.0.0.1:8000",
+            "localhost:8000",
+            "--decode-step-ms 2",
+            "'",
+            "srv --port {port}",
+            "{nope}",
+            "model-x",
+            "/no/such.yaml",
+        ]
+    ),
+    st.floats(min_value=-10, max_value=1e4),
+    st.integers(min_value=-2, max_value=16),
 )
 
 
@@ -447,9 +534,14 @@ def test_infmax_server_marker_arguments(args: list[Any], kwargs: dict[str, Any])
 
 
 @PROPERTY
-@given(st.lists(_JUNK, max_size=2),
-       st.dictionaries(st.sampled_from(["gpu_hour_usd", "tier", "usd_per_kwh", "price", "gpu_hour"]),
-                       st.one_of(_JUNK, st.sampled_from(list(TIERS)), st.floats(), st.integers()), max_size=3))
+@given(
+    st.lists(_JUNK, max_size=2),
+    st.dictionaries(
+        st.sampled_from(["gpu_hour_usd", "tier", "usd_per_kwh", "price", "gpu_hour"]),
+        st.one_of(_JUNK, st.sampled_from(list(TIERS)), st.floats(), st.integers()),
+        max_size=3,
+    ),
+)
 def test_infmax_price_marker_arguments(args: list[Any], kwargs: dict[str, Any]) -> None:
     if _check_marker("infmax_price", tuple(args), kwargs):
         options = price_marker_options(kwargs)
@@ -478,21 +570,43 @@ def test_marker_mistakes_that_were_silently_ignored_or_crashed() -> None:
 # -- (e) through pytest, as users run it ---------------------------------------------------------
 
 
-@pytest.mark.parametrize(("files", "argv", "expected"), [
-    ({"test_perf.py": """
+@pytest.mark.parametrize(
+    ("files", "argv", "expected"),
+    [
+        (
+            {
+                "test_perf.py": """
         import pytest
 
         @pytest.mark.infmax_server(startup_timeout="fast", sim_args="--decode-step-ms 2")
         def test_x(infmax):
             infmax.run("1k1k-mini", concurrency=1, num_requests=1)
-    """}, [], "*test_x: @pytest.mark.infmax_server: startup_timeout must be a finite number of seconds > 0, got 'fast'*"),
-    ({"test_perf.py": "def test_x():\n    pass\n"}, ["--infmax-request-timeout", "soon"],
-     "*--infmax-request-timeout = 'soon' is not valid: must be a positive number*"),
-    ({"test_perf.py": "def test_x():\n    pass\n", "pytest.ini": "[pytest]\ninfmax_server_command = srv --port '{port}\n"},
-     [], "*ini option infmax_server_command = \"srv --port '{port}\" is not valid: must be a command template that split*"),
-    ({"test_perf.py": "def test_x():\n    pass\n"}, ["--infmax-endpoint", "localhost:8000"],
-     "*--infmax-endpoint = 'localhost:8000' is not valid: must be an http:// or https:// URL*"),
-], ids=["marker", "option", "ini", "endpoint"])
+    """
+            },
+            [],
+            "*test_x: @pytest.mark.infmax_server: startup_timeout must be a finite number of seconds > 0, got 'fast'*",
+        ),
+        (
+            {"test_perf.py": "def test_x():\n    pass\n"},
+            ["--infmax-request-timeout", "soon"],
+            "*--infmax-request-timeout = 'soon' is not valid: must be a positive number*",
+        ),
+        (
+            {
+                "test_perf.py": "def test_x():\n    pass\n",
+                "pytest.ini": "[pytest]\ninfmax_server_command = srv --port '{port}\n",
+            },
+            [],
+            '*ini option infmax_server_command = "srv --port \'{port}" is not valid: must be a command template that split*',
+        ),
+        (
+            {"test_perf.py": "def test_x():\n    pass\n"},
+            ["--infmax-endpoint", "localhost:8000"],
+            "*--infmax-endpoint = 'localhost:8000' is not valid: must be an http:// or https:// URL*",
+        ),
+    ],
+    ids=["marker", "option", "ini", "endpoint"],
+)
 def test_bad_input_is_a_usage_error_without_a_traceback(
     pytester: pytest.Pytester, no_leaked_servers: None, files: dict[str, str], argv: list[str], expected: str
 ) -> None:

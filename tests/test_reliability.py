@@ -9,7 +9,6 @@ names its test, here or elsewhere in tests/.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import textwrap
 import threading
@@ -87,13 +86,16 @@ def test_stall_past_the_request_timeout_ends_the_run_in_about_the_timeout(tmp_pa
 def test_unwritable_results_path_is_a_clear_error_and_outcomes_are_still_reported(
     pytester: pytest.Pytester, no_leaked_servers
 ) -> None:
-    _write(pytester, """
+    _write(
+        pytester,
+        """
         def test_ok(infmax):
             infmax.run("1k1k-mini", concurrency=1, num_requests=2, warmup=0)
 
         def test_fails():
             assert False, "the failure the user must still see"
-    """)
+    """,
+    )
     (pytester.path / "blocker").write_text("a file, not a directory\n")  # fails for root too
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-json", "blocker/out/r.json")
     out = result.stdout.str() + result.stderr.str()
@@ -120,7 +122,8 @@ def test_concurrent_baseline_saves_never_corrupt_the_file(tmp_path: Path) -> Non
             barrier.wait()
             for round_ in range(3):
                 BaselineStore(tmp_path, history=100).save(
-                    key, BaselineRun.from_result(make_result(key, seed=seed * 10 + round_)), testbed)
+                    key, BaselineRun.from_result(make_result(key, seed=seed * 10 + round_)), testbed
+                )
         except BaseException as exc:  # noqa: BLE001 - collected and asserted below
             errors.append(exc)
 
@@ -142,13 +145,22 @@ def test_concurrent_baseline_saves_never_corrupt_the_file(tmp_path: Path) -> Non
 
 @pytest.mark.slow
 def test_two_sessions_saving_baselines_at_once(pytester: pytest.Pytester, no_leaked_servers) -> None:
-    _write(pytester, """
+    _write(
+        pytester,
+        """
         def test_one(infmax):
             infmax.run("1k1k-mini", concurrency=1, num_requests=2, warmup=0)
-    """)
-    procs = [pytester.popen([*_pytest_argv(), "-p", "no:cacheprovider", "--infmax-save", "main"],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for _ in range(2)]
+    """,
+    )
+    procs = [
+        pytester.popen(
+            [*_pytest_argv(), "-p", "no:cacheprovider", "--infmax-save", "main"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     (path,) = (pytester.path / ".infmax" / "baselines" / "main").glob("*.json")
@@ -169,7 +181,9 @@ def _pytest_argv() -> list[str]:
 
 @pytest.mark.slow
 def test_xdist_worker_crash_is_reported_and_leaves_no_server(pytester: pytest.Pytester, no_leaked_servers) -> None:
-    _write(pytester, """
+    _write(
+        pytester,
+        """
         import os
         import pytest
 
@@ -180,9 +194,9 @@ def test_xdist_worker_crash_is_reported_and_leaves_no_server(pytester: pytest.Py
         def test_worker_dies(infmax):
             infmax.run("1k1k-mini", concurrency=1, num_requests=1, warmup=0)
             os._exit(1)
-    """)
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2", "--infmax-json", "x.json",
-                                           timeout=120)
+    """,
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2", "--infmax-json", "x.json", timeout=120)
     out = result.stdout.str()
     result.stdout.fnmatch_lines(["*worker*crashed while running*test_worker_dies*"])
     outcomes = result.parseoutcomes()
@@ -200,7 +214,9 @@ def test_xdist_worker_crash_is_reported_and_leaves_no_server(pytester: pytest.Py
 def test_ctrl_c_mid_session_keeps_the_results_of_tests_that_finished(
     pytester: pytest.Pytester, no_leaked_servers
 ) -> None:
-    _write(pytester, """
+    _write(
+        pytester,
+        """
         import os, signal, threading
 
         def test_a_first(infmax):
@@ -212,7 +228,8 @@ def test_ctrl_c_mid_session_keeps_the_results_of_tests_that_finished(
             signal.signal(signal.SIGINT, signal.default_int_handler)
             threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
             infmax.run("1k1k-mini", concurrency=1, num_requests=500, warmup=0)
-    """)
+    """,
+    )
     started = time.monotonic()
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-json", "r.json", timeout=120)
     assert result.ret == pytest.ExitCode.INTERRUPTED
@@ -226,14 +243,31 @@ def test_api_key_appears_in_no_artefact(pytester: pytest.Pytester, no_leaked_ser
     log, baseline or terminal line may contain it."""
     key = "sk-live-0123456789abcdef"
     monkeypatch.setenv("INFMAX_API_KEY", key)
-    _write(pytester, """
+    _write(
+        pytester,
+        """
         def test_secret(infmax, infmax_server):
             infmax.run("1k1k-mini", concurrency=1, num_requests=2, warmup=0, sla=["error_rate < 1%"])
-    """)
+    """,
+    )
     result = pytester.runpytest_subprocess(
-        "-p", "no:cacheprovider", "-v", f"--infmax-sim-args={FAST_SIM} --api-key {key}",
-        "--infmax-json", "out/r.json", "--infmax-html", "out/r.html", "--infmax-markdown", "out/r.md",
-        "--infmax-benchmark-json", "out/b.json", "--infmax-save", "main", "--junitxml", "out/j.xml")
+        "-p",
+        "no:cacheprovider",
+        "-v",
+        f"--infmax-sim-args={FAST_SIM} --api-key {key}",
+        "--infmax-json",
+        "out/r.json",
+        "--infmax-html",
+        "out/r.html",
+        "--infmax-markdown",
+        "out/r.md",
+        "--infmax-benchmark-json",
+        "out/b.json",
+        "--infmax-save",
+        "main",
+        "--junitxml",
+        "out/j.xml",
+    )
     result.assert_outcomes(passed=1)
     seen = result.stdout.str() + result.stderr.str()
     files = [p for p in pytester.path.rglob("*") if p.is_file()]

@@ -27,7 +27,8 @@ FAST_ARGS = tuple(FAST.split())
 @pytest.mark.slow
 @pytest.mark.usefixtures("no_leaked_servers")
 def test_repeat_starts_the_server_afresh_and_the_gate_sees_every_run(pytester: pytest.Pytester) -> None:
-    pytester.makepyfile(test_perf="""
+    pytester.makepyfile(
+        test_perf="""
         import pytest
 
         def test_one(infmax):
@@ -37,11 +38,14 @@ def test_repeat_starts_the_server_afresh_and_the_gate_sees_every_run(pytester: p
         @pytest.mark.infmax_repeat(2)
         def test_marked(infmax):
             infmax.run("1k1k-mini", concurrency=2, num_requests=6, warmup=0)
-    """)
-    pytester.makeini(f"[pytest]\ninfmax_sim_args = {FAST}\ninfmax_repeat = 3\n"
-                     "asyncio_default_fixture_loop_scope = function\n")
-    saved = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-save", "default",
-                                          "--infmax-json", "r.json")
+    """
+    )
+    pytester.makeini(
+        f"[pytest]\ninfmax_sim_args = {FAST}\ninfmax_repeat = 3\nasyncio_default_fixture_loop_scope = function\n"
+    )
+    saved = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "--infmax-save", "default", "--infmax-json", "r.json"
+    )
     saved.assert_outcomes(passed=2)
     saved.stdout.fnmatch_lines(["*test_perf.py::test_one*c=4 x3*36*", "*saved to * (3 runs)*"])
     doc = json.loads((pytester.path / "r.json").read_text())
@@ -83,30 +87,42 @@ def test_repeats_of_a_noisy_simulator_catch_a_slowdown_and_pass_without_one(pyte
     """End to end with start-to-start noise: a baseline of 3 fresh starts, then 3 more
     starts with --slowdown 2 (regressed) and 3 without (not regressed). Each start
     draws its own factor, though the plugin restarts the simulator with the same flags."""
-    pytester.makepyfile(test_perf="""
+    pytester.makepyfile(
+        test_perf="""
         from pytest_infmax.scenarios import Scenario
 
         def test_one(infmax):
             infmax.run(Scenario("tiny", 16, 16), concurrency=4, num_requests=12, warmup=2)
-    """)
+    """
+    )
     # Gated on medians: p99 of 16 requests is their maximum, which a loaded CI host moves
     # by more than the per-start noise this test is about.
-    pytester.makeini(f"[pytest]\ninfmax_sim_args = {NOISY}\ninfmax_repeat = 3\n"
-                     "infmax_gates = p50(tpot), p50(e2e)\nasyncio_default_fixture_loop_scope = function\n")
-    saved = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-save", "default",
-                                          "--infmax-json", "base.json")
+    pytester.makeini(
+        f"[pytest]\ninfmax_sim_args = {NOISY}\ninfmax_repeat = 3\n"
+        "infmax_gates = p50(tpot), p50(e2e)\nasyncio_default_fixture_loop_scope = function\n"
+    )
+    saved = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "--infmax-save", "default", "--infmax-json", "base.json"
+    )
     saved.assert_outcomes(passed=1)
     saved.stdout.fnmatch_lines(["*saved to * (3 runs)*"])
     (result,) = json.loads((pytester.path / "base.json").read_text())["results"]
     logs = [Path(run["server"]["log"]).read_text() for run in result["repeats"]["runs"]]
-    factors = {line.split("start factor ")[1].split()[0] for log in logs for line in log.splitlines()
-               if line.startswith("infmax-sim: noise: ")}
+    factors = {
+        line.split("start factor ")[1].split()[0]
+        for log in logs
+        for line in log.splitlines()
+        if line.startswith("infmax-sim: noise: ")
+    }
     assert len(factors) == 3, logs  # three starts, three factors drawn
 
-    slowed = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-compare-force",
-                                           f"--infmax-sim-args={NOISY} --slowdown 2")
+    slowed = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "--infmax-compare-force", f"--infmax-sim-args={NOISY} --slowdown 2"
+    )
     slowed.assert_outcomes(failed=1)
-    slowed.stdout.fnmatch_lines(["FAIL test_perf.py::test_one: regressed: *p50(tpot) +*(3 baseline vs 3 current runs)*"])
+    slowed.stdout.fnmatch_lines(
+        ["FAIL test_perf.py::test_one: regressed: *p50(tpot) +*(3 baseline vs 3 current runs)*"]
+    )
 
     same = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     same.assert_outcomes(passed=1)
@@ -116,16 +132,20 @@ def test_repeats_of_a_noisy_simulator_catch_a_slowdown_and_pass_without_one(pyte
 
 
 def test_bad_repeat_values_are_usage_errors_naming_the_setting(pytester: pytest.Pytester) -> None:
-    pytester.makepyfile(test_perf="""
+    pytester.makepyfile(
+        test_perf="""
         import pytest
 
         @pytest.mark.infmax_repeat(0)
         def test_marked(infmax):
             pass
-    """)
-    for args, message in ((["--infmax-repeat", "0"], "*--infmax-repeat = '0' is not valid: must be a whole number >= 1*"),
-                          (["--infmax-repeat", "abc"], "*--infmax-repeat = 'abc' is not valid*whole number >= 1*"),
-                          (["-k", "marked"], "*test_marked: @pytest.mark.infmax_repeat: *whole number >= 1*got 0*")):
+    """
+    )
+    for args, message in (
+        (["--infmax-repeat", "0"], "*--infmax-repeat = '0' is not valid: must be a whole number >= 1*"),
+        (["--infmax-repeat", "abc"], "*--infmax-repeat = 'abc' is not valid*whole number >= 1*"),
+        (["-k", "marked"], "*test_marked: @pytest.mark.infmax_repeat: *whole number >= 1*got 0*"),
+    ):
         result = pytester.runpytest_subprocess("-p", "no:cacheprovider", *args)
         assert result.ret == pytest.ExitCode.USAGE_ERROR, args
         result.stderr.fnmatch_lines([message])
@@ -137,14 +157,19 @@ def test_repeat_setting_parser_refuses_what_is_not_a_count(value: str) -> None:
 
     (setting,) = [s for s in SETTINGS if s.name == "repeat"]
     assert (setting.flag, setting.env, setting.ini, setting.default) == (
-        "--infmax-repeat", "INFMAX_REPEAT", "infmax_repeat", 1)
+        "--infmax-repeat",
+        "INFMAX_REPEAT",
+        "infmax_repeat",
+        1,
+    )
     with pytest.raises(ValueError, match="whole number >= 1"):
         setting.parse(value)
     assert setting.parse(" 10 ") == 10
 
 
-@pytest.mark.parametrize(("args", "kwargs"), [((), {}), ((2, 3), {}), ((0,), {}), ((True,), {}), (("3",), {}),
-                                              ((), {"runs": 3})])
+@pytest.mark.parametrize(
+    ("args", "kwargs"), [((), {}), ((2, 3), {}), ((0,), {}), ((True,), {}), (("3",), {}), ((), {"runs": 3})]
+)
 def test_repeat_marker_takes_one_count(args: tuple, kwargs: dict) -> None:
     with pytest.raises(RepeatError, match="whole number >= 1"):
         repeat_marker_count(args, kwargs)
@@ -210,12 +235,22 @@ def test_sweep_points_are_repeated_and_bad_repeat_option_is_refused(tmp_path: Pa
 def _run(start: float, n: int, seconds: float) -> RunRecords:
     """n requests of 10 output tokens, back to back, the whole run ``seconds`` long."""
     step = seconds / n
-    records = [RequestRecord(i, send_time=start + i * step, first_token_time=start + i * step + step / 10,
-                             end_time=start + (i + 1) * step, output_tokens=10, input_tokens=5,
-                             output_tokens_source=TokenSource.USAGE, input_tokens_source=TokenSource.USAGE)
-               for i in range(n)]
-    return RunRecords(records, clock_origin=start, epoch_origin=1e9 + start, measured_start=start,
-                      measured_end=start + seconds)
+    records = [
+        RequestRecord(
+            i,
+            send_time=start + i * step,
+            first_token_time=start + i * step + step / 10,
+            end_time=start + (i + 1) * step,
+            output_tokens=10,
+            input_tokens=5,
+            output_tokens_source=TokenSource.USAGE,
+            input_tokens_source=TokenSource.USAGE,
+        )
+        for i in range(n)
+    ]
+    return RunRecords(
+        records, clock_origin=start, epoch_origin=1e9 + start, measured_start=start, measured_end=start + seconds
+    )
 
 
 def test_pooled_metrics_rate_over_the_runs_measured_time_not_the_restarts() -> None:
@@ -228,10 +263,32 @@ def test_pooled_metrics_rate_over_the_runs_measured_time_not_the_restarts() -> N
 
 def test_pooled_energy_sums_runs_and_says_which_was_not_measured() -> None:
     runs = [_run(0.0, 2, 1.0), _run(10.0, 2, 3.0)]
-    a = EnergyReport(measured=True, source="nvml", duration_s=1.0, coverage=1.0, samples=10, energy_j=100.0,
-                     avg_power_w=100.0, peak_power_w=120.0, input_tokens=10, output_tokens=20, timeline=[[0.5, 100.0]])
-    b = EnergyReport(measured=True, source="nvml", duration_s=3.0, coverage=0.5, samples=30, energy_j=600.0,
-                     avg_power_w=200.0, peak_power_w=250.0, input_tokens=10, output_tokens=20, timeline=[[1.0, 200.0]])
+    a = EnergyReport(
+        measured=True,
+        source="nvml",
+        duration_s=1.0,
+        coverage=1.0,
+        samples=10,
+        energy_j=100.0,
+        avg_power_w=100.0,
+        peak_power_w=120.0,
+        input_tokens=10,
+        output_tokens=20,
+        timeline=[[0.5, 100.0]],
+    )
+    b = EnergyReport(
+        measured=True,
+        source="nvml",
+        duration_s=3.0,
+        coverage=0.5,
+        samples=30,
+        energy_j=600.0,
+        avg_power_w=200.0,
+        peak_power_w=250.0,
+        input_tokens=10,
+        output_tokens=20,
+        timeline=[[1.0, 200.0]],
+    )
     rep = pooled_energy([a, b], runs, usd_per_kwh=0.1)
     assert rep.energy_j == 700.0 and rep.duration_s == 4.0 and rep.avg_power_w == pytest.approx(175.0)
     assert rep.peak_power_w == 250.0 and rep.coverage == pytest.approx(0.625) and rep.samples == 40

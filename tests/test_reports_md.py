@@ -12,13 +12,13 @@ import pytest
 from pytest_infmax.cost import TokenCost, default_price, user_price
 from pytest_infmax.runner import Infmax
 from pytest_infmax.servers import ServerConfig, running_server
-from pytest_infmax.sweep import FrontierSLAFailed
 from pytest_infmax.summary import (
     STEP_SUMMARY_LIMIT,
     markdown_summary,
     sweep_to_dict,
     write_github_step_summary,
 )
+from pytest_infmax.sweep import FrontierSLAFailed
 
 NAME = "tests/test_perf.py::test_chat_c2"
 
@@ -32,11 +32,19 @@ def real(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         result.evaluate("p99(ttft) < 0.001ms", "p50(tpot) < 1s")
         sweep_runner = Infmax(server, name="tests/test_perf.py::test_sweep")
         with pytest.raises(FrontierSLAFailed):
-            sweep_runner.sweep("1k1k-mini", concurrency=[1, 2, 4], num_requests=6,
-                               frontier_sla=["throughput_per_gpu@interactivity=1000000 > 1 tok/s"],
-                               price=default_price("H200", "hyperscaler"))
-    return {"result": result, "dict": result.to_dict(), "sweep_results": [r.to_dict() for r in sweep_runner.results],
-            "sweep_runner": sweep_runner}
+            sweep_runner.sweep(
+                "1k1k-mini",
+                concurrency=[1, 2, 4],
+                num_requests=6,
+                frontier_sla=["throughput_per_gpu@interactivity=1000000 > 1 tok/s"],
+                price=default_price("H200", "hyperscaler"),
+            )
+    return {
+        "result": result,
+        "dict": result.to_dict(),
+        "sweep_results": [r.to_dict() for r in sweep_runner.results],
+        "sweep_runner": sweep_runner,
+    }
 
 
 def table_rows(md: str) -> list[list[str]]:
@@ -59,8 +67,19 @@ def test_results_table_and_failed_sla(real: dict[str, Any]) -> None:
     assert md.startswith("## infmax results\n")
     assert "**❌ 1 result, 1 failed check.**" in md
     header, align, row = table_rows(md)
-    assert header == ["test", "scenario", "load", "requests", "TTFT p50 (ms)", "TTFT p99 (ms)", "TPOT p50 (ms)",
-                      "interactivity (tok/s/user)", "throughput (tok/s/GPU)", "errors", "SLA"]
+    assert header == [
+        "test",
+        "scenario",
+        "load",
+        "requests",
+        "TTFT p50 (ms)",
+        "TTFT p99 (ms)",
+        "TPOT p50 (ms)",
+        "interactivity (tok/s/user)",
+        "throughput (tok/s/GPU)",
+        "errors",
+        "SLA",
+    ]
     assert len(align) == len(header)
     cells = dict(zip(header, row))
     assert cells["test"] == f"`{NAME}`"
@@ -136,10 +155,20 @@ def test_sweeps_frontier_verdicts_and_checks(real: dict[str, Any]) -> None:
 
 def test_energy_in_the_summary(real: dict[str, Any]) -> None:
     measured = copy.deepcopy(real["dict"])
-    measured["energy"] = {"measured": True, "modelled": False, "source": "NVML total-energy counter; GPUs 0 H200",
-                          "energy_j": 1400.0, "avg_power_w": 700.0, "j_per_token": 1.0, "j_per_input_token": 2.0,
-                          "j_per_output_token": 2.0, "tokens_per_s_per_mw": 1e6, "energy_usd": 3.9e-5,
-                          "usd_per_kwh": 0.1, "energy_usd_per_mtok": 0.0278}
+    measured["energy"] = {
+        "measured": True,
+        "modelled": False,
+        "source": "NVML total-energy counter; GPUs 0 H200",
+        "energy_j": 1400.0,
+        "avg_power_w": 700.0,
+        "j_per_token": 1.0,
+        "j_per_input_token": 2.0,
+        "j_per_output_token": 2.0,
+        "tokens_per_s_per_mw": 1e6,
+        "energy_usd": 3.9e-5,
+        "usd_per_kwh": 0.1,
+        "energy_usd_per_mtok": 0.0278,
+    }
     missing = copy.deepcopy(real["dict"])
     missing["name"] = "tests/test_perf.py::test_other"
     missing["energy"] = {"measured": False, "reason": "NVML did not initialise: Driver Not Loaded"}

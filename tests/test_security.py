@@ -38,8 +38,11 @@ def test_nothing_in_the_package_unpickles_evals_or_loads_unsafe_yaml_or_uses_a_s
                 name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
                 if name in ("eval", "exec") and isinstance(func, ast.Name):
                     offences.append(f"{where}: {name}()")
-                if name in ("load", "load_all", "unsafe_load", "full_load") and isinstance(func, ast.Attribute) \
-                        and getattr(func.value, "id", "") == "yaml":
+                if (
+                    name in ("load", "load_all", "unsafe_load", "full_load")
+                    and isinstance(func, ast.Attribute)
+                    and getattr(func.value, "id", "") == "yaml"
+                ):
                     offences.append(f"{where}: yaml.{name}() (use yaml.safe_load)")
                 for kw in node.keywords:
                     if kw.arg == "shell" and not (isinstance(kw.value, ast.Constant) and kw.value.value is False):
@@ -51,8 +54,11 @@ def test_servers_bind_loopback_unless_told_otherwise(tmp_path: Path) -> None:
     assert ServerConfig().host == "127.0.0.1"
     with running_server(ServerConfig(sim_args=("--decode-step-ms", "1")), tmp_path) as server:
         assert server.process is not None
-        listening = [c.laddr for c in psutil.Process(server.process.pid).net_connections(kind="inet")
-                     if c.status == psutil.CONN_LISTEN]
+        listening = [
+            c.laddr
+            for c in psutil.Process(server.process.pid).net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN
+        ]
         assert listening and all(addr.ip == "127.0.0.1" for addr in listening), listening
 
 

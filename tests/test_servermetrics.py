@@ -140,8 +140,16 @@ def test_a_wide_bucket_cannot_put_the_median_above_twice_the_mean() -> None:
 
 
 def test_summarise_gauges_counters_and_missing_figures() -> None:
-    result = sm.summarise(sm.parse(BEFORE), sm.parse(AFTER), {"running": [5.0, 7.0, 6.0], "kv_cache_usage": [0.1, 0.5]},
-                          url="http://x/metrics", engine="vllm", model="m", interval=0.5, window="w")
+    result = sm.summarise(
+        sm.parse(BEFORE),
+        sm.parse(AFTER),
+        {"running": [5.0, 7.0, 6.0], "kv_cache_usage": [0.1, 0.5]},
+        url="http://x/metrics",
+        engine="vllm",
+        model="m",
+        interval=0.5,
+        window="w",
+    )
     d = result.to_dict()
     assert d["available"] and d["engine"] == "vllm" and d["window"] == "w" and d["interval_s"] == 0.5
     ttft = d["histograms"]["ttft"]
@@ -152,7 +160,12 @@ def test_summarise_gauges_counters_and_missing_figures() -> None:
     assert d["histograms"]["queue_time"]["mean_ms"] == pytest.approx(0.2)
     running = d["gauges"]["running"]  # running requests summed over the engine cores
     assert (running["before"], running["after"], running["mean"], running["max"], running["samples"]) == (
-        0.0, 7.0, 6.0, 7.0, 3)
+        0.0,
+        7.0,
+        6.0,
+        7.0,
+        3,
+    )
     kv = d["gauges"]["kv_cache_usage"]  # a fraction: averaged over the engine cores
     assert kv["after"] == pytest.approx(0.3) and kv["mean"] == pytest.approx(0.3) and kv["max"] == 0.5
     assert d["counters"]["requests"] == {"metric": "vllm:request_success_total", "delta": 13.0}
@@ -166,17 +179,26 @@ def test_without_the_model_label_every_series_counts() -> None:
     assert state is not None and state.count == 110.0  # m's 20 and other's 90
 
 
-@pytest.mark.parametrize("engine,page", [
-    ("sglang", "sglang:time_to_first_token_seconds_bucket{le=\"0.1\"} 2\n"
-               "sglang:time_to_first_token_seconds_bucket{le=\"+Inf\"} 2\n"
-               "sglang:time_to_first_token_seconds_sum 0.1\nsglang:time_to_first_token_seconds_count 2\n"
-               "sglang:num_queue_reqs 3\nsglang:token_usage 0.5\n"),
-    ("trtllm", "trtllm_time_to_first_token_seconds_bucket{le=\"0.1\",model_name=\"undefined\"} 2\n"
-               "trtllm_time_to_first_token_seconds_bucket{le=\"+Inf\",model_name=\"undefined\"} 2\n"
-               "trtllm_time_to_first_token_seconds_sum{model_name=\"undefined\"} 0.1\n"
-               "trtllm_time_to_first_token_seconds_count{model_name=\"undefined\"} 2\n"
-               "trtllm_num_requests_waiting 3\ntrtllm_kv_cache_utilization 0.5\n"),
-])
+@pytest.mark.parametrize(
+    "engine,page",
+    [
+        (
+            "sglang",
+            'sglang:time_to_first_token_seconds_bucket{le="0.1"} 2\n'
+            'sglang:time_to_first_token_seconds_bucket{le="+Inf"} 2\n'
+            "sglang:time_to_first_token_seconds_sum 0.1\nsglang:time_to_first_token_seconds_count 2\n"
+            "sglang:num_queue_reqs 3\nsglang:token_usage 0.5\n",
+        ),
+        (
+            "trtllm",
+            'trtllm_time_to_first_token_seconds_bucket{le="0.1",model_name="undefined"} 2\n'
+            'trtllm_time_to_first_token_seconds_bucket{le="+Inf",model_name="undefined"} 2\n'
+            'trtllm_time_to_first_token_seconds_sum{model_name="undefined"} 0.1\n'
+            'trtllm_time_to_first_token_seconds_count{model_name="undefined"} 2\n'
+            "trtllm_num_requests_waiting 3\ntrtllm_kv_cache_utilization 0.5\n",
+        ),
+    ],
+)
 def test_sglang_and_tensorrt_llm_names(engine: str, page: str) -> None:
     result = sm.summarise({}, sm.parse(page), model="served-model").to_dict()
     assert result["engine"] == engine
@@ -283,8 +305,7 @@ def test_server_ttft_beside_the_clients_from_the_simulator(sim: Server) -> None:
 def test_an_endpoint_without_metrics_still_runs(sim: Server, tmp_path: Path) -> None:
     config = ServerConfig(kind="endpoint", endpoint=sim.base_url, metrics_path="/no-metrics-here")
     with running_server(config, tmp_path) as endpoint:
-        result = Infmax(endpoint).run("1k1k-mini", concurrency=2, num_requests=4, warmup=0,
-                                      sla=["p99(ttft) < 10s"])
+        result = Infmax(endpoint).run("1k1k-mini", concurrency=2, num_requests=4, warmup=0, sla=["p99(ttft) < 10s"])
     assert result.passed is True and result.metrics.num_ok == 4
     d = result.to_dict(include_records=False)["server_metrics"]
     assert d["available"] is False and d["comparison"] is None

@@ -20,9 +20,10 @@ import textwrap
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import aiohttp
 import openai
@@ -30,7 +31,7 @@ import pytest
 from _sim_helpers import poll_stats_until
 
 from pytest_infmax.servers import ServerConfig, running_server, stop_process_group
-from pytest_infmax.sim.engine import Engine, EngineConfig, FINISH_LENGTH, TokenDelivery
+from pytest_infmax.sim.engine import FINISH_LENGTH, Engine, EngineConfig, TokenDelivery
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOKEN_REGEX = re.compile(r"\w+|[^\w\s]")
@@ -177,10 +178,7 @@ async def _post_stream(
     async with session.post(url, json=body, headers=headers) as response:
         assert response.status == 200, await response.text()
         assert response.headers["Content-Type"].startswith("text/event-stream")
-        return [
-            SseEvent(time.perf_counter(), line[len("data: "):])
-            async for line in _sse_data_lines(response)
-        ]
+        return [SseEvent(time.perf_counter(), line[len("data: ") :]) async for line in _sse_data_lines(response)]
 
 
 async def _sse_data_lines(response: aiohttp.ClientResponse) -> Any:
@@ -475,8 +473,6 @@ async def test_max_num_seqs_queues_requests(tmp_path: Path) -> None:
     assert ttfts[2] - ttfts[1] > 0.7 * one_request, (ttfts, durations)
 
 
-
-
 @pytest.mark.asyncio
 async def test_client_disconnect_frees_the_slot(sim: str) -> None:
     async with aiohttp.ClientSession() as session:
@@ -485,9 +481,7 @@ async def test_client_disconnect_frees_the_slot(sim: str) -> None:
         async with session.post(f"{sim}/v1/completions", json=body) as response:
             await response.content.readline()  # first event arrived: it is running
         # Leaving the block without reading to the end closes the connection.
-        stats = await poll_stats_until(
-            session, sim, lambda s: s["running"] == 0 and s["requests_cancelled"] > before
-        )
+        stats = await poll_stats_until(session, sim, lambda s: s["running"] == 0 and s["requests_cancelled"] > before)
     assert stats["waiting"] == 0
 
 
@@ -505,7 +499,7 @@ async def test_sigterm_closes_streams_and_exits_zero(tmp_path: Path) -> None:
                 os.kill(handle.process.pid, signal.SIGTERM)
                 rest = [line async for line in lines]
         assert rest[-1] == "data: [DONE]"
-        assert "error" in json.loads(rest[-2][len("data: "):])
+        assert "error" in json.loads(rest[-2][len("data: ") :])
         assert handle.process.wait(timeout=10) == 0, handle.log()
         assert "serving sim-model on http://127.0.0.1:" in handle.log()
 

@@ -15,8 +15,8 @@ import statistics
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
 
 import aiohttp
 import pytest
@@ -274,7 +274,10 @@ def test_kv_admission_is_first_come_first_served() -> None:
 
 def test_a_request_that_can_never_fit_is_refused() -> None:
     scheduler = Scheduler(EngineConfig(kv_cache_tokens=1024, block_size=16), lambda r, d: None)
-    with pytest.raises(RequestTooLarge, match=r"prompt \(1000 tokens\) \+ max_tokens \(100\) = 1100 tokens exceeds the KV cache \(1024 tokens\)"):
+    with pytest.raises(
+        RequestTooLarge,
+        match=r"prompt \(1000 tokens\) \+ max_tokens \(100\) = 1100 tokens exceeds the KV cache \(1024 tokens\)",
+    ):
         scheduler.add(EngineRequest(0, 1000, 100, with_queue=False))
 
 
@@ -317,7 +320,9 @@ def test_step_duration_prefers_the_batch_hook() -> None:
 async def test_simulated_and_real_time_runs_take_the_same_steps() -> None:
     """simulate() steps the real-time engine's scheduler: same inputs, same plans."""
     requests = [(37, 5), (3000, 3), (1, 7), (900, 4)]
-    config = EngineConfig(max_num_seqs=2, max_prefill_tokens_per_step=1024, max_num_batched_tokens=1500, stream_interval=2)
+    config = EngineConfig(
+        max_num_seqs=2, max_prefill_tokens_per_step=1024, max_num_batched_tokens=1500, stream_interval=2
+    )
     simulated = _Recording()
     simulate(config, simulated, requests, concurrency=None)
     real = _Recording()
@@ -341,7 +346,9 @@ def test_user_profile_file_adds_hardware_and_model(profile_file: Path) -> None:
     assert hardware.origin == str(profile_file) and model.kv_heads == 8
     deployment = auto_deployment(hardware, model)
     assert deployment.tp == 1 and deployment.kv_cache_tokens == int((100e9 * 0.9 - 8e9 * 2) / (32 * 2 * 8 * 128 * 2))
-    args = build_parser().parse_args(["--profile-file", str(profile_file), "--profile", "mygpu/tiny-dense", "--slowdown", "1.5"])
+    args = build_parser().parse_args(
+        ["--profile-file", str(profile_file), "--profile", "mygpu/tiny-dense", "--slowdown", "1.5"]
+    )
     config = config_from_args(args)
     assert isinstance(config.cost_model, RooflineCostModel)
     assert config.engine.kv_cache_tokens == deployment.kv_cache_tokens and config.engine.slowdown == 1.5
@@ -357,7 +364,9 @@ def test_calibration_table_overrides_efficiency_for_one_pair(tmp_path: Path) -> 
 
 
 def test_dp_multiplies_the_per_rank_limits() -> None:
-    args = build_parser().parse_args(["--profile", "b200/gpt-oss-120b", "--tp", "1", "--gpus", "2", "--max-num-seqs", "100"])
+    args = build_parser().parse_args(
+        ["--profile", "b200/gpt-oss-120b", "--tp", "1", "--gpus", "2", "--max-num-seqs", "100"]
+    )
     config = config_from_args(args)
     assert config.engine.max_num_seqs == 200 and config.engine.max_num_batched_tokens == 16384
     assert config.cost_model.deployment.label == "b200/gpt-oss-120b DEP2 (2 GPUs)"  # type: ignore[attr-defined]
@@ -402,7 +411,7 @@ def test_without_a_profile_the_linear_model_stays_the_default() -> None:
             "attention_heads = 2\nkv_cache_dtype = 'int8'\nkv_heads = 2\nhead_dim = 4",
             r"\[model\.m\]: kv_cache_dtype must be one of 'fp8', 'bf16', got 'int8'",
         ),
-        ('[calibration.b200]\ncompute_efficiency = 0.5', r'\[calibration\."b200"\]: the name must be "HARDWARE/MODEL"'),
+        ("[calibration.b200]\ncompute_efficiency = 0.5", r'\[calibration\."b200"\]: the name must be "HARDWARE/MODEL"'),
     ],
 )
 def test_bad_profile_files_say_which_file_key_and_what_is_allowed(tmp_path: Path, text: str, message: str) -> None:
@@ -414,7 +423,9 @@ def test_bad_profile_files_say_which_file_key_and_what_is_allowed(tmp_path: Path
 
 def test_unknown_profile_names_list_the_known_ones() -> None:
     registry = _registry()
-    with pytest.raises(ProfileError, match=r"unknown hardware 'b300'; known: b200, h100, h200 \(add one with --profile-file"):
+    with pytest.raises(
+        ProfileError, match=r"unknown hardware 'b300'; known: b200, h100, h200 \(add one with --profile-file"
+    ):
         registry.resolve("b300/gpt-oss-120b")
     with pytest.raises(ProfileError, match=r"unknown model 'llama-4'; known: deepseek-r1, gpt-oss-120b, llama-3.3-70b"):
         registry.resolve("b200/llama-4")
@@ -467,8 +478,6 @@ def test_profile_server_serves_refuses_too_large_and_reports_lateness(served_pro
     lateness = stats["lateness_ms"]
     assert set(lateness) == {"count", "p50", "p99", "max"} and lateness["count"] >= 20
     assert 0 <= lateness["p50"] <= lateness["p99"] <= lateness["max"]
-
-
 
 
 @pytest.mark.asyncio

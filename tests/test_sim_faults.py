@@ -362,7 +362,7 @@ def test_trace_since_clear_and_request_ids(sim_503: Server) -> None:
 
 # -- Prometheus /metrics ---------------------------------------------------------------------
 
-_SAMPLE = re.compile(r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)$')
+_SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)$")
 
 
 def _scrape(server: Server) -> tuple[str, dict[tuple[str, frozenset[tuple[str, str]]], float]]:
@@ -481,8 +481,6 @@ def test_fault_header_errors_say_what_is_wrong(header: str, message: str) -> Non
     with pytest.raises(FaultSpecError) as excinfo:
         parse_fault_header(header)
     assert message in str(excinfo.value)
-
-
 
 
 @pytest.mark.parametrize(

@@ -48,8 +48,9 @@ def test_a_start_seed_repeats_the_start_and_fresh_starts_differ() -> None:
 
 
 def test_drawn_factors_and_step_jitter_have_the_asked_spread() -> None:
-    starts = [math.log(StepNoise(NoiseConfig(start_jitter=0.02, prefill_start_jitter=0.04)).start_factor)
-              for _ in range(2000)]
+    starts = [
+        math.log(StepNoise(NoiseConfig(start_jitter=0.02, prefill_start_jitter=0.04)).start_factor) for _ in range(2000)
+    ]
     assert statistics.fmean(starts) == pytest.approx(0.0, abs=0.002)
     assert statistics.stdev(starts) == pytest.approx(0.02, rel=0.1)
     noise = StepNoise(NoiseConfig(step_jitter=0.03, start_seed=1))
@@ -84,8 +85,9 @@ def test_start_factor_scales_every_step_and_prefill_factor_only_prefill() -> Non
 
 
 def test_noise_keeps_the_wrapped_models_attributes() -> None:
-    args = build_parser().parse_args(["--profile", "b200/gpt-oss-120b", "--start-jitter", "0.02", "--step-jitter",
-                                      "0.03", "--start-seed", "4"])
+    args = build_parser().parse_args(
+        ["--profile", "b200/gpt-oss-120b", "--start-jitter", "0.02", "--step-jitter", "0.03", "--start-seed", "4"]
+    )
     config = config_from_args(args)
     noise = noise_of(config.cost_model)
     assert noise is not None and noise.seed == 4
@@ -94,22 +96,26 @@ def test_noise_keeps_the_wrapped_models_attributes() -> None:
     assert simulate(config.engine, config.cost_model, few, concurrency=4).steps > 10
 
 
-@pytest.mark.parametrize(("flags", "message"), [
-    (["--start-jitter", "-0.1"], "--start-jitter must be a standard deviation between 0 and 1"),
-    (["--step-jitter", "nan"], "--step-jitter must be a standard deviation"),
-    (["--stall-rate", "2"], "--stall-rate must be a probability between 0 and 1"),
-    (["--stall-ms", "30,5"], "--stall-ms must be LOW,HIGH milliseconds with 0 <= LOW <= HIGH"),
-    (["--step-drift-steps", "0"], "--step-drift-steps must be a number of steps >= 1"),
-    (["--start-seed", "-1"], "--start-seed must be a whole number >= 0"),
-])
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--start-jitter", "-0.1"], "--start-jitter must be a standard deviation between 0 and 1"),
+        (["--step-jitter", "nan"], "--step-jitter must be a standard deviation"),
+        (["--stall-rate", "2"], "--stall-rate must be a probability between 0 and 1"),
+        (["--stall-ms", "30,5"], "--stall-ms must be LOW,HIGH milliseconds with 0 <= LOW <= HIGH"),
+        (["--step-drift-steps", "0"], "--step-drift-steps must be a number of steps >= 1"),
+        (["--start-seed", "-1"], "--start-seed must be a whole number >= 0"),
+    ],
+)
 def test_bad_noise_flags_are_usage_errors_naming_the_flag(flags: list[str], message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         config_from_args(build_parser().parse_args(flags))
 
 
 def test_unparsable_stall_ms_is_an_argparse_error() -> None:
-    result = subprocess.run([sys.executable, "-m", "pytest_infmax.sim", "--stall-ms", "five"],
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest_infmax.sim", "--stall-ms", "five"], capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 2 and "expected LOW,HIGH milliseconds" in result.stderr
 
 
@@ -164,10 +170,15 @@ def test_benchmark_flags_give_the_simulator_the_synthetic_noise(rates_sim) -> No
     config = config_from_args(args)
     drawn = noise_of(config.cost_model)
     assert drawn is not None and config.engine.slowdown == 1.05
-    assert drawn.config == NoiseConfig(start_jitter=noise.start_decode, prefill_start_jitter=noise.start_prefill,
-                                       step_jitter=noise.step_jitter, step_drift=noise.drift,
-                                       step_drift_steps=noise.drift_steps, stall_rate=noise.hiccup_rate,
-                                       stall_ms=noise.hiccup_ms)
+    assert drawn.config == NoiseConfig(
+        start_jitter=noise.start_decode,
+        prefill_start_jitter=noise.start_prefill,
+        step_jitter=noise.step_jitter,
+        step_drift=noise.drift,
+        step_drift_steps=noise.drift_steps,
+        stall_rate=noise.hiccup_rate,
+        stall_ms=noise.hiccup_ms,
+    )
     w = rates_sim.WORKLOAD
     assert config.cost_model.inner == LinearCostModel(w.decode_ms, w.per_seq_ms, w.prefill_ms_per_1k)  # type: ignore[attr-defined]
     assert rates_sim._schedule(4, 2) == [False, False, True, False, False, True]
@@ -177,8 +188,11 @@ def test_benchmark_flags_give_the_simulator_the_synthetic_noise(rates_sim) -> No
 
 
 @pytest.mark.slow
-def test_benchmark_collects_fresh_starts_and_reports(rates_sim, tmp_path: Path,  # type: ignore[no-untyped-def]
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_benchmark_collects_fresh_starts_and_reports(
+    rates_sim,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     pools = rates_sim.collect_pools(1, 1, tmp_path / "logs", log=lambda _: None)
     assert len(pools["base"]) == len(pools["slow"]) == 1
     assert len(pools["base"][0].samples["tpot"]) == rates_sim.WORKLOAD.num_requests
@@ -191,8 +205,24 @@ def test_benchmark_collects_fresh_starts_and_reports(rates_sim, tmp_path: Path, 
     pools["base_info"] = pools["base_info"] * 6
     pools["slow_info"] = pools["slow_info"] * 3
     rates_sim.save_pools(pools, str(tmp_path / "pools.json"))
-    assert rates_sim.main(["--quick", "--load-pools", str(tmp_path / "pools.json"), "--reps", "4",
-                           "--synthetic-pools", "1", "--jobs", "1", "--json", str(tmp_path / "out.json")]) == 0
+    assert (
+        rates_sim.main(
+            [
+                "--quick",
+                "--load-pools",
+                str(tmp_path / "pools.json"),
+                "--reps",
+                "4",
+                "--synthetic-pools",
+                "1",
+                "--jobs",
+                "1",
+                "--json",
+                str(tmp_path / "out.json"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "NOT independent" in out and "5 vs 1    A/A" in out
     doc = json.loads((tmp_path / "out.json").read_text())

@@ -50,11 +50,13 @@ async def test_trace_since_polling_returns_a_request_that_ends_after_a_later_one
         assert _get_json(f"{url}/sim/trace")["next_since"] == -1  # nothing recorded yet
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
             long_body = {"prompt": "a b c", "max_tokens": 200, "stream": True}
-            async with session.post(f"{url}/v1/completions", json=long_body,
-                                    headers={"X-Request-Id": "long"}) as long_response:
+            async with session.post(
+                f"{url}/v1/completions", json=long_body, headers={"X-Request-Id": "long"}
+            ) as long_response:
                 await asyncio.wait_for(long_response.content.readline(), 10)  # the long one is running
-                async with session.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 2},
-                                        headers={"X-Request-Id": "short"}) as short_response:
+                async with session.post(
+                    f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 2}, headers={"X-Request-Id": "short"}
+                ) as short_response:
                     assert short_response.status == 200
                     await short_response.read()
                 poll = _get_json(f"{url}/sim/trace?since=-1")

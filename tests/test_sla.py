@@ -51,10 +51,8 @@ EXAMPLES = [
 ]
 
 
-@pytest.mark.parametrize(("text", "metric", "stat", "op", "limit", "unit"), EXAMPLES,
-                         ids=[e[0] for e in EXAMPLES])
-def test_examples_parse(text: str, metric: str, stat: str | None, op: str,
-                        limit: float, unit: str) -> None:
+@pytest.mark.parametrize(("text", "metric", "stat", "op", "limit", "unit"), EXAMPLES, ids=[e[0] for e in EXAMPLES])
+def test_examples_parse(text: str, metric: str, stat: str | None, op: str, limit: float, unit: str) -> None:
     o = parse(text)
     assert (o.metric, o.stat, o.op, o.unit) == (metric, stat, op, unit)
     assert o.limit == pytest.approx(limit, rel=1e-12)
@@ -180,15 +178,21 @@ def test_sla_accepts_one_string_objectives_and_mixtures() -> None:
 
 def _ok(i: int, ttft: float, e2e: float, out: int = 2) -> RequestRecord:
     return RequestRecord(
-        index=i, send_time=float(i), first_token_time=float(i) + ttft, end_time=float(i) + e2e,
-        chunk_times=[float(i) + ttft, float(i) + e2e], chunk_tokens=[1, out - 1],
-        input_tokens=10, output_tokens=out,
+        index=i,
+        send_time=float(i),
+        first_token_time=float(i) + ttft,
+        end_time=float(i) + e2e,
+        chunk_times=[float(i) + ttft, float(i) + e2e],
+        chunk_tokens=[1, out - 1],
+        input_tokens=10,
+        output_tokens=out,
     )
 
 
 def _failed(i: int) -> RequestRecord:
-    return RequestRecord(index=i, send_time=float(i), end_time=float(i) + 1.0,
-                         error_kind=ErrorKind.HTTP, http_status=500)
+    return RequestRecord(
+        index=i, send_time=float(i), end_time=float(i) + 1.0, error_kind=ErrorKind.HTTP, http_status=500
+    )
 
 
 @pytest.fixture
@@ -200,21 +204,24 @@ def metrics() -> Metrics:
     return compute_metrics(records, goodput="ttft <= 250ms")  # r0, r1 good -> ratio 0.5
 
 
-@pytest.mark.parametrize(("expr", "passed"), [
-    ("max(ttft) < 500ms", False),   # 0.5 == limit: strict fails
-    ("max(ttft) <= 500ms", True),   # equality passes <=
-    ("min(ttft) > 125ms", False),
-    ("min(ttft) >= 125ms", True),
-    ("median(ttft) < 0.3s", True),
-    ("p50(tpot) <= 500ms", True),
-    ("error_rate < 25%", False),    # exactly 1/4
-    ("error_rate <= 25%", True),
-    ("error_rate <= 0.25", True),
-    ("goodput_ratio >= 50%", True),
-    ("goodput_ratio > 50%", False),
-    ("request_throughput >= 0.75 req/s", True),   # 3 ok / 4.0 s (0.0 -> 4.0)
-    ("request_throughput > 0.75 req/s", False),
-])
+@pytest.mark.parametrize(
+    ("expr", "passed"),
+    [
+        ("max(ttft) < 500ms", False),  # 0.5 == limit: strict fails
+        ("max(ttft) <= 500ms", True),  # equality passes <=
+        ("min(ttft) > 125ms", False),
+        ("min(ttft) >= 125ms", True),
+        ("median(ttft) < 0.3s", True),
+        ("p50(tpot) <= 500ms", True),
+        ("error_rate < 25%", False),  # exactly 1/4
+        ("error_rate <= 25%", True),
+        ("error_rate <= 0.25", True),
+        ("goodput_ratio >= 50%", True),
+        ("goodput_ratio > 50%", False),
+        ("request_throughput >= 0.75 req/s", True),  # 3 ok / 4.0 s (0.0 -> 4.0)
+        ("request_throughput > 0.75 req/s", False),
+    ],
+)
 def test_pass_fail_and_boundaries(metrics: Metrics, expr: str, passed: bool) -> None:
     (verdict,) = SLA([expr]).evaluate(metrics)
     assert verdict.passed is passed
@@ -327,19 +334,70 @@ def test_itl_verdict_counts_requests_and_gaps() -> None:
 # -- properties --------------------------------------------------------------------------------
 
 _FRAGMENTS = [
-    "p99", "p99.9", "P50", "median", "mean", "std", "min", "max", "avg", "p0", "p", "(", ")",
-    *METRICS, "ttf", "<", "<=", ">", ">=", "=", "==", "≤", "≥", "!", "500", "0.1", ".5", "1e3",
-    "1e999", "-3", "k", "K", "M", "ms", "MS", "s", "us", "µs", "Ms", "%", "tok/s", "tok/s/gpu",
-    "tok/s/user", "req/s", "/", " ", "  ", "\t", "e", ".", "_", ",", "x",
+    "p99",
+    "p99.9",
+    "P50",
+    "median",
+    "mean",
+    "std",
+    "min",
+    "max",
+    "avg",
+    "p0",
+    "p",
+    "(",
+    ")",
+    *METRICS,
+    "ttf",
+    "<",
+    "<=",
+    ">",
+    ">=",
+    "=",
+    "==",
+    "≤",
+    "≥",
+    "!",
+    "500",
+    "0.1",
+    ".5",
+    "1e3",
+    "1e999",
+    "-3",
+    "k",
+    "K",
+    "M",
+    "ms",
+    "MS",
+    "s",
+    "us",
+    "µs",
+    "Ms",
+    "%",
+    "tok/s",
+    "tok/s/gpu",
+    "tok/s/user",
+    "req/s",
+    "/",
+    " ",
+    "  ",
+    "\t",
+    "e",
+    ".",
+    "_",
+    ",",
+    "x",
 ]
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.one_of(
-    st.text(max_size=40),
-    st.lists(st.sampled_from(_FRAGMENTS), max_size=8).map("".join),
-    st.lists(st.sampled_from(_FRAGMENTS), max_size=8).map(" ".join),
-))
+@given(
+    st.one_of(
+        st.text(max_size=40),
+        st.lists(st.sampled_from(_FRAGMENTS), max_size=8).map("".join),
+        st.lists(st.sampled_from(_FRAGMENTS), max_size=8).map(" ".join),
+    )
+)
 def test_random_text_raises_only_syntax_errors(text: str) -> None:
     try:
         o = parse(text)
@@ -354,21 +412,25 @@ def _valid_expression(draw: st.DrawFn) -> str:
     info = METRICS[name]
     lhs = name
     if info.kind == "distribution":
-        stat = draw(st.one_of(
-            st.sampled_from(["mean", "median", "std", "min", "max", "p50", "p99", "p99.9", "p100"]),
-            st.floats(min_value=0.001, max_value=100).map(lambda q: f"p{q:.3f}"),
-        ))
+        stat = draw(
+            st.one_of(
+                st.sampled_from(["mean", "median", "std", "min", "max", "p50", "p99", "p99.9", "p100"]),
+                st.floats(min_value=0.001, max_value=100).map(lambda q: f"p{q:.3f}"),
+            )
+        )
         lhs = f"{stat}{draw(st.sampled_from(['', ' ']))}({name})"
     unit = draw(st.sampled_from(units_for(info)))
     if info.dimension == "ratio":
         top = 100.0 if unit == "%" else 1.0
         number = repr(draw(st.floats(min_value=0, max_value=top)))
     else:
-        number = draw(st.one_of(
-            st.floats(min_value=0, max_value=1e12).map(repr),
-            st.integers(min_value=0, max_value=10**6).map(str),
-            st.integers(min_value=0, max_value=999).map(lambda n: f"{n}k"),
-        ))
+        number = draw(
+            st.one_of(
+                st.floats(min_value=0, max_value=1e12).map(repr),
+                st.integers(min_value=0, max_value=10**6).map(str),
+                st.integers(min_value=0, max_value=999).map(lambda n: f"{n}k"),
+            )
+        )
     op = draw(st.sampled_from(["<", "<=", ">", ">="]))
     text = f"{lhs}{draw(st.sampled_from(['', ' ', '  ']))}{op} {number}{draw(st.sampled_from(['', ' ']))}{unit}"
     return draw(st.sampled_from([text, text.upper().replace("K", "k"), f"  {text}\t"]))

@@ -30,8 +30,18 @@ def _load_soak():
 def test_soak_at_small_scale_passes_every_criterion() -> None:
     soak = _load_soak()
     options = soak.SoakOptions(
-        duration=6, streams=16, segment=2, error_rate=0.05, stall_every=2, stall_seconds=0.3,
-        isl=16, osl=8, decode_step_ms=20, request_timeout=10, poll_every=1, progress_every=0,
+        duration=6,
+        streams=16,
+        segment=2,
+        error_rate=0.05,
+        stall_every=2,
+        stall_seconds=0.3,
+        isl=16,
+        osl=8,
+        decode_step_ms=20,
+        request_timeout=10,
+        poll_every=1,
+        progress_every=0,
     )
     report = soak.soak(options, log=lambda line: None)
     table = report.table()
@@ -49,8 +59,16 @@ def test_the_report_fails_what_it_should() -> None:
     """The verdicts themselves: a lost outcome, a missed error, memory growth and a leftover process."""
     soak = _load_soak()
     mib = soak.MIB
-    report = soak.SoakReport(soak.SoakOptions(), runs=2, client_issued=10, server_received=10,
-                             server_injected=1, rss_start=90 * mib, rss_warm=100 * mib, rss_end=110 * mib)
+    report = soak.SoakReport(
+        soak.SoakOptions(),
+        runs=2,
+        client_issued=10,
+        server_received=10,
+        server_injected=1,
+        rss_start=90 * mib,
+        rss_warm=100 * mib,
+        rss_end=110 * mib,
+    )
     report.outcomes.update({"ok": 9, "http_error": 1})
     assert report.passed, report.table()
     report.server_received = 11  # the server saw a request the client has no outcome for

@@ -80,8 +80,10 @@ def test_price_choice_precedence_and_reasons() -> None:
     assert sim.usd_per_gpu_hour == 1.41 and "simulator profile 'h200/llama-3.3-70b'" in sim.source
     nvml, _ = choose_price(None, "rental-3y", "trtllm", (), "NVIDIA B200")
     assert nvml.usd_per_gpu_hour == 2.90 and "reported by NVML" in nvml.source
-    for args, reason in (((None, "neocloud", "sim", ()), "models no GPU"),
-                         ((None, "neocloud", "endpoint", ()), "endpoint"),
-                         ((None, "neocloud", "vllm", (), None), "no GPU seen through NVML")):
+    for args, reason in (
+        ((None, "neocloud", "sim", ()), "models no GPU"),
+        ((None, "neocloud", "endpoint", ()), "endpoint"),
+        ((None, "neocloud", "vllm", (), None), "no GPU seen through NVML"),
+    ):
         price, why = choose_price(*args)
         assert price is None and reason in why

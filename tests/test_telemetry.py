@@ -15,9 +15,11 @@ def test_no_nvml_is_not_measured_with_a_reason(monkeypatch) -> None:
 
 
 def test_release_description_names_what_holds_the_gpu() -> None:
-    held = telemetry.ReleaseCheck(True, holding=(telemetry.GpuProcess(0, 4242, 1024.0),),
-                                  memory_excess_mib={1: 2048.0}, waited_s=30.0)
+    held = telemetry.ReleaseCheck(
+        True, holding=(telemetry.GpuProcess(0, 4242, 1024.0),), memory_excess_mib={1: 2048.0}, waited_s=30.0
+    )
     assert not held.released
-    assert held.describe() == ("GPUs not released after 30.0 s: pid 4242 on GPU 0; "
-                               "GPU 1 holds 2048 MiB more than before the server started")
+    assert held.describe() == (
+        "GPUs not released after 30.0 s: pid 4242 on GPU 0; GPU 1 holds 2048 MiB more than before the server started"
+    )
     assert telemetry.ReleaseCheck(True, waited_s=0.5).released

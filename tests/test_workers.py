@@ -31,8 +31,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 def _workers_alive() -> list[psutil.Process]:
-    return [p for p in psutil.Process().children(recursive=True)
-            if "pytest_infmax.workers" in " ".join(p.cmdline())]
+    return [p for p in psutil.Process().children(recursive=True) if "pytest_infmax.workers" in " ".join(p.cmdline())]
 
 
 def _run(server: Server, config: LoadConfig, on_record=None) -> RunRecords:
@@ -52,7 +51,8 @@ def test_closed_loop_over_two_workers_sends_the_same_requests(server: Server) ->
     assert sum(r.warmup for r in two.records) == 4
     # request content depends only on (seed, index): the same requests as one process sends
     assert [(r.requested_input_tokens, r.requested_output_tokens) for r in two.records] == [
-        (r.requested_input_tokens, r.requested_output_tokens) for r in one.records]
+        (r.requested_input_tokens, r.requested_output_tokens) for r in one.records
+    ]
     assert two.client is not None and two.client.workers == 2
     d = two.client.to_dict()
     assert d["workers"] == 2 and d["send_lag"]["n"] == 16 and d["loop_lag"]["n"] > 0
@@ -98,10 +98,12 @@ def test_cancelling_the_run_ends_every_worker(server: Server) -> None:
     async def go() -> None:
         started = asyncio.Event()
         gen = LoadGenerator(server.base_url, server.model)
-        task = asyncio.ensure_future(gen.run(
-            LoadConfig(SCENARIO, concurrency=2, num_requests=10_000, warmup=0, workers=2),
-            on_record=lambda r: started.set(),
-        ))
+        task = asyncio.ensure_future(
+            gen.run(
+                LoadConfig(SCENARIO, concurrency=2, num_requests=10_000, warmup=0, workers=2),
+                on_record=lambda r: started.set(),
+            )
+        )
         await asyncio.wait_for(started.wait(), 30)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -136,26 +138,35 @@ def test_the_api_key_reaches_workers_through_the_environment_only(
         def look(rec: RequestRecord) -> None:
             seen_cmdlines.extend(" ".join(p.cmdline()) for p in _workers_alive())
 
-        run = asyncio.run(LoadGenerator(keyed.base_url, keyed.model, key).run(
-            LoadConfig(SCENARIO, concurrency=2, num_requests=4, warmup=0, workers=2), on_record=look))
+        run = asyncio.run(
+            LoadGenerator(keyed.base_url, keyed.model, key).run(
+                LoadConfig(SCENARIO, concurrency=2, num_requests=4, warmup=0, workers=2), on_record=look
+            )
+        )
         assert all(r.ok for r in run.records)  # the workers sent the key
         assert seen_cmdlines and not any(key in c for c in seen_cmdlines)  # but not on a command line
-        bad = asyncio.run(LoadGenerator(keyed.base_url, keyed.model, "wrong").run(
-            LoadConfig(SCENARIO, concurrency=2, num_requests=2, warmup=0, workers=2)))
+        bad = asyncio.run(
+            LoadGenerator(keyed.base_url, keyed.model, "wrong").run(
+                LoadConfig(SCENARIO, concurrency=2, num_requests=2, warmup=0, workers=2)
+            )
+        )
         assert [r.http_status for r in bad.records] == [401, 401]
 
 
 def test_plugin_option_spreads_runs_over_workers(pytester: pytest.Pytester) -> None:
-    pytester.makepyfile(test_w="""
+    pytester.makepyfile(
+        test_w="""
         from pytest_infmax import Scenario
 
         def test_w(infmax):
             infmax.run(Scenario("tiny", 16, 8), concurrency=4, num_requests=8, warmup=0)
             infmax.run(Scenario("tiny", 16, 8), concurrency=1, num_requests=2, warmup=0)
-    """)
+    """
+    )
     pytester.makeini("[pytest]\ninfmax_sim_args = --decode-step-ms 1\n")
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-workers", "2",
-                                           "--infmax-json", "out.json")
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "--infmax-workers", "2", "--infmax-json", "out.json"
+    )
     result.assert_outcomes(passed=1)
     runs = json.loads((pytester.path / "out.json").read_text())["results"]
     assert [r["client"]["workers"] for r in runs] == [2, 1]  # never more workers than streams

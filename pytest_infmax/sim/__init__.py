@@ -74,26 +74,66 @@ def _stall_ms(text: str) -> tuple[float, float]:
 def _add_noise_arguments(parser: argparse.ArgumentParser) -> None:
     """Timing noise (pytest_infmax.sim.noise and docs/simulator.md); all off by default."""
     noise = parser.add_argument_group(
-        "noise", "timing noise on every step's cost, off by default: a per-start factor drawn from fresh OS "
-        "entropy at each start (not from --seed), and per-step jitter (pytest_infmax.sim.noise)"
+        "noise",
+        "timing noise on every step's cost, off by default: a per-start factor drawn from fresh OS "
+        "entropy at each start (not from --seed), and per-step jitter (pytest_infmax.sim.noise)",
     )
-    noise.add_argument("--start-jitter", type=float, default=0.0, metavar="SD",
-                       help="per-start factor on every step's cost, lognormal with this sd (0.02: 2%%; default: 0)")
-    noise.add_argument("--prefill-start-jitter", type=float, default=0.0, metavar="SD",
-                       help="a further per-start factor on the prefill part of each step (default: 0)")
-    noise.add_argument("--step-jitter", type=float, default=0.0, metavar="SD",
-                       help="per-step lognormal multiplier with this sd (default: 0)")
-    noise.add_argument("--step-drift", type=float, default=0.0, metavar="SD",
-                       help="slow drift of step costs: AR(1) on the log scale with this sd (default: 0)")
-    noise.add_argument("--step-drift-steps", type=float, default=200.0, metavar="N",
-                       help="memory of --step-drift, in steps (default: %(default)g)")
-    noise.add_argument("--stall-rate", type=float, default=0.0, metavar="P",
-                       help="chance per step of a stall of --stall-ms added to it (default: 0)")
-    noise.add_argument("--stall-ms", type=_stall_ms, default=(5.0, 30.0), metavar="LOW,HIGH",
-                       help="stall length, uniform in [LOW, HIGH] ms (default: 5,30)")
-    noise.add_argument("--start-seed", type=int, metavar="N",
-                       help="seed the per-start factors and the per-step noise (default: fresh OS entropy "
-                       "at each start, which the start-up log line and /sim/stats show)")
+    noise.add_argument(
+        "--start-jitter",
+        type=float,
+        default=0.0,
+        metavar="SD",
+        help="per-start factor on every step's cost, lognormal with this sd (0.02: 2%%; default: 0)",
+    )
+    noise.add_argument(
+        "--prefill-start-jitter",
+        type=float,
+        default=0.0,
+        metavar="SD",
+        help="a further per-start factor on the prefill part of each step (default: 0)",
+    )
+    noise.add_argument(
+        "--step-jitter",
+        type=float,
+        default=0.0,
+        metavar="SD",
+        help="per-step lognormal multiplier with this sd (default: 0)",
+    )
+    noise.add_argument(
+        "--step-drift",
+        type=float,
+        default=0.0,
+        metavar="SD",
+        help="slow drift of step costs: AR(1) on the log scale with this sd (default: 0)",
+    )
+    noise.add_argument(
+        "--step-drift-steps",
+        type=float,
+        default=200.0,
+        metavar="N",
+        help="memory of --step-drift, in steps (default: %(default)g)",
+    )
+    noise.add_argument(
+        "--stall-rate",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="chance per step of a stall of --stall-ms added to it (default: 0)",
+    )
+    noise.add_argument(
+        "--stall-ms",
+        type=_stall_ms,
+        default=(5.0, 30.0),
+        metavar="LOW,HIGH",
+        help="stall length, uniform in [LOW, HIGH] ms (default: 5,30)",
+    )
+    noise.add_argument(
+        "--start-seed",
+        type=int,
+        metavar="N",
+        help="seed the per-start factors and the per-step noise (default: fresh OS entropy "
+        "at each start, which the start-up log line and /sim/stats show)",
+    )
 
 
 def _noise_config(args: argparse.Namespace) -> Any:
@@ -115,36 +155,80 @@ def _add_fault_arguments(parser: argparse.ArgumentParser) -> None:
     """Fault injection; each fault also exists per request as an X-Infmax-Fault header
     (see pytest_infmax.sim.faults and docs/simulator.md)."""
     faults = parser.add_argument_group(
-        "faults", "applied to a fraction --fault-rate of generation requests; the X-Infmax-Fault "
-        "request header overrides them for one request ('none' exempts it)"
+        "faults",
+        "applied to a fraction --fault-rate of generation requests; the X-Infmax-Fault "
+        "request header overrides them for one request ('none' exempts it)",
     )
-    faults.add_argument("--fault-rate", type=float, default=1.0, metavar="P",
-                        help="fraction of requests the fault flags apply to (default: 1, every request)")
-    faults.add_argument("--fault-status", type=int, metavar="CODE",
-                        help="answer this HTTP error status (e.g. 429, 500, 503) with an OpenAI error body")
-    faults.add_argument("--fault-retry-after", type=float, metavar="S",
-                        help="Retry-After seconds sent with --fault-status (default: 1 for 429, else none)")
-    faults.add_argument("--fault-stall-seconds", type=float, default=0.0, metavar="S",
-                        help="pause the stream S seconds once --fault-stall-after tokens were sent")
-    faults.add_argument("--fault-stall-after", type=int, default=1, metavar="K",
-                        help="output tokens sent before the stall (default: %(default)s; 0 stalls the first token)")
-    faults.add_argument("--fault-reset-after", type=int, metavar="K",
-                        help="reset the connection (TCP RST) once K output tokens were sent")
-    faults.add_argument("--fault-malformed", metavar="MODES",
-                        help="malformed SSE, modes joined by + or ',': split, no_space, empty_choices, comment, "
-                        "no_done, no_finish, no_usage, invalid_json")
-    faults.add_argument("--crash-after", type=int, metavar="N",
-                        help="serve N generation requests, then exit abruptly (os._exit(1)) when the next arrives")
+    faults.add_argument(
+        "--fault-rate",
+        type=float,
+        default=1.0,
+        metavar="P",
+        help="fraction of requests the fault flags apply to (default: 1, every request)",
+    )
+    faults.add_argument(
+        "--fault-status",
+        type=int,
+        metavar="CODE",
+        help="answer this HTTP error status (e.g. 429, 500, 503) with an OpenAI error body",
+    )
+    faults.add_argument(
+        "--fault-retry-after",
+        type=float,
+        metavar="S",
+        help="Retry-After seconds sent with --fault-status (default: 1 for 429, else none)",
+    )
+    faults.add_argument(
+        "--fault-stall-seconds",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="pause the stream S seconds once --fault-stall-after tokens were sent",
+    )
+    faults.add_argument(
+        "--fault-stall-after",
+        type=int,
+        default=1,
+        metavar="K",
+        help="output tokens sent before the stall (default: %(default)s; 0 stalls the first token)",
+    )
+    faults.add_argument(
+        "--fault-reset-after",
+        type=int,
+        metavar="K",
+        help="reset the connection (TCP RST) once K output tokens were sent",
+    )
+    faults.add_argument(
+        "--fault-malformed",
+        metavar="MODES",
+        help="malformed SSE, modes joined by + or ',': split, no_space, empty_choices, comment, "
+        "no_done, no_finish, no_usage, invalid_json",
+    )
+    faults.add_argument(
+        "--crash-after",
+        type=int,
+        metavar="N",
+        help="serve N generation requests, then exit abruptly (os._exit(1)) when the next arrives",
+    )
 
 
 def _add_observability_arguments(parser: argparse.ArgumentParser) -> None:
     observability = parser.add_argument_group(
         "observability", "ground-truth trace (GET /sim/trace) and Prometheus metrics (GET /metrics)"
     )
-    observability.add_argument("--trace-capacity", type=int, default=100_000, metavar="N",
-                               help="finished requests kept for GET /sim/trace (default: %(default)s; 0: none)")
-    observability.add_argument("--trace-file", type=Path, metavar="PATH",
-                               help="append every finished request to PATH as a JSON line, as it ends")
+    observability.add_argument(
+        "--trace-capacity",
+        type=int,
+        default=100_000,
+        metavar="N",
+        help="finished requests kept for GET /sim/trace (default: %(default)s; 0: none)",
+    )
+    observability.add_argument(
+        "--trace-file",
+        type=Path,
+        metavar="PATH",
+        help="append every finished request to PATH as a JSON line, as it ends",
+    )
 
 
 def _faults_and_observability(args: argparse.Namespace) -> dict[str, Any]:
@@ -183,7 +267,9 @@ class _ListProfiles(argparse.Action):
         except ProfileError as exc:
             parser.exit(2, f"infmax-sim: {exc}\n")
         lines = ["hardware:"]
-        lines += [f"  {name:<16} {hw.description or ''} ({hw.origin})" for name, hw in sorted(registry.hardware.items())]
+        lines += [
+            f"  {name:<16} {hw.description or ''} ({hw.origin})" for name, hw in sorted(registry.hardware.items())
+        ]
         lines += ["models:"]
         lines += [f"  {name:<16} {m.description or ''} ({m.origin})" for name, m in sorted(registry.models.items())]
         lines += ["use: --profile HARDWARE/MODEL, e.g. --profile b200/gpt-oss-120b"]
@@ -196,37 +282,81 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         "continuous-batching scheduler; step times from the linear model (default, fast) or, with "
         "--profile, from a roofline model of a GPU deployment (docs/calibration.md)",
     )
-    engine.add_argument("--max-num-seqs", type=int, default=256,
-                        help="most sequences running at once (per data-parallel rank with --profile; default: %(default)s)")
-    engine.add_argument("--max-num-batched-tokens", type=int, metavar="N",
-                        help="token budget of one step, decode + prefill (per rank; default: 8192 with --profile, "
-                        "else no joint budget)")
-    engine.add_argument("--max-prefill-tokens-per-step", type=int, default=8192,
-                        help="prompt tokens prefilled per step; longer prompts are chunked (default: %(default)s)")
-    engine.add_argument("--kv-cache-tokens", type=int, metavar="N",
-                        help="KV-cache capacity; a request is admitted once blocks for prompt + max_tokens are free "
-                        "(default: computed from --profile, else unlimited)")
+    engine.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=256,
+        help="most sequences running at once (per data-parallel rank with --profile; default: %(default)s)",
+    )
+    engine.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        metavar="N",
+        help="token budget of one step, decode + prefill (per rank; default: 8192 with --profile, "
+        "else no joint budget)",
+    )
+    engine.add_argument(
+        "--max-prefill-tokens-per-step",
+        type=int,
+        default=8192,
+        help="prompt tokens prefilled per step; longer prompts are chunked (default: %(default)s)",
+    )
+    engine.add_argument(
+        "--kv-cache-tokens",
+        type=int,
+        metavar="N",
+        help="KV-cache capacity; a request is admitted once blocks for prompt + max_tokens are free "
+        "(default: computed from --profile, else unlimited)",
+    )
     engine.add_argument("--block-size", type=int, default=16, help="KV-cache block, tokens (default: %(default)s)")
-    engine.add_argument("--slowdown", type=float, default=1.0, metavar="FACTOR",
-                        help="multiply every step's duration (inject a regression of known size; default: 1)")
+    engine.add_argument(
+        "--slowdown",
+        type=float,
+        default=1.0,
+        metavar="FACTOR",
+        help="multiply every step's duration (inject a regression of known size; default: 1)",
+    )
     engine.add_argument("--stream-interval", type=int, default=1, help="tokens per SSE event")
     engine.add_argument("--decode-step-ms", type=float, default=4.0, help="linear model: fixed cost of one step")
-    engine.add_argument("--decode-ms-per-seq", type=float, default=0.05,
-                        help="linear model: added per running sequence per step")
+    engine.add_argument(
+        "--decode-ms-per-seq", type=float, default=0.05, help="linear model: added per running sequence per step"
+    )
     engine.add_argument("--prefill-ms-per-1k-tokens", type=float, default=20.0, help="linear model: prefill cost")
-    engine.add_argument("--profile", metavar="HARDWARE/MODEL",
-                        help="roofline model of a deployment, e.g. b200/gpt-oss-120b (see --list-profiles)")
-    engine.add_argument("--profile-file", type=Path, action="append", default=[], metavar="FILE.toml",
-                        help="extra [hardware.NAME] / [model.NAME] profiles (repeatable; replace built-ins of the same name)")
+    engine.add_argument(
+        "--profile",
+        metavar="HARDWARE/MODEL",
+        help="roofline model of a deployment, e.g. b200/gpt-oss-120b (see --list-profiles)",
+    )
+    engine.add_argument(
+        "--profile-file",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE.toml",
+        help="extra [hardware.NAME] / [model.NAME] profiles (repeatable; replace built-ins of the same name)",
+    )
     engine.add_argument("--list-profiles", action=_ListProfiles, help="print the known profiles and exit")
-    engine.add_argument("--tp", type=int, metavar="N",
-                        help="tensor-parallel GPUs per attention group (default: smallest of 1, 2, 4, 8 that fits)")
-    engine.add_argument("--gpus", type=int, metavar="N",
-                        help="GPUs in all (default: --tp); gpus / tp data-parallel attention groups (DEP for MoE)")
-    engine.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                        help="fraction of GPU memory for weights + KV cache (default: %(default)s)")
-    engine.add_argument("--precision", choices=("fp4", "fp8", "bf16"),
-                        help="weights and math precision (default: the model profile's)")
+    engine.add_argument(
+        "--tp",
+        type=int,
+        metavar="N",
+        help="tensor-parallel GPUs per attention group (default: smallest of 1, 2, 4, 8 that fits)",
+    )
+    engine.add_argument(
+        "--gpus",
+        type=int,
+        metavar="N",
+        help="GPUs in all (default: --tp); gpus / tp data-parallel attention groups (DEP for MoE)",
+    )
+    engine.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.9,
+        help="fraction of GPU memory for weights + KV cache (default: %(default)s)",
+    )
+    engine.add_argument(
+        "--precision", choices=("fp4", "fp8", "bf16"), help="weights and math precision (default: the model profile's)"
+    )
     engine.add_argument("--kv-cache-dtype", choices=("fp8", "bf16"), help="default: the model profile's")
     engine.add_argument("--compute-efficiency", type=float, metavar="F", help="override the calibrated value")
     engine.add_argument("--moe-compute-efficiency", type=float, metavar="F", help="override the calibrated value")
@@ -305,9 +435,9 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
 def bind_socket(host: str, port: int) -> socket.socket:
     """Bind the listening socket ourselves, so port 0 yields a port that is already
     ours (no probe-then-bind race) and we can report it."""
-    family, kind, proto, _, address = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[
+        0
+    ]
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

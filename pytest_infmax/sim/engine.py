@@ -42,8 +42,9 @@ import enum
 import logging
 import math
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, NamedTuple, Protocol, Sequence
+from typing import NamedTuple, Protocol
 
 logger = logging.getLogger("pytest_infmax.sim")
 
@@ -718,7 +719,11 @@ def simulate(
             del recorders[request.request_id]
             done.append(
                 SimulatedRequest(
-                    request.prompt_tokens, request.generated_tokens, recorder.sent, recorder.first_token, delivery.emit_time
+                    request.prompt_tokens,
+                    request.generated_tokens,
+                    recorder.sent,
+                    recorder.first_token,
+                    delivery.emit_time,
                 )
             )
             if pending:

@@ -85,15 +85,11 @@ class FaultSpec:
             raise FaultSpecError(f"reset_after must be >= 0 tokens, got {self.reset_after}")
         unknown = sorted(set(self.malformed) - set(MALFORMED_MODES))
         if unknown:
-            raise FaultSpecError(
-                f"unknown malformed mode(s) {', '.join(unknown)}; known: {', '.join(MALFORMED_MODES)}"
-            )
+            raise FaultSpecError(f"unknown malformed mode(s) {', '.join(unknown)}; known: {', '.join(MALFORMED_MODES)}")
 
     @property
     def active(self) -> bool:
-        return bool(
-            self.status is not None or self.stall_seconds > 0 or self.reset_after is not None or self.malformed
-        )
+        return bool(self.status is not None or self.stall_seconds > 0 or self.reset_after is not None or self.malformed)
 
     @property
     def rewrites_stream(self) -> bool:

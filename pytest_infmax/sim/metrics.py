@@ -150,14 +150,11 @@ class SimMetrics:
         for reason, count in sorted(self.success.items()):
             sample("vllm:request_success_total", count, (("finished_reason", reason),))
         histogram("vllm:time_to_first_token_seconds", self.ttft, "Histogram of time to first token in seconds.")
-        histogram(
-            "vllm:inter_token_latency_seconds", self.inter_token, "Histogram of inter-token latency in seconds."
-        )
+        histogram("vllm:inter_token_latency_seconds", self.inter_token, "Histogram of inter-token latency in seconds.")
         histogram(
             "vllm:time_per_output_token_seconds",
             self.inter_token,
-            "Histogram of time per output token in seconds. "
-            "DEPRECATED: Use vllm:inter_token_latency_seconds instead.",
+            "Histogram of time per output token in seconds. DEPRECATED: Use vllm:inter_token_latency_seconds instead.",
         )
         histogram(
             "vllm:request_time_per_output_token_seconds",
@@ -171,4 +168,3 @@ class SimMetrics:
             "Histogram of time spent in WAITING phase for request.",
         )
         return "\n".join(lines) + "\n"
-

@@ -45,8 +45,7 @@ MAX_SD = 1.0  # a lognormal sd of 100 % is already absurd for timing noise
 
 def _check_sd(name: str, value: float) -> None:
     if not (isinstance(value, (int, float)) and math.isfinite(value) and 0.0 <= value <= MAX_SD):
-        raise ValueError(f"{name} must be a standard deviation between 0 and {MAX_SD:g} "
-                         f"(0.02 is 2 %), got {value!r}")
+        raise ValueError(f"{name} must be a standard deviation between 0 and {MAX_SD:g} (0.02 is 2 %), got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -79,8 +78,9 @@ class NoiseConfig:
 
     @property
     def enabled(self) -> bool:
-        return bool(self.start_jitter or self.prefill_start_jitter or self.step_jitter or self.step_drift
-                    or self.stall_rate)
+        return bool(
+            self.start_jitter or self.prefill_start_jitter or self.step_jitter or self.step_drift or self.stall_rate
+        )
 
 
 class StepNoise:
@@ -93,7 +93,8 @@ class StepNoise:
         self._rng = rng
         self.start_factor = math.exp(rng.gauss(0.0, config.start_jitter)) if config.start_jitter else 1.0
         self.prefill_start_factor = (
-            math.exp(rng.gauss(0.0, config.prefill_start_jitter)) if config.prefill_start_jitter else 1.0)
+            math.exp(rng.gauss(0.0, config.prefill_start_jitter)) if config.prefill_start_jitter else 1.0
+        )
         self._phi = math.exp(-1.0 / config.step_drift_steps)
         self._innovation_sd = config.step_drift * math.sqrt(1.0 - self._phi * self._phi)
         self._drift = rng.gauss(0.0, config.step_drift) if config.step_drift else 0.0  # stationary start
@@ -139,8 +140,10 @@ class StepNoise:
         c = self.config
         parts = [f"start factor {self.start_factor:.4f} (--start-jitter {c.start_jitter:g})"]
         if c.prefill_start_jitter:
-            parts.append(f"prefill start factor {self.prefill_start_factor:.4f} "
-                         f"(--prefill-start-jitter {c.prefill_start_jitter:g})")
+            parts.append(
+                f"prefill start factor {self.prefill_start_factor:.4f} "
+                f"(--prefill-start-jitter {c.prefill_start_jitter:g})"
+            )
         if c.step_jitter:
             parts.append(f"step jitter sd {c.step_jitter:g}")
         if c.step_drift:

@@ -42,11 +42,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from itertools import repeat
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 try:
     import tomllib
@@ -146,7 +147,9 @@ def _kv_dtype(value: Any) -> str:
 
 def _tflops_table(value: Any) -> dict[str, float]:
     if not isinstance(value, dict) or not value:
-        raise ValueError(f"a table of precision = TFLOP/s, e.g. {{ bf16 = 989, fp8 = 1979 }}; precisions: {', '.join(PRECISIONS)}")
+        raise ValueError(
+            f"a table of precision = TFLOP/s, e.g. {{ bf16 = 989, fp8 = 1979 }}; precisions: {', '.join(PRECISIONS)}"
+        )
     table = {}
     for precision, tflops in value.items():
         if precision not in PRECISIONS:
@@ -163,9 +166,18 @@ HARDWARE_KEYS: tuple[_Key, ...] = (
     _Key("source", _text, help="where the numbers come from"),
     _Key("memory_gb", _positive, True, "HBM per GPU, GB"),
     _Key("memory_bandwidth_tb_s", _positive, True, "HBM bandwidth per GPU, TB/s"),
-    _Key("dense_tflops", _tflops_table, True, "peak dense tensor TFLOP/s per precision: { bf16 = ..., fp8 = ..., fp4 = ... }"),
+    _Key(
+        "dense_tflops",
+        _tflops_table,
+        True,
+        "peak dense tensor TFLOP/s per precision: { bf16 = ..., fp8 = ..., fp4 = ... }",
+    ),
     _Key("compute_efficiency", _fraction, help="achieved / peak FLOP/s of dense layers and attention (default 0.5)"),
-    _Key("moe_compute_efficiency", _fraction, help="achieved / peak FLOP/s of routed experts (default: compute_efficiency)"),
+    _Key(
+        "moe_compute_efficiency",
+        _fraction,
+        help="achieved / peak FLOP/s of routed experts (default: compute_efficiency)",
+    ),
     _Key("bandwidth_efficiency", _fraction, help="achieved / peak HBM bandwidth (default 0.8)"),
     _Key("step_overhead_ms", _non_negative, help="fixed cost of every step: launch, scheduling, sampling (default 0)"),
     _Key("tdp_w", _positive, help="board power at full load, W (modelled power; default: none modelled)"),
@@ -252,7 +264,7 @@ class HardwareProfile:
 
     def compute_precision(self, wanted: str) -> str:
         """``wanted`` if this GPU has a peak for it, else the next wider precision it has."""
-        for precision in PRECISIONS[PRECISIONS.index(wanted):]:
+        for precision in PRECISIONS[PRECISIONS.index(wanted) :]:
             if precision in self.dense_tflops:
                 return precision
         raise ProfileError(
@@ -343,7 +355,9 @@ def _model_from(name: str, table: Any, origin: str) -> ModelProfile:
         if missing:
             raise ProfileError(f"{where}: a MoE model (experts > 0) needs {' and '.join(missing)}")
         if values["experts_per_token"] > values["experts"]:
-            raise ProfileError(f"{where}: experts_per_token ({values['experts_per_token']}) exceeds experts ({values['experts']})")
+            raise ProfileError(
+                f"{where}: experts_per_token ({values['experts_per_token']}) exceeds experts ({values['experts']})"
+            )
         if values["expert_params_b"] >= values["total_params_b"]:
             raise ProfileError(f"{where}: expert_params_b must be less than total_params_b")
     if "sliding_window" in values and "sliding_window_layers" not in values:
@@ -400,7 +414,7 @@ class ProfileRegistry:
         unknown = [key for key in document if key not in ("hardware", "model", "calibration")]
         if unknown or not document:
             raise ProfileError(
-                f"{origin}: expected [hardware.NAME], [model.NAME] or [calibration.\"HARDWARE/MODEL\"] tables"
+                f'{origin}: expected [hardware.NAME], [model.NAME] or [calibration."HARDWARE/MODEL"] tables'
                 + (f", got top-level key {unknown[0]!r}" if unknown else ", the file has none")
             )
         for kind, build, target in (
@@ -473,7 +487,9 @@ class Deployment:
         if self.tp < 1 or self.gpus < 1:
             raise ProfileError(f"--tp and --gpus must be >= 1, got tp={self.tp}, gpus={self.gpus}")
         if self.gpus % self.tp:
-            raise ProfileError(f"--gpus ({self.gpus}) must be a multiple of --tp ({self.tp}): gpus / tp attention groups")
+            raise ProfileError(
+                f"--gpus ({self.gpus}) must be a multiple of --tp ({self.tp}): gpus / tp attention groups"
+            )
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ProfileError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.precision is not None and self.precision not in PRECISIONS:
@@ -663,7 +679,9 @@ class RooflineCostModel:
                 window_attended += k * cached + k * (k + 1) // 2 + (chunk - k) * window
         attended = self._full_layers * full_attended + self._window_layers * window_attended
         flops = self._flops_per_token * tokens + self._attention_flops * attended
-        compute_s = flops * self._seconds_per_flop + self._expert_flops_per_token * tokens * self._seconds_per_expert_flop
+        compute_s = (
+            flops * self._seconds_per_flop + self._expert_flops_per_token * tokens * self._seconds_per_expert_flop
+        )
         kv_tokens_read = self._full_layers * full_context + self._window_layers * window_context
         weight_bytes = self._dense_bytes
         if self._experts:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import hmac
 import http
@@ -33,9 +34,10 @@ import struct
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -286,9 +288,7 @@ def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool, bool]:
     if options is None:
         return stream, False, False
     if not stream:
-        raise ApiError(
-            400, "'stream_options': can only be set when 'stream' is true", param="stream_options"
-        )
+        raise ApiError(400, "'stream_options': can only be set when 'stream' is true", param="stream_options")
     include_usage = bool(_optional(options, "include_usage", bool, "a boolean"))
     continuous = bool(_optional(options, "continuous_usage_stats", bool, "a boolean"))
     # vLLM sends per-chunk usage only when include_usage is also set.
@@ -592,6 +592,7 @@ def _close_listening_sockets() -> None:
             else:
                 sock.detach()  # not ours to close: leave the descriptor as it was
 
+
 _STATUS_ERROR_TYPES = {
     429: ("rate_limit_exceeded", "rate_limit_error"),
     500: ("internal_error", "server_error"),
@@ -615,9 +616,7 @@ def injected_status_error(fault: FaultSpec) -> ApiError:
     retry_after = fault.effective_retry_after()
     if retry_after is not None:
         headers = {"Retry-After": str(math.ceil(retry_after)), "retry-after-ms": str(round(retry_after * 1000))}
-    return ApiError(
-        status, f"injected fault: {status} {phrase}", code=code, error_type=error_type, headers=headers
-    )
+    return ApiError(status, f"injected fault: {status} {phrase}", code=code, error_type=error_type, headers=headers)
 
 
 class _ConnectionResetInjected(Exception):
@@ -655,7 +654,7 @@ def _split_event(data: bytes) -> list[bytes]:
         return [data]
     body_end = len(data) - 2
     middle = max(3, body_end // 2)
-    return [data[:2], data[2:middle], data[middle:body_end + 1], data[body_end + 1:]]
+    return [data[:2], data[2:middle], data[middle : body_end + 1], data[body_end + 1 :]]
 
 
 async def _next_deliveries(engine_request: EngineRequest) -> list[TokenDelivery]:
@@ -808,8 +807,9 @@ async def _stream_response(
                     events.append((encode(shape.chunk(None, final_usage, True)), 0))
                 if NO_DONE not in malformed:
                     events.append((_SSE_DONE, 0))
-                reason = finish_reason
-                await writer.send(events, on_last=lambda: obs.finish(trace, OK, engine_request, reason))
+                await writer.send(
+                    events, on_last=functools.partial(obs.finish, trace, OK, engine_request, finish_reason)
+                )
                 break
             await writer.send(events)
         await response.write_eof()
@@ -1055,15 +1055,27 @@ async def handle_power(request: web.Request) -> web.Response:
     deployment = getattr(config.cost_model, "deployment", None)
     hardware = getattr(deployment, "hardware", None)
     if hardware is None or hardware.tdp_w is None:
-        raise ApiError(404, "no modelled power: start the simulator with --profile HARDWARE/MODEL "
-                            "(a hardware profile with tdp_w)", error_type="not_found_error")
+        raise ApiError(
+            404,
+            "no modelled power: start the simulator with --profile HARDWARE/MODEL (a hardware profile with tdp_w)",
+            error_type="not_found_error",
+        )
     gpus = deployment.gpus
     idle = hardware.idle_w if hardware.idle_w is not None else 0.15 * hardware.tdp_w
     elapsed = time.monotonic() - request.app[STARTED_AT_KEY]
     energy_j = gpus * (idle * elapsed + (hardware.tdp_w - idle) * engine.busy_seconds)
     power_w = gpus * (hardware.tdp_w if engine.step_running else idle)
-    return web.json_response({"power_w": power_w, "energy_j": energy_j, "gpus": gpus, "modelled": True,
-                              "tdp_w": hardware.tdp_w, "idle_w": idle}, dumps=_encode_json)
+    return web.json_response(
+        {
+            "power_w": power_w,
+            "energy_j": energy_j,
+            "gpus": gpus,
+            "modelled": True,
+            "tdp_w": hardware.tdp_w,
+            "idle_w": idle,
+        },
+        dumps=_encode_json,
+    )
 
 
 async def handle_stats(request: web.Request) -> web.Response:

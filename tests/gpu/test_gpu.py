@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 from pytest_infmax import Infmax, Scenario, ServerConfig, telemetry
-from pytest_infmax.servers import require_gpus_released, start_server
 from pytest_infmax.reports import write_json_atomic
+from pytest_infmax.servers import require_gpus_released, start_server
 
 ENGINE = str(Path(__file__).with_name("tiny_gpu_engine.py"))
 RESERVE_GIB = 4.0
@@ -39,8 +39,18 @@ def test_server_on_gpu_is_measured_and_released(tmp_path: Path) -> None:
     assert baseline is not None
     config = ServerConfig(
         kind="command",
-        command=(sys.executable, ENGINE, "--host", "{host}", "--port", "{port}", "--model", "{model}",
-                 "--reserve-gib", str(RESERVE_GIB)),
+        command=(
+            sys.executable,
+            ENGINE,
+            "--host",
+            "{host}",
+            "--port",
+            "{port}",
+            "--model",
+            "{model}",
+            "--reserve-gib",
+            str(RESERVE_GIB),
+        ),
         model="tiny-gpu",
         startup_timeout=300,
     )
@@ -55,7 +65,10 @@ def test_server_on_gpu_is_measured_and_released(tmp_path: Path) -> None:
         # Containers may hide pids from NVML; the reserved memory shows either way.
         assert on_gpu or taken >= RESERVE_GIB * 1024 * 0.9, (on_gpu, taken)
         result = Infmax(server, name="gpu-tiny").run(
-            Scenario("gpu-256-64", 256, 64), concurrency=4, num_requests=16, warmup=4,
+            Scenario("gpu-256-64", 256, 64),
+            concurrency=4,
+            num_requests=16,
+            warmup=4,
             sla=["error_rate < 1%", "p99(ttft) < 5s"],
         )
         m = result.metrics
@@ -65,23 +78,30 @@ def test_server_on_gpu_is_measured_and_released(tmp_path: Path) -> None:
         assert energy is not None and energy.measured, energy and energy.reason
         assert energy.energy_j > 0 and energy.j_per_token > 0 and energy.avg_power_w > 20
         assert result.price is not None and "reported by NVML" in result.price.source
-        print(f"energy: {energy.energy_j:.0f} J over {energy.duration_s:.1f} s ({energy.method}), "
-              f"{energy.avg_power_w:.0f} W, {energy.j_per_token:.3f} J/token; "
-              f"cost ${result.cost.total:.2f}/Mtok at {result.price.source}")
-        print(f"measured on GPU: {m.output_throughput:.0f} output tok/s, "
-              f"TTFT p50 {m.ttft.median * 1e3:.1f} ms, TPOT p50 {m.tpot.median * 1e3:.2f} ms; "
-              f"server pid {pid} seen by NVML: {bool(on_gpu)}; memory taken {taken:.0f} MiB")
+        print(
+            f"energy: {energy.energy_j:.0f} J over {energy.duration_s:.1f} s ({energy.method}), "
+            f"{energy.avg_power_w:.0f} W, {energy.j_per_token:.3f} J/token; "
+            f"cost ${result.cost.total:.2f}/Mtok at {result.price.source}"
+        )
+        print(
+            f"measured on GPU: {m.output_throughput:.0f} output tok/s, "
+            f"TTFT p50 {m.ttft.median * 1e3:.1f} ms, TPOT p50 {m.tpot.median * 1e3:.2f} ms; "
+            f"server pid {pid} seen by NVML: {bool(on_gpu)}; memory taken {taken:.0f} MiB"
+        )
     finally:
         server.stop()
     check = telemetry.wait_released({pid}, baseline, timeout=60)
     print(check.describe())
-    _out("gpu_server.json", {
-        "result": result.to_dict(include_records=False),
-        "memory_taken_mib": taken,
-        "pid_seen_by_nvml": bool(on_gpu),
-        "release": check.describe(),
-        "released": check.released,
-    })
+    _out(
+        "gpu_server.json",
+        {
+            "result": result.to_dict(include_records=False),
+            "memory_taken_mib": taken,
+            "pid_seen_by_nvml": bool(on_gpu),
+            "release": check.describe(),
+            "released": check.released,
+        },
+    )
     assert check.measured and check.released, check.describe()
 
 
@@ -90,8 +110,20 @@ def test_escaped_cuda_worker_is_killed_and_gpu_released(tmp_path: Path) -> None:
     baseline = telemetry.memory_used_mib()
     config = ServerConfig(
         kind="command",
-        command=(sys.executable, ENGINE, "--host", "{host}", "--port", "{port}", "--model", "{model}",
-                 "--reserve-gib", "1", "--escaped-worker-gib", "2"),
+        command=(
+            sys.executable,
+            ENGINE,
+            "--host",
+            "{host}",
+            "--port",
+            "{port}",
+            "--model",
+            "{model}",
+            "--reserve-gib",
+            "1",
+            "--escaped-worker-gib",
+            "2",
+        ),
         model="tiny-gpu",
         startup_timeout=300,
     )
@@ -107,6 +139,13 @@ def test_escaped_cuda_worker_is_killed_and_gpu_released(tmp_path: Path) -> None:
     assert not os.path.exists(f"/proc/{worker_pid}") or "Z" in open(f"/proc/{worker_pid}/stat").read().split(")")[1][:3]
     check = telemetry.wait_released(server.stopped_pids, baseline, timeout=60)
     print(f"escaped worker {worker_pid} stopped; {check.describe()}")
-    _out("gpu_escaped_worker.json", {"worker_pid": worker_pid, "stopped_pids": server.stopped_pids,
-                                     "release": check.describe(), "released": check.released})
+    _out(
+        "gpu_escaped_worker.json",
+        {
+            "worker_pid": worker_pid,
+            "stopped_pids": server.stopped_pids,
+            "release": check.describe(),
+            "released": check.released,
+        },
+    )
     assert check.measured and check.released, check.describe()

@@ -41,8 +41,14 @@ class TinyModel:
 
 
 def _chunk(model: str, text: str, finish: str | None) -> bytes:
-    obj = {"id": "cmpl-tiny", "object": "text_completion", "created": int(time.time()), "model": model,
-           "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}], "usage": None}
+    obj = {
+        "id": "cmpl-tiny",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+        "usage": None,
+    }
     return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
 
@@ -52,6 +58,7 @@ def build_app(model_name: str, reserve_gib: float) -> web.Application:
     async def load(app: web.Application) -> None:
         async def _load() -> None:
             state["model"] = await asyncio.to_thread(TinyModel, reserve_gib)
+
         app["loader"] = asyncio.create_task(_load())
 
     async def health(request: web.Request) -> web.Response:
@@ -79,8 +86,13 @@ def build_app(model_name: str, reserve_gib: float) -> web.Application:
             await resp.write(_chunk(model_name, f" t{tok}", "length" if i == max_tokens - 1 else None))
             await asyncio.sleep(0)
         usage = {"prompt_tokens": len(ids), "completion_tokens": len(out), "total_tokens": len(ids) + len(out)}
-        await resp.write(b"data: " + json.dumps({"id": "cmpl-tiny", "object": "text_completion", "model": model_name,
-                                                 "choices": [], "usage": usage}).encode() + b"\n\n")
+        await resp.write(
+            b"data: "
+            + json.dumps(
+                {"id": "cmpl-tiny", "object": "text_completion", "model": model_name, "choices": [], "usage": usage}
+            ).encode()
+            + b"\n\n"
+        )
         await resp.write(b"data: [DONE]\n\n")
         return resp
 
@@ -108,8 +120,9 @@ def spawn_escaped_worker(gib: float) -> None:
     import subprocess
     import sys
 
-    worker = subprocess.Popen([sys.executable, "-c", WORKER, str(gib)], start_new_session=True,
-                              stdout=subprocess.PIPE, text=True)
+    worker = subprocess.Popen(
+        [sys.executable, "-c", WORKER, str(gib)], start_new_session=True, stdout=subprocess.PIPE, text=True
+    )
     print(worker.stdout.readline().strip(), flush=True)  # wait until it holds its GPU memory
 
 
@@ -119,8 +132,12 @@ def main() -> None:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--model", default="tiny-gpu")
     p.add_argument("--reserve-gib", type=float, default=4.0)
-    p.add_argument("--escaped-worker-gib", type=float, default=0.0,
-                   help="also start a setsid CUDA worker holding this much GPU memory")
+    p.add_argument(
+        "--escaped-worker-gib",
+        type=float,
+        default=0.0,
+        help="also start a setsid CUDA worker holding this much GPU memory",
+    )
     a = p.parse_args()
     if a.escaped_worker_gib:
         spawn_escaped_worker(a.escaped_worker_gib)

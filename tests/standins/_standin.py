@@ -59,14 +59,25 @@ def serve(prog: str, host: str, port: int, model: str, parsed: dict[str, Any]) -
         # A worker that leaves the process group (setsid), as engine-core or MPI children can.
         child = subprocess.Popen(
             [sys.executable, "-c", "import time\nwhile True: time.sleep(3600)", f"escaped-worker-of-{model}"],
-            start_new_session=True, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
         )
         pidfile = os.environ.get("INFMAX_STANDIN_PIDFILE")
         if pidfile:
             with open(pidfile, "w") as f:
                 f.write(str(child.pid))
-    sim = [sys.executable, "-m", "pytest_infmax.sim", "--host", host, "--port", str(port), "--model", model,
-           *shlex.split(os.environ.get("INFMAX_STANDIN_SIM_ARGS", ""))]
+    sim = [
+        sys.executable,
+        "-m",
+        "pytest_infmax.sim",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--model",
+        model,
+        *shlex.split(os.environ.get("INFMAX_STANDIN_SIM_ARGS", "")),
+    ]
     if "ignore-sigterm" in mode:
         proc = subprocess.Popen(sim, stdin=subprocess.DEVNULL)  # before SIG_IGN, which children inherit
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
