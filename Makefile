@@ -11,7 +11,8 @@
 #   make test-lowest   the lowest versions pyproject.toml declares, on Python 3.10 (.venv-lowest)
 #   make lock          recompile requirements/lock.txt (then commit it)
 PYTHON ?= python3
-PYTHON_LOWEST ?= python3.10
+# The oldest Python we support: pyenv's 3.10 where there is one (these machines), else python3.10.
+PYTHON_LOWEST ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10*/bin/python3.10) python3.10)
 VENV ?= .venv
 BIN := $(VENV)/bin
 LOCK := requirements/lock.txt
@@ -86,7 +87,7 @@ test-latest:
 # allowed version (uv's lowest-direct resolution), on the oldest Python we support.
 test-lowest: $(STAMP)
 	rm -rf .venv-lowest
-	$(BIN)/uv venv -q -p $(PYTHON_LOWEST) .venv-lowest
+	$(PYTHON_LOWEST) -m venv .venv-lowest
 	$(BIN)/uv pip install -q -p .venv-lowest/bin/python --resolution lowest-direct -e '.[test]'
 	$(BIN)/uv pip freeze -p .venv-lowest/bin/python > .venv-lowest/versions.txt
 	.venv-lowest/bin/python -m pytest -n 2 -p no:cacheprovider
