@@ -7,6 +7,7 @@ outcomes to the reports as plain dicts.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,7 +138,9 @@ class RegressionFailed(AssertionError):
 SEQUENTIAL_BATCH = 8  # requests between looks; the confidence sequence holds at every look
 
 
-def sequential_for(settings: GateSettings, gate: str = "p50(tpot)"):  # type: ignore[no-untyped-def]
+def sequential_for(
+    settings: GateSettings, gate: str = "p50(tpot)"
+) -> Callable[[str, int | None], SequentialComparison | None]:
     """A factory ``(result name, request cap) -> SequentialComparison | None`` for --infmax-sequential.
 
     None (run to the cap as usual) where there is no baseline to compare with, or it
