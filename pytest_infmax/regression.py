@@ -126,6 +126,8 @@ def gate_results(results: list[LoadResult], settings: GateSettings) -> list[Gate
 class RegressionFailed(AssertionError):
     """A test's results regressed against their baselines (or a baseline is unusable)."""
 
+    from_marker = False  # the plugin sets it where the tables are the whole report (no traceback)
+
     def __init__(self, outcomes: list[GateOutcome]) -> None:
         self.outcomes = outcomes
         super().__init__("\n".join([o.message() for o in outcomes] + [self.tables()]))

@@ -20,7 +20,7 @@ not ours to restart) share one start, so they are merged into one run there.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +44,7 @@ def repeat_count(value: Any, where: str = "repeat") -> int:
     return value
 
 
-def repeat_marker_count(args: Sequence[Any], kwargs: dict[str, Any]) -> int:
+def repeat_marker_count(args: Sequence[Any], kwargs: Mapping[str, Any]) -> int:
     """The N of ``@pytest.mark.infmax_repeat(N)`` (also ``n=N``); RepeatError if malformed."""
     if kwargs and set(kwargs) != {"n"} or len(args) + len(kwargs) != 1:
         raise RepeatError(
