@@ -403,9 +403,9 @@ def merge_runs(runs: Sequence[BaselineRun], name: str | None = None) -> Baseline
             samples.setdefault(key, []).extend(values)
     scalars: dict[str, float | None] = {}
     for key in {k for run in runs for k in run.scalars}:
-        values = [run.scalars.get(key) for run in runs]
-        known = [v for v in values if v is not None]
-        scalars[key] = sum(known) / len(known) if len(known) == len(values) else None
+        per_run = [run.scalars.get(key) for run in runs]
+        known = [v for v in per_run if v is not None]
+        scalars[key] = sum(known) / len(known) if len(known) == len(per_run) else None
     first = runs[0]
     return BaselineRun(
         name=name or first.name,
@@ -761,11 +761,11 @@ class BaselineStore:
         self, key: str, path: Path, new_runs: list[BaselineRun], testbed: Mapping[str, Any], mode: Mode
     ) -> Baseline:
         current = None if mode == "replace" else self.load(key)
-        testbed = _plain(dict(testbed))
+        plain_testbed: dict[str, Any] = _plain(dict(testbed))
         if current is None:
-            baseline = Baseline(key, testbed, [], self.history, path)
+            baseline = Baseline(key, plain_testbed, [], self.history, path)
         else:
-            current.check(testbed, new_runs[0].workload)
+            current.check(plain_testbed, new_runs[0].workload)
             baseline = Baseline(key, current.testbed, current.runs, self.history, path)
         baseline = baseline.with_runs(new_runs)
         write_json_atomic(path, _sorted(baseline.to_dict()))

@@ -466,17 +466,17 @@ def compare_runs(
     prepared = []
     skipped = []
     for gate in opts.gates:
-        ya, wa = stats.collect(base, gate, side=0)
-        yb, wb = stats.collect(cur, gate, side=1)
-        if ya is None or yb is None:
-            if ya is None and yb is None and opts.gates == DEFAULT_GATES:
+        on_base = stats.collect(base, gate, side=0)
+        on_cur = stats.collect(cur, gate, side=1)
+        if on_base is None or on_cur is None:
+            if on_base is None and on_cur is None and opts.gates == DEFAULT_GATES:
                 continue  # a default gate this result does not have (cost without a price)
             skipped.append(
-                f"{gate.label}: {'not measured' if ya is None and yb is None else 'not on both sides'}"
+                f"{gate.label}: {'not measured' if on_base is None and on_cur is None else 'not on both sides'}"
                 " (or not positive, so no ratio)"
             )
             continue
-        prepared.append((gate, ya, wa, yb, wb))
+        prepared.append((gate, *on_base, *on_cur))
     m = max(len({_family(g) for g, *_ in prepared}), 1)
     rows = [_compare_gate(gate, ya, wa, yb, wb, opts, m, stats.block_used) for gate, ya, wa, yb, wb in prepared]
     return ComparisonReport(key, rows, opts, len(base), len(cur), skipped=skipped)
@@ -490,23 +490,21 @@ class _RunStatistics:
         self._cache: dict[Any, Any] = {} if cache is None else cache
         self.block_used: dict[str, set[int]] = {}
 
-    def collect(
-        self, runs: Sequence[BaselineRun], gate: Gate, side: int
-    ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    def collect(self, runs: Sequence[BaselineRun], gate: Gate, side: int) -> tuple[np.ndarray, np.ndarray] | None:
         """log statistic per run and its within-run variance (0 for scalars); None if any run lacks it."""
         ys, ws = [], []
         for i, run in enumerate(runs):
             if gate.stat is None:
                 value = run.scalar(gate.metric)
                 if value is None or value <= 0:
-                    return None, None
+                    return None
                 ys.append(math.log(value))
                 ws.append(0.0)
                 continue
             point, var = self._distribution(run, gate.metric, side, i)
             value = point.get(gate.stat)
             if value is None or not value > 0:
-                return None, None
+                return None
             ys.append(math.log(value))
             ws.append(var.get(gate.stat, 0.0))
         return np.asarray(ys), np.asarray(ws)
@@ -868,9 +866,10 @@ class SequentialComparison:
         self.margin = math.log1p(min_effect)
         self.max_requests = int(max_requests)
         stats = _RunStatistics(self.opts)
-        ya, wa = stats.collect(list(baseline), self.gate, side=0)
-        if ya is None or wa is None:
+        collected = stats.collect(list(baseline), self.gate, side=0)
+        if collected is None:
             raise ValueError(f"the baseline has no {self.gate.metric} samples")
+        ya, wa = collected
         self.baseline_log = float(ya.mean())
         k = len(ya)
         noise = estimate_run_noise([ya], [wa], self.opts.prior_for(self.gate), self.opts.prior_df)

@@ -390,15 +390,14 @@ class Settings:
 
     def gate_settings(self, root: Path) -> GateSettings:
         """The regression gate's settings; relative directories are under ``root`` (pytest's rootdir)."""
-        from .compare import CompareOptions, parse_gates
+        from .compare import DEFAULT_GATES, CompareOptions, parse_gates
 
         v = self.values
         directory = Path(v["baselines"])
         compare_set = v["compare"]
         try:
-            options = CompareOptions(
-                min_effect=v["min_effect"], **({"gates": parse_gates(v["gates"])} if v["gates"] else {})
-            )
+            gates = parse_gates(v["gates"]) if v["gates"] else DEFAULT_GATES
+            options = CompareOptions(gates=gates, min_effect=v["min_effect"])
         except (ValueError, TypeError) as exc:
             raise SettingError(f"{self.sources['gates']} = {v['gates']!r} is not valid: {exc}") from None
         if v["sequential"] and v["workers"] > 1:

@@ -679,7 +679,7 @@ def _timeline(samples: list[_Sample], start: float) -> list[list[float]]:
     if len(pts) > TIMELINE_POINTS:
         step = len(pts) / TIMELINE_POINTS
         pts = [pts[int(k * step)] for k in range(TIMELINE_POINTS)]
-    return [[round(t, 4), round(p, 2)] for t, p in pts]  # type: ignore[arg-type]
+    return [[round(t, 4), round(p, 2)] for t, p in pts]
 
 
 def _per_token(rep: EnergyReport, usd_per_kwh: float | None) -> None:

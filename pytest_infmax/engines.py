@@ -38,7 +38,7 @@ class EngineOptionError(ValueError):
     """An engine option that cannot work; the message says what to do instead."""
 
 
-class FrozenMap(tuple):  # type: ignore[type-arg]
+class FrozenMap(tuple[tuple[str, Any], ...]):
     """A mapping frozen into sorted (key, value) pairs, so ServerConfig stays hashable."""
 
     def thaw(self) -> dict[str, Any]:

@@ -195,9 +195,10 @@ def _series(results: Sequence[Result], sweeps: Sequence[Mapping[str, Any]]) -> d
     claimed: set[str] = set()
     out: dict[str, dict[str, list[Result]]] = {}
     for s in sweeps:
-        pts = [by_name[n] for n in s.get("points") or () if n in by_name]
-        for r in pts:
-            claimed.add(r.get("name"))
+        names = [n for n in s.get("points") or () if n in by_name]
+        claimed.update(names)
+        for n in names:
+            r = by_name[n]
             out.setdefault(_scenario(r), {}).setdefault(str(s.get("name", "sweep")), []).append(r)
     for r in results:
         if r.get("name") in claimed:
@@ -289,7 +290,9 @@ def frontier_plot(
         )
         colors = _colors(len(series))
         for series_index, ((name, rs), color) in enumerate(zip(series.items(), colors)):
-            pts = [Point(*_point_xy(r), load_label(r.get("load") or {})) for r in rs]  # type: ignore[misc]
+            pts = [
+                Point(*xy, load_label(r.get("load") or {})) for r in rs if (xy := _point_xy(r)) is not None
+            ]  # every result in rs has a point (filtered above)
             front = pareto_front(pts)
             short = name.rsplit("::", 1)[-1]
             ax.scatter(

@@ -166,15 +166,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 repeat_marker_count(repeat.args, repeat.kwargs)
             except RepeatError as exc:
                 raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.infmax_repeat: {exc}") from None
-        marker = item.get_closest_marker("infmax_server")
-        if marker is not None:
+        server = item.get_closest_marker("infmax_server")
+        if server is not None:
             try:
-                if marker.args:
+                if server.args:
                     raise ValueError(
                         f"takes keyword arguments only (e.g. sim_args=, engine=, model=), "
-                        f"got positional {marker.args!r}"
+                        f"got positional {server.args!r}"
                     )
-                config_from_mapping(base, marker.kwargs, base_dir=item.path.parent)
+                config_from_mapping(base, server.kwargs, base_dir=item.path.parent)
             except (ServerError, TypeError, ValueError) as exc:
                 raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.infmax_server: {exc}") from None
 
@@ -333,7 +333,7 @@ def _check_baselines(item: pytest.Item) -> None:
     failing = [o for o in outcomes if o.fails(gate)]
     if failing:
         exc = RegressionFailed(failing)
-        exc.from_marker = True  # type: ignore[attr-defined]  # the table says it all
+        exc.from_marker = True  # the table says it all
         raise exc
 
 
@@ -355,7 +355,7 @@ def _check_marker_slas(pyfuncitem: pytest.Item) -> None:
         exc = SLAFailed(
             [v for f in failures for v in f.verdicts], context="\n".join(f.context for f in failures if f.context)
         )
-        exc.from_marker = True  # type: ignore[attr-defined]  # reported without our traceback
+        exc.from_marker = True  # reported without our traceback
         raise exc
 
 
@@ -371,7 +371,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             brief = "; ".join(o.message() for o in exc.outcomes)
             what = "baseline regression" if any(o.report is not None for o in exc.outcomes) else "baseline check failed"
             report.longrepr = f"{what}: {brief}\n\n{exc.tables()}"
-        else:
+        elif isinstance(exc, SLAFailed):  # the only other exception marked from_marker
             brief = "; ".join(f"{v.objective} (measured {_shown(v)})" for v in exc.failures)
             report.longrepr = f"SLA failed: {brief}\n\n{exc}"
     checks = item.stash.get(GATE_KEY, [])
@@ -446,7 +446,8 @@ class ResultCollector:
         if not state.full_results:
             return
         settings = state.settings
-        servers = list({repr(r.get("server")): r.get("server") for r in state.full_results}.values())
+        # every result names its server (LoadResult.to_dict); a missing one is not a server
+        servers = list({repr(sv): sv for r in state.full_results if (sv := r.get("server")) is not None}.values())
         doc = reports.results_document(state.full_results, servers)
         doc["sweeps"] = state.sweeps
         doc["checks"] = state.checks

@@ -105,17 +105,17 @@ class RequestRecord:
         omission: a client that sends late does not hide the wait). Equals
         ``ttft`` when there is no schedule (closed loop)."""
         ttft = self.ttft
-        if ttft is None or self.scheduled_time is None:
+        if ttft is None or self.scheduled_time is None or self.first_token_time is None:  # ttft implies the last
             return ttft
-        return self.first_token_time - self.scheduled_time  # type: ignore[operator]
+        return self.first_token_time - self.scheduled_time
 
     @property
     def e2e_from_schedule(self) -> float | None:
         """E2E from the scheduled send time (open loop); ``e2e`` without a schedule."""
         e2e = self.e2e
-        if e2e is None or self.scheduled_time is None:
+        if e2e is None or self.scheduled_time is None or self.end_time is None:  # e2e implies the last
             return e2e
-        return self.end_time - self.scheduled_time  # type: ignore[operator]
+        return self.end_time - self.scheduled_time
 
     @property
     def tpot(self) -> float | None:

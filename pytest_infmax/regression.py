@@ -7,6 +7,7 @@ outcomes to the reports as plain dicts.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,8 @@ def gate_results(results: list[LoadResult], settings: GateSettings) -> list[Gate
 class RegressionFailed(AssertionError):
     """A test's results regressed against their baselines (or a baseline is unusable)."""
 
+    from_marker = False  # the plugin sets it where the tables are the whole report (no traceback)
+
     def __init__(self, outcomes: list[GateOutcome]) -> None:
         self.outcomes = outcomes
         super().__init__("\n".join([o.message() for o in outcomes] + [self.tables()]))
@@ -137,7 +140,9 @@ class RegressionFailed(AssertionError):
 SEQUENTIAL_BATCH = 8  # requests between looks; the confidence sequence holds at every look
 
 
-def sequential_for(settings: GateSettings, gate: str = "p50(tpot)"):  # type: ignore[no-untyped-def]
+def sequential_for(
+    settings: GateSettings, gate: str = "p50(tpot)"
+) -> Callable[[str, int | None], SequentialComparison | None]:
     """A factory ``(result name, request cap) -> SequentialComparison | None`` for --infmax-sequential.
 
     None (run to the cap as usual) where there is no baseline to compare with, or it

@@ -20,7 +20,7 @@ not ours to restart) share one start, so they are merged into one run there.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +44,7 @@ def repeat_count(value: Any, where: str = "repeat") -> int:
     return value
 
 
-def repeat_marker_count(args: Sequence[Any], kwargs: dict[str, Any]) -> int:
+def repeat_marker_count(args: Sequence[Any], kwargs: Mapping[str, Any]) -> int:
     """The N of ``@pytest.mark.infmax_repeat(N)`` (also ``n=N``); RepeatError if malformed."""
     if kwargs and set(kwargs) != {"n"} or len(args) + len(kwargs) != 1:
         raise RepeatError(
@@ -128,9 +128,7 @@ def pooled_metrics(
     m = compute_metrics(records, num_gpus=num_gpus, percentiles=percentiles, goodput=goodput)
     duration = sum(wall_time([rec for rec in r.records if not rec.warmup]) for r in runs)
 
-    def rate(amount: float | None) -> float | None:
-        if amount is None:
-            return None
+    def rate(amount: float) -> float:
         return amount / duration if duration > 0 else 0.0
 
     total = m.total_input_tokens + m.total_output_tokens
@@ -144,7 +142,7 @@ def pooled_metrics(
         input_throughput_per_gpu=rate(m.total_input_tokens) / num_gpus,
         output_throughput_per_gpu=rate(m.total_output_tokens) / num_gpus,
         throughput_per_gpu=rate(total) / num_gpus,
-        goodput=rate(m.num_good),
+        goodput=rate(m.num_good) if m.num_good is not None else None,  # None: no goodput limits
     )
 
 
@@ -152,14 +150,14 @@ def pooled_energy(
     reports: Sequence[EnergyReport | None], runs: Sequence[RunRecords], usd_per_kwh: float | None
 ) -> EnergyReport | None:
     """The runs' energy summed (joules, seconds, tokens); not measured if any run was not."""
-    if not reports or any(r is None for r in reports):
+    reps = [r for r in reports if r is not None]
+    if not reports or len(reps) < len(reports):
         return None
-    missing = [(i, r) for i, r in enumerate(reports) if not r.measured]  # type: ignore[union-attr]
+    missing = [(i, r) for i, r in enumerate(reps) if not r.measured]
     if missing:
         i, rep = missing[0]
-        why = rep.reason if len(missing) == len(reports) else f"not measured in run {i + 1}: {rep.reason}"
-        return EnergyReport.not_measured(why, rep.source)  # type: ignore[union-attr]
-    reps: list[EnergyReport] = list(reports)  # type: ignore[arg-type]
+        why = rep.reason if len(missing) == len(reps) else f"not measured in run {i + 1}: {rep.reason}"
+        return EnergyReport.not_measured(why, rep.source)
     duration = sum(r.duration_s or 0.0 for r in reps)
     energy = sum(r.energy_j or 0.0 for r in reps)
     origin = runs[0].measured_start

@@ -118,13 +118,15 @@ class Infmax:
         __tracebackhide__ = True
         if (concurrency is None) == (rate is None):
             raise LoadConfigError("sweep() needs exactly one of concurrency=[...] or rate=[...]")
-        levels = list(concurrency if concurrency is not None else rate or [])
-        if not levels:
+        counts = list(concurrency) if concurrency is not None else []
+        rates = list(rate) if rate is not None else []
+        if not counts and not rates:
             raise LoadConfigError("sweep() needs at least one level")
         objectives = [FrontierObjective.parse(o) for o in frontier_sla]
-        key, short = ("concurrency", "c") if concurrency is not None else ("rate", "rate")
         base = kwargs.pop("name", None) or self.name
-        plans = [self._plan(scenario, **{key: level}, name=f"{base}[{short}={level}]", **kwargs) for level in levels]
+        plans = [self._plan(scenario, concurrency=c, name=f"{base}[c={c}]", **kwargs) for c in counts] + [
+            self._plan(scenario, rate=r, name=f"{base}[rate={r}]", **kwargs) for r in rates
+        ]
         sweep = SweepResult([], price=price)
         if self._on_sweep is not None:  # reported even if a point fails its SLA
             self._on_sweep(sweep)

@@ -176,6 +176,8 @@ class SLAFailed(AssertionError):
     ``context`` (e.g. which run) heads the message when given.
     """
 
+    from_marker = False  # the plugin sets it where the verdicts are the whole report (no traceback)
+
     def __init__(self, verdicts: Iterable[Verdict], *, context: str | None = None) -> None:
         self.verdicts = list(verdicts)
         self.failures = [v for v in self.verdicts if not v.passed]

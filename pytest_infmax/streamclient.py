@@ -40,7 +40,7 @@ import os
 import ssl as ssl_module
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 import httptools
@@ -52,12 +52,19 @@ from .records import ErrorKind
 # without it and the same work runs in Python here; INFMAX_WIRE=python chooses the
 # Python path (for comparison, and for tests that cover both).
 WIRE_ENV = "INFMAX_WIRE"
+if TYPE_CHECKING:
+    from ._lane import Lane
+_Lane: type[Lane] | None
+_LaneError: type[ValueError]
 try:
-    from ._lane import Lane as _Lane
-    from ._lane import LaneError as _LaneError
+    from ._lane import Lane as _BuiltLane
+    from ._lane import LaneError as _BuiltLaneError
 except ImportError:  # not built (no C compiler at install time)
     _Lane = None
     _LaneError = ValueError
+else:
+    _Lane = _BuiltLane
+    _LaneError = _BuiltLaneError
 
 
 def fast_lane_available() -> bool:
@@ -230,7 +237,7 @@ class StreamConnection(asyncio.Protocol):
         self.exchange: _Exchange | None = None
         self.closed = False
         self._now = 0.0
-        self.lane: Any = None  # the exchange's fast lane while it reads the body
+        self.lane: Lane | None = None  # the exchange's fast lane while it reads the body
         self._parser_spent = False  # httptools was stopped mid-message: a new one for the next
         self._head: list[bytes] = []  # the pieces read while the head is incomplete
 
@@ -396,11 +403,12 @@ class StreamConnection(asyncio.Protocol):
         # line is its end, and the headers were completed in this read
         body_start = head.find(b"\r\n\r\n") + 4 - (len(head) - len(data))
         decoder = ex.decoder
-        self.lane = _Lane(decoder.sink.on_event, self._lane_block, self._lane_raw, decoder.max_event_bytes)
+        assert _Lane is not None  # the pool's fast_lane is set only where the C lane was imported
+        self.lane = lane = _Lane(decoder.sink.on_event, self._lane_block, self._lane_raw, decoder.max_event_bytes)
         if body_start < len(data):
-            self._lane_feed(self.lane, data[body_start:], now)
+            self._lane_feed(lane, data[body_start:], now)
 
-    def _lane_feed(self, lane: Any, data: bytes, now: float) -> None:
+    def _lane_feed(self, lane: Lane, data: bytes, now: float) -> None:
         """Body bytes that arrived at ``now``, through the fast lane."""
         try:
             end = lane.feed(data, now)
@@ -423,7 +431,7 @@ class StreamConnection(asyncio.Protocol):
         decoder.feed(data, t)
         return decoder.sink.done
 
-    def _lane_progress(self, lane: Any, end: int, size: int, now: float) -> None:
+    def _lane_progress(self, lane: Lane, end: int, size: int, now: float) -> None:
         """The lane saw [DONE], or the end of the HTTP message (``end`` ≥ 0: just past
         it, in a read of ``size`` bytes)."""
         ex = self.exchange
@@ -628,7 +636,7 @@ async def stream_post(
         on_sent()
     ok = False
     future = conn.start(request, decoder)
-    timer = None if deadline is None else loop.call_at(deadline, _expire, conn, future, timeout)
+    timer = None if deadline is None or timeout is None else loop.call_at(deadline, _expire, conn, future, timeout)
     try:
         status = await future
         ok = True

@@ -203,6 +203,15 @@ def test_moe_weight_reads_follow_expected_distinct_experts() -> None:
             assert seconds == pytest.approx(memory_seconds, rel=1e-9), batch
 
 
+def test_moe_model_built_in_code_without_top_k_is_a_profile_error() -> None:
+    # Profile files are checked for experts_per_token; a ModelProfile built in code is
+    # not, and the cost model multiplied by None (TypeError) instead of saying what is missing.
+    hardware, model = _registry().resolve("b200/gpt-oss-120b")
+    deployment = Deployment(hardware, dataclasses.replace(model, experts_per_token=None))
+    with pytest.raises(ProfileError, match=r"gpt-oss-120b: a MoE model \(experts > 0\) needs experts_per_token"):
+        RooflineCostModel(deployment)
+
+
 def test_sliding_window_layers_read_at_most_the_window() -> None:
     hardware, model = _registry().resolve("b200/gpt-oss-120b")
     cost = RooflineCostModel(Deployment(hardware, model, step_overhead_ms=0.0))

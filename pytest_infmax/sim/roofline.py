@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from importlib import resources
@@ -49,13 +50,17 @@ from itertools import repeat
 from pathlib import Path
 from typing import Any
 
-try:
+if sys.version_info >= (3, 11):
     import tomllib
-except ModuleNotFoundError:  # Python 3.10
+
+    _HAVE_TOML = True
+else:  # Python 3.10
     try:
-        import tomli as tomllib  # type: ignore[no-redef]
+        import tomli as tomllib
+
+        _HAVE_TOML = True
     except ModuleNotFoundError:  # pragma: no cover - depends on the interpreter
-        tomllib = None  # type: ignore[assignment]
+        _HAVE_TOML = False
 
 from pytest_infmax.sim.engine import StepBatch
 
@@ -405,7 +410,7 @@ class ProfileRegistry:
         self.add_text(text, str(path))
 
     def add_text(self, text: str, origin: str) -> None:
-        if tomllib is None:  # pragma: no cover
+        if not _HAVE_TOML:  # pragma: no cover
             raise ProfileError(f"{origin}: reading TOML needs Python >= 3.11 or the 'tomli' package")
         try:
             document = tomllib.loads(text)
@@ -417,16 +422,12 @@ class ProfileRegistry:
                 f'{origin}: expected [hardware.NAME], [model.NAME] or [calibration."HARDWARE/MODEL"] tables'
                 + (f", got top-level key {unknown[0]!r}" if unknown else ", the file has none")
             )
-        for kind, build, target in (
-            ("hardware", _hardware_from, self.hardware),
-            ("model", _model_from, self.models),
-            ("calibration", _calibration_from, self.calibrations),
-        ):
-            tables = document.get(kind, {})
-            if not isinstance(tables, dict):
-                raise ProfileError(f"{origin}: [{kind}] must hold named tables, e.g. [{kind}.my-name]")
-            for name, table in tables.items():
-                target[name] = build(name, table, origin)  # type: ignore[operator]
+        for name, table in _named_tables(document, "hardware", origin).items():
+            self.hardware[name] = _hardware_from(name, table, origin)
+        for name, table in _named_tables(document, "model", origin).items():
+            self.models[name] = _model_from(name, table, origin)
+        for name, table in _named_tables(document, "calibration", origin).items():
+            self.calibrations[name] = _calibration_from(name, table, origin)
 
     def resolve(self, spec: str) -> tuple[HardwareProfile, ModelProfile]:
         """``"HARDWARE/MODEL"`` -> the two profiles, or an error listing what exists."""
@@ -454,6 +455,14 @@ class ProfileRegistry:
                 hardware, **{k: v for k, v in overrides.items() if k not in ("description", "source")}
             )
         return hardware, model
+
+
+def _named_tables(document: dict[str, Any], kind: str, origin: str) -> dict[str, Any]:
+    """The ``[kind.NAME]`` tables of a profile document (none: empty)."""
+    tables = document.get(kind, {})
+    if not isinstance(tables, dict):
+        raise ProfileError(f"{origin}: [{kind}] must hold named tables, e.g. [{kind}.my-name]")
+    return tables
 
 
 def _calibration_from(name: str, table: Any, origin: str) -> dict[str, Any]:
@@ -643,9 +652,12 @@ class RooflineCostModel:
         self._seconds_per_byte = 1.0 / (hardware.memory_bandwidth_tb_s * 1e12 * bandwidth_efficiency)
         self.overhead_s = overhead_ms / 1e3
         # Routed-expert FLOPs per token (top-k of the experts) and the rest.
-        self._expert_flops_per_token = (
-            2.0 * deployment.expert_params * model.experts_per_token / model.experts if model.is_moe else 0.0
-        )
+        top_k = model.experts_per_token
+        if top_k is None:
+            if model.is_moe:  # profile files are checked for it; a ModelProfile built in code is not
+                raise ProfileError(f"{model.name}: a MoE model (experts > 0) needs experts_per_token")
+            top_k = 0
+        self._expert_flops_per_token = 2.0 * deployment.expert_params * top_k / model.experts if model.is_moe else 0.0
         self._flops_per_token = 2.0 * model.active_params_b * 1e9 - self._expert_flops_per_token
         self._attention_flops = model.attention_flops_per_context_token  # per layer
         self._full_layers = model.full_attention_layers
@@ -655,7 +667,7 @@ class RooflineCostModel:
         self._dense_bytes = deployment.non_expert_params * deployment.weight_bits / 8 / deployment.tp
         self._expert_bytes = deployment.expert_params * deployment.expert_weight_bits / 8 / gpus
         self._experts = model.experts
-        self._miss = 1.0 - (model.experts_per_token or 0) / model.experts if model.is_moe else 1.0
+        self._miss = 1.0 - top_k / model.experts if model.is_moe else 1.0
         self._kv_bytes_per_layer_token = deployment.kv_bytes_per_token_per_layer / gpus
 
     # The engine calls this with the per-sequence shape of the step.

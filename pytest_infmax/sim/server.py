@@ -1057,7 +1057,7 @@ async def handle_power(request: web.Request) -> web.Response:
     config, engine = request.app[CONFIG_KEY], request.app[ENGINE_KEY]
     deployment = getattr(config.cost_model, "deployment", None)
     hardware = getattr(deployment, "hardware", None)
-    if hardware is None or hardware.tdp_w is None:
+    if deployment is None or hardware is None or hardware.tdp_w is None:
         raise ApiError(
             404,
             "no modelled power: start the simulator with --profile HARDWARE/MODEL (a hardware profile with tdp_w)",

@@ -1,0 +1,17 @@
+# The C extension's interface (_lane.c); mypy cannot read a compiled module.
+from collections.abc import Callable
+
+class LaneError(ValueError): ...
+
+class Lane:
+    def __init__(
+        self,
+        on_event: Callable[[bytes, float], object],
+        on_block: Callable[[bytes, float], object],
+        on_raw: Callable[[bytes, float], object],
+        max_event_bytes: int,
+    ) -> None: ...
+    @property
+    def done(self) -> bool: ...
+    def feed(self, data: bytes, t: float, /) -> int: ...
+    def take_rest(self) -> bytes: ...
