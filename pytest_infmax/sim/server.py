@@ -932,9 +932,7 @@ async def _generate(
 # arrival is the handler start, as before.
 
 # aiohttp >= 3.14 types request-scoped values with a RequestKey; older releases take a str
-ARRIVAL_KEY: Any = (
-    web.RequestKey("infmax_sim_arrival", float) if hasattr(web, "RequestKey") else "infmax_sim_arrival"
-)
+ARRIVAL_KEY: Any = web.RequestKey("infmax_sim_arrival", float) if hasattr(web, "RequestKey") else "infmax_sim_arrival"
 _MAX_PENDING_STAMPS = 64  # bounded: stamps of messages that never reach the factory are dropped
 
 
