@@ -20,7 +20,6 @@ from docs_support import (
     make_sybil,
     normalise,
     parse_console,
-    rewritten,
 )
 
 SUPPORT = Path(__file__).with_name("docs_support.py")
@@ -50,12 +49,7 @@ def test_policy_decisions() -> None:
     assert decide(["infmax", "sim", "--list-profiles"]).action is Action.RUN  # type: ignore[union-attr]
     assert decide(["infmax", "sim", "--profile", "b200/gpt-oss-120b"]).action is Action.FLAGS  # type: ignore[union-attr]
     assert decide(["infmax", "table", "results.json"]) is None  # runs as written
-    rule = decide(["pytest", "--infmax-repeat", "20"])
-    assert rule is not None and rewritten(["pytest", "--infmax-repeat", "20"], rule.rewrite) == [
-        "pytest",
-        "--infmax-repeat",
-        "2",
-    ]
+    assert decide(["pytest", "--infmax-compare", "main", "--infmax-repeat", "20"]).action is Action.FLAGS  # type: ignore[union-attr]
     assert help_command(["python", "-m", "pytest_infmax.sim", "--port", "8000", "--stall-ms=5,30"]) == (
         ["python", "-m", "pytest_infmax.sim", "--help"],
         ["--port", "--stall-ms"],
