@@ -26,15 +26,29 @@ def _load_docs_support() -> Any:
     return sys.modules["docs_support"]
 
 
-_docs = _load_docs_support()
+try:
+    _docs = _load_docs_support()
+except ModuleNotFoundError as exc:
+    # Sybil comes with the test extra. `pip install -e .` then `pytest examples` (the README's
+    # way without make) needs only the package: the documents are then not collected, and a
+    # run that asks for them (a bare `pytest` takes them from testpaths) is told what to install.
+    _docs, _missing = None, exc.name
 
-# Every ```python and ```console block of README.md and docs/*.md is a test (tests/docs_support.py).
-pytest_collect_file = _docs.make_sybil(Path(__file__).parent).pytest()
+    def pytest_configure(config: pytest.Config) -> None:
+        wanted = [a for a in config.args if Path(a.split("::")[0]).suffix == ".md" or Path(a).name == "docs"]
+        if wanted:
+            raise pytest.UsageError(
+                f"{', '.join(wanted)}: the documents run as tests through {_missing}, which is not "
+                "installed: pip install -e '.[test]' (or make test)"
+            )
+else:
+    # Every ```python and ```console block of README.md and docs/*.md is a test (tests/docs_support.py).
+    pytest_collect_file = _docs.make_sybil(Path(__file__).parent).pytest()
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """Under -n (--dist load), keep each document's examples together on one worker."""
-    if config.getvalue("dist") == "load":
+    if _docs is not None and config.getvalue("dist") == "load":
         return _docs.document_scheduler(config, log)
     return None
