@@ -8,13 +8,15 @@ import json
 import sys
 from collections.abc import Sequence
 
-from . import __version__
+from pytest_infmax import __version__
+from pytest_infmax.atomic import write_json_atomic
+from pytest_infmax.baselines.compare import CompareOptions, compare_files, parse_gates
+from pytest_infmax.baselines.store import BaselineError
+from pytest_infmax.reports.markdown import result_row
+from pytest_infmax.reports.table import format_table
 
 
 def _table(path: str) -> int:
-    from .reports import format_table
-    from .summary import result_row
-
     try:
         with open(path, encoding="utf-8") as f:
             doc = json.load(f)
@@ -27,9 +29,6 @@ def _table(path: str) -> int:
 
 
 def _compare(ns: argparse.Namespace) -> int:
-    from .baselines import BaselineError
-    from .compare import CompareOptions, compare_files, parse_gates
-
     try:
         options = CompareOptions(
             gates=parse_gates(ns.metrics) if ns.metrics else CompareOptions().gates,
@@ -51,8 +50,6 @@ def _compare(ns: argparse.Namespace) -> int:
         print(report.format_table(methods=not ns.brief))
         print()
     if ns.json:
-        from .reports import write_json_atomic
-
         write_json_atomic(ns.json, {"format": "pytest-infmax-compare/1", "comparisons": [r.to_dict() for r in reports]})
     verdicts = [r.verdict for r in reports]
     print(
@@ -69,7 +66,7 @@ def _compare(ns: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "sim":  # hand every remaining flag to the simulator's own parser
-        from .sim import main as sim_main
+        from pytest_infmax.sim import main as sim_main  # the simulator's server loads only for `infmax sim`
 
         return sim_main(args[1:])
     parser = argparse.ArgumentParser(prog="infmax", description=__doc__)

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from pytest_infmax.servers import ServerConfig, running_server
+from pytest_infmax.servers.launch import ServerConfig, running_server
 
 pytestmark = pytest.mark.usefixtures("no_leaked_servers")
 
@@ -25,7 +25,7 @@ def _write(pytester: pytest.Pytester, body: str) -> None:
 def test_help_lists_every_option(pytester: pytest.Pytester) -> None:
     # argparse %-formats help texts: one bare "%" (e.g. "5%" in --infmax-min-effect's) crashed
     # `pytest --help` for every project in the venv. Each flag is named with its env variable.
-    from pytest_infmax.config import SETTINGS
+    from pytest_infmax.settings import SETTINGS
 
     result = pytester.runpytest_subprocess("--help")
     assert result.ret == 0, result.stderr.str()
