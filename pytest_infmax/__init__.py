@@ -9,17 +9,16 @@ metrics and SLA verdicts (``measure``) -> one run end to end (``run``, whose
 imports only the layers below it (tests/test_architecture.py holds that).
 """
 
-__version__ = "0.1.0"
-
-from pytest_infmax.load.plan import LoadConfig, LoadConfigError  # noqa: E402
-from pytest_infmax.load.scenarios import PRESETS, Scenario, get_scenario  # noqa: E402
-from pytest_infmax.measure.metrics import Distribution, GoodputLimits, Metrics, compute_metrics  # noqa: E402
-from pytest_infmax.measure.sla import Objective, SLASyntaxError  # noqa: E402
-from pytest_infmax.measure.verdicts import SLA, SLAFailed, Verdict  # noqa: E402
-from pytest_infmax.records import ErrorKind, RequestRecord, TokenSource  # noqa: E402
-from pytest_infmax.run.results import LoadResult  # noqa: E402
-from pytest_infmax.run.runner import Infmax  # noqa: E402
-from pytest_infmax.servers import Server, ServerConfig, ServerError, running_server  # noqa: E402
+from pytest_infmax.environment import __version__ as __version__
+from pytest_infmax.load.plan import LoadConfig, LoadConfigError
+from pytest_infmax.load.scenarios import PRESETS, Scenario, get_scenario
+from pytest_infmax.measure.metrics import Distribution, GoodputLimits, Metrics, compute_metrics
+from pytest_infmax.measure.sla import Objective, SLASyntaxError
+from pytest_infmax.measure.verdicts import SLA, SLAFailed, Verdict
+from pytest_infmax.records import ErrorKind, RequestRecord, TokenSource
+from pytest_infmax.run.results import LoadResult
+from pytest_infmax.run.runner import Infmax
+from pytest_infmax.servers import Server, ServerConfig, ServerError, running_server
 
 __all__ = [
     "PRESETS",

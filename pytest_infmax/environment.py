@@ -7,7 +7,8 @@ import sys
 import time
 from typing import Any
 
-from pytest_infmax import __version__
+#: the package's version, in every results file and baseline (``pytest_infmax.__version__``)
+__version__ = "0.1.0"
 
 
 def environment() -> dict[str, Any]:
