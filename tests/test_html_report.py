@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
+from pytest_infmax.cli import main as cli_main
 from pytest_infmax.measure.cost import default_price
 from pytest_infmax.reports import plots
-from pytest_infmax.reports.html import main as html_main
 from pytest_infmax.reports.html import render_html, write_html_report
 from pytest_infmax.reports.markdown import sweep_to_dict
 from pytest_infmax.run.runner import Infmax
@@ -280,7 +280,7 @@ def test_report_command_from_a_results_file(
     summary = tmp_path / "step.md"
     summary.write_text("earlier\n", encoding="utf-8")
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
-    assert html_main([str(src), "--plots", "--markdown", "--step-summary"]) == 0
+    assert cli_main(["report", str(src), "--plots", "--markdown", "--step-summary"]) == 0
     page = (tmp_path / "perf.html").read_text(encoding="utf-8")
     assert "infmax report: perf.json" in page and 'table class="results"' in page
     md = (tmp_path / "perf.md").read_text(encoding="utf-8")
@@ -297,7 +297,7 @@ def test_report_command_from_a_results_file(
 
     bad = tmp_path / "bad.json"
     bad.write_text("[1, 2]", encoding="utf-8")
-    assert html_main([str(bad)]) == 2
+    assert cli_main(["report", str(bad)]) == 2
     assert "not an --infmax-json document" in capsys.readouterr().err
 
 

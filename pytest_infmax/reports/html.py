@@ -11,13 +11,12 @@ sweep dicts (``summary.sweep_to_dict``) and optional check dicts
 
 From a results file (``--infmax-json``)::
 
-    python -m pytest_infmax.reports.html results/perf.json            # -> results/perf.html
-    python -m pytest_infmax.reports.html results/perf.json --plots --markdown --step-summary
+    infmax report results/perf.json            # -> results/perf.html
+    infmax report results/perf.json --plots --markdown --step-summary
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import json
@@ -558,50 +557,3 @@ def reports_from_document(
             if path is not None:
                 written.append(path)
     return written
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m pytest_infmax.reports.html",
-        description="Write the HTML report (and optionally PNG plots and a Markdown summary) for an "
-        "--infmax-json results file.",
-    )
-    parser.add_argument("json", help="results file written with --infmax-json")
-    parser.add_argument("-o", "--html", help="HTML file to write (default: the JSON's name with .html)")
-    parser.add_argument("--plots", action="store_true", help="also write PNG plots next to the JSON")
-    parser.add_argument(
-        "--markdown",
-        nargs="?",
-        const=True,
-        default=None,
-        metavar="PATH",
-        help="also write the Markdown summary (default path: the JSON's name with .md)",
-    )
-    parser.add_argument(
-        "--step-summary", action="store_true", help="append the Markdown summary to $GITHUB_STEP_SUMMARY when it is set"
-    )
-    parser.add_argument("--title", default=None)
-    ns = parser.parse_args(argv)
-    try:
-        with open(ns.json, encoding="utf-8") as f:
-            doc = json.load(f)
-        if not isinstance(doc, dict) or not isinstance(doc.get("results"), list):
-            raise ValueError("not an --infmax-json document (no 'results' list)")
-    except (OSError, ValueError) as exc:
-        print(f"infmax: cannot read results from {ns.json}: {exc}", file=sys.stderr)
-        return 2
-    for path in reports_from_document(
-        doc,
-        ns.json,
-        html_path=ns.html,
-        plots=ns.plots,
-        markdown_path=ns.markdown,
-        step_summary=ns.step_summary,
-        title=ns.title,
-    ):
-        print(f"infmax: wrote {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
