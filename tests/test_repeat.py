@@ -89,7 +89,7 @@ def test_repeats_of_a_noisy_simulator_catch_a_slowdown_and_pass_without_one(pyte
     draws its own factor, though the plugin restarts the simulator with the same flags."""
     pytester.makepyfile(
         test_perf="""
-        from pytest_infmax.scenarios import Scenario
+        from pytest_infmax.load.scenarios import Scenario
 
         def test_one(infmax):
             infmax.run(Scenario("tiny", 16, 16), concurrency=4, num_requests=12, warmup=2)
