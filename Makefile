@@ -25,7 +25,7 @@ LINT_PATHS := pytest_infmax tests benchmarks examples conftest.py setup.py
 
 .PHONY: demo test lint install clean chromium lock test-latest test-lowest
 
-$(STAMP): pyproject.toml setup.py pytest_infmax/_lane.c $(LOCK)
+$(STAMP): pyproject.toml setup.py pytest_infmax/load/_lane.c $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP_LOCKED) -e '.[test,dev]'
 	touch $(STAMP)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pytest_infmax.scenarios import Scenario
+from pytest_infmax.load.scenarios import Scenario
 from pytest_infmax.sim.engine import EngineConfig, SimulationResult, simulate
 from pytest_infmax.sim.roofline import Deployment, ProfileRegistry, RooflineCostModel
 

@@ -201,8 +201,9 @@ def client_ours(
 ) -> dict:
     os.environ["INFMAX_EVENT_LOOP"] = loop
     os.environ["INFMAX_WIRE"] = wire  # "python": streaming bodies without the C fast lane
-    from pytest_infmax.load import LoadConfig, LoadGenerator, run_coroutine
-    from pytest_infmax.scenarios import Scenario
+    from pytest_infmax.load.generator import LoadGenerator, run_coroutine
+    from pytest_infmax.load.plan import LoadConfig
+    from pytest_infmax.load.scenarios import Scenario
 
     config = LoadConfig(
         Scenario("bench", ISL, osl, range_ratio=1.0),
@@ -238,7 +239,7 @@ def client_ours(
 def client_floor(url: str, streams: int, requests: int, osl: int) -> dict:
     import aiohttp
 
-    from pytest_infmax.scenarios import Scenario, plan_request, request_body
+    from pytest_infmax.load.scenarios import Scenario, plan_request, request_body
 
     # the same kind of body ours sends, built once
     body = json.dumps(
@@ -278,7 +279,7 @@ def client_peer(url: str, streams: int, requests: int, osl: int) -> dict:
     which costs more)."""
     import aiohttp
 
-    from pytest_infmax.scenarios import Scenario, plan_request, request_body
+    from pytest_infmax.load.scenarios import Scenario, plan_request, request_body
 
     async def main() -> tuple[int, int]:
         issued = itertools.count()
@@ -329,7 +330,7 @@ def client_peer(url: str, streams: int, requests: int, osl: int) -> dict:
 def client_protocol_floor(url: str, streams: int, requests: int, osl: int) -> dict:
     import uvloop
 
-    from pytest_infmax.scenarios import Scenario, plan_request, request_body
+    from pytest_infmax.load.scenarios import Scenario, plan_request, request_body
 
     body = json.dumps(
         request_body(plan_request(Scenario("bench", ISL, osl, range_ratio=1.0), 0, 0), "bench", "completions", {})

@@ -1,4 +1,4 @@
-"""Measured error rates of the regression gate (pytest_infmax.compare) under realistic noise.
+"""Measured error rates of the regression gate (pytest_infmax.baselines.compare) under realistic noise.
 
     .venv/bin/python benchmarks/regression_error_rates.py           # the full tables (~3 min on 2 cores)
     .venv/bin/python benchmarks/regression_error_rates.py --quick   # fewer comparisons (~40 s)
@@ -86,8 +86,8 @@ import numpy as np
 from scipy.signal import lfilter
 from scipy.stats import mannwhitneyu
 
-from pytest_infmax.baselines import BaselineRun
-from pytest_infmax.compare import CompareOptions, SequentialComparison, compare_runs
+from pytest_infmax.baselines.compare import CompareOptions, SequentialComparison, compare_runs
+from pytest_infmax.baselines.store import BaselineRun
 
 
 @dataclass(frozen=True)

@@ -66,11 +66,11 @@ from scipy import stats as sps
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from regression_error_rates import Noise, Workload, simulate_run  # noqa: E402
 
-from pytest_infmax.baselines import BaselineRun, runs_of  # noqa: E402
-from pytest_infmax.compare import CompareOptions, compare_runs  # noqa: E402
-from pytest_infmax.runner import Infmax  # noqa: E402
-from pytest_infmax.scenarios import Scenario  # noqa: E402
-from pytest_infmax.servers import ServerConfig, start_server  # noqa: E402
+from pytest_infmax.baselines.compare import CompareOptions, compare_runs  # noqa: E402
+from pytest_infmax.baselines.store import BaselineRun, runs_of  # noqa: E402
+from pytest_infmax.load.scenarios import Scenario  # noqa: E402
+from pytest_infmax.run.runner import Infmax  # noqa: E402
+from pytest_infmax.servers.launch import ServerConfig, start_server  # noqa: E402
 
 #: 1k1k at 1/32: about 370 engine steps of ~4.5 ms per run
 SCENARIO = Scenario("1k1k-micro", 32, 32)

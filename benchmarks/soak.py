@@ -1,7 +1,7 @@
 """Soak: ten minutes of faults at 256 streams; is anything lost, leaked or left behind?
 
 The simulator is started through the plugin's own launcher
-(``pytest_infmax.servers.start_server``, its own process group) with 1 % of
+(``pytest_infmax.servers.launch.start_server``, its own process group) with 1 % of
 generation requests answered HTTP 500 (``--fault-status 500 --fault-rate 0.01``),
 and every ``--stall-every`` seconds the whole server is frozen for
 ``--stall-seconds`` (SIGSTOP / SIGCONT of its process group: a GC pause, a
@@ -56,12 +56,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pytest_infmax.load import LoadConfig, LoadGenerator
-from pytest_infmax.scenarios import Scenario
-from pytest_infmax.servers import Server, ServerConfig, descendants, start_server
+from pytest_infmax.load.generator import LoadGenerator
+from pytest_infmax.load.plan import LoadConfig
+from pytest_infmax.load.scenarios import Scenario
+from pytest_infmax.servers.launch import Server, ServerConfig, descendants, start_server
 
 try:  # the load generator's own loop choice (uvloop where installed), as infmax.run() uses it
-    from pytest_infmax.load import run_coroutine
+    from pytest_infmax.load.generator import run_coroutine
 except ImportError:  # pragma: no cover - an older load.py
     import asyncio
 

@@ -64,9 +64,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pytest_infmax.load import LoadConfig, LoadGenerator, encode_body, run_coroutine  # noqa: E402
-from pytest_infmax.scenarios import Scenario, plan_request  # noqa: E402
-from pytest_infmax.servers import ServerConfig, running_server  # noqa: E402
+from pytest_infmax.load.generator import LoadGenerator, encode_body, run_coroutine  # noqa: E402
+from pytest_infmax.load.plan import LoadConfig  # noqa: E402
+from pytest_infmax.load.scenarios import Scenario, plan_request  # noqa: E402
+from pytest_infmax.servers.launch import ServerConfig, running_server  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _wire_capture  # noqa: E402

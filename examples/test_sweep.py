@@ -1,6 +1,6 @@
 """A concurrency sweep: the throughput-per-GPU vs interactivity frontier, and what tokens cost."""
 
-from pytest_infmax.cost import default_price
+from pytest_infmax.measure.cost import default_price
 
 
 def test_frontier_and_cost(infmax):

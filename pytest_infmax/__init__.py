@@ -1,21 +1,24 @@
 """pytest-infmax: LLM inference SLA regression testing as pytest cases.
 
-Data flows one way: server (``servers``) -> load (``load``) -> records
-(``records``) -> metrics (``metrics``) -> verdicts (``sla``) -> reports
-(``reports``). ``runner.Infmax`` ties them together; ``plugin`` only wires
-pytest to it.
+Data flows one way, and the packages follow it: the server under test
+(``servers``) -> load against it (``load``) -> request records (``records``) ->
+metrics and SLA verdicts (``measure``) -> one run end to end (``run``, whose
+``runner.Infmax`` ties them together) -> baselines and the regression gate
+(``baselines``) -> reports (``reports``). ``settings`` reads the configuration;
+``plugin`` wires pytest to it all and ``cli`` is the ``infmax`` command. Each layer
+imports only the layers below it (tests/test_architecture.py holds that).
 """
 
-__version__ = "0.1.0"
-
-from .load import LoadConfig, LoadConfigError  # noqa: E402
-from .metrics import Distribution, GoodputLimits, Metrics, compute_metrics  # noqa: E402
-from .records import ErrorKind, RequestRecord, TokenSource  # noqa: E402
-from .results import LoadResult  # noqa: E402
-from .runner import Infmax  # noqa: E402
-from .scenarios import PRESETS, Scenario, get_scenario  # noqa: E402
-from .servers import Server, ServerConfig, ServerError, running_server  # noqa: E402
-from .sla import SLA, Objective, SLAFailed, SLASyntaxError, Verdict  # noqa: E402
+from pytest_infmax.environment import __version__ as __version__
+from pytest_infmax.load.plan import LoadConfig, LoadConfigError
+from pytest_infmax.load.scenarios import PRESETS, Scenario, get_scenario
+from pytest_infmax.measure.metrics import Distribution, GoodputLimits, Metrics, compute_metrics
+from pytest_infmax.measure.sla import Objective, SLASyntaxError
+from pytest_infmax.measure.verdicts import SLA, SLAFailed, Verdict
+from pytest_infmax.records import ErrorKind, RequestRecord, TokenSource
+from pytest_infmax.run.results import LoadResult
+from pytest_infmax.run.runner import Infmax
+from pytest_infmax.servers import Server, ServerConfig, ServerError, running_server
 
 __all__ = [
     "PRESETS",

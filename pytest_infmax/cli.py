@@ -1,5 +1,6 @@
 """The ``infmax`` command: ``infmax sim`` serves the simulator, ``infmax table`` prints a results file,
-``infmax compare`` compares results with a baseline (exit 1 on regression)."""
+``infmax report`` writes its HTML report (plots, Markdown summary), ``infmax compare`` compares results
+with a baseline (exit 1 on regression)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,16 @@ import json
 import sys
 from collections.abc import Sequence
 
-from . import __version__
+from pytest_infmax import __version__
+from pytest_infmax.atomic import write_json_atomic
+from pytest_infmax.baselines.compare import CompareOptions, compare_files, parse_gates
+from pytest_infmax.baselines.store import BaselineError
+from pytest_infmax.reports.html import reports_from_document
+from pytest_infmax.reports.markdown import result_row
+from pytest_infmax.reports.table import format_table
 
 
 def _table(path: str) -> int:
-    from .reports import format_table
-    from .summary import result_row
-
     try:
         with open(path, encoding="utf-8") as f:
             doc = json.load(f)
@@ -27,9 +31,6 @@ def _table(path: str) -> int:
 
 
 def _compare(ns: argparse.Namespace) -> int:
-    from .baselines import BaselineError
-    from .compare import CompareOptions, compare_files, parse_gates
-
     try:
         options = CompareOptions(
             gates=parse_gates(ns.metrics) if ns.metrics else CompareOptions().gates,
@@ -51,8 +52,6 @@ def _compare(ns: argparse.Namespace) -> int:
         print(report.format_table(methods=not ns.brief))
         print()
     if ns.json:
-        from .reports import write_json_atomic
-
         write_json_atomic(ns.json, {"format": "pytest-infmax-compare/1", "comparisons": [r.to_dict() for r in reports]})
     verdicts = [r.verdict for r in reports]
     print(
@@ -66,10 +65,32 @@ def _compare(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _report(ns: argparse.Namespace) -> int:
+    try:
+        with open(ns.json, encoding="utf-8") as f:
+            doc = json.load(f)
+        if not isinstance(doc, dict) or not isinstance(doc.get("results"), list):
+            raise ValueError("not an --infmax-json document (no 'results' list)")
+    except (OSError, ValueError) as exc:
+        print(f"infmax: cannot read results from {ns.json}: {exc}", file=sys.stderr)
+        return 2
+    for path in reports_from_document(
+        doc,
+        ns.json,
+        html_path=ns.html,
+        plots=ns.plots,
+        markdown_path=ns.markdown,
+        step_summary=ns.step_summary,
+        title=ns.title,
+    ):
+        print(f"infmax: wrote {path}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "sim":  # hand every remaining flag to the simulator's own parser
-        from .sim import main as sim_main
+        from pytest_infmax.sim import main as sim_main  # the simulator's server loads only for `infmax sim`
 
         return sim_main(args[1:])
     parser = argparse.ArgumentParser(prog="infmax", description=__doc__)
@@ -98,7 +119,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmp.add_argument("--fail-on-unsure", action="store_true", help="exit 1 on unsure as well")
     cmp.add_argument("--brief", action="store_true", help="leave the method column out")
     cmp.add_argument("--json", metavar="PATH", help="also write the comparison as JSON")
+    report = sub.add_parser(
+        "report",
+        help="write the HTML report (and optionally PNG plots and a Markdown summary) of an --infmax-json file",
+        description="Write the HTML report (and optionally PNG plots and a Markdown summary) for an "
+        "--infmax-json results file.",
+    )
+    report.add_argument("json", help="results file written with --infmax-json")
+    report.add_argument("-o", "--html", help="HTML file to write (default: the JSON's name with .html)")
+    report.add_argument("--plots", action="store_true", help="also write PNG plots next to the JSON")
+    report.add_argument(
+        "--markdown",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="PATH",
+        help="also write the Markdown summary (default path: the JSON's name with .md)",
+    )
+    report.add_argument(
+        "--step-summary", action="store_true", help="append the Markdown summary to $GITHUB_STEP_SUMMARY when it is set"
+    )
+    report.add_argument("--title", default=None)
     ns = parser.parse_args(args)
+    if ns.command == "report":
+        return _report(ns)
     if ns.command == "table":
         return _table(ns.path)
     if ns.command == "compare":

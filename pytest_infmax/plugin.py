@@ -18,18 +18,30 @@ from typing import Any
 
 import pytest
 
-from . import config as settings_mod
-from . import reports
-from .baselines import export_benchmark_json
-from .cost import price_marker_options
-from .regression import GateSettings, RegressionFailed, gate_results, sequential_for
-from .repeats import RepeatError, repeat_marker_count
-from .results import LoadResult
-from .runner import Infmax
-from .servers import Server, ServerConfig, ServerError, ServerPool, config_from_mapping, require_gpus_released
-from .sla import SLA, SLAFailed, SLASyntaxError, format_quantity
-from .summary import markdown_summary, sweep_to_dict, write_github_step_summary
-from .sweep import SweepResult
+from pytest_infmax import settings as settings_mod
+from pytest_infmax.atomic import write_json_atomic
+from pytest_infmax.baselines.gate import GateSettings, RegressionFailed, gate_results, sequential_for
+from pytest_infmax.baselines.store import export_benchmark_json
+from pytest_infmax.measure.cost import price_marker_options
+from pytest_infmax.measure.sla import SLASyntaxError, format_quantity
+from pytest_infmax.measure.verdicts import SLA, SLAFailed
+from pytest_infmax.reports import plots
+from pytest_infmax.reports.document import results_document
+from pytest_infmax.reports.html import write_html_report
+from pytest_infmax.reports.markdown import markdown_summary, sweep_to_dict, write_github_step_summary
+from pytest_infmax.reports.table import format_table
+from pytest_infmax.run.repeats import RepeatError, repeat_marker_count
+from pytest_infmax.run.results import LoadResult
+from pytest_infmax.run.runner import Infmax
+from pytest_infmax.run.sweep import SweepResult
+from pytest_infmax.servers.launch import (
+    Server,
+    ServerConfig,
+    ServerError,
+    ServerPool,
+    config_from_mapping,
+    require_gpus_released,
+)
 
 RESULTS_KEY = pytest.StashKey[list[LoadResult]]()
 SWEEPS_KEY = pytest.StashKey[list[SweepResult]]()
@@ -273,7 +285,7 @@ def _price_options(item: pytest.Item, settings: settings_mod.Settings) -> dict[s
 @pytest.fixture
 def infmax_openai(infmax_server: Server) -> Iterator[Any]:
     """The official ``openai.OpenAI`` client, pointed at the server under test."""
-    import openai
+    import openai  # heavy (pydantic, httpx): only for tests that ask for this fixture
 
     client = openai.OpenAI(
         base_url=f"{infmax_server.base_url}/v1", api_key=infmax_server.api_key or "EMPTY", max_retries=0
@@ -287,7 +299,7 @@ def infmax_openai(infmax_server: Server) -> Iterator[Any]:
 @pytest.fixture
 def infmax_async_openai(infmax_server: Server) -> Any:
     """The official ``openai.AsyncOpenAI`` client, pointed at the server under test."""
-    import openai
+    import openai  # heavy (pydantic, httpx): only for tests that ask for this fixture
 
     return openai.AsyncOpenAI(
         base_url=f"{infmax_server.base_url}/v1", api_key=infmax_server.api_key or "EMPTY", max_retries=0
@@ -448,22 +460,20 @@ class ResultCollector:
         settings = state.settings
         # every result names its server (LoadResult.to_dict); a missing one is not a server
         servers = list({repr(sv): sv for r in state.full_results if (sv := r.get("server")) is not None}.values())
-        doc = reports.results_document(state.full_results, servers)
+        doc = results_document(state.full_results, servers)
         doc["sweeps"] = state.sweeps
         doc["checks"] = state.checks
         json_path = self._path("json")
         if json_path is not None:
-            state.written.append(reports.write_json_atomic(json_path, doc))
+            state.written.append(write_json_atomic(json_path, doc))
         bench_path = self._path("benchmark_json")
         if bench_path is not None:
-            state.written.append(reports.write_json_atomic(bench_path, export_benchmark_json(doc["results"])))
+            state.written.append(write_json_atomic(bench_path, export_benchmark_json(doc["results"])))
         rendered: Any = "auto"
         if settings["plots"]:
             rendered = self._write_plots(doc, json_path)
         html_path = self._path("html")
         if html_path is not None:
-            from .html_report import write_html_report
-
             state.written.append(
                 write_html_report(
                     html_path,
@@ -494,8 +504,6 @@ class ResultCollector:
 
     def _write_plots(self, doc: dict[str, Any], json_path: Path | None) -> Any:
         """PNGs next to the JSON results; the rendered plots are reused by the HTML report."""
-        from . import plots
-
         if json_path is None:
             self.state.notes.append("--infmax-plots needs --infmax-json: the PNGs go next to it")
             return "auto"
@@ -514,7 +522,7 @@ class ResultCollector:
         if not state.rows:
             return
         terminalreporter.write_sep("=", "infmax results")
-        terminalreporter.write_line(reports.format_table(state.rows))
+        terminalreporter.write_line(format_table(state.rows))
         if any(str(row.get("sla", "")).endswith("*") for row in state.rows):
             terminalreporter.write_line(
                 "* client-bound: the load generator fell behind in that run; its "

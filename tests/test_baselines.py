@@ -9,8 +9,9 @@ import statistics
 import numpy as np
 import pytest
 
-from pytest_infmax import reports
-from pytest_infmax.baselines import (
+from pytest_infmax import atomic
+from pytest_infmax.baselines.compare import compare_baseline, compare_stored
+from pytest_infmax.baselines.store import (
     FORMAT,
     Baseline,
     BaselineError,
@@ -28,11 +29,11 @@ from pytest_infmax.baselines import (
     result_keys,
     safe_filename,
 )
-from pytest_infmax.compare import compare_baseline
-from pytest_infmax.load import LoadConfig, RunRecords
+from pytest_infmax.load.plan import LoadConfig, RunRecords
+from pytest_infmax.load.scenarios import get_scenario
 from pytest_infmax.records import ErrorKind, RequestRecord, TokenSource
-from pytest_infmax.results import LoadResult
-from pytest_infmax.scenarios import get_scenario
+from pytest_infmax.reports.document import results_document
+from pytest_infmax.run.results import LoadResult
 
 SERVER = {
     "kind": "sim",
@@ -191,7 +192,7 @@ def test_write_is_atomic_no_temp_left_and_old_file_intact_on_failure(tmp_path, m
     def fail(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(reports.os, "replace", fail)
+    monkeypatch.setattr(atomic.os, "replace", fail)
     with pytest.raises(OSError, match="No space"):
         store.save(key, BaselineRun.from_result(make_result(key, seed=2)), build_testbed(SERVER))
     monkeypatch.undo()
@@ -283,19 +284,19 @@ def test_testbed_mismatch_is_refused_naming_the_field_and_allowed_with_force(tmp
     h200 = build_testbed(SERVER, dict(GPU, gpu_model="NVIDIA H200"))
     current = BaselineRun.from_result(make_result(key, seed=2))
     with pytest.raises(BaselineMismatch) as info:
-        store.compare(key, current, h200)
+        compare_stored(store, key, current, h200)
     assert info.value.fields == ["gpu_model"]
     assert "gpu_model" in str(info.value) and "H100" in str(info.value) and "H200" in str(info.value)
     assert "force" in str(info.value)
     with pytest.raises(BaselineMismatch, match="gpu_model"):  # appending across testbeds too
         store.save(key, current, h200)
-    report = store.compare(key, current, h200, force=True)
+    report = compare_stored(store, key, current, h200, force=True)
     assert report is not None and [d.name for d in report.forced_differences] == ["gpu_model"]
     assert "gpu_model" in report.format_table()
     # other fields are named the same way
     slower = build_testbed(dict(SERVER, command=SERVER["command"][:-1] + ["4"]), GPU)
     with pytest.raises(BaselineMismatch, match="server_options"):
-        store.compare(key, current, slower)
+        compare_stored(store, key, current, slower)
 
 
 def test_workload_mismatch_is_refused(tmp_path) -> None:
@@ -303,7 +304,7 @@ def test_workload_mismatch_is_refused(tmp_path) -> None:
     store.save("t::a", BaselineRun.from_result(make_result("t::a", concurrency=4)), build_testbed(SERVER))
     other = BaselineRun.from_result(make_result("t::a", concurrency=8))
     with pytest.raises(BaselineMismatch, match="concurrency: baseline 4, current 8"):
-        store.compare("t::a", other, build_testbed(SERVER))
+        compare_stored(store, "t::a", other, build_testbed(SERVER))
 
 
 def test_unknown_testbed_field_is_noted_not_refused() -> None:
@@ -327,7 +328,7 @@ def test_result_keys_are_unique_within_a_test() -> None:
 
 
 def test_load_runs_reads_results_files_grouping_repeats(tmp_path) -> None:
-    doc = reports.results_document(
+    doc = results_document(
         [make_result("t::a", seed=i).to_dict() for i in range(3)] + [make_result("t::b").to_dict()], [SERVER]
     )
     path = tmp_path / "results.json"
@@ -426,7 +427,7 @@ def test_export_benchmark_json_reads_back_in_pytest_benchmark(tmp_path) -> None:
 
 def test_commit_info_outside_a_repository_says_unversioned(tmp_path) -> None:
     """commit_info comes from read-only git calls; outside a repository it says unversioned."""
-    from pytest_infmax.baselines import benchmark_commit_info
+    from pytest_infmax.baselines.store import benchmark_commit_info
 
     info = benchmark_commit_info(tmp_path)
     assert {"id", "time", "author_time", "dirty", "project", "branch"} <= set(info)

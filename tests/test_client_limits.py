@@ -13,11 +13,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from pytest_infmax.clientstats import ClientStats, LoopLagMonitor
-from pytest_infmax.load import LoadConfig, LoadConfigError, LoadGenerator, RunRecords
+from pytest_infmax.load.clientstats import ClientStats, LoopLagMonitor
+from pytest_infmax.load.generator import LoadGenerator
+from pytest_infmax.load.plan import LoadConfig, LoadConfigError, RunRecords
+from pytest_infmax.load.scenarios import Scenario
 from pytest_infmax.records import RequestRecord
-from pytest_infmax.scenarios import Scenario
-from pytest_infmax.servers import Server, ServerConfig, running_server
+from pytest_infmax.servers.launch import Server, ServerConfig, running_server
 
 SCENARIO = Scenario("tiny", 32, 16)
 
@@ -82,7 +83,7 @@ def test_open_loop_latency_from_the_schedule_includes_the_send_delay(
     """All requests are due at once (rate=inf); building the first one blocks the
     loop for 150 ms, before any of them can be written."""
     block_s = 0.15
-    from pytest_infmax import load
+    from pytest_infmax.load import generator as load
 
     real_plan = load.plan_request
     blocked: list[bool] = []
@@ -178,7 +179,7 @@ def test_plugin_warns_or_fails_on_a_client_bound_run(pytester: pytest.Pytester) 
 
         def test_starved(infmax):
             # A test that burns the event loop while its run goes on: the client falls behind.
-            import pytest_infmax.load as load
+            import pytest_infmax.load.generator as load
             original = load.ResponseAccumulator.on_event
 
             def slow(self, data, t):

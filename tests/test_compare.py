@@ -8,9 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from pytest_infmax.baselines import BaselineRun, BaselineStore, build_testbed
-from pytest_infmax.cli import main as cli_main
-from pytest_infmax.compare import (
+from pytest_infmax.baselines.compare import (
     DEFAULT_GATES,
     CompareOptions,
     Gate,
@@ -22,6 +20,8 @@ from pytest_infmax.compare import (
     parse_gates,
     run_statistics,
 )
+from pytest_infmax.baselines.store import BaselineRun, BaselineStore, build_testbed
+from pytest_infmax.cli import main as cli_main
 
 SERVER = {"kind": "sim", "model": "sim-model", "num_gpus": 1, "command": ["python", "-m", "pytest_infmax.sim"]}
 WORKLOAD = {
@@ -261,10 +261,10 @@ def test_sequential_reports_when_history_limits_it() -> None:
 
 
 def _load_result(seed: int, scale: float):
-    from pytest_infmax.load import LoadConfig, RunRecords
+    from pytest_infmax.load.plan import LoadConfig, RunRecords
+    from pytest_infmax.load.scenarios import get_scenario
     from pytest_infmax.records import RequestRecord
-    from pytest_infmax.results import LoadResult
-    from pytest_infmax.scenarios import get_scenario
+    from pytest_infmax.run.results import LoadResult
 
     rng = np.random.default_rng(seed)
     records = []
@@ -337,10 +337,10 @@ def test_cli_compare_refuses_bad_input_with_a_message(tmp_path, capsys) -> None:
 
 
 def test_cli_compare_reads_results_files(tmp_path, capsys) -> None:
-    from pytest_infmax import reports
+    from pytest_infmax.reports.document import results_document
 
     def results(seed: int, scale: float) -> str:
-        doc = reports.results_document([_load_result(seed + i, scale).to_dict() for i in range(3)], [SERVER])
+        doc = results_document([_load_result(seed + i, scale).to_dict() for i in range(3)], [SERVER])
         path = tmp_path / f"r{seed}-{scale}.json"
         path.write_text(json.dumps(doc))
         return str(path)

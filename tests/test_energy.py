@@ -13,14 +13,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from pytest_infmax import telemetry
-from pytest_infmax.energy import (
+from pytest_infmax.measure.energy import (
     EnergyReport,
     EnergySampler,
     HttpPowerSource,
     ModelledPowerSource,
     NvmlPowerSource,
 )
+from pytest_infmax.servers import telemetry
 
 
 class FakeClock:
@@ -305,8 +305,8 @@ def test_an_endpoint_that_is_not_there_is_not_measured() -> None:
 
 def test_energy_of_a_real_run_against_the_simulator(tmp_path: Path) -> None:
     """report_for() uses the run's measured window (same clock as records) and its token counts."""
-    from pytest_infmax.runner import Infmax
-    from pytest_infmax.servers import ServerConfig, running_server
+    from pytest_infmax.run.runner import Infmax
+    from pytest_infmax.servers.launch import ServerConfig, running_server
 
     with running_server(ServerConfig(sim_args=("--decode-step-ms", "2")), tmp_path) as server:
         sampler = EnergySampler(ModelledPowerSource(lambda: {"power_w": 100.0}, name="constant 100 W"), period=0.02)

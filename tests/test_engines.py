@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 from _sim_helpers import pid_alive
 
-from pytest_infmax import engines, servers
-from pytest_infmax.runner import Infmax
-from pytest_infmax.scenarios import Scenario
-from pytest_infmax.servers import ServerConfig, ServerError, config_from_mapping, start_server
+from pytest_infmax.load.scenarios import Scenario
+from pytest_infmax.run.runner import Infmax
+from pytest_infmax.servers import engines, launch
+from pytest_infmax.servers.launch import ServerConfig, ServerError, config_from_mapping, start_server
 
 STANDINS = Path(__file__).parent / "standins"
 FAST_SIM = "--decode-step-ms 2 --decode-ms-per-seq 0.01"
@@ -366,8 +366,8 @@ def test_port_taken_meanwhile_is_retried_on_a_new_port(tmp_path: Path, monkeypat
         busy.listen()
         taken = busy.getsockname()[1]
         ports = iter([taken])
-        real = servers.free_port
-        monkeypatch.setattr(servers, "free_port", lambda host="127.0.0.1": next(ports, None) or real(host))
+        real = launch.free_port
+        monkeypatch.setattr(launch, "free_port", lambda host="127.0.0.1": next(ports, None) or real(host))
         server = start_server(engine_config(tmp_path, "vllm"), tmp_path / "logs")
         try:
             assert not server.base_url.endswith(f":{taken}")
@@ -382,7 +382,7 @@ def test_port_always_taken_gives_up_after_three_tries(tmp_path: Path, monkeypatc
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        monkeypatch.setattr(servers, "free_port", lambda host="127.0.0.1": busy.getsockname()[1])
+        monkeypatch.setattr(launch, "free_port", lambda host="127.0.0.1": busy.getsockname()[1])
         with pytest.raises(ServerError, match="could not bind a port 3 times"):
             start_server(engine_config(tmp_path, "sglang"), tmp_path / "logs")
     assert len(recorded_argv(tmp_path)) == 3

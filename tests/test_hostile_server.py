@@ -27,10 +27,11 @@ from typing import Any
 
 import pytest
 
-from pytest_infmax.load import LoadConfig, LoadGenerator, RunRecords, encode_body, run_coroutine
+from pytest_infmax.load.generator import LoadGenerator, encode_body, run_coroutine
+from pytest_infmax.load.plan import LoadConfig, RunRecords
+from pytest_infmax.load.scenarios import Scenario, plan_request
+from pytest_infmax.load.streamclient import DEFAULT_MAX_EVENT_BYTES
 from pytest_infmax.records import ErrorKind
-from pytest_infmax.scenarios import Scenario, plan_request
-from pytest_infmax.streamclient import DEFAULT_MAX_EVENT_BYTES
 
 SCENARIO = Scenario("hostile", 16, 4)  # 12-16 prompt tokens, 3-4 output tokens
 MODEL = "hostile-model"

@@ -16,13 +16,13 @@ from typing import Any
 
 import pytest
 
-from pytest_infmax import plots
-from pytest_infmax.cost import default_price
-from pytest_infmax.html_report import main as html_main
-from pytest_infmax.html_report import render_html, write_html_report
-from pytest_infmax.runner import Infmax
-from pytest_infmax.servers import ServerConfig, running_server
-from pytest_infmax.summary import sweep_to_dict
+from pytest_infmax.cli import main as cli_main
+from pytest_infmax.measure.cost import default_price
+from pytest_infmax.reports import plots
+from pytest_infmax.reports.html import render_html, write_html_report
+from pytest_infmax.reports.markdown import sweep_to_dict
+from pytest_infmax.run.runner import Infmax
+from pytest_infmax.servers.launch import ServerConfig, running_server
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 needs_matplotlib = pytest.mark.skipif(not plots.plots_available()[0], reason=plots.plots_available()[1])
@@ -271,7 +271,7 @@ def test_report_in_headless_chromium(real: dict[str, Any], tmp_path: Path) -> No
 def test_report_command_from_a_results_file(
     real: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from pytest_infmax.reports import results_document
+    from pytest_infmax.reports.document import results_document
 
     doc = results_document(real["results"], [])
     doc["sweeps"] = real["sweeps"]
@@ -280,7 +280,7 @@ def test_report_command_from_a_results_file(
     summary = tmp_path / "step.md"
     summary.write_text("earlier\n", encoding="utf-8")
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
-    assert html_main([str(src), "--plots", "--markdown", "--step-summary"]) == 0
+    assert cli_main(["report", str(src), "--plots", "--markdown", "--step-summary"]) == 0
     page = (tmp_path / "perf.html").read_text(encoding="utf-8")
     assert "infmax report: perf.json" in page and 'table class="results"' in page
     md = (tmp_path / "perf.md").read_text(encoding="utf-8")
@@ -297,7 +297,7 @@ def test_report_command_from_a_results_file(
 
     bad = tmp_path / "bad.json"
     bad.write_text("[1, 2]", encoding="utf-8")
-    assert html_main([str(bad)]) == 2
+    assert cli_main(["report", str(bad)]) == 2
     assert "not an --infmax-json document" in capsys.readouterr().err
 
 
@@ -330,9 +330,9 @@ def test_energy_and_modelled_power_in_the_report(real: dict[str, Any]) -> None:
 
 
 def test_a_run_where_every_request_failed_still_reports(real: dict[str, Any]) -> None:
-    from pytest_infmax.metrics import compute_metrics
+    from pytest_infmax.measure.metrics import compute_metrics
     from pytest_infmax.records import RequestRecord
-    from pytest_infmax.summary import markdown_summary
+    from pytest_infmax.reports.markdown import markdown_summary
 
     r = copy.deepcopy(real["results"][0])
     for rec in r["records"]:

@@ -21,8 +21,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pytest_infmax import streamclient
-from pytest_infmax.streamclient import ConnectionPool, SSEDecoder, StreamConnection, StreamError
+from pytest_infmax.load import streamclient
+from pytest_infmax.load.streamclient import ConnectionPool, SSEDecoder, StreamConnection, StreamError
 
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
 
@@ -31,7 +31,7 @@ def test_the_fast_lane_is_built() -> None:
     """The extension compiles wherever the package is installed with a C compiler (CI
     included): a silent build failure would quietly double the client's CPU."""
     assert streamclient._Lane is not None, (
-        "pytest_infmax._lane is not built: install a C compiler (gcc) and the Python "
+        "pytest_infmax.load._lane is not built: install a C compiler (gcc) and the Python "
         "headers, then reinstall the package (pip install -e .)"
     )
 

@@ -8,17 +8,12 @@ import json
 import numpy as np
 import pytest
 
-from pytest_infmax.load import (
-    LoadConfig,
-    LoadConfigError,
-    ResponseAccumulator,
-    StreamError,
-    arrival_offsets,
-    read_sse,
-)
-from pytest_infmax.metrics import compute_metrics
+from pytest_infmax.load.generator import ResponseAccumulator, arrival_offsets, read_sse
+from pytest_infmax.load.plan import LoadConfig, LoadConfigError
+from pytest_infmax.load.scenarios import PRESETS, Scenario, plan_request, request_body
+from pytest_infmax.load.streamclient import StreamError
+from pytest_infmax.measure.metrics import compute_metrics
 from pytest_infmax.records import ErrorKind, RequestRecord, TokenSource
-from pytest_infmax.scenarios import PRESETS, Scenario, plan_request, request_body
 
 
 def _chunk(text: str, finish: str | None = None, usage: dict | None = None, chat: bool = False) -> str:
@@ -283,7 +278,8 @@ def test_bad_load_arguments(kwargs, message) -> None:
 
 
 def test_runs_start_on_uvloop_unless_told_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pytest_infmax.load import LoadConfigError, run_coroutine
+    from pytest_infmax.load.generator import run_coroutine
+    from pytest_infmax.load.plan import LoadConfigError
 
     async def loop_module() -> str:
         return type(asyncio.get_running_loop()).__module__
@@ -303,7 +299,7 @@ def test_run_coroutine_never_turns_its_result_into_text(monkeypatch: pytest.Monk
     """Python 3.11's ``asyncio.Runner`` formats ``repr(main_task)`` as it exits, and with
     it the task's result: for a run, every chunk timestamp of every record turned into
     text (0.6 CPU-s per million tokens). The result travels outside the task."""
-    from pytest_infmax.load import run_coroutine
+    from pytest_infmax.load.generator import run_coroutine
 
     formatted: list[str] = []
 

@@ -13,18 +13,10 @@ import math
 import numpy as np
 import pytest
 
-from pytest_infmax.metrics import (
-    DISTRIBUTION_METRICS,
-    METRICS,
-    SCALAR_METRICS,
-    Distribution,
-    GoodputLimits,
-    Metrics,
-    compute_metrics,
-    parse_stat,
-)
+from pytest_infmax.measure.metrics import Distribution, GoodputLimits, Metrics, compute_metrics
+from pytest_infmax.measure.registry import DISTRIBUTION_METRICS, METRICS, SCALAR_METRICS, parse_stat
+from pytest_infmax.measure.sla import SLASyntaxError
 from pytest_infmax.records import ErrorKind, RequestRecord, TokenSource
-from pytest_infmax.sla import SLASyntaxError
 
 
 def _run() -> list[RequestRecord]:

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from pytest_infmax.servers import ServerConfig, running_server
+from pytest_infmax.servers.launch import ServerConfig, running_server
 
 pytestmark = pytest.mark.usefixtures("no_leaked_servers")
 
@@ -25,7 +25,7 @@ def _write(pytester: pytest.Pytester, body: str) -> None:
 def test_help_lists_every_option(pytester: pytest.Pytester) -> None:
     # argparse %-formats help texts: one bare "%" (e.g. "5%" in --infmax-min-effect's) crashed
     # `pytest --help` for every project in the venv. Each flag is named with its env variable.
-    from pytest_infmax.config import SETTINGS
+    from pytest_infmax.settings import SETTINGS
 
     result = pytester.runpytest_subprocess("--help")
     assert result.ret == 0, result.stderr.str()
@@ -116,7 +116,7 @@ def test_malformed_sla_in_run_raises_before_load(pytester: pytest.Pytester) -> N
         """
         import json, urllib.request
         import pytest
-        from pytest_infmax.sla import SLASyntaxError
+        from pytest_infmax.measure.sla import SLASyntaxError
 
         def test_bad_expression(infmax, infmax_server):
             with pytest.raises(SLASyntaxError, match="p99.ttft. < fast"):
@@ -429,7 +429,7 @@ def test_sweep_frontier_sla_through_the_plugin(pytester: pytest.Pytester) -> Non
         pytester,
         """
         import pytest
-        from pytest_infmax.sweep import FrontierSLAFailed
+        from pytest_infmax.run.sweep import FrontierSLAFailed
 
         def test_sweep(infmax):
             sweep = infmax.sweep("1k1k-mini", concurrency=[1, 8], num_requests=8, warmup=0)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from pytest_infmax.progress import Progress
+from pytest_infmax.load.progress import Progress
 from pytest_infmax.records import ErrorKind, RequestRecord
 
 

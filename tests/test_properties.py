@@ -5,11 +5,11 @@ either accepted or refused with the module's own error, whose message names the
 input, its value and what is allowed. Valid SLA expressions round-trip through
 their canonical text.
 
-* SLA grammar (:mod:`pytest_infmax.sla`): ``parse``, ``parse_all``, ``SLA(...)`` (the
+* SLA grammar (:mod:`pytest_infmax.measure.sla`): ``parse``, ``parse_all``, ``SLA(...)`` (the
   API and ``@pytest.mark.sla`` form), goodput limits as text and as a mapping, and
   frontier SLAs; errors are :class:`SLASyntaxError` (or ``TypeError`` for a value of
   the wrong type, as documented).
-* Every :data:`pytest_infmax.config.SETTINGS` entry, from the command line, the
+* Every :data:`pytest_infmax.settings.SETTINGS` entry, from the command line, the
   environment and the ini file; errors are :class:`SettingError`.
 * ``@pytest.mark.sla``, ``infmax_server`` and ``infmax_price`` through the plugin's
   own collection hook; errors are ``pytest.UsageError`` naming the test and marker.
@@ -30,13 +30,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pytest_infmax import config as config_mod
-from pytest_infmax import engines, plugin
-from pytest_infmax.cost import TIERS, price_marker_options
-from pytest_infmax.metrics import METRICS, GoodputLimits
-from pytest_infmax.servers import MAPPING_KEYS, ServerConfig, config_from_mapping
-from pytest_infmax.sla import (
-    SLA,
+from pytest_infmax import plugin
+from pytest_infmax import settings as config_mod
+from pytest_infmax.measure.cost import TIERS, price_marker_options
+from pytest_infmax.measure.metrics import GoodputLimits
+from pytest_infmax.measure.registry import METRICS
+from pytest_infmax.measure.sla import (
     UNITS,
     Objective,
     SLASyntaxError,
@@ -46,7 +45,10 @@ from pytest_infmax.sla import (
     split_expressions,
     units_for,
 )
-from pytest_infmax.sweep import FrontierObjective
+from pytest_infmax.measure.verdicts import SLA
+from pytest_infmax.run.sweep import FrontierObjective
+from pytest_infmax.servers import engines
+from pytest_infmax.servers.launch import MAPPING_KEYS, ServerConfig, config_from_mapping
 
 PROPERTY = settings(
     max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from pytest_infmax.baselines import BaselineRun, BaselineStore, build_testbed
+from pytest_infmax.baselines.store import BaselineRun, BaselineStore, build_testbed
+from pytest_infmax.load.scenarios import Scenario
+from pytest_infmax.measure.verdicts import SLAFailed
 from pytest_infmax.records import ErrorKind
-from pytest_infmax.runner import Infmax
-from pytest_infmax.scenarios import Scenario
-from pytest_infmax.servers import ServerConfig, running_server
-from pytest_infmax.sla import SLAFailed
+from pytest_infmax.run.runner import Infmax
+from pytest_infmax.servers.launch import ServerConfig, running_server
 
 FAST_SIM = "--decode-step-ms 2 --decode-ms-per-seq 0.01"
 SMALL = Scenario("reliability", 16, 8)

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 from _sim_helpers import pid_alive
 
-from pytest_infmax.baselines import Baseline, BaselineRun, BaselineStore, runs_of
-from pytest_infmax.compare import compare_files
-from pytest_infmax.energy import EnergyReport
-from pytest_infmax.load import LoadConfigError, RunRecords
+from pytest_infmax.baselines.compare import compare_files
+from pytest_infmax.baselines.store import Baseline, BaselineRun, BaselineStore, runs_of
+from pytest_infmax.load.plan import LoadConfigError, RunRecords
+from pytest_infmax.measure.energy import EnergyReport
 from pytest_infmax.records import RequestRecord, TokenSource
-from pytest_infmax.repeats import RepeatError, pooled_energy, pooled_metrics, repeat_marker_count
-from pytest_infmax.runner import Infmax
-from pytest_infmax.servers import ServerConfig, ServerError, ServerPool, running_server
+from pytest_infmax.run.repeats import RepeatError, pooled_energy, pooled_metrics, repeat_marker_count
+from pytest_infmax.run.runner import Infmax
+from pytest_infmax.servers.launch import ServerConfig, ServerError, ServerPool, running_server
 
 FAST = "--decode-step-ms 2 --decode-ms-per-seq 0.01"
 FAST_ARGS = tuple(FAST.split())
@@ -89,7 +89,7 @@ def test_repeats_of_a_noisy_simulator_catch_a_slowdown_and_pass_without_one(pyte
     draws its own factor, though the plugin restarts the simulator with the same flags."""
     pytester.makepyfile(
         test_perf="""
-        from pytest_infmax.scenarios import Scenario
+        from pytest_infmax.load.scenarios import Scenario
 
         def test_one(infmax):
             infmax.run(Scenario("tiny", 16, 16), concurrency=4, num_requests=12, warmup=2)
@@ -153,7 +153,7 @@ def test_bad_repeat_values_are_usage_errors_naming_the_setting(pytester: pytest.
 
 @pytest.mark.parametrize("value", ["0", "-2", "abc", "1.5", ""])
 def test_repeat_setting_parser_refuses_what_is_not_a_count(value: str) -> None:
-    from pytest_infmax.config import SETTINGS
+    from pytest_infmax.settings import SETTINGS
 
     (setting,) = [s for s in SETTINGS if s.name == "repeat"]
     assert (setting.flag, setting.env, setting.ini, setting.default) == (

@@ -9,16 +9,16 @@ from typing import Any
 
 import pytest
 
-from pytest_infmax.cost import TokenCost, default_price, user_price
-from pytest_infmax.runner import Infmax
-from pytest_infmax.servers import ServerConfig, running_server
-from pytest_infmax.summary import (
+from pytest_infmax.measure.cost import TokenCost, default_price, user_price
+from pytest_infmax.reports.markdown import (
     STEP_SUMMARY_LIMIT,
     markdown_summary,
     sweep_to_dict,
     write_github_step_summary,
 )
-from pytest_infmax.sweep import FrontierSLAFailed
+from pytest_infmax.run.runner import Infmax
+from pytest_infmax.run.sweep import FrontierSLAFailed
+from pytest_infmax.servers.launch import ServerConfig, running_server
 
 NAME = "tests/test_perf.py::test_chat_c2"
 
@@ -133,7 +133,7 @@ def test_passing_results_and_errors(real: dict[str, Any]) -> None:
 
 
 def test_sweeps_frontier_verdicts_and_checks(real: dict[str, Any]) -> None:
-    from pytest_infmax.sweep import SweepResult
+    from pytest_infmax.run.sweep import SweepResult
 
     runner = real["sweep_runner"]
     sweep = SweepResult(list(runner.results), price=default_price("H200", "hyperscaler"))

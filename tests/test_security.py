@@ -13,8 +13,8 @@ import psutil
 import pytest
 
 import pytest_infmax
-from pytest_infmax import engines
-from pytest_infmax.servers import ServerConfig, running_server
+from pytest_infmax.servers import engines
+from pytest_infmax.servers.launch import ServerConfig, running_server
 
 PACKAGE = Path(pytest_infmax.__file__).parent
 

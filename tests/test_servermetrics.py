@@ -1,4 +1,4 @@
-"""The server's own Prometheus metrics beside the client's figures (pytest_infmax.servermetrics)."""
+"""The server's own Prometheus metrics beside the client's figures (pytest_infmax.measure.servermetrics)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from pytest_infmax import Infmax
-from pytest_infmax import servermetrics as sm
-from pytest_infmax.reports import format_table
-from pytest_infmax.servers import Server, ServerConfig, running_server
-from pytest_infmax.summary import markdown_summary
+from pytest_infmax.measure import servermetrics as sm
+from pytest_infmax.reports.markdown import markdown_summary
+from pytest_infmax.reports.table import format_table
+from pytest_infmax.servers.launch import Server, ServerConfig, running_server
 
 # Two scrapes of a vLLM-style page, written by hand. The served model is "m"; a second model
 # ("other") on the same page must be left out; model "m" runs on two engine cores (label

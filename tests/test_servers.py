@@ -10,7 +10,7 @@ import time
 import pytest
 from _sim_helpers import pid_alive
 
-from pytest_infmax.servers import (
+from pytest_infmax.servers.launch import (
     ServerConfig,
     ServerError,
     command_from_template,

@@ -30,7 +30,7 @@ import openai
 import pytest
 from _sim_helpers import poll_stats_until
 
-from pytest_infmax.servers import ServerConfig, running_server, stop_process_group
+from pytest_infmax.servers.launch import ServerConfig, running_server, stop_process_group
 from pytest_infmax.sim.engine import FINISH_LENGTH, Engine, EngineConfig, TokenDelivery
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

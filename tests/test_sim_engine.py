@@ -27,9 +27,9 @@ from pytest_infmax.sim import roofline
 if roofline.tomllib is None:  # Python 3.10 without the tomli package
     pytest.skip("reading profiles needs Python >= 3.11 or tomli", allow_module_level=True)
 
-from pytest_infmax.runner import Infmax
-from pytest_infmax.scenarios import Scenario
-from pytest_infmax.servers import ServerConfig, running_server
+from pytest_infmax.load.scenarios import Scenario
+from pytest_infmax.run.runner import Infmax
+from pytest_infmax.servers.launch import ServerConfig, running_server
 from pytest_infmax.sim import build_parser, config_from_args, main
 from pytest_infmax.sim.engine import (
     FINISH_LENGTH,

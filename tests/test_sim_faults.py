@@ -26,12 +26,13 @@ import aiohttp
 import openai
 import pytest
 
-from pytest_infmax.load import LoadConfig, encode_body
+from pytest_infmax.load.generator import encode_body
+from pytest_infmax.load.plan import LoadConfig
+from pytest_infmax.load.scenarios import Scenario, plan_request
 from pytest_infmax.records import ErrorKind, RequestRecord, TokenSource
-from pytest_infmax.results import LoadResult
-from pytest_infmax.runner import Infmax
-from pytest_infmax.scenarios import Scenario, plan_request
-from pytest_infmax.servers import Server, ServerConfig, running_server
+from pytest_infmax.run.results import LoadResult
+from pytest_infmax.run.runner import Infmax
+from pytest_infmax.servers.launch import Server, ServerConfig, running_server
 from pytest_infmax.sim.faults import NO_FAULT, FaultSpec, FaultSpecError, parse_fault_header
 
 FAULT = "X-Infmax-Fault"

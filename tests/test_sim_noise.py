@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pytest_infmax.servers import ServerConfig, running_server
+from pytest_infmax.servers.launch import ServerConfig, running_server
 from pytest_infmax.sim import build_parser, config_from_args
 from pytest_infmax.sim.engine import EngineConfig, LinearCostModel, simulate
 from pytest_infmax.sim.noise import NoiseConfig, NoisyCostModel, StepNoise, noise_of, with_noise

@@ -11,7 +11,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from pytest_infmax.servers import ServerConfig, running_server
+from pytest_infmax.servers.launch import ServerConfig, running_server
 from pytest_infmax.sim.trace import Clock, RequestTrace, TraceLog
 
 FAST = ("--decode-step-ms", "1", "--decode-ms-per-seq", "0.01")

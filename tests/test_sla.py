@@ -6,18 +6,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pytest_infmax.metrics import METRICS, Metrics, compute_metrics
+from pytest_infmax.measure.metrics import Metrics, compute_metrics
+from pytest_infmax.measure.registry import METRICS
+from pytest_infmax.measure.sla import Objective, SLASyntaxError, parse, parse_all, units_for
+from pytest_infmax.measure.verdicts import SLA, SLAFailed, Verdict
 from pytest_infmax.records import ErrorKind, RequestRecord
-from pytest_infmax.sla import (
-    SLA,
-    Objective,
-    SLAFailed,
-    SLASyntaxError,
-    Verdict,
-    parse,
-    parse_all,
-    units_for,
-)
 
 # -- parsing: every documented example ---------------------------------------------
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.interpolate import PchipInterpolator
 
-from pytest_infmax.cost import (
+from pytest_infmax.measure.cost import (
     PriceError,
     TokenCost,
     cost_per_million_tokens,
@@ -14,9 +14,9 @@ from pytest_infmax.cost import (
     gpu_family,
     user_price,
 )
-from pytest_infmax.frontier import Frontier, FrontierRangeError, Point, pareto_front
-from pytest_infmax.sla import SLASyntaxError
-from pytest_infmax.sweep import FrontierObjective
+from pytest_infmax.measure.frontier import Frontier, FrontierRangeError, Point, pareto_front
+from pytest_infmax.measure.sla import SLASyntaxError
+from pytest_infmax.run.sweep import FrontierObjective
 
 
 def test_pareto_front_keeps_only_undominated_points() -> None:
@@ -72,7 +72,7 @@ def test_frontier_objective_parses_and_rejects() -> None:
 
 
 def test_price_choice_precedence_and_reasons() -> None:
-    from pytest_infmax.cost import choose_price
+    from pytest_infmax.measure.cost import choose_price
 
     user, why = choose_price(3.0, "neocloud", "vllm", (), "NVIDIA H100")
     assert user.usd_per_gpu_hour == 3.0 and user.source == "user-set (--infmax-gpu-hour-usd)" and why == ""

@@ -1,6 +1,6 @@
 """Telemetry without a GPU: "not measured" with the reason, never zero, never an error."""
 
-from pytest_infmax import telemetry
+from pytest_infmax.servers import telemetry
 
 
 def test_no_nvml_is_not_measured_with_a_reason(monkeypatch) -> None:

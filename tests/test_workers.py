@@ -15,11 +15,12 @@ import numpy as np
 import psutil
 import pytest
 
-from pytest_infmax.load import LoadConfig, LoadConfigError, LoadGenerator, RunRecords, arrival_offsets
+from pytest_infmax.load.generator import LoadGenerator, arrival_offsets
+from pytest_infmax.load.plan import LoadConfig, LoadConfigError, RunRecords
+from pytest_infmax.load.scenarios import Scenario
+from pytest_infmax.load.workers import WorkerError, share
 from pytest_infmax.records import RequestRecord
-from pytest_infmax.scenarios import Scenario
-from pytest_infmax.servers import Server, ServerConfig, running_server
-from pytest_infmax.workers import WorkerError, share
+from pytest_infmax.servers.launch import Server, ServerConfig, running_server
 
 SCENARIO = Scenario("tiny", 32, 16)
 
@@ -31,7 +32,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 def _workers_alive() -> list[psutil.Process]:
-    return [p for p in psutil.Process().children(recursive=True) if "pytest_infmax.workers" in " ".join(p.cmdline())]
+    return [
+        p
+        for p in psutil.Process().children(recursive=True)
+        if "pytest_infmax.load.worker_main" in " ".join(p.cmdline())
+    ]
 
 
 def _run(server: Server, config: LoadConfig, on_record=None) -> RunRecords:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from pytest_infmax import telemetry
+from pytest_infmax.servers import telemetry
 
 
 def pytest_collection_modifyitems(config, items):

@@ -10,9 +10,10 @@ import os
 import sys
 from pathlib import Path
 
-from pytest_infmax import Infmax, Scenario, ServerConfig, telemetry
-from pytest_infmax.reports import write_json_atomic
-from pytest_infmax.servers import require_gpus_released, start_server
+from pytest_infmax import Infmax, Scenario, ServerConfig
+from pytest_infmax.atomic import write_json_atomic
+from pytest_infmax.servers import telemetry
+from pytest_infmax.servers.launch import require_gpus_released, start_server
 
 ENGINE = str(Path(__file__).with_name("tiny_gpu_engine.py"))
 RESERVE_GIB = 4.0

@@ -1,4 +1,4 @@
-"""Reports: the terminal table and the JSON results file.
+"""The terminal table: one row per result.
 
 Reports read plain dicts (``LoadResult.summary()`` / ``to_dict()``), because
 under pytest-xdist results arrive from workers as serialised data.
@@ -6,17 +6,8 @@ under pytest-xdist results arrive from workers as serialised data.
 
 from __future__ import annotations
 
-import json
-import os
-import platform
-import sys
-import tempfile
-import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
-
-from . import __version__
 
 COLUMNS: tuple[tuple[str, str, str], ...] = (
     # (key in summary, header, format)
@@ -73,45 +64,3 @@ def format_table(rows: Sequence[dict[str, Any]], max_test_width: int = 48) -> st
     out = [fmt_line(headers), "  ".join("-" * w for w in widths)]
     out.extend(fmt_line(c) for c in cells)
     return "\n".join(out)
-
-
-def environment() -> dict[str, Any]:
-    """Facts about where the run happened; no secrets, no environment variables."""
-    return {
-        "plugin_version": __version__,
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "hostname": platform.node(),
-        "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-
-
-def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
-    """Write JSON so that readers see the old file or the new one, never half of one."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return target
-
-
-def results_document(results: Sequence[dict[str, Any]], servers: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The ``--infmax-json`` document."""
-    return {
-        "format": "pytest-infmax/1",
-        "environment": environment(),
-        "servers": list(servers),
-        "results": list(results),
-    }

@@ -2,8 +2,8 @@
 
 The regression gate's noise is mostly *between* server starts (clocks, placement,
 warm-up), not between the requests of one run, so a 5 % change is only visible
-with several runs, each a fresh start (docs/baselines.md). :class:`Repeats` keeps
-every run on its own; the :class:`~pytest_infmax.results.LoadResult` that holds
+with several runs, each a fresh start (docs/baselines.md). :class:`~pytest_infmax.run.results.Repeats` keeps
+every run on its own; the :class:`~pytest_infmax.run.results.LoadResult` that holds
 them pools their requests for metrics and SLA verdicts:
 
 * distributions (TTFT, TPOT, ...), counts and error rate: over all requests;
@@ -12,7 +12,7 @@ them pools their requests for metrics and SLA verdicts:
 * energy: summed over the runs' measured windows.
 
 The gate and ``--infmax-save`` see the runs one by one
-(:func:`pytest_infmax.baselines.runs_of`): N runs against the baseline history,
+(:func:`pytest_infmax.baselines.store.runs_of`): N runs against the baseline history,
 N runs into it. Runs that could not be given fresh starts (an endpoint server is
 not ours to restart) share one start, so they are merged into one run there.
 """
@@ -21,16 +21,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .energy import EnergyReport, _per_token
-from .load import RunRecords
-from .metrics import Metrics, compute_metrics, wall_time
+from pytest_infmax.load.plan import RunRecords
+from pytest_infmax.measure.energy import EnergyReport, _per_token
+from pytest_infmax.measure.metrics import Metrics, compute_metrics, wall_time
 
 if TYPE_CHECKING:
-    from .metrics import GoodputLimits
-    from .results import LoadResult
+    from pytest_infmax.measure.metrics import GoodputLimits
 
 
 class RepeatError(ValueError):
@@ -52,48 +50,6 @@ def repeat_marker_count(args: Sequence[Any], kwargs: Mapping[str, Any]) -> int:
             f"got args {tuple(args)!r} and keywords {dict(kwargs)!r}"
         )
     return repeat_count(args[0] if args else kwargs["n"], "the number of runs")
-
-
-@dataclass
-class Repeats:
-    """The runs of one repeated load, in order. ``fresh_starts``: the server was restarted
-    before every run but the first; otherwise ``note`` says why not."""
-
-    runs: list[LoadResult]
-    fresh_starts: bool = True
-    note: str = ""
-
-    def __len__(self) -> int:
-        return len(self.runs)
-
-    def to_dict(self, clock_origin: float) -> dict[str, Any]:
-        """Per-run facts; ``records`` is the [start, stop) slice of the result's ``records``
-        (one list, every run's records in order, times relative to the first run's origin)."""
-        out, start = [], 0
-        for i, r in enumerate(self.runs):
-            run = r.run
-            stop = start + len(run.records)
-            server = r.server or {}
-            out.append(
-                {
-                    "index": i,
-                    "records": [start, stop],
-                    "started_at": run.epoch_origin,
-                    "measured_window_s": [
-                        round(run.measured_start - clock_origin, 6),
-                        round(run.measured_end - clock_origin, 6),
-                    ],
-                    "server": {k: server.get(k) for k in ("pid", "base_url", "startup_seconds", "log")},
-                    "fresh_start": self.fresh_starts or i == 0,
-                    "client_bound": run.client_bound,
-                    "metrics": r.metrics.to_dict(),
-                    "energy": r.energy.to_dict() if r.energy is not None else None,
-                    # the server's own metrics cannot be pooled across starts (its counters restart)
-                    "server_metrics": r.server_metrics_report(),
-                }
-            )
-            start = stop
-        return {"count": len(self.runs), "fresh_starts": self.fresh_starts, "note": self.note, "runs": out}
 
 
 def pooled_run(runs: Sequence[RunRecords]) -> RunRecords:
@@ -191,25 +147,3 @@ def pooled_energy(
     if duration > 0:
         _per_token(rep, usd_per_kwh)
     return rep
-
-
-def combine(runs: Sequence[LoadResult], *, fresh_starts: bool, note: str, usd_per_kwh: float | None) -> LoadResult:
-    """One result holding ``runs`` (each a LoadResult of one run), pooled for metrics."""
-    from .results import LoadResult
-
-    first, last = runs[0], runs[-1]
-    records = [r.run for r in runs]
-    result = LoadResult(
-        name=first.name,
-        config=first.config,
-        run=pooled_run(records),
-        server=last.server,  # the start that is still running
-        num_gpus=first.num_gpus,
-        percentiles=first.percentiles,
-        goodput=first.goodput,
-        price=first.price,
-        price_note=first.price_note,
-        energy=pooled_energy([r.energy for r in runs], records, usd_per_kwh),
-    )
-    result.repeats = Repeats(list(runs), fresh_starts, note)
-    return result

@@ -14,7 +14,7 @@ under a baselines directory (default ``.infmax/baselines/``). A file holds
 
 Several runs are kept because between-run variance (a server start differs from
 the next by more than requests differ within one run) can only be estimated from
-several runs; :mod:`pytest_infmax.compare` explains how they are used.
+several runs; :mod:`pytest_infmax.baselines.compare` explains how they are used.
 
 Files are written atomically with sorted keys and indentation so that they diff
 well in git. They are plain JSON and never pickled; a file that cannot be read is
@@ -23,6 +23,7 @@ a :class:`CorruptBaselineError` naming the file and the fix, never a traceback.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
 import json
@@ -39,13 +40,15 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from .records import RequestRecord
-from .reports import environment, write_json_atomic
+from pytest_infmax.atomic import write_json_atomic
+from pytest_infmax.environment import environment
+from pytest_infmax.measure.cost import cost_per_million_tokens
+from pytest_infmax.records import RequestRecord
+from pytest_infmax.servers import telemetry
 
 if TYPE_CHECKING:
-    from .compare import CompareOptions, ComparisonReport
-    from .cost import Price
-    from .results import LoadResult
+    from pytest_infmax.measure.cost import Price
+    from pytest_infmax.run.results import LoadResult
 
 FORMAT = "pytest-infmax-baseline/1"
 FORMAT_NAME, _, _FORMAT_VERSION = FORMAT.rpartition("/")
@@ -207,7 +210,7 @@ class BaselineRun:
     ) -> BaselineRun:
         """Compact a ``LoadResult`` (or its ``to_dict()`` with records, as xdist workers send).
 
-        ``price`` ($/GPU-hour, or a :class:`~pytest_infmax.cost.Price`) adds
+        ``price`` ($/GPU-hour, or a :class:`~pytest_infmax.measure.cost.Price`) adds
         ``cost_per_mtok`` ($ per million total tokens at the measured throughput).
         """
         if isinstance(result, Mapping):
@@ -266,8 +269,6 @@ class BaselineRun:
         scalars: dict[str, float | None] = {key: _finite(summary.get(key)) for key in SCALAR_KEYS}
         scalars["num_gpus"] = float(num_gpus)
         if price is not None:
-            from .cost import cost_per_million_tokens
-
             usd = price if isinstance(price, (int, float)) else price.usd_per_gpu_hour
             tput = scalars.get("throughput")
             scalars["cost_per_mtok"] = cost_per_million_tokens(float(usd), num_gpus, tput) if tput is not None else None
@@ -516,8 +517,6 @@ def build_testbed(server: Mapping[str, Any] | None, extra: Mapping[str, Any] | N
 def gpu_testbed() -> dict[str, Any]:
     """GPU model, count and driver from NVML; ``{}`` where NVML is not available."""
     try:
-        from . import telemetry
-
         gpus = telemetry.gpus()
     except Exception:  # no NVML, no driver, no GPU: nothing to add
         return {}
@@ -773,27 +772,6 @@ class BaselineStore:
         baseline.path = path
         return baseline
 
-    def compare(
-        self,
-        key: str,
-        current: BaselineRun | Sequence[BaselineRun],
-        testbed: Mapping[str, Any],
-        *,
-        options: CompareOptions | None = None,
-        force: bool = False,
-    ) -> ComparisonReport | None:
-        """Compare current run(s) with the stored baseline; None when there is none.
-
-        Raises :class:`BaselineMismatch` (unless ``force``) and
-        :class:`CorruptBaselineError`.
-        """
-        from .compare import compare_baseline
-
-        baseline = self.load(key)
-        if baseline is None:
-            return None
-        return compare_baseline(baseline, current, testbed=testbed, options=options, force=force)
-
     def keys(self) -> list[str]:
         return [b.key for b in self]
 
@@ -808,7 +786,7 @@ class BaselineStore:
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
     """An exclusive lock for one baseline file, held across processes (flock on ``PATH.lock``)."""
-    import fcntl
+    import fcntl  # POSIX only: imported where a lock is taken, not where the module is
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(f".{path.name}.lock"), "a+b") as lock:  # hidden: not a baseline
@@ -1052,8 +1030,6 @@ def benchmark_stats(data: Sequence[float]) -> dict[str, Any]:
     if n == 1:
         ld15iqr = hd15iqr = s[0]
     else:
-        import bisect
-
         ld15iqr = s[bisect.bisect_left(s, low)]
         pos = bisect.bisect_right(s, high)
         hd15iqr = s[-1] if pos == n else s[pos]

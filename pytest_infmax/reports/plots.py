@@ -11,7 +11,7 @@
 
 Input is plain data: result dicts (``LoadResult.to_dict()``; the latency and
 throughput plots need their per-request ``records``) and sweep dicts
-(:func:`pytest_infmax.summary.sweep_to_dict`). Figures are drawn with
+(:func:`pytest_infmax.reports.markdown.sweep_to_dict`). Figures are drawn with
 matplotlib's object API on the Agg canvas: no display, no pyplot global state,
 safe in any thread. Without matplotlib every entry point raises
 :class:`PlotsUnavailable`, whose message says what to install.
@@ -27,8 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .frontier import Point, pareto_front
-from .summary import base_name, load_label
+from pytest_infmax.measure.frontier import Point, pareto_front
+from pytest_infmax.measure.sla import SLASyntaxError, parse
+from pytest_infmax.reports.markdown import base_name, load_label
+from pytest_infmax.run.sweep import FrontierObjective
 
 INSTALL_HINT = "pip install 'pytest-infmax[plots]'"
 
@@ -211,9 +213,6 @@ def _targets(
     results: Sequence[Result], sweeps: Sequence[Mapping[str, Any]], extra: Sequence[str]
 ) -> tuple[list[tuple[float, float, str, bool | None]], list[tuple[str, float, str, bool | None]]]:
     """Frontier SLA points (x, y, text, passed) and scalar threshold lines (axis, value, text, passed)."""
-    from .sla import SLASyntaxError, parse
-    from .sweep import FrontierObjective
-
     points: dict[str, tuple[float, float, str, bool | None]] = {}
     lines: dict[str, tuple[str, float, str, bool | None]] = {}
 

@@ -1,4 +1,4 @@
-"""One grammar for SLA expressions, and judging a run's metrics against them.
+"""One grammar for SLA expressions (judging a run against them is :mod:`pytest_infmax.measure.verdicts`).
 
 An SLA is a list of objectives, each one line of text::
 
@@ -35,7 +35,7 @@ Goodput limits (``"ttft <= 500ms, tpot < 50ms"``) use the same grammar without a
 statistic: they bound every request, see :func:`parse_goodput_limits`.
 
 Adding a metric of a new dimension (say cost per million tokens) takes a
-``METRICS`` entry in :mod:`pytest_infmax.metrics` and its units in
+``METRICS`` entry in :mod:`pytest_infmax.measure.registry` and its units in
 :data:`UNITS` here.
 """
 
@@ -45,30 +45,17 @@ import difflib
 import math
 import numbers
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, NamedTuple
 
-from pytest_infmax.metrics import (
-    GOODPUT_METRICS,
-    METRICS,
-    NAMED_STATS,
-    OPS,
-    GoodputLimits,
-    GoodputSpec,
-    MetricInfo,
-    Metrics,
-    parse_stat,
-)
+from pytest_infmax.measure.registry import GOODPUT_METRICS, METRICS, NAMED_STATS, OPS, MetricInfo, parse_stat
 
 __all__ = [
     "UNITS",
     "Objective",
-    "SLA",
-    "SLAFailed",
     "SLASyntaxError",
-    "Verdict",
     "format_quantity",
     "parse",
     "parse_all",
@@ -166,32 +153,6 @@ class SLASyntaxError(ValueError):
             index=index,
             total=total,
         )
-
-
-class SLAFailed(AssertionError):
-    """Raised by :meth:`SLA.check`: every violated objective, one per line.
-
-    ``verdicts`` keeps the verdicts it was given (:meth:`SLA.check` gives all,
-    passed ones too, for reports); ``failures`` just the failed ones.
-    ``context`` (e.g. which run) heads the message when given.
-    """
-
-    from_marker = False  # the plugin sets it where the verdicts are the whole report (no traceback)
-
-    def __init__(self, verdicts: Iterable[Verdict], *, context: str | None = None) -> None:
-        self.verdicts = list(verdicts)
-        self.failures = [v for v in self.verdicts if not v.passed]
-        self.context = context
-        super().__init__(self._render())
-
-    def _render(self) -> str:
-        n, total = len(self.failures), len(self.verdicts)
-        noun = "objective" if total == 1 else "objectives"
-        count = f"{n} of {total}" if n != total else f"{n}"
-        lines = [self.context] if self.context else []
-        lines.append(f"{count} SLA {noun} failed:")
-        lines += [f"  {v.message}" for v in self.failures]
-        return "\n".join(lines)
 
 
 # -- numbers and units ---------------------------------------------------------------
@@ -694,170 +655,6 @@ def _limit_text(key: Any, val: Any) -> str:
     return f"{metric} {op} {number!r} {base}"
 
 
-# -- evaluation ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """How one objective fared against a run.
-
-    ``passed`` is always a bool: an objective with nothing to measure (no
-    requests measured, no successful requests for a latency statistic, no
-    goodput limits) has ``measured=None`` and *fails*, because an SLA that was
-    not shown to hold did not hold.
-    ``count`` is how many requests the figure rests on.
-    """
-
-    objective: Objective
-    measured: float | None
-    passed: bool
-    count: int
-    message: str
-
-    def __str__(self) -> str:
-        return self.message
-
-    def to_dict(self) -> dict[str, Any]:
-        o = self.objective
-        return {
-            "objective": str(o),
-            "metric": o.metric,
-            "stat": o.stat,
-            "op": o.op,
-            "limit": o.limit,
-            "unit": o.unit,
-            "measured": self.measured,
-            "passed": self.passed,
-            "count": self.count,
-            "message": self.message,
-        }
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
-
-
-def _over_under(objective: Objective, measured: float) -> str:
-    if objective.limit == 0 or measured == objective.limit:
-        return "at the limit" if measured == objective.limit else ""
-    rel = abs(measured - objective.limit) / abs(objective.limit) * 100
-    pct = f"{rel:.0f}" if rel >= 10 else (f"{rel:.1f}" if rel >= 1 else f"{rel:.2g}")
-    return f"{pct}% {'over' if measured > objective.limit else 'under'}"
-
-
-def _no_data_reason(objective: Objective, metrics: Metrics) -> str:
-    if objective.metric in ("goodput", "goodput_ratio") and metrics.goodput_limits is None:
-        return "goodput needs per-request limits: pass goodput='ttft<500ms, tpot<50ms'"
-    if metrics.num_requests == 0:
-        return "no requests were measured"
-    if metrics.num_ok == 0:
-        return f"no successful requests ({metrics.num_requests} measured, all failed)"
-    return f"no {objective.metric} values among {_plural(metrics.num_ok, 'successful request')}"
-
-
-def _judge(objective: Objective, metrics: Metrics) -> Verdict:
-    # An empty run proves nothing, even where a figure exists (throughput 0.0).
-    measured = metrics.value(objective.metric, objective.stat) if metrics.num_requests else None
-    count = metrics.count_behind(objective.metric)
-    if measured is None:
-        message = f"FAILED {objective}: {_no_data_reason(objective, metrics)}"
-        return Verdict(objective, None, False, count, message)
-    passed = objective.holds(measured)
-    shown = format_quantity(measured, objective.unit)
-    behind = f"over {_plural(count, 'request')}"
-    if objective.metric == "itl":
-        behind += f" ({_plural(metrics.itl.count, 'token gap')})"
-    if passed:
-        return Verdict(objective, measured, True, count, f"{objective}: measured {shown} {behind}")
-    detail = ", ".join(x for x in (f"limit {objective.limit_text}", _over_under(objective, measured)) if x)
-    message = f"FAILED {objective}: measured {shown} ({detail}) {behind}"
-    return Verdict(objective, measured, False, count, message)
-
-
-def _flatten(arg: str | Objective | Iterable[str | Objective]) -> list[str | Objective]:
-    if isinstance(arg, str):
-        return list(split_expressions(arg))
-    if isinstance(arg, Objective):
-        return [arg]
-    if isinstance(arg, Iterable) and not isinstance(arg, (bytes, bytearray, Mapping)):
-        return [piece for item in arg for piece in _flatten(item)]
-    raise TypeError(
-        f"an SLA objective is a str (e.g. 'p99(ttft) < 500ms') or an Objective, "
-        f"got {type(arg).__name__} {_short_repr(arg)}"
-        + ("; per-request limits go in goodput={...}" if isinstance(arg, Mapping) else "")
-    )
-
-
 def _short_repr(value: Any, limit: int = 80) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-class SLA:
-    """A set of objectives, validated when built so mistakes surface before load.
-
-    Each positional argument may be a string (split on ',', ';' and
-    newlines), an Objective, or an iterable of either, so ``SLA("a", "b")``,
-    ``SLA(["a", "b"])`` and ``SLA("a, b")`` are the same SLA (and
-    ``@pytest.mark.sla("a", "b")`` args can be passed straight through).
-    ``goodput`` holds the per-request limits that ``goodput``/``goodput_ratio``
-    objectives are computed against; pass ``sla.goodput`` to ``compute_metrics``.
-    """
-
-    def __init__(
-        self,
-        *objectives: str | Objective | Iterable[str | Objective],
-        goodput: GoodputSpec | None = None,
-    ) -> None:
-        items: list[str | Objective] = []
-        for arg in objectives:
-            items.extend(_flatten(arg))
-        self.objectives: tuple[Objective, ...] = tuple(parse_all(items))
-        self.goodput: GoodputLimits | None = GoodputLimits.parse(goodput) if goodput is not None else None
-
-    @property
-    def needs_goodput(self) -> bool:
-        """Whether some objective is on goodput (so limits must reach compute_metrics)."""
-        return any(o.metric in ("goodput", "goodput_ratio") for o in self.objectives)
-
-    def evaluate(self, metrics: Metrics) -> list[Verdict]:
-        """One verdict per objective, in order."""
-        return [self._evaluate_one(o, metrics) for o in self.objectives]
-
-    def _evaluate_one(self, objective: Objective, metrics: Metrics) -> Verdict:
-        if objective.metric in ("goodput", "goodput_ratio") and self.goodput is not None:
-            problem = None
-            if metrics.goodput_limits is None:
-                problem = (
-                    "goodput needs per-request limits: these metrics were computed "
-                    "without them; pass goodput=sla.goodput to compute_metrics"
-                )
-            elif metrics.goodput_limits != self.goodput:
-                problem = (
-                    f"metrics were computed with goodput limits '{metrics.goodput_limits}' "
-                    f"but this SLA's are '{self.goodput}'"
-                )
-            if problem is not None:
-                count = metrics.count_behind(objective.metric)
-                return Verdict(objective, None, False, count, f"FAILED {objective}: {problem}")
-        return _judge(objective, metrics)
-
-    def check(self, metrics: Metrics) -> list[Verdict]:
-        """Evaluate, raising SLAFailed (an AssertionError) listing every violation."""
-        verdicts = self.evaluate(metrics)
-        if not all(v.passed for v in verdicts):
-            raise SLAFailed(verdicts)
-        return verdicts
-
-    def __iter__(self) -> Iterator[Objective]:
-        return iter(self.objectives)
-
-    def __len__(self) -> int:
-        return len(self.objectives)
-
-    def __str__(self) -> str:
-        return ", ".join(str(o) for o in self.objectives)
-
-    def __repr__(self) -> str:
-        goodput = f", goodput={str(self.goodput)!r}" if self.goodput is not None else ""
-        return f"SLA({', '.join(repr(str(o)) for o in self.objectives)}{goodput})"

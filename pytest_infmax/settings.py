@@ -16,10 +16,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from . import engines
-from .regression import GateSettings
-from .servers import ServerConfig, ServerError, command_from_template, config_from_mapping
+from pytest_infmax.baselines.compare import DEFAULT_GATES, CompareOptions, Gate, parse_gates
+from pytest_infmax.baselines.gate import GateSettings
+from pytest_infmax.measure.cost import TIERS
+from pytest_infmax.servers import engines
+from pytest_infmax.servers.launch import ServerConfig, ServerError, command_from_template, config_from_mapping
 
 
 class SettingError(ValueError):
@@ -85,8 +88,6 @@ def _warn_or_fail(text: str) -> str:
 
 
 def _tier(text: str) -> str:
-    from .cost import TIERS
-
     if text not in TIERS:
         raise ValueError(f"must be one of {', '.join(TIERS)}")
     return text
@@ -146,8 +147,6 @@ def _command(text: str) -> str:
 
 
 def _url(text: str) -> str:
-    from urllib.parse import urlsplit
-
     allowed = "an http:// or https:// URL with a host, e.g. http://127.0.0.1:8000"
     if not text.strip():
         return ""  # empty: not set
@@ -390,8 +389,6 @@ class Settings:
 
     def gate_settings(self, root: Path) -> GateSettings:
         """The regression gate's settings; relative directories are under ``root`` (pytest's rootdir)."""
-        from .compare import DEFAULT_GATES, CompareOptions, parse_gates
-
         v = self.values
         directory = Path(v["baselines"])
         compare_set = v["compare"]
@@ -406,8 +403,6 @@ class Settings:
                 f"needs one load process; {self.sources['workers']} = {v['workers']} (use 1)"
             )
         if v["sequential"]:
-            from .compare import Gate
-
             try:
                 gate = Gate.parse(v["sequential_gate"])
             except (ValueError, TypeError) as exc:

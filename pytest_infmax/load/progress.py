@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from .records import RequestRecord
+from pytest_infmax.records import RequestRecord
 
 
 class Progress:

@@ -20,7 +20,7 @@ measured phase of a run, on the same ``time.perf_counter()`` clock as request
 records) into joules per token, average power, tokens per second per MW and,
 at a user-set $/kWh, what that energy cost.
 
-Per-token figures follow :mod:`pytest_infmax.cost`: energy is not separable by
+Per-token figures follow :mod:`pytest_infmax.measure.cost`: energy is not separable by
 token type, so J per input token is the window's whole energy over its input
 tokens, J per output token the whole energy over its output tokens, and J per
 token the whole energy over all tokens.
@@ -43,6 +43,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from pytest_infmax.servers import telemetry
 
 DEFAULT_PERIOD_S = 0.1
 DEFAULT_MAX_SAMPLES = 20_000  # about 33 minutes at 100 ms before thinning starts
@@ -113,8 +115,6 @@ class NvmlPowerSource(PowerSource):
         self._devices: list[DeviceInfo] = []
 
     def open(self) -> list[DeviceInfo]:
-        from . import telemetry
-
         cm = telemetry.nvml()
         try:
             n = cm.__enter__()
@@ -218,8 +218,6 @@ def gpus_for_pids(pids: Iterable[int]) -> list[int] | None:
     Useful to sample only the GPUs a server uses. Containers may hide pids from
     NVML: None then, and the caller samples every GPU or names them.
     """
-    from . import telemetry
-
     ours = set(pids)
     try:
         found = sorted({p.gpu_index for p in telemetry.gpu_processes() if p.pid in ours})

@@ -4,20 +4,19 @@ The file needs nothing but itself: plots are PNGs embedded as base64 ``data:``
 URIs, styles are inline, there are no scripts, fonts or links to fetch, so it
 opens from disk, from a CI artifact or an e-mail attachment, offline.
 
-Input is plain data, as for :mod:`pytest_infmax.summary`: result dicts
+Input is plain data, as for :mod:`pytest_infmax.reports.markdown`: result dicts
 (``LoadResult.to_dict()``; the latency and throughput plots need ``records``),
 sweep dicts (``summary.sweep_to_dict``) and optional check dicts
 (``{"name", "passed", "message"}``).
 
 From a results file (``--infmax-json``)::
 
-    python -m pytest_infmax.html_report results/perf.json            # -> results/perf.html
-    python -m pytest_infmax.html_report results/perf.json --plots --markdown --step-summary
+    infmax report results/perf.json            # -> results/perf.html
+    infmax report results/perf.json --plots --markdown --step-summary
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import json
@@ -28,8 +27,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .cost import Price
-from .summary import (
+from pytest_infmax.environment import environment as this_environment
+from pytest_infmax.measure.cost import Price
+from pytest_infmax.reports import plots as plots_mod
+from pytest_infmax.reports.markdown import (
+    SERVER_HEADERS,
+    SERVER_NOTE,
     errors_cell,
     failed_verdicts,
     fmt,
@@ -37,6 +40,7 @@ from .summary import (
     markdown_summary,
     requests_cell,
     result_row,
+    server_cells,
     write_github_step_summary,
 )
 
@@ -116,14 +120,12 @@ def render_html(
 
     ``plots``: ``"auto"`` draws them (with a note instead when matplotlib is
     missing), ``None``/``False`` leaves them out, or a list of
-    :class:`pytest_infmax.plots.Plot` already rendered (render once, embed here
+    :class:`pytest_infmax.reports.plots.Plot` already rendered (render once, embed here
     and write the PNGs with ``plots.write_plots(..., plots=...)``).
-    ``environment`` defaults to this machine's (``reports.environment()``);
+    ``environment`` defaults to this machine's (:func:`pytest_infmax.environment.environment`);
     ``servers`` defaults to the distinct ``server`` entries of the results.
     """
-    from . import reports
-
-    env = dict(environment) if environment is not None else reports.environment()
+    env = dict(environment) if environment is not None else this_environment()
     if servers is None:
         seen: dict[str, Any] = {}
         for r in results:
@@ -256,8 +258,6 @@ def _plots_section(
         return ""
     out = ['<h2 id="plots">Plots</h2>']
     if plots == "auto":
-        from . import plots as plots_mod
-
         try:
             plots = plots_mod.render_plots(results, sweeps, targets)
         except plots_mod.PlotsUnavailable as exc:
@@ -406,8 +406,6 @@ def _energy_section(results: Sequence[Result]) -> str:
 
 
 def _server_section(rows: list[dict[str, Any]]) -> str:
-    from .summary import SERVER_HEADERS, SERVER_NOTE, server_cells
-
     body = [
         [(_e(r["test"]), "test"), (_e(r["load"]), "nowrap"), *((_e(c), "num") for c in server_cells(r))]
         for r in rows
@@ -525,8 +523,6 @@ def reports_from_document(
     written: list[Path] = []
     rendered: Any = None
     if plots:
-        from . import plots as plots_mod
-
         try:
             rendered = plots_mod.render_plots(results, sweeps)
             written += plots_mod.write_plots(results, src.parent, prefix=src.stem, plots=rendered)
@@ -561,50 +557,3 @@ def reports_from_document(
             if path is not None:
                 written.append(path)
     return written
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m pytest_infmax.html_report",
-        description="Write the HTML report (and optionally PNG plots and a Markdown summary) for an "
-        "--infmax-json results file.",
-    )
-    parser.add_argument("json", help="results file written with --infmax-json")
-    parser.add_argument("-o", "--html", help="HTML file to write (default: the JSON's name with .html)")
-    parser.add_argument("--plots", action="store_true", help="also write PNG plots next to the JSON")
-    parser.add_argument(
-        "--markdown",
-        nargs="?",
-        const=True,
-        default=None,
-        metavar="PATH",
-        help="also write the Markdown summary (default path: the JSON's name with .md)",
-    )
-    parser.add_argument(
-        "--step-summary", action="store_true", help="append the Markdown summary to $GITHUB_STEP_SUMMARY when it is set"
-    )
-    parser.add_argument("--title", default=None)
-    ns = parser.parse_args(argv)
-    try:
-        with open(ns.json, encoding="utf-8") as f:
-            doc = json.load(f)
-        if not isinstance(doc, dict) or not isinstance(doc.get("results"), list):
-            raise ValueError("not an --infmax-json document (no 'results' list)")
-    except (OSError, ValueError) as exc:
-        print(f"infmax: cannot read results from {ns.json}: {exc}", file=sys.stderr)
-        return 2
-    for path in reports_from_document(
-        doc,
-        ns.json,
-        html_path=ns.html,
-        plots=ns.plots,
-        markdown_path=ns.markdown,
-        step_summary=ns.step_summary,
-        title=ns.title,
-    ):
-        print(f"infmax: wrote {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -14,20 +14,22 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import telemetry
-from .cost import Price, Tier, choose_price
-from .energy import EnergyReport, EnergySampler, HttpPowerSource, NvmlPowerSource, gpus_for_pids
-from .load import LoadConfig, LoadConfigError, LoadGenerator, run_coroutine
-from .metrics import GoodputLimits
-from .progress import Progress
-from .records import RequestRecord
-from .repeats import RepeatError, combine, repeat_count
-from .results import DEFAULT_PERCENTILES, LoadResult
-from .scenarios import Endpoint, Scenario, get_scenario
-from .servermetrics import Scraper, metrics_url
-from .servers import Server, ServerError, restart_server
-from .sla import SLA, Objective
-from .sweep import FrontierObjective, SweepResult
+from pytest_infmax.load.generator import LoadGenerator, run_coroutine
+from pytest_infmax.load.plan import LoadConfig, LoadConfigError
+from pytest_infmax.load.progress import Progress
+from pytest_infmax.load.scenarios import Endpoint, Scenario, get_scenario
+from pytest_infmax.measure.cost import Price, Tier, choose_price
+from pytest_infmax.measure.energy import EnergyReport, EnergySampler, HttpPowerSource, NvmlPowerSource, gpus_for_pids
+from pytest_infmax.measure.metrics import GoodputLimits, per_request_value
+from pytest_infmax.measure.servermetrics import Scraper, metrics_url
+from pytest_infmax.measure.sla import Objective
+from pytest_infmax.measure.verdicts import SLA
+from pytest_infmax.records import RequestRecord
+from pytest_infmax.run.repeats import RepeatError, repeat_count
+from pytest_infmax.run.results import DEFAULT_PERCENTILES, LoadResult, combine
+from pytest_infmax.run.sweep import FrontierObjective, SweepResult
+from pytest_infmax.servers import engines, telemetry
+from pytest_infmax.servers.launch import Server, ServerError, restart_server
 
 
 class Infmax:
@@ -295,8 +297,6 @@ class Infmax:
     async def _metrics_scraper(self, warmup: int) -> Scraper | None:
         """The server's Prometheus metrics page, read once (None when not scraped). Never raises:
         a page that cannot be read gives a result that says why."""
-        from . import engines
-
         config = self.server.config
         path = config.prometheus_path if self.server_metrics else None
         if path is None:
@@ -342,6 +342,9 @@ class Infmax:
         return result
 
 
+SEQUENTIAL_BATCH = 8  # requests between looks; the confidence sequence holds at every look
+
+
 @dataclass(frozen=True)
 class _Plan:
     config: LoadConfig
@@ -353,9 +356,6 @@ class _Plan:
 
 def _feed_sequential(seq: Any) -> Callable[[RequestRecord], None]:
     """Give the sequential comparison its gate's per-request values in batches."""
-    from .metrics import per_request_value
-    from .regression import SEQUENTIAL_BATCH
-
     metric = "tpot" if seq.gate.metric == "interactivity" else seq.gate.metric  # it inverts TPOTs itself
     batch: list[float] = []
 

@@ -62,17 +62,18 @@ from typing import Any, Literal
 import numpy as np
 from scipy import stats as sps
 
-from .baselines import (
+from pytest_infmax.baselines.store import (
     Baseline,
     BaselineError,
     BaselineMismatch,
     BaselineRun,
+    BaselineStore,
     Difference,
     differences,
     load_runs,
     unknown_fields,
 )
-from .metrics import METRICS, SCALAR_METRICS, parse_stat, stat_quantile
+from pytest_infmax.measure.registry import METRICS, SCALAR_METRICS, parse_stat, stat_quantile
 
 Verdict = Literal["regressed", "unsure", "improved", "same"]
 VERDICT_ORDER: tuple[Verdict, ...] = ("regressed", "unsure", "improved", "same")
@@ -391,7 +392,7 @@ def compare_baseline(
 ) -> ComparisonReport:
     """Compare current run(s) with a stored baseline.
 
-    Refuses (:class:`~pytest_infmax.baselines.BaselineMismatch`, naming each field)
+    Refuses (:class:`~pytest_infmax.baselines.store.BaselineMismatch`, naming each field)
     when the testbed (if given) or the workload differs, unless ``force``; forced
     differences are kept in the report.
     """
@@ -420,8 +421,8 @@ def compare_files(
 
     Every run of the current side is a current run (repeats), or its last ``last``
     runs. Returns the reports of keys on both sides and messages about the rest;
-    raises :class:`~pytest_infmax.baselines.BaselineError` for unreadable input and
-    :class:`~pytest_infmax.baselines.BaselineMismatch` for a testbed or workload
+    raises :class:`~pytest_infmax.baselines.store.BaselineError` for unreadable input and
+    :class:`~pytest_infmax.baselines.store.BaselineMismatch` for a testbed or workload
     difference (unless ``force``).
     """
     base = load_runs(baseline_path)
@@ -936,3 +937,23 @@ class SequentialComparison:
             reason,
         )
         return self.state
+
+
+def compare_stored(
+    store: BaselineStore,
+    key: str,
+    current: BaselineRun | Sequence[BaselineRun],
+    testbed: Mapping[str, Any],
+    *,
+    options: CompareOptions | None = None,
+    force: bool = False,
+) -> ComparisonReport | None:
+    """Compare current run(s) with the baseline ``store`` keeps for ``key``; None when there is none.
+
+    Raises :class:`BaselineMismatch` (unless ``force``) and
+    :class:`CorruptBaselineError`.
+    """
+    baseline = store.load(key)
+    if baseline is None:
+        return None
+    return compare_baseline(baseline, current, testbed=testbed, options=options, force=force)

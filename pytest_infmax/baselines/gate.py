@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .baselines import BaselineError, BaselineStore, build_testbed, gpu_testbed, result_keys, runs_of
-from .compare import CompareOptions, ComparisonReport, SequentialComparison
-from .results import LoadResult
+from pytest_infmax.baselines.compare import CompareOptions, ComparisonReport, SequentialComparison, compare_stored
+from pytest_infmax.baselines.store import BaselineError, BaselineStore, build_testbed, gpu_testbed, result_keys, runs_of
+from pytest_infmax.run.results import LoadResult
 
 
 @dataclass(frozen=True)
@@ -97,8 +97,8 @@ def gate_results(results: list[LoadResult], settings: GateSettings) -> list[Gate
             outcome.note = f"{len(result.repeats)} repeats on one server start, merged into one run"
         try:
             if compare_store is not None and not settings.update:
-                outcome.report = compare_store.compare(
-                    key, runs, testbed, options=settings.options, force=settings.force
+                outcome.report = compare_stored(
+                    compare_store, key, runs, testbed, options=settings.options, force=settings.force
                 )
                 if outcome.report is None:
                     outcome.note = "; ".join(
@@ -135,9 +135,6 @@ class RegressionFailed(AssertionError):
     def tables(self) -> str:
         """Each comparison's table (metric, baseline, current, change, interval, p, verdict, method)."""
         return "\n\n".join(o.report.format_table() for o in self.outcomes if o.report is not None)
-
-
-SEQUENTIAL_BATCH = 8  # requests between looks; the confidence sequence holds at every look
 
 
 def sequential_for(

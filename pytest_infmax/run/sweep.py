@@ -18,11 +18,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .cost import Price, TokenCost
-from .frontier import Frontier, FrontierRangeError, Point
-from .metrics import METRICS
-from .results import LoadResult
-from .sla import SLASyntaxError, format_quantity, parse
+from pytest_infmax.measure.cost import Price, TokenCost
+from pytest_infmax.measure.frontier import Frontier, FrontierRangeError, Point
+from pytest_infmax.measure.registry import METRICS
+from pytest_infmax.measure.sla import SLASyntaxError, format_quantity, parse
+from pytest_infmax.run.results import LoadResult
 
 # The point coordinate for each metric a frontier can use.
 _COORD_STAT = {"interactivity": "p50", "e2e": "p50", "ttft": "p50", "tpot": "p50"}

@@ -39,6 +39,9 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pytest_infmax.servers import engines, telemetry
 
 ServerKind = Literal["sim", "command", "endpoint", "trtllm", "vllm", "sglang"]
 KINDS = ("sim", "command", "endpoint", "trtllm", "vllm", "sglang")
@@ -74,8 +77,6 @@ class ServerConfig:
     metrics_path: str | None = None
 
     def __post_init__(self) -> None:
-        from . import engines
-
         self._check_types()
         if self.kind not in KINDS:
             raise ServerError(f"server kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
@@ -165,8 +166,6 @@ class ServerConfig:
     @property
     def gpus(self) -> int:
         """GPUs behind the server: as given, else from the engine's launch configuration, else 1."""
-        from . import engines
-
         if self.num_gpus is not None:
             return self.num_gpus
         if engines.is_engine(self.kind):
@@ -180,15 +179,11 @@ class ServerConfig:
     @property
     def prometheus_path(self) -> str | None:
         """Path of the server's Prometheus metrics page; None when it is not to be scraped."""
-        from . import engines
-
         if self.metrics_path is not None:
             return self.metrics_path or None
         return engines.METRICS_PATHS.get(self.kind, "/metrics")
 
     def describe(self) -> str:
-        from . import engines
-
         if self.kind == "endpoint":
             return f"endpoint {self.endpoint}"
         if self.kind == "sim":
@@ -201,8 +196,6 @@ class ServerConfig:
 
 
 def _check_url(url: str) -> None:
-    from urllib.parse import urlsplit
-
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018  (a port out of range or not a number raises ValueError)
@@ -607,8 +600,6 @@ def _start_once(
     echo: Callable[[str], None] | None,
     after_stop: Callable[[list[int]], None] | None,
 ) -> Server:
-    from . import engines
-
     log_dir.mkdir(parents=True, exist_ok=True)
     stamp = f"{os.getpid()}-{time.monotonic_ns()}"
     log_path = log_dir / f"server-{config.kind}-{stamp}.log"
@@ -738,8 +729,6 @@ def require_gpus_released(pids: list[int], timeout: float = 60.0) -> None:
 
     Without NVML (no GPU here) there is nothing to check and nothing is said.
     """
-    from . import telemetry
-
     check = telemetry.wait_released(pids, timeout=timeout)
     if check.measured and not check.released:
         raise ServerError(check.describe() + "; the GPU is still occupied by a process this session started")
@@ -851,8 +840,6 @@ def config_from_mapping(base: ServerConfig, options: Mapping[str, Any], base_dir
     the same keys from a file (relative to ``base_dir``), the other keywords
     taking precedence over it.
     """
-    from . import engines
-
     options = dict(options)
     if "engine_config" in options:
         path = Path(str(options.pop("engine_config")))

@@ -5,18 +5,17 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .cost import Price, TokenCost
-from .energy import EnergyReport
-from .load import LoadConfig, RunRecords
-from .metrics import GoodputLimits, Metrics, compute_metrics
-from .records import RequestRecord
-from .servermetrics import ServerMetrics, compare_ttft
-from .sla import SLA, Objective, SLAFailed, Verdict
-
-if TYPE_CHECKING:
-    from .repeats import Repeats
+from pytest_infmax.load.plan import LoadConfig, RunRecords
+from pytest_infmax.measure.cost import Price, TokenCost
+from pytest_infmax.measure.energy import EnergyReport
+from pytest_infmax.measure.metrics import GoodputLimits, Metrics, compute_metrics
+from pytest_infmax.measure.servermetrics import ServerMetrics, compare_ttft
+from pytest_infmax.measure.sla import Objective
+from pytest_infmax.measure.verdicts import SLA, SLAFailed, Verdict
+from pytest_infmax.records import RequestRecord
+from pytest_infmax.run.repeats import pooled_energy, pooled_metrics, pooled_run
 
 DEFAULT_PERCENTILES: tuple[float, ...] = (50.0, 90.0, 95.0, 99.0)
 
@@ -63,8 +62,6 @@ class LoadResult:
 
     def _metrics(self, goodput: GoodputLimits | None) -> Metrics:
         if self.repeats is not None:  # rates over the runs' measured time, not the restarts between
-            from .repeats import pooled_metrics
-
             return pooled_metrics(
                 [r.run for r in self.repeats.runs],
                 num_gpus=self.num_gpus,
@@ -197,3 +194,65 @@ def _ms(x: float | None) -> float | None:
 
 def failed_verdicts(results: Sequence[LoadResult]) -> list[Verdict]:
     return [v for r in results for v in r.verdicts if not v.passed]
+
+
+@dataclass
+class Repeats:
+    """The runs of one repeated load, in order. ``fresh_starts``: the server was restarted
+    before every run but the first; otherwise ``note`` says why not."""
+
+    runs: list[LoadResult]
+    fresh_starts: bool = True
+    note: str = ""
+
+    def __len__(self) -> int:
+        return len(self.runs)
+
+    def to_dict(self, clock_origin: float) -> dict[str, Any]:
+        """Per-run facts; ``records`` is the [start, stop) slice of the result's ``records``
+        (one list, every run's records in order, times relative to the first run's origin)."""
+        out, start = [], 0
+        for i, r in enumerate(self.runs):
+            run = r.run
+            stop = start + len(run.records)
+            server = r.server or {}
+            out.append(
+                {
+                    "index": i,
+                    "records": [start, stop],
+                    "started_at": run.epoch_origin,
+                    "measured_window_s": [
+                        round(run.measured_start - clock_origin, 6),
+                        round(run.measured_end - clock_origin, 6),
+                    ],
+                    "server": {k: server.get(k) for k in ("pid", "base_url", "startup_seconds", "log")},
+                    "fresh_start": self.fresh_starts or i == 0,
+                    "client_bound": run.client_bound,
+                    "metrics": r.metrics.to_dict(),
+                    "energy": r.energy.to_dict() if r.energy is not None else None,
+                    # the server's own metrics cannot be pooled across starts (its counters restart)
+                    "server_metrics": r.server_metrics_report(),
+                }
+            )
+            start = stop
+        return {"count": len(self.runs), "fresh_starts": self.fresh_starts, "note": self.note, "runs": out}
+
+
+def combine(runs: Sequence[LoadResult], *, fresh_starts: bool, note: str, usd_per_kwh: float | None) -> LoadResult:
+    """One result holding ``runs`` (each a LoadResult of one run), pooled for metrics."""
+    first, last = runs[0], runs[-1]
+    records = [r.run for r in runs]
+    result = LoadResult(
+        name=first.name,
+        config=first.config,
+        run=pooled_run(records),
+        server=last.server,  # the start that is still running
+        num_gpus=first.num_gpus,
+        percentiles=first.percentiles,
+        goodput=first.goodput,
+        price=first.price,
+        price_note=first.price_note,
+        energy=pooled_energy([r.energy for r in runs], records, usd_per_kwh),
+    )
+    result.repeats = Repeats(list(runs), fresh_starts, note)
+    return result

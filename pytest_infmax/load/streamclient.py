@@ -36,6 +36,7 @@ produce. A stream that never ends is cut by the request timeout.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import ssl as ssl_module
 import time
@@ -45,7 +46,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from .records import ErrorKind
+from pytest_infmax.records import ErrorKind
 
 # The C fast lane for streaming bodies (_lane.c): chunked framing and SSE splitting
 # without a Python call per piece. Optional: without a compiler the package installs
@@ -53,12 +54,12 @@ from .records import ErrorKind
 # Python path (for comparison, and for tests that cover both).
 WIRE_ENV = "INFMAX_WIRE"
 if TYPE_CHECKING:
-    from ._lane import Lane
+    from pytest_infmax.load._lane import Lane
 _Lane: type[Lane] | None
 _LaneError: type[ValueError]
 try:
-    from ._lane import Lane as _BuiltLane
-    from ._lane import LaneError as _BuiltLaneError
+    from pytest_infmax.load._lane import Lane as _BuiltLane
+    from pytest_infmax.load._lane import LaneError as _BuiltLaneError
 except ImportError:  # not built (no C compiler at install time)
     _Lane = None
     _LaneError = ValueError
@@ -663,8 +664,6 @@ def _lane_failure(exc: Exception) -> StreamError:
 
 
 def _error_message(status: int, body: str) -> str:
-    import json
-
     try:
         err = json.loads(body).get("error")
         if isinstance(err, dict) and err.get("message"):

@@ -31,6 +31,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 ENGINES = ("trtllm", "vllm", "sglang")
 
 
@@ -169,7 +171,7 @@ PARALLEL_FLAGS: dict[str, frozenset[str]] = {
     ),
 }
 
-# Where each engine serves Prometheus metrics, scraped around every run (pytest_infmax.servermetrics);
+# Where each engine serves Prometheus metrics, scraped around every run (pytest_infmax.measure.servermetrics);
 # and what to do when the page is not there or has none of the request metrics read.
 METRICS_PATHS: dict[str, str] = {"trtllm": "/prometheus/metrics", "vllm": "/metrics", "sglang": "/metrics"}
 METRICS_HINTS: dict[str, str] = {
@@ -242,8 +244,6 @@ def _trtllm_yaml_parallel(value: Any) -> dict[str, Any]:
         path = Path(str(value))
         if not path.is_file():
             return {}
-        import yaml
-
         data = yaml.safe_load(path.read_text()) or {}
     return {k: data[k] for k in _TRTLLM_YAML_PARALLEL if isinstance(data, dict) and k in data}
 
@@ -281,8 +281,6 @@ def build_argv(
         opts.setdefault("backend", "pytorch")
         extra = opts.get("extra_llm_api_options")
         if isinstance(extra, (FrozenMap, Mapping)):
-            import yaml
-
             work_dir.mkdir(parents=True, exist_ok=True)
             path = work_dir / f"extra-llm-api-options-{port}.yaml"
             path.write_text(
@@ -322,8 +320,6 @@ def split_args(value: str | Iterable[str] | None) -> tuple[str, ...]:
 
 def load_engine_config(path: str | Path) -> dict[str, Any]:
     """Read an engine configuration YAML file (same keys as the infmax_server marker)."""
-    import yaml
-
     p = Path(path)
     try:
         data = yaml.safe_load(p.read_text())

@@ -17,7 +17,7 @@ them one common start time (``perf_counter`` is the system-wide monotonic clock
 on Linux and macOS, so it means the same instant in every process), which is
 the merged run's measured start.
 
-Workers are ``python -c "...workers.main()"`` subprocesses talking JSON lines
+Workers are ``python -c "...worker_main.main()"`` subprocesses talking JSON lines
 over stdin/stdout (nothing is pickled; the API key travels in the environment,
 never on a command line). A worker whose stdin closes (its parent died) stops;
 a parent that is cancelled or fails kills its workers before it returns.
@@ -36,12 +36,12 @@ from typing import Any
 
 import msgspec
 
-from .clientstats import ClientStats
-from .records import RequestRecord
-from .scenarios import Scenario
+from pytest_infmax.load.clientstats import ClientStats
+from pytest_infmax.load.plan import LoadConfig, RunRecords
+from pytest_infmax.load.scenarios import Scenario
+from pytest_infmax.records import RequestRecord
 
 _API_KEY_ENV = "INFMAX_WORKER_API_KEY"
-_FLUSH_SECONDS = 0.25  # how often a worker sends the records it finished
 _START_MARGIN = 0.02  # seconds between the start message and the common start
 _LINE_LIMIT = 1 << 28  # one batch of records per line
 
@@ -68,8 +68,6 @@ def config_to_json(config: Any) -> dict[str, Any]:
 
 
 def config_from_json(d: dict[str, Any]) -> Any:
-    from .load import LoadConfig
-
     d = dict(d)
     d["scenario"] = Scenario(**d["scenario"])
     if d.get("rate") == "inf":
@@ -97,8 +95,6 @@ async def run_sharded(
     on_record: Callable[[RequestRecord], None] | None = None,
 ) -> Any:
     """Run ``config`` over ``config.workers`` processes; merged ``RunRecords``."""
-    from .load import RunRecords
-
     n = config.workers
     env = dict(os.environ)
     env.pop(_API_KEY_ENV, None)
@@ -111,7 +107,7 @@ async def run_sharded(
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-c",
-                "from pytest_infmax.workers import main; main()",
+                "from pytest_infmax.load.worker_main import main; main()",
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 env=env,
@@ -207,97 +203,3 @@ async def run_sharded(
         workers=n,
     )
     return RunRecords(records, clock_origin, epoch_origin, measured_start, measured_end, client)
-
-
-# -- the worker process ---------------------------------------------------------------
-
-
-async def _worker(stdin: asyncio.StreamReader, out: Callable[[dict[str, Any]], None]) -> None:
-    from .load import LoadGenerator
-
-    job = _decode(await stdin.readline())
-    config = config_from_json(job["config"])
-    k, n = job["shard"]
-    pending: list[dict[str, Any]] = []
-
-    def flush() -> None:
-        if pending:
-            out({"kind": "records", "records": list(pending)})
-            pending.clear()
-
-    run_task: asyncio.Future[Any] | None = None
-
-    async def watch_parent() -> None:
-        # stdin closes when the parent dies: stop rather than load a server for nobody
-        await stdin.read()
-        if run_task is not None:
-            run_task.cancel()
-
-    async def wait_start() -> float:
-        out({"kind": "ready"})
-        line = await stdin.readline()
-        if not line:
-            raise WorkerError("the parent closed the pipe before the common start")
-        asyncio.ensure_future(watch_parent())
-        return float(_decode(line)["at"])
-
-    async def flusher() -> None:
-        while True:
-            await asyncio.sleep(_FLUSH_SECONDS)
-            flush()
-
-    generator = LoadGenerator(job["base_url"], job["model"], os.environ.get(_API_KEY_ENV))
-    ticking = asyncio.ensure_future(flusher())
-    try:
-        run_task = asyncio.ensure_future(
-            generator.run(
-                config,
-                on_record=lambda r: pending.append(r.to_dict()),
-                shard=Shard(k, n, wait_start),
-            )
-        )
-        run = await run_task
-    finally:
-        ticking.cancel()
-    flush()
-    client = run.client
-    assert client is not None
-    out(
-        {
-            "kind": "done",
-            "measured_start": run.measured_start,
-            "measured_end": run.measured_end,
-            "client": {
-                "loop_lags": client.loop_lags,
-                "loop_lag_interval": client.loop_lag_interval,
-                "cpu_seconds": client.cpu_seconds,
-                "send_lag_reference": client.send_lag_reference,
-            },
-        }
-    )
-
-
-def main() -> None:
-    from .load import run_coroutine
-
-    async def go() -> None:
-        loop = asyncio.get_running_loop()
-        stdin = asyncio.StreamReader(limit=_LINE_LIMIT)
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
-        stdout = sys.stdout.buffer
-
-        def out(msg: dict[str, Any]) -> None:
-            stdout.write(_encode(msg) + b"\n")
-            stdout.flush()
-
-        try:
-            await _worker(stdin, out)
-        except Exception as exc:  # reported to the parent, which raises it as a WorkerError
-            out({"kind": "error", "message": f"{type(exc).__name__}: {exc}"})
-            raise SystemExit(1) from None
-
-    run_coroutine(go())
-
-
-if __name__ == "__main__":
-    main()

@@ -11,8 +11,8 @@ Optional keys a result dict may carry, which the summary shows when present:
 * ``"cost"``: ``TokenCost.to_dict()`` (``usd_per_mtok_total`` and its ``price``
   with ``source``). Without it, ``markdown_summary(price=...)`` computes cost
   per million tokens from the result's throughput and GPU count.
-* ``"energy"``: ``EnergyReport.to_dict()`` (:mod:`pytest_infmax.energy`).
-* ``"server_metrics"``: ``LoadResult.server_metrics_report()`` (:mod:`pytest_infmax.servermetrics`):
+* ``"energy"``: ``EnergyReport.to_dict()`` (:mod:`pytest_infmax.measure.energy`).
+* ``"server_metrics"``: ``LoadResult.server_metrics_report()`` (:mod:`pytest_infmax.measure.servermetrics`):
   the server's own TTFT, queue time, running/waiting requests and KV-cache use, and
   the comparison of the client's TTFT with the server's.
 """
@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .cost import Price, cost_per_million_tokens
+from pytest_infmax.measure.cost import Price, cost_per_million_tokens
 
 # GitHub shows at most 1 MiB of step summary per step.
 STEP_SUMMARY_LIMIT = 1024 * 1024
