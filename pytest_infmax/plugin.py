@@ -275,10 +275,13 @@ def _price_options(item: pytest.Item, settings: settings_mod.Settings) -> dict[s
         "usd_per_kwh": settings["usd_per_kwh"],
         "gpu_hour_usd": settings["gpu_hour_usd"],
         "price_tier": settings["price_tier"],
+        "price_source": settings.sources["gpu_hour_usd"],  # a flag, env or ini: its label says which
     }
     marker = item.get_closest_marker("infmax_price")
     if marker is not None:
         options.update(price_marker_options(marker.kwargs))
+        if "gpu_hour_usd" in marker.kwargs:
+            options["price_source"] = "@pytest.mark.infmax_price"
     return options
 
 

@@ -110,14 +110,16 @@ def choose_price(
     server_kind: str,
     sim_args: tuple[str, ...] = (),
     nvml_gpu_name: str | None = None,
+    user_source: str = "--infmax-gpu-hour-usd",
 ) -> tuple[Price | None, str]:
     """The price a result is costed at, and why (the reason is kept when there is none).
 
     Precedence: the user's $/GPU-hour; else the default table for the GPU the
     simulator's profile names, or the GPU NVML reports for a started server.
+    ``user_source`` says where the user's price was set (a flag, env, ini or the marker).
     """
     if user_usd is not None:
-        return user_price(user_usd, "--infmax-gpu-hour-usd"), ""
+        return user_price(user_usd, user_source), ""
     if server_kind == "sim":
         profile = _sim_profile(sim_args)
         if profile is None:

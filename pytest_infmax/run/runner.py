@@ -50,6 +50,7 @@ class Infmax:
         usd_per_kwh: float | None = None,
         gpu_hour_usd: float | None = None,
         price_tier: Tier = "neocloud",
+        price_source: str = "--infmax-gpu-hour-usd",
         server_metrics: bool = True,
         server_metrics_interval: float = 1.0,
         repeat: int = 1,
@@ -73,6 +74,7 @@ class Infmax:
         self.usd_per_kwh = usd_per_kwh
         self._price: tuple[Price | None, str] | None = None
         self._gpu_hour_usd, self._price_tier = gpu_hour_usd, price_tier
+        self._price_source = price_source  # where gpu_hour_usd was set, for the price's label
         # The server's own Prometheus metrics, scraped around each run (servermetrics); gauges every N s
         self.server_metrics, self.server_metrics_interval = server_metrics, server_metrics_interval
 
@@ -129,7 +131,14 @@ class Infmax:
         plans = [self._plan(scenario, concurrency=c, name=f"{base}[c={c}]", **kwargs) for c in counts] + [
             self._plan(scenario, rate=r, name=f"{base}[rate={r}]", **kwargs) for r in rates
         ]
-        sweep = SweepResult([], price=price)
+        # The sweep and each of its points are priced alike: price= where given, else the
+        # session's price (--infmax-gpu-hour-usd, its env/ini, the marker, or the default table).
+        if price is not None:
+            plans = [dataclasses.replace(plan, price=price) for plan in plans]
+            sweep = SweepResult([], price=price)
+        else:
+            session_price, note = self.price()
+            sweep = SweepResult([], price=session_price, price_note=note)
         if self._on_sweep is not None:  # reported even if a point fails its SLA
             self._on_sweep(sweep)
         for plan in plans:
@@ -268,7 +277,7 @@ class Infmax:
             percentiles=self.percentiles,
             goodput=plan.goodput,
         )
-        result.price, result.price_note = self.price()
+        result.price, result.price_note = (plan.price, "") if plan.price is not None else self.price()
         result.server_metrics = server_metrics
         if seq is not None:
             result.sequential = {"gate": seq.gate.label, **dataclasses.asdict(seq.state)}
@@ -291,7 +300,9 @@ class Infmax:
                     gpu_name = telemetry.gpus()[0].name
                 except Exception:  # no NVML here: no GPU to name
                     gpu_name = None
-            self._price = choose_price(self._gpu_hour_usd, self._price_tier, config.kind, config.sim_args, gpu_name)
+            self._price = choose_price(
+                self._gpu_hour_usd, self._price_tier, config.kind, config.sim_args, gpu_name, self._price_source
+            )
         return self._price
 
     async def _metrics_scraper(self, warmup: int) -> Scraper | None:
@@ -352,6 +363,7 @@ class _Plan:
     goodput: GoodputLimits | None
     name: str
     repeat: int = 1  # runs, each on a fresh server start
+    price: Price | None = None  # sweep(price=): this price instead of the session's
 
 
 def _feed_sequential(seq: Any) -> Callable[[RequestRecord], None]:

@@ -39,6 +39,7 @@ class SweepResult:
 
     results: list[LoadResult]
     price: Price | None = None
+    price_note: str = ""  # why there is no price, when there is none
     verdicts: list[FrontierVerdict] = field(default_factory=list)
 
     def frontier(self, y: str = "throughput_per_gpu", x: str = "interactivity") -> Frontier:
@@ -59,7 +60,7 @@ class SweepResult:
     def costs(self) -> list[TokenCost]:
         """Cost per million tokens at every point (needs ``price``)."""
         if self.price is None:
-            raise ValueError("no price: pass price= to sweep() or set --infmax-gpu-hour-usd")
+            raise ValueError(f"no price: {self.price_note or 'pass price= to sweep() or set --infmax-gpu-hour-usd'}")
         return [
             TokenCost.of(
                 self.price, r.num_gpus, r.metrics.throughput, r.metrics.input_throughput, r.metrics.output_throughput
