@@ -226,7 +226,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("model", "model name to request (default: the first one /v1/models lists)", None, metavar="NAME"),
     Setting(
         "gpus",
-        "GPUs behind the server, for per-GPU metrics (default: tp x pp x dp of an engine, else 1)",
+        "GPUs behind the server, for per-GPU metrics (default: tp x pp x dp of an engine, the GPUs a "
+        "simulator --profile models, else 1)",
         None,
         _positive_int,
         "N",

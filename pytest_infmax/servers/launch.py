@@ -277,6 +277,8 @@ class Server:
     # guards against signalling an unrelated process that reused a pid.
     tracked: dict[int, int] = field(default_factory=dict)
     stopped_pids: list[int] = field(default_factory=list)
+    # The GPUs the simulator says its --profile deployment models (its /sim/stats), if any
+    modelled_gpus: int | None = None
     _tailer: LogTailer | None = None
 
     @property
@@ -285,7 +287,7 @@ class Server:
 
     @property
     def num_gpus(self) -> int:
-        return self.config.gpus
+        return self.modelled_gpus if self.modelled_gpus is not None else self.config.gpus
 
     def track_descendants(self) -> None:
         """Record the server's descendants now (they may leave its process group later)."""
@@ -672,6 +674,8 @@ def _start_once(
     try:
         server.base_url, served = _wait_ready(server, port, port_file)
         server.model = config.model or served or "default"
+        if config.kind == "sim":
+            server.modelled_gpus = _sim_modelled_gpus(server)
         server.startup_seconds = time.monotonic() - started
         server.track_descendants()
         return server
@@ -718,6 +722,31 @@ def _wait_ready(server: Server, port: int | None, port_file: Path | None) -> tup
                 f"last lines of {server.log_path}:\n{server.log_tail()}"
             )
         time.sleep(0.1)
+
+
+def _sim_modelled_gpus(server: Server) -> int | None:
+    """The GPUs the simulator models (from its own /sim/stats), checked against ``num_gpus=``.
+
+    Per-GPU throughput and cost divide by this count: ``--profile ... --tp 2`` models two
+    GPUs, and a result computed for one would be 2x off without a word.
+    """
+    try:
+        status, body = _http_get(f"{server.base_url}/sim/stats", server.api_key, timeout=10.0)
+        gpus = json.loads(body).get("gpus") if status == 200 else None
+    except (OSError, urllib.error.URLError, ValueError, AttributeError) as exc:
+        raise ServerError(f"the simulator at {server.base_url} did not say how many GPUs it models: {exc}") from None
+    if gpus is None:
+        return None  # no --profile: no GPU is modelled, the configured count stands
+    if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 1:
+        raise ServerError(f"the simulator at {server.base_url} reported {gpus!r} GPUs in /sim/stats")
+    given = server.config.num_gpus
+    if given is not None and given != gpus:
+        raise ServerError(
+            f"num_gpus={given} conflicts with the simulator, which models {gpus} GPU{'s' * (gpus != 1)} "
+            f"({shlex.join(server.config.sim_args)}): drop num_gpus= (the simulator's count is used), "
+            "or change the simulator's --tp/--gpus"
+        )
+    return gpus
 
 
 def _shown(server: Server) -> str:

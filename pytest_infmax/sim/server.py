@@ -1082,6 +1082,10 @@ async def handle_power(request: web.Request) -> web.Response:
 async def handle_stats(request: web.Request) -> web.Response:
     stats = request.app[ENGINE_KEY].stats()
     body = asdict(stats)
+    # The GPUs a --profile deployment models (--tp/--gpus or the profile's choice): launchers
+    # compute per-GPU figures with it. None without a profile: no GPU is modelled.
+    deployment = getattr(request.app[CONFIG_KEY].cost_model, "deployment", None)
+    body["gpus"] = deployment.gpus if deployment is not None else None
     noise = noise_of(request.app[CONFIG_KEY].cost_model)
     if noise is not None:  # this start's drawn factors (--start-jitter and friends)
         body["noise"] = noise.describe()
