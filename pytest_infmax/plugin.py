@@ -363,9 +363,10 @@ def _check_marker_slas(pyfuncitem: pytest.Item) -> None:
     for marker in markers:
         sla = SLA(*marker.args, **marker.kwargs)
         for result in results:
-            failed = [v for v in result.evaluate(sla=sla) if not v.passed]
-            if failed:
-                failures.append(SLAFailed(failed, context=result.headline()))
+            try:
+                result.check(sla=sla)  # records the verdicts the reports show
+            except SLAFailed as failed:
+                failures.append(failed)
     if failures:
         exc = SLAFailed(
             [v for f in failures for v in f.verdicts], context="\n".join(f.context for f in failures if f.context)

@@ -35,6 +35,25 @@ def test_help_lists_every_option(pytester: pytest.Pytester) -> None:
     assert "e.g. 5% [env INFMAX_MIN_EFFECT" in " ".join(out.split())  # printed as written, not as %%
 
 
+def test_evaluate_only_looks_it_changes_no_outcome_and_no_cell(pytester: pytest.Pytester) -> None:
+    # Issue 15: r.evaluate(...) turned the table's SLA cell and JUnit's infmax_sla to FAIL
+    # while the test passed. A look is not an assertion: check() and sla= are.
+    pytester.makepyfile(
+        test_perf="""
+        def test_looks(infmax):
+            r = infmax.run("1k1k-mini", concurrency=1, num_requests=2, warmup=0)
+            (verdict,) = r.evaluate("p99(ttft) < 0.001ms")
+            assert not verdict.passed and r.passed is None
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--junitxml", "junit.xml")
+    result.assert_outcomes(passed=1)
+    row = next(line for line in result.outlines if line.startswith("test_perf.py::test_looks "))
+    assert row.split()[-1] == "-" and "FAIL" not in row, row
+    junit = (pytester.path / "junit.xml").read_text()
+    assert 'name="infmax_sla"' not in junit or 'name="infmax_sla" value="FAIL"' not in junit
+
+
 def test_sla_that_holds_passes_and_prints_table(pytester: pytest.Pytester) -> None:
     _write(
         pytester,

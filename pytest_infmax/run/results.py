@@ -71,19 +71,20 @@ class LoadResult:
         return compute_metrics(self.run.records, num_gpus=self.num_gpus, percentiles=self.percentiles, goodput=goodput)
 
     def evaluate(self, *objectives: str | Objective, sla: SLA | None = None) -> list[Verdict]:
-        """Verdicts for the objectives (recorded on this result), without raising."""
+        """Verdicts for the objectives, without raising and without recording them: a look
+        changes no outcome and no report cell. :meth:`check` is the assertion, and records."""
         sla = sla if sla is not None else SLA(*objectives)
         metrics = self.metrics
         if sla.goodput is not None and sla.goodput != self.goodput:
             metrics = self._metrics(sla.goodput)
-        verdicts = sla.evaluate(metrics)
-        self.verdicts.extend(verdicts)
-        return verdicts
+        return sla.evaluate(metrics)
 
     def check(self, *objectives: str | Objective, sla: SLA | None = None) -> list[Verdict]:
-        """Evaluate and raise ``SLAFailed`` listing every violated objective."""
+        """Evaluate, record the verdicts on this result (the reports' SLA cell) and raise
+        ``SLAFailed`` listing every violated objective."""
         __tracebackhide__ = True  # failures point at the test line that ran the load
         verdicts = self.evaluate(*objectives, sla=sla)
+        self.verdicts.extend(verdicts)
         failed = [v for v in verdicts if not v.passed]
         if failed:
             raise SLAFailed(failed, context=self.headline())
