@@ -57,8 +57,11 @@ JUNIT_PROPERTIES = (
     "throughput_per_gpu",
     "error_rate",
     "requests",
+    "usd_per_mtok",  # left out where there is no price
+    "j_per_token",  # left out where no energy was measured or modelled
     "sla",
 )
+_JUNIT_OPTIONAL = frozenset({"usd_per_mtok", "j_per_token"})
 
 
 @dataclass
@@ -404,10 +407,18 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         report.infmax_results = [
             {"summary": r.summary(), "full": r.to_dict(include_records=want_records)} for r in results
         ]
+        # Several results (a sweep): each named by its load, e.g. infmax[c=4]_ttft_p50_ms; by
+        # its position only where two share a load.
+        labels = [r.config.label for r in results]
+        by_label = len(set(labels)) == len(labels)
         for i, r in enumerate(results):
-            prefix = "infmax_" if len(results) == 1 else f"infmax_{i}_"
+            prefix = "infmax_" if len(results) == 1 else f"infmax[{labels[i]}]_" if by_label else f"infmax_{i}_"
             summary = r.summary()
-            props = [(prefix + key, summary[key]) for key in JUNIT_PROPERTIES]
+            props = [
+                (prefix + key, summary[key])
+                for key in JUNIT_PROPERTIES
+                if key not in _JUNIT_OPTIONAL or summary[key] is not None
+            ]
             report.user_properties.extend(props)
             item.user_properties.extend(props)  # junitxml reads them from the teardown report
     return report

@@ -115,3 +115,30 @@ def test_no_price_says_why_and_how_to_set_one(pytester: pytest.Pytester) -> None
     )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
+
+
+def test_junit_names_sweep_points_by_load_and_carries_cost_and_energy(pytester: pytest.Pytester) -> None:
+    # Issue 15: sweep points were infmax_0_..., infmax_1_..., with no cost or energy properties,
+    # and the terminal table had $/Mtok but no J/token.
+    import xml.etree.ElementTree as ET
+
+    pytester.makepyfile(
+        test_perf="""
+        from pytest_infmax import Scenario
+
+        def test_sweep(infmax):
+            infmax.sweep(Scenario("tiny", 32, 8), concurrency=[1, 2], num_requests=4, warmup=0)
+        """
+    )
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "--junitxml", "junit.xml", "--infmax-sim-args=--profile b200/gpt-oss-120b"
+    )
+    result.assert_outcomes(passed=1)
+    header = next(line for line in result.outlines if line.startswith("test "))
+    assert "$/Mtok" in header and "J/token" in header
+    props = {p.get("name"): p.get("value") for p in ET.parse(pytester.path / "junit.xml").iter("property")}
+    for load in ("c=1", "c=2"):
+        assert float(props[f"infmax[{load}]_usd_per_mtok"]) > 0
+        assert float(props[f"infmax[{load}]_j_per_token"]) > 0  # the profile's modelled energy
+        assert f"infmax[{load}]_ttft_p50_ms" in props
+    assert not any(name.startswith("infmax_0_") for name in props)

@@ -23,11 +23,13 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("throughput_per_gpu", "tok/s/GPU", ".0f"),
     ("error_rate", "errors", "%"),
     ("usd_per_mtok", "$/Mtok", ".4f"),
+    ("j_per_token", "J/token", ".4f"),
     ("sla", "SLA", "s"),
 )
 
 
-OPTIONAL = frozenset({"usd_per_mtok", "server_ttft_p50_ms"})
+# Shown only where some row has them: a price, measured or modelled energy, server metrics.
+OPTIONAL = frozenset({"usd_per_mtok", "j_per_token", "server_ttft_p50_ms"})
 
 
 def _cell(value: Any, fmt: str) -> str:

@@ -119,6 +119,7 @@ class LoadResult:
             "client_bound": self.run.client_bound,
             **_server_summary(self.server_metrics_report()),
             "usd_per_mtok": None if self.cost is None else self.cost.total,
+            "j_per_token": None if self.energy is None else self.energy.j_per_token,
             # "*": the client fell behind, so latencies are upper bounds (see the legend).
             "sla": {None: "-", True: "PASS", False: "FAIL"}[self.passed] + ("*" if self.run.client_bound else ""),
         }
