@@ -520,7 +520,7 @@ def test_price_marker_and_setting(pytester: pytest.Pytester) -> None:
             r = infmax.run("1k1k-mini", concurrency=2, num_requests=4, warmup=0)
             # $3.6/GPU-hour x 1 GPU / (tokens/s x 3600) x 1e6 = 1000 / (tokens/s) $ per million tokens
             assert abs(r.cost.total - 1000 / r.metrics.throughput) < 1e-9
-            assert r.price.source == "user-set (--infmax-gpu-hour-usd)"
+            assert r.price.source == "user-set (@pytest.mark.infmax_price)"  # the marker set it
 
         def test_session_price(infmax):
             assert infmax.run("1k1k-mini", concurrency=1, num_requests=2, warmup=0).price.usd_per_gpu_hour == 2.0
