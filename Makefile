@@ -20,8 +20,14 @@ STAMP := $(VENV)/.installed
 INTEGRATION_STAMP := $(VENV)/.installed-integration
 # PIP_CONSTRAINT reaches pip's isolated build environment too (the setuptools that builds us).
 PIP_LOCKED := PIP_CONSTRAINT=$(CURDIR)/$(LOCK) $(BIN)/python -m pip install -q -c $(LOCK)
-# The static checks: ruff's lint and format check over every Python file, mypy over the package.
+# The static checks: ruff's lint and format check over every Python file, mypy over the package;
+# $(call static_checks,BIN) runs them with the tools in BIN (make lint, make test-latest).
 LINT_PATHS := pytest_infmax tests benchmarks examples conftest.py setup.py
+define static_checks
+	$(1)/ruff check $(LINT_PATHS)
+	$(1)/ruff format --check $(LINT_PATHS)
+	$(1)/mypy
+endef
 
 .PHONY: demo test lint install clean chromium lock test-latest test-lowest
 
@@ -53,9 +59,7 @@ chromium:
 	|| echo "make: installing Chromium failed: the HTML browser test will be skipped"; fi
 
 lint: $(STAMP)
-	$(BIN)/ruff check $(LINT_PATHS)
-	$(BIN)/ruff format --check $(LINT_PATHS)
-	$(BIN)/mypy
+	$(call static_checks,$(BIN))
 
 test: $(INTEGRATION_STAMP) chromium lint
 	$(BIN)/python -m pytest -n 2
@@ -78,9 +82,7 @@ test-latest:
 	.venv-latest/bin/python -m pip install -q --upgrade pip
 	.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[test,dev]'
 	.venv-latest/bin/python -m pip list --format=freeze > .venv-latest/versions.txt
-	.venv-latest/bin/ruff check $(LINT_PATHS)
-	.venv-latest/bin/ruff format --check $(LINT_PATHS)
-	.venv-latest/bin/mypy
+	$(call static_checks,.venv-latest/bin)
 	.venv-latest/bin/python -m pytest -n 2 -p no:cacheprovider
 
 # The lower bounds pyproject.toml declares, checked: every direct dependency at its lowest
