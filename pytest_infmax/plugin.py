@@ -426,7 +426,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 def _shown(verdict: Any) -> str:
     if verdict.measured is None:
-        return "nothing"
+        return "not measured"
     return format_quantity(verdict.measured, verdict.objective.unit)
 
 

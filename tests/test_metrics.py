@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import math
+import typing
 
 import numpy as np
 import pytest
 
 from pytest_infmax.measure.metrics import Distribution, GoodputLimits, Metrics, compute_metrics
-from pytest_infmax.measure.registry import DISTRIBUTION_METRICS, METRICS, SCALAR_METRICS, parse_stat
-from pytest_infmax.measure.sla import SLASyntaxError
+from pytest_infmax.measure.registry import DISTRIBUTION_METRICS, METRICS, SCALAR_METRICS, Dimension, parse_stat
+from pytest_infmax.measure.sla import SLASyntaxError, units_for
 from pytest_infmax.records import ErrorKind, RequestRecord, TokenSource
 
 
@@ -472,7 +473,8 @@ def test_value_needs_a_stat_for_distributions_and_none_for_scalars(m: Metrics) -
 def test_registry_matches_metrics_fields(m: Metrics) -> None:
     # every registered metric is reachable by name; a new scalar needs entry + field only
     assert set(DISTRIBUTION_METRICS) == {"ttft", "tpot", "itl", "e2e", "interactivity"}
-    assert set(SCALAR_METRICS) == {
+    requests = {name for name in SCALAR_METRICS if METRICS[name].source == "requests"}
+    assert requests == {
         "request_throughput",
         "input_throughput",
         "output_throughput",
@@ -484,12 +486,21 @@ def test_registry_matches_metrics_fields(m: Metrics) -> None:
         "goodput",
         "goodput_ratio",
     }
+    dimensions = set(typing.get_args(Dimension))
     for name, info in METRICS.items():
         assert info.name == name
-        assert info.dimension in {"time", "tokens_per_second", "requests_per_second", "ratio"}
-        assert hasattr(m, name)
+        assert info.dimension in dimensions
+        assert units_for(info), f"{name} has no unit an SLA can be written in"
         if info.kind == "distribution":
             assert isinstance(m.value(name, "max"), float)
+        elif info.kind == "scalar":
+            assert hasattr(m, name)
+        else:  # the server's: a statistic it has, none here (no server metrics given)
+            assert info.source == "server" and info.stats
+            assert m.value(name, info.stats[0]) is None
+        if info.source != "requests" and info.kind == "scalar":
+            assert getattr(m, name) is None  # not measured is None, never 0
+            assert m.why_unmeasured(name)
     assert METRICS["ttft"].higher_is_better is False
     assert METRICS["interactivity"].higher_is_better is True
 

@@ -412,7 +412,12 @@ def _valid_expression(draw: st.DrawFn) -> str:
             )
         )
         lhs = f"{stat}{draw(st.sampled_from(['', ' ']))}({name})"
+    elif info.kind in ("histogram", "gauge"):  # the server's: the statistics it has
+        lhs = f"{draw(st.sampled_from(info.stats))}({name})"
     unit = draw(st.sampled_from(units_for(info)))
+    if info.dimension == "cost" and draw(st.booleans()):  # '$0.05' is 0.05 $/Mtok
+        op = draw(st.sampled_from(["<", "<=", ">", ">="]))
+        return f"{lhs} {op} ${draw(st.floats(min_value=0, max_value=1e6))!r}"
     if info.dimension == "ratio":
         top = 100.0 if unit == "%" else 1.0
         number = repr(draw(st.floats(min_value=0, max_value=top)))

@@ -80,9 +80,9 @@ VERDICT_ORDER: tuple[Verdict, ...] = ("regressed", "unsure", "improved", "same")
 
 #: per-request metrics a gate can name (samples kept in baselines; interactivity = 1/tpot)
 SAMPLE_GATE_METRICS: tuple[str, ...] = ("ttft", "tpot", "e2e", "itl_mean", "itl_max", "interactivity")
-#: run-level metrics a gate can name (one value per run)
-SCALAR_GATE_METRICS: tuple[str, ...] = (*SCALAR_METRICS, "cost_per_mtok")
-_LOWER_IS_BETTER_SCALARS = {"cost_per_mtok", "error_rate", "duration"}
+#: run-level metrics a gate can name (one value per run): every registered run-level figure,
+#: cost and energy included (a run keeps those it measured)
+SCALAR_GATE_METRICS: tuple[str, ...] = SCALAR_METRICS
 
 
 # -- what is gated -------------------------------------------------------------------------
@@ -129,21 +129,13 @@ class Gate:
 
     @property
     def higher_is_better(self) -> bool:
-        if self.metric == "interactivity":
-            return True
-        if self.metric in SAMPLE_GATE_METRICS or self.metric in _LOWER_IS_BETTER_SCALARS:
-            return False
         info = METRICS.get(self.metric)
-        return bool(info.higher_is_better) if info else False
+        return bool(info.higher_is_better) if info else False  # itl_mean, itl_max: latencies
 
     @property
     def unit(self) -> str:
-        if self.metric in ("ttft", "tpot", "e2e", "itl_mean", "itl_max"):
-            return "ms"
-        if self.metric == "cost_per_mtok":
-            return "$/Mtok"
         info = METRICS.get(self.metric)
-        return info.unit if info else ""
+        return info.unit if info else "ms"  # itl_mean, itl_max: latencies
 
     def __str__(self) -> str:
         return self.label
@@ -532,12 +524,23 @@ class _RunStatistics:
         return out
 
 
+_FAMILIES = {
+    "cost_per_mtok": "throughput",
+    "throughput": "throughput",
+    "throughput_per_gpu": "throughput",
+    "input_cost_per_mtok": "input_throughput",
+    "input_throughput_per_gpu": "input_throughput",
+    "output_cost_per_mtok": "output_throughput",
+    "output_throughput_per_gpu": "output_throughput",
+    "tokens_per_mw": "energy_per_token",  # tok/s / W = tok / J
+}
+
+
 def _family(gate: Gate) -> str:
     """Gates that are exact transforms of one another count once in the Bonferroni split:
-    cost per token is price x GPUs / throughput, so its ratio is throughput's, inverted."""
-    if gate.metric in ("cost_per_mtok", "throughput", "throughput_per_gpu"):
-        return "throughput"
-    return gate.label
+    cost per token is price x GPUs / throughput, so its ratio is throughput's, inverted;
+    tokens per MW is tokens per joule, energy per token inverted."""
+    return _FAMILIES.get(gate.metric, gate.label)
 
 
 def _metric_values(run: BaselineRun, metric: str) -> np.ndarray:

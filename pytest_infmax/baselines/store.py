@@ -9,7 +9,8 @@ under a baselines directory (default ``.infmax/baselines/``). A file holds
 * ``runs``: a bounded history (default the last 20) of runs, oldest first. Each
   run keeps its per-request samples in send order (``ttft``, ``tpot``, ``e2e``,
   ``itl_mean``, ``itl_max``; seconds, rounded to 0.1 µs), its run-level scalars
-  (throughput, error rate, cost when a price was given), the full metrics summary,
+  (every registered run-level figure: throughput, error rate, and cost and energy
+  where the run was priced and its energy measured), the full metrics summary,
   the workload and the environment it ran in.
 
 Several runs are kept because between-run variance (a server start differs from
@@ -43,6 +44,7 @@ import numpy as np
 from pytest_infmax.atomic import write_json_atomic
 from pytest_infmax.environment import environment
 from pytest_infmax.measure.cost import cost_per_million_tokens
+from pytest_infmax.measure.registry import METRICS, SCALAR_METRICS
 from pytest_infmax.records import RequestRecord
 from pytest_infmax.servers import telemetry
 
@@ -60,16 +62,10 @@ DEFAULT_HISTORY = 20
 
 #: per-request sample arrays a run keeps (seconds, send order)
 SAMPLE_METRICS: tuple[str, ...] = ("ttft", "tpot", "e2e", "itl_mean", "itl_max")
-#: run-level figures a run keeps (from Metrics; cost_per_mtok only with a price)
+#: run-level figures a run keeps: every registered one (those needing a price, energy or the
+#: server's metrics are None where the run had none), and the run's counts
 SCALAR_KEYS: tuple[str, ...] = (
-    "throughput_per_gpu",
-    "output_throughput_per_gpu",
-    "input_throughput_per_gpu",
-    "throughput",
-    "output_throughput",
-    "request_throughput",
-    "error_rate",
-    "goodput_ratio",
+    *SCALAR_METRICS,
     "duration",
     "num_requests",
     "num_ok",
@@ -268,10 +264,15 @@ class BaselineRun:
     ) -> BaselineRun:
         scalars: dict[str, float | None] = {key: _finite(summary.get(key)) for key in SCALAR_KEYS}
         scalars["num_gpus"] = float(num_gpus)
-        if price is not None:
-            usd = price if isinstance(price, (int, float)) else price.usd_per_gpu_hour
-            tput = scalars.get("throughput")
-            scalars["cost_per_mtok"] = cost_per_million_tokens(float(usd), num_gpus, tput) if tput is not None else None
+        if price is not None:  # re-price (a results file written without a price, say)
+            usd = float(price if isinstance(price, (int, float)) else price.usd_per_gpu_hour)
+            for cost, tput in (
+                ("cost_per_mtok", "throughput"),
+                ("input_cost_per_mtok", "input_throughput"),
+                ("output_cost_per_mtok", "output_throughput"),
+            ):
+                tps = scalars.get(tput)
+                scalars[cost] = cost_per_million_tokens(usd, num_gpus, tps) if tps is not None else None
         env = environment()
         env.pop("written_at", None)
         env.update(environment_info or {})
@@ -936,13 +937,24 @@ def _benchmark_source(
     if isinstance(result, BaselineRun):
         data: dict[str, Sequence[float]] = {m: result.samples.get(m, []) for m in ("ttft", "tpot", "e2e")}
         data["itl"] = result.samples.get("itl_mean", [])
-        return result.name, data, dict(result.scalars), {"workload": result.workload, "itl": "per-request mean"}
+        info = {"workload": result.workload, "itl": "per-request mean"}
+        return result.name, data, dict(result.scalars), {**info, **_provenance(result.summary)}
     if isinstance(result, Mapping):
         run = BaselineRun.from_result(result)
         records = [RequestRecord.from_dict(r) for r in result["records"]]
-        return run.name, _latencies(records), dict(run.scalars), {"workload": run.workload}
+        return run.name, _latencies(records), dict(run.scalars), {"workload": run.workload, **_provenance(run.summary)}
     run = BaselineRun.from_result(result)
-    return run.name, _latencies(result.records), dict(run.scalars), {"workload": run.workload}
+    return (
+        run.name,
+        _latencies(result.records),
+        dict(run.scalars),
+        {"workload": run.workload, **_provenance(run.summary)},
+    )
+
+
+def _provenance(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """How the figures that need more than the records were obtained, and why others are missing."""
+    return {key: summary[key] for key in ("provenance", "unmeasured") if isinstance(summary.get(key), Mapping)}
 
 
 def _latencies(records: Sequence[RequestRecord]) -> dict[str, Sequence[float]]:
@@ -973,6 +985,8 @@ def _benchmark_entry(
         arr = np.asarray(data)
         extra.update({"p90": float(np.percentile(arr, 90)), "p99": float(np.percentile(arr, 99))})
     extra["scalars"] = {k: v for k, v in scalars.items() if v is not None}
+    # canonical units: tok/s, fractions, $ per million tokens, J per token, W
+    extra["scalar_units"] = {k: METRICS[k].unit for k in extra["scalars"] if k in METRICS}
     return {
         "group": name,
         "name": f"{name}::{metric}",

@@ -19,13 +19,26 @@ recomputed. Definitions (InferenceMAX / vLLM ``benchmark_serving``):
 * **Goodput** (vLLM): requests per second that succeeded *and* met every
   per-request limit; ``goodput_ratio`` is the share of measured requests that did.
 
+* **Cost** per million tokens (InferenceMAX): ``$/GPU-hour x GPUs / (tok/s x 3600) x 10^6``,
+  at the price the run was given (:mod:`pytest_infmax.measure.cost`).
+* **Energy** per token: the GPU energy of the measured phase over its tokens;
+  **tokens per MW** (InferenceMAX: throughput per GPU x 1000 / kW per GPU) at the
+  measured average **power** (:mod:`pytest_infmax.measure.energy`).
+* **Server-side** figures: the server's own Prometheus histograms and gauges
+  (:mod:`pytest_infmax.measure.servermetrics`).
+
+The last three need more than the records; :meth:`Metrics.with_figures` adds them,
+and says for each input how it was obtained (``provenance``) or why it is missing
+(``unmeasured``). A figure that was not measured is None, never 0.
+
 Latencies are kept in seconds, rates per second and ratios as fractions; units
 for display belong to :mod:`pytest_infmax.measure.sla` and the reports. What each
-metric is (its kind, dimension and unit) is in :mod:`pytest_infmax.measure.registry`.
+metric is (its kind, dimension, unit and source) is in :mod:`pytest_infmax.measure.registry`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +46,8 @@ from typing import Any, Union
 
 import numpy as np
 
+from pytest_infmax.measure.cost import Price, TokenCost
+from pytest_infmax.measure.energy import EnergyReport
 from pytest_infmax.measure.registry import (
     DISTRIBUTION_METRICS,
     GOODPUT_METRICS,
@@ -46,6 +61,14 @@ from pytest_infmax.measure.registry import (
 )
 from pytest_infmax.measure.sla import Objective, parse_goodput_limits
 from pytest_infmax.records import RequestRecord
+
+#: why a source's figures are missing when nothing was said (see Metrics.with_figures)
+NOT_GIVEN: dict[str, str] = {
+    "price": "no price: set --infmax-gpu-hour-usd (or @pytest.mark.infmax_price(gpu_hour_usd=...), "
+    "or a simulator --profile whose GPU has a default price)",
+    "energy": "no GPU energy was measured: it needs NVML on the server's machine, or the simulator's power model",
+    "server": "the server's Prometheus metrics were not scraped (--infmax-server-metrics)",
+}
 
 DEFAULT_PERCENTILES: tuple[float, ...] = (50.0, 90.0, 95.0, 99.0)
 
@@ -259,6 +282,106 @@ class Metrics:
     interactivity: Distribution
     goodput_limits: GoodputLimits | None
     percentiles: tuple[float, ...]
+    # figures that need a price, GPU energy or the server's metrics (with_figures); None: not measured
+    cost_per_mtok: float | None = None
+    input_cost_per_mtok: float | None = None
+    output_cost_per_mtok: float | None = None
+    energy_per_token: float | None = None
+    input_energy_per_token: float | None = None
+    output_energy_per_token: float | None = None
+    tokens_per_mw: float | None = None
+    output_tokens_per_mw: float | None = None
+    power: float | None = None
+    power_per_gpu: float | None = None
+    energy_cost_per_mtok: float | None = None
+    server: Mapping[str, Any] | None = None  # ServerMetrics.to_dict(), when it was available
+    #: source ("requests", "price", "energy", "server") -> how its figures were obtained
+    provenance: dict[str, str] = field(default_factory=lambda: {"requests": "measured"})
+    #: source -> why its figures are missing
+    unmeasured: dict[str, str] = field(default_factory=lambda: dict(NOT_GIVEN))
+
+    def with_figures(
+        self,
+        *,
+        price: Price | None = None,
+        price_note: str = "",
+        energy: EnergyReport | None = None,
+        server: Mapping[str, Any] | None = None,
+    ) -> Metrics:
+        """These metrics with the figures a price, the GPU energy and the server's own metrics
+        give, each source's provenance, and the reason for each one missing."""
+        provenance = {"requests": self.provenance.get("requests", "measured")}
+        unmeasured = {}
+        figures: dict[str, Any] = {}
+        if price is not None:
+            cost = TokenCost.of(price, self.num_gpus, self.throughput, self.input_throughput, self.output_throughput)
+            figures.update(cost_per_mtok=cost.total, input_cost_per_mtok=cost.input, output_cost_per_mtok=cost.output)
+            provenance["price"] = (
+                f"priced at ${price.usd_per_gpu_hour:g}/GPU-hour x {self.num_gpus} GPU ({price.source})"
+            )
+            if cost.total is None:
+                unmeasured["price"] = "no tokens were produced, so there is no cost per token"
+        else:
+            unmeasured["price"] = price_note or NOT_GIVEN["price"]
+        if energy is not None and energy.measured:
+            gpus = len(energy.gpus) or self.num_gpus
+            figures.update(
+                energy_per_token=energy.j_per_token,
+                input_energy_per_token=energy.j_per_input_token,
+                output_energy_per_token=energy.j_per_output_token,
+                tokens_per_mw=energy.tokens_per_s_per_mw,
+                output_tokens_per_mw=energy.output_tokens_per_s_per_mw,
+                power=energy.avg_power_w,
+                power_per_gpu=None if energy.avg_power_w is None else energy.avg_power_w / gpus,
+                energy_cost_per_mtok=energy.energy_usd_per_mtok,
+            )
+            kind = "modelled" if energy.modelled else "measured"
+            source = energy.source.removeprefix(f"{kind}: ")  # the simulator's source already says "modelled: "
+            provenance["energy"] = f"{kind} ({source})" if source else kind
+        else:
+            unmeasured["energy"] = (energy.reason if energy is not None else "") or NOT_GIVEN["energy"]
+        if server is not None and server.get("available"):
+            provenance["server"] = f"the server's Prometheus metrics ({server.get('engine') or 'unknown'} names)"
+        else:
+            server_why = (server or {}).get("reason") or NOT_GIVEN["server"]
+            unmeasured["server"] = f"the server's metrics are {server_why}" if server else server_why
+            server = None
+        return dataclasses.replace(self, server=server, provenance=provenance, unmeasured=unmeasured, **figures)
+
+    def why_unmeasured(self, metric: str) -> str:
+        """Why a figure has no value here, and how to measure it."""
+        info = metric_info(metric)
+        if info.source == "requests":
+            return "not measured"
+        if metric == "energy_cost_per_mtok" and "energy" in self.provenance:
+            return "no electricity price: set --infmax-usd-per-kwh (or @pytest.mark.infmax_price(usd_per_kwh=...))"
+        if info.source in self.unmeasured:
+            return self.unmeasured[info.source]
+        if info.source == "server":
+            return f"the server's metrics page has no {metric[len('server_') :]} figure"
+        return f"{metric} could not be computed from this run"
+
+    def provenance_of(self, metric: str) -> str | None:
+        """How a figure was obtained ('measured', 'modelled (...)', 'priced at $2/GPU-hour ...')."""
+        return self.provenance.get(metric_info(metric).source)
+
+    def _server_entry(self, metric: str) -> Mapping[str, Any] | None:
+        info = metric_info(metric)
+        if self.server is None:
+            return None
+        group = "histograms" if info.kind == "histogram" else "gauges"
+        entry = (self.server.get(group) or {}).get(metric[len("server_") :])
+        return entry if isinstance(entry, Mapping) else None
+
+    def value_range(self, metric: str, stat: str) -> tuple[float, float] | None:
+        """Where a server histogram's percentile lies for certain: the bucket it falls in
+        (canonical units); None for every other figure, which is known exactly."""
+        if metric_info(metric).kind != "histogram" or not stat.startswith("p"):
+            return None
+        span = (self._server_entry(metric) or {}).get(f"{stat}_range_ms")
+        if not span or span[0] is None or span[1] is None:
+            return None
+        return float(span[0]) / 1000.0, float(span[1]) / 1000.0
 
     def distribution(self, metric: str) -> Distribution:
         info = metric_info(metric)
@@ -275,6 +398,17 @@ class Metrics:
         for a missing, unknown or superfluous statistic.
         """
         info = metric_info(metric)
+        if info.kind in ("histogram", "gauge"):
+            if stat is None or parse_stat(stat) not in info.stats:
+                raise ValueError(f"{metric} is the server's {info.kind}; say which statistic: {', '.join(info.stats)}")
+            entry = self._server_entry(metric)
+            stat = parse_stat(stat)
+            if entry is None:
+                return None
+            raw = entry.get(f"{stat}_ms") if info.kind == "histogram" else entry.get(stat)
+            if raw is None or not math.isfinite(raw):
+                return None
+            return float(raw) / 1000.0 if info.kind == "histogram" else float(raw)
         if info.kind == "distribution":
             if stat is None:
                 raise ValueError(
@@ -301,6 +435,9 @@ class Metrics:
         info = metric_info(metric)
         if info.kind == "distribution":
             return self.distribution(metric).num_requests
+        if info.kind in ("histogram", "gauge"):
+            entry = self._server_entry(metric) or {}
+            return int(entry.get("count", entry.get("samples")) or 0)
         return self.num_requests
 
     def to_dict(self) -> dict[str, Any]:
@@ -318,6 +455,8 @@ class Metrics:
         }
         for name in SCALAR_METRICS:
             out[name] = _json_float(getattr(self, name))
+        out["provenance"] = dict(self.provenance)
+        out["unmeasured"] = dict(self.unmeasured)
         out["num_good"] = self.num_good
         out["goodput_limits"] = None if self.goodput_limits is None else str(self.goodput_limits)
         out["percentiles"] = [float(q) for q in self.percentiles]
@@ -414,6 +553,7 @@ def compute_metrics(
     output_rate = _rate(output_tokens, duration)
 
     num_good = sum(1 for r in measured if limits.meets(r)) if limits is not None else None
+    dists = _distributions(ok, qs)
 
     return Metrics(
         num_requests=len(measured),
@@ -438,5 +578,9 @@ def compute_metrics(
         num_good=num_good,
         goodput_limits=limits,
         percentiles=qs,
-        **_distributions(ok, qs),
+        ttft=dists["ttft"],
+        tpot=dists["tpot"],
+        itl=dists["itl"],
+        e2e=dists["e2e"],
+        interactivity=dists["interactivity"],
     )

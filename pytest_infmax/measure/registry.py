@@ -1,13 +1,24 @@
-"""The metric registry: every metric's name, kind, dimension and display unit, and
-the names of statistics and comparisons.
+"""The metric registry: every figure a run produces, with its kind, dimension, display
+unit, better direction and source, and the names of statistics and comparisons.
 
-Both the SLA grammar (:mod:`pytest_infmax.measure.sla`) and the computation
-(:mod:`pytest_infmax.measure.metrics`) read it; it imports neither.
+Every consumer iterates this one table: the SLA grammar
+(:mod:`pytest_infmax.measure.sla`), the computation (:mod:`pytest_infmax.measure.metrics`),
+frontier SLAs, the baseline gate, and every report. It imports none of them.
 
-Adding a scalar metric (say ``cost_per_mtok``) takes one :data:`METRICS` entry
-and one :class:`~pytest_infmax.measure.metrics.Metrics` field of the same name
-(plus computing it): every consumer looks figures up by name through
-``Metrics.value``.
+A figure's *source* says what it needs beyond the request records:
+
+* ``requests``: computed from the records alone (latencies, throughputs, errors, goodput);
+* ``price``: a $/GPU-hour price (cost per million tokens); *priced* at that price's source;
+* ``energy``: GPU energy over the measured phase, *measured* through NVML or *modelled*
+  (the simulator); $/kWh for the energy's own cost;
+* ``server``: the server's own Prometheus metrics (histograms and gauges).
+
+Where that input is missing the figure is *not measured*, with a reason: never zero,
+and an SLA on it fails saying how to measure it.
+
+Adding a run-level figure takes one :data:`METRICS` entry here and its computation
+in :mod:`pytest_infmax.measure.metrics`; a new dimension also takes its units in
+:data:`pytest_infmax.measure.sla.UNITS`.
 """
 
 from __future__ import annotations
@@ -19,8 +30,30 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Literal
 
-Kind = Literal["distribution", "scalar"]
-Dimension = Literal["time", "tokens_per_second", "requests_per_second", "ratio"]
+#: distribution: one value per request, judged by a statistic (p99, mean...);
+#: scalar: one value per run; histogram: the server's Prometheus histogram (mean exact,
+#: percentiles known only to within a bucket); gauge: a server gauge sampled during the run.
+Kind = Literal["distribution", "scalar", "histogram", "gauge"]
+Dimension = Literal[
+    "time",
+    "tokens_per_second",
+    "requests_per_second",
+    "ratio",
+    "cost",
+    "energy_per_token",
+    "tokens_per_second_per_mw",
+    "power",
+    "count",
+]
+Source = Literal["requests", "price", "energy", "server"]
+
+#: what each source is, in words, for tables and messages
+SOURCES: dict[str, str] = {
+    "requests": "measured from the requests",
+    "price": "priced: needs a $/GPU-hour price",
+    "energy": "needs GPU energy (NVML, or the simulator's model)",
+    "server": "from the server's own Prometheus metrics",
+}
 
 # -- registry ----------------------------------------------------------------
 
@@ -29,8 +62,10 @@ Dimension = Literal["time", "tokens_per_second", "requests_per_second", "ratio"]
 class MetricInfo:
     """What a metric is: how it is aggregated, what it measures, how to show it.
 
-    ``unit`` is the display label (``ms`` for times, ``%`` for ratios); values
-    themselves are always canonical (seconds, per second, fraction).
+    ``unit`` is the display label (``ms`` for times, ``%`` for ratios, ``$/Mtok``);
+    values themselves are always canonical (seconds, per second, fraction, $ per
+    million tokens, J per token, W). ``stats``: the statistics a histogram or gauge
+    has (a distribution takes any, a scalar none).
     """
 
     name: str
@@ -39,11 +74,45 @@ class MetricInfo:
     unit: str
     description: str
     higher_is_better: bool
+    source: Source = "requests"
+    stats: tuple[str, ...] = ()
+
+    @property
+    def takes_stat(self) -> bool:
+        return self.kind != "scalar"
 
 
 def _registry(*infos: MetricInfo) -> dict[str, MetricInfo]:
     return {info.name: info for info in infos}
 
+
+def _server_histogram(role: str, what: str) -> MetricInfo:
+    return MetricInfo(
+        f"server_{role}",
+        "histogram",
+        "time",
+        "ms",
+        f"the server's own {what} (Prometheus histogram: mean exact, p50/p99 within one bucket)",
+        False,
+        "server",
+        ("mean", "p50", "p99"),
+    )
+
+
+def _server_gauge(role: str, dimension: Dimension, unit: str, what: str) -> MetricInfo:
+    return MetricInfo(
+        f"server_{role}",
+        "gauge",
+        dimension,
+        unit,
+        f"the server's {what}, sampled during the run",
+        False,
+        "server",
+        ("mean", "max"),
+    )
+
+
+_COST = "$/GPU-hour x GPUs / (tok/s x 3600) x 10^6"
 
 METRICS: dict[str, MetricInfo] = _registry(
     # per-request distributions
@@ -137,10 +206,101 @@ METRICS: dict[str, MetricInfo] = _registry(
         "share of measured requests that succeeded and met every goodput limit",
         True,
     ),
+    # cost, at a $/GPU-hour price (InferenceMAX: cost = $/GPU-hour x GPUs / (tok/s x 3600) x 10^6)
+    MetricInfo(
+        "cost_per_mtok", "scalar", "cost", "$/Mtok", f"$ per million tokens, input + output: {_COST}", False, "price"
+    ),
+    MetricInfo(
+        "input_cost_per_mtok",
+        "scalar",
+        "cost",
+        "$/Mtok",
+        "$ per million input tokens (all GPU time over the input tokens)",
+        False,
+        "price",
+    ),
+    MetricInfo(
+        "output_cost_per_mtok",
+        "scalar",
+        "cost",
+        "$/Mtok",
+        "$ per million output tokens (all GPU time over the output tokens)",
+        False,
+        "price",
+    ),
+    # energy over the measured phase (energy is not separable by token type: each is the whole energy)
+    MetricInfo(
+        "energy_per_token",
+        "scalar",
+        "energy_per_token",
+        "J/token",
+        "GPU energy over the measured phase / (input + output tokens)",
+        False,
+        "energy",
+    ),
+    MetricInfo(
+        "input_energy_per_token",
+        "scalar",
+        "energy_per_token",
+        "J/token",
+        "GPU energy over the measured phase / input tokens",
+        False,
+        "energy",
+    ),
+    MetricInfo(
+        "output_energy_per_token",
+        "scalar",
+        "energy_per_token",
+        "J/token",
+        "GPU energy over the measured phase / output tokens",
+        False,
+        "energy",
+    ),
+    MetricInfo(
+        "tokens_per_mw",
+        "scalar",
+        "tokens_per_second_per_mw",
+        "tok/s/MW",
+        "tokens per second per MW: throughput per GPU x 1000 / kW per GPU (InferenceMAX), at the measured power",
+        True,
+        "energy",
+    ),
+    MetricInfo(
+        "output_tokens_per_mw",
+        "scalar",
+        "tokens_per_second_per_mw",
+        "tok/s/MW",
+        "output tokens per second per MW of measured GPU power",
+        True,
+        "energy",
+    ),
+    MetricInfo("power", "scalar", "power", "W", "average power of all GPUs over the measured phase", False, "energy"),
+    MetricInfo(
+        "power_per_gpu", "scalar", "power", "W/gpu", "average power per GPU over the measured phase", False, "energy"
+    ),
+    MetricInfo(
+        "energy_cost_per_mtok",
+        "scalar",
+        "cost",
+        "$/Mtok",
+        "electricity cost per million tokens at the $/kWh set (--infmax-usd-per-kwh)",
+        False,
+        "energy",
+    ),
+    # the server's own view (Prometheus), beside the client's
+    _server_histogram("ttft", "time to first token"),
+    _server_histogram("queue_time", "time requests waited in its queue"),
+    _server_histogram("itl", "inter-token latency"),
+    _server_histogram("tpot", "time per output token"),
+    _server_histogram("e2e", "end-to-end request latency"),
+    _server_gauge("running", "count", "", "requests running"),
+    _server_gauge("waiting", "count", "", "requests waiting"),
+    _server_gauge("kv_cache_usage", "ratio", "%", "KV-cache use"),
 )
 
 DISTRIBUTION_METRICS: tuple[str, ...] = tuple(name for name, info in METRICS.items() if info.kind == "distribution")
 SCALAR_METRICS: tuple[str, ...] = tuple(name for name, info in METRICS.items() if info.kind == "scalar")
+SERVER_METRICS: tuple[str, ...] = tuple(name for name, info in METRICS.items() if info.source == "server")
 
 #: metrics a goodput limit may constrain: those defined for a single request
 GOODPUT_METRICS: tuple[str, ...] = ("ttft", "tpot", "e2e", "interactivity")

@@ -6,11 +6,14 @@ An SLA is a list of objectives, each one line of text::
     p50(interactivity) > 50 tok/s/user                       mean(e2e) < 2s
     throughput_per_gpu >= 5000 tok/s/gpu                     output_throughput > 1.2k tok/s
     error_rate < 0.1%            goodput_ratio >= 95%        request_throughput > 2 req/s
+    cost_per_mtok < $0.05        output_cost_per_mtok < 0.20 $/Mtok
+    energy_per_token < 0.3 J     tokens_per_mw > 1M tok/s/MW power < 900 W
+    mean(server_ttft) < 200ms    max(server_kv_cache_usage) < 90%
 
 Grammar (whitespace-insensitive; statistics, metric names and units are
 case-insensitive)::
 
-    objective := [STAT '(' METRIC ')' | METRIC] OP NUMBER [UNIT]
+    objective := [STAT '(' METRIC ')' | METRIC] OP ['$'] NUMBER [UNIT]
     STAT      := mean | median | std | min | max | pNN[.N]      (0 < NN <= 100)
     OP        := < | <= | > | >=                               (also ≤ and ≥)
     NUMBER    := decimal, optional exponent, optional suffix k (1e3) or M (1e6)
@@ -18,14 +21,26 @@ case-insensitive)::
                | tok/s | tok/s/gpu | tok/s/user      for token rates
                | req/s                               for request rates
                | % | (none)                          for ratios
+               | $/Mtok  (or a leading $: $0.05)     for costs
+               | J | J/token                         for energy per token
+               | tok/s/MW                            for tokens per second per MW
+               | W | kW | W/gpu | kW/gpu            for power
+               | (none)                              for counts (server_running)
 
 Per-request distributions (ttft, tpot, itl, e2e, interactivity) need a
-statistic; run-level scalars take none. ``tok/s/gpu`` is accepted only on
-``*_per_gpu`` metrics and ``tok/s/user`` only on interactivity (both also take
-plain ``tok/s``). Times and rates must carry a unit, because a bare ``500`` in an
-SLA file is a misreading waiting to happen; ratios may be bare fractions
-(``0.001``) or percentages (``0.1%``). A unit is matched before a number suffix,
-so ``5Ms`` is 5 ms; the mega suffix is upper-case ``M`` only.
+statistic; so do the server's histograms (``mean``, ``p50`` or ``p99`` of
+``server_ttft`` ...) and gauges (``mean`` or ``max`` of ``server_running`` ...).
+Run-level scalars take none. ``tok/s/gpu`` and ``W/gpu`` are accepted only on
+``*_per_gpu`` metrics and ``tok/s/user`` only on interactivity (all also take the
+plain unit). Times, rates, costs, energies and powers must carry a unit, because a
+bare ``500`` in an SLA file is a misreading waiting to happen; ratios may be bare
+fractions (``0.001``) or percentages (``0.1%``). A unit is matched before a number
+suffix, so ``5Ms`` is 5 ms and ``1M tok/s/MW`` is 10^6 tok/s/MW; the mega suffix is
+upper-case ``M`` only.
+
+Every registered figure can be an objective (:data:`~pytest_infmax.measure.registry.METRICS`).
+One that was not measured (no price, no energy, no server metrics) fails, saying
+why and how to measure it.
 
 Limits are stored canonically (seconds, per second, fraction) in
 ``Objective.limit``; the number as written (``Objective.value``) and its unit are
@@ -34,9 +49,8 @@ kept for display, so messages speak the SLA author's units.
 Goodput limits (``"ttft <= 500ms, tpot < 50ms"``) use the same grammar without a
 statistic: they bound every request, see :func:`parse_goodput_limits`.
 
-Adding a metric of a new dimension (say cost per million tokens) takes a
-``METRICS`` entry in :mod:`pytest_infmax.measure.registry` and its units in
-:data:`UNITS` here.
+Adding a metric of a new dimension takes a ``METRICS`` entry in
+:mod:`pytest_infmax.measure.registry` and its units in :data:`UNITS` here.
 """
 
 from __future__ import annotations
@@ -65,8 +79,9 @@ __all__ = [
     "units_for",
 ]
 
-#: unit spelling -> (dimension, divisor taking the written number to canonical).
-#: Divisors rather than factors: ``95 / 100`` is exactly 0.95, ``95 * 0.01`` is not.
+#: unit spelling (as displayed; matched case-insensitively) -> (dimension, divisor taking
+#: the written number to canonical). Divisors rather than factors: ``95 / 100`` is
+#: exactly 0.95, ``95 * 0.01`` is not.
 UNITS: dict[str, tuple[str, float]] = {
     "us": ("time", 1e6),
     "ms": ("time", 1e3),
@@ -76,18 +91,35 @@ UNITS: dict[str, tuple[str, float]] = {
     "tok/s/user": ("tokens_per_second", 1.0),
     "req/s": ("requests_per_second", 1.0),
     "%": ("ratio", 100.0),
+    "$/Mtok": ("cost", 1.0),
+    "J/token": ("energy_per_token", 1.0),
+    "J": ("energy_per_token", 1.0),
+    "tok/s/MW": ("tokens_per_second_per_mw", 1.0),
+    "W": ("power", 1.0),
+    "kW": ("power", 1e-3),
+    "W/gpu": ("power", 1.0),
+    "kW/gpu": ("power", 1e-3),
 }
-_UNIT_ALIASES = {"µs": "us", "μs": "us"}  # micro sign and Greek mu (what .lower() gives)
-#: units that only fit metrics whose own display unit is exactly this
-_QUALIFIED_UNITS = frozenset({"tok/s/gpu", "tok/s/user"})
+_UNIT_LOOKUP = {unit.lower(): unit for unit in UNITS}
+_UNIT_ALIASES = {"µs": "us", "μs": "us", "j/tok": "J/token"}  # µ: micro sign, Greek mu
+#: units that only fit metrics whose own display unit carries the same qualifier
+_QUALIFIERS = {"tok/s/gpu": "/gpu", "W/gpu": "/gpu", "kW/gpu": "/gpu", "tok/s/user": "/user"}
 _SUFFIXES = {"k": 1e3, "K": 1e3, "M": 1e6}
+COST_UNIT = "$/Mtok"  # also written as a leading '$': '$0.05' is 0.05 $/Mtok
 
 _DIMENSION_PHRASE = {
     "time": "a time",
     "tokens_per_second": "a token rate",
     "requests_per_second": "a request rate",
     "ratio": "a ratio",
+    "cost": "a cost",
+    "energy_per_token": "an energy per token",
+    "tokens_per_second_per_mw": "a token rate per MW",
+    "power": "a power draw",
+    "count": "a count",
 }
+#: dimensions whose limits may be bare numbers
+_BARE_DIMENSIONS = frozenset({"ratio", "count"})
 
 _EXAMPLE = "e.g. 'p99(ttft) < 500ms' or 'throughput > 5000 tok/s'"
 _GOODPUT_EXAMPLE = "e.g. 'ttft <= 500ms, tpot < 50ms'"
@@ -181,6 +213,13 @@ def _unit_sep(unit: str) -> str:
     return "" if unit in ("", "%") else " "
 
 
+def _with_unit(number: str, unit: str) -> str:
+    """A number in its unit as the grammar writes it: '500 ms', '0.1%', '$0.05/Mtok'."""
+    if unit == COST_UNIT:
+        return f"${number}/Mtok"
+    return f"{number}{_unit_sep(unit)}{unit}"
+
+
 def unit_divisor(unit: str) -> float:
     """How many ``unit`` make one canonical unit (``ms`` -> 1000, ``%`` -> 100).
 
@@ -192,20 +231,23 @@ def unit_divisor(unit: str) -> float:
 
 def format_quantity(value: float, unit: str) -> str:
     """A canonical value in ``unit`` for display: (0.8123, 'ms') -> '812.3 ms'."""
-    return f"{_fmt_measured(value * unit_divisor(unit))}{_unit_sep(unit)}{unit}"
+    return _with_unit(_fmt_measured(value * unit_divisor(unit)), unit)
 
 
 def _normalise_unit(compact: str) -> str:
+    """The unit's display spelling ('MS' -> 'ms', 'tok/s/mw' -> 'tok/s/MW'); unknown ones lower-cased."""
     low = compact.lower()
-    return _UNIT_ALIASES.get(low, low)
+    return _UNIT_ALIASES.get(low) or _UNIT_LOOKUP.get(low, low)
 
 
 def units_for(info: MetricInfo) -> list[str]:
     """The unit spellings a metric accepts ('' meaning a bare number)."""
     units = [
-        u for u, (dim, _) in UNITS.items() if dim == info.dimension and (u not in _QUALIFIED_UNITS or u == info.unit)
+        u
+        for u, (dim, _) in UNITS.items()
+        if dim == info.dimension and (u not in _QUALIFIERS or info.unit.endswith(_QUALIFIERS[u]))
     ]
-    if info.dimension == "ratio":
+    if info.dimension in _BARE_DIMENSIONS:
         units.append("")
     return units
 
@@ -268,9 +310,9 @@ class Objective:
 
     @property
     def limit_text(self) -> str:
-        """The limit in the author's unit: '500 ms', '0.1%', '5000 tok/s'."""
+        """The limit in the author's unit: '500 ms', '0.1%', '5000 tok/s', '$0.05/Mtok'."""
         assert self.value is not None
-        return f"{_fmt_exact(self.value)}{_unit_sep(self.unit)}{self.unit}"
+        return _with_unit(_fmt_exact(self.value), self.unit)
 
     def holds(self, measured: float) -> bool:
         return OPS[self.op](measured, self.limit)
@@ -291,6 +333,7 @@ class _Parts(NamedTuple):
     number_col: int
     unit: str  # the rest of the text, whitespace removed
     unit_col: int
+    dollar: bool  # the number was written with a leading '$' (a cost)
 
 
 class _Parser:
@@ -330,6 +373,10 @@ class _Parser:
         stat, stat_col, metric, metric_col = self._lhs()
         op = self._op(stat, metric)
         self._skip_ws()
+        dollar = self.text.startswith("$", self.pos)
+        if dollar:
+            self.pos += 1
+            self._skip_ws()
         number_col = self._col()
         number = self._take(_NUMBER)
         if number is None:
@@ -347,7 +394,8 @@ class _Parser:
                 f"split it into separate objectives, {self.example}",
                 col=unit_col,
             )
-        return _Parts(stat, stat_col, metric, metric_col, op, number, number_col, "".join(rest.split()), unit_col)
+        compact = "".join(rest.split())
+        return _Parts(stat, stat_col, metric, metric_col, op, number, number_col, compact, unit_col, dollar)
 
     def _lhs(self) -> tuple[str | None, int, str, int]:
         self._skip_ws()
@@ -447,7 +495,7 @@ class _Parser:
         )
 
     def _stat(self, p: _Parts, info: MetricInfo) -> str | None:
-        rhs = f"{p.op} {p.number}{_unit_sep(p.unit)}{p.unit}"
+        rhs = f"{p.op} {'$' if p.dollar else ''}{p.number}{_unit_sep(p.unit)}{p.unit}"
         if self.per_request:
             if p.stat is not None:
                 raise self.fail(
@@ -456,27 +504,40 @@ class _Parser:
                     col=p.stat_col,
                 )
             return None
+        example_stat = info.stats[-1] if info.stats else "p99"
         if p.stat is None:
             if info.kind == "distribution":
                 raise self.fail(
                     f"{info.name} is a per-request distribution; say which statistic",
                     f"e.g. 'p99({info.name}) {rhs}'",
                 )
+            if info.takes_stat:
+                raise self.fail(
+                    f"{info.name} is the server's {info.kind}; say which statistic ({_or_list(list(info.stats))})",
+                    f"e.g. '{example_stat}({info.name}) {rhs}'",
+                )
             return None
-        if info.kind != "distribution":
+        if not info.takes_stat:
             raise self.fail(
                 f"{info.name} is a run-level figure, so it takes no statistic",
                 f"write '{info.name} {rhs}'",
                 col=p.stat_col,
             )
         try:
-            return parse_stat(p.stat)
+            stat = parse_stat(p.stat)
         except ValueError as exc:
             raise self.fail(
                 str(exc),
-                f"{_suggest(p.stat.lower(), NAMED_STATS)}e.g. 'p99({info.name}) {rhs}'",
+                f"{_suggest(p.stat.lower(), info.stats or NAMED_STATS)}e.g. '{example_stat}({info.name}) {rhs}'",
                 col=p.stat_col,
             ) from None
+        if info.stats and stat not in info.stats:
+            raise self.fail(
+                f"the server's {info.kind} {info.name} gives {_or_list(list(info.stats))} only, not {stat}",
+                f"e.g. '{example_stat}({info.name}) {rhs}'",
+                col=p.stat_col,
+            )
+        return stat
 
     def _quantity(self, p: _Parts, info: MetricInfo, stat: str | None) -> tuple[float, str]:
         """The written number (suffix applied) and its normalised unit."""
@@ -497,6 +558,17 @@ class _Parser:
 
     def _split_unit(self, p: _Parts) -> tuple[str, float, str]:
         """(unit, multiplier, number as shown): a unit wins over a suffix (5Ms is 5 ms)."""
+        if p.dollar:  # '$0.05' or '$0.05/Mtok' (and '$1.5k', should anyone need it)
+            rest, multiplier, shown = p.unit, 1.0, "$" + p.number
+            if rest[:1] in _SUFFIXES:
+                rest, multiplier, shown = rest[1:], _SUFFIXES[rest[0]], shown + rest[0]
+            if rest.lower() not in ("", "/mtok"):
+                raise self.fail(
+                    f"after a $ amount only '/Mtok' may follow, not {p.unit!r}",
+                    "e.g. 'cost_per_mtok < $0.05' or 'cost_per_mtok < 0.05 $/Mtok'",
+                    col=p.unit_col,
+                )
+            return COST_UNIT, multiplier, shown
         unit = _normalise_unit(p.unit)
         if unit in UNITS or unit == "":
             return unit, 1.0, p.number
@@ -510,12 +582,19 @@ class _Parser:
         allowed = units_for(info)
         if unit in allowed:
             return
-        fix = f"'{lhs} {p.op} {shown}{_preferred_unit(info)}'"
+        fix = f"'{lhs} {p.op} {_example_limit(info, shown.lstrip('$'))}'"
         phrase = _DIMENSION_PHRASE.get(info.dimension, f"measured in {info.unit}")
         col = p.unit_col
+        if p.dollar:
+            raise self.fail(
+                f"{info.name} is {phrase}, not a cost: '$' prices costs only",
+                f"use {_or_list(allowed)}, e.g. {fix}",
+                col=p.number_col - 1,
+            )
+        shown_allowed = [*allowed, "a leading $"] if info.dimension == "cost" else allowed
         if unit == "":
             raise self.fail(
-                f"{info.name} is {phrase}; give a unit ({_or_list(allowed)})",
+                f"{info.name} is {phrase}; give a unit ({_or_list(shown_allowed)})",
                 f"e.g. {fix}",
                 col=col,
             )
@@ -535,21 +614,25 @@ class _Parser:
 
     @staticmethod
     def _qualified_problem(unit: str, info: MetricInfo) -> str:
-        if unit == "tok/s/gpu":
+        if _QUALIFIERS.get(unit) == "/gpu":
             per_gpu = f"{info.name}_per_gpu"
             also = f" (or did you mean {per_gpu}?)" if per_gpu in METRICS else ""
-            return f"'tok/s/gpu' only applies to *_per_gpu metrics, not {info.name}{also}"
+            return f"{unit!r} only applies to *_per_gpu metrics, not {info.name}{also}"
         if unit == "tok/s/user":
             return f"'tok/s/user' only applies to interactivity, not {info.name}"
         return f"{unit!r} does not apply to {info.name}"
 
 
-def _preferred_unit(info: MetricInfo) -> str:
-    """The unit to suggest in a fix, with its separator: 'ms', ' tok/s', '%'."""
+def _example_limit(info: MetricInfo, number: str) -> str:
+    """``number`` in the unit to suggest in a fix: '500ms', '5000 tok/s', '95%', '$0.05', '0.3 J'."""
     if info.dimension == "time":
-        return "ms"
+        return f"{number}ms"
+    if info.dimension == "cost":
+        return f"${number}"
+    if info.dimension == "energy_per_token":
+        return f"{number} J"
     unit = "%" if info.dimension == "ratio" else info.unit
-    return f"{_unit_sep(unit)}{unit}"
+    return f"{number}{_unit_sep(unit)}{unit}"
 
 
 def _is_stat(word: str) -> bool:

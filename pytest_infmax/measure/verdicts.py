@@ -95,6 +95,8 @@ def _over_under(objective: Objective, measured: float) -> str:
 
 
 def _no_data_reason(objective: Objective, metrics: Metrics) -> str:
+    if objective.info.source != "requests" and metrics.num_requests:
+        return f"not measured: {metrics.why_unmeasured(objective.metric)}"
     if objective.metric in ("goodput", "goodput_ratio") and metrics.goodput_limits is None:
         return "goodput needs per-request limits: pass goodput='ttft<500ms, tpot<50ms'"
     if metrics.num_requests == 0:
@@ -111,11 +113,28 @@ def _judge(objective: Objective, metrics: Metrics) -> Verdict:
     if measured is None:
         message = f"FAILED {objective}: {_no_data_reason(objective, metrics)}"
         return Verdict(objective, None, False, count, message)
-    passed = objective.holds(measured)
     shown = format_quantity(measured, objective.unit)
-    behind = f"over {_plural(count, 'request')}"
+    span = metrics.value_range(objective.metric, objective.stat) if objective.stat else None
+    if span is not None:
+        # A histogram's percentile is only known to lie inside one bucket: judged at the end
+        # that could break the limit, so a pass is certain (never a pass the data cannot show).
+        lo, hi = span
+        measured = hi if objective.op in ("<", "<=") else lo
+        mean = metrics.value(objective.metric, "mean")
+        shown = (
+            f"{format_quantity(lo, objective.unit)} to {format_quantity(hi, objective.unit)} "
+            f"(within one histogram bucket{'' if mean is None else ', mean ' + format_quantity(mean, objective.unit)})"
+        )
+    passed = objective.holds(measured)
+    noun = "request" if objective.info.kind != "gauge" else "sample"
+    behind = f"over {_plural(count, noun)}"
+    if objective.info.kind in ("histogram", "gauge"):
+        behind += " (the server's metrics)"
     if objective.metric == "itl":
         behind += f" ({_plural(metrics.itl.count, 'token gap')})"
+    provenance = metrics.provenance_of(objective.metric)
+    if objective.info.source in ("price", "energy") and provenance:
+        behind += f"; {provenance}"
     if passed:
         return Verdict(objective, measured, True, count, f"{objective}: measured {shown} {behind}")
     detail = ", ".join(x for x in (f"limit {objective.limit_text}", _over_under(objective, measured)) if x)

@@ -43,6 +43,7 @@ class LoadResult:
     sequential: dict[str, Any] | None = None  # --infmax-sequential: where the comparison stopped, and why
     repeats: Repeats | None = None  # --infmax-repeat: the runs pooled here, each kept on its own
     server_metrics: ServerMetrics | None = None  # the server's own Prometheus metrics over the run
+    _figures: tuple[Any, Metrics] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def cost(self) -> TokenCost | None:
@@ -57,8 +58,26 @@ class LoadResult:
         return self.run.records
 
     @functools.cached_property
-    def metrics(self) -> Metrics:
+    def request_metrics(self) -> Metrics:
+        """The figures of the records alone (no price, energy or server metrics)."""
         return self._metrics(self.goodput)
+
+    @property
+    def metrics(self) -> Metrics:
+        """Every figure of the run: the records' (computed once), with cost at ``price``,
+        ``energy`` and ``server_metrics`` added as they stand now."""
+        key = (self.num_gpus, id(self.price), self.price_note, id(self.energy), id(self.server_metrics))
+        if self._figures is None or self._figures[0] != key:
+            self._figures = (key, self._with_figures(self.request_metrics))
+        return self._figures[1]
+
+    def _with_figures(self, metrics: Metrics) -> Metrics:
+        return metrics.with_figures(
+            price=self.price,
+            price_note=self.price_note,
+            energy=self.energy,
+            server=None if self.server_metrics is None else self.server_metrics.to_dict(),
+        )
 
     def _metrics(self, goodput: GoodputLimits | None) -> Metrics:
         if self.repeats is not None:  # rates over the runs' measured time, not the restarts between
@@ -76,7 +95,7 @@ class LoadResult:
         sla = sla if sla is not None else SLA(*objectives)
         metrics = self.metrics
         if sla.goodput is not None and sla.goodput != self.goodput:
-            metrics = self._metrics(sla.goodput)
+            metrics = self._with_figures(self._metrics(sla.goodput))
         return sla.evaluate(metrics)
 
     def check(self, *objectives: str | Objective, sla: SLA | None = None) -> list[Verdict]:

@@ -8,7 +8,11 @@ are read from them.
 
 Each point's coordinates: interactivity is the median per-request
 1/TPOT (tok/s/user), throughput per GPU is total tokens per second per GPU,
-E2E latency is the median.
+E2E latency is the median. Any registered figure can be an axis, so
+``"cost_per_mtok@interactivity=100 < $0.10"`` and
+``"tokens_per_mw@interactivity=50 > 1M tok/s/MW"`` are frontier SLAs too: per-request
+distributions are read at their median, the server's histograms and gauges at
+their mean, run-level figures as they are.
 """
 
 from __future__ import annotations
@@ -20,17 +24,19 @@ from typing import Any
 
 from pytest_infmax.measure.cost import Price, TokenCost
 from pytest_infmax.measure.frontier import Frontier, FrontierRangeError, Point
-from pytest_infmax.measure.registry import METRICS
+from pytest_infmax.measure.registry import METRICS, metric_info
 from pytest_infmax.measure.sla import SLASyntaxError, format_quantity, parse
 from pytest_infmax.run.results import LoadResult
 
-# The point coordinate for each metric a frontier can use.
-_COORD_STAT = {"interactivity": "p50", "e2e": "p50", "ttft": "p50", "tpot": "p50"}
+
+def _coord_stat(metric: str) -> str | None:
+    """The statistic a sweep point stands at: a distribution's median, a server figure's mean."""
+    kind = metric_info(metric).kind
+    return "p50" if kind == "distribution" else "mean" if kind in ("histogram", "gauge") else None
 
 
 def point_value(result: LoadResult, metric: str) -> float | None:
-    stat = _COORD_STAT.get(metric)
-    return result.metrics.value(metric, stat)
+    return result.metrics.value(metric, _coord_stat(metric))
 
 
 @dataclass
@@ -69,13 +75,16 @@ class SweepResult:
         ]
 
     def cost_frontier(self) -> Frontier:
-        """Cost per million total tokens (lower is better) against interactivity."""
-        points = []
-        for r, c in zip(self.results, self.costs()):
-            x = point_value(r, "interactivity")
-            if x is not None and c.total is not None:
-                points.append(Point(x, c.total, r.config.label))
-        return Frontier.build("interactivity", "usd_per_mtok", points, True, False)
+        """Cost per million total tokens (lower is better) against interactivity (needs a price)."""
+        self.costs()  # raises, saying how to set a price, when there is none
+        return self.frontier("cost_per_mtok", "interactivity")
+
+    def unmeasured(self, metric: str) -> str | None:
+        """Why some point has no value of ``metric`` (None when every point has one)."""
+        for r in self.results:
+            if point_value(r, metric) is None:
+                return f"{r.config.label}: {r.metrics.why_unmeasured(metric)}"
+        return None
 
     def check(self, *objectives: str) -> list[FrontierVerdict]:
         """Check frontier SLAs; raise ``FrontierSLAFailed`` listing every violation."""
@@ -91,7 +100,7 @@ class SweepResult:
 
 def _lhs(metric: str) -> str:
     """How a frontier coordinate is written in the scalar grammar."""
-    stat = _COORD_STAT.get(metric)
+    stat = _coord_stat(metric) if metric in METRICS else None
     return f"{stat}({metric})" if stat else metric
 
 
@@ -146,7 +155,9 @@ class FrontierObjective:
         try:
             measured = frontier.at(self.at)
         except FrontierRangeError as exc:
-            return FrontierVerdict(self, None, False, f"FAILED {self.text}: {exc}")
+            missing = sweep.unmeasured(self.y) or sweep.unmeasured(self.x)
+            why = f"not measured at every point ({missing})" if missing else str(exc)
+            return FrontierVerdict(self, None, False, f"FAILED {self.text}: {why}")
         ok = {
             "<": measured < self.limit,
             "<=": measured <= self.limit,
