@@ -14,7 +14,7 @@ from pytest_infmax.atomic import write_json_atomic
 from pytest_infmax.baselines.compare import CompareOptions, compare_files, parse_gates
 from pytest_infmax.baselines.store import BaselineError
 from pytest_infmax.reports.html import reports_from_document
-from pytest_infmax.reports.markdown import result_row
+from pytest_infmax.reports.rows import result_row
 from pytest_infmax.reports.table import format_table
 
 

@@ -29,6 +29,7 @@ from pytest_infmax.reports import plots
 from pytest_infmax.reports.document import results_document
 from pytest_infmax.reports.html import write_html_report
 from pytest_infmax.reports.markdown import markdown_summary, sweep_to_dict, write_github_step_summary
+from pytest_infmax.reports.rows import result_row, verdict_text
 from pytest_infmax.reports.table import format_table
 from pytest_infmax.run.repeats import RepeatError, repeat_marker_count
 from pytest_infmax.run.results import LoadResult
@@ -48,7 +49,8 @@ SWEEPS_KEY = pytest.StashKey[list[SweepResult]]()
 GATE_KEY = pytest.StashKey[list[dict[str, Any]]]()
 STATE_KEY = pytest.StashKey["PluginState"]()
 
-# The key figures every perf test leaves in JUnit XML (and report.user_properties).
+# The key figures every perf test leaves in JUnit XML (and report.user_properties), from its row;
+# then every registered run-level figure it measured (infmax_cost_per_mtok, infmax_power, ...).
 JUNIT_PROPERTIES = (
     "ttft_p50_ms",
     "ttft_p99_ms",
@@ -59,7 +61,8 @@ JUNIT_PROPERTIES = (
     "requests",
     "usd_per_mtok",  # left out where there is no price
     "j_per_token",  # left out where no energy was measured or modelled
-    "sla",
+    "sla",  # the SLA's own verdict
+    "verdict",  # the test's: PASS, or FAIL with every reason (SLA, regression, client-bound, test)
 )
 _JUNIT_OPTIONAL = frozenset({"usd_per_mtok", "j_per_token"})
 
@@ -391,7 +394,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             what = "baseline regression" if any(o.report is not None for o in exc.outcomes) else "baseline check failed"
             report.longrepr = f"{what}: {brief}\n\n{exc.tables()}"
         elif isinstance(exc, SLAFailed):  # the only other exception marked from_marker
-            brief = "; ".join(f"{v.objective} (measured {_shown(v)})" for v in exc.failures)
+            brief = "; ".join(f"{v.objective} ({_shown(v)})" for v in exc.failures)
             report.longrepr = f"SLA failed: {brief}\n\n{exc}"
     checks = item.stash.get(GATE_KEY, [])
     if checks:
@@ -404,20 +407,30 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         settings = item.config.stash[STATE_KEY].settings
         # Plots and the HTML report are drawn from the per-request records too.
         want_records = any(settings[k] for k in ("json", "html", "plots", "benchmark_json"))
-        report.infmax_results = [
-            {"summary": r.summary(), "full": r.to_dict(include_records=want_records)} for r in results
-        ]
+        full = [r.to_dict(include_records=want_records) for r in results]
+        for i, entry in enumerate(full):  # what the row's verdict tells: every reason the test failed
+            entry["outcome"] = {
+                "baseline": checks[i] if len(checks) == len(results) else None,
+                "client_bound_fails": settings["client_bound"] == "fail",
+                "test_failed": report.failed,
+            }
+        report.infmax_results = full
         # Several results (a sweep): each named by its load, e.g. infmax[c=4]_ttft_p50_ms; by
         # its position only where two share a load.
         labels = [r.config.label for r in results]
         by_label = len(set(labels)) == len(labels)
-        for i, r in enumerate(results):
+        for i, entry in enumerate(full):
             prefix = "infmax_" if len(results) == 1 else f"infmax[{labels[i]}]_" if by_label else f"infmax_{i}_"
-            summary = r.summary()
+            row = result_row(entry)
             props = [
-                (prefix + key, summary[key])
+                (prefix + key, verdict_text(row) if key == "verdict" else row[key])
                 for key in JUNIT_PROPERTIES
-                if key not in _JUNIT_OPTIONAL or summary[key] is not None
+                if key not in _JUNIT_OPTIONAL or row[key] is not None
+            ]
+            props += [
+                (prefix + f["metric"], f["value"])
+                for f in row["figures"]
+                if f["source"] != "requests" and f["value"] is not None
             ]
             report.user_properties.extend(props)
             item.user_properties.extend(props)  # junitxml reads them from the teardown report
@@ -427,7 +440,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 def _shown(verdict: Any) -> str:
     if verdict.measured is None:
         return "not measured"
-    return format_quantity(verdict.measured, verdict.objective.unit)
+    return "measured " + format_quantity(verdict.measured, verdict.objective.unit)
 
 
 class ResultCollector:
@@ -443,8 +456,8 @@ class ResultCollector:
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         for entry in getattr(report, "infmax_results", None) or ():
-            self.state.rows.append(entry["summary"])
-            self.state.full_results.append(entry["full"])
+            self.state.rows.append(result_row(entry))
+            self.state.full_results.append(entry)
         self.state.sweeps.extend(getattr(report, "infmax_sweeps", None) or ())
         self.state.checks.extend(getattr(report, "infmax_checks", None) or ())
 
@@ -538,7 +551,7 @@ class ResultCollector:
             return
         terminalreporter.write_sep("=", "infmax results")
         terminalreporter.write_line(format_table(state.rows))
-        if any(str(row.get("sla", "")).endswith("*") for row in state.rows):
+        if any(row.get("client_bound") for row in state.rows):
             terminalreporter.write_line(
                 "* client-bound: the load generator fell behind in that run; its "
                 "latencies are upper bounds (see the warnings)"

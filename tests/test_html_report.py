@@ -164,7 +164,7 @@ def test_html_is_self_contained_with_tables_and_verdicts(real: dict[str, Any]) -
     assert tables["frontier"] == 1 + 3
     assert tables["verdicts"] == 1 + 2
     text = " ".join(outline.text)
-    assert "FAILED: 1 check failed" in text
+    assert "FAILED: 1 failed (1 SLA)" in text
     assert "FAILED p99(ttft) < 0.001 ms" in text
     assert "ci-gpu-7" in text
     assert "SemiAnalysis TCO survey" in text
@@ -257,7 +257,7 @@ def test_report_in_headless_chromium(real: dict[str, Any], tmp_path: Path) -> No
     assert seen["tables"]["verdicts"] == 2
     assert seen["tables"]["frontier"] == 3
     assert seen["first_test"] == "tests/test_perf.py::test_one<b>"
-    assert seen["verdict"] == "FAILED: 1 check failed"
+    assert seen["verdict"] == "FAILED: 1 failed (1 SLA)"
 
     shot = tmp_path / "report.png"
     with tempfile.TemporaryDirectory() as profile:
@@ -343,7 +343,7 @@ def test_a_run_where_every_request_failed_still_reports(real: dict[str, Any]) ->
         )
     r["metrics"] = compute_metrics([RequestRecord.from_dict(x) for x in r["records"]]).to_dict()
     md = markdown_summary([r])
-    assert "| 0/6 ok | n/a | n/a | n/a | n/a | 0 | 100.0% (6 connect_error) | ❌ FAIL |" in md
+    assert "| 0/6 ok | n/a | n/a | n/a | n/a | 0 | 100.0% (6 connect_error) | ❌ FAIL (SLA) |" in md
     page = render_html([r], plots=plots.render_plots([r]) if plots.plots_available()[0] else False)
     assert "100.0% (6 connect_error)" in page
     if plots.plots_available()[0]:

@@ -71,7 +71,7 @@ def test_sla_that_holds_passes_and_prints_table(pytester: pytest.Pytester) -> No
     result.stdout.fnmatch_lines(
         [
             "*infmax results*",
-            "test*scenario*load*reqs*TTFT p50 ms*TTFT p99 ms*TPOT p50 ms*tok/s/user*tok/s/GPU*errors*SLA*",
+            "test*scenario*load*reqs*TTFT p50 ms*TTFT p99 ms*TPOT p50 ms*tok/s/user*tok/s/GPU*errors*verdict*",
             "*test_quick*1k1k-mini*c=2*6*PASS*",
         ]
     )

@@ -13,6 +13,7 @@ from pytest_infmax.baselines.store import Baseline, BaselineRun, BaselineStore, 
 from pytest_infmax.load.plan import LoadConfigError, RunRecords
 from pytest_infmax.measure.energy import EnergyReport
 from pytest_infmax.records import RequestRecord, TokenSource
+from pytest_infmax.reports.rows import result_row
 from pytest_infmax.run.repeats import RepeatError, pooled_energy, pooled_metrics, repeat_marker_count
 from pytest_infmax.run.runner import Infmax
 from pytest_infmax.servers.launch import ServerConfig, ServerError, ServerPool, running_server
@@ -224,7 +225,7 @@ def test_sweep_points_are_repeated_and_bad_repeat_option_is_refused(tmp_path: Pa
         assert [r.metrics.num_requests for r in sweep.results] == [4, 4]
         assert len({run.server["pid"] for r in sweep.results for run in r.repeats.runs} | {pid}) == 3
         assert [len(runs_of(r)) for r in sweep.results] == [2, 2]
-        assert [r.summary()["load"] for r in sweep.results] == ["c=1 x2", "c=2 x2"]
+        assert [result_row(r.to_dict(include_records=False))["load"] for r in sweep.results] == ["c=1 x2", "c=2 x2"]
     finally:
         pool.stop_all()
 

@@ -67,7 +67,7 @@ def test_results_table_and_failed_sla(real: dict[str, Any]) -> None:
     m = d["metrics"]
     md = markdown_summary([d])
     assert md.startswith("## infmax results\n")
-    assert "**❌ 1 result, 1 failed check.**" in md
+    assert "**❌ 1 result, 1 failed (1 SLA).**" in md
     header, align, row = table_rows(md)
     assert header == [
         "test",
@@ -80,7 +80,7 @@ def test_results_table_and_failed_sla(real: dict[str, Any]) -> None:
         "interactivity (tok/s/user)",
         "throughput (tok/s/GPU)",
         "errors",
-        "SLA",
+        "verdict",
     ]
     assert len(align) == len(header)
     cells = dict(zip(header, row))
@@ -92,7 +92,7 @@ def test_results_table_and_failed_sla(real: dict[str, Any]) -> None:
     assert cells["interactivity (tok/s/user)"] == f"{m['interactivity']['p50']:.1f}"
     assert cells["throughput (tok/s/GPU)"] == f"{m['throughput_per_gpu']:,.0f}"
     assert cells["errors"] == "0.0%"
-    assert cells["SLA"] == "❌ FAIL"
+    assert cells["verdict"] == "❌ FAIL (SLA)"
     failed = md.split("### Failed SLAs", 1)[1]
     assert f"- `{NAME}` (1k1k-mini c=2): FAILED p99(ttft) < 0.001 ms: measured" in failed
     assert "p50(tpot)" not in failed  # the met objective is not listed as failed
@@ -127,11 +127,11 @@ def test_passing_results_and_errors(real: dict[str, Any]) -> None:
     d["metrics"]["num_ok"], d["metrics"]["error_rate"] = 5, 1 / 6
     d["metrics"]["errors_by_kind"] = {"timeout": 1}
     md = markdown_summary([d])
-    assert "**✅ 1 result, every SLA met.**" in md and "Failed SLAs" not in md
+    assert "**✅ 1 result, every check passed.**" in md and "Failed SLAs" not in md
     cells = dict(zip(*table_rows(md)[::2]))
     assert cells["requests"] == "5/6 ok"
     assert cells["errors"] == "16.7% (1 timeout)"
-    assert cells["SLA"] == "✅ PASS"
+    assert cells["verdict"] == "✅ PASS"
 
 
 def test_sweeps_frontier_verdicts_and_checks(real: dict[str, Any]) -> None:
@@ -147,7 +147,7 @@ def test_sweeps_frontier_verdicts_and_checks(real: dict[str, Any]) -> None:
     assert len(sd["costs"]) == 3 and sd["price"]["tier"] == "hyperscaler"
     checks = [{"name": "baseline", "passed": False, "message": "p99(ttft) 40% above main"}]
     md = markdown_summary(real["sweep_results"], [sd], checks)
-    assert "**❌ 3 results, 2 failed checks.**" in md
+    assert "**❌ 3 results, 1 frontier SLA missed, 1 failed check.**" in md
     section = md.split("### Sweeps", 1)[1]
     assert "- `tests/test_perf.py::test_sweep` (1k1k-mini):" in section
     assert "❌ FAILED throughput_per_gpu@interactivity=1000000 > 1 tok/s:" in section

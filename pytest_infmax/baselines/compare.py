@@ -744,32 +744,48 @@ def _pct(x: float | None) -> str:
     return f"{x * 100:+.1f}%"
 
 
-def _value(x: float | None, gate: Gate) -> str:
+def _value(x: float | None, unit: str) -> str:
     if x is None:
         return "n/a"
-    if gate.unit == "ms":
+    if unit == "ms":  # latencies are kept in seconds
         return f"{x * 1000:.3g} ms" if x * 1000 < 100 else f"{x * 1000:.0f} ms"
-    if gate.unit == "$/Mtok":
+    if unit == "$/Mtok":
         return f"${x:.4g}"
-    return f"{x:.4g} {gate.unit}".strip()
+    if unit == "%":
+        return f"{x * 100:.3g}%"
+    return f"{x:.4g} {unit}".strip()
+
+
+#: the columns of a comparison table, in every report that shows one
+COMPARISON_HEADERS: tuple[str, ...] = ("metric", "baseline", "current", "change", "interval", "p", "verdict")
+
+
+def comparison_cells(row: Mapping[str, Any]) -> list[str]:
+    """One comparison row (``ComparisonRow.to_dict()``) as the cells of :data:`COMPARISON_HEADERS`:
+    the terminal, Markdown and HTML tables all show these."""
+    interval = row.get("interval")
+    p = row.get("p_value")
+    verdict = str(row.get("verdict", "unsure"))
+    unit = str(row.get("unit") or "")
+    return [
+        str(row.get("metric", "?")),
+        _value(row.get("baseline"), unit),
+        _value(row.get("current"), unit),
+        _pct(row.get("change")),
+        f"[{_pct(interval[0])}, {_pct(interval[1])}]" if interval else "n/a",
+        "n/a" if p is None else (f"{p:.2g}" if p >= 1e-4 else "<1e-4"),
+        verdict.upper() if verdict == "regressed" else verdict,
+    ]
 
 
 def format_report(report: ComparisonReport, *, methods: bool = True) -> str:
     """A fixed-width table: metric, baseline, current, change, interval, p, verdict, method."""
-    headers = ["metric", "baseline", "current", "change", "interval", "p", "verdict"]
+    headers = list(COMPARISON_HEADERS)
     if methods:
         headers.append("method")
     lines = []
     for r in report.rows:
-        cells = [
-            r.label,
-            _value(r.baseline, r.gate),
-            _value(r.current, r.gate),
-            _pct(r.change),
-            f"[{_pct(r.interval[0])}, {_pct(r.interval[1])}]" if r.interval else "n/a",
-            "n/a" if r.p_value is None else (f"{r.p_value:.2g}" if r.p_value >= 1e-4 else "<1e-4"),
-            r.verdict.upper() if r.verdict == "regressed" else r.verdict,
-        ]
+        cells = comparison_cells(r.to_dict())
         if methods:
             cells.append(r.method + (f" [{r.note}]" if r.note else ""))
         lines.append(cells)

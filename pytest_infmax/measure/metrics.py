@@ -67,7 +67,8 @@ NOT_GIVEN: dict[str, str] = {
     "price": "no price: set --infmax-gpu-hour-usd (or @pytest.mark.infmax_price(gpu_hour_usd=...), "
     "or a simulator --profile whose GPU has a default price)",
     "energy": "no GPU energy was measured: it needs NVML on the server's machine, or the simulator's power model",
-    "server": "the server's Prometheus metrics were not scraped (--infmax-server-metrics)",
+    "server": "the server's Prometheus metrics were not scraped: point "
+    "@pytest.mark.infmax_server(metrics_path=...) at its metrics page (metrics_path='' turns scraping off)",
 }
 
 DEFAULT_PERCENTILES: tuple[float, ...] = (50.0, 90.0, 95.0, 99.0)
@@ -358,6 +359,13 @@ class Metrics:
         if info.source in self.unmeasured:
             return self.unmeasured[info.source]
         if info.source == "server":
+            entry = self._server_entry(metric)
+            if info.kind == "gauge" and entry is not None and not entry.get("samples"):
+                every = (self.server or {}).get("interval_s")
+                return (
+                    f"the server's {entry.get('metric', metric)} gauge was not sampled during the run: it is read "
+                    f"every {every or '?'} s, and the measured phase was shorter (run longer, e.g. duration=)"
+                )
             return f"the server's metrics page has no {metric[len('server_') :]} figure"
         return f"{metric} could not be computed from this run"
 

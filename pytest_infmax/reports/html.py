@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from pytest_infmax.baselines.compare import COMPARISON_HEADERS, comparison_cells
 from pytest_infmax.environment import environment as this_environment
 from pytest_infmax.measure.cost import Price
 from pytest_infmax.reports import plots as plots_mod
@@ -34,14 +35,19 @@ from pytest_infmax.reports.markdown import (
     SERVER_HEADERS,
     SERVER_NOTE,
     errors_cell,
-    failed_verdicts,
     fmt,
-    load_label,
     markdown_summary,
     requests_cell,
-    result_row,
     server_cells,
     write_github_step_summary,
+)
+from pytest_infmax.reports.rows import (
+    VerdictTally,
+    failed_verdicts,
+    figure_cell,
+    load_label,
+    result_row,
+    verdict_text,
 )
 
 Result = Mapping[str, Any]
@@ -134,10 +140,8 @@ def render_html(
         servers = list(seen.values())
     rows = [result_row(r, price) for r in results]
     failed = failed_verdicts(results)
-    failed_frontier = [(s, v) for s in sweeps for v in (s.get("verdicts") or ()) if not v.get("passed")]
-    failed_checks = [c for c in checks if not c.get("passed")]
-    n_fail = len(failed) + len(failed_frontier) + len(failed_checks)
-    checked = sum(1 for r in rows if r["passed"] is not None) + len(sweeps) + len(checks)
+    tally = VerdictTally(rows, sweeps, checks)
+    failed_frontier, failed_checks = tally.failed_frontier, [c for c in checks if not c.get("passed")]
 
     parts = [
         "<!DOCTYPE html>",
@@ -152,14 +156,12 @@ def render_html(
         f"{_e(env.get('written_at') or time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))}; "
         f"pytest-infmax {_e(env.get('plugin_version', ''))}</div>",
     ]
-    if n_fail:
-        parts.append(
-            f'<div class="banner fail" id="verdict">FAILED: {n_fail} check{"s" if n_fail != 1 else ""} failed</div>'
-        )
-    elif checked:
-        parts.append('<div class="banner pass" id="verdict">PASSED: every SLA met</div>')
+    if tally.failed:
+        parts.append(f'<div class="banner fail" id="verdict">FAILED: {_e(tally.failed_text)}</div>')
+    elif tally.checked:
+        parts.append('<div class="banner pass" id="verdict">PASSED: every check passed</div>')
     else:
-        parts.append('<div class="banner none" id="verdict">No SLA checked</div>')
+        parts.append('<div class="banner none" id="verdict">Nothing checked</div>')
 
     parts.append('<h2 id="results">Results</h2>')
     parts.append(_results_table(rows) if rows else '<p class="note">No perf results were recorded.</p>')
@@ -213,7 +215,7 @@ def _results_table(rows: list[dict[str, Any]]) -> str:
         "throughput (tok/s/GPU)",
         "errors",
     ]
-    headers += ["$ / M tokens"] * with_cost + ["J / token"] * with_energy + ["SLA"]
+    headers += ["$ / M tokens"] * with_cost + ["J / token"] * with_energy + ["verdict"]
     body, classes = [], []
     sources: dict[str, int] = {}
     for r in rows:
@@ -241,10 +243,10 @@ def _results_table(rows: list[dict[str, Any]]) -> str:
             cells.append(
                 (_e("–" if not e else fmt(r["j_per_token"], ".3g") if e.get("measured") else "not measured"), "num")
             )
-        sla = r["sla"] if r["sla"] in ("PASS", "FAIL") else ""
-        cells.append((sla or "–", sla))
+        verdict = r["verdict"] if r["verdict"] in ("PASS", "FAIL") else ""
+        cells.append((_e(verdict_text(r)) if verdict else "–", verdict))
         body.append(cells)
-        classes.append("failrow" if r["sla"] == "FAIL" else "")
+        classes.append("failrow" if verdict == "FAIL" else "")
     out = _table(headers, body, "results", classes)
     if sources:
         out += '<p class="note">' + "<br>".join(f"[{n}] price: {_e(s)}" for s, n in sources.items()) + "</p>"
@@ -306,9 +308,23 @@ def _verdicts_section(results: Sequence[Result], checks: Sequence[Mapping[str, A
         classes.append("" if ok else "failrow")
     if not body:
         return '<h2 id="sla">SLA verdicts</h2><p class="note">No SLA was checked.</p>'
-    return '<h2 id="sla">SLA verdicts</h2>' + _table(
+    out = '<h2 id="sla">SLA verdicts</h2>' + _table(
         ["test", "load", "objective", "verdict", "message"], body, "verdicts", classes
     )
+    for c in checks:  # every gated test's whole comparison, unsure rows included
+        comparison = c.get("comparison") or {}
+        if not comparison.get("rows"):
+            continue
+        cells = [
+            [(_e(x), "num" if i in (1, 2, 3, 5) else "") for i, x in enumerate(comparison_cells(row))]
+            for row in comparison["rows"]
+        ]
+        row_classes = ["failrow" if row.get("verdict") == "regressed" else "" for row in comparison["rows"]]
+        out += f"<h3><code>{_e(c.get('name', 'baseline'))}</code>: {_e(comparison.get('verdict', ''))}</h3>"
+        out += _table(list(COMPARISON_HEADERS), cells, "comparison", row_classes)
+        if comparison.get("skipped"):
+            out += f'<p class="note">Not compared: {_e("; ".join(comparison["skipped"]))}.</p>'
+    return out
 
 
 def _sweeps_section(results: Sequence[Result], sweeps: Sequence[Mapping[str, Any]]) -> str:
@@ -457,6 +473,11 @@ def _details_section(results: Sequence[Result]) -> str:
             f"<details><summary><code>{_e(r.get('name', '?'))}</code> {_e(load_label(r.get('load') or {}))}</summary>"
         )
         out.append(_table(["metric", "count"] + header_keys, lat, "distributions"))
+        figures = [
+            [(_e(f["metric"]), ""), (_e(figure_cell(f["value"], f["unit"])), "num"), (_e(f["provenance"]), "")]
+            for f in result_row(r)["figures"]
+        ]
+        out.append(_table(["figure", "value", "how it was obtained"], figures, "figures"))
         out.append(f"<pre>{_e(json.dumps(info, indent=1, default=str))}</pre></details>")
     return "\n".join(out)
 

@@ -6,6 +6,7 @@ keeps), sweep dicts from :func:`sweep_to_dict`, and optional check dicts
 (``{"name", "passed", "message"}``, e.g. baseline comparisons). Per-request
 records are not needed.
 
+Rows come from the one row builder, :func:`pytest_infmax.reports.rows.result_row`.
 Optional keys a result dict may carry, which the summary shows when present:
 
 * ``"cost"``: ``TokenCost.to_dict()`` (``usd_per_mtok_total`` and its ``price``
@@ -26,128 +27,23 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pytest_infmax.measure.cost import Price, cost_per_million_tokens
+from pytest_infmax.baselines.compare import COMPARISON_HEADERS, comparison_cells
+from pytest_infmax.measure.cost import Price
+from pytest_infmax.measure.registry import METRICS, SCALAR_METRICS
+from pytest_infmax.reports.rows import (
+    VerdictTally,
+    base_name,
+    failed_verdicts,
+    figure_cell,
+    range_text,
+    result_row,
+    verdict_text,
+)
 
 # GitHub shows at most 1 MiB of step summary per step.
 STEP_SUMMARY_LIMIT = 1024 * 1024
 
 Result = Mapping[str, Any]
-
-
-# -- figures from a result dict -------------------------------------------------------
-
-
-def load_label(load: Mapping[str, Any]) -> str:
-    """``c=8``, ``rate=4/s`` or ``rate=inf/s``, as the terminal table writes a load."""
-    if load.get("concurrency") is not None:
-        return f"c={load['concurrency']}"
-    if load.get("rate_infinite"):
-        return "rate=inf/s"
-    rate = load.get("rate")
-    return f"rate={rate:g}/s" if isinstance(rate, (int, float)) else "?"
-
-
-def _stat(metrics: Mapping[str, Any], metric: str, key: str, scale: float = 1.0) -> float | None:
-    value = (metrics.get(metric) or {}).get(key)
-    return None if value is None else value * scale
-
-
-def price_of(price: Price | Mapping[str, Any] | None) -> dict[str, Any] | None:
-    if price is None:
-        return None
-    return price.to_dict() if isinstance(price, Price) else dict(price)
-
-
-def result_row(result: Result, price: Price | Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """One table row: the figures every report shows for a result (None: not measured)."""
-    m = result.get("metrics") or {}
-    load = result.get("load") or {}
-    scenario = (load.get("scenario") or {}).get("name", "?")
-    cost = result.get("cost") or None
-    usd, source, per_hour = None, None, None
-    if cost and cost.get("usd_per_mtok_total") is not None:
-        usd = cost["usd_per_mtok_total"]
-        p = cost.get("price") or {}
-        source, per_hour = p.get("source"), p.get("usd_per_gpu_hour")
-    elif price is not None:
-        p = price_of(price) or {}
-        per_hour = p.get("usd_per_gpu_hour")
-        gpus = result.get("num_gpus") or m.get("num_gpus") or 1
-        tps = m.get("throughput")
-        if per_hour and tps:
-            usd = cost_per_million_tokens(per_hour, gpus, tps)
-            source = p.get("source")
-    energy = result.get("energy") or None
-    passed = result.get("passed")
-    return {
-        "test": result.get("name", "?"),
-        "scenario": scenario,
-        "load": load_label(load),
-        "requests": m.get("num_requests"),
-        "ok": m.get("num_ok"),
-        "errors_by_kind": dict(m.get("errors_by_kind") or {}),
-        "ttft_p50_ms": _stat(m, "ttft", "p50", 1000.0),
-        "ttft_p99_ms": _stat(m, "ttft", "p99", 1000.0),
-        "tpot_p50_ms": _stat(m, "tpot", "p50", 1000.0),
-        "interactivity": _stat(m, "interactivity", "p50"),
-        "throughput_per_gpu": m.get("throughput_per_gpu"),
-        "error_rate": m.get("error_rate"),
-        "usd_per_mtok": usd,
-        "usd_per_gpu_hour": per_hour,
-        "price_source": source,
-        "energy": energy,
-        "j_per_token": energy.get("j_per_token") if energy and energy.get("measured") else None,
-        **server_figures(result),
-        "passed": passed,
-        "sla": {None: "-", True: "PASS", False: "FAIL"}.get(passed, "-"),
-    }
-
-
-def server_figures(result: Result) -> dict[str, Any]:
-    """The server's own figures for a result (``server_metrics``), beside the client's; None where
-    the server's metrics were not scraped or lack the figure."""
-    sm = result.get("server_metrics") or {}
-    available = bool(sm.get("available"))
-    hist = sm.get("histograms") or {} if available else {}
-    gauges = sm.get("gauges") or {} if available else {}
-    comparison = sm.get("comparison") or {}
-
-    def h(role: str, key: str) -> float | None:
-        return (hist.get(role) or {}).get(key)
-
-    def g(role: str, key: str) -> float | None:
-        return (gauges.get(role) or {}).get(key)
-
-    m = result.get("metrics") or {}
-    return {
-        "server_metrics": sm or None,
-        "server_available": available,
-        "server_reason": None if available else sm.get("reason"),
-        "server_ttft_mean_ms": h("ttft", "mean_ms"),
-        "server_ttft_p50_ms": h("ttft", "p50_ms"),
-        "server_ttft_p99_ms": h("ttft", "p99_ms"),
-        "server_ttft_count": h("ttft", "count"),
-        "client_ttft_mean_ms": _stat(m, "ttft", "mean", 1000.0),
-        "server_queue_mean_ms": h("queue_time", "mean_ms"),
-        "server_itl_mean_ms": h("itl", "mean_ms") if h("itl", "mean_ms") is not None else h("tpot", "mean_ms"),
-        "server_running_mean": g("running", "mean"),
-        "server_running_max": g("running", "max"),
-        "server_waiting_mean": g("waiting", "mean"),
-        "server_waiting_max": g("waiting", "max"),
-        "server_kv_cache_mean": g("kv_cache_usage", "mean"),
-        "server_kv_cache_max": g("kv_cache_usage", "max"),
-        "client_overhead_note": comparison.get("note"),
-    }
-
-
-def failed_verdicts(results: Sequence[Result]) -> list[tuple[Result, Mapping[str, Any]]]:
-    """(result, verdict) for every failed SLA verdict, in result order."""
-    return [(r, v) for r in results for v in (r.get("sla") or ()) if not v.get("passed")]
-
-
-def base_name(name: str) -> str:
-    """``tests/x.py::test_sweep[c=4]`` -> ``tests/x.py::test_sweep`` (a sweep's points share it)."""
-    return re.sub(r"\[(c|rate)=[^\]]*\]$", "", name)
 
 
 def sweep_to_dict(sweep: Any, name: str | None = None) -> dict[str, Any]:
@@ -224,7 +120,47 @@ def md_code(text: Any) -> str:
     return f"{ticks}{pad}{s}{pad}{ticks}"
 
 
-SLA_BADGE = {"PASS": "✅ PASS", "FAIL": "❌ FAIL", "-": "–"}
+def verdict_badge(row: Mapping[str, Any]) -> str:
+    """``✅ PASS``, ``❌ FAIL (SLA, regression)`` or ``–``: the row's verdict with every reason."""
+    mark = {"PASS": "✅ ", "FAIL": "❌ "}.get(str(row.get("verdict")), "")
+    text = verdict_text(row)
+    return "–" + text[1:] if text.startswith("-") else mark + text
+
+
+def _comparison_table(comparison: Mapping[str, Any]) -> list[str]:
+    """The full comparison: every gated metric, unsure rows included."""
+    out = [
+        "| " + " | ".join(COMPARISON_HEADERS) + " |",
+        "|---|--:|--:|--:|---|--:|---|",
+    ]
+    for row in comparison.get("rows") or ():
+        cells = comparison_cells(row)
+        if row.get("verdict") == "regressed":
+            cells[-1] = f"❌ {cells[-1]}"
+        out.append("| " + " | ".join(md_text(c) for c in cells) + " |")
+    skipped = comparison.get("skipped") or ()
+    if skipped:
+        out += ["", "Not compared: " + "; ".join(md_text(x) for x in skipped) + "."]
+    return out
+
+
+def _figures_table(rows: Sequence[Mapping[str, Any]], source: str) -> list[str]:
+    """The registered figures of one source (``price``, ``energy``) for each row, with how they were got."""
+    names = [n for n in SCALAR_METRICS if METRICS[n].source == source]
+    out = [
+        "| test | load | " + " | ".join(f"{n} ({METRICS[n].unit})" for n in names) + " | how |",
+        "|---|---|" + "--:|" * len(names) + "---|",
+    ]
+    for row in rows:
+        by_name = {f["metric"]: f for f in row.get("figures") or ()}
+        cells = [figure_cell((by_name.get(n) or {}).get("value"), METRICS[n].unit) for n in names]
+        how = next((f["provenance"] for f in by_name.values() if f["source"] == source), "")
+        out.append(
+            f"| {md_code(row['test'])} | {md_text(row['load'])} | "
+            + " | ".join(md_text(c) for c in cells)
+            + f" | {md_text(how)} |"
+        )
+    return out
 
 
 # -- the summary ------------------------------------------------------------------------
@@ -248,21 +184,18 @@ def markdown_summary(
     """
     rows = [result_row(r, price) for r in results]
     failed = failed_verdicts(results)
-    failed_frontier = [(s, v) for s in sweeps for v in (s.get("verdicts") or ()) if not v.get("passed")]
-    failed_checks = [c for c in checks if not c.get("passed")]
-    n_fail = len(failed) + len(failed_frontier) + len(failed_checks)
+    tally = VerdictTally(rows, sweeps, checks)
     out = [f"## {md_text(title)}", ""]
     if not rows:
         out += ["No perf results were recorded.", ""]
     else:
-        checked = sum(1 for r in rows if r["passed"] is not None) + len(sweeps) + len(checks)
         head = f"{len(rows)} result{'s' if len(rows) != 1 else ''}"
-        if n_fail:
-            out.append(f"**❌ {head}, {n_fail} failed check{'s' if n_fail != 1 else ''}.**")
-        elif checked:
-            out.append(f"**✅ {head}, every SLA met.**")
+        if tally.failed:
+            out.append(f"**❌ {head}, {tally.failed_text}.**")
+        elif tally.checked:
+            out.append(f"**✅ {head}, every check passed.**")
         else:
-            out.append(f"**{head}, no SLA checked.**")
+            out.append(f"**{head}, nothing checked.**")
         out.append("")
         out += _results_table(rows, max_rows)
     if failed:
@@ -277,11 +210,18 @@ def markdown_summary(
         out += ["", "### Sweeps", ""]
         out += _sweeps_section(sweeps)
     if checks:
-        out += ["", "### Other checks", ""]
+        out += ["", "### Baselines", ""]
         for c in checks:
             mark = "✅" if c.get("passed") else "❌"
             name = f"{md_code(c['name'])}: " if c.get("name") else ""
             out.append(f"- {mark} {name}{md_text(c.get('message', ''))}")
+            comparison = c.get("comparison") or {}
+            if comparison.get("rows"):
+                out += ["", *_comparison_table(comparison), ""]
+    priced = [r for r in rows if r["usd_per_mtok"] is not None]
+    if priced:
+        out += ["", "### Cost", ""]
+        out += _figures_table(priced, "price")
     energy_rows = [r for r in rows if r["energy"]]
     if any(_measured(r) for r in energy_rows):
         out += ["", "### Energy", ""]
@@ -324,7 +264,7 @@ def _results_table(rows: list[dict[str, Any]], max_rows: int) -> list[str]:
     if with_energy:
         headers.append("J / token")
         align.append("--:")
-    headers.append("SLA")
+    headers.append("verdict")
     align.append(":-:")
     out = ["| " + " | ".join(headers) + " |", "|" + "|".join(align) + "|"]
     for row in rows[:max_rows]:
@@ -349,7 +289,7 @@ def _results_table(rows: list[dict[str, Any]], max_rows: int) -> list[str]:
         if with_energy:
             e = row["energy"]
             cells.append("–" if not e else fmt(row["j_per_token"], ".3g") if e.get("measured") else "not measured")
-        cells.append(SLA_BADGE.get(row["sla"], row["sla"]))
+        cells.append(verdict_badge(row))
         out.append("| " + " | ".join(cells) + " |")
     if len(rows) > max_rows:
         out.append("")
@@ -394,7 +334,8 @@ SERVER_HEADERS = (
     "test",
     "load",
     "TTFT mean server / client (ms)",
-    "TTFT p50 server / client (ms)",
+    "TTFT p50 server (bucket) / client (ms)",
+    "TTFT p99 server (bucket) / client (ms)",
     "queue time mean (ms)",
     "ITL mean (ms)",
     "running mean / max",
@@ -411,7 +352,8 @@ def server_cells(row: Mapping[str, Any]) -> list[str]:
 
     return [
         pair(row["server_ttft_mean_ms"], row["client_ttft_mean_ms"], ".1f"),
-        pair(row["server_ttft_p50_ms"], row["ttft_p50_ms"], ".1f"),
+        f"{range_text(row['server_ttft_p50_range_ms']) or 'n/a'} / {fmt(row['ttft_p50_ms'], '.1f')}",
+        f"{range_text(row['server_ttft_p99_range_ms']) or 'n/a'} / {fmt(row['ttft_p99_ms'], '.1f')}",
         fmt(row["server_queue_mean_ms"], ".2f"),
         fmt(row["server_itl_mean_ms"], ".2f"),
         pair(row["server_running_mean"], row["server_running_max"], ".1f"),
@@ -421,8 +363,9 @@ def server_cells(row: Mapping[str, Any]) -> list[str]:
 
 
 SERVER_NOTE = (
-    "From the server's own Prometheus metrics over the measured phase (means exact, p50 "
-    "interpolated inside histogram buckets; gauges sampled during the run)."
+    "From the server's own Prometheus metrics over the measured phase: means exact; a percentile is "
+    "known only to lie inside one histogram bucket, so it is shown as that bucket; gauges sampled "
+    "during the run."
 )
 
 

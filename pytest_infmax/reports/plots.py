@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from pytest_infmax.measure.frontier import Point, pareto_front
+from pytest_infmax.measure.registry import METRICS
 from pytest_infmax.measure.sla import SLASyntaxError, parse
-from pytest_infmax.reports.markdown import base_name, load_label
+from pytest_infmax.reports.rows import base_name, load_label
 from pytest_infmax.run.sweep import FrontierObjective
 
 INSTALL_HINT = "pip install 'pytest-infmax[plots]'"
@@ -181,10 +182,10 @@ def _legend(ax: Any, n: int) -> None:
 # -- the frontier plot ------------------------------------------------------------------------
 
 
-def _point_xy(result: Result) -> tuple[float, float] | None:
+def _point_xy(result: Result, y_metric: str = "throughput_per_gpu") -> tuple[float, float] | None:
     m = result.get("metrics") or {}
     x = (m.get("interactivity") or {}).get("p50")
-    y = m.get("throughput_per_gpu")
+    y = m.get(y_metric)
     if x is None or y is None or not (math.isfinite(x) and math.isfinite(y)):
         return None
     return float(x), float(y)
@@ -210,7 +211,7 @@ def _series(results: Sequence[Result], sweeps: Sequence[Mapping[str, Any]]) -> d
 
 
 def _targets(
-    results: Sequence[Result], sweeps: Sequence[Mapping[str, Any]], extra: Sequence[str]
+    results: Sequence[Result], sweeps: Sequence[Mapping[str, Any]], extra: Sequence[str], y: str = "throughput_per_gpu"
 ) -> tuple[list[tuple[float, float, str, bool | None]], list[tuple[str, float, str, bool | None]]]:
     """Frontier SLA points (x, y, text, passed) and scalar threshold lines (axis, value, text, passed)."""
     points: dict[str, tuple[float, float, str, bool | None]] = {}
@@ -221,7 +222,7 @@ def _targets(
             o = FrontierObjective.parse(text)
         except (SLASyntaxError, ValueError):
             return
-        if o.x == "interactivity" and o.y == "throughput_per_gpu":
+        if o.x == "interactivity" and o.y == y:
             prev = points.get(text)
             points[text] = (
                 o.at,
@@ -245,7 +246,7 @@ def _targets(
             o = parse(t)
         except (SLASyntaxError, TypeError):
             continue
-        if o.metric in ("interactivity", "throughput_per_gpu"):
+        if o.metric in ("interactivity", y):
             lines.setdefault(str(o), ("x" if o.metric == "interactivity" else "y", o.limit, str(o), None))
     for r in results:
         for v in r.get("sla") or ():
@@ -253,7 +254,7 @@ def _targets(
                 o = parse(v.get("objective", ""))
             except (SLASyntaxError, TypeError):
                 continue
-            if o.metric == "throughput_per_gpu" or (o.metric == "interactivity" and o.stat in ("p50", "median")):
+            if o.metric == y or (o.metric == "interactivity" and o.stat in ("p50", "median")):
                 key = str(o)
                 prev = lines.get(key)
                 passed = v.get("passed") if prev is None or prev[3] is None else prev[3] and v.get("passed")
@@ -261,18 +262,30 @@ def _targets(
     return list(points.values()), list(lines.values())
 
 
+#: the frontiers drawn, as InferenceMAX draws them: y against interactivity -> (plot name, title)
+FRONTIERS: dict[str, tuple[str, str]] = {
+    "throughput_per_gpu": ("frontier", "Throughput per GPU vs interactivity"),
+    "cost_per_mtok": ("cost-frontier", "Cost per million tokens vs interactivity"),
+    "tokens_per_mw": ("power-frontier", "Tokens per second per MW vs interactivity"),
+}
+
+
 def frontier_plot(
-    results: Sequence[Result], sweeps: Sequence[Mapping[str, Any]] = (), targets: Sequence[str] = ()
+    results: Sequence[Result],
+    sweeps: Sequence[Mapping[str, Any]] = (),
+    targets: Sequence[str] = (),
+    y: str = "throughput_per_gpu",
 ) -> Plot:
-    """Throughput per GPU against interactivity, one panel per scenario."""
+    """``y`` (a registered run-level figure) against interactivity, one panel per scenario."""
     _require()
-    title = "Throughput per GPU vs interactivity"
+    info = METRICS[y]
+    name, title = FRONTIERS.get(y, (f"frontier-{y}", f"{y} vs interactivity"))
     groups = _series(results, sweeps)
-    groups = {sc: {k: [r for r in rs if _point_xy(r)] for k, rs in series.items()} for sc, series in groups.items()}
+    groups = {sc: {k: [r for r in rs if _point_xy(r, y)] for k, rs in series.items()} for sc, series in groups.items()}
     groups = {sc: {k: rs for k, rs in series.items() if rs} for sc, series in groups.items()}
     groups = {sc: series for sc, series in groups.items() if series}
     if not groups:
-        return Plot("frontier", title, "", reason="no result has both interactivity and throughput per GPU")
+        return Plot(name, title, "", reason=f"no result has both interactivity and {y}")
     n = len(groups)
     cols = min(n, 2)
     rows = math.ceil(n / cols)
@@ -286,13 +299,14 @@ def frontier_plot(
             [r for r in results if _scenario(r) == scenario],
             [sw for sw in sweeps if sw.get("scenario") in (None, scenario)],
             targets,
+            y,
         )
         colors = _colors(len(series))
         for series_index, ((name, rs), color) in enumerate(zip(series.items(), colors)):
             pts = [
-                Point(*xy, load_label(r.get("load") or {})) for r in rs if (xy := _point_xy(r)) is not None
+                Point(*xy, load_label(r.get("load") or {})) for r in rs if (xy := _point_xy(r, y)) is not None
             ]  # every result in rs has a point (filtered above)
-            front = pareto_front(pts)
+            front = pareto_front(pts, True, info.higher_is_better)
             short = name.rsplit("::", 1)[-1]
             ax.scatter(
                 [p.x for p in pts],
@@ -317,12 +331,12 @@ def frontier_plot(
             for p in pts:
                 ax.annotate(p.label, (p.x, p.y), textcoords="offset points", xytext=offset, fontsize=8, color=color)
             alt_parts.append(f"{scenario} {short}: {len(pts)} points, {len(front)} on the frontier")
-        for x, y, text, passed in t_points:
+        for x, target_y, text, passed in t_points:
             color = {True: "tab:green", False: "tab:red", None: "black"}[passed]
             ax.axvline(x, color=color, ls=":", lw=1.2, zorder=2)
             ax.plot(
                 [x],
-                [y],
+                [target_y],
                 marker="X",
                 ms=12,
                 color=color,
@@ -342,16 +356,17 @@ def frontier_plot(
             )
         ax.set_title(f"{scenario}", fontsize=11)
         ax.set_xlabel("interactivity, median per request (tok/s/user)")
-        ax.set_ylabel("throughput per GPU (tok/s/GPU)")
+        ax.set_ylabel(f"{y.replace('_', ' ')} ({info.unit})")
         ax.grid(True, alpha=0.3)
         ax.set_ylim(bottom=0)
         handles = ax.get_legend_handles_labels()[0]
         _legend(ax, len(handles))
     for k in range(n, rows * cols):
         axes[k // cols][k % cols].set_visible(False)
-    fig.suptitle(title + " (up and right is better)", fontsize=12)
+    better = "up and right" if info.higher_is_better else "down and right"
+    fig.suptitle(f"{title} ({better} is better)", fontsize=12)
     alt = title + ". " + "; ".join(alt_parts)
-    return Plot("frontier", title, alt, _png(fig))
+    return Plot(name, title, alt, _png(fig))
 
 
 # -- latency distributions ---------------------------------------------------------------------
@@ -467,6 +482,12 @@ def render_plots(
     """Every plot the data allows (a plot that cannot be drawn comes back with its ``reason``)."""
     _require()
     plots = [frontier_plot(results, sweeps, targets), latency_plot(results), throughput_plot(results, bin_s)]
+    # cost and energy frontiers where the results were priced and their energy measured
+    plots += [
+        frontier_plot(results, sweeps, targets, y)
+        for y in FRONTIERS
+        if y != "throughput_per_gpu" and any(_point_xy(r, y) for r in results)
+    ]
     power = power_plot(results)
     if power is not None:
         plots.append(power)

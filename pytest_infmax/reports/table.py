@@ -1,13 +1,13 @@
-"""The terminal table: one row per result.
-
-Reports read plain dicts (``LoadResult.summary()`` / ``to_dict()``), because
-under pytest-xdist results arrive from workers as serialised data.
+"""The terminal table: one row per result, from the one row builder
+(:func:`pytest_infmax.reports.rows.result_row`), as in every other report.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
+
+from pytest_infmax.reports.rows import range_text, verdict_text
 
 COLUMNS: tuple[tuple[str, str, str], ...] = (
     # (key in summary, header, format)
@@ -17,22 +17,28 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("requests", "reqs", "d"),
     ("ttft_p50_ms", "TTFT p50 ms", ".1f"),
     ("ttft_p99_ms", "TTFT p99 ms", ".1f"),
-    ("server_ttft_p50_ms", "srv TTFT p50 ms", ".1f"),  # the server's own (Prometheus), beside the client's
+    # the server's own (Prometheus), beside the client's: the bucket its p50 lies in, and its exact mean
+    ("server_ttft_p50_range_ms", "srv TTFT p50 ms (bucket)", "range"),
     ("tpot_p50_ms", "TPOT p50 ms", ".2f"),
     ("interactivity", "tok/s/user", ".1f"),
     ("throughput_per_gpu", "tok/s/GPU", ".0f"),
     ("error_rate", "errors", "%"),
     ("usd_per_mtok", "$/Mtok", ".4f"),
     ("j_per_token", "J/token", ".4f"),
-    ("sla", "SLA", "s"),
+    ("verdict", "verdict", "verdict"),
 )
 
 
 # Shown only where some row has them: a price, measured or modelled energy, server metrics.
-OPTIONAL = frozenset({"usd_per_mtok", "j_per_token", "server_ttft_p50_ms"})
+OPTIONAL = frozenset({"usd_per_mtok", "j_per_token", "server_ttft_p50_range_ms"})
 
 
-def _cell(value: Any, fmt: str) -> str:
+def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
+    value = row.get(key)
+    if fmt == "verdict":
+        return verdict_text(row)
+    if fmt == "range":
+        return range_text(value, row.get("server_ttft_mean_ms")) or "n/a"
     if value is None:
         return "n/a"
     if fmt == "%":
@@ -50,7 +56,7 @@ def format_table(rows: Sequence[dict[str, Any]], max_test_width: int = 48) -> st
     columns = [c for c in COLUMNS if c[0] not in OPTIONAL or any(row.get(c[0]) is not None for row in rows)]
     cells = []
     for row in rows:
-        line = [_cell(row.get(key), fmt) for key, _, fmt in columns]
+        line = [_cell(row, key, fmt) for key, _, fmt in columns]
         if len(line[0]) > max_test_width:  # keep the tail: it names the test
             line[0] = "…" + line[0][-(max_test_width - 1) :]
         if row.get("ok", row.get("requests")) != row.get("requests"):

@@ -120,29 +120,6 @@ class LoadResult:
         m = self.metrics
         return f"{self.name}: {self.config.scenario.name} {self.config.label}, {m.num_ok}/{m.num_requests} requests ok"
 
-    def summary(self) -> dict[str, Any]:
-        """The figures one table row shows (None where not measured)."""
-        m = self.metrics
-        return {
-            "test": self.name,
-            "scenario": self.config.scenario.name,
-            "load": self.config.label + (f" x{len(self.repeats)}" if self.repeats is not None else ""),
-            "requests": m.num_requests,
-            "ok": m.num_ok,
-            "ttft_p50_ms": _ms(m.value("ttft", "p50")),
-            "ttft_p99_ms": _ms(m.value("ttft", "p99")),
-            "tpot_p50_ms": _ms(m.value("tpot", "p50")),
-            "interactivity": _num(m.value("interactivity", "p50")),
-            "throughput_per_gpu": _num(m.value("throughput_per_gpu")),
-            "error_rate": _num(m.value("error_rate")),
-            "client_bound": self.run.client_bound,
-            **_server_summary(self.server_metrics_report()),
-            "usd_per_mtok": None if self.cost is None else self.cost.total,
-            "j_per_token": None if self.energy is None else self.energy.j_per_token,
-            # "*": the client fell behind, so latencies are upper bounds (see the legend).
-            "sla": {None: "-", True: "PASS", False: "FAIL"}[self.passed] + ("*" if self.run.client_bound else ""),
-        }
-
     def server_metrics_report(self) -> dict[str, Any] | None:
         """``server_metrics`` as plain data, with ``comparison``: the client's TTFT against the
         server's (and the client-overhead note when the client's is well above it)."""
@@ -181,17 +158,6 @@ class LoadResult:
         return out
 
 
-def _server_summary(report: dict[str, Any] | None) -> dict[str, Any]:
-    """The server's TTFT for a table row, and the client-overhead note (None where not known)."""
-    ttft = ((report or {}).get("histograms") or {}).get("ttft") or {}
-    comparison = (report or {}).get("comparison") or {}
-    return {
-        "server_ttft_p50_ms": ttft.get("p50_ms"),
-        "server_ttft_mean_ms": ttft.get("mean_ms"),
-        "client_overhead_note": comparison.get("note"),
-    }
-
-
 def verdict_to_dict(v: Verdict) -> dict[str, Any]:
     return {
         "objective": str(v.objective),
@@ -211,10 +177,6 @@ def _num(x: float | None) -> float | None:
 def _ms(x: float | None) -> float | None:
     x = _num(x)
     return None if x is None else x * 1000.0
-
-
-def failed_verdicts(results: Sequence[LoadResult]) -> list[Verdict]:
-    return [v for r in results for v in r.verdicts if not v.passed]
 
 
 @dataclass

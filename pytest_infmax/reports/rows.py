@@ -1,0 +1,270 @@
+"""The one row builder: what every report shows for a result, and its verdict told once.
+
+Every report (the terminal table, ``infmax table``, JUnit properties, Markdown, HTML)
+reads its rows from :func:`result_row`, and every row reads a plain result dict as
+``LoadResult.to_dict()`` makes it: what pytest-xdist workers send and what
+``--infmax-json`` keeps. So a results file and the session that wrote it show the
+same cells.
+
+A result dict may carry ``"outcome"`` (the plugin adds it once the test has run):
+``{"baseline": <the gate's check for this result, or None>, "client_bound_fails":
+<--infmax-client-bound fail>, "test_failed": <the test failed>}``. The row's
+``verdict`` names every reason the test failed: ``SLA`` (an objective missed),
+``regression`` (against its baseline), ``client-bound`` (the load generator fell
+behind, under ``--infmax-client-bound fail``), and ``test`` (the test failed for a
+reason of its own, e.g. an assert).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pytest_infmax.measure.cost import Price, cost_per_million_tokens
+from pytest_infmax.measure.registry import METRICS, SCALAR_METRICS
+
+Result = Mapping[str, Any]
+
+
+def load_label(load: Mapping[str, Any]) -> str:
+    """``c=8``, ``rate=4/s`` or ``rate=inf/s``, as the terminal table writes a load."""
+    if load.get("concurrency") is not None:
+        return f"c={load['concurrency']}"
+    if load.get("rate_infinite"):
+        return "rate=inf/s"
+    rate = load.get("rate")
+    return f"rate={rate:g}/s" if isinstance(rate, (int, float)) else "?"
+
+
+def base_name(name: str) -> str:
+    """``tests/x.py::test_sweep[c=4]`` -> ``tests/x.py::test_sweep`` (a sweep's points share it)."""
+    return re.sub(r"\[(c|rate)=[^\]]*\]$", "", name)
+
+
+def price_of(price: Price | Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if price is None:
+        return None
+    return price.to_dict() if isinstance(price, Price) else dict(price)
+
+
+def _stat(metrics: Mapping[str, Any], metric: str, key: str, scale: float = 1.0) -> float | None:
+    value = (metrics.get(metric) or {}).get(key)
+    return None if value is None else value * scale
+
+
+def verdict(result: Result) -> tuple[str, list[str]]:
+    """("PASS" | "FAIL" | "-", the reasons it failed): every check the result went through."""
+    outcome = result.get("outcome") or {}
+    baseline = outcome.get("baseline") or None
+    client = result.get("client") or {}
+    reasons = []
+    if result.get("passed") is False:
+        reasons.append("SLA")
+    if baseline is not None and not baseline.get("passed", True):
+        reasons.append("regression" if baseline.get("verdict") in ("regressed", None) else str(baseline["verdict"]))
+    if client.get("client_bound") and outcome.get("client_bound_fails"):
+        reasons.append("client-bound")
+    if outcome.get("test_failed") and not reasons:
+        reasons.append("test")
+    checked = result.get("passed") is not None or (baseline is not None and baseline.get("verdict") is not None)
+    return ("FAIL" if reasons else "PASS" if checked else "-"), reasons
+
+
+def verdict_text(row: Mapping[str, Any]) -> str:
+    """``PASS``, ``FAIL (SLA, regression)`` or ``-``; ``*``: the client fell behind (latencies are upper bounds)."""
+    text = str(row.get("verdict", "-"))
+    if row.get("reasons"):
+        text += f" ({', '.join(row['reasons'])})"
+    return text + ("*" if row.get("client_bound") else "")
+
+
+def figures(result: Result) -> list[dict[str, Any]]:
+    """Every registered run-level figure of a result: name, value (canonical units), unit, and
+    how it was obtained, or why it was not measured."""
+    m = result.get("metrics") or {}
+    provenance = m.get("provenance") or {}
+    unmeasured = m.get("unmeasured") or {}
+    out = []
+    for name in SCALAR_METRICS:
+        info = METRICS[name]
+        value = m.get(name)
+        if value is None and info.source == "requests" and name not in m:
+            continue  # an older results file
+        how = provenance.get(info.source) if value is not None else unmeasured.get(info.source)
+        if value is None and name == "energy_cost_per_mtok" and "energy" in provenance:
+            how = "no electricity price (--infmax-usd-per-kwh)"
+        out.append(
+            {
+                "metric": name,
+                "value": value,
+                "unit": info.unit,
+                "source": info.source,
+                "provenance": how or ("measured" if value is not None else "not measured"),
+            }
+        )
+    return out
+
+
+def result_row(result: Result, price: Price | Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """One table row: the figures every report shows for a result (None: not measured).
+
+    ``price`` costs a result that carries no cost of its own (an older results file).
+    """
+    m = result.get("metrics") or {}
+    load = result.get("load") or {}
+    scenario = (load.get("scenario") or {}).get("name", "?")
+    cost = result.get("cost") or None
+    usd, source, per_hour = m.get("cost_per_mtok"), None, None
+    if cost and cost.get("usd_per_mtok_total") is not None:
+        usd = cost["usd_per_mtok_total"]
+        p = cost.get("price") or {}
+        source, per_hour = p.get("source"), p.get("usd_per_gpu_hour")
+    elif price is not None:
+        p = price_of(price) or {}
+        per_hour = p.get("usd_per_gpu_hour")
+        gpus = result.get("num_gpus") or m.get("num_gpus") or 1
+        tps = m.get("throughput")
+        if per_hour and tps:
+            usd = cost_per_million_tokens(per_hour, gpus, tps)
+            source = p.get("source")
+    energy = result.get("energy") or None
+    passed = result.get("passed")
+    verdict_cell, reasons = verdict(result)
+    client_bound = bool((result.get("client") or {}).get("client_bound"))
+    repeats = (result.get("repeats") or {}).get("count")
+    return {
+        "test": result.get("name", "?"),
+        "scenario": scenario,
+        "load": load_label(load) + (f" x{repeats}" if repeats else ""),
+        "requests": m.get("num_requests"),
+        "ok": m.get("num_ok"),
+        "errors_by_kind": dict(m.get("errors_by_kind") or {}),
+        "ttft_p50_ms": _stat(m, "ttft", "p50", 1000.0),
+        "ttft_p99_ms": _stat(m, "ttft", "p99", 1000.0),
+        "tpot_p50_ms": _stat(m, "tpot", "p50", 1000.0),
+        "interactivity": _stat(m, "interactivity", "p50"),
+        "throughput_per_gpu": m.get("throughput_per_gpu"),
+        "error_rate": m.get("error_rate"),
+        "usd_per_mtok": usd,
+        "usd_per_gpu_hour": per_hour,
+        "price_source": source,
+        "energy": energy,
+        "j_per_token": energy.get("j_per_token") if energy and energy.get("measured") else None,
+        "energy_modelled": bool(energy and energy.get("measured") and energy.get("modelled")),
+        **server_figures(result),
+        "client_bound": client_bound,
+        "passed": passed,
+        # the SLA's own verdict (JUnit's infmax_sla), and the test's, with every reason it failed
+        "sla": {None: "-", True: "PASS", False: "FAIL"}.get(passed, "-"),
+        "verdict": verdict_cell,
+        "reasons": reasons,
+        "baseline": (result.get("outcome") or {}).get("baseline"),
+        "figures": figures(result),
+    }
+
+
+def server_figures(result: Result) -> dict[str, Any]:
+    """The server's own figures for a result (``server_metrics``), beside the client's; None where
+    the server's metrics were not scraped or lack the figure. Its percentiles come from histogram
+    buckets, so they are ranges (``*_range_ms``: the bucket they lie in); its means are exact."""
+    sm = result.get("server_metrics") or {}
+    available = bool(sm.get("available"))
+    hist = sm.get("histograms") or {} if available else {}
+    gauges = sm.get("gauges") or {} if available else {}
+    comparison = sm.get("comparison") or {}
+
+    def h(role: str, key: str) -> Any:
+        return (hist.get(role) or {}).get(key)
+
+    def g(role: str, key: str) -> float | None:
+        return (gauges.get(role) or {}).get(key)
+
+    m = result.get("metrics") or {}
+    itl = "itl" if h("itl", "mean_ms") is not None else "tpot"
+    return {
+        "server_metrics": sm or None,
+        "server_available": available,
+        "server_reason": None if available else sm.get("reason"),
+        "server_ttft_mean_ms": h("ttft", "mean_ms"),
+        "server_ttft_p50_range_ms": h("ttft", "p50_range_ms"),
+        "server_ttft_p99_range_ms": h("ttft", "p99_range_ms"),
+        "server_ttft_count": h("ttft", "count"),
+        "client_ttft_mean_ms": _stat(m, "ttft", "mean", 1000.0),
+        "server_queue_mean_ms": h("queue_time", "mean_ms"),
+        "server_itl_mean_ms": h(itl, "mean_ms"),
+        "server_running_mean": g("running", "mean"),
+        "server_running_max": g("running", "max"),
+        "server_waiting_mean": g("waiting", "mean"),
+        "server_waiting_max": g("waiting", "max"),
+        "server_kv_cache_mean": g("kv_cache_usage", "mean"),
+        "server_kv_cache_max": g("kv_cache_usage", "max"),
+        "client_overhead_note": comparison.get("note"),
+    }
+
+
+def range_text(span: Sequence[float | None] | None, mean: float | None = None, spec: str = ".1f") -> str | None:
+    """A server percentile as the bucket it lies in, with the exact mean: ``10-20 (mean 13.0)``."""
+    if not span or span[0] is None or span[1] is None:
+        return None if mean is None else f"mean {format(mean, spec)}"
+    lo, hi = span
+    text = format(lo, spec) if lo == hi else f"{format(lo, spec)}-{format(hi, spec)}"
+    return text + ("" if mean is None else f" (mean {format(mean, spec)})")
+
+
+def failed_verdicts(results: Sequence[Result]) -> list[tuple[Result, Mapping[str, Any]]]:
+    """(result, verdict) for every failed SLA verdict, in result order."""
+    return [(r, v) for r in results for v in (r.get("sla") or ()) if not v.get("passed")]
+
+
+class VerdictTally:
+    """What failed in a set of rows, sweeps and checks, counted once each: a failed test's row
+    (every reason in it), a missed frontier SLA, and a baseline check no row carries."""
+
+    def __init__(
+        self,
+        rows: Sequence[Mapping[str, Any]],
+        sweeps: Sequence[Mapping[str, Any]] = (),
+        checks: Sequence[Mapping[str, Any]] = (),
+    ) -> None:
+        carried = {str((row.get("baseline") or {}).get("name")) for row in rows if row.get("baseline")}
+        self.failed_rows = [row for row in rows if row.get("verdict") == "FAIL"]
+        self.failed_frontier = [(s, v) for s in sweeps for v in (s.get("verdicts") or ()) if not v.get("passed")]
+        self.failed_checks = [c for c in checks if not c.get("passed") and str(c.get("name")) not in carried]
+        self.checked = sum(1 for row in rows if row.get("verdict") != "-") + len(sweeps) + len(checks)
+
+    @property
+    def failed(self) -> int:
+        return len(self.failed_rows) + len(self.failed_frontier) + len(self.failed_checks)
+
+    @property
+    def failed_text(self) -> str:
+        """``2 failed (1 SLA, 1 regression), 1 frontier SLA missed``."""
+        parts = []
+        if self.failed_rows:
+            reasons: dict[str, int] = {}
+            for row in self.failed_rows:
+                for reason in row.get("reasons") or ["?"]:
+                    reasons[reason] = reasons.get(reason, 0) + 1
+            why = ", ".join(f"{n} {reason}" for reason, n in reasons.items())
+            parts.append(f"{len(self.failed_rows)} failed ({why})")
+        if self.failed_frontier:
+            n = len(self.failed_frontier)
+            parts.append(f"{n} frontier SLA{'s' if n != 1 else ''} missed")
+        if self.failed_checks:
+            n = len(self.failed_checks)
+            parts.append(f"{n} failed check{'s' if n != 1 else ''}")
+        return ", ".join(parts)
+
+
+def figure_cell(value: float | None, unit: str) -> str:
+    """A registered figure in its display unit: ``$0.1991``, ``0.2985 J/token``, ``971 W``."""
+    if value is None:
+        return "n/a"
+    if unit == "$/Mtok":
+        return f"${value:.4g}"
+    if unit == "%":
+        return f"{value * 100:.3g}%"
+    if unit == "ms":
+        return f"{value * 1000:.3g} ms"
+    return f"{value:,.4g} {unit}".strip() if abs(value) < 1e4 else f"{value:,.0f} {unit}".strip()
