@@ -116,7 +116,7 @@ def test_an_sla_on_every_new_figure_holds_and_fails_with_its_measured_value(figu
     holds, fails = _result(doc, "test_holds"), _result(doc, "test_fails")
     assert [v["passed"] for v in holds["sla"]] == [True] * len(NEW), holds["sla"]
     assert [v["passed"] for v in fails["sla"]] == [False] * len(NEW)
-    for info, verdict in zip(NEW, fails["sla"]):
+    for verdict in fails["sla"]:
         assert verdict["measured"] is not None, verdict["message"]
         assert "measured " in verdict["message"] and "not measured" not in verdict["message"], verdict
     messages = {v["objective"].split(" ")[0]: v["message"] for v in fails["sla"]}
