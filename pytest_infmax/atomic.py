@@ -1,6 +1,6 @@
 """Writing files atomically: readers see the old file or the new one, never half of one.
 
-Results files and baselines both go through here.
+Results files, baselines and every report go through here.
 """
 
 from __future__ import annotations
@@ -12,17 +12,21 @@ from pathlib import Path
 from typing import Any
 
 
-def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
-    """Write JSON so that readers see the old file or the new one, never half of one."""
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same directory, fsynced, then renamed.
+
+    The file gets the mode a plain ``open()`` would give (the umask's), not mkstemp's 0600:
+    reports and baselines are meant to be read by others.
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, allow_nan=False)
-            f.write("\n")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
     except BaseException:
         try:
@@ -31,3 +35,25 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
             pass
         raise
     return target
+
+
+def _umask() -> int:
+    """The process umask, read without setting it (os.umask sets it, racing other threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    """Write UTF-8 text atomically (see :func:`write_bytes_atomic`)."""
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
+    """Write JSON so that readers see the old file or the new one, never half of one."""
+    return write_text_atomic(path, json.dumps(data, indent=1, allow_nan=False) + "\n")

@@ -8,14 +8,15 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from pytest_infmax import __version__
 from pytest_infmax.atomic import write_json_atomic
 from pytest_infmax.baselines.compare import CompareOptions, compare_files, parse_gates
 from pytest_infmax.baselines.store import BaselineError
-from pytest_infmax.reports.html import reports_from_document
 from pytest_infmax.reports.rows import result_row
 from pytest_infmax.reports.table import format_table
+from pytest_infmax.reports.writer import ReportRequest, write_reports
 
 
 def _table(path: str) -> int:
@@ -74,17 +75,25 @@ def _report(ns: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"infmax: cannot read results from {ns.json}: {exc}", file=sys.stderr)
         return 2
-    for path in reports_from_document(
+    src = Path(ns.json)
+    markdown = None if not ns.markdown else src.with_suffix(".md") if ns.markdown is True else Path(ns.markdown)
+    outcome = write_reports(
         doc,
-        ns.json,
-        html_path=ns.html,
-        plots=ns.plots,
-        markdown_path=ns.markdown,
-        step_summary=ns.step_summary,
-        title=ns.title,
-    ):
+        ReportRequest(
+            html=Path(ns.html) if ns.html else src.with_suffix(".html"),
+            markdown=markdown,
+            plots_dir=src.parent if ns.plots else None,
+            plots_prefix=src.stem,
+            step_summary=ns.step_summary,
+            html_title=ns.title or f"infmax report: {src.name}",
+            markdown_title=ns.title or "infmax results",
+        ),
+    )
+    for path in outcome.written:
         print(f"infmax: wrote {path}")
-    return 0
+    for line in outcome.notes + outcome.failures:
+        print(f"infmax: {line}", file=sys.stderr)
+    return 1 if outcome.failures else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

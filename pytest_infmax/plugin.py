@@ -19,18 +19,15 @@ from typing import Any
 import pytest
 
 from pytest_infmax import settings as settings_mod
-from pytest_infmax.atomic import write_json_atomic
 from pytest_infmax.baselines.gate import GateSettings, RegressionFailed, gate_results, sequential_for
-from pytest_infmax.baselines.store import export_benchmark_json
 from pytest_infmax.measure.cost import price_marker_options
 from pytest_infmax.measure.sla import SLASyntaxError, format_quantity
 from pytest_infmax.measure.verdicts import SLA, SLAFailed
-from pytest_infmax.reports import plots
 from pytest_infmax.reports.document import results_document
-from pytest_infmax.reports.html import write_html_report
-from pytest_infmax.reports.markdown import markdown_summary, sweep_to_dict, write_github_step_summary
+from pytest_infmax.reports.markdown import sweep_to_dict
 from pytest_infmax.reports.rows import result_row, verdict_text
 from pytest_infmax.reports.table import format_table
+from pytest_infmax.reports.writer import ReportRequest, write_reports
 from pytest_infmax.run.repeats import RepeatError, repeat_marker_count
 from pytest_infmax.run.results import LoadResult
 from pytest_infmax.run.runner import Infmax
@@ -470,18 +467,8 @@ class ResultCollector:
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
-        """Write the reports; one that cannot be written is a clear error, not a lost session."""
-        try:
-            self._write_reports()
-        except OSError as exc:
-            where = exc.filename or "a report file"
-            self.state.notes.append(
-                f"could not write {where}: {exc.strerror or exc}; check that the directory exists and is writable"
-            )
-            if session.exitstatus == pytest.ExitCode.OK:
-                session.exitstatus = pytest.ExitCode.TESTS_FAILED  # the results the user asked for are missing
-
-    def _write_reports(self) -> None:
+        """Write the reports; one that cannot be written is named, the others are still written,
+        and the session fails: results the user asked for are missing."""
         state = self.state
         if not state.full_results:
             return
@@ -492,58 +479,29 @@ class ResultCollector:
         doc["sweeps"] = state.sweeps
         doc["checks"] = state.checks
         json_path = self._path("json")
-        if json_path is not None:
-            state.written.append(write_json_atomic(json_path, doc))
-        bench_path = self._path("benchmark_json")
-        if bench_path is not None:
-            state.written.append(write_json_atomic(bench_path, export_benchmark_json(doc["results"])))
-        rendered: Any = "auto"
+        plots_dir = None
         if settings["plots"]:
-            rendered = self._write_plots(doc, json_path)
-        html_path = self._path("html")
-        if html_path is not None:
-            state.written.append(
-                write_html_report(
-                    html_path,
-                    doc["results"],
-                    sweeps=doc["sweeps"],
-                    checks=doc["checks"],
-                    environment=doc["environment"],
-                    servers=servers,
-                    plots=rendered,
-                    title="infmax report",
-                )
-            )
-        markdown_path = self._path("markdown")
-        if markdown_path is not None or (settings["step_summary"] and os.environ.get("GITHUB_STEP_SUMMARY")):
-            md = markdown_summary(
-                doc["results"],
-                doc["sweeps"],
-                doc["checks"],
-                title="infmax results",
-                artifacts=[p.name for p in state.written],
-            )
-            if markdown_path is not None:
-                markdown_path.parent.mkdir(parents=True, exist_ok=True)
-                markdown_path.write_text(md, encoding="utf-8")
-                state.written.append(markdown_path)
-            if settings["step_summary"]:
-                write_github_step_summary(md)
-
-    def _write_plots(self, doc: dict[str, Any], json_path: Path | None) -> Any:
-        """PNGs next to the JSON results; the rendered plots are reused by the HTML report."""
-        if json_path is None:
-            self.state.notes.append("--infmax-plots needs --infmax-json: the PNGs go next to it")
-            return "auto"
-        try:
-            rendered = plots.render_plots(doc["results"], doc["sweeps"])
-            self.state.written.extend(
-                plots.write_plots(doc["results"], json_path.parent, prefix=json_path.stem, plots=rendered)
-            )
-            return rendered
-        except plots.PlotsUnavailable as exc:
-            self.state.notes.append(str(exc))
-            return None
+            if json_path is None:
+                state.notes.append("--infmax-plots needs --infmax-json: the PNGs go next to it")
+            else:
+                plots_dir = json_path.parent
+        outcome = write_reports(
+            doc,
+            ReportRequest(
+                json=json_path,
+                benchmark_json=self._path("benchmark_json"),
+                html=self._path("html"),
+                markdown=self._path("markdown"),
+                plots_dir=plots_dir,
+                plots_prefix=json_path.stem if json_path is not None else "infmax",
+                step_summary=bool(settings["step_summary"] and os.environ.get("GITHUB_STEP_SUMMARY")),
+            ),
+        )
+        state.written.extend(outcome.written)
+        state.notes.extend(outcome.notes)
+        state.notes.extend(outcome.failures)
+        if outcome.failures and session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         state = self.state

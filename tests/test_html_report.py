@@ -60,7 +60,13 @@ def real(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 @needs_matplotlib
 def test_plots_are_written_as_valid_pngs(real: dict[str, Any], tmp_path: Path) -> None:
     paths = plots.write_plots(real["results"], tmp_path, prefix="perf", sweeps=real["sweeps"])
-    assert sorted(p.name for p in paths) == ["perf-frontier.png", "perf-latency.png", "perf-throughput.png"]
+    # the sweep is priced, so its cost frontier is drawn too (InferenceMAX: $/Mtok against interactivity)
+    assert sorted(p.name for p in paths) == [
+        "perf-cost-frontier.png",
+        "perf-frontier.png",
+        "perf-latency.png",
+        "perf-throughput.png",
+    ]
     for p in paths:
         data = p.read_bytes()
         w, h = png_size(data)
@@ -75,6 +81,10 @@ def test_frontier_plot_describes_its_points(real: dict[str, Any]) -> None:
     assert p.png is not None
     assert "1k1k-mini test_sweep: 3 points" in p.alt
     assert "1k1k-mini test_one<b>: 1 points, 1 on the frontier" in p.alt
+    cost = plots.frontier_plot(real["results"], real["sweeps"], y="cost_per_mtok")
+    # only the priced sweep has a cost; lower is better, so the cheapest points make its frontier
+    assert cost.name == "cost-frontier" and cost.png is not None
+    assert "1k1k-mini test_sweep: 3 points" in cost.alt and "test_one" not in cost.alt
 
 
 @needs_matplotlib
@@ -158,7 +168,7 @@ def test_html_is_self_contained_with_tables_and_verdicts(real: dict[str, Any]) -
     assert external == [], f"external references: {external}"
     if plots.plots_available()[0]:
         imgs = [u for u in outline.urls if u[0] == "img"]
-        assert len(imgs) == 3 and all(u[2].startswith("data:image/png;base64,") for u in imgs)
+        assert len(imgs) == 4 and all(u[2].startswith("data:image/png;base64,") for u in imgs)
     tables = {cls: rows for cls, rows in outline.tables}
     assert tables["results"] == 1 + 4  # header + one row per result
     assert tables["frontier"] == 1 + 3
@@ -249,7 +259,9 @@ def test_report_in_headless_chromium(real: dict[str, Any], tmp_path: Path) -> No
     start = done.stdout.index('<pre id="probe">') + len('<pre id="probe">')
     seen = json.loads(html.unescape(done.stdout[start : done.stdout.index("</pre>", start)]))
     expected = {p.name: png_size(p.png) for p in rendered if p.png}
-    assert {i["plot"] for i in seen["images"]} == set(expected) == {"frontier", "latency", "throughput"}
+    assert (
+        {i["plot"] for i in seen["images"]} == set(expected) == {"frontier", "cost-frontier", "latency", "throughput"}
+    )
     for img in seen["images"]:
         assert img["complete"] and (img["w"], img["h"]) == expected[img["plot"]], img
         assert img["shown_w"] > 300, img
@@ -290,6 +302,7 @@ def test_report_command_from_a_results_file(
     assert summary.read_text(encoding="utf-8") == "earlier\n\n" + md
     if plots.plots_available()[0]:
         assert {p.name for p in tmp_path.glob("perf-*.png")} == {
+            "perf-cost-frontier.png",
             "perf-frontier.png",
             "perf-latency.png",
             "perf-throughput.png",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import textwrap
 import threading
 import time
@@ -103,6 +104,65 @@ def test_unwritable_results_path_is_a_clear_error_and_outcomes_are_still_reporte
     assert "blocker/out" in out  # the error names the path
     assert "Traceback" not in out and "INTERNALERROR" not in out
     result.stdout.fnmatch_lines(["*the failure the user must still see*", "*infmax results*", "*1 failed, 1 passed*"])
+
+
+def test_one_unwritable_report_is_named_and_every_other_report_is_still_written(
+    pytester: pytest.Pytester, no_leaked_servers
+) -> None:
+    """Issue 15, item 4 (and the red team's finding): a read-only JSON path stopped the HTML and
+    the Markdown at writable paths from being written. One writer, one failure behaviour."""
+    _write(
+        pytester,
+        """
+        def test_ok(infmax):
+            infmax.run("1k1k-mini", concurrency=1, num_requests=2, warmup=0)
+    """,
+    )
+    (pytester.path / "blocker").write_text("a file, not a directory\n")
+    result = pytester.runpytest_subprocess(
+        "-p",
+        "no:cacheprovider",
+        "--infmax-json",
+        "blocker/r.json",
+        "--infmax-html",
+        "out/r.html",
+        "--infmax-markdown",
+        "out/r.md",
+        "--infmax-benchmark-json",
+        "out/bench.json",
+    )
+    assert result.ret == pytest.ExitCode.TESTS_FAILED  # results the user asked for are missing
+    result.stdout.fnmatch_lines(["*could not write the JSON results *blocker/r.json*"])
+    for name in ("r.html", "r.md", "bench.json"):
+        assert (pytester.path / "out" / name).stat().st_size > 0, name
+    assert "Traceback" not in result.stdout.str()
+
+
+def test_infmax_report_writes_what_it_can_and_names_what_it_cannot(tmp_path: Path) -> None:
+    """The CLI goes through the same writer: the Markdown is written though the HTML cannot be."""
+    doc = {"format": "pytest-infmax/1", "environment": {}, "servers": [], "results": []}
+    src = tmp_path / "r.json"
+    src.write_text(json.dumps(doc))
+    (tmp_path / "blocker").write_text("a file\n")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest_infmax.cli",
+            "report",
+            str(src),
+            "-o",
+            str(tmp_path / "blocker" / "r.html"),
+            "--markdown",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert "could not write the HTML report" in proc.stderr and "blocker" in proc.stderr
+    assert (tmp_path / "r.md").read_text().startswith("## infmax results")
+    assert f"wrote {tmp_path / 'r.md'}" in proc.stdout
 
 
 # -- two sessions writing baselines at once ---------------------------------------------------------

@@ -501,15 +501,8 @@ def build_testbed(server: Mapping[str, Any] | None, extra: Mapping[str, Any] | N
     options: Any = normalise_server_options(server.get("command"))
     if kind == "endpoint":  # nothing is started: the endpoint itself is the option
         options = [str(server.get("base_url"))] if server.get("base_url") else []
-    tb: dict[str, Any] = {
-        "gpu_model": None,
-        "gpu_count": server.get("num_gpus"),
-        "driver": None,
-        "engine": kind,
-        "engine_version": None,
-        "model": server.get("model"),
-        "server_options": options,
-    }
+    tb: dict[str, Any] = dict.fromkeys(TESTBED_KEYS)
+    tb.update(gpu_count=server.get("num_gpus"), engine=kind, model=server.get("model"), server_options=options)
     for key, value in (extra or {}).items():
         tb[str(key)] = _plain(value)
     return tb
@@ -605,10 +598,6 @@ class Baseline:
         diffs = self.differences(testbed, workload)
         if diffs:
             raise BaselineMismatch(self.key, diffs, self.path)
-
-    def with_run(self, run: BaselineRun) -> Baseline:
-        """A copy with ``run`` appended and the oldest runs dropped beyond ``history``."""
-        return self.with_runs([run])
 
     def with_runs(self, runs: Sequence[BaselineRun]) -> Baseline:
         """A copy with ``runs`` appended and the oldest dropped beyond ``history``; the new
@@ -769,7 +758,6 @@ class BaselineStore:
             baseline = Baseline(key, current.testbed, current.runs, self.history, path)
         baseline = baseline.with_runs(new_runs)
         write_json_atomic(path, _sorted(baseline.to_dict()))
-        _make_readable(path)
         baseline.path = path
         return baseline
 
@@ -796,15 +784,6 @@ def _locked(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
-
-
-def _make_readable(path: Path) -> None:
-    """Baselines are shared (committed, read by other CI users): rw-r--r-- rather
-    than the private mode of the temporary file they were written as."""
-    try:
-        os.chmod(path, 0o644)
-    except OSError:
-        pass
 
 
 def _sorted(value: Any) -> Any:

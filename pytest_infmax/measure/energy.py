@@ -698,22 +698,3 @@ def _per_token(rep: EnergyReport, usd_per_kwh: float | None) -> None:
         rep.usd_per_kwh = float(usd_per_kwh)
         rep.energy_usd = rep.energy_kwh * usd_per_kwh
         rep.energy_usd_per_mtok = rep.energy_usd / total * 1e6 if total else None
-
-
-def measure(
-    source: PowerSource | None,
-    fn: Callable[[], Any],
-    *,
-    period: float = DEFAULT_PERIOD_S,
-    usd_per_kwh: float | None = None,
-) -> tuple[Any, EnergyReport]:
-    """Run ``fn()`` (e.g. ``lambda: infmax.run(...)``) under a sampler; return its value and the report.
-
-    When ``fn`` returns a ``LoadResult`` the report covers its measured phase and tokens.
-    """
-    sampler = EnergySampler(source, period=period)
-    with sampler:
-        value = fn()
-    if hasattr(value, "run") and hasattr(value, "metrics"):
-        return value, sampler.report_for(value, usd_per_kwh=usd_per_kwh)
-    return value, sampler.report(usd_per_kwh=usd_per_kwh)

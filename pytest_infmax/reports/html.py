@@ -21,12 +21,12 @@ import base64
 import html
 import json
 import os
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from pytest_infmax.atomic import write_text_atomic
 from pytest_infmax.baselines.compare import COMPARISON_HEADERS, comparison_cells
 from pytest_infmax.environment import environment as this_environment
 from pytest_infmax.measure.cost import Price
@@ -36,10 +36,8 @@ from pytest_infmax.reports.markdown import (
     SERVER_NOTE,
     errors_cell,
     fmt,
-    markdown_summary,
     requests_cell,
     server_cells,
-    write_github_step_summary,
 )
 from pytest_infmax.reports.rows import (
     VerdictTally,
@@ -503,78 +501,4 @@ def _environment_section(env: Mapping[str, Any], servers: Sequence[Mapping[str, 
 
 def write_html_report(path: str | os.PathLike[str], results: Sequence[Result], **kwargs: Any) -> Path:
     """Write :func:`render_html`'s report to ``path`` atomically; return the path."""
-    text = render_html(results, **kwargs)
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # A fresh name opened exclusively (mode from the umask, unlike mkstemp's 0600), then renamed.
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return target
-
-
-# -- from a results file ---------------------------------------------------------------
-
-
-def reports_from_document(
-    doc: Mapping[str, Any],
-    json_path: str | os.PathLike[str],
-    *,
-    html_path: Any = None,
-    plots: bool = False,
-    markdown_path: Any = None,
-    step_summary: bool = False,
-    title: str | None = None,
-    price: Price | Mapping[str, Any] | None = None,
-) -> list[Path]:
-    """Write the HTML report (and PNGs, Markdown, step summary) for an ``--infmax-json`` document.
-
-    Files go next to ``json_path``: ``NAME.html``, ``NAME-frontier.png`` ...,
-    ``NAME.md``; returns what was written.
-    """
-    src = Path(json_path)
-    results = list(doc.get("results") or [])
-    sweeps = list(doc.get("sweeps") or [])
-    checks = list(doc.get("checks") or [])
-    written: list[Path] = []
-    rendered: Any = None
-    if plots:
-        try:
-            rendered = plots_mod.render_plots(results, sweeps)
-            written += plots_mod.write_plots(results, src.parent, prefix=src.stem, plots=rendered)
-        except plots_mod.PlotsUnavailable as exc:
-            print(f"infmax: {exc}", file=sys.stderr)
-            rendered = "auto"
-    html_target = Path(html_path) if html_path else src.with_suffix(".html")
-    written.append(
-        write_html_report(
-            html_target,
-            results,
-            sweeps=sweeps,
-            checks=checks,
-            environment=doc.get("environment"),
-            servers=doc.get("servers"),
-            price=price,
-            plots=rendered if plots else "auto",
-            title=title or f"infmax report: {src.name}",
-        )
-    )
-    if markdown_path or step_summary:
-        artifacts = [p.name for p in written]
-        md = markdown_summary(
-            results, sweeps, checks, price=price, title=title or "infmax results", artifacts=artifacts
-        )
-        if markdown_path:
-            target = src.with_suffix(".md") if markdown_path is True else Path(markdown_path)
-            target.write_text(md, encoding="utf-8")
-            written.append(target)
-        if step_summary:
-            path = write_github_step_summary(md)
-            if path is not None:
-                written.append(path)
-    return written
+    return write_text_atomic(path, render_html(results, **kwargs))

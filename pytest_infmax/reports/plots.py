@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pytest_infmax.atomic import write_bytes_atomic
 from pytest_infmax.measure.frontier import Point, pareto_front
 from pytest_infmax.measure.registry import METRICS
 from pytest_infmax.measure.sla import SLASyntaxError, parse
@@ -279,13 +280,13 @@ def frontier_plot(
     """``y`` (a registered run-level figure) against interactivity, one panel per scenario."""
     _require()
     info = METRICS[y]
-    name, title = FRONTIERS.get(y, (f"frontier-{y}", f"{y} vs interactivity"))
+    plot_name, title = FRONTIERS.get(y, (f"frontier-{y}", f"{y} vs interactivity"))
     groups = _series(results, sweeps)
     groups = {sc: {k: [r for r in rs if _point_xy(r, y)] for k, rs in series.items()} for sc, series in groups.items()}
     groups = {sc: {k: rs for k, rs in series.items() if rs} for sc, series in groups.items()}
     groups = {sc: series for sc, series in groups.items() if series}
     if not groups:
-        return Plot(name, title, "", reason=f"no result has both interactivity and {y}")
+        return Plot(plot_name, title, "", reason=f"no result has both interactivity and {y}")
     n = len(groups)
     cols = min(n, 2)
     rows = math.ceil(n / cols)
@@ -366,7 +367,7 @@ def frontier_plot(
     better = "up and right" if info.higher_is_better else "down and right"
     fig.suptitle(f"{title} ({better} is better)", fontsize=12)
     alt = title + ". " + "; ".join(alt_parts)
-    return Plot(name, title, alt, _png(fig))
+    return Plot(plot_name, title, alt, _png(fig))
 
 
 # -- latency distributions ---------------------------------------------------------------------
@@ -513,9 +514,5 @@ def write_plots(
     for p in plots:
         if p.png is None:
             continue
-        path = out / f"{prefix}-{p.name}.png"
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(p.png)
-        tmp.replace(path)
-        paths.append(path)
+        paths.append(write_bytes_atomic(out / f"{prefix}-{p.name}.png", p.png))
     return paths

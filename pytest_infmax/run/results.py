@@ -144,7 +144,7 @@ class LoadResult:
             ],
             "metrics": self.metrics.to_dict(),
             "client": run.client.to_dict() if run.client is not None else None,
-            "sla": [verdict_to_dict(v) for v in self.verdicts],
+            "sla": [v.to_dict() for v in self.verdicts],
             "passed": self.passed,
             "cost": self.cost.to_dict() if self.cost is not None else {"not_priced": self.price_note or None},
             "energy": self.energy.to_dict() if self.energy is not None else None,
@@ -156,27 +156,6 @@ class LoadResult:
         if include_records:
             out["records"] = [r.to_dict(run.clock_origin) for r in run.records]
         return out
-
-
-def verdict_to_dict(v: Verdict) -> dict[str, Any]:
-    return {
-        "objective": str(v.objective),
-        "measured": _num(v.measured),
-        "passed": v.passed,
-        "count": v.count,
-        "message": v.message,
-    }
-
-
-def _num(x: float | None) -> float | None:
-    if x is None or x != x:  # NaN: not measured
-        return None
-    return float(x)
-
-
-def _ms(x: float | None) -> float | None:
-    x = _num(x)
-    return None if x is None else x * 1000.0
 
 
 @dataclass
