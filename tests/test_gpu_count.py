@@ -62,3 +62,25 @@ def test_without_a_profile_the_configured_count_stands(pytester: pytest.Pytester
     )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
+
+
+def test_the_simulator_says_what_it_models_and_nothing_else_parses_its_flags(tmp_path) -> None:
+    """Issue 15: --profile was parsed three ways (by the simulator, by the price chooser and by the
+    energy check). Now only the simulator reads its flags; the launcher asks it (/sim/stats)."""
+    import re
+    from pathlib import Path
+
+    from pytest_infmax.servers.launch import ServerConfig, running_server
+
+    with running_server(ServerConfig(sim_args=("--profile=b200/gpt-oss-120b", "--tp", "2")), tmp_path) as server:
+        assert (server.modelled_gpus, server.modelled_hardware, server.modelled_power) == (2, "b200", True)
+    with running_server(ServerConfig(sim_args=("--decode-step-ms", "2")), tmp_path) as plain:
+        assert (plain.modelled_gpus, plain.modelled_hardware, plain.modelled_power) == (None, None, False)
+    package = Path(__file__).resolve().parents[1] / "pytest_infmax"
+    parsers = [
+        p.relative_to(package).as_posix()
+        for p in package.rglob("*.py")
+        if not p.relative_to(package).as_posix().startswith("sim/")
+        and re.search(r"""["']--profile["'=]""", p.read_text())
+    ]
+    assert parsers == [], f"these read the simulator's --profile themselves: {parsers}"

@@ -74,16 +74,16 @@ def test_frontier_objective_parses_and_rejects() -> None:
 def test_price_choice_precedence_and_reasons() -> None:
     from pytest_infmax.measure.cost import choose_price
 
-    user, why = choose_price(3.0, "neocloud", "vllm", (), "NVIDIA H100")
+    user, why = choose_price(3.0, "neocloud", "vllm", "NVIDIA H100")
     assert user.usd_per_gpu_hour == 3.0 and user.source == "user-set (--infmax-gpu-hour-usd)" and why == ""
-    sim, _ = choose_price(None, "hyperscaler", "sim", ("--profile", "h200/llama-3.3-70b"))
-    assert sim.usd_per_gpu_hour == 1.41 and "simulator profile 'h200/llama-3.3-70b'" in sim.source
-    nvml, _ = choose_price(None, "rental-3y", "trtllm", (), "NVIDIA B200")
+    sim, _ = choose_price(None, "hyperscaler", "sim", "h200")  # the GPU the simulator says it models
+    assert sim.usd_per_gpu_hour == 1.41 and "the GPU the simulator models ('h200'" in sim.source
+    nvml, _ = choose_price(None, "rental-3y", "trtllm", "NVIDIA B200")
     assert nvml.usd_per_gpu_hour == 2.90 and "reported by NVML" in nvml.source
     for args, reason in (
-        ((None, "neocloud", "sim", ()), "models no GPU"),
-        ((None, "neocloud", "endpoint", ()), "endpoint"),
-        ((None, "neocloud", "vllm", (), None), "no GPU seen through NVML"),
+        ((None, "neocloud", "sim"), "models no GPU"),
+        ((None, "neocloud", "endpoint"), "endpoint"),
+        ((None, "neocloud", "vllm", None), "no GPU seen through NVML"),
     ):
         price, why = choose_price(*args)
         assert price is None and reason in why

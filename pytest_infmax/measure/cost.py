@@ -108,31 +108,29 @@ def choose_price(
     user_usd: float | None,
     tier: Tier,
     server_kind: str,
-    sim_args: tuple[str, ...] = (),
-    nvml_gpu_name: str | None = None,
+    gpu_name: str | None = None,
     user_source: str = "--infmax-gpu-hour-usd",
 ) -> tuple[Price | None, str]:
     """The price a result is costed at, and why (the reason is kept when there is none).
 
-    Precedence: the user's $/GPU-hour; else the default table for the GPU the
-    simulator's profile names, or the GPU NVML reports for a started server.
-    ``user_source`` says where the user's price was set (a flag, env, ini or the marker).
+    Precedence: the user's $/GPU-hour; else the default table for ``gpu_name``: the GPU
+    the simulator says it models (its /sim/stats), or the one NVML reports for a started
+    server. ``user_source`` says where the user's price was set (a flag, env, ini or the marker).
     """
     if user_usd is not None:
         return user_price(user_usd, user_source), ""
     if server_kind == "sim":
-        profile = _sim_profile(sim_args)
-        if profile is None:
+        if gpu_name is None:
             return (
                 None,
                 "the default simulator models no GPU: pass --infmax-sim-args '--profile b200/...' or --infmax-gpu-hour-usd",
             )
-        return _table_price(profile.split("/", 1)[0], tier, f"from the simulator profile {profile!r}")
+        return _table_price(gpu_name, tier, f"the GPU the simulator models ({gpu_name!r}, from its --profile)")
     if server_kind == "endpoint":
         return None, "a running endpoint's GPUs are unknown here: pass --infmax-gpu-hour-usd"
-    if nvml_gpu_name is None:
+    if gpu_name is None:
         return None, "no GPU seen through NVML: pass --infmax-gpu-hour-usd"
-    return _table_price(nvml_gpu_name, tier, f"GPU {nvml_gpu_name!r} reported by NVML")
+    return _table_price(gpu_name, tier, f"GPU {gpu_name!r} reported by NVML")
 
 
 def _table_price(gpu_name: str, tier: Tier, why: str) -> tuple[Price | None, str]:
@@ -140,15 +138,6 @@ def _table_price(gpu_name: str, tier: Tier, why: str) -> tuple[Price | None, str
         return default_price(gpu_name, tier, why), ""
     except PriceError as exc:
         return None, str(exc)
-
-
-def _sim_profile(sim_args: tuple[str, ...]) -> str | None:
-    for i, arg in enumerate(sim_args):
-        if arg == "--profile" and i + 1 < len(sim_args):
-            return sim_args[i + 1]
-        if arg.startswith("--profile="):
-            return arg.split("=", 1)[1]
-    return None
 
 
 def price_marker_options(kwargs: Mapping[str, Any], args: tuple[Any, ...] = ()) -> dict[str, Any]:

@@ -300,9 +300,9 @@ class Infmax:
                     gpu_name = telemetry.gpus()[0].name
                 except Exception:  # no NVML here: no GPU to name
                     gpu_name = None
-            self._price = choose_price(
-                self._gpu_hour_usd, self._price_tier, config.kind, config.sim_args, gpu_name, self._price_source
-            )
+            if config.kind == "sim":
+                gpu_name = self.server.modelled_hardware  # what the simulator says it models
+            self._price = choose_price(self._gpu_hour_usd, self._price_tier, config.kind, gpu_name, self._price_source)
         return self._price
 
     async def _metrics_scraper(self, warmup: int) -> Scraper | None:
@@ -331,7 +331,7 @@ class Infmax:
         if not self.energy:
             return None, "energy measurement is off (--infmax-energy off)"
         if kind == "sim":
-            if "--profile" not in " ".join(self.server.config.sim_args):
+            if not self.server.modelled_power:  # the simulator said so in /sim/stats
                 return None, "the default simulator models no power (a --profile hardware does)"
             sampler = EnergySampler(HttpPowerSource(f"{self.server.base_url}/sim/power"))
             sampler.start()

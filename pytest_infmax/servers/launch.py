@@ -277,8 +277,11 @@ class Server:
     # guards against signalling an unrelated process that reused a pid.
     tracked: dict[int, int] = field(default_factory=dict)
     stopped_pids: list[int] = field(default_factory=list)
-    # The GPUs the simulator says its --profile deployment models (its /sim/stats), if any
+    # What the simulator says its --profile deployment models (its /sim/stats), if anything:
+    # how many GPUs, which GPU (for the default price table), and whether it models their power
     modelled_gpus: int | None = None
+    modelled_hardware: str | None = None
+    modelled_power: bool = False
     _tailer: LogTailer | None = None
 
     @property
@@ -675,7 +678,7 @@ def _start_once(
         server.base_url, served = _wait_ready(server, port, port_file)
         server.model = config.model or served or "default"
         if config.kind == "sim":
-            server.modelled_gpus = _sim_modelled_gpus(server)
+            server.modelled_gpus, server.modelled_hardware, server.modelled_power = _sim_model(server)
         server.startup_seconds = time.monotonic() - started
         server.track_descendants()
         return server
@@ -724,19 +727,22 @@ def _wait_ready(server: Server, port: int | None, port_file: Path | None) -> tup
         time.sleep(0.1)
 
 
-def _sim_modelled_gpus(server: Server) -> int | None:
-    """The GPUs the simulator models (from its own /sim/stats), checked against ``num_gpus=``.
+def _sim_model(server: Server) -> tuple[int | None, str | None, bool]:
+    """What the simulator models, from its own /sim/stats: (GPU count, GPU name, power modelled).
 
-    Per-GPU throughput and cost divide by this count: ``--profile ... --tp 2`` models two
-    GPUs, and a result computed for one would be 2x off without a word.
+    Its flags are parsed once, by the simulator; everything else asks it. Per-GPU throughput
+    and cost divide by the count: ``--profile ... --tp 2`` models two GPUs, and a result
+    computed for one would be 2x off without a word. The count is checked against ``num_gpus=``.
     """
     try:
         status, body = _http_get(f"{server.base_url}/sim/stats", server.api_key, timeout=10.0)
-        gpus = json.loads(body).get("gpus") if status == 200 else None
+        stats = json.loads(body) if status == 200 else {}
+        gpus = stats.get("gpus")
+        hardware = stats.get("hardware")
     except (OSError, urllib.error.URLError, ValueError, AttributeError) as exc:
         raise ServerError(f"the simulator at {server.base_url} did not say how many GPUs it models: {exc}") from None
     if gpus is None:
-        return None  # no --profile: no GPU is modelled, the configured count stands
+        return None, None, False  # no --profile: no GPU is modelled, the configured count stands
     if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 1:
         raise ServerError(f"the simulator at {server.base_url} reported {gpus!r} GPUs in /sim/stats")
     given = server.config.num_gpus
@@ -746,7 +752,7 @@ def _sim_modelled_gpus(server: Server) -> int | None:
             f"({shlex.join(server.config.sim_args)}): drop num_gpus= (the simulator's count is used), "
             "or change the simulator's --tp/--gpus"
         )
-    return gpus
+    return gpus, str(hardware) if hardware else None, bool(stats.get("power_modelled"))
 
 
 def _shown(server: Server) -> str:

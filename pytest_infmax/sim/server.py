@@ -1086,6 +1086,10 @@ async def handle_stats(request: web.Request) -> web.Response:
     # compute per-GPU figures with it. None without a profile: no GPU is modelled.
     deployment = getattr(request.app[CONFIG_KEY].cost_model, "deployment", None)
     body["gpus"] = deployment.gpus if deployment is not None else None
+    # What it models, so that nobody parses our flags again: the GPU (priced from the default
+    # table) and whether /sim/power models its power.
+    body["hardware"] = deployment.hardware.name if deployment is not None else None
+    body["power_modelled"] = deployment is not None and deployment.hardware.tdp_w is not None
     noise = noise_of(request.app[CONFIG_KEY].cost_model)
     if noise is not None:  # this start's drawn factors (--start-jitter and friends)
         body["noise"] = noise.describe()
