@@ -131,7 +131,7 @@ def pytest_configure(config: pytest.Config) -> None:
         settings.server_config()
     except settings_mod.SettingError as exc:
         raise pytest.UsageError(f"pytest-infmax: {exc}") from None
-    log_dir = settings["log_dir"]
+    log_dir = settings.log_dir
     if not log_dir.is_absolute():
         log_dir = config.rootpath / log_dir
     try:
@@ -248,20 +248,20 @@ def infmax(request: pytest.FixtureRequest, infmax_server: Server, infmax_server_
     return Infmax(
         infmax_server,
         name=request.node.nodeid,
-        percentiles=settings["percentiles"],
-        request_timeout=settings["request_timeout"],
+        percentiles=settings.percentiles,
+        request_timeout=settings.request_timeout,
         on_result=results.append,
         on_sweep=request.node.stash.setdefault(SWEEPS_KEY, []).append,
         progress=_progress_writer(request.config),
         sequential=(
-            sequential_for(state.gate, settings["sequential_gate"])
-            if settings["sequential"] and state.gate is not None
+            sequential_for(state.gate, settings.sequential_gate)
+            if settings.sequential and state.gate is not None
             else None
         ),
-        energy=settings["energy"],
+        energy=settings.energy,
         repeat=_repeat(request.node, settings),
         restart=infmax_server_pool.restart,
-        workers=settings["workers"],
+        workers=settings.workers,
         **_price_options(request.node, settings),
     )
 
@@ -269,15 +269,15 @@ def infmax(request: pytest.FixtureRequest, infmax_server: Server, infmax_server_
 def _repeat(item: pytest.Item, settings: settings_mod.Settings) -> int:
     """Runs per load: @pytest.mark.infmax_repeat(N) over --infmax-repeat."""
     marker = item.get_closest_marker("infmax_repeat")
-    return repeat_marker_count(marker.args, marker.kwargs) if marker is not None else settings["repeat"]
+    return repeat_marker_count(marker.args, marker.kwargs) if marker is not None else settings.repeat
 
 
 def _price_options(item: pytest.Item, settings: settings_mod.Settings) -> dict[str, Any]:
     """Price and energy tariff: @pytest.mark.infmax_price over the session settings."""
     options = {
-        "usd_per_kwh": settings["usd_per_kwh"],
-        "gpu_hour_usd": settings["gpu_hour_usd"],
-        "price_tier": settings["price_tier"],
+        "usd_per_kwh": settings.usd_per_kwh,
+        "gpu_hour_usd": settings.gpu_hour_usd,
+        "price_tier": settings.price_tier,
         "price_source": settings.sources["gpu_hour_usd"],  # a flag, env or ini: its label says which
     }
     marker = item.get_closest_marker("infmax_price")
@@ -335,7 +335,7 @@ def _check_client(item: pytest.Item) -> None:
     if not bound:
         return
     reasons = "; ".join(f"{r.name} {r.config.label}: {r.run.client.reason}" for r in bound if r.run.client)
-    if item.config.stash[STATE_KEY].settings["client_bound"] == "fail":
+    if item.config.stash[STATE_KEY].settings.client_bound == "fail":
         pytest.fail(f"the load generator fell behind, so the measurement is not the server's: {reasons}", pytrace=False)
     warnings.warn(ClientBoundWarning(f"latencies are upper bounds: {reasons}"), stacklevel=1)
 
@@ -403,12 +403,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if results:
         settings = item.config.stash[STATE_KEY].settings
         # Plots and the HTML report are drawn from the per-request records too.
-        want_records = any(settings[k] for k in ("json", "html", "plots", "benchmark_json"))
+        want_records = bool(settings.json or settings.html or settings.plots or settings.benchmark_json)
         full = [r.to_dict(include_records=want_records) for r in results]
         for i, entry in enumerate(full):  # what the row's verdict tells: every reason the test failed
             entry["outcome"] = {
                 "baseline": checks[i] if len(checks) == len(results) else None,
-                "client_bound_fails": settings["client_bound"] == "fail",
+                "client_bound_fails": settings.client_bound == "fail",
                 "test_failed": report.failed,
             }
         report.infmax_results = full
@@ -459,7 +459,7 @@ class ResultCollector:
         self.state.checks.extend(getattr(report, "infmax_checks", None) or ())
 
     def _path(self, name: str) -> Path | None:
-        value = self.state.settings[name]
+        value = getattr(self.state.settings, name)
         if value is None:
             return None
         path = Path(value)
@@ -480,7 +480,7 @@ class ResultCollector:
         doc["checks"] = state.checks
         json_path = self._path("json")
         plots_dir = None
-        if settings["plots"]:
+        if settings.plots:
             if json_path is None:
                 state.notes.append("--infmax-plots needs --infmax-json: the PNGs go next to it")
             else:
@@ -494,7 +494,7 @@ class ResultCollector:
                 markdown=self._path("markdown"),
                 plots_dir=plots_dir,
                 plots_prefix=json_path.stem if json_path is not None else "infmax",
-                step_summary=bool(settings["step_summary"] and os.environ.get("GITHUB_STEP_SUMMARY")),
+                step_summary=bool(settings.step_summary and os.environ.get("GITHUB_STEP_SUMMARY")),
             ),
         )
         state.written.extend(outcome.written)

@@ -13,14 +13,14 @@ import math
 import os
 import shlex
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from pytest_infmax.baselines.compare import DEFAULT_GATES, CompareOptions, Gate, parse_gates
 from pytest_infmax.baselines.gate import GateSettings
-from pytest_infmax.measure.cost import TIERS
+from pytest_infmax.measure.cost import TIERS, Tier
 from pytest_infmax.servers import engines
 from pytest_infmax.servers.launch import ServerConfig, ServerError, command_from_template, config_from_mapping
 
@@ -188,170 +188,169 @@ class Setting:
         return "INFMAX_" + self.name.upper()
 
 
-SETTINGS: tuple[Setting, ...] = (
-    Setting(
-        "endpoint",
+def setting(
+    help: str, default: Any, parse: Callable[[str], Any] = _text, metavar: str = "VALUE", *, switch: bool = False
+) -> Any:
+    """A field of :class:`Settings`: its default, with the help, parser and flag style beside it."""
+    return field(default=default, metadata={"setting": (help, parse, metavar, switch)})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The session's settings, typed: one field per setting, and where each value came from.
+
+    This class is the settings table: each field's help, parser and metavar are its
+    metadata (:func:`setting`), and :data:`SETTINGS` (the flags, env variables and ini
+    keys) is read from it.
+    """
+
+    endpoint: str | None = setting(
         "base URL of an OpenAI-compatible server that is already running (instead of starting one)",
         None,
         _url,
         "URL",
-    ),
-    Setting(
-        "server_command",
+    )
+    server_command: str | None = setting(
         "command that starts the server under test, split like a shell "
         "would but never run through one; {host}, {port} and {model} are filled in",
         None,
         _command,
         "TEMPLATE",
-    ),
-    Setting("sim_args", "extra flags for the embedded simulator (see `infmax sim --help`)", "", _flags, "FLAGS"),
-    Setting(
-        "engine",
+    )
+    sim_args: str = setting("extra flags for the embedded simulator (see `infmax sim --help`)", "", _flags, "FLAGS")
+    engine: str | None = setting(
         "start this inference engine: trtllm (trtllm-serve), vllm (vllm serve) or "
         "sglang (python -m sglang.launch_server); needs the model (--infmax-model or the engine "
         "config)",
         None,
         _engine,
         "NAME",
-    ),
-    Setting(
-        "engine_config",
+    )
+    engine_config: str | None = setting(
         "YAML file with the engine's launch options (engine:, model:, tp:, "
         "max_batch_size:, engine_options:, extra_args:, launcher_prefix:, env:, ...; the keys "
         "of @pytest.mark.infmax_server)",
         None,
         _path,
         "YAML",
-    ),
-    Setting("model", "model name to request (default: the first one /v1/models lists)", None, metavar="NAME"),
-    Setting(
-        "gpus",
+    )
+    model: str | None = setting("model name to request (default: the first one /v1/models lists)", None, metavar="NAME")
+    gpus: int | None = setting(
         "GPUs behind the server, for per-GPU metrics (default: tp x pp x dp of an engine, the GPUs a "
         "simulator --profile models, else 1)",
         None,
         _positive_int,
         "N",
-    ),
-    Setting(
-        "api_key_env",
+    )
+    api_key_env: str = setting(
         "environment variable that holds the server's API key (the key itself is never printed or saved)",
         "INFMAX_API_KEY",
         metavar="VAR",
-    ),
-    Setting(
-        "startup_timeout", "seconds to wait for a started server to become ready", 600.0, _positive_float, "SECONDS"
-    ),
-    Setting(
-        "request_timeout",
+    )
+    startup_timeout: float = setting(
+        "seconds to wait for a started server to become ready", 600.0, _positive_float, "SECONDS"
+    )
+    request_timeout: float = setting(
         "seconds one request may take before it is recorded as a timeout",
         600.0,
         _positive_float,
         "SECONDS",
-    ),
-    Setting(
-        "percentiles", "percentiles reported for latency distributions", (50.0, 90.0, 95.0, 99.0), _percentiles, "LIST"
-    ),
-    Setting(
-        "json",
+    )
+    percentiles: tuple[float, ...] = setting(
+        "percentiles reported for latency distributions", (50.0, 90.0, 95.0, 99.0), _percentiles, "LIST"
+    )
+    json: str | None = setting(
         "write every result, with per-request records and the environment, to this JSON file (atomically)",
         None,
         _path,
         "PATH",
-    ),
-    Setting("html", "write a self-contained HTML report (tables, verdicts, plots) to this file", None, _path, "PATH"),
-    Setting("markdown", "write the Markdown summary to this file", None, _path, "PATH"),
-    Setting(
-        "plots",
+    )
+    html: str | None = setting(
+        "write a self-contained HTML report (tables, verdicts, plots) to this file", None, _path, "PATH"
+    )
+    markdown: str | None = setting("write the Markdown summary to this file", None, _path, "PATH")
+    plots: bool = setting(
         "write PNG plots (frontier, latency distributions, throughput over time) next "
         "to the --infmax-json file: on or off (needs the 'plots' extra)",
         False,
         _on_off,
         "on|off",
-    ),
-    Setting(
-        "step_summary",
+    )
+    step_summary: bool = setting(
         "append the Markdown summary to $GITHUB_STEP_SUMMARY when that is set: on or off",
         True,
         _on_off,
         "on|off",
-    ),
-    Setting("log_dir", "directory for server logs", ".infmax/logs", _path, "DIR"),
-    Setting(
-        "gpu_hour_usd",
+    )
+    log_dir: Path = setting("directory for server logs", Path(".infmax/logs"), _path, "DIR")
+    gpu_hour_usd: float | None = setting(
         "$ per GPU-hour for cost per million tokens (default: SemiAnalysis' Aug 2025 "
         "table for the GPU NVML reports or the simulator's profile)",
         None,
         _positive_float,
         "USD",
-    ),
-    Setting(
-        "price_tier", "row of the default price table: hyperscaler, neocloud or rental-3y", "neocloud", _tier, "TIER"
-    ),
-    Setting(
-        "energy",
+    )
+    price_tier: Tier = setting(
+        "row of the default price table: hyperscaler, neocloud or rental-3y", "neocloud", _tier, "TIER"
+    )
+    energy: bool = setting(
         "measure GPU energy through NVML while load runs (servers started on this machine): on or off",
         True,
         _on_off,
         "on|off",
-    ),
-    Setting("usd_per_kwh", "electricity price, to cost the measured energy", None, _positive_float, "USD"),
-    Setting(
-        "client_bound",
+    )
+    usd_per_kwh: float | None = setting("electricity price, to cost the measured energy", None, _positive_float, "USD")
+    client_bound: str = setting(
         "when the load generator itself falls behind (event-loop or send lag p99 over 10 ms): warn, or fail the test",
         "warn",
         _warn_or_fail,
         "warn|fail",
-    ),
-    Setting(
-        "baselines",
+    )
+    baselines: str = setting(
         "directory of baseline sets (one JSON file per test in each set)",
         ".infmax/baselines",
         _path,
         "DIR",
-    ),
-    Setting(
-        "compare",
+    )
+    compare: str | None = setting(
         "compare each result with its baseline in this set, where one exists "
         "(a missing baseline is recorded, never a failure); off: no comparison",
         "default",
         _set_name_or_off,
         "NAME|off",
-    ),
-    Setting("save", "add this run to the history of the baselines in this set (e.g. main)", None, _set_name, "NAME"),
-    Setting("autosave", "add this run to the set it was compared with", False, _on_off, switch=True),
-    Setting(
-        "update",
+    )
+    save: str | None = setting(
+        "add this run to the history of the baselines in this set (e.g. main)", None, _set_name, "NAME"
+    )
+    autosave: bool = setting("add this run to the set it was compared with", False, _on_off, switch=True)
+    update: bool = setting(
         "rewrite the compared set's baselines of the tests that ran with this run",
         False,
         _on_off,
         switch=True,
-    ),
-    Setting(
-        "fail_on_unsure",
+    )
+    fail_on_unsure: bool = setting(
         "fail a test whose comparison is unsure (not enough evidence either way)",
         False,
         _on_off,
         switch=True,
-    ),
-    Setting(
-        "compare_force",
+    )
+    compare_force: bool = setting(
         "compare with baselines from another testbed (GPU, driver, engine, model, options) anyway",
         False,
         _on_off,
         switch=True,
-    ),
-    Setting(
-        "sequential",
+    )
+    sequential: bool = setting(
         "stop a run as soon as its comparison with the baseline is settled (an "
         "always-valid confidence sequence, looked at every 8 requests; the run's request count "
         "is the cap)",
         False,
         _on_off,
         switch=True,
-    ),
-    Setting("sequential_gate", "the statistic a sequential comparison watches", "p50(tpot)", metavar="STAT"),
-    Setting(
-        "repeat",
+    )
+    sequential_gate: str = setting("the statistic a sequential comparison watches", "p50(tpot)", metavar="STAT")
+    repeat: int = setting(
         "run each infmax.run() (and each sweep point) N times, restarting the server "
         "before each run but the first (fresh starts); metrics pool the runs, the regression gate "
         "compares all N with the baseline history and --infmax-save stores all N "
@@ -359,103 +358,95 @@ SETTINGS: tuple[Setting, ...] = (
         1,
         _repeat,
         "N",
-    ),
-    Setting(
-        "workers",
+    )
+    workers: int = setting(
         "processes the load generator spreads each run's streams over, each with its own "
         "event loop; 1 (the default) keeps up with tens of thousands of events/s, see "
         "docs/load-generator.md",
         1,
         _positive_int,
         "N",
-    ),
-    Setting("min_effect", "smallest change that counts as a regression, e.g. 5%", 0.05, _fraction, "PCT"),
-    Setting(
-        "gates",
+    )
+    min_effect: float = setting("smallest change that counts as a regression, e.g. 5%", 0.05, _fraction, "PCT")
+    gates: str | None = setting(
         "metrics the regression gate compares, e.g. 'p50(tpot), p99(ttft), throughput_per_gpu'",
         None,
         metavar="LIST",
-    ),
-    Setting("benchmark_json", "also write results in pytest-benchmark's JSON layout to this file", None, _path, "PATH"),
-)
-
-
-@dataclass(frozen=True)
-class Settings:
-    values: dict[str, Any]
-    sources: dict[str, str]
-
-    def __getitem__(self, name: str) -> Any:
-        return self.values[name]
+    )
+    benchmark_json: str | None = setting(
+        "also write results in pytest-benchmark's JSON layout to this file", None, _path, "PATH"
+    )
+    #: setting name -> where its value came from: a flag, an environment variable, an ini key or "default"
+    sources: dict[str, str] = field(default_factory=dict, compare=False)
 
     def gate_settings(self, root: Path) -> GateSettings:
         """The regression gate's settings; relative directories are under ``root`` (pytest's rootdir)."""
-        v = self.values
-        directory = Path(v["baselines"])
-        compare_set = v["compare"]
+        v = self
+        directory = Path(v.baselines)
+        compare_set = v.compare
         try:
-            gates = parse_gates(v["gates"]) if v["gates"] else DEFAULT_GATES
-            options = CompareOptions(gates=gates, min_effect=v["min_effect"])
+            gates = parse_gates(v.gates) if v.gates else DEFAULT_GATES
+            options = CompareOptions(gates=gates, min_effect=v.min_effect)
         except (ValueError, TypeError) as exc:
-            raise SettingError(f"{self.sources['gates']} = {v['gates']!r} is not valid: {exc}") from None
-        if v["sequential"] and v["workers"] > 1:
+            raise SettingError(f"{self.sources['gates']} = {v.gates!r} is not valid: {exc}") from None
+        if v.sequential and v.workers > 1:
             raise SettingError(
                 f"{self.sources['sequential']} stops a run from its records as they arrive, which "
-                f"needs one load process; {self.sources['workers']} = {v['workers']} (use 1)"
+                f"needs one load process; {self.sources['workers']} = {v.workers} (use 1)"
             )
-        if v["sequential"]:
+        if v.sequential:
             try:
-                gate = Gate.parse(v["sequential_gate"])
+                gate = Gate.parse(v.sequential_gate)
             except (ValueError, TypeError) as exc:
                 raise SettingError(
-                    f"{self.sources['sequential_gate']} = {v['sequential_gate']!r} is not valid: {exc}"
+                    f"{self.sources['sequential_gate']} = {v.sequential_gate!r} is not valid: {exc}"
                 ) from None
             if gate.stat is None:
                 raise SettingError(
                     f"--infmax-sequential-gate needs a per-request statistic such as p50(tpot), "
-                    f"not {v['sequential_gate']!r}"
+                    f"not {v.sequential_gate!r}"
                 )
-        if v["update"] and compare_set is None:
+        if v.update and compare_set is None:
             raise SettingError("--infmax-update rewrites the compared set: don't combine it with --infmax-compare off")
         return GateSettings(
             directory=directory if directory.is_absolute() else root / directory,
             compare_set=compare_set,
-            save_set=v["save"] or (compare_set if v["autosave"] else None),
-            update=v["update"],
-            fail_on_unsure=v["fail_on_unsure"],
-            force=v["compare_force"],
+            save_set=v.save or (compare_set if v.autosave else None),
+            update=v.update,
+            fail_on_unsure=v.fail_on_unsure,
+            force=v.compare_force,
             options=options,
         )
 
     def server_config(self) -> ServerConfig:
         """The session's default server; markers may override it per test."""
-        v = self.values
-        common = dict(
-            model=v["model"],
-            num_gpus=v["gpus"],
-            api_key_env=v["api_key_env"],
-            startup_timeout=v["startup_timeout"],
+        v = self
+        common: dict[str, Any] = dict(
+            model=v.model,
+            num_gpus=v.gpus,
+            api_key_env=v.api_key_env,
+            startup_timeout=v.startup_timeout,
         )
         try:
-            if v["engine"] or v["engine_config"]:
+            if v.engine or v.engine_config:
                 return self._engine_config(common)
-            if v["endpoint"]:
-                return ServerConfig(kind="endpoint", endpoint=v["endpoint"], **common)
-            if v["server_command"]:
-                return ServerConfig(kind="command", command=command_from_template(v["server_command"]), **common)
-            return ServerConfig(kind="sim", sim_args=tuple(shlex.split(v["sim_args"] or "")), **common)
+            if v.endpoint:
+                return ServerConfig(kind="endpoint", endpoint=v.endpoint, **common)
+            if v.server_command:
+                return ServerConfig(kind="command", command=command_from_template(v.server_command), **common)
+            return ServerConfig(kind="sim", sim_args=tuple(shlex.split(v.sim_args or "")), **common)
         except ServerError as exc:
-            where = f"{self.sources['engine_config']}: " if v["engine_config"] and "engine config" in str(exc) else ""
+            where = f"{self.sources['engine_config']}: " if v.engine_config and "engine config" in str(exc) else ""
             raise SettingError(f"{where}{exc}") from None
 
     def _engine_config(self, common: dict[str, Any]) -> ServerConfig:
         """An engine server: the engine config file, then settings given explicitly on top."""
-        v, sources = self.values, self.sources
+        v, sources = self, self.sources
         mapping: dict[str, Any] = {}
-        if v["engine_config"]:
-            mapping["engine_config"] = v["engine_config"]
-        if v["engine"]:
-            mapping["engine"] = v["engine"]
+        if v.engine_config:
+            mapping["engine_config"] = v.engine_config
+        if v.engine:
+            mapping["engine"] = v.engine
         names = {
             "model": "model",
             "num_gpus": "gpus",
@@ -469,9 +460,16 @@ class Settings:
         config = config_from_mapping(base, mapping)
         if not engines.is_engine(config.kind):
             raise ServerError(
-                f"{v['engine_config']} names no engine; add engine: trtllm, vllm or sglang (or pass --infmax-engine)"
+                f"{v.engine_config} names no engine; add engine: trtllm, vllm or sglang (or pass --infmax-engine)"
             )
         return config
+
+
+SETTINGS: tuple[Setting, ...] = tuple(
+    Setting(f.name, f.metadata["setting"][0], f.default, *f.metadata["setting"][1:])
+    for f in fields(Settings)
+    if "setting" in f.metadata
+)
 
 
 def add_options(parser: Any) -> None:
@@ -542,4 +540,4 @@ def resolve(config: Any) -> Settings:
             path = Path(anchor) / path
         values["engine_config"] = str(path)
     values["log_dir"] = Path(values["log_dir"])
-    return Settings(values, sources)
+    return Settings(**values, sources=sources)

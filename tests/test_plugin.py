@@ -49,7 +49,7 @@ def test_evaluate_only_looks_it_changes_no_outcome_and_no_cell(pytester: pytest.
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--junitxml", "junit.xml")
     result.assert_outcomes(passed=1)
     row = next(line for line in result.outlines if line.startswith("test_perf.py::test_looks "))
-    assert row.split()[-1] == "-" and "FAIL" not in row, row
+    assert row.split()[-1].rstrip("*") == "-" and "FAIL" not in row, row  # "*": client-bound under load
     junit = (pytester.path / "junit.xml").read_text()
     assert 'name="infmax_sla"' not in junit or 'name="infmax_sla" value="FAIL"' not in junit
 
