@@ -86,7 +86,8 @@ import numpy as np
 from scipy.signal import lfilter
 from scipy.stats import mannwhitneyu
 
-from pytest_infmax.baselines.compare import CompareOptions, SequentialComparison, compare_runs
+from pytest_infmax.baselines.compare import CompareOptions, compare_runs
+from pytest_infmax.baselines.sequential import SequentialComparison
 from pytest_infmax.baselines.store import BaselineRun
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from pytest_infmax import atomic
+from pytest_infmax.baselines.benchmark import benchmark_stats, export_benchmark_json
 from pytest_infmax.baselines.compare import compare_baseline, compare_stored
 from pytest_infmax.baselines.store import (
     FORMAT,
@@ -19,9 +20,7 @@ from pytest_infmax.baselines.store import (
     BaselineRun,
     BaselineStore,
     CorruptBaselineError,
-    benchmark_stats,
     build_testbed,
-    export_benchmark_json,
     load_baseline,
     load_runs,
     merge_runs,
@@ -427,7 +426,7 @@ def test_export_benchmark_json_reads_back_in_pytest_benchmark(tmp_path) -> None:
 
 def test_commit_info_outside_a_repository_says_unversioned(tmp_path) -> None:
     """commit_info comes from read-only git calls; outside a repository it says unversioned."""
-    from pytest_infmax.baselines.store import benchmark_commit_info
+    from pytest_infmax.baselines.benchmark import benchmark_commit_info
 
     info = benchmark_commit_info(tmp_path)
     assert {"id", "time", "author_time", "dirty", "project", "branch"} <= set(info)

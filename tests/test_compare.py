@@ -12,7 +12,6 @@ from pytest_infmax.baselines.compare import (
     DEFAULT_GATES,
     CompareOptions,
     Gate,
-    SequentialComparison,
     block_bootstrap_indices,
     compare_runs,
     decide,
@@ -20,6 +19,7 @@ from pytest_infmax.baselines.compare import (
     parse_gates,
     run_statistics,
 )
+from pytest_infmax.baselines.sequential import SequentialComparison
 from pytest_infmax.baselines.store import BaselineRun, BaselineStore, build_testbed
 from pytest_infmax.cli import main as cli_main
 

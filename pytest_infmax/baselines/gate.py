@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pytest_infmax.baselines.compare import CompareOptions, ComparisonReport, SequentialComparison, compare_stored
+from pytest_infmax.baselines.compare import CompareOptions, ComparisonReport, compare_stored
+from pytest_infmax.baselines.sequential import SequentialComparison
 from pytest_infmax.baselines.store import BaselineError, BaselineStore, build_testbed, gpu_testbed, result_keys, runs_of
 from pytest_infmax.run.results import LoadResult
 

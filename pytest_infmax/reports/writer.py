@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_infmax.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
-from pytest_infmax.baselines.store import export_benchmark_json
+from pytest_infmax.baselines.benchmark import export_benchmark_json
 from pytest_infmax.reports import plots as plots_mod
 from pytest_infmax.reports.html import render_html
 from pytest_infmax.reports.markdown import markdown_summary, write_github_step_summary
