@@ -104,6 +104,11 @@ def sla_expressions(draw: st.DrawFn, wrong: bool = False) -> tuple[str, bool]:
         stat: str | None = draw(st.sampled_from(_VALID_STATS))
         if "stat" in broken:
             stat = draw(st.sampled_from([*_BAD_STATS, None]))  # None: a distribution needs one
+    elif info.kind in ("histogram", "gauge"):  # the server's: only the statistics it has
+        stat = draw(st.sampled_from(info.stats))
+        if "stat" in broken:
+            unsupported = [x for x in _VALID_STATS if x.lower() not in info.stats and x != "median"]
+            stat = draw(st.sampled_from([*_BAD_STATS, *unsupported, None]))
     else:
         stat = draw(st.sampled_from(_VALID_STATS)) if "stat" in broken else None  # scalars take none
     lhs = f"{stat}{draw(_SPACE)}({draw(_SPACE)}{metric_text}{draw(_SPACE)})" if stat else metric_text
@@ -118,7 +123,7 @@ def sla_expressions(draw: st.DrawFn, wrong: bool = False) -> tuple[str, bool]:
         qualified = [
             u for u in ("tok/s/gpu", "tok/s/user") if info.dimension == "tokens_per_second" and u not in units_for(info)
         ]
-        bare = [""] if info.dimension != "ratio" else []
+        bare = [""] if info.dimension not in ("ratio", "count") else []  # ratios and counts may be bare
         unit = draw(st.sampled_from(other + qualified + bare + _UNKNOWN_UNITS))
 
     number = _number_for(draw, info, unit if unit in UNITS or unit == "" else "")
@@ -428,7 +433,7 @@ def test_every_setting_is_accepted_or_refused_naming_itself_its_value_and_what_i
             # a combination the value makes impossible; the message points at the setting
             assert label in message or setting.flag in message or raw.strip() in message, message
             return
-    value = resolved[setting.name]
+    value = getattr(resolved, setting.name)
     if setting.parse is not config_mod._text and value is not None and setting.name != "engine_config":
         expected = str(value) if isinstance(value, Path) else value
         assert setting.parse(_render(value)) == expected  # accepted values round-trip

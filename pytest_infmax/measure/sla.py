@@ -531,6 +531,8 @@ class _Parser:
                 f"{_suggest(p.stat.lower(), info.stats or NAMED_STATS)}e.g. '{example_stat}({info.name}) {rhs}'",
                 col=p.stat_col,
             ) from None
+        if stat == "median" and "p50" in info.stats:
+            stat = "p50"  # the same statistic, as the server's histogram names it
         if info.stats and stat not in info.stats:
             raise self.fail(
                 f"the server's {info.kind} {info.name} gives {_or_list(list(info.stats))} only, not {stat}",
