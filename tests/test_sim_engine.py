@@ -522,6 +522,9 @@ def _median_tpot(tmp_path: Path, *extra: str) -> float:
 
 @pytest.mark.slow
 def test_slowdown_factor_shows_in_measured_tpot(tmp_path: Path) -> None:
+    """End to end, the slowdown reaches what the client measures. The exact factor is checked
+    clock-free (test_slowdown_scales_every_step); here wall-clock steps share two cores with
+    everything else, whose delays add to both runs, so only a clear margin is asserted."""
     base = _median_tpot(tmp_path / "base")
     slowed = _median_tpot(tmp_path / "slowed", "--slowdown", "1.5")
-    assert slowed / base == pytest.approx(1.5, rel=0.03), (base, slowed)
+    assert slowed > 1.2 * base, (base, slowed)
