@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from pytest_infmax.load.plan import LoadConfig, LoadConfigError
 from pytest_infmax.load.scenarios import PRESETS, Scenario, plan_request, request_body
 from pytest_infmax.load.streamclient import StreamError
 from pytest_infmax.measure.metrics import compute_metrics
-from pytest_infmax.records import ErrorKind, RequestRecord, TokenSource
+from pytest_infmax.records import ITL_EXPANSION_LIMIT, ErrorKind, RequestRecord, TokenSource
 
 
 def _chunk(text: str, finish: str | None = None, usage: dict | None = None, chat: bool = False) -> str:
@@ -93,6 +94,31 @@ def test_one_token_per_event_latencies_by_hand() -> None:
     assert (rec.output_tokens, rec.output_tokens_source) == (5, TokenSource.USAGE)
     assert (rec.input_tokens, rec.input_tokens_source) == (100, TokenSource.USAGE)
     assert rec.chunk_tokens == [1] * 5 and rec.chunk_tokens_source is TokenSource.USAGE
+
+
+def test_per_token_latencies_stay_bounded_in_memory_whatever_the_counts() -> None:
+    """A record whose chunk counts are absurd (a report file, or a server before its usage
+    was checked: ``completion_tokens: 10**15`` was an INTERNALERROR MemoryError here) expands
+    to at most ITL_EXPANSION_LIMIT gaps (plus one per chunk), with the chunks' weights kept."""
+    rec = RequestRecord.from_dict(
+        {"index": 0, "send_time": 0.0, "first_token_time": 0.5, "end_time": 3.0,
+         "chunk_times": [0.5, 1.0, 3.0], "chunk_tokens": [1, 10**15, 3 * 10**15], "output_tokens": 4 * 10**15 + 1}
+    )  # fmt: skip
+    tracemalloc.start()
+    try:
+        gaps = rec.itls()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * (1 << 20), f"itls() peaked at {peak / (1 << 20):.1f} MiB"
+    assert len(gaps) <= ITL_EXPANSION_LIMIT + 2
+    # chunk 2: 10**15 gaps of 0.5/10**15; chunk 3: three times as many gaps of 2/(3*10**15)
+    small, large = gaps.count(0.5 / 10**15), gaps.count(2.0 / (3 * 10**15))
+    assert small + large == len(gaps)
+    assert large / small == pytest.approx(3.0, rel=1e-3)
+    # a record whose counts are within the limit is expanded exactly, as before
+    exact = RequestRecord(0, chunk_times=[0.0, 0.1, 0.4], chunk_tokens=[1, 1, 3])
+    assert exact.itls() == pytest.approx([0.1, 0.1, 0.1, 0.1])
 
 
 def test_multi_token_events_apportion_usage_by_text() -> None:
