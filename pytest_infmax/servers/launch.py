@@ -23,6 +23,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import http.client
 import json
 import math
 import os
@@ -33,14 +34,13 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from pytest_infmax import boundedhttp
 from pytest_infmax.servers import engines, telemetry
 
 ServerKind = Literal["sim", "command", "endpoint", "trtllm", "vllm", "sglang"]
@@ -498,43 +498,56 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def _http_get(url: str, api_key: str | None, timeout: float = 2.0) -> tuple[int, bytes]:
-    req = urllib.request.Request(url)
-    if api_key:
-        req.add_header("Authorization", f"Bearer {api_key}")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
+# One readiness probe (GET /health, then /v1/models) gets at most this long in all; the
+# startup deadline bounds it too, so a server that drips its answer cannot outlast it.
+PROBE_TIMEOUT = 5.0
 
 
-def probe_ready(base_url: str, api_key: str | None, api_key_env: str = "INFMAX_API_KEY") -> str | None:
+def _http_get(url: str, api_key: str | None, timeout: float = 2.0, deadline: float | None = None) -> tuple[int, bytes]:
+    """GET within ``timeout`` seconds in all (or by ``deadline``) and a bounded body
+    (``boundedhttp``); the key is never sent on a redirect to another origin."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    response = boundedhttp.get(url, headers=headers, timeout=timeout, deadline=deadline)
+    return response.status, response.body
+
+
+def probe_ready(
+    base_url: str, api_key: str | None, api_key_env: str = "INFMAX_API_KEY", timeout: float = PROBE_TIMEOUT
+) -> str | None:
     """The served model name if the server answers /health and /v1/models, else None.
 
     A refused connection, a reset and HTTP 503 all mean "not yet"; 401/403 will
-    never get better by waiting, so they raise at once.
+    never get better by waiting, so they raise at once. Both GETs together take at
+    most ``timeout`` seconds, whatever the server does.
     """
+    return _probe(base_url, api_key, api_key_env, timeout)[0]
+
+
+def _probe(base_url: str, api_key: str | None, api_key_env: str, timeout: float) -> tuple[str | None, str]:
+    """(model or None, why not ready) of one readiness probe within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
     try:
-        status, _ = _http_get(f"{base_url}/health", api_key)
+        status, _ = _http_get(f"{base_url}/health", api_key, timeout, deadline)
         if status != 200:
-            return None
-        status, body = _http_get(f"{base_url}/v1/models", api_key)
-    except (OSError, urllib.error.URLError):
-        return None
+            return None, f"GET /health answered HTTP {status}"
+        status, body = _http_get(f"{base_url}/v1/models", api_key, timeout, deadline)
+    except boundedhttp.HTTPLimitError as exc:
+        return None, str(exc)
+    except (OSError, http.client.HTTPException) as exc:
+        return None, f"{type(exc).__name__}: {exc}"
     if status in (401, 403):
         given = f"the key in ${api_key_env} was refused" if api_key else f"${api_key_env} is not set"
         raise ServerError(
-            f"{base_url}/v1/models answered HTTP {status}: the server wants an API key and {given}; "
-            f"put the key in ${api_key_env} (or name another variable with --infmax-api-key-env)"
+            f"{boundedhttp.safe_url(base_url)}/v1/models answered HTTP {status}: the server wants an API key "
+            f"and {given}; put the key in ${api_key_env} (or name another variable with --infmax-api-key-env)"
         )
     if status != 200:
-        return None
+        return None, f"GET /v1/models answered HTTP {status}"
     try:
         data = json.loads(body)["data"]
-        return str(data[0]["id"]) if data else ""
+        return (str(data[0]["id"]) if data else ""), ""
     except (ValueError, KeyError, IndexError, TypeError):
-        return ""
+        return "", ""
 
 
 def connect_endpoint(config: ServerConfig, timeout: float = 30.0) -> Server:
@@ -545,13 +558,14 @@ def connect_endpoint(config: ServerConfig, timeout: float = 30.0) -> Server:
         base_url = base_url[:-3]
     deadline = time.monotonic() + timeout
     while True:
-        model = probe_ready(base_url, config.api_key, config.api_key_env)
+        remaining = deadline - time.monotonic()
+        model, why = _probe(base_url, config.api_key, config.api_key_env, max(min(PROBE_TIMEOUT, remaining), 0.1))
         if model is not None:
             break
-        if time.monotonic() > deadline:
+        if time.monotonic() >= deadline:
             raise ServerError(
-                f"endpoint {base_url} did not answer GET /health and /v1/models with 200 within "
-                f"{timeout:g} s; is the server running, and is the URL right (scheme, host, port)?"
+                f"endpoint {boundedhttp.safe_url(base_url)} did not answer GET /health and /v1/models with 200 "
+                f"within {timeout:g} s ({why}); is the server running, and is the URL right (scheme, host, port)?"
             )
         time.sleep(0.2)
     return Server(config, base_url, config.model or model or "default")
@@ -690,6 +704,7 @@ def _wait_ready(server: Server, port: int | None, port_file: Path | None) -> tup
     deadline = time.monotonic() + config.startup_timeout
     base_url = f"http://{config.host}:{port}" if port else ""
     next_track = 0.0
+    why = ""
     while True:
         now = time.monotonic()
         if now >= next_track:  # engines spawn their workers while loading; remember them early
@@ -712,12 +727,14 @@ def _wait_ready(server: Server, port: int | None, port_file: Path | None) -> tup
             if text.isdigit():
                 base_url = f"http://{config.host}:{int(text)}"
         if base_url:
-            model = probe_ready(base_url, config.api_key, config.api_key_env)
+            budget = max(min(PROBE_TIMEOUT, deadline - time.monotonic()), 0.1)
+            model, why = _probe(base_url, config.api_key, config.api_key_env, budget)
             if model is not None:
                 return base_url, model
-        if time.monotonic() > deadline:
+        if time.monotonic() >= deadline:
+            last = f" (last probe: {why})" if base_url and why else ""
             raise ServerError(
-                f"server not ready after {config.startup_timeout:g} s (startup timeout): {_shown(server)}; "
+                f"server not ready after {config.startup_timeout:g} s (startup timeout){last}: {_shown(server)}; "
                 f"raise --infmax-startup-timeout if it is just slow to load.\n"
                 f"last lines of {server.log_path}:\n{server.log_tail()}"
             )
@@ -733,7 +750,7 @@ def _sim_modelled_gpus(server: Server) -> int | None:
     try:
         status, body = _http_get(f"{server.base_url}/sim/stats", server.api_key, timeout=10.0)
         gpus = json.loads(body).get("gpus") if status == 200 else None
-    except (OSError, urllib.error.URLError, ValueError, AttributeError) as exc:
+    except (OSError, http.client.HTTPException, ValueError, AttributeError) as exc:
         raise ServerError(f"the simulator at {server.base_url} did not say how many GPUs it models: {exc}") from None
     if gpus is None:
         return None  # no --profile: no GPU is modelled, the configured count stands
