@@ -7,6 +7,7 @@ reach the controller under pytest-xdist as they do in a single process.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -25,6 +26,7 @@ from pytest_infmax.baselines.store import export_benchmark_json
 from pytest_infmax.measure.cost import price_marker_options
 from pytest_infmax.measure.sla import SLASyntaxError, format_quantity
 from pytest_infmax.measure.verdicts import SLA, SLAFailed
+from pytest_infmax.redact import add_secret, redact
 from pytest_infmax.reports import plots
 from pytest_infmax.reports.document import results_document
 from pytest_infmax.reports.html import write_html_report
@@ -78,6 +80,28 @@ class PluginState:
     echo: Any = None  # at -v: writes server log lines to the terminal
 
 
+def _redact_json(data: Any) -> Any:
+    """A JSON-like value with every secret in its strings masked (``redact``); unchanged when
+    there is nothing to mask (or it is not JSON)."""
+    try:
+        text = json.dumps(data)
+    except (TypeError, ValueError):
+        return data
+    masked = redact(text)
+    return data if masked == text else json.loads(masked)
+
+
+def _redact_report(report: pytest.TestReport) -> None:
+    """Mask secrets in a report's text: what the terminal, JUnit XML and xdist carry."""
+    if report.longrepr is not None:
+        text = str(report.longrepr)
+        masked = redact(text)
+        if masked != text:
+            report.longrepr = masked
+    if report.sections:
+        report.sections = [(name, redact(content)) for name, content in report.sections]
+
+
 def _terminal_echo() -> Any:
     """A writer to the terminal as it is now, before pytest captures output around each test.
 
@@ -93,7 +117,7 @@ def _terminal_echo() -> Any:
 
     def echo(line: str) -> None:
         with lock:
-            os.write(fd, (line + "\n").encode("utf-8", errors="replace"))
+            os.write(fd, (redact(line) + "\n").encode("utf-8", errors="replace"))
 
     return echo
 
@@ -129,6 +153,7 @@ def pytest_configure(config: pytest.Config) -> None:
     try:
         settings = settings_mod.resolve(config)
         settings.server_config()
+        add_secret(os.environ.get(settings["api_key_env"]))  # masked in everything the plugin says
     except settings_mod.SettingError as exc:
         raise pytest.UsageError(f"pytest-infmax: {exc}") from None
     log_dir = settings["log_dir"]
@@ -202,6 +227,7 @@ def _progress_writer(config: pytest.Config) -> Any:
         return None
 
     def write(line: str) -> None:
+        line = redact(line)
         if capman is not None:
             with capman.global_and_fixture_disabled():
                 reporter.write_line(line)
@@ -381,6 +407,13 @@ def _check_marker_slas(pyfuncitem: pytest.Item) -> None:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     report = yield
+    try:
+        return _make_report(item, call, report)
+    finally:
+        _redact_report(report)  # every phase: a setup error carries a server's log tail
+
+
+def _make_report(item: pytest.Item, call: pytest.CallInfo[None], report: Any) -> Any:
     if call.when != "call":
         return report
     if call.excinfo is not None and getattr(call.excinfo.value, "from_marker", False):
@@ -422,6 +455,19 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             report.user_properties.extend(props)
             item.user_properties.extend(props)  # junitxml reads them from the teardown report
     return report
+
+
+class _RedactingWriter:
+    """The terminal reporter's write_line and write_sep, through the redactor."""
+
+    def __init__(self, reporter: Any) -> None:
+        self._reporter = reporter
+
+    def write_line(self, line: str, **markup: bool) -> None:
+        self._reporter.write_line(redact(line), **markup)
+
+    def write_sep(self, sep: str, title: str | None = None, **markup: bool) -> None:
+        self._reporter.write_sep(sep, redact(title) if title else title, **markup)
 
 
 def _shown(verdict: Any) -> str:
@@ -478,6 +524,8 @@ class ResultCollector:
         doc = results_document(state.full_results, servers)
         doc["sweeps"] = state.sweeps
         doc["checks"] = state.checks
+        # every report file is drawn from these: redacted once here (JSON also in write_json_atomic)
+        doc, servers = _redact_json(doc), _redact_json(servers)
         json_path = self._path("json")
         if json_path is not None:
             state.written.append(write_json_atomic(json_path, doc))
@@ -510,6 +558,7 @@ class ResultCollector:
                 title="infmax results",
                 artifacts=[p.name for p in state.written],
             )
+            md = redact(md)
             if markdown_path is not None:
                 markdown_path.parent.mkdir(parents=True, exist_ok=True)
                 markdown_path.write_text(md, encoding="utf-8")
@@ -536,6 +585,7 @@ class ResultCollector:
         state = self.state
         if not state.rows:
             return
+        terminalreporter = _RedactingWriter(terminalreporter)
         terminalreporter.write_sep("=", "infmax results")
         terminalreporter.write_line(format_table(state.rows))
         if any(str(row.get("sla", "")).endswith("*") for row in state.rows):

@@ -345,10 +345,13 @@ async def endless_body(reader, writer, req) -> bool:
 
 
 def redirect_to(origin: str) -> Behaviour:
-    """A 302 to the same path on ``origin`` (``{port}`` is this server's port)."""
+    """A 302 to the same path on ``origin`` (``{port}`` is this server's port); a request that
+    arrived there already (its Host is the origin's) gets the path's default answer."""
 
     async def behaviour(reader, writer, req) -> bool:
         location = origin.format(port=PORT) + req.path
+        if not origin.endswith("/same") and req.headers.get("host", "").split(":")[0] in origin:
+            return await BEHAVIOURS[GET_DEFAULTS.get(req.path, "not_found")](reader, writer, req)
         writer.write(b"HTTP/1.1 302 Found\r\nLocation: %s\r\nContent-Length: 0\r\n\r\n" % location.encode())
         await writer.drain()
         return True

@@ -41,6 +41,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pytest_infmax import boundedhttp
+from pytest_infmax.redact import add_secret, redact, redact_argv
 from pytest_infmax.servers import engines, telemetry
 
 ServerKind = Literal["sim", "command", "endpoint", "trtllm", "vllm", "sglang"]
@@ -174,7 +175,9 @@ class ServerConfig:
 
     @property
     def api_key(self) -> str | None:
-        return os.environ.get(self.api_key_env) or None
+        key = os.environ.get(self.api_key_env) or None
+        add_secret(key)  # read here, masked everywhere from now on (redact)
+        return key
 
     @property
     def prometheus_path(self) -> str | None:
@@ -185,7 +188,7 @@ class ServerConfig:
 
     def describe(self) -> str:
         if self.kind == "endpoint":
-            return f"endpoint {self.endpoint}"
+            return f"endpoint {redact(self.endpoint or '')}"
         if self.kind == "sim":
             return " ".join(["simulator", *redact_argv(self.sim_args, self.api_key)])
         if engines.is_engine(self.kind):
@@ -205,36 +208,6 @@ def _check_url(url: str) -> None:
         raise ServerError(
             f"endpoint must be an http:// or https:// URL with a host, e.g. http://127.0.0.1:8000, got {url!r}"
         )
-
-
-# Flags whose value is a secret in the engines' command lines.
-SECRET_FLAGS = ("--api-key", "--api_key", "--token", "--hf-token", "--hf_token", "--auth-token")
-
-
-def redact(text: str, *secrets: str | None) -> str:
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    return text
-
-
-def redact_argv(argv: tuple[str, ...] | list[str], *secrets: str | None) -> list[str]:
-    """argv with known secrets and the values of secret flags replaced by ***."""
-    out: list[str] = []
-    hide_next = False
-    for arg in argv:
-        if hide_next:
-            out.append("***")
-            hide_next = False
-            continue
-        flag, eq, _ = arg.partition("=")
-        if flag in SECRET_FLAGS:
-            if eq:
-                out.append(f"{flag}=***")
-                continue
-            hide_next = True
-        out.append(redact(arg, *secrets))
-    return out
 
 
 def command_from_template(template: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
@@ -302,7 +275,7 @@ class Server:
         """Environment facts for reports; the API key never appears."""
         return {
             "kind": self.config.kind,
-            "base_url": self.base_url,
+            "base_url": redact(self.base_url),
             "model": self.model,
             "num_gpus": self.num_gpus,
             "command": redact_argv(self.argv, self.api_key),
@@ -312,9 +285,10 @@ class Server:
         }
 
     def log_tail(self, lines: int = 30) -> str:
+        """The log's last lines, redacted: they go into error messages (terminal, JUnit)."""
         if not self.log_path or not self.log_path.exists():
             return "(no log)"
-        return tail(self.log_path, lines)
+        return redact(tail(self.log_path, lines), self.api_key)
 
     def stop(self) -> None:
         if self.process is None or self.stopped_pids:
@@ -480,7 +454,8 @@ class LogTailer(threading.Thread):
                 *lines, partial = (partial + chunk).split(b"\n")
                 for line in lines:
                     with contextlib.suppress(Exception):
-                        self.write(f"{self.prefix}{line.decode('utf-8', errors='replace').rstrip()}")
+                        text = redact(line.decode("utf-8", errors="replace").rstrip())
+                        self.write(f"{self.prefix}{text}")
             if stopping:
                 return
             self._stop_event.wait(0.2)
