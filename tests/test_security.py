@@ -58,9 +58,11 @@ def test_servers_bind_loopback_unless_told_otherwise(tmp_path: Path) -> None:
     assert ServerConfig().host == "127.0.0.1"
     with running_server(ServerConfig(sim_args=("--decode-step-ms", "1")), tmp_path) as server:
         assert server.process is not None
+        supervisor = psutil.Process(server.process.pid)  # the simulator is its child
         listening = [
             c.laddr
-            for c in psutil.Process(server.process.pid).net_connections(kind="inet")
+            for p in (supervisor, *supervisor.children(recursive=True))
+            for c in p.net_connections(kind="inet")
             if c.status == psutil.CONN_LISTEN
         ]
         assert listening and all(addr.ip == "127.0.0.1" for addr in listening), listening

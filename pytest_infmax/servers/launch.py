@@ -1,13 +1,17 @@
 """Servers under test: start, wait until ready, and always tear down.
 
-Every server the plugin starts runs in its own process group (its own
-session), so teardown can signal the whole tree an engine spawns (MPI ranks,
-engine-core workers, tokenizer processes): SIGTERM to the group, a grace
-period, SIGKILL to the group, then a check that nothing of the group is left.
-Processes that left the group (a child that called setsid, as some engine
-workers do) are found by walking /proc while the server runs (during startup,
-at readiness and again just before the signals) and are signalled and checked
-the same way.
+Every server the plugin starts runs under a supervisor (``supervisor.py``), in
+its own process group (its own session), so teardown can signal the whole tree
+an engine spawns (MPI ranks, engine-core workers, tokenizer processes): SIGTERM
+to the group, a grace period, SIGKILL, then a check that nothing of the group is
+left and that nothing listens on the server's port any more. The supervisor is a
+child subreaper: a process that left the group and lost its parent (a daemon's
+double fork, setsid) is reparented to it, not to init, so it is stopped with the
+rest; and it SIGKILLs the whole tree when the pipe from this process closes,
+which the kernel does when pytest dies, even by SIGKILL. Processes that left the
+group are also found by walking /proc while the server runs (during startup, at
+readiness and again just before the signals) and are signalled and checked the
+same way.
 
 Real engines (trtllm-serve, vllm serve, SGLang) get their command lines from
 ``engines``; they cannot bind port 0, so they get ``free_port()`` and are
@@ -28,6 +32,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -300,6 +305,14 @@ class Server:
                 self._tailer.stop()
         with _LIVE_LOCK:  # only once it is really gone; else exit-time cleanup tries again
             _LIVE.discard(self)
+        port = urlsplit(self.base_url).port if self.base_url else None
+        left = listeners(port) if port else []
+        if left:
+            who = ", ".join(f"pid {pid} ({_cmdline(pid)})" if pid else "a process of another user" for pid in left)
+            raise ServerError(
+                f"after the server was stopped, something still listens on its port {port}: {who}. A process "
+                f"the server started escaped teardown; stop it (kill {' '.join(str(p) for p in left if p)})"
+            )
         if self.after_stop is not None:
             self.after_stop(self.stopped_pids)
 
@@ -339,6 +352,9 @@ def stop_process_group(
 ) -> list[int]:
     """SIGTERM the group and escaped descendants, wait ``grace``, SIGKILL them, verify they are gone.
 
+    A process started under the supervisor (``supervised``, with its stdin a pipe) is told
+    to SIGKILL its whole tree first, daemonized descendants included.
+
     ``tracked`` maps pids seen earlier (pid -> start time) to their start
     time; the tree is walked once more here, before any signal. Returns every
     pid that was stopped (for checks such as GPU memory release).
@@ -358,7 +374,14 @@ def stop_process_group(
         deadline = time.monotonic() + grace
         while running() and time.monotonic() < deadline:
             time.sleep(0.05)
-    # Whatever is left (ignored SIGTERM, or is still cleaning up) is killed.
+    # Whatever is left (ignored SIGTERM, or is still cleaning up) is killed: first by the
+    # supervisor, which holds every process the server started, daemonized ones too (its
+    # stdin closing is its order to SIGKILL them all and exit), then group and pids directly.
+    if proc.stdin is not None:
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
     _signal_group(pgid, signal.SIGKILL)
     for pid, start in others.items():
         _signal_pid(pid, start, signal.SIGKILL)
@@ -371,6 +394,44 @@ def stop_process_group(
             raise ServerError(f"process group {pgid} or its escaped descendants {left} survived SIGKILL for 10 s")
         time.sleep(0.05)
     return sorted({pgid, *others})
+
+
+def listeners(port: int) -> list[int | None]:
+    """Pids of the processes with a TCP socket listening on ``port`` (IPv4 or IPv6; None for a
+    socket whose owner cannot be seen), from /proc/net; [] where nothing listens."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            # cols: sl, local address (hex ip:port), remote, state (0A: LISTEN), ..., inode (cols[9])
+            if len(cols) > 9 and cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(cols[9])
+    if not inodes:
+        return []
+    owners: dict[str, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{entry}/fd"):
+                with contextlib.suppress(OSError):
+                    link = os.readlink(f"/proc/{entry}/fd/{fd}")
+                    if link.startswith("socket:[") and link[8:-1] in inodes:
+                        owners.setdefault(link[8:-1], int(entry))
+    return sorted({owners.get(inode) for inode in inodes}, key=lambda p: p or 0)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return shlex.join(redact_argv(f.read().decode(errors="replace").split("\0")[:-1]))[:200]
+    except OSError:
+        return "gone"
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
@@ -608,8 +669,7 @@ def _start_once(
             "0",
             "--port-file",
             str(port_file),
-            "--parent-pid",
-            str(os.getpid()),
+            # no --parent-pid: its parent is the supervisor, which ends it when pytest dies
             "--model",
             model,
             *config.sim_args,
@@ -637,23 +697,25 @@ def _start_once(
         argv = (*config.launcher_prefix, *(arg.format(**fill) for arg in config.command), *config.extra_args)
 
     env = {**os.environ, **dict(config.env)}
+    if shutil.which(argv[0], path=env.get("PATH")) is None:
+        raise ServerError(f"cannot start {argv[0]!r}: no such executable; is it installed and on PATH?")
     started = time.monotonic()
     log = open(log_path, "wb")
     try:
+        # The supervisor starts the server and holds every process it starts (a child
+        # subreaper); its stdin is a pipe whose end only this process holds (supervisor.py).
         proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
+            supervised(argv),
+            stdin=subprocess.PIPE,
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,
         )
     except OSError as exc:
-        log.close()
         raise ServerError(f"cannot start {argv[0]!r}: {exc}; is it installed and on PATH?") from None
     finally:
-        if not log.closed:
-            log.close()
+        log.close()
     server = Server(config, "", config.model or "", argv, log_path, proc, after_stop=after_stop)
     with _LIVE_LOCK:
         _LIVE.add(server)
@@ -671,6 +733,14 @@ def _start_once(
     except BaseException:
         server.stop()
         raise
+
+
+SUPERVISOR = Path(__file__).with_name("supervisor.py")
+
+
+def supervised(argv: tuple[str, ...] | list[str]) -> list[str]:
+    """``argv`` run under the supervisor (``supervisor.py``: isolated, standard library only)."""
+    return [sys.executable, "-I", "-S", str(SUPERVISOR), "--", *argv]
 
 
 def _wait_ready(server: Server, port: int | None, port_file: Path | None) -> tuple[str, str]:
