@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import tracemalloc
 
 import numpy as np
@@ -290,9 +291,43 @@ def test_presets_follow_inferencemax() -> None:
 @pytest.mark.parametrize(
     "kwargs, message",
     [
+        # before: accepted, then 10**9 tasks; 2e9 planned arrivals; one request for a 2 s run
+        ({"concurrency": 10**9}, "concurrency must be a whole number >= 1 and <= 100000 or None, got 1000000000"),
+        ({"rate": 1e9, "duration": 1}, r"plans 1e\+09 requests, more than the 10000000 one run may send"),
+        ({"rate": math.inf, "duration": 2}, "rate=math.inf sends every request at once, so duration=2 does not"),
+        # before: a TypeError or a numpy error deep in the run
+        ({"concurrency": 2.5}, r"concurrency must be a whole number >= 1 .* got 2.5 \(float\)"),
+        ({"concurrency": "4"}, r"concurrency must be a whole number >= 1 .* got '4' \(str\)"),
+        ({"concurrency": 1, "seed": "abc"}, r"seed must be a whole number >= 0 .* got 'abc' \(str\)"),
+        ({"concurrency": 1, "warmup": 1.5}, "warmup must be a whole number >= 0"),
+        ({"rate": math.nan, "num_requests": 2}, r"rate must be > 0 requests/s \(a number; math.inf: all at once\)"),
+        ({"concurrency": 1, "request_timeout": 0}, r"request_timeout must be > 0 seconds \(a number\), got 0"),
+        ({"concurrency": 1, "duration": math.inf}, "duration must be > 0 seconds"),
+        ({"concurrency": 1, "extra_body": "x"}, "extra_body must be a mapping"),
+    ],
+)
+def test_bad_run_options_are_refused_up_front_naming_the_option(kwargs, message) -> None:
+    with pytest.raises(LoadConfigError, match=message):
+        LoadConfig(PRESETS["1k1k-mini"], **kwargs)
+
+
+def test_tiny_scenarios_never_draw_empty_prompts_or_max_tokens_0() -> None:
+    """Before: Scenario(osl=1) (range_ratio 0.8: int(0.8) = 0) drew max_tokens=0 for about half
+    the requests, and a tiny range_ratio drew 0-token prompts."""
+    for scenario in (Scenario("osl1", 16, 1), Scenario("tiny-ratio", 8, 8, range_ratio=0.01)):
+        lengths = [(p.input_len, p.output_len) for p in (plan_request(scenario, i, 0) for i in range(200))]
+        assert min(isl for isl, _ in lengths) >= 1 and min(osl for _, osl in lengths) >= 1, scenario
+        assert len({osl for _, osl in lengths}) > 1 or scenario.osl == 1  # still a range where there is one
+    with pytest.raises(ValueError, match=r"isl must be a whole number of tokens >= 1, got '4'"):
+        Scenario("s", "4", 2)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
         ({}, "exactly one of concurrency"),
         ({"concurrency": 2, "rate": 1.0}, "exactly one of concurrency"),
-        ({"concurrency": 0}, "concurrency must be >= 1"),
+        ({"concurrency": 0}, "concurrency must be a whole number >= 1"),
         ({"rate": 5.0}, "needs an end"),
         ({"rate": -1.0, "num_requests": 3}, "rate must be > 0"),
         ({"concurrency": 1, "burstiness": 0}, "burstiness must be > 0"),

@@ -88,6 +88,13 @@ class ServerConfig:
             raise ServerError(f"server kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         if self.kind == "command" and not self.command:
             raise ServerError("a 'command' server needs a command template, e.g. 'my-server --port {port}'")
+        if self.kind == "command" and not any("{port}" in arg for arg in self.command):
+            # the plugin picks a free port and waits for the server there: without {port} the
+            # server cannot know it, and the wait would last the whole startup timeout
+            raise ServerError(
+                f"the command template {shlex.join(redact_argv(self.command))!r} has no {{port}}: the server must "
+                "listen on the port the plugin picks; add e.g. '--port {port}' (and '--host {host}')"
+            )
         if self.kind == "endpoint" and not self.endpoint:
             raise ServerError("an 'endpoint' server needs a URL, e.g. --infmax-endpoint http://127.0.0.1:8000")
         if self.num_gpus is not None and (
