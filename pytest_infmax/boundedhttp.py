@@ -20,10 +20,16 @@ through :func:`get`, which has
 Failures are :class:`HTTPLimitError` (the deadline or the size limit), or the
 ``OSError`` / ``http.client.HTTPException`` of the connection; an HTTP error status
 is not a failure here: the caller reads :attr:`Response.status`.
+
+:func:`aget` is the same GET for an event loop that must not wait on a thread (the
+metrics scraper, whose baseline scrape is taken the moment warm-up ends): aiohttp
+on the caller's session (kept-alive connections), with the same deadline, size
+limit and redirect rule; aiohttp's errors are reported as ``OSError``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.client
 import socket
@@ -31,7 +37,11 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import urljoin, urlsplit
+
+if TYPE_CHECKING:
+    import aiohttp
 
 DEFAULT_MAX_BYTES = 8 << 20  # /v1/models of a gateway with many models, /sim/stats: far below this
 MAX_REDIRECTS = 5
@@ -90,16 +100,67 @@ def get(
     first_origin = _origin(url)
     for _hop in range(max_redirects + 1):
         response = _get_once(url, sent, deadline, timeout, max_bytes)
-        location = response.location
-        if response.status not in _REDIRECTS or not location:
+        if response.status not in _REDIRECTS or not response.location:
             return Response(response.status, response.body, url)
-        target = urljoin(url, location)
-        if urlsplit(target).scheme not in ("http", "https"):
-            raise HTTPLimitError(f"GET {safe_url(url)}: redirected to {safe_url(target)!r}, not an http(s) URL")
-        if _origin(target) != first_origin:  # the key was given for one origin only
-            sent = {k: v for k, v in sent.items() if k.lower() not in _CREDENTIAL_HEADERS}
-        url = target
+        url, sent = _next_hop(url, response.location, sent, first_origin)
     raise HTTPLimitError(f"GET {safe_url(url)}: more than {max_redirects} redirects")
+
+
+def _next_hop(
+    url: str, location: str, headers: dict[str, str], first_origin: tuple[str, str, int | None]
+) -> tuple[str, dict[str, str]]:
+    """Where a redirect leads, and the headers that may go there: none that carry credentials
+    to another origin than the first."""
+    target = urljoin(url, location)
+    if urlsplit(target).scheme not in ("http", "https"):
+        raise HTTPLimitError(f"GET {safe_url(url)}: redirected to {safe_url(target)!r}, not an http(s) URL")
+    if _origin(target) != first_origin:  # the key was given for one origin only
+        headers = {k: v for k, v in headers.items() if k.lower() not in _CREDENTIAL_HEADERS}
+    return target, headers
+
+
+async def aget(
+    session: aiohttp.ClientSession,
+    url: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+    timeout: float,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_redirects: int = MAX_REDIRECTS,
+) -> Response:
+    """:func:`get` on an aiohttp session, in the event loop."""
+    import aiohttp  # only where an event loop scrapes: the readiness check does not need it
+
+    shown = safe_url(url)
+    sent = dict(headers or {})
+    first_origin = _origin(url)
+
+    async def exchange() -> Response:
+        nonlocal url, sent
+        for _hop in range(max_redirects + 1):
+            async with session.get(url, headers=sent, allow_redirects=False) as response:
+                length = response.content_length
+                if length is not None and length > max_bytes:
+                    raise HTTPLimitError(
+                        f"GET {safe_url(url)}: the body is {length} bytes, more than the limit of {max_bytes}"
+                    )
+                location = response.headers.get("Location")
+                body = bytearray()
+                while piece := await response.content.read(min(_READ, max_bytes + 1 - len(body))):
+                    body += piece
+                    if len(body) > max_bytes:
+                        raise HTTPLimitError(f"GET {safe_url(url)}: the body exceeded the limit of {max_bytes} bytes")
+                if response.status not in _REDIRECTS or not location:
+                    return Response(response.status, bytes(body), url)
+            url, sent = _next_hop(url, location, sent, first_origin)
+        raise HTTPLimitError(f"GET {safe_url(url)}: more than {max_redirects} redirects")
+
+    try:
+        return await asyncio.wait_for(exchange(), timeout)
+    except asyncio.TimeoutError:
+        raise HTTPLimitError(f"GET {shown}: no answer within {timeout:.3g} s (the whole exchange)") from None
+    except aiohttp.ClientError as exc:
+        raise OSError(f"{type(exc).__name__}: {exc}") from None
 
 
 @dataclass(frozen=True)

@@ -144,6 +144,10 @@ def _command(text: str) -> str:
         raise ValueError(f"must be a command template: {exc}") from None
     if not shlex.split(text):
         raise ValueError("must be a command template, e.g. 'my-server --port {port}'")
+    if "{port}" not in text:  # the server must listen where the plugin looks (ServerConfig says so too)
+        raise ValueError(
+            "must be a command template with {port} in it (the port the plugin picks), e.g. '--port {port}'"
+        )
     return text
 
 

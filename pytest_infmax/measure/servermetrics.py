@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import http.client
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from pytest_infmax import boundedhttp
@@ -485,6 +485,7 @@ class Scraper:
         self.timeout = timeout
         self.hint = hint  # added to "unavailable" reasons, e.g. how to turn the endpoint on
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._session: aiohttp.ClientSession | None = None  # kept-alive connections between scrapes
         self._probe: str | None = None  # the text read by open()
         self._failed: str | None = None
         self._baseline: asyncio.Task[str] | None = None
@@ -497,15 +498,17 @@ class Scraper:
     async def fetch(self) -> str:
         """The page's text; ScrapeError on any failure. The GET is bounded in time (``timeout``
         for the whole exchange) and size (``METRICS_MAX_BYTES``): a server that sends an endless
-        page costs neither memory nor more than one timeout (``boundedhttp``, in a thread)."""
+        page costs neither memory nor more than one timeout (``boundedhttp.aget``)."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
         try:
-            response = await asyncio.to_thread(
-                boundedhttp.get, self.url, headers=self._headers, timeout=self.timeout, max_bytes=METRICS_MAX_BYTES
+            response = await boundedhttp.aget(
+                self._session, self.url, headers=self._headers, timeout=self.timeout, max_bytes=METRICS_MAX_BYTES
             )
         except boundedhttp.HTTPLimitError as exc:
             raise ScrapeError(str(exc)) from None
-        except (OSError, http.client.HTTPException) as exc:
-            raise ScrapeError(f"GET {boundedhttp.safe_url(self.url)}: {type(exc).__name__}: {exc}") from None
+        except OSError as exc:
+            raise ScrapeError(f"GET {boundedhttp.safe_url(self.url)}: {exc}") from None
         if response.status != 200:
             raise ScrapeError(f"GET {boundedhttp.safe_url(self.url)}: HTTP {response.status}")
         return response.text()
@@ -646,3 +649,6 @@ class Scraper:
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
