@@ -154,3 +154,22 @@ def test_the_power_reader_is_bounded_too(hostile_server: HostileClient) -> None:
     with pytest.raises(energy.EnergyUnavailable, match="no answer within 1 s"):
         energy.HttpPowerSource(f"{hostile_server.base_url}/sim/power", timeout=1.0).open()
     assert time.monotonic() - start < 1.0 + SLACK
+
+
+def test_the_metrics_scrape_never_carries_the_key_to_another_origin(hostile_server: HostileClient) -> None:
+    """The scraper's GET (boundedhttp.aget, in the event loop) follows the same redirect rule as
+    the readiness check: the key goes only to the origin it was given for. (aiohttp's own
+    redirects did this before too; this guards the rule now that boundedhttp follows them.)"""
+    hostile_server.script({"GET /metrics": "redirect_cross_origin"})
+    scraper = servermetrics.Scraper(f"{hostile_server.base_url}/metrics", api_key="sk-scrape-7e1d", timeout=3.0)
+
+    async def go() -> None:
+        try:
+            with pytest.raises(servermetrics.ScrapeError, match="HTTP 404"):  # where it was sent: not found
+                await scraper.fetch()
+        finally:
+            await scraper.close()
+
+    asyncio.run(asyncio.wait_for(go(), timeout=20))
+    sent = {e["host"].split(":")[0]: e["authorization"] for e in hostile_server.log() if e["path"] == "/metrics"}
+    assert sent == {"127.0.0.1": "Bearer sk-scrape-7e1d", "localhost": None}
