@@ -1,6 +1,7 @@
 """Writing files atomically: readers see the old file or the new one, never half of one.
 
-Results files, baselines and every report go through here.
+Results files, baselines and every report go through here, and every text through the
+redactor: no secret (an API key, a URL's password, a bearer token) reaches a file from here.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from pytest_infmax.redact import redact
 
 
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
@@ -50,8 +53,8 @@ def _umask() -> int:
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    """Write UTF-8 text atomically (see :func:`write_bytes_atomic`)."""
-    return write_bytes_atomic(path, text.encode("utf-8"))
+    """Write UTF-8 text atomically (see :func:`write_bytes_atomic`), secrets masked."""
+    return write_bytes_atomic(path, redact(text).encode("utf-8"))
 
 
 def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:

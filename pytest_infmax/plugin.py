@@ -7,6 +7,7 @@ reach the controller under pytest-xdist as they do in a single process.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -23,6 +24,7 @@ from pytest_infmax.baselines.gate import GateSettings, RegressionFailed, gate_re
 from pytest_infmax.measure.cost import price_marker_options
 from pytest_infmax.measure.sla import SLASyntaxError, format_quantity
 from pytest_infmax.measure.verdicts import SLA, SLAFailed
+from pytest_infmax.redact import add_secret, redact
 from pytest_infmax.reports.document import results_document
 from pytest_infmax.reports.markdown import sweep_to_dict
 from pytest_infmax.reports.rows import result_row, verdict_text
@@ -78,6 +80,28 @@ class PluginState:
     echo: Any = None  # at -v: writes server log lines to the terminal
 
 
+def _redact_json(data: Any) -> Any:
+    """A JSON-like value with every secret in its strings masked (``redact``); unchanged when
+    there is nothing to mask (or it is not JSON)."""
+    try:
+        text = json.dumps(data)
+    except (TypeError, ValueError):
+        return data
+    masked = redact(text)
+    return data if masked == text else json.loads(masked)
+
+
+def _redact_report(report: pytest.TestReport) -> None:
+    """Mask secrets in a report's text: what the terminal, JUnit XML and xdist carry."""
+    if report.longrepr is not None:
+        text = str(report.longrepr)
+        masked = redact(text)
+        if masked != text:
+            report.longrepr = masked
+    if report.sections:
+        report.sections = [(name, redact(content)) for name, content in report.sections]
+
+
 def _terminal_echo() -> Any:
     """A writer to the terminal as it is now, before pytest captures output around each test.
 
@@ -93,7 +117,7 @@ def _terminal_echo() -> Any:
 
     def echo(line: str) -> None:
         with lock:
-            os.write(fd, (line + "\n").encode("utf-8", errors="replace"))
+            os.write(fd, (redact(line) + "\n").encode("utf-8", errors="replace"))
 
     return echo
 
@@ -129,6 +153,7 @@ def pytest_configure(config: pytest.Config) -> None:
     try:
         settings = settings_mod.resolve(config)
         settings.server_config()
+        add_secret(os.environ.get(settings.api_key_env))  # masked in everything the plugin says
     except settings_mod.SettingError as exc:
         raise pytest.UsageError(f"pytest-infmax: {exc}") from None
     log_dir = settings.log_dir
@@ -202,6 +227,7 @@ def _progress_writer(config: pytest.Config) -> Any:
         return None
 
     def write(line: str) -> None:
+        line = redact(line)
         if capman is not None:
             with capman.global_and_fixture_disabled():
                 reporter.write_line(line)
@@ -381,6 +407,13 @@ def _check_marker_slas(pyfuncitem: pytest.Item) -> None:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     report = yield
+    try:
+        return _make_report(item, call, report)
+    finally:
+        _redact_report(report)  # every phase: a setup error carries a server's log tail
+
+
+def _make_report(item: pytest.Item, call: pytest.CallInfo[None], report: Any) -> Any:
     if call.when != "call":
         return report
     if call.excinfo is not None and getattr(call.excinfo.value, "from_marker", False):
@@ -434,6 +467,19 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     return report
 
 
+class _RedactingWriter:
+    """The terminal reporter's write_line and write_sep, through the redactor."""
+
+    def __init__(self, reporter: Any) -> None:
+        self._reporter = reporter
+
+    def write_line(self, line: str, **markup: bool) -> None:
+        self._reporter.write_line(redact(line), **markup)
+
+    def write_sep(self, sep: str, title: str | None = None, **markup: bool) -> None:
+        self._reporter.write_sep(sep, redact(title) if title else title, **markup)
+
+
 def _shown(verdict: Any) -> str:
     if verdict.measured is None:
         return "not measured"
@@ -478,6 +524,8 @@ class ResultCollector:
         doc = results_document(state.full_results, servers)
         doc["sweeps"] = state.sweeps
         doc["checks"] = state.checks
+        # every report is drawn from this: redacted once here (and every text file again as it is written)
+        doc = _redact_json(doc)
         json_path = self._path("json")
         plots_dir = None
         if settings.plots:
@@ -507,6 +555,7 @@ class ResultCollector:
         state = self.state
         if not state.rows:
             return
+        terminalreporter = _RedactingWriter(terminalreporter)
         terminalreporter.write_sep("=", "infmax results")
         terminalreporter.write_line(format_table(state.rows))
         if any(row.get("client_bound") for row in state.rows):

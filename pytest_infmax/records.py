@@ -15,6 +15,10 @@ import enum
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+# The most per-token gaps one record expands to (RequestRecord.itls): a chunk's count
+# comes from the server (or from a report file), and memory must not follow it.
+ITL_EXPANSION_LIMIT = 1 << 17
+
 _TIME_KEYS = ("scheduled_time", "send_time", "first_token_time", "end_time", "ready_time")
 
 
@@ -131,15 +135,22 @@ class RequestRecord:
         A chunk carrying k tokens that arrived ``dt`` after the previous chunk
         contributes k gaps of ``dt / k``: streaming in chunks must not look like
         one long stall followed by instant tokens.
+
+        Bounded in memory whatever the counts say: when the tokens of a record
+        add up to more than ``ITL_EXPANSION_LIMIT``, each chunk's gap is repeated
+        in proportion to its count (at least once) instead: the gaps keep their
+        weights to within one repeat per chunk.
         """
         if not self.ok or len(self.chunk_times) < 2:
             return []
+        n_tokens = len(self.chunk_tokens)
+        counts = [max(int(self.chunk_tokens[i]) if i < n_tokens else 1, 1) for i in range(1, len(self.chunk_times))]
+        total = sum(counts)
         out: list[float] = []
-        for i in range(1, len(self.chunk_times)):
+        for i, k in enumerate(counts, start=1):
             dt = self.chunk_times[i] - self.chunk_times[i - 1]
-            k = self.chunk_tokens[i] if i < len(self.chunk_tokens) else 1
-            k = max(int(k), 1)
-            out.extend([dt / k] * k)
+            repeats = k if total <= ITL_EXPANSION_LIMIT else max(k * ITL_EXPANSION_LIMIT // total, 1)
+            out.extend([dt / k] * repeats)
         return out
 
     # -- serialisation ----------------------------------------------------

@@ -9,6 +9,7 @@ came from, the value and what is allowed.
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import shlex
@@ -143,6 +144,10 @@ def _command(text: str) -> str:
         raise ValueError(f"must be a command template: {exc}") from None
     if not shlex.split(text):
         raise ValueError("must be a command template, e.g. 'my-server --port {port}'")
+    if "{port}" not in text:  # the server must listen where the plugin looks (ServerConfig says so too)
+        raise ValueError(
+            "must be a command template with {port} in it (the port the plugin picks), e.g. '--port {port}'"
+        )
     return text
 
 
@@ -408,15 +413,60 @@ class Settings:
                 )
         if v.update and compare_set is None:
             raise SettingError("--infmax-update rewrites the compared set: don't combine it with --infmax-compare off")
+        directory = directory if directory.is_absolute() else root / directory
+        save_set = v.save or (compare_set if v.autosave else None)
+        if compare_set or save_set:
+            self._check_baselines_directory(directory)
+        # The default set is compared where it exists and silently skipped where it does not
+        # (a project without baselines); a set named on purpose that does not exist is a typo
+        # or a missing checkout, and comparing nothing without a word would turn the gate off.
+        if compare_set and self.sources["compare"] != "default" and not v.update and save_set != compare_set:
+            if not (directory / compare_set).is_dir():
+                raise SettingError(self._no_such_set(directory, compare_set))
         return GateSettings(
-            directory=directory if directory.is_absolute() else root / directory,
+            directory=directory,
             compare_set=compare_set,
-            save_set=v.save or (compare_set if v.autosave else None),
+            save_set=save_set,
             update=v.update,
             fail_on_unsure=v.fail_on_unsure,
             force=v.compare_force,
             options=options,
         )
+
+    def _named(self, name: str) -> str:
+        """Where a setting's value came from, for messages: the flag, variable or ini key."""
+        source = self.sources[name]
+        return f"{_SETTINGS_BY_NAME[name].flag} (default)" if source == "default" else source
+
+    def _check_baselines_directory(self, directory: Path) -> None:
+        """The baselines directory is a directory, or can be made one: no file in its way."""
+        try:
+            existing = next((p for p in (directory, *directory.parents) if p.exists()), None)
+            blocked = existing is not None and not existing.is_dir()
+        except OSError:  # unreadable: saving will say what is wrong, with the path
+            return
+        if blocked:
+            what = "is a file" if existing == directory else f"cannot be made: {existing} is a file"
+            raise SettingError(
+                f"{self._named('baselines')} = {directory} {what}, not a directory of baseline sets; "
+                f"point {_SETTINGS_BY_NAME['baselines'].flag} at a directory (one folder per set, made on "
+                f"the first --infmax-save), or move the file away"
+            )
+
+    def _no_such_set(self, directory: Path, name: str) -> str:
+        try:
+            sets = sorted(p.name for p in directory.iterdir() if p.is_dir()) if directory.is_dir() else []
+        except OSError as exc:
+            return f"{self._named('compare')} = {name!r}: the baselines directory {directory} cannot be read: {exc}"
+        where = f"{self._named('compare')} = {name!r}: there is no baseline set {name!r} in {directory}"
+        if not sets:
+            there = "it does not exist" if not directory.exists() else "it holds no sets"
+            listing = f" ({there}; --infmax-save {name} makes the set)"
+        else:
+            close = difflib.get_close_matches(name, sets, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            listing = f"; the sets there: {', '.join(sets)}{hint}"
+        return f"{where}{listing} (--infmax-compare off compares nothing, on purpose)"
 
     def server_config(self) -> ServerConfig:
         """The session's default server; markers may override it per test."""
@@ -470,6 +520,7 @@ SETTINGS: tuple[Setting, ...] = tuple(
     for f in fields(Settings)
     if "setting" in f.metadata
 )
+_SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
 
 
 def add_options(parser: Any) -> None:

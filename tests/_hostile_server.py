@@ -6,10 +6,20 @@ process that started it, even if that one is killed).
 
 Every request's behaviour comes from a script: ``POST /script`` with a JSON object
 ``{sha256 of a request body (hex): behaviour}`` replaces the script and clears the
-log; a body not in the script gets a good stream (``good``). ``GET /log`` returns,
-in arrival order, ``{"conn": n, "seq": k, "behaviour": name}`` for every scripted
-endpoint request: ``conn`` numbers the TCP connection, ``seq`` counts requests on
-it, so a test can tell whether the client reused a connection.
+log; a body not in the script gets the behaviour of the key ``"*"`` if there is one,
+else a good stream (``good``). GET requests are scripted by ``"GET /path"`` keys;
+unscripted, ``/health`` answers 200, ``/v1/models`` lists ``hostile-model`` and any
+other path is a 404, so the server passes a readiness check (``--infmax-endpoint``).
+``GET /log`` returns, in arrival order, ``{"conn": n, "seq": k, "behaviour": name,
+"method": ..., "path": ..., "host": ..., "authorization": ...}`` for every request
+but the control ones: ``conn`` numbers the TCP connection, ``seq`` counts requests
+on it, so a test can tell whether the client reused a connection; ``host`` and
+``authorization`` are those headers (None when absent), so a test can tell which
+origin a request was sent to and whether it carried a key.
+
+``--port N`` binds that port instead of a free one and ``--script JSON`` starts
+with that script; with ``--port`` the server does not watch its stdin (a plugin
+that starts it as ``--infmax-server-command`` owns its life and gives it no stdin).
 
 The behaviours write raw bytes on the socket (no HTTP library), as a broken or
 hostile server would. Nothing here runs longer than ``CAP_S`` per request, and every
@@ -35,8 +45,9 @@ log: list[dict[str, object]] = []
 
 
 class Request:
-    def __init__(self, method: str, path: str, body: bytes) -> None:
+    def __init__(self, method: str, path: str, body: bytes, headers: dict[str, str] | None = None) -> None:
         self.method, self.path, self.body = method, path, body
+        self.headers = headers or {}
         try:
             self.json = json.loads(body) if body else {}
         except ValueError:
@@ -68,11 +79,11 @@ SSE_CHUNKED = (
 )
 
 
-def good_body(n: int) -> bytes:
+def good_body(n: int, prompt_tokens: int = 16, completion_tokens: int | None = None) -> bytes:
+    done = n if completion_tokens is None else completion_tokens
     events = [content(f" t{i}", "length" if i == n - 1 else None) for i in range(n)]
-    events.append(
-        sse({"id": "h", "choices": [], "usage": {"prompt_tokens": 16, "completion_tokens": n, "total_tokens": 16 + n}})
-    )
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done}
+    events.append(sse({"id": "h", "choices": [], "usage": usage}))
     events.append(b"data: [DONE]\n\n")
     return b"".join(chunk(e) for e in events) + b"0\r\n\r\n"
 
@@ -291,6 +302,84 @@ async def huge_error_object(reader, writer, req) -> bool:
     return True
 
 
+async def models(reader, writer, req) -> bool:
+    body = json.dumps({"object": "list", "data": [{"id": "hostile-model", "object": "model"}]}).encode()
+    writer.write(length_response(b"200 OK", b"application/json", body))
+    await writer.drain()
+    return True
+
+
+async def health(reader, writer, req) -> bool:
+    writer.write(length_response(b"200 OK", b"application/json", b"{}"))
+    await writer.drain()
+    return True
+
+
+async def not_found(reader, writer, req) -> bool:
+    writer.write(length_response(b"404 Not Found", b"text/plain", b"not found"))
+    await writer.drain()
+    return True
+
+
+async def drip(reader, writer, req) -> bool:
+    """A 200 whose JSON body comes one byte every 0.5 s and never ends (until CAP_S)."""
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000000\r\n\r\n")
+    await writer.drain()
+    deadline = time.monotonic() + CAP_S
+    while time.monotonic() < deadline:
+        writer.write(b" ")
+        await writer.drain()
+        await asyncio.sleep(0.5)  # the hostile pacing itself
+    return False
+
+
+async def endless_body(reader, writer, req) -> bool:
+    """A 200 whose chunked body never ends: 64 KiB pieces as fast as the client reads."""
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n")
+    piece = chunk(b"# endless\n" * 6500)
+    deadline = time.monotonic() + CAP_S
+    while time.monotonic() < deadline:
+        writer.write(piece)
+        await writer.drain()
+    return False
+
+
+def redirect_to(origin: str) -> Behaviour:
+    """A 302 to the same path on ``origin`` (``{port}`` is this server's port); a request that
+    arrived there already (its Host is the origin's) gets the path's default answer."""
+
+    async def behaviour(reader, writer, req) -> bool:
+        location = origin.format(port=PORT) + req.path
+        if not origin.endswith("/same") and req.headers.get("host", "").split(":")[0] in origin:
+            return await BEHAVIOURS[GET_DEFAULTS.get(req.path, "not_found")](reader, writer, req)
+        writer.write(b"HTTP/1.1 302 Found\r\nLocation: %s\r\nContent-Length: 0\r\n\r\n" % location.encode())
+        await writer.drain()
+        return True
+
+    return behaviour
+
+
+def lying_usage(prompt_tokens: int = 16, completion_tokens: int | None = None) -> Behaviour:
+    """A good stream whose final ``usage`` reports counts that cannot be true."""
+
+    async def behaviour(reader, writer, req) -> bool:
+        done = completion_tokens(req) if callable(completion_tokens) else completion_tokens
+        writer.write(SSE_CHUNKED + good_body(req.max_tokens, prompt_tokens, done))
+        await writer.drain()
+        return True
+
+    return behaviour
+
+
+USAGE_LIES: dict[str, Behaviour] = {
+    "usage_huge": lying_usage(completion_tokens=10**15),
+    "usage_negative": lying_usage(completion_tokens=-5),
+    "usage_zero": lying_usage(completion_tokens=0),
+    "usage_over_max": lying_usage(completion_tokens=lambda req: req.max_tokens + 1),
+    "prompt_huge": lying_usage(prompt_tokens=10**15),
+    "prompt_negative": lying_usage(prompt_tokens=-1),
+}
+
 BEHAVIOURS: dict[str, Behaviour] = {
     f.__name__: f
     for f in (
@@ -316,6 +405,19 @@ BEHAVIOURS: dict[str, Behaviour] = {
         huge_error_object,
     )
 }
+BEHAVIOURS.update(USAGE_LIES)
+BEHAVIOURS.update(
+    models=models,
+    health=health,
+    not_found=not_found,
+    drip=drip,
+    endless_body=endless_body,
+    # localhost is another origin than 127.0.0.1 (the host differs): same server, other origin
+    redirect_cross_origin=redirect_to("http://localhost:{port}"),
+    redirect_same_origin=redirect_to("http://127.0.0.1:{port}/same"),
+)
+GET_DEFAULTS = {"/health": "health", "/v1/models": "models", "/same/health": "health", "/same/v1/models": "models"}
+PORT = 0
 
 _conns = 0
 
@@ -327,16 +429,17 @@ async def read_request(reader: asyncio.StreamReader) -> Request | None:
         return None
     lines = head.decode("latin-1").split("\r\n")
     method, path, _ = lines[0].split(" ", 2)
-    length = 0
+    headers: dict[str, str] = {}
     for line in lines[1:]:
         name, _, value = line.partition(":")
-        if name.strip().lower() == "content-length":
-            length = int(value)
+        if name:
+            headers[name.strip().lower()] = value.strip()
+    length = int(headers.get("content-length", 0))
     try:
         body = await reader.readexactly(length)
     except (asyncio.IncompleteReadError, ConnectionError):
         return None
-    return Request(method, path, body)
+    return Request(method, path, body, headers)
 
 
 async def control(writer: Writer, req: Request) -> None:
@@ -364,8 +467,21 @@ async def handle(reader: asyncio.StreamReader, writer: Writer) -> None:
                 await control(writer, req)
                 continue
             seq += 1
-            name = script.get(hashlib.sha256(req.body).hexdigest(), "good")
-            log.append({"conn": conn, "seq": seq, "behaviour": name})
+            if req.method == "GET":
+                name = script.get(f"GET {req.path}", GET_DEFAULTS.get(req.path, "not_found"))
+            else:
+                name = script.get(hashlib.sha256(req.body).hexdigest(), script.get("*", "good"))
+            log.append(
+                {
+                    "conn": conn,
+                    "seq": seq,
+                    "behaviour": name,
+                    "method": req.method,
+                    "path": req.path,
+                    "host": req.headers.get("host"),
+                    "authorization": req.headers.get("authorization"),
+                }
+            )
             keep = await asyncio.wait_for(BEHAVIOURS[name](reader, writer, req), CAP_S + 5)
             if not keep:
                 return
@@ -375,10 +491,11 @@ async def handle(reader: asyncio.StreamReader, writer: Writer) -> None:
         writer.transport.abort()
 
 
-async def main() -> None:
-    server = await asyncio.start_server(handle, "127.0.0.1", 0, limit=1 << 20)
-    port = server.sockets[0].getsockname()[1]
-    print(f"PORT {port}", flush=True)
+async def main(port: int) -> None:
+    global PORT
+    server = await asyncio.start_server(handle, "127.0.0.1", port, limit=1 << 20)
+    PORT = server.sockets[0].getsockname()[1]
+    print(f"PORT {PORT}", flush=True)
     async with server:
         await server.serve_forever()
 
@@ -389,5 +506,10 @@ def _exit_when_stdin_closes() -> None:
 
 
 if __name__ == "__main__":
-    threading.Thread(target=_exit_when_stdin_closes, daemon=True).start()
-    asyncio.run(main())
+    args = sys.argv[1:]
+    given_port = int(args[args.index("--port") + 1]) if "--port" in args else 0
+    if "--script" in args:
+        script = json.loads(args[args.index("--script") + 1])
+    if not given_port:
+        threading.Thread(target=_exit_when_stdin_closes, daemon=True).start()
+    asyncio.run(main(given_port))

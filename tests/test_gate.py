@@ -128,6 +128,58 @@ def test_bad_gate_settings_are_usage_errors(pytester: pytest.Pytester) -> None:
         result.stderr.fnmatch_lines([message])
 
 
+def test_a_compare_set_that_does_not_exist_is_a_usage_error_listing_the_sets(pytester: pytest.Pytester) -> None:
+    """Before: --infmax-compare mian compared nothing, said nothing and exited 0, so the gate
+    was off without a word. Now a set named on purpose must exist; the default set stays quiet
+    where there are no baselines at all (a project that does not use them)."""
+    _project(pytester)
+    quiet = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-k", "two")
+    quiet.assert_outcomes(passed=1)  # no baselines directory, nothing asked: nothing said
+    assert "baseline" not in quiet.stdout.str().lower()
+    missing = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-compare", "main")
+    assert missing.ret == pytest.ExitCode.USAGE_ERROR
+    missing.stderr.fnmatch_lines(
+        ["*--infmax-compare = 'main': there is no baseline set 'main' in *baselines (it does not exist;"
+         " --infmax-save main makes the set)*"]
+    )  # fmt: skip
+    for name in ("main", "default", "nightly"):
+        (pytester.path / ".infmax" / "baselines" / name).mkdir(parents=True)
+    typo = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-compare", "mian")
+    assert typo.ret == pytest.ExitCode.USAGE_ERROR
+    typo.stderr.fnmatch_lines(
+        ["*--infmax-compare = 'mian': there is no baseline set 'mian' in *; the sets there: default, main, nightly;"
+         " did you mean 'main'?*"]
+    )  # fmt: skip
+    off = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-k", "two", "--infmax-compare", "off")
+    off.assert_outcomes(passed=1)  # off: no comparison, on purpose
+    # a new set made by this very run is fine: compared with nothing, then saved
+    first = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-k", "two", "--infmax-compare", "pr", "--infmax-autosave"
+    )
+    first.assert_outcomes(passed=1)
+    assert (pytester.path / ".infmax" / "baselines" / "pr").is_dir()
+
+
+def test_a_baselines_path_that_is_a_file_is_a_usage_error_naming_it(pytester: pytest.Pytester) -> None:
+    """Before: compare-only passed silently (nothing compared) and --infmax-save raised a raw
+    NotADirectoryError traceback. Now both are a usage error naming the path and the fix."""
+    _project(pytester)
+    (pytester.path / "baselines.json").write_text("{}")
+    for args in ([], ["--infmax-save", "main"], ["--infmax-compare", "main"]):
+        result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-baselines", "baselines.json", *args)
+        assert result.ret == pytest.ExitCode.USAGE_ERROR, args
+        result.stderr.fnmatch_lines(
+            ["*--infmax-baselines = *baselines.json is a file, not a directory of baseline sets; point"
+             " --infmax-baselines at a directory*"]
+        )  # fmt: skip
+        assert "Traceback" not in result.stderr.str() + result.stdout.str()
+    below = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "--infmax-baselines", "baselines.json/sets", "--infmax-save", "main"
+    )
+    assert below.ret == pytest.ExitCode.USAGE_ERROR
+    below.stderr.fnmatch_lines(["*baselines.json/sets cannot be made: *baselines.json is a file*"])
+
+
 @pytest.mark.slow
 def test_sequential_stops_a_clear_regression_early(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(

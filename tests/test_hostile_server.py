@@ -53,6 +53,8 @@ class Case:
     kind: ErrorKind | None  # None: the request succeeds
     message: str  # a substring the error message must contain
     timeout: bool = False  # ends at the request timeout (else: at once, well before it)
+    # the HTTP message was whole (only its content lies): its connection may carry the next request
+    reusable: bool = False
 
 
 # behaviour -> what the user sees
@@ -76,6 +78,19 @@ CASES: dict[str, Case] = {
     "huge_header": Case(ErrorKind.PROTOCOL, "headers exceeded"),
     "huge_error_object": Case(ErrorKind.SERVER, "server error in stream: engine failure: mmm"),
     "endless_after_done": Case(None, ""),  # the answer was complete at [DONE]
+    # usage counts that cannot be true: a protocol error naming the field, value and limit
+    "usage_huge": Case(
+        ErrorKind.PROTOCOL, "usage.completion_tokens=1000000000000000 exceeds the limit max_tokens=", reusable=True
+    ),
+    "usage_negative": Case(
+        ErrorKind.PROTOCOL, "usage.completion_tokens=-5 but content arrived: the limit is >= 1", reusable=True
+    ),
+    "usage_zero": Case(
+        ErrorKind.PROTOCOL, "usage.completion_tokens=0 but content arrived: the limit is >= 1", reusable=True
+    ),
+    "usage_over_max": Case(ErrorKind.PROTOCOL, "exceeds the limit max_tokens=", reusable=True),
+    "prompt_huge": Case(ErrorKind.PROTOCOL, "usage.prompt_tokens=1000000000000000 exceeds the limit", reusable=True),
+    "prompt_negative": Case(ErrorKind.PROTOCOL, "usage.prompt_tokens=-1 is negative: the limit is >= 0", reusable=True),
 }
 
 
@@ -161,7 +176,7 @@ def _assert_no_reuse_after_hostile(log: list[dict[str, Any]]) -> None:
     for entry in log:
         last_seq[entry["conn"]] = max(last_seq.get(entry["conn"], 0), entry["seq"])
     for entry in log:
-        if entry["behaviour"] != "good":
+        if entry["behaviour"] != "good" and not CASES[entry["behaviour"]].reusable:
             assert entry["seq"] == last_seq[entry["conn"]], (
                 f"connection {entry['conn']} carried a {entry['behaviour']} response and was used again: {log}"
             )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ from pytest_infmax.load.plan import LoadConfig, LoadConfigError
 from pytest_infmax.load.scenarios import PRESETS, Scenario, plan_request, request_body
 from pytest_infmax.load.streamclient import StreamError
 from pytest_infmax.measure.metrics import compute_metrics
-from pytest_infmax.records import ErrorKind, RequestRecord, TokenSource
+from pytest_infmax.records import ITL_EXPANSION_LIMIT, ErrorKind, RequestRecord, TokenSource
 
 
 def _chunk(text: str, finish: str | None = None, usage: dict | None = None, chat: bool = False) -> str:
@@ -93,6 +95,31 @@ def test_one_token_per_event_latencies_by_hand() -> None:
     assert (rec.output_tokens, rec.output_tokens_source) == (5, TokenSource.USAGE)
     assert (rec.input_tokens, rec.input_tokens_source) == (100, TokenSource.USAGE)
     assert rec.chunk_tokens == [1] * 5 and rec.chunk_tokens_source is TokenSource.USAGE
+
+
+def test_per_token_latencies_stay_bounded_in_memory_whatever_the_counts() -> None:
+    """A record whose chunk counts are absurd (a report file, or a server before its usage
+    was checked: ``completion_tokens: 10**15`` was an INTERNALERROR MemoryError here) expands
+    to at most ITL_EXPANSION_LIMIT gaps (plus one per chunk), with the chunks' weights kept."""
+    rec = RequestRecord.from_dict(
+        {"index": 0, "send_time": 0.0, "first_token_time": 0.5, "end_time": 3.0,
+         "chunk_times": [0.5, 1.0, 3.0], "chunk_tokens": [1, 10**15, 3 * 10**15], "output_tokens": 4 * 10**15 + 1}
+    )  # fmt: skip
+    tracemalloc.start()
+    try:
+        gaps = rec.itls()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * (1 << 20), f"itls() peaked at {peak / (1 << 20):.1f} MiB"
+    assert len(gaps) <= ITL_EXPANSION_LIMIT + 2
+    # chunk 2: 10**15 gaps of 0.5/10**15; chunk 3: three times as many gaps of 2/(3*10**15)
+    small, large = gaps.count(0.5 / 10**15), gaps.count(2.0 / (3 * 10**15))
+    assert small + large == len(gaps)
+    assert large / small == pytest.approx(3.0, rel=1e-3)
+    # a record whose counts are within the limit is expanded exactly, as before
+    exact = RequestRecord(0, chunk_times=[0.0, 0.1, 0.4], chunk_tokens=[1, 1, 3])
+    assert exact.itls() == pytest.approx([0.1, 0.1, 0.1, 0.1])
 
 
 def test_multi_token_events_apportion_usage_by_text() -> None:
@@ -264,9 +291,43 @@ def test_presets_follow_inferencemax() -> None:
 @pytest.mark.parametrize(
     "kwargs, message",
     [
+        # before: accepted, then 10**9 tasks; 2e9 planned arrivals; one request for a 2 s run
+        ({"concurrency": 10**9}, "concurrency must be a whole number >= 1 and <= 100000 or None, got 1000000000"),
+        ({"rate": 1e9, "duration": 1}, r"plans 1e\+09 requests, more than the 10000000 one run may send"),
+        ({"rate": math.inf, "duration": 2}, "rate=math.inf sends every request at once, so duration=2 does not"),
+        # before: a TypeError or a numpy error deep in the run
+        ({"concurrency": 2.5}, r"concurrency must be a whole number >= 1 .* got 2.5 \(float\)"),
+        ({"concurrency": "4"}, r"concurrency must be a whole number >= 1 .* got '4' \(str\)"),
+        ({"concurrency": 1, "seed": "abc"}, r"seed must be a whole number >= 0 .* got 'abc' \(str\)"),
+        ({"concurrency": 1, "warmup": 1.5}, "warmup must be a whole number >= 0"),
+        ({"rate": math.nan, "num_requests": 2}, r"rate must be > 0 requests/s \(a number; math.inf: all at once\)"),
+        ({"concurrency": 1, "request_timeout": 0}, r"request_timeout must be > 0 seconds \(a number\), got 0"),
+        ({"concurrency": 1, "duration": math.inf}, "duration must be > 0 seconds"),
+        ({"concurrency": 1, "extra_body": "x"}, "extra_body must be a mapping"),
+    ],
+)
+def test_bad_run_options_are_refused_up_front_naming_the_option(kwargs, message) -> None:
+    with pytest.raises(LoadConfigError, match=message):
+        LoadConfig(PRESETS["1k1k-mini"], **kwargs)
+
+
+def test_tiny_scenarios_never_draw_empty_prompts_or_max_tokens_0() -> None:
+    """Before: Scenario(osl=1) (range_ratio 0.8: int(0.8) = 0) drew max_tokens=0 for about half
+    the requests, and a tiny range_ratio drew 0-token prompts."""
+    for scenario in (Scenario("osl1", 16, 1), Scenario("tiny-ratio", 8, 8, range_ratio=0.01)):
+        lengths = [(p.input_len, p.output_len) for p in (plan_request(scenario, i, 0) for i in range(200))]
+        assert min(isl for isl, _ in lengths) >= 1 and min(osl for _, osl in lengths) >= 1, scenario
+        assert len({osl for _, osl in lengths}) > 1 or scenario.osl == 1  # still a range where there is one
+    with pytest.raises(ValueError, match=r"isl must be a whole number of tokens >= 1, got '4'"):
+        Scenario("s", "4", 2)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
         ({}, "exactly one of concurrency"),
         ({"concurrency": 2, "rate": 1.0}, "exactly one of concurrency"),
-        ({"concurrency": 0}, "concurrency must be >= 1"),
+        ({"concurrency": 0}, "concurrency must be a whole number >= 1"),
         ({"rate": 5.0}, "needs an end"),
         ({"rate": -1.0, "num_requests": 3}, "rate must be > 0"),
         ({"concurrency": 1, "burstiness": 0}, "burstiness must be > 0"),

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -359,7 +360,9 @@ def test_command_template_server_and_startup_crash(pytester: pytest.Pytester) ->
             assert infmax_server.config.kind == "command"
             assert infmax.run("1k1k-mini", concurrency=1, num_requests=2, warmup=0).metrics.num_ok == 2
 
-        @pytest.mark.infmax_server(command=[sys.executable, "-c", "import sys; print('no GPU found'); sys.exit(3)"])
+        @pytest.mark.infmax_server(
+            command=[sys.executable, "-c", "import sys; print('no GPU found'); sys.exit(3)", "{port}"]
+        )
         def test_crash(infmax):
             pass
     """,
@@ -541,3 +544,33 @@ def test_price_marker_and_setting(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", str(bad))
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*infmax_price: unknown option(s) gpu_hour*"])
+
+
+def test_bad_run_options_are_clear_errors_through_the_plugin(pytester: pytest.Pytester) -> None:
+    """Before: run(concurency=2) was a TypeError naming the private _plan(); request_timeout=0
+    was silently 600 s; a command template without {port} waited out the startup timeout."""
+    _write(
+        pytester,
+        """
+        import pytest
+        from pytest_infmax import LoadConfigError
+
+        def test_x(infmax):
+            with pytest.raises(LoadConfigError, match=r"infmax.run[(][)] has no argument concurency=2; did you mean concurrency=[?]"):
+                infmax.run("1k1k-mini", concurency=2)
+            with pytest.raises(LoadConfigError, match=r"infmax.sweep[(][)] has no argument num_request=4; did you mean num_requests="):
+                infmax.sweep("1k1k-mini", concurrency=[1], num_request=4)
+            with pytest.raises(LoadConfigError, match="request_timeout must be > 0 seconds"):
+                infmax.run("1k1k-mini", concurrency=1, request_timeout=0)
+    """,
+    )
+    pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
+    started = time.monotonic()
+    no_port = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", f"--infmax-server-command={sys.executable} -m http.server", timeout=120
+    )
+    assert no_port.ret == pytest.ExitCode.USAGE_ERROR
+    no_port.stderr.fnmatch_lines(
+        ["*--infmax-server-command = * is not valid: must be a command template with {port} in it*"]
+    )
+    assert time.monotonic() - started < 60  # at once, not after the 600 s startup timeout

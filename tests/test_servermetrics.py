@@ -262,7 +262,10 @@ def test_a_server_that_never_answers_times_out() -> None:
         listener.listen(8)
         port = listener.getsockname()[1]
         result = _finish(sm.Scraper(f"http://127.0.0.1:{port}/metrics", timeout=0.3))
-    assert result.to_dict()["reason"] == f"unavailable: GET http://127.0.0.1:{port}/metrics: no answer within 0.3 s"
+    assert (
+        result.to_dict()["reason"]
+        == f"unavailable: GET http://127.0.0.1:{port}/metrics: no answer within 0.3 s (the whole exchange)"
+    )
 
 
 # -- against the simulator (vLLM's names) ------------------------------------------------------

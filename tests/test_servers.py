@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import psutil
 import pytest
 from _sim_helpers import pid_alive
 
@@ -14,6 +19,7 @@ from pytest_infmax.servers.launch import (
     ServerConfig,
     ServerError,
     command_from_template,
+    listeners,
     redact_argv,
     running_server,
     start_server,
@@ -100,3 +106,116 @@ def _cmdline(pid: int) -> str:
             return f.read().decode(errors="replace")
     except OSError:
         return ""
+
+
+# -- a server that daemonizes cannot escape teardown (issue 17) -------------------------------
+
+DAEMON = Path(__file__).with_name("_daemonizing_server.py")
+
+
+def _read_pid(path: Path, timeout: float = 30.0) -> int:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} was not written within {timeout} s"
+        time.sleep(0.02)  # polling a file another process writes, bounded by the deadline
+    return int(path.read_text())
+
+
+def _wait_gone(pid: int, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _daemon_command(pidfile: Path, leader_exits: str) -> tuple[str, ...]:
+    return (sys.executable, str(DAEMON), "--port", "{port}", "--pidfile", str(pidfile), "--leader-exits", leader_exits)
+
+
+@pytest.mark.parametrize("leader_exits", ["before", "after", "never"])
+def test_a_daemonized_grandchild_is_stopped_with_the_server(tmp_path: Path, leader_exits: str) -> None:
+    """The server forks, the child calls setsid() and forks again, the grandchild serves and the
+    leader exits (before readiness, after it, or never). Before: the grandchild was out of the
+    process group and, once orphaned, out of the tree the launcher walked, so it outlived the
+    session on its port (and a leader exiting first was 'exited with code 0 before it was ready').
+    Now the supervisor adopts it (child subreaper) and stops it with the rest; nothing listens."""
+    pidfile = tmp_path / "grandchild.pid"
+    config = ServerConfig(kind="command", command=_daemon_command(pidfile, leader_exits), startup_timeout=30)
+    server = start_server(config, tmp_path / "logs")
+    grandchild = _read_pid(pidfile)
+    try:
+        assert server.model == "daemon-model" and pid_alive(grandchild)
+        port = int(server.base_url.rsplit(":", 1)[1])
+        assert listeners(port) == [grandchild]
+        server.stop()
+        assert not pid_alive(grandchild), "the daemonized grandchild outlived teardown"
+        assert listeners(port) == []
+    finally:
+        _kill(grandchild)
+
+
+def test_something_still_listening_after_teardown_is_named(tmp_path: Path) -> None:
+    """Whatever escapes (here: a socket this test opens on the server's port with SO_REUSEPORT,
+    out of the server's reach), teardown says so, naming the port and the pid."""
+    config = ServerConfig(kind="command", command=_daemon_command(tmp_path / "g.pid", "never"), startup_timeout=30)
+    server = start_server(config, tmp_path / "logs")
+    port = int(server.base_url.rsplit(":", 1)[1])
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen(1)
+        with pytest.raises(ServerError, match=rf"still listens on its port {port}: pid {os.getpid()} \("):
+            server.stop()
+
+
+def test_sigkill_of_pytest_takes_the_server_and_its_daemons_with_it(pytester: pytest.Pytester) -> None:
+    """pytest itself SIGKILLed (an OOM kill, a CI runner's hard stop): no teardown runs. Before: a
+    --infmax-server-command server was orphaned and kept listening. Now its supervisor sees its
+    pipe from pytest close and SIGKILLs the whole tree, daemonized grandchild included."""
+    pidfile = pytester.path / "grandchild.pid"
+    command = " ".join(_daemon_command(pidfile, "after"))
+    pytester.makepyfile(
+        test_perf="""
+        import pathlib, time
+
+        def test_x(infmax_server):
+            pathlib.Path("supervisor.pid").write_text(str(infmax_server.pid))
+            time.sleep(120)  # the session is SIGKILLed here
+        """
+    )
+    inner = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", f"--infmax-server-command={command}"],
+        cwd=pytester.path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    grandchild = supervisor = 0
+    try:
+        supervisor = _read_pid(pytester.path / "supervisor.pid", timeout=60)
+        grandchild = _read_pid(pidfile)
+        port = listeners_port(grandchild)
+        inner.kill()
+        inner.wait(timeout=10)
+        assert _wait_gone(grandchild), "the daemonized server outlived a SIGKILLed pytest"
+        assert _wait_gone(supervisor)
+        assert listeners(port) == []
+    finally:
+        inner.kill()
+        inner.wait(timeout=10)
+        for pid in (grandchild, supervisor):
+            if pid:
+                _kill(pid)
+
+
+def listeners_port(pid: int) -> int:
+    """The port ``pid`` listens on (the daemon serves one)."""
+    ports = [c.laddr.port for c in psutil.Process(pid).net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+    assert len(ports) == 1, ports
+    return ports[0]

@@ -157,11 +157,32 @@ _encode_json = msgspec.json.Encoder().encode
 class ResponseAccumulator:
     """Accumulates one SSE response into a record."""
 
-    __slots__ = ("rec", "texts", "usage", "cumulative", "finished", "done", "events_left", "max_events")
+    __slots__ = (
+        "rec",
+        "texts",
+        "usage",
+        "cumulative",
+        "finished",
+        "done",
+        "events_left",
+        "max_events",
+        "max_tokens",
+        "max_prompt_tokens",
+    )
 
-    def __init__(self, rec: RequestRecord, max_events: int | None = None) -> None:
+    def __init__(
+        self,
+        rec: RequestRecord,
+        max_events: int | None = None,
+        *,
+        max_tokens: int | None = None,
+        max_prompt_tokens: int | None = None,
+    ) -> None:
         self.rec = rec
         self.max_events = max_events
+        # what was asked: the limits the server's own counts are checked against (check_usage)
+        self.max_tokens = max_tokens
+        self.max_prompt_tokens = max_prompt_tokens
         self.events_left = max_events + 1 if max_events is not None else -1
         self.texts: list[int] = []  # characters per content chunk, for apportioning
         self.usage: _Usage | None = None
@@ -234,6 +255,7 @@ class ResponseAccumulator:
             raise StreamError(ErrorKind.EMPTY, "stream ended without any content token")
         n_chunks = len(rec.chunk_times)
         usage = self.usage or _Usage()
+        check_usage(usage, self.max_tokens, self.max_prompt_tokens)
         if usage.prompt_tokens is not None:
             rec.input_tokens, rec.input_tokens_source = usage.prompt_tokens, TokenSource.USAGE
         elif requested_input is not None:
@@ -249,6 +271,68 @@ class ResponseAccumulator:
             self.texts,
             from_usage=rec.output_tokens_source is TokenSource.USAGE,
         )
+
+
+# A chat template wraps the prompt in tokens of its own (roles, system prompt); a
+# tokenizer never makes more tokens of a text than it has bytes. So prompt_tokens is
+# at most the request body's size in bytes plus this allowance for the template.
+PROMPT_TEMPLATE_ALLOWANCE = 4096
+
+
+def prompt_tokens_limit(body: bytes) -> int:
+    """The most prompt tokens a server can honestly count for a request whose body is ``body``."""
+    return len(body) + PROMPT_TEMPLATE_ALLOWANCE
+
+
+def requested_max_tokens(plan: PlannedRequest, config: LoadConfig) -> int | None:
+    """The ``max_tokens`` the request asks for: the plan's, unless ``extra_body`` replaces it
+    (an int) or leaves it out (None: not known, so the server's count is only checked for sign)."""
+    extra = config.extra_body or {}
+    value = extra.get("max_tokens", plan.output_len)
+    if value is None:  # left out: a newer OpenAI field may carry the limit instead
+        value = extra.get("max_completion_tokens")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def check_usage(usage: _Usage, max_tokens: int | None, max_prompt_tokens: int | None) -> None:
+    """Every count in the server's ``usage`` against what was asked; a count that cannot be
+    true is a protocol error naming the field, its value and the limit.
+
+    Called once content arrived, so ``completion_tokens`` is at least 1; it is at most
+    the ``max_tokens`` the request asked for. ``prompt_tokens`` is non-negative and at most
+    :func:`prompt_tokens_limit` of the request. Every figure computed from a record (token
+    totals, throughput, per-token latencies) rests on these counts, so a server that reports
+    ``completion_tokens: 10**15``, a negative count, or none for a streamed answer must not
+    make an "ok" record.
+    """
+    done = usage.completion_tokens
+    if done is not None:
+        if done < 1:
+            raise StreamError(
+                ErrorKind.PROTOCOL,
+                f"usage.completion_tokens={done} but content arrived: the limit is >= 1; "
+                "the server's token count cannot be true",
+            )
+        if max_tokens is not None and done > max_tokens:
+            raise StreamError(
+                ErrorKind.PROTOCOL,
+                f"usage.completion_tokens={done} exceeds the limit max_tokens={max_tokens} the request asked for; "
+                "the server's token count cannot be true",
+            )
+    prompt = usage.prompt_tokens
+    if prompt is not None:
+        if prompt < 0:
+            raise StreamError(
+                ErrorKind.PROTOCOL,
+                f"usage.prompt_tokens={prompt} is negative: the limit is >= 0; the server's token count cannot be true",
+            )
+        if max_prompt_tokens is not None and prompt > max_prompt_tokens:
+            raise StreamError(
+                ErrorKind.PROTOCOL,
+                f"usage.prompt_tokens={prompt} exceeds the limit {max_prompt_tokens} (the request body's "
+                f"{max_prompt_tokens - PROMPT_TEMPLATE_ALLOWANCE} bytes + {PROMPT_TEMPLATE_ALLOWANCE} for a "
+                "chat template); the server's token count cannot be true",
+            )
 
 
 def _chunk_tokens(
@@ -505,7 +589,12 @@ class _Sender:
         body = encode_body(plan, self.model, config)
         request = build_request(self.pool, self.path, body, self.headers)
         exact_input = plan.input_len if plan.token_ids is not None else None
-        state = ResponseAccumulator(rec, max_events_for(plan.output_len))
+        state = ResponseAccumulator(
+            rec,
+            max_events_for(plan.output_len),
+            max_tokens=requested_max_tokens(plan, config),
+            max_prompt_tokens=prompt_tokens_limit(body),
+        )
         decoder = SSEDecoder(state)
 
         def sent() -> None:

@@ -7,6 +7,7 @@ The generator (:mod:`pytest_infmax.load.generator`) and the worker processes
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,81 @@ from pytest_infmax.records import RequestRecord
 
 class LoadConfigError(ValueError):
     """A run was asked for with arguments that cannot work together."""
+
+
+# Bounds of one run: far above any real benchmark, far below what would exhaust the
+# client's memory (every planned request is held) or file descriptors (one per stream).
+MAX_CONCURRENCY = 100_000
+MAX_REQUESTS = 10_000_000
+
+
+@dataclass(frozen=True)
+class _Field:
+    """One argument of a run: its kind and its bounds (None: no bound; optional: None allowed)."""
+
+    kind: str  # "int" (a whole number, not bool), "real" (int or float, not bool), "dict"
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # low itself is not allowed (> rather than >=)
+    optional: bool = False
+    infinite: bool = False  # math.inf is allowed
+    unit: str = ""
+
+    def check(self, name: str, value: Any) -> None:
+        if value is None and self.optional:
+            return
+        if self.kind == "dict":
+            if not isinstance(value, dict):
+                raise LoadConfigError(f"{name} must be a mapping of request fields, got {value!r}")
+            return
+        whole = self.kind == "int"
+        good_type = isinstance(value, numbers.Integral) if whole else isinstance(value, numbers.Real)
+        if isinstance(value, bool) or not good_type:
+            raise LoadConfigError(f"{name} must be {self._describe()}, got {value!r} ({type(value).__name__})")
+        if not whole and (math.isnan(value) or (math.isinf(value) and not self.infinite)):
+            raise LoadConfigError(f"{name} must be {self._describe()}, got {value!r}")
+        too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        too_high = self.high is not None and value > self.high
+        if too_low or too_high:
+            raise LoadConfigError(f"{name} must be {self._describe()}, got {value!r}")
+
+    def _describe(self) -> str:
+        bounds = []
+        if self.low is not None:
+            bounds.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+        if self.high is not None:
+            bounds.append(f"<= {self.high:g}")
+        text = " and ".join(bounds)
+        if self.kind == "int":
+            text = f"a whole number {text}"
+        else:
+            text += f" {self.unit}" if self.unit else ""
+            text += " (a number; math.inf: all at once)" if self.infinite else " (a number)"
+        return text + (" or None" if self.optional else "")
+
+
+# Every argument of a run, checked in one place before anything is planned or sent.
+FIELDS: dict[str, _Field] = {
+    "concurrency": _Field("int", 1, MAX_CONCURRENCY, optional=True),
+    "rate": _Field("real", 0, low_open=True, optional=True, infinite=True, unit="requests/s"),
+    "burstiness": _Field("real", 0, low_open=True),  # 1 = Poisson
+    "max_concurrency": _Field("int", 1, MAX_CONCURRENCY, optional=True),
+    "num_requests": _Field("int", 1, MAX_REQUESTS, optional=True),
+    "duration": _Field("real", 0, low_open=True, optional=True, unit="seconds"),
+    "warmup": _Field("int", 0, MAX_REQUESTS, optional=True),
+    "request_timeout": _Field("real", 0, low_open=True, unit="seconds"),
+    "seed": _Field("int", 0, 2**63 - 1),
+    "extra_body": _Field("dict"),
+    "client_lag_threshold": _Field("real", 0, low_open=True, unit="seconds"),
+    "workers": _Field("int", 1, 1024),
+}
+
+
+def _check_fields(config: LoadConfig) -> None:
+    if not isinstance(config.scenario, Scenario):
+        raise LoadConfigError(f"scenario must be a Scenario, got {config.scenario!r}")
+    for name, spec in FIELDS.items():
+        spec.check(name, getattr(config, name))
 
 
 @dataclass(frozen=True)
@@ -40,28 +116,9 @@ class LoadConfig:
     workers: int = 1
 
     def __post_init__(self) -> None:
+        _check_fields(self)
         if (self.concurrency is None) == (self.rate is None):
             raise LoadConfigError("give exactly one of concurrency= (closed loop) or rate= (open loop, requests/s)")
-        if self.concurrency is not None and self.concurrency < 1:
-            raise LoadConfigError(f"concurrency must be >= 1, got {self.concurrency}")
-        if self.rate is not None and not self.rate > 0:
-            raise LoadConfigError(f"rate must be > 0 requests/s (math.inf: all at once), got {self.rate}")
-        if not self.burstiness > 0:
-            raise LoadConfigError(f"burstiness must be > 0 (1 = Poisson), got {self.burstiness}")
-        if self.max_concurrency is not None and self.max_concurrency < 1:
-            raise LoadConfigError(f"max_concurrency must be >= 1, got {self.max_concurrency}")
-        if self.num_requests is not None and self.num_requests < 1:
-            raise LoadConfigError(f"num_requests must be >= 1, got {self.num_requests}")
-        if self.duration is not None and not self.duration > 0:
-            raise LoadConfigError(f"duration must be > 0 seconds, got {self.duration}")
-        if self.warmup is not None and self.warmup < 0:
-            raise LoadConfigError(f"warmup must be >= 0, got {self.warmup}")
-        if not self.request_timeout > 0:
-            raise LoadConfigError(f"request_timeout must be > 0 seconds, got {self.request_timeout}")
-        if not self.client_lag_threshold > 0:
-            raise LoadConfigError(f"client_lag_threshold must be > 0 seconds, got {self.client_lag_threshold}")
-        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
-            raise LoadConfigError(f"workers must be a whole number >= 1, got {self.workers!r}")
         width = self.concurrency or self.max_concurrency
         if self.workers > 1 and width is not None and self.workers > width:
             raise LoadConfigError(
@@ -70,6 +127,17 @@ class LoadConfig:
             )
         if self.rate is not None and self.num_requests is None and self.duration is None:
             raise LoadConfigError("an open-loop run needs an end: give num_requests= or duration= with rate=")
+        if self.rate is not None and self.num_requests is None and self.duration is not None:
+            if math.isinf(self.rate):
+                raise LoadConfigError(
+                    f"rate=math.inf sends every request at once, so duration={self.duration:g} does not say how "
+                    "many: give num_requests="
+                )
+            if self.rate * self.duration > MAX_REQUESTS:
+                raise LoadConfigError(
+                    f"rate={self.rate:g} for duration={self.duration:g} s plans {self.rate * self.duration:.3g} "
+                    f"requests, more than the {MAX_REQUESTS} one run may send"
+                )
 
     @property
     def effective_num_requests(self) -> int | None:

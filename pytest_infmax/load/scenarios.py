@@ -12,6 +12,7 @@ the only exact count.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -44,6 +45,16 @@ class Scenario:
     endpoint: Endpoint = "completions"
 
     def __post_init__(self) -> None:
+        for field_name in ("isl", "osl"):
+            value = getattr(self, field_name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(
+                    f"scenario {self.name!r}: {field_name} must be a whole number of tokens >= 1, got {value!r}"
+                )
+        if isinstance(self.range_ratio, bool) or not isinstance(self.range_ratio, numbers.Real):
+            raise ValueError(
+                f"scenario {self.name!r}: range_ratio must be a number in (0, 1], got {self.range_ratio!r}"
+            )
         if self.isl < 1 or self.osl < 1:
             raise ValueError(f"scenario {self.name!r}: isl and osl must be >= 1, got {self.isl}/{self.osl}")
         if not 0.0 < self.range_ratio <= 1.0:
@@ -64,9 +75,11 @@ class Scenario:
         return dataclasses.replace(self, endpoint=endpoint)
 
     def sample_lengths(self, rng: np.random.Generator) -> tuple[int, int]:
+        """Uniform lengths in [range_ratio * L, L], never below 1: a 0-token prompt or a
+        ``max_tokens=0`` request measures nothing (``Scenario(osl=1)``, a tiny range_ratio)."""
         return (
-            int(rng.integers(int(self.isl * self.range_ratio), self.isl, endpoint=True)),
-            int(rng.integers(int(self.osl * self.range_ratio), self.osl, endpoint=True)),
+            int(rng.integers(max(1, int(self.isl * self.range_ratio)), self.isl, endpoint=True)),
+            int(rng.integers(max(1, int(self.osl * self.range_ratio)), self.osl, endpoint=True)),
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -38,12 +38,12 @@ import json
 import math
 import threading
 import time
-import urllib.request
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pytest_infmax import boundedhttp
 from pytest_infmax.servers import telemetry
 
 DEFAULT_PERIOD_S = 0.1
@@ -283,6 +283,9 @@ class ModelledPowerSource(PowerSource):
         return out
 
 
+POWER_MAX_BYTES = 1 << 20  # a power reading is a few hundred bytes
+
+
 class HttpPowerSource(ModelledPowerSource):
     """A JSON endpoint answering ``{"power_w": ..., "energy_j": ...}`` (e.g. the simulator's ``/sim/power``)."""
 
@@ -290,13 +293,14 @@ class HttpPowerSource(ModelledPowerSource):
         self.url = url
         self.timeout = timeout
         self.modelled = modelled
-        # A local endpoint must not go through an HTTP proxy from the environment.
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         super().__init__(self._get, name=url)
 
     def _get(self) -> Any:
-        with self._opener.open(self.url, timeout=self.timeout) as resp:
-            return json.loads(resp.read().decode("utf-8"))
+        # bounded in time and size (and never through a proxy from the environment)
+        response = boundedhttp.get(self.url, timeout=self.timeout, max_bytes=POWER_MAX_BYTES)
+        if response.status != 200:
+            raise OSError(f"GET {boundedhttp.safe_url(self.url)}: HTTP {response.status}")
+        return json.loads(response.body.decode("utf-8"))
 
     def describe(self) -> str:
         return f"{'modelled' if self.modelled else 'reported'}: {self.url}"

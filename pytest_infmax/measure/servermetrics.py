@@ -33,8 +33,11 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from pytest_infmax import boundedhttp
+
 DEFAULT_INTERVAL = 1.0  # seconds between gauge samples during the run
-SCRAPE_TIMEOUT = 3.0  # seconds for one GET of the metrics page
+SCRAPE_TIMEOUT = 3.0  # seconds for one GET of the metrics page, all of it
+METRICS_MAX_BYTES = 16 << 20  # a metrics page larger than this is not read (vLLM's: ~100 KiB)
 CATCH_UP_TIMEOUT = 1.0  # seconds to wait for the server to record the last requests it finished
 OVERHEAD_MIN_MS = 5.0  # client TTFT above the server's by more than max(this, ...
 OVERHEAD_FRACTION = 0.20  # ... this share of the server's TTFT) is called client overhead
@@ -482,7 +485,7 @@ class Scraper:
         self.timeout = timeout
         self.hint = hint  # added to "unavailable" reasons, e.g. how to turn the endpoint on
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._session: aiohttp.ClientSession | None = None
+        self._session: aiohttp.ClientSession | None = None  # kept-alive connections between scrapes
         self._probe: str | None = None  # the text read by open()
         self._failed: str | None = None
         self._baseline: asyncio.Task[str] | None = None
@@ -493,23 +496,22 @@ class Scraper:
         self.sample_errors = 0
 
     async def fetch(self) -> str:
-        """The page's text; ScrapeError on any failure."""
+        """The page's text; ScrapeError on any failure. The GET is bounded in time (``timeout``
+        for the whole exchange) and size (``METRICS_MAX_BYTES``): a server that sends an endless
+        page costs neither memory nor more than one timeout (``boundedhttp.aget``)."""
         if self._session is None:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.timeout), headers=self._headers
-            )
+            self._session = aiohttp.ClientSession()
         try:
-            async with self._session.get(self.url) as response:
-                body = await response.text(errors="replace")
-                if response.status != 200:
-                    raise ScrapeError(f"GET {self.url}: HTTP {response.status}")
-                return body
-        except ScrapeError:
-            raise
-        except asyncio.TimeoutError:
-            raise ScrapeError(f"GET {self.url}: no answer within {self.timeout:g} s") from None
-        except aiohttp.ClientError as exc:
-            raise ScrapeError(f"GET {self.url}: {type(exc).__name__}: {exc}") from None
+            response = await boundedhttp.aget(
+                self._session, self.url, headers=self._headers, timeout=self.timeout, max_bytes=METRICS_MAX_BYTES
+            )
+        except boundedhttp.HTTPLimitError as exc:
+            raise ScrapeError(str(exc)) from None
+        except OSError as exc:
+            raise ScrapeError(f"GET {boundedhttp.safe_url(self.url)}: {exc}") from None
+        if response.status != 200:
+            raise ScrapeError(f"GET {boundedhttp.safe_url(self.url)}: HTTP {response.status}")
+        return response.text()
 
     async def open(self) -> bool:
         """Read the page once; False (and the reason kept) when it cannot be read or parsed."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import difflib
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -81,6 +83,7 @@ class Infmax:
     def run(self, scenario: str | Scenario = "1k1k-mini", **kwargs: Any) -> LoadResult:
         """Run load and return its result; see :meth:`arun` for the arguments."""
         __tracebackhide__ = True  # failures point at the test line that ran the load
+        _check_arguments(kwargs, "infmax.run()")
         plan = self._plan(scenario, **kwargs)  # validation only: nothing is sent yet
         return self._conclude(_run_sync(self._measure_all(plan), "infmax.run()"), plan)
 
@@ -101,6 +104,7 @@ class Infmax:
         before ``SLAFailed`` is raised.
         """
         __tracebackhide__ = True
+        _check_arguments(kwargs, "infmax.arun()")
         plan = self._plan(scenario, **kwargs)
         return self._conclude(await self._measure_all(plan), plan)
 
@@ -120,6 +124,7 @@ class Infmax:
         are validated before the first run and checked after the last.
         """
         __tracebackhide__ = True
+        _check_arguments(kwargs, "infmax.sweep()", extra=("frontier_sla", "price"))
         if (concurrency is None) == (rate is None):
             raise LoadConfigError("sweep() needs exactly one of concurrency=[...] or rate=[...]")
         counts = list(concurrency) if concurrency is not None else []
@@ -187,7 +192,8 @@ class Infmax:
             num_requests=num_requests,
             duration=duration,
             warmup=warmup,
-            request_timeout=request_timeout or self.request_timeout,
+            # 0 is refused by LoadConfig, not replaced by the default
+            request_timeout=self.request_timeout if request_timeout is None else request_timeout,
             seed=seed,
             extra_body=dict(extra_body or {}),
             # the session's --infmax-workers never exceeds a level's streams (a sweep's c=1 runs in one)
@@ -364,6 +370,23 @@ class _Plan:
     name: str
     repeat: int = 1  # runs, each on a fresh server start
     price: Price | None = None  # sweep(price=): this price instead of the session's
+
+
+# The keyword arguments of run()/arun() (and, with the sweep's own, of sweep()): _plan's.
+RUN_ARGUMENTS = tuple(p for p in inspect.signature(Infmax._plan).parameters if p not in ("self", "scenario"))
+
+
+def _check_arguments(kwargs: dict[str, Any], caller: str, extra: tuple[str, ...] = ()) -> None:
+    """Every keyword a run takes is known; a misspelt one names the closest (before: a
+    TypeError naming the private ``_plan``)."""
+    known = [*RUN_ARGUMENTS, *extra]
+    for name in kwargs:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean {close[0]}=?" if close else ""
+            raise LoadConfigError(
+                f"{caller} has no argument {name}={kwargs[name]!r}{hint} (its arguments: {', '.join(known)})"
+            )
 
 
 def _feed_sequential(seq: Any) -> Callable[[RequestRecord], None]:

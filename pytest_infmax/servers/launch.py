@@ -1,13 +1,17 @@
 """Servers under test: start, wait until ready, and always tear down.
 
-Every server the plugin starts runs in its own process group (its own
-session), so teardown can signal the whole tree an engine spawns (MPI ranks,
-engine-core workers, tokenizer processes): SIGTERM to the group, a grace
-period, SIGKILL to the group, then a check that nothing of the group is left.
-Processes that left the group (a child that called setsid, as some engine
-workers do) are found by walking /proc while the server runs (during startup,
-at readiness and again just before the signals) and are signalled and checked
-the same way.
+Every server the plugin starts runs under a supervisor (``supervisor.py``), in
+its own process group (its own session), so teardown can signal the whole tree
+an engine spawns (MPI ranks, engine-core workers, tokenizer processes): SIGTERM
+to the group, a grace period, SIGKILL, then a check that nothing of the group is
+left and that nothing listens on the server's port any more. The supervisor is a
+child subreaper: a process that left the group and lost its parent (a daemon's
+double fork, setsid) is reparented to it, not to init, so it is stopped with the
+rest; and it SIGKILLs the whole tree when the pipe from this process closes,
+which the kernel does when pytest dies, even by SIGKILL. Processes that left the
+group are also found by walking /proc while the server runs (during startup, at
+readiness and again just before the signals) and are signalled and checked the
+same way.
 
 Real engines (trtllm-serve, vllm serve, SGLang) get their command lines from
 ``engines``; they cannot bind port 0, so they get ``free_port()`` and are
@@ -23,24 +27,26 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import http.client
 import json
 import math
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from pytest_infmax import boundedhttp
+from pytest_infmax.redact import add_secret, redact, redact_argv
 from pytest_infmax.servers import engines, telemetry
 
 ServerKind = Literal["sim", "command", "endpoint", "trtllm", "vllm", "sglang"]
@@ -82,6 +88,13 @@ class ServerConfig:
             raise ServerError(f"server kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         if self.kind == "command" and not self.command:
             raise ServerError("a 'command' server needs a command template, e.g. 'my-server --port {port}'")
+        if self.kind == "command" and not any("{port}" in arg for arg in self.command):
+            # the plugin picks a free port and waits for the server there: without {port} the
+            # server cannot know it, and the wait would last the whole startup timeout
+            raise ServerError(
+                f"the command template {shlex.join(redact_argv(self.command))!r} has no {{port}}: the server must "
+                "listen on the port the plugin picks; add e.g. '--port {port}' (and '--host {host}')"
+            )
         if self.kind == "endpoint" and not self.endpoint:
             raise ServerError("an 'endpoint' server needs a URL, e.g. --infmax-endpoint http://127.0.0.1:8000")
         if self.num_gpus is not None and (
@@ -174,7 +187,9 @@ class ServerConfig:
 
     @property
     def api_key(self) -> str | None:
-        return os.environ.get(self.api_key_env) or None
+        key = os.environ.get(self.api_key_env) or None
+        add_secret(key)  # read here, masked everywhere from now on (redact)
+        return key
 
     @property
     def prometheus_path(self) -> str | None:
@@ -185,7 +200,7 @@ class ServerConfig:
 
     def describe(self) -> str:
         if self.kind == "endpoint":
-            return f"endpoint {self.endpoint}"
+            return f"endpoint {redact(self.endpoint or '')}"
         if self.kind == "sim":
             return " ".join(["simulator", *redact_argv(self.sim_args, self.api_key)])
         if engines.is_engine(self.kind):
@@ -205,36 +220,6 @@ def _check_url(url: str) -> None:
         raise ServerError(
             f"endpoint must be an http:// or https:// URL with a host, e.g. http://127.0.0.1:8000, got {url!r}"
         )
-
-
-# Flags whose value is a secret in the engines' command lines.
-SECRET_FLAGS = ("--api-key", "--api_key", "--token", "--hf-token", "--hf_token", "--auth-token")
-
-
-def redact(text: str, *secrets: str | None) -> str:
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    return text
-
-
-def redact_argv(argv: tuple[str, ...] | list[str], *secrets: str | None) -> list[str]:
-    """argv with known secrets and the values of secret flags replaced by ***."""
-    out: list[str] = []
-    hide_next = False
-    for arg in argv:
-        if hide_next:
-            out.append("***")
-            hide_next = False
-            continue
-        flag, eq, _ = arg.partition("=")
-        if flag in SECRET_FLAGS:
-            if eq:
-                out.append(f"{flag}=***")
-                continue
-            hide_next = True
-        out.append(redact(arg, *secrets))
-    return out
 
 
 def command_from_template(template: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
@@ -305,7 +290,7 @@ class Server:
         """Environment facts for reports; the API key never appears."""
         return {
             "kind": self.config.kind,
-            "base_url": self.base_url,
+            "base_url": redact(self.base_url),
             "model": self.model,
             "num_gpus": self.num_gpus,
             "command": redact_argv(self.argv, self.api_key),
@@ -315,9 +300,10 @@ class Server:
         }
 
     def log_tail(self, lines: int = 30) -> str:
+        """The log's last lines, redacted: they go into error messages (terminal, JUnit)."""
         if not self.log_path or not self.log_path.exists():
             return "(no log)"
-        return tail(self.log_path, lines)
+        return redact(tail(self.log_path, lines), self.api_key)
 
     def stop(self) -> None:
         if self.process is None or self.stopped_pids:
@@ -329,6 +315,14 @@ class Server:
                 self._tailer.stop()
         with _LIVE_LOCK:  # only once it is really gone; else exit-time cleanup tries again
             _LIVE.discard(self)
+        port = urlsplit(self.base_url).port if self.base_url else None
+        left = listeners(port) if port else []
+        if left:
+            who = ", ".join(f"pid {pid} ({_cmdline(pid)})" if pid else "a process of another user" for pid in left)
+            raise ServerError(
+                f"after the server was stopped, something still listens on its port {port}: {who}. A process "
+                f"the server started escaped teardown; stop it (kill {' '.join(str(p) for p in left if p)})"
+            )
         if self.after_stop is not None:
             self.after_stop(self.stopped_pids)
 
@@ -368,6 +362,9 @@ def stop_process_group(
 ) -> list[int]:
     """SIGTERM the group and escaped descendants, wait ``grace``, SIGKILL them, verify they are gone.
 
+    A process started under the supervisor (``supervised``, with its stdin a pipe) is told
+    to SIGKILL its whole tree first, daemonized descendants included.
+
     ``tracked`` maps pids seen earlier (pid -> start time) to their start
     time; the tree is walked once more here, before any signal. Returns every
     pid that was stopped (for checks such as GPU memory release).
@@ -387,7 +384,14 @@ def stop_process_group(
         deadline = time.monotonic() + grace
         while running() and time.monotonic() < deadline:
             time.sleep(0.05)
-    # Whatever is left (ignored SIGTERM, or is still cleaning up) is killed.
+    # Whatever is left (ignored SIGTERM, or is still cleaning up) is killed: first by the
+    # supervisor, which holds every process the server started, daemonized ones too (its
+    # stdin closing is its order to SIGKILL them all and exit), then group and pids directly.
+    if proc.stdin is not None:
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
     _signal_group(pgid, signal.SIGKILL)
     for pid, start in others.items():
         _signal_pid(pid, start, signal.SIGKILL)
@@ -400,6 +404,44 @@ def stop_process_group(
             raise ServerError(f"process group {pgid} or its escaped descendants {left} survived SIGKILL for 10 s")
         time.sleep(0.05)
     return sorted({pgid, *others})
+
+
+def listeners(port: int) -> list[int | None]:
+    """Pids of the processes with a TCP socket listening on ``port`` (IPv4 or IPv6; None for a
+    socket whose owner cannot be seen), from /proc/net; [] where nothing listens."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            # cols: sl, local address (hex ip:port), remote, state (0A: LISTEN), ..., inode (cols[9])
+            if len(cols) > 9 and cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(cols[9])
+    if not inodes:
+        return []
+    owners: dict[str, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{entry}/fd"):
+                with contextlib.suppress(OSError):
+                    link = os.readlink(f"/proc/{entry}/fd/{fd}")
+                    if link.startswith("socket:[") and link[8:-1] in inodes:
+                        owners.setdefault(link[8:-1], int(entry))
+    return sorted({owners.get(inode) for inode in inodes}, key=lambda p: p or 0)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return shlex.join(redact_argv(f.read().decode(errors="replace").split("\0")[:-1]))[:200]
+    except OSError:
+        return "gone"
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
@@ -483,7 +525,8 @@ class LogTailer(threading.Thread):
                 *lines, partial = (partial + chunk).split(b"\n")
                 for line in lines:
                     with contextlib.suppress(Exception):
-                        self.write(f"{self.prefix}{line.decode('utf-8', errors='replace').rstrip()}")
+                        text = redact(line.decode("utf-8", errors="replace").rstrip())
+                        self.write(f"{self.prefix}{text}")
             if stopping:
                 return
             self._stop_event.wait(0.2)
@@ -501,43 +544,56 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def _http_get(url: str, api_key: str | None, timeout: float = 2.0) -> tuple[int, bytes]:
-    req = urllib.request.Request(url)
-    if api_key:
-        req.add_header("Authorization", f"Bearer {api_key}")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
+# One readiness probe (GET /health, then /v1/models) gets at most this long in all; the
+# startup deadline bounds it too, so a server that drips its answer cannot outlast it.
+PROBE_TIMEOUT = 5.0
 
 
-def probe_ready(base_url: str, api_key: str | None, api_key_env: str = "INFMAX_API_KEY") -> str | None:
+def _http_get(url: str, api_key: str | None, timeout: float = 2.0, deadline: float | None = None) -> tuple[int, bytes]:
+    """GET within ``timeout`` seconds in all (or by ``deadline``) and a bounded body
+    (``boundedhttp``); the key is never sent on a redirect to another origin."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    response = boundedhttp.get(url, headers=headers, timeout=timeout, deadline=deadline)
+    return response.status, response.body
+
+
+def probe_ready(
+    base_url: str, api_key: str | None, api_key_env: str = "INFMAX_API_KEY", timeout: float = PROBE_TIMEOUT
+) -> str | None:
     """The served model name if the server answers /health and /v1/models, else None.
 
     A refused connection, a reset and HTTP 503 all mean "not yet"; 401/403 will
-    never get better by waiting, so they raise at once.
+    never get better by waiting, so they raise at once. Both GETs together take at
+    most ``timeout`` seconds, whatever the server does.
     """
+    return _probe(base_url, api_key, api_key_env, timeout)[0]
+
+
+def _probe(base_url: str, api_key: str | None, api_key_env: str, timeout: float) -> tuple[str | None, str]:
+    """(model or None, why not ready) of one readiness probe within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
     try:
-        status, _ = _http_get(f"{base_url}/health", api_key)
+        status, _ = _http_get(f"{base_url}/health", api_key, timeout, deadline)
         if status != 200:
-            return None
-        status, body = _http_get(f"{base_url}/v1/models", api_key)
-    except (OSError, urllib.error.URLError):
-        return None
+            return None, f"GET /health answered HTTP {status}"
+        status, body = _http_get(f"{base_url}/v1/models", api_key, timeout, deadline)
+    except boundedhttp.HTTPLimitError as exc:
+        return None, str(exc)
+    except (OSError, http.client.HTTPException) as exc:
+        return None, f"{type(exc).__name__}: {exc}"
     if status in (401, 403):
         given = f"the key in ${api_key_env} was refused" if api_key else f"${api_key_env} is not set"
         raise ServerError(
-            f"{base_url}/v1/models answered HTTP {status}: the server wants an API key and {given}; "
-            f"put the key in ${api_key_env} (or name another variable with --infmax-api-key-env)"
+            f"{boundedhttp.safe_url(base_url)}/v1/models answered HTTP {status}: the server wants an API key "
+            f"and {given}; put the key in ${api_key_env} (or name another variable with --infmax-api-key-env)"
         )
     if status != 200:
-        return None
+        return None, f"GET /v1/models answered HTTP {status}"
     try:
         data = json.loads(body)["data"]
-        return str(data[0]["id"]) if data else ""
+        return (str(data[0]["id"]) if data else ""), ""
     except (ValueError, KeyError, IndexError, TypeError):
-        return ""
+        return "", ""
 
 
 def connect_endpoint(config: ServerConfig, timeout: float = 30.0) -> Server:
@@ -548,13 +604,14 @@ def connect_endpoint(config: ServerConfig, timeout: float = 30.0) -> Server:
         base_url = base_url[:-3]
     deadline = time.monotonic() + timeout
     while True:
-        model = probe_ready(base_url, config.api_key, config.api_key_env)
+        remaining = deadline - time.monotonic()
+        model, why = _probe(base_url, config.api_key, config.api_key_env, max(min(PROBE_TIMEOUT, remaining), 0.1))
         if model is not None:
             break
-        if time.monotonic() > deadline:
+        if time.monotonic() >= deadline:
             raise ServerError(
-                f"endpoint {base_url} did not answer GET /health and /v1/models with 200 within "
-                f"{timeout:g} s; is the server running, and is the URL right (scheme, host, port)?"
+                f"endpoint {boundedhttp.safe_url(base_url)} did not answer GET /health and /v1/models with 200 "
+                f"within {timeout:g} s ({why}); is the server running, and is the URL right (scheme, host, port)?"
             )
         time.sleep(0.2)
     return Server(config, base_url, config.model or model or "default")
@@ -622,8 +679,7 @@ def _start_once(
             "0",
             "--port-file",
             str(port_file),
-            "--parent-pid",
-            str(os.getpid()),
+            # no --parent-pid: its parent is the supervisor, which ends it when pytest dies
             "--model",
             model,
             *config.sim_args,
@@ -651,23 +707,25 @@ def _start_once(
         argv = (*config.launcher_prefix, *(arg.format(**fill) for arg in config.command), *config.extra_args)
 
     env = {**os.environ, **dict(config.env)}
+    if shutil.which(argv[0], path=env.get("PATH")) is None:
+        raise ServerError(f"cannot start {argv[0]!r}: no such executable; is it installed and on PATH?")
     started = time.monotonic()
     log = open(log_path, "wb")
     try:
+        # The supervisor starts the server and holds every process it starts (a child
+        # subreaper); its stdin is a pipe whose end only this process holds (supervisor.py).
         proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
+            supervised(argv),
+            stdin=subprocess.PIPE,
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,
         )
     except OSError as exc:
-        log.close()
         raise ServerError(f"cannot start {argv[0]!r}: {exc}; is it installed and on PATH?") from None
     finally:
-        if not log.closed:
-            log.close()
+        log.close()
     server = Server(config, "", config.model or "", argv, log_path, proc, after_stop=after_stop)
     with _LIVE_LOCK:
         _LIVE.add(server)
@@ -687,12 +745,21 @@ def _start_once(
         raise
 
 
+SUPERVISOR = Path(__file__).with_name("supervisor.py")
+
+
+def supervised(argv: tuple[str, ...] | list[str]) -> list[str]:
+    """``argv`` run under the supervisor (``supervisor.py``: isolated, standard library only)."""
+    return [sys.executable, "-I", "-S", str(SUPERVISOR), "--", *argv]
+
+
 def _wait_ready(server: Server, port: int | None, port_file: Path | None) -> tuple[str, str]:
     config, proc = server.config, server.process
     assert proc is not None
     deadline = time.monotonic() + config.startup_timeout
     base_url = f"http://{config.host}:{port}" if port else ""
     next_track = 0.0
+    why = ""
     while True:
         now = time.monotonic()
         if now >= next_track:  # engines spawn their workers while loading; remember them early
@@ -715,12 +782,14 @@ def _wait_ready(server: Server, port: int | None, port_file: Path | None) -> tup
             if text.isdigit():
                 base_url = f"http://{config.host}:{int(text)}"
         if base_url:
-            model = probe_ready(base_url, config.api_key, config.api_key_env)
+            budget = max(min(PROBE_TIMEOUT, deadline - time.monotonic()), 0.1)
+            model, why = _probe(base_url, config.api_key, config.api_key_env, budget)
             if model is not None:
                 return base_url, model
-        if time.monotonic() > deadline:
+        if time.monotonic() >= deadline:
+            last = f" (last probe: {why})" if base_url and why else ""
             raise ServerError(
-                f"server not ready after {config.startup_timeout:g} s (startup timeout): {_shown(server)}; "
+                f"server not ready after {config.startup_timeout:g} s (startup timeout){last}: {_shown(server)}; "
                 f"raise --infmax-startup-timeout if it is just slow to load.\n"
                 f"last lines of {server.log_path}:\n{server.log_tail()}"
             )
@@ -739,7 +808,7 @@ def _sim_model(server: Server) -> tuple[int | None, str | None, bool]:
         stats = json.loads(body) if status == 200 else {}
         gpus = stats.get("gpus")
         hardware = stats.get("hardware")
-    except (OSError, urllib.error.URLError, ValueError, AttributeError) as exc:
+    except (OSError, http.client.HTTPException, ValueError, AttributeError) as exc:
         raise ServerError(f"the simulator at {server.base_url} did not say how many GPUs it models: {exc}") from None
     if gpus is None:
         return None, None, False  # no --profile: no GPU is modelled, the configured count stands
