@@ -51,6 +51,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _vocab_size(text: str) -> int:
+    value = _convert(text, int, "a whole number >= 2 (the model's vocabulary size, e.g. 128256)")
+    if value < 2:
+        raise ValueError("must be a whole number >= 2 (the model's vocabulary size, e.g. 128256)")
+    return value
+
+
 def _repeat(text: str) -> int:
     try:
         value = int(text.strip())
@@ -224,6 +231,14 @@ SETTINGS: tuple[Setting, ...] = (
         "YAML",
     ),
     Setting("model", "model name to request (default: the first one /v1/models lists)", None, metavar="NAME"),
+    Setting(
+        "vocab_size",
+        "the model's vocabulary size, so token-id prompts stay inside it (default: learnt from the model's "
+        "folder, config.json and tokenizer.json, where this machine can read it; else ids 1000..29999)",
+        None,
+        _vocab_size,
+        "N",
+    ),
     Setting(
         "gpus",
         "GPUs behind the server, for per-GPU metrics (default: tp x pp x dp of an engine, the GPUs a "
@@ -435,6 +450,7 @@ class Settings:
             num_gpus=v["gpus"],
             api_key_env=v["api_key_env"],
             startup_timeout=v["startup_timeout"],
+            vocab_size=v["vocab_size"],
         )
         try:
             if v["engine"] or v["engine_config"]:
@@ -461,10 +477,12 @@ class Settings:
             "num_gpus": "gpus",
             "api_key_env": "api_key_env",
             "startup_timeout": "startup_timeout",
+            "vocab_size": "vocab_size",
         }
         for key, setting in names.items():
             if sources[setting] != "default":  # an explicit setting beats the file
                 mapping[key] = common[key]
+
         base = ServerConfig(api_key_env=common["api_key_env"], startup_timeout=common["startup_timeout"])
         config = config_from_mapping(base, mapping)
         if not engines.is_engine(config.kind):

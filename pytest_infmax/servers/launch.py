@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pytest_infmax.servers import engines, telemetry
+from pytest_infmax.servers import engines, telemetry, vocab
 
 ServerKind = Literal["sim", "command", "endpoint", "trtllm", "vllm", "sglang"]
 KINDS = ("sim", "command", "endpoint", "trtllm", "vllm", "sglang")
@@ -75,6 +75,8 @@ class ServerConfig:
     # Prometheus metrics page scraped around each run (servermetrics): None: the kind's own
     # (engines.METRICS_PATHS; /metrics for the simulator, commands and endpoints); "": not scraped
     metrics_path: str | None = None
+    # the model's vocabulary size, for token-id prompts; None: learnt (servers.vocab)
+    vocab_size: int | None = None
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -90,6 +92,12 @@ class ServerConfig:
             raise ServerError(f"num_gpus must be a whole number >= 1, got {self.num_gpus!r}")
         if not self.startup_timeout > 0:
             raise ServerError(f"startup_timeout must be > 0 seconds, got {self.startup_timeout}")
+        if self.vocab_size is not None and (
+            isinstance(self.vocab_size, bool) or not isinstance(self.vocab_size, int) or self.vocab_size < 2
+        ):
+            raise ServerError(
+                f"vocab_size must be a whole number >= 2 (the model's token ids), got {self.vocab_size!r}"
+            )
         if engines.is_engine(self.kind):
             if not self.model:
                 raise ServerError(
@@ -279,6 +287,10 @@ class Server:
     stopped_pids: list[int] = field(default_factory=list)
     # The GPUs the simulator says its --profile deployment models (its /sim/stats), if any
     modelled_gpus: int | None = None
+    # The model's token ids, learnt once it is ready (servers.vocab); token-id prompts stay inside them
+    vocabulary: vocab.Vocabulary = vocab.UNKNOWN
+    # What /v1/models says of the served model (vLLM: root, the model's path, and max_model_len)
+    model_card: dict[str, Any] = field(default_factory=dict)
     _tailer: LogTailer | None = None
 
     @property
@@ -309,6 +321,8 @@ class Server:
             "pid": self.pid,
             "log": str(self.log_path) if self.log_path else None,
             "startup_seconds": round(self.startup_seconds, 3),
+            "vocabulary": self.vocabulary.to_dict(),
+            **({"max_model_len": self.model_card["max_model_len"]} if "max_model_len" in self.model_card else {}),
         }
 
     def log_tail(self, lines: int = 30) -> str:
@@ -554,7 +568,47 @@ def connect_endpoint(config: ServerConfig, timeout: float = 30.0) -> Server:
                 f"{timeout:g} s; is the server running, and is the URL right (scheme, host, port)?"
             )
         time.sleep(0.2)
-    return Server(config, base_url, config.model or model or "default")
+    server = Server(config, base_url, config.model or model or "default")
+    learn_vocabulary(server)
+    return server
+
+
+def _model_card(server: Server) -> dict[str, Any]:
+    """The served model's entry in /v1/models (vLLM's has ``root`` and ``max_model_len``); {} if none."""
+    try:
+        status, body = _http_get(f"{server.base_url}/v1/models", server.api_key, timeout=10.0)
+        data = json.loads(body).get("data") if status == 200 else None
+    except (OSError, urllib.error.URLError, ValueError, AttributeError):
+        return {}
+    cards = [c for c in data if isinstance(c, dict)] if isinstance(data, list) else []
+    return next((c for c in cards if c.get("id") == server.model), cards[0] if cards else {})
+
+
+def _on_this_machine(server: Server) -> bool:
+    if server.config.kind != "endpoint":
+        return True  # started here
+    host = urlsplit(server.base_url).hostname or ""
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def learn_vocabulary(server: Server) -> vocab.Vocabulary:
+    """Learn (and keep on ``server``) the model's token ids: see :mod:`pytest_infmax.servers.vocab`."""
+    config = server.config
+    server.model_card = _model_card(server)
+    if config.kind == "sim" and config.vocab_size is None:
+        server.vocabulary = vocab.SIMULATOR
+        return server.vocabulary
+    candidates: list[str | None] = [config.model]
+    if _on_this_machine(server):  # paths the server reports are paths here
+        root = server.model_card.get("root")
+        candidates += [root if isinstance(root, str) else None, server.model]
+    server.vocabulary = vocab.learn(
+        given_size=config.vocab_size,
+        given_source=f"vocab_size {config.vocab_size}, as given",
+        candidates=candidates,
+        env={**os.environ, **dict(config.env)},
+    )
+    return server.vocabulary
 
 
 class PortInUse(ServerError):
@@ -678,6 +732,7 @@ def _start_once(
             server.modelled_gpus = _sim_modelled_gpus(server)
         server.startup_seconds = time.monotonic() - started
         server.track_descendants()
+        learn_vocabulary(server)
         return server
     except BaseException:
         server.stop()
