@@ -230,6 +230,14 @@ SETTINGS: tuple[Setting, ...] = (
         _path,
         "YAML",
     ),
+    Setting(
+        "engine_executable",
+        "the engine's program: the vllm (or trtllm-serve) script, or a Python that has the engine, "
+        "e.g. a venv of its own: /opt/vllm-venv/bin/python (default: the script on PATH; SGLang: this Python)",
+        None,
+        _path,
+        "PATH",
+    ),
     Setting("model", "model name to request (default: the first one /v1/models lists)", None, metavar="NAME"),
     Setting(
         "vocab_size",
@@ -482,7 +490,8 @@ class Settings:
         for key, setting in names.items():
             if sources[setting] != "default":  # an explicit setting beats the file
                 mapping[key] = common[key]
-
+        if v["engine_executable"]:
+            mapping["executable"] = v["engine_executable"]
         base = ServerConfig(api_key_env=common["api_key_env"], startup_timeout=common["startup_timeout"])
         config = config_from_mapping(base, mapping)
         if not engines.is_engine(config.kind):
@@ -552,6 +561,11 @@ def resolve(config: Any) -> Settings:
         raise SettingError(
             f"both an engine ({sources[engine_set[0]]}) and {other_set[0].replace('_', ' ')} "
             f"({sources[other_set[0]]}) are set; give one way to reach the server"
+        )
+    if values["engine_executable"] and not engine_set:
+        raise SettingError(
+            f"{sources['engine_executable']} = {values['engine_executable']!r} names an engine's program, but no "
+            "engine is started: it must come with --infmax-engine vllm (or trtllm, sglang) or an engine config"
         )
     if values["engine_config"]:
         path = Path(values["engine_config"])

@@ -77,6 +77,9 @@ class ServerConfig:
     metrics_path: str | None = None
     # the model's vocabulary size, for token-id prompts; None: learnt (servers.vocab)
     vocab_size: int | None = None
+    # engines: the engine's script (vllm, trtllm-serve) or a Python that has the engine (its own
+    # venv's); None: the script on PATH (SGLang: this interpreter)
+    executable: str | None = None
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -97,6 +100,11 @@ class ServerConfig:
         ):
             raise ServerError(
                 f"vocab_size must be a whole number >= 2 (the model's token ids), got {self.vocab_size!r}"
+            )
+        if self.executable is not None and not engines.is_engine(self.kind):
+            raise ServerError(
+                f"executable={self.executable!r} applies to engines (engine='vllm', 'trtllm', 'sglang'); "
+                "a command names its program itself"
             )
         if engines.is_engine(self.kind):
             if not self.model:
@@ -141,7 +149,7 @@ class ServerConfig:
         for name in ("host", "api_key_env"):
             if not isinstance(getattr(self, name), str):
                 raise fail(name, "a string")
-        for name in ("model", "endpoint"):
+        for name in ("model", "endpoint", "executable"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise fail(name, "a string")
         for name in ("command", "sim_args", "extra_args", "launcher_prefix"):
@@ -291,6 +299,8 @@ class Server:
     vocabulary: vocab.Vocabulary = vocab.UNKNOWN
     # What /v1/models says of the served model (vLLM: root, the model's path, and max_model_len)
     model_card: dict[str, Any] = field(default_factory=dict)
+    # How the engine was started (engines.Program.note): the script, or the module fallback and why
+    launch_note: str = ""
     _tailer: LogTailer | None = None
 
     @property
@@ -323,6 +333,7 @@ class Server:
             "startup_seconds": round(self.startup_seconds, 3),
             "vocabulary": self.vocabulary.to_dict(),
             **({"max_model_len": self.model_card["max_model_len"]} if "max_model_len" in self.model_card else {}),
+            **({"launch": self.launch_note} if self.launch_note else {}),
         }
 
     def log_tail(self, lines: int = 30) -> str:
@@ -660,6 +671,7 @@ def _start_once(
     stamp = f"{os.getpid()}-{time.monotonic_ns()}"
     log_path = log_dir / f"server-{config.kind}-{stamp}.log"
     port_file: Path | None = None
+    launch_note = ""
     if config.kind == "sim":
         port_file = log_dir / f"sim-{stamp}.port"
         model = config.model or "sim-model"
@@ -684,6 +696,8 @@ def _start_once(
         port = free_port(config.host)
         assert config.model
         try:
+            program = engines.engine_program(config.kind, config.executable, {**os.environ, **dict(config.env)})
+            launch_note = program.note
             engine_argv = engines.build_argv(
                 config.kind,
                 config.model,
@@ -692,6 +706,7 @@ def _start_once(
                 config.host,
                 port,
                 log_dir,
+                program,
             )
         except engines.EngineOptionError as exc:
             raise ServerError(f"{config.kind}: {exc}") from None
@@ -719,7 +734,9 @@ def _start_once(
     finally:
         if not log.closed:
             log.close()
-    server = Server(config, "", config.model or "", argv, log_path, proc, after_stop=after_stop)
+    server = Server(
+        config, "", config.model or "", argv, log_path, proc, after_stop=after_stop, launch_note=launch_note
+    )
     with _LIVE_LOCK:
         _LIVE.add(server)
     if echo is not None:
