@@ -1,7 +1,7 @@
 """Servers under test: start, wait until ready, and always tear down.
 
-Every server the plugin starts runs in its own process group (its own
-session), so teardown can signal the whole tree an engine spawns (MPI ranks,
+Every server the plugin starts runs in its own process group (in the plugin's
+session: ``spawn_in_own_group`` says why not a session of its own), so teardown can signal the whole tree an engine spawns (MPI ranks,
 engine-core workers, tokenizer processes): SIGTERM to the group, a grace
 period, SIGKILL to the group, then a check that nothing of the group is left.
 Processes that left the group (a child that called setsid, as some engine
@@ -394,7 +394,7 @@ def stop_process_group(
     time; the tree is walked once more here, before any signal. Returns every
     pid that was stopped (for checks such as GPU memory release).
     """
-    pgid = proc.pid  # start_new_session=True: the leader's pid is the group id
+    pgid = proc.pid  # started as the leader of its own process group (spawn_in_own_group): pid = group id
     known = dict(tracked or {})
     known.update(descendants(pgid))  # before signalling: children may reparent once the leader exits
     others = {pid: start for pid, start in known.items() if pid != pgid}
@@ -720,14 +720,7 @@ def _start_once(
     started = time.monotonic()
     log = open(log_path, "wb")
     try:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
+        proc = spawn_in_own_group(argv, log, env)
     except OSError as exc:
         log.close()
         raise ServerError(f"cannot start {argv[0]!r}: {exc}; is it installed and on PATH?") from None
@@ -754,6 +747,26 @@ def _start_once(
     except BaseException:
         server.stop()
         raise
+
+
+def spawn_in_own_group(argv: tuple[str, ...], log: Any, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Start ``argv`` as the leader of a process group of its own, in this process's session.
+
+    Its own group: teardown signals the whole group. This session, not a new one: on a
+    kernel with ``sched_autogroup_enabled`` (the default of most distributions) every
+    session is a scheduler group of its own, and CPU time is shared between the groups;
+    a server in a session of its own then kept the load generator's event loop waiting to
+    run for 0.5 to 3 s at a time when the server was busy on the same CPUs (vLLM on CPU
+    at concurrency 16: 13.4 of 16 requests in flight instead of 15.7; docs/engines.md).
+    Python 3.10 has no ``process_group``: there the server gets a session of its own.
+    """
+    if sys.version_info >= (3, 11):
+        return subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, process_group=0
+        )
+    return subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
 
 
 def _wait_ready(server: Server, port: int | None, port_file: Path | None) -> tuple[str, str]:
