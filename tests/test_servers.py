@@ -47,6 +47,19 @@ def test_group_kill_reaches_children_that_ignore_sigterm(tmp_path) -> None:
     assert not pid_alive(proc.pid) and not pid_alive(child_pid)
 
 
+@pytest.mark.skipif(
+    sys.version_info < (3, 11), reason="Python 3.10's Popen has no process_group=: a session of its own"
+)
+def test_the_server_leads_its_own_group_in_the_clients_session(tmp_path) -> None:
+    # Issue #16: in a session of its own the server is a scheduler autogroup of its own
+    # (sched_autogroup_enabled), and a busy server kept the client's event loop off the CPU
+    # for 0.5-3 s at a time. Its own process group is what teardown needs.
+    with running_server(ServerConfig(), tmp_path / "logs") as server:
+        assert server.pid is not None
+        assert os.getpgid(server.pid) == server.pid != os.getpgid(0)
+        assert os.getsid(server.pid) == os.getsid(0)
+
+
 def test_readiness_waits_through_startup_delay(tmp_path) -> None:
     config = ServerConfig(sim_args=("--startup-delay", "1"), startup_timeout=30)
     with running_server(config, tmp_path) as server:

@@ -36,7 +36,7 @@ import numpy as np
 
 from pytest_infmax.load.clientstats import ClientStats, LoopLagMonitor
 from pytest_infmax.load.plan import LoadConfig, LoadConfigError, RunRecords
-from pytest_infmax.load.scenarios import Endpoint, PlannedRequest, plan_request, request_body
+from pytest_infmax.load.scenarios import Endpoint, PlannedRequest, TokenWindow, plan_request, request_body
 from pytest_infmax.load.streamclient import ConnectionPool, SSEDecoder, StreamError, build_request, stream_post
 from pytest_infmax.load.workers import Shard, run_sharded, share
 from pytest_infmax.records import ErrorKind, RequestRecord, TokenSource
@@ -401,7 +401,7 @@ class LoadGenerator:
                 raise LoadConfigError(
                     f"a run that can stop early (sequential comparison) needs workers=1; got workers={config.workers}"
                 )
-            return await run_sharded(self.base_url, self.model, self._api_key, config, on_record)
+            return refuse_bad_token_ids(await run_sharded(self.base_url, self.model, self._api_key, config, on_record))
         clock_origin, epoch_origin = time.perf_counter(), time.time()
         records: list[RequestRecord] = []
 
@@ -471,7 +471,9 @@ class LoadGenerator:
                 else "open loop: from the scheduled arrival (or the max_concurrency slot, if later)"
             ),
         )
-        return RunRecords(records, clock_origin, epoch_origin, measured_start, measured_end, client)
+        return refuse_bad_token_ids(
+            RunRecords(records, clock_origin, epoch_origin, measured_start, measured_end, client)
+        )
 
     async def _closed_loop(
         self,
@@ -500,7 +502,7 @@ class LoadGenerator:
                     return
                 if stop is not None and stop():
                     return
-                plan = plan_request(config.scenario, next(index), config.seed)
+                plan = plan_request(config.scenario, next(index), config.seed, config.tokens)
                 rec = await sender.one(plan, warmup, None, ready)
                 previous_end = rec.end_time
                 keep(rec)
@@ -549,7 +551,7 @@ class LoadGenerator:
                 scheduled = start + float(offset)
                 while (delay := scheduled - time.perf_counter()) > 0:  # never early (libuv timers are ms)
                     await asyncio.sleep(delay)
-                plan = plan_request(config.scenario, first_index + j, config.seed)
+                plan = plan_request(config.scenario, first_index + j, config.seed, config.tokens)
                 tasks.append(asyncio.ensure_future(fire(plan, scheduled)))
             await _gather_cancelling(tasks)
         finally:
@@ -610,11 +612,49 @@ class _Sender:
         except StreamError as exc:
             if exc.status is not None:
                 rec.http_status = exc.status
-            _fail(rec, exc.kind, str(exc))
+            _fail(rec, exc.kind, with_vocab_hint(str(exc), plan, config.tokens))
         except asyncio.CancelledError:
             _fail(rec, ErrorKind.CANCELLED, "the run was stopped before this request ended")
             raise
         return rec
+
+
+VOCAB_SETTING = "--infmax-vocab-size N (env INFMAX_VOCAB_SIZE, ini infmax_vocab_size, or vocab_size=N in @pytest.mark.infmax_server)"
+
+
+class TokenIdsRefused(LoadConfigError):
+    """The server refused the prompts' token ids: the run measured nothing the test asked for."""
+
+
+def _refuses_token_ids(message: str) -> bool:
+    lowered = message.lower()
+    return "vocab" in lowered or ("token" in lowered and "out of range" in lowered)
+
+
+def with_vocab_hint(message: str, plan: PlannedRequest, tokens: TokenWindow) -> str:
+    """A server's rejection of the prompt's token ids, with what they were and how to fix them."""
+    if plan.token_ids is None or not _refuses_token_ids(message):
+        return message
+    if tokens.vocab_known:
+        return (
+            f"{message} [the prompt's {tokens.describe()}; if that size is wrong, give the right one: {VOCAB_SETTING}]"
+        )
+    return (
+        f"{message} [the prompt's {tokens.describe()}: the model's vocabulary could not be learnt from "
+        f"its folder or the server; give its size: {VOCAB_SETTING}]"
+    )
+
+
+def refuse_bad_token_ids(run: RunRecords) -> RunRecords:
+    """``run``, unless the server refused prompt token ids: then :class:`TokenIdsRefused`, with
+    the server's words and how to give the vocabulary size (its results would measure errors)."""
+    refused = [r for r in run.records if r.error_message and VOCAB_SETTING in r.error_message]
+    if refused:
+        raise TokenIdsRefused(
+            f"the server refused the prompt token ids of {len(refused)} of {len(run.records)} requests: "
+            f"{refused[0].error_message}"
+        )
+    return run
 
 
 def encode_body(plan: PlannedRequest, model: str, config: LoadConfig) -> bytes:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pytest_infmax.load.clientstats import DEFAULT_LAG_THRESHOLD, ClientStats
-from pytest_infmax.load.scenarios import Scenario
+from pytest_infmax.load.scenarios import DEFAULT_TOKEN_WINDOW, Scenario, TokenWindow
 from pytest_infmax.records import RequestRecord
 
 
@@ -114,6 +114,8 @@ class LoadConfig:
     client_lag_threshold: float = DEFAULT_LAG_THRESHOLD
     # processes the load is spread over, each with its own event loop (pytest_infmax.load.workers)
     workers: int = 1
+    # the token ids completions prompts are drawn from: inside the model's vocabulary (servers.vocab)
+    tokens: TokenWindow = DEFAULT_TOKEN_WINDOW
 
     def __post_init__(self) -> None:
         _check_fields(self)
@@ -179,6 +181,7 @@ class LoadConfig:
             "seed": self.seed,
             "extra_body": self.extra_body,
             "workers": self.workers,
+            "token_ids": self.tokens.to_dict(),
         }
 
 

@@ -20,9 +20,10 @@ import numpy as np
 
 Endpoint = Literal["completions", "chat"]
 
-# Token ids drawn for random prompts. Every tokenizer in use has at least
-# 32k entries and keeps its special tokens at the low or high end, so this
-# window is ordinary text tokens for all of them.
+# Token ids drawn for random prompts when the vocabulary is large or unknown. Every
+# production tokenizer has at least 32k entries and keeps its special tokens at the low or
+# high end, so this window is ordinary text tokens for all of them. A smaller vocabulary
+# gets a window inside it (TokenWindow.for_vocabulary).
 DEFAULT_TOKEN_ID_RANGE = (1000, 30000)
 
 # Words for chat prompts: common, single-token words in every major tokenizer.
@@ -32,6 +33,65 @@ _WORDS = (
     "question work government number night point home water room mother area money "
     "story fact month lot right study book eye job word business issue side kind head"
 ).split()
+
+
+@dataclass(frozen=True)
+class TokenWindow:
+    """The token ids random prompts are drawn from: ``low`` to ``high - 1``, without ``exclude``.
+
+    ``source`` says how the window was chosen (the vocabulary's size and where it was learnt).
+    """
+
+    low: int = DEFAULT_TOKEN_ID_RANGE[0]
+    high: int = DEFAULT_TOKEN_ID_RANGE[1]
+    exclude: tuple[int, ...] = ()
+    source: str = "default window (vocabulary not known)"
+    vocab_known: bool = False  # False: the ids are a guess that holds for vocabularies of 30k or more
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "exclude", tuple(sorted({int(i) for i in self.exclude})))
+        if not 0 <= self.low < self.high:
+            raise ValueError(f"token window must have 0 <= low < high, got {self.low}..{self.high}")
+        if any(not self.low <= i < self.high for i in self.exclude):
+            raise ValueError(f"token window {self.low}..{self.high}: excluded ids must lie inside it")
+        if self.high - self.low - len(self.exclude) < 1:
+            raise ValueError(f"token window {self.low}..{self.high} has no id left once the special ids are excluded")
+
+    @classmethod
+    def for_vocabulary(cls, size: int | None, special_ids: tuple[int, ...] = (), source: str = "") -> TokenWindow:
+        """A window of ordinary ids for a vocabulary of ``size`` (None: unknown, the default window).
+
+        The lowest ids (byte and control tokens, most specials) are kept clear: the window
+        starts at 1000, or at an eighth of a smaller vocabulary; it ends at 30000 or at the
+        vocabulary's end, and leaves out every special id inside it.
+        """
+        if size is None:
+            return cls(source=source or cls.source)
+        if size < 2:
+            raise ValueError(f"a vocabulary of {size} token ids leaves none for prompts")
+        high = min(DEFAULT_TOKEN_ID_RANGE[1], size)
+        low = min(DEFAULT_TOKEN_ID_RANGE[0], size // 8)
+        exclude = tuple(i for i in special_ids if low <= i < high)
+        return cls(low, high, exclude, source or f"vocabulary of {size}", vocab_known=True)
+
+    def draw(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """``n`` ids, uniform over the window's ids (the default window: the same ids as ever)."""
+        if not self.exclude:
+            return rng.integers(self.low, self.high, size=n)
+        rank = rng.integers(0, self.high - self.low - len(self.exclude), size=n)
+        # the rank-th allowed id: step over each excluded id at or below it
+        gaps = np.asarray(self.exclude) - self.low - np.arange(len(self.exclude))
+        return self.low + rank + np.searchsorted(gaps, rank, side="right")
+
+    def describe(self) -> str:
+        skipped = f", without {len(self.exclude)} special id{'s' * (len(self.exclude) != 1)}" if self.exclude else ""
+        return f"token ids {self.low}..{self.high - 1}{skipped} ({self.source})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"low": self.low, "high": self.high, "excluded": list(self.exclude), "source": self.source}
+
+
+DEFAULT_TOKEN_WINDOW = TokenWindow()
 
 
 @dataclass(frozen=True)
@@ -123,13 +183,13 @@ def plan_request(
     scenario: Scenario,
     index: int,
     seed: int,
-    token_id_range: tuple[int, int] = DEFAULT_TOKEN_ID_RANGE,
+    tokens: TokenWindow = DEFAULT_TOKEN_WINDOW,
 ) -> PlannedRequest:
-    """The ``index``-th request of a run; depends only on (seed, index)."""
+    """The ``index``-th request of a run; depends only on (seed, index) and the token window."""
     rng = np.random.default_rng([seed, index])
     isl, osl = scenario.sample_lengths(rng)
     if scenario.endpoint == "completions":
-        ids = rng.integers(token_id_range[0], token_id_range[1], size=isl)
+        ids = tokens.draw(rng, isl)
         return PlannedRequest(index, isl, osl, tuple(ids.tolist()), None)
     words = rng.integers(0, len(_WORDS), size=isl)
     return PlannedRequest(index, isl, osl, None, " ".join(_WORDS[w] for w in words))

@@ -38,7 +38,7 @@ import msgspec
 
 from pytest_infmax.load.clientstats import ClientStats
 from pytest_infmax.load.plan import LoadConfig, RunRecords
-from pytest_infmax.load.scenarios import Scenario
+from pytest_infmax.load.scenarios import Scenario, TokenWindow
 from pytest_infmax.records import RequestRecord
 
 _API_KEY_ENV = "INFMAX_WORKER_API_KEY"
@@ -70,6 +70,9 @@ def config_to_json(config: Any) -> dict[str, Any]:
 def config_from_json(d: dict[str, Any]) -> Any:
     d = dict(d)
     d["scenario"] = Scenario(**d["scenario"])
+    if "tokens" in d:
+        tokens = dict(d["tokens"])
+        d["tokens"] = TokenWindow(**{**tokens, "exclude": tuple(tokens.get("exclude", ()))})
     if d.get("rate") == "inf":
         d["rate"] = float("inf")
     return LoadConfig(**d)

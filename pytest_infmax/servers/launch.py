@@ -1,17 +1,17 @@
 """Servers under test: start, wait until ready, and always tear down.
 
 Every server the plugin starts runs under a supervisor (``supervisor.py``), in
-its own process group (its own session), so teardown can signal the whole tree
-an engine spawns (MPI ranks, engine-core workers, tokenizer processes): SIGTERM
-to the group, a grace period, SIGKILL, then a check that nothing of the group is
-left and that nothing listens on the server's port any more. The supervisor is a
-child subreaper: a process that left the group and lost its parent (a daemon's
-double fork, setsid) is reparented to it, not to init, so it is stopped with the
-rest; and it SIGKILLs the whole tree when the pipe from this process closes,
-which the kernel does when pytest dies, even by SIGKILL. Processes that left the
-group are also found by walking /proc while the server runs (during startup, at
-readiness and again just before the signals) and are signalled and checked the
-same way.
+its own process group (in the plugin's session: ``spawn_in_own_group`` says why not a
+session of its own), so teardown can signal the whole tree an engine spawns (MPI
+ranks, engine-core workers, tokenizer processes): SIGTERM to the group, a grace
+period, SIGKILL, then a check that nothing of the group is left and that nothing
+listens on the server's port any more. The supervisor is a child subreaper: a
+process that left the group and lost its parent (a daemon's double fork, setsid) is
+reparented to it, not to init, so it is stopped with the rest; and it SIGKILLs the
+whole tree when the pipe from this process closes, which the kernel does when pytest
+dies, even by SIGKILL. Processes that left the group are also found by walking /proc
+while the server runs (during startup, at readiness and again just before the
+signals) and are signalled and checked the same way.
 
 Real engines (trtllm-serve, vllm serve, SGLang) get their command lines from
 ``engines``; they cannot bind port 0, so they get ``free_port()`` and are
@@ -47,7 +47,7 @@ from urllib.parse import urlsplit
 
 from pytest_infmax import boundedhttp
 from pytest_infmax.redact import add_secret, redact, redact_argv
-from pytest_infmax.servers import engines, telemetry
+from pytest_infmax.servers import engines, telemetry, vocab
 
 ServerKind = Literal["sim", "command", "endpoint", "trtllm", "vllm", "sglang"]
 KINDS = ("sim", "command", "endpoint", "trtllm", "vllm", "sglang")
@@ -81,6 +81,11 @@ class ServerConfig:
     # Prometheus metrics page scraped around each run (servermetrics): None: the kind's own
     # (engines.METRICS_PATHS; /metrics for the simulator, commands and endpoints); "": not scraped
     metrics_path: str | None = None
+    # the model's vocabulary size, for token-id prompts; None: learnt (servers.vocab)
+    vocab_size: int | None = None
+    # engines: the engine's script (vllm, trtllm-serve) or a Python that has the engine (its own
+    # venv's); None: the script on PATH (SGLang: this interpreter)
+    executable: str | None = None
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -103,6 +108,17 @@ class ServerConfig:
             raise ServerError(f"num_gpus must be a whole number >= 1, got {self.num_gpus!r}")
         if not self.startup_timeout > 0:
             raise ServerError(f"startup_timeout must be > 0 seconds, got {self.startup_timeout}")
+        if self.vocab_size is not None and (
+            isinstance(self.vocab_size, bool) or not isinstance(self.vocab_size, int) or self.vocab_size < 2
+        ):
+            raise ServerError(
+                f"vocab_size must be a whole number >= 2 (the model's token ids), got {self.vocab_size!r}"
+            )
+        if self.executable is not None and not engines.is_engine(self.kind):
+            raise ServerError(
+                f"executable={self.executable!r} applies to engines (engine='vllm', 'trtllm', 'sglang'); "
+                "a command names its program itself"
+            )
         if engines.is_engine(self.kind):
             if not self.model:
                 raise ServerError(
@@ -146,7 +162,7 @@ class ServerConfig:
         for name in ("host", "api_key_env"):
             if not isinstance(getattr(self, name), str):
                 raise fail(name, "a string")
-        for name in ("model", "endpoint"):
+        for name in ("model", "endpoint", "executable"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise fail(name, "a string")
         for name in ("command", "sim_args", "extra_args", "launcher_prefix"):
@@ -267,6 +283,12 @@ class Server:
     modelled_gpus: int | None = None
     modelled_hardware: str | None = None
     modelled_power: bool = False
+    # The model's token ids, learnt once it is ready (servers.vocab); token-id prompts stay inside them
+    vocabulary: vocab.Vocabulary = vocab.UNKNOWN
+    # What /v1/models says of the served model (vLLM: root, the model's path, and max_model_len)
+    model_card: dict[str, Any] = field(default_factory=dict)
+    # How the engine was started (engines.Program.note): the script, or the module fallback and why
+    launch_note: str = ""
     _tailer: LogTailer | None = None
 
     @property
@@ -297,6 +319,9 @@ class Server:
             "pid": self.pid,
             "log": str(self.log_path) if self.log_path else None,
             "startup_seconds": round(self.startup_seconds, 3),
+            "vocabulary": self.vocabulary.to_dict(),
+            **({"max_model_len": self.model_card["max_model_len"]} if "max_model_len" in self.model_card else {}),
+            **({"launch": self.launch_note} if self.launch_note else {}),
         }
 
     def log_tail(self, lines: int = 30) -> str:
@@ -369,7 +394,7 @@ def stop_process_group(
     time; the tree is walked once more here, before any signal. Returns every
     pid that was stopped (for checks such as GPU memory release).
     """
-    pgid = proc.pid  # start_new_session=True: the leader's pid is the group id
+    pgid = proc.pid  # started as the leader of its own process group (spawn_in_own_group): pid = group id
     known = dict(tracked or {})
     known.update(descendants(pgid))  # before signalling: children may reparent once the leader exits
     others = {pid: start for pid, start in known.items() if pid != pgid}
@@ -614,7 +639,47 @@ def connect_endpoint(config: ServerConfig, timeout: float = 30.0) -> Server:
                 f"within {timeout:g} s ({why}); is the server running, and is the URL right (scheme, host, port)?"
             )
         time.sleep(0.2)
-    return Server(config, base_url, config.model or model or "default")
+    server = Server(config, base_url, config.model or model or "default")
+    learn_vocabulary(server)
+    return server
+
+
+def _model_card(server: Server) -> dict[str, Any]:
+    """The served model's entry in /v1/models (vLLM's has ``root`` and ``max_model_len``); {} if none."""
+    try:
+        status, body = _http_get(f"{server.base_url}/v1/models", server.api_key, timeout=10.0)
+        data = json.loads(body).get("data") if status == 200 else None
+    except (OSError, http.client.HTTPException, ValueError, AttributeError):
+        return {}
+    cards = [c for c in data if isinstance(c, dict)] if isinstance(data, list) else []
+    return next((c for c in cards if c.get("id") == server.model), cards[0] if cards else {})
+
+
+def _on_this_machine(server: Server) -> bool:
+    if server.config.kind != "endpoint":
+        return True  # started here
+    host = urlsplit(server.base_url).hostname or ""
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def learn_vocabulary(server: Server) -> vocab.Vocabulary:
+    """Learn (and keep on ``server``) the model's token ids: see :mod:`pytest_infmax.servers.vocab`."""
+    config = server.config
+    server.model_card = _model_card(server)
+    if config.kind == "sim" and config.vocab_size is None:
+        server.vocabulary = vocab.SIMULATOR
+        return server.vocabulary
+    candidates: list[str | None] = [config.model]
+    if _on_this_machine(server):  # paths the server reports are paths here
+        root = server.model_card.get("root")
+        candidates += [root if isinstance(root, str) else None, server.model]
+    server.vocabulary = vocab.learn(
+        given_size=config.vocab_size,
+        given_source=f"vocab_size {config.vocab_size}, as given",
+        candidates=candidates,
+        env={**os.environ, **dict(config.env)},
+    )
+    return server.vocabulary
 
 
 class PortInUse(ServerError):
@@ -666,6 +731,7 @@ def _start_once(
     stamp = f"{os.getpid()}-{time.monotonic_ns()}"
     log_path = log_dir / f"server-{config.kind}-{stamp}.log"
     port_file: Path | None = None
+    launch_note = ""
     if config.kind == "sim":
         port_file = log_dir / f"sim-{stamp}.port"
         model = config.model or "sim-model"
@@ -689,6 +755,8 @@ def _start_once(
         port = free_port(config.host)
         assert config.model
         try:
+            program = engines.engine_program(config.kind, config.executable, {**os.environ, **dict(config.env)})
+            launch_note = program.note
             engine_argv = engines.build_argv(
                 config.kind,
                 config.model,
@@ -697,6 +765,7 @@ def _start_once(
                 config.host,
                 port,
                 log_dir,
+                program,
             )
         except engines.EngineOptionError as exc:
             raise ServerError(f"{config.kind}: {exc}") from None
@@ -714,19 +783,15 @@ def _start_once(
     try:
         # The supervisor starts the server and holds every process it starts (a child
         # subreaper); its stdin is a pipe whose end only this process holds (supervisor.py).
-        proc = subprocess.Popen(
-            supervised(argv),
-            stdin=subprocess.PIPE,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
+        proc = spawn_in_own_group(supervised(argv), log, env, stdin=subprocess.PIPE)
     except OSError as exc:
         raise ServerError(f"cannot start {argv[0]!r}: {exc}; is it installed and on PATH?") from None
     finally:
-        log.close()
-    server = Server(config, "", config.model or "", argv, log_path, proc, after_stop=after_stop)
+        if not log.closed:
+            log.close()
+    server = Server(
+        config, "", config.model or "", argv, log_path, proc, after_stop=after_stop, launch_note=launch_note
+    )
     with _LIVE_LOCK:
         _LIVE.add(server)
     if echo is not None:
@@ -739,6 +804,7 @@ def _start_once(
             server.modelled_gpus, server.modelled_hardware, server.modelled_power = _sim_model(server)
         server.startup_seconds = time.monotonic() - started
         server.track_descendants()
+        learn_vocabulary(server)
         return server
     except BaseException:
         server.stop()
@@ -751,6 +817,24 @@ SUPERVISOR = Path(__file__).with_name("supervisor.py")
 def supervised(argv: tuple[str, ...] | list[str]) -> list[str]:
     """``argv`` run under the supervisor (``supervisor.py``: isolated, standard library only)."""
     return [sys.executable, "-I", "-S", str(SUPERVISOR), "--", *argv]
+
+
+def spawn_in_own_group(
+    argv: tuple[str, ...] | list[str], log: Any, env: dict[str, str], stdin: Any = subprocess.DEVNULL
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` as the leader of a process group of its own, in this process's session.
+
+    Its own group: teardown signals the whole group. This session, not a new one: on a
+    kernel with ``sched_autogroup_enabled`` (the default of most distributions) every
+    session is a scheduler group of its own, and CPU time is shared between the groups;
+    a server in a session of its own then kept the load generator's event loop waiting to
+    run for 0.5 to 3 s at a time when the server was busy on the same CPUs (vLLM on CPU
+    at concurrency 16: 13.4 of 16 requests in flight instead of 15.7; docs/engines.md).
+    Python 3.10 has no ``process_group``: there the server gets a session of its own.
+    """
+    if sys.version_info >= (3, 11):
+        return subprocess.Popen(argv, stdin=stdin, stdout=log, stderr=subprocess.STDOUT, env=env, process_group=0)
+    return subprocess.Popen(argv, stdin=stdin, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
 def _wait_ready(server: Server, port: int | None, port_file: Path | None) -> tuple[str, str]:

@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--startup-delay", type=float, default=0.0, help="seconds of 503 before becoming ready (model loading)"
     )
     server.add_argument("--seed", type=int, default=0, help="seed of the deterministic output text")
+    server.add_argument(
+        "--vocab-size",
+        type=_vocab_size,
+        help="refuse prompt token ids at or above N as vLLM does ('Token id N is out of vocabulary'); default: any id",
+    )
 
     _add_engine_arguments(parser)
     _add_noise_arguments(parser)
@@ -419,6 +424,16 @@ def _engine_and_cost_model(args: argparse.Namespace) -> dict[str, Any]:
     return {"engine": engine, "cost_model": cost_model}
 
 
+def _vocab_size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
+
+
 def config_from_args(args: argparse.Namespace) -> SimConfig:
     from pytest_infmax.sim.server import SimConfig
 
@@ -429,6 +444,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         api_key=args.api_key,
         startup_delay_s=args.startup_delay,
         seed=args.seed,
+        vocab_size=args.vocab_size,
     )
 
 

@@ -123,6 +123,9 @@ class SimConfig:
     faults: FaultConfig = field(default_factory=FaultConfig)
     trace_capacity: int = DEFAULT_TRACE_CAPACITY
     trace_file: Path | None = None
+    # token ids of the model served: a prompt id at or above this is refused as vLLM refuses it
+    # ("Token id N is out of vocabulary"); None: any id
+    vocab_size: int | None = None
 
 
 CONFIG_KEY = web.AppKey("infmax_sim_config", SimConfig)
@@ -306,13 +309,15 @@ def _max_tokens(body: dict[str, Any], names: tuple[str, ...]) -> int:
     return DEFAULT_MAX_TOKENS
 
 
-def _token_id_list(value: list[Any], param: str) -> int:
+def _token_id_list(value: list[Any], param: str, vocab_size: int | None = None) -> int:
     if not all(_is_int(token) and token >= 0 for token in value):
         raise ApiError(400, f"'{param}': token ids must be non-negative integers", param=param)
+    if vocab_size is not None and value and max(value) >= vocab_size:
+        raise ApiError(400, f"Token id {max(value)} is out of vocabulary", param=param)
     return len(value)
 
 
-def completion_prompt_tokens(prompt: Any) -> int:
+def completion_prompt_tokens(prompt: Any, vocab_size: int | None = None) -> int:
     """Token count of a completions ``prompt``: a string, a token-id list, or a
     one-element list of either. Several prompts in one request are refused."""
     if isinstance(prompt, str):
@@ -322,7 +327,7 @@ def completion_prompt_tokens(prompt: Any) -> int:
     if not prompt:
         raise ApiError(400, "'prompt': must not be empty", param="prompt")
     if all(_is_int(item) for item in prompt):
-        return _token_id_list(prompt, "prompt")
+        return _token_id_list(prompt, "prompt", vocab_size)
     if all(isinstance(item, (str, list)) for item in prompt):
         if len(prompt) != 1:
             raise ApiError(
@@ -333,7 +338,7 @@ def completion_prompt_tokens(prompt: Any) -> int:
         only = prompt[0]
         if isinstance(only, str):
             return count_text_tokens(only)
-        return _token_id_list(only, "prompt")
+        return _token_id_list(only, "prompt", vocab_size)
     raise _bad_field("prompt", "a string, a list of token ids, or a one-element list of those", prompt)
 
 
@@ -377,11 +382,13 @@ def chat_prompt_tokens(messages: Any) -> int:
     return total
 
 
-def parse_completion_request(body: dict[str, Any], served_model: str) -> GenerationParams:
+def parse_completion_request(
+    body: dict[str, Any], served_model: str, vocab_size: int | None = None
+) -> GenerationParams:
     _check_model(body, served_model)
     if "prompt" not in body:
         raise ApiError(400, "'prompt': required field is missing", param="prompt")
-    prompt_tokens = completion_prompt_tokens(body["prompt"])
+    prompt_tokens = completion_prompt_tokens(body["prompt"], vocab_size)
     _check_unsupported(body, chat=False)
     stream, include_usage, continuous = _stream_flags(body)
     return GenerationParams(prompt_tokens, _max_tokens(body, ("max_tokens",)), stream, include_usage, continuous)
@@ -1022,7 +1029,7 @@ async def handle_completions(request: web.Request) -> web.StreamResponse:
     handler_start = time.monotonic()
     request.app[OBS_KEY].on_generation_request()
     config = request.app[CONFIG_KEY]
-    params = parse_completion_request(await _read_json_body(request), config.model)
+    params = parse_completion_request(await _read_json_body(request), config.model, config.vocab_size)
     return await _generate(request, params, CompletionShape(config.model), handler_start)
 
 
