@@ -321,6 +321,14 @@ async def not_found(reader, writer, req) -> bool:
     return True
 
 
+async def unauthorized(reader, writer, req) -> bool:
+    """401, as a hosted API answers a missing or wrong key."""
+    body = json.dumps({"error": {"message": "Incorrect API key provided.", "code": "invalid_api_key"}}).encode()
+    writer.write(length_response(b"401 Unauthorized", b"application/json", body))
+    await writer.drain()
+    return True
+
+
 async def drip(reader, writer, req) -> bool:
     """A 200 whose JSON body comes one byte every 0.5 s and never ends (until CAP_S)."""
     writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000000\r\n\r\n")
@@ -410,6 +418,7 @@ BEHAVIOURS.update(
     models=models,
     health=health,
     not_found=not_found,
+    unauthorized=unauthorized,
     drip=drip,
     endless_body=endless_body,
     # localhost is another origin than 127.0.0.1 (the host differs): same server, other origin

@@ -594,24 +594,29 @@ def probe_ready(
     return _probe(base_url, api_key, api_key_env, timeout)[0]
 
 
+#: /health answers that mean "this server has no such route", not "not ready": many hosted
+#: OpenAI-compatible APIs have no /health, and /v1/models answering 200 is enough there
+_NO_HEALTH_ROUTE = frozenset({404, 405, 501})
+
+
 def _probe(base_url: str, api_key: str | None, api_key_env: str, timeout: float) -> tuple[str | None, str]:
-    """(model or None, why not ready) of one readiness probe within ``timeout`` seconds."""
+    """(model or None, why not ready) of one readiness probe within ``timeout`` seconds.
+
+    ``/health`` is asked first (engines answer 503 there while they load); a server without
+    that route is judged by ``/v1/models`` alone. 401 or 403 on either raises at once.
+    """
     deadline = time.monotonic() + timeout
     try:
         status, _ = _http_get(f"{base_url}/health", api_key, timeout, deadline)
-        if status != 200:
+        _refuse_auth(base_url, "/health", status, api_key, api_key_env)
+        if status != 200 and status not in _NO_HEALTH_ROUTE:
             return None, f"GET /health answered HTTP {status}"
         status, body = _http_get(f"{base_url}/v1/models", api_key, timeout, deadline)
     except boundedhttp.HTTPLimitError as exc:
         return None, str(exc)
     except (OSError, http.client.HTTPException) as exc:
         return None, f"{type(exc).__name__}: {exc}"
-    if status in (401, 403):
-        given = f"the key in ${api_key_env} was refused" if api_key else f"${api_key_env} is not set"
-        raise ServerError(
-            f"{boundedhttp.safe_url(base_url)}/v1/models answered HTTP {status}: the server wants an API key "
-            f"and {given}; put the key in ${api_key_env} (or name another variable with --infmax-api-key-env)"
-        )
+    _refuse_auth(base_url, "/v1/models", status, api_key, api_key_env)
     if status != 200:
         return None, f"GET /v1/models answered HTTP {status}"
     try:
@@ -621,22 +626,43 @@ def _probe(base_url: str, api_key: str | None, api_key_env: str, timeout: float)
         return "", ""
 
 
+def _refuse_auth(base_url: str, route: str, status: int, api_key: str | None, api_key_env: str) -> None:
+    """401 and 403 never get better by waiting: say so at once, and what to check."""
+    if status not in (401, 403):
+        return
+    given = f"the key in ${api_key_env} was refused" if api_key else f"${api_key_env} is not set"
+    raise ServerError(
+        f"authentication failed: {boundedhttp.safe_url(base_url)}{route} answered HTTP {status} ({given}); "
+        f"check {api_key_env} (or the variable --infmax-api-key-env names)"
+    )
+
+
+#: how long a refused connection to an endpoint is retried (a restart in progress) before it fails
+REFUSED_GRACE_S = 3.0
+
+
 def connect_endpoint(config: ServerConfig, timeout: float = 30.0) -> Server:
     """An already-running server: wait (briefly) until it answers."""
     assert config.endpoint
     base_url = config.endpoint.rstrip("/")
     if base_url.endswith("/v1"):
         base_url = base_url[:-3]
-    deadline = time.monotonic() + timeout
+    start = time.monotonic()
+    deadline = start + timeout
     while True:
         remaining = deadline - time.monotonic()
         model, why = _probe(base_url, config.api_key, config.api_key_env, max(min(PROBE_TIMEOUT, remaining), 0.1))
         if model is not None:
             break
-        if time.monotonic() >= deadline:
+        # Nothing listens there (or the name does not resolve): a restart in progress is over in
+        # seconds, so this fails in seconds rather than after the whole wait.
+        refused = why.startswith(("ConnectionRefusedError", "gaierror"))
+        timed_out = time.monotonic() >= deadline
+        if timed_out or (refused and time.monotonic() - start >= REFUSED_GRACE_S):
+            within = f"within {timeout:g} s" if timed_out else f"in {REFUSED_GRACE_S:g} s of retries"
             raise ServerError(
-                f"endpoint {boundedhttp.safe_url(base_url)} did not answer GET /health and /v1/models with 200 "
-                f"within {timeout:g} s ({why}); is the server running, and is the URL right (scheme, host, port)?"
+                f"endpoint {boundedhttp.safe_url(base_url)} did not answer GET /v1/models with 200 "
+                f"{within} ({why}); is the server running, and is the URL right (scheme, host, port)?"
             )
         time.sleep(0.2)
     server = Server(config, base_url, config.model or model or "default")
