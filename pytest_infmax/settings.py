@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 from pytest_infmax.baselines.compare import DEFAULT_GATES, CompareOptions, Gate, parse_gates
 from pytest_infmax.baselines.gate import GateSettings
 from pytest_infmax.measure.cost import TIERS, Tier
+from pytest_infmax.measure.verdicts import DEFAULT_MAX_ERROR_RATE
 from pytest_infmax.servers import engines
 from pytest_infmax.servers.launch import ServerConfig, ServerError, command_from_template, config_from_mapping
 
@@ -119,6 +120,10 @@ def _fraction(text: str) -> float:
     if not 0 < value < 1:
         raise ValueError(f"must be {allowed}")
     return value
+
+
+def _fraction_or_off(text: str) -> float | None:
+    return None if text.strip().lower() in ("off", "none", "no") else _fraction(text)
 
 
 def _text(text: str) -> str:
@@ -331,6 +336,13 @@ class Settings:
         "warn",
         _warn_or_fail,
         "warn|fail",
+    )
+    max_error_rate: float | None = setting(
+        "fail a test whose run failed more than this share of its requests (InferenceMAX's rule), "
+        "unless the test sets an error_rate SLA of its own; e.g. 5% (the default), or off",
+        DEFAULT_MAX_ERROR_RATE,
+        _fraction_or_off,
+        "PCT|off",
     )
     baselines: str = setting(
         "directory of baseline sets (one JSON file per test in each set)",

@@ -574,3 +574,55 @@ def test_bad_run_options_are_clear_errors_through_the_plugin(pytester: pytest.Py
         ["*--infmax-server-command = * is not valid: must be a command template with {port} in it*"]
     )
     assert time.monotonic() - started < 60  # at once, not after the 600 s startup timeout
+
+
+def test_a_run_of_failed_requests_fails_its_test_unless_the_test_sets_an_error_rate_sla(
+    pytester: pytest.Pytester,
+) -> None:
+    # Issue 17, "silence is a failure": a run with 0 of 6 requests ok passed a test without an
+    # SLA. More than --infmax-max-error-rate (5 %, InferenceMAX's rule) fails the test, naming
+    # the run, the rate, the limit, the error kinds and the way out; a test's own error_rate
+    # objective (marker or run(sla=...)) is its word on errors.
+    _write(
+        pytester,
+        """
+        import pytest
+
+        SERVER = pytest.mark.infmax_server(sim_args="--decode-step-ms 2 --fault-status 503")
+
+        @SERVER
+        def test_silent(infmax):
+            infmax.run("1k1k-mini", concurrency=2, num_requests=6, warmup=0)
+
+        @SERVER
+        @pytest.mark.sla("error_rate <= 100%")
+        def test_own_marker(infmax):
+            infmax.run("1k1k-mini", concurrency=2, num_requests=6, warmup=0)
+
+        @SERVER
+        def test_own_run_sla(infmax):
+            infmax.run("1k1k-mini", concurrency=2, num_requests=6, warmup=0, sla="error_rate <= 100%")
+
+        def test_healthy(infmax):
+            infmax.run("1k1k-mini", concurrency=2, num_requests=6, warmup=0)
+    """,
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--junitxml", "junit.xml")
+    result.assert_outcomes(failed=1, passed=3)
+    result.stdout.fnmatch_lines(
+        [
+            "*too many failed requests (--infmax-max-error-rate):",
+            "*test_perf.py::test_silent c=2: 6 of 6 requests failed (6 http_error): error rate 100.0% > 5.0%;"
+            " the first error: HTTP 503*",
+            "*error_rate SLA of your own*--infmax-max-error-rate off*",
+        ]
+    )
+    rows = {line.split()[0]: line for line in result.outlines if line.startswith("test_perf.py::test_")}
+    assert "FAIL (errors)" in rows["test_perf.py::test_silent"], rows
+    assert "FAIL" not in rows["test_perf.py::test_own_marker"] and "FAIL" not in rows["test_perf.py::test_healthy"]
+    assert 'name="infmax_verdict" value="FAIL (errors)"' in (pytester.path / "junit.xml").read_text()
+
+    off = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-max-error-rate", "off")
+    off.assert_outcomes(passed=4)
+    looser = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-k", "silent", "--infmax-max-error-rate", "100%")
+    looser.stderr.fnmatch_lines(["*--infmax-max-error-rate = *100%* is not valid: must be between 0 and 100%*"])
