@@ -380,6 +380,10 @@ def _check_errors(item: pytest.Item) -> None:
                 f"{r.name} {r.config.label}: {what}: error rate {r.metrics.error_rate:.1%} > {limit:.1%}"
                 + (f"; the first error: {first}" if first else "")
             )
+    server = getattr(item, "funcargs", {}).get("infmax_server")
+    died = server.death_note() if isinstance(server, Server) else None
+    if problems and died is not None:  # the failures' cause, with the server's last words
+        problems.append(died.replace("\n", "\n  "))
     if problems:
         pytest.fail(
             "too many failed requests (--infmax-max-error-rate):\n  "

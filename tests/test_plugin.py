@@ -626,3 +626,46 @@ def test_a_run_of_failed_requests_fails_its_test_unless_the_test_sets_an_error_r
     off.assert_outcomes(passed=4)
     looser = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-k", "silent", "--infmax-max-error-rate", "100%")
     looser.stderr.fnmatch_lines(["*--infmax-max-error-rate = *100%* is not valid: must be between 0 and 100%*"])
+
+
+def test_a_server_that_died_in_one_test_is_started_afresh_for_the_next(pytester: pytest.Pytester) -> None:
+    # Issue 17: the pool handed a dead server to the next test, whose requests all failed with
+    # "Connection refused" and no word of the exit code or the log. The test in which it died
+    # names both; the next test gets a fresh start and a warning saying why.
+    _write(
+        pytester,
+        """
+        import pytest
+
+        SERVER = pytest.mark.infmax_server(sim_args="--decode-step-ms 2 --crash-after 2")
+
+        @SERVER
+        def test_crashes(infmax, infmax_server):
+            try:
+                infmax.run("1k1k-mini", concurrency=1, num_requests=6, warmup=0)
+            finally:
+                infmax_server.process.wait(timeout=30)  # the crash is over before the next test
+
+        @SERVER
+        def test_next(infmax, infmax_server):
+            r = infmax.run("1k1k-mini", concurrency=1, num_requests=2, warmup=0)
+            assert r.metrics.num_ok == 2, r.metrics.errors_by_kind
+    """,
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1, passed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*test_perf.py::test_crashes c=1: 4 of 6 requests failed (*connect_error*disconnected): error rate 66.7% > 5.0%*",
+            "*the server exited with code 1: *",
+            "*last lines of *server-*.log:",
+        ]
+    )
+    result.stdout.fnmatch_lines(
+        [
+            "*warnings summary*",
+            "test_perf.py::test_next",
+            "*ServerDiedWarning: the server exited with code 1: *",
+            "*it was started afresh for this test",
+        ]
+    )
