@@ -188,10 +188,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Validate markers before any server starts or any request is sent."""
     state = config.stash[STATE_KEY]
     base = state.settings.server_config()
+    registered = {line.split(":")[0].split("(")[0].strip() for line in config.getini("markers")}
     for item in items:
+        for marker in item.iter_markers():  # pytest only warns of an unknown mark: ours misspelt checked nothing
+            typo = settings_mod.marker_typo(marker.name, registered)
+            if typo is not None:
+                raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.{marker.name}: {typo}")
         for marker in item.iter_markers("sla"):
             try:
-                SLA(*marker.args, **marker.kwargs)
+                if not len(SLA(*marker.args, **marker.kwargs)):
+                    raise ValueError(
+                        "has no objectives, so it would check nothing; give at least one, e.g. "
+                        "@pytest.mark.sla('p99(ttft) < 500ms') (goodput= alone sets limits, it judges nothing)"
+                    )
             except (SLASyntaxError, TypeError, ValueError) as exc:
                 raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.sla: {exc}") from None
         price = item.get_closest_marker("infmax_price")

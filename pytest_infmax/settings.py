@@ -205,6 +205,27 @@ class Setting:
         return "INFMAX_" + self.name.upper()
 
 
+#: the plugin's pytest markers (registered in plugin.pytest_configure)
+MARKERS = ("sla", "infmax_server", "infmax_price", "infmax_repeat")
+
+
+def marker_typo(name: str, registered: set[str] | frozenset[str] = frozenset()) -> str | None:
+    """Why a mark named ``name`` is likely one of :data:`MARKERS` misspelt (``slaa``,
+    ``infmax_sever``), or None: pytest only warns of an unknown mark, and the test then runs
+    without the SLA or the server it asked for. A mark registered in the project (``markers``
+    in the ini file) is the project's own, never a typo."""
+    if name in MARKERS or name in registered:
+        return None
+    close = difflib.get_close_matches(name.lower(), MARKERS, n=1, cutoff=0.8)
+    if not close:
+        return None
+    return (
+        f"there is no such mark; did you mean @pytest.mark.{close[0]}? (pytest only warns of an unknown "
+        f"mark, so this test would run without it; if it is a mark of your own, register it: "
+        f"markers = {name}: ... in the ini file)"
+    )
+
+
 def setting(
     help: str, default: Any, parse: Callable[[str], Any] = _text, metavar: str = "VALUE", *, switch: bool = False
 ) -> Any:

@@ -669,3 +669,35 @@ def test_a_server_that_died_in_one_test_is_started_afresh_for_the_next(pytester:
             "*it was started afresh for this test",
         ]
     )
+
+
+@pytest.mark.parametrize(
+    ("mark", "expected"),
+    [
+        ("sla()", "*test_x: @pytest.mark.sla: has no objectives, so it would check nothing; give at least one*"),
+        ("sla(goodput='ttft < 1s')", "*test_x: @pytest.mark.sla: has no objectives*"),
+        (
+            "slaa('p99(ttft) < 1ms')",
+            "*test_x: @pytest.mark.slaa: there is no such mark; did you mean @pytest.mark.sla?*",
+        ),
+        ("infmax_sever(sim_args='--x')", "*@pytest.mark.infmax_sever: *did you mean @pytest.mark.infmax_server?*"),
+        ("SLA('p99(ttft) < 1ms')", "*@pytest.mark.SLA: *did you mean @pytest.mark.sla?*"),
+    ],
+    ids=["empty-sla", "goodput-only", "slaa", "infmax_sever", "SLA"],
+)
+def test_an_empty_sla_mark_or_a_misspelt_mark_of_ours_is_a_usage_error(
+    pytester: pytest.Pytester, mark: str, expected: str
+) -> None:
+    # Issue 17: each passed silently (pytest only warns of an unknown mark): the test ran with no
+    # SLA, or on the default server. No server starts and no request is sent.
+    pytester.makepyfile(test_perf=f"import pytest\n\n@pytest.mark.{mark}\ndef test_x():\n    pass\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR, result.stdout.str()
+    result.stderr.fnmatch_lines([expected])
+    assert "Traceback" not in result.stderr.str()
+
+
+def test_a_registered_mark_close_to_ours_is_the_projects_own(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_perf="import pytest\n\n@pytest.mark.slab\n@pytest.mark.slow\ndef test_x():\n    pass\n")
+    pytester.makeini("[pytest]\nmarkers =\n    slab: a mark of the project's own\n    slow: slow tests\n")
+    pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
