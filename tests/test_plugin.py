@@ -701,3 +701,25 @@ def test_a_registered_mark_close_to_ours_is_the_projects_own(pytester: pytest.Py
     pytester.makepyfile(test_perf="import pytest\n\n@pytest.mark.slab\n@pytest.mark.slow\ndef test_x():\n    pass\n")
     pytester.makeini("[pytest]\nmarkers =\n    slab: a mark of the project's own\n    slow: slow tests\n")
     pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
+
+
+def test_a_server_marker_naming_two_servers_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    # Issue 17: command= and endpoint= (or sim_args= and endpoint=) were both accepted and the
+    # endpoint silently won: the test measured another server than one of its arguments said.
+    pytester.makepyfile(
+        test_perf="""
+        import pytest
+
+        @pytest.mark.infmax_server(sim_args="--decode-step-ms 2", endpoint="http://127.0.0.1:9")
+        def test_x(infmax):
+            infmax.run("1k1k-mini", concurrency=1, num_requests=1)
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR, result.stdout.str()
+    result.stderr.fnmatch_lines(
+        [
+            "*test_x: @pytest.mark.infmax_server: endpoint= (a server already running) and "
+            "sim_args= (the embedded simulator) name different servers; give one of them"
+        ]
+    )

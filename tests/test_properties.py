@@ -573,6 +573,10 @@ def test_marker_mistakes_that_were_silently_ignored_or_crashed() -> None:
         ("sla", (), {"goodput": "ttft < 1s"}),  # limits alone judge nothing
         ("slaa", ("p99(ttft) < 1ms",), {}),  # a typo: pytest only warned, the test ran without an SLA
         ("infmax_sever", (), {"sim_args": "--x"}),  # a typo: the test ran on the default server
+        # two servers named: one was silently ignored
+        ("infmax_server", (), {"command": "srv --port {port}", "endpoint": "http://127.0.0.1:9"}),
+        ("infmax_server", (), {"sim_args": "--decode-step-ms 2", "endpoint": "http://127.0.0.1:9"}),
+        ("infmax_server", (), {"engine": "vllm", "model": "m", "command": "srv --port {port}"}),
     ]
     for name, args, kwargs in refused:
         assert not _check_marker(name, args, kwargs), (name, args, kwargs)

@@ -1046,6 +1046,14 @@ def running_server(config: ServerConfig, log_dir: Path) -> Iterator[Server]:
 # Marker / YAML keys besides the ServerConfig fields.
 MAPPING_KEYS = ("engine", "engine_config")
 
+# The keys that each say which server to test; a marker (or YAML mapping) gives at most one.
+_SERVER_KEYS = {
+    "command": "a command the plugin starts",
+    "endpoint": "a server already running",
+    "sim_args": "the embedded simulator",
+    "engine": "an inference engine the plugin starts",
+}
+
 
 def config_from_mapping(base: ServerConfig, options: Mapping[str, Any], base_dir: Path | None = None) -> ServerConfig:
     """``base`` with the ``infmax_server`` marker's keyword arguments (or a YAML mapping) applied.
@@ -1068,6 +1076,10 @@ def config_from_mapping(base: ServerConfig, options: Mapping[str, Any], base_dir
             raise ServerError(str(exc)) from None
         from_file.pop("engine_config", None)
         options = {**from_file, **options}
+    servers = [key for key in _SERVER_KEYS if key in options]
+    if len(servers) > 1:  # each names the server to test: one of them would be silently ignored
+        which = " and ".join(f"{key}= ({_SERVER_KEYS[key]})" for key in servers)
+        raise ServerError(f"{which} name different servers; give one of them")
     known = {f.name for f in dataclasses.fields(ServerConfig)}
     allowed = known | set(MAPPING_KEYS) | set(engines.COMMON_OPTIONS)
     unknown = sorted(set(options) - allowed)
