@@ -78,6 +78,7 @@ class PluginState:
     written: list[Path] = field(default_factory=list)  # report files, in the order written
     notes: list[str] = field(default_factory=list)  # said once in the terminal summary
     echo: Any = None  # at -v: writes server log lines to the terminal
+    baseline_owners: dict[str, str] = field(default_factory=dict)  # baseline key -> the test whose it is
 
 
 def _redact_json(data: Any) -> Any:
@@ -410,7 +411,8 @@ def _check_baselines(item: pytest.Item) -> None:
     gate = item.config.stash[STATE_KEY].gate
     if not results or gate is None or not gate.active:
         return
-    outcomes = gate_results(results, gate)
+    state = item.config.stash[STATE_KEY]
+    outcomes = gate_results(results, gate, owners=state.baseline_owners, test=item.nodeid)
     item.stash[GATE_KEY] = [o.to_check(gate) for o in outcomes]
     failing = [o for o in outcomes if o.fails(gate)]
     if failing:
