@@ -23,7 +23,7 @@ from pytest_infmax import settings as settings_mod
 from pytest_infmax.baselines.gate import GateSettings, RegressionFailed, gate_results, sequential_for
 from pytest_infmax.measure.cost import price_marker_options
 from pytest_infmax.measure.sla import SLASyntaxError, format_quantity
-from pytest_infmax.measure.verdicts import SLA, SLAFailed
+from pytest_infmax.measure.verdicts import SLA, SLAFailed, excess_errors
 from pytest_infmax.redact import add_secret, redact
 from pytest_infmax.reports.document import results_document
 from pytest_infmax.reports.markdown import sweep_to_dict
@@ -61,7 +61,7 @@ JUNIT_PROPERTIES = (
     "usd_per_mtok",  # left out where there is no price
     "j_per_token",  # left out where no energy was measured or modelled
     "sla",  # the SLA's own verdict
-    "verdict",  # the test's: PASS, or FAIL with every reason (SLA, regression, client-bound, test)
+    "verdict",  # the test's: PASS, or FAIL with every reason (SLA, regression, errors, client-bound, test)
 )
 _JUNIT_OPTIONAL = frozenset({"usd_per_mtok", "j_per_token"})
 
@@ -78,6 +78,7 @@ class PluginState:
     written: list[Path] = field(default_factory=list)  # report files, in the order written
     notes: list[str] = field(default_factory=list)  # said once in the terminal summary
     echo: Any = None  # at -v: writes server log lines to the terminal
+    baseline_owners: dict[str, str] = field(default_factory=dict)  # baseline key -> the test whose it is
 
 
 def _redact_json(data: Any) -> Any:
@@ -188,10 +189,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Validate markers before any server starts or any request is sent."""
     state = config.stash[STATE_KEY]
     base = state.settings.server_config()
+    registered = {line.split(":")[0].split("(")[0].strip() for line in config.getini("markers")}
     for item in items:
+        for marker in item.iter_markers():  # pytest only warns of an unknown mark: ours misspelt checked nothing
+            typo = settings_mod.marker_typo(marker.name, registered)
+            if typo is not None:
+                raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.{marker.name}: {typo}")
         for marker in item.iter_markers("sla"):
             try:
-                SLA(*marker.args, **marker.kwargs)
+                if not len(SLA(*marker.args, **marker.kwargs)):
+                    raise ValueError(
+                        "has no objectives, so it would check nothing; give at least one, e.g. "
+                        "@pytest.mark.sla('p99(ttft) < 500ms') (goodput= alone sets limits, it judges nothing)"
+                    )
             except (SLASyntaxError, TypeError, ValueError) as exc:
                 raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.sla: {exc}") from None
         price = item.get_closest_marker("infmax_price")
@@ -347,6 +357,7 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Any:
     outcome = yield
     _check_client(pyfuncitem)
     _check_marker_slas(pyfuncitem)
+    _check_errors(pyfuncitem)
     _check_baselines(pyfuncitem)
     return outcome
 
@@ -366,13 +377,42 @@ def _check_client(item: pytest.Item) -> None:
     warnings.warn(ClientBoundWarning(f"latencies are upper bounds: {reasons}"), stacklevel=1)
 
 
+def _check_errors(item: pytest.Item) -> None:
+    """Fail a test whose run failed more requests than --infmax-max-error-rate allows, where the
+    test set no error_rate SLA of its own: a run of failed requests measured nothing."""
+    limit = item.config.stash[STATE_KEY].settings.max_error_rate
+    problems = []
+    for r in item.stash.get(RESULTS_KEY, []):
+        what = excess_errors(r.metrics.to_dict(), [v.to_dict() for v in r.verdicts], limit)
+        if what is not None:
+            first = next((rec.error_message for rec in r.records if rec.error_message), None)
+            problems.append(
+                f"{r.name} {r.config.label}: {what}: error rate {r.metrics.error_rate:.1%} > {limit:.1%}"
+                + (f"; the first error: {first}" if first else "")
+            )
+    server = getattr(item, "funcargs", {}).get("infmax_server")
+    died = server.death_note() if isinstance(server, Server) else None
+    if problems and died is not None:  # the failures' cause, with the server's last words
+        problems.append(died.replace("\n", "\n  "))
+    if problems:
+        pytest.fail(
+            "too many failed requests (--infmax-max-error-rate):\n  "
+            + "\n  ".join(problems)
+            + "\nthe results would measure the failures, not the server. If errors are expected, set an "
+            "error_rate SLA of your own (@pytest.mark.sla('error_rate < 50%') or infmax.run(..., "
+            "sla='error_rate < 50%')), or turn the check off with --infmax-max-error-rate off",
+            pytrace=False,
+        )
+
+
 def _check_baselines(item: pytest.Item) -> None:
     """Compare this test's results with their baselines (and save them, as asked)."""
     results = item.stash.get(RESULTS_KEY, [])
     gate = item.config.stash[STATE_KEY].gate
     if not results or gate is None or not gate.active:
         return
-    outcomes = gate_results(results, gate)
+    state = item.config.stash[STATE_KEY]
+    outcomes = gate_results(results, gate, owners=state.baseline_owners, test=item.nodeid)
     item.stash[GATE_KEY] = [o.to_check(gate) for o in outcomes]
     failing = [o for o in outcomes if o.fails(gate)]
     if failing:
@@ -443,6 +483,7 @@ def _make_report(item: pytest.Item, call: pytest.CallInfo[None], report: Any) ->
                 "baseline": checks[i] if len(checks) == len(results) else None,
                 "client_bound_fails": settings.client_bound == "fail",
                 "test_failed": report.failed,
+                "max_error_rate": settings.max_error_rate,
             }
         report.infmax_results = full
         # Several results (a sweep): each named by its load, e.g. infmax[c=4]_ttft_p50_ms; by

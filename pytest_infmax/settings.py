@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 from pytest_infmax.baselines.compare import DEFAULT_GATES, CompareOptions, Gate, parse_gates
 from pytest_infmax.baselines.gate import GateSettings
 from pytest_infmax.measure.cost import TIERS, Tier
+from pytest_infmax.measure.verdicts import DEFAULT_MAX_ERROR_RATE
 from pytest_infmax.servers import engines
 from pytest_infmax.servers.launch import ServerConfig, ServerError, command_from_template, config_from_mapping
 
@@ -121,6 +122,10 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _fraction_or_off(text: str) -> float | None:
+    return None if text.strip().lower() in ("off", "none", "no") else _fraction(text)
+
+
 def _text(text: str) -> str:
     return text
 
@@ -198,6 +203,27 @@ class Setting:
     @property
     def env(self) -> str:
         return "INFMAX_" + self.name.upper()
+
+
+#: the plugin's pytest markers (registered in plugin.pytest_configure)
+MARKERS = ("sla", "infmax_server", "infmax_price", "infmax_repeat")
+
+
+def marker_typo(name: str, registered: set[str] | frozenset[str] = frozenset()) -> str | None:
+    """Why a mark named ``name`` is likely one of :data:`MARKERS` misspelt (``slaa``,
+    ``infmax_sever``), or None: pytest only warns of an unknown mark, and the test then runs
+    without the SLA or the server it asked for. A mark registered in the project (``markers``
+    in the ini file) is the project's own, never a typo."""
+    if name in MARKERS or name in registered:
+        return None
+    close = difflib.get_close_matches(name.lower(), MARKERS, n=1, cutoff=0.8)
+    if not close:
+        return None
+    return (
+        f"there is no such mark; did you mean @pytest.mark.{close[0]}? (pytest only warns of an unknown "
+        f"mark, so this test would run without it; if it is a mark of your own, register it: "
+        f"markers = {name}: ... in the ini file)"
+    )
 
 
 def setting(
@@ -331,6 +357,13 @@ class Settings:
         "warn",
         _warn_or_fail,
         "warn|fail",
+    )
+    max_error_rate: float | None = setting(
+        "fail a test whose run failed more than this share of its requests (InferenceMAX's rule), "
+        "unless the test sets an error_rate SLA of its own; e.g. 5% (the default), or off",
+        DEFAULT_MAX_ERROR_RATE,
+        _fraction_or_off,
+        "PCT|off",
     )
     baselines: str = setting(
         "directory of baseline sets (one JSON file per test in each set)",

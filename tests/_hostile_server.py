@@ -128,6 +128,16 @@ async def endless_events(reader, writer, req) -> bool:
     return False
 
 
+async def hang_after_usage(reader, writer, req) -> bool:
+    """Every content event, the finish_reason and the usage, then neither [DONE] nor the end of the body."""
+    n = req.max_tokens
+    events = [content(f" t{i}", "length" if i == n - 1 else None) for i in range(n)]
+    events.append(sse({"id": "h", "choices": [], "usage": {"prompt_tokens": 16, "completion_tokens": n}}))
+    writer.write(SSE_CHUNKED + b"".join(chunk(e) for e in events))
+    await writer.drain()
+    return await wait_for_close(reader)
+
+
 async def endless_pings(reader, writer, req) -> bool:
     """SSE comments (keep-alives) forever, about 200 a second: never an event."""
     writer.write(SSE_CHUNKED)
@@ -395,6 +405,7 @@ BEHAVIOURS: dict[str, Behaviour] = {
         huge_event,
         endless_events,
         endless_pings,
+        hang_after_usage,
         bad_utf8,
         json_body,
         html_body,

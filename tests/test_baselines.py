@@ -222,6 +222,24 @@ def test_write_is_atomic_no_temp_left_and_old_file_intact_on_failure(tmp_path, m
             '"scalars": {"x": NaN}}]}',
             "NaN",
         ),
+        # issue 17: hollow runs were accepted and compared on throughput alone
+        (
+            '{"format": "pytest-infmax-baseline/1", "key": "t::a", "testbed": {}, "runs": [{"samples": '
+            '{"ttft": [], "tpot": []}, "scalars": {"throughput": 100.0}}]}',
+            "a run has no samples (not one successful request)",
+        ),
+        # issue 17: was a RecursionError traceback
+        ("[" * 100_000 + "]" * 100_000, "nests deeper than any baseline does"),
+        (
+            '{"format": "pytest-infmax-baseline/1", "key": "t::a", "testbed": {}, "runs": [{"samples": '
+            '{"ttft": [0.1, 1e308]}, "scalars": {}}]}',
+            "samples['ttft'] holds 1e+308, which is not a latency",
+        ),
+        (
+            '{"format": "pytest-infmax-baseline/1", "key": "t::a", "testbed": {}, "runs": [{"samples": '
+            '{"ttft": [0.1]}, "scalars": {"throughput": 1e400}}]}',
+            "scalars['throughput'] must be a finite number or null, got inf",
+        ),
     ],
 )
 def test_corrupt_file_is_a_clear_error_naming_file_and_fix(tmp_path, content, reason) -> None:
@@ -237,6 +255,17 @@ def test_corrupt_file_is_a_clear_error_naming_file_and_fix(tmp_path, content, re
     # --infmax-update rewrites it
     store.save("t::a", BaselineRun.from_result(make_result("t::a")), build_testbed(SERVER), mode="replace")
     assert len(store.load("t::a").runs) == 1
+
+
+def test_a_hollow_run_is_never_saved(tmp_path) -> None:
+    """Issue 17: a run without one successful request was saved, then compared on throughput
+    alone. Saving it is a BaselineError (the gate's 'baseline check failed'); the file is untouched."""
+    store = BaselineStore(tmp_path)
+    run = BaselineRun.from_result(make_result("t::a"))
+    run.samples = {k: [] for k in run.samples}
+    with pytest.raises(BaselineError, match=r"t::a: not saved: a run has no samples"):
+        store.save("t::a", run, build_testbed(SERVER))
+    assert not store.path_for("t::a").exists()
 
 
 def test_binary_garbage_is_a_clear_error(tmp_path) -> None:

@@ -216,3 +216,29 @@ def test_sequential_needs_a_per_request_statistic(pytester: pytest.Pytester) -> 
     )
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*--infmax-sequential-gate needs a per-request statistic*"])
+
+
+def test_two_tests_with_the_same_name_never_share_one_history(pytester: pytest.Pytester) -> None:
+    # Issue 17: infmax.run(name="shared") in two tests wrote one history, each test then compared
+    # with the other's runs. The second test to use a name fails, naming the first; its run is
+    # not saved.
+    pytester.makepyfile(
+        test_perf="""
+        def test_a(infmax):
+            infmax.run("1k1k-mini", concurrency=1, num_requests=4, warmup=0, name="shared")
+
+        def test_b(infmax):
+            infmax.run("1k1k-mini", concurrency=1, num_requests=4, warmup=0, name="shared")
+        """
+    )
+    pytester.makeini(f"[pytest]\ninfmax_sim_args = {FAST}\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-save", "main")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*baseline check failed: shared: test_perf.py::test_a already has the baseline 'shared' in this "
+            "session: two tests would share one history*give each its own name= in infmax.run()*"
+        ]
+    )
+    (saved,) = (pytester.path / ".infmax" / "baselines" / "main").glob("*.json")
+    assert len(json.loads(saved.read_text())["runs"]) == 1  # test_a's run only

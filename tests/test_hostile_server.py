@@ -62,6 +62,8 @@ CASES: dict[str, Case] = {
     "huge_event": Case(ErrorKind.PROTOCOL, f"an SSE event exceeded {DEFAULT_MAX_EVENT_BYTES} bytes"),
     "endless_events": Case(ErrorKind.PROTOCOL, "an endless stream, ended by the client"),
     "endless_pings": Case(ErrorKind.TIMEOUT, f"no complete response within {TIMEOUT:g} s", timeout=True),
+    # the whole answer, then neither [DONE] nor the end of the body: a client reading to the end hangs
+    "hang_after_usage": Case(ErrorKind.TIMEOUT, "its finish_reason and usage (", timeout=True),
     "bad_utf8": Case(ErrorKind.PROTOCOL, "not valid UTF-8"),
     "json_body": Case(ErrorKind.PROTOCOL, "answered with a JSON body, not an event stream"),
     "html_body": Case(ErrorKind.PROTOCOL, "not an SSE event stream"),
@@ -194,6 +196,20 @@ def test_hostile_response_ends_only_its_request(server: HostileServer, behaviour
     log = server.log()
     assert [e["behaviour"] for e in log] == ["good", behaviour, "good", behaviour, "good"]
     _assert_no_reuse_after_hostile(log)
+
+
+def test_a_stream_that_never_ends_after_its_usage_keeps_its_counts(server: HostileServer) -> None:
+    """Issue 17: every token, the finish_reason and the usage arrived, then the stream hung; the
+    timeout record had output tokens None. It stays a timeout (a client reading to the end of
+    the stream hangs on it), but keeps the server's counts and says what had arrived."""
+    run = _run(server, {0: "hang_after_usage"}, concurrency=1, num_requests=1)
+    (rec,) = run.records
+    assert rec.error_kind is ErrorKind.TIMEOUT
+    assert rec.output_tokens == rec.requested_output_tokens and rec.output_tokens_source.value == "usage"
+    assert rec.input_tokens == 16 and len(rec.chunk_times) == rec.output_tokens
+    assert f"usage ({rec.output_tokens} output tokens) had arrived" in (rec.error_message or "")
+    assert "the stream never ended ([DONE] or the end of the body): the counts are kept" in rec.error_message
+    assert rec.end_time is not None and rec.end_time - rec.send_time >= TIMEOUT - 0.01
 
 
 def test_one_run_mixing_every_hostile_behaviour_with_good_requests(server: HostileServer) -> None:

@@ -574,3 +574,152 @@ def test_bad_run_options_are_clear_errors_through_the_plugin(pytester: pytest.Py
         ["*--infmax-server-command = * is not valid: must be a command template with {port} in it*"]
     )
     assert time.monotonic() - started < 60  # at once, not after the 600 s startup timeout
+
+
+def test_a_run_of_failed_requests_fails_its_test_unless_the_test_sets_an_error_rate_sla(
+    pytester: pytest.Pytester,
+) -> None:
+    # Issue 17, "silence is a failure": a run with 0 of 6 requests ok passed a test without an
+    # SLA. More than --infmax-max-error-rate (5 %, InferenceMAX's rule) fails the test, naming
+    # the run, the rate, the limit, the error kinds and the way out; a test's own error_rate
+    # objective (marker or run(sla=...)) is its word on errors.
+    _write(
+        pytester,
+        """
+        import pytest
+
+        SERVER = pytest.mark.infmax_server(sim_args="--decode-step-ms 2 --fault-status 503")
+
+        @SERVER
+        def test_silent(infmax):
+            infmax.run("1k1k-mini", concurrency=2, num_requests=6, warmup=0)
+
+        @SERVER
+        @pytest.mark.sla("error_rate <= 100%")
+        def test_own_marker(infmax):
+            infmax.run("1k1k-mini", concurrency=2, num_requests=6, warmup=0)
+
+        @SERVER
+        def test_own_run_sla(infmax):
+            infmax.run("1k1k-mini", concurrency=2, num_requests=6, warmup=0, sla="error_rate <= 100%")
+
+        def test_healthy(infmax):
+            infmax.run("1k1k-mini", concurrency=2, num_requests=6, warmup=0)
+    """,
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--junitxml", "junit.xml")
+    result.assert_outcomes(failed=1, passed=3)
+    result.stdout.fnmatch_lines(
+        [
+            "*too many failed requests (--infmax-max-error-rate):",
+            "*test_perf.py::test_silent c=2: 6 of 6 requests failed (6 http_error): error rate 100.0% > 5.0%;"
+            " the first error: HTTP 503*",
+            "*error_rate SLA of your own*--infmax-max-error-rate off*",
+        ]
+    )
+    rows = {line.split()[0]: line for line in result.outlines if line.startswith("test_perf.py::test_")}
+    assert "FAIL (errors)" in rows["test_perf.py::test_silent"], rows
+    assert "FAIL" not in rows["test_perf.py::test_own_marker"] and "FAIL" not in rows["test_perf.py::test_healthy"]
+    assert 'name="infmax_verdict" value="FAIL (errors)"' in (pytester.path / "junit.xml").read_text()
+
+    off = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-max-error-rate", "off")
+    off.assert_outcomes(passed=4)
+    looser = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-k", "silent", "--infmax-max-error-rate", "100%")
+    looser.stderr.fnmatch_lines(["*--infmax-max-error-rate = *100%* is not valid: must be between 0 and 100%*"])
+
+
+def test_a_server_that_died_in_one_test_is_started_afresh_for_the_next(pytester: pytest.Pytester) -> None:
+    # Issue 17: the pool handed a dead server to the next test, whose requests all failed with
+    # "Connection refused" and no word of the exit code or the log. The test in which it died
+    # names both; the next test gets a fresh start and a warning saying why.
+    _write(
+        pytester,
+        """
+        import pytest
+
+        SERVER = pytest.mark.infmax_server(sim_args="--decode-step-ms 2 --crash-after 2")
+
+        @SERVER
+        def test_crashes(infmax, infmax_server):
+            try:
+                infmax.run("1k1k-mini", concurrency=1, num_requests=6, warmup=0)
+            finally:
+                infmax_server.process.wait(timeout=30)  # the crash is over before the next test
+
+        @SERVER
+        def test_next(infmax, infmax_server):
+            r = infmax.run("1k1k-mini", concurrency=1, num_requests=2, warmup=0)
+            assert r.metrics.num_ok == 2, r.metrics.errors_by_kind
+    """,
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1, passed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*test_perf.py::test_crashes c=1: 4 of 6 requests failed (*connect_error*disconnected): error rate 66.7% > 5.0%*",
+            "*the server exited with code 1: *",
+            "*last lines of *server-*.log:",
+        ]
+    )
+    result.stdout.fnmatch_lines(
+        [
+            "*warnings summary*",
+            "test_perf.py::test_next",
+            "*ServerDiedWarning: the server exited with code 1: *",
+            "*it was started afresh for this test",
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    ("mark", "expected"),
+    [
+        ("sla()", "*test_x: @pytest.mark.sla: has no objectives, so it would check nothing; give at least one*"),
+        ("sla(goodput='ttft < 1s')", "*test_x: @pytest.mark.sla: has no objectives*"),
+        (
+            "slaa('p99(ttft) < 1ms')",
+            "*test_x: @pytest.mark.slaa: there is no such mark; did you mean @pytest.mark.sla?*",
+        ),
+        ("infmax_sever(sim_args='--x')", "*@pytest.mark.infmax_sever: *did you mean @pytest.mark.infmax_server?*"),
+        ("SLA('p99(ttft) < 1ms')", "*@pytest.mark.SLA: *did you mean @pytest.mark.sla?*"),
+    ],
+    ids=["empty-sla", "goodput-only", "slaa", "infmax_sever", "SLA"],
+)
+def test_an_empty_sla_mark_or_a_misspelt_mark_of_ours_is_a_usage_error(
+    pytester: pytest.Pytester, mark: str, expected: str
+) -> None:
+    # Issue 17: each passed silently (pytest only warns of an unknown mark): the test ran with no
+    # SLA, or on the default server. No server starts and no request is sent.
+    pytester.makepyfile(test_perf=f"import pytest\n\n@pytest.mark.{mark}\ndef test_x():\n    pass\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR, result.stdout.str()
+    result.stderr.fnmatch_lines([expected])
+    assert "Traceback" not in result.stderr.str()
+
+
+def test_a_registered_mark_close_to_ours_is_the_projects_own(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_perf="import pytest\n\n@pytest.mark.slab\n@pytest.mark.slow\ndef test_x():\n    pass\n")
+    pytester.makeini("[pytest]\nmarkers =\n    slab: a mark of the project's own\n    slow: slow tests\n")
+    pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
+
+
+def test_a_server_marker_naming_two_servers_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    # Issue 17: command= and endpoint= (or sim_args= and endpoint=) were both accepted and the
+    # endpoint silently won: the test measured another server than one of its arguments said.
+    pytester.makepyfile(
+        test_perf="""
+        import pytest
+
+        @pytest.mark.infmax_server(sim_args="--decode-step-ms 2", endpoint="http://127.0.0.1:9")
+        def test_x(infmax):
+            infmax.run("1k1k-mini", concurrency=1, num_requests=1)
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR, result.stdout.str()
+    result.stderr.fnmatch_lines(
+        [
+            "*test_x: @pytest.mark.infmax_server: endpoint= (a server already running) and "
+            "sim_args= (the embedded simulator) name different servers; give one of them"
+        ]
+    )

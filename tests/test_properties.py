@@ -466,7 +466,7 @@ class _FakeItem:
 
 def _collect(marker: pytest.Mark) -> None:
     """Run the plugin's marker validation (pytest_collection_modifyitems) on one test with ``marker``."""
-    config = SimpleNamespace(stash=pytest.Stash())
+    config = SimpleNamespace(stash=pytest.Stash(), getini=lambda name: [])  # no marks of the project's own
     config.stash[plugin.STATE_KEY] = SimpleNamespace(settings=SimpleNamespace(server_config=ServerConfig))
     plugin.pytest_collection_modifyitems(config, [_FakeItem([marker], Path("/nonexistent/tests/test_perf.py"))])
 
@@ -569,6 +569,14 @@ def test_marker_mistakes_that_were_silently_ignored_or_crashed() -> None:
         ("infmax_server", (), {"shutdown_grace": "soon"}),  # was a TypeError at teardown
         ("sla", (), {"goodput": {"ttft": 10**400}}),  # was OverflowError
         ("sla", ({"p99(ttft)": "< 5ms"},), {}),  # a dict: its keys were taken as expressions
+        ("sla", (), {}),  # no objectives: passed, having checked nothing
+        ("sla", (), {"goodput": "ttft < 1s"}),  # limits alone judge nothing
+        ("slaa", ("p99(ttft) < 1ms",), {}),  # a typo: pytest only warned, the test ran without an SLA
+        ("infmax_sever", (), {"sim_args": "--x"}),  # a typo: the test ran on the default server
+        # two servers named: one was silently ignored
+        ("infmax_server", (), {"command": "srv --port {port}", "endpoint": "http://127.0.0.1:9"}),
+        ("infmax_server", (), {"sim_args": "--decode-step-ms 2", "endpoint": "http://127.0.0.1:9"}),
+        ("infmax_server", (), {"engine": "vllm", "model": "m", "command": "srv --port {port}"}),
     ]
     for name, args, kwargs in refused:
         assert not _check_marker(name, args, kwargs), (name, args, kwargs)

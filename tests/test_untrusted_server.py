@@ -56,7 +56,8 @@ def test_usage_that_cannot_be_true_is_a_protocol_error_never_a_crash_or_an_ok(
         from pytest_infmax.records import ErrorKind
 
         def test_x(infmax):
-            result = infmax.run("1k1k-mini", concurrency=2, num_requests=4, warmup=0)
+            # every request fails, on purpose: the test's own error_rate SLA replaces the 5 % rule
+            result = infmax.run("1k1k-mini", concurrency=2, num_requests=4, warmup=0, sla="error_rate <= 100%")
             records = [r for r in result.records if not r.warmup]
             assert len(records) == 4
             assert result.metrics.num_ok == 0

@@ -76,8 +76,14 @@ def testbed_for(result: LoadResult) -> dict[str, Any]:
     return build_testbed(result.server, extra)
 
 
-def gate_results(results: list[LoadResult], settings: GateSettings) -> list[GateOutcome]:
-    """Compare each result with its baseline (if any), then save as asked."""
+def gate_results(
+    results: list[LoadResult], settings: GateSettings, *, owners: dict[str, str] | None = None, test: str = ""
+) -> list[GateOutcome]:
+    """Compare each result with its baseline (if any), then save as asked.
+
+    ``owners`` (baseline key -> the test whose it is, kept over a session) refuses a key that
+    another test already used: two tests with the same ``name=`` would share one history and
+    be compared with each other's runs."""
     if not settings.active:
         return []
     if (
@@ -92,6 +98,14 @@ def gate_results(results: list[LoadResult], settings: GateSettings) -> list[Gate
     outcomes = []
     for key, result in zip(result_keys([r.name for r in results]), results):
         outcome = GateOutcome(key)
+        owner = owners.setdefault(key, test) if owners is not None else test
+        if owner != test:
+            outcome.error = (
+                f"{owner} already has the baseline {key!r} in this session: two tests would share one "
+                f"history and be compared with each other's runs; give each its own name= in infmax.run()"
+            )
+            outcomes.append(outcome)
+            continue
         runs = runs_of(result)  # --infmax-repeat N: N runs (fresh starts), compared and saved as such
         testbed = testbed_for(result)
         if result.repeats is not None and not result.repeats.fresh_starts:

@@ -111,6 +111,16 @@ _VOLATILE_FLAGS = frozenset(
 # -- errors --------------------------------------------------------------------------
 
 
+#: why a run without a single sample is refused, in a file and when it would be saved
+HOLLOW = (
+    "a run has no samples (not one successful request): it measured no latency, and as a "
+    "baseline it would be compared on throughput alone"
+)
+
+#: the largest per-request latency a baseline sample may hold (seconds; about 115 days)
+MAX_SAMPLE_SECONDS = 1e7
+
+
 class BaselineError(Exception):
     """A baseline cannot be used; the message says why and what to do."""
 
@@ -326,16 +336,28 @@ class BaselineRun:
                 isinstance(x, (int, float)) and not isinstance(x, bool) for x in values
             ):
                 raise ValueError(f"samples[{key!r}] must be a list of numbers")
+            # every sample is a request's latency in seconds: 1e308 (or 1e400, read as inf) is no
+            # measurement, and its mean or variance overflows the comparison
+            bad = next((x for x in values if not 0 <= x <= MAX_SAMPLE_SECONDS), None)
+            if bad is not None:
+                raise ValueError(
+                    f"samples[{key!r}] holds {bad!r}, which is not a latency: each sample is seconds "
+                    f"between 0 and {MAX_SAMPLE_SECONDS:g}"
+                )
             clean[str(key)] = [float(x) for x in values]
         scalars = d.get("scalars")
         if not isinstance(scalars, Mapping):
             raise ValueError("a run has no 'scalars' object")
         for key, value in scalars.items():
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise ValueError(f"scalars[{key!r}] must be a number or null")
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            ):
+                raise ValueError(f"scalars[{key!r}] must be a finite number or null, got {value!r}")
         for key in ("workload", "summary", "environment"):
             if not isinstance(d.get(key, {}), Mapping):
                 raise ValueError(f"a run's {key!r} must be an object")
+        if not any(clean.values()):
+            raise ValueError(HOLLOW)
         return cls(
             name=str(d.get("name", "")),
             samples=clean,
@@ -662,10 +684,19 @@ def load_baseline(path: str | os.PathLike[str]) -> Baseline:
         doc = json.loads(text, parse_constant=_reject_constant)
     except ValueError as exc:
         raise CorruptBaselineError(path, f"it is not valid JSON ({exc}); was the write interrupted?") from None
+    except RecursionError:
+        raise CorruptBaselineError(path, _TOO_DEEP) from None
     try:
         return Baseline.from_dict(doc, path)
     except ValueError as exc:
         raise CorruptBaselineError(path, str(exc)) from None
+    except RecursionError:
+        raise CorruptBaselineError(path, _TOO_DEEP) from None
+
+
+# json.loads (and what walks its result) recurses once per level: a file nested deeper than
+# Python's recursion limit is no baseline this package wrote, and must not be a traceback
+_TOO_DEEP = "its JSON nests deeper than any baseline does (a RecursionError reading it)"
 
 
 def _reject_constant(name: str) -> Any:
@@ -739,6 +770,8 @@ class BaselineStore:
             raise ValueError("save() needs at least one run")
         if mode not in ("append", "replace"):
             raise ValueError(f"mode must be 'append' or 'replace', got {mode!r}")
+        if any(not any(run.samples.values()) for run in new_runs):
+            raise BaselineError(f"{key}: not saved: {HOLLOW}")
         path = self.path_for(key)
         with _locked(path):  # read-modify-write: sessions saving at once must not lose runs
             return self._save_locked(key, path, new_runs, testbed, mode)
@@ -851,6 +884,8 @@ def load_runs(path: str | os.PathLike[str]) -> dict[str, tuple[dict[str, Any], l
         doc = json.loads(text)
     except ValueError as exc:
         raise CorruptBaselineError(path, f"it is not valid JSON ({exc}); was the write interrupted?") from None
+    except RecursionError:
+        raise CorruptBaselineError(path, _TOO_DEEP) from None
     if (
         isinstance(doc, Mapping)
         and "results" in doc

@@ -164,6 +164,7 @@ class ResponseAccumulator:
         "cumulative",
         "finished",
         "done",
+        "complete_at",
         "events_left",
         "max_events",
         "max_tokens",
@@ -189,6 +190,7 @@ class ResponseAccumulator:
         self.cumulative: list[int] = []  # continuous usage: completion tokens so far
         self.finished = False  # a finish_reason was seen
         self.done = False  # [DONE] was seen
+        self.complete_at: float | None = None  # when a finish_reason and usage had both arrived
 
     def on_event(self, data: bytes, t: float) -> None:
         if data == b"[DONE]":
@@ -245,6 +247,28 @@ class ResponseAccumulator:
                     self.cumulative.append(usage.completion_tokens)
         if usage is not None:
             self.usage = usage
+        if self.complete_at is None and self.finished and usage is not None and usage.completion_tokens is not None:
+            self.complete_at = t
+
+    def keep_counts(self, requested_input: int | None) -> str:
+        """A stream that sent its ``finish_reason`` and ``usage``, then never ended ([DONE] or
+        the end of the body), and timed out: keep its token counts on the record (it stays a
+        timeout: a client reading to the end of the stream, the openai SDK's, hangs on it) and
+        say what arrived; an empty string where nothing complete had arrived."""
+        rec, at = self.rec, self.complete_at
+        if at is None:
+            return ""
+        try:
+            self.finish(at, requested_input)
+        except StreamError:
+            return ""  # counts that cannot be true are not kept
+        finally:
+            rec.end_time = None  # the record ends at the timeout
+        since = f" {at - rec.send_time:.3g} s after it was sent" if rec.send_time is not None else ""
+        return (
+            f"; its finish_reason and usage ({rec.output_tokens} output tokens) had arrived{since}, but the "
+            "stream never ended ([DONE] or the end of the body): the counts are kept"
+        )
 
     def finish(self, t: float, requested_input: int | None) -> None:
         rec = self.rec
@@ -612,7 +636,10 @@ class _Sender:
         except StreamError as exc:
             if exc.status is not None:
                 rec.http_status = exc.status
-            _fail(rec, exc.kind, with_vocab_hint(str(exc), plan, config.tokens))
+            message = with_vocab_hint(str(exc), plan, config.tokens)
+            if exc.kind is ErrorKind.TIMEOUT:
+                message += state.keep_counts(exact_input)
+            _fail(rec, exc.kind, message)
         except asyncio.CancelledError:
             _fail(rec, ErrorKind.CANCELLED, "the run was stopped before this request ended")
             raise

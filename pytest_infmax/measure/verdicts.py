@@ -224,3 +224,31 @@ class SLA:
     def __repr__(self) -> str:
         goodput = f", goodput={str(self.goodput)!r}" if self.goodput is not None else ""
         return f"SLA({', '.join(repr(str(o)) for o in self.objectives)}{goodput})"
+
+
+# -- the error budget: silence is a failure ----------------------------------------------
+
+#: InferenceMAX's rule: a run with more failed requests than this fails, whatever else it measured
+DEFAULT_MAX_ERROR_RATE = 0.05
+
+
+def excess_errors(
+    metrics: Mapping[str, Any], sla: Iterable[Mapping[str, Any]], max_error_rate: float | None
+) -> str | None:
+    """What is wrong when a run failed more requests than ``max_error_rate`` allows and the test
+    set no ``error_rate`` objective of its own (that one is the test's word on errors), e.g.
+    ``6 of 6 requests failed (6 connect_error)``; None where the run is within the budget, the
+    budget is off (``None``) or the test judged ``error_rate`` itself.
+
+    ``metrics`` is ``Metrics.to_dict()`` (or a results file's ``metrics``), ``sla`` the verdicts'
+    dicts: the reports tell the same from a results file as the session did.
+    """
+    if max_error_rate is None or any(v.get("metric") == "error_rate" for v in sla):
+        return None
+    rate = metrics.get("error_rate")
+    if not isinstance(rate, (int, float)) or rate != rate or not rate > max_error_rate:  # NaN: nothing measured
+        return None
+    total = int(metrics.get("num_requests") or 0)
+    failed = total - int(metrics.get("num_ok") or 0)
+    kinds = ", ".join(f"{n} {kind}" for kind, n in (metrics.get("errors_by_kind") or {}).items())
+    return f"{failed} of {total} requests failed" + (f" ({kinds})" if kinds else "")

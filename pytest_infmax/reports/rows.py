@@ -8,9 +8,11 @@ same cells.
 
 A result dict may carry ``"outcome"`` (the plugin adds it once the test has run):
 ``{"baseline": <the gate's check for this result, or None>, "client_bound_fails":
-<--infmax-client-bound fail>, "test_failed": <the test failed>}``. The row's
+<--infmax-client-bound fail>, "test_failed": <the test failed>, "max_error_rate":
+<--infmax-max-error-rate, None: off>}``. The row's
 ``verdict`` names every reason the test failed: ``SLA`` (an objective missed),
-``regression`` (against its baseline), ``client-bound`` (the load generator fell
+``regression`` (against its baseline), ``errors`` (more failed requests than
+``--infmax-max-error-rate`` allows, where the test set no ``error_rate`` SLA), ``client-bound`` (the load generator fell
 behind, under ``--infmax-client-bound fail``), and ``test`` (the test failed for a
 reason of its own, e.g. an assert).
 """
@@ -23,6 +25,7 @@ from typing import Any
 
 from pytest_infmax.measure.cost import Price, cost_per_million_tokens
 from pytest_infmax.measure.registry import METRICS, SCALAR_METRICS
+from pytest_infmax.measure.verdicts import excess_errors
 
 Result = Mapping[str, Any]
 
@@ -63,6 +66,8 @@ def verdict(result: Result) -> tuple[str, list[str]]:
         reasons.append("SLA")
     if baseline is not None and not baseline.get("passed", True):
         reasons.append("regression" if baseline.get("verdict") in ("regressed", None) else str(baseline["verdict"]))
+    if excess_errors(result.get("metrics") or {}, result.get("sla") or (), outcome.get("max_error_rate")):
+        reasons.append("errors")
     if client.get("client_bound") and outcome.get("client_bound_fails"):
         reasons.append("client-bound")
     if outcome.get("test_failed") and not reasons:

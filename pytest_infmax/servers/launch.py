@@ -39,6 +39,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,10 @@ PLACEHOLDERS = ("host", "port", "model")
 
 class ServerError(RuntimeError):
     """The server under test could not be started, reached, or stopped."""
+
+
+class ServerDiedWarning(UserWarning):
+    """A pooled server had exited since it was last handed out; it was started afresh."""
 
 
 @dataclass(frozen=True)
@@ -323,6 +328,21 @@ class Server:
             **({"max_model_len": self.model_card["max_model_len"]} if "max_model_len" in self.model_card else {}),
             **({"launch": self.launch_note} if self.launch_note else {}),
         }
+
+    def exit_code(self) -> int | None:
+        """The exit status of a started server that has exited on its own (its supervisor's: the
+        leader's, 128 + N when signal N killed it); None while it runs, for an endpoint, and once
+        :meth:`stop` stopped it."""
+        if self.process is None or self.stopped_pids:
+            return None
+        return self.process.poll()
+
+    def death_note(self) -> str | None:
+        """``the server exited with code N: ARGV``, then its log's last lines; None while it runs."""
+        code = self.exit_code()
+        if code is None:
+            return None
+        return f"the server exited with code {code}: {_shown(self)}\nlast lines of {self.log_path}:\n{self.log_tail()}"
 
     def log_tail(self, lines: int = 30) -> str:
         """The log's last lines, redacted: they go into error messages (terminal, JUnit)."""
@@ -968,6 +988,15 @@ class ServerPool:
         if config in self._failed:  # don't pay a long startup timeout once per test
             raise ServerError(f"{config.describe()} failed to start earlier in this session:\n{self._failed[config]}")
         server = self._servers.get(config)
+        died = server.death_note() if server is not None else None
+        if server is not None and died is not None:
+            # A server that died in an earlier test would fail every request of this one with
+            # "Connection refused", and say nothing of why: say it, and start it afresh.
+            warnings.warn(ServerDiedWarning(f"{died}\nit was started afresh for this test"), stacklevel=2)
+            try:
+                return self.restart(server)
+            except ServerError as exc:
+                raise ServerError(f"{died}\nstarting it again failed: {exc}") from None
         if server is None:
             try:
                 server = start_server(config, self.log_dir, echo=self.echo, after_stop=self.after_stop)
@@ -1043,6 +1072,14 @@ def running_server(config: ServerConfig, log_dir: Path) -> Iterator[Server]:
 # Marker / YAML keys besides the ServerConfig fields.
 MAPPING_KEYS = ("engine", "engine_config")
 
+# The keys that each say which server to test; a marker (or YAML mapping) gives at most one.
+_SERVER_KEYS = {
+    "command": "a command the plugin starts",
+    "endpoint": "a server already running",
+    "sim_args": "the embedded simulator",
+    "engine": "an inference engine the plugin starts",
+}
+
 
 def config_from_mapping(base: ServerConfig, options: Mapping[str, Any], base_dir: Path | None = None) -> ServerConfig:
     """``base`` with the ``infmax_server`` marker's keyword arguments (or a YAML mapping) applied.
@@ -1065,6 +1102,10 @@ def config_from_mapping(base: ServerConfig, options: Mapping[str, Any], base_dir
             raise ServerError(str(exc)) from None
         from_file.pop("engine_config", None)
         options = {**from_file, **options}
+    servers = [key for key in _SERVER_KEYS if key in options]
+    if len(servers) > 1:  # each names the server to test: one of them would be silently ignored
+        which = " and ".join(f"{key}= ({_SERVER_KEYS[key]})" for key in servers)
+        raise ServerError(f"{which} name different servers; give one of them")
     known = {f.name for f in dataclasses.fields(ServerConfig)}
     allowed = known | set(MAPPING_KEYS) | set(engines.COMMON_OPTIONS)
     unknown = sorted(set(options) - allowed)
