@@ -36,7 +36,8 @@ from pytest_infmax.load.clientstats import LoopLagMonitor
 from pytest_infmax.load.scenarios import Scenario
 from pytest_infmax.run.runner import Infmax
 from pytest_infmax.servers import launch
-from pytest_infmax.servers.launch import ServerConfig, config_from_mapping, start_server
+from pytest_infmax.servers.config import config_from_mapping
+from pytest_infmax.servers.launch import ServerConfig, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / ".venv-vllm"

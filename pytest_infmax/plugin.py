@@ -34,14 +34,9 @@ from pytest_infmax.run.repeats import RepeatError, repeat_marker_count
 from pytest_infmax.run.results import LoadResult
 from pytest_infmax.run.runner import Infmax
 from pytest_infmax.run.sweep import SweepResult
-from pytest_infmax.servers.launch import (
-    Server,
-    ServerConfig,
-    ServerError,
-    ServerPool,
-    config_from_mapping,
-    require_gpus_released,
-)
+from pytest_infmax.servers.config import ServerConfig, config_from_mapping
+from pytest_infmax.servers.errors import ServerError
+from pytest_infmax.servers.launch import Server, ServerPool, require_gpus_released
 
 RESULTS_KEY = pytest.StashKey[list[LoadResult]]()
 SWEEPS_KEY = pytest.StashKey[list[SweepResult]]()

@@ -24,7 +24,8 @@ from pytest_infmax.baselines.gate import GateSettings
 from pytest_infmax.measure.cost import TIERS, Tier
 from pytest_infmax.measure.verdicts import DEFAULT_MAX_ERROR_RATE
 from pytest_infmax.servers import engines
-from pytest_infmax.servers.launch import ServerConfig, ServerError, command_from_template, config_from_mapping
+from pytest_infmax.servers.config import ServerConfig, command_from_template, config_from_mapping
+from pytest_infmax.servers.errors import ServerError
 
 
 class SettingError(ValueError):

@@ -27,7 +27,8 @@ from _sim_helpers import pid_alive
 from pytest_infmax.load.scenarios import Scenario
 from pytest_infmax.run.runner import Infmax
 from pytest_infmax.servers import engines, launch
-from pytest_infmax.servers.launch import ServerConfig, ServerError, config_from_mapping, start_server
+from pytest_infmax.servers.config import config_from_mapping
+from pytest_infmax.servers.launch import ServerConfig, ServerError, start_server
 
 STANDINS = Path(__file__).parent / "standins"
 FAST_SIM = "--decode-step-ms 2 --decode-ms-per-seq 0.01"

@@ -620,7 +620,8 @@ def test_a_run_of_failed_requests_fails_its_test_unless_the_test_sets_an_error_r
     rows = {line.split()[0]: line for line in result.outlines if line.startswith("test_perf.py::test_")}
     assert "FAIL (errors)" in rows["test_perf.py::test_silent"], rows
     assert "FAIL" not in rows["test_perf.py::test_own_marker"] and "FAIL" not in rows["test_perf.py::test_healthy"]
-    assert 'name="infmax_verdict" value="FAIL (errors)"' in (pytester.path / "junit.xml").read_text()
+    # "*" follows where the run was client-bound (a loaded machine): the verdict is the same
+    assert 'name="infmax_verdict" value="FAIL (errors)' in (pytester.path / "junit.xml").read_text()
 
     off = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-max-error-rate", "off")
     off.assert_outcomes(passed=4)

@@ -48,7 +48,7 @@ from pytest_infmax.measure.sla import (
 from pytest_infmax.measure.verdicts import SLA
 from pytest_infmax.run.sweep import FrontierObjective
 from pytest_infmax.servers import engines
-from pytest_infmax.servers.launch import MAPPING_KEYS, ServerConfig, config_from_mapping
+from pytest_infmax.servers.config import MAPPING_KEYS, ServerConfig, config_from_mapping
 
 PROPERTY = settings(
     max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]

@@ -15,16 +15,10 @@ import psutil
 import pytest
 from _sim_helpers import pid_alive
 
-from pytest_infmax.servers.launch import (
-    ServerConfig,
-    ServerError,
-    command_from_template,
-    listeners,
-    redact_argv,
-    running_server,
-    start_server,
-    stop_process_group,
-)
+from pytest_infmax.redact import redact_argv
+from pytest_infmax.servers.config import command_from_template
+from pytest_infmax.servers.launch import ServerConfig, ServerError, running_server, start_server
+from pytest_infmax.servers.processes import listeners, stop_process_group
 
 
 def test_group_kill_reaches_children_that_ignore_sigterm(tmp_path) -> None:

@@ -26,7 +26,8 @@ import pytest
 from pytest_infmax.load.scenarios import Scenario
 from pytest_infmax.run.runner import Infmax
 from pytest_infmax.servers import engines
-from pytest_infmax.servers.launch import Server, ServerConfig, ServerError, config_from_mapping, start_server
+from pytest_infmax.servers.config import config_from_mapping
+from pytest_infmax.servers.launch import Server, ServerConfig, ServerError, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(os.environ.get("INFMAX_TEST_VLLM_VENV") or ROOT / ".venv-vllm")

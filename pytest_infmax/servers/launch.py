@@ -29,239 +29,48 @@ import contextlib
 import dataclasses
 import http.client
 import json
-import math
 import os
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import urlsplit
 
 from pytest_infmax import boundedhttp
-from pytest_infmax.redact import add_secret, redact, redact_argv
+from pytest_infmax.redact import redact, redact_argv
 from pytest_infmax.servers import engines, telemetry, vocab
+from pytest_infmax.servers.config import (
+    ServerConfig,
+)
+from pytest_infmax.servers.errors import ServerError
+from pytest_infmax.servers.processes import (
+    _cmdline,
+    descendants,
+    free_port,
+    listeners,
+    spawn_in_own_group,
+    stop_process_group,
+    supervised,
+)
+from pytest_infmax.servers.readiness import (
+    PROBE_TIMEOUT,
+    REFUSED_GRACE_S,
+    _http_get,
+    _probe,
+)
 
-ServerKind = Literal["sim", "command", "endpoint", "trtllm", "vllm", "sglang"]
-KINDS = ("sim", "command", "endpoint", "trtllm", "vllm", "sglang")
 PORT_TRIES = 3  # starts of a server that could not bind its port (another process took it)
-PLACEHOLDERS = ("host", "port", "model")
-
-
-class ServerError(RuntimeError):
-    """The server under test could not be started, reached, or stopped."""
 
 
 class ServerDiedWarning(UserWarning):
     """A pooled server had exited since it was last handed out; it was started afresh."""
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    """What server to test and how to start it. Hashable: equal configs share a server."""
-
-    kind: ServerKind = "sim"
-    command: tuple[str, ...] = ()  # kind="command": argv template with {host} {port} {model}
-    sim_args: tuple[str, ...] = ()  # kind="sim": extra simulator flags
-    endpoint: str | None = None  # kind="endpoint": base URL of a running server
-    model: str | None = None  # None: ask /v1/models; engines: the model path or name to serve
-    num_gpus: int | None = None  # None: tp x pp (x dp) for engines, else 1
-    host: str = "127.0.0.1"
-    api_key_env: str = "INFMAX_API_KEY"
-    startup_timeout: float = 600.0
-    shutdown_grace: float = 10.0
-    env: tuple[tuple[str, str], ...] = ()
-    # kind in engines.ENGINES: options (tp=2, max_batch_size=256, or any engine flag by name)
-    engine_options: tuple[tuple[str, Any], ...] = ()
-    extra_args: tuple[str, ...] = ()  # engines and commands: appended to the command line untouched
-    launcher_prefix: tuple[str, ...] = ()  # engines and commands: e.g. ("mpirun", "-n", "1") or ("srun",)
-    # Prometheus metrics page scraped around each run (servermetrics): None: the kind's own
-    # (engines.METRICS_PATHS; /metrics for the simulator, commands and endpoints); "": not scraped
-    metrics_path: str | None = None
-    # the model's vocabulary size, for token-id prompts; None: learnt (servers.vocab)
-    vocab_size: int | None = None
-    # engines: the engine's script (vllm, trtllm-serve) or a Python that has the engine (its own
-    # venv's); None: the script on PATH (SGLang: this interpreter)
-    executable: str | None = None
-
-    def __post_init__(self) -> None:
-        self._check_types()
-        if self.kind not in KINDS:
-            raise ServerError(f"server kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
-        if self.kind == "command" and not self.command:
-            raise ServerError("a 'command' server needs a command template, e.g. 'my-server --port {port}'")
-        if self.kind == "command" and not any("{port}" in arg for arg in self.command):
-            # the plugin picks a free port and waits for the server there: without {port} the
-            # server cannot know it, and the wait would last the whole startup timeout
-            raise ServerError(
-                f"the command template {shlex.join(redact_argv(self.command))!r} has no {{port}}: the server must "
-                "listen on the port the plugin picks; add e.g. '--port {port}' (and '--host {host}')"
-            )
-        if self.kind == "endpoint" and not self.endpoint:
-            raise ServerError("an 'endpoint' server needs a URL, e.g. --infmax-endpoint http://127.0.0.1:8000")
-        if self.num_gpus is not None and (
-            isinstance(self.num_gpus, bool) or not isinstance(self.num_gpus, int) or self.num_gpus < 1
-        ):
-            raise ServerError(f"num_gpus must be a whole number >= 1, got {self.num_gpus!r}")
-        if not self.startup_timeout > 0:
-            raise ServerError(f"startup_timeout must be > 0 seconds, got {self.startup_timeout}")
-        if self.vocab_size is not None and (
-            isinstance(self.vocab_size, bool) or not isinstance(self.vocab_size, int) or self.vocab_size < 2
-        ):
-            raise ServerError(
-                f"vocab_size must be a whole number >= 2 (the model's token ids), got {self.vocab_size!r}"
-            )
-        if self.executable is not None and not engines.is_engine(self.kind):
-            raise ServerError(
-                f"executable={self.executable!r} applies to engines (engine='vllm', 'trtllm', 'sglang'); "
-                "a command names its program itself"
-            )
-        if engines.is_engine(self.kind):
-            if not self.model:
-                raise ServerError(
-                    f"a {self.kind} server needs the model to serve: model='/path/or/hf-id' "
-                    f"(--infmax-model, or model: in the engine config)"
-                )
-            try:
-                engines.validate_options(self.kind, dict(self.engine_options))
-                if self.num_gpus is None:
-                    engines.num_gpus(self.kind, dict(self.engine_options), self.extra_args)
-            except engines.EngineOptionError as exc:
-                raise ServerError(f"{self.kind}: {exc}") from None
-        elif self.engine_options:
-            keys = ", ".join(k for k, _ in self.engine_options)
-            raise ServerError(
-                f"engine options ({keys}) apply to engine servers only; add engine='vllm' "
-                f"(or 'trtllm', 'sglang'), or put the flags in the command"
-            )
-        if (self.extra_args or self.launcher_prefix) and self.kind in ("sim", "endpoint"):
-            raise ServerError(
-                f"extra_args and launcher_prefix apply to started commands and engines, not to a "
-                f"{'simulator (use sim_args)' if self.kind == 'sim' else 'running endpoint'}"
-            )
-        if self.kind == "endpoint":
-            _check_url(self.endpoint or "")
-        try:
-            hash(self)
-        except TypeError:
-            raise ServerError(
-                f"engine_options values must be numbers, strings, lists or mappings, got {dict(self.engine_options)!r}"
-            ) from None
-
-    def _check_types(self) -> None:
-        """Each field has its type, so a wrong marker or YAML value fails here, not at server start."""
-
-        def fail(name: str, allowed: str) -> ServerError:
-            return ServerError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
-
-        if not isinstance(self.kind, str):
-            raise fail("kind", f"one of {', '.join(KINDS)}")
-        for name in ("host", "api_key_env"):
-            if not isinstance(getattr(self, name), str):
-                raise fail(name, "a string")
-        for name in ("model", "endpoint", "executable"):
-            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
-                raise fail(name, "a string")
-        for name in ("command", "sim_args", "extra_args", "launcher_prefix"):
-            value = getattr(self, name)
-            try:  # a list (or a string, split as a shell would) is taken as the tuple it stands for
-                value = tuple(shlex.split(value)) if isinstance(value, str) else tuple(value)
-            except (TypeError, ValueError):
-                raise fail(name, "a string or a list of strings") from None
-            if not all(isinstance(a, str) for a in value):
-                raise fail(name, "a string or a list of strings")
-            object.__setattr__(self, name, value)
-        for name, low in (("startup_timeout", "> 0"), ("shutdown_grace", ">= 0")):
-            value = getattr(self, name)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not math.isfinite(value)
-                or not (value > 0 if low == "> 0" else value >= 0)
-            ):
-                raise fail(name, f"a finite number of seconds {low}")
-        if isinstance(self.env, list):
-            object.__setattr__(self, "env", tuple(tuple(kv) if isinstance(kv, list) else kv for kv in self.env))
-        if not isinstance(self.env, tuple) or not all(
-            isinstance(kv, tuple) and len(kv) == 2 and all(isinstance(x, str) for x in kv) for kv in self.env
-        ):
-            raise fail("env", "a mapping of variable names to values, e.g. {'CUDA_VISIBLE_DEVICES': '0'}")
-        if not isinstance(self.engine_options, tuple):
-            raise fail("engine_options", "a mapping of engine flag names to values")
-
-    @property
-    def gpus(self) -> int:
-        """GPUs behind the server: as given, else from the engine's launch configuration, else 1."""
-        if self.num_gpus is not None:
-            return self.num_gpus
-        if engines.is_engine(self.kind):
-            return engines.num_gpus(self.kind, dict(self.engine_options), self.extra_args)
-        return 1
-
-    @property
-    def api_key(self) -> str | None:
-        key = os.environ.get(self.api_key_env) or None
-        add_secret(key)  # read here, masked everywhere from now on (redact)
-        return key
-
-    @property
-    def prometheus_path(self) -> str | None:
-        """Path of the server's Prometheus metrics page; None when it is not to be scraped."""
-        if self.metrics_path is not None:
-            return self.metrics_path or None
-        return engines.METRICS_PATHS.get(self.kind, "/metrics")
-
-    def describe(self) -> str:
-        if self.kind == "endpoint":
-            return f"endpoint {redact(self.endpoint or '')}"
-        if self.kind == "sim":
-            return " ".join(["simulator", *redact_argv(self.sim_args, self.api_key)])
-        if engines.is_engine(self.kind):
-            opts = [f"{k}={engines.thaw(v)!r}" for k, v in self.engine_options]
-            argv = [*self.launcher_prefix, self.kind, str(self.model), *opts, *self.extra_args]
-            return " ".join(redact_argv(argv, self.api_key))
-        return " ".join(redact_argv((*self.launcher_prefix, *self.command, *self.extra_args), self.api_key))
-
-
-def _check_url(url: str) -> None:
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018  (a port out of range or not a number raises ValueError)
-    except ValueError:
-        parts = None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ServerError(
-            f"endpoint must be an http:// or https:// URL with a host, e.g. http://127.0.0.1:8000, got {url!r}"
-        )
-
-
-def command_from_template(template: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
-    """Split a command template into argv without a shell; placeholders stay for later."""
-    try:
-        argv = tuple(shlex.split(template)) if isinstance(template, str) else tuple(template)
-    except (TypeError, ValueError) as exc:  # not iterable; "No closing quotation"
-        raise ServerError(
-            f"command must be a string or a list of strings, split as a shell would ({exc}), got {template!r}"
-        ) from None
-    if not all(isinstance(arg, str) for arg in argv):
-        raise ServerError(f"command must be a string or a list of strings, got {template!r}")
-    for arg in argv:
-        try:
-            arg.format(host="", port="", model="")
-        except (KeyError, IndexError, ValueError) as exc:
-            raise ServerError(
-                f"command template argument {arg!r} has an unknown placeholder ({exc}); "
-                f"allowed: {', '.join('{' + p + '}' for p in PLACEHOLDERS)} (write {{{{ }}}} for a literal brace)"
-            ) from None
-    return argv
 
 
 @dataclass
@@ -402,154 +211,6 @@ def _stop_all() -> None:
             server.stop()
 
 
-def stop_process_group(
-    proc: subprocess.Popen[bytes], grace: float, tracked: Mapping[int, int] | None = None
-) -> list[int]:
-    """SIGTERM the group and escaped descendants, wait ``grace``, SIGKILL them, verify they are gone.
-
-    A process started under the supervisor (``supervised``, with its stdin a pipe) is told
-    to SIGKILL its whole tree first, daemonized descendants included.
-
-    ``tracked`` maps pids seen earlier (pid -> start time) to their start
-    time; the tree is walked once more here, before any signal. Returns every
-    pid that was stopped (for checks such as GPU memory release).
-    """
-    pgid = proc.pid  # started as the leader of its own process group (spawn_in_own_group): pid = group id
-    known = dict(tracked or {})
-    known.update(descendants(pgid))  # before signalling: children may reparent once the leader exits
-    others = {pid: start for pid, start in known.items() if pid != pgid}
-
-    def running() -> bool:
-        return proc.poll() is None or _group_alive(pgid) or any(_alive(p, s) for p, s in others.items())
-
-    if running():
-        _signal_group(pgid, signal.SIGTERM)
-        for pid, start in others.items():  # those that left the group get the same chance to clean up
-            _signal_pid(pid, start, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while running() and time.monotonic() < deadline:
-            time.sleep(0.05)
-    # Whatever is left (ignored SIGTERM, or is still cleaning up) is killed: first by the
-    # supervisor, which holds every process the server started, daemonized ones too (its
-    # stdin closing is its order to SIGKILL them all and exit), then group and pids directly.
-    if proc.stdin is not None:
-        with contextlib.suppress(OSError):
-            proc.stdin.close()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=10)
-    _signal_group(pgid, signal.SIGKILL)
-    for pid, start in others.items():
-        _signal_pid(pid, start, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=10)
-    deadline = time.monotonic() + 10
-    while _group_alive(pgid) or any(_alive(p, s) for p, s in others.items()):
-        if time.monotonic() > deadline:
-            left = sorted(p for p, s in others.items() if _alive(p, s))
-            raise ServerError(f"process group {pgid} or its escaped descendants {left} survived SIGKILL for 10 s")
-        time.sleep(0.05)
-    return sorted({pgid, *others})
-
-
-def listeners(port: int) -> list[int | None]:
-    """Pids of the processes with a TCP socket listening on ``port`` (IPv4 or IPv6; None for a
-    socket whose owner cannot be seen), from /proc/net; [] where nothing listens."""
-    inodes: set[str] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                rows = f.read().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            cols = row.split()
-            # cols: sl, local address (hex ip:port), remote, state (0A: LISTEN), ..., inode (cols[9])
-            if len(cols) > 9 and cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
-                inodes.add(cols[9])
-    if not inodes:
-        return []
-    owners: dict[str, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            for fd in os.listdir(f"/proc/{entry}/fd"):
-                with contextlib.suppress(OSError):
-                    link = os.readlink(f"/proc/{entry}/fd/{fd}")
-                    if link.startswith("socket:[") and link[8:-1] in inodes:
-                        owners.setdefault(link[8:-1], int(entry))
-    return sorted({owners.get(inode) for inode in inodes}, key=lambda p: p or 0)
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return shlex.join(redact_argv(f.read().decode(errors="replace").split("\0")[:-1]))[:200]
-    except OSError:
-        return "gone"
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _stat(pid: int) -> tuple[str, int, int, int] | None:
-    """(state, ppid, pgid, start time) from /proc/PID/stat, or None if the process is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            text = f.read().decode(errors="replace")
-    except OSError:
-        return None
-    fields = text.rsplit(")", 1)[1].split()  # the command name may contain spaces and parentheses
-    return fields[0], int(fields[1]), int(fields[2]), int(fields[19])
-
-
-def descendants(root: int) -> dict[int, int]:
-    """Every live descendant of ``root`` (walking /proc ppid links), as pid -> start time."""
-    children: dict[int, list[int]] = {}
-    starts: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        st = _stat(int(entry))
-        if st is None or st[0] in ("Z", "X"):
-            continue
-        children.setdefault(st[1], []).append(int(entry))
-        starts[int(entry)] = st[3]
-    found: dict[int, int] = {}
-    todo = list(children.get(root, ()))
-    while todo:
-        pid = todo.pop()
-        if pid in found:
-            continue
-        found[pid] = starts[pid]
-        todo.extend(children.get(pid, ()))
-    return found
-
-
-def _alive(pid: int, start: int) -> bool:
-    """True while ``pid`` is the same process (same start time) and not a zombie."""
-    st = _stat(pid)
-    return st is not None and st[3] == start and st[0] not in ("Z", "X")
-
-
-def _signal_pid(pid: int, start: int, sig: signal.Signals) -> None:
-    if _alive(pid, start):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, sig)
-
-
 class LogTailer(threading.Thread):
     """Copies new lines of a server log to ``write`` (the terminal at -v) until stopped."""
 
@@ -580,85 +241,6 @@ class LogTailer(threading.Thread):
         self._stop_event.set()
         if self.is_alive() and self is not threading.current_thread():
             self.join(timeout=2)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port free right now. Only for servers that cannot bind port 0 themselves."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-# One readiness probe (GET /health, then /v1/models) gets at most this long in all; the
-# startup deadline bounds it too, so a server that drips its answer cannot outlast it.
-PROBE_TIMEOUT = 5.0
-
-
-def _http_get(url: str, api_key: str | None, timeout: float = 2.0, deadline: float | None = None) -> tuple[int, bytes]:
-    """GET within ``timeout`` seconds in all (or by ``deadline``) and a bounded body
-    (``boundedhttp``); the key is never sent on a redirect to another origin."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    response = boundedhttp.get(url, headers=headers, timeout=timeout, deadline=deadline)
-    return response.status, response.body
-
-
-def probe_ready(
-    base_url: str, api_key: str | None, api_key_env: str = "INFMAX_API_KEY", timeout: float = PROBE_TIMEOUT
-) -> str | None:
-    """The served model name if the server answers /health and /v1/models, else None.
-
-    A refused connection, a reset and HTTP 503 all mean "not yet"; 401/403 will
-    never get better by waiting, so they raise at once. Both GETs together take at
-    most ``timeout`` seconds, whatever the server does.
-    """
-    return _probe(base_url, api_key, api_key_env, timeout)[0]
-
-
-#: /health answers that mean "this server has no such route", not "not ready": many hosted
-#: OpenAI-compatible APIs have no /health, and /v1/models answering 200 is enough there
-_NO_HEALTH_ROUTE = frozenset({404, 405, 501})
-
-
-def _probe(base_url: str, api_key: str | None, api_key_env: str, timeout: float) -> tuple[str | None, str]:
-    """(model or None, why not ready) of one readiness probe within ``timeout`` seconds.
-
-    ``/health`` is asked first (engines answer 503 there while they load); a server without
-    that route is judged by ``/v1/models`` alone. 401 or 403 on either raises at once.
-    """
-    deadline = time.monotonic() + timeout
-    try:
-        status, _ = _http_get(f"{base_url}/health", api_key, timeout, deadline)
-        _refuse_auth(base_url, "/health", status, api_key, api_key_env)
-        if status != 200 and status not in _NO_HEALTH_ROUTE:
-            return None, f"GET /health answered HTTP {status}"
-        status, body = _http_get(f"{base_url}/v1/models", api_key, timeout, deadline)
-    except boundedhttp.HTTPLimitError as exc:
-        return None, str(exc)
-    except (OSError, http.client.HTTPException) as exc:
-        return None, f"{type(exc).__name__}: {exc}"
-    _refuse_auth(base_url, "/v1/models", status, api_key, api_key_env)
-    if status != 200:
-        return None, f"GET /v1/models answered HTTP {status}"
-    try:
-        data = json.loads(body)["data"]
-        return (str(data[0]["id"]) if data else ""), ""
-    except (ValueError, KeyError, IndexError, TypeError):
-        return "", ""
-
-
-def _refuse_auth(base_url: str, route: str, status: int, api_key: str | None, api_key_env: str) -> None:
-    """401 and 403 never get better by waiting: say so at once, and what to check."""
-    if status not in (401, 403):
-        return
-    given = f"the key in ${api_key_env} was refused" if api_key else f"${api_key_env} is not set"
-    raise ServerError(
-        f"authentication failed: {boundedhttp.safe_url(base_url)}{route} answered HTTP {status} ({given}); "
-        f"check {api_key_env} (or the variable --infmax-api-key-env names)"
-    )
-
-
-#: how long a refused connection to an endpoint is retried (a restart in progress) before it fails
-REFUSED_GRACE_S = 3.0
 
 
 def connect_endpoint(config: ServerConfig, timeout: float = 30.0) -> Server:
@@ -857,32 +439,6 @@ def _start_once(
         raise
 
 
-SUPERVISOR = Path(__file__).with_name("supervisor.py")
-
-
-def supervised(argv: tuple[str, ...] | list[str]) -> list[str]:
-    """``argv`` run under the supervisor (``supervisor.py``: isolated, standard library only)."""
-    return [sys.executable, "-I", "-S", str(SUPERVISOR), "--", *argv]
-
-
-def spawn_in_own_group(
-    argv: tuple[str, ...] | list[str], log: Any, env: dict[str, str], stdin: Any = subprocess.DEVNULL
-) -> subprocess.Popen[bytes]:
-    """Start ``argv`` as the leader of a process group of its own, in this process's session.
-
-    Its own group: teardown signals the whole group. This session, not a new one: on a
-    kernel with ``sched_autogroup_enabled`` (the default of most distributions) every
-    session is a scheduler group of its own, and CPU time is shared between the groups;
-    a server in a session of its own then kept the load generator's event loop waiting to
-    run for 0.5 to 3 s at a time when the server was busy on the same CPUs (vLLM on CPU
-    at concurrency 16: 13.4 of 16 requests in flight instead of 15.7; docs/engines.md).
-    Python 3.10 has no ``process_group``: there the server gets a session of its own.
-    """
-    if sys.version_info >= (3, 11):
-        return subprocess.Popen(argv, stdin=stdin, stdout=log, stderr=subprocess.STDOUT, env=env, process_group=0)
-    return subprocess.Popen(argv, stdin=stdin, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-
 def _wait_ready(server: Server, port: int | None, port_file: Path | None) -> tuple[str, str]:
     config, proc = server.config, server.process
     assert proc is not None
@@ -1067,90 +623,3 @@ def running_server(config: ServerConfig, log_dir: Path) -> Iterator[Server]:
         yield server
     finally:
         server.stop()
-
-
-# Marker / YAML keys besides the ServerConfig fields.
-MAPPING_KEYS = ("engine", "engine_config")
-
-# The keys that each say which server to test; a marker (or YAML mapping) gives at most one.
-_SERVER_KEYS = {
-    "command": "a command the plugin starts",
-    "endpoint": "a server already running",
-    "sim_args": "the embedded simulator",
-    "engine": "an inference engine the plugin starts",
-}
-
-
-def config_from_mapping(base: ServerConfig, options: Mapping[str, Any], base_dir: Path | None = None) -> ServerConfig:
-    """``base`` with the ``infmax_server`` marker's keyword arguments (or a YAML mapping) applied.
-
-    Besides the ServerConfig fields: ``engine="vllm"`` (or "trtllm", "sglang")
-    picks an engine; the common engine options (``tp=2``, ``max_batch_size=...``,
-    see ``engines.COMMON_OPTIONS``) may be given directly; ``engine_options={...}``
-    passes any other engine flag by name; ``engine_config="file.yaml"`` reads
-    the same keys from a file (relative to ``base_dir``), the other keywords
-    taking precedence over it.
-    """
-    options = dict(options)
-    if "engine_config" in options:
-        path = Path(str(options.pop("engine_config")))
-        if not path.is_absolute() and base_dir is not None:
-            path = base_dir / path
-        try:
-            from_file = engines.load_engine_config(path)
-        except engines.EngineOptionError as exc:
-            raise ServerError(str(exc)) from None
-        from_file.pop("engine_config", None)
-        options = {**from_file, **options}
-    servers = [key for key in _SERVER_KEYS if key in options]
-    if len(servers) > 1:  # each names the server to test: one of them would be silently ignored
-        which = " and ".join(f"{key}= ({_SERVER_KEYS[key]})" for key in servers)
-        raise ServerError(f"{which} name different servers; give one of them")
-    known = {f.name for f in dataclasses.fields(ServerConfig)}
-    allowed = known | set(MAPPING_KEYS) | set(engines.COMMON_OPTIONS)
-    unknown = sorted(set(options) - allowed)
-    if unknown:
-        raise ServerError(
-            f"unknown infmax_server option(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))} "
-            f"(other engine flags go in engine_options={{...}} or extra_args=)"
-        )
-    changes = {k: v for k, v in options.items() if k in known}
-    if "engine" in options:
-        engine = str(options["engine"])
-        if not engines.is_engine(engine):
-            raise ServerError(f"engine must be one of {', '.join(engines.ENGINES)}, got {engine!r}")
-        changes["kind"] = engine
-    if "command" in changes:
-        changes["command"] = command_from_template(changes["command"])
-        changes.setdefault("kind", "command")
-    if "endpoint" in changes:
-        changes.setdefault("kind", "endpoint")
-    for key in ("sim_args", "extra_args", "launcher_prefix"):
-        if key in changes:
-            value = changes[key]
-            try:
-                changes[key] = tuple(shlex.split(value) if isinstance(value, str) else value)
-            except (TypeError, ValueError) as exc:
-                raise ServerError(f"{key} must be a string or a list of strings ({exc}), got {value!r}") from None
-    if "sim_args" in changes:
-        changes.setdefault("kind", "sim")
-    if "env" in changes and isinstance(changes["env"], Mapping):
-        changes["env"] = tuple(sorted((str(k), str(v)) for k, v in changes["env"].items()))
-    for key in ("extra_args", "launcher_prefix"):
-        if key in changes:
-            changes[key] = engines.split_args(changes[key])
-    kind = changes.get("kind", base.kind)
-    # Engine options: the base's carry over only to the same engine; a new engine starts afresh.
-    merged: dict[str, Any] = dict(base.engine_options) if kind == base.kind else {}
-    if kind != base.kind:  # another kind of server: nothing of the old launch carries over
-        changes.setdefault("extra_args", ())
-        changes.setdefault("launcher_prefix", ())
-        changes["engine_options"] = ()
-    given = options.get("engine_options") or {}
-    if not isinstance(given, Mapping):
-        raise ServerError(f"engine_options must be a mapping of flag names to values, got {given!r}")
-    merged.update({str(k): v for k, v in given.items()})
-    merged.update({k: v for k, v in options.items() if k in engines.COMMON_OPTIONS})
-    if merged or "engine_options" in changes:
-        changes["engine_options"] = tuple(sorted((k, engines.freeze(v)) for k, v in merged.items()))
-    return dataclasses.replace(base, **changes)
