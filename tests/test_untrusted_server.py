@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 import tracemalloc
+import xml.etree.ElementTree as ET
 from collections.abc import Callable
 
 import pytest
@@ -83,12 +84,13 @@ def test_readiness_has_a_total_deadline_a_dripping_models_page_cannot_stretch(
     Now the setup error comes at the startup timeout, naming the cause."""
     hostile_server.script({"GET /v1/models": "drip"})
     _write(pytester, "def test_x(infmax):\n    pass\n")
-    start = time.monotonic()
-    result = _run_against(pytester, hostile_server, "--infmax-startup-timeout", "3")
-    wall = time.monotonic() - start
+    result = _run_against(pytester, hostile_server, "--infmax-startup-timeout", "3", "--junitxml", "junit.xml")
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*did not answer GET /v1/models with 200 within 3 s*no answer within*"])
-    assert wall < 3 + 10, f"the session took {wall:.1f} s with a 3 s startup timeout"  # + pytest's own start
+    # The test's own time (setup included; pytest's start and collection left out, which a loaded
+    # machine stretches): before, the probe alone hung 20 s.
+    case = ET.parse(pytester.path / "junit.xml").getroot().find(".//testcase")
+    assert case is not None and float(case.get("time", "inf")) < 3 + 7, case.attrib
 
 
 def test_an_endless_models_page_is_cut_at_the_size_limit(pytester: pytest.Pytester, hostile_server) -> None:
