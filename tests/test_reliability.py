@@ -335,3 +335,33 @@ def test_api_key_appears_in_no_artefact(pytester: pytest.Pytester, no_leaked_ser
     leaks = [str(p) for p in files if key.encode() in p.read_bytes()]
     assert key not in seen and not leaks, leaks
     assert "***" in (pytester.path / "out" / "r.json").read_text()  # the command line shows it redacted
+
+
+def test_a_baseline_save_on_a_full_disk_is_a_clear_error_and_the_old_file_stands(tmp_path: Path) -> None:
+    """Issue 17: a baseline save on a full disk was a raw OSError traceback. A real limit (RLIMIT_FSIZE,
+    in a process of its own: writes past it fail with EFBIG, as past the end of a disk) stands in
+    for the disk; the save is a BaselineError naming the file and the fix, and the file is unchanged."""
+    script = textwrap.dedent(
+        f"""
+        import resource, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_baselines import SERVER, make_result
+        from pytest_infmax.baselines.store import BaselineError, BaselineRun, BaselineStore, build_testbed
+
+        key = "tests/test_perf.py::test_x[c=4]"
+        store = BaselineStore({str(tmp_path)!r})
+        store.save(key, BaselineRun.from_result(make_result(key, seed=1)), build_testbed(SERVER))
+        before = store.path_for(key).read_bytes()
+        resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 2, resource.RLIM_INFINITY))
+        try:
+            store.save(key, BaselineRun.from_result(make_result(key, seed=2)), build_testbed(SERVER))
+        except BaselineError as exc:
+            print("ERROR", exc)
+        assert store.path_for(key).read_bytes() == before, "the old baseline was damaged"
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "ERROR tests/test_perf.py::test_x[c=4]: not saved to " in proc.stdout, proc.stdout
+    assert "File too large; the baseline there is unchanged. Free space or make" in proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr

@@ -773,8 +773,15 @@ class BaselineStore:
         if any(not any(run.samples.values()) for run in new_runs):
             raise BaselineError(f"{key}: not saved: {HOLLOW}")
         path = self.path_for(key)
-        with _locked(path):  # read-modify-write: sessions saving at once must not lose runs
-            return self._save_locked(key, path, new_runs, testbed, mode)
+        try:
+            with _locked(path):  # read-modify-write: sessions saving at once must not lose runs
+                return self._save_locked(key, path, new_runs, testbed, mode)
+        except OSError as exc:  # a full disk, a read-only checkout: the previous file stands (atomic write)
+            why = exc.strerror or str(exc)
+            raise BaselineError(
+                f"{key}: not saved to {path}: {why}; the baseline there is unchanged. Free space or make "
+                f"{self.directory} writable (or point --infmax-baselines elsewhere)"
+            ) from None
 
     def _save_locked(
         self, key: str, path: Path, new_runs: list[BaselineRun], testbed: Mapping[str, Any], mode: Mode
