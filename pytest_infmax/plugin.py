@@ -345,7 +345,11 @@ def infmax_async_openai(infmax_server: Server) -> Any:
 @pytest.hookimpl(wrapper=True)
 def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Any:
     """After the test body: check its @pytest.mark.sla objectives on every result it made."""
-    outcome = yield
+    try:
+        outcome = yield
+    except KeyboardInterrupt:  # pytest makes no report of it: hand its results to the collector here
+        _keep_interrupted(pyfuncitem)
+        raise
     _check_client(pyfuncitem)
     _check_marker_slas(pyfuncitem)
     _check_baselines(pyfuncitem)
@@ -474,6 +478,16 @@ def _result_entries(
             "test_failed": test_failed,
         }
     return full
+
+
+def _keep_interrupted(item: pytest.Item) -> None:
+    """Ctrl-C in a test: its results so far (the interrupted run's flagged ``interrupted``) go to
+    the session's reports. Where no collector runs (an xdist worker) they are lost."""
+    results = item.stash.get(RESULTS_KEY, [])
+    collector = item.config.pluginmanager.getplugin("infmax-results")
+    if results and isinstance(collector, ResultCollector):
+        entries = [_redact_json(e) for e in _result_entries(item, results, [], test_failed=True)]
+        collector.add(entries, [sweep_to_dict(sw, name=item.nodeid) for sw in item.stash.get(SWEEPS_KEY, [])])
 
 
 class _RedactingWriter:

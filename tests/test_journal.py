@@ -135,6 +135,34 @@ def test_sigkill_loses_only_the_test_in_flight_and_the_journal_rebuilds_the_repo
     assert "test_a_first" in results.with_suffix(".md").read_text()
 
 
+@pytest.mark.slow
+def test_ctrl_c_keeps_the_interrupted_runs_records_flagged(
+    pytester: pytest.Pytester, session: Callable[..., subprocess.Popen[bytes]]
+) -> None:
+    proc = session("--infmax-json", "r.json", "--infmax-markdown", "r.md")
+    _wait_for("the second test's run to be measuring", (pytester.path / "measuring").exists)
+    interrupted_at = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == pytest.ExitCode.INTERRUPTED
+    assert time.monotonic() - interrupted_at < 30  # it does not finish its 100000 requests
+    doc = json.loads((pytester.path / "r.json").read_text())
+    first, second = doc["results"]
+    assert first["name"] == "test_perf.py::test_a_first" and "interrupted" not in first
+    assert second["name"] == "test_perf.py::test_b_long"
+    assert second["interrupted"] is True
+    records = second["records"]
+    ok = [r for r in records if r["error_kind"] is None]
+    cancelled = [r for r in records if r["error_kind"] == "cancelled"]
+    assert len(ok) >= 1  # what it measured before Ctrl-C
+    assert 1 <= len(cancelled) <= 4  # the requests in flight (concurrency=4), each recorded
+    assert len(ok) + len(cancelled) == len(records)
+    assert all(r["error_message"] == "the run was stopped before this request ended" for r in cancelled)
+    assert sorted(r["index"] for r in records) == list(range(len(records)))  # none lost in between
+    assert second["metrics"]["num_requests"] == len(records)
+    assert "test_b_long" in (pytester.path / "r.md").read_text()  # every report is still written
+    assert not journal_path(pytester.path / "r.json").exists()  # the JSON holds it all: no journal left
+
+
 # -- the journal file itself ----------------------------------------------------------------------------
 
 
