@@ -22,6 +22,7 @@ import pytest
 from _sim_helpers import pid_alive
 
 from pytest_infmax.reports.journal import Journal, JournalError, journal_path, json_path_for, read_journal
+from pytest_infmax.reports.rows import result_row
 
 FAST_SIM = "--decode-step-ms 2 --decode-ms-per-seq 0.01"
 
@@ -159,7 +160,9 @@ def test_ctrl_c_keeps_the_interrupted_runs_records_flagged(
     assert all(r["error_message"] == "the run was stopped before this request ended" for r in cancelled)
     assert sorted(r["index"] for r in records) == list(range(len(records)))  # none lost in between
     assert second["metrics"]["num_requests"] == len(records)
-    assert "test_b_long" in (pytester.path / "r.md").read_text()  # every report is still written
+    assert result_row(second)["reasons"] == ["interrupted"]  # the row says why its figures are partial
+    summary = (pytester.path / "r.md").read_text()  # every report is still written
+    assert "test_b_long" in summary and "FAIL (interrupted)" in summary
     assert not journal_path(pytester.path / "r.json").exists()  # the JSON holds it all: no journal left
 
 
