@@ -181,13 +181,16 @@ def _get_once(url: str, headers: Mapping[str, str], deadline: float, timeout: fl
     cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
     conn = cls(parts.hostname, parts.port, timeout=remaining)
     expired = threading.Event()
+    # the connection's socket, kept here: for a close-delimited body http.client hands it to the
+    # response and sets conn.sock to None, and a body that drips would then outlive the deadline
+    sockets: list[socket.socket] = []
 
     def expire() -> None:  # the total deadline: unblock whatever read is waiting
         expired.set()
-        sock = conn.sock
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+        for sock in (conn.sock, *sockets):
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
 
     timer = threading.Timer(remaining, expire)
     timer.daemon = True
@@ -197,6 +200,8 @@ def _get_once(url: str, headers: Mapping[str, str], deadline: float, timeout: fl
         if parts.query:
             path += "?" + parts.query
         conn.request("GET", path, headers=dict(headers))
+        if conn.sock is not None:
+            sockets.append(conn.sock)
         resp = conn.getresponse()
         length = resp.getheader("Content-Length")
         if length is not None and length.strip().isdigit() and int(length) > max_bytes:

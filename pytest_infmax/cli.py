@@ -14,6 +14,7 @@ from pytest_infmax import __version__
 from pytest_infmax.atomic import write_json_atomic
 from pytest_infmax.baselines.compare import CompareOptions, compare_files, parse_gates
 from pytest_infmax.baselines.store import BaselineError
+from pytest_infmax.reports.journal import json_path_for, read_journal
 from pytest_infmax.reports.rows import result_row
 from pytest_infmax.reports.table import format_table
 from pytest_infmax.reports.writer import ReportRequest, write_reports
@@ -67,19 +68,34 @@ def _compare(ns: argparse.Namespace) -> int:
 
 
 def _report(ns: argparse.Namespace) -> int:
-    try:
-        with open(ns.json, encoding="utf-8") as f:
-            doc = json.load(f)
-        if not isinstance(doc, dict) or not isinstance(doc.get("results"), list):
-            raise ValueError("not an --infmax-json document (no 'results' list)")
-    except (OSError, ValueError) as exc:
-        print(f"infmax: cannot read results from {ns.json}: {exc}", file=sys.stderr)
+    notes: list[str] = []
+    if ns.from_journal is not None:  # a SIGKILLed session's results: rebuild the JSON too
+        try:
+            doc, notes = read_journal(Path(ns.from_journal))
+        except (OSError, ValueError) as exc:
+            print(f"infmax: cannot read results from {ns.from_journal}: {exc}", file=sys.stderr)
+            return 2
+        src = Path(ns.json) if ns.json else json_path_for(Path(ns.from_journal))
+    elif ns.json is None:
+        print("infmax report: give an --infmax-json file, or --from-journal JOURNAL", file=sys.stderr)
         return 2
-    src = Path(ns.json)
+    else:
+        try:
+            with open(ns.json, encoding="utf-8") as f:
+                doc = json.load(f)
+            if not isinstance(doc, dict) or not isinstance(doc.get("results"), list):
+                raise ValueError("not an --infmax-json document (no 'results' list)")
+        except (OSError, ValueError) as exc:
+            print(f"infmax: cannot read results from {ns.json}: {exc}", file=sys.stderr)
+            return 2
+        src = Path(ns.json)
+    for line in notes:
+        print(f"infmax: {line}", file=sys.stderr)
     markdown = None if not ns.markdown else src.with_suffix(".md") if ns.markdown is True else Path(ns.markdown)
     outcome = write_reports(
         doc,
         ReportRequest(
+            json=src if ns.from_journal is not None else None,
             html=Path(ns.html) if ns.html else src.with_suffix(".html"),
             markdown=markdown,
             plots_dir=src.parent if ns.plots else None,
@@ -134,7 +150,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Write the HTML report (and optionally PNG plots and a Markdown summary) for an "
         "--infmax-json results file.",
     )
-    report.add_argument("json", help="results file written with --infmax-json")
+    report.add_argument(
+        "json",
+        nargs="?",
+        help="results file written with --infmax-json (with --from-journal: the JSON to write; "
+        "default: the journal's name without .journal)",
+    )
+    report.add_argument(
+        "--from-journal",
+        metavar="JOURNAL",
+        help="rebuild the results from the journal a killed session left (PATH.journal next to its "
+        "--infmax-json): writes the JSON results, then the other reports",
+    )
     report.add_argument("-o", "--html", help="HTML file to write (default: the JSON's name with .html)")
     report.add_argument("--plots", action="store_true", help="also write PNG plots next to the JSON")
     report.add_argument(

@@ -26,6 +26,7 @@ from pytest_infmax.measure.sla import SLASyntaxError, format_quantity
 from pytest_infmax.measure.verdicts import SLA, SLAFailed, excess_errors
 from pytest_infmax.redact import add_secret, redact
 from pytest_infmax.reports.document import results_document
+from pytest_infmax.reports.journal import Journal, journal_path
 from pytest_infmax.reports.markdown import sweep_to_dict
 from pytest_infmax.reports.rows import result_row, verdict_text
 from pytest_infmax.reports.table import format_table
@@ -349,7 +350,11 @@ def infmax_async_openai(infmax_server: Server) -> Any:
 @pytest.hookimpl(wrapper=True)
 def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Any:
     """After the test body: check its @pytest.mark.sla objectives on every result it made."""
-    outcome = yield
+    try:
+        outcome = yield
+    except KeyboardInterrupt:  # pytest makes no report of it: hand its results to the collector here
+        _keep_interrupted(pyfuncitem)
+        raise
     _check_client(pyfuncitem)
     _check_marker_slas(pyfuncitem)
     _check_errors(pyfuncitem)
@@ -469,17 +474,7 @@ def _make_report(item: pytest.Item, call: pytest.CallInfo[None], report: Any) ->
         report.infmax_sweeps = [sweep_to_dict(sw, name=item.nodeid) for sw in sweeps]
     results = item.stash.get(RESULTS_KEY, [])
     if results:
-        settings = item.config.stash[STATE_KEY].settings
-        # Plots and the HTML report are drawn from the per-request records too.
-        want_records = bool(settings.json or settings.html or settings.plots or settings.benchmark_json)
-        full = [r.to_dict(include_records=want_records) for r in results]
-        for i, entry in enumerate(full):  # what the row's verdict tells: every reason the test failed
-            entry["outcome"] = {
-                "baseline": checks[i] if len(checks) == len(results) else None,
-                "client_bound_fails": settings.client_bound == "fail",
-                "test_failed": report.failed,
-                "max_error_rate": settings.max_error_rate,
-            }
+        full = _result_entries(item, results, checks, test_failed=report.failed)
         report.infmax_results = full
         # Several results (a sweep): each named by its load, e.g. infmax[c=4]_ttft_p50_ms; by
         # its position only where two share a load.
@@ -501,6 +496,34 @@ def _make_report(item: pytest.Item, call: pytest.CallInfo[None], report: Any) ->
             report.user_properties.extend(props)
             item.user_properties.extend(props)  # junitxml reads them from the teardown report
     return report
+
+
+def _result_entries(
+    item: pytest.Item, results: list[LoadResult], checks: list[dict[str, Any]], *, test_failed: bool
+) -> list[dict[str, Any]]:
+    """The --infmax-json entries of a test's results, with what the row's verdict tells."""
+    settings = item.config.stash[STATE_KEY].settings
+    # Plots and the HTML report are drawn from the per-request records too.
+    want_records = bool(settings.json or settings.html or settings.plots or settings.benchmark_json)
+    full = [r.to_dict(include_records=want_records) for r in results]
+    for i, entry in enumerate(full):  # every reason the test failed
+        entry["outcome"] = {
+            "baseline": checks[i] if len(checks) == len(results) else None,
+            "client_bound_fails": settings.client_bound == "fail",
+            "test_failed": test_failed,
+            "max_error_rate": settings.max_error_rate,
+        }
+    return full
+
+
+def _keep_interrupted(item: pytest.Item) -> None:
+    """Ctrl-C in a test: its results so far (the interrupted run's flagged ``interrupted``) go to
+    the session's reports. Where no collector runs (an xdist worker) they are lost."""
+    results = item.stash.get(RESULTS_KEY, [])
+    collector = item.config.pluginmanager.getplugin("infmax-results")
+    if results and isinstance(collector, ResultCollector):
+        entries = [_redact_json(e) for e in _result_entries(item, results, [], test_failed=True)]
+        collector.add(entries, [sweep_to_dict(sw, name=item.nodeid) for sw in item.stash.get(SWEEPS_KEY, [])])
 
 
 class _RedactingWriter:
@@ -532,13 +555,39 @@ class ResultCollector:
     def __init__(self, config: pytest.Config, state: PluginState) -> None:
         self.config = config
         self.state = state
+        json_path = self._path("json")
+        # every result as it arrives, fsynced: what a SIGKILL would take from --infmax-json
+        self.journal = Journal(journal_path(json_path)) if json_path is not None else None
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        for entry in getattr(report, "infmax_results", None) or ():
-            self.state.rows.append(result_row(entry))
-            self.state.full_results.append(entry)
-        self.state.sweeps.extend(getattr(report, "infmax_sweeps", None) or ())
-        self.state.checks.extend(getattr(report, "infmax_checks", None) or ())
+        self.add(
+            getattr(report, "infmax_results", None) or (),
+            getattr(report, "infmax_sweeps", None) or (),
+            getattr(report, "infmax_checks", None) or (),
+        )
+
+    def add(self, results: Any, sweeps: Any = (), checks: Any = ()) -> None:
+        """Take a test's results (from its report, or from a test Ctrl-C interrupted); journal them."""
+        for kind, entries, kept in (
+            ("result", results, self.state.full_results),
+            ("sweep", sweeps, self.state.sweeps),
+            ("check", checks, self.state.checks),
+        ):
+            for entry in entries:
+                kept.append(entry)
+                if kind == "result":
+                    self.state.rows.append(result_row(entry))
+                self._journal(kind, entry)
+
+    def _journal(self, kind: str, entry: dict[str, Any]) -> None:
+        if self.journal is None:
+            return
+        try:
+            self.journal.append(kind, entry)
+        except (OSError, ValueError) as exc:  # the session goes on: the JSON is still written at its end
+            self.state.notes.append(f"could not write the results journal {self.journal.path} ({exc}); journaling off")
+            self.journal.close(remove=False)
+            self.journal = None
 
     def _path(self, name: str) -> Path | None:
         value = getattr(self.state.settings, name)
@@ -582,6 +631,15 @@ class ResultCollector:
             ),
         )
         state.written.extend(outcome.written)
+        if self.journal is not None:
+            # the JSON holds everything the journal did: keep the journal only where the JSON is missing
+            saved = json_path in outcome.written
+            self.journal.close(remove=saved)
+            if not saved:
+                state.notes.append(
+                    f"the results journal is kept: {self.journal.path}; rebuild the reports with "
+                    f"infmax report --from-journal {self.journal.path}"
+                )
         state.notes.extend(outcome.notes)
         state.notes.extend(outcome.failures)
         if outcome.failures and session.exitstatus == pytest.ExitCode.OK:

@@ -313,7 +313,8 @@ class Settings:
         "percentiles reported for latency distributions", (50.0, 90.0, 95.0, 99.0), _percentiles, "LIST"
     )
     json: str | None = setting(
-        "write every result, with per-request records and the environment, to this JSON file (atomically)",
+        "write every result, with per-request records and the environment, to this JSON file (atomically); "
+        "until then each result is journaled to PATH.journal as it arrives",
         None,
         _path,
         "PATH",

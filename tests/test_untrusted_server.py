@@ -129,6 +129,21 @@ def test_probe_memory_and_time_stay_bounded(hostile_server: HostileClient) -> No
     assert time.monotonic() - start < 1.0 + SLACK
 
 
+@pytest.mark.parametrize("path", ["/health", "/v1/models"])
+def test_a_close_delimited_body_dripping_every_10_ms_cannot_stretch_the_deadline(
+    hostile_server: HostileClient, path: str
+) -> None:
+    """Found by tests/test_fuzz_hostile.py: a body without length ('Connection: close'), one byte
+    every 10 ms. http.client hands such a connection's socket to the response, so the deadline's
+    shutdown found no socket and each read returned a byte in time: the probe took 20 s (until
+    the server gave up) with a 1 s timeout. Now the socket is kept for the deadline."""
+    hostile_server.script({f"GET {path}": "slowloris"})
+    start = time.monotonic()
+    model, why = launch._probe(hostile_server.base_url, None, "K", 1.0)
+    assert model is None and "no answer within 1 s" in why
+    assert time.monotonic() - start < 1.0 + SLACK
+
+
 def test_an_endless_metrics_page_costs_a_bounded_amount_of_memory(hostile_server: HostileClient) -> None:
     """The Prometheus scrape during the measured run: an endless /metrics cost 1.7 GB before
     (aiohttp read the whole body within its 3 s); now it is cut at METRICS_MAX_BYTES, the

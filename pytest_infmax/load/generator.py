@@ -410,12 +410,17 @@ class LoadGenerator:
         stop: Callable[[], bool] | None = None,
         *,
         shard: Shard | None = None,
+        on_interrupted: Callable[[RunRecords], None] | None = None,
     ) -> RunRecords:
         """Run warm-up then the measured phase; return every record.
 
         ``stop`` is asked before each measured request is sent: once it answers
         True no new request starts (those in flight finish). Sequential
         comparisons use it to end a run whose verdict is settled.
+
+        A run cancelled (Ctrl-C) during its measured phase hands ``on_interrupted``
+        what it has, before the cancellation goes on: every record that ended, and
+        each request in flight as a ``cancelled`` record.
 
         With ``config.workers > 1`` the load is spread over worker processes
         (``pytest_infmax.load.workers``), each running its ``shard`` of it here.
@@ -463,30 +468,64 @@ class LoadGenerator:
             else:
                 measured_start = time.perf_counter()
             cpu_start = time.process_time()
-            if concurrency is not None:
-                await self._closed_loop(
-                    sender,
-                    concurrency,
-                    num_requests,
-                    config.duration,
-                    index,
-                    False,
-                    keep,
-                    stop,
-                )
-            else:
-                await self._open_loop(sender, measured_start, config.effective_warmup, (k, n), keep, stop)
+            try:
+                if concurrency is not None:
+                    await self._closed_loop(
+                        sender,
+                        concurrency,
+                        num_requests,
+                        config.duration,
+                        index,
+                        False,
+                        keep,
+                        stop,
+                    )
+                else:
+                    await self._open_loop(sender, measured_start, config.effective_warmup, (k, n), keep, stop)
+            except (asyncio.CancelledError, KeyboardInterrupt):
+                if on_interrupted is not None:
+                    # the tasks are cancelled by now: each request in flight left a cancelled record
+                    ended = time.perf_counter(), time.process_time()
+                    on_interrupted(
+                        self._run_records(
+                            [*records, *sender.cancelled],
+                            (clock_origin, epoch_origin, measured_start, ended[0]),
+                            monitor,
+                            ended[1] - cpu_start,
+                            config,
+                        )
+                    )
+                raise
             measured_end = time.perf_counter()
             cpu_end = time.process_time()
         finally:
             pool.close()
             await monitor.stop()
+        return refuse_bad_token_ids(
+            self._run_records(
+                records,
+                (clock_origin, epoch_origin, measured_start, measured_end),
+                monitor,
+                cpu_end - cpu_start,
+                config,
+            )
+        )
+
+    @staticmethod
+    def _run_records(
+        records: list[RequestRecord],
+        clocks: tuple[float, float, float, float],
+        monitor: LoopLagMonitor,
+        cpu_seconds: float,
+        config: LoadConfig,
+    ) -> RunRecords:
+        clock_origin, epoch_origin, measured_start, measured_end = clocks
         records.sort(key=lambda r: r.index)
         client = ClientStats(
             send_lags=[lag for r in records if not r.warmup and (lag := r.send_lag) is not None],
             loop_lags=monitor.lags_between(measured_start, measured_end),
             loop_lag_interval=monitor.interval,
-            cpu_seconds=cpu_end - cpu_start,
+            cpu_seconds=cpu_seconds,
             wall_seconds=measured_end - measured_start,
             threshold=config.client_lag_threshold,
             send_lag_reference=(
@@ -495,9 +534,7 @@ class LoadGenerator:
                 else "open loop: from the scheduled arrival (or the max_concurrency slot, if later)"
             ),
         )
-        return refuse_bad_token_ids(
-            RunRecords(records, clock_origin, epoch_origin, measured_start, measured_end, client)
-        )
+        return RunRecords(records, clock_origin, epoch_origin, measured_start, measured_end, client)
 
     async def _closed_loop(
         self,
@@ -581,6 +618,8 @@ class LoadGenerator:
         finally:
             for task in tasks:
                 task.cancel()
+            # cancelled while waiting for an arrival: let the requests in flight record their cancellation
+            await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class _Sender:
@@ -594,6 +633,7 @@ class _Sender:
         self.headers = headers
         self.model = model
         self.config = config
+        self.cancelled: list[RequestRecord] = []  # the requests in flight when the run was cancelled
 
     async def one(
         self,
@@ -642,6 +682,7 @@ class _Sender:
             _fail(rec, exc.kind, message)
         except asyncio.CancelledError:
             _fail(rec, ErrorKind.CANCELLED, "the run was stopped before this request ended")
+            self.cancelled.append(rec)
             raise
         return rec
 

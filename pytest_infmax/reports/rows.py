@@ -70,6 +70,8 @@ def verdict(result: Result) -> tuple[str, list[str]]:
         reasons.append("errors")
     if client.get("client_bound") and outcome.get("client_bound_fails"):
         reasons.append("client-bound")
+    if result.get("interrupted"):  # Ctrl-C stopped the run: its figures are of a part of it
+        reasons.append("interrupted")
     if outcome.get("test_failed") and not reasons:
         reasons.append("test")
     checked = result.get("passed") is not None or (baseline is not None and baseline.get("verdict") is not None)

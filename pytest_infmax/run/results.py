@@ -43,6 +43,7 @@ class LoadResult:
     sequential: dict[str, Any] | None = None  # --infmax-sequential: where the comparison stopped, and why
     repeats: Repeats | None = None  # --infmax-repeat: the runs pooled here, each kept on its own
     server_metrics: ServerMetrics | None = None  # the server's own Prometheus metrics over the run
+    interrupted: bool = False  # Ctrl-C stopped the run: its records up to then, those in flight cancelled
     _figures: tuple[Any, Metrics] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -153,6 +154,8 @@ class LoadResult:
         }
         if self.repeats is not None:
             out["repeats"] = self.repeats.to_dict(run.clock_origin)
+        if self.interrupted:
+            out["interrupted"] = True
         if include_records:
             out["records"] = [r.to_dict(run.clock_origin) for r in run.records]
         return out

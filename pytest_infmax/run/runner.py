@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pytest_infmax.load.generator import LoadGenerator, run_coroutine
-from pytest_infmax.load.plan import LoadConfig, LoadConfigError
+from pytest_infmax.load.plan import LoadConfig, LoadConfigError, RunRecords
 from pytest_infmax.load.progress import Progress
 from pytest_infmax.load.scenarios import Endpoint, Scenario, TokenWindow, get_scenario
 from pytest_infmax.measure.cost import Price, Tier, choose_price
@@ -270,11 +270,20 @@ class Infmax:
         if scraper is not None:  # baseline when warm-up ends; counts the measured requests
             watchers.append(scraper.on_record)
         sampler, not_measured = self._energy_sampler()
+
+        def interrupted(partial: RunRecords) -> None:
+            """Ctrl-C: keep what the run measured until then, flagged, for the session's reports."""
+            result = self._result(plan, partial, None)
+            result.interrupted = True
+            result.energy = EnergyReport.not_measured("the run was interrupted")
+            self._record(result)
+
         try:
             run = await generator.run(
                 plan.config,
                 on_record=on_record if watchers else None,
                 stop=(lambda: seq.state.stop) if seq is not None else None,
+                on_interrupted=interrupted,
             )
         except BaseException:
             if scraper is not None:
@@ -284,6 +293,19 @@ class Infmax:
             if sampler is not None:
                 sampler.stop()
         server_metrics = await scraper.finish() if scraper is not None else None
+        result = self._result(plan, run, server_metrics)
+        if seq is not None:
+            result.sequential = {"gate": seq.gate.label, **dataclasses.asdict(seq.state)}
+        result.energy = (
+            sampler.report_for(result, self.usd_per_kwh)
+            if sampler is not None
+            else EnergyReport.not_measured(not_measured)
+        )
+        if record:
+            self._record(result)
+        return result
+
+    def _result(self, plan: _Plan, run: RunRecords, server_metrics: Any) -> LoadResult:
         result = LoadResult(
             name=plan.name,
             config=plan.config,
@@ -295,15 +317,6 @@ class Infmax:
         )
         result.price, result.price_note = (plan.price, "") if plan.price is not None else self.price()
         result.server_metrics = server_metrics
-        if seq is not None:
-            result.sequential = {"gate": seq.gate.label, **dataclasses.asdict(seq.state)}
-        result.energy = (
-            sampler.report_for(result, self.usd_per_kwh)
-            if sampler is not None
-            else EnergyReport.not_measured(not_measured)
-        )
-        if record:
-            self._record(result)
         return result
 
     def price(self) -> tuple[Price | None, str]:

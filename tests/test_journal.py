@@ -1,0 +1,205 @@
+"""Crash-safe results (issue #17, item 3): the results journal and Ctrl-C's interrupted run.
+
+The sessions are real pytest processes, killed with real signals from outside: SIGKILL
+(an OOM kill, a CI runner's hard stop) once the first test's result is journaled, and
+SIGINT (Ctrl-C) once the second test's run is measuring. docs/reliability.md has a row
+for each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from _sim_helpers import pid_alive
+
+from pytest_infmax.reports.journal import Journal, JournalError, journal_path, json_path_for, read_journal
+from pytest_infmax.reports.rows import result_row
+
+FAST_SIM = "--decode-step-ms 2 --decode-ms-per-seq 0.01"
+
+FIRST_AND_BLOCKING = """
+import pathlib, signal, threading, urllib.request, json
+
+def test_a_first(infmax, infmax_server):
+    pathlib.Path("server.pid").write_text(str(infmax_server.pid))  # its supervisor's
+    infmax.run("1k1k-mini", concurrency=2, num_requests=6, warmup=0)
+
+def test_b_long(infmax, infmax_server):
+    # Ctrl-C as at a terminal, even where this session inherited SIGINT ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def measuring():  # say so once the simulator finished a request of this run
+        while True:
+            with urllib.request.urlopen(infmax_server.base_url + "/sim/trace", timeout=5) as r:
+                if len(json.loads(r.read())["requests"]) > 6:
+                    pathlib.Path("measuring").write_text("yes")
+                    return
+            threading.Event().wait(0.05)
+
+    threading.Thread(target=measuring, daemon=True).start()
+    infmax.run("1k1k-mini", concurrency=4, num_requests=100000, warmup=0)  # ended by a signal
+"""
+
+
+def _wait_for(what: str, check: Callable[[], bool], timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def _journaled(path: Path, kind: str) -> bool:
+    """A whole line of ``kind`` is in the journal (one being written is not whole yet)."""
+    try:
+        lines = path.read_text().split("\n")[:-1]  # whole lines end in a newline
+    except FileNotFoundError:
+        return False
+    return any(json.loads(line)["kind"] == kind for line in lines)
+
+
+INFMAX = str(Path(sys.executable).with_name("infmax"))  # the command, as installed
+
+
+@pytest.fixture
+def session(pytester: pytest.Pytester, no_leaked_servers: None) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """Starts the two-test session in a real pytest process; kills it and checks no server is left."""
+    pytester.makepyfile(test_perf=textwrap.dedent(FIRST_AND_BLOCKING))
+    pytester.makeini(f"[pytest]\ninfmax_sim_args = {FAST_SIM}\n")
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(*args: str) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args],
+            cwd=pytester.path,
+            stdout=open(pytester.path / "out.txt", "wb"),  # noqa: SIM115 - the child holds it
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # a signal to it reaches it alone
+        )
+        started.append(proc)
+        return proc
+
+    try:
+        yield start
+    finally:
+        for proc in started:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=30)
+        # the server's supervisor takes it down with pytest, even a SIGKILLed one (docs/reliability.md);
+        # then no_leaked_servers checks that no simulator is left
+        pid_file = pytester.path / "server.pid"
+        if pid_file.exists():
+            supervisor = int(pid_file.read_text())
+            _wait_for("the server's supervisor to exit", lambda: not pid_alive(supervisor), timeout=20)
+
+
+@pytest.mark.slow
+def test_sigkill_loses_only_the_test_in_flight_and_the_journal_rebuilds_the_reports(
+    pytester: pytest.Pytester, session: Callable[..., subprocess.Popen[bytes]]
+) -> None:
+    results = pytester.path / "out" / "r.json"
+    journal = journal_path(results)
+    proc = session("--infmax-json", str(results))
+    _wait_for("the first test's result in the journal", lambda: _journaled(journal, "result"))
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    assert not results.exists()  # what a SIGKILL took: --infmax-json is written at the session's end
+
+    rebuilt = subprocess.run(
+        [INFMAX, "report", "--from-journal", str(journal), "--markdown"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert f"wrote {results}" in rebuilt.stdout
+    doc = json.loads(results.read_text())
+    assert doc["format"] == "pytest-infmax/1"
+    (first,) = doc["results"]
+    assert first["name"] == "test_perf.py::test_a_first"
+    assert "interrupted" not in first
+    assert len(first["records"]) == 6 and all(r["error_kind"] is None for r in first["records"])
+    assert first["metrics"]["num_requests"] == 6 and first["metrics"]["num_ok"] == 6
+    assert doc["servers"] == [first["server"]]
+    assert doc["environment"]["written_at"]  # the run's environment, from the journal's first line
+    assert "test_a_first" in results.with_suffix(".html").read_text()
+    assert "test_a_first" in results.with_suffix(".md").read_text()
+
+
+@pytest.mark.slow
+def test_ctrl_c_keeps_the_interrupted_runs_records_flagged(
+    pytester: pytest.Pytester, session: Callable[..., subprocess.Popen[bytes]]
+) -> None:
+    proc = session("--infmax-json", "r.json", "--infmax-markdown", "r.md")
+    _wait_for("the second test's run to be measuring", (pytester.path / "measuring").exists)
+    interrupted_at = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == pytest.ExitCode.INTERRUPTED
+    assert time.monotonic() - interrupted_at < 30  # it does not finish its 100000 requests
+    doc = json.loads((pytester.path / "r.json").read_text())
+    first, second = doc["results"]
+    assert first["name"] == "test_perf.py::test_a_first" and "interrupted" not in first
+    assert second["name"] == "test_perf.py::test_b_long"
+    assert second["interrupted"] is True
+    records = second["records"]
+    ok = [r for r in records if r["error_kind"] is None]
+    cancelled = [r for r in records if r["error_kind"] == "cancelled"]
+    assert len(ok) >= 1  # what it measured before Ctrl-C
+    assert 1 <= len(cancelled) <= 4  # the requests in flight (concurrency=4), each recorded
+    assert len(ok) + len(cancelled) == len(records)
+    assert all(r["error_message"] == "the run was stopped before this request ended" for r in cancelled)
+    assert sorted(r["index"] for r in records) == list(range(len(records)))  # none lost in between
+    assert second["metrics"]["num_requests"] == len(records)
+    assert result_row(second)["reasons"] == ["interrupted"]  # the row says why its figures are partial
+    summary = (pytester.path / "r.md").read_text()  # every report is still written
+    assert "test_b_long" in summary and "FAIL (interrupted)" in summary
+    assert not journal_path(pytester.path / "r.json").exists()  # the JSON holds it all: no journal left
+
+
+# -- the journal file itself ----------------------------------------------------------------------------
+
+
+def test_journal_lines_are_durable_redacted_and_a_torn_last_line_is_skipped(tmp_path: Path) -> None:
+    from pytest_infmax.redact import add_secret
+
+    add_secret("sk-journal-secret-123456")
+    path = journal_path(tmp_path / "r.json")
+    assert path.name == "r.json.journal" and json_path_for(path) == tmp_path / "r.json"
+    journal = Journal(path)
+    journal.append("result", {"name": "t1", "server": {"cmd": "serve --api-key sk-journal-secret-123456"}})
+    journal.append("check", {"message": "ok"})
+    # the kill came in the middle of the next line
+    with open(path, "a") as f:
+        f.write('{"kind": "result", "data": {"name": "t2", "rec')
+    assert "sk-journal-secret-123456" not in path.read_text()
+    doc, notes = read_journal(path)
+    assert [r["name"] for r in doc["results"]] == ["t1"]
+    assert doc["checks"] == [{"message": "ok"}]
+    assert notes and "cut short" in notes[0]
+    journal.close(remove=True)
+    assert not path.exists()
+
+
+def test_a_file_that_is_not_a_journal_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "r.json.journal"
+    path.write_text('{"format": "pytest-infmax/1", "results": []}\n')
+    with pytest.raises(JournalError, match="not a results journal"):
+        read_journal(path)
+    bad = subprocess.run(
+        [INFMAX, "report", "--from-journal", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and "not a results journal" in bad.stderr
+    assert os.listdir(tmp_path) == ["r.json.journal"]  # nothing written
