@@ -226,3 +226,18 @@ def listeners_port(pid: int) -> int:
     ports = [c.laddr.port for c in psutil.Process(pid).net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
     assert len(ports) == 1, ports
     return ports[0]
+
+
+def test_an_empty_log_on_a_full_disk_says_the_disk_is_full(tmp_path) -> None:
+    """Issue 17: with the log directory on a full disk, a start-up error showed "(empty log)", as if
+    the server had said nothing. The note now says the disk was full (the free space is read with
+    statvfs; here it is given, as filling a disk is not something a test may do)."""
+    from pytest_infmax.servers.launch import empty_log_note, tail
+
+    log = tmp_path / "server.log"
+    log.write_bytes(b"")
+    assert tail(log, 20) == "(empty log)"  # this disk has room: the server wrote nothing
+    full = empty_log_note(log, free_bytes=0)
+    assert full.startswith("(empty log: the disk holding ") and "0 bytes free" in full and str(log) in full
+    log.write_text("one line\n")
+    assert tail(log, 20) == "one line"

@@ -190,11 +190,26 @@ class Server:
 
 
 def tail(path: Path, lines: int) -> str:
+    """The last ``lines`` lines of a server log; an empty one says why it may be empty."""
     with open(path, "rb") as f:
         f.seek(0, os.SEEK_END)
         f.seek(max(0, f.tell() - 64 * 1024))
         text = f.read().decode("utf-8", errors="replace")
-    return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
+    return "\n".join(text.splitlines()[-lines:]) or empty_log_note(path)
+
+
+def empty_log_note(path: Path, free_bytes: int | None = None) -> str:
+    """``(empty log)``, or, where the disk holding it has no room left, that the server could
+    not write its log there (issue 17: a full disk read as a server that said nothing)."""
+    if free_bytes is None:
+        try:
+            stat = os.statvfs(path)
+            free_bytes = stat.f_bavail * stat.f_frsize
+        except OSError:
+            return "(empty log)"
+    if free_bytes < 1024 * 1024:
+        return f"(empty log: the disk holding {path} has {free_bytes} bytes free, so the server could not write it)"
+    return "(empty log)"
 
 
 # Servers still running; stopped at interpreter exit whatever else happened.
