@@ -394,6 +394,7 @@ USAGE_LIES: dict[str, Behaviour] = {
     "usage_negative": lying_usage(completion_tokens=-5),
     "usage_zero": lying_usage(completion_tokens=0),
     "usage_over_max": lying_usage(completion_tokens=lambda req: req.max_tokens + 1),
+    "usage_below_chunks": lying_usage(completion_tokens=lambda req: max(1, req.max_tokens // 2)),
     "prompt_huge": lying_usage(prompt_tokens=10**15),
     "prompt_negative": lying_usage(prompt_tokens=-1),
 }

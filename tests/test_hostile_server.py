@@ -91,6 +91,9 @@ CASES: dict[str, Case] = {
         ErrorKind.PROTOCOL, "usage.completion_tokens=0 but content arrived: the limit is >= 1", reusable=True
     ),
     "usage_over_max": Case(ErrorKind.PROTOCOL, "exceeds the limit max_tokens=", reusable=True),
+    "usage_below_chunks": Case(
+        ErrorKind.PROTOCOL, "content chunks that arrived (each carries at least one token)", reusable=True
+    ),
     "prompt_huge": Case(ErrorKind.PROTOCOL, "usage.prompt_tokens=1000000000000000 exceeds the limit", reusable=True),
     "prompt_negative": Case(ErrorKind.PROTOCOL, "usage.prompt_tokens=-1 is negative: the limit is >= 0", reusable=True),
 }

@@ -279,7 +279,7 @@ class ResponseAccumulator:
             raise StreamError(ErrorKind.EMPTY, "stream ended without any content token")
         n_chunks = len(rec.chunk_times)
         usage = self.usage or _Usage()
-        check_usage(usage, self.max_tokens, self.max_prompt_tokens)
+        check_usage(usage, self.max_tokens, self.max_prompt_tokens, n_chunks)
         if usage.prompt_tokens is not None:
             rec.input_tokens, rec.input_tokens_source = usage.prompt_tokens, TokenSource.USAGE
         elif requested_input is not None:
@@ -318,12 +318,15 @@ def requested_max_tokens(plan: PlannedRequest, config: LoadConfig) -> int | None
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def check_usage(usage: _Usage, max_tokens: int | None, max_prompt_tokens: int | None) -> None:
+def check_usage(
+    usage: _Usage, max_tokens: int | None, max_prompt_tokens: int | None, content_chunks: int | None = None
+) -> None:
     """Every count in the server's ``usage`` against what was asked; a count that cannot be
     true is a protocol error naming the field, its value and the limit.
 
-    Called once content arrived, so ``completion_tokens`` is at least 1; it is at most
-    the ``max_tokens`` the request asked for. ``prompt_tokens`` is non-negative and at most
+    Called once content arrived, so ``completion_tokens`` is at least 1, and at least the
+    ``content_chunks`` that arrived (a chunk with content carries at least one token); it is
+    at most the ``max_tokens`` the request asked for. ``prompt_tokens`` is non-negative and at most
     :func:`prompt_tokens_limit` of the request. Every figure computed from a record (token
     totals, throughput, per-token latencies) rests on these counts, so a server that reports
     ``completion_tokens: 10**15``, a negative count, or none for a streamed answer must not
@@ -336,6 +339,13 @@ def check_usage(usage: _Usage, max_tokens: int | None, max_prompt_tokens: int | 
                 ErrorKind.PROTOCOL,
                 f"usage.completion_tokens={done} but content arrived: the limit is >= 1; "
                 "the server's token count cannot be true",
+            )
+        if content_chunks is not None and 1 <= done < content_chunks:
+            raise StreamError(
+                ErrorKind.PROTOCOL,
+                f"usage.completion_tokens={done} is below the {content_chunks} content chunks that arrived "
+                "(each carries at least one token): the limit is >= "
+                f"{content_chunks}; the server's token count cannot be true",
             )
         if max_tokens is not None and done > max_tokens:
             raise StreamError(
