@@ -192,7 +192,9 @@ def test_write_is_atomic_no_temp_left_and_old_file_intact_on_failure(tmp_path, m
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(atomic.os, "replace", fail)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(
+        BaselineError, match="not saved to .*: No space left on device; the baseline there is unchanged"
+    ):
         store.save(key, BaselineRun.from_result(make_result(key, seed=2)), build_testbed(SERVER))
     monkeypatch.undo()
     assert store.path_for(key).read_bytes() == before  # the old baseline survives

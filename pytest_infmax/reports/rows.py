@@ -66,11 +66,15 @@ def verdict(result: Result) -> tuple[str, list[str]]:
         reasons.append("SLA")
     if baseline is not None and not baseline.get("passed", True):
         reasons.append("regression" if baseline.get("verdict") in ("regressed", None) else str(baseline["verdict"]))
-    if excess_errors(result.get("metrics") or {}, result.get("sla") or (), outcome.get("max_error_rate")):
+    # An interrupted run's requests in flight are cancelled by us, not failed by the server: "interrupted" says it
+    interrupted = bool(result.get("interrupted"))
+    if not interrupted and excess_errors(
+        result.get("metrics") or {}, result.get("sla") or (), outcome.get("max_error_rate")
+    ):
         reasons.append("errors")
     if client.get("client_bound") and outcome.get("client_bound_fails"):
         reasons.append("client-bound")
-    if result.get("interrupted"):  # Ctrl-C stopped the run: its figures are of a part of it
+    if interrupted:  # Ctrl-C stopped the run: its figures are of a part of it
         reasons.append("interrupted")
     if outcome.get("test_failed") and not reasons:
         reasons.append("test")
