@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import os
-import select
-import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from _hostile_client import HostileClient
+from _hostile_client import HostileClient, hostile_server_port
 
 
 def sim_pids_under(path: str) -> list[int]:
@@ -42,25 +38,8 @@ def no_leaked_servers(pytester: pytest.Pytester):
     assert not leaked, f"simulator processes left running: {leaked}"
 
 
-HOSTILE_SERVER = Path(__file__).with_name("_hostile_server.py")
-
-
 @pytest.fixture
 def hostile_server() -> Iterator[HostileClient]:
     """A scripted hostile HTTP server (tests/_hostile_server.py) in a subprocess, for one test."""
-    proc = subprocess.Popen([sys.executable, str(HOSTILE_SERVER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
-        assert proc.stdout is not None
-        ready, _, _ = select.select([proc.stdout], [], [], 30)
-        assert ready, "the hostile server did not print its port within 30 s"
-        line = proc.stdout.readline().decode()
-        assert line.startswith("PORT "), f"unexpected first line from the hostile server: {line!r}"
-        yield HostileClient(int(line.split()[1]))
-    finally:
-        if proc.stdin is not None:
-            proc.stdin.close()  # the server exits when its stdin closes
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+    with hostile_server_port() as port:
+        yield HostileClient(port)

@@ -14,18 +14,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import select
-import subprocess
-import sys
 import time
 import tracemalloc
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
+from _hostile_client import hostile_server_port
 
 from pytest_infmax.load.generator import LoadGenerator, encode_body, run_coroutine
 from pytest_infmax.load.plan import LoadConfig, RunRecords
@@ -122,26 +119,8 @@ class HostileServer:
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[HostileServer]:
-    proc = subprocess.Popen(
-        [sys.executable, str(Path(__file__).with_name("_hostile_server.py"))],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-    )
-    try:
-        assert proc.stdout is not None
-        ready, _, _ = select.select([proc.stdout], [], [], 30)
-        assert ready, "the hostile server did not print its port within 30 s"
-        line = proc.stdout.readline().decode()
-        assert line.startswith("PORT "), f"unexpected first line from the hostile server: {line!r}"
-        yield HostileServer(int(line.split()[1]))
-    finally:
-        if proc.stdin is not None:
-            proc.stdin.close()  # the server exits when its stdin closes
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+    with hostile_server_port() as port:
+        yield HostileServer(port)
 
 
 def _config(concurrency: int, num_requests: int) -> LoadConfig:
