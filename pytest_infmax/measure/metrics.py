@@ -298,7 +298,7 @@ class Metrics:
     server: Mapping[str, Any] | None = None  # ServerMetrics.to_dict(), when it was available
     #: source ("requests", "price", "energy", "server") -> how its figures were obtained
     provenance: dict[str, str] = field(default_factory=lambda: {"requests": "measured"})
-    #: source -> why its figures are missing
+    #: source (or a figure's own name, where only it is missing) -> why its figures are missing
     unmeasured: dict[str, str] = field(default_factory=lambda: dict(NOT_GIVEN))
 
     def with_figures(
@@ -339,6 +339,10 @@ class Metrics:
             kind = "modelled" if energy.modelled else "measured"
             source = energy.source.removeprefix(f"{kind}: ")  # the simulator's source already says "modelled: "
             provenance["energy"] = f"{kind} ({source})" if source else kind
+            if energy.usd_per_kwh is None:  # a figure of its own missing: keyed by its name
+                unmeasured["energy_cost_per_mtok"] = (
+                    "no electricity price: set --infmax-usd-per-kwh (or @pytest.mark.infmax_price(usd_per_kwh=...))"
+                )
         else:
             unmeasured["energy"] = (energy.reason if energy is not None else "") or NOT_GIVEN["energy"]
         if server is not None and server.get("available"):
@@ -354,8 +358,8 @@ class Metrics:
         info = metric_info(metric)
         if info.source == "requests":
             return "not measured"
-        if metric == "energy_cost_per_mtok" and "energy" in self.provenance:
-            return "no electricity price: set --infmax-usd-per-kwh (or @pytest.mark.infmax_price(usd_per_kwh=...))"
+        if metric in self.unmeasured:  # a figure missing on its own, though its source was there
+            return self.unmeasured[metric]
         if info.source in self.unmeasured:
             return self.unmeasured[info.source]
         if info.source == "server":

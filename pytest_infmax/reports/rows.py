@@ -25,6 +25,7 @@ from typing import Any
 
 from pytest_infmax.measure.cost import Price, cost_per_million_tokens
 from pytest_infmax.measure.registry import METRICS, SCALAR_METRICS
+from pytest_infmax.measure.sla import format_quantity
 from pytest_infmax.measure.verdicts import excess_errors
 
 Result = Mapping[str, Any]
@@ -102,9 +103,7 @@ def figures(result: Result) -> list[dict[str, Any]]:
         value = m.get(name)
         if value is None and info.source == "requests" and name not in m:
             continue  # an older results file
-        how = provenance.get(info.source) if value is not None else unmeasured.get(info.source)
-        if value is None and name == "energy_cost_per_mtok" and "energy" in provenance:
-            how = "no electricity price (--infmax-usd-per-kwh)"
+        how = provenance.get(info.source) if value is not None else unmeasured.get(name, unmeasured.get(info.source))
         out.append(
             {
                 "metric": name,
@@ -269,13 +268,6 @@ class VerdictTally:
 
 
 def figure_cell(value: float | None, unit: str) -> str:
-    """A registered figure in its display unit: ``$0.1991``, ``0.2985 J/token``, ``971 W``."""
-    if value is None:
-        return "n/a"
-    if unit == "$/Mtok":
-        return f"${value:.4g}"
-    if unit == "%":
-        return f"{value * 100:.3g}%"
-    if unit == "ms":
-        return f"{value * 1000:.3g} ms"
-    return f"{value:,.4g} {unit}".strip() if abs(value) < 1e4 else f"{value:,.0f} {unit}".strip()
+    """A registered figure in its display unit (``$0.1991/Mtok``, ``0.2985 J/token``, ``971.3 W``),
+    as the SLA messages write it; ``n/a`` where it was not measured."""
+    return "n/a" if value is None else format_quantity(value, unit)
