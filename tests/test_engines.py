@@ -362,6 +362,57 @@ def test_child_that_left_the_process_group_is_killed(leader_dies_first, tmp_path
     assert stopped == [server.stopped_pids] and escaped in stopped[0] and server.pid in stopped[0]
 
 
+def test_crash_is_seen_at_once_though_a_worker_it_started_lives_on(tmp_path: Path, no_leaks) -> None:
+    """The supervisor lives while anything the server started lives. Before, a server that
+    crashed while a worker that had left its group lived on looked alive: the launcher waited
+    out the whole startup timeout (60 s in CI) and said 'not ready', hiding the crash."""
+    started = time.monotonic()
+    config = engine_config(tmp_path, "vllm", "escape,crash", startup_timeout=120)
+    with pytest.raises(ServerError, match=r"exited with code 1 before it was ready(.|\n)*CUDA error: out of memory"):
+        start_server(config, tmp_path / "logs")
+    assert time.monotonic() - started < 30  # not the 120 s startup timeout
+    escaped = int((tmp_path / "escaped.pid").read_text())
+    assert not pid_alive(escaped)  # no_leaks checks the rest of the tree
+
+
+def test_leader_killed_mid_run_is_a_dead_server_though_a_worker_lives_on(tmp_path: Path, no_leaks) -> None:
+    server = start_server(engine_config(tmp_path, "vllm", "escape"), tmp_path / "logs")
+    try:
+        escaped = int((tmp_path / "escaped.pid").read_text())
+        leader = recorded_argv(tmp_path)[-1]["pid"]  # the stand-in, which exec'd the simulator
+        assert server.exit_code() is None
+        os.kill(leader, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while server.exit_code() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.exit_code() == 128 + signal.SIGKILL
+        assert pid_alive(escaped) and server.process.poll() is None  # the supervisor holds the worker
+        note = server.death_note()
+        assert note is not None and "exited with code 137" in note
+        assert f"the server (pid {leader}) exited with code 137; 1 process(es) it started still run" in note
+    finally:
+        server.stop()
+    assert not pid_alive(escaped)
+
+
+def test_port_taken_by_a_server_whose_worker_lives_on_is_retried(tmp_path: Path, monkeypatch, no_leaks) -> None:
+    """Another process took the port: the server exits at once, its escaped worker lives on."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()  # listens, never answers: probes of it time out
+        taken = busy.getsockname()[1]
+        ports = iter([taken])
+        real = launch.free_port
+        monkeypatch.setattr(launch, "free_port", lambda host="127.0.0.1": next(ports, None) or real(host))
+        started = time.monotonic()
+        server = start_server(engine_config(tmp_path, "vllm", "escape"), tmp_path / "logs")
+        try:
+            assert not server.base_url.endswith(f":{taken}")
+            assert time.monotonic() - started < 30  # not the 60 s startup timeout
+        finally:
+            server.stop()
+
+
 def test_port_taken_meanwhile_is_retried_on_a_new_port(tmp_path: Path, monkeypatch, no_leaks) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

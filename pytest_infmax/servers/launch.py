@@ -54,6 +54,7 @@ from pytest_infmax.servers.processes import (
     _cmdline,
     descendants,
     free_port,
+    leader_exit_code,
     listeners,
     spawn_in_own_group,
     stop_process_group,
@@ -103,6 +104,8 @@ class Server:
     model_card: dict[str, Any] = field(default_factory=dict)
     # How the engine was started (engines.Program.note): the script, or the module fallback and why
     launch_note: str = ""
+    # where the supervisor writes the leader's exit status (supervisor.py), the moment it exits
+    exit_file: Path | None = None
     _tailer: LogTailer | None = None
 
     @property
@@ -144,7 +147,21 @@ class Server:
         :meth:`stop` stopped it."""
         if self.process is None or self.stopped_pids:
             return None
-        return self.process.poll()
+        return self._exit_status()
+
+    def _exit_status(self) -> int | None:
+        """The supervisor's exit status once it is gone; before that, the leader's when it failed.
+
+        The supervisor lives while anything the server started lives (an EngineCore, a worker
+        that left its group), so a crashed server is seen by its leader's status. A leader that
+        exits 0 may have daemonized: its server lives on in its descendants, and is judged by
+        its answers."""
+        assert self.process is not None
+        code = self.process.poll()
+        if code is not None:
+            return code
+        leader = leader_exit_code(self.exit_file)
+        return leader if leader else None
 
     def death_note(self) -> str | None:
         """``the server exited with code N: ARGV``, then its log's last lines; None while it runs."""
@@ -373,6 +390,7 @@ def _start_once(
     log_dir.mkdir(parents=True, exist_ok=True)
     stamp = f"{os.getpid()}-{time.monotonic_ns()}"
     log_path = log_dir / f"server-{config.kind}-{stamp}.log"
+    exit_file = log_dir / f"server-{config.kind}-{stamp}.exit"
     port_file: Path | None = None
     launch_note = ""
     if config.kind == "sim":
@@ -426,14 +444,22 @@ def _start_once(
     try:
         # The supervisor starts the server and holds every process it starts (a child
         # subreaper); its stdin is a pipe whose end only this process holds (supervisor.py).
-        proc = spawn_in_own_group(supervised(argv), log, env, stdin=subprocess.PIPE)
+        proc = spawn_in_own_group(supervised(argv, exit_file), log, env, stdin=subprocess.PIPE)
     except OSError as exc:
         raise ServerError(f"cannot start {argv[0]!r}: {exc}; is it installed and on PATH?") from None
     finally:
         if not log.closed:
             log.close()
     server = Server(
-        config, "", config.model or "", argv, log_path, proc, after_stop=after_stop, launch_note=launch_note
+        config,
+        "",
+        config.model or "",
+        argv,
+        log_path,
+        proc,
+        after_stop=after_stop,
+        launch_note=launch_note,
+        exit_file=exit_file,
     )
     with _LIVE_LOCK:
         _LIVE.add(server)
@@ -466,7 +492,7 @@ def _wait_ready(server: Server, port: int | None, port_file: Path | None) -> tup
         if now >= next_track:  # engines spawn their workers while loading; remember them early
             server.track_descendants()
             next_track = now + 1.0
-        code = proc.poll()
+        code = server._exit_status()
         if code is not None:
             tail_text = server.log_tail()
             if port is not None and any(s in tail_text.lower() for s in ADDRESS_IN_USE):

@@ -184,9 +184,22 @@ def free_port(host: str = "127.0.0.1") -> int:
 SUPERVISOR = Path(__file__).with_name("supervisor.py")
 
 
-def supervised(argv: tuple[str, ...] | list[str]) -> list[str]:
-    """``argv`` run under the supervisor (``supervisor.py``: isolated, standard library only)."""
-    return [sys.executable, "-I", "-S", str(SUPERVISOR), "--", *argv]
+def supervised(argv: tuple[str, ...] | list[str], exit_file: Path | None = None) -> list[str]:
+    """``argv`` run under the supervisor (``supervisor.py``: isolated, standard library only),
+    which writes the leader's exit status to ``exit_file`` when the leader exits."""
+    told = ["--exit-file", str(exit_file)] if exit_file is not None else []
+    return [sys.executable, "-I", "-S", str(SUPERVISOR), *told, "--", *argv]
+
+
+def leader_exit_code(exit_file: Path | None) -> int | None:
+    """The leader's exit status as its supervisor wrote it to ``exit_file``; None while it runs."""
+    if exit_file is None:
+        return None
+    try:
+        text = exit_file.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.lstrip("-").isdigit() else None
 
 
 def spawn_in_own_group(

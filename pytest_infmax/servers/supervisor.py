@@ -1,6 +1,6 @@
 """The server's supervisor: the one process the launcher starts; it starts the server.
 
-``python -I -S supervisor.py -- ARGV...`` (run by path, standard library only, so it
+``python -I -S supervisor.py [--exit-file F] -- ARGV...`` (run by path, standard library only, so it
 starts in a few milliseconds and imports nothing of the package) becomes a *child
 subreaper* (``prctl(PR_SET_CHILD_SUBREAPER)``, Linux): every process the server
 starts that loses its parent is reparented to the supervisor instead of to init.
@@ -13,6 +13,11 @@ sessions and process groups, and whenever the leader exits. The supervisor:
 * lives while any descendant lives (reaping every one of them), then exits with
   the leader's exit status (127 if ``ARGV`` cannot be started, with the reason
   in the log);
+* when the leader exits, writes its exit status to ``F`` at once (atomically),
+  and says in the log which processes it left: the supervisor itself lives on
+  while they do, so without ``F`` a server that crashed while a worker it had
+  started lived on (an EngineCore, a process that left its group) would look
+  alive, and the launcher would wait out its whole startup timeout;
 * on SIGTERM, sends SIGTERM to every descendant (the launcher's grace period);
 * when its stdin reaches end of file, SIGKILLs every descendant until none is
   left, then exits. The launcher holds the other end of that pipe: it closes it
@@ -91,7 +96,31 @@ def _leader_preexec() -> None:
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def _shell_code(code: int) -> int:
+    return code if code >= 0 else 128 - code  # killed by signal N: 128 + N, as a shell says
+
+
+def _leader_exited(pid: int, code: int, exit_file: str | None) -> None:
+    """Tell the launcher (``exit_file``) and the log that the leader is gone, and what it left."""
+    if exit_file:
+        temp = f"{exit_file}.{os.getpid()}.tmp"
+        with open(temp, "w") as f:
+            f.write(f"{code}\n")
+        os.replace(temp, exit_file)
+    left = descendants(os.getpid())
+    if left:
+        print(
+            f"[infmax supervisor] the server (pid {pid}) exited with code {code}; "
+            f"{len(left)} process(es) it started still run (pids {' '.join(map(str, sorted(left)))}), "
+            "held until teardown",
+            flush=True,
+        )
+
+
 def main(argv: list[str]) -> int:
+    exit_file: str | None = None
+    if argv[:1] == ["--exit-file"] and len(argv) > 1:
+        exit_file, argv = argv[1], argv[2:]
     if argv[:1] == ["--"]:
         argv = argv[1:]
     if not argv:
@@ -114,11 +143,10 @@ def main(argv: list[str]) -> int:
         except ChildProcessError:
             break
         if pid == leader.pid:
-            code = os.waitstatus_to_exitcode(status)
+            code = _shell_code(os.waitstatus_to_exitcode(status))
             leader.returncode = code
-    if code is None:
-        code = 1
-    return code if code >= 0 else 128 - code  # killed by signal N: 128 + N, as a shell says
+            _leader_exited(pid, code, exit_file)
+    return 1 if code is None else code
 
 
 if __name__ == "__main__":

@@ -47,14 +47,6 @@ def serve(prog: str, host: str, port: int, model: str, parsed: dict[str, Any]) -
     if "parse-only" in mode:
         print(json.dumps({"prog": prog, **parsed}, default=str))
         sys.exit(0)
-    print(f"[{prog} stand-in] pid {os.getpid()} serving {model} on {host}:{port}", flush=True)
-    if "crash" in mode:
-        print("RuntimeError: CUDA error: out of memory (stand-in crash during model loading)", flush=True)
-        sys.exit(1)
-    if "hang" in mode:
-        print("Loading model weights... (stand-in hangs here forever)", flush=True)
-        while True:
-            time.sleep(3600)
     if "escape" in mode:
         # A worker that leaves the process group (setsid), as engine-core or MPI children can.
         child = subprocess.Popen(
@@ -66,6 +58,14 @@ def serve(prog: str, host: str, port: int, model: str, parsed: dict[str, Any]) -
         if pidfile:
             with open(pidfile, "w") as f:
                 f.write(str(child.pid))
+    print(f"[{prog} stand-in] pid {os.getpid()} serving {model} on {host}:{port}", flush=True)
+    if "crash" in mode:
+        print("RuntimeError: CUDA error: out of memory (stand-in crash during model loading)", flush=True)
+        sys.exit(1)
+    if "hang" in mode:
+        print("Loading model weights... (stand-in hangs here forever)", flush=True)
+        while True:
+            time.sleep(3600)
     sim = [
         sys.executable,
         "-m",
