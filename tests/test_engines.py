@@ -413,6 +413,22 @@ def test_port_taken_by_a_server_whose_worker_lives_on_is_retried(tmp_path: Path,
             server.stop()
 
 
+def test_startup_timeout_names_another_process_on_the_port(tmp_path: Path, monkeypatch, no_leaks) -> None:
+    """The probes reached a process that is not the server's: say which, not just 'not ready'."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        monkeypatch.setattr(launch, "free_port", lambda host="127.0.0.1": taken)
+        config = engine_config(tmp_path, "sglang", "hang", startup_timeout=1.5)
+        with pytest.raises(
+            ServerError,
+            match=rf"its port {taken} is held by a process that is not the server's: "
+            rf"pid {os.getpid()} \(",
+        ):
+            start_server(config, tmp_path / "logs")
+
+
 def test_port_taken_meanwhile_is_retried_on_a_new_port(tmp_path: Path, monkeypatch, no_leaks) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

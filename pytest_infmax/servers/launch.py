@@ -517,10 +517,25 @@ def _wait_ready(server: Server, port: int | None, port_file: Path | None) -> tup
             last = f" (last probe: {why})" if base_url and why else ""
             raise ServerError(
                 f"server not ready after {config.startup_timeout:g} s (startup timeout){last}: {_shown(server)}; "
-                f"raise --infmax-startup-timeout if it is just slow to load.\n"
+                f"{_squatters(server, port) or 'raise --infmax-startup-timeout if it is just slow to load.'}\n"
                 f"last lines of {server.log_path}:\n{server.log_tail()}"
             )
         time.sleep(0.1)
+
+
+def _squatters(server: Server, port: int | None) -> str:
+    """Who else listens on the server's port, if anyone: then probes reached them, not the server."""
+    if port is None:
+        return ""
+    server.track_descendants()
+    others = [pid for pid in listeners(port) if pid not in server.tracked]
+    if not others:
+        return ""
+    who = ", ".join(f"pid {pid} ({_cmdline(pid)})" if pid else "a process of another user" for pid in others)
+    return (
+        f"its port {port} is held by a process that is not the server's: {who}; the probes reached it, not "
+        "the server. Stop that process, or leave the port to the launcher (it picks a free one)."
+    )
 
 
 def _sim_model(server: Server) -> tuple[int | None, str | None, bool]:
