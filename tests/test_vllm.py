@@ -299,6 +299,36 @@ def test_ctrl_c_stops_vllm_its_engine_core_and_frees_the_port(pytester: pytest.P
     assert port_free(host, port)
 
 
+def test_engine_core_killed_mid_run_is_reported_as_the_engines_death(vllm: SharedServer) -> None:
+    """vLLM's API server answers EngineDeadError, then exits 0, leaving helpers behind. Before,
+    the closed loop ran on against nothing for the whole duration (127,919 refused requests in
+    22 s) and the cause was pages above the log's last lines (nanobind's leak report)."""
+    server = vllm.get()
+    server.track_descendants()
+    (core,) = [p for p in server.tracked if comm(p).startswith("VLLM::EngineCor")]
+    pids = {server.pid: start_time(server.pid), **server.tracked}
+    killed: list[str] = []
+
+    def kill_engine_core_once_serving(line: str) -> None:  # the first progress line: requests are served
+        if not killed:
+            killed.append(line)
+            os.kill(core, signal.SIGKILL)
+
+    infmax = Infmax(server, energy=False, progress=kill_engine_core_once_serving)
+    try:
+        result = infmax.run(Scenario("tiny", 32, 32), concurrency=4, duration=300, warmup=0)
+        assert killed, "no progress line: the run never got going"
+        assert result.server_died is not None, result.metrics.errors_by_kind
+        assert "the server exited with code" in result.server_died
+        assert "EngineDeadError" in result.server_died  # the cause, found above the shutdown noise
+        assert result.metrics.duration < 120  # stopped when the engine died, not after 300 s
+        assert result.metrics.num_ok > 0  # what was measured before is kept
+    finally:
+        server.stop()
+    assert left_running(pids, timeout=0) == []
+    assert port_free(server.config.host, port_of(server))
+
+
 def test_teardown_leaves_no_vllm_process_and_frees_the_port(vllm: SharedServer) -> None:
     server = vllm.get()
     server.track_descendants()
