@@ -101,6 +101,11 @@ POLICY: tuple[Rule, ...] = (
     Rule(("python", "benchmarks/timing_truth.py"), Action.FLAGS, "takes over a minute"),
     Rule(("python", "benchmarks/soak.py"), Action.FLAGS, "takes 1 to 10 minutes"),
     Rule(
+        ("python", "benchmarks/agreement.py"),
+        Action.FLAGS,
+        "starts real vLLM (make vllm) and takes 3 to 10 minutes; tests/test_vllm.py covers what it compares",
+    ),
+    Rule(
         ("pytest",),
         Action.FLAGS,
         "each repeat restarts the simulator (~3 s a start on 2 shared cores: 20 repeats take a minute); "
