@@ -190,6 +190,28 @@ def test_completions_and_chat_count_tokens_from_usage(vllm: SharedServer) -> Non
     assert all(r.input_tokens >= r.requested_input_tokens for r in chat.records if not r.warmup)
 
 
+def test_every_load_mode_against_vllm(vllm: SharedServer) -> None:
+    """Open loop (Poisson, bursty, capped), a duration-bound closed loop, a sweep, and two
+    load-generator processes: each sends what it says, every request counted from usage."""
+    infmax = Infmax(vllm.get(), energy=False, server_metrics=False)
+    tiny = Scenario("tiny", 32, 8)
+    poisson = infmax.run(tiny, rate=20.0, num_requests=12, warmup=0)
+    bursty = infmax.run(tiny, rate=20.0, burstiness=0.5, max_concurrency=3, num_requests=12, warmup=0)
+    timed = infmax.run(tiny, concurrency=2, duration=3.0, warmup=0)
+    sharded = infmax.run(tiny, concurrency=4, num_requests=8, warmup=0, workers=2)
+    sweep = infmax.sweep(tiny, concurrency=[1, 4], num_requests=8, warmup=0)
+    for result in (poisson, bursty, timed, sharded, *sweep.results):
+        measured = [r for r in result.records if not r.warmup]
+        assert measured and result.metrics.num_errors == 0, (result.config.label, result.metrics.errors_by_kind)
+        assert {r.output_tokens_source.value for r in measured} == {"usage"}
+        assert all(r.output_tokens == r.requested_output_tokens for r in measured)
+    assert poisson.metrics.num_requests == bursty.metrics.num_requests == 12
+    assert all(r.scheduled_time is not None for r in poisson.records)  # open loop: sent on a schedule
+    assert timed.metrics.num_requests >= 2 and 3.0 <= timed.metrics.duration < 60
+    assert sharded.metrics.num_requests == 8
+    assert [p.config.concurrency for p in sweep.results] == [1, 4]
+
+
 def test_prometheus_metrics_are_scraped_under_vllms_names(vllm: SharedServer) -> None:
     result = Infmax(vllm.get(), energy=False).run(Scenario("tiny", 32, 8), concurrency=2, num_requests=4, warmup=1)
     metrics = result.server_metrics
