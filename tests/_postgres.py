@@ -131,7 +131,7 @@ def running_postgres() -> Iterator[Postgres]:
         if init.returncode != 0:
             raise RuntimeError(f"initdb failed ({init.returncode}): {init.stderr[-2000:]}")
         port = _free_port()
-        log = open(directory / "postgres.log", "wb")  # noqa: SIM115 (closed below, after the server)
+        log = open(directory / "postgres.log", "wb")  # closed below, once the server holds it
         try:
             proc = subprocess.Popen(
                 [
