@@ -14,6 +14,7 @@ from pathlib import Path
 from pytest_infmax import __version__
 from pytest_infmax.atomic import write_json_atomic
 from pytest_infmax.baselines.compare import CompareOptions, compare_files, parse_gates
+from pytest_infmax.baselines.pgstore import is_store_url
 from pytest_infmax.baselines.store import BaselineError
 from pytest_infmax.baselines.stores import describe, migrate
 from pytest_infmax.reports.journal import json_path_for, read_journal
@@ -35,6 +36,14 @@ def _table(path: str) -> int:
 
 
 def _compare(ns: argparse.Namespace) -> int:
+    if is_store_url(ns.baseline) or is_store_url(ns.current):
+        print(
+            f"infmax compare: {describe(ns.baseline if is_store_url(ns.baseline) else ns.current)} is a PostgreSQL "
+            "store; infmax compare reads files. Compare against a store with pytest --infmax-baselines URL "
+            "--infmax-compare SET",
+            file=sys.stderr,
+        )
+        return 2
     try:
         options = CompareOptions(
             gates=parse_gates(ns.metrics) if ns.metrics else CompareOptions().gates,

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 from pytest_infmax.baselines.compare import DEFAULT_GATES, CompareOptions, Gate, parse_gates
 from pytest_infmax.baselines.gate import GateSettings
-from pytest_infmax.baselines.pgstore import is_store_url
+from pytest_infmax.baselines.pgstore import is_store_url, register_secrets
 from pytest_infmax.baselines.store import BaselineError
 from pytest_infmax.baselines.stores import describe, list_sets
 from pytest_infmax.measure.cost import TIERS, Tier
@@ -475,6 +475,8 @@ class Settings:
             raise SettingError("--infmax-update rewrites the compared set: don't combine it with --infmax-compare off")
         directory = directory if directory.is_absolute() else root / directory
         store_url = v.baselines if is_store_url(v.baselines) else None
+        if store_url is not None:
+            register_secrets(store_url)  # its password never reaches any output
         save_set = v.save or (compare_set if v.autosave else None)
         if (compare_set or save_set) and store_url is None:
             self._check_baselines_directory(directory)

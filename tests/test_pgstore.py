@@ -120,6 +120,7 @@ def _save_many(url: str, worker: int, count: int, barrier: multiprocessing.synch
         store.save(f"t::own{worker}-{i % 2}", _run(seed=i), TESTBED)
 
 
+@pytest.mark.slow
 def test_concurrent_savers_lose_no_run(pg: Postgres) -> None:
     """3 processes, released at once, each save 10 runs to one shared key (and some of their own)."""
     ctx = multiprocessing.get_context("spawn")
@@ -206,6 +207,13 @@ def test_unreachable_store_is_a_clear_error_without_the_password(pg: Postgres, t
     with pytest.raises(BaselineError, match="cannot connect") as info:
         PostgresStore(closed, "main").save("t::a", _run(), TESTBED)
     assert PASSWORD not in str(info.value)
+
+
+def test_infmax_compare_refuses_a_store_url_without_its_password(capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"postgresql://ci:{PASSWORD}@db.invalid:5432/perf"
+    assert cli_main(["compare", url, "results.json"]) == 2
+    err = capsys.readouterr().err
+    assert "postgresql://***@db.invalid:5432/perf is a PostgreSQL store" in err and PASSWORD not in err
 
 
 def test_missing_driver_names_the_extra(pg: Postgres) -> None:
