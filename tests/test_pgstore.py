@@ -105,6 +105,20 @@ def test_history_cap_drops_the_oldest_and_keeps_one_save_whole(pg: Postgres) -> 
     assert _stored_runs(pg, "main", "t::a") == 4
 
 
+def test_reading_creates_nothing_and_a_refused_read_is_a_clear_error(pg: Postgres) -> None:
+    store = PostgresStore(pg.url, "main")
+    assert store.load("t::a") is None and store.keys() == [] and list(store) == [] and list_sets(pg.url) == []
+    with psycopg.connect(pg.socket_url) as conn:  # reads made no table: a read-only user can compare
+        assert conn.execute("SELECT to_regclass('infmax_runs')").fetchone() == (None,)
+    store.save("t::a", _run(), TESTBED)
+    with psycopg.connect(pg.socket_url, autocommit=True) as conn:
+        conn.execute("DROP ROLE IF EXISTS reader")
+        conn.execute("CREATE ROLE reader LOGIN")  # no right to read the tables
+    reader = pg.socket_url.replace("postgres@", "reader@")
+    with pytest.raises(BaselineError, match="store .* failed: permission denied for table infmax_baselines"):
+        PostgresStore(reader, "main").load("t::a")
+
+
 def test_a_hollow_run_is_refused(pg: Postgres) -> None:
     run = _run()
     run.samples = {k: [] for k in run.samples}

@@ -1,7 +1,8 @@
 """A shared baseline store on PostgreSQL: the same histories as the JSON directory, for a CI fleet.
 
 Selected by URL (``--infmax-baselines postgresql://user@host/db``, see
-:mod:`pytest_infmax.baselines.stores`). Two tables, made on first use:
+:mod:`pytest_infmax.baselines.stores`). Two tables, made by the first save (reading
+needs only the right to read them; a store without them holds no set):
 
 * ``infmax_baselines``: one row per (set, result key): its testbed and history cap;
 * ``infmax_runs``: one row per run (:meth:`BaselineRun.to_dict`, as ``jsonb``), oldest first by ``id``.
@@ -126,25 +127,24 @@ class PostgresStore:
     def load(self, key: str) -> Baseline | None:
         """The baseline of ``key``; None when there is none; BaselineError if unusable."""
         with connect(self.url) as conn:
-            return self._load(conn, key)
+            return self._load(conn, key) if _has_tables(conn) else None
 
     def keys(self) -> list[str]:
         with connect(self.url) as conn:
-            rows = conn.execute(
-                "SELECT key FROM infmax_baselines WHERE set_name = %s ORDER BY key", (self.set_name,)
-            ).fetchall()
+            return self._keys(conn)
+
+    def _keys(self, conn: psycopg.Connection[Any]) -> list[str]:
+        if not _has_tables(conn):
+            return []
+        rows = conn.execute(
+            "SELECT key FROM infmax_baselines WHERE set_name = %s ORDER BY key", (self.set_name,)
+        ).fetchall()
         return [row[0] for row in rows]
 
     def __iter__(self) -> Iterator[Baseline]:
         """Every baseline of the set, by key (an unusable one raises)."""
         with connect(self.url) as conn:
-            keys = [
-                row[0]
-                for row in conn.execute(
-                    "SELECT key FROM infmax_baselines WHERE set_name = %s ORDER BY key", (self.set_name,)
-                ).fetchall()
-            ]
-            baselines = [self._load(conn, key) for key in keys]
+            baselines = [self._load(conn, key) for key in self._keys(conn)]
         yield from (b for b in baselines if b is not None)
 
     def _load(self, conn: psycopg.Connection[Any], key: str) -> Baseline | None:
@@ -200,7 +200,11 @@ class PostgresStore:
         self, key: str, new_runs: list[BaselineRun], testbed: Mapping[str, Any], mode: Mode, *, only_new: bool = False
     ) -> tuple[Baseline, int]:
         plain_testbed: dict[str, Any] = _sorted(_plain(dict(testbed)))
-        with connect(self.url) as conn, _failing_as(f"{key}: not saved to {self.where}"), conn.transaction():
+        with (
+            connect(self.url, create=True) as conn,
+            _failing_as(f"{key}: not saved to {self.where}"),
+            conn.transaction(),
+        ):
             conn.execute(
                 "INSERT INTO infmax_baselines (set_name, key, testbed, history) VALUES (%s, %s, %s, %s) "
                 "ON CONFLICT (set_name, key) DO NOTHING",
@@ -250,13 +254,16 @@ class PostgresStore:
 def set_names(url: str) -> list[str]:
     """The sets a store holds (those with at least one baseline)."""
     with connect(url) as conn:
+        if not _has_tables(conn):
+            return []
         return [r[0] for r in conn.execute("SELECT DISTINCT set_name FROM infmax_baselines ORDER BY 1").fetchall()]
 
 
 @contextmanager
-def connect(url: str) -> Iterator[psycopg.Connection[Any]]:
-    """A connection with the schema in place; a failure to connect is a BaselineError naming the
-    store (password masked) and the fix."""
+def connect(url: str, *, create: bool = False) -> Iterator[psycopg.Connection[Any]]:
+    """A connection (``create``: with the tables made if missing; reading needs no more than the
+    right to read them). A failure to connect, or of a statement inside, is a BaselineError naming
+    the store (password masked) and the fix."""
     psycopg = _psycopg()
     register_secrets(url)
     try:
@@ -269,15 +276,23 @@ def connect(url: str) -> Iterator[psycopg.Connection[Any]]:
         ) from None
     try:
         with _failing_as(f"the baselines store {safe_url(url)} failed"):
-            _ensure_schema(conn)
-        yield conn
+            if create:
+                _ensure_schema(conn)
+            yield conn
     finally:
         conn.close()
 
 
+def _has_tables(conn: psycopg.Connection[Any]) -> bool:
+    """Whether the store's tables exist (a store nobody saved to yet has none)."""
+    row = conn.execute(
+        "SELECT to_regclass('infmax_runs') IS NOT NULL AND to_regclass('infmax_baselines') IS NOT NULL"
+    ).fetchone()
+    return bool(row and row[0])
+
+
 def _ensure_schema(conn: psycopg.Connection[Any]) -> None:
-    exists = conn.execute("SELECT to_regclass('infmax_runs') IS NOT NULL").fetchone()
-    if exists and exists[0]:
+    if _has_tables(conn):
         return
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
