@@ -281,6 +281,24 @@ def test_save_then_compare_through_the_store(pg: Postgres, pytester: pytest.Pyte
 
 
 @pytest.mark.slow
+def test_a_refused_login_fails_the_save_naming_the_store_not_the_password(
+    pg: Postgres, pytester: pytest.Pytester
+) -> None:
+    _project(pytester.path)
+    wrong = pg.url.replace(PASSWORD, "Wrong-Passw0rd-x")
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "--infmax-save", "main", "--infmax-compare", "off", "--infmax-baselines", wrong
+    )
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        ["*test_perf.py::test_one: cannot connect to the baselines store postgresql://***@127.0.0.1:*"
+         "password authentication failed*"]
+    )  # fmt: skip
+    output = "\n".join(result.outlines + result.errlines)
+    assert "Wrong-Passw0rd-x" not in output and PASSWORD not in output
+
+
+@pytest.mark.slow
 def test_three_sessions_saving_at_once_lose_no_run(pg: Postgres, tmp_path: Path) -> None:
     """Three pytest sessions, started together, each append a run to the same baseline."""
     _project(tmp_path)
