@@ -189,3 +189,18 @@ def test_a_trace_is_sent_at_its_timestamps_over_the_speedup(cached_sim: Server) 
     scheduled = [r.scheduled_time - start for r in result.records if r.scheduled_time is not None]
     assert scheduled == pytest.approx(trace.offsets()[:8].tolist(), abs=1e-6)
     assert all(0 <= r.send_lag < 0.05 for r in result.records if r.send_lag is not None)
+
+
+def test_a_fallen_prefix_cache_hit_rate_is_a_regression_against_the_baseline() -> None:
+    from pytest_infmax.baselines.compare import CompareOptions, compare_runs, parse_gates
+    from pytest_infmax.baselines.store import BaselineRun
+
+    def run(hit_rate: float) -> BaselineRun:
+        scalars = {"prefix_cache_hit_rate": hit_rate, "designed_prefix_reuse": 0.9}
+        return BaselineRun(name="t::a", samples={}, scalars=scalars, workload={"concurrency": 4})
+
+    options = CompareOptions(gates=tuple(parse_gates(["prefix_cache_hit_rate", "designed_prefix_reuse"])))
+    report = compare_runs([run(0.88), run(0.89), run(0.88)], [run(0.45)], options=options)
+    rows = {r.label: r for r in report.rows}
+    assert rows["prefix_cache_hit_rate"].verdict == "regressed"  # a lower hit rate is worse
+    assert rows["designed_prefix_reuse"].verdict != "regressed"  # the same workload
