@@ -70,9 +70,11 @@ def test_bad_sessions_say_what_is_wrong(kwargs: dict[str, object], message: str)
         Sessions(**kwargs)  # type: ignore[arg-type]
 
 
-def test_sessions_need_a_closed_loop_and_round_requests_to_whole_sessions() -> None:
+def test_sessions_take_users_or_a_session_rate_and_round_requests_to_whole_sessions() -> None:
     with pytest.raises(LoadConfigError, match="give concurrency=N"):
-        LoadConfig(TURN, rate=1.0, num_requests=4, workload=Sessions(turns=2))
+        LoadConfig(TURN, num_requests=4, workload=Sessions(turns=2))
+    with pytest.raises(LoadConfigError, match="needs an end"):
+        LoadConfig(TURN, rate=1.0, workload=Sessions(turns=2))
     config = LoadConfig(TURN, concurrency=2, num_requests=5, warmup=1, workload=Sessions(turns=3))
     assert (config.effective_num_requests, config.effective_warmup) == (6, 3)
     assert config.to_dict()["workload"]["turns"] == 3
@@ -204,3 +206,20 @@ def test_a_fallen_prefix_cache_hit_rate_is_a_regression_against_the_baseline() -
     rows = {r.label: r for r in report.rows}
     assert rows["prefix_cache_hit_rate"].verdict == "regressed"  # a lower hit rate is worse
     assert rows["designed_prefix_reuse"].verdict != "regressed"  # the same workload
+
+
+def test_open_loop_sessions_arrive_at_the_rate_and_each_turn_is_due_after_the_think_time(cached_sim: Server) -> None:
+    sessions = Sessions(turns=3, think_time=0.05)
+    result = Infmax(cached_sim).run(TURN, rate=20.0, num_requests=12, workload=sessions, seed=3)
+    m = result.metrics
+    assert m.num_ok == 12 and [t.num_requests for t in m.turns] == [4, 4, 4]
+    by_session: dict[int, list] = {}
+    for r in result.records:
+        by_session.setdefault(r.session, []).append(r)
+    for turns in by_session.values():
+        turns.sort(key=lambda r: r.turn)
+        assert [r.turn for r in turns] == [1, 2, 3]
+        for before, after in zip(turns, turns[1:]):
+            # the next turn is scheduled think_time after the previous response ended, never sent early
+            assert after.scheduled_time == pytest.approx(before.end_time + 0.05, abs=1e-6)
+            assert after.send_time >= after.scheduled_time

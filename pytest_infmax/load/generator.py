@@ -501,7 +501,7 @@ class LoadGenerator:
                         stop,
                     )
                 else:
-                    await self._open_loop(sender, measured_start, config.effective_warmup, (k, n), keep, stop)
+                    await self._open_loop(sender, measured_start, config.effective_warmup, (k, n), keep, stop, sessions)
             except (asyncio.CancelledError, KeyboardInterrupt):
                 if on_interrupted is not None:
                     # the tasks are cancelled by now: each request in flight left a cancelled record
@@ -647,12 +647,19 @@ class LoadGenerator:
         part: tuple[int, int],
         keep: Callable[[RequestRecord], None],
         stop: Callable[[], bool] | None = None,
+        sessions: itertools.count[int] | None = None,
     ) -> None:
         """Arrivals from the schedule; with ``part=(k, n)`` only every n-th one, from the k-th
-        (every shard computes the same schedule, so together they send exactly it)."""
+        (every shard computes the same schedule, so together they send exactly it).
+
+        Multi-turn sessions: an arrival starts a session, whose turns follow each other (its
+        next turn is due ``think_time`` after a response ends, so that is its schedule)."""
         config = sender.config
         trace = config.workload if isinstance(config.workload, Trace) else None
+        conversations = config.workload if isinstance(config.workload, Sessions) else None
         n = config.effective_num_requests if trace is not None else config.num_requests
+        if conversations is not None and n is not None:
+            n //= conversations.turns  # arrivals are sessions
         if trace is not None:  # a trace's own timestamps, over its speed-up
             offsets = trace.offsets()[:n]
         else:
@@ -667,13 +674,36 @@ class LoadGenerator:
         gate = asyncio.Semaphore(width) if width else None
         tasks: list[asyncio.Task[None]] = []
 
-        async def fire(plan: PlannedRequest, scheduled: float) -> None:
+        async def fire(plan: PlannedRequest, scheduled: float, sent: list[RequestRecord] | None = None) -> None:
             if gate is None:
-                keep(await sender.one(plan, False, scheduled, scheduled))
-                return
-            async with gate:
-                ready = max(scheduled, time.perf_counter())  # a slot is free
-                keep(await sender.one(plan, False, scheduled, ready))
+                rec = await sender.one(plan, False, scheduled, scheduled)
+            else:
+                async with gate:
+                    ready = max(scheduled, time.perf_counter())  # a slot is free
+                    rec = await sender.one(plan, False, scheduled, ready)
+            keep(rec)
+            if sent is not None:
+                sent.append(rec)
+
+        def over() -> bool:
+            late = config.duration is not None and time.perf_counter() - start >= config.duration
+            return late or (stop is not None and stop())
+
+        async def converse(turns: list[PlannedRequest], scheduled: float) -> None:
+            assert conversations is not None
+            previous_end: float | None = None
+            for plan in turns:
+                if plan.turn != 1:
+                    if over():
+                        return
+                    scheduled = (previous_end or time.perf_counter()) + conversations.think_time
+                    while (delay := scheduled - time.perf_counter()) > 0:
+                        await asyncio.sleep(delay)
+                sent: list[RequestRecord] = []
+                await fire(dataclasses.replace(plan, index=next(index)), scheduled, sent)
+                previous_end = sent[0].end_time
+
+        index = itertools.count(first_index)
 
         try:
             for j in range(k, len(offsets), count):
@@ -685,6 +715,11 @@ class LoadGenerator:
                 scheduled = start + float(offset)
                 while (delay := scheduled - time.perf_counter()) > 0:  # never early (libuv timers are ms)
                     await asyncio.sleep(delay)
+                if conversations is not None:
+                    assert sessions is not None
+                    turns = conversations.plan(config.scenario, next(sessions), config.seed, config.tokens)
+                    tasks.append(asyncio.ensure_future(converse(turns, scheduled)))
+                    continue
                 if trace is not None:
                     plan = trace.plan(j, first_index + j, config.seed, config.scenario.endpoint, config.tokens)
                 else:

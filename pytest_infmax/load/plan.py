@@ -154,10 +154,16 @@ class LoadConfig:
         if self.workers != 1:
             raise LoadConfigError(f"{workload.describe()} runs in one load-generator process: give workers=1")
         if isinstance(workload, Sessions):
-            if self.concurrency is None or self.rate is not None:
+            if (self.concurrency is None) == (self.rate is None):
                 raise LoadConfigError(
-                    f"{workload.describe()}: give concurrency=N, the number of users each holding a conversation "
-                    "(sessions run in a closed loop)"
+                    f"{workload.describe()}: give concurrency=N (N users, each holding a conversation: closed loop) "
+                    "or rate=R (R new conversations per second: open loop)"
+                )
+            if self.rate is not None and self.num_requests is None and self.duration is None:
+                raise LoadConfigError("an open-loop run needs an end: give num_requests= or duration= with rate=")
+            if self.rate is not None and math.isinf(self.rate):
+                raise LoadConfigError(
+                    f"{workload.describe()}: rate= is new conversations per second; give a finite one"
                 )
             return
         if self.concurrency is not None or self.rate is not None:
