@@ -223,3 +223,14 @@ def test_open_loop_sessions_arrive_at_the_rate_and_each_turn_is_due_after_the_th
             # the next turn is scheduled think_time after the previous response ended, never sent early
             assert after.scheduled_time == pytest.approx(before.end_time + 0.05, abs=1e-6)
             assert after.send_time >= after.scheduled_time
+
+
+def test_a_duration_ends_closed_loop_sessions_before_any_next_turn(cached_sim: Server) -> None:
+    sessions = Sessions(turns=50, think_time=0.02)
+    result = Infmax(cached_sim).run(TURN, concurrency=2, duration=0.4, warmup=0, workload=sessions)
+    records = result.records
+    assert records and all(r.ok for r in records)
+    start = result.run.measured_start
+    # no turn is sent once the duration is over (a turn already sent runs to its end)
+    assert max(r.send_time for r in records) - start < 0.4 + 0.02
+    assert {r.session for r in records} == {0, 1} and max(r.turn or 0 for r in records) < 50
