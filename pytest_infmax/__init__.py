@@ -12,6 +12,7 @@ imports only the layers below it (tests/test_architecture.py holds that).
 from pytest_infmax.environment import __version__ as __version__
 from pytest_infmax.load.plan import LoadConfig, LoadConfigError
 from pytest_infmax.load.scenarios import PRESETS, Scenario, get_scenario
+from pytest_infmax.load.workloads import Sessions, Trace, WorkloadError
 from pytest_infmax.measure.metrics import Distribution, GoodputLimits, Metrics, compute_metrics
 from pytest_infmax.measure.sla import Objective, SLASyntaxError
 from pytest_infmax.measure.verdicts import SLA, SLAFailed, Verdict
@@ -38,6 +39,9 @@ __all__ = [
     "Scenario",
     "Server",
     "ServerConfig",
+    "Sessions",
+    "Trace",
+    "WorkloadError",
     "ServerError",
     "TokenSource",
     "Verdict",

@@ -77,6 +77,11 @@ class RequestRecord:
     # its next request; open loop, the scheduled time or, with max_concurrency,
     # the moment a slot was obtained if later. None in records from older reports.
     ready_time: float | None = None
+    # multi-turn sessions (load.workloads): the conversation and its turn (1 = the first)
+    session: int | None = None
+    turn: int | None = None
+    # prompt tokens the workload designed to repeat the start of an earlier prompt (None: older reports)
+    shared_prefix_tokens: int | None = None
 
     @property
     def ok(self) -> bool:

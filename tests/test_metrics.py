@@ -487,6 +487,7 @@ def test_registry_matches_metrics_fields(m: Metrics) -> None:
         "error_rate",
         "goodput",
         "goodput_ratio",
+        "designed_prefix_reuse",
     }
     dimensions = set(typing.get_args(Dimension))
     for name, info in METRICS.items():

@@ -22,6 +22,7 @@ a run whose client fell behind is marked ``client_bound`` with the reason.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import math
 import os
@@ -39,6 +40,7 @@ from pytest_infmax.load.plan import LoadConfig, LoadConfigError, RunRecords
 from pytest_infmax.load.scenarios import Endpoint, PlannedRequest, TokenWindow, plan_request, request_body
 from pytest_infmax.load.streamclient import ConnectionPool, SSEDecoder, StreamError, build_request, stream_post
 from pytest_infmax.load.workers import Shard, run_sharded, share
+from pytest_infmax.load.workloads import Sessions, Trace
 from pytest_infmax.records import ErrorKind, RequestRecord, TokenSource
 
 __all__ = ["LoadGenerator", "StreamError", "arrival_offsets"]
@@ -465,7 +467,11 @@ class LoadGenerator:
         try:
             warmup = share(config.effective_warmup, k, n)
             index = itertools.count(k, n)
-            if warmup:
+            sessions = itertools.count()  # multi-turn: warm-up sessions first, then the measured ones
+            if warmup and isinstance(config.workload, Sessions):
+                users = min(width, warmup // config.workload.turns)
+                await self._session_loop(sender, users, warmup, None, index, sessions, True, keep)
+            elif warmup:
                 await self._closed_loop(sender, min(width or warmup, warmup), warmup, None, index, True, keep)
             # warm connections: the measured phase pays no TCP handshakes (open loop:
             # as many as max_concurrency allows, else a first batch)
@@ -479,7 +485,11 @@ class LoadGenerator:
                 measured_start = time.perf_counter()
             cpu_start = time.process_time()
             try:
-                if concurrency is not None:
+                if concurrency is not None and isinstance(config.workload, Sessions):
+                    await self._session_loop(
+                        sender, concurrency, num_requests, config.duration, index, sessions, False, keep, stop
+                    )
+                elif concurrency is not None:
                     await self._closed_loop(
                         sender,
                         concurrency,
@@ -491,7 +501,7 @@ class LoadGenerator:
                         stop,
                     )
                 else:
-                    await self._open_loop(sender, measured_start, config.effective_warmup, (k, n), keep, stop)
+                    await self._open_loop(sender, measured_start, config.effective_warmup, (k, n), keep, stop, sessions)
             except (asyncio.CancelledError, KeyboardInterrupt):
                 if on_interrupted is not None:
                     # the tasks are cancelled by now: each request in flight left a cancelled record
@@ -580,6 +590,55 @@ class LoadGenerator:
 
         await _gather_cancelling([worker() for _ in range(concurrency)])
 
+    async def _session_loop(
+        self,
+        sender: _Sender,
+        users: int,
+        num_requests: int | None,
+        duration: float | None,
+        index: itertools.count[int],
+        sessions: itertools.count[int],
+        warmup: bool,
+        keep: Callable[[RequestRecord], None],
+        stop: Callable[[], bool] | None = None,
+    ) -> None:
+        """Multi-turn sessions in a closed loop: ``users`` users, each holding one conversation
+        at a time, its turns in order with the think time between a response and the next turn.
+        ``num_requests`` (whole sessions) bounds the sessions started; ``duration`` and ``stop``
+        end the run before any next turn."""
+        config = sender.config
+        workload = config.workload
+        assert isinstance(workload, Sessions)
+        deadline = None if duration is None else time.perf_counter() + duration
+        max_sessions = None if num_requests is None else num_requests // workload.turns
+        started = itertools.count()
+
+        def over() -> bool:
+            return (deadline is not None and time.perf_counter() >= deadline) or (stop is not None and stop())
+
+        async def user() -> None:
+            previous_end: float | None = None
+            while True:
+                if max_sessions is not None and next(started) >= max_sessions:
+                    return
+                if over():
+                    return
+                turns = workload.plan(config.scenario, next(sessions), config.seed, config.tokens)
+                for plan in turns:
+                    ready = previous_end if previous_end is not None else time.perf_counter()
+                    if plan.turn != 1 and workload.think_time:
+                        ready += workload.think_time
+                        # the user's think time: the next turn is due then (libuv timers are ms: never early)
+                        while (delay := ready - time.perf_counter()) > 0:
+                            await asyncio.sleep(delay)
+                    if plan.turn != 1 and over():
+                        return
+                    rec = await sender.one(dataclasses.replace(plan, index=next(index)), warmup, None, ready)
+                    previous_end = rec.end_time
+                    keep(rec)
+
+        await _gather_cancelling([user() for _ in range(max(1, users))])
+
     async def _open_loop(
         self,
         sender: _Sender,
@@ -588,29 +647,63 @@ class LoadGenerator:
         part: tuple[int, int],
         keep: Callable[[RequestRecord], None],
         stop: Callable[[], bool] | None = None,
+        sessions: itertools.count[int] | None = None,
     ) -> None:
         """Arrivals from the schedule; with ``part=(k, n)`` only every n-th one, from the k-th
-        (every shard computes the same schedule, so together they send exactly it)."""
+        (every shard computes the same schedule, so together they send exactly it).
+
+        Multi-turn sessions: an arrival starts a session, whose turns follow each other (its
+        next turn is due ``think_time`` after a response ends, so that is its schedule)."""
         config = sender.config
-        assert config.rate is not None
-        rng = np.random.default_rng([config.seed, 0x0A77])
-        n = config.num_requests
-        if n is None:  # duration-bound: enough arrivals to outlast the duration
-            assert config.duration is not None
-            n = max(1, math.ceil(config.rate * config.duration * 2 + 10)) if not math.isinf(config.rate) else 1
-        offsets = arrival_offsets(n, config.rate, config.burstiness, rng)
+        trace = config.workload if isinstance(config.workload, Trace) else None
+        conversations = config.workload if isinstance(config.workload, Sessions) else None
+        n = config.effective_num_requests if trace is not None else config.num_requests
+        if conversations is not None and n is not None:
+            n //= conversations.turns  # arrivals are sessions
+        if trace is not None:  # a trace's own timestamps, over its speed-up
+            offsets = trace.offsets()[:n]
+        else:
+            assert config.rate is not None
+            rng = np.random.default_rng([config.seed, 0x0A77])
+            if n is None:  # duration-bound: enough arrivals to outlast the duration
+                assert config.duration is not None
+                n = max(1, math.ceil(config.rate * config.duration * 2 + 10)) if not math.isinf(config.rate) else 1
+            offsets = arrival_offsets(n, config.rate, config.burstiness, rng)
         k, count = part
         width = config.max_concurrency and share(config.max_concurrency, k, count)
         gate = asyncio.Semaphore(width) if width else None
         tasks: list[asyncio.Task[None]] = []
 
-        async def fire(plan: PlannedRequest, scheduled: float) -> None:
+        async def fire(plan: PlannedRequest, scheduled: float, sent: list[RequestRecord] | None = None) -> None:
             if gate is None:
-                keep(await sender.one(plan, False, scheduled, scheduled))
-                return
-            async with gate:
-                ready = max(scheduled, time.perf_counter())  # a slot is free
-                keep(await sender.one(plan, False, scheduled, ready))
+                rec = await sender.one(plan, False, scheduled, scheduled)
+            else:
+                async with gate:
+                    ready = max(scheduled, time.perf_counter())  # a slot is free
+                    rec = await sender.one(plan, False, scheduled, ready)
+            keep(rec)
+            if sent is not None:
+                sent.append(rec)
+
+        def over() -> bool:
+            late = config.duration is not None and time.perf_counter() - start >= config.duration
+            return late or (stop is not None and stop())
+
+        async def converse(turns: list[PlannedRequest], scheduled: float) -> None:
+            assert conversations is not None
+            previous_end: float | None = None
+            for plan in turns:
+                if plan.turn != 1:
+                    if over():
+                        return
+                    scheduled = (previous_end or time.perf_counter()) + conversations.think_time
+                    while (delay := scheduled - time.perf_counter()) > 0:
+                        await asyncio.sleep(delay)
+                sent: list[RequestRecord] = []
+                await fire(dataclasses.replace(plan, index=next(index)), scheduled, sent)
+                previous_end = sent[0].end_time
+
+        index = itertools.count(first_index)
 
         try:
             for j in range(k, len(offsets), count):
@@ -622,7 +715,15 @@ class LoadGenerator:
                 scheduled = start + float(offset)
                 while (delay := scheduled - time.perf_counter()) > 0:  # never early (libuv timers are ms)
                     await asyncio.sleep(delay)
-                plan = plan_request(config.scenario, first_index + j, config.seed, config.tokens)
+                if conversations is not None:
+                    assert sessions is not None
+                    turns = conversations.plan(config.scenario, next(sessions), config.seed, config.tokens)
+                    tasks.append(asyncio.ensure_future(converse(turns, scheduled)))
+                    continue
+                if trace is not None:
+                    plan = trace.plan(j, first_index + j, config.seed, config.scenario.endpoint, config.tokens)
+                else:
+                    plan = plan_request(config.scenario, first_index + j, config.seed, config.tokens)
                 tasks.append(asyncio.ensure_future(fire(plan, scheduled)))
             await _gather_cancelling(tasks)
         finally:
@@ -661,6 +762,9 @@ class _Sender:
             ready_time=ready,
             requested_input_tokens=plan.input_len,
             requested_output_tokens=plan.output_len,
+            session=plan.session,
+            turn=plan.turn,
+            shared_prefix_tokens=plan.shared_prefix_tokens,
         )
         body = encode_body(plan, self.model, config)
         request = build_request(self.pool, self.path, body, self.headers)

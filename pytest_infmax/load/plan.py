@@ -13,6 +13,7 @@ from typing import Any
 
 from pytest_infmax.load.clientstats import DEFAULT_LAG_THRESHOLD, ClientStats
 from pytest_infmax.load.scenarios import DEFAULT_TOKEN_WINDOW, Scenario, TokenWindow
+from pytest_infmax.load.workloads import Sessions, Trace, Workload
 from pytest_infmax.records import RequestRecord
 
 
@@ -116,9 +117,14 @@ class LoadConfig:
     workers: int = 1
     # the token ids completions prompts are drawn from: inside the model's vocabulary (servers.vocab)
     tokens: TokenWindow = DEFAULT_TOKEN_WINDOW
+    # multi-turn sessions or a trace to replay (load.workloads); None: independent requests
+    workload: Workload | None = None
 
     def __post_init__(self) -> None:
         _check_fields(self)
+        if self.workload is not None:
+            self._check_workload()
+            return
         if (self.concurrency is None) == (self.rate is None):
             raise LoadConfigError("give exactly one of concurrency= (closed loop) or rate= (open loop, requests/s)")
         width = self.concurrency or self.max_concurrency
@@ -141,26 +147,68 @@ class LoadConfig:
                     f"requests, more than the {MAX_REQUESTS} one run may send"
                 )
 
+    def _check_workload(self) -> None:
+        workload = self.workload
+        if not isinstance(workload, (Sessions, Trace)):
+            raise LoadConfigError(f"workload must be Sessions(...) or Trace.load(...), got {workload!r}")
+        if self.workers != 1:
+            raise LoadConfigError(f"{workload.describe()} runs in one load-generator process: give workers=1")
+        if isinstance(workload, Sessions):
+            if (self.concurrency is None) == (self.rate is None):
+                raise LoadConfigError(
+                    f"{workload.describe()}: give concurrency=N (N users, each holding a conversation: closed loop) "
+                    "or rate=R (R new conversations per second: open loop)"
+                )
+            if self.rate is not None and self.num_requests is None and self.duration is None:
+                raise LoadConfigError("an open-loop run needs an end: give num_requests= or duration= with rate=")
+            if self.rate is not None and math.isinf(self.rate):
+                raise LoadConfigError(
+                    f"{workload.describe()}: rate= is new conversations per second; give a finite one"
+                )
+            return
+        if self.concurrency is not None or self.rate is not None:
+            raise LoadConfigError(
+                f"{workload.describe()} is sent at its own timestamps (speedup= scales them): leave out "
+                "concurrency= and rate= (max_concurrency= caps the requests in flight)"
+            )
+        if self.warmup:
+            raise LoadConfigError(
+                f"{workload.describe()} has no warm-up phase (its first requests are part of the trace): "
+                "give warmup=0 or leave it out"
+            )
+
     @property
     def effective_num_requests(self) -> int | None:
-        """InferenceMAX's default: 10 requests per unit of concurrency."""
+        """InferenceMAX's default: 10 requests per unit of concurrency. Sessions: rounded up
+        to whole sessions; a trace: its requests (at most ``num_requests`` of them)."""
+        workload = self.workload
+        if isinstance(workload, Trace):
+            n = len(workload.entries)
+            return n if self.num_requests is None else min(n, self.num_requests)
         if self.num_requests is not None:
-            return self.num_requests
-        if self.duration is not None:
+            n = self.num_requests
+        elif self.duration is not None:
             return None
-        assert self.concurrency is not None
-        return 10 * self.concurrency
+        else:
+            assert self.concurrency is not None
+            n = 10 * self.concurrency
+        return _whole_sessions(n, workload)
 
     @property
     def effective_warmup(self) -> int:
-        """InferenceMAX's default: 2 warm-up requests per unit of concurrency."""
+        """InferenceMAX's default: 2 warm-up requests per unit of concurrency (sessions:
+        rounded up to whole sessions; a trace: none)."""
+        if isinstance(self.workload, Trace):
+            return 0
         if self.warmup is not None:
-            return self.warmup
+            return _whole_sessions(self.warmup, self.workload)
         width = self.concurrency or self.max_concurrency or 0
-        return 2 * width
+        return _whole_sessions(2 * width, self.workload)
 
     @property
     def label(self) -> str:
+        if isinstance(self.workload, Trace):
+            return f"trace x{self.workload.speedup:g}"
         if self.concurrency is not None:
             return f"c={self.concurrency}"
         rate = "inf" if math.isinf(self.rate or 0) else f"{self.rate:g}"
@@ -182,7 +230,15 @@ class LoadConfig:
             "extra_body": self.extra_body,
             "workers": self.workers,
             "token_ids": self.tokens.to_dict(),
+            "workload": None if self.workload is None else self.workload.to_dict(),
         }
+
+
+def _whole_sessions(requests: int, workload: Workload | None) -> int:
+    """``requests`` rounded up to whole sessions (a session runs all its turns)."""
+    if not isinstance(workload, Sessions):
+        return requests
+    return -(-requests // workload.turns) * workload.turns
 
 
 @dataclass

@@ -177,6 +177,12 @@ class PlannedRequest:
     output_len: int
     token_ids: tuple[int, ...] | None  # completions: the exact prompt
     text: str | None  # chat: a prompt of input_len words
+    # multi-turn sessions and trace replay (load.workloads): where the request belongs, the prompt
+    # tokens designed to repeat an earlier prompt's start, and a chat's whole conversation
+    session: int | None = None
+    turn: int | None = None
+    shared_prefix_tokens: int = 0
+    messages: tuple[tuple[str, str], ...] | None = None  # (role, content) pairs
 
 
 def plan_request(
@@ -218,7 +224,11 @@ def request_body(
     if endpoint == "completions":
         body["prompt"] = list(plan.token_ids or ())
     else:
-        body["messages"] = [{"role": "user", "content": plan.text or ""}]
+        body["messages"] = (
+            [{"role": role, "content": content} for role, content in plan.messages]
+            if plan.messages is not None
+            else [{"role": "user", "content": plan.text or ""}]
+        )
     if extra_body:
         body.update(extra_body)
     return {k: v for k, v in body.items() if v is not None}

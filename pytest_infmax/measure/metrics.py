@@ -25,7 +25,13 @@ recomputed. Definitions (InferenceMAX / vLLM ``benchmark_serving``):
   **tokens per MW** (InferenceMAX: throughput per GPU x 1000 / kW per GPU) at the
   measured average **power** (:mod:`pytest_infmax.measure.energy`).
 * **Server-side** figures: the server's own Prometheus histograms and gauges
-  (:mod:`pytest_infmax.measure.servermetrics`).
+  (:mod:`pytest_infmax.measure.servermetrics`); ``prefix_cache_hit_rate`` is its
+  prefix-cache hits over queries (prompt tokens) between the scrapes around the run.
+* **Designed prefix reuse**: the measured requests' ``shared_prefix_tokens`` (the
+  prompt tokens the workload designed to repeat an earlier prompt's start) over their
+  prompt tokens as planned (:mod:`pytest_infmax.load.workloads`); 0 for random prompts.
+* **Per turn** (multi-turn sessions): :class:`TurnMetrics` for each turn number, over
+  the measured requests of that turn: TTFT, E2E, prompt tokens and designed reuse.
 
 The last three need more than the records; :meth:`Metrics.with_figures` adds them,
 and says for each input how it was obtained (``provenance``) or why it is missing
@@ -296,6 +302,10 @@ class Metrics:
     power_per_gpu: float | None = None
     energy_cost_per_mtok: float | None = None
     server: Mapping[str, Any] | None = None  # ServerMetrics.to_dict(), when it was available
+    designed_prefix_reuse: float = 0.0
+    prefix_cache_hit_rate: float | None = None  # the server's own (with_figures)
+    #: multi-turn sessions: one entry per turn number (empty for independent requests)
+    turns: tuple[TurnMetrics, ...] = ()
     #: source ("requests", "price", "energy", "server") -> how its figures were obtained
     provenance: dict[str, str] = field(default_factory=lambda: {"requests": "measured"})
     #: source (or a figure's own name, where only it is missing) -> why its figures are missing
@@ -347,6 +357,17 @@ class Metrics:
             unmeasured["energy"] = (energy.reason if energy is not None else "") or NOT_GIVEN["energy"]
         if server is not None and server.get("available"):
             provenance["server"] = f"the server's Prometheus metrics ({server.get('engine') or 'unknown'} names)"
+            counters = server.get("counters") or {}
+            queries = (counters.get("prefix_cache_queries") or {}).get("delta")
+            hits = (counters.get("prefix_cache_hits") or {}).get("delta")
+            if queries and hits is not None:
+                figures["prefix_cache_hit_rate"] = hits / queries
+            else:
+                unmeasured["prefix_cache_hit_rate"] = (
+                    "the server counted no prefix-cache queries during the run (prefix caching off?)"
+                    if queries == 0
+                    else "the server's metrics page has no prefix-cache counters (vllm:prefix_cache_queries)"
+                )
         else:
             server_why = (server or {}).get("reason") or NOT_GIVEN["server"]
             unmeasured["server"] = f"the server's metrics are {server_why}" if server else server_why
@@ -474,7 +495,74 @@ class Metrics:
         out["percentiles"] = [float(q) for q in self.percentiles]
         for name in DISTRIBUTION_METRICS:
             out[name] = getattr(self, name).to_dict()
+        if self.turns:
+            out["turns"] = [t.to_dict() for t in self.turns]
         return out
+
+    def turn(self, number: int) -> TurnMetrics:
+        """The figures of turn ``number`` (1 = each conversation's first) of a multi-turn run."""
+        for t in self.turns:
+            if t.turn == number:
+                return t
+        known = ", ".join(str(t.turn) for t in self.turns) or "none: not a multi-turn run"
+        raise KeyError(f"no measured request of turn {number}; turns measured: {known}")
+
+
+@dataclass(frozen=True)
+class TurnMetrics:
+    """One turn of multi-turn sessions: its measured requests' figures.
+
+    ``ttft`` and ``e2e`` are over the turn's successful requests; ``mean_prompt_tokens``
+    is the prompt length as planned (the whole history so far), ``designed_prefix_reuse``
+    the share of those tokens designed to repeat an earlier prompt's start.
+    """
+
+    turn: int
+    num_requests: int
+    num_ok: int
+    ttft: Distribution
+    e2e: Distribution
+    mean_prompt_tokens: float
+    designed_prefix_reuse: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "turn": self.turn,
+            "num_requests": self.num_requests,
+            "num_ok": self.num_ok,
+            "ttft": self.ttft.to_dict(),
+            "e2e": self.e2e.to_dict(),
+            "mean_prompt_tokens": _json_float(self.mean_prompt_tokens),
+            "designed_prefix_reuse": _json_float(self.designed_prefix_reuse),
+        }
+
+
+def _designed_reuse(records: Sequence[RequestRecord]) -> float:
+    total = sum(r.requested_input_tokens or 0 for r in records)
+    return sum(r.shared_prefix_tokens or 0 for r in records) / total if total else 0.0
+
+
+def _turns(measured: Sequence[RequestRecord], qs: tuple[float, ...]) -> tuple[TurnMetrics, ...]:
+    by_turn: dict[int, list[RequestRecord]] = {}
+    for r in measured:
+        if r.turn is not None:
+            by_turn.setdefault(r.turn, []).append(r)
+    out = []
+    for turn, records in sorted(by_turn.items()):
+        ok = [r for r in records if r.ok]
+        prompts = [r.requested_input_tokens or 0 for r in records]
+        out.append(
+            TurnMetrics(
+                turn=turn,
+                num_requests=len(records),
+                num_ok=len(ok),
+                ttft=Distribution.from_values([t for t in (r.ttft_from_schedule for r in ok) if t is not None], qs),
+                e2e=Distribution.from_values([t for t in (r.e2e_from_schedule for r in ok) if t is not None], qs),
+                mean_prompt_tokens=sum(prompts) / len(prompts),
+                designed_prefix_reuse=_designed_reuse(records),
+            )
+        )
+    return tuple(out)
 
 
 # -- computation ------------------------------------------------------------------
@@ -595,4 +683,6 @@ def compute_metrics(
         itl=dists["itl"],
         e2e=dists["e2e"],
         interactivity=dists["interactivity"],
+        designed_prefix_reuse=_designed_reuse(measured),
+        turns=_turns(measured, qs),
     )

@@ -296,6 +296,26 @@ METRICS: dict[str, MetricInfo] = _registry(
     _server_gauge("running", "count", "", "requests running"),
     _server_gauge("waiting", "count", "", "requests waiting"),
     _server_gauge("kv_cache_usage", "ratio", "%", "KV-cache use"),
+    # prefix reuse: what the workload designed (load.workloads), and what the server's cache found
+    MetricInfo(
+        "designed_prefix_reuse",
+        "scalar",
+        "ratio",
+        "%",
+        "share of prompt tokens the workload designed to repeat an earlier prompt's start "
+        "(multi-turn history, shared prefixes, a trace's hash ids); 0 for random prompts",
+        True,
+    ),
+    MetricInfo(
+        "prefix_cache_hit_rate",
+        "scalar",
+        "ratio",
+        "%",
+        "the server's prefix-cache hits / queries over the measured phase, in prompt tokens "
+        "(vllm:prefix_cache_hits / vllm:prefix_cache_queries)",
+        True,
+        "server",
+    ),
 )
 
 DISTRIBUTION_METRICS: tuple[str, ...] = tuple(name for name, info in METRICS.items() if info.kind == "distribution")

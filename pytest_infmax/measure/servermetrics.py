@@ -66,6 +66,9 @@ ENGINE_METRICS: dict[str, dict[str, tuple[str, ...]]] = {
         "requests": ("vllm:request_success_total",),
         "prompt_tokens": ("vllm:prompt_tokens_total",),
         "generation_tokens": ("vllm:generation_tokens_total",),
+        # prompt tokens looked up in / found in the prefix cache (V0: the gpu_ names)
+        "prefix_cache_queries": ("vllm:prefix_cache_queries_total", "vllm:gpu_prefix_cache_queries_total"),
+        "prefix_cache_hits": ("vllm:prefix_cache_hits_total", "vllm:gpu_prefix_cache_hits_total"),
     },
     "sglang": {
         "ttft": ("sglang:time_to_first_token_seconds",),
@@ -111,7 +114,7 @@ ENGINE_METRICS: dict[str, dict[str, tuple[str, ...]]] = {
 ENGINES = tuple(ENGINE_METRICS)
 HISTOGRAMS = ("ttft", "queue_time", "itl", "tpot", "e2e")  # seconds; reported in ms
 GAUGES = ("running", "waiting", "kv_cache_usage")
-COUNTERS = ("requests", "prompt_tokens", "generation_tokens")
+COUNTERS = ("requests", "prompt_tokens", "generation_tokens", "prefix_cache_queries", "prefix_cache_hits")
 # Gauges that are fractions: averaged across label sets (e.g. data-parallel ranks), not summed.
 FRACTION_GAUGES = frozenset({"kv_cache_usage"})
 QUANTILES = (0.5, 0.99)

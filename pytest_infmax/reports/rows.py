@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from pytest_infmax.measure.cost import Price, cost_per_million_tokens
@@ -32,9 +33,14 @@ Result = Mapping[str, Any]
 
 
 def load_label(load: Mapping[str, Any]) -> str:
-    """``c=8``, ``rate=4/s`` or ``rate=inf/s``, as the terminal table writes a load."""
+    """``c=8``, ``rate=4/s`` or ``rate=inf/s``, as the terminal table writes a load; multi-turn
+    sessions ``c=4 4-turn``, a trace replay ``trace x4`` (its speed-up)."""
+    workload = load.get("workload") or {}
+    if workload.get("kind") == "trace":
+        return f"trace x{workload.get('speedup', 1):g}"
     if load.get("concurrency") is not None:
-        return f"c={load['concurrency']}"
+        turns = f" {workload['turns']}-turn" if workload.get("kind") == "sessions" else ""
+        return f"c={load['concurrency']}{turns}"
     if load.get("rate_infinite"):
         return "rate=inf/s"
     rate = load.get("rate")
@@ -129,6 +135,8 @@ def result_row(result: Result, price: Price | Mapping[str, Any] | None = None) -
     m = result.get("metrics") or {}
     load = result.get("load") or {}
     scenario = (load.get("scenario") or {}).get("name", "?")
+    if (load.get("workload") or {}).get("kind") == "trace":  # a trace's own lengths, not the scenario's
+        scenario = Path(load["workload"].get("source") or "trace").name
     cost = result.get("cost") or None
     usd, source, per_hour = m.get("cost_per_mtok"), None, None
     if cost and cost.get("usd_per_mtok_total") is not None:

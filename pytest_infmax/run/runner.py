@@ -20,6 +20,7 @@ from pytest_infmax.load.generator import LoadGenerator, run_coroutine
 from pytest_infmax.load.plan import LoadConfig, LoadConfigError, RunRecords
 from pytest_infmax.load.progress import Progress
 from pytest_infmax.load.scenarios import Endpoint, Scenario, TokenWindow, get_scenario
+from pytest_infmax.load.workloads import Workload
 from pytest_infmax.measure.cost import Price, Tier, choose_price
 from pytest_infmax.measure.energy import EnergyReport, EnergySampler, HttpPowerSource, NvmlPowerSource, gpus_for_pids
 from pytest_infmax.measure.metrics import GoodputLimits, per_request_value
@@ -98,7 +99,10 @@ class Infmax:
         ``goodput``, ``seed``, ``extra_body``, ``request_timeout``, ``name``,
         ``repeat`` (runs of this load, each on a fresh server start; default
         ``--infmax-repeat``): the result pools their requests and keeps each run;
-        ``workers`` (load-generator processes; default ``--infmax-workers``).
+        ``workers`` (load-generator processes; default ``--infmax-workers``);
+        ``workload``: ``Sessions(turns=, think_time=, prefixes=, prefix_len=)`` (multi-turn
+        conversations, with ``concurrency`` users) or ``Trace.load(path, speedup=)`` (a Mooncake
+        trace replayed at its timestamps), see :mod:`pytest_infmax.load.workloads`.
 
         SLA expressions and goodput limits are validated before any request is
         sent. If an SLA fails, the result is still recorded for the reports
@@ -174,6 +178,7 @@ class Infmax:
         name: str | None = None,
         repeat: int | None = None,
         workers: int | None = None,
+        workload: Workload | None = None,
     ) -> _Plan:
         """Validate every argument before any request is sent."""
         try:
@@ -198,8 +203,11 @@ class Infmax:
             seed=seed,
             extra_body=dict(extra_body or {}),
             # the session's --infmax-workers never exceeds a level's streams (a sweep's c=1 runs in one)
-            workers=min(self.workers, concurrency or max_concurrency or self.workers) if workers is None else workers,
+            workers=(1 if workload is not None else min(self.workers, concurrency or max_concurrency or self.workers))
+            if workers is None
+            else workers,
             tokens=self._token_window(),
+            workload=workload,
         )
         goodput_limits = sla_obj.goodput if sla_obj is not None else _as_goodput(goodput)
         return _Plan(config, sla_obj, goodput_limits, name or self.name, runs)

@@ -315,6 +315,12 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     )
     engine.add_argument("--block-size", type=int, default=16, help="KV-cache block, tokens (default: %(default)s)")
     engine.add_argument(
+        "--enable-prefix-caching",
+        action="store_true",
+        help="vLLM's automatic prefix caching: cached prompt blocks skip their prefill, LRU eviction under "
+        "the KV capacity, vllm:prefix_cache_queries/_hits in /metrics (default: off)",
+    )
+    engine.add_argument(
         "--slowdown",
         type=float,
         default=1.0,
@@ -413,7 +419,11 @@ def _engine_and_cost_model(args: argparse.Namespace) -> dict[str, Any]:
             limits["kv_cache_tokens"] = deployment.kv_cache_tokens
         logger.info("infmax-sim: %s", deployment.describe())
     engine = EngineConfig(
-        **limits, block_size=args.block_size, slowdown=args.slowdown, stream_interval=args.stream_interval
+        **limits,
+        block_size=args.block_size,
+        slowdown=args.slowdown,
+        stream_interval=args.stream_interval,
+        enable_prefix_caching=args.enable_prefix_caching,
     )
     from pytest_infmax.sim.noise import noise_of, with_noise
 

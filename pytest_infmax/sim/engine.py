@@ -19,9 +19,12 @@ Scheduling, as in vLLM (V1) and TensorRT-LLM:
 * KV cache: ``kv_cache_tokens`` (None: unlimited) in blocks of ``block_size``
   tokens. A request is admitted only once blocks for its whole prompt +
   ``max_tokens`` are free, and holds them until it ends: TensorRT-LLM's default
-  ``GUARANTEED_NO_EVICT`` capacity policy. Nothing is ever preempted, and there is
-  no prefix caching (benchmark prompts are random token ids, which never share a
-  prefix). A request that could never fit is refused at :meth:`Engine.submit`;
+  ``GUARANTEED_NO_EVICT`` capacity policy. Nothing is ever preempted. A request
+  that could never fit is refused at :meth:`Engine.submit`;
+* prefix caching (``enable_prefix_caching``, off by default: benchmark prompts are
+  random token ids, which never share a prefix): a request whose first prompt blocks
+  are cached skips their prefill, LRU eviction of unused cached blocks under the KV
+  capacity (:mod:`pytest_infmax.sim.prefixcache`);
 * each step decodes one token for every sequence whose prefill is done, then
   spends what is left of the step's token budget (``max_num_batched_tokens``;
   None: no joint budget) on prefill chunks, at most ``max_prefill_tokens_per_step``
@@ -45,6 +48,8 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
+
+from pytest_infmax.sim.prefixcache import UNLIMITED_CACHE_BLOCKS, PrefixCache
 
 logger = logging.getLogger("pytest_infmax.sim")
 
@@ -114,6 +119,7 @@ class EngineConfig:
     kv_cache_tokens: int | None = None  # KV-cache capacity; None: unlimited
     block_size: int = 16  # KV-cache block, in tokens
     slowdown: float = 1.0  # every step's duration is multiplied by this
+    enable_prefix_caching: bool = False  # vLLM's automatic prefix caching (sim.prefixcache)
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -172,9 +178,20 @@ class EngineRequest:
         "decoding",
         "kv_blocks",
         "scheduled_time",
+        "block_hashes",
+        "cache_refs",
+        "cached_tokens",
     )
 
-    def __init__(self, request_id: int, prompt_tokens: int, max_tokens: int, *, with_queue: bool = True) -> None:
+    def __init__(
+        self,
+        request_id: int,
+        prompt_tokens: int,
+        max_tokens: int,
+        *,
+        with_queue: bool = True,
+        block_hashes: tuple[int, ...] = (),
+    ) -> None:
         self.request_id = request_id
         self.prompt_tokens = prompt_tokens
         self.max_tokens = max_tokens
@@ -188,6 +205,9 @@ class EngineRequest:
         self.decoding = False  # True once prefill is done and the first token produced
         self.kv_blocks = 0  # KV-cache blocks held while running
         self.scheduled_time: float | None = None  # real-time engine: first step it was in (queue time)
+        self.block_hashes = block_hashes  # prefix caching: the chained hash of each full prompt block
+        self.cache_refs: list[int] = []  # cached blocks this request uses (hits, then the ones it added)
+        self.cached_tokens = 0  # prompt tokens found in the prefix cache at admission
 
     @property
     def done(self) -> bool:
@@ -207,6 +227,9 @@ class EngineStats:
     # time - deadline), in ms, over the last LATENESS_WINDOW steps: count, p50, p99,
     # max (max over the engine's whole life).
     lateness_ms: dict[str, float] = field(default_factory=dict)
+    # Prefix caching: prompt tokens looked up and found (vLLM's prefix_cache_queries / _hits)
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
 
 
 class EngineStopped(RuntimeError):
@@ -275,6 +298,11 @@ class Scheduler:
         self._decoding: dict[int, EngineRequest] = {}  # running, producing tokens
         self.total_blocks = config.kv_cache_blocks
         self.free_blocks = self.total_blocks
+        self.prefix_cache: PrefixCache | None = (
+            PrefixCache(config.block_size, UNLIMITED_CACHE_BLOCKS if self.total_blocks is None else None)
+            if config.enable_prefix_caching
+            else None
+        )
         self.requests_received = 0
         self.requests_finished = 0
         self.requests_cancelled = 0
@@ -332,9 +360,11 @@ class Scheduler:
 
     @property
     def kv_cache_usage(self) -> float:
+        """Blocks held by running requests (cached blocks no request uses count as free, as in vLLM)."""
         if not self.total_blocks:
             return 0.0
-        return (self.total_blocks - (self.free_blocks or 0)) / self.total_blocks
+        unused = self.prefix_cache.unused_blocks if self.prefix_cache is not None else 0
+        return (self.total_blocks - (self.free_blocks or 0) - unused) / self.total_blocks
 
     # -- steps ---------------------------------------------------------------------
 
@@ -374,6 +404,8 @@ class Scheduler:
                 continue  # cancelled while the step ran
             request.prefilled_tokens += chunk
             if request.prefilled_tokens >= request.prompt_tokens:
+                if self.prefix_cache is not None:
+                    self._cache_prompt(request)
                 request.decoding = True
                 del self._prefilling[request.request_id]
                 self._decoding[request.request_id] = request
@@ -385,14 +417,29 @@ class Scheduler:
     def _admit(self) -> None:
         waiting = self._waiting
         max_num_seqs = self.config.max_num_seqs
+        cache = self.prefix_cache
         while waiting and len(self._running) < max_num_seqs:
             request = next(iter(waiting.values()))
+            hits: tuple[int, ...] = ()
+            if cache is not None:
+                hits = request.block_hashes[: cache.match(request.block_hashes, request.prompt_tokens)]
             if self.total_blocks is not None:
-                needed = self.blocks_needed(request.prompt_tokens, request.max_tokens)
-                if needed > self.free_blocks:  # type: ignore[operator]
+                needed = self.blocks_needed(request.prompt_tokens, request.max_tokens) - len(hits)
+                assert self.free_blocks is not None
+                evictable = cache.unused_blocks - cache.unused_among(hits) if cache is not None else 0
+                if needed > self.free_blocks + evictable:
                     return  # head of line waits for KV blocks; FCFS, no skipping
-                self.free_blocks -= needed  # type: ignore[operator]
+                if cache is not None:
+                    cache.acquire(hits, request.prompt_tokens)
+                    if needed > self.free_blocks:  # room from the least recently used cached blocks
+                        self.free_blocks += cache.evict(needed - self.free_blocks)
+                self.free_blocks -= needed
                 request.kv_blocks = needed
+            elif cache is not None:
+                cache.acquire(hits, request.prompt_tokens)
+            if hits:
+                request.cache_refs = list(hits)
+                request.cached_tokens = request.prefilled_tokens = len(hits) * self.config.block_size
             del waiting[request.request_id]
             request.state = RequestState.RUNNING
             self._running[request.request_id] = request
@@ -402,6 +449,20 @@ class Scheduler:
         if request.kv_blocks and self.free_blocks is not None:
             self.free_blocks += request.kv_blocks
         request.kv_blocks = 0
+        if request.cache_refs and self.prefix_cache is not None:
+            self.prefix_cache.release(request.cache_refs)
+            request.cache_refs = []
+
+    def _cache_prompt(self, request: EngineRequest) -> None:
+        """A prompt's prefill is done: its full blocks not cached yet enter the cache, each one
+        of the blocks the request holds handed over to it (so the capacity is counted once)."""
+        cache = self.prefix_cache
+        assert cache is not None
+        for h in request.block_hashes[len(request.cache_refs) :]:
+            if cache.insert(h):
+                request.cache_refs.append(h)
+                if request.kv_blocks:
+                    request.kv_blocks -= 1
 
     def _emit_token(self, request: EngineRequest, emit_time: float) -> None:
         request.generated_tokens += 1
@@ -496,8 +557,9 @@ class Engine:
 
     # -- request API ---------------------------------------------------------------
 
-    def submit(self, prompt_tokens: int, max_tokens: int) -> EngineRequest:
-        """Queue a request; its tokens arrive on ``request.deliveries``.
+    def submit(self, prompt_tokens: int, max_tokens: int, block_hashes: tuple[int, ...] = ()) -> EngineRequest:
+        """Queue a request; its tokens arrive on ``request.deliveries``. ``block_hashes``: its
+        prompt's full blocks (:func:`pytest_infmax.sim.prefixcache.block_hashes`), for prefix caching.
 
         Raises :class:`RequestTooLarge` when prompt + max_tokens can never fit in
         the KV cache, :class:`EngineStopped` after :meth:`stop`."""
@@ -505,7 +567,7 @@ class Engine:
             raise EngineStopped("engine is stopped")
         if prompt_tokens < 0 or max_tokens < 1:
             raise ValueError("prompt_tokens must be >= 0 and max_tokens >= 1")
-        request = EngineRequest(self._next_request_id, prompt_tokens, max_tokens)
+        request = EngineRequest(self._next_request_id, prompt_tokens, max_tokens, block_hashes=block_hashes)
         self._scheduler.add(request)
         self._next_request_id += 1
         self._wake()
@@ -526,6 +588,8 @@ class Engine:
             waiting=scheduler.num_waiting,
             kv_cache_usage=scheduler.kv_cache_usage,
             lateness_ms=self.lateness_ms(),
+            prefix_cache_queries=scheduler.prefix_cache.queries if scheduler.prefix_cache is not None else 0,
+            prefix_cache_hits=scheduler.prefix_cache.hits if scheduler.prefix_cache is not None else 0,
         )
 
     def lateness_ms(self) -> dict[str, float]:

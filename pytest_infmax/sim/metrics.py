@@ -107,7 +107,8 @@ class SimMetrics:
 
     # -- exposition --------------------------------------------------------------
 
-    def render(self, running: int, waiting: int, kv_cache_usage: float) -> str:
+    def render(self, running: int, waiting: int, kv_cache_usage: float, prefix_cache: tuple[int, int] = (0, 0)) -> str:
+        """The page; ``prefix_cache``: the engine's (queries, hits) in prompt tokens."""
         model = (("model_name", self.model),)
         lines: list[str] = []
 
@@ -145,6 +146,16 @@ class SimMetrics:
             "GPU KV-cache usage. 1 means 100 percent usage (vLLM V0 name of vllm:kv_cache_usage_perc).",
         )
         counter("vllm:prompt_tokens_total", self.prompt_tokens, "Number of prefill tokens processed.")
+        counter(
+            "vllm:prefix_cache_queries_total",
+            prefix_cache[0],
+            "Prefix cache queries, in terms of number of queried tokens.",
+        )
+        counter(
+            "vllm:prefix_cache_hits_total",
+            prefix_cache[1],
+            "Prefix cache hits, in terms of number of cached tokens.",
+        )
         counter("vllm:generation_tokens_total", self.generation_tokens, "Number of generation tokens processed.")
         family("vllm:request_success_total", "counter", "Count of successfully processed requests.")
         for reason, count in sorted(self.success.items()):

@@ -72,6 +72,7 @@ from pytest_infmax.sim.faults import (
 from pytest_infmax.sim.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from pytest_infmax.sim.metrics import SimMetrics
 from pytest_infmax.sim.noise import noise_of
+from pytest_infmax.sim.prefixcache import block_hashes
 from pytest_infmax.sim.trace import (
     ABORTED,
     CANCELLED,
@@ -380,6 +381,29 @@ def chat_prompt_tokens(messages: Any) -> int:
             raise _bad_field(f"messages[{index}].role", "a string", message.get("role"))
         total += _message_content_tokens(message.get("content"), index) + CHAT_TOKENS_PER_MESSAGE
     return total
+
+
+def completion_token_sequence(prompt: Any) -> list[Any]:
+    """A (valid) completions prompt as the tokens the prefix cache hashes: the ids, or the
+    regex tokens of a text."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    return TOKEN_PATTERN.findall(prompt) if isinstance(prompt, str) else list(prompt)
+
+
+def chat_token_sequence(messages: list[dict[str, Any]]) -> list[Any]:
+    """(Valid) chat messages as the tokens the prefix cache hashes, as a chat template lays
+    them out: per message its role, its content's tokens, then separators, as many tokens in
+    all as :func:`chat_prompt_tokens` counts."""
+    tokens: list[Any] = []
+    for message in messages:
+        tokens.append(("<role>", message["role"]))
+        content = message.get("content")
+        parts = [content] if isinstance(content, str) else [p["text"] for p in content or ()]
+        for text in parts:
+            tokens.extend(TOKEN_PATTERN.findall(text))
+        tokens.extend(["<sep>"] * (CHAT_TOKENS_PER_MESSAGE - 1))
+    return tokens
 
 
 def parse_completion_request(
@@ -873,7 +897,11 @@ def _response_headers(base: dict[str, str], trace: RequestTrace) -> dict[str, st
 
 
 async def _generate(
-    request: web.Request, params: GenerationParams, shape: _ResponseShape, handler_start: float
+    request: web.Request,
+    params: GenerationParams,
+    shape: _ResponseShape,
+    handler_start: float,
+    blocks: tuple[int, ...] = (),
 ) -> web.StreamResponse:
     config = request.app[CONFIG_KEY]
     engine = request.app[ENGINE_KEY]
@@ -893,7 +921,7 @@ async def _generate(
         if fault.status is not None:
             raise injected_status_error(fault)
         try:
-            engine_request = engine.submit(params.prompt_tokens, params.max_tokens)
+            engine_request = engine.submit(params.prompt_tokens, params.max_tokens, blocks)
         except EngineStopped:
             trace.outcome = ABORTED
             raise _aborted_error() from None
@@ -1025,20 +1053,33 @@ def request_arrival(request: web.Request, handler_start: float) -> float:
 # -- handlers ---------------------------------------------------------------------------
 
 
+def _prompt_blocks(config: SimConfig, body: dict[str, Any], chat: bool) -> tuple[int, ...]:
+    """The prompt's block hashes for prefix caching (none when it is off). Call after the
+    body was parsed: its shape is known to be valid."""
+    if not config.engine.enable_prefix_caching:
+        return ()
+    tokens = chat_token_sequence(body["messages"]) if chat else completion_token_sequence(body["prompt"])
+    return block_hashes(tokens, config.engine.block_size)
+
+
 async def handle_completions(request: web.Request) -> web.StreamResponse:
     handler_start = time.monotonic()
     request.app[OBS_KEY].on_generation_request()
     config = request.app[CONFIG_KEY]
-    params = parse_completion_request(await _read_json_body(request), config.model, config.vocab_size)
-    return await _generate(request, params, CompletionShape(config.model), handler_start)
+    body = await _read_json_body(request)
+    params = parse_completion_request(body, config.model, config.vocab_size)
+    blocks = _prompt_blocks(config, body, chat=False)
+    return await _generate(request, params, CompletionShape(config.model), handler_start, blocks)
 
 
 async def handle_chat_completions(request: web.Request) -> web.StreamResponse:
     handler_start = time.monotonic()
     request.app[OBS_KEY].on_generation_request()
     config = request.app[CONFIG_KEY]
-    params = parse_chat_request(await _read_json_body(request), config.model)
-    return await _generate(request, params, ChatShape(config.model), handler_start)
+    body = await _read_json_body(request)
+    params = parse_chat_request(body, config.model)
+    blocks = _prompt_blocks(config, body, chat=True)
+    return await _generate(request, params, ChatShape(config.model), handler_start, blocks)
 
 
 async def handle_models(request: web.Request) -> web.Response:
@@ -1141,7 +1182,10 @@ async def handle_metrics(request: web.Request) -> web.Response:
     """``GET /metrics``: Prometheus text format, vLLM's names and buckets."""
     stats = request.app[ENGINE_KEY].stats()
     text = request.app[OBS_KEY].metrics.render(
-        stats.running, stats.waiting, kv_cache_usage(stats, request.app[CONFIG_KEY])
+        stats.running,
+        stats.waiting,
+        kv_cache_usage(stats, request.app[CONFIG_KEY]),
+        prefix_cache=(stats.prefix_cache_queries, stats.prefix_cache_hits),
     )
     return web.Response(body=text.encode(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
