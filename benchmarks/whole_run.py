@@ -198,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         tokdir = None if args.no_peer else make_tokenizer(args.peer_python, work)
         for streams in args.streams:
             requests = streams * args.rounds
-            proc, base = client_overhead._start_emitter(work, 1, args.itl_ms / 1000)
+            emitter_dir = work / f"emitter-{streams}"  # its port file: one per emitter
+            emitter_dir.mkdir()
+            proc, base = client_overhead._start_emitter(emitter_dir, 1, args.itl_ms / 1000)
             runs: dict[str, list[dict[str, float | None]]] = {c: [] for c in clients}
             try:
                 for _ in range(args.runs):
