@@ -215,3 +215,18 @@ def test_a_lazy_module_that_is_missing_says_so_at_first_use() -> None:
     missing = lazy_module("infmax_no_such_module")
     with pytest.raises(ModuleNotFoundError, match="infmax_no_such_module"):
         missing.anything  # noqa: B018
+
+
+def test_the_load_generator_imports_what_a_request_uses_before_any_clock_starts() -> None:
+    """Laziness stops at the load path: numpy loads numpy.random at first use (~25 ms, more on
+    a busy machine), which in a worker's first request was a send late by 90 ms. Importing the
+    generator (as the runner and every worker do before their run) loads it."""
+    out = _run_python(
+        """
+        import json, sys
+        import pytest_infmax.load.generator
+        print(json.dumps({"modules": sorted(sys.modules)}))
+        """
+    )
+    modules = set(out["modules"])  # type: ignore[call-overload]
+    assert {"numpy", "numpy.random", "msgspec", "httptools"} <= modules
