@@ -407,15 +407,14 @@ def _check_errors(item: pytest.Item) -> None:
     died = server.death_note() if isinstance(server, Server) else None
     if died is not None:  # the failures' cause, with the server's last words
         problems.append(died.replace("\n", "\n  "))
-    if problems:
-        pytest.fail(
-            "too many failed requests (--infmax-max-error-rate):\n  "
-            + "\n  ".join(problems)
-            + "\nthe results would measure the failures, not the server. If errors are expected, set an "
-            "error_rate SLA of your own (@pytest.mark.sla('error_rate < 50%') or infmax.run(..., "
-            "sla='error_rate < 50%')), or turn the check off with --infmax-max-error-rate off",
-            pytrace=False,
-        )
+    pytest.fail(
+        "too many failed requests (--infmax-max-error-rate):\n  "
+        + "\n  ".join(problems)
+        + "\nthe results would measure the failures, not the server. If errors are expected, set an "
+        "error_rate SLA of your own (@pytest.mark.sla('error_rate < 50%') or infmax.run(..., "
+        "sla='error_rate < 50%')), or turn the check off with --infmax-max-error-rate off",
+        pytrace=False,
+    )
 
 
 def _check_baselines(item: pytest.Item) -> None:
