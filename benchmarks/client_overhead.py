@@ -142,6 +142,12 @@ class Emitter:
 
 
 _MAX_TOKENS = re.compile(rb'"max_tokens"\s*:\s*(\d+)')
+_MODELS_BODY = b'{"object":"list","data":[{"id":"bench","object":"model"}]}'
+_MODELS = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+    len(_MODELS_BODY),
+    _MODELS_BODY,
+)
+_NOT_FOUND = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
 
 
 class _Conn(asyncio.Protocol):
@@ -169,6 +175,9 @@ class _Conn(asyncio.Protocol):
             assert self.transport is not None
             if head.startswith(b"GET /stats"):
                 self.transport.write(self.emitter.stats())
+                continue
+            if head.startswith(b"GET "):  # /v1/models for a client that asks (whole_run.py's pytest); else 404
+                self.transport.write(_MODELS if head.startswith(b"GET /v1/models") else _NOT_FOUND)
                 continue
             mt = _MAX_TOKENS.search(body)
             self.emitter.start_stream(self.transport, int(mt.group(1)) if mt else 16)

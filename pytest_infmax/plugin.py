@@ -15,32 +15,32 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from pytest_infmax import settings as settings_mod
-from pytest_infmax.baselines.gate import GateSettings, RegressionFailed, gate_results, sequential_for
 from pytest_infmax.measure.cost import price_marker_options
 from pytest_infmax.measure.sla import SLASyntaxError, format_quantity
 from pytest_infmax.measure.verdicts import SLA, SLAFailed, excess_errors
 from pytest_infmax.redact import add_secret, redact
-from pytest_infmax.reports.document import results_document
-from pytest_infmax.reports.journal import Journal, journal_path
-from pytest_infmax.reports.markdown import sweep_to_dict
-from pytest_infmax.reports.rows import result_row, verdict_text
-from pytest_infmax.reports.table import format_table
-from pytest_infmax.reports.writer import ReportRequest, write_reports
-from pytest_infmax.run.repeats import RepeatError, repeat_marker_count
-from pytest_infmax.run.results import LoadResult
-from pytest_infmax.run.runner import Infmax
-from pytest_infmax.run.sweep import SweepResult
 from pytest_infmax.servers.config import ServerConfig, config_from_mapping
 from pytest_infmax.servers.errors import ServerError
-from pytest_infmax.servers.launch import Server, ServerPool, require_gpus_released
 
-RESULTS_KEY = pytest.StashKey[list[LoadResult]]()
-SWEEPS_KEY = pytest.StashKey[list[SweepResult]]()
+# pytest imports this module in every session, perf tests or not: what only a perf test, its
+# server or the reports need (the runner, the load generator, the gate, the report writers,
+# and numpy, scipy, aiohttp under them) is imported in the function that uses it. A session
+# without perf tests pays for the settings alone (docs/performance.md, tests/test_startup.py).
+if TYPE_CHECKING:
+    from pytest_infmax.baselines.gate import GateSettings
+    from pytest_infmax.reports.journal import Journal
+    from pytest_infmax.run.results import LoadResult
+    from pytest_infmax.run.runner import Infmax
+    from pytest_infmax.run.sweep import SweepResult
+    from pytest_infmax.servers.launch import Server, ServerPool
+
+RESULTS_KEY: pytest.StashKey[list[LoadResult]] = pytest.StashKey()
+SWEEPS_KEY: pytest.StashKey[list[SweepResult]] = pytest.StashKey()
 GATE_KEY = pytest.StashKey[list[dict[str, Any]]]()
 STATE_KEY = pytest.StashKey["PluginState"]()
 
@@ -208,6 +208,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.infmax_price: {exc}") from None
         repeat = item.get_closest_marker("infmax_repeat")
         if repeat is not None:
+            from pytest_infmax.run.repeats import RepeatError, repeat_marker_count
+
             try:
                 repeat_marker_count(repeat.args, repeat.kwargs)
             except RepeatError as exc:
@@ -249,6 +251,8 @@ def _progress_writer(config: pytest.Config) -> Any:
 @pytest.fixture(scope="session")
 def infmax_server_pool(pytestconfig: pytest.Config) -> Iterator[ServerPool]:
     """Every server this session started, one per distinct configuration; stopped at the end."""
+    from pytest_infmax.servers.launch import ServerPool, require_gpus_released
+
     state = pytestconfig.stash[STATE_KEY]
     pool = ServerPool(state.log_dir, echo=state.echo, after_stop=require_gpus_released)
     try:
@@ -274,6 +278,9 @@ def infmax_server(infmax_server_pool: ServerPool, infmax_server_config: ServerCo
 @pytest.fixture
 def infmax(request: pytest.FixtureRequest, infmax_server: Server, infmax_server_pool: ServerPool) -> Infmax:
     """Runs load against the server under test: ``infmax.run("1k1k-mini", concurrency=8)``."""
+    from pytest_infmax.baselines.gate import sequential_for
+    from pytest_infmax.run.runner import Infmax
+
     state = request.config.stash[STATE_KEY]
     settings = state.settings
     results = request.node.stash.setdefault(RESULTS_KEY, [])
@@ -300,6 +307,8 @@ def infmax(request: pytest.FixtureRequest, infmax_server: Server, infmax_server_
 
 def _repeat(item: pytest.Item, settings: settings_mod.Settings) -> int:
     """Runs per load: @pytest.mark.infmax_repeat(N) over --infmax-repeat."""
+    from pytest_infmax.run.repeats import repeat_marker_count
+
     marker = item.get_closest_marker("infmax_repeat")
     return repeat_marker_count(marker.args, marker.kwargs) if marker is not None else settings.repeat
 
@@ -407,19 +416,22 @@ def _check_errors(item: pytest.Item) -> None:
                 f"{r.name} {r.config.label}: {what}: error rate {r.metrics.error_rate:.1%} > {limit:.1%}"
                 + (f"; the first error: {first}" if first else "")
             )
+    if not problems:
+        return
+    from pytest_infmax.servers.launch import Server
+
     server = getattr(item, "funcargs", {}).get("infmax_server")
     died = server.death_note() if isinstance(server, Server) else None
-    if problems and died is not None:  # the failures' cause, with the server's last words
+    if died is not None:  # the failures' cause, with the server's last words
         problems.append(died.replace("\n", "\n  "))
-    if problems:
-        pytest.fail(
-            "too many failed requests (--infmax-max-error-rate):\n  "
-            + "\n  ".join(problems)
-            + "\nthe results would measure the failures, not the server. If errors are expected, set an "
-            "error_rate SLA of your own (@pytest.mark.sla('error_rate < 50%') or infmax.run(..., "
-            "sla='error_rate < 50%')), or turn the check off with --infmax-max-error-rate off",
-            pytrace=False,
-        )
+    pytest.fail(
+        "too many failed requests (--infmax-max-error-rate):\n  "
+        + "\n  ".join(problems)
+        + "\nthe results would measure the failures, not the server. If errors are expected, set an "
+        "error_rate SLA of your own (@pytest.mark.sla('error_rate < 50%') or infmax.run(..., "
+        "sla='error_rate < 50%')), or turn the check off with --infmax-max-error-rate off",
+        pytrace=False,
+    )
 
 
 def _check_baselines(item: pytest.Item) -> None:
@@ -428,6 +440,8 @@ def _check_baselines(item: pytest.Item) -> None:
     gate = item.config.stash[STATE_KEY].gate
     if not results or gate is None or not gate.active:
         return
+    from pytest_infmax.baselines.gate import RegressionFailed, gate_results
+
     state = item.config.stash[STATE_KEY]
     outcomes = gate_results(results, gate, owners=state.baseline_owners, test=item.nodeid)
     item.stash[GATE_KEY] = [o.to_check(gate) for o in outcomes]
@@ -475,6 +489,8 @@ def _make_report(item: pytest.Item, call: pytest.CallInfo[None], report: Any) ->
         return report
     if call.excinfo is not None and getattr(call.excinfo.value, "from_marker", False):
         # The verdicts are the whole story; the plugin's frames would only distract.
+        from pytest_infmax.baselines.gate import RegressionFailed
+
         exc = call.excinfo.value
         if isinstance(exc, RegressionFailed):
             brief = "; ".join(o.message() for o in exc.outcomes)
@@ -488,9 +504,13 @@ def _make_report(item: pytest.Item, call: pytest.CallInfo[None], report: Any) ->
         report.infmax_checks = checks
     sweeps = item.stash.get(SWEEPS_KEY, [])
     if sweeps:
+        from pytest_infmax.reports.markdown import sweep_to_dict
+
         report.infmax_sweeps = [sweep_to_dict(sw, name=item.nodeid) for sw in sweeps]
     results = item.stash.get(RESULTS_KEY, [])
     if results:
+        from pytest_infmax.reports.rows import result_row, verdict_text
+
         full = _result_entries(item, results, checks, test_failed=report.failed)
         report.infmax_results = full
         # Several results (a sweep): each named by its load, e.g. infmax[c=4]_ttft_p50_ms; by
@@ -539,6 +559,8 @@ def _keep_interrupted(item: pytest.Item) -> None:
     results = item.stash.get(RESULTS_KEY, [])
     collector = item.config.pluginmanager.getplugin("infmax-results")
     if results and isinstance(collector, ResultCollector):
+        from pytest_infmax.reports.markdown import sweep_to_dict
+
         entries = [_redact_json(e) for e in _result_entries(item, results, [], test_failed=True)]
         collector.add(entries, [sweep_to_dict(sw, name=item.nodeid) for sw in item.stash.get(SWEEPS_KEY, [])])
 
@@ -574,7 +596,11 @@ class ResultCollector:
         self.state = state
         json_path = self._path("json")
         # every result as it arrives, fsynced: what a SIGKILL would take from --infmax-json
-        self.journal = Journal(journal_path(json_path)) if json_path is not None else None
+        self.journal: Journal | None = None
+        if json_path is not None:
+            from pytest_infmax.reports.journal import Journal, journal_path
+
+            self.journal = Journal(journal_path(json_path))
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         self.add(
@@ -593,6 +619,8 @@ class ResultCollector:
             for entry in entries:
                 kept.append(entry)
                 if kind == "result":
+                    from pytest_infmax.reports.rows import result_row
+
                     self.state.rows.append(result_row(entry))
                 self._journal(kind, entry)
 
@@ -620,6 +648,9 @@ class ResultCollector:
         state = self.state
         if not state.full_results:
             return
+        from pytest_infmax.reports.document import results_document
+        from pytest_infmax.reports.writer import ReportRequest, write_reports
+
         settings = state.settings
         # every result names its server (LoadResult.to_dict); a missing one is not a server
         servers = list({repr(sv): sv for r in state.full_results if (sv := r.get("server")) is not None}.values())
@@ -666,6 +697,8 @@ class ResultCollector:
         state = self.state
         if not state.rows:
             return
+        from pytest_infmax.reports.table import format_table
+
         terminalreporter = _RedactingWriter(terminalreporter)
         terminalreporter.write_sep("=", "infmax results")
         terminalreporter.write_line(format_table(state.rows))

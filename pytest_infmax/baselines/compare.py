@@ -57,10 +57,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
-
-import numpy as np
-from scipy import stats as sps
+from typing import TYPE_CHECKING, Any, Literal
 
 from pytest_infmax.baselines.store import (
     Baseline,
@@ -73,7 +70,15 @@ from pytest_infmax.baselines.store import (
     load_runs,
     unknown_fields,
 )
+from pytest_infmax.lazy import lazy_module
 from pytest_infmax.measure.registry import METRICS, SCALAR_METRICS, parse_stat, stat_quantile
+
+if TYPE_CHECKING:
+    import numpy as np
+    from scipy import stats as sps
+else:  # imported at first use, not with this module (pytest_infmax/lazy.py)
+    np = lazy_module("numpy")
+    sps = lazy_module("scipy.stats")
 
 Verdict = Literal["regressed", "unsure", "improved", "same"]
 VERDICT_ORDER: tuple[Verdict, ...] = ("regressed", "unsure", "improved", "same")

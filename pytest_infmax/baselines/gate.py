@@ -10,13 +10,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pytest_infmax.baselines.compare import CompareOptions, ComparisonReport, compare_stored
 from pytest_infmax.baselines.sequential import SequentialComparison
 from pytest_infmax.baselines.store import BaselineError, BaselineSet, build_testbed, gpu_testbed, result_keys, runs_of
 from pytest_infmax.baselines.stores import has_set, open_set
-from pytest_infmax.run.results import LoadResult
+
+if TYPE_CHECKING:
+    from pytest_infmax.run.results import LoadResult
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-
-import numpy as np
-from scipy import stats as sps
+from typing import TYPE_CHECKING
 
 from pytest_infmax.baselines.compare import (
     CompareOptions,
@@ -25,6 +23,14 @@ from pytest_infmax.baselines.compare import (
     run_statistics,
 )
 from pytest_infmax.baselines.store import BaselineRun
+from pytest_infmax.lazy import lazy_module
+
+if TYPE_CHECKING:
+    import numpy as np
+    from scipy import stats as sps
+else:  # imported at first use, not with this module (pytest_infmax/lazy.py)
+    np = lazy_module("numpy")
+    sps = lazy_module("scipy.stats")
 
 
 @dataclass(frozen=True)

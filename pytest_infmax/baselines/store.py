@@ -36,18 +36,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-import numpy as np
-
 from pytest_infmax.atomic import write_json_atomic
 from pytest_infmax.environment import environment
+from pytest_infmax.lazy import lazy_module
 from pytest_infmax.measure.cost import cost_per_million_tokens
 from pytest_infmax.measure.registry import SCALAR_METRICS
 from pytest_infmax.records import RequestRecord
 from pytest_infmax.servers import telemetry
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from pytest_infmax.measure.cost import Price
     from pytest_infmax.run.results import LoadResult
+else:  # imported at first use, not with this module (pytest_infmax/lazy.py)
+    np = lazy_module("numpy")
 
 FORMAT = "pytest-infmax-baseline/1"
 FORMAT_NAME, _, _FORMAT_VERSION = FORMAT.rpartition("/")

@@ -24,9 +24,15 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+from pytest_infmax.lazy import lazy_module
+
+if TYPE_CHECKING:
+    import numpy as np
+else:  # imported at first use, not with this module (pytest_infmax/lazy.py)
+    np = lazy_module("numpy")
+
 
 DEFAULT_LAG_THRESHOLD = 0.010  # seconds
 DEFAULT_LOOP_LAG_INTERVAL = 0.010  # seconds between event-loop lag samples

@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 import numpy as np
+import numpy.random  # noqa: F401  numpy loads it at first use (~25 ms): here, not at a worker's first request
 
 from pytest_infmax.load.clientstats import ClientStats, LoopLagMonitor
 from pytest_infmax.load.plan import LoadConfig, LoadConfigError, RunRecords

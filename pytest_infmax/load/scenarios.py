@@ -14,9 +14,15 @@ from __future__ import annotations
 import dataclasses
 import numbers
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
+from pytest_infmax.lazy import lazy_module
+
+if TYPE_CHECKING:
+    import numpy as np
+else:  # imported at first use, not with this module (pytest_infmax/lazy.py)
+    np = lazy_module("numpy")
+
 
 Endpoint = Literal["completions", "chat"]
 

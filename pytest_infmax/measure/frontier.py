@@ -12,10 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-from scipy.interpolate import PchipInterpolator
+from pytest_infmax.lazy import lazy_module
+
+if TYPE_CHECKING:
+    import numpy as np
+    from scipy import interpolate
+else:  # imported at first use, not with this module (pytest_infmax/lazy.py): scipy.interpolate is ~0.3 s
+    np = lazy_module("numpy")
+    interpolate = lazy_module("scipy.interpolate")
 
 
 class FrontierRangeError(ValueError):
@@ -92,7 +98,7 @@ class Frontier:
         ys = np.array([p.y for p in self.front])
         if len(xs) == 1:
             return float(ys[0])
-        return float(PchipInterpolator(xs, ys)(x))
+        return float(interpolate.PchipInterpolator(xs, ys)(x))
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -48,12 +48,10 @@ import dataclasses
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
-import numpy as np
-
+from pytest_infmax.lazy import lazy_module
 from pytest_infmax.measure.cost import Price, TokenCost
-from pytest_infmax.measure.energy import EnergyReport
 from pytest_infmax.measure.registry import (
     DISTRIBUTION_METRICS,
     GOODPUT_METRICS,
@@ -67,6 +65,13 @@ from pytest_infmax.measure.registry import (
 )
 from pytest_infmax.measure.sla import Objective, parse_goodput_limits
 from pytest_infmax.records import RequestRecord
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from pytest_infmax.measure.energy import EnergyReport
+else:  # imported at first use, not with this module (pytest_infmax/lazy.py)
+    np = lazy_module("numpy")
 
 #: why a source's figures are missing when nothing was said (see Metrics.with_figures)
 NOT_GIVEN: dict[str, str] = {

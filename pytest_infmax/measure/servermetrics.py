@@ -28,12 +28,17 @@ import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
+from typing import TYPE_CHECKING, Any
 
 from pytest_infmax import boundedhttp
+from pytest_infmax.lazy import lazy_module
+
+if TYPE_CHECKING:
+    import aiohttp
+    from prometheus_client import parser as prometheus_parser
+else:  # imported at first use, not with this module (pytest_infmax/lazy.py)
+    aiohttp = lazy_module("aiohttp")
+    prometheus_parser = lazy_module("prometheus_client.parser")
 
 DEFAULT_INTERVAL = 1.0  # seconds between gauge samples during the run
 SCRAPE_TIMEOUT = 3.0  # seconds for one GET of the metrics page, all of it
@@ -163,7 +168,7 @@ def parse(text: str, roles: Iterable[str] | None = None) -> dict[str, Series]:
     wanted = _wanted(roles if roles is not None else (*HISTOGRAMS, *GAUGES, *COUNTERS))
     out: dict[str, Series] = {}
     try:
-        for family in text_string_to_metric_families(_prefilter(text, wanted)):
+        for family in prometheus_parser.text_string_to_metric_families(_prefilter(text, wanted)):
             for sample in family.samples:
                 if sample.name in wanted:
                     out.setdefault(sample.name, []).append((dict(sample.labels), float(sample.value)))

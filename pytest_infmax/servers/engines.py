@@ -34,9 +34,14 @@ import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import yaml
+from pytest_infmax.lazy import lazy_module
+
+if TYPE_CHECKING:
+    import yaml
+else:  # imported at first use, not with this module (pytest_infmax/lazy.py)
+    yaml = lazy_module("yaml")
 
 ENGINES = ("trtllm", "vllm", "sglang")
 

@@ -1,0 +1,250 @@
+"""The whole run, as a user runs it: ours through pytest against InferenceMAX's client.
+
+Both clients stream from the same exact-timing reference server: client_overhead.py's
+emitter, which writes the next one-token SSE event to every open stream every
+``--itl-ms`` milliseconds (10 by default), ``--tokens`` events per request (1,000), then
+the usage event and ``[DONE]``. Each client is a fresh process, measured from its spawn to
+its exit, that is to the last report it wrote:
+
+* **ours**: ``python -m pytest`` on a one-test project (``infmax.run`` of ``streams``
+  concurrent requests, ``--rounds`` rounds of them) with ``--infmax-endpoint`` and
+  ``--infmax-json``, pytest's start-up, the plugin, the run and every report included;
+* **InferenceMAX**: its ``utils/bench_serving/benchmark_serving.py`` (SemiAnalysisAI/
+  InferenceX; Apache-2.0), run from a checkout given with ``--bench-serving`` by an
+  interpreter with its requirements (``--peer-python``: transformers, aiohttp, numpy,
+  tqdm), with the same requests: the random dataset, ``--max-concurrency streams``,
+  ``--ignore-eos``, ``--save-result``. It needs a tokenizer: a word-level one is built
+  offline, in which every event's `` tok`` is one token.
+
+Reported per stream count, the median of ``--runs`` interleaved runs with the spread
+(min-max): wall seconds, CPU seconds (the client process and its children, user + system)
+and CPU seconds per million tokens the emitter streamed to it; for ours also the CPU of
+the measured phase alone (the run's own ``client.cpu_seconds``), and the ratio of ours to
+InferenceMAX's whole-run CPU per million tokens (issue 20's goal: <= 0.25).
+
+    .venv/bin/python benchmarks/whole_run.py --quick --bench-serving DIR --peer-python PY   # ~1 min
+    .venv/bin/python benchmarks/whole_run.py --bench-serving DIR --peer-python PY           # ~12 min on 2 cores
+
+DIR is ``utils/bench_serving`` of an InferenceX checkout; PY an interpreter with its
+requirements, e.g. ``python3 -m venv .venv-peer && .venv-peer/bin/pip install -c
+requirements/lock.txt transformers tqdm aiohttp numpy`` (docs/performance.md).
+``--no-peer`` measures ours alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+import client_overhead  # noqa: E402  (its emitter is the reference server)
+
+ISL = client_overhead.ISL
+CLIENT_TIMEOUT_S = 900  # one client run, at most
+
+OURS_TEST = """
+from pytest_infmax import Scenario
+
+
+def test_whole_run(infmax):
+    result = infmax.run(
+        Scenario("whole-run", {isl}, {tokens}, range_ratio=1.0),
+        concurrency={streams},
+        num_requests={requests},
+        warmup=0,
+        request_timeout={timeout},
+    )
+    assert result.metrics.num_ok == {requests}
+"""
+
+# A word-level tokenizer, built offline, in which the emitter's " tok" is one token.
+MAKE_TOKENIZER = """
+import sys
+from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+from transformers import PreTrainedTokenizerFast
+
+words = ["<unk>", "<s>", "</s>", "tok"] + [f"w{i}" for i in range(4000)]
+tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+fast.save_pretrained(sys.argv[1])
+"""
+
+
+def _child_run(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float, subprocess.CompletedProcess[str]]:
+    """Runs ``cmd`` to its end: (wall seconds from spawn to exit, CPU seconds of it and its children)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=CLIENT_TIMEOUT_S)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu, proc
+
+
+def _fail(what: str, proc: subprocess.CompletedProcess[str]) -> SystemExit:
+    tail = (proc.stdout + proc.stderr)[-4000:]
+    return SystemExit(f"{what} failed (exit {proc.returncode}):\n{tail}")
+
+
+def run_ours(base: str, work: Path, streams: int, requests: int, tokens: int) -> dict[str, float | None]:
+    project = work / f"ours-{streams}"
+    project.mkdir(exist_ok=True)
+    (project / "pytest.ini").write_text("[pytest]\n")
+    (project / "test_whole_run.py").write_text(
+        textwrap.dedent(OURS_TEST).format(
+            isl=ISL, tokens=tokens, streams=streams, requests=requests, timeout=CLIENT_TIMEOUT_S
+        )
+    )
+    out = project / "results.json"
+    out.unlink(missing_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "INFMAX_"))}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_whole_run.py"]
+    cmd += ["--infmax-endpoint", base, "--infmax-json", str(out)]
+    wall, cpu, proc = _child_run(cmd, project, env)
+    if proc.returncode != 0 or not out.is_file():
+        raise _fail("ours (pytest)", proc)
+    result = json.loads(out.read_text())["results"][0]
+    client = result.get("client") or {}
+    return {"wall": wall, "cpu": cpu, "streaming_cpu": client.get("cpu_seconds")}
+
+
+def make_tokenizer(peer_python: str, where: Path) -> Path:
+    tokdir = where / "tokenizer"
+    proc = subprocess.run([peer_python, "-c", MAKE_TOKENIZER, str(tokdir)], capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise _fail(f"building a tokenizer with {peer_python} (it needs transformers and tokenizers)", proc)
+    return tokdir
+
+
+def run_peer(
+    base: str, work: Path, streams: int, requests: int, tokens: int, bench_serving: Path, peer_python: str, tokdir: Path
+) -> dict[str, float | None]:
+    results = work / f"peer-{streams}"
+    results.mkdir(exist_ok=True)
+    cmd = [peer_python, str(bench_serving / "benchmark_serving.py"), "--backend", "vllm", "--base-url", base]
+    cmd += ["--endpoint", "/v1/completions", "--model", "whole-run", "--tokenizer", str(tokdir)]
+    cmd += ["--dataset-name", "random", "--random-input-len", str(ISL), "--random-output-len", str(tokens)]
+    cmd += ["--random-range-ratio", "1.0", "--num-prompts", str(requests), "--max-concurrency", str(streams)]
+    cmd += ["--ignore-eos", "--disable-tqdm", "--save-result", "--result-dir", str(results)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    wall, cpu, proc = _child_run(cmd, bench_serving, env)
+    if proc.returncode != 0:
+        raise _fail("InferenceMAX's benchmark_serving.py", proc)
+    saved = sorted(results.glob("*.json"), key=lambda f: f.stat().st_mtime)
+    summary = json.loads(saved[-1].read_text()) if saved else {}
+    if summary.get("completed") != requests:
+        raise _fail(f"InferenceMAX's client completed {summary.get('completed')} of {requests} requests:", proc)
+    for old in saved:
+        old.unlink()
+    return {"wall": wall, "cpu": cpu, "streaming_cpu": None}  # not measured: it would need instrumenting
+
+
+def _spread(values: list[float | None], fmt: str = "{:.2f}") -> str:
+    got = [v for v in values if v is not None]  # None: not measured
+    if not got:
+        return "-"
+    return f"{fmt.format(statistics.median(got))} ({fmt.format(min(got))}-{fmt.format(max(got))})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--streams", type=int, nargs="+", default=[64, 256], help="concurrent streams (default 64 256)")
+    p.add_argument("--tokens", type=int, default=1000, help="one-token events per request (default 1000)")
+    p.add_argument("--itl-ms", type=float, default=10.0, help="the emitter's gap between events (default 10)")
+    p.add_argument("--rounds", type=int, default=2, help="requests per run = rounds x streams (default 2)")
+    p.add_argument("--runs", type=int, default=3, help="interleaved runs of each client (default 3)")
+    p.add_argument("--bench-serving", type=Path, help="InferenceX's utils/bench_serving directory")
+    p.add_argument("--peer-python", help="an interpreter with bench_serving's requirements (transformers...)")
+    p.add_argument("--no-peer", action="store_true", help="measure ours alone")
+    p.add_argument("--quick", action="store_true", help="a check that it works: 8 streams, 50 tokens, 1 run")
+    p.add_argument("--json", type=Path, help="also write every run here")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.streams, args.tokens, args.rounds, args.runs = [8], 50, 1, 1
+    if not args.no_peer:
+        if args.bench_serving is None or not (args.bench_serving / "benchmark_serving.py").is_file():
+            p.error(
+                "--bench-serving DIR: InferenceX's utils/bench_serving (with benchmark_serving.py) is needed, "
+                "or --no-peer to measure ours alone"
+            )
+        if not args.peer_python:
+            p.error("--peer-python PY: an interpreter with transformers, aiohttp, numpy and tqdm (or --no-peer)")
+        args.bench_serving = args.bench_serving.resolve()
+    clients = ["ours"] if args.no_peer else ["ours", "InferenceMAX"]
+
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
+        f"emitter: one-token events every {args.itl_ms:g} ms, {args.tokens} per request; "
+        f"{args.runs} interleaved runs of each client"
+    )
+    rows: list[dict[str, object]] = []
+    with tempfile.TemporaryDirectory(prefix="infmax-whole-run-") as tmp:
+        work = Path(tmp)
+        tokdir = None if args.no_peer else make_tokenizer(args.peer_python, work)
+        for streams in args.streams:
+            requests = streams * args.rounds
+            emitter_dir = work / f"emitter-{streams}"  # its port file: one per emitter
+            emitter_dir.mkdir()
+            proc, base = client_overhead._start_emitter(emitter_dir, 1, args.itl_ms / 1000)
+            runs: dict[str, list[dict[str, float | None]]] = {c: [] for c in clients}
+            try:
+                for _ in range(args.runs):
+                    for client in clients:  # interleaved: a drift of the machine hits both
+                        before = client_overhead._get_stats(base)
+                        if client == "ours":
+                            r = run_ours(base, work, streams, requests, args.tokens)
+                        else:
+                            assert tokdir is not None
+                            r = run_peer(
+                                base, work, streams, requests, args.tokens, args.bench_serving, args.peer_python, tokdir
+                            )
+                        after = client_overhead._get_stats(base)
+                        mtok = (after["tokens"] - before["tokens"]) / 1e6
+                        r["tokens"] = after["tokens"] - before["tokens"]
+                        r["requests"] = after["requests"] - before["requests"]
+                        r["cpu_per_mtok"] = r["cpu"] / mtok
+                        streaming = r["streaming_cpu"]
+                        r["streaming_cpu_per_mtok"] = None if streaming is None else streaming / mtok
+                        runs[client].append(r)
+                        rows.append({"streams": streams, "client": client, **r})
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=10)
+            print(f"\n{streams} streams, {requests} requests of {args.tokens} tokens a run:")
+            print(
+                f"  {'client':<14} {'wall s':>22} {'CPU s':>22} {'CPU s / M tok, whole run':>26} "
+                f"{'CPU s / M tok, streaming':>26}"
+            )
+            for client in clients:
+                rs = runs[client]
+                print(
+                    f"  {client:<14} {_spread([r['wall'] for r in rs]):>22} {_spread([r['cpu'] for r in rs]):>22} "
+                    f"{_spread([r['cpu_per_mtok'] for r in rs], '{:.1f}'):>26} "
+                    f"{_spread([r['streaming_cpu_per_mtok'] for r in rs], '{:.1f}'):>26}"
+                )
+            if not args.no_peer:
+                ours = statistics.median(r["cpu_per_mtok"] or 0.0 for r in runs["ours"])
+                peer = statistics.median(r["cpu_per_mtok"] or 0.0 for r in runs["InferenceMAX"])
+                print(f"  ours / InferenceMAX, whole-run CPU per M tokens: {ours / peer:.2f} (goal <= 0.25)")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,67 @@
+"""Heavy third-party modules, imported where they are first used, not where they are named.
+
+pytest imports the plugin in every session, perf tests or not, and the plugin imports the
+settings, the gate and what they name; numpy, scipy, aiohttp, prometheus_client and yaml
+would cost most of a second there (docs/performance.md has the measurement). So a module
+of the package names them like this::
+
+    if TYPE_CHECKING:
+        import numpy as np
+    else:
+        np = lazy_module("numpy")
+
+mypy reads the real import; at run time ``np`` is a stand-in that imports numpy at its
+first attribute read (``np.asarray``) and keeps what it read, so a later read costs what
+a module attribute's does. The stand-in is not put in ``sys.modules``: ``"numpy" in
+sys.modules`` stays false until something uses numpy, which tests/test_startup.py holds
+for a session without perf tests. A name imported from a heavy module
+(``from scipy.interpolate import PchipInterpolator``) becomes an attribute read of its
+module's stand-in where it is used (``interpolate.PchipInterpolator``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import types
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+
+class LazyModule(types.ModuleType):
+    """Stands in for the module named ``name`` until an attribute of it is read."""
+
+    def __getattr__(self, attr: str) -> Any:
+        # Called only for what is not yet on the stand-in: the first read of each attribute.
+        value = getattr(importlib.import_module(self.__name__), attr)
+        setattr(self, attr, value)
+        return value
+
+    def __repr__(self) -> str:
+        return f"<lazy module {self.__name__!r}>"
+
+
+def lazy_module(name: str) -> Any:
+    """A stand-in for the module ``name`` (``"numpy"``, ``"scipy.stats"``), imported at first use."""
+    return LazyModule(name)
+
+
+def lazy_attributes(namespace: dict[str, Any], names: Mapping[str, Sequence[str]]) -> tuple[Any, Any]:
+    """A package's ``__getattr__`` and ``__dir__`` (PEP 562) for public names that live in its
+    modules, ``names`` = {module: (name, ...)}: each module is imported when one of its names is
+    first read (``from pytest_infmax import Infmax`` reads it), and the name is then kept in the
+    package's ``namespace`` (its ``globals()``), found there directly from then on."""
+    where = {name: module for module, listed in names.items() for name in listed}
+    package = namespace["__name__"]
+
+    def __getattr__(name: str) -> Any:
+        module = where.get(name)
+        if module is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(module), name)
+        namespace[name] = value
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted({*namespace, *where})
+
+    return __getattr__, __dir__
