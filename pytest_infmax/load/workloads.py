@@ -36,11 +36,15 @@ import numbers
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
+from pytest_infmax.lazy import lazy_module
 from pytest_infmax.load.scenarios import _WORDS, PlannedRequest, Scenario, TokenWindow
+
+if TYPE_CHECKING:
+    import numpy as np
+else:  # imported at first use, not with this module (pytest_infmax/lazy.py)
+    np = lazy_module("numpy")
 
 MOONCAKE_BLOCK_TOKENS = 512  # tokens per hash id in Mooncake's traces
 MAX_TURNS = 1000
