@@ -204,6 +204,8 @@ def _results_table(rows: list[dict[str, Any]]) -> str:
     headers = [
         "test",
         "scenario",
+        "ISL/OSL",
+        "endpoint",
         "load",
         "requests",
         "TTFT p50 (ms)",
@@ -220,6 +222,8 @@ def _results_table(rows: list[dict[str, Any]]) -> str:
         cells = [
             (_e(r["test"]), "test"),
             (_e(r["scenario"]), "nowrap"),
+            (_e(r["shape"]), "num"),
+            (_e(r["endpoint"]), "nowrap"),
             (_e(r["load"]), "nowrap"),
             (_e(requests_cell(r)), "num"),
             _n(r["ttft_p50_ms"], ".1f"),

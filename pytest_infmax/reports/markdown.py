@@ -247,6 +247,8 @@ def _results_table(rows: list[dict[str, Any]], max_rows: int) -> list[str]:
     headers = [
         "test",
         "scenario",
+        "ISL/OSL",
+        "endpoint",
         "load",
         "requests",
         "TTFT p50 (ms)",
@@ -256,7 +258,7 @@ def _results_table(rows: list[dict[str, Any]], max_rows: int) -> list[str]:
         "throughput (tok/s/GPU)",
         "errors",
     ]
-    align = ["---", "---", "---", "--:", "--:", "--:", "--:", "--:", "--:", "--:"]
+    align = ["---", "---", "--:", "---", "---", "--:", "--:", "--:", "--:", "--:", "--:", "--:"]
     sources: dict[str, int] = {}
     if with_cost:
         headers.append("$ / M tokens")
@@ -271,6 +273,8 @@ def _results_table(rows: list[dict[str, Any]], max_rows: int) -> list[str]:
         cells = [
             md_code(row["test"]),
             md_text(row["scenario"]),
+            md_text(row["shape"]),
+            md_text(row["endpoint"]),
             md_text(row["load"]),
             requests_cell(row),
             fmt(row["ttft_p50_ms"], ".1f"),

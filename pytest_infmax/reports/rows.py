@@ -128,7 +128,8 @@ def result_row(result: Result, price: Price | Mapping[str, Any] | None = None) -
     """
     m = result.get("metrics") or {}
     load = result.get("load") or {}
-    scenario = (load.get("scenario") or {}).get("name", "?")
+    scen = load.get("scenario") or {}
+    scenario = scen.get("name", "?")
     cost = result.get("cost") or None
     usd, source, per_hour = m.get("cost_per_mtok"), None, None
     if cost and cost.get("usd_per_mtok_total") is not None:
@@ -151,6 +152,12 @@ def result_row(result: Result, price: Price | Mapping[str, Any] | None = None) -
     return {
         "test": result.get("name", "?"),
         "scenario": scenario,
+        # the workload's shape: tokens in/out per request (lengths uniform in [range_ratio·L, L]) and the API
+        "isl": scen.get("isl"),
+        "osl": scen.get("osl"),
+        "range_ratio": scen.get("range_ratio"),
+        "shape": f"{scen['isl']}/{scen['osl']}" if scen.get("isl") and scen.get("osl") else "?",
+        "endpoint": scen.get("endpoint", "?"),
         "load": load_label(load) + (f" x{repeats}" if repeats else ""),
         "requests": m.get("num_requests"),
         "ok": m.get("num_ok"),

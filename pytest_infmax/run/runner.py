@@ -81,17 +81,22 @@ class Infmax:
         # The server's own Prometheus metrics, scraped around each run (servermetrics); gauges every N s
         self.server_metrics, self.server_metrics_interval = server_metrics, server_metrics_interval
 
-    def run(self, scenario: str | Scenario = "1k1k-mini", **kwargs: Any) -> LoadResult:
+    def run(self, scenario: str | Scenario | None = None, **kwargs: Any) -> LoadResult:
         """Run load and return its result; see :meth:`arun` for the arguments."""
         __tracebackhide__ = True  # failures point at the test line that ran the load
         _check_arguments(kwargs, "infmax.run()")
         plan = self._plan(scenario, **kwargs)  # validation only: nothing is sent yet
         return self._conclude(_run_sync(self._measure_all(plan), "infmax.run()"), plan)
 
-    async def arun(self, scenario: str | Scenario = "1k1k-mini", **kwargs: Any) -> LoadResult:
+    async def arun(self, scenario: str | Scenario | None = None, **kwargs: Any) -> LoadResult:
         """Run warm-up and measured load; check ``sla`` if given.
 
-        Keyword arguments: ``concurrency`` (closed loop) or ``rate`` (open loop,
+        ``scenario``: a preset's name (default ``1k1k-mini``) or a :class:`Scenario`; or leave it
+        out and give ``isl=`` and ``osl=`` (tokens in and out per request) and, if you like,
+        ``range_ratio=`` (lengths uniform in [range_ratio·L, L]; default 0.8, InferenceMAX's).
+        With a scenario, ``isl=``/``osl=``/``range_ratio=`` replace its own.
+
+        Other keyword arguments: ``concurrency`` (closed loop) or ``rate`` (open loop,
         requests/s; ``math.inf`` sends all at once), exactly one of them;
         ``burstiness``, ``max_concurrency``, ``num_requests``, ``duration``,
         ``warmup``, ``endpoint`` ("completions" or "chat"), ``sla``,
@@ -111,7 +116,7 @@ class Infmax:
 
     def sweep(
         self,
-        scenario: str | Scenario = "1k1k-mini",
+        scenario: str | Scenario | None = None,
         *,
         concurrency: Sequence[int] | None = None,
         rate: Sequence[float] | None = None,
@@ -156,8 +161,11 @@ class Infmax:
 
     def _plan(
         self,
-        scenario: str | Scenario,
+        scenario: str | Scenario | None,
         *,
+        isl: int | None = None,
+        osl: int | None = None,
+        range_ratio: float | None = None,
         concurrency: int | None = None,
         rate: float | None = None,
         burstiness: float = 1.0,
@@ -181,9 +189,7 @@ class Infmax:
         except RepeatError as exc:
             raise LoadConfigError(str(exc)) from None
         sla_obj = _as_sla(sla, goodput)
-        scen = get_scenario(scenario)
-        if endpoint is not None:
-            scen = scen.with_endpoint(endpoint)
+        scen = workload(scenario, isl=isl, osl=osl, range_ratio=range_ratio, endpoint=endpoint)
         config = LoadConfig(
             scenario=scen,
             concurrency=concurrency,
@@ -409,13 +415,67 @@ class _Plan:
 RUN_ARGUMENTS = tuple(p for p in inspect.signature(Infmax._plan).parameters if p not in ("self", "scenario"))
 
 
+def workload(
+    scenario: str | Scenario | None,
+    *,
+    isl: int | None = None,
+    osl: int | None = None,
+    range_ratio: float | None = None,
+    endpoint: Endpoint | None = None,
+) -> Scenario:
+    """The scenario a run's arguments ask for: a preset's name or a ``Scenario`` (None: ``1k1k-mini``,
+    unless ``isl=`` and ``osl=`` describe one), with ``isl``/``osl``/``range_ratio``/``endpoint``
+    replacing its own. A scenario whose lengths change is renamed after them (``isl512-osl64``)."""
+    try:
+        if scenario is None and (isl is not None or osl is not None):
+            if isl is None or osl is None:
+                given, missing = ("isl", "osl") if osl is None else ("osl", "isl")
+                raise LoadConfigError(
+                    f"{given}= without {missing}=: give both (tokens in and out per request), "
+                    f"or a scenario whose {missing} to keep, e.g. run('1k1k-mini', {given}=...)"
+                )
+            scen = Scenario(isl=isl, osl=osl, range_ratio=0.8 if range_ratio is None else range_ratio)
+        else:
+            scen = get_scenario("1k1k-mini" if scenario is None else scenario)
+            if isl is not None or osl is not None:  # new lengths: a name that says them
+                scen = dataclasses.replace(
+                    scen, name="", isl=scen.isl if isl is None else isl, osl=scen.osl if osl is None else osl
+                )
+            if range_ratio is not None:
+                scen = dataclasses.replace(scen, range_ratio=range_ratio)
+        if endpoint is not None:
+            scen = scen.with_endpoint(endpoint)
+    except ValueError as exc:
+        if isinstance(exc, LoadConfigError):
+            raise
+        raise LoadConfigError(str(exc)) from None
+    return scen
+
+
+# What vLLM's and SGLang's benchmarks (and InferenceMAX's configs) call a run's arguments
+OTHER_TOOLS_NAMES = {
+    "input_len": "isl",
+    "random_input_len": "isl",
+    "input_length": "isl",
+    "output_len": "osl",
+    "random_output_len": "osl",
+    "output_length": "osl",
+    "random_range_ratio": "range_ratio",
+    "request_rate": "rate",
+    "num_prompts": "num_requests",
+    "num_warmups": "warmup",
+    "max_concurrency": "max_concurrency",
+}
+
+
 def _check_arguments(kwargs: dict[str, Any], caller: str, extra: tuple[str, ...] = ()) -> None:
     """Every keyword a run takes is known; a misspelt one names the closest (before: a
     TypeError naming the private ``_plan``)."""
     known = [*RUN_ARGUMENTS, *extra]
     for name in kwargs:
         if name not in known:
-            close = difflib.get_close_matches(name, known, n=1)
+            alias = OTHER_TOOLS_NAMES.get(name.lower().lstrip("-").replace("-", "_"))
+            close = [alias] if alias in known else difflib.get_close_matches(name, known, n=1)
             hint = f"; did you mean {close[0]}=?" if close else ""
             raise LoadConfigError(
                 f"{caller} has no argument {name}={kwargs[name]!r}{hint} (its arguments: {', '.join(known)})"
