@@ -365,6 +365,8 @@ def _sweeps_section(results: Sequence[Result], sweeps: Sequence[Mapping[str, Any
                 cls = "met" if v.get("passed") else "missed"
                 out.append(f'<li class="{cls}">{_e(v.get("message") or v.get("objective"))}</li>')
             out.append("</ul>")
+        if s.get("capacity"):
+            out.append(f'<p class="capacity">capacity: {_e(s["capacity"].get("text", "?"))}</p>')
         missing = [n for n in s.get("points") or () if n not in by_name]
         if missing:
             out.append(f'<p class="note">{len(missing)} of its points are not in this report.</p>')

@@ -14,7 +14,9 @@ A result dict may carry ``"outcome"`` (the plugin adds it once the test has run)
 ``regression`` (against its baseline), ``errors`` (more failed requests than
 ``--infmax-max-error-rate`` allows, where the test set no ``error_rate`` SLA), ``client-bound`` (the load generator fell
 behind, under ``--infmax-client-bound fail``), and ``test`` (the test failed for a
-reason of its own, e.g. an assert).
+reason of its own, e.g. an assert). A load that ``infmax.capacity()`` measured
+(``"capacity_probe"``) says ``met`` or ``missed`` its SLAs instead: missing them above the
+capacity is what the search looks for, not a failure.
 """
 
 from __future__ import annotations
@@ -63,7 +65,9 @@ def verdict(result: Result) -> tuple[str, list[str]]:
     baseline = outcome.get("baseline") or None
     client = result.get("client") or {}
     reasons = []
-    if result.get("passed") is False:
+    # a load infmax.capacity() measured: above the capacity it misses the SLAs by design
+    probe = bool(result.get("capacity_probe"))
+    if result.get("passed") is False and not probe:
         reasons.append("SLA")
     if baseline is not None and not baseline.get("passed", True):
         reasons.append("regression" if baseline.get("verdict") in ("regressed", None) else str(baseline["verdict"]))
@@ -84,6 +88,8 @@ def verdict(result: Result) -> tuple[str, list[str]]:
         reasons.append("interrupted")
     if outcome.get("test_failed") and not reasons:
         reasons.append("test")
+    if probe and not reasons and result.get("passed") is not None:
+        return ("met" if result["passed"] else "missed"), reasons
     checked = result.get("passed") is not None or (baseline is not None and baseline.get("verdict") is not None)
     return ("FAIL" if reasons else "PASS" if checked else "-"), reasons
 

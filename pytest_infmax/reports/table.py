@@ -78,3 +78,14 @@ def format_table(rows: Sequence[dict[str, Any]], max_test_width: int = 48) -> st
     out = [fmt_line(headers), "  ".join("-" * w for w in widths)]
     out.extend(fmt_line(c) for c in cells)
     return "\n".join(out)
+
+
+def capacity_lines(sweeps: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per ``infmax.capacity()`` (a sweep dict with ``capacity``): the test, the capacity
+    it found and every load it measured."""
+    out = []
+    for s in sweeps:
+        cap = s.get("capacity") or {}
+        if cap:
+            out.append(f"{s.get('name', '?')}: {cap.get('text', '?')}")
+    return out

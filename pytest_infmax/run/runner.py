@@ -27,6 +27,7 @@ from pytest_infmax.measure.servermetrics import Scraper, metrics_url
 from pytest_infmax.measure.sla import Objective
 from pytest_infmax.measure.verdicts import SLA
 from pytest_infmax.records import RequestRecord
+from pytest_infmax.run.capacity import CapacityResult, Grid, Method, Over, Probe, margin, search
 from pytest_infmax.run.repeats import RepeatError, repeat_count
 from pytest_infmax.run.results import DEFAULT_PERCENTILES, LoadResult, combine
 from pytest_infmax.run.sweep import FrontierObjective, SweepResult
@@ -158,6 +159,84 @@ class Infmax:
         if objectives:
             sweep.check(*(o.text for o in objectives))
         return sweep
+
+    def capacity(
+        self,
+        scenario: str | Scenario | None = None,
+        *,
+        sla: Sequence[str | Objective] | SLA | str,
+        over: Over = "concurrency",
+        lo: float | None = None,
+        hi: float | None = None,
+        step: float | None = None,
+        method: Method = "pchip",
+        price: Price | None = None,
+        **kwargs: Any,
+    ) -> CapacityResult:
+        """The largest load (``over="concurrency"`` or ``"rate"``) in [lo, hi] that meets ``sla``.
+
+        Brackets by doubling from ``lo`` (default 1) up to ``hi`` (default 1024), then narrows
+        until the last load that met the SLAs and the first that missed them are at most ``step``
+        apart (default: 1 for concurrency, ``lo`` for rate): ``method="pchip"`` places each load
+        at the root of a PCHIP through the points' SLA margins, ``"bisect"`` halves
+        (:mod:`pytest_infmax.run.capacity`). Every load is an ordinary result in the reports,
+        judged by ``sla`` (a missed SLA there does not fail the test: the assertion on the
+        returned capacity does). Other keyword arguments are ``run()``'s (``isl``, ``osl``,
+        ``num_requests``, ``duration``, ``goodput``, ...). Everything is validated before the
+        first load is sent.
+        """
+        __tracebackhide__ = True
+        _check_arguments(
+            kwargs,
+            "infmax.capacity()",
+            extra=("over", "lo", "hi", "step", "method", "price"),
+            drop=("concurrency", "rate"),
+        )
+        grid = Grid.of(over, lo, hi, step)
+        if method not in ("pchip", "bisect"):
+            raise LoadConfigError(f"capacity(method={method!r}): method must be 'pchip' or 'bisect'")
+        sla_obj = _as_sla(sla, kwargs.get("goodput"))
+        if sla_obj is None or not len(sla_obj):
+            raise LoadConfigError("capacity() needs sla=[...]: the objectives a load must meet to count")
+        base = kwargs.pop("name", None) or self.name
+
+        def plan_at(load: float) -> _Plan:
+            level = {"concurrency": int(load)} if grid.whole else {"rate": float(load)}
+            plan = self._plan(scenario, **level, name=f"{base}[{grid.label(load)}]", **kwargs)
+            return dataclasses.replace(plan, price=price) if price is not None else plan
+
+        plan_at(grid.lo), plan_at(grid.hi)  # validation only: nothing is sent yet
+        if price is not None:
+            cap = CapacityResult([], price=price)
+        else:
+            session_price, note = self.price()
+            cap = CapacityResult([], price=session_price, price_note=note)
+        cap.over, cap.grid, cap.method = grid.over, grid, method
+        cap.sla = tuple(str(o) for o in sla_obj.objectives)
+        if self._on_sweep is not None:  # reported even if a load fails
+            self._on_sweep(cap)
+
+        def measure(load: float) -> Probe:
+            plan = plan_at(load)
+            result = _run_sync(self._measure_all(plan), "infmax.capacity()")
+            result.capacity_probe = True
+            verdicts = result.evaluate(sla=sla_obj)
+            result.verdicts.extend(verdicts)  # the reports' SLA cell: met or missed, not a failed test
+            cap.results.append(result)
+            probe = Probe(
+                load,
+                all(v.passed for v in verdicts),
+                margin(verdicts),
+                result.name,
+                tuple(v.message for v in verdicts if not v.passed),
+            )
+            cap.probes.append(probe)
+            if self._progress is not None:
+                self._progress(f"{base}: capacity {grid.label(load)} {'met' if probe.met else 'missed'} the SLAs")
+            return probe
+
+        search(measure, grid, method)
+        return cap
 
     def _plan(
         self,
@@ -468,11 +547,15 @@ OTHER_TOOLS_NAMES = {
 }
 
 
-def _check_arguments(kwargs: dict[str, Any], caller: str, extra: tuple[str, ...] = ()) -> None:
+def _check_arguments(
+    kwargs: dict[str, Any], caller: str, extra: tuple[str, ...] = (), drop: tuple[str, ...] = ()
+) -> None:
     """Every keyword a run takes is known; a misspelt one names the closest (before: a
-    TypeError naming the private ``_plan``)."""
-    known = [*RUN_ARGUMENTS, *extra]
+    TypeError naming the private ``_plan``). ``drop``: run()'s that this caller sets itself."""
+    known = [*(a for a in RUN_ARGUMENTS if a not in drop), *extra]
     for name in kwargs:
+        if name in drop:
+            raise LoadConfigError(f"{caller} chooses {name}= itself: give over=, lo= and hi= instead")
         if name not in known:
             alias = OTHER_TOOLS_NAMES.get(name.lower().lstrip("-").replace("-", "_"))
             close = [alias] if alias in known else difflib.get_close_matches(name, known, n=1)
