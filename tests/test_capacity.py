@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_infmax import LoadConfigError
+from pytest_infmax import LoadConfigError, cli
 from pytest_infmax.measure.sla import parse
 from pytest_infmax.measure.verdicts import Verdict
 from pytest_infmax.reports.markdown import sweep_to_dict
@@ -144,7 +144,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         yield s
 
 
-def test_capacity_over_concurrency_matches_simulate(server: Server) -> None:
+def test_capacity_over_concurrency_matches_simulate(
+    server: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     expected = _expected_capacity(16)
     assert expected == 6  # the scheduler's limit, as designed
     sweeps: list = []
@@ -170,6 +172,14 @@ def test_capacity_over_concurrency_matches_simulate(server: Server) -> None:
     assert [p["load"] for p in summary["probes"]] == loads and doc["points"] == [r.name for r in cap.results]
     assert f"c={cap.concurrency} meets p99(ttft) < 60 ms (c={cap.concurrency + 1} misses it)" in summary["text"]
     assert "c=1 met, c=2 met, c=4 met, c=8 missed" in repr(cap)  # what a failed assert shows
+
+    # infmax table reads it back from the JSON
+    results = [r.to_dict(include_records=False) for r in cap.results]
+    path = tmp_path / "out.json"
+    path.write_text(json.dumps({"results": results, "sweeps": [doc]}))
+    assert cli.main(["table", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "ISL/OSL" in out and f"test_cap: {summary['text']}" in out
 
 
 def test_capacity_over_rate_stays_below_the_saturation_rate(server: Server) -> None:
