@@ -16,7 +16,7 @@ from pytest_infmax import LoadConfigError, cli
 from pytest_infmax.measure.sla import parse
 from pytest_infmax.measure.verdicts import Verdict
 from pytest_infmax.reports.markdown import sweep_to_dict
-from pytest_infmax.reports.rows import VerdictTally, result_row
+from pytest_infmax.reports.rows import VerdictTally, failed_verdicts, result_row
 from pytest_infmax.run.capacity import Grid, Probe, margin, search
 from pytest_infmax.run.runner import Infmax
 from pytest_infmax.servers.launch import Server, ServerConfig, running_server
@@ -165,6 +165,7 @@ def test_capacity_over_concurrency_matches_simulate(
     rows = [result_row(r.to_dict(include_records=False)) for r in cap.results]
     assert [row["verdict"] for row in rows] == ["met" if p.met else "missed" for p in cap.probes]
     assert VerdictTally(rows).failed == 0
+    assert failed_verdicts([r.to_dict(include_records=False) for r in cap.results]) == []  # no "Failed SLAs"
     doc = json.loads(json.dumps(sweep_to_dict(sweeps[0], name="test_cap")))
     summary = doc["capacity"]
     assert summary["over"] == "concurrency" and summary["capacity"] == cap.concurrency
