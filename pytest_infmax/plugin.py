@@ -47,6 +47,9 @@ STATE_KEY = pytest.StashKey["PluginState"]()
 # The key figures every perf test leaves in JUnit XML (and report.user_properties), from its row;
 # then every registered run-level figure it measured (infmax_cost_per_mtok, infmax_power, ...).
 JUNIT_PROPERTIES = (
+    "isl",  # the workload: tokens in and out per request, and the API it used
+    "osl",
+    "endpoint",
     "ttft_p50_ms",
     "ttft_p99_ms",
     "tpot_p50_ms",
@@ -59,7 +62,7 @@ JUNIT_PROPERTIES = (
     "sla",  # the SLA's own verdict
     "verdict",  # the test's: PASS, or FAIL with every reason (SLA, regression, errors, client-bound, test)
 )
-_JUNIT_OPTIONAL = frozenset({"usd_per_mtok", "j_per_token"})
+_JUNIT_OPTIONAL = frozenset({"usd_per_mtok", "j_per_token", "isl", "osl"})
 
 
 @dataclass

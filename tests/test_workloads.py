@@ -130,3 +130,9 @@ def test_workload_combines_a_scenario_with_sizes() -> None:
 def test_a_results_file_without_the_shape_still_makes_rows(tmp_path: Path) -> None:
     row = result_row({"name": "old", "load": {"scenario": {"name": "x"}, "concurrency": 1}, "metrics": {}})
     assert (row["shape"], row["endpoint"], row["isl"]) == ("?", "?", None)
+
+
+def test_sweep_takes_sizes_too(server: Server) -> None:
+    sweep = Infmax(server, name="s").sweep(isl=16, osl=3, concurrency=[1, 2], num_requests=2, warmup=0)
+    assert [r.config.scenario.name for r in sweep.results] == ["isl16-osl3"] * 2
+    assert [r.name for r in sweep.results] == ["s[c=1]", "s[c=2]"]
