@@ -202,6 +202,8 @@ def test_capacity_arguments_are_checked_before_any_load(server: Server) -> None:
     infmax = Infmax(server)
     with pytest.raises(LoadConfigError, match="capacity\\(\\) needs sla="):
         infmax.capacity("1k1k-mini", sla=[])
+    with pytest.raises(LoadConfigError, match="capacity\\(\\) needs sla="):
+        infmax.capacity("1k1k-mini")
     with pytest.raises(LoadConfigError, match="infmax.capacity\\(\\) chooses concurrency= itself"):
         infmax.capacity("1k1k-mini", sla="p99(ttft) < 1s", concurrency=4)
     with pytest.raises(LoadConfigError, match="has no argument hii=8; did you mean hi="):

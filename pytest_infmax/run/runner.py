@@ -164,7 +164,7 @@ class Infmax:
         self,
         scenario: str | Scenario | None = None,
         *,
-        sla: Sequence[str | Objective] | SLA | str,
+        sla: Sequence[str | Objective] | SLA | str | None = None,
         over: Over = "concurrency",
         lo: float | None = None,
         hi: float | None = None,
