@@ -19,7 +19,7 @@ from pytest_infmax.reports.markdown import sweep_to_dict
 from pytest_infmax.reports.rows import VerdictTally, failed_verdicts, result_row
 from pytest_infmax.run.capacity import Grid, Probe, margin, search
 from pytest_infmax.run.runner import Infmax
-from pytest_infmax.servers.launch import Server, ServerConfig, running_server
+from pytest_infmax.servers.launch import Server, ServerConfig, ServerError, running_server
 from pytest_infmax.sim import build_parser, config_from_args
 from pytest_infmax.sim.engine import simulate
 
@@ -261,3 +261,14 @@ def test_capacity_assertion_in_a_pytest_session(pytester: pytest.Pytester) -> No
     assert cap["missed_at"] == cap["capacity"] + 1 and {cap["capacity"], cap["missed_at"]} <= set(loads)
     probes = [r for r in doc["results"] if r["name"].startswith("test_perf.py::test_capacity[")]
     assert len(probes) == len(loads) and all(r["capacity_probe"] for r in probes)
+
+
+def test_a_server_that_dies_ends_the_search(tmp_path: Path) -> None:
+    """Every load after it would measure a dead server: the search stops, saying so."""
+    config = ServerConfig(sim_args=("--decode-step-ms", "1", "--crash-after", "10"), startup_timeout=30.0)
+    with running_server(config, tmp_path) as dying:
+        infmax = Infmax(dying, name="t")
+        with pytest.raises(ServerError, match=r"t: the server died during the capacity search, at c=4: "):
+            infmax.capacity(isl=16, osl=4, sla="p99(ttft) < 10s", lo=1, hi=64, num_requests=4, warmup=0)
+    assert [r.config.concurrency for r in infmax.results] == [1, 2, 4]
+    assert infmax.results[-1].server_died is not None

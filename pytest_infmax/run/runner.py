@@ -220,6 +220,11 @@ class Infmax:
             plan = plan_at(load)
             result = _run_sync(self._measure_all(plan), "infmax.capacity()")
             result.capacity_probe = True
+            if result.server_died is not None:  # every later load would measure a dead server
+                cap.results.append(result)
+                raise ServerError(
+                    f"{base}: the server died during the capacity search, at {grid.label(load)}: {result.server_died}"
+                )
             verdicts = result.evaluate(sla=sla_obj)
             result.verdicts.extend(verdicts)  # the reports' SLA cell: met or missed, not a failed test
             cap.results.append(result)
