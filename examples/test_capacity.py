@@ -15,6 +15,6 @@ SERVER = "--max-num-seqs 8 --decode-step-ms 6"
 
 @pytest.mark.infmax_server(sim_args=SERVER)
 def test_users_within_the_ttft_sla(infmax):
-    cap = infmax.capacity(isl=64, osl=16, sla=["p99(ttft) < 50ms"], lo=4, hi=16, num_requests=16)
+    cap = infmax.capacity(isl=64, osl=16, sla=["p99(ttft) < 50ms"], lo=4, hi=16, num_requests=16, warmup=4)
     print(cap.describe())
     assert cap.concurrency >= 6
