@@ -19,7 +19,7 @@ from pytest_infmax.baselines.store import BaselineError
 from pytest_infmax.baselines.stores import describe, migrate
 from pytest_infmax.reports.journal import json_path_for, read_journal
 from pytest_infmax.reports.rows import result_row
-from pytest_infmax.reports.table import format_table
+from pytest_infmax.reports.table import capacity_lines, format_table
 from pytest_infmax.reports.writer import ReportRequest, write_reports
 
 
@@ -28,10 +28,14 @@ def _table(path: str) -> int:
         with open(path, encoding="utf-8") as f:
             doc = json.load(f)
         rows = [result_row(r) for r in doc["results"]]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        capacities = capacity_lines([s for s in doc.get("sweeps") or () if s.get("capacity")])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         print(f"infmax: cannot read results from {path}: {exc}", file=sys.stderr)
         return 2
     print(format_table(rows))
+    if capacities:
+        print("\ninfmax capacity:")
+        print("\n".join(capacities))
     return 0
 
 

@@ -154,6 +154,7 @@ def test_every_report_carries_the_figures_and_how_they_were_got(figures_run: dic
         if info.kind == "scalar" and m[info.name] is not None:
             assert float(props[f"infmax_{info.name}"]) == pytest.approx(m[info.name]), info.name
     assert props["infmax_verdict"] == "PASS"
+    assert (props["infmax_isl"], props["infmax_osl"], props["infmax_endpoint"]) == ("64", "16", "completions")
     md = (path / "out.md").read_text()
     assert "### Cost" in md and "cost_per_mtok ($/Mtok)" in md and "priced at $2.34/GPU-hour" in md
     assert "❌ FAIL (SLA)" in md and "✅ PASS" in md

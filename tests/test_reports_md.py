@@ -72,6 +72,8 @@ def test_results_table_and_failed_sla(real: dict[str, Any]) -> None:
     assert header == [
         "test",
         "scenario",
+        "ISL/OSL",
+        "endpoint",
         "load",
         "requests",
         "TTFT p50 (ms)",

@@ -12,6 +12,7 @@ the only exact count.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import numbers
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -102,15 +103,32 @@ DEFAULT_TOKEN_WINDOW = TokenWindow()
 
 @dataclass(frozen=True)
 class Scenario:
-    """An ISL/OSL workload. Lengths are uniform integers in [range_ratio * L, L]."""
+    """An ISL/OSL workload. Lengths are uniform integers in [range_ratio * L, L].
 
-    name: str
-    isl: int
-    osl: int
+    ``range_ratio`` is InferenceMAX's (0.8: lengths in [0.8·L, L]), which is SGLang
+    bench_serving's ``--random-range-ratio`` and vLLM's before it became symmetric;
+    vLLM's ``--random-range-ratio b`` today draws from [L·(1-b), L·(1+b)], the same as
+    ``isl=L·(1+b), range_ratio=(1-b)/(1+b)`` here. ``name`` may be left out:
+    ``Scenario(isl=512, osl=64)`` is named ``isl512-osl64``.
+    """
+
+    name: str = ""
+    isl: int = 0
+    osl: int = 0
     range_ratio: float = 0.8
     endpoint: Endpoint = "completions"
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            raise ValueError(
+                f"a Scenario's first argument is its name, got {self.name!r}; "
+                f"write Scenario(isl=..., osl=...) for an unnamed one"
+            )
+        if self.isl == 0 or self.osl == 0:
+            raise ValueError(
+                f"scenario {self.name or '(unnamed)'!r} needs isl= and osl= (input and output tokens per request, "
+                f"each >= 1), got isl={self.isl!r}, osl={self.osl!r}"
+            )
         for field_name in ("isl", "osl"):
             value = getattr(self, field_name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -127,6 +145,8 @@ class Scenario:
             raise ValueError(f"scenario {self.name!r}: range_ratio must be in (0, 1], got {self.range_ratio}")
         if self.endpoint not in ("completions", "chat"):
             raise ValueError(f"scenario {self.name!r}: endpoint must be 'completions' or 'chat', got {self.endpoint!r}")
+        if not self.name:
+            object.__setattr__(self, "name", f"isl{self.isl}-osl{self.osl}")
 
     def scaled(self, factor: float, name: str | None = None) -> Scenario:
         """The same shape with both lengths multiplied by ``factor`` (for quick runs)."""
@@ -139,6 +159,11 @@ class Scenario:
 
     def with_endpoint(self, endpoint: Endpoint) -> Scenario:
         return dataclasses.replace(self, endpoint=endpoint)
+
+    @property
+    def shape(self) -> str:
+        """``512/64``: ISL/OSL, as the reports write them."""
+        return f"{self.isl}/{self.osl}"
 
     def sample_lengths(self, rng: np.random.Generator) -> tuple[int, int]:
         """Uniform lengths in [range_ratio * L, L], never below 1: a 0-token prompt or a
@@ -171,7 +196,11 @@ def get_scenario(scenario: str | Scenario) -> Scenario:
         return PRESETS[scenario]
     except KeyError:
         known = ", ".join(PRESETS)
-        raise ValueError(f"unknown scenario {scenario!r}; use one of {known}, or a Scenario(name, isl, osl)") from None
+        close = difflib.get_close_matches(str(scenario), PRESETS, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(
+            f"unknown scenario {scenario!r}; {hint}use one of {known}, or isl=/osl= (or a Scenario(isl=, osl=))"
+        ) from None
 
 
 @dataclass(frozen=True, slots=True)

@@ -204,6 +204,8 @@ def _results_table(rows: list[dict[str, Any]]) -> str:
     headers = [
         "test",
         "scenario",
+        "ISL/OSL",
+        "endpoint",
         "load",
         "requests",
         "TTFT p50 (ms)",
@@ -220,6 +222,8 @@ def _results_table(rows: list[dict[str, Any]]) -> str:
         cells = [
             (_e(r["test"]), "test"),
             (_e(r["scenario"]), "nowrap"),
+            (_e(r["shape"]), "num"),
+            (_e(r["endpoint"]), "nowrap"),
             (_e(r["load"]), "nowrap"),
             (_e(requests_cell(r)), "num"),
             _n(r["ttft_p50_ms"], ".1f"),
@@ -361,6 +365,8 @@ def _sweeps_section(results: Sequence[Result], sweeps: Sequence[Mapping[str, Any
                 cls = "met" if v.get("passed") else "missed"
                 out.append(f'<li class="{cls}">{_e(v.get("message") or v.get("objective"))}</li>')
             out.append("</ul>")
+        if s.get("capacity"):
+            out.append(f'<p class="capacity">capacity: {_e(s["capacity"].get("text", "?"))}</p>')
         missing = [n for n in s.get("points") or () if n not in by_name]
         if missing:
             out.append(f'<p class="note">{len(missing)} of its points are not in this report.</p>')

@@ -52,7 +52,8 @@ def sweep_to_dict(sweep: Any, name: str | None = None) -> dict[str, Any]:
     Keys: ``name``, ``scenario``, ``points`` (names of its results), ``frontier``
     (throughput per GPU against interactivity, ``Frontier.to_dict()``),
     ``verdicts`` (frontier SLA verdicts), ``price`` and ``costs`` (when priced),
-    ``targets`` (the frontier SLA texts, drawn on the frontier plot).
+    ``targets`` (the frontier SLA texts, drawn on the frontier plot), ``capacity`` (a capacity
+    search's answer and probes, ``CapacityResult.capacity_summary()``; None for a plain sweep).
     """
     results = list(sweep.results)
     names = [r.name for r in results]
@@ -68,6 +69,8 @@ def sweep_to_dict(sweep: Any, name: str | None = None) -> dict[str, Any]:
         "targets": [v.objective.text for v in sweep.verdicts],
         "price": None if sweep.price is None else sweep.price.to_dict(),
         "costs": costs,
+        # infmax.capacity(): the largest load that met its SLAs, and every load it measured
+        "capacity": sweep.capacity_summary(),
     }
 
 
@@ -247,6 +250,8 @@ def _results_table(rows: list[dict[str, Any]], max_rows: int) -> list[str]:
     headers = [
         "test",
         "scenario",
+        "ISL/OSL",
+        "endpoint",
         "load",
         "requests",
         "TTFT p50 (ms)",
@@ -256,7 +261,7 @@ def _results_table(rows: list[dict[str, Any]], max_rows: int) -> list[str]:
         "throughput (tok/s/GPU)",
         "errors",
     ]
-    align = ["---", "---", "---", "--:", "--:", "--:", "--:", "--:", "--:", "--:"]
+    align = ["---", "---", "--:", "---", "---", "--:", "--:", "--:", "--:", "--:", "--:", "--:"]
     sources: dict[str, int] = {}
     if with_cost:
         headers.append("$ / M tokens")
@@ -271,6 +276,8 @@ def _results_table(rows: list[dict[str, Any]], max_rows: int) -> list[str]:
         cells = [
             md_code(row["test"]),
             md_text(row["scenario"]),
+            md_text(row["shape"]),
+            md_text(row["endpoint"]),
             md_text(row["load"]),
             requests_cell(row),
             fmt(row["ttft_p50_ms"], ".1f"),
@@ -323,6 +330,8 @@ def _sweeps_section(sweeps: Sequence[Mapping[str, Any]]) -> list[str]:
         for v in s.get("verdicts") or ():
             mark = "✅" if v.get("passed") else "❌"
             out.append(f"  - {mark} {md_text(v.get('message') or v.get('objective'))}")
+        if s.get("capacity"):
+            out.append(f"  - capacity: {md_text(s['capacity'].get('text', '?'))}")
     return out
 
 

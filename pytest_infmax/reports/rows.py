@@ -14,7 +14,9 @@ A result dict may carry ``"outcome"`` (the plugin adds it once the test has run)
 ``regression`` (against its baseline), ``errors`` (more failed requests than
 ``--infmax-max-error-rate`` allows, where the test set no ``error_rate`` SLA), ``client-bound`` (the load generator fell
 behind, under ``--infmax-client-bound fail``), and ``test`` (the test failed for a
-reason of its own, e.g. an assert).
+reason of its own, e.g. an assert). A load that ``infmax.capacity()`` measured
+(``"capacity_probe"``) says ``met`` or ``missed`` its SLAs instead: missing them above the
+capacity is what the search looks for, not a failure.
 """
 
 from __future__ import annotations
@@ -69,7 +71,9 @@ def verdict(result: Result) -> tuple[str, list[str]]:
     baseline = outcome.get("baseline") or None
     client = result.get("client") or {}
     reasons = []
-    if result.get("passed") is False:
+    # a load infmax.capacity() measured: above the capacity it misses the SLAs by design
+    probe = bool(result.get("capacity_probe"))
+    if result.get("passed") is False and not probe:
         reasons.append("SLA")
     if baseline is not None and not baseline.get("passed", True):
         reasons.append("regression" if baseline.get("verdict") in ("regressed", None) else str(baseline["verdict"]))
@@ -90,6 +94,8 @@ def verdict(result: Result) -> tuple[str, list[str]]:
         reasons.append("interrupted")
     if outcome.get("test_failed") and not reasons:
         reasons.append("test")
+    if probe and not reasons and result.get("passed") is not None:
+        return ("met" if result["passed"] else "missed"), reasons
     checked = result.get("passed") is not None or (baseline is not None and baseline.get("verdict") is not None)
     return ("FAIL" if reasons else "PASS" if checked else "-"), reasons
 
@@ -134,7 +140,8 @@ def result_row(result: Result, price: Price | Mapping[str, Any] | None = None) -
     """
     m = result.get("metrics") or {}
     load = result.get("load") or {}
-    scenario = (load.get("scenario") or {}).get("name", "?")
+    scen = load.get("scenario") or {}
+    scenario = scen.get("name", "?")
     if (load.get("workload") or {}).get("kind") == "trace":  # a trace's own lengths, not the scenario's
         scenario = Path(load["workload"].get("source") or "trace").name
     cost = result.get("cost") or None
@@ -159,6 +166,16 @@ def result_row(result: Result, price: Price | Mapping[str, Any] | None = None) -
     return {
         "test": result.get("name", "?"),
         "scenario": scenario,
+        # the workload's shape: tokens in/out per request (lengths uniform in [range_ratio·L, L]) and the API
+        "isl": scen.get("isl"),
+        "osl": scen.get("osl"),
+        "range_ratio": scen.get("range_ratio"),
+        "shape": "trace"
+        if scenario != scen.get("name", "?")  # a trace: its own lengths, line by line
+        else f"{scen['isl']}/{scen['osl']}"
+        if scen.get("isl") and scen.get("osl")
+        else "?",
+        "endpoint": scen.get("endpoint", "?"),
         "load": load_label(load) + (f" x{repeats}" if repeats else ""),
         "requests": m.get("num_requests"),
         "ok": m.get("num_ok"),
@@ -236,8 +253,9 @@ def range_text(span: Sequence[float | None] | None, mean: float | None = None, s
 
 
 def failed_verdicts(results: Sequence[Result]) -> list[tuple[Result, Mapping[str, Any]]]:
-    """(result, verdict) for every failed SLA verdict, in result order."""
-    return [(r, v) for r in results for v in (r.get("sla") or ()) if not v.get("passed")]
+    """(result, verdict) for every failed SLA verdict, in result order; a capacity search's loads
+    (``capacity_probe``) missed theirs by design, and its summary says which."""
+    return [(r, v) for r in results if not r.get("capacity_probe") for v in (r.get("sla") or ()) if not v.get("passed")]
 
 
 class VerdictTally:

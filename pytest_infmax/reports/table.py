@@ -13,6 +13,8 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     # (key in summary, header, format)
     ("test", "test", "s"),
     ("scenario", "scenario", "s"),
+    ("shape", "ISL/OSL", "s"),
+    ("endpoint", "endpoint", "s"),
     ("load", "load", "s"),
     ("requests", "reqs", "d"),
     ("ttft_p50_ms", "TTFT p50 ms", ".1f"),
@@ -28,6 +30,9 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("verdict", "verdict", "verdict"),
 )
 
+
+# Left-aligned: words; the others are numbers
+LEFT = frozenset({"test", "scenario", "endpoint", "load", "verdict"})
 
 # Shown only where some row has them: a price, measured or modelled energy, server metrics.
 OPTIONAL = frozenset({"usd_per_mtok", "j_per_token", "server_ttft_p50_range_ms"})
@@ -54,17 +59,18 @@ def format_table(rows: Sequence[dict[str, Any]], max_test_width: int = 48) -> st
         return ""
     # Columns that only some setups fill (cost needs a price) are left out when empty.
     columns = [c for c in COLUMNS if c[0] not in OPTIONAL or any(row.get(c[0]) is not None for row in rows)]
+    keys = [key for key, _, _ in columns]
     cells = []
     for row in rows:
         line = [_cell(row, key, fmt) for key, _, fmt in columns]
         if len(line[0]) > max_test_width:  # keep the tail: it names the test
             line[0] = "…" + line[0][-(max_test_width - 1) :]
         if row.get("ok", row.get("requests")) != row.get("requests"):
-            line[3] = f"{row.get('ok')}/{row.get('requests')}"
+            line[keys.index("requests")] = f"{row.get('ok')}/{row.get('requests')}"
         cells.append(line)
     headers = [h for _, h, _ in columns]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
-    left = {0, 1, 2, len(columns) - 1}
+    left = {keys.index(k) for k in LEFT}
 
     def fmt_line(items: Sequence[str]) -> str:
         return "  ".join(s.ljust(w) if i in left else s.rjust(w) for i, (s, w) in enumerate(zip(items, widths)))
@@ -72,3 +78,14 @@ def format_table(rows: Sequence[dict[str, Any]], max_test_width: int = 48) -> st
     out = [fmt_line(headers), "  ".join("-" * w for w in widths)]
     out.extend(fmt_line(c) for c in cells)
     return "\n".join(out)
+
+
+def capacity_lines(sweeps: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per ``infmax.capacity()`` (a sweep dict with ``capacity``): the test, the capacity
+    it found and every load it measured."""
+    out = []
+    for s in sweeps:
+        cap = s.get("capacity") or {}
+        if cap:
+            out.append(f"{s.get('name', '?')}: {cap.get('text', '?')}")
+    return out

@@ -45,6 +45,8 @@ class LoadResult:
     server_metrics: ServerMetrics | None = None  # the server's own Prometheus metrics over the run
     interrupted: bool = False  # Ctrl-C stopped the run: its records up to then, those in flight cancelled
     server_died: str | None = None  # the server died during the run, which stopped then: how (run/watch.py)
+    # a load infmax.capacity() measured: its SLA verdicts say met or missed, and fail no test
+    capacity_probe: bool = False
     _figures: tuple[Any, Metrics] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -159,6 +161,8 @@ class LoadResult:
             out["interrupted"] = True
         if self.server_died is not None:
             out["server_died"] = self.server_died
+        if self.capacity_probe:
+            out["capacity_probe"] = True
         if include_records:
             out["records"] = [r.to_dict(run.clock_origin) for r in run.records]
         return out

@@ -28,6 +28,7 @@ from pytest_infmax.measure.servermetrics import Scraper, metrics_url
 from pytest_infmax.measure.sla import Objective
 from pytest_infmax.measure.verdicts import SLA
 from pytest_infmax.records import RequestRecord
+from pytest_infmax.run.capacity import CapacityResult, Grid, Method, Over, Probe, margin, search
 from pytest_infmax.run.repeats import RepeatError, repeat_count
 from pytest_infmax.run.results import DEFAULT_PERCENTILES, LoadResult, combine
 from pytest_infmax.run.sweep import FrontierObjective, SweepResult
@@ -82,17 +83,22 @@ class Infmax:
         # The server's own Prometheus metrics, scraped around each run (servermetrics); gauges every N s
         self.server_metrics, self.server_metrics_interval = server_metrics, server_metrics_interval
 
-    def run(self, scenario: str | Scenario = "1k1k-mini", **kwargs: Any) -> LoadResult:
+    def run(self, scenario: str | Scenario | None = None, **kwargs: Any) -> LoadResult:
         """Run load and return its result; see :meth:`arun` for the arguments."""
         __tracebackhide__ = True  # failures point at the test line that ran the load
         _check_arguments(kwargs, "infmax.run()")
         plan = self._plan(scenario, **kwargs)  # validation only: nothing is sent yet
         return self._conclude(_run_sync(self._measure_all(plan), "infmax.run()"), plan)
 
-    async def arun(self, scenario: str | Scenario = "1k1k-mini", **kwargs: Any) -> LoadResult:
+    async def arun(self, scenario: str | Scenario | None = None, **kwargs: Any) -> LoadResult:
         """Run warm-up and measured load; check ``sla`` if given.
 
-        Keyword arguments: ``concurrency`` (closed loop) or ``rate`` (open loop,
+        ``scenario``: a preset's name (default ``1k1k-mini``) or a :class:`Scenario`; or leave it
+        out and give ``isl=`` and ``osl=`` (tokens in and out per request) and, if you like,
+        ``range_ratio=`` (lengths uniform in [range_ratio·L, L]; default 0.8, InferenceMAX's).
+        With a scenario, ``isl=``/``osl=``/``range_ratio=`` replace its own.
+
+        Other keyword arguments: ``concurrency`` (closed loop) or ``rate`` (open loop,
         requests/s; ``math.inf`` sends all at once), exactly one of them;
         ``burstiness``, ``max_concurrency``, ``num_requests``, ``duration``,
         ``warmup``, ``endpoint`` ("completions" or "chat"), ``sla``,
@@ -115,7 +121,7 @@ class Infmax:
 
     def sweep(
         self,
-        scenario: str | Scenario = "1k1k-mini",
+        scenario: str | Scenario | None = None,
         *,
         concurrency: Sequence[int] | None = None,
         rate: Sequence[float] | None = None,
@@ -158,10 +164,96 @@ class Infmax:
             sweep.check(*(o.text for o in objectives))
         return sweep
 
+    def capacity(
+        self,
+        scenario: str | Scenario | None = None,
+        *,
+        sla: Sequence[str | Objective] | SLA | str | None = None,
+        over: Over = "concurrency",
+        lo: float | None = None,
+        hi: float | None = None,
+        step: float | None = None,
+        method: Method = "pchip",
+        price: Price | None = None,
+        **kwargs: Any,
+    ) -> CapacityResult:
+        """The largest load (``over="concurrency"`` or ``"rate"``) in [lo, hi] that meets ``sla``.
+
+        Brackets by doubling from ``lo`` (default 1) up to ``hi`` (default 1024), then narrows
+        until the last load that met the SLAs and the first that missed them are at most ``step``
+        apart (default: 1 for concurrency, ``lo`` for rate): ``method="pchip"`` places each load
+        at the root of a PCHIP through the points' SLA margins, ``"bisect"`` halves
+        (:mod:`pytest_infmax.run.capacity`). Every load is an ordinary result in the reports,
+        judged by ``sla`` (a missed SLA there does not fail the test: the assertion on the
+        returned capacity does). Other keyword arguments are ``run()``'s (``isl``, ``osl``,
+        ``num_requests``, ``duration``, ``goodput``, ...). Everything is validated before the
+        first load is sent.
+        """
+        __tracebackhide__ = True
+        _check_arguments(
+            kwargs,
+            "infmax.capacity()",
+            extra=("over", "lo", "hi", "step", "method", "price"),
+            drop=("concurrency", "rate"),
+        )
+        grid = Grid.of(over, lo, hi, step)
+        if method not in ("pchip", "bisect"):
+            raise LoadConfigError(f"capacity(method={method!r}): method must be 'pchip' or 'bisect'")
+        sla_obj = _as_sla(sla, kwargs.get("goodput"))
+        if sla_obj is None or not len(sla_obj):
+            raise LoadConfigError("capacity() needs sla=[...]: the objectives a load must meet to count")
+        base = kwargs.pop("name", None) or self.name
+
+        def plan_at(load: float) -> _Plan:
+            level = {"concurrency": int(load)} if grid.whole else {"rate": float(load)}
+            plan = self._plan(scenario, **level, name=f"{base}[{grid.label(load)}]", **kwargs)
+            return dataclasses.replace(plan, price=price) if price is not None else plan
+
+        plan_at(grid.lo), plan_at(grid.hi)  # validation only: nothing is sent yet
+        if price is not None:
+            cap = CapacityResult([], price=price)
+        else:
+            session_price, note = self.price()
+            cap = CapacityResult([], price=session_price, price_note=note)
+        cap.over, cap.grid, cap.method = grid.over, grid, method
+        cap.sla = tuple(str(o) for o in sla_obj.objectives)
+        if self._on_sweep is not None:  # reported even if a load fails
+            self._on_sweep(cap)
+
+        def measure(load: float) -> Probe:
+            plan = plan_at(load)
+            result = _run_sync(self._measure_all(plan), "infmax.capacity()")
+            result.capacity_probe = True
+            if result.server_died is not None:  # every later load would measure a dead server
+                cap.results.append(result)
+                raise ServerError(
+                    f"{base}: the server died during the capacity search, at {grid.label(load)}: {result.server_died}"
+                )
+            verdicts = result.evaluate(sla=sla_obj)
+            result.verdicts.extend(verdicts)  # the reports' SLA cell: met or missed, not a failed test
+            cap.results.append(result)
+            probe = Probe(
+                load,
+                all(v.passed for v in verdicts),
+                margin(verdicts),
+                result.name,
+                tuple(v.message for v in verdicts if not v.passed),
+            )
+            cap.probes.append(probe)
+            if self._progress is not None:
+                self._progress(f"{base}: capacity {grid.label(load)} {'met' if probe.met else 'missed'} the SLAs")
+            return probe
+
+        search(measure, grid, method)
+        return cap
+
     def _plan(
         self,
-        scenario: str | Scenario,
+        scenario: str | Scenario | None,
         *,
+        isl: int | None = None,
+        osl: int | None = None,
+        range_ratio: float | None = None,
         concurrency: int | None = None,
         rate: float | None = None,
         burstiness: float = 1.0,
@@ -186,9 +278,7 @@ class Infmax:
         except RepeatError as exc:
             raise LoadConfigError(str(exc)) from None
         sla_obj = _as_sla(sla, goodput)
-        scen = get_scenario(scenario)
-        if endpoint is not None:
-            scen = scen.with_endpoint(endpoint)
+        scen = scenario_of(scenario, isl=isl, osl=osl, range_ratio=range_ratio, endpoint=endpoint)
         config = LoadConfig(
             scenario=scen,
             concurrency=concurrency,
@@ -417,13 +507,71 @@ class _Plan:
 RUN_ARGUMENTS = tuple(p for p in inspect.signature(Infmax._plan).parameters if p not in ("self", "scenario"))
 
 
-def _check_arguments(kwargs: dict[str, Any], caller: str, extra: tuple[str, ...] = ()) -> None:
+def scenario_of(
+    scenario: str | Scenario | None,
+    *,
+    isl: int | None = None,
+    osl: int | None = None,
+    range_ratio: float | None = None,
+    endpoint: Endpoint | None = None,
+) -> Scenario:
+    """The scenario a run's arguments ask for: a preset's name or a ``Scenario`` (None: ``1k1k-mini``,
+    unless ``isl=`` and ``osl=`` describe one), with ``isl``/``osl``/``range_ratio``/``endpoint``
+    replacing its own. A scenario whose lengths change is renamed after them (``isl512-osl64``)."""
+    try:
+        if scenario is None and (isl is not None or osl is not None):
+            if isl is None or osl is None:
+                given, missing = ("isl", "osl") if osl is None else ("osl", "isl")
+                raise LoadConfigError(
+                    f"{given}= without {missing}=: give both (tokens in and out per request), "
+                    f"or a scenario whose {missing} to keep, e.g. run('1k1k-mini', {given}=...)"
+                )
+            scen = Scenario(isl=isl, osl=osl, range_ratio=0.8 if range_ratio is None else range_ratio)
+        else:
+            scen = get_scenario("1k1k-mini" if scenario is None else scenario)
+            if isl is not None or osl is not None:  # new lengths: a name that says them
+                scen = dataclasses.replace(
+                    scen, name="", isl=scen.isl if isl is None else isl, osl=scen.osl if osl is None else osl
+                )
+            if range_ratio is not None:
+                scen = dataclasses.replace(scen, range_ratio=range_ratio)
+        if endpoint is not None:
+            scen = scen.with_endpoint(endpoint)
+    except ValueError as exc:
+        if isinstance(exc, LoadConfigError):
+            raise
+        raise LoadConfigError(str(exc)) from None
+    return scen
+
+
+# What vLLM's and SGLang's benchmarks (and InferenceMAX's configs) call a run's arguments
+OTHER_TOOLS_NAMES = {
+    "input_len": "isl",
+    "random_input_len": "isl",
+    "input_length": "isl",
+    "output_len": "osl",
+    "random_output_len": "osl",
+    "output_length": "osl",
+    "random_range_ratio": "range_ratio",
+    "request_rate": "rate",
+    "num_prompts": "num_requests",
+    "num_warmups": "warmup",
+    "max_concurrency": "max_concurrency",
+}
+
+
+def _check_arguments(
+    kwargs: dict[str, Any], caller: str, extra: tuple[str, ...] = (), drop: tuple[str, ...] = ()
+) -> None:
     """Every keyword a run takes is known; a misspelt one names the closest (before: a
-    TypeError naming the private ``_plan``)."""
-    known = [*RUN_ARGUMENTS, *extra]
+    TypeError naming the private ``_plan``). ``drop``: run()'s that this caller sets itself."""
+    known = [*(a for a in RUN_ARGUMENTS if a not in drop), *extra]
     for name in kwargs:
+        if name in drop:
+            raise LoadConfigError(f"{caller} chooses {name}= itself: give over=, lo= and hi= instead")
         if name not in known:
-            close = difflib.get_close_matches(name, known, n=1)
+            alias = OTHER_TOOLS_NAMES.get(name.lower().lstrip("-").replace("-", "_"))
+            close = [alias] if alias in known else difflib.get_close_matches(name, known, n=1)
             hint = f"; did you mean {close[0]}=?" if close else ""
             raise LoadConfigError(
                 f"{caller} has no argument {name}={kwargs[name]!r}{hint} (its arguments: {', '.join(known)})"

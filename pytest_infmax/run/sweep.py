@@ -86,6 +86,11 @@ class SweepResult:
                 return f"{r.config.label}: {r.metrics.why_unmeasured(metric)}"
         return None
 
+    def capacity_summary(self) -> dict[str, Any] | None:
+        """A capacity search's answer, for the reports (``run.capacity.CapacityResult``, a sweep
+        whose loads the search chose); None for a sweep of given loads."""
+        return None
+
     def check(self, *objectives: str) -> list[FrontierVerdict]:
         """Check frontier SLAs; raise ``FrontierSLAFailed`` listing every violation."""
         __tracebackhide__ = True
