@@ -15,7 +15,7 @@ from pytest_infmax import __version__
 from pytest_infmax.atomic import write_json_atomic
 from pytest_infmax.baselines.compare import CompareOptions, compare_files, parse_gates
 from pytest_infmax.baselines.pgstore import is_store_url
-from pytest_infmax.baselines.store import BaselineError
+from pytest_infmax.baselines.store import BaselineError, BaselineMismatch, CorruptBaselineError
 from pytest_infmax.baselines.stores import describe, migrate
 from pytest_infmax.reports.journal import json_path_for, read_journal
 from pytest_infmax.reports.rows import result_row
@@ -53,7 +53,10 @@ def _compare(ns: argparse.Namespace) -> int:
         reports, messages = compare_files(
             ns.baseline, ns.current, options=options, force=ns.force, keys=ns.key, last=ns.last
         )
-    except (BaselineError, ValueError) as exc:
+    except BaselineError as exc:
+        print(f"infmax compare: {_compare_error(exc)}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
         print(f"infmax compare: {exc}", file=sys.stderr)
         return 2
     for message in messages:
@@ -93,6 +96,25 @@ def _migrate(ns: argparse.Namespace) -> int:
         f"({len(report.added)} baseline(s) copied, {len(report.refused)} refused)"
     )
     return 1 if report.refused else 0
+
+
+def _compare_error(exc: BaselineError) -> str:
+    """A baseline error in the words of ``infmax compare``: what this command accepts to go on
+    (the plugin's messages name pytest's flags, which this command does not take)."""
+    if isinstance(exc, BaselineMismatch):
+        fields = "; ".join(str(d) for d in exc.differences)
+        where = f" ({exc.path})" if exc.path else ""
+        return (
+            f"baseline for {exc.key}{where} was recorded on a different testbed or workload, so the numbers "
+            f"are not comparable: {fields}. Compare anyway with `infmax compare --force`, or compare with "
+            f"a baseline recorded on this testbed (pytest's --infmax-update rewrites a set's baselines)"
+        )
+    if isinstance(exc, CorruptBaselineError):
+        return (
+            f"baseline file {exc.path} is unusable: {exc.reason}. Compare with another file or directory, "
+            f"delete it, or rewrite it by rerunning its test with pytest's --infmax-update"
+        )
+    return str(exc)
 
 
 def _report(ns: argparse.Namespace) -> int:
