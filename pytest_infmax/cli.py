@@ -1,7 +1,7 @@
 """The ``infmax`` command: ``infmax sim`` serves the simulator, ``infmax table`` prints a results file,
 ``infmax report`` writes its HTML report (plots, Markdown summary), ``infmax compare`` compares results
-with a baseline (exit 1 on regression), ``infmax baselines migrate`` copies JSON baselines into a
-PostgreSQL store."""
+with a baseline (exit 1 on regression), ``infmax history`` shows a baseline set's trend and its change
+points, ``infmax baselines migrate`` copies JSON baselines into a PostgreSQL store."""
 
 from __future__ import annotations
 
@@ -117,6 +117,40 @@ def _compare_error(exc: BaselineError) -> str:
     return str(exc)
 
 
+def _history(ns: argparse.Namespace) -> int:
+    from pytest_infmax.baselines.changepoints import ChangePointsUnavailable
+    from pytest_infmax.baselines.history import format_history, histories_document, set_histories
+
+    directory = Path(ns.set) if ("/" in ns.set or Path(ns.set).is_dir()) else Path(ns.baselines) / ns.set
+    try:
+        histories = set_histories(
+            directory, ns.test, ns.metric, max_pvalue=ns.max_pvalue, min_change=ns.min_change / 100.0
+        )
+    except (BaselineError, ChangePointsUnavailable, ValueError) as exc:
+        print(f"infmax history: {exc}", file=sys.stderr)
+        return 2
+    for history in histories:
+        print(format_history(history))
+        print()
+    if ns.json:
+        write_json_atomic(ns.json, histories_document(histories))
+    if ns.plot is not None:
+        from pytest_infmax.reports.plots import PlotsUnavailable, write_history_plot
+
+        for i, history in enumerate(histories):
+            path = Path(ns.plot)
+            if len(histories) > 1:
+                path = path.with_name(f"{path.stem}-{i + 1}{path.suffix or '.png'}")
+            try:
+                print(f"infmax: wrote {write_history_plot(history, path)} ({history.key})")
+            except (PlotsUnavailable, ValueError, OSError) as exc:
+                print(f"infmax history: no plot of {history.key}: {exc}", file=sys.stderr)
+                return 2
+    found = sum(len(h.change_points) for h in histories)
+    print(f"infmax history: {found} change point{'s' if found != 1 else ''} in {len(histories)} histories")
+    return 0
+
+
 def _report(ns: argparse.Namespace) -> int:
     notes: list[str] = []
     if ns.from_journal is not None:  # a SIGKILLed session's results: rebuild the JSON too
@@ -194,6 +228,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmp.add_argument("--fail-on-unsure", action="store_true", help="exit 1 on unsure as well")
     cmp.add_argument("--brief", action="store_true", help="leave the method column out")
     cmp.add_argument("--json", metavar="PATH", help="also write the comparison as JSON")
+    hist = sub.add_parser(
+        "history",
+        help="a baseline set's trend and its change points, with the commit at each; plots it",
+        description="Print the trend of a statistic over the saved runs of a baseline set (one value a "
+        "run, with its git commit, branch and time) and the change points in it (Apache Otava's "
+        "E-Divisive means: pip install 'pytest-infmax[history]'), and optionally plot it. "
+        "Exit 0: shown (change points or not); 2: no such set or test, or unreadable input.",
+    )
+    hist.add_argument("set", help="the set's name (under --baselines) or its directory")
+    hist.add_argument("test", nargs="?", help="only result keys that contain this (e.g. test_x)")
+    hist.add_argument("--baselines", default=".infmax/baselines", help="the baselines directory")
+    hist.add_argument("--metric", default="p50(tpot)", help="the statistic, e.g. p99(ttft) or throughput_per_gpu")
+    hist.add_argument("--max-pvalue", type=float, default=0.001, help="how sure a change point must be (default 0.001)")
+    hist.add_argument(
+        "--min-change", type=float, default=0.0, metavar="PCT", help="smallest step kept, percent (default 0)"
+    )
+    hist.add_argument(
+        "--plot",
+        nargs="?",
+        const="history.png",
+        default=None,
+        metavar="PNG",
+        help="also draw the trend and its change points (default path: history.png; one file per key)",
+    )
+    hist.add_argument("--json", metavar="PATH", help="also write the histories and change points as JSON")
     report = sub.add_parser(
         "report",
         help="write the HTML report (and optionally PNG plots and a Markdown summary) of an --infmax-json file",
@@ -248,6 +307,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _compare(ns)
     if ns.command == "baselines":
         return _migrate(ns)
+    if ns.command == "history":
+        return _history(ns)
     return 2
 
 

@@ -119,6 +119,7 @@ def gate_results(
     compare_store = settings.open_set(settings.compare_set) if settings.compare_set else None
     if (
         compare_store is not None
+        and settings.compare_set
         and settings.compare_set != settings.save_set
         and not settings.update
         and not settings.has_set(settings.compare_set)
