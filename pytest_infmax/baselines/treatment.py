@@ -53,8 +53,8 @@ def parse_treatment_options(text: str) -> tuple[str, ...]:
         bare = flag.lstrip("-")
         if not bare or "=" in flag or not all(c.isalnum() or c in "-_." for c in bare):
             raise ValueError(
-                f"{name!r} is not an option name: give server flags separated by commas, e.g. "
-                "--enable-chunked-prefill,--max-num-seqs (a value is never part of the name)"
+                "must be server option names separated by commas, e.g. --enable-chunked-prefill,--max-num-seqs; "
+                f"{name!r} is not one (a value is never part of the name)"
             )
         out.append(flag)
     return tuple(out)
