@@ -7,13 +7,13 @@ import math
 from pathlib import Path
 
 import pytest
+from test_compare import runs
 
 from pytest_infmax.baselines.advice import runs_advice, settles
 from pytest_infmax.baselines.compare import CompareOptions, Gate, compare_runs
 from pytest_infmax.baselines.gate import GateOutcome, GateSettings
 from pytest_infmax.reports.html import render_html
 from pytest_infmax.reports.markdown import markdown_summary
-from tests.test_compare import runs
 
 MARGIN = math.log1p(0.05)
 ALPHA = 0.001  # one-sided: alpha 1 % over 10 gates
