@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -121,10 +122,12 @@ def _history(ns: argparse.Namespace) -> int:
     from pytest_infmax.baselines.changepoints import ChangePointsUnavailable
     from pytest_infmax.baselines.history import format_history, histories_document, set_histories
 
-    directory = Path(ns.set) if ("/" in ns.set or Path(ns.set).is_dir()) else Path(ns.baselines) / ns.set
+    location, set_name = ns.baselines, ns.set
+    if not is_store_url(ns.baselines) and ("/" in ns.set or os.sep in ns.set):  # the set's own directory
+        location, set_name = str(Path(ns.set).parent), Path(ns.set).name
     try:
         histories = set_histories(
-            directory, ns.test, ns.metric, max_pvalue=ns.max_pvalue, min_change=ns.min_change / 100.0
+            location, set_name, ns.test, ns.metric, max_pvalue=ns.max_pvalue, min_change=ns.min_change / 100.0
         )
     except (BaselineError, ChangePointsUnavailable, ValueError) as exc:
         print(f"infmax history: {exc}", file=sys.stderr)
@@ -236,9 +239,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "E-Divisive means: pip install 'pytest-infmax[history]'), and optionally plot it. "
         "Exit 0: shown (change points or not); 2: no such set or test, or unreadable input.",
     )
-    hist.add_argument("set", help="the set's name (under --baselines) or its directory")
+    hist.add_argument("set", help="the set's name (in --baselines), or its directory (a path with a /)")
     hist.add_argument("test", nargs="?", help="only result keys that contain this (e.g. test_x)")
-    hist.add_argument("--baselines", default=".infmax/baselines", help="the baselines directory")
+    hist.add_argument(
+        "--baselines",
+        default=os.environ.get("INFMAX_BASELINES") or ".infmax/baselines",
+        help="the baselines directory, or a postgresql:// store (default: $INFMAX_BASELINES, else .infmax/baselines)",
+    )
     hist.add_argument("--metric", default="p50(tpot)", help="the statistic, e.g. p99(ttft) or throughput_per_gpu")
     hist.add_argument("--max-pvalue", type=float, default=0.001, help="how sure a change point must be (default 0.001)")
     hist.add_argument(

@@ -112,4 +112,23 @@ def test_infmax_history_prints_the_trend_plots_it_and_writes_json(tmp_path: Path
     assert cli_main(["history", "main", "test_nope", "--baselines", str(root)]) == 2
     assert "no baseline in" in capsys.readouterr().err
     assert cli_main(["history", "nightly", "--baselines", str(root)]) == 2
-    assert "no baseline set at" in capsys.readouterr().err
+    assert "there is no baseline set 'nightly'" in capsys.readouterr().err
+
+
+def test_infmax_history_reads_a_postgresql_store_without_showing_its_password(
+    postgres, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from _postgres import PASSWORD
+
+    from pytest_infmax.baselines.stores import open_set
+
+    store = open_set(postgres.url, "history-main", history=100)
+    for baseline in BaselineStore(_history_set(tmp_path) / "main", history=100):
+        store.save(baseline.key, baseline.runs, baseline.testbed, mode="replace")
+    assert cli_main(["history", "history-main", "test_x", "--baselines", postgres.url]) == 0
+    captured = capsys.readouterr()
+    assert "change point at run 45 (commit 0045aaaaaa, branch main" in captured.out
+    assert PASSWORD not in captured.out + captured.err
+    assert cli_main(["history", "history-nightly", "--baselines", postgres.url]) == 2
+    err = capsys.readouterr().err
+    assert "there is no baseline set 'history-nightly'" in err and PASSWORD not in err

@@ -17,7 +17,11 @@ from typing import Any
 
 from pytest_infmax.baselines.changepoints import DEFAULT_MAX_PVALUE, ChangePoint, change_points
 from pytest_infmax.baselines.compare import Gate, metric_values, statistic
-from pytest_infmax.baselines.store import Baseline, BaselineError, BaselineRun, BaselineStore
+from pytest_infmax.baselines.store import Baseline, BaselineError, BaselineRun
+from pytest_infmax.baselines.stores import describe, has_set, open_set
+
+#: the history cap a set is opened with to read it (reading never trims a stored history)
+MAX_HISTORY = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -109,22 +113,26 @@ def history_of(
 
 
 def set_histories(
-    directory: str | Path,
+    location: str | Path,
+    set_name: str,
     test: str | None = None,
     gate: Gate | str = "p50(tpot)",
     *,
     max_pvalue: float = DEFAULT_MAX_PVALUE,
     min_change: float = 0.0,
 ) -> list[History]:
-    """The history of every result key in a set's directory whose key contains ``test``."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise BaselineError(f"there is no baseline set at {directory} (--infmax-save NAME makes one)")
-    baselines = [b for b in BaselineStore(directory) if test is None or test in b.key]
+    """The history of every result key of the set ``set_name`` at ``location`` (a directory of
+    sets, or a postgresql:// store) whose key contains ``test``."""
+    if not has_set(location, set_name):
+        raise BaselineError(
+            f"there is no baseline set {set_name!r} in {describe(location)} (--infmax-save {set_name} makes it)"
+        )
+    every = list(open_set(location, set_name, history=MAX_HISTORY))
+    baselines = [b for b in every if test is None or test in b.key]
     if not baselines:
         what = f"whose key contains {test!r}" if test else "at all"
-        keys = ", ".join(sorted(b.key for b in BaselineStore(directory))) or "none"
-        raise BaselineError(f"no baseline in {directory} {what} (its keys: {keys})")
+        keys = ", ".join(sorted(b.key for b in every)) or "none"
+        raise BaselineError(f"no baseline in set {set_name!r} of {describe(location)} {what} (its keys: {keys})")
     return [history_of(b, gate, max_pvalue=max_pvalue, min_change=min_change) for b in baselines]
 
 
