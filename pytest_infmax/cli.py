@@ -1,12 +1,13 @@
 """The ``infmax`` command: ``infmax sim`` serves the simulator, ``infmax table`` prints a results file,
 ``infmax report`` writes its HTML report (plots, Markdown summary), ``infmax compare`` compares results
-with a baseline (exit 1 on regression), ``infmax baselines migrate`` copies JSON baselines into a
-PostgreSQL store."""
+with a baseline (exit 1 on regression), ``infmax history`` shows a baseline set's trend and its change
+points, ``infmax baselines migrate`` copies JSON baselines into a PostgreSQL store."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,7 +16,7 @@ from pytest_infmax import __version__
 from pytest_infmax.atomic import write_json_atomic
 from pytest_infmax.baselines.compare import CompareOptions, compare_files, parse_gates
 from pytest_infmax.baselines.pgstore import is_store_url
-from pytest_infmax.baselines.store import BaselineError
+from pytest_infmax.baselines.store import BaselineError, BaselineMismatch, CorruptBaselineError
 from pytest_infmax.baselines.stores import describe, migrate
 from pytest_infmax.reports.journal import json_path_for, read_journal
 from pytest_infmax.reports.rows import result_row
@@ -57,7 +58,10 @@ def _compare(ns: argparse.Namespace) -> int:
         reports, messages = compare_files(
             ns.baseline, ns.current, options=options, force=ns.force, keys=ns.key, last=ns.last
         )
-    except (BaselineError, ValueError) as exc:
+    except BaselineError as exc:
+        print(f"infmax compare: {_compare_error(exc)}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
         print(f"infmax compare: {exc}", file=sys.stderr)
         return 2
     for message in messages:
@@ -97,6 +101,61 @@ def _migrate(ns: argparse.Namespace) -> int:
         f"({len(report.added)} baseline(s) copied, {len(report.refused)} refused)"
     )
     return 1 if report.refused else 0
+
+
+def _compare_error(exc: BaselineError) -> str:
+    """A baseline error in the words of ``infmax compare``: what this command accepts to go on
+    (the plugin's messages name pytest's flags, which this command does not take)."""
+    if isinstance(exc, BaselineMismatch):
+        fields = "; ".join(str(d) for d in exc.differences)
+        where = f" ({exc.path})" if exc.path else ""
+        return (
+            f"baseline for {exc.key}{where} was recorded on a different testbed or workload, so the numbers "
+            f"are not comparable: {fields}. Compare anyway with `infmax compare --force`, or compare with "
+            f"a baseline recorded on this testbed (pytest's --infmax-update rewrites a set's baselines)"
+        )
+    if isinstance(exc, CorruptBaselineError):
+        return (
+            f"baseline file {exc.path} is unusable: {exc.reason}. Compare with another file or directory, "
+            f"delete it, or rewrite it by rerunning its test with pytest's --infmax-update"
+        )
+    return str(exc)
+
+
+def _history(ns: argparse.Namespace) -> int:
+    from pytest_infmax.baselines.changepoints import ChangePointsUnavailable
+    from pytest_infmax.baselines.history import format_history, histories_document, set_histories
+
+    location, set_name = ns.baselines, ns.set
+    if not is_store_url(ns.baselines) and ("/" in ns.set or os.sep in ns.set):  # the set's own directory
+        location, set_name = str(Path(ns.set).parent), Path(ns.set).name
+    try:
+        histories = set_histories(
+            location, set_name, ns.test, ns.metric, max_pvalue=ns.max_pvalue, min_change=ns.min_change / 100.0
+        )
+    except (BaselineError, ChangePointsUnavailable, ValueError) as exc:
+        print(f"infmax history: {exc}", file=sys.stderr)
+        return 2
+    for history in histories:
+        print(format_history(history))
+        print()
+    if ns.json:
+        write_json_atomic(ns.json, histories_document(histories))
+    if ns.plot is not None:
+        from pytest_infmax.reports.plots import PlotsUnavailable, write_history_plot
+
+        for i, history in enumerate(histories):
+            path = Path(ns.plot)
+            if len(histories) > 1:
+                path = path.with_name(f"{path.stem}-{i + 1}{path.suffix or '.png'}")
+            try:
+                print(f"infmax: wrote {write_history_plot(history, path)} ({history.key})")
+            except (PlotsUnavailable, ValueError, OSError) as exc:
+                print(f"infmax history: no plot of {history.key}: {exc}", file=sys.stderr)
+                return 2
+    found = sum(len(h.change_points) for h in histories)
+    print(f"infmax history: {found} change point{'s' if found != 1 else ''} in {len(histories)} histories")
+    return 0
 
 
 def _report(ns: argparse.Namespace) -> int:
@@ -176,6 +235,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmp.add_argument("--fail-on-unsure", action="store_true", help="exit 1 on unsure as well")
     cmp.add_argument("--brief", action="store_true", help="leave the method column out")
     cmp.add_argument("--json", metavar="PATH", help="also write the comparison as JSON")
+    hist = sub.add_parser(
+        "history",
+        help="a baseline set's trend and its change points, with the commit at each; plots it",
+        description="Print the trend of a statistic over the saved runs of a baseline set (one value a "
+        "run, with its git commit, branch and time) and the change points in it (Apache Otava's "
+        "E-Divisive means: pip install 'pytest-infmax[history]'), and optionally plot it. "
+        "Exit 0: shown (change points or not); 2: no such set or test, or unreadable input.",
+    )
+    hist.add_argument("set", help="the set's name (in --baselines), or its directory (a path with a /)")
+    hist.add_argument("test", nargs="?", help="only result keys that contain this (e.g. test_x)")
+    hist.add_argument(
+        "--baselines",
+        default=os.environ.get("INFMAX_BASELINES") or ".infmax/baselines",
+        help="the baselines directory, or a postgresql:// store (default: $INFMAX_BASELINES, else .infmax/baselines)",
+    )
+    hist.add_argument("--metric", default="p50(tpot)", help="the statistic, e.g. p99(ttft) or throughput_per_gpu")
+    hist.add_argument("--max-pvalue", type=float, default=0.001, help="how sure a change point must be (default 0.001)")
+    hist.add_argument(
+        "--min-change", type=float, default=0.0, metavar="PCT", help="smallest step kept, percent (default 0)"
+    )
+    hist.add_argument(
+        "--plot",
+        nargs="?",
+        const="history.png",
+        default=None,
+        metavar="PNG",
+        help="also draw the trend and its change points (default path: history.png; one file per key)",
+    )
+    hist.add_argument("--json", metavar="PATH", help="also write the histories and change points as JSON")
     report = sub.add_parser(
         "report",
         help="write the HTML report (and optionally PNG plots and a Markdown summary) of an --infmax-json file",
@@ -230,6 +318,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _compare(ns)
     if ns.command == "baselines":
         return _migrate(ns)
+    if ns.command == "history":
+        return _history(ns)
     return 2
 
 

@@ -24,6 +24,7 @@ from pytest_infmax.baselines.gate import GateSettings
 from pytest_infmax.baselines.pgstore import is_store_url, register_secrets
 from pytest_infmax.baselines.store import BaselineError
 from pytest_infmax.baselines.stores import describe, list_sets
+from pytest_infmax.baselines.treatment import parse_treatment_options
 from pytest_infmax.measure.cost import TIERS, Tier
 from pytest_infmax.measure.verdicts import DEFAULT_MAX_ERROR_RATE
 from pytest_infmax.servers import engines
@@ -438,6 +439,14 @@ class Settings:
         None,
         metavar="LIST",
     )
+    treatment_option: tuple[str, ...] = setting(
+        "server options that are the change under test, not the testbed (besides the simulator's "
+        "--slowdown and noise flags): a baseline compares across them, e.g. "
+        "--infmax-treatment-option=--enable-chunked-prefill,--max-num-seqs",
+        (),
+        parse_treatment_options,
+        "FLAGS",
+    )
     benchmark_json: str | None = setting(
         "also write results in pytest-benchmark's JSON layout to this file", None, _path, "PATH"
     )
@@ -497,6 +506,7 @@ class Settings:
             force=v.compare_force,
             options=options,
             store_url=store_url,
+            treatment=v.treatment_option,
         )
 
     def _check_store_set(self, url: str, name: str) -> None:

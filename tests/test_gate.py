@@ -52,8 +52,7 @@ def test_two_fold_slowdown_fails_with_a_table_and_is_not_saved(pytester: pytest.
         "-k",
         "one",
         "--infmax-autosave",
-        "--infmax-compare-force",
-        f"--infmax-sim-args={FAST} --slowdown 2",
+        f"--infmax-sim-args={FAST} --slowdown 2",  # the treatment: no testbed change, no --infmax-compare-force
     )
     result.assert_outcomes(failed=1)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
@@ -76,10 +75,21 @@ def test_testbed_change_is_refused_naming_what_differs(pytester: pytest.Pytester
         passed=1
     )
     result = pytester.runpytest_subprocess(
-        "-p", "no:cacheprovider", "-k", "one", f"--infmax-sim-args={FAST} --slowdown 2"
+        "-p", "no:cacheprovider", "-k", "one", f"--infmax-sim-args={FAST} --max-num-seqs 64"
     )
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*baseline check failed*different testbed*server_options*--infmax-update*"])
+    # an option the project declares as treatment is compared across, not refused
+    declared = pytester.runpytest_subprocess(
+        "-p",
+        "no:cacheprovider",
+        "-k",
+        "one",
+        f"--infmax-sim-args={FAST} --max-num-seqs 64",
+        "--infmax-treatment-option=max-num-seqs",
+    )
+    declared.assert_outcomes(passed=1)
+    declared.stdout.fnmatch_lines(["ok * test_perf.py::test_one: * (1 baseline vs 1 current runs)*"])
 
 
 @pytest.mark.slow

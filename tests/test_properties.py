@@ -395,7 +395,7 @@ def _render(value: Any) -> str:
     if isinstance(value, bool):
         return "on" if value else "off"
     if isinstance(value, tuple):
-        return ",".join(repr(v) for v in value)
+        return ",".join(v if isinstance(v, str) else repr(v) for v in value)
     if isinstance(value, float):
         return repr(value)
     return str(value)

@@ -59,6 +59,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from pytest_infmax.baselines.advice import RunsAdvice, runs_advice
 from pytest_infmax.baselines.store import (
     Baseline,
     BaselineError,
@@ -292,6 +293,7 @@ class ComparisonRow:
     current_runs: int
     run_sd: float | None = None  # estimated run-to-run sd (log scale) used
     note: str = ""
+    advice: RunsAdvice | None = None  # unsure: the runs that would settle a regression of min_effect
 
     @property
     def label(self) -> str:
@@ -314,6 +316,7 @@ class ComparisonRow:
             "current_runs": self.current_runs,
             "run_sd": self.run_sd,
             "note": self.note,
+            "advice": None if self.advice is None else self.advice.to_dict(),
         }
 
 
@@ -346,6 +349,15 @@ class ComparisonReport:
     def rows_with(self, verdict: Verdict) -> list[ComparisonRow]:
         return [r for r in self.rows if r.verdict == verdict]
 
+    @property
+    def advice(self) -> RunsAdvice | None:
+        """What would settle the report where it is ``unsure``: the advice of its hardest unsure row
+        (every row's own is in its note and its ``advice``)."""
+        if self.verdict != "unsure":
+            return None
+        advices = [r.advice for r in self.rows_with("unsure") if r.advice is not None]
+        return max(advices, key=lambda a: a.cost) if advices else None
+
     def summary_line(self) -> str:
         """``regressed: p50(tpot) +12.3% [+8.1%, +16.6%], ...`` for a test report."""
         head = f"{self.key}: " if self.key else ""
@@ -356,6 +368,9 @@ class ComparisonReport:
             if r.interval is not None and r.change is not None
         ]
         tail = f" ({self.baseline_runs} baseline vs {self.current_runs} current runs)"
+        advice = self.advice
+        if advice is not None:
+            tail += f"; {advice.text()}"
         return f"{head}{self.verdict}: " + (", ".join(parts) if parts else "nothing compared") + tail
 
     def format_table(self, methods: bool = True) -> str:
@@ -370,6 +385,7 @@ class ComparisonReport:
             "min_effect": self.options.min_effect,
             "alpha": self.options.alpha,
             "rows": [r.to_dict() for r in self.rows],
+            "advice": None if self.advice is None else self.advice.to_dict(),
             "forced_differences": [str(d) for d in self.forced_differences],
             "skipped": list(self.skipped),
             "unchecked_testbed_fields": list(self.unchecked),
@@ -514,7 +530,7 @@ class _RunStatistics:
         hit = self._cache.get(key)
         if hit is not None and hit[0] is run:  # the same object, not a new one at a reused id
             return hit[1]
-        values = _metric_values(run, metric)
+        values = metric_values(run, metric)
         gate_stats = sorted({g.stat for g in self.opts.gates if g.metric == metric and g.stat})
         if values.size == 0 or not gate_stats:
             out: tuple[dict[str, float], dict[str, float]] = ({}, {})
@@ -548,7 +564,8 @@ def _family(gate: Gate) -> str:
     return _FAMILIES.get(gate.metric, gate.label)
 
 
-def _metric_values(run: BaselineRun, metric: str) -> np.ndarray:
+def metric_values(run: BaselineRun, metric: str) -> np.ndarray:
+    """A run's per-request values of a gated metric (``interactivity``: 1/TPOT)."""
     if metric == "interactivity":
         tpot = run.values("tpot")
         return 1.0 / tpot[tpot > 0]
@@ -665,7 +682,20 @@ def _compare_gate(
     bad_lo, bad_hi = sorted((sign * lo, sign * hi))
     verdict = decide(bad_lo, bad_hi, math.log1p(opts.min_effect))
     method = _method(gate, k, n, noise, blocks.get(gate.metric), 1 - 2 * one_sided, m, opts.alpha)
-    note = _note(verdict, gate, k, n, noise, tq, opts, d)
+    advice = (
+        runs_advice(
+            math.sqrt(noise.tau2),
+            k,
+            n,
+            min_effect=opts.min_effect,
+            one_sided_alpha=one_sided,
+            prior_df=opts.prior_df,
+            metric=gate.label,
+        )
+        if verdict == "unsure"
+        else None
+    )
+    note = _note(k, advice)
     return ComparisonRow(
         gate=gate,
         verdict=verdict,
@@ -680,6 +710,7 @@ def _compare_gate(
         current_runs=n,
         run_sd=math.sqrt(noise.tau2),
         note=note,
+        advice=advice,
     )
 
 
@@ -718,26 +749,13 @@ def _method(
     return f"{kind}, {runs}; {spread}{within}; t({noise.df:g}), {m} gates"
 
 
-def _note(
-    verdict: Verdict, gate: Gate, k: int, n: int, noise: RunNoise, tq: float, opts: CompareOptions, d: float
-) -> str:
+def _note(k: int, advice: RunsAdvice | None) -> str:
     notes = []
     if k < 3:
         notes.append(f"{k} baseline run{'s' if k > 1 else ''}: interval from the prior; record >= 3 runs")
-    if verdict == "unsure":
-        notes.append(runs_needed(math.sqrt(noise.tau2), tq, k, math.log1p(opts.min_effect)))
+    if advice is not None:
+        notes.append(advice.text())
     return "; ".join(notes)
-
-
-def runs_needed(tau: float, tq: float, k: int, margin: float) -> str:
-    """What would settle the verdict whatever the change, at this run-to-run sd:
-    how many current runs (fresh server starts) in all, or more baseline history first."""
-    # an interval of half-width margin/2 always settles: it either excludes 0 or lies in ±margin
-    target = (margin / 2 / (tq * tau)) ** 2 if tau > 0 else math.inf  # need 1/k + 1/n <= target
-    if 1 / k >= target:
-        return "to settle: more baseline runs first"
-    n = math.ceil(1 / (target - 1 / k))
-    return f"to settle: ~{n} current runs (fresh starts) in all"
 
 
 # -- formatting --------------------------------------------------------------------------------
@@ -817,6 +835,8 @@ def format_report(report: ComparisonReport, *, methods: bool = True) -> str:
         out.append(f"note: testbed fields known on one side only, not checked: {', '.join(report.unchecked)}")
     for s in report.skipped:
         out.append(f"skipped {s}")
+    if report.advice is not None:
+        out.append(f"unsure: {report.advice.text()}")
     return "\n".join(out)
 
 

@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pytest_infmax.baselines.compare import CompareOptions, ComparisonReport, compare_stored
+from pytest_infmax.baselines.provenance import run_provenance
 from pytest_infmax.baselines.sequential import SequentialComparison
 from pytest_infmax.baselines.store import BaselineError, BaselineSet, build_testbed, gpu_testbed, result_keys, runs_of
 from pytest_infmax.baselines.stores import has_set, open_set
+from pytest_infmax.baselines.treatment import split_treatment, treatment_flags_for
 
 if TYPE_CHECKING:
     from pytest_infmax.run.results import LoadResult
@@ -33,6 +35,7 @@ class GateSettings:
     force: bool = False  # compare across testbeds anyway
     options: CompareOptions = field(default_factory=CompareOptions)
     store_url: str | None = None  # a postgresql:// store instead of the directory
+    treatment: tuple[str, ...] = ()  # declared treatment options (--infmax-treatment-option)
 
     @property
     def active(self) -> bool:
@@ -84,11 +87,18 @@ class GateOutcome:
         }
 
 
-def testbed_for(result: LoadResult) -> dict[str, Any]:
+def testbed_for(result: LoadResult, treatment: tuple[str, ...] = ()) -> dict[str, Any]:
     """The testbed a result's baseline is keyed by. The simulator runs the same anywhere,
-    so GPU facts of the machine are left out for it."""
+    so GPU facts of the machine are left out for it; treatment options are no testbed."""
     extra = {} if result.server.get("kind") == "sim" else gpu_testbed()
-    return build_testbed(result.server, extra)
+    return build_testbed(result.server, extra, treatment=treatment)
+
+
+def treatment_of(result: LoadResult, treatment: tuple[str, ...] = ()) -> list[str]:
+    """The treatment options a result's server ran with (``["--slowdown", "1.3"]``), kept with its runs."""
+    command = result.server.get("command") or []
+    argv = command.split() if isinstance(command, str) else [str(a) for a in command]
+    return split_treatment(argv, treatment_flags_for(result.server.get("kind"), treatment))[1]
 
 
 def gate_results(
@@ -109,6 +119,18 @@ def gate_results(
     ):
         return []  # nobody uses baselines here: nothing to compare, nothing to say
     compare_store = settings.open_set(settings.compare_set) if settings.compare_set else None
+    if (
+        compare_store is not None
+        and settings.compare_set
+        and settings.compare_set != settings.save_set
+        and not settings.update
+        and not settings.has_set(settings.compare_set)
+    ):
+        # saving into another set (--infmax-save main) while the default set, compared where it
+        # exists, does not: there is nothing to compare with, and nothing to say about it
+        compare_store = None
+    # each saved run says which commit and branch it measured, and when (infmax history reads them)
+    provenance = run_provenance(settings.directory) if settings.save_set or settings.update else {}
     save_store = settings.open_set(settings.save_set) if settings.save_set else None
     outcomes = []
     for key, result in zip(result_keys([r.name for r in results]), results):
@@ -121,8 +143,9 @@ def gate_results(
             )
             outcomes.append(outcome)
             continue
-        runs = runs_of(result)  # --infmax-repeat N: N runs (fresh starts), compared and saved as such
-        testbed = testbed_for(result)
+        # --infmax-repeat N: N runs (fresh starts), compared and saved as such
+        runs = runs_of(result, environment_info={**provenance, "treatment": treatment_of(result, settings.treatment)})
+        testbed = testbed_for(result, settings.treatment)
         if result.repeats is not None and not result.repeats.fresh_starts:
             outcome.note = f"{len(result.repeats)} repeats on one server start, merged into one run"
         try:
@@ -134,7 +157,11 @@ def gate_results(
                     outcome.note = "; ".join(
                         filter(
                             None,
-                            [outcome.note, f"no baseline in {compare_store.where} yet (recorded, not a failure)"],
+                            [
+                                outcome.note,
+                                f"no baseline in set {settings.compare_set!r} ({compare_store.where}) yet "
+                                "(recorded, not a failure)",
+                            ],
                         )
                     )
             if settings.update and compare_store is not None:

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pytest_infmax.atomic import write_json_atomic
+from pytest_infmax.baselines.treatment import split_treatment, treatment_flags_for
 from pytest_infmax.environment import environment
 from pytest_infmax.lazy import lazy_module
 from pytest_infmax.measure.cost import cost_per_million_tokens
@@ -510,17 +511,22 @@ def normalise_server_options(command: Sequence[str] | str | None) -> list[str]:
     return out
 
 
-def build_testbed(server: Mapping[str, Any] | None, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def build_testbed(
+    server: Mapping[str, Any] | None, extra: Mapping[str, Any] | None = None, *, treatment: Iterable[str] = ()
+) -> dict[str, Any]:
     """What a baseline is keyed by, from ``LoadResult.server`` plus facts the plugin knows.
 
     ``extra`` may set ``gpu_model``, ``gpu_count``, ``driver``, ``engine_version``
     (e.g. from :func:`gpu_testbed`) and any further field to key on; its values
     win over those derived from ``server``. Every field in :data:`TESTBED_KEYS`
-    is present, ``None`` when unknown.
+    is present, ``None`` when unknown. Treatment options (the simulator's ``--slowdown``
+    and noise flags, and the ``treatment`` flags a project declares) are not testbed:
+    they are left out of ``server_options`` (:mod:`pytest_infmax.baselines.treatment`).
     """
     server = dict(server or {})
     kind = server.get("kind")
     options: Any = normalise_server_options(server.get("command"))
+    options, _ = split_treatment(options, treatment_flags_for(kind, treatment))
     if kind == "endpoint":  # nothing is started: the endpoint itself is the option
         options = [str(server.get("base_url"))] if server.get("base_url") else []
     tb: dict[str, Any] = dict.fromkeys(TESTBED_KEYS)

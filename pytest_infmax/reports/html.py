@@ -326,6 +326,8 @@ def _verdicts_section(results: Sequence[Result], checks: Sequence[Mapping[str, A
         out += _table(list(COMPARISON_HEADERS), cells, "comparison", row_classes)
         if comparison.get("skipped"):
             out += f'<p class="note">Not compared: {_e("; ".join(comparison["skipped"]))}.</p>'
+        if (comparison.get("advice") or {}).get("text"):
+            out += f'<p class="note">Unsure: {_e(comparison["advice"]["text"])}.</p>'
     return out
 
 

@@ -144,6 +144,9 @@ def _comparison_table(comparison: Mapping[str, Any]) -> list[str]:
     skipped = comparison.get("skipped") or ()
     if skipped:
         out += ["", "Not compared: " + "; ".join(md_text(x) for x in skipped) + "."]
+    advice = comparison.get("advice") or {}
+    if advice.get("text"):
+        out += ["", f"**Unsure**: {md_text(advice['text'])}."]
     return out
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_infmax.atomic import write_bytes_atomic
+from pytest_infmax.baselines.history import History
 from pytest_infmax.measure.frontier import Point, pareto_front
 from pytest_infmax.measure.registry import METRICS
 from pytest_infmax.measure.sla import SLASyntaxError, parse
@@ -516,3 +517,55 @@ def write_plots(
             continue
         paths.append(write_bytes_atomic(out / f"{prefix}-{p.name}.png", p.png))
     return paths
+
+
+# -- a baseline set's history -------------------------------------------------------------------
+
+
+def history_plot(history: History) -> Plot:
+    """One result key's trend over its saved runs: a point a run, the level between change
+    points as a step line, each change point marked with its commit (``infmax history``)."""
+    _require()
+    gate = history.gate
+    scale = 1000.0 if gate.unit == "ms" else 1.0
+    title = f"{history.key}: {gate.label} history"
+    if not history.points:
+        return Plot("history", title, "", reason=f"no saved run has {gate.label}")
+    fig = _figure(10.0, 4.5)
+    ax = fig.subplots()
+    xs = list(range(len(history.points)))
+    ys = [p.value * scale for p in history.points]
+    ax.plot(xs, ys, "o", color="C0", ms=4, label="saved runs")
+    bounds = [0, *(cp.index for cp in history.change_points), len(xs)]
+    for lo, hi in zip(bounds, bounds[1:]):
+        level = sum(ys[lo:hi]) / max(hi - lo, 1)
+        ax.hlines(level, lo - 0.4, hi - 0.6, color="C1", lw=2)
+    for cp in history.change_points:
+        point = history.points[cp.index]
+        ax.axvline(cp.index - 0.5, color="C3", ls="--", lw=1)
+        ax.annotate(
+            f"{point.short_commit[:8]} {cp.change * 100:+.1f}%",
+            (cp.index - 0.5, 1.0),
+            xycoords=("data", "axes fraction"),
+            xytext=(3, -12),
+            textcoords="offset points",
+            fontsize=8,
+            color="C3",
+        )
+    ax.set_xlabel("saved run (oldest first)")
+    ax.set_ylabel(f"{gate.label} ({gate.unit})" if gate.unit else gate.label)
+    ax.grid(True, alpha=0.3)
+    ax.set_title(title, fontsize=11)
+    alt = f"{title}: {len(xs)} runs, {len(history.change_points)} change points"
+    return Plot("history", title, alt, _png(fig))
+
+
+def write_history_plot(history: History, path: str | Path) -> Path:
+    """Draw :func:`history_plot` to ``path`` (PNG, written atomically); PlotsUnavailable without
+    matplotlib, ValueError where there is nothing to draw."""
+    plot = history_plot(history)
+    if plot.png is None:
+        raise ValueError(plot.reason)
+    path = Path(path)
+    write_bytes_atomic(path, plot.png)
+    return path
