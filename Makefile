@@ -34,9 +34,15 @@ endef
 
 .PHONY: demo test lint install clean chromium lock test-latest test-lowest vllm
 
+# Apache Otava (change points, `infmax history`; the `history` extra) goes in without its
+# dependencies: its metadata pins numpy 2.2.0 and scipy < 1.17 and brings cloud clients
+# (BigQuery, Slack), while the change-point code it is used for needs numpy and scipy alone.
+OTAVA := apache-otava==0.8.0
+
 $(STAMP): pyproject.toml setup.py pytest_infmax/load/_lane.c $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP_LOCKED) -e '.[test,dev]'
+	$(BIN)/python -m pip install -q --no-deps $(OTAVA)
 	touch $(STAMP)
 
 $(INTEGRATION_STAMP): $(STAMP)
@@ -84,6 +90,7 @@ test-latest:
 	$(PYTHON) -m venv .venv-latest
 	.venv-latest/bin/python -m pip install -q --upgrade pip
 	.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[test,dev]'
+	.venv-latest/bin/python -m pip install -q --upgrade --no-deps apache-otava
 	.venv-latest/bin/python -m pip list --format=freeze > .venv-latest/versions.txt
 	$(call static_checks,.venv-latest/bin)
 	.venv-latest/bin/python -m pytest -n 2 -p no:cacheprovider
