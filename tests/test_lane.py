@@ -208,3 +208,65 @@ def test_bytes_after_the_end_of_the_message_retire_the_connection(lane: bool, mo
     result = _replay([wire], lane, 1 << 20, monkeypatch)
     assert result["events"] == [b"x"] and result["outcome"] == ("ok", 200)
     assert not result["idle"]
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_a_pooled_connection_closed_under_us_is_not_used_for_the_next_request(
+    loop: str, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A keep-alive connection the server closed, whose connection_lost the loop has not run
+    yet (vLLM exiting after its EngineCore died): uvloop refused the write with a RuntimeError
+    that ended the whole run. The pool skips a closing connection; a write that fails anyway
+    is a typed ``disconnected`` failure of that request."""
+    from pytest_infmax.load.generator import EVENT_LOOP_ENV, run_coroutine
+    from pytest_infmax.load.streamclient import build_request, stream_post
+    from pytest_infmax.servers.launch import ServerConfig, running_server
+
+    monkeypatch.setenv(EVENT_LOOP_ENV, loop)
+    body = b'{"model": "sim-model", "prompt": "hi", "max_tokens": 2, "stream": true}'
+
+    async def go(base_url: str) -> list[object]:
+        pool = ConnectionPool(f"{base_url}/v1/completions")
+        request = build_request(pool, "/v1/completions", body, {})
+        outcomes: list[object] = [await stream_post(pool, request, SSEDecoder(_Sink()), timeout=30)]
+        deadline = asyncio.get_running_loop().time() + 10
+        while not pool._idle_conns and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.001)  # [DONE] may come before the message's end: it idles then
+        (idle,) = pool._idle_conns
+        assert idle.transport is not None
+        idle.transport.close()  # closing now; connection_lost comes on a later turn of the loop
+        outcomes.append(await stream_post(pool, request, SSEDecoder(_Sink()), timeout=30))
+        # and a connection that closes between acquire() and the write: a typed failure
+        conn = await pool.acquire()
+        assert conn.transport is not None
+        conn.transport.close()
+        pool._idle(conn)
+        monkeypatch.setattr(pool, "acquire", lambda: _ready(conn))
+        try:
+            await stream_post(pool, request, SSEDecoder(_Sink()), timeout=30)
+            outcomes.append("sent")
+        except StreamError as exc:
+            outcomes.append(exc.kind.value)
+        pool.close()
+        return outcomes
+
+    with running_server(ServerConfig(sim_args=("--decode-step-ms", "1")), tmp_path) as server:
+        outcomes = run_coroutine(go(server.base_url))
+    assert outcomes[:2] == [200, 200]
+    assert outcomes[2] in ("disconnected", "sent")  # asyncio drops the write; uvloop refuses it: never a crash
+    if loop == "uvloop":
+        assert outcomes[2] == "disconnected"
+
+
+async def _ready(conn: StreamConnection) -> StreamConnection:
+    return conn
+
+
+class _Sink:
+    """A decoder's sink that keeps nothing but the end of the stream (the test looks at statuses)."""
+
+    done = False
+
+    def on_event(self, data: bytes, t: float) -> None:
+        if data == b"[DONE]":
+            self.done = True

@@ -20,9 +20,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from scipy import stats as sps
+from pytest_infmax.lazy import lazy_module
+
+if TYPE_CHECKING:
+    from scipy import stats as sps
+else:  # imported at first use, not with this module (pytest_infmax/lazy.py)
+    sps = lazy_module("scipy.stats")
 
 #: the chance of calling a regression of the minimum effect ``regressed`` that advice aims for
 DEFAULT_POWER = 0.95

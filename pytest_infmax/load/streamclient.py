@@ -549,7 +549,9 @@ class ConnectionPool:
     async def acquire(self) -> StreamConnection:
         while self._idle_conns:
             conn = self._idle_conns.pop()
-            if not conn.closed:
+            # closing: the server closed it and the loop has not called connection_lost yet
+            # (uvloop then refuses a write with RuntimeError; asyncio drops it)
+            if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
                 return conn
         return await self._connect()
 
@@ -636,7 +638,13 @@ async def stream_post(
     if on_sent is not None:
         on_sent()
     ok = False
-    future = conn.start(request, decoder)
+    try:
+        future = conn.start(request, decoder)
+    except RuntimeError as exc:  # uvloop: the transport closed under us since acquire(); nothing was sent
+        conn.finished_with(False)
+        raise StreamError(
+            ErrorKind.DISCONNECT, f"the connection closed before the request could be sent ({exc})"
+        ) from None
     timer = None if deadline is None or timeout is None else loop.call_at(deadline, _expire, conn, future, timeout)
     try:
         status = await future
