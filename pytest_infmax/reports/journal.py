@@ -1,25 +1,48 @@
-"""The results journal: every result as it arrives, one JSON line each, appended and fsynced.
+"""The results journal: every run as it ends, one JSON line each, appended and fsynced.
 
 ``--infmax-json`` is written once, at the end of the session; a pytest that is SIGKILLed
 (an OOM kill, a CI runner's hard stop) never gets there. The journal sits next to it
-(``PATH.journal``) and takes each result the moment its test's report reaches the
-controller, so a kill loses at most the test in flight. ``infmax report --from-journal
+(``PATH.journal``) and takes each *run* the moment it ends, in the process that ran it,
+so a kill loses at most the run in flight, not the test: a test may run several loads
+(``infmax.run`` twice, a sweep, ``repeat=``). ``infmax report --from-journal
 PATH.journal`` rebuilds the JSON and every other report from it through the one writer.
+
+Under pytest-xdist each worker appends to a journal of its own beside the controller's,
+``PATH.journal.gw0``, ``PATH.journal.gw1``, ... (a *shard*); the reader merges them. Why
+shards and not one file shared by every process: ``O_APPEND`` makes each ``write`` land
+whole at the end, but a run's line holds its records (megabytes), which a single
+``write`` call need not take whole (it may return short, and the rest then follows
+another process's line); and a shard is written by one process only, so a kill tears at
+most its last line. Every file of a session carries the session's id in its first line,
+so a shard left by an earlier session of the same path is never merged (and is removed
+when the next session starts).
 
 Lines, each a JSON object with ``kind``:
 
-* ``journal``: the first line: the format, and the environment the run happened in;
-* ``result``: one ``--infmax-json`` result (``LoadResult.to_dict()`` and its outcome);
+* ``journal``: the first line of each file: the format, the session's id, who writes
+  it (``main`` or the xdist worker's id), and the environment the run happened in;
+* ``run``: one run, the moment it ended: ``test`` (the pytest node id) and ``data``, the
+  ``--infmax-json`` result as ``LoadResult.to_dict()`` makes it (with the outcome known
+  then: the test has not finished, so its verdicts are not all in);
+* ``result``: the controller's, once the test's report arrives: ``test`` and the
+  complete result (SLA verdicts, baseline check, the test's outcome). Every result of a
+  test comes on its one report, so a ``result`` line for a test completes all of its
+  ``run`` lines: the reader keeps the ``result`` lines, and the runs of a test that has
+  none, flagged ``"unfinished": true`` (its row says ``FAIL (unfinished)``: the test
+  never finished, so it is never counted as passed);
 * ``sweep``, ``check``: a sweep, a baseline comparison, as the JSON holds them.
 
 Each line is redacted (:func:`pytest_infmax.redact.redact`) like every other file. A
-line cut short by the kill (the last one, half written) is skipped when reading.
+line cut short by the kill (the last one of a file, half written) is skipped when reading.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +52,7 @@ from pytest_infmax.reports.document import results_document
 
 FORMAT = "pytest-infmax-journal/1"
 SUFFIX = ".journal"
+MAIN = "main"  # the writer of PATH.journal: the controller (or the only process)
 
 
 class JournalError(ValueError):
@@ -40,6 +64,20 @@ def journal_path(json_path: Path) -> Path:
     return json_path.with_name(json_path.name + SUFFIX)
 
 
+def shard_path(journal: Path, worker: str) -> Path:
+    """The journal an xdist worker writes beside ``journal``: ``PATH.journal.gw0``."""
+    return journal.with_name(f"{journal.name}.{worker}")
+
+
+def shards(journal: Path) -> list[Path]:
+    """The worker journals beside ``journal`` (of any session), in name order."""
+    prefix = journal.name + "."
+    try:
+        return sorted(p for p in journal.parent.iterdir() if p.name.startswith(prefix) and p.is_file())
+    except FileNotFoundError:
+        return []
+
+
 def json_path_for(journal: Path) -> Path:
     """The ``--infmax-json`` file a journal belongs to (``perf.json.journal`` -> ``perf.json``)."""
     name = journal.name
@@ -48,19 +86,45 @@ def json_path_for(journal: Path) -> Path:
     )
 
 
-class Journal:
-    """An append-only results journal; the file is made (anew) at the first line."""
+def new_session() -> str:
+    """A session's id, in the first line of each of its journal files."""
+    return uuid.uuid4().hex
 
-    def __init__(self, path: Path) -> None:
+
+class Journal:
+    """An append-only results journal; the file is made (anew) at the first line.
+
+    ``session``: the id every file of one session carries; ``writer``: ``main`` for
+    ``PATH.journal``, the xdist worker's id for its shard.
+    """
+
+    def __init__(self, path: Path, *, session: str | None = None, writer: str = MAIN) -> None:
         self.path = path
+        self.session = session or new_session()
+        self.writer = writer
         self._fd: int | None = None
+        self._lock = threading.Lock()
+
+    def open(self) -> None:
+        """Make the file and write its first line now (the controller's, at the session's start:
+        the reader finds the session's id there even if no line follows)."""
+        with self._lock:
+            self._open()
 
     def _open(self) -> int:
         if self._fd is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # a journal left by an earlier session of the same path is replaced, not continued
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o666)
-            self._write({"kind": "journal", "format": FORMAT, "environment": environment()})
+            self._write(
+                {
+                    "kind": "journal",
+                    "format": FORMAT,
+                    "session": self.session,
+                    "writer": self.writer,
+                    "environment": environment(),
+                }
+            )
         return self._fd
 
     def _write(self, line: dict[str, Any]) -> None:
@@ -71,16 +135,23 @@ class Journal:
             view = view[os.write(self._fd, view) :]
         os.fsync(self._fd)
 
-    def append(self, kind: str, data: dict[str, Any]) -> None:
-        """Append one line and make it durable (fsync) before returning."""
-        self._open()
-        self._write({"kind": kind, "data": data})
+    def append(self, kind: str, data: dict[str, Any], *, test: str | None = None) -> None:
+        """Append one line (of the pytest test ``test``, where there is one) and make it
+        durable (fsync) before returning."""
+        line: dict[str, Any] = {"kind": kind}
+        if test is not None:
+            line["test"] = test
+        line["data"] = data
+        with self._lock:
+            self._open()
+            self._write(line)
 
     def close(self, *, remove: bool) -> None:
         """Close the journal; ``remove``: delete it too (the JSON it backs up was written)."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
             if remove:
                 try:
                     os.unlink(self.path)
@@ -88,15 +159,22 @@ class Journal:
                     pass
 
 
-def read_journal(path: Path) -> tuple[dict[str, Any], list[str]]:
-    """The ``--infmax-json`` document a journal holds, and notes on what was skipped."""
+def remove_shards(journal: Path) -> None:
+    """Delete the worker journals beside ``journal``: at a session's start (an earlier
+    session's), and at its end once the JSON holds what they did."""
+    for shard in shards(journal):
+        try:
+            os.unlink(shard)
+        except FileNotFoundError:
+            pass
+
+
+def _read_lines(path: Path, notes: list[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A journal file's header and its lines; a last line cut short is skipped with a note."""
     with open(path, encoding="utf-8") as f:
         lines = f.read().split("\n")
-    notes: list[str] = []
     header: dict[str, Any] | None = None
-    results: list[dict[str, Any]] = []
-    sweeps: list[dict[str, Any]] = []
-    checks: list[dict[str, Any]] = []
+    out: list[dict[str, Any]] = []
     for number, text in enumerate(lines, 1):
         if not text.strip():
             continue
@@ -113,13 +191,85 @@ def read_journal(path: Path) -> tuple[dict[str, Any], list[str]]:
                 raise JournalError(f"{path}: not a results journal (its first line is not a {FORMAT} header)")
             header = line
             continue
-        kind = line.get("kind") if isinstance(line, dict) else None
-        data = line.get("data") if isinstance(line, dict) else None
-        if not isinstance(data, dict):
+        if not isinstance(line, dict) or not isinstance(line.get("data"), dict):
             raise JournalError(f"{path}: line {number} has no data object")
-        {"result": results, "sweep": sweeps, "check": checks}.get(str(kind), []).append(data)
+        out.append(line)
     if header is None:
         raise JournalError(f"{path}: empty: not a results journal")
+    return header, out
+
+
+def unfinished(entry: dict[str, Any]) -> dict[str, Any]:
+    """A run's result whose test never finished (the session was killed first), flagged so."""
+    entry = dict(entry)
+    entry["unfinished"] = True
+    return entry
+
+
+# a run line's start, as Journal.append writes it (json.dumps keeps the keys' order)
+_RUN_LINE = re.compile(r'\{"kind": "run", "test": ("(?:[^"\\]|\\.)*")')
+
+
+def unfinished_runs(journal: Path, session: str, finished: set[str]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The runs the worker journals of ``session`` hold for tests not in ``finished`` (their
+    reports never came: the worker crashed), flagged unfinished; and notes on what was skipped.
+    Lines of finished tests are matched by their start, not parsed."""
+    out: list[dict[str, Any]] = []
+    notes: list[str] = []
+    for shard in shards(journal):
+        try:
+            with open(shard, encoding="utf-8") as f:
+                try:
+                    header = json.loads(f.readline())
+                except ValueError:
+                    header = None
+                if not isinstance(header, dict) or header.get("session") != session:
+                    continue  # not this session's (its start removed those left before; a racing one)
+                for text in f:
+                    match = _RUN_LINE.match(text)
+                    if match is None or json.loads(match.group(1)) in finished:
+                        continue
+                    try:
+                        out.append(unfinished(json.loads(text)["data"]))
+                    except (ValueError, KeyError, TypeError):
+                        notes.append(f"{shard}: skipped a line cut short ({len(text)} characters)")
+        except OSError as exc:
+            notes.append(f"could not read the worker journal {shard}: {exc}")
+    return sorted(out, key=lambda r: r.get("started_at") or 0.0), notes
+
+
+def read_journal(path: Path) -> tuple[dict[str, Any], list[str]]:
+    """The ``--infmax-json`` document a journal and its session's worker journals hold, and
+    notes on what was skipped."""
+    notes: list[str] = []
+    header, lines = _read_lines(path, notes)
+    session = header.get("session")
+    for shard in shards(path):
+        try:
+            shard_header, shard_lines = _read_lines(shard, notes)
+        except (OSError, JournalError) as exc:
+            notes.append(f"skipped {shard}: {exc}")
+            continue
+        if session is None or shard_header.get("session") != session:
+            notes.append(f"skipped {shard}: a worker journal of another session (not {session})")
+            continue
+        lines.extend(shard_lines)
+    results: list[dict[str, Any]] = []
+    sweeps: list[dict[str, Any]] = []
+    checks: list[dict[str, Any]] = []
+    runs: list[tuple[str | None, dict[str, Any]]] = []
+    for line in lines:
+        kind, data = line.get("kind"), line["data"]
+        if kind == "run":
+            runs.append((line.get("test"), data))
+        else:
+            {"result": results, "sweep": sweeps, "check": checks}.get(str(kind), []).append(data)
+    finished = {line.get("test") for line in lines if line.get("kind") == "result"}
+    left = [unfinished(data) for test, data in runs if test not in finished]
+    if left:
+        tests = sorted({str(test) for test, _ in runs if test not in finished})
+        notes.append(f"{len(left)} run(s) of test(s) that never finished, kept flagged unfinished: {', '.join(tests)}")
+    results += sorted(left, key=lambda r: r.get("started_at") or 0.0)
     servers = list({repr(sv): sv for r in results if (sv := r.get("server")) is not None}.values())
     doc = results_document(results, servers)
     doc["environment"] = header.get("environment") or doc["environment"]
