@@ -155,6 +155,12 @@ def join(doc: dict[str, Any], json_path: Path) -> dict[str, Any]:
             f"{json_path}: {side} is not its sidecar (id {str(arrays['id'])!r}, the JSON names "
             f"{spec.get('id')!r}): written by another run; {fix}"
         )
+    return attach(doc, arrays, f"{json_path}: {side}", fix)
+
+
+def attach(doc: dict[str, Any], arrays: Mapping[str, np.ndarray], source: str, fix: str = "") -> dict[str, Any]:
+    """Put the stamps of ``arrays`` (as :func:`split` makes them) back into ``doc``'s records,
+    in place; ``source`` names where they came from in the error when they do not fit."""
     records = list(_records(doc))
     time_counts, token_counts = arrays["time_counts"], arrays["token_counts"]
     times, tokens = arrays["times"], arrays["tokens"]
@@ -166,7 +172,8 @@ def join(doc: dict[str, Any], json_path: Path) -> dict[str, Any]:
         and token_counts.min(initial=0) >= 0
     ):
         raise SidecarError(
-            f"{json_path}: {side} holds stamps of {time_counts.size} records, the JSON {len(records)}; {fix}"
+            f"{source} holds stamps of {time_counts.size} records, the JSON {len(records)}"
+            + (f"; {fix}" if fix else "")
         )
     all_times, all_tokens = times.tolist(), tokens.tolist()
     t_at = k_at = 0

@@ -30,8 +30,10 @@ from pytest_infmax.reports.journal import (
     read_journal,
     shard_path,
     shards,
+    stamps_path,
 )
 from pytest_infmax.reports.rows import result_row
+from pytest_infmax.sidecar import load_results
 
 FAST_SIM = "--decode-step-ms 2 --decode-ms-per-seq 0.01"
 
@@ -263,6 +265,10 @@ def test_sigkill_loses_at_most_the_run_in_flight_and_unfinished_runs_are_flagged
         assert result_row(run)["verdict"] == "FAIL" and result_row(run)["reasons"] == ["unfinished"]
     markdown = results.with_suffix(".md").read_text()
     assert markdown.count("FAIL (unfinished)") == 2
+    # the per-chunk stamps went to the journals' binary stamps files, and came back into every record
+    assert all("chunk_times" not in p.read_text() for p in (journal, *shards(journal)))
+    for run in load_results(results)["results"]:
+        assert all(len(r["chunk_times"]) == r["output_tokens"] > 0 for r in run["records"])
     assert "test_b_two_runs_then_blocks" in results.with_suffix(".html").read_text()
 
 
@@ -336,7 +342,9 @@ def test_worker_journals_of_the_session_are_merged_and_another_sessions_are_skip
     main = Journal(path)
     main.open()
     worker = Journal(shard_path(path, "gw0"), session=main.session, writer="gw0")
-    worker.append("run", {"name": "a", "started_at": 2.0}, test="t.py::a")
+    stamped = [{"index": 0, "chunk_times": [0.5, 0.75], "chunk_tokens": [1, 2]}, {"index": 1, "chunk_times": []}]
+    worker.append("run", {"name": "a", "started_at": 2.0, "records": stamped}, test="t.py::a")
+    worker.append("run", {"name": "c", "started_at": 3.0, "records": stamped}, test="t.py::c")
     worker.append("run", {"name": "b", "started_at": 1.0}, test="t.py::b")
     stale = Journal(shard_path(path, "gw7"), writer="gw7")  # an earlier session's, with more workers
     stale.append("run", {"name": "old"}, test="t.py::old")
@@ -344,6 +352,12 @@ def test_worker_journals_of_the_session_are_merged_and_another_sessions_are_skip
     for j in (main, worker, stale):
         j.close(remove=False)
     doc, notes = read_journal(path)
-    assert [(r["name"], r.get("unfinished")) for r in doc["results"]] == [("a", None), ("b", True)]
+    assert [(r["name"], r.get("unfinished")) for r in doc["results"]] == [("a", None), ("b", True), ("c", True)]
+    assert doc["results"][2]["records"] == [  # the stamps from the binary stamps file beside the worker's journal
+        {"index": 0, "chunk_times": [0.5, 0.75], "chunk_tokens": [1, 2]},
+        {"index": 1, "chunk_times": [], "chunk_tokens": []},
+    ]
+    assert "0.75" not in shard_path(path, "gw0").read_text() and stamps_path(shard_path(path, "gw0")).is_file()
+    assert shards(path) == [shard_path(path, "gw0"), shard_path(path, "gw7")]  # not the stamps files
     assert doc["results"][0]["passed"] is True  # the controller's complete line, not the run's
     assert any("gw7" in n and "another session" in n for n in notes)

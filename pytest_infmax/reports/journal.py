@@ -32,6 +32,14 @@ Lines, each a JSON object with ``kind``:
   never finished, so it is never counted as passed);
 * ``sweep``, ``check``: a sweep, a baseline comparison, as the JSON holds them.
 
+A line's records keep their per-chunk stamps where ``--infmax-json`` keeps them (in
+binary, ``pytest_infmax/sidecar.py``): each journal file has a stamps file beside it,
+``PATH.journal-stamps`` (``PATH.journal.gw0-stamps``), append-only, and the line says
+where its block is (``"stamps": {"at": byte offset, "records", "times", "tokens"}``: the
+per-record counts, then the stamps, little-endian int64 and float64). The block is
+fsynced before its line is written, so a line never names a block that is not whole;
+the reader puts the stamps back into the records, so every report reads the same data.
+
 Each line is redacted (:func:`pytest_infmax.redact.redact`) like every other file. A
 line cut short by the kill (the last one of a file, half written) is skipped when reading.
 """
@@ -46,6 +54,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from pytest_infmax import sidecar
 from pytest_infmax.environment import environment
 from pytest_infmax.redact import redact
 from pytest_infmax.reports.document import results_document
@@ -53,6 +64,15 @@ from pytest_infmax.reports.document import results_document
 FORMAT = "pytest-infmax-journal/1"
 SUFFIX = ".journal"
 MAIN = "main"  # the writer of PATH.journal: the controller (or the only process)
+STAMPS = "-stamps"  # a journal file's per-chunk stamps: PATH.journal-stamps, PATH.journal.gw0-stamps
+_WORKER = re.compile(r"[A-Za-z0-9_]+")  # an xdist worker's id (gw0): what a shard's name ends in
+# the binary block of one line's stamps, in this order: per record counts, then the stamps
+_BLOCK = (
+    ("time_counts", "<i8", "records"),
+    ("token_counts", "<i8", "records"),
+    ("times", "<f8", "times"),
+    ("tokens", "<i8", "tokens"),
+)
 
 
 class JournalError(ValueError):
@@ -73,9 +93,18 @@ def shards(journal: Path) -> list[Path]:
     """The worker journals beside ``journal`` (of any session), in name order."""
     prefix = journal.name + "."
     try:
-        return sorted(p for p in journal.parent.iterdir() if p.name.startswith(prefix) and p.is_file())
+        return sorted(
+            p
+            for p in journal.parent.iterdir()
+            if p.name.startswith(prefix) and _WORKER.fullmatch(p.name[len(prefix) :]) and p.is_file()
+        )
     except FileNotFoundError:
         return []
+
+
+def stamps_path(journal: Path) -> Path:
+    """Where a journal file's per-chunk stamps go: ``PATH.journal-stamps``."""
+    return journal.with_name(journal.name + STAMPS)
 
 
 def json_path_for(journal: Path) -> Path:
@@ -103,6 +132,8 @@ class Journal:
         self.session = session or new_session()
         self.writer = writer
         self._fd: int | None = None
+        self._stamps_fd: int | None = None
+        self._stamps_at = 0  # the stamps file's size: where the next block goes
         self._lock = threading.Lock()
 
     def open(self) -> None:
@@ -129,11 +160,26 @@ class Journal:
 
     def _write(self, line: dict[str, Any]) -> None:
         assert self._fd is not None
-        data = (redact(json.dumps(line, allow_nan=False)) + "\n").encode("utf-8")
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view) :]
-        os.fsync(self._fd)
+        _write_all(self._fd, (redact(json.dumps(line, allow_nan=False)) + "\n").encode("utf-8"))
+
+    def _write_stamps(self, arrays: dict[str, np.ndarray]) -> dict[str, int]:
+        """Append one line's stamps to the stamps file, fsynced before the line that names them
+        is written: a line never names a block that is not whole."""
+        if self._stamps_fd is None:
+            self._stamps_fd = os.open(
+                stamps_path(self.path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o666
+            )
+            self._stamps_at = 0
+        block = b"".join(np.ascontiguousarray(arrays[name], dtype=dtype).tobytes() for name, dtype, _ in _BLOCK)
+        _write_all(self._stamps_fd, block)
+        where = {
+            "at": self._stamps_at,
+            "records": int(arrays["time_counts"].size),
+            "times": int(arrays["times"].size),
+            "tokens": int(arrays["tokens"].size),
+        }
+        self._stamps_at += len(block)
+        return where
 
     def append(self, kind: str, data: dict[str, Any], *, test: str | None = None) -> None:
         """Append one line (of the pytest test ``test``, where there is one) and make it
@@ -141,32 +187,76 @@ class Journal:
         line: dict[str, Any] = {"kind": kind}
         if test is not None:
             line["test"] = test
-        line["data"] = data
         with self._lock:
             self._open()
+            if isinstance(data.get("records"), list):  # the records' stamps: binary, as in the sidecar
+                doc, arrays = sidecar.split({"results": [data]})
+                if arrays is not None:
+                    line["stamps"] = self._write_stamps(arrays)
+                    data = doc["results"][0]
+            line["data"] = data
             self._write(line)
 
     def close(self, *, remove: bool) -> None:
         """Close the journal; ``remove``: delete it too (the JSON it backs up was written)."""
         with self._lock:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
+            for fd in (self._fd, self._stamps_fd):
+                if fd is not None:
+                    os.close(fd)
+            self._fd = self._stamps_fd = None
             if remove:
-                try:
-                    os.unlink(self.path)
-                except FileNotFoundError:
-                    pass
+                for path in (self.path, stamps_path(self.path)):
+                    try:
+                        os.unlink(path)
+                    except FileNotFoundError:
+                        pass
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.fsync(fd)
+
+
+class _Stamps:
+    """A journal file's stamps file, read once, on the first line that needs it."""
+
+    def __init__(self, journal: Path) -> None:
+        self.path = stamps_path(journal)
+        self._data: bytes | None = None
+
+    def data_of(self, line: dict[str, Any]) -> dict[str, Any]:
+        """The line's ``data`` with its records' stamps put back (in place)."""
+        where = line.get("stamps")
+        if where is None:
+            return line["data"]
+        if self._data is None:
+            try:
+                self._data = self.path.read_bytes()
+            except FileNotFoundError:
+                raise JournalError(f"{self.path} is missing: the records' per-chunk stamps are there") from None
+        at = int(where["at"])
+        arrays = {}
+        for name, dtype, count in _BLOCK:
+            n = int(where[count])
+            size = n * np.dtype(dtype).itemsize
+            if at < 0 or n < 0 or at + size > len(self._data):
+                raise JournalError(f"{self.path}: the stamps of a line run past its end ({len(self._data)} bytes)")
+            arrays[name] = np.frombuffer(self._data, dtype=dtype, count=n, offset=at)
+            at += size
+        return sidecar.attach({"results": [line["data"]]}, arrays, str(self.path))["results"][0]
 
 
 def remove_shards(journal: Path) -> None:
     """Delete the worker journals beside ``journal``: at a session's start (an earlier
     session's), and at its end once the JSON holds what they did."""
     for shard in shards(journal):
-        try:
-            os.unlink(shard)
-        except FileNotFoundError:
-            pass
+        for path in (shard, stamps_path(shard)):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
 
 
 def _read_lines(path: Path, notes: list[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -175,6 +265,7 @@ def _read_lines(path: Path, notes: list[str]) -> tuple[dict[str, Any], list[dict
         lines = f.read().split("\n")
     header: dict[str, Any] | None = None
     out: list[dict[str, Any]] = []
+    stamps = _Stamps(path)
     for number, text in enumerate(lines, 1):
         if not text.strip():
             continue
@@ -193,6 +284,10 @@ def _read_lines(path: Path, notes: list[str]) -> tuple[dict[str, Any], list[dict
             continue
         if not isinstance(line, dict) or not isinstance(line.get("data"), dict):
             raise JournalError(f"{path}: line {number} has no data object")
+        try:
+            line["data"] = stamps.data_of(line)
+        except (KeyError, TypeError, ValueError) as exc:  # SidecarError and JournalError are ValueErrors
+            raise JournalError(f"{path}: line {number}: {exc}") from None
         out.append(line)
     if header is None:
         raise JournalError(f"{path}: empty: not a results journal")
@@ -225,14 +320,15 @@ def unfinished_runs(journal: Path, session: str, finished: set[str]) -> tuple[li
                     header = None
                 if not isinstance(header, dict) or header.get("session") != session:
                     continue  # not this session's (its start removed those left before; a racing one)
+                stamps = _Stamps(shard)
                 for text in f:
                     match = _RUN_LINE.match(text)
                     if match is None or json.loads(match.group(1)) in finished:
                         continue
                     try:
-                        out.append(unfinished(json.loads(text)["data"]))
-                    except (ValueError, KeyError, TypeError):
-                        notes.append(f"{shard}: skipped a line cut short ({len(text)} characters)")
+                        out.append(unfinished(stamps.data_of(json.loads(text))))
+                    except (ValueError, KeyError, TypeError) as exc:
+                        notes.append(f"{shard}: skipped a line ({len(text)} characters): {exc}")
         except OSError as exc:
             notes.append(f"could not read the worker journal {shard}: {exc}")
     return sorted(out, key=lambda r: r.get("started_at") or 0.0), notes
