@@ -8,7 +8,11 @@ requests is a quarter of it), built from real ``RequestRecord`` s through
 ``LoadResult.to_dict()``. Each way is timed ``--repeat`` times, interleaved, through the
 same atomic writes (fsynced) the plugin uses; printed: the median and the spread, the
 files' sizes, and the time to read it back (``load_results``: the JSON, then the sidecar
-joined to its records), which also checks that every stamp came back.
+joined to its records), which also checks that every stamp came back. Also timed, the
+same way: turning the run's records into the document's dicts (``RequestRecord.to_dict``),
+now (``chunk_times`` an ``array('d')``, rounded by numpy) and as it was before
+(``dataclasses.asdict``, a deep copy, then ``round`` of each stamp; kept here as
+``_to_dict_before``), and the whole path from records to files, before and now.
 
     .venv/bin/python benchmarks/chunk_sidecar.py
     .venv/bin/python benchmarks/chunk_sidecar.py --records 100 --chunks 1000 --repeat 3
@@ -17,6 +21,7 @@ joined to its records), which also checks that every stamp came back.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -32,8 +37,8 @@ from pytest_infmax.run.results import LoadResult
 from pytest_infmax.sidecar import load_results, sidecar_path, write_results
 
 
-def document(records: int, chunks: int) -> dict[str, Any]:
-    """An --infmax-json document of one run: ``records`` requests of ``chunks`` chunks each."""
+def records(records: int, chunks: int) -> list[RequestRecord]:
+    """``records`` requests of ``chunks`` chunks each."""
     recs = []
     for i in range(records):
         start = 0.01 * i
@@ -55,11 +60,32 @@ def document(records: int, chunks: int) -> dict[str, Any]:
                 requested_output_tokens=chunks,
             )
         )
+    return recs
+
+
+def document(recs: list[RequestRecord]) -> dict[str, Any]:
+    """The --infmax-json document of one run of ``recs``."""
     end = max(r.end_time or 0.0 for r in recs)
     run = RunRecords(records=recs, clock_origin=0.0, epoch_origin=1.7e9, measured_start=0.0, measured_end=end)
-    config = LoadConfig(scenario=get_scenario("1k1k"), concurrency=256, num_requests=records, warmup=0)
+    config = LoadConfig(scenario=get_scenario("1k1k"), concurrency=256, num_requests=len(recs), warmup=0)
     result = LoadResult(name="bench::chunks", config=config, run=run, server={"kind": "sim"}).to_dict()
     return results_document([result], [{"kind": "sim"}])
+
+
+_TIME_KEYS = ("scheduled_time", "send_time", "first_token_time", "end_time", "ready_time")
+
+
+def _to_dict_before(rec: RequestRecord, t0: float = 0.0) -> dict[str, Any]:
+    """RequestRecord.to_dict as it was before (main at b1b05e7)."""
+    d = dataclasses.asdict(rec)
+    for key in _TIME_KEYS:
+        if d.get(key) is not None:
+            d[key] = round(d[key] - t0, 9)
+    d["chunk_times"] = [round(t - t0, 9) for t in rec.chunk_times]
+    for key in ("input_tokens_source", "output_tokens_source", "chunk_tokens_source"):
+        d[key] = d[key].value
+    d["error_kind"] = rec.error_kind.value if rec.error_kind else None
+    return d
 
 
 def _timed(write: Any) -> float:
@@ -72,7 +98,7 @@ def _show(label: str, seconds: list[float], size: int) -> None:
     med = statistics.median(seconds)
     print(
         f"{label:<34} median {med * 1000:8.1f} ms  (min {min(seconds) * 1000:.1f}, max {max(seconds) * 1000:.1f}; "
-        f"{len(seconds)} runs)  {size / 1e6:7.1f} MB"
+        f"{len(seconds)} runs)" + (f"  {size / 1e6:7.1f} MB" if size else "")
     )
 
 
@@ -82,9 +108,17 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=1000, help="content chunks per request (default 1000)")
     parser.add_argument("--repeat", type=int, default=3, help="timed writes of each way, interleaved (default 3)")
     args = parser.parse_args()
-    doc = document(args.records, args.chunks)
+    recs = records(args.records, args.chunks)
+    doc = document(recs)
     stamps = args.records * args.chunks
     print(f"{stamps:,} stamps ({args.records} records x {args.chunks} chunks), {args.repeat} interleaved runs each")
+    dicts_before: list[float] = []
+    dicts_now: list[float] = []
+    for _ in range(args.repeat):
+        dicts_before.append(_timed(lambda: [_to_dict_before(r) for r in recs]))
+        dicts_now.append(_timed(lambda: [r.to_dict() for r in recs]))
+    _show("records to dicts (before)", dicts_before, 0)
+    _show("records to dicts (now)", dicts_now, 0)
     with tempfile.TemporaryDirectory() as tmp:
         inline, split = Path(tmp) / "inline.json", Path(tmp) / "split.json"
         before: list[float] = []
@@ -105,6 +139,11 @@ def main() -> None:
         same = back["results"][0]["records"] == doc["results"][0]["records"]
         print(f"read back (load_results): {read * 1000:.1f} ms, {got:,} stamps, identical: {same}")
         print(f"speed-up of the write: {statistics.median(before) / statistics.median(after):.1f}x")
+        whole_before = statistics.median(dicts_before) + statistics.median(before)
+        whole_now = statistics.median(dicts_now) + statistics.median(after)
+        print(
+            f"records to files (sum of the medians): before {whole_before * 1000:.0f} ms, now {whole_now * 1000:.0f} ms"
+        )
 
 
 if __name__ == "__main__":
