@@ -98,7 +98,7 @@ def shards(journal: Path) -> list[Path]:
             for p in journal.parent.iterdir()
             if p.name.startswith(prefix) and _WORKER.fullmatch(p.name[len(prefix) :]) and p.is_file()
         )
-    except FileNotFoundError:
+    except OSError:  # no such directory, or a file where it should be: no shards there
         return []
 
 
