@@ -65,7 +65,7 @@ lint: $(STAMP)
 	$(call static_checks,$(BIN))
 
 test: $(INTEGRATION_STAMP) chromium lint
-	$(BIN)/python -m pytest -n 2
+	$(BIN)/python -m pytest -n 2 --durations=15
 
 # A universal resolution (Python 3.10 to 3.13 at once, with environment markers), read by
 # pip as a constraints file. uv comes from the dev extra.

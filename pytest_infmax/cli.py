@@ -1,6 +1,7 @@
 """The ``infmax`` command: ``infmax sim`` serves the simulator, ``infmax table`` prints a results file,
 ``infmax report`` writes its HTML report (plots, Markdown summary), ``infmax compare`` compares results
-with a baseline (exit 1 on regression)."""
+with a baseline (exit 1 on regression), ``infmax baselines migrate`` copies JSON baselines into a
+PostgreSQL store."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from pathlib import Path
 from pytest_infmax import __version__
 from pytest_infmax.atomic import write_json_atomic
 from pytest_infmax.baselines.compare import CompareOptions, compare_files, parse_gates
+from pytest_infmax.baselines.pgstore import is_store_url
 from pytest_infmax.baselines.store import BaselineError
+from pytest_infmax.baselines.stores import describe, migrate
 from pytest_infmax.reports.journal import json_path_for, read_journal
 from pytest_infmax.reports.rows import result_row
 from pytest_infmax.reports.table import format_table
@@ -32,6 +35,14 @@ def _table(path: str) -> int:
 
 
 def _compare(ns: argparse.Namespace) -> int:
+    if is_store_url(ns.baseline) or is_store_url(ns.current):
+        print(
+            f"infmax compare: {describe(ns.baseline if is_store_url(ns.baseline) else ns.current)} is a PostgreSQL "
+            "store; infmax compare reads files. Compare against a store with pytest --infmax-baselines URL "
+            "--infmax-compare SET",
+            file=sys.stderr,
+        )
+        return 2
     try:
         options = CompareOptions(
             gates=parse_gates(ns.metrics) if ns.metrics else CompareOptions().gates,
@@ -64,6 +75,23 @@ def _compare(ns: argparse.Namespace) -> int:
     if "regressed" in verdicts or (ns.fail_on_unsure and "unsure" in verdicts):
         return 1
     return 0
+
+
+def _migrate(ns: argparse.Namespace) -> int:
+    try:
+        report = migrate(ns.directory, ns.url, ns.set)
+    except BaselineError as exc:
+        print(f"infmax baselines migrate: {exc}", file=sys.stderr)
+        return 2
+    for (set_name, key), added in sorted(report.added.items()):
+        print(f"infmax baselines migrate: {set_name}/{key}: {added} run(s) added")
+    for line in report.refused:
+        print(f"infmax baselines migrate: refused {line}", file=sys.stderr)
+    print(
+        f"infmax baselines migrate: {report.runs_added} run(s) added to {describe(ns.url)} "
+        f"({len(report.added)} baseline(s) copied, {len(report.refused)} refused)"
+    )
+    return 1 if report.refused else 0
 
 
 def _report(ns: argparse.Namespace) -> int:
@@ -172,6 +200,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--step-summary", action="store_true", help="append the Markdown summary to $GITHUB_STEP_SUMMARY when it is set"
     )
     report.add_argument("--title", default=None)
+    baselines = sub.add_parser("baselines", help="manage baseline stores (infmax baselines migrate --help)")
+    baselines_sub = baselines.add_subparsers(dest="baselines_command", required=True)
+    mig = baselines_sub.add_parser(
+        "migrate",
+        help="copy a JSON baseline set into a PostgreSQL store",
+        description="Copy the baselines of DIR (a set folder, e.g. .infmax/baselines/main, or a folder of "
+        "sets) into the PostgreSQL store at URL. Runs the store already holds are not copied again, so "
+        "it can be rerun. Exit 0: copied; 1: some baselines refused (another testbed or workload in the "
+        "store); 2: unreadable input or an unreachable store.",
+    )
+    mig.add_argument("directory", metavar="DIR")
+    mig.add_argument("url", metavar="URL", help="postgresql://USER[:PASSWORD]@HOST[:PORT]/DB (or PGPASSWORD)")
+    mig.add_argument("--set", metavar="NAME", help="the set to copy into (default: DIR's name)")
     ns = parser.parse_args(args)
     if ns.command == "report":
         return _report(ns)
@@ -179,6 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _table(ns.path)
     if ns.command == "compare":
         return _compare(ns)
+    if ns.command == "baselines":
+        return _migrate(ns)
     return 2
 
 

@@ -403,6 +403,7 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Any:
     except KeyboardInterrupt:  # pytest makes no report of it: hand its results to the collector here
         _keep_interrupted(pyfuncitem)
         raise
+    _check_server_died(pyfuncitem)
     _check_client(pyfuncitem)
     _check_marker_slas(pyfuncitem)
     _check_errors(pyfuncitem)
@@ -423,6 +424,22 @@ def _check_client(item: pytest.Item) -> None:
     if item.config.stash[STATE_KEY].settings.client_bound == "fail":
         pytest.fail(f"the load generator fell behind, so the measurement is not the server's: {reasons}", pytrace=False)
     warnings.warn(ClientBoundWarning(f"latencies are upper bounds: {reasons}"), stacklevel=1)
+
+
+def _check_server_died(item: pytest.Item) -> None:
+    """Fail a test during whose run the server died (the run stopped then): its death is the news,
+    not the failed requests or SLAs that follow from it."""
+    died = [r for r in item.stash.get(RESULTS_KEY, []) if r.server_died]
+    if died:
+        pytest.fail(
+            "the server died during the run:\n  "
+            + "\n  ".join(
+                f"{r.name} {r.config.label}: the run stopped after {r.metrics.num_requests} requests "
+                f"({r.metrics.num_errors} failed): " + str(r.server_died).replace("\n", "\n    ")
+                for r in died
+            ),
+            pytrace=False,
+        )
 
 
 def _check_errors(item: pytest.Item) -> None:

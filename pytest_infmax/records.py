@@ -103,10 +103,19 @@ class RequestRecord:
         return self.first_token_time - self.send_time
 
     @property
-    def e2e(self) -> float | None:
-        if not self.ok or self.end_time is None:
+    def last_token_time(self) -> float | None:
+        """When the last content chunk arrived: where E2E ends, as InferenceMAX's and vLLM's clients end
+        their latency, not at the stream's end (``end_time``: the usage chunk and ``[DONE]`` after it)."""
+        if self.end_time is None:
             return None
-        return self.end_time - self.send_time
+        return float(self.chunk_times[-1]) if len(self.chunk_times) else self.end_time
+
+    @property
+    def e2e(self) -> float | None:
+        end = self.last_token_time
+        if not self.ok or end is None:
+            return None
+        return end - self.send_time
 
     @property
     def send_lag(self) -> float | None:
@@ -128,10 +137,10 @@ class RequestRecord:
     @property
     def e2e_from_schedule(self) -> float | None:
         """E2E from the scheduled send time (open loop); ``e2e`` without a schedule."""
-        e2e = self.e2e
-        if e2e is None or self.scheduled_time is None or self.end_time is None:  # e2e implies the last
+        e2e, end = self.e2e, self.last_token_time
+        if e2e is None or self.scheduled_time is None or end is None:  # e2e implies the last
             return e2e
-        return self.end_time - self.scheduled_time
+        return end - self.scheduled_time
 
     @property
     def tpot(self) -> float | None:

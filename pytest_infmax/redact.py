@@ -7,7 +7,10 @@ passed through it. It replaces
 
 * every secret registered with :func:`add_secret` (the API key, from the variable
   ``--infmax-api-key-env`` names, registered wherever a server configuration reads it);
-* the credentials of a URL (``http://user:password@host`` becomes ``http://***@host``);
+* the credentials of a URL (``http://user:password@host`` becomes ``http://***@host``,
+  ``postgresql://user:password@host/db`` becomes ``postgresql://***@host/db``);
+* a ``password=`` parameter (libpq's ``?password=...`` in a URL, ``password=...`` in a
+  connection string) becomes ``password=***``;
 * a bearer token (``Bearer sk-...`` becomes ``Bearer ***``), whoever printed it;
 * the value of a secret command-line flag (``--api-key VALUE``, ``--token=VALUE``)
 
@@ -28,6 +31,7 @@ _lock = threading.Lock()
 _secrets: tuple[str, ...] = ()
 
 _URL_CREDENTIALS = re.compile(r"://[^/\s@'\"<>]+@")  # a literal start: fast on large texts
+_PASSWORD_PARAM = re.compile(r"(?P<key>\bpassword=)(?!\*\*\*)(?P<q>')?(?(q)(?:[^'\\]|\\.)*'|[^\s&'\"]+)", re.I)
 _BEARER = re.compile(r"(?P<word>[Bb]earer\s+)(?!\*\*\*)[^\s'\",;]+")
 _FLAG_VALUE = re.compile(
     r"(?P<flag>(?:"
@@ -57,6 +61,8 @@ def redact(text: str, *secrets: str | None) -> str:
             text = text.replace(secret, MASK)
     if "://" in text and "@" in text:
         text = _URL_CREDENTIALS.sub("://" + MASK + "@", text)
+    if "assword=" in text or "ASSWORD=" in text:
+        text = _PASSWORD_PARAM.sub(lambda m: m.group("key") + MASK, text)
     if "earer" in text:
         text = _BEARER.sub(lambda m: m.group("word") + MASK, text)
     if "--" in text:

@@ -21,6 +21,9 @@ from urllib.parse import urlsplit
 
 from pytest_infmax.baselines.compare import DEFAULT_GATES, CompareOptions, Gate, parse_gates
 from pytest_infmax.baselines.gate import GateSettings
+from pytest_infmax.baselines.pgstore import is_store_url, register_secrets
+from pytest_infmax.baselines.store import BaselineError
+from pytest_infmax.baselines.stores import describe, list_sets
 from pytest_infmax.measure.cost import TIERS, Tier
 from pytest_infmax.measure.verdicts import DEFAULT_MAX_ERROR_RATE
 from pytest_infmax.servers import engines
@@ -368,10 +371,11 @@ class Settings:
         "PCT|off",
     )
     baselines: str = setting(
-        "directory of baseline sets (one JSON file per test in each set)",
+        "directory of baseline sets (one JSON file per test in each set), or the postgresql:// URL "
+        "of a shared store (the postgres extra; docs/baselines.md)",
         ".infmax/baselines",
         _path,
-        "DIR",
+        "DIR|URL",
     )
     compare: str | None = setting(
         "compare each result with its baseline in this set, where one exists "
@@ -470,14 +474,19 @@ class Settings:
         if v.update and compare_set is None:
             raise SettingError("--infmax-update rewrites the compared set: don't combine it with --infmax-compare off")
         directory = directory if directory.is_absolute() else root / directory
+        store_url = v.baselines if is_store_url(v.baselines) else None
+        if store_url is not None:
+            register_secrets(store_url)  # its password never reaches any output
         save_set = v.save or (compare_set if v.autosave else None)
-        if compare_set or save_set:
+        if (compare_set or save_set) and store_url is None:
             self._check_baselines_directory(directory)
         # The default set is compared where it exists and silently skipped where it does not
         # (a project without baselines); a set named on purpose that does not exist is a typo
         # or a missing checkout, and comparing nothing without a word would turn the gate off.
         if compare_set and self.sources["compare"] != "default" and not v.update and save_set != compare_set:
-            if not (directory / compare_set).is_dir():
+            if store_url is not None:
+                self._check_store_set(store_url, compare_set)
+            elif not (directory / compare_set).is_dir():
                 raise SettingError(self._no_such_set(directory, compare_set))
         return GateSettings(
             directory=directory,
@@ -487,7 +496,25 @@ class Settings:
             fail_on_unsure=v.fail_on_unsure,
             force=v.compare_force,
             options=options,
+            store_url=store_url,
         )
+
+    def _check_store_set(self, url: str, name: str) -> None:
+        """A set named on purpose exists in the PostgreSQL store (which must be reachable)."""
+        try:
+            sets = list_sets(url)
+        except BaselineError as exc:
+            raise SettingError(f"{self._named('baselines')}: {exc}") from None
+        if name in sets:
+            return
+        where = f"{self._named('compare')} = {name!r}: there is no baseline set {name!r} in {describe(url)}"
+        close = difflib.get_close_matches(name, sets, n=1)
+        listing = (
+            f"; the sets there: {', '.join(sets)}" + (f"; did you mean {close[0]!r}?" if close else "")
+            if sets
+            else f" (it holds no sets; --infmax-save {name} makes the set)"
+        )
+        raise SettingError(f"{where}{listing} (--infmax-compare off compares nothing, on purpose)")
 
     def _named(self, name: str) -> str:
         """Where a setting's value came from, for messages: the flag, variable or ini key."""

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 from _hostile_client import HostileClient, hostile_server_port
+from _postgres import Postgres, PostgresUnavailable, check_available, running_postgres
 
 
 def sim_pids_under(path: str) -> list[int]:
@@ -43,3 +44,15 @@ def hostile_server() -> Iterator[HostileClient]:
     """A scripted hostile HTTP server (tests/_hostile_server.py) in a subprocess, for one test."""
     with hostile_server_port() as port:
         yield HostileClient(port)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """A real PostgreSQL server for this session (tests/_postgres.py): started once, always stopped;
+    the tests that use it are skipped, with the reason, where the binaries are missing."""
+    try:
+        check_available()
+    except PostgresUnavailable as exc:
+        pytest.skip(f"no PostgreSQL server to test against: {exc}")
+    with running_postgres() as server:
+        yield server

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ast
 import enum
+import importlib.util
 import os
 import re
 import shlex
@@ -100,6 +101,11 @@ POLICY: tuple[Rule, ...] = (
     Rule(("python", "benchmarks/client_overhead.py"), Action.FLAGS, "takes 2 to 9 minutes"),
     Rule(("python", "benchmarks/timing_truth.py"), Action.FLAGS, "takes over a minute"),
     Rule(("python", "benchmarks/soak.py"), Action.FLAGS, "takes 1 to 10 minutes"),
+    Rule(
+        ("python", "benchmarks/agreement.py"),
+        Action.FLAGS,
+        "starts real vLLM (make vllm) and takes 3 to 10 minutes; tests/test_vllm.py covers what it compares",
+    ),
     Rule(
         ("pytest",),
         Action.FLAGS,
@@ -451,6 +457,45 @@ class DocsContext:
             self._stack.close()
         finally:
             shutil.rmtree(self.base, ignore_errors=True)
+
+
+def _postgres_support() -> Any:
+    """tests/_postgres.py (the suite's PostgreSQL server), loaded as docs_support itself is."""
+    if "_postgres" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("_postgres", ROOT / "tests" / "_postgres.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["_postgres"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["_postgres"]
+
+
+def postgres_available() -> bool:
+    """Whether a PostgreSQL server can be started here (docs/baselines.md skips its store example if not)."""
+    support = _postgres_support()
+    try:
+        support.check_available()
+    except support.PostgresUnavailable:
+        return False
+    return True
+
+
+@contextmanager
+def postgres_environment() -> Iterator[None]:
+    """A real PostgreSQL server until the document's end, with libpq's variables (PGHOST, PGPORT,
+    PGUSER) pointing at it, so that a documented ``postgresql:///postgres`` reaches it."""
+    names = ("PGHOST", "PGPORT", "PGUSER")
+    saved = {name: os.environ.get(name) for name in names}
+    with _postgres_support().running_postgres() as server:
+        os.environ.update(PGHOST=str(server.directory), PGPORT=str(server.port), PGUSER=server.user)
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
 
 def docs_context(example: Example) -> DocsContext:

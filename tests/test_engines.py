@@ -588,7 +588,13 @@ def test_crash_mid_run_records_errors_and_fails_the_test_cleanly(
     )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-json", "r.json")
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["*SLA failed: error_rate < 1% (measured *", "*test_crash*1k1k-mini*FAIL*"])
+    result.stdout.fnmatch_lines(
+        [
+            "*the server died during the run:",
+            "*test_crash c=2: the run stopped after * requests (* failed): the server exited with code 137: *",
+            "*test_crash*1k1k-mini*FAIL (server died)*",
+        ]
+    )
     assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
     (res,) = json.loads((pytester.path / "r.json").read_text())["results"]
     kinds = {r["error_kind"] for r in res["records"]}
@@ -801,3 +807,25 @@ def test_engine_executable_setting_picks_the_vllm_that_runs(pytester: pytest.Pyt
     result = pytester.runpytest_subprocess(*args)
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*cannot start 'vllm'*is it installed and on PATH?*"])
+
+
+def test_the_errors_a_log_names_are_found_above_its_shutdown_noise() -> None:
+    """vLLM with its EngineCore killed: the cause is pages above the last lines (nanobind leak noise)."""
+    log = "\n".join(
+        [
+            "(APIServer pid=1) WARNING 12-06 [system_utils.py:255] Found ulimit of 20000 ... This can cause fd "
+            "limit errors like `OSError: [Errno 24] Too many open files`.",
+            "(APIServer pid=1) ERROR 12-06 [async_llm.py:906] AsyncLLM output_handler failed.",
+            "(APIServer pid=1) ERROR 12-06 [async_llm.py:906] Traceback (most recent call last):",
+            '(APIServer pid=1) ERROR 12-06 [async_llm.py:906]   File "core_client.py", line 1235, in get_output_async',
+            "(APIServer pid=1) ERROR 12-06 [async_llm.py:906] vllm.v1.engine.exceptions.EngineDeadError: EngineCore "
+            "encountered an issue. See stack trace (above) for the root cause.",
+            "(APIServer pid=1) ERROR 12-06 [serving.py:500] vllm.v1.engine.exceptions.EngineDeadError: EngineCore "
+            "encountered an issue. See stack trace (above) for the root cause.",
+            *[f' - leaked function "f{i}"' for i in range(100)],
+        ]
+    )
+    assert launch.error_lines(log, 5) == [
+        "vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered an issue. See stack trace (above) "
+        "for the root cause."
+    ]

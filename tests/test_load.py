@@ -88,9 +88,11 @@ def test_one_token_per_event_latencies_by_hand() -> None:
     rec = replay(ONE_PER_EVENT, send_time=10.0, requested_input=100)
     assert rec.ok
     assert rec.ttft == pytest.approx(0.050)
-    assert rec.e2e == pytest.approx(0.091)  # ends at the last line read
-    # TPOT = (E2E - TTFT) / (out - 1) = (0.091 - 0.050) / 4
-    assert rec.tpot == pytest.approx(0.01025)
+    # E2E ends at the last content token (10.090), as InferenceMAX's and vLLM's clients end it,
+    # not at the usage chunk and [DONE] after it (10.091)
+    assert rec.e2e == pytest.approx(0.090)
+    # TPOT = (E2E - TTFT) / (out - 1) = (0.090 - 0.050) / 4: the mean of the per-token gaps
+    assert rec.tpot == pytest.approx(0.010)
     assert rec.itls() == pytest.approx([0.010, 0.012, 0.008, 0.010])
     assert (rec.output_tokens, rec.output_tokens_source) == (5, TokenSource.USAGE)
     assert (rec.input_tokens, rec.input_tokens_source) == (100, TokenSource.USAGE)
@@ -138,7 +140,7 @@ def test_multi_token_events_apportion_usage_by_text() -> None:
     assert rec.chunk_tokens_source is TokenSource.APPORTIONED
     # Per-token ITL: chunk 2 (1 token, 60 ms after chunk 1) -> [0.06]; chunk 3 (2 tokens, 60 ms) -> [0.03, 0.03]
     assert rec.itls() == pytest.approx([0.06, 0.03, 0.03])
-    assert rec.tpot == pytest.approx((0.23 - 0.10) / 4)
+    assert rec.tpot == pytest.approx((0.22 - 0.10) / 4)  # to the last content chunk, not the usage
 
 
 def test_continuous_usage_gives_exact_chunk_counts() -> None:
@@ -243,10 +245,10 @@ def test_recorded_run_metrics_by_hand() -> None:
     assert m.input_throughput == pytest.approx(150 / 0.4)
     assert m.output_throughput == pytest.approx(9 / 0.4)
     assert m.throughput_per_gpu == pytest.approx(159 / 0.4 / 2)
-    # TTFT: r1 0.050, r2 0.150; TPOT: r1 0.01025, r2 (0.35 - 0.15) / 3.
+    # TTFT: r1 0.050, r2 0.150; TPOT: r1 0.010, r2 (0.35 - 0.15) / 3.
     assert m.ttft.mean == pytest.approx(0.1)
-    assert m.tpot.values.tolist() == pytest.approx(sorted([0.01025, 0.2 / 3]))
-    assert m.interactivity.median == pytest.approx(np.median([1 / 0.01025, 3 / 0.2]))
+    assert m.tpot.values.tolist() == pytest.approx(sorted([0.010, 0.2 / 3]))
+    assert m.interactivity.median == pytest.approx(np.median([1 / 0.010, 3 / 0.2]))
     # ITL: r1 [0.010, 0.012, 0.008, 0.010]; r2: 2 tokens 0.2 s after the first chunk -> [0.1, 0.1].
     assert sorted(m.itl.values.tolist()) == pytest.approx(sorted([0.010, 0.012, 0.008, 0.010, 0.1, 0.1]))
 

@@ -171,26 +171,28 @@ def test_ttft(m: Metrics) -> None:
 
 
 def test_tpot_is_decode_time_over_output_tokens_minus_one(m: Metrics) -> None:
-    # r1: (E2E - TTFT) / (8 - 1) = (1.75 - 0.25) / 7 = 1.5/7
+    # r1: (E2E - TTFT) / (8 - 1) = (1.625 - 0.25) / 7 = 1.375/7 (E2E to the last token: see test_e2e)
     # r2: (1.5 - 0.5) / (3 - 1) = 0.5
     # r3: one output token -> no TPOT; r4 failed
     assert m.tpot.count == 2
-    assert list(m.tpot.values) == pytest.approx([1.5 / 7, 0.5])
-    assert m.tpot.mean == pytest.approx((1.5 / 7 + 0.5) / 2)
+    assert list(m.tpot.values) == pytest.approx([1.375 / 7, 0.5])
+    assert m.tpot.mean == pytest.approx((1.375 / 7 + 0.5) / 2)
     # not the mean chunk gap: r1's chunk gaps average (2.625-1.25)/4 = 0.34375
     assert m.tpot.min != pytest.approx(0.34375)
 
 
 def test_interactivity_is_one_over_tpot(m: Metrics) -> None:
-    # r1: 7/1.5 = 4.667 tok/s/user; r2: 1/0.5 = 2
-    assert list(m.interactivity.values) == pytest.approx([2.0, 7 / 1.5])
-    assert m.value("interactivity", "max") == pytest.approx(7 / 1.5)
+    # r1: 7/1.375 = 5.09 tok/s/user; r2: 1/0.5 = 2
+    assert list(m.interactivity.values) == pytest.approx([2.0, 7 / 1.375])
+    assert m.value("interactivity", "max") == pytest.approx(7 / 1.375)
 
 
 def test_e2e(m: Metrics) -> None:
-    # r1: 2.75-1.0 = 1.75; r2: 3.5-2.0 = 1.5; r3: 3.125-3.0 = 0.125
-    assert list(m.e2e.values) == [0.125, 1.5, 1.75]
-    assert m.value("e2e", "mean") == pytest.approx((0.125 + 1.5 + 1.75) / 3)
+    # E2E ends at the last content token, as InferenceMAX's and vLLM's clients end their latency,
+    # not at the stream's end (r1's usage chunk and [DONE] arrived at 2.75, after its last token)
+    # r1: 2.625-1.0 = 1.625; r2: 3.5-2.0 = 1.5; r3: 3.125-3.0 = 0.125
+    assert list(m.e2e.values) == [0.125, 1.5, 1.625]
+    assert m.value("e2e", "mean") == pytest.approx((0.125 + 1.5 + 1.625) / 3)
 
 
 def test_itl_is_per_token_with_multi_token_chunks(m: Metrics) -> None:

@@ -19,13 +19,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _declared(extra: str) -> set[str]:
-    """Distribution names (normalised) the core dependencies and ``extra`` declare."""
+    """Distribution names (normalised) the core dependencies and ``extra`` declare, with the
+    extras of this package that ``extra`` names (``pytest-infmax[postgres]`` in ``test``)."""
     names = set()
     for line in requires("pytest-infmax") or []:
         req = Requirement(line)
         marker = req.marker
         if marker is None or marker.evaluate({"extra": extra}) or marker.evaluate({"extra": ""}):
-            names.add(req.name.lower().replace("_", "-"))
+            name = req.name.lower().replace("_", "-")
+            names.add(name)
+            if name == "pytest-infmax":
+                for inner in req.extras - {extra}:
+                    names |= _declared(inner)
     return names
 
 

@@ -660,9 +660,10 @@ def test_a_server_that_died_in_one_test_is_started_afresh_for_the_next(pytester:
     result.assert_outcomes(failed=1, passed=1)
     result.stdout.fnmatch_lines(
         [
-            "*test_perf.py::test_crashes c=1: 4 of 6 requests failed (*connect_error*disconnected): error rate 66.7% > 5.0%*",
-            "*the server exited with code 1: *",
+            "*the server died during the run:",
+            "*test_perf.py::test_crashes c=1: the run stopped after * requests (* failed): the server exited with code 1: *",
             "*last lines of *server-*.log:",
+            "*injected crash (--crash-after 2)*",
         ]
     )
     result.stdout.fnmatch_lines(
@@ -673,6 +674,56 @@ def test_a_server_that_died_in_one_test_is_started_afresh_for_the_next(pytester:
             "*it was started afresh for this test",
         ]
     )
+
+
+DIES_MID_RUN = """
+import pytest
+
+@pytest.mark.infmax_server(sim_args="--decode-step-ms 2 --crash-after 20")
+def test_long(infmax):
+    infmax.run("1k1k-mini", concurrency=2, duration=120, warmup=0)
+"""
+
+
+def test_a_server_that_dies_mid_run_stops_the_run_and_is_named(pytester: pytest.Pytester) -> None:
+    # Before: the closed loop went on for the whole duration against nothing, each request
+    # refused at once (vLLM with its EngineCore killed: 127,919 failed requests in 22 s), and
+    # the test failed on its error rate. Now the run stops when the server is seen dead.
+    _write(pytester, DIES_MID_RUN)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-json", "r.json")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*the server died during the run:",
+            "*test_long c=2: the run stopped after * requests (* failed): the server exited with code 1: *",
+            "*injected crash (--crash-after 20)*",
+        ]
+    )
+    (res,) = json.loads((pytester.path / "r.json").read_text())["results"]
+    assert "the server exited with code 1" in res["server_died"]
+    assert res["metrics"]["duration"] < 30  # stopped within a moment, not after 120 s of refusals
+    result.stdout.fnmatch_lines(["*test_long*FAIL (server died)*"])
+
+
+def test_an_endpoint_that_stops_accepting_connections_stops_the_run(pytester: pytest.Pytester, tmp_path) -> None:
+    """An endpoint is not ours to watch: every request refused for 2 s says it is gone."""
+    with running_server(ServerConfig(sim_args=("--decode-step-ms", "2", "--crash-after", "20")), tmp_path) as server:
+        _write(
+            pytester,
+            """
+            def test_long(infmax):
+                infmax.run("1k1k-mini", concurrency=2, duration=120, warmup=0)
+            """,
+        )
+        result = pytester.runpytest_subprocess(
+            "-p", "no:cacheprovider", "--infmax-endpoint", server.base_url, "--infmax-json", "r.json"
+        )
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        ["*test_long c=2: the run stopped after * requests (* failed): every request for 2.* s failed to connect*"]
+    )
+    (res,) = json.loads((pytester.path / "r.json").read_text())["results"]
+    assert res["metrics"]["duration"] < 30 and "failed to connect" in res["server_died"]
 
 
 @pytest.mark.parametrize(

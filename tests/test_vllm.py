@@ -190,6 +190,28 @@ def test_completions_and_chat_count_tokens_from_usage(vllm: SharedServer) -> Non
     assert all(r.input_tokens >= r.requested_input_tokens for r in chat.records if not r.warmup)
 
 
+def test_every_load_mode_against_vllm(vllm: SharedServer) -> None:
+    """Open loop (Poisson, bursty, capped), a duration-bound closed loop, a sweep, and two
+    load-generator processes: each sends what it says, every request counted from usage."""
+    infmax = Infmax(vllm.get(), energy=False, server_metrics=False)
+    tiny = Scenario("tiny", 32, 8)
+    poisson = infmax.run(tiny, rate=20.0, num_requests=12, warmup=0)
+    bursty = infmax.run(tiny, rate=20.0, burstiness=0.5, max_concurrency=3, num_requests=12, warmup=0)
+    timed = infmax.run(tiny, concurrency=2, duration=3.0, warmup=0)
+    sharded = infmax.run(tiny, concurrency=4, num_requests=8, warmup=0, workers=2)
+    sweep = infmax.sweep(tiny, concurrency=[1, 4], num_requests=8, warmup=0)
+    for result in (poisson, bursty, timed, sharded, *sweep.results):
+        measured = [r for r in result.records if not r.warmup]
+        assert measured and result.metrics.num_errors == 0, (result.config.label, result.metrics.errors_by_kind)
+        assert {r.output_tokens_source.value for r in measured} == {"usage"}
+        assert all(r.output_tokens == r.requested_output_tokens for r in measured)
+    assert poisson.metrics.num_requests == bursty.metrics.num_requests == 12
+    assert all(r.scheduled_time is not None for r in poisson.records)  # open loop: sent on a schedule
+    assert timed.metrics.num_requests >= 2 and 3.0 <= timed.metrics.duration < 60
+    assert sharded.metrics.num_requests == 8
+    assert [p.config.concurrency for p in sweep.results] == [1, 4]
+
+
 def test_prometheus_metrics_are_scraped_under_vllms_names(vllm: SharedServer) -> None:
     result = Infmax(vllm.get(), energy=False).run(Scenario("tiny", 32, 8), concurrency=2, num_requests=4, warmup=1)
     metrics = result.server_metrics
@@ -297,6 +319,36 @@ def test_ctrl_c_stops_vllm_its_engine_core_and_frees_the_port(pytester: pytest.P
     assert left_running(pids) == [], output[-3000:]
     host, port = "127.0.0.1", int(state["base_url"].rsplit(":", 1)[1])
     assert port_free(host, port)
+
+
+def test_engine_core_killed_mid_run_is_reported_as_the_engines_death(vllm: SharedServer) -> None:
+    """vLLM's API server answers EngineDeadError, then exits 0, leaving helpers behind. Before,
+    the closed loop ran on against nothing for the whole duration (127,919 refused requests in
+    22 s) and the cause was pages above the log's last lines (nanobind's leak report)."""
+    server = vllm.get()
+    server.track_descendants()
+    (core,) = [p for p in server.tracked if comm(p).startswith("VLLM::EngineCor")]
+    pids = {server.pid: start_time(server.pid), **server.tracked}
+    killed: list[str] = []
+
+    def kill_engine_core_once_serving(line: str) -> None:  # the first progress line: requests are served
+        if not killed:
+            killed.append(line)
+            os.kill(core, signal.SIGKILL)
+
+    infmax = Infmax(server, energy=False, progress=kill_engine_core_once_serving)
+    try:
+        result = infmax.run(Scenario("tiny", 32, 32), concurrency=4, duration=300, warmup=0)
+        assert killed, "no progress line: the run never got going"
+        assert result.server_died is not None, result.metrics.errors_by_kind
+        assert "the server exited with code" in result.server_died
+        assert "EngineDeadError" in result.server_died  # the cause, found above the shutdown noise
+        assert result.metrics.duration < 120  # stopped when the engine died, not after 300 s
+        assert result.metrics.num_ok > 0  # what was measured before is kept
+    finally:
+        server.stop()
+    assert left_running(pids, timeout=0) == []
+    assert port_free(server.config.host, port_of(server))
 
 
 def test_teardown_leaves_no_vllm_process_and_frees_the_port(vllm: SharedServer) -> None:

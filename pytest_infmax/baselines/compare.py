@@ -67,7 +67,7 @@ from pytest_infmax.baselines.store import (
     BaselineError,
     BaselineMismatch,
     BaselineRun,
-    BaselineStore,
+    BaselineSet,
     Difference,
     differences,
     load_runs,
@@ -816,7 +816,7 @@ def format_report(report: ComparisonReport, *, methods: bool = True) -> str:
 
 
 def compare_stored(
-    store: BaselineStore,
+    store: BaselineSet,
     key: str,
     current: BaselineRun | Sequence[BaselineRun],
     testbed: Mapping[str, Any],

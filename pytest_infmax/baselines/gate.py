@@ -14,7 +14,8 @@ from typing import Any
 
 from pytest_infmax.baselines.compare import CompareOptions, ComparisonReport, compare_stored
 from pytest_infmax.baselines.sequential import SequentialComparison
-from pytest_infmax.baselines.store import BaselineError, BaselineStore, build_testbed, gpu_testbed, result_keys, runs_of
+from pytest_infmax.baselines.store import BaselineError, BaselineSet, build_testbed, gpu_testbed, result_keys, runs_of
+from pytest_infmax.baselines.stores import has_set, open_set
 from pytest_infmax.run.results import LoadResult
 
 
@@ -29,10 +30,22 @@ class GateSettings:
     fail_on_unsure: bool = False
     force: bool = False  # compare across testbeds anyway
     options: CompareOptions = field(default_factory=CompareOptions)
+    store_url: str | None = None  # a postgresql:// store instead of the directory
 
     @property
     def active(self) -> bool:
         return bool(self.compare_set or self.save_set or self.update)
+
+    def open_set(self, name: str) -> BaselineSet:
+        """The set ``name``: a folder of ``directory``, or a set of the PostgreSQL store."""
+        return open_set(self.store_url or self.directory, name)
+
+    def has_set(self, name: str) -> bool:
+        """Whether the set exists; True where the store cannot be asked (the gate then says why)."""
+        try:
+            return has_set(self.store_url or self.directory, name)
+        except BaselineError:
+            return True
 
 
 @dataclass
@@ -90,11 +103,11 @@ def gate_results(
         settings.compare_set
         and not settings.save_set
         and not settings.update
-        and not (settings.directory / settings.compare_set).is_dir()
+        and not settings.has_set(settings.compare_set)
     ):
         return []  # nobody uses baselines here: nothing to compare, nothing to say
-    compare_store = BaselineStore(settings.directory / settings.compare_set) if settings.compare_set else None
-    save_store = BaselineStore(settings.directory / settings.save_set) if settings.save_set else None
+    compare_store = settings.open_set(settings.compare_set) if settings.compare_set else None
+    save_store = settings.open_set(settings.save_set) if settings.save_set else None
     outcomes = []
     for key, result in zip(result_keys([r.name for r in results]), results):
         outcome = GateOutcome(key)
@@ -119,18 +132,16 @@ def gate_results(
                     outcome.note = "; ".join(
                         filter(
                             None,
-                            [outcome.note, f"no baseline in {compare_store.directory} yet (recorded, not a failure)"],
+                            [outcome.note, f"no baseline in {compare_store.where} yet (recorded, not a failure)"],
                         )
                     )
             if settings.update and compare_store is not None:
                 compare_store.save(key, runs, testbed, mode="replace")
-                outcome.note = "; ".join(
-                    filter(None, [outcome.note, f"baseline rewritten in {compare_store.directory}"])
-                )
+                outcome.note = "; ".join(filter(None, [outcome.note, f"baseline rewritten in {compare_store.where}"]))
             # A regressed run is not added to a history: it would widen the spread the gate learns.
             if save_store is not None and not outcome.failed:
                 save_store.save(key, runs, testbed)
-                saved = f"saved to {save_store.directory}" + (f" ({len(runs)} runs)" if len(runs) > 1 else "")
+                saved = f"saved to {save_store.where}" + (f" ({len(runs)} runs)" if len(runs) > 1 else "")
                 outcome.note = "; ".join(filter(None, [outcome.note, saved]))
         except BaselineError as exc:
             outcome.error = str(exc)
@@ -165,7 +176,7 @@ def sequential_for(
         if not settings.compare_set or settings.update or not cap:
             return None
         try:
-            baseline = BaselineStore(settings.directory / settings.compare_set).load(name)
+            baseline = settings.open_set(settings.compare_set).load(name)
         except BaselineError:
             return None
         if baseline is None or not baseline.runs:

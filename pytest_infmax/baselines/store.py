@@ -34,7 +34,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 
@@ -724,6 +724,30 @@ def safe_filename(key: str, max_length: int = 96) -> str:
 Mode = Literal["append", "replace"]
 
 
+class BaselineSet(Protocol):
+    """One set of baselines (e.g. ``main``), wherever it is kept: a directory of JSON files
+    (:class:`BaselineStore`, the default) or a shared PostgreSQL store
+    (:class:`~pytest_infmax.baselines.pgstore.PostgresStore`); ``baselines.stores.open_set``
+    picks one by the ``--infmax-baselines`` value."""
+
+    history: int
+
+    @property
+    def where(self) -> str:
+        """Where the set is, for messages (never a password)."""
+        ...
+
+    def load(self, key: str) -> Baseline | None: ...
+
+    def save(
+        self, key: str, runs: BaselineRun | Sequence[BaselineRun], testbed: Mapping[str, Any], *, mode: Mode = "append"
+    ) -> Baseline: ...
+
+    def keys(self) -> list[str]: ...
+
+    def __iter__(self) -> Iterator[Baseline]: ...
+
+
 class BaselineStore:
     """A directory of baselines, one file per result key.
 
@@ -738,6 +762,10 @@ class BaselineStore:
             raise ValueError(f"history must be a whole number >= 1, got {history!r}")
         self.directory = Path(directory)
         self.history = history
+
+    @property
+    def where(self) -> str:
+        return str(self.directory)
 
     def path_for(self, key: str) -> Path:
         return self.directory / safe_filename(key)

@@ -71,8 +71,13 @@ def verdict(result: Result) -> tuple[str, list[str]]:
         reasons.append("regression" if baseline.get("verdict") in ("regressed", None) else str(baseline["verdict"]))
     # An interrupted run's requests in flight are cancelled by us, not failed by the server: "interrupted" says it
     interrupted = bool(result.get("interrupted"))
-    if not interrupted and excess_errors(
-        result.get("metrics") or {}, result.get("sla") or (), outcome.get("max_error_rate")
+    died = bool(result.get("server_died"))  # the server died: its failed requests are that, not more
+    if died:
+        reasons.append("server died")
+    if (
+        not interrupted
+        and not died
+        and excess_errors(result.get("metrics") or {}, result.get("sla") or (), outcome.get("max_error_rate"))
     ):
         reasons.append("errors")
     if client.get("client_bound") and outcome.get("client_bound_fails"):

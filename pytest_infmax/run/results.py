@@ -44,6 +44,7 @@ class LoadResult:
     repeats: Repeats | None = None  # --infmax-repeat: the runs pooled here, each kept on its own
     server_metrics: ServerMetrics | None = None  # the server's own Prometheus metrics over the run
     interrupted: bool = False  # Ctrl-C stopped the run: its records up to then, those in flight cancelled
+    server_died: str | None = None  # the server died during the run, which stopped then: how (run/watch.py)
     _figures: tuple[Any, Metrics] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -156,6 +157,8 @@ class LoadResult:
             out["repeats"] = self.repeats.to_dict(run.clock_origin)
         if self.interrupted:
             out["interrupted"] = True
+        if self.server_died is not None:
+            out["server_died"] = self.server_died
         if include_records:
             out["records"] = [r.to_dict(run.clock_origin) for r in run.records]
         return out

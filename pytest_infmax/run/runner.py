@@ -30,6 +30,7 @@ from pytest_infmax.records import RequestRecord
 from pytest_infmax.run.repeats import RepeatError, repeat_count
 from pytest_infmax.run.results import DEFAULT_PERCENTILES, LoadResult, combine
 from pytest_infmax.run.sweep import FrontierObjective, SweepResult
+from pytest_infmax.run.watch import ServerWatch
 from pytest_infmax.servers import engines, telemetry
 from pytest_infmax.servers.launch import Server, ServerError, restart_server
 
@@ -265,6 +266,13 @@ class Infmax:
         )
         if seq is not None:
             watchers.append(_feed_sequential(seq))
+        # a dead server stops the run (one process only: a sharded run cannot stop early yet)
+        watch = ServerWatch(self.server) if plan.config.workers == 1 else None
+        if watch is not None:
+            watchers.append(watch.on_record)
+
+        def stop() -> bool:
+            return (seq is not None and seq.state.stop) or (watch is not None and watch.dead())
 
         def on_record(rec: RequestRecord) -> None:
             for watch in watchers:
@@ -287,7 +295,7 @@ class Infmax:
             run = await generator.run(
                 plan.config,
                 on_record=on_record if watchers else None,
-                stop=(lambda: seq.state.stop) if seq is not None else None,
+                stop=stop if watch is not None or seq is not None else None,
                 on_interrupted=interrupted,
             )
         except BaseException:
@@ -299,6 +307,8 @@ class Infmax:
                 sampler.stop()
         server_metrics = await scraper.finish() if scraper is not None else None
         result = self._result(plan, run, server_metrics)
+        if watch is not None and watch.dead(now=True):  # stopped by it, or died with the last requests
+            result.server_died = watch.note
         if seq is not None:
             result.sequential = {"gate": seq.gate.label, **dataclasses.asdict(seq.state)}
         result.energy = (

@@ -30,6 +30,7 @@ import dataclasses
 import http.client
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -147,7 +148,16 @@ class Server:
         :meth:`stop` stopped it."""
         if self.process is None or self.stopped_pids:
             return None
-        return self._exit_status()
+        code = self._exit_status()
+        if code is None and leader_exit_code(self.exit_file) == 0 and self.base_url and not self._listens():
+            # the leader exited 0 and nothing listens on its port any more: not a daemon that
+            # serves on (vLLM's API server exits 0 once its EngineCore died, and leaves helpers)
+            return 0
+        return code
+
+    def _listens(self) -> bool:
+        port = urlsplit(self.base_url).port
+        return port is not None and bool(listeners(port))
 
     def _exit_status(self) -> int | None:
         """The supervisor's exit status once it is gone; before that, the leader's when it failed.
@@ -159,16 +169,30 @@ class Server:
         assert self.process is not None
         code = self.process.poll()
         if code is not None:
-            return code
+            return code if code >= 0 else 128 - code  # the supervisor itself killed by signal N: 128 + N
         leader = leader_exit_code(self.exit_file)
         return leader if leader else None
 
     def death_note(self) -> str | None:
-        """``the server exited with code N: ARGV``, then its log's last lines; None while it runs."""
+        """``the server exited with code N: ARGV``, the errors its log names, then its last lines;
+        None while it runs."""
         code = self.exit_code()
         if code is None:
             return None
-        return f"the server exited with code {code}: {_shown(self)}\nlast lines of {self.log_path}:\n{self.log_tail()}"
+        errors = self.log_errors()
+        named = f"the errors in its log:\n{errors}\n" if errors else ""
+        return (
+            f"the server exited with code {code}: {_shown(self)}\n"
+            f"{named}last lines of {self.log_path}:\n{self.log_tail()}"
+        )
+
+    def log_errors(self, limit: int = 5) -> str:
+        """The last ``limit`` distinct error lines of the log (``SomeError: ...``, ``... died``), redacted:
+        an engine's cause of death is often pages above its last lines (vLLM's EngineDeadError comes
+        before its shutdown noise)."""
+        if not self.log_path or not self.log_path.exists():
+            return ""
+        return redact("\n".join(error_lines(tail(self.log_path, 5000, 1 << 20), limit)), self.api_key)
 
     def log_tail(self, lines: int = 30) -> str:
         """The log's last lines, redacted: they go into error messages (terminal, JUnit)."""
@@ -206,13 +230,35 @@ class Server:
         return id(self)
 
 
-def tail(path: Path, lines: int) -> str:
-    """The last ``lines`` lines of a server log; an empty one says why it may be empty."""
+def tail(path: Path, lines: int, max_bytes: int = 64 * 1024) -> str:
+    """The last ``lines`` lines of a server log (of its last ``max_bytes``); an empty one says why it
+    may be empty."""
     with open(path, "rb") as f:
         f.seek(0, os.SEEK_END)
-        f.seek(max(0, f.tell() - 64 * 1024))
+        f.seek(max(0, f.tell() - max_bytes))
         text = f.read().decode("utf-8", errors="replace")
     return "\n".join(text.splitlines()[-lines:]) or empty_log_note(path)
+
+
+# ``SomeError: message`` / ``pkg.SomeException: message``, or a process that died or was killed
+_ERROR_LINE = re.compile(
+    r"\b(?:[A-Za-z_][\w.]*(?:Error|Exception)\b: .*|.*\b(?:died|fatal|Killed|out of memory)\b.*)",
+    re.IGNORECASE,
+)
+_NOT_AN_ERROR = re.compile(r"\b(?:WARNING|INFO|DEBUG)\b")  # a warning that quotes an error (vLLM's ulimit note)
+
+
+def error_lines(text: str, limit: int) -> list[str]:
+    """The last ``limit`` distinct error lines of ``text``, in their order, without tracebacks' frames."""
+    found: dict[str, None] = {}
+    for line in text.splitlines():
+        if _NOT_AN_ERROR.search(line):
+            continue
+        match = _ERROR_LINE.search(line)
+        if match:
+            found.pop(match.group(0).strip(), None)
+            found[match.group(0).strip()] = None
+    return list(found)[-limit:]
 
 
 def empty_log_note(path: Path, free_bytes: int | None = None) -> str:
