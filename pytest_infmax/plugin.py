@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from pytest_infmax import settings as settings_mod
+from pytest_infmax import sidecar
 from pytest_infmax.baselines.gate import GateSettings, RegressionFailed, gate_results, sequential_for
 from pytest_infmax.measure.cost import price_marker_options
 from pytest_infmax.measure.sla import SLASyntaxError, format_quantity
@@ -721,8 +722,9 @@ class ResultCollector:
         doc = results_document(state.full_results, servers)
         doc["sweeps"] = state.sweeps
         doc["checks"] = state.checks
-        # every report is drawn from this: redacted once here (and every text file again as it is written)
-        doc = _redact_json(doc)
+        # every report is drawn from this: redacted once here (and every text file again as it is written);
+        # the stamps, numbers, are set aside: as text they cost a second a million
+        doc = sidecar.apart_from_stamps(doc, _redact_json)
         json_path = self._path("json")
         plots_dir = None
         if settings.plots:

@@ -30,7 +30,7 @@ import json
 import os
 import uuid
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -100,6 +100,28 @@ def split(doc: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]
     out = {**doc, "results": results}
     out["chunks"] = {"id": ident, "records": len(time_counts), "stamps": int(arrays["times"].size)}
     return out, arrays
+
+
+def apart_from_stamps(doc: dict[str, Any], fn: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+    """``fn(doc)`` with the records' stamps set aside while it runs, then put back (into
+    ``doc``, and into what ``fn`` returned where that is a new document of the same shape):
+    for what walks the document's text, such as redaction, which numbers cannot need."""
+    records = list(_records(doc))
+    held = [tuple(rec.pop(key, None) for key in _KEYS) for rec in records]
+
+    def put_back(into: list[dict[str, Any]]) -> None:
+        for rec, stamps in zip(into, held):
+            for key, value in zip(_KEYS, stamps):
+                if value is not None:
+                    rec[key] = value
+
+    try:
+        out = fn(doc)
+    finally:
+        put_back(records)
+    if out is not doc:
+        put_back(list(_records(out)))
+    return out
 
 
 def write_results(path: Path, doc: Mapping[str, Any]) -> list[Path]:

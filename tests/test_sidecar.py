@@ -133,3 +133,26 @@ def test_a_sidecar_that_asks_for_pickle_is_not_loaded(tmp_path: Path) -> None:
     np.savez(sidecar_path(path), **arrays)
     with pytest.raises(SidecarError, match="cannot be read"):
         load_results(path)
+
+
+def test_redaction_walks_the_document_without_its_stamps_and_keeps_them() -> None:
+    from pytest_infmax.plugin import _redact_json
+    from pytest_infmax.redact import add_secret
+
+    add_secret("sk-sidecar-secret-987654")
+    doc = _doc()
+    doc["servers"] = [{"cmd": "serve --api-key sk-sidecar-secret-987654"}]
+    stamps = [r["chunk_times"] for res in doc["results"] for r in res["records"]]
+    seen: list[str] = []
+
+    def redact(d: dict[str, Any]) -> dict[str, Any]:
+        seen.append(json.dumps(d))
+        return _redact_json(d)
+
+    from pytest_infmax.sidecar import apart_from_stamps
+
+    out = apart_from_stamps(doc, redact)
+    assert "chunk_times" not in seen[0] and "sk-sidecar-secret-987654" in seen[0]
+    assert out is not doc and "sk-sidecar-secret-987654" not in json.dumps(out)
+    assert [r["chunk_times"] for res in out["results"] for r in res["records"]] == stamps  # put back, in order
+    assert [r["chunk_times"] for res in doc["results"] for r in res["records"]] == stamps  # the input too
