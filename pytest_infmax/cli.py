@@ -6,7 +6,6 @@ points, ``infmax baselines migrate`` copies JSON baselines into a PostgreSQL sto
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -22,12 +21,12 @@ from pytest_infmax.reports.journal import json_path_for, read_journal
 from pytest_infmax.reports.rows import result_row
 from pytest_infmax.reports.table import capacity_lines, format_table
 from pytest_infmax.reports.writer import ReportRequest, write_reports
+from pytest_infmax.sidecar import load_results
 
 
 def _table(path: str) -> int:
     try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
+        doc = load_results(path)
         rows = [result_row(r) for r in doc["results"]]
         capacities = capacity_lines([s for s in doc.get("sweeps") or () if s.get("capacity")])
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -172,10 +171,7 @@ def _report(ns: argparse.Namespace) -> int:
         return 2
     else:
         try:
-            with open(ns.json, encoding="utf-8") as f:
-                doc = json.load(f)
-            if not isinstance(doc, dict) or not isinstance(doc.get("results"), list):
-                raise ValueError("not an --infmax-json document (no 'results' list)")
+            doc = load_results(ns.json)  # with the records' stamps, from the sidecar beside it
         except (OSError, ValueError) as exc:
             print(f"infmax: cannot read results from {ns.json}: {exc}", file=sys.stderr)
             return 2

@@ -20,10 +20,13 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from pytest_infmax import settings as settings_mod
+from pytest_infmax import sidecar
 from pytest_infmax.measure.cost import price_marker_options
 from pytest_infmax.measure.sla import SLASyntaxError, format_quantity
 from pytest_infmax.measure.verdicts import SLA, SLAFailed, excess_errors
 from pytest_infmax.redact import add_secret, redact
+from pytest_infmax.reports.journal import Journal, journal_path, remove_shards, shard_path, unfinished_runs
+from pytest_infmax.reports.rows import result_row
 from pytest_infmax.servers.config import ServerConfig, config_from_mapping
 from pytest_infmax.servers.errors import ServerError
 
@@ -33,7 +36,6 @@ from pytest_infmax.servers.errors import ServerError
 # without perf tests pays for the settings alone (docs/performance.md, tests/test_startup.py).
 if TYPE_CHECKING:
     from pytest_infmax.baselines.gate import GateSettings
-    from pytest_infmax.reports.journal import Journal
     from pytest_infmax.run.results import LoadResult
     from pytest_infmax.run.runner import Infmax
     from pytest_infmax.run.sweep import SweepResult
@@ -78,6 +80,9 @@ class PluginState:
     notes: list[str] = field(default_factory=list)  # said once in the terminal summary
     echo: Any = None  # at -v: writes server log lines to the terminal
     baseline_owners: dict[str, str] = field(default_factory=dict)  # baseline key -> the test whose it is
+    # this process's results journal (reports/journal.py): the controller's PATH.journal, or an
+    # xdist worker's shard of it; None without --infmax-json, or once writing it failed
+    journal: Journal | None = None
 
 
 def _redact_json(data: Any) -> Any:
@@ -168,8 +173,28 @@ def pytest_configure(config: pytest.Config) -> None:
         state.echo = _terminal_echo()
     config.stash[STATE_KEY] = state
     if not hasattr(config, "workerinput"):  # xdist workers send their reports to the controller
+        json_path = resolve_path(config, settings.json)
+        state.journal = Journal(journal_path(json_path)) if json_path is not None else None
         config.pluginmanager.register(ResultCollector(config, state), "infmax-results")
+    else:  # a worker journals its runs to its own shard of the controller's journal, same session
+        spec = config.workerinput.get("infmax_journal")
+        if isinstance(spec, dict):
+            state.journal = Journal(Path(spec["path"]), session=spec["session"], writer=spec["worker"])
     _terminate_gracefully()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    state = config.stash.get(STATE_KEY, None)
+    if state is not None and state.journal is not None and hasattr(config, "workerinput"):
+        state.journal.close(remove=False)  # the controller removes it once the JSON holds its runs
+
+
+def resolve_path(config: pytest.Config, value: str | os.PathLike[str] | None) -> Path | None:
+    """A report path setting, relative to where pytest was invoked."""
+    if value is None:
+        return None
+    path = Path(value)
+    return path if path.is_absolute() else Path(config.invocation_params.dir) / path
 
 
 def _terminate_gracefully() -> None:
@@ -294,6 +319,7 @@ def infmax(request: pytest.FixtureRequest, infmax_server: Server, infmax_server_
         request_timeout=settings.request_timeout,
         on_result=results.append,
         on_sweep=request.node.stash.setdefault(SWEEPS_KEY, []).append,
+        on_run=lambda result: _journal_run(request.node, state, result),
         progress=_progress_writer(request.config),
         sequential=(
             sequential_for(state.gate, settings.sequential_gate)
@@ -306,6 +332,30 @@ def infmax(request: pytest.FixtureRequest, infmax_server: Server, infmax_server_
         workers=settings.workers,
         **_price_options(request.node, settings),
     )
+
+
+class JournalWarning(pytest.PytestWarning):
+    """The results journal could not be written: a kill of pytest would lose this session's runs."""
+
+
+def _journal_run(item: pytest.Item, state: PluginState, result: LoadResult) -> None:
+    """Append a run to this process's journal the moment it ends (fsynced): a kill of pytest
+    then loses at most the run in flight. Never fails the test: a journal that cannot be written
+    is turned off with a warning (the JSON is still written at the session's end)."""
+    journal = state.journal
+    if journal is None:
+        return
+    entry = result.to_dict(include_records=True)
+    entry["outcome"] = _outcome(state.settings, None, test_failed=None)  # the test has not finished yet
+    try:
+        journal.append("run", entry, test=item.nodeid)
+    except (OSError, ValueError) as exc:
+        state.journal = None
+        journal.close(remove=False)
+        warnings.warn(
+            JournalWarning(f"could not write the results journal {journal.path} ({exc}); journaling off"),
+            stacklevel=1,
+        )
 
 
 def _repeat(item: pytest.Item, settings: settings_mod.Settings) -> int:
@@ -550,13 +600,18 @@ def _result_entries(
     want_records = bool(settings.json or settings.html or settings.plots or settings.benchmark_json)
     full = [r.to_dict(include_records=want_records) for r in results]
     for i, entry in enumerate(full):  # every reason the test failed
-        entry["outcome"] = {
-            "baseline": checks[i] if len(checks) == len(results) else None,
-            "client_bound_fails": settings.client_bound == "fail",
-            "test_failed": test_failed,
-            "max_error_rate": settings.max_error_rate,
-        }
+        entry["outcome"] = _outcome(settings, checks[i] if len(checks) == len(results) else None, test_failed)
     return full
+
+
+def _outcome(settings: settings_mod.Settings, check: dict[str, Any] | None, test_failed: bool | None) -> dict[str, Any]:
+    """A result's ``outcome`` (reports/rows.py); ``test_failed`` None: the test has not finished."""
+    return {
+        "baseline": check,
+        "client_bound_fails": settings.client_bound == "fail",
+        "test_failed": test_failed,
+        "max_error_rate": settings.max_error_rate,
+    }
 
 
 def _keep_interrupted(item: pytest.Item) -> None:
@@ -568,7 +623,9 @@ def _keep_interrupted(item: pytest.Item) -> None:
         from pytest_infmax.reports.markdown import sweep_to_dict
 
         entries = [_redact_json(e) for e in _result_entries(item, results, [], test_failed=True)]
-        collector.add(entries, [sweep_to_dict(sw, name=item.nodeid) for sw in item.stash.get(SWEEPS_KEY, [])])
+        collector.add(
+            entries, [sweep_to_dict(sw, name=item.nodeid) for sw in item.stash.get(SWEEPS_KEY, [])], test=item.nodeid
+        )
 
 
 class _RedactingWriter:
@@ -600,23 +657,46 @@ class ResultCollector:
     def __init__(self, config: pytest.Config, state: PluginState) -> None:
         self.config = config
         self.state = state
-        json_path = self._path("json")
-        # every result as it arrives, fsynced: what a SIGKILL would take from --infmax-json
-        self.journal: Journal | None = None
-        if json_path is not None:
-            from pytest_infmax.reports.journal import Journal, journal_path
+        self.finished: set[str] = set()  # the tests whose results reached the controller
 
-            self.journal = Journal(journal_path(json_path))
+    @pytest.hookimpl(tryfirst=True)  # before pytest-xdist starts its workers
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        """Start the journal now, so its first line names the session even if no run ends;
+        worker journals an earlier session of this path left go."""
+        journal = self.state.journal
+        if journal is None:
+            return
+        remove_shards(journal.path)
+        try:
+            journal.open()
+        except OSError as exc:
+            self._journal_failed(exc)
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_configure_node(self, node: Any) -> None:
+        """pytest-xdist: each worker journals its runs to its own shard, of this session."""
+        journal = self.state.journal
+        if journal is not None:
+            worker = str(node.workerinput["workerid"])
+            node.workerinput["infmax_journal"] = {
+                "path": str(shard_path(journal.path, worker)),
+                "session": journal.session,
+                "worker": worker,
+            }
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         self.add(
             getattr(report, "infmax_results", None) or (),
             getattr(report, "infmax_sweeps", None) or (),
             getattr(report, "infmax_checks", None) or (),
+            test=report.nodeid,
         )
 
-    def add(self, results: Any, sweeps: Any = (), checks: Any = ()) -> None:
-        """Take a test's results (from its report, or from a test Ctrl-C interrupted); journal them."""
+    def add(self, results: Any, sweeps: Any = (), checks: Any = (), *, test: str | None = None) -> None:
+        """Take a test's results (from its report, or from a test Ctrl-C interrupted); journal them:
+        the ``result`` lines of ``test`` complete the ``run`` lines its runs left."""
+        if test is not None and results:
+            self.finished.add(redact(test))  # as the journal's lines name it
         for kind, entries, kept in (
             ("result", results, self.state.full_results),
             ("sweep", sweeps, self.state.sweeps),
@@ -628,31 +708,44 @@ class ResultCollector:
                     from pytest_infmax.reports.rows import result_row
 
                     self.state.rows.append(result_row(entry))
-                self._journal(kind, entry)
+                self._journal(kind, entry, test)
 
-    def _journal(self, kind: str, entry: dict[str, Any]) -> None:
-        if self.journal is None:
+    def _journal(self, kind: str, entry: dict[str, Any], test: str | None) -> None:
+        if self.state.journal is None:
             return
         try:
-            self.journal.append(kind, entry)
+            self.state.journal.append(kind, entry, test=test)
         except (OSError, ValueError) as exc:  # the session goes on: the JSON is still written at its end
-            self.state.notes.append(f"could not write the results journal {self.journal.path} ({exc}); journaling off")
-            self.journal.close(remove=False)
-            self.journal = None
+            self._journal_failed(exc)
+
+    def _journal_failed(self, exc: Exception) -> None:
+        journal = self.state.journal
+        if journal is not None:
+            self.state.notes.append(f"could not write the results journal {journal.path} ({exc}); journaling off")
+            journal.close(remove=False)
+            self.state.journal = None
 
     def _path(self, name: str) -> Path | None:
-        value = getattr(self.state.settings, name)
-        if value is None:
-            return None
-        path = Path(value)
-        return path if path.is_absolute() else Path(self.config.invocation_params.dir) / path
+        return resolve_path(self.config, getattr(self.state.settings, name))
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         """Write the reports; one that cannot be written is named, the others are still written,
         and the session fails: results the user asked for are missing."""
         state = self.state
+        if state.journal is not None:  # runs a crashed xdist worker journaled, whose tests never reported
+            left, notes = unfinished_runs(state.journal.path, state.journal.session, self.finished)
+            state.notes.extend(notes)
+            if left:
+                state.notes.append(
+                    f"{len(left)} run(s) of tests that never finished (a worker crashed) are kept, flagged unfinished"
+                )
+                state.full_results.extend(left)  # not journaled again: the worker journals hold them
+                state.rows.extend(result_row(entry) for entry in left)
         if not state.full_results:
+            if state.journal is not None:  # no run ended (a run's test always reports it): nothing to keep
+                state.journal.close(remove=True)
+                remove_shards(state.journal.path)
             return
         from pytest_infmax.reports.document import results_document
         from pytest_infmax.reports.writer import ReportRequest, write_reports
@@ -663,8 +756,9 @@ class ResultCollector:
         doc = results_document(state.full_results, servers)
         doc["sweeps"] = state.sweeps
         doc["checks"] = state.checks
-        # every report is drawn from this: redacted once here (and every text file again as it is written)
-        doc = _redact_json(doc)
+        # every report is drawn from this: redacted once here (and every text file again as it is written);
+        # the stamps, numbers, are set aside: as text they cost a second a million
+        doc = sidecar.apart_from_stamps(doc, _redact_json)
         json_path = self._path("json")
         plots_dir = None
         if settings.plots:
@@ -685,14 +779,16 @@ class ResultCollector:
             ),
         )
         state.written.extend(outcome.written)
-        if self.journal is not None:
+        if state.journal is not None:
             # the JSON holds everything the journal did: keep the journal only where the JSON is missing
             saved = json_path in outcome.written
-            self.journal.close(remove=saved)
-            if not saved:
+            state.journal.close(remove=saved)
+            if saved:
+                remove_shards(state.journal.path)
+            else:
                 state.notes.append(
-                    f"the results journal is kept: {self.journal.path}; rebuild the reports with "
-                    f"infmax report --from-journal {self.journal.path}"
+                    f"the results journal is kept: {state.journal.path}; rebuild the reports with "
+                    f"infmax report --from-journal {state.journal.path}"
                 )
         state.notes.extend(outcome.notes)
         state.notes.extend(outcome.failures)

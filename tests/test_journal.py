@@ -1,9 +1,10 @@
 """Crash-safe results (issue #17, item 3): the results journal and Ctrl-C's interrupted run.
 
 The sessions are real pytest processes, killed with real signals from outside: SIGKILL
-(an OOM kill, a CI runner's hard stop) once the first test's result is journaled, and
-SIGINT (Ctrl-C) once the second test's run is measuring. docs/reliability.md has a row
-for each.
+(an OOM kill, a CI runner's hard stop) once the first test's result is journaled, or
+while a test that ran two loads blocks (in one process and under ``-n 2``), a worker
+that kills itself mid-test, and SIGINT (Ctrl-C) once the second test's run is
+measuring. docs/reliability.md has a row for each.
 """
 
 from __future__ import annotations
@@ -21,8 +22,18 @@ from pathlib import Path
 import pytest
 from _sim_helpers import pid_alive
 
-from pytest_infmax.reports.journal import Journal, JournalError, journal_path, json_path_for, read_journal
+from pytest_infmax.reports.journal import (
+    Journal,
+    JournalError,
+    journal_path,
+    json_path_for,
+    read_journal,
+    shard_path,
+    shards,
+    stamps_path,
+)
 from pytest_infmax.reports.rows import result_row
+from pytest_infmax.sidecar import load_results
 
 FAST_SIM = "--decode-step-ms 2 --decode-ms-per-seq 0.01"
 
@@ -166,6 +177,127 @@ def test_ctrl_c_keeps_the_interrupted_runs_records_flagged(
     assert not journal_path(pytester.path / "r.json").exists()  # the JSON holds it all: no journal left
 
 
+TWO_RUNS_THEN_BLOCKS = """
+import os, pathlib, threading
+
+def _pid(infmax_server):  # its supervisor's, one file per process (each xdist worker starts its own)
+    pathlib.Path(f"server-{os.getpid()}.pid").write_text(str(infmax_server.pid))
+
+def test_a_done(infmax, infmax_server):
+    _pid(infmax_server)
+    infmax.run("1k1k-mini", concurrency=2, num_requests=6, warmup=0)
+
+def test_b_two_runs_then_blocks(infmax, infmax_server):
+    _pid(infmax_server)
+    infmax.run("1k1k-mini", concurrency=1, num_requests=3, warmup=0)
+    infmax.run("1k1k-mini", concurrency=2, num_requests=4, warmup=0)
+    pathlib.Path("blocked").write_text("yes")
+    threading.Event().wait(300)  # until the kill (bounded, should the kill never come)
+"""
+
+
+def _journaled_result_of(path: Path, test: str) -> bool:
+    """A whole ``result`` line of ``test`` is in the journal."""
+    try:
+        lines = path.read_text().split("\n")[:-1]
+    except FileNotFoundError:
+        return False
+    return any((line := json.loads(text))["kind"] == "result" and line.get("test") == test for text in lines)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("xdist", [[], ["-n", "2"]], ids=["one-process", "xdist-n2"])
+def test_sigkill_loses_at_most_the_run_in_flight_and_unfinished_runs_are_flagged(
+    pytester: pytest.Pytester, no_leaked_servers: None, xdist: list[str]
+) -> None:
+    """A test ran two loads and blocks: SIGKILL pytest; the journal holds both runs (fsynced as
+    each ended, in the process that ran it) and the test that finished; the reports rebuilt
+    from it show the two runs flagged unfinished, never as passed."""
+    pytester.makepyfile(test_perf=textwrap.dedent(TWO_RUNS_THEN_BLOCKS))
+    pytester.makeini(f"[pytest]\ninfmax_sim_args = {FAST_SIM}\n")
+    results = pytester.path / "out" / "r.json"
+    journal = journal_path(results)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *xdist, "--infmax-json", str(results)],
+        cwd=pytester.path,
+        stdout=open(pytester.path / "out.txt", "wb"),  # noqa: SIM115 - the child holds it
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: a signal reaches it and its workers alone
+    )
+    try:
+        _wait_for("the second test to block after its two runs", (pytester.path / "blocked").exists, timeout=120)
+        _wait_for(
+            "the first test's result", lambda: _journaled_result_of(journal, "test_perf.py::test_a_done"), timeout=120
+        )
+        proc.send_signal(signal.SIGKILL)  # pytest itself (the controller under -n 2)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # xdist workers left behind the killed controller
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+        for pid_file in pytester.path.glob("server-*.pid"):  # each server's supervisor takes it down
+            supervisor = int(pid_file.read_text())
+            _wait_for("a server's supervisor to exit", lambda s=supervisor: not pid_alive(s), timeout=20)
+    assert not results.exists()
+    if xdist:  # the runs are in the journal of the worker that ran them
+        assert [p.name for p in shards(journal)] == ["r.json.journal.gw0", "r.json.journal.gw1"]
+
+    rebuilt = subprocess.run(
+        [INFMAX, "report", "--from-journal", str(journal), "--markdown"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert "2 run(s) of test(s) that never finished" in rebuilt.stderr
+    doc = json.loads(results.read_text())
+    done, first, second = doc["results"]
+    assert done["name"] == "test_perf.py::test_a_done" and "unfinished" not in done
+    assert done["metrics"]["num_ok"] == 6 and result_row(done)["verdict"] == "-"
+    for run, concurrency, requests in ((first, 1, 3), (second, 2, 4)):
+        assert run["name"] == "test_perf.py::test_b_two_runs_then_blocks"
+        assert run["unfinished"] is True
+        assert run["load"]["concurrency"] == concurrency
+        assert len(run["records"]) == requests and all(r["error_kind"] is None for r in run["records"])
+        assert run["metrics"]["num_ok"] == requests
+        assert result_row(run)["verdict"] == "FAIL" and result_row(run)["reasons"] == ["unfinished"]
+    markdown = results.with_suffix(".md").read_text()
+    assert markdown.count("FAIL (unfinished)") == 2
+    # the per-chunk stamps went to the journals' binary stamps files, and came back into every record
+    assert all("chunk_times" not in p.read_text() for p in (journal, *shards(journal)))
+    for run in load_results(results)["results"]:
+        assert all(len(r["chunk_times"]) == r["output_tokens"] > 0 for r in run["records"])
+    assert "test_b_two_runs_then_blocks" in results.with_suffix(".html").read_text()
+
+
+@pytest.mark.slow
+def test_a_crashed_xdist_workers_runs_reach_the_json_flagged_unfinished(
+    pytester: pytest.Pytester, no_leaked_servers: None
+) -> None:
+    """An xdist worker killed mid-test (an OOM kill): pytest-xdist reports the test as crashed
+    and the session ends as usual; the run the worker finished first is in the JSON, flagged."""
+    pytester.makepyfile(
+        test_perf="""
+        import os, signal
+
+        def test_crash(infmax):
+            infmax.run("1k1k-mini", concurrency=2, num_requests=4, warmup=0)
+            os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    pytester.makeini(f"[pytest]\ninfmax_sim_args = {FAST_SIM}\n")
+    result = pytester.runpytest_subprocess("-n", "1", "--infmax-json", "r.json", "--infmax-markdown", "r.md")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*1 run(s) of tests that never finished (a worker crashed) are kept*"])
+    (run,) = json.loads((pytester.path / "r.json").read_text())["results"]
+    assert run["name"] == "test_perf.py::test_crash" and run["unfinished"] is True
+    assert run["metrics"]["num_ok"] == 4
+    assert "FAIL (unfinished)" in (pytester.path / "r.md").read_text()
+    assert not journal_path(pytester.path / "r.json").exists() and not shards(journal_path(pytester.path / "r.json"))
+
+
 # -- the journal file itself ----------------------------------------------------------------------------
 
 
@@ -203,3 +335,29 @@ def test_a_file_that_is_not_a_journal_is_refused(tmp_path: Path) -> None:
     )
     assert bad.returncode == 2 and "not a results journal" in bad.stderr
     assert os.listdir(tmp_path) == ["r.json.journal"]  # nothing written
+
+
+def test_worker_journals_of_the_session_are_merged_and_another_sessions_are_skipped(tmp_path: Path) -> None:
+    path = journal_path(tmp_path / "r.json")
+    main = Journal(path)
+    main.open()
+    worker = Journal(shard_path(path, "gw0"), session=main.session, writer="gw0")
+    stamped = [{"index": 0, "chunk_times": [0.5, 0.75], "chunk_tokens": [1, 2]}, {"index": 1, "chunk_times": []}]
+    worker.append("run", {"name": "a", "started_at": 2.0, "records": stamped}, test="t.py::a")
+    worker.append("run", {"name": "c", "started_at": 3.0, "records": stamped}, test="t.py::c")
+    worker.append("run", {"name": "b", "started_at": 1.0}, test="t.py::b")
+    stale = Journal(shard_path(path, "gw7"), writer="gw7")  # an earlier session's, with more workers
+    stale.append("run", {"name": "old"}, test="t.py::old")
+    main.append("result", {"name": "a", "passed": True}, test="t.py::a")  # completes a's run
+    for j in (main, worker, stale):
+        j.close(remove=False)
+    doc, notes = read_journal(path)
+    assert [(r["name"], r.get("unfinished")) for r in doc["results"]] == [("a", None), ("b", True), ("c", True)]
+    assert doc["results"][2]["records"] == [  # the stamps from the binary stamps file beside the worker's journal
+        {"index": 0, "chunk_times": [0.5, 0.75], "chunk_tokens": [1, 2]},
+        {"index": 1, "chunk_times": [], "chunk_tokens": []},
+    ]
+    assert "0.75" not in shard_path(path, "gw0").read_text() and stamps_path(shard_path(path, "gw0")).is_file()
+    assert shards(path) == [shard_path(path, "gw0"), shard_path(path, "gw7")]  # not the stamps files
+    assert doc["results"][0]["passed"] is True  # the controller's complete line, not the run's
+    assert any("gw7" in n and "another session" in n for n in notes)

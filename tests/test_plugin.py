@@ -11,6 +11,7 @@ import time
 import pytest
 
 from pytest_infmax.servers.launch import ServerConfig, running_server
+from pytest_infmax.sidecar import load_results
 
 pytestmark = pytest.mark.usefixtures("no_leaked_servers")
 
@@ -159,7 +160,9 @@ def test_json_has_records_and_environment(pytester: pytest.Pytester) -> None:
     )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-json", "out/results.json")
     result.assert_outcomes(passed=1)
-    doc = json.loads((pytester.path / "out" / "results.json").read_text())
+    raw = (pytester.path / "out" / "results.json").read_text()
+    assert "chunk_times" not in raw and (pytester.path / "out" / "results.chunks.npz").is_file()
+    doc = load_results(pytester.path / "out" / "results.json")  # the stamps from the sidecar beside it
     assert doc["environment"]["plugin_version"]
     (res,) = doc["results"]
     assert res["name"].endswith("test_json")
@@ -173,7 +176,7 @@ def test_json_has_records_and_environment(pytester: pytest.Pytester) -> None:
         assert r["output_tokens"] == r["requested_output_tokens"]
         assert r["output_tokens_source"] == "usage"
         assert r["input_tokens"] == r["requested_input_tokens"]
-        assert len(r["chunk_times"]) == r["output_tokens"]  # one token per SSE event by default
+        assert len(r["chunk_times"]) == r["output_tokens"]  # one token per SSE event by default (the sidecar's)
         assert r["send_time"] < r["first_token_time"] <= r["end_time"]
     assert res["metrics"]["num_requests"] == 5
     assert res["sla"][0]["passed"] is True

@@ -264,8 +264,11 @@ def test_xdist_worker_crash_is_reported_and_leaves_no_server(pytester: pytest.Py
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     assert "INTERNALERROR" not in out
     doc = json.loads((pytester.path / "x.json").read_text())
-    names = sorted(r["name"] for r in doc["results"])
-    assert names == [f"test_perf.py::test_load[{i}]" for i in range(4)]  # the crashed test's run is lost
+    names = sorted((r["name"], r.get("unfinished", False)) for r in doc["results"])
+    # the crashed test's run is kept from its worker's journal, flagged (tests/test_journal.py)
+    assert names == [(f"test_perf.py::test_load[{i}]", False) for i in range(4)] + [
+        ("test_perf.py::test_worker_dies", True)
+    ]
 
 
 # -- Ctrl-C during a run: what is kept -----------------------------------------------------------------

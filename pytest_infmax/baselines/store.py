@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from pytest_infmax import sidecar
 from pytest_infmax.atomic import write_json_atomic
 from pytest_infmax.baselines.treatment import split_treatment, treatment_flags_for
 from pytest_infmax.environment import environment
@@ -936,6 +937,10 @@ def load_runs(path: str | os.PathLike[str]) -> dict[str, tuple[dict[str, Any], l
         and "format" in doc
         and not str(doc["format"]).startswith(FORMAT_NAME)
     ):
+        try:  # the records' per-chunk stamps, from the sidecar beside the results file
+            doc = sidecar.join(dict(doc), path)
+        except sidecar.SidecarError as exc:
+            raise BaselineError(str(exc)) from None
         return runs_from_results_document(doc, str(path))
     baseline = load_baseline(path)
     return {baseline.key: (baseline.testbed, baseline.runs)}

@@ -13,7 +13,9 @@ A result dict may carry ``"outcome"`` (the plugin adds it once the test has run)
 ``verdict`` names every reason the test failed: ``SLA`` (an objective missed),
 ``regression`` (against its baseline), ``errors`` (more failed requests than
 ``--infmax-max-error-rate`` allows, where the test set no ``error_rate`` SLA), ``client-bound`` (the load generator fell
-behind, under ``--infmax-client-bound fail``), and ``test`` (the test failed for a
+behind, under ``--infmax-client-bound fail``), ``interrupted`` (Ctrl-C stopped the run),
+``unfinished`` (the run ended but its test never did: pytest or its worker was killed; a
+result rebuilt from the journal, reports/journal.py) and ``test`` (the test failed for a
 reason of its own, e.g. an assert). A load that ``infmax.capacity()`` measured
 (``"capacity_probe"``) says ``met`` or ``missed`` its SLAs instead: missing them above the
 capacity is what the search looks for, not a failure.
@@ -92,6 +94,8 @@ def verdict(result: Result) -> tuple[str, list[str]]:
         reasons.append("client-bound")
     if interrupted:  # Ctrl-C stopped the run: its figures are of a part of it
         reasons.append("interrupted")
+    if result.get("unfinished"):  # pytest was killed (or its worker crashed) before the test ended
+        reasons.append("unfinished")
     if outcome.get("test_failed") and not reasons:
         reasons.append("test")
     if probe and not reasons and result.get("passed") is not None:

@@ -5,7 +5,8 @@ Each report is written atomically (readers see the old file or the new one) and 
 its own: one that cannot be written (a read-only directory, a full disk) is named in
 :attr:`ReportOutcome.failures` with the reason and the fix, and every other report is
 still written. The JSON results go first, since everything else can be rebuilt from
-them (``infmax report``).
+them (``infmax report``); the records' per-chunk stamps go to a binary sidecar beside
+the JSON (``pytest_infmax/sidecar.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pytest_infmax.baselines.benchmark import export_benchmark_json
 from pytest_infmax.reports import plots as plots_mod
 from pytest_infmax.reports.html import render_html
 from pytest_infmax.reports.markdown import markdown_summary, write_github_step_summary
+from pytest_infmax.sidecar import write_results
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,10 @@ def write_reports(doc: Mapping[str, Any], request: ReportRequest) -> ReportOutco
 
     if request.json is not None:
         json_path = request.json
-        attempt("JSON results", json_path, lambda: write_json_atomic(json_path, doc))
+
+        written: list[Path] = []  # the JSON, then the sidecar of its records' per-chunk stamps (sidecar.py)
+        attempt("JSON results", json_path, lambda: written.extend(write_results(json_path, doc)))
+        outcome.written.extend(written)
     if request.benchmark_json is not None:
         bench_path = request.benchmark_json
         attempt(

@@ -49,6 +49,7 @@ class Infmax:
         request_timeout: float = 600.0,
         on_result: Callable[[LoadResult], None] | None = None,
         on_sweep: Callable[[SweepResult], None] | None = None,
+        on_run: Callable[[LoadResult], None] | None = None,
         progress: Callable[[str], None] | None = None,
         sequential: Callable[[str, int | None], Any] | None = None,
         energy: bool = True,
@@ -73,6 +74,9 @@ class Infmax:
         self.results: list[LoadResult] = []
         self._on_result = on_result
         self._on_sweep = on_sweep
+        # every run the moment it ends (each of a repeat's, a sweep's points, one Ctrl-C stopped):
+        # what the plugin's results journal takes, so a kill loses at most the run in flight
+        self._on_run = on_run
         self._progress = progress  # receives a progress line every few seconds of a long run
         self._sequential = sequential  # (name, cap) -> SequentialComparison | None
         self.energy = energy
@@ -382,6 +386,7 @@ class Infmax:
             result = self._result(plan, partial, None)
             result.interrupted = True
             result.energy = EnergyReport.not_measured("the run was interrupted")
+            self._ended(result)
             self._record(result)
 
         try:
@@ -409,9 +414,14 @@ class Infmax:
             if sampler is not None
             else EnergyReport.not_measured(not_measured)
         )
+        self._ended(result)
         if record:
             self._record(result)
         return result
+
+    def _ended(self, result: LoadResult) -> None:
+        if self._on_run is not None:
+            self._on_run(result)
 
     def _result(self, plan: _Plan, run: RunRecords, server_metrics: Any) -> LoadResult:
         result = LoadResult(
