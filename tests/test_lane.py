@@ -228,14 +228,14 @@ def test_a_pooled_connection_closed_under_us_is_not_used_for_the_next_request(
     async def go(base_url: str) -> list[object]:
         pool = ConnectionPool(f"{base_url}/v1/completions")
         request = build_request(pool, "/v1/completions", body, {})
-        outcomes: list[object] = [await stream_post(pool, request, SSEDecoder(_Sink()), timeout=30)]
+        outcomes: list[object] = [await stream_post(pool, request, SSEDecoder(_StatusSink()), timeout=30)]
         deadline = asyncio.get_running_loop().time() + 10
         while not pool._idle_conns and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.001)  # [DONE] may come before the message's end: it idles then
         (idle,) = pool._idle_conns
         assert idle.transport is not None
         idle.transport.close()  # closing now; connection_lost comes on a later turn of the loop
-        outcomes.append(await stream_post(pool, request, SSEDecoder(_Sink()), timeout=30))
+        outcomes.append(await stream_post(pool, request, SSEDecoder(_StatusSink()), timeout=30))
         # and a connection that closes between acquire() and the write: a typed failure
         conn = await pool.acquire()
         assert conn.transport is not None
@@ -243,7 +243,7 @@ def test_a_pooled_connection_closed_under_us_is_not_used_for_the_next_request(
         pool._idle(conn)
         monkeypatch.setattr(pool, "acquire", lambda: _ready(conn))
         try:
-            await stream_post(pool, request, SSEDecoder(_Sink()), timeout=30)
+            await stream_post(pool, request, SSEDecoder(_StatusSink()), timeout=30)
             outcomes.append("sent")
         except StreamError as exc:
             outcomes.append(exc.kind.value)
@@ -262,7 +262,7 @@ async def _ready(conn: StreamConnection) -> StreamConnection:
     return conn
 
 
-class _Sink:
+class _StatusSink:
     """A decoder's sink that keeps nothing but the end of the stream (the test looks at statuses)."""
 
     done = False
