@@ -25,8 +25,6 @@ from pytest_infmax.measure.cost import price_marker_options
 from pytest_infmax.measure.sla import SLASyntaxError, format_quantity
 from pytest_infmax.measure.verdicts import SLA, SLAFailed, excess_errors
 from pytest_infmax.redact import add_secret, redact
-from pytest_infmax.reports.journal import Journal, journal_path, remove_shards, shard_path, unfinished_runs
-from pytest_infmax.reports.rows import result_row
 from pytest_infmax.servers.config import ServerConfig, config_from_mapping
 from pytest_infmax.servers.errors import ServerError
 
@@ -36,6 +34,7 @@ from pytest_infmax.servers.errors import ServerError
 # without perf tests pays for the settings alone (docs/performance.md, tests/test_startup.py).
 if TYPE_CHECKING:
     from pytest_infmax.baselines.gate import GateSettings
+    from pytest_infmax.reports.journal import Journal
     from pytest_infmax.run.results import LoadResult
     from pytest_infmax.run.runner import Infmax
     from pytest_infmax.run.sweep import SweepResult
@@ -174,11 +173,16 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[STATE_KEY] = state
     if not hasattr(config, "workerinput"):  # xdist workers send their reports to the controller
         json_path = resolve_path(config, settings.json)
-        state.journal = Journal(journal_path(json_path)) if json_path is not None else None
+        if json_path is not None:
+            from pytest_infmax.reports.journal import Journal, journal_path
+
+            state.journal = Journal(journal_path(json_path))
         config.pluginmanager.register(ResultCollector(config, state), "infmax-results")
     else:  # a worker journals its runs to its own shard of the controller's journal, same session
         spec = config.workerinput.get("infmax_journal")
         if isinstance(spec, dict):
+            from pytest_infmax.reports.journal import Journal
+
             state.journal = Journal(Path(spec["path"]), session=spec["session"], writer=spec["worker"])
     _terminate_gracefully()
 
@@ -666,6 +670,8 @@ class ResultCollector:
         journal = self.state.journal
         if journal is None:
             return
+        from pytest_infmax.reports.journal import remove_shards
+
         remove_shards(journal.path)
         try:
             journal.open()
@@ -677,6 +683,8 @@ class ResultCollector:
         """pytest-xdist: each worker journals its runs to its own shard, of this session."""
         journal = self.state.journal
         if journal is not None:
+            from pytest_infmax.reports.journal import shard_path
+
             worker = str(node.workerinput["workerid"])
             node.workerinput["infmax_journal"] = {
                 "path": str(shard_path(journal.path, worker)),
@@ -734,6 +742,9 @@ class ResultCollector:
         and the session fails: results the user asked for are missing."""
         state = self.state
         if state.journal is not None:  # runs a crashed xdist worker journaled, whose tests never reported
+            from pytest_infmax.reports.journal import unfinished_runs
+            from pytest_infmax.reports.rows import result_row
+
             left, notes = unfinished_runs(state.journal.path, state.journal.session, self.finished)
             state.notes.extend(notes)
             if left:
@@ -744,10 +755,13 @@ class ResultCollector:
                 state.rows.extend(result_row(entry) for entry in left)
         if not state.full_results:
             if state.journal is not None:  # no run ended (a run's test always reports it): nothing to keep
+                from pytest_infmax.reports.journal import remove_shards
+
                 state.journal.close(remove=True)
                 remove_shards(state.journal.path)
             return
         from pytest_infmax.reports.document import results_document
+        from pytest_infmax.reports.journal import remove_shards
         from pytest_infmax.reports.writer import ReportRequest, write_reports
 
         settings = state.settings
