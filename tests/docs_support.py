@@ -108,6 +108,7 @@ POLICY: tuple[Rule, ...] = (
         Action.FLAGS,
         "starts real vLLM (make vllm) and takes 3 to 10 minutes; tests/test_vllm.py covers what it compares",
     ),
+    Rule(("python", "benchmarks/regression_error_rates_history.py"), Action.FLAGS, "takes 3 to 20 minutes"),
     Rule(
         ("pytest",),
         Action.FLAGS,

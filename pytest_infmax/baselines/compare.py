@@ -60,6 +60,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from pytest_infmax.baselines.advice import RunsAdvice, runs_advice
+from pytest_infmax.baselines.predictive import DEFAULT_PREDICTIVE_HISTORY, predictive_compare
 from pytest_infmax.baselines.store import (
     Baseline,
     BaselineError,
@@ -243,6 +244,9 @@ class CompareOptions:
     bootstrap: int = 200
     block: int | None = None
     seed: int = 0
+    #: with at least this many baseline runs, the history's predictive distribution decides
+    #: (baselines/predictive.py: no prior, max-t over the gates); None: never
+    predictive_history: int | None = DEFAULT_PREDICTIVE_HISTORY
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "gates", parse_gates(self.gates))
@@ -259,6 +263,10 @@ class CompareOptions:
         for key, value in self.prior_sigma.items():
             if not value > 0:
                 raise ValueError(f"prior_sigma[{key!r}] must be > 0, got {value!r}")
+        if self.predictive_history is not None and self.predictive_history < 3:
+            raise ValueError(
+                f"predictive_history must be >= 3 baseline runs (or None), got {self.predictive_history!r}"
+            )
 
     def prior_for(self, gate: Gate) -> float:
         for key in (gate.label, gate.metric):
@@ -476,6 +484,8 @@ def compare_runs(
     cur = [current] if isinstance(current, BaselineRun) else list(current)
     if not base or not cur:
         raise ValueError("compare_runs needs at least one baseline run and one current run")
+    if opts.predictive_history is not None and len(base) >= opts.predictive_history:
+        return _compare_predictive(base, cur, opts, key)
     stats = _RunStatistics(opts, cache)
     prepared = []
     skipped = []
@@ -494,6 +504,92 @@ def compare_runs(
     m = max(len({_family(g) for g, *_ in prepared}), 1)
     rows = [_compare_gate(gate, ya, wa, yb, wb, opts, m, stats.block_used) for gate, ya, wa, yb, wb in prepared]
     return ComparisonReport(key, rows, opts, len(base), len(cur), skipped=skipped)
+
+
+# -- a long history: its predictive distribution (baselines/predictive.py) ---------------------
+
+
+def _compare_predictive(
+    base: Sequence[BaselineRun], cur: Sequence[BaselineRun], opts: CompareOptions, key: str | None
+) -> ComparisonReport:
+    """Each gate's mean over the current runs against the history's predictive distribution:
+    the history's spread of whole runs holds the between-start and within-run noise alike,
+    so no prior and no bootstrap; one max-t critical value for all gates."""
+    gates, on_base, on_cur, skipped = [], [], [], []
+    for gate in opts.gates:
+        ya, yb = _log_values(base, gate), _log_values(cur, gate)
+        if ya is None or yb is None:
+            if ya is None and yb is None and opts.gates == DEFAULT_GATES:
+                continue  # a default gate this result does not have (cost without a price)
+            side = "not measured" if ya is None and yb is None else "not on both sides"
+            skipped.append(f"{gate.label}: {side} (or not positive, so no ratio)")
+            continue
+        gates.append(gate)
+        on_base.append(ya)
+        on_cur.append(yb)
+    k, n = len(base), len(cur)
+    if not gates:
+        return ComparisonReport(key, [], opts, k, n, skipped=skipped)
+    worse = [-1.0 if g.higher_is_better else 1.0 for g in gates]
+    pc = predictive_compare(np.column_stack(on_base), np.column_stack(on_cur), worse, alpha=opts.alpha, seed=opts.seed)
+    margin = math.log1p(opts.min_effect)
+    rows = []
+    # the one-sided error of each gate's bound at the shared critical value, for the advice
+    per_gate_alpha = float(sps.t.sf(pc.critical, pc.df))
+    for gate, ya, yb, iv, sign in zip(gates, on_base, on_cur, pc.intervals, worse):
+        bad_lo, bad_hi = sorted((sign * iv.lo, sign * iv.hi))
+        verdict = decide(bad_lo, bad_hi, margin)
+        advice = (
+            runs_advice(
+                iv.run_sd,
+                k,
+                n,
+                min_effect=opts.min_effect,
+                one_sided_alpha=per_gate_alpha,
+                prior_df=0.0,
+                metric=gate.label,
+            )
+            if verdict == "unsure"
+            else None
+        )
+        method = (
+            f"predictive: mean of {n} new start{'s' if n > 1 else ''} vs {k}-run history; "
+            f"run sd {iv.run_sd:.1%}; t({pc.df}), max-t over {len(gates)} gates: {pc.critical:.2f}"
+        )
+        rows.append(
+            ComparisonRow(
+                gate=gate,
+                verdict=verdict,
+                baseline=math.exp(float(ya.mean())),
+                current=math.exp(float(yb.mean())),
+                change=math.expm1(iv.change),
+                interval=(math.expm1(iv.lo), math.expm1(iv.hi)),
+                level=pc.level,
+                p_value=iv.p_value,
+                method=method,
+                baseline_runs=k,
+                current_runs=n,
+                run_sd=iv.run_sd,
+                note=_note(k, advice),
+                advice=advice,
+            )
+        )
+    return ComparisonReport(key, rows, opts, k, n, skipped=skipped)
+
+
+def _log_values(runs: Sequence[BaselineRun], gate: Gate) -> np.ndarray | None:
+    """log of the gated statistic of each run; None if any run lacks it (or it is not positive)."""
+    ys = []
+    for run in runs:
+        if gate.stat is None:
+            value = run.scalar(gate.metric)
+        else:
+            values = metric_values(run, gate.metric)
+            value = float(statistic(values, gate.stat)) if values.size else None
+        if value is None or not value > 0:
+            return None
+        ys.append(math.log(value))
+    return np.asarray(ys)
 
 
 class _RunStatistics:
