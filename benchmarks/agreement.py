@@ -16,6 +16,7 @@ number of requests in flight (the sum of request latencies over the run's durati
 
     .venv/bin/python benchmarks/agreement.py            # 3 pairs of 64 requests at concurrency 8
     .venv/bin/python benchmarks/agreement.py --quick    # 1 pair of 16 (a check that it runs)
+    .venv/bin/python benchmarks/agreement.py --endpoint chat   # both clients send text messages
 
 docs/engines.md ("Agreement with vLLM's own client") has the output and the definitions.
 
@@ -74,6 +75,8 @@ def server_counters(base_url: str) -> dict[str, float]:
         "vllm:generation_tokens_total": "generation_tokens",
         "vllm:time_to_first_token_seconds_sum": "ttft_sum",
         "vllm:time_to_first_token_seconds_count": "ttft_count",
+        "vllm:inter_token_latency_seconds_sum": "itl_sum",
+        "vllm:inter_token_latency_seconds_count": "itl_count",
     }
     out = dict.fromkeys(wanted.values(), 0.0)
     for family in text_string_to_metric_families(text):
@@ -89,12 +92,13 @@ def server_delta(before: dict[str, float], after: dict[str, float]) -> dict[str,
         "prompt_tokens": d["prompt_tokens"],
         "generation_tokens": d["generation_tokens"],
         "ttft_mean": 1000 * d["ttft_sum"] / d["ttft_count"] if d["ttft_count"] else float("nan"),
+        "itl_mean": 1000 * d["itl_sum"] / d["itl_count"] if d["itl_count"] else float("nan"),
     }
 
 
 def run_ours(server: Server, args: argparse.Namespace, seed: int) -> dict[str, float]:
     infmax = Infmax(server, energy=False, server_metrics=False)
-    scenario = Scenario("agreement", args.isl, args.osl, range_ratio=1.0)
+    scenario = Scenario("agreement", args.isl, args.osl, range_ratio=1.0, endpoint=args.endpoint)
     result = infmax.run(scenario, concurrency=args.concurrency, num_requests=args.num_prompts, warmup=0, seed=seed)
     m = result.metrics
     measured = [r for r in result.records if not r.warmup]
@@ -102,6 +106,7 @@ def run_ours(server: Server, args: argparse.Namespace, seed: int) -> dict[str, f
         "ttft_p50": m.ttft.median * 1000,
         "ttft_p99": m.ttft.percentiles[99.0] * 1000,
         "ttft_mean": m.ttft.mean * 1000,
+        "itl_mean": m.itl.mean * 1000,
         "tpot_p50": m.tpot.median * 1000,
         "itl_p50": m.itl.median * 1000,
         "output_throughput": m.output_throughput,
@@ -119,11 +124,11 @@ def run_vllm(server: Server, args: argparse.Namespace, seed: int, out_dir: Path)
         "-c",
         VLLM_BENCH,
         "--backend",
-        "vllm",
+        "openai-chat" if args.endpoint == "chat" else "vllm",
         "--base-url",
         server.base_url,
         "--endpoint",
-        "/v1/completions",
+        "/v1/chat/completions" if args.endpoint == "chat" else "/v1/completions",
         "--model",
         server.model,
         "--tokenizer",
@@ -165,6 +170,7 @@ def run_vllm(server: Server, args: argparse.Namespace, seed: int, out_dir: Path)
     r = json.loads((out_dir / name).read_text())
     out = {key: float(r[theirs]) for _, key, theirs in FIGURES if theirs in r}
     out["ttft_mean"] = float(r["mean_ttft_ms"])
+    out["itl_mean"] = float(r["mean_itl_ms"])
     out["in_flight"] = sum(r["latencies"]) / r["duration"]
     out["failed"] = float(r.get("failed", 0))
     return out
@@ -203,6 +209,7 @@ def report(runs: dict[str, list[dict[str, float]]], servers: dict[str, list[dict
         ("prompt tokens", "prompt_tokens", "total_input_tokens"),
         ("generation tokens", "generation_tokens", "total_output_tokens"),
         ("TTFT mean ms", "ttft_mean", "ttft_mean"),
+        ("ITL mean ms", "itl_mean", "itl_mean"),
     ]:
         cells = []
         for who in ("ours", "vllm"):
@@ -222,6 +229,12 @@ def main() -> None:
     parser.add_argument("--osl", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument(
+        "--endpoint",
+        choices=["completions", "chat"],
+        default="completions",
+        help="completions: ours sends token ids, vLLM's client text; chat: both send text messages",
+    )
     parser.add_argument("--pairs", type=int, default=3, help="interleaved pairs of runs (A B, then B A, ...)")
     parser.add_argument("--quick", action="store_true", help="1 pair of 16 requests: a check that it runs")
     parser.add_argument(
@@ -284,7 +297,8 @@ def main() -> None:
     where = "shared CPUs" if pinned is None else f"vLLM on CPU {pinned[1]}, clients on CPU(s) {sorted(pinned[0])}"
     print(
         f"ISL {args.isl}, OSL {args.osl}, concurrency {args.concurrency}, {args.num_prompts} requests a run, "
-        f"{args.pairs} interleaved pair(s), {where}; median (min-max) of the runs"
+        f"{args.pairs} interleaved pair(s), {where}, /v1/{'chat/' if args.endpoint == 'chat' else ''}completions; "
+        "median (min-max) of the runs"
     )
     print()
     print(report(runs, servers))
