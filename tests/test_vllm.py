@@ -260,10 +260,14 @@ def test_startup_failure_gives_the_exit_code_and_the_log_tail(tmp_path: Path) ->
 
 INTERRUPTED = """
 import json
+import signal
 from pathlib import Path
 
 
 def test_long_run(infmax, infmax_server):
+    # Ctrl-C as at a terminal, even where this session inherited SIGINT ignored (started as a
+    # background job of a non-interactive shell, as some CI runners do): else it is ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     server = infmax_server
     state = {"pid": server.pid, "tracked": server.tracked, "base_url": server.base_url}
     Path("ready.json").write_text(json.dumps(state))

@@ -564,9 +564,27 @@ def _wait_ready(server: Server, port: int | None, port_file: Path | None) -> tup
             raise ServerError(
                 f"server not ready after {config.startup_timeout:g} s (startup timeout){last}: {_shown(server)}; "
                 f"{_squatters(server, port) or 'raise --infmax-startup-timeout if it is just slow to load.'}\n"
+                f"its processes: {_process_states(server)}\n"
                 f"last lines of {server.log_path}:\n{server.log_tail()}"
             )
         time.sleep(0.1)
+
+
+def _process_states(server: Server) -> str:
+    """Each process of the server, its state and where in the kernel it waits (/proc): what a
+    server that neither answers nor exits is doing (``S do_epoll_wait``: idle in its loop)."""
+    server.track_descendants()
+    pids = [p for p in (server.pid, *server.tracked) if p is not None]
+    states = []
+    for pid in dict.fromkeys(pids):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            wchan = Path(f"/proc/{pid}/wchan").read_text().strip() or "-"
+        except OSError:
+            continue
+        name, _, rest = stat.partition(" (")[2].rpartition(") ")
+        states.append(f"pid {pid} ({name}) {rest.split()[0]} {wchan}")
+    return "; ".join(states) or "none left"
 
 
 def _squatters(server: Server, port: int | None) -> str:
