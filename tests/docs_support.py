@@ -541,6 +541,18 @@ def make_sybil(root: Path, patterns: Sequence[str] = DOC_PATTERNS) -> Sybil:
 # so that one worker starts it once (tests/test_vllm.py: real vLLM, a minute to start).
 ONE_WORKER_MODULES = ("tests/test_vllm.py",)
 
+# Tests that run in the vLLM module's unit of work, before or after it, never beside it. Twice
+# in CI (2026-12-06) the simulator under a stand-in whose worker had left its process group
+# neither listened nor exited for 60 s, while real vLLM started on the other worker; it has
+# not been reproduced by hand (12 runs beside the vLLM module passed). A startup timeout now
+# says what each of the server's processes is doing (launch._process_states) for the next time.
+WITH_VLLM_TESTS = (
+    "tests/test_engines.py::test_child_that_left_the_process_group_is_killed",
+    "tests/test_engines.py::test_crash_is_seen_at_once_though_a_worker_it_started_lives_on",
+    "tests/test_engines.py::test_leader_killed_mid_run_is_a_dead_server_though_a_worker_lives_on",
+    "tests/test_engines.py::test_port_taken_by_a_server_whose_worker_lives_on_is_retried",
+)
+
 
 def document_scheduler(config: pytest.Config, log: Any) -> Any:
     """``--dist load``, except that a document's examples are one unit of work: they share
@@ -551,6 +563,8 @@ def document_scheduler(config: pytest.Config, log: Any) -> Any:
     class DocumentScheduling(LoadScopeScheduling):  # type: ignore[misc]
         def _split_scope(self, nodeid: str) -> str:
             path = nodeid.split("::", 1)[0]
+            if nodeid.startswith(WITH_VLLM_TESTS):
+                return ONE_WORKER_MODULES[0]
             return path if path.endswith(".md") or path in ONE_WORKER_MODULES else nodeid
 
     return DocumentScheduling(config, log)
