@@ -52,11 +52,13 @@ from pytest_infmax.servers.config import (
 )
 from pytest_infmax.servers.errors import ServerError
 from pytest_infmax.servers.processes import (
-    _cmdline,
     descendants,
+    describe_pids,
     free_port,
     leader_exit_code,
     listeners,
+    listens_on,
+    process_states,
     spawn_in_own_group,
     stop_process_group,
     supervised,
@@ -157,7 +159,7 @@ class Server:
 
     def _listens(self) -> bool:
         port = urlsplit(self.base_url).port
-        return port is not None and bool(listeners(port))
+        return port is not None and listens_on(port)
 
     def _exit_status(self) -> int | None:
         """The supervisor's exit status once it is gone; before that, the leader's when it failed.
@@ -213,9 +215,9 @@ class Server:
         port = urlsplit(self.base_url).port if self.base_url else None
         left = listeners(port) if port else []
         if left:
-            who = ", ".join(f"pid {pid} ({_cmdline(pid)})" if pid else "a process of another user" for pid in left)
             raise ServerError(
-                f"after the server was stopped, something still listens on its port {port}: {who}. A process "
+                f"after the server was stopped, something still listens on its port {port}: "
+                f"{describe_pids(left)}. A process "
                 f"the server started escaped teardown; stop it (kill {' '.join(str(p) for p in left if p)})"
             )
         if self.after_stop is not None:
@@ -571,20 +573,8 @@ def _wait_ready(server: Server, port: int | None, port_file: Path | None) -> tup
 
 
 def _process_states(server: Server) -> str:
-    """Each process of the server, its state and where in the kernel it waits (/proc): what a
-    server that neither answers nor exits is doing (``S do_epoll_wait``: idle in its loop)."""
     server.track_descendants()
-    pids = [p for p in (server.pid, *server.tracked) if p is not None]
-    states = []
-    for pid in dict.fromkeys(pids):
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            wchan = Path(f"/proc/{pid}/wchan").read_text().strip() or "-"
-        except OSError:
-            continue
-        name, _, rest = stat.partition(" (")[2].rpartition(") ")
-        states.append(f"pid {pid} ({name}) {rest.split()[0]} {wchan}")
-    return "; ".join(states) or "none left"
+    return process_states([p for p in (server.pid, *server.tracked) if p is not None])
 
 
 def _squatters(server: Server, port: int | None) -> str:
@@ -595,10 +585,9 @@ def _squatters(server: Server, port: int | None) -> str:
     others = [pid for pid in listeners(port) if pid not in server.tracked]
     if not others:
         return ""
-    who = ", ".join(f"pid {pid} ({_cmdline(pid)})" if pid else "a process of another user" for pid in others)
     return (
-        f"its port {port} is held by a process that is not the server's: {who}; the probes reached it, not "
-        "the server. Stop that process, or leave the port to the launcher (it picks a free one)."
+        f"its port {port} is held by a process that is not the server's: {describe_pids(others)}; the probes "
+        "reached it, not the server. Stop that process, or leave the port to the launcher (it picks a free one)."
     )
 
 

@@ -75,21 +75,16 @@ def stop_process_group(
     return sorted({pgid, *others})
 
 
+def listens_on(port: int) -> bool:
+    """Whether a TCP socket listens on ``port`` (IPv4 or IPv6): /proc/net alone, no scan of
+    every process's descriptors (cheap enough for a check during a run)."""
+    return bool(_listening_inodes(port))
+
+
 def listeners(port: int) -> list[int | None]:
     """Pids of the processes with a TCP socket listening on ``port`` (IPv4 or IPv6; None for a
     socket whose owner cannot be seen), from /proc/net; [] where nothing listens."""
-    inodes: set[str] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                rows = f.read().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            cols = row.split()
-            # cols: sl, local address (hex ip:port), remote, state (0A: LISTEN), ..., inode (cols[9])
-            if len(cols) > 9 and cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
-                inodes.add(cols[9])
+    inodes = _listening_inodes(port)
     if not inodes:
         return []
     owners: dict[str, int] = {}
@@ -103,6 +98,44 @@ def listeners(port: int) -> list[int | None]:
                     if link.startswith("socket:[") and link[8:-1] in inodes:
                         owners.setdefault(link[8:-1], int(entry))
     return sorted({owners.get(inode) for inode in inodes}, key=lambda p: p or 0)
+
+
+def describe_pids(pids: list[int | None]) -> str:
+    """``pid N (its command line)`` for each, or ``a process of another user`` where none is seen."""
+    return ", ".join(f"pid {pid} ({_cmdline(pid)})" if pid else "a process of another user" for pid in pids)
+
+
+def process_states(pids: list[int]) -> str:
+    """Each live process's name, state and where in the kernel it waits (/proc): what a server
+    that neither answers nor exits is doing (``S do_epoll_wait``: idle in its loop)."""
+    states = []
+    for pid in dict.fromkeys(pids):
+        stat = _stat(pid)
+        try:
+            name = Path(f"/proc/{pid}/comm").read_text().strip()
+            wchan = Path(f"/proc/{pid}/wchan").read_text().strip() or "-"
+        except OSError:
+            continue
+        if stat is not None:
+            states.append(f"pid {pid} ({name}) {stat[0]} {wchan}")
+    return "; ".join(states) or "none left"
+
+
+def _listening_inodes(port: int) -> set[str]:
+    """The inodes of the TCP sockets in LISTEN on ``port``, from /proc/net/tcp and tcp6."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            # cols: sl, local address (hex ip:port), remote, state (0A: LISTEN), ..., inode (cols[9])
+            if len(cols) > 9 and cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(cols[9])
+    return inodes
 
 
 def _cmdline(pid: int) -> str:
