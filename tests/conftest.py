@@ -5,6 +5,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
+# Imported before any test: pytester's in-process runs (runpytest, inline_run) put sys.modules
+# back as it was after each run, and numpy's C extension cannot be loaded twice in a process.
+# The plugin imports numpy at first use (docs/performance.md), so a first import inside an
+# in-process run was undone, and the next test that needed numpy in that xdist worker failed
+# with "cannot load module more than once per process" (tests/test_journal.py alone, -n 2).
+import numpy  # noqa: F401
 import pytest
 from _hostile_client import HostileClient, hostile_server_port
 from _postgres import Postgres, PostgresUnavailable, check_available, running_postgres

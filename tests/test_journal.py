@@ -61,6 +61,13 @@ def test_b_long(infmax, infmax_server):
 """
 
 
+def _rebuild(journal: Path) -> subprocess.CompletedProcess[str]:
+    """``infmax report --from-journal JOURNAL --markdown``, as a user rebuilds the reports."""
+    return subprocess.run(
+        [INFMAX, "report", "--from-journal", str(journal), "--markdown"], capture_output=True, text=True, timeout=120
+    )
+
+
 def _wait_for(what: str, check: Callable[[], bool], timeout: float = 90.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -126,12 +133,7 @@ def test_sigkill_loses_only_the_test_in_flight_and_the_journal_rebuilds_the_repo
     assert proc.wait(timeout=30) == -signal.SIGKILL
     assert not results.exists()  # what a SIGKILL took: --infmax-json is written at the session's end
 
-    rebuilt = subprocess.run(
-        [INFMAX, "report", "--from-journal", str(journal), "--markdown"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    rebuilt = _rebuild(journal)
     assert rebuilt.returncode == 0, rebuilt.stderr
     assert f"wrote {results}" in rebuilt.stdout
     doc = json.loads(results.read_text())
@@ -244,12 +246,7 @@ def test_sigkill_loses_at_most_the_run_in_flight_and_unfinished_runs_are_flagged
     if xdist:  # the runs are in the journal of the worker that ran them
         assert [p.name for p in shards(journal)] == ["r.json.journal.gw0", "r.json.journal.gw1"]
 
-    rebuilt = subprocess.run(
-        [INFMAX, "report", "--from-journal", str(journal), "--markdown"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    rebuilt = _rebuild(journal)
     assert rebuilt.returncode == 0, rebuilt.stderr
     assert "2 run(s) of test(s) that never finished" in rebuilt.stderr
     doc = json.loads(results.read_text())
