@@ -405,7 +405,8 @@ class Infmax:
                 sampler.stop()
         server_metrics = await scraper.finish() if scraper is not None else None
         result = self._result(plan, run, server_metrics)
-        if watch is not None and watch.dead(now=True):  # stopped by it, or died with the last requests
+        # stopped by it, or died with the last requests (a wait of up to 1 s for a crash to show: off the loop)
+        if watch is not None and await asyncio.to_thread(watch.dead, now=True):
             result.server_died = watch.note
         if seq is not None:
             result.sequential = {"gate": seq.gate.label, **dataclasses.asdict(seq.state)}

@@ -21,6 +21,9 @@ from pytest_infmax.servers.launch import Server
 CHECK_INTERVAL_S = 0.25  # how often the server's process is looked at (reads /proc and a file)
 REFUSED_FOR_S = 2.0
 REFUSED_AT_LEAST = 20
+# After a run whose last request lost its connection, how long the server's exit may take to
+# show: a crashing server closes its sockets a moment before its exit status can be read
+EXIT_GRACE_S = 1.0
 
 
 class ServerWatch:
@@ -32,8 +35,10 @@ class ServerWatch:
         self._next_check = 0.0
         self._refused = 0
         self._refused_since: float | None = None
+        self._connection_lost = False  # the last request ended with a refused or lost connection
 
     def on_record(self, rec: RequestRecord) -> None:
+        self._connection_lost = rec.error_kind in (ErrorKind.CONNECT, ErrorKind.DISCONNECT)
         if rec.error_kind != ErrorKind.CONNECT:
             self._refused, self._refused_since = 0, None
             return
@@ -42,7 +47,9 @@ class ServerWatch:
             self._refused_since = rec.send_time or time.perf_counter()
 
     def dead(self, *, now: bool = False) -> bool:
-        """Whether the server is dead; looked at no more often than every CHECK_INTERVAL_S, unless ``now``."""
+        """Whether the server is dead; looked at no more often than every CHECK_INTERVAL_S, unless ``now``
+        (the run's end: then a server whose last request lost its connection gets EXIT_GRACE_S to show
+        its exit)."""
         if self.note is not None:
             return True
         at = time.monotonic()
@@ -50,6 +57,11 @@ class ServerWatch:
             return False
         self._next_check = at + CHECK_INTERVAL_S
         note = self.server.death_note()
+        if note is None and now and self._connection_lost:  # the run's end: a crash may not show yet
+            deadline = at + EXIT_GRACE_S
+            while note is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+                note = self.server.death_note()
         if note is None and self._refused >= REFUSED_AT_LEAST and self._refused_since is not None:
             span = time.perf_counter() - self._refused_since
             if span >= REFUSED_FOR_S:
