@@ -101,12 +101,10 @@ def _shell_code(code: int) -> int:
 
 
 def _leader_exited(pid: int, code: int, exit_file: str | None) -> None:
-    """Tell the launcher (``exit_file``) and the log that the leader is gone, and what it left."""
-    if exit_file:
-        temp = f"{exit_file}.{os.getpid()}.tmp"
-        with open(temp, "w") as f:
-            f.write(f"{code}\n")
-        os.replace(temp, exit_file)
+    """Tell the log, then the launcher (``exit_file``), that the leader is gone, and what it left.
+
+    The log first: the launcher reads the log's tail into its death note the moment the exit
+    file appears, so a line written after it could be missing from the note."""
     left = descendants(os.getpid())
     if left:
         print(
@@ -115,6 +113,11 @@ def _leader_exited(pid: int, code: int, exit_file: str | None) -> None:
             "held until teardown",
             flush=True,
         )
+    if exit_file:
+        temp = f"{exit_file}.{os.getpid()}.tmp"
+        with open(temp, "w") as f:
+            f.write(f"{code}\n")
+        os.replace(temp, exit_file)
 
 
 def main(argv: list[str]) -> int:
