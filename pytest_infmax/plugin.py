@@ -571,7 +571,9 @@ def _make_report(item: pytest.Item, call: pytest.CallInfo[None], report: Any) ->
     if results:
         from pytest_infmax.reports.rows import result_row, verdict_text
 
-        full = _result_entries(item, results, checks, test_failed=report.failed)
+        # an exception that names its reason (a sweep's FrontierSLAFailed: "frontier SLA")
+        why = getattr(call.excinfo.value, "verdict_reason", None) if call.excinfo is not None else None
+        full = _result_entries(item, results, checks, test_failed=report.failed, failure=why)
         report.infmax_results = full
         # Several results (a sweep): each named by its load, e.g. infmax[c=4]_ttft_p50_ms; by
         # its position only where two share a load.
@@ -596,7 +598,12 @@ def _make_report(item: pytest.Item, call: pytest.CallInfo[None], report: Any) ->
 
 
 def _result_entries(
-    item: pytest.Item, results: list[LoadResult], checks: list[dict[str, Any]], *, test_failed: bool
+    item: pytest.Item,
+    results: list[LoadResult],
+    checks: list[dict[str, Any]],
+    *,
+    test_failed: bool,
+    failure: str | None = None,
 ) -> list[dict[str, Any]]:
     """The --infmax-json entries of a test's results, with what the row's verdict tells."""
     settings = item.config.stash[STATE_KEY].settings
@@ -605,6 +612,8 @@ def _result_entries(
     full = [r.to_dict(include_records=want_records) for r in results]
     for i, entry in enumerate(full):  # every reason the test failed
         entry["outcome"] = _outcome(settings, checks[i] if len(checks) == len(results) else None, test_failed)
+        if test_failed and failure:
+            entry["outcome"]["test_failure"] = failure
     return full
 
 

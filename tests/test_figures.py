@@ -218,6 +218,27 @@ def test_frontier_slas_on_cost_and_energy(pytester: pytest.Pytester) -> None:
     result.assert_outcomes(passed=2)
 
 
+def test_a_failed_frontier_sla_is_the_sweep_rows_verdict(pytester: pytest.Pytester) -> None:
+    """A sweep whose frontier SLA failed its test said FAIL (test) on every point, as if an
+    assert of the user's had failed; its rows now name the frontier SLA, in every report."""
+    pytester.makepyfile(
+        test_perf="""
+        def test_sweep(infmax):
+            sweep = infmax.sweep("1k1k-mini", concurrency=[1, 2], num_requests=4, warmup=0)
+            lo, hi = sweep.frontier().x_range
+            sweep.check(f"throughput_per_gpu@interactivity={(lo + hi) / 2} > 1M tok/s")
+        """
+    )
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "--infmax-markdown", "out.md", "--junitxml", "junit.xml"
+    )
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*test_sweep?c=1?*FAIL (frontier SLA)*", "*test_sweep?c=2?*FAIL (frontier SLA)*"])
+    props = {p.get("name"): p.get("value") for p in ET.parse(pytester.path / "junit.xml").getroot().iter("property")}
+    assert props["infmax[c=1]_verdict"] == props["infmax[c=2]_verdict"] == "FAIL (frontier SLA)"
+    assert "❌ FAIL (frontier SLA)" in (pytester.path / "out.md").read_text()
+
+
 @pytest.mark.slow
 def test_cost_is_gated_and_compared_from_results_files(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(

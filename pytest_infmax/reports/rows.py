@@ -8,14 +8,16 @@ same cells.
 
 A result dict may carry ``"outcome"`` (the plugin adds it once the test has run):
 ``{"baseline": <the gate's check for this result, or None>, "client_bound_fails":
-<--infmax-client-bound fail>, "test_failed": <the test failed>, "max_error_rate":
+<--infmax-client-bound fail>, "test_failed": <the test failed>, "test_failure": <why, where its
+exception names it, e.g. "frontier SLA">, "max_error_rate":
 <--infmax-max-error-rate, None: off>}``. The row's
 ``verdict`` names every reason the test failed: ``SLA`` (an objective missed),
 ``regression`` (against its baseline), ``errors`` (more failed requests than
 ``--infmax-max-error-rate`` allows, where the test set no ``error_rate`` SLA), ``client-bound`` (the load generator fell
 behind, under ``--infmax-client-bound fail``), ``interrupted`` (Ctrl-C stopped the run),
 ``unfinished`` (the run ended but its test never did: pytest or its worker was killed; a
-result rebuilt from the journal, reports/journal.py) and ``test`` (the test failed for a
+result rebuilt from the journal, reports/journal.py), ``frontier SLA`` (a sweep's frontier
+SLA failed the test) and ``test`` (the test failed for a
 reason of its own, e.g. an assert). A load that ``infmax.capacity()`` measured
 (``"capacity_probe"``) says ``met`` or ``missed`` its SLAs instead: missing them above the
 capacity is what the search looks for, not a failure.
@@ -97,7 +99,7 @@ def verdict(result: Result) -> tuple[str, list[str]]:
     if result.get("unfinished"):  # pytest was killed (or its worker crashed) before the test ended
         reasons.append("unfinished")
     if outcome.get("test_failed") and not reasons:
-        reasons.append("test")
+        reasons.append(str(outcome.get("test_failure") or "test"))
     if probe and not reasons and result.get("passed") is not None:
         return ("met" if result["passed"] else "missed"), reasons
     checked = result.get("passed") is not None or (baseline is not None and baseline.get("verdict") is not None)

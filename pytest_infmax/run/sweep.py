@@ -195,6 +195,9 @@ class FrontierVerdict:
 
 
 class FrontierSLAFailed(AssertionError):
+    # the reason a failed test's rows give (reports/rows.py), instead of a bare "test"
+    verdict_reason = "frontier SLA"
+
     def __init__(self, failures: Sequence[FrontierVerdict]) -> None:
         self.failures = list(failures)
         super().__init__(
