@@ -9,12 +9,17 @@ its exit, that is to the last report it wrote:
 * **ours**: ``python -m pytest`` on a one-test project (``infmax.run`` of ``streams``
   concurrent requests, ``--rounds`` rounds of them) with ``--infmax-endpoint`` and
   ``--infmax-json``, pytest's start-up, the plugin, the run and every report included;
+  pytest loads our plugin alone (``PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 -p pytest_infmax.plugin``),
+  as a ``pip install pytest-infmax`` leaves it, unless ``--all-plugins``;
 * **InferenceMAX**: its ``utils/bench_serving/benchmark_serving.py`` (SemiAnalysisAI/
   InferenceX; Apache-2.0), run from a checkout given with ``--bench-serving`` by an
   interpreter with its requirements (``--peer-python``: transformers, aiohttp, numpy,
   tqdm), with the same requests: the random dataset, ``--max-concurrency streams``,
   ``--ignore-eos``, ``--save-result``. It needs a tokenizer: a word-level one is built
   offline, in which every event's `` tok`` is one token.
+
+Both run with bytecode caching on (a sandbox's ``PYTHONDONTWRITEBYTECODE`` is dropped), after
+one untimed warm-up run of each.
 
 Reported per stream count, the median of ``--runs`` interleaved runs with the spread
 (min-max): wall seconds, CPU seconds (the client process and its children, user + system)
@@ -85,6 +90,14 @@ fast.save_pretrained(sys.argv[1])
 """
 
 
+def _user_env(env: dict[str, str]) -> dict[str, str]:
+    """A user's environment: Python caches bytecode (a sandbox may set PYTHONDONTWRITEBYTECODE,
+    which makes every run compile every module it imports: transformers for the peer, our
+    editable package for us)."""
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
+
+
 def _child_run(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float, subprocess.CompletedProcess[str]]:
     """Runs ``cmd`` to its end: (wall seconds from spawn to exit, CPU seconds of it and its children)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -101,7 +114,9 @@ def _fail(what: str, proc: subprocess.CompletedProcess[str]) -> SystemExit:
     return SystemExit(f"{what} failed (exit {proc.returncode}):\n{tail}")
 
 
-def run_ours(base: str, work: Path, streams: int, requests: int, tokens: int) -> dict[str, float | None]:
+def run_ours(
+    base: str, work: Path, streams: int, requests: int, tokens: int, all_plugins: bool = False
+) -> dict[str, float | None]:
     project = work / f"ours-{streams}"
     project.mkdir(exist_ok=True)
     (project / "pytest.ini").write_text("[pytest]\n")
@@ -112,8 +127,13 @@ def run_ours(base: str, work: Path, streams: int, requests: int, tokens: int) ->
     )
     out = project / "results.json"
     out.unlink(missing_ok=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "INFMAX_"))}
+    env = _user_env({k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "INFMAX_"))})
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_whole_run.py"]
+    if not all_plugins:
+        # pytest with our plugin alone, as `pip install pytest-infmax` leaves it: the dev venv's
+        # other plugins (hypothesis, xdist, asyncio, anyio, sybil) are not ours to count
+        env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+        cmd += ["-p", "pytest_infmax.plugin"]
     cmd += ["--infmax-endpoint", base, "--infmax-json", str(out)]
     wall, cpu, proc = _child_run(cmd, project, env)
     if proc.returncode != 0 or not out.is_file():
@@ -141,7 +161,9 @@ def run_peer(
     cmd += ["--dataset-name", "random", "--random-input-len", str(ISL), "--random-output-len", str(tokens)]
     cmd += ["--random-range-ratio", "1.0", "--num-prompts", str(requests), "--max-concurrency", str(streams)]
     cmd += ["--ignore-eos", "--disable-tqdm", "--save-result", "--result-dir", str(results)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = _user_env(
+        {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    )
     wall, cpu, proc = _child_run(cmd, bench_serving, env)
     if proc.returncode != 0:
         raise _fail("InferenceMAX's benchmark_serving.py", proc)
@@ -173,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-peer", action="store_true", help="measure ours alone")
     p.add_argument("--quick", action="store_true", help="a check that it works: 8 streams, 50 tokens, 1 run")
     p.add_argument("--json", type=Path, help="also write every run here")
+    p.add_argument(
+        "--all-plugins", action="store_true", help="ours with every pytest plugin of this venv, not our plugin alone"
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.streams, args.tokens, args.rounds, args.runs = [8], 50, 1, 1
@@ -203,11 +228,18 @@ def main(argv: list[str] | None = None) -> int:
             proc, base = client_overhead._start_emitter(emitter_dir, 1, args.itl_ms / 1000)
             runs: dict[str, list[dict[str, float | None]]] = {c: [] for c in clients}
             try:
+                # one untimed run of each client first: bytecode and page caches warm, as on a
+                # machine that has run its benchmark before
+                run_ours(base, work, min(streams, 8), min(streams, 8), 10, args.all_plugins)
+                if tokdir is not None:
+                    run_peer(
+                        base, work, min(streams, 8), min(streams, 8), 10, args.bench_serving, args.peer_python, tokdir
+                    )
                 for _ in range(args.runs):
                     for client in clients:  # interleaved: a drift of the machine hits both
                         before = client_overhead._get_stats(base)
                         if client == "ours":
-                            r = run_ours(base, work, streams, requests, args.tokens)
+                            r = run_ours(base, work, streams, requests, args.tokens, args.all_plugins)
                         else:
                             assert tokdir is not None
                             r = run_peer(
