@@ -9,6 +9,8 @@ import tracemalloc
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pytest_infmax.load.generator import ResponseAccumulator, arrival_offsets, read_sse
 from pytest_infmax.load.plan import LoadConfig, LoadConfigError
@@ -122,6 +124,28 @@ def test_per_token_latencies_stay_bounded_in_memory_whatever_the_counts() -> Non
     # a record whose counts are within the limit is expanded exactly, as before
     exact = RequestRecord(0, chunk_times=[0.0, 0.1, 0.4], chunk_tokens=[1, 1, 3])
     assert exact.itls() == pytest.approx([0.1, 0.1, 0.1, 0.1])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    times=st.lists(st.floats(0, 1e3, allow_nan=False), min_size=0, max_size=40),
+    tokens=st.lists(st.one_of(st.integers(-3, 50), st.integers(10**5, 10**20)), max_size=45),
+)
+def test_per_token_latencies_are_the_per_chunk_definition(times: list[float], tokens: list[int]) -> None:
+    """itl_array (numpy, for speed) gives what the per-chunk loop it replaced gave: chunk i's
+    gap over its count, once per token (a missing or non-positive count: one), and past
+    ITL_EXPANSION_LIMIT tokens a number of repeats in proportion to the count."""
+    times = sorted(times)
+    rec = RequestRecord(0, chunk_times=times, chunk_tokens=tokens)
+    counts = [max(tokens[i] if i < len(tokens) else 1, 1) for i in range(1, len(times))]
+    total = sum(counts)
+    expected: list[float] = []
+    for i, k in enumerate(counts, start=1):
+        repeats = k if total <= ITL_EXPANSION_LIMIT else max(k * ITL_EXPANSION_LIMIT // total, 1)
+        expected.extend([(times[i] - times[i - 1]) / k] * repeats)
+    got = rec.itl_array()
+    assert got.shape == (len(expected),)
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
 
 
 def test_multi_token_events_apportion_usage_by_text() -> None:

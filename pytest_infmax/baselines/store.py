@@ -458,8 +458,8 @@ def compact_samples(records: Iterable[RequestRecord]) -> dict[str, list[float]]:
         for name, value in (("ttft", r.ttft), ("tpot", r.tpot), ("e2e", r.e2e)):
             if value is not None and math.isfinite(value):
                 out[name].append(round(value, _SAMPLE_DECIMALS))
-        gaps = r.itls()
-        if gaps:
+        gaps = r.itl_array()
+        if gaps.size:
             out["itl_mean"].append(round(float(np.mean(gaps)), _SAMPLE_DECIMALS))
             out["itl_max"].append(round(float(np.max(gaps)), _SAMPLE_DECIMALS))
     return out

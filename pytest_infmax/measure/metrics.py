@@ -126,7 +126,7 @@ class Distribution:
         *,
         num_requests: int | None = None,
     ) -> Distribution:
-        arr = np.sort(np.asarray(list(values), dtype=np.float64))
+        arr = np.sort(np.asarray(values if isinstance(values, np.ndarray) else list(values), dtype=np.float64))
         arr.flags.writeable = False
         qs = _normalise_percentiles(percentiles)
         count = int(arr.size)
@@ -617,12 +617,12 @@ def _distributions(ok: Sequence[RequestRecord], qs: tuple[float, ...]) -> dict[s
     e2e = [t for t in (r.e2e_from_schedule for r in ok) if t is not None]
     tpot = [r.tpot for r in ok if r.tpot is not None]
     interactivity = [1.0 / t for t in tpot if t > 0]
-    itl_lists = [r.itls() for r in ok]
-    itl = [gap for gaps in itl_lists for gap in gaps]
+    itl_arrays = [r.itl_array() for r in ok]
+    itl = np.concatenate(itl_arrays) if itl_arrays else np.empty(0)
     return {
         "ttft": Distribution.from_values(ttft, qs),
         "tpot": Distribution.from_values(tpot, qs),
-        "itl": Distribution.from_values(itl, qs, num_requests=sum(1 for g in itl_lists if g)),
+        "itl": Distribution.from_values(itl, qs, num_requests=sum(1 for g in itl_arrays if g.size)),
         "e2e": Distribution.from_values(e2e, qs),
         "interactivity": Distribution.from_values(interactivity, qs),
     }

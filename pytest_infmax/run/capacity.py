@@ -31,14 +31,19 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
-from scipy.interpolate import PchipInterpolator
-
+from pytest_infmax.lazy import lazy_module
 from pytest_infmax.load.plan import MAX_CONCURRENCY, LoadConfigError
 from pytest_infmax.measure.verdicts import Verdict
 from pytest_infmax.run.sweep import SweepResult
+
+if TYPE_CHECKING:
+    import numpy as np
+    from scipy import interpolate
+else:  # scipy.interpolate costs ~0.5 s of CPU to import: paid by capacity() alone, not every run
+    np = lazy_module("numpy")
+    interpolate = lazy_module("scipy.interpolate")
 
 Over = Literal["concurrency", "rate"]
 Method = Literal["pchip", "bisect"]
@@ -178,7 +183,7 @@ def _pchip_root(probes: Sequence[Probe], met: float, missed: float) -> float | N
     ys = np.array([by_load[x] for x in xs])
     if len(xs) < 2 or not np.all(np.isfinite(ys)):
         return None
-    roots = PchipInterpolator(xs, ys, extrapolate=False).solve(0.0, discontinuity=False)
+    roots = interpolate.PchipInterpolator(xs, ys, extrapolate=False).solve(0.0, discontinuity=False)
     inside = [float(r) for r in roots if met < r < missed]
     return inside[0] if inside else None
 
