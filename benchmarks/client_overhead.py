@@ -44,6 +44,7 @@ import os
 import platform
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -432,37 +433,61 @@ def _run_client(kind: str, base: str, streams: int, requests: int, osl: int) -> 
 KINDS = ("ours", "ours-python-wire", "ours-asyncio", "peer", "floor", "protocol-floor")
 
 
-def workers_sweep(counts: list[int], streams: int, event_rate: float, osl: int) -> None:
+def workers_sweep(
+    counts: list[int], streams: int, event_rate: float, osl: int, repeat: int = 1, pin_emitter: int | None = None
+) -> None:
     """Tokens per second the client consumes from an emitter asked for more than one
-    process can read, with the load over 1..N worker processes."""
+    process can read, with the load over 1..N worker processes; ``repeat`` interleaved
+    rounds (median and spread). ``pin_emitter``: the emitter runs on that CPU alone and the
+    clients on the others, so the clients' scaling is not the emitter's."""
+    client_cpus: list[int] = []
+    if pin_emitter is not None:
+        client_cpus = sorted(os.sched_getaffinity(0) - {pin_emitter})
+        if not client_cpus:
+            raise SystemExit(f"--pin-emitter {pin_emitter}: no CPU is left for the clients")
     print(
         f"\nworkers: {streams} streams of {osl} one-token events, the emitter asked for "
-        f"{event_rate:g} events/s (more than one client process reads)"
+        f"{event_rate:g} events/s (more than one client process reads); {repeat} interleaved rounds"
+        + (f"; emitter on CPU {pin_emitter}, clients on CPUs {client_cpus}" if client_cpus else "")
     )
-    rows = []
+    runs: dict[int, list[tuple[float, float, float, bool]]] = {n: [] for n in counts}
+    saved = os.sched_getaffinity(0)
     with tempfile.TemporaryDirectory() as tmpdir:
         proc, base = _start_emitter(Path(tmpdir), 1, streams / event_rate)
         try:
-            for n in counts:
-                before = _get_stats(base)
-                r = _run_client(f"ours-w{n}", base + "/v1/completions", streams, streams * 2, osl)
-                after = _get_stats(base)
-                assert r["requests"] == after["requests"] - before["requests"] == streams * 2, r
-                rows.append(
-                    (n, r["tokens"] / r["measured_wall"], r["measured_cpu"], r["measured_wall"], r["client_bound"])
-                )
-                print(f"  workers={n}: {rows[-1][1]:,.0f} tok/s", flush=True)
+            if pin_emitter is not None:
+                os.sched_setaffinity(proc.pid, {pin_emitter})
+                os.sched_setaffinity(0, set(client_cpus))  # inherited by the clients started below
+            for _ in range(repeat):
+                for n in counts:  # interleaved: a drift of the machine hits every count
+                    before = _get_stats(base)
+                    r = _run_client(f"ours-w{n}", base + "/v1/completions", streams, streams * 2, osl)
+                    after = _get_stats(base)
+                    assert r["requests"] == after["requests"] - before["requests"] == streams * 2, r
+                    rate = r["tokens"] / r["measured_wall"]
+                    runs[n].append((rate, r["measured_cpu"], r["measured_wall"], r["client_bound"]))
+                    print(f"  workers={n}: {rate:,.0f} tok/s", flush=True)
         finally:
+            os.sched_setaffinity(0, saved)
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=10)
+
+    def spread(values: list[float], fmt: str) -> str:
+        med = fmt.format(statistics.median(values))
+        return med + (f" ({fmt.format(min(values))}-{fmt.format(max(values))})" if len(values) > 1 else "")
+
+    first = statistics.median(r[0] for r in runs[counts[0]])
     print(
-        "\n| workers | tokens/s consumed | vs 1 worker | client CPU-s (all workers) | CPU % of one core | client-bound |"
+        "\n| workers | tokens/s consumed | vs first | client CPU-s (all workers) | CPU % of one core | client-bound |"
     )
-    print("|---|---|---|---|---|---|")
-    for n, rate, cpu, wall, bound in rows:
+    print("|--:|--:|--:|--:|--:|--:|")
+    for n in counts:
+        rs = runs[n]
+        rates = [r[0] for r in rs]
         print(
-            f"| {n} | {rate:,.0f} | {rate / rows[0][1]:.2f} | {cpu:.2f} | {100 * cpu / wall:.0f}% | "
-            f"{'yes' if bound else 'no'} |"
+            f"| {n} | {spread(rates, '{:,.0f}')} | {statistics.median(rates) / first:.2f} | "
+            f"{spread([r[1] for r in rs], '{:.2f}')} | {spread([100 * r[1] / r[2] for r in rs], '{:.0f}')} % | "
+            f"{sum(r[3] for r in rs)} of {len(rs)} |"
         )
 
 
@@ -506,6 +531,12 @@ def main() -> None:
         default=400_000.0,
         help="events/s the emitter is asked for in --workers-sweep (default: %(default)g)",
     )
+    p.add_argument(
+        "--pin-emitter",
+        type=int,
+        metavar="CPU",
+        help="in --workers-sweep: run the emitter on this CPU alone and the clients on the others",
+    )
     args = p.parse_args()
     events = args.events or (25_000 if args.quick else 120_000)
     if args.workers_sweep:
@@ -514,6 +545,8 @@ def main() -> None:
             args.streams[-1],
             args.sweep_event_rate,
             args.tokens_per_request or (256 if args.quick else 1024),
+            args.repeat,
+            args.pin_emitter,
         )
         return
     osl = args.tokens_per_request or (256 if args.quick else 1024)
