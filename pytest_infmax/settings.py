@@ -433,6 +433,14 @@ class Settings:
         _positive_int,
         "N",
     )
+    ray: str | None = setting(
+        "run the load workers (--infmax-workers N of them) as Ray actors on the Ray cluster at this "
+        "address ('auto', HOST:6379 or ray://HOST:10001) instead of local processes: load past one "
+        "host; needs pytest-infmax[ray] on every host, see docs/scale-out.md",
+        None,
+        _text,
+        "ADDRESS",
+    )
     min_effect: float = setting("smallest change that counts as a regression, e.g. 5%", 0.05, _fraction, "PCT")
     gates: str | None = setting(
         "metrics the regression gate compares, e.g. 'p50(tpot), p99(ttft), throughput_per_gpu'",
@@ -467,6 +475,11 @@ class Settings:
             raise SettingError(
                 f"{self.sources['sequential']} stops a run from its records as they arrive, which "
                 f"needs one load process; {self.sources['workers']} = {v.workers} (use 1)"
+            )
+        if v.sequential and v.ray is not None:
+            raise SettingError(
+                f"{self.sources['sequential']} stops a run from its records as they arrive, which "
+                f"needs one local load process; {self.sources['ray']} = {v.ray!r} (leave it out)"
             )
         if v.sequential:
             try:
