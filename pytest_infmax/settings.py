@@ -135,6 +135,13 @@ def _text(text: str) -> str:
     return text
 
 
+def _ray_address(text: str) -> str:
+    address = text.strip()
+    if not address or any(c.isspace() for c in address):
+        raise ValueError("must be a Ray address: auto, local, HOST:6379 or ray://HOST:10001")
+    return address
+
+
 def _path(text: str) -> str:
     if not text.strip():
         raise ValueError("must be a file or directory path, not empty")
@@ -438,7 +445,7 @@ class Settings:
         "address ('auto', HOST:6379 or ray://HOST:10001) instead of local processes: load past one "
         "host; needs pytest-infmax[ray] on every host, see docs/scale-out.md",
         None,
-        _text,
+        _ray_address,
         "ADDRESS",
     )
     min_effect: float = setting("smallest change that counts as a regression, e.g. 5%", 0.05, _fraction, "PCT")

@@ -9,6 +9,7 @@ over loopback. Starting the cluster costs 10-15 s on two busy cores, so the modu
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -128,6 +129,31 @@ def test_ray_runs_independent_requests_only() -> None:
         LoadConfig(SCENARIO, concurrency=2, workload=Sessions(turns=2), ray="auto")
     with pytest.raises(LoadConfigError, match="ray must be a non-empty string"):
         LoadConfig(SCENARIO, concurrency=2, ray="")
+
+
+@pytest.mark.slow
+def test_the_plugin_setting_runs_the_workers_on_ray(
+    cluster: Any, pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytester.makepyfile(
+        test_r="""
+        from pytest_infmax import Scenario
+
+        def test_r(infmax):
+            infmax.run(Scenario("tiny", 16, 8), concurrency=4, num_requests=8, warmup=0)
+    """
+    )
+    pytester.makeini("[pytest]\ninfmax_sim_args = --decode-step-ms 1\n")
+    monkeypatch.setenv("INFMAX_RAY", cluster.address)  # the setting's env spelling; --infmax-ray is the flag
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "--infmax-workers", "2", "--infmax-json", "out.json"
+    )
+    result.assert_outcomes(passed=1)
+    (run,) = json.loads((pytester.path / "out.json").read_text())["results"]
+    assert run["client"]["workers"] == 2 and run["metrics"]["num_ok"] == 8
+    bad = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-sequential")
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR
+    bad.stderr.fnmatch_lines(["*--infmax-sequential*needs one local load process*INFMAX_RAY = *"])
 
 
 # last in the module: it takes a node out of the shared cluster
