@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -78,6 +79,12 @@ def _run(server: Server, config: LoadConfig, on_record: Any = None) -> RunRecord
     return asyncio.run(LoadGenerator(server.base_url, server.model).run(config, on_record=on_record))
 
 
+def _sim_trace(server: Server, clear: bool = False) -> dict[str, Any]:
+    url = f"{server.base_url}/sim/trace{'?clear=1' if clear else ''}"
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.loads(r.read())  # type: ignore[no-any-return]
+
+
 def _content(run: RunRecords) -> list[tuple[int, bool, int, int]]:
     return [(r.index, r.warmup, r.requested_input_tokens, r.requested_output_tokens) for r in run.records]
 
@@ -114,14 +121,23 @@ def test_closed_loop_on_ray_sends_the_single_process_requests_from_one_start(clu
 def test_open_loop_on_ray_keeps_the_single_process_schedule(cluster: Any, server: Server) -> None:
     base = dict(scenario=SCENARIO, rate=40.0, num_requests=24, warmup=0, seed=3)
     one = _run(server, LoadConfig(**base))  # type: ignore[arg-type]
+    _sim_trace(server, clear=True)
     three = _run(server, LoadConfig(**base, workers=3, ray=cluster.address))  # type: ignore[arg-type]
     assert [r.index for r in three.records] == list(range(24)) and all(r.ok for r in three.records)
     intended_one = [r.scheduled_time - one.measured_start for r in one.records]  # type: ignore[operator]
     intended_ray = [r.scheduled_time - three.measured_start for r in three.records]  # type: ignore[operator]
     assert intended_ray == pytest.approx(intended_one, abs=1e-3)  # the acceptance: within 1 ms
     assert _content(three) == _content(one)
-    # every actor sent its arrivals on time from the common start
+    # every actor sent its arrivals on time from its own reading of the common start ...
     assert all(r.send_lag is not None and r.send_lag < 0.05 for r in three.records)
+    # ... and that reading is the driver's: the server's arrival stamps (CLOCK_MONOTONIC, the
+    # clock perf_counter reads here) follow the merged send times by transit time only. An
+    # actor that started off the common instant would show as arrivals before their sends
+    # (it started late) or long after (early). Arrivals are 25 ms apart: order matches them.
+    arrivals = sorted(t["arrival_mono"] for t in _sim_trace(server)["requests"])
+    sends = sorted(r.send_time for r in three.records)
+    transit = [a - s for a, s in zip(arrivals, sends)]
+    assert len(arrivals) == 24 and min(transit) > -0.0005 and sorted(transit)[12] < 0.002, transit
 
 
 def test_ray_runs_independent_requests_only() -> None:

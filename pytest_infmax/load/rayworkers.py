@@ -190,12 +190,18 @@ async def run_on_ray(
     ray = import_ray()
     owns = not ray.is_initialized()
     if owns:
-        ray.init(
-            address=None if config.ray == "local" else config.ray,
-            logging_level="warning",
-            log_to_driver=False,
-            configure_logging=False,
-        )
+        try:
+            ray.init(
+                address=None if config.ray == "local" else config.ray,
+                logging_level="warning",
+                log_to_driver=False,
+                configure_logging=False,
+            )
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise WorkerError(
+                f"could not connect to the Ray cluster at {config.ray!r} (ray=, --infmax-ray): {exc}; "
+                "start one with `ray start --head` and give its address (docs/scale-out.md)"
+            ) from None
     n = config.workers
     actor_class = ray.remote(num_cpus=1)(ShardActor)
     actors: list[Any] = []
