@@ -32,17 +32,20 @@ ray_cluster_utils = pytest.importorskip(
 
 SCENARIO = Scenario("tiny", 32, 16)
 NODES = 3  # the head and two more, one CPU each: one actor per node
-RAY_PROCESSES = ("raylet", "gcs_server", "ray::", "default_worker", "ray/dashboard", "ray/_private")
 
 
-def _ray_processes() -> list[psutil.Process]:
+def _ray_processes(gcs_address: str) -> list[psutil.Process]:
+    """The cluster's processes: this process's children, and any that left them naming the
+    cluster's GCS (Ray 2.40's node agents outlived ``Cluster.shutdown``, reparented to init)."""
+    children = set(psutil.Process().children(recursive=True))
     found = []
-    for p in psutil.Process().children(recursive=True):
+    for p in psutil.process_iter():
         try:
             line = " ".join(p.cmdline())
         except psutil.Error:
             continue
-        if any(mark in line for mark in RAY_PROCESSES):
+        ours = p in children and ("/ray/" in line or line.startswith("ray::"))
+        if ours or f"--gcs-address={gcs_address}" in line:
             found.append(p)
     return found
 
@@ -50,7 +53,7 @@ def _ray_processes() -> list[psutil.Process]:
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Any]:
     """A local Ray cluster of NODES nodes; torn down, every process of it gone, even when a test fails."""
-    # a node's death is seen within a second (Ray's defaults take up to half a minute)
+    # a node's death is seen within a second (Ray's defaults: 3 s x 5 failed checks)
     fast_health = {"health_check_period_ms": 200, "health_check_failure_threshold": 3}
     c = ray_cluster_utils.Cluster(
         initialize_head=True,
@@ -63,7 +66,7 @@ def cluster() -> Iterator[Any]:
         yield c
     finally:
         c.shutdown()
-        _, alive = psutil.wait_procs(_ray_processes(), timeout=30)
+        _, alive = psutil.wait_procs(_ray_processes(c.address), timeout=30)
         for p in alive:
             p.kill()
         assert not alive, f"Ray processes outlived the cluster's shutdown: {[p.cmdline()[:2] for p in alive]}"
