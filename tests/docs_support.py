@@ -102,6 +102,7 @@ POLICY: tuple[Rule, ...] = (
     Rule(("python", "benchmarks/timing_truth.py"), Action.FLAGS, "takes over a minute"),
     Rule(("python", "benchmarks/soak.py"), Action.FLAGS, "takes 1 to 10 minutes"),
     Rule(("python", "benchmarks/startup.py"), Action.FLAGS, "a timing: ~1 minute of interleaved sessions"),
+    Rule(("python", "benchmarks/ray_start.py"), Action.FLAGS, "starts a three-node Ray cluster: about a minute"),
     Rule(("python", "benchmarks/whole_run.py"), Action.FLAGS, "needs InferenceX's client; takes 1 to 12 minutes"),
     Rule(
         ("python", "benchmarks/agreement.py"),

@@ -136,7 +136,7 @@ def test_open_loop_on_ray_keeps_the_single_process_schedule(cluster: Any, server
     # ... and that reading is the driver's: the server's arrival stamps (CLOCK_MONOTONIC, the
     # clock perf_counter reads here) follow the merged send times by transit time only. An
     # actor that started off the common instant would show as arrivals before their sends
-    # (it started late) or long after (early). Arrivals are 25 ms apart: order matches them.
+    # (it started early) or long after (late). Arrivals are 25 ms apart: order matches them.
     arrivals = sorted(t["arrival_mono"] for t in _sim_trace(server)["requests"])
     sends = sorted(r.send_time for r in three.records)
     transit = [a - s for a, s in zip(arrivals, sends)]
