@@ -32,7 +32,20 @@ import time
 from pathlib import Path
 
 #: modules a session without perf tests must not import (tests/test_startup.py holds this too)
-HEAVY = ("numpy", "scipy", "matplotlib", "openai", "prometheus_client", "aiohttp", "msgspec", "yaml", "uvloop")
+HEAVY = (
+    "numpy",
+    "scipy",
+    "matplotlib",
+    "openai",
+    "prometheus_client",
+    "aiohttp",
+    "msgspec",
+    "yaml",
+    "uvloop",
+    "httptools",
+    "pynvml",
+    "ray",
+)
 
 PLAIN_TESTS = """
 import pytest

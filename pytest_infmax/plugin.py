@@ -334,6 +334,7 @@ def infmax(request: pytest.FixtureRequest, infmax_server: Server, infmax_server_
         repeat=_repeat(request.node, settings),
         restart=infmax_server_pool.restart,
         workers=settings.workers,
+        ray=settings.ray,
         **_price_options(request.node, settings),
     )
 

@@ -135,6 +135,13 @@ def _text(text: str) -> str:
     return text
 
 
+def _ray_address(text: str) -> str:
+    address = text.strip()
+    if not address or any(c.isspace() for c in address):
+        raise ValueError("must be a Ray address: auto, local, HOST:6379 or ray://HOST:10001")
+    return address
+
+
 def _path(text: str) -> str:
     if not text.strip():
         raise ValueError("must be a file or directory path, not empty")
@@ -433,6 +440,14 @@ class Settings:
         _positive_int,
         "N",
     )
+    ray: str | None = setting(
+        "run the load workers (--infmax-workers N of them) as Ray actors on the Ray cluster at this "
+        "address ('auto', HOST:6379 or ray://HOST:10001) instead of local processes: load past one "
+        "host; needs pytest-infmax[ray] on every host, see docs/scale-out.md",
+        None,
+        _ray_address,
+        "ADDRESS",
+    )
     min_effect: float = setting("smallest change that counts as a regression, e.g. 5%", 0.05, _fraction, "PCT")
     gates: str | None = setting(
         "metrics the regression gate compares, e.g. 'p50(tpot), p99(ttft), throughput_per_gpu'",
@@ -467,6 +482,11 @@ class Settings:
             raise SettingError(
                 f"{self.sources['sequential']} stops a run from its records as they arrive, which "
                 f"needs one load process; {self.sources['workers']} = {v.workers} (use 1)"
+            )
+        if v.sequential and v.ray is not None:
+            raise SettingError(
+                f"{self.sources['sequential']} stops a run from its records as they arrive, which "
+                f"needs one local load process; {self.sources['ray']} = {v.ray!r} (leave it out)"
             )
         if v.sequential:
             try:

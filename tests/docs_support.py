@@ -102,6 +102,7 @@ POLICY: tuple[Rule, ...] = (
     Rule(("python", "benchmarks/timing_truth.py"), Action.FLAGS, "takes over a minute"),
     Rule(("python", "benchmarks/soak.py"), Action.FLAGS, "takes 1 to 10 minutes"),
     Rule(("python", "benchmarks/startup.py"), Action.FLAGS, "a timing: ~1 minute of interleaved sessions"),
+    Rule(("python", "benchmarks/ray_start.py"), Action.FLAGS, "starts a three-node Ray cluster: about a minute"),
     Rule(("python", "benchmarks/whole_run.py"), Action.FLAGS, "needs InferenceX's client; takes 1 to 12 minutes"),
     Rule(
         ("python", "benchmarks/agreement.py"),
@@ -538,8 +539,9 @@ def make_sybil(root: Path, patterns: Sequence[str] = DOC_PATTERNS) -> Sybil:
 
 
 # Test modules whose tests share one expensive server (a session fixture): one unit of work too,
-# so that one worker starts it once (tests/test_vllm.py: real vLLM, a minute to start).
-ONE_WORKER_MODULES = ("tests/test_vllm.py",)
+# so that one worker starts it once (tests/test_vllm.py: real vLLM, a minute to start;
+# tests/test_rayworkers.py: a three-node Ray cluster, 10-15 s).
+ONE_WORKER_MODULES = ("tests/test_vllm.py", "tests/test_rayworkers.py")
 
 # Tests that run in the vLLM module's unit of work, before or after it, never beside it. Twice
 # in CI (2026-12-06) the simulator under a stand-in whose worker had left its process group

@@ -33,6 +33,7 @@ HEAVY = (
     "uvloop",
     "httptools",
     "pynvml",
+    "ray",  # seconds: only a run with ray= (--infmax-ray) imports it
 )
 
 # Prints every module the session imported, as its last act.
@@ -140,6 +141,19 @@ def test_importing_the_package_imports_no_heavy_module() -> None:
     modules = set(out["modules"])  # type: ignore[call-overload]
     assert _heavy(modules) == []
     assert "pytest_infmax.run.runner" not in modules and "pytest_infmax.servers.launch" not in modules
+
+
+def test_the_load_path_imports_ray_only_for_a_run_that_asks_for_it() -> None:
+    out = _run_python(
+        """
+        import json, sys
+        import pytest_infmax.load.generator, pytest_infmax.load.rayworkers, pytest_infmax.run.runner
+        print(json.dumps({"modules": sorted(sys.modules)}))
+        """
+    )
+    modules = out["modules"]
+    assert "pytest_infmax.load.rayworkers" in modules  # type: ignore[operator]
+    assert [m for m in modules if m.split(".")[0] == "ray"] == []  # type: ignore[attr-defined]
 
 
 def test_every_public_name_is_the_object_its_module_defines() -> None:

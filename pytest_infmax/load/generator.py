@@ -38,6 +38,7 @@ import numpy.random  # noqa: F401  numpy loads it at first use (~25 ms): here, n
 
 from pytest_infmax.load.clientstats import ClientStats, LoopLagMonitor
 from pytest_infmax.load.plan import LoadConfig, LoadConfigError, RunRecords
+from pytest_infmax.load.rayworkers import run_on_ray
 from pytest_infmax.load.scenarios import Endpoint, PlannedRequest, TokenWindow, plan_request, request_body
 from pytest_infmax.load.streamclient import ConnectionPool, SSEDecoder, StreamError, build_request, stream_post
 from pytest_infmax.load.workers import Shard, run_sharded, share
@@ -436,14 +437,20 @@ class LoadGenerator:
         each request in flight as a ``cancelled`` record.
 
         With ``config.workers > 1`` the load is spread over worker processes
-        (``pytest_infmax.load.workers``), each running its ``shard`` of it here.
+        (``pytest_infmax.load.workers``), each running its ``shard`` of it here; with
+        ``config.ray`` over Ray actors on that cluster (``pytest_infmax.load.rayworkers``).
         """
-        if config.workers > 1 and shard is None:
+        if (config.workers > 1 or config.ray is not None) and shard is None:
             if stop is not None:
                 raise LoadConfigError(
-                    f"a run that can stop early (sequential comparison) needs workers=1; got workers={config.workers}"
+                    "a run that can stop early (sequential comparison) needs workers=1 in this process; got "
+                    f"workers={config.workers}" + (f" on Ray ({config.ray})" if config.ray is not None else "")
                 )
-            return refuse_bad_token_ids(await run_sharded(self.base_url, self.model, self._api_key, config, on_record))
+            if config.ray is not None:
+                run = await run_on_ray(type(self), self.base_url, self.model, self._api_key, config, on_record)
+            else:
+                run = await run_sharded(self.base_url, self.model, self._api_key, config, on_record)
+            return refuse_bad_token_ids(run)
         clock_origin, epoch_origin = time.perf_counter(), time.time()
         records: list[RequestRecord] = []
 

@@ -31,7 +31,7 @@ MAX_REQUESTS = 10_000_000
 class _Field:
     """One argument of a run: its kind and its bounds (None: no bound; optional: None allowed)."""
 
-    kind: str  # "int" (a whole number, not bool), "real" (int or float, not bool), "dict"
+    kind: str  # "int" (a whole number, not bool), "real" (int or float, not bool), "dict", "text"
     low: float | None = None
     high: float | None = None
     low_open: bool = False  # low itself is not allowed (> rather than >=)
@@ -45,6 +45,12 @@ class _Field:
         if self.kind == "dict":
             if not isinstance(value, dict):
                 raise LoadConfigError(f"{name} must be a mapping of request fields, got {value!r}")
+            return
+        if self.kind == "text":
+            if not isinstance(value, str) or not value.strip():
+                raise LoadConfigError(
+                    f"{name} must be a non-empty string{' or None' if self.optional else ''}, got {value!r}"
+                )
             return
         whole = self.kind == "int"
         good_type = isinstance(value, numbers.Integral) if whole else isinstance(value, numbers.Real)
@@ -86,6 +92,7 @@ FIELDS: dict[str, _Field] = {
     "extra_body": _Field("dict"),
     "client_lag_threshold": _Field("real", 0, low_open=True, unit="seconds"),
     "workers": _Field("int", 1, 1024),
+    "ray": _Field("text", optional=True),
 }
 
 
@@ -115,6 +122,10 @@ class LoadConfig:
     client_lag_threshold: float = DEFAULT_LAG_THRESHOLD
     # processes the load is spread over, each with its own event loop (pytest_infmax.load.workers)
     workers: int = 1
+    # the workers run as Ray actors on the cluster at this address ("auto", "HOST:6379",
+    # "ray://HOST:10001"; "local" starts a one-node Ray here) instead of as local processes
+    # (pytest_infmax.load.rayworkers; docs/scale-out.md)
+    ray: str | None = None
     # the token ids completions prompts are drawn from: inside the model's vocabulary (servers.vocab)
     tokens: TokenWindow = DEFAULT_TOKEN_WINDOW
     # multi-turn sessions or a trace to replay (load.workloads); None: independent requests
@@ -151,8 +162,10 @@ class LoadConfig:
         workload = self.workload
         if not isinstance(workload, (Sessions, Trace)):
             raise LoadConfigError(f"workload must be Sessions(...) or Trace.load(...), got {workload!r}")
-        if self.workers != 1:
-            raise LoadConfigError(f"{workload.describe()} runs in one load-generator process: give workers=1")
+        if self.workers != 1 or self.ray is not None:
+            raise LoadConfigError(
+                f"{workload.describe()} runs in one local load-generator process: give workers=1 and no ray="
+            )
         if isinstance(workload, Sessions):
             if (self.concurrency is None) == (self.rate is None):
                 raise LoadConfigError(

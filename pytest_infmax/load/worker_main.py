@@ -20,6 +20,7 @@ from pytest_infmax.load.workers import (
     WorkerError,
     _decode,
     _encode,
+    client_part,
     config_from_json,
 )
 
@@ -72,19 +73,12 @@ async def _worker(stdin: asyncio.StreamReader, out: Callable[[dict[str, Any]], N
     finally:
         ticking.cancel()
     flush()
-    client = run.client
-    assert client is not None
     out(
         {
             "kind": "done",
             "measured_start": run.measured_start,
             "measured_end": run.measured_end,
-            "client": {
-                "loop_lags": client.loop_lags,
-                "loop_lag_interval": client.loop_lag_interval,
-                "cpu_seconds": client.cpu_seconds,
-                "send_lag_reference": client.send_lag_reference,
-            },
+            "client": client_part(run),
         }
     )
 

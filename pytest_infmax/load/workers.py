@@ -190,8 +190,26 @@ async def run_sharded(
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(proc.wait(), 10)
 
-    records.sort(key=lambda r: r.index)
     parts = [r for r in results if r is not None]
+    return merge_shards(records, parts, config, clock_origin, epoch_origin)
+
+
+def merge_shards(
+    records: list[RequestRecord],
+    parts: list[dict[str, Any]],
+    config: Any,
+    clock_origin: float,
+    epoch_origin: float,
+) -> RunRecords:
+    """One run's ``RunRecords`` from its shards' raw records and their ``done`` messages.
+
+    Shared by worker processes (:func:`run_sharded`) and Ray actors
+    (:mod:`pytest_infmax.load.rayworkers`): every record comes back whole, so the merged
+    percentiles are exact. ``parts[k]`` holds shard k's ``measured_start`` and
+    ``measured_end`` on this process's clock, and its ``client`` figures (loop lags,
+    CPU seconds).
+    """
+    records.sort(key=lambda r: r.index)
     measured_start = min(p["measured_start"] for p in parts)
     measured_end = max(p["measured_end"] for p in parts)
     stats = [p["client"] for p in parts]
@@ -203,6 +221,18 @@ async def run_sharded(
         wall_seconds=measured_end - measured_start,
         threshold=config.client_lag_threshold,
         send_lag_reference=stats[0]["send_lag_reference"],
-        workers=n,
+        workers=len(parts),
     )
     return RunRecords(records, clock_origin, epoch_origin, measured_start, measured_end, client)
+
+
+def client_part(run: RunRecords) -> dict[str, Any]:
+    """A shard's ``client`` figures as the ``done`` message carries them (plain JSON)."""
+    client = run.client
+    assert client is not None
+    return {
+        "loop_lags": client.loop_lags,
+        "loop_lag_interval": client.loop_lag_interval,
+        "cpu_seconds": client.cpu_seconds,
+        "send_lag_reference": client.send_lag_reference,
+    }

@@ -62,6 +62,7 @@ class Infmax:
         repeat: int = 1,
         restart: Callable[[Server], Server] | None = None,
         workers: int = 1,
+        ray: str | None = None,
     ) -> None:
         self.server = server
         # --infmax-repeat: runs per run() / sweep point, the server restarted (a fresh start) between them
@@ -69,6 +70,7 @@ class Infmax:
         self._restart = restart or restart_server  # (server) -> the same server, started afresh
         self.name = name
         self.workers = workers  # load-generator processes per run (LoadConfig.workers)
+        self.ray = ray  # the Ray cluster they run on as actors (LoadConfig.ray), or None: local processes
         self.percentiles = tuple(percentiles)
         self.request_timeout = request_timeout
         self.results: list[LoadResult] = []
@@ -110,6 +112,8 @@ class Infmax:
         ``repeat`` (runs of this load, each on a fresh server start; default
         ``--infmax-repeat``): the result pools their requests and keeps each run;
         ``workers`` (load-generator processes; default ``--infmax-workers``);
+        ``ray`` (the address of a Ray cluster the workers run on as actors, past one host;
+        default ``--infmax-ray``; docs/scale-out.md);
         ``workload``: ``Sessions(turns=, think_time=, prefixes=, prefix_len=)`` (multi-turn
         conversations, with ``concurrency`` users) or ``Trace.load(path, speedup=)`` (a Mooncake
         trace replayed at its timestamps), see :mod:`pytest_infmax.load.workloads`.
@@ -274,6 +278,7 @@ class Infmax:
         name: str | None = None,
         repeat: int | None = None,
         workers: int | None = None,
+        ray: str | None = None,
         workload: Workload | None = None,
     ) -> _Plan:
         """Validate every argument before any request is sent."""
@@ -300,6 +305,7 @@ class Infmax:
             workers=(1 if workload is not None else min(self.workers, concurrency or max_concurrency or self.workers))
             if workers is None
             else workers,
+            ray=(None if workload is not None else self.ray) if ray is None else ray,
             tokens=self._token_window(),
             workload=workload,
         )
@@ -359,13 +365,13 @@ class Infmax:
             watchers.append(Progress(self._progress, plan.name, plan.config.label, total).on_record)
         seq = (
             self._sequential(plan.name, plan.config.effective_num_requests)
-            if self._sequential and sequential and plan.config.workers == 1
+            if self._sequential and sequential and plan.config.workers == 1 and plan.config.ray is None
             else None
         )
         if seq is not None:
             watchers.append(_feed_sequential(seq))
         # a dead server stops the run (one process only: a sharded run cannot stop early yet)
-        watch = ServerWatch(self.server) if plan.config.workers == 1 else None
+        watch = ServerWatch(self.server) if plan.config.workers == 1 and plan.config.ray is None else None
         if watch is not None:
             watchers.append(watch.on_record)
 
