@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -202,3 +205,52 @@ def test_a_node_lost_mid_run_stops_the_run_and_keeps_what_was_measured(cluster: 
     assert all(r.send_time >= started for r in kept)
     # far fewer than planned: the run stopped rather than ran on short of a shard
     assert len(kept) < 6003
+
+
+def _sim_stats(server: Server) -> dict[str, Any]:
+    with urllib.request.urlopen(f"{server.base_url}/sim/stats", timeout=10) as r:
+        return json.loads(r.read())  # type: ignore[no-any-return]
+
+
+# after the test above (it takes another node out of the shared cluster)
+@pytest.mark.slow
+def test_a_node_lost_under_the_plugin_fails_the_test_and_reports_what_was_measured(
+    cluster: Any, server: Server, pytester: pytest.Pytester
+) -> None:
+    """The run's records up to the loss reach --infmax-json and the table, flagged, and the
+    test fails naming the lost worker: nothing measured is lost with the node."""
+    nodes = cluster.list_all_nodes()
+    victim = next(node for node in reversed(nodes) if not node.head)
+    workers = len(nodes)  # one actor on every node (one CPU each), so the victim runs one
+    pytester.makepyfile(
+        test_lost="""
+        from pytest_infmax import Scenario
+
+        def test_lost(infmax):
+            infmax.run(Scenario("tiny", 32, 16), concurrency=3, num_requests=20000, warmup=3)
+    """
+    )
+    env = {**os.environ, "INFMAX_RAY": cluster.address}
+    before = _sim_stats(server)["requests_finished"]
+    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--infmax-endpoint", server.base_url]
+    cmd += ["--infmax-workers", str(workers), "--infmax-json", "out.json", "--infmax-markdown", "out.md"]
+    with subprocess.Popen(cmd, cwd=pytester.path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+        try:
+            deadline = time.monotonic() + 120
+            # the measured phase is under way: some requests past the warm-up have finished
+            while _sim_stats(server)["requests_finished"] < before + 20:
+                assert proc.poll() is None and time.monotonic() < deadline, "the run never got going"
+                time.sleep(0.05)
+            cluster.remove_node(victim, allow_graceful=False)
+            out, _ = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = out.decode(errors="replace")
+    assert proc.returncode == 1, text
+    assert "was lost mid-run" in text and f"on node {victim.node_id[:12]}" in text, text
+    assert "FAIL (worker lost)" in text, text
+    (run,) = json.loads((pytester.path / "out.json").read_text())["results"]
+    assert "was lost mid-run" in run["worker_lost"]
+    assert 18 <= run["metrics"]["num_ok"] and run["metrics"]["num_requests"] < 20000  # the part before the loss
+    assert "FAIL (worker lost)" in (pytester.path / "out.md").read_text()

@@ -57,12 +57,15 @@ class RayMissing(WorkerError):
 class WorkerLost(WorkerError):
     """A Ray actor (or the node it ran on) was lost mid-run.
 
-    ``records`` holds every record measured before the loss, from every actor.
+    ``records`` holds every record measured before the loss, from every actor; ``partial``
+    the same as a run (its measured phase from the common start to the loss), for the
+    runner to report, flagged, as it reports a run Ctrl-C stopped; None before the start.
     """
 
-    def __init__(self, message: str, records: list[RequestRecord]) -> None:
+    def __init__(self, message: str, records: list[RequestRecord], partial: RunRecords | None = None) -> None:
         super().__init__(message)
         self.records = records
+        self.partial = partial
 
 
 def import_ray() -> Any:
@@ -277,6 +280,7 @@ async def run_on_ray(
                 with contextlib.suppress(Exception):
                     keep(await _get(actors[k].take.remote(), LAST_WORDS_TIMEOUT))
             lost.records = sorted(records, key=lambda r: r.index)
+            lost.partial = RunRecords(lost.records, clock_origin, epoch_origin, start, time.perf_counter())
             raise
         finally:
             for f in finishing.values():

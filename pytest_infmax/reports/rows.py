@@ -16,7 +16,8 @@ exception names it, e.g. "frontier SLA">, "max_error_rate":
 ``--infmax-max-error-rate`` allows, where the test set no ``error_rate`` SLA), ``client-bound`` (the load generator fell
 behind, under ``--infmax-client-bound fail``), ``interrupted`` (Ctrl-C stopped the run),
 ``unfinished`` (the run ended but its test never did: pytest or its worker was killed; a
-result rebuilt from the journal, reports/journal.py), ``frontier SLA`` (a sweep's frontier
+result rebuilt from the journal, reports/journal.py), ``worker lost`` (a Ray load worker or
+its node was lost mid-run: the records up to then are the result), ``frontier SLA`` (a sweep's frontier
 SLA failed the test) and ``test`` (the test failed for a
 reason of its own, e.g. an assert). A load that ``infmax.capacity()`` measured
 (``"capacity_probe"``) says ``met`` or ``missed`` its SLAs instead: missing them above the
@@ -86,9 +87,13 @@ def verdict(result: Result) -> tuple[str, list[str]]:
     died = bool(result.get("server_died"))  # the server died: its failed requests are that, not more
     if died:
         reasons.append("server died")
+    lost = bool(result.get("worker_lost"))  # a load worker was lost: the run stopped there
+    if lost:
+        reasons.append("worker lost")
     if (
         not interrupted
         and not died
+        and not lost
         and excess_errors(result.get("metrics") or {}, result.get("sla") or (), outcome.get("max_error_rate"))
     ):
         reasons.append("errors")

@@ -45,6 +45,7 @@ class LoadResult:
     server_metrics: ServerMetrics | None = None  # the server's own Prometheus metrics over the run
     interrupted: bool = False  # Ctrl-C stopped the run: its records up to then, those in flight cancelled
     server_died: str | None = None  # the server died during the run, which stopped then: how (run/watch.py)
+    worker_lost: str | None = None  # a load worker (a Ray actor, its node) was lost: the run stopped then
     # a load infmax.capacity() measured: its SLA verdicts say met or missed, and fail no test
     capacity_probe: bool = False
     _figures: tuple[Any, Metrics] | None = field(default=None, init=False, repr=False, compare=False)
@@ -161,6 +162,8 @@ class LoadResult:
             out["interrupted"] = True
         if self.server_died is not None:
             out["server_died"] = self.server_died
+        if self.worker_lost is not None:
+            out["worker_lost"] = self.worker_lost
         if self.capacity_probe:
             out["capacity_probe"] = True
         if include_records:

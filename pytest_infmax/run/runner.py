@@ -19,6 +19,7 @@ from typing import Any
 from pytest_infmax.load.generator import LoadGenerator, run_coroutine
 from pytest_infmax.load.plan import LoadConfig, LoadConfigError, RunRecords
 from pytest_infmax.load.progress import Progress
+from pytest_infmax.load.rayworkers import WorkerLost
 from pytest_infmax.load.scenarios import Endpoint, Scenario, TokenWindow, get_scenario
 from pytest_infmax.load.workloads import Workload
 from pytest_infmax.measure.cost import Price, Tier, choose_price
@@ -402,6 +403,16 @@ class Infmax:
                 stop=stop if watch is not None or seq is not None else None,
                 on_interrupted=interrupted,
             )
+        except WorkerLost as lost:
+            if lost.partial is not None:  # what was measured before the loss reaches every report, flagged
+                result = self._result(plan, lost.partial, None)
+                result.worker_lost = str(lost)
+                result.energy = EnergyReport.not_measured("a load worker was lost mid-run")
+                self._ended(result)
+                self._record(result)
+            if scraper is not None:
+                await scraper.close()
+            raise
         except BaseException:
             if scraper is not None:
                 await scraper.close()
