@@ -40,14 +40,6 @@ def _table(path: str) -> int:
 
 
 def _compare(ns: argparse.Namespace) -> int:
-    if is_store_url(ns.baseline) or is_store_url(ns.current):
-        print(
-            f"infmax compare: {describe(ns.baseline if is_store_url(ns.baseline) else ns.current)} is a PostgreSQL "
-            "store; infmax compare reads files. Compare against a store with pytest --infmax-baselines URL "
-            "--infmax-compare SET",
-            file=sys.stderr,
-        )
-        return 2
     try:
         options = CompareOptions(
             gates=parse_gates(ns.metrics) if ns.metrics else CompareOptions().gates,
@@ -55,7 +47,7 @@ def _compare(ns: argparse.Namespace) -> int:
             alpha=ns.alpha,
         )
         reports, messages = compare_files(
-            ns.baseline, ns.current, options=options, force=ns.force, keys=ns.key, last=ns.last
+            ns.baseline, ns.current, options=options, force=ns.force, keys=ns.key, last=ns.last, set_name=ns.set
         )
     except BaselineError as exc:
         print(f"infmax compare: {_compare_error(exc)}", file=sys.stderr)
@@ -214,8 +206,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmp = sub.add_parser(
         "compare",
         help="compare current results with a baseline; exit 1 on a regression",
-        description="Compare CURRENT with BASELINE: each a baseline file or directory (.infmax/baselines) "
-        "or an --infmax-json results file. Exit 0: no regression; 1: a regression "
+        description="Compare CURRENT with BASELINE: each a baseline file, a set's directory "
+        "(.infmax/baselines/SET), an --infmax-json results file, or, with --set SET, a directory of sets "
+        "(.infmax/baselines) or a postgresql:// store. Exit 0: no regression; 1: a regression "
         "(or unsure, with --fail-on-unsure); 2: unreadable input or a testbed/workload mismatch.",
     )
     cmp.add_argument("baseline")
@@ -225,6 +218,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     cmp.add_argument("--alpha", type=float, default=0.01, help="false-alarm rate per comparison (default 0.01)")
     cmp.add_argument("--metrics", help="gated metrics, e.g. 'p50(tpot), p99(ttft), throughput_per_gpu'")
+    cmp.add_argument(
+        "--set", metavar="SET", help="the baseline set, where a side is a directory of sets or a postgresql:// store"
+    )
     cmp.add_argument("--key", action="append", help="compare only this result key (repeatable)")
     cmp.add_argument("--last", type=int, metavar="N", help="use only the last N current runs")
     cmp.add_argument("--force", action="store_true", help="compare even across testbeds or workloads")

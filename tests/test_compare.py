@@ -309,6 +309,11 @@ def test_cli_compare_exit_codes(tmp_path, capsys) -> None:
     # directories pair files by key
     assert cli_main(["compare", str(tmp_path / "base"), str(tmp_path / "slow"), "--brief"]) == 1
     capsys.readouterr()
+    # a directory of sets (.infmax/baselines) with --set: that set, on either side
+    assert cli_main(["compare", str(tmp_path), slow, "--set", "base"]) == 1
+    assert "REGRESSED" in capsys.readouterr().out
+    assert cli_main(["compare", str(tmp_path), slow, "--set", "nightly"]) == 2
+    assert "no baseline set 'nightly' in" in capsys.readouterr().err
 
 
 def test_cli_compare_unsure_exit_code_is_opt_in(tmp_path, capsys) -> None:

@@ -223,11 +223,13 @@ def test_unreachable_store_is_a_clear_error_without_the_password(pg: Postgres, t
     assert PASSWORD not in str(info.value)
 
 
-def test_infmax_compare_refuses_a_store_url_without_its_password(capsys: pytest.CaptureFixture[str]) -> None:
-    url = f"postgresql://ci:{PASSWORD}@db.invalid:5432/perf"
-    assert cli_main(["compare", url, "results.json"]) == 2
+def test_infmax_compare_on_an_unreachable_store_names_it_without_its_password(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    url = f"postgresql://ci:{PASSWORD}@127.0.0.1:1/perf"
+    assert cli_main(["compare", url, "results.json", "--set", "main"]) == 2
     err = capsys.readouterr().err
-    assert "postgresql://***@db.invalid:5432/perf is a PostgreSQL store" in err and PASSWORD not in err
+    assert "postgresql://***@127.0.0.1:1/perf" in err and "cannot connect" in err and PASSWORD not in err
 
 
 def test_missing_driver_names_the_extra(pg: Postgres) -> None:
@@ -278,6 +280,22 @@ def test_save_then_compare_through_the_store(pg: Postgres, pytester: pytest.Pyte
     assert not (pytester.path / ".infmax" / "baselines").exists()  # nothing went to the JSON directory
     for result in (missing, saved, compared):
         assert PASSWORD not in "\n".join(result.outlines + result.errlines)
+    # infmax compare reads the store too: a results file against the set kept there
+    current = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-json", "out.json")
+    current.assert_outcomes(passed=1)
+    cli = [sys.executable, "-m", "pytest_infmax.cli", "compare", pg.url, "out.json"]
+    unnamed = subprocess.run(cli, cwd=pytester.path, capture_output=True, text=True, timeout=120)
+    assert unnamed.returncode == 2 and "name the set to compare with (infmax compare --set SET; sets there: main)" in (
+        unnamed.stderr
+    ), unnamed.stderr
+    other = subprocess.run([*cli, "--set", "nightly"], cwd=pytester.path, capture_output=True, text=True, timeout=120)
+    assert other.returncode == 2 and "no baseline set 'nightly' in postgresql://***@" in other.stderr
+    assert "(sets there: main)" in other.stderr
+    ok = subprocess.run([*cli, "--set", "main"], cwd=pytester.path, capture_output=True, text=True, timeout=120)
+    assert ok.returncode in (0, 1), ok.stderr  # compared: same, improved, unsure or regressed
+    assert "test_perf.py::test_one" in ok.stdout and "p50(tpot)" in ok.stdout, ok.stdout
+    for proc in (unnamed, other, ok):
+        assert PASSWORD not in proc.stdout + proc.stderr
 
 
 @pytest.mark.slow

@@ -69,9 +69,9 @@ from pytest_infmax.baselines.store import (
     BaselineSet,
     Difference,
     differences,
-    load_runs,
     unknown_fields,
 )
+from pytest_infmax.baselines.stores import describe, load_side
 from pytest_infmax.lazy import lazy_module
 from pytest_infmax.measure.registry import METRICS, SCALAR_METRICS, parse_stat, stat_quantile
 
@@ -437,8 +437,11 @@ def compare_files(
     force: bool = False,
     keys: Sequence[str] | None = None,
     last: int | None = None,
+    set_name: str | None = None,
 ) -> tuple[list[ComparisonReport], list[str]]:
-    """``infmax compare``: baseline file/directory or results file against another.
+    """``infmax compare``: baseline file/directory or results file against another; a side that
+    is a directory of sets or a ``postgresql://`` store gives the set ``set_name``
+    (:func:`~pytest_infmax.baselines.stores.load_side`).
 
     Every run of the current side is a current run (repeats), or its last ``last``
     runs. Returns the reports of keys on both sides and messages about the rest;
@@ -446,14 +449,16 @@ def compare_files(
     :class:`~pytest_infmax.baselines.store.BaselineMismatch` for a testbed or workload
     difference (unless ``force``).
     """
-    base = load_runs(baseline_path)
-    cur = load_runs(current_path)
+    base = load_side(baseline_path, set_name)
+    cur = load_side(current_path, set_name)
     wanted = list(keys) if keys else sorted(set(base) | set(cur))
     reports, messages = [], []
     for key in wanted:
         if key not in base or key not in cur:
             side = "baseline" if key not in base else "current"
-            messages.append(f"{key}: not in the {side} ({baseline_path if side == 'baseline' else current_path})")
+            messages.append(
+                f"{key}: not in the {side} ({describe(baseline_path if side == 'baseline' else current_path)})"
+            )
             continue
         testbed, runs = base[key]
         cur_testbed, cur_runs = cur[key]
@@ -462,7 +467,7 @@ def compare_files(
         baseline = Baseline(key, testbed, runs)
         reports.append(compare_baseline(baseline, cur_runs, testbed=cur_testbed, options=options, force=force))
     if not reports and not messages:
-        raise BaselineError(f"nothing to compare: no results in {baseline_path} or {current_path}")
+        raise BaselineError(f"nothing to compare: no results in {describe(baseline_path)} or {describe(current_path)}")
     return reports, messages
 
 

@@ -14,9 +14,17 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pytest_infmax.baselines.pgstore import PostgresStore, is_store_url, safe_url, set_names
-from pytest_infmax.baselines.store import DEFAULT_HISTORY, BaselineError, BaselineSet, BaselineStore
+from pytest_infmax.baselines.store import (
+    DEFAULT_HISTORY,
+    BaselineError,
+    BaselineRun,
+    BaselineSet,
+    BaselineStore,
+    load_runs,
+)
 
 Location = str | os.PathLike[str]
 
@@ -41,6 +49,31 @@ def list_sets(location: Location) -> list[str]:
         return set_names(str(location))
     directory = Path(location)
     return sorted(p.name for p in directory.iterdir() if p.is_dir()) if directory.is_dir() else []
+
+
+def load_side(location: Location, set_name: str | None = None) -> dict[str, tuple[dict[str, Any], list[BaselineRun]]]:
+    """Result key -> (testbed, runs) of one side of ``infmax compare``: a baseline file, a set's
+    directory, an ``--infmax-json`` results file, or, with ``set_name``, that set of a
+    directory of sets or of a ``postgresql://`` store."""
+    if is_store_url(location):
+        if not set_name:
+            raise BaselineError(
+                f"{describe(location)} is a PostgreSQL store of baseline sets: name the set to compare with "
+                f"(infmax compare --set SET; sets there: {', '.join(set_names(str(location))) or 'none'})"
+            )
+        if set_name not in set_names(str(location)):
+            sets = set_names(str(location))
+            raise BaselineError(
+                f"no baseline set {set_name!r} in {describe(location)} (sets there: {', '.join(sets) or 'none'})"
+            )
+        return {b.key: (b.testbed, b.runs) for b in open_set(location, set_name)}
+    path = Path(location)
+    if set_name and path.is_dir():
+        if not (path / set_name).is_dir():
+            sets = list_sets(path)
+            raise BaselineError(f"no baseline set {set_name!r} in {path} (sets there: {', '.join(sets) or 'none'})")
+        path = path / set_name
+    return load_runs(path)
 
 
 def describe(location: Location) -> str:
