@@ -181,6 +181,7 @@ class EngineRequest:
         "block_hashes",
         "cache_refs",
         "cached_tokens",
+        "sink",
     )
 
     def __init__(
@@ -208,6 +209,10 @@ class EngineRequest:
         self.block_hashes = block_hashes  # prefix caching: the chained hash of each full prompt block
         self.cache_refs: list[int] = []  # cached blocks this request uses (hits, then the ones it added)
         self.cached_tokens = 0  # prompt tokens found in the prefix cache at admission
+        # The real-time engine calls this, when set, with each delivery instead of queueing it:
+        # the consumer handles it synchronously inside the step (no task wake-up per delivery).
+        # It must not raise, and must not call back into the engine.
+        self.sink: Callable[[TokenDelivery], None] | None = None
 
     @property
     def done(self) -> bool:
@@ -558,7 +563,8 @@ class Engine:
     # -- request API ---------------------------------------------------------------
 
     def submit(self, prompt_tokens: int, max_tokens: int, block_hashes: tuple[int, ...] = ()) -> EngineRequest:
-        """Queue a request; its tokens arrive on ``request.deliveries``. ``block_hashes``: its
+        """Queue a request; its tokens arrive on ``request.deliveries`` (or go to ``request.sink``
+        once the consumer sets one). ``block_hashes``: its
         prompt's full blocks (:func:`pytest_infmax.sim.prefixcache.block_hashes`), for prefix caching.
 
         Raises :class:`RequestTooLarge` when prompt + max_tokens can never fit in
@@ -654,7 +660,11 @@ class Engine:
 
     @staticmethod
     def _put_delivery(request: EngineRequest, delivery: TokenDelivery) -> None:
-        request.deliveries.put_nowait(delivery)
+        sink = request.sink
+        if sink is not None:
+            sink(delivery)
+        else:
+            request.deliveries.put_nowait(delivery)
 
 
 def _percentile(sorted_values: Sequence[float], q: float) -> float:
