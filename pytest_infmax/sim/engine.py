@@ -68,6 +68,35 @@ LATENESS_WINDOW = 8192  # sorting this many floats per /sim/stats call takes wel
 _TIMER_LEAD_S = 0.0005
 
 
+class LatenessWindow:
+    """How late things happened against their schedule, in seconds: p50 and p99 over the last
+    LATENESS_WINDOW values, the count and the max over all of them. The engine keeps one for
+    its steps; the HTTP front end one for its writes (``/sim/stats``)."""
+
+    __slots__ = ("_values", "count", "max")
+
+    def __init__(self) -> None:
+        self._values: collections.deque[float] = collections.deque(maxlen=LATENESS_WINDOW)
+        self.count = 0
+        self.max = 0.0
+
+    def add(self, seconds: float) -> None:
+        self._values.append(seconds)
+        self.count += 1
+        if seconds > self.max:
+            self.max = seconds
+
+    def summary_ms(self) -> dict[str, float]:
+        """count, p50, p99 (over the last LATENESS_WINDOW values) and max, in ms."""
+        values = sorted(self._values)
+        return {
+            "count": self.count,
+            "p50": _percentile(values, 50) * 1e3,
+            "p99": _percentile(values, 99) * 1e3,
+            "max": self.max * 1e3,
+        }
+
+
 class StepCostModel(Protocol):
     """How long one engine step takes; the only thing a new cost model must provide."""
 
@@ -520,9 +549,7 @@ class Engine:
         self._previous_deadline: float | None = None
         self._stopped = False
         self._next_request_id = 0
-        self._lateness: collections.deque[float] = collections.deque(maxlen=LATENESS_WINDOW)
-        self._lateness_max = 0.0
-        self._steps = 0
+        self._lateness = LatenessWindow()
         self._busy_s = 0.0
 
     @property
@@ -600,13 +627,7 @@ class Engine:
 
     def lateness_ms(self) -> dict[str, float]:
         """count, p50, p99 (over the last LATENESS_WINDOW steps) and max, in ms."""
-        values = sorted(self._lateness)
-        return {
-            "count": self._steps,
-            "p50": _percentile(values, 50) * 1e3,
-            "p99": _percentile(values, 99) * 1e3,
-            "max": self._lateness_max * 1e3,
-        }
+        return self._lateness.summary_ms()
 
     # -- step loop -----------------------------------------------------------------
 
@@ -650,10 +671,7 @@ class Engine:
             time.sleep(min(early, _TIMER_LEAD_S))
         now = loop.time()
         lateness = now - deadline
-        self._lateness.append(lateness)
-        self._steps += 1
-        if lateness > self._lateness_max:
-            self._lateness_max = lateness
+        self._lateness.add(lateness)
         self._scheduler.complete(plan, now)
         self._previous_deadline = deadline
         self._begin_step()

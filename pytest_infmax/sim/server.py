@@ -50,6 +50,7 @@ from pytest_infmax.sim.engine import (
     EngineRequest,
     EngineStats,
     EngineStopped,
+    LatenessWindow,
     LinearCostModel,
     RequestTooLarge,
     StepCostModel,
@@ -555,6 +556,9 @@ class Observability:
         self.generation_requests = 0
         # streams written by each writer (--sse-writer; a faulted stream always takes "aiohttp")
         self.sse_streams = {"fast": 0, "aiohttp": 0}
+        # content events of unfaulted streams: their write stamp minus the end of the engine step
+        # that produced them (the engine's own lateness is its steps'; this is the wire's)
+        self.write_lateness = LatenessWindow()
 
     def on_generation_request(self) -> None:
         """Count a generation request; past ``--crash-after``, exit like a crashed
@@ -740,15 +744,23 @@ class _SseWriter:
         self.tokens_written = 0
         self.stalled = False
 
-    async def send(self, events: list[tuple[bytes, int]], on_last: Callable[[], None] | None = None) -> None:
+    async def send(
+        self,
+        events: list[tuple[bytes, int]],
+        on_last: Callable[[], None] | None = None,
+        emit_times: Sequence[float] = (),
+    ) -> None:
         """Write ``(bytes, content tokens)`` events. ``on_last`` runs just before
         the write of the last byte (to commit the trace before the client can
-        have seen the end of the stream)."""
+        have seen the end of the stream); ``emit_times``: when the engine produced
+        each content event's tokens (for the write lateness)."""
         if not self.fault.rewrites_stream:
             now = time.monotonic()
             for _, tokens in events:
                 if tokens:
                     self._record(now, tokens)
+            for emitted in emit_times:
+                self.obs.write_lateness.add(now - emitted)
             if on_last is not None:
                 on_last()
             await self.response.write(b"".join(data for data, _ in events))
@@ -938,7 +950,7 @@ class _FastSseStream:
         the trace just before the write; the last one commits the trace first."""
         params, shape = self._params, self._shape
         events: list[bytes] = []
-        counts: list[int] = []
+        written: list[TokenDelivery] = []  # the content events' deliveries
         if self.first:
             self.first = False
             preamble = shape.preamble_choice()
@@ -961,13 +973,13 @@ class _FastSseStream:
                     events.append(b"".join((self._head, text_json, self._middle, usage_json, self._tail)))
                 else:
                     events.append(b"".join((self._head, text_json, self._middle)))
-                counts.append(count)
+                written.append(delivery)
                 continue
             text = self._output.take(count)
             usage = _usage(params.prompt_tokens, self.completion_tokens) if params.continuous_usage else None
             choice = shape.content_choice(text, delivery.finish_reason)
             events.append(_sse(shape.chunk(choice, usage, params.include_usage)))
-            counts.append(count)
+            written.append(delivery)
             if params.include_usage:
                 final_usage = _usage(params.prompt_tokens, self.completion_tokens)
                 events.append(_sse(shape.chunk(None, final_usage, True)))
@@ -976,8 +988,10 @@ class _FastSseStream:
             break
         data = b"".join(events)
         now = time.monotonic()
-        for count in counts:
-            self._obs.record_chunk(self._trace, now, count)
+        obs = self._obs
+        for delivery in written:
+            obs.record_chunk(self._trace, now, delivery.token_count)
+            obs.write_lateness.add(now - delivery.emit_time)
         if end is not None:
             self._obs.finish(self._trace, end[0], self._engine_request, end[1])
         self._transport.write(b"%x\r\n%b\r\n" % (len(data), data))
@@ -1104,6 +1118,7 @@ async def _stream_response(
                     events.append((encode(shape.chunk(preamble, usage, with_usage)), 0))
                 first_write = False
             finish_reason: str | None = None
+            emit_times: list[float] = []
             for delivery in await _next_deliveries(engine_request):
                 if delivery.finish_reason == FINISH_ABORT:
                     obs.finish(trace, ABORTED, engine_request)
@@ -1118,6 +1133,7 @@ async def _stream_response(
                 if COMMENT in malformed:
                     events.append((_SSE_COMMENT, 0))
                 events.append((encode(shape.chunk(choice, usage, with_usage)), delivery.token_count))
+                emit_times.append(delivery.emit_time)
                 if invalid_json_pending:
                     events.append((_truncated_json(shape), 0))
                     invalid_json_pending = False
@@ -1131,10 +1147,10 @@ async def _stream_response(
                 if NO_DONE not in malformed:
                     events.append((_SSE_DONE, 0))
                 await writer.send(
-                    events, on_last=functools.partial(obs.finish, trace, OK, engine_request, finish_reason)
+                    events, functools.partial(obs.finish, trace, OK, engine_request, finish_reason), emit_times
                 )
                 break
-            await writer.send(events)
+            await writer.send(events, emit_times=emit_times)
         await response.write_eof()
     except _ConnectionResetInjected:
         pass  # the transport is gone; aiohttp's own clean-up handles the rest
@@ -1431,6 +1447,7 @@ async def handle_stats(request: web.Request) -> web.Response:
     body["hardware"] = deployment.hardware.name if deployment is not None else None
     body["power_modelled"] = deployment is not None and deployment.hardware.tdp_w is not None
     body["sse_streams"] = dict(request.app[OBS_KEY].sse_streams)  # streams per writer (--sse-writer)
+    body["write_lateness_ms"] = request.app[OBS_KEY].write_lateness.summary_ms()
     noise = noise_of(request.app[CONFIG_KEY].cost_model)
     if noise is not None:  # this start's drawn factors (--start-jitter and friends)
         body["noise"] = noise.describe()
