@@ -550,6 +550,12 @@ class Engine:
         self._stopped = False
         self._next_request_id = 0
         self._lateness = LatenessWindow()
+        # The consumer's backlog: when set and true at a step's end, the step's tokens are held
+        # (the step is not complete) until the consumer calls output_drained(). A front end that
+        # writes slower than the engine steps slows the engine down instead of falling behind
+        # it without bound; the wait shows as the step's lateness.
+        self.backlog: Callable[[], bool] | None = None
+        self._held: tuple[StepPlan, float] | None = None
         self._busy_s = 0.0
 
     @property
@@ -581,6 +587,7 @@ class Engine:
         """Stop stepping and end every open request with an ``abort`` delivery, so
         the HTTP handlers waiting on them return promptly during shutdown."""
         self._stopped = True
+        self._held = None
         for handle in (self._timer, self._kick):
             if handle is not None:
                 handle.cancel()
@@ -634,7 +641,13 @@ class Engine:
     def _wake(self) -> None:
         """Plan a step soon if the engine is idle (never synchronously: a request
         submitted now is admitted at the next step, as in a real engine)."""
-        if self._loop is not None and not self._stopped and self._timer is None and self._kick is None:
+        if (
+            self._loop is not None
+            and not self._stopped
+            and self._timer is None
+            and self._kick is None
+            and self._held is None
+        ):
             self._kick = self._loop.call_soon(self._begin_step)
 
     def _begin_step(self) -> None:
@@ -664,6 +677,20 @@ class Engine:
     def _end_step(self, plan: StepPlan, deadline: float, duration: float = 0.0) -> None:
         self._timer = None
         self._busy_s += duration  # modelled GPU time, for /sim/power
+        backlog = self.backlog
+        if backlog is not None and backlog():
+            self._held = (plan, deadline)  # output_drained() completes it
+            return
+        self._complete_step(plan, deadline)
+
+    def output_drained(self) -> None:
+        """The consumer wrote what it had: a step held for it (see ``backlog``) completes now."""
+        held = self._held
+        if held is not None and not self._stopped:
+            self._held = None
+            self._complete_step(*held)
+
+    def _complete_step(self, plan: StepPlan, deadline: float) -> None:
         loop = self._loop
         assert loop is not None
         early = deadline - loop.time()

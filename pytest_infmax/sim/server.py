@@ -830,12 +830,17 @@ class _Outbox:
     """The fast streams' deliveries in the order the engine handed them out, written in
     slices (one ``call_soon`` each) so that the loop polls its sockets between two."""
 
-    __slots__ = ("_loop", "_queue", "_scheduled")
+    __slots__ = ("_loop", "_queue", "_scheduled", "_on_drained")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_drained: Callable[[], None]) -> None:
         self._loop = loop
         self._queue: collections.deque[tuple[_FastSseStream, TokenDelivery]] = collections.deque()
         self._scheduled = False
+        self._on_drained = on_drained  # the engine's output_drained: a step held for us goes on
+
+    def backlog(self) -> bool:
+        """Events of an earlier step are still unwritten (the engine holds its next step)."""
+        return bool(self._queue)
 
     def put(self, stream: _FastSseStream, delivery: TokenDelivery) -> None:
         self._queue.append((stream, delivery))
@@ -855,6 +860,7 @@ class _Outbox:
             self._loop.call_soon(self._flush)
         else:
             self._scheduled = False
+            self._on_drained()
 
 
 def _json_text(text: str) -> bytes:
@@ -1555,7 +1561,10 @@ def build_app(config: SimConfig) -> web.Application:
         app[STARTED_AT_KEY] = time.monotonic()
         app[READY_AT_KEY] = asyncio.get_running_loop().time() + config.startup_delay_s
         app[OBS_KEY].traces.open_file()
-        app[OUTBOX_KEY] = _Outbox(asyncio.get_running_loop())
+        outbox = _Outbox(asyncio.get_running_loop(), engine.output_drained)
+        if config.sse_writer == "fast":
+            engine.backlog = outbox.backlog  # the engine waits for a writer that falls behind
+        app[OUTBOX_KEY] = outbox
 
     async def stop_engine(app: web.Application) -> None:
         if ENGINE_KEY in app:
