@@ -28,6 +28,7 @@ from pytest_infmax.load.generator import LoadGenerator
 from pytest_infmax.load.plan import LoadConfig
 from pytest_infmax.load.scenarios import Scenario
 from pytest_infmax.servers.launch import ServerConfig, running_server
+from pytest_infmax.sim.engine import FINISH_LENGTH, Engine, EngineConfig, LinearCostModel
 
 WRITERS = ("fast", "aiohttp")
 _ID = re.compile(rb'"id":"(chatcmpl|cmpl)-[0-9a-f]{32}"')
@@ -232,3 +233,30 @@ def _get(url: str) -> str:
 
     with urllib.request.urlopen(url, timeout=10) as response:
         return str(response.read().decode())
+
+
+@pytest.mark.asyncio
+async def test_the_engine_holds_a_step_while_its_writer_has_a_backlog() -> None:
+    """The fast writer falling behind slows the engine down (the wait is the step's lateness)
+    instead of letting the unwritten events pile up."""
+    engine = Engine(EngineConfig(), LinearCostModel(decode_step_ms=1.0, decode_ms_per_seq=0.0))
+    behind = True
+    engine.backlog = lambda: behind
+    engine.start()
+    try:
+        request = engine.submit(prompt_tokens=4, max_tokens=3)
+        deadline = time.monotonic() + 5
+        while engine.busy_seconds == 0:  # the first step's time has passed
+            assert time.monotonic() < deadline, "the engine never ran a step"
+            await asyncio.sleep(0.001)
+        assert request.deliveries.empty() and engine.stats().lateness_ms["count"] == 0
+        submitted_meanwhile = engine.submit(prompt_tokens=4, max_tokens=1)  # must not start a step of its own
+        assert not engine.step_running
+        behind = False
+        engine.output_drained()  # the writer caught up: the held step completes at once
+        assert request.deliveries.get_nowait().token_count == 1
+        assert engine.stats().lateness_ms["count"] == 1
+        deliveries = [await asyncio.wait_for(submitted_meanwhile.deliveries.get(), 5)]
+        assert deliveries[0].finish_reason == FINISH_LENGTH
+    finally:
+        await engine.stop()
