@@ -945,7 +945,17 @@ class _FastSseStream:
             self._wake()
             return
         try:
-            self.write((delivery,))
+            if self.first or delivery.finish_reason is not None or self._params.continuous_usage:
+                self.write((delivery,))
+                return
+            # the common event, inline: the template around its text, stamped, written
+            self.completion_tokens += delivery.token_count
+            data = self._head + self._output.take_json(delivery.token_count) + self._middle
+            now = time.monotonic()
+            obs = self._obs
+            obs.record_chunk(self._trace, now, delivery.token_count)
+            obs.write_lateness.add(now - delivery.emit_time)
+            self._transport.write(b"%x\r\n%b\r\n" % (len(data), data))
         except Exception as exc:  # never into the engine's step: the handler raises it
             self.error = exc
             self.finished = True
@@ -1046,7 +1056,7 @@ async def _fast_stream(
     queue = engine_request.deliveries
     while not queue.empty():  # delivered before the sink was set (prepare may have yielded)
         stream.pending.append(queue.get_nowait())
-    engine_request.sink = stream.post
+    engine_request.sink = functools.partial(stream._outbox.put, stream)  # what post() does, one call less
     transport = stream._transport
     try:
         while True:
