@@ -1,20 +1,42 @@
-"""Does the simulator's real-time engine keep its schedule under load?
+"""Does the simulator keep its own schedule under load? Its two stream writers side by side.
 
-Starts the simulator (``python -m pytest_infmax.sim`` with the flags after ``--``),
-keeps ``--concurrency`` streaming completions in flight until ``--requests`` have
-finished, then prints the engine's own step lateness (``GET /sim/stats`` ->
-``lateness_ms``: actual emit time - scheduled deadline, per step), the client-side
-median TPOT and the CPU the simulator process used.
+For each stream count (``--concurrency``, several allowed) and each stream writer
+(``--sim-wire``: the simulator's ``--sse-writer``, ``fast`` or ``aiohttp``), starts the
+simulator (``python -m pytest_infmax.sim`` with the flags after ``--``), keeps that many
+streaming completions in flight with the project's own load generator until
+``--requests-per-stream`` x streams have finished after a warm-up round that opens the
+connections (the engine's figures include both), and reports:
 
-    .venv/bin/python benchmarks/lateness.py --concurrency 256 -- --profile b200/gpt-oss-120b
+* the engine's step lateness (``GET /sim/stats`` -> ``lateness_ms``: when a step's tokens
+  were handed out minus its deadline), p50 / p99 / max;
+* write lateness (``write_lateness_ms``): each content event's write stamp minus the end
+  of the step that produced its tokens, p50 / p99 / max: the schedule as the wire sees it;
+* TTFT error against the simulator's own trace, per request: the client's TTFT (first
+  content event received - request sent) minus the trace's (first content write -
+  arrival, the request's first bytes in ``data_received``). The client stamps on
+  ``time.perf_counter()``, the trace on ``time.monotonic()``: on Linux both are
+  CLOCK_MONOTONIC. It holds the server's read lag (bytes waiting in its socket while its
+  loop writes everyone else's events) and the client's own delay;
+* send to arrival: the request's trip from the client's send stamp to the simulator's
+  ``data_received`` (its read lag, mostly);
+* chunk error: every content event, client stamp - the trace's write stamp;
+* the simulator's CPU seconds over the run, and per content (SSE) event written, split
+  into user and kernel time (the kernel's part is mostly the loopback TCP send of each
+  event): the machine-independent cost of its front end.
 
-Only aiohttp is needed (no numpy), so it runs wherever the simulator runs.
+``--runs`` rounds are interleaved (every writer at every stream count in each round, the
+writer order alternating) and the table gives the median of the rounds with their spread
+[min-max], next to the load average. The client shares the machine: on 2 cores at 1,000
+streams it is itself a bottleneck (its CPU is printed), so the CPU per event is the figure
+to compare across machines.
+
+    .venv/bin/python benchmarks/lateness.py --concurrency 256 1000 --runs 3 -- --profile b200/gpt-oss-120b
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import hashlib
 import json
 import os
 import statistics
@@ -24,76 +46,56 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-
-import aiohttp
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pytest_infmax.load.generator import LoadGenerator, encode_body, run_coroutine  # noqa: E402
+from pytest_infmax.load.plan import LoadConfig  # noqa: E402
+from pytest_infmax.load.scenarios import Scenario, plan_request  # noqa: E402
+from pytest_infmax.sim import SSE_WRITERS  # noqa: E402
+
+MODEL = "sim-model"
 
 
-def _cpu_seconds(pid: int) -> float:
+def _cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
-async def _stream(session: aiohttp.ClientSession, url: str, isl: int, osl: int) -> float | None:
-    """One streamed completion; its TPOT in seconds: (last - first event) / (tokens - 1),
-    tokens counted as words (the simulator emits one word per token)."""
-    body = {"prompt": [7] * isl, "max_tokens": osl, "stream": True, "ignore_eos": True}
-    first = last = 0.0
-    tokens = 0
-    async with session.post(f"{url}/v1/completions", json=body) as response:
-        response.raise_for_status()
-        async for line in response.content:
-            if line.startswith(b"data: {"):
-                choices = json.loads(line[6:]).get("choices") or [{}]
-                words = len((choices[0].get("text") or "").split())
-                if words:
-                    last = time.perf_counter()
-                    first = first or last
-                    tokens += words
-    if tokens < 2:
-        return None
-    return (last - first) / (tokens - 1)
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    position = (len(ordered) - 1) * q / 100.0
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-async def _drive(url: str, concurrency: int, requests: int, isl: int, osl: int) -> list[float]:
-    remaining = requests
-    tpots: list[float] = []
-
-    async def worker(session: aiohttp.ClientSession) -> None:
-        nonlocal remaining
-        while remaining > 0:
-            remaining -= 1
-            tpot = await _stream(session, url, isl, osl)
-            if tpot is not None:
-                tpots.append(tpot)
-
-    connector = aiohttp.TCPConnector(limit=0)
-    timeout = aiohttp.ClientTimeout(total=600)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
-    return tpots
+def _get(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=60) as response:
+        return json.load(response)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    sim_args: list[str] = []
-    if "--" in argv:
-        split = argv.index("--")
-        argv, sim_args = argv[:split], argv[split + 1 :]
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--concurrency", type=int, default=256)
-    parser.add_argument("--requests", type=int, help="default: 2 x concurrency")
-    parser.add_argument("--isl", type=int, default=128)
-    parser.add_argument("--osl", type=int, default=256)
-    parser.add_argument("--json", type=Path, help="also write the numbers here")
-    args = parser.parse_args(argv)
-    requests = args.requests or 2 * args.concurrency
-
+def measure(streams: int, writer: str, args: argparse.Namespace, sim_args: list[str]) -> dict[str, Any]:
+    """One simulator start, one run; its numbers."""
+    requests = args.requests_per_stream * streams
+    scenario = Scenario("lateness", args.isl, args.osl, range_ratio=1.0)
+    # a warm-up round opens the connections (their TCP handshakes are not the front end's lag)
+    config = LoadConfig(scenario, concurrency=streams, num_requests=requests, warmup=streams, request_timeout=600)
+    extra = [] if "--max-num-seqs" in sim_args else ["--max-num-seqs", str(max(256, streams))]
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as workdir:
         port_file = Path(workdir) / "port"
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-        command = [sys.executable, "-m", "pytest_infmax.sim", "--port", "0", "--port-file", str(port_file), *sim_args]
+        command = [
+            sys.executable, "-m", "pytest_infmax.sim", "--port", "0", "--port-file", str(port_file),
+            "--model", MODEL, "--sse-writer", writer, "--trace-capacity", str(requests + 16), *extra, *sim_args,
+        ]  # fmt: skip
         server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             deadline = time.monotonic() + 30
@@ -104,32 +106,159 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 time.sleep(0.02)
             url = f"http://127.0.0.1:{int(port_file.read_text())}"
+            if args.pin:  # the simulator on the first CPU, the client on the others: never one core
+                os.sched_setaffinity(server.pid, {0})
+                os.sched_setaffinity(0, set(range(1, os.cpu_count() or 2)))
             cpu_before, started, client_before = _cpu_seconds(server.pid), time.monotonic(), time.process_time()
-            tpots = asyncio.run(_drive(url, args.concurrency, requests, args.isl, args.osl))
+            run = run_coroutine(LoadGenerator(url, MODEL).run(config))
             wall = time.monotonic() - started
-            server_cpu = (_cpu_seconds(server.pid) - cpu_before) / wall
-            client_cpu = (time.process_time() - client_before) / wall
-            with urllib.request.urlopen(f"{url}/sim/stats", timeout=10) as response:
-                stats = json.load(response)
+            cpu_after = _cpu_seconds(server.pid)
+            server_user, server_sys = cpu_after[0] - cpu_before[0], cpu_after[1] - cpu_before[1]
+            server_cpu = server_user + server_sys
+            client_cpu = time.process_time() - client_before
+            stats = _get(f"{url}/sim/stats")
+            trace = {t["body_sha256"]: t for t in _get(f"{url}/sim/trace")["requests"]}
         finally:
             server.terminate()
-            server.wait(timeout=10)
-    result = {
-        "concurrency": args.concurrency,
-        "requests": requests,
-        "isl": args.isl,
-        "osl": args.osl,
-        "sim_args": sim_args,
-        "cpus": os.cpu_count(),
-        "wall_s": round(wall, 2),
-        "server_cpu": round(server_cpu, 3),
-        "client_cpu": round(client_cpu, 3),
-        "tpot_p50_ms": round(statistics.median(tpots) * 1e3, 3) if tpots else None,
-        "lateness_ms": {k: round(v, 3) for k, v in stats["lateness_ms"].items()},
+            server.wait(timeout=30)
+            if args.pin:
+                os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+    ttft_error: list[float] = []
+    trip: list[float] = []
+    chunk_error: list[float] = []
+    events = 0
+    for truth in trace.values():
+        events += len(truth["chunk_mono"])
+    for rec in run.records:
+        if not rec.ok or rec.warmup:
+            continue
+        body = encode_body(plan_request(scenario, rec.index, config.seed), MODEL, config)
+        truth = trace.get(hashlib.sha256(body).hexdigest())
+        if truth is None or len(truth["chunk_mono"]) != len(rec.chunk_times):
+            continue
+        server_chunks = truth["chunk_mono"]
+        ttft_error.append((rec.chunk_times[0] - rec.send_time) - (server_chunks[0] - truth["arrival_mono"]))
+        trip.append(truth["arrival_mono"] - rec.send_time)
+        chunk_error += [c - s for c, s in zip(rec.chunk_times, server_chunks)]
+    lateness, writes = stats["lateness_ms"], stats["write_lateness_ms"]
+    return {
+        "streams": streams,
+        "writer": writer,
+        "requests": len(run.records),
+        "errors": sum(1 for r in run.records if not r.ok),
+        "matched": len(ttft_error),
+        "wall_s": wall,
+        "load_avg": (load_before + os.getloadavg()[0]) / 2,
+        "lateness_p50_ms": lateness["p50"],
+        "lateness_p99_ms": lateness["p99"],
+        "lateness_max_ms": lateness["max"],
+        "write_lateness_p50_ms": writes["p50"],
+        "write_lateness_p99_ms": writes["p99"],
+        "write_lateness_max_ms": writes["max"],
+        "ttft_error_p50_ms": _pct(ttft_error, 50) * 1e3,
+        "ttft_error_p99_ms": _pct(ttft_error, 99) * 1e3,
+        "trip_p50_ms": _pct(trip, 50) * 1e3,
+        "trip_p99_ms": _pct(trip, 99) * 1e3,
+        "chunk_error_p50_ms": _pct(chunk_error, 50) * 1e3,
+        "chunk_error_p99_ms": _pct(chunk_error, 99) * 1e3,
+        "sim_cpu_s": server_cpu,
+        "client_cpu_s": client_cpu,
+        "events": events,
+        "sim_cpu_us_per_event": server_cpu / events * 1e6 if events else float("nan"),
+        "sim_user_us_per_event": server_user / events * 1e6 if events else float("nan"),
+        "sim_sys_us_per_event": server_sys / events * 1e6 if events else float("nan"),
     }
-    print(json.dumps(result))
+
+
+_COLUMNS = (
+    ("lateness_p50_ms", "lateness p50"),
+    ("lateness_p99_ms", "lateness p99"),
+    ("lateness_max_ms", "lateness max"),
+    ("write_lateness_p50_ms", "write lateness p50"),
+    ("write_lateness_p99_ms", "write lateness p99"),
+    ("write_lateness_max_ms", "write lateness max"),
+    ("ttft_error_p50_ms", "TTFT error p50"),
+    ("ttft_error_p99_ms", "TTFT error p99"),
+    ("trip_p50_ms", "send to arrival p50"),
+    ("trip_p99_ms", "send to arrival p99"),
+    ("chunk_error_p50_ms", "chunk error p50"),
+    ("chunk_error_p99_ms", "chunk error p99"),
+    ("sim_cpu_s", "sim CPU s"),
+    ("sim_cpu_us_per_event", "sim CPU us / event"),
+    ("sim_user_us_per_event", "of which user"),
+    ("sim_sys_us_per_event", "of which kernel"),
+    ("client_cpu_s", "client CPU s"),
+    ("load_avg", "load avg"),
+)
+
+
+def _cell(values: list[float]) -> str:
+    digits = 2 if max(abs(v) for v in values) < 100 else 0
+    median = statistics.median(values)
+    if len(values) == 1:
+        return f"{median:.{digits}f}"
+    return f"{median:.{digits}f} [{min(values):.{digits}f}-{max(values):.{digits}f}]"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    sim_args: list[str] = []
+    if "--" in argv:
+        split = argv.index("--")
+        argv, sim_args = argv[:split], argv[split + 1 :]
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Flags after -- go to the simulator, e.g. -- --profile b200/gpt-oss-120b (the figures of "
+        "docs/calibration.md); --sse-writer, --max-num-seqs (the stream count, at least 256) and "
+        "--trace-capacity are set here.",
+    )
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[256], help="stream counts (default: 256)")
+    parser.add_argument(
+        "--sim-wire", nargs="+", choices=SSE_WRITERS, default=list(SSE_WRITERS), help="the writers to compare"
+    )
+    parser.add_argument("--runs", type=int, default=3, help="interleaved rounds (default: %(default)s)")
+    parser.add_argument("--requests-per-stream", type=int, default=2)
+    parser.add_argument("--isl", type=int, default=128)
+    parser.add_argument("--osl", type=int, default=256)
+    parser.add_argument(
+        "--no-pin",
+        dest="pin",
+        action="store_false",
+        help="let the OS place simulator and client (by default the simulator gets the first CPU, the client "
+        "the others: woken on the core the simulator writes from, the client would wait for its burst)",
+    )
+    parser.add_argument("--json", type=Path, help="also write every run's numbers here")
+    args = parser.parse_args(argv)
+    if (os.cpu_count() or 1) < 2:
+        args.pin = False
+    if sys.platform != "linux":
+        raise SystemExit("this benchmark compares time.monotonic() and time.perf_counter(): Linux only")
+    print(
+        f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, client event loop "
+        f"{os.environ.get('INFMAX_EVENT_LOOP', 'uvloop')}, {'pinned' if args.pin else 'unpinned'}, "
+        f"simulator: {' '.join(sim_args) or '(defaults)'}",
+        flush=True,
+    )
+    rows: list[dict[str, Any]] = []
+    for round_index in range(args.runs):
+        writers = args.sim_wire if round_index % 2 == 0 else list(reversed(args.sim_wire))
+        for streams in args.concurrency:
+            for writer in writers:
+                row = measure(streams, writer, args, sim_args)
+                row["round"] = round_index
+                rows.append(row)
+                print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+    print(f"\nmedian [min-max] of {args.runs} interleaved runs; times in ms:\n")
+    print("| streams | writer | " + " | ".join(title for _, title in _COLUMNS) + " |")
+    print("|--:|--|" + "--:|" * len(_COLUMNS))
+    for streams in args.concurrency:
+        for writer in args.sim_wire:
+            cells = [r for r in rows if r["streams"] == streams and r["writer"] == writer]
+            print(
+                f"| {streams} | {writer} | " + " | ".join(_cell([r[key] for r in cells]) for key, _ in _COLUMNS) + " |"
+            )
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+        args.json.write_text(json.dumps(rows, indent=1))
     return 0
 
 

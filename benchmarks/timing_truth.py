@@ -148,6 +148,7 @@ def measure(
     range_ratio: float,
     wire: bool,
     wire_cpus: list[int] | None,
+    sse_writer: str = "fast",
 ) -> dict:
     scenario = Scenario("truth", 64, osl, range_ratio=range_ratio)
     sim_args = (
@@ -157,6 +158,8 @@ def measure(
         str(max(256, streams)),
         "--trace-capacity",
         str(streams * (rounds + 2) + 16),
+        "--sse-writer",
+        sse_writer,
     )
     config = LoadConfig(
         scenario,
@@ -288,6 +291,12 @@ def main() -> None:
     p.add_argument(
         "--wire-cpus", type=int, nargs="*", help="pin the capture process (default: unpinned, at SCHED_IDLE)"
     )
+    p.add_argument(
+        "--sim-wire",
+        choices=("fast", "aiohttp"),
+        default="fast",
+        help="the simulator's stream writer (its --sse-writer; default: %(default)s)",
+    )
     p.add_argument("--json", type=Path, help="also write the rows here")
     args = p.parse_args()
     if not _same_clock():
@@ -301,7 +310,7 @@ def main() -> None:
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
         f"event loop: {os.environ.get('INFMAX_EVENT_LOOP', 'uvloop')}, workers: {args.workers}, "
-        f"wire capture: {'on' if wire else 'off'}"
+        f"wire capture: {'on' if wire else 'off'}, simulator's stream writer: {args.sim_wire}"
     )
     rows = []
     for streams in args.streams:
@@ -315,6 +324,7 @@ def main() -> None:
             range_ratio=args.range_ratio,
             wire=wire,
             wire_cpus=args.wire_cpus,
+            sse_writer=args.sim_wire,
         )
         rows.append(row)
         print(

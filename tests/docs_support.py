@@ -100,6 +100,7 @@ POLICY: tuple[Rule, ...] = (
     ),
     Rule(("python", "benchmarks/client_overhead.py"), Action.FLAGS, "takes 2 to 9 minutes"),
     Rule(("python", "benchmarks/timing_truth.py"), Action.FLAGS, "takes over a minute"),
+    Rule(("python", "benchmarks/lateness.py"), Action.FLAGS, "takes 5 to 10 minutes on 2 cores"),
     Rule(("python", "benchmarks/soak.py"), Action.FLAGS, "takes 1 to 10 minutes"),
     Rule(("python", "benchmarks/startup.py"), Action.FLAGS, "a timing: ~1 minute of interleaved sessions"),
     Rule(("python", "benchmarks/ray_start.py"), Action.FLAGS, "starts a three-node Ray cluster: about a minute"),

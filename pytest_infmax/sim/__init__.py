@@ -33,6 +33,8 @@ API_KEY_ENV = "INFMAX_SIM_API_KEY"
 PARENT_POLL_INTERVAL_S = 0.5
 SHUTDOWN_TIMEOUT_S = 2.0
 LISTEN_BACKLOG = 2048
+# --sse-writer: the stream writers of sim.server (SimConfig.sse_writer), the first the default
+SSE_WRITERS = ("fast", "aiohttp")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--startup-delay", type=float, default=0.0, help="seconds of 503 before becoming ready (model loading)"
     )
     server.add_argument("--seed", type=int, default=0, help="seed of the deterministic output text")
+    server.add_argument(
+        "--sse-writer",
+        choices=SSE_WRITERS,
+        default=SSE_WRITERS[0],
+        help="how streams are written: 'fast' (default) writes each step's events straight to the socket from "
+        "the engine's step; 'aiohttp' through a task per stream and aiohttp's writer, as before (faulted "
+        "streams always take that path)",
+    )
     server.add_argument(
         "--vocab-size",
         type=_vocab_size,
@@ -455,6 +465,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         startup_delay_s=args.startup_delay,
         seed=args.seed,
         vocab_size=args.vocab_size,
+        sse_writer=args.sse_writer,
     )
 
 

@@ -68,6 +68,35 @@ LATENESS_WINDOW = 8192  # sorting this many floats per /sim/stats call takes wel
 _TIMER_LEAD_S = 0.0005
 
 
+class LatenessWindow:
+    """How late things happened against their schedule, in seconds: p50 and p99 over the last
+    LATENESS_WINDOW values, the count and the max over all of them. The engine keeps one for
+    its steps; the HTTP front end one for its writes (``/sim/stats``)."""
+
+    __slots__ = ("_values", "count", "max")
+
+    def __init__(self) -> None:
+        self._values: collections.deque[float] = collections.deque(maxlen=LATENESS_WINDOW)
+        self.count = 0
+        self.max = 0.0
+
+    def add(self, seconds: float) -> None:
+        self._values.append(seconds)
+        self.count += 1
+        if seconds > self.max:
+            self.max = seconds
+
+    def summary_ms(self) -> dict[str, float]:
+        """count, p50, p99 (over the last LATENESS_WINDOW values) and max, in ms."""
+        values = sorted(self._values)
+        return {
+            "count": self.count,
+            "p50": _percentile(values, 50) * 1e3,
+            "p99": _percentile(values, 99) * 1e3,
+            "max": self.max * 1e3,
+        }
+
+
 class StepCostModel(Protocol):
     """How long one engine step takes; the only thing a new cost model must provide."""
 
@@ -181,6 +210,7 @@ class EngineRequest:
         "block_hashes",
         "cache_refs",
         "cached_tokens",
+        "sink",
     )
 
     def __init__(
@@ -208,6 +238,10 @@ class EngineRequest:
         self.block_hashes = block_hashes  # prefix caching: the chained hash of each full prompt block
         self.cache_refs: list[int] = []  # cached blocks this request uses (hits, then the ones it added)
         self.cached_tokens = 0  # prompt tokens found in the prefix cache at admission
+        # The real-time engine calls this, when set, with each delivery instead of queueing it:
+        # the consumer handles it synchronously inside the step (no task wake-up per delivery).
+        # It must not raise, and must not call back into the engine.
+        self.sink: Callable[[TokenDelivery], None] | None = None
 
     @property
     def done(self) -> bool:
@@ -515,9 +549,13 @@ class Engine:
         self._previous_deadline: float | None = None
         self._stopped = False
         self._next_request_id = 0
-        self._lateness: collections.deque[float] = collections.deque(maxlen=LATENESS_WINDOW)
-        self._lateness_max = 0.0
-        self._steps = 0
+        self._lateness = LatenessWindow()
+        # The consumer's backlog: when set and true at a step's end, the step's tokens are held
+        # (the step is not complete) until the consumer calls output_drained(). A front end that
+        # writes slower than the engine steps slows the engine down instead of falling behind
+        # it without bound; the wait shows as the step's lateness.
+        self.backlog: Callable[[], bool] | None = None
+        self._held: tuple[StepPlan, float] | None = None
         self._busy_s = 0.0
 
     @property
@@ -549,6 +587,7 @@ class Engine:
         """Stop stepping and end every open request with an ``abort`` delivery, so
         the HTTP handlers waiting on them return promptly during shutdown."""
         self._stopped = True
+        self._held = None
         for handle in (self._timer, self._kick):
             if handle is not None:
                 handle.cancel()
@@ -558,7 +597,8 @@ class Engine:
     # -- request API ---------------------------------------------------------------
 
     def submit(self, prompt_tokens: int, max_tokens: int, block_hashes: tuple[int, ...] = ()) -> EngineRequest:
-        """Queue a request; its tokens arrive on ``request.deliveries``. ``block_hashes``: its
+        """Queue a request; its tokens arrive on ``request.deliveries`` (or go to ``request.sink``
+        once the consumer sets one). ``block_hashes``: its
         prompt's full blocks (:func:`pytest_infmax.sim.prefixcache.block_hashes`), for prefix caching.
 
         Raises :class:`RequestTooLarge` when prompt + max_tokens can never fit in
@@ -594,20 +634,20 @@ class Engine:
 
     def lateness_ms(self) -> dict[str, float]:
         """count, p50, p99 (over the last LATENESS_WINDOW steps) and max, in ms."""
-        values = sorted(self._lateness)
-        return {
-            "count": self._steps,
-            "p50": _percentile(values, 50) * 1e3,
-            "p99": _percentile(values, 99) * 1e3,
-            "max": self._lateness_max * 1e3,
-        }
+        return self._lateness.summary_ms()
 
     # -- step loop -----------------------------------------------------------------
 
     def _wake(self) -> None:
         """Plan a step soon if the engine is idle (never synchronously: a request
         submitted now is admitted at the next step, as in a real engine)."""
-        if self._loop is not None and not self._stopped and self._timer is None and self._kick is None:
+        if (
+            self._loop is not None
+            and not self._stopped
+            and self._timer is None
+            and self._kick is None
+            and self._held is None
+        ):
             self._kick = self._loop.call_soon(self._begin_step)
 
     def _begin_step(self) -> None:
@@ -637,6 +677,20 @@ class Engine:
     def _end_step(self, plan: StepPlan, deadline: float, duration: float = 0.0) -> None:
         self._timer = None
         self._busy_s += duration  # modelled GPU time, for /sim/power
+        backlog = self.backlog
+        if backlog is not None and backlog():
+            self._held = (plan, deadline)  # output_drained() completes it
+            return
+        self._complete_step(plan, deadline)
+
+    def output_drained(self) -> None:
+        """The consumer wrote what it had: a step held for it (see ``backlog``) completes now."""
+        held = self._held
+        if held is not None and not self._stopped:
+            self._held = None
+            self._complete_step(*held)
+
+    def _complete_step(self, plan: StepPlan, deadline: float) -> None:
         loop = self._loop
         assert loop is not None
         early = deadline - loop.time()
@@ -644,17 +698,18 @@ class Engine:
             time.sleep(min(early, _TIMER_LEAD_S))
         now = loop.time()
         lateness = now - deadline
-        self._lateness.append(lateness)
-        self._steps += 1
-        if lateness > self._lateness_max:
-            self._lateness_max = lateness
+        self._lateness.add(lateness)
         self._scheduler.complete(plan, now)
         self._previous_deadline = deadline
         self._begin_step()
 
     @staticmethod
     def _put_delivery(request: EngineRequest, delivery: TokenDelivery) -> None:
-        request.deliveries.put_nowait(delivery)
+        sink = request.sink
+        if sink is not None:
+            sink(delivery)
+        else:
+            request.deliveries.put_nowait(delivery)
 
 
 def _percentile(sorted_values: Sequence[float], q: float) -> float:

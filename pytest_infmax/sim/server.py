@@ -18,6 +18,7 @@ client re-tokenising the output with the same regex gets exactly the token count
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import hashlib
@@ -34,7 +35,7 @@ import struct
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ from pytest_infmax.sim.engine import (
     EngineRequest,
     EngineStats,
     EngineStopped,
+    LatenessWindow,
     LinearCostModel,
     RequestTooLarge,
     StepCostModel,
@@ -106,6 +108,9 @@ _OUTPUT_WORDS: tuple[str, ...] = tuple(
     ).split()
 )
 
+_OUTPUT_WORDS_JSON = tuple(json.dumps(word).encode() for word in _OUTPUT_WORDS)
+_OUTPUT_WORD_COUNT = float(len(_OUTPUT_WORDS))
+
 _SSE_DONE = b"data: [DONE]\n\n"
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 _encode_json = json.JSONEncoder(separators=(",", ":")).encode
@@ -127,6 +132,9 @@ class SimConfig:
     # token ids of the model served: a prompt id at or above this is refused as vLLM refuses it
     # ("Token id N is out of vocabulary"); None: any id
     vocab_size: int | None = None
+    # "fast": streams without a stream fault are written from the engine's step straight to the
+    # socket (_FastSseStream); "aiohttp": every stream through _SseWriter (--sse-writer)
+    sse_writer: str = "fast"
 
 
 CONFIG_KEY = web.AppKey("infmax_sim_config", SimConfig)
@@ -208,6 +216,13 @@ class OutputText:
 
     def take(self, token_count: int) -> str:
         return "".join(self._rng.choices(_OUTPUT_WORDS, k=token_count))
+
+    def take_json(self, token_count: int) -> bytes:
+        """``take``'s text as a JSON string, drawing the same words from the same generator
+        (one token: the draw ``random.choices`` makes for k=1, its word encoded once)."""
+        if token_count == 1:
+            return _OUTPUT_WORDS_JSON[int(self._rng.random() * _OUTPUT_WORD_COUNT)]
+        return _encode_json(self.take(token_count)).encode()
 
 
 # -- request parsing --------------------------------------------------------------------
@@ -539,6 +554,11 @@ class Observability:
         self.faults = FaultPlan(config.faults, config.seed)
         self.crash_after = config.faults.crash_after
         self.generation_requests = 0
+        # streams written by each writer (--sse-writer; a faulted stream always takes "aiohttp")
+        self.sse_streams = {"fast": 0, "aiohttp": 0}
+        # content events of unfaulted streams: their write stamp minus the end of the engine step
+        # that produced them (the engine's own lateness is its steps'; this is the wire's)
+        self.write_lateness = LatenessWindow()
 
     def on_generation_request(self) -> None:
         """Count a generation request; past ``--crash-after``, exit like a crashed
@@ -724,15 +744,23 @@ class _SseWriter:
         self.tokens_written = 0
         self.stalled = False
 
-    async def send(self, events: list[tuple[bytes, int]], on_last: Callable[[], None] | None = None) -> None:
+    async def send(
+        self,
+        events: list[tuple[bytes, int]],
+        on_last: Callable[[], None] | None = None,
+        emit_times: Sequence[float] = (),
+    ) -> None:
         """Write ``(bytes, content tokens)`` events. ``on_last`` runs just before
         the write of the last byte (to commit the trace before the client can
-        have seen the end of the stream)."""
+        have seen the end of the stream); ``emit_times``: when the engine produced
+        each content event's tokens (for the write lateness)."""
         if not self.fault.rewrites_stream:
             now = time.monotonic()
             for _, tokens in events:
                 if tokens:
                     self._record(now, tokens)
+            for emitted in emit_times:
+                self.obs.write_lateness.add(now - emitted)
             if on_last is not None:
                 on_last()
             await self.response.write(b"".join(data for data, _ in events))
@@ -772,6 +800,287 @@ def _truncated_json(shape: _ResponseShape) -> bytes:
     return b"data: " + text[: len(text) // 2].encode() + b"\n\n"
 
 
+# -- the fast stream writer ----------------------------------------------------------------
+#
+# At a few hundred streams the aiohttp path spends ~27 us per SSE event on the one event
+# loop: a queue wake-up of the stream's task per step, a dict built and JSON-encoded per
+# chunk, an awaited StreamResponse.write. The loop is busy with that for every stream at
+# every step, and a new request's bytes wait in its socket meanwhile (the "server read lag"
+# of docs/load-generator.md). A stream without a stream fault therefore takes this path:
+# the engine hands each delivery to the stream's sink inside its step (EngineRequest.sink),
+# which fills a byte template split once around the text and writes the event, framed as
+# one HTTP/1.1 chunk, straight to the transport. The handler task only waits for the end
+# (and for a paused transport: see _FastSseStream.on_delivery). The bytes on the wire are
+# the aiohttp path's, event for event (tests/test_sim_fastpath.py).
+
+_TEXT_MARK = "\x00infmax-text"
+_USAGE_MARK = "\x00infmax-usage"
+# A reader that fell behind: at most this many deliveries per catch-up write, then the
+# writer waits for the transport to drain again, so a catch-up never balloons the buffer.
+_FAST_CATCH_UP_DELIVERIES = 64
+
+
+# A step's events are written in slices of about this long, with the event loop free between
+# two: it reads the sockets then (a new request's first bytes get their arrival stamp), so the
+# writing of one step delays a request by at most a slice, not by the whole step's writing.
+_WRITE_SLICE_S = 0.0002
+
+
+class _Outbox:
+    """The fast streams' deliveries in the order the engine handed them out, written in
+    slices (one ``call_soon`` each) so that the loop polls its sockets between two."""
+
+    __slots__ = ("_loop", "_queue", "_scheduled", "_on_drained")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_drained: Callable[[], None]) -> None:
+        self._loop = loop
+        self._queue: collections.deque[tuple[_FastSseStream, TokenDelivery]] = collections.deque()
+        self._scheduled = False
+        self._on_drained = on_drained  # the engine's output_drained: a step held for us goes on
+
+    def backlog(self) -> bool:
+        """Events of an earlier step are still unwritten (the engine holds its next step)."""
+        return bool(self._queue)
+
+    def put(self, stream: _FastSseStream, delivery: TokenDelivery) -> None:
+        self._queue.append((stream, delivery))
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        queue = self._queue
+        end = time.monotonic() + _WRITE_SLICE_S
+        while queue:
+            stream, delivery = queue.popleft()
+            stream.on_delivery(delivery)
+            if time.monotonic() >= end:
+                break
+        if queue:
+            self._loop.call_soon(self._flush)
+        else:
+            self._scheduled = False
+            self._on_drained()
+
+
+def _json_text(text: str) -> bytes:
+    return _encode_json(text).encode()
+
+
+class _FastSseStream:
+    """One stream's events, written from the engine's step. See the comment above."""
+
+    __slots__ = (
+        "_transport",
+        "_protocol",
+        "_params",
+        "_shape",
+        "_engine_request",
+        "_output",
+        "_trace",
+        "_obs",
+        "_outbox",
+        "_head",
+        "_middle",
+        "_tail",
+        "_waiter",
+        "pending",
+        "completion_tokens",
+        "first",
+        "finished",
+        "error",
+    )
+
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        protocol: Any,
+        params: GenerationParams,
+        shape: _ResponseShape,
+        engine_request: EngineRequest,
+        output: OutputText,
+        trace: RequestTrace,
+        obs: Observability,
+        outbox: _Outbox,
+    ) -> None:
+        self._transport = transport
+        self._protocol = protocol
+        self._params = params
+        self._shape = shape
+        self._engine_request = engine_request
+        self._output = output
+        self._trace = trace
+        self._obs = obs
+        self._outbox = outbox
+        # A content event that does not finish the stream, encoded once with marks where its
+        # text (and its running usage) go, then split around them.
+        usage_mark = _USAGE_MARK if params.continuous_usage else None
+        choice = shape.content_choice(_TEXT_MARK, None)
+        template = _sse(shape.chunk(choice, usage_mark, params.include_usage))  # type: ignore[arg-type]
+        self._head, _, rest = template.partition(_json_text(_TEXT_MARK))
+        self._middle, self._tail = rest, b""
+        if params.continuous_usage:
+            self._middle, _, self._tail = rest.partition(_json_text(_USAGE_MARK))
+        self._waiter: asyncio.Future[None] | None = None
+        self.pending: list[TokenDelivery] = []  # deliveries not yet written (a paused transport)
+        self.completion_tokens = 0
+        self.first = True
+        self.finished = False  # the last event was written (or the stream failed): the handler ends it
+        self.error: BaseException | None = None
+
+    def post(self, delivery: TokenDelivery) -> None:
+        """The engine's sink (inside its step): into the outbox, written in the next slice."""
+        self._outbox.put(self, delivery)
+
+    def on_delivery(self, delivery: TokenDelivery) -> None:
+        """From the outbox: write the event now, unless the client is not
+        keeping up (the transport paused writing above its high-water mark, as aiohttp's
+        drain waits on) or gone: then the delivery waits here for the handler, which drains
+        first. Pending deliveries are token counts (as many as the request's max_tokens at
+        most, as in the queue of the aiohttp path); their bytes are made when written."""
+        if self.finished:
+            return
+        if self.pending or self._protocol.writing_paused or self._transport.is_closing():
+            self.pending.append(delivery)
+            self._wake()
+            return
+        try:
+            if self.first or delivery.finish_reason is not None or self._params.continuous_usage:
+                self.write((delivery,))
+                return
+            # the common event, inline: the template around its text, stamped, written
+            self.completion_tokens += delivery.token_count
+            data = self._head + self._output.take_json(delivery.token_count) + self._middle
+            now = time.monotonic()
+            obs = self._obs
+            obs.record_chunk(self._trace, now, delivery.token_count)
+            obs.write_lateness.add(now - delivery.emit_time)
+            self._transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        except Exception as exc:  # never into the engine's step: the handler raises it
+            self.error = exc
+            self.finished = True
+            self._wake()
+
+    def write(self, deliveries: Sequence[TokenDelivery]) -> None:
+        """Write the events of ``deliveries`` as one HTTP chunk, each content event stamped in
+        the trace just before the write; the last one commits the trace first."""
+        params, shape = self._params, self._shape
+        events: list[bytes] = []
+        written: list[TokenDelivery] = []  # the content events' deliveries
+        if self.first:
+            self.first = False
+            preamble = shape.preamble_choice()
+            if preamble is not None:
+                usage = _usage(params.prompt_tokens, 0) if params.continuous_usage else None
+                events.append(_sse(shape.chunk(preamble, usage, params.include_usage)))
+        end: tuple[str, str | None] | None = None  # (outcome, finish reason) once the stream ends
+        for delivery in deliveries:
+            if delivery.finish_reason == FINISH_ABORT:
+                events.append(_sse(_aborted_error().body()))
+                events.append(_SSE_DONE)
+                end = (ABORTED, None)
+                break
+            count = delivery.token_count
+            self.completion_tokens += count
+            if delivery.finish_reason is None:
+                text_json = self._output.take_json(count)
+                if params.continuous_usage:
+                    usage_json = _encode_json(_usage(params.prompt_tokens, self.completion_tokens)).encode()
+                    events.append(b"".join((self._head, text_json, self._middle, usage_json, self._tail)))
+                else:
+                    events.append(b"".join((self._head, text_json, self._middle)))
+                written.append(delivery)
+                continue
+            text = self._output.take(count)
+            usage = _usage(params.prompt_tokens, self.completion_tokens) if params.continuous_usage else None
+            choice = shape.content_choice(text, delivery.finish_reason)
+            events.append(_sse(shape.chunk(choice, usage, params.include_usage)))
+            written.append(delivery)
+            if params.include_usage:
+                final_usage = _usage(params.prompt_tokens, self.completion_tokens)
+                events.append(_sse(shape.chunk(None, final_usage, True)))
+            events.append(_SSE_DONE)
+            end = (OK, delivery.finish_reason)
+            break
+        data = b"".join(events)
+        now = time.monotonic()
+        obs = self._obs
+        for delivery in written:
+            obs.record_chunk(self._trace, now, delivery.token_count)
+            obs.write_lateness.add(now - delivery.emit_time)
+        if end is not None:
+            self._obs.finish(self._trace, end[0], self._engine_request, end[1])
+        self._transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        if end is not None:
+            self.finished = True
+            self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self) -> None:
+        """Until a delivery is pending, or the stream finished."""
+        if self.pending or self.finished:
+            return
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+
+OUTBOX_KEY = web.AppKey("infmax_sim_outbox", _Outbox)
+
+
+def _fast_stream_possible(request: web.Request, writer: Any) -> bool:
+    """The fast writer frames HTTP/1.1 chunks itself: only on a chunked, uncompressed body
+    whose headers went out in prepare, over a transport and an aiohttp protocol it knows."""
+    return (
+        request.transport is not None
+        and getattr(writer, "chunked", False) is True
+        and getattr(writer, "_compress", None) is None
+        and getattr(writer, "_headers_buf", None) is None
+        and isinstance(getattr(request.protocol, "writing_paused", None), bool)
+    )
+
+
+async def _fast_stream(
+    response: web.StreamResponse, writer: Any, stream: _FastSseStream, engine_request: EngineRequest
+) -> web.StreamResponse:
+    """The handler's part of a fast stream: hand the engine the sink, then wait for the end.
+    It writes only what waited for a paused transport (after draining it) and the body's end.
+    A client that goes away cancels this task (``handler_cancellation``) or fails the drain;
+    either way ``_generate`` drops the request from the engine."""
+    queue = engine_request.deliveries
+    while not queue.empty():  # delivered before the sink was set (prepare may have yielded)
+        stream.pending.append(queue.get_nowait())
+    engine_request.sink = functools.partial(stream._outbox.put, stream)  # what post() does, one call less
+    transport = stream._transport
+    try:
+        while True:
+            if stream.error is not None:
+                raise stream.error
+            if stream.pending:
+                await writer.drain()  # waits while the client does not read
+                if transport.is_closing():
+                    raise ConnectionResetError("the client closed the connection")
+                batch = stream.pending[:_FAST_CATCH_UP_DELIVERIES]
+                del stream.pending[:_FAST_CATCH_UP_DELIVERIES]
+                stream.write(batch)
+                continue
+            if stream.finished:
+                break
+            await stream.wait()
+        await response.write_eof()
+    except ConnectionError:
+        pass  # the client went away; the caller drops the request from the engine
+    finally:
+        engine_request.sink = None
+    return response
+
+
 async def _stream_response(
     request: web.Request,
     params: GenerationParams,
@@ -791,7 +1100,20 @@ async def _stream_response(
         _reset_connection(request)
         raise _ConnectionResetInjected
     response = web.StreamResponse(status=200, headers=_response_headers(_SSE_HEADERS, trace))
-    await response.prepare(request)
+    payload_writer = await response.prepare(request)
+    if (
+        request.app[CONFIG_KEY].sse_writer == "fast"
+        and not fault.rewrites_stream
+        and _fast_stream_possible(request, payload_writer)
+    ):
+        assert request.transport is not None
+        outbox = request.app[OUTBOX_KEY]
+        stream = _FastSseStream(
+            request.transport, request.protocol, params, shape, engine_request, output, trace, obs, outbox
+        )
+        obs.sse_streams["fast"] += 1
+        return await _fast_stream(response, payload_writer, stream, engine_request)
+    obs.sse_streams["aiohttp"] += 1
     writer = _SseWriter(request, response, fault, trace, obs)
     malformed = fault.malformed
     encode = _sse_no_space if NO_SPACE in malformed else _sse
@@ -812,6 +1134,7 @@ async def _stream_response(
                     events.append((encode(shape.chunk(preamble, usage, with_usage)), 0))
                 first_write = False
             finish_reason: str | None = None
+            emit_times: list[float] = []
             for delivery in await _next_deliveries(engine_request):
                 if delivery.finish_reason == FINISH_ABORT:
                     obs.finish(trace, ABORTED, engine_request)
@@ -826,6 +1149,7 @@ async def _stream_response(
                 if COMMENT in malformed:
                     events.append((_SSE_COMMENT, 0))
                 events.append((encode(shape.chunk(choice, usage, with_usage)), delivery.token_count))
+                emit_times.append(delivery.emit_time)
                 if invalid_json_pending:
                     events.append((_truncated_json(shape), 0))
                     invalid_json_pending = False
@@ -839,10 +1163,10 @@ async def _stream_response(
                 if NO_DONE not in malformed:
                     events.append((_SSE_DONE, 0))
                 await writer.send(
-                    events, on_last=functools.partial(obs.finish, trace, OK, engine_request, finish_reason)
+                    events, functools.partial(obs.finish, trace, OK, engine_request, finish_reason), emit_times
                 )
                 break
-            await writer.send(events)
+            await writer.send(events, emit_times=emit_times)
         await response.write_eof()
     except _ConnectionResetInjected:
         pass  # the transport is gone; aiohttp's own clean-up handles the rest
@@ -1138,6 +1462,8 @@ async def handle_stats(request: web.Request) -> web.Response:
     # table) and whether /sim/power models its power.
     body["hardware"] = deployment.hardware.name if deployment is not None else None
     body["power_modelled"] = deployment is not None and deployment.hardware.tdp_w is not None
+    body["sse_streams"] = dict(request.app[OBS_KEY].sse_streams)  # streams per writer (--sse-writer)
+    body["write_lateness_ms"] = request.app[OBS_KEY].write_lateness.summary_ms()
     noise = noise_of(request.app[CONFIG_KEY].cost_model)
     if noise is not None:  # this start's drawn factors (--start-jitter and friends)
         body["noise"] = noise.describe()
@@ -1245,6 +1571,10 @@ def build_app(config: SimConfig) -> web.Application:
         app[STARTED_AT_KEY] = time.monotonic()
         app[READY_AT_KEY] = asyncio.get_running_loop().time() + config.startup_delay_s
         app[OBS_KEY].traces.open_file()
+        outbox = _Outbox(asyncio.get_running_loop(), engine.output_drained)
+        if config.sse_writer == "fast":
+            engine.backlog = outbox.backlog  # the engine waits for a writer that falls behind
+        app[OUTBOX_KEY] = outbox
 
     async def stop_engine(app: web.Application) -> None:
         if ENGINE_KEY in app:
