@@ -31,21 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-#: modules a session without perf tests must not import (tests/test_startup.py holds this too)
-HEAVY = (
-    "numpy",
-    "scipy",
-    "matplotlib",
-    "openai",
-    "prometheus_client",
-    "aiohttp",
-    "msgspec",
-    "yaml",
-    "uvloop",
-    "httptools",
-    "pynvml",
-    "ray",
-)
+from pytest_infmax.lazy import HEAVY_MODULES as HEAVY  # the one list; lazy.py imports nothing heavy
 
 PLAIN_TESTS = """
 import pytest

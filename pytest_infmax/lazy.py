@@ -26,6 +26,24 @@ import types
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+#: Third-party modules that cost tens of milliseconds to seconds to import, none of which a
+#: session without perf tests needs: tests/test_startup.py holds that, benchmarks/startup.py
+#: reports it.
+HEAVY_MODULES = (
+    "numpy",
+    "scipy",
+    "matplotlib",
+    "openai",
+    "prometheus_client",
+    "aiohttp",
+    "msgspec",
+    "yaml",
+    "uvloop",
+    "httptools",
+    "pynvml",
+    "ray",  # seconds: only a run with ray= (--infmax-ray) imports it
+)
+
 
 class LazyModule(types.ModuleType):
     """Stands in for the module named ``name`` until an attribute of it is read."""

@@ -17,24 +17,9 @@ import pytest
 
 import pytest_infmax
 from pytest_infmax import servers
-from pytest_infmax.lazy import LazyModule, lazy_module
+from pytest_infmax.lazy import HEAVY_MODULES, LazyModule, lazy_module
 
-# Third-party modules that cost tens to hundreds of milliseconds to import, none of which a
-# session without perf tests needs (benchmarks/startup.py lists the same).
-HEAVY = (
-    "numpy",
-    "scipy",
-    "matplotlib",
-    "openai",
-    "prometheus_client",
-    "aiohttp",
-    "msgspec",
-    "yaml",
-    "uvloop",
-    "httptools",
-    "pynvml",
-    "ray",  # seconds: only a run with ray= (--infmax-ray) imports it
-)
+HEAVY = HEAVY_MODULES
 
 # Prints every module the session imported, as its last act.
 MODULES_CONFTEST = """
