@@ -238,7 +238,7 @@ def test_a_node_lost_under_the_plugin_fails_the_test_and_reports_what_was_measur
         try:
             deadline = time.monotonic() + 120
             # the measured phase is under way: some requests past the warm-up have finished
-            while _sim_stats(server)["requests_finished"] < before + 20:
+            while _sim_stats(server)["requests_finished"] < before + 40:
                 assert proc.poll() is None and time.monotonic() < deadline, "the run never got going"
                 time.sleep(0.05)
             cluster.remove_node(victim, allow_graceful=False)
@@ -252,5 +252,8 @@ def test_a_node_lost_under_the_plugin_fails_the_test_and_reports_what_was_measur
     assert "FAIL (worker lost)" in text, text
     (run,) = json.loads((pytester.path / "out.json").read_text())["results"]
     assert "was lost mid-run" in run["worker_lost"]
-    assert 18 <= run["metrics"]["num_ok"] and run["metrics"]["num_requests"] < 20000  # the part before the loss
+    # the part before the loss: 37 or more measured requests had finished when the node went, and
+    # the surviving actors' share of them (half, with two workers) is kept; only the lost actor's
+    # records not yet fetched (fetched every 0.25 s) die with it
+    assert run["metrics"]["num_ok"] >= 15 and run["metrics"]["num_requests"] < 20000, run["metrics"]
     assert "FAIL (worker lost)" in (pytester.path / "out.md").read_text()
