@@ -55,25 +55,22 @@ def load_side(location: Location, set_name: str | None = None) -> dict[str, tupl
     """Result key -> (testbed, runs) of one side of ``infmax compare``: a baseline file, a set's
     directory, an ``--infmax-json`` results file, or, with ``set_name``, that set of a
     directory of sets or of a ``postgresql://`` store."""
-    if is_store_url(location):
-        if not set_name:
-            raise BaselineError(
-                f"{describe(location)} is a PostgreSQL store of baseline sets: name the set to compare with "
-                f"(infmax compare --set SET; sets there: {', '.join(set_names(str(location))) or 'none'})"
-            )
-        if set_name not in set_names(str(location)):
-            sets = set_names(str(location))
+    store = is_store_url(location)
+    if store and not set_name:
+        raise BaselineError(
+            f"{describe(location)} is a PostgreSQL store of baseline sets: name the set to compare with "
+            f"(infmax compare --set SET; sets there: {', '.join(list_sets(location)) or 'none'})"
+        )
+    if set_name and (store or Path(location).is_dir()):
+        sets = list_sets(location)  # one read of the store
+        if set_name not in sets:
             raise BaselineError(
                 f"no baseline set {set_name!r} in {describe(location)} (sets there: {', '.join(sets) or 'none'})"
             )
-        return {b.key: (b.testbed, b.runs) for b in open_set(location, set_name)}
-    path = Path(location)
-    if set_name and path.is_dir():
-        if not (path / set_name).is_dir():
-            sets = list_sets(path)
-            raise BaselineError(f"no baseline set {set_name!r} in {path} (sets there: {', '.join(sets) or 'none'})")
-        path = path / set_name
-    return load_runs(path)
+        if store:
+            return {b.key: (b.testbed, b.runs) for b in open_set(location, set_name)}
+        return load_runs(Path(location) / set_name)
+    return load_runs(location)
 
 
 def describe(location: Location) -> str:

@@ -148,21 +148,21 @@ class ShardActor:
         self._start = _wall_to_perf(start_epoch)
         self._started.set()
 
-    def _drain(self) -> bytes:
+    def _drain(self) -> list[dict[str, Any]]:
         if self._start is None:
-            return _encode([])
+            return []
         batch, self._pending = self._pending, []
-        return _encode([r.to_dict(self._start) for r in batch])
+        return [r.to_dict(self._start) for r in batch]
 
     async def take(self) -> bytes:
-        return self._drain()
+        return _encode(self._drain())
 
     async def finish(self) -> bytes:
         assert self._task is not None and self._start is not None
         run = await self._task
         return _encode(
             {
-                "records": _decode(self._drain()),
+                "records": self._drain(),
                 "measured_start": run.measured_start - self._start,
                 "measured_end": run.measured_end - self._start,
                 "client": client_part(run),
@@ -212,8 +212,8 @@ async def run_on_ray(
     records: list[RequestRecord] = []
     places: list[dict[str, str]] = [{} for _ in range(n)]
 
-    def keep(batch: bytes) -> None:
-        for d in _decode(batch):
+    def keep(batch: list[dict[str, Any]]) -> None:
+        for d in batch:
             rec = RequestRecord.from_dict(d, start)
             records.append(rec)
             if on_record is not None:
@@ -268,17 +268,17 @@ async def run_on_ray(
                         msg = f.result()  # a lost actor raises WorkerLost here
                         del finishing[k]
                         done_msg = _decode(msg)
-                        keep(_encode(done_msg.pop("records")))
+                        keep(done_msg.pop("records"))
                         done_msg["measured_start"] += start
                         done_msg["measured_end"] += start
                         parts[k] = done_msg
                 for k in list(finishing):
-                    keep(await each(k, actors[k].take.remote(), PLACEMENT_TIMEOUT))
+                    keep(_decode(await each(k, actors[k].take.remote(), PLACEMENT_TIMEOUT)))
         except WorkerLost as lost:
             # what the other actors measured until now is kept too
             for k in list(finishing):
                 with contextlib.suppress(Exception):
-                    keep(await _get(actors[k].take.remote(), LAST_WORDS_TIMEOUT))
+                    keep(_decode(await _get(actors[k].take.remote(), LAST_WORDS_TIMEOUT)))
             lost.records = sorted(records, key=lambda r: r.index)
             lost.partial = RunRecords(lost.records, clock_origin, epoch_origin, start, time.perf_counter())
             raise
