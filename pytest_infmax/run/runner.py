@@ -388,11 +388,13 @@ class Infmax:
             watchers.append(scraper.on_record)
         sampler, not_measured = self._energy_sampler()
 
-        def interrupted(partial: RunRecords) -> None:
-            """Ctrl-C: keep what the run measured until then, flagged, for the session's reports."""
+        def keep_partial(partial: RunRecords, why: str, *, worker_lost: str | None = None) -> None:
+            """A run stopped part-way (Ctrl-C, or a lost Ray worker: ``worker_lost``): what it
+            measured until then goes to the session's reports, flagged."""
             result = self._result(plan, partial, None)
-            result.interrupted = True
-            result.energy = EnergyReport.not_measured("the run was interrupted")
+            result.interrupted = worker_lost is None
+            result.worker_lost = worker_lost
+            result.energy = EnergyReport.not_measured(why)
             self._ended(result)
             self._record(result)
 
@@ -401,19 +403,11 @@ class Infmax:
                 plan.config,
                 on_record=on_record if watchers else None,
                 stop=stop if watch is not None or seq is not None else None,
-                on_interrupted=interrupted,
+                on_interrupted=lambda partial: keep_partial(partial, "the run was interrupted"),
             )
-        except WorkerLost as lost:
-            if lost.partial is not None:  # what was measured before the loss reaches every report, flagged
-                result = self._result(plan, lost.partial, None)
-                result.worker_lost = str(lost)
-                result.energy = EnergyReport.not_measured("a load worker was lost mid-run")
-                self._ended(result)
-                self._record(result)
-            if scraper is not None:
-                await scraper.close()
-            raise
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, WorkerLost) and exc.partial is not None:
+                keep_partial(exc.partial, "a load worker was lost mid-run", worker_lost=str(exc))
             if scraper is not None:
                 await scraper.close()
             raise
