@@ -9,6 +9,10 @@ the usage event and ``[DONE]``. Against it, each in a client subprocess of its o
 * **ours**: ``LoadGenerator.run`` (closed loop, ``concurrency`` = streams) on
   the event loop it uses by default (uvloop): the full SSE parse, JSON decode,
   timestamps, token accounting, the client's self-monitoring;
+* **ours, events in Python**: the same with ``INFMAX_WIRE=framing``: the C lane
+  de-chunks and splits the body, and every event goes to the Python sink
+  (``ResponseAccumulator.on_event``: msgspec) instead of plain content events
+  being recorded by the lane itself; what recording them in C is worth;
 * **ours without the C lane**: the same with ``INFMAX_WIRE=python``: streaming
   bodies de-chunked and split into events in Python (httptools' body callback
   and ``SSEDecoder``) instead of by ``pytest_infmax/_lane.c``; what the C lane
@@ -430,7 +434,7 @@ def _run_client(kind: str, base: str, streams: int, requests: int, osl: int) -> 
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-KINDS = ("ours", "ours-python-wire", "ours-asyncio", "peer", "floor", "protocol-floor")
+KINDS = ("ours", "ours-framing", "ours-python-wire", "ours-asyncio", "peer", "floor", "protocol-floor")
 
 
 def workers_sweep(
@@ -616,6 +620,7 @@ def main() -> None:
                     and ours["tokens"] == ours["chunk_tokens"] == ours["sent_tokens"] == requests * per_request * k
                     and res["ours-asyncio"]["tokens"] == res["ours-asyncio"]["sent_tokens"]
                     and res["ours-python-wire"]["tokens"] == res["ours-python-wire"]["sent_tokens"]
+                    and res["ours-framing"]["tokens"] == res["ours-framing"]["sent_tokens"]
                 )
                 rows.append(row)
                 print(
@@ -629,6 +634,7 @@ def main() -> None:
         "streams",
         "tok/event",
         "ours CPU-s/Mtok",
+        "ours, events in Python",
         "ours without C lane",
         "ours on asyncio loop",
         "peer (vLLM-style)",
@@ -651,6 +657,7 @@ def main() -> None:
                 str(r["streams"]),
                 str(r["tokens_per_event"]),
                 f"{o['cpu_per_mtok']:.1f}",
+                f"{r['ours-framing']['cpu_per_mtok']:.1f}",
                 f"{r['ours-python-wire']['cpu_per_mtok']:.1f}",
                 f"{r['ours-asyncio']['cpu_per_mtok']:.1f}",
                 f"{r['peer']['cpu_per_mtok']:.1f}",
@@ -695,6 +702,8 @@ if __name__ == "__main__":
             out = client_ours(*rest, workers=int(kind[len("ours-w") :]))
         elif kind == "ours-python-wire":
             out = client_ours(*rest, wire="python")
+        elif kind == "ours-framing":
+            out = client_ours(*rest, wire="framing")
         elif kind == "ours-asyncio":
             out = client_ours(*rest, loop="asyncio")
         elif kind == "floor":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -23,6 +24,7 @@ from hypothesis import strategies as st
 
 from pytest_infmax.load import streamclient
 from pytest_infmax.load.streamclient import ConnectionPool, SSEDecoder, StreamConnection, StreamError
+from pytest_infmax.records import ErrorKind
 
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
 
@@ -270,3 +272,187 @@ class _StatusSink:
     def on_event(self, data: bytes, t: float) -> None:
         if data == b"[DONE]":
             self.done = True
+
+
+# -- plain content events, recorded in C ---------------------------------------------------------
+# The lane records an event on a ResponseAccumulator itself when its JSON is a plain content
+# delta (_lane.c, plain_content); everything else goes to on_event. Either way the record
+# must come out as on_event alone makes it: the same stamps, text lengths, first token,
+# event budget, counts, and the same typed error with the same message.
+
+from pytest_infmax.load.generator import ResponseAccumulator  # noqa: E402
+from pytest_infmax.records import RequestRecord  # noqa: E402
+
+_STR = st.one_of(
+    st.sampled_from(["", " tok", "tok", "\n", 'a"b', "a\\b", "é", "日本", "😀", "\u2028", "\x00", "\x1f", "/"]),
+    st.text(max_size=6),
+)
+_JSONISH = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-(10**20), 10**20), st.floats(allow_nan=False), _STR),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(_STR, inner, max_size=3)),
+    max_leaves=6,
+)
+
+
+def _maybe(key: str, value: st.SearchStrategy) -> st.SearchStrategy:
+    return st.one_of(st.just({}), value.map(lambda v: {key: v}))
+
+
+_DELTA = st.builds(
+    lambda *parts: {k: v for part in parts for k, v in part.items()},
+    _maybe("role", st.sampled_from(["assistant", None])),
+    _maybe("content", st.one_of(_STR, st.none(), st.integers(0, 3))),
+    _maybe("reasoning_content", st.one_of(st.none(), _STR)),
+    _maybe("reasoning", st.one_of(st.none(), _STR)),
+    _maybe("tool_calls", _JSONISH),
+)
+_CHOICE = st.builds(
+    lambda *parts: {k: v for part in parts for k, v in part.items()},
+    _maybe("index", st.integers(0, 2)),
+    _maybe("delta", st.one_of(_DELTA, st.none(), _JSONISH)),
+    _maybe("text", st.one_of(_STR, st.none())),
+    _maybe("logprobs", st.one_of(st.none(), _JSONISH)),
+    _maybe("finish_reason", st.sampled_from([None, None, "stop", "length", 1])),
+)
+_CHUNK = st.builds(
+    lambda *parts: {k: v for part in parts for k, v in part.items()},
+    _maybe("id", st.just("chatcmpl-1")),
+    _maybe("object", st.just("chat.completion.chunk")),
+    _maybe("choices", st.one_of(st.lists(_CHOICE, min_size=1, max_size=2), st.just([]), st.none(), _JSONISH)),
+    _maybe("usage", st.one_of(st.none(), st.none(), st.fixed_dictionaries({"completion_tokens": st.integers(0, 9)}))),
+    _maybe("error", st.one_of(st.none(), st.none(), _JSONISH)),
+    _maybe("extra", _JSONISH),
+)
+
+
+_CONTENT = st.one_of(*[_STR] * 8, st.none(), st.integers(0, 3))
+_PLAIN = st.one_of(  # what servers send for nearly every token, with a field or two changed
+    st.builds(
+        lambda content, extra, finish, usage, first: {
+            "id": "chatcmpl-1",
+            **extra,
+            "choices": [
+                {"index": 0, "delta": {**first, "content": content}, "logprobs": None, "finish_reason": finish}
+            ],
+            **usage,
+        },
+        _CONTENT,
+        _maybe("model", _JSONISH),
+        st.sampled_from([None] * 8 + ["stop"]),
+        st.sampled_from([{}] * 6 + [{"usage": None}, {"usage": {"completion_tokens": 2}}, {"error": None}]),
+        st.sampled_from([{}] * 4 + [{"role": "assistant"}, {"reasoning_content": None}, {"reasoning": "r"}]),
+    ),
+    st.builds(
+        lambda text, finish: {"choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]},
+        _CONTENT,
+        st.sampled_from([None] * 8 + ["length"]),
+    ),
+)
+
+
+@st.composite
+def _payload(draw: st.DrawFn) -> bytes:
+    """One event's data: a chunk-like object in JSON, written in any of the ways servers
+    write it, sometimes damaged (cut, a byte changed, a key spelled with an escape or given
+    twice, something after the object)."""
+    obj = draw(st.one_of(*[_PLAIN] * 8, _CHUNK, _CHUNK, _JSONISH))
+    text = json.dumps(
+        obj, ensure_ascii=draw(st.booleans()), separators=draw(st.sampled_from([(",", ":"), (", ", ": ")]))
+    )
+    data = text.encode("utf-8", "surrogatepass")
+    edit = draw(st.sampled_from(["none"] * 12 + ["cut", "byte", "escape_key", "dup", "trail", "space"]))
+    if edit == "cut" and data:
+        data = data[: draw(st.integers(0, len(data) - 1))]
+    elif edit == "byte" and data:
+        i = draw(st.integers(0, len(data) - 1))
+        data = data[:i] + bytes([draw(st.integers(0, 255))]) + data[i + 1 :]
+    elif edit == "escape_key":
+        data = data.replace(b'"content"', b'"cont\\u0065nt"').replace(b'"choices"', b'"ch\\u006fices"')
+    elif edit == "dup":
+        data = data.replace(b'"content": ', b'"content": "x", "content": ').replace(
+            b'"content":', b'"content":"x","content":'
+        )
+    elif edit == "trail":
+        data += draw(st.sampled_from([b" ", b"x", b"{}", b"\t"]))
+    elif edit == "space":
+        data = b" " + data
+    return data.replace(b"\n", b"").replace(b"\r", b"")  # one data line, as the lane takes it
+
+
+def _record(payloads: list[bytes], in_c: bool, max_events: int | None) -> tuple[dict, int]:
+    """Feeds the events through a lane (recording plain content in C or not); the record."""
+    acc = ResponseAccumulator(RequestRecord(index=0), max_events)
+    assert streamclient._Lane is not None
+    lane = streamclient._Lane(acc.on_event, lambda b, t: False, lambda b, t: False, 1 << 20, acc if in_c else None)
+    outcome: tuple = ("ok",)
+    for i, data in enumerate(payloads):
+        event = b"data: " + data + b"\n\n"
+        try:
+            lane.feed(b"%x\r\n%s\r\n" % (len(event), event), float(i))
+        except StreamError as exc:
+            outcome = ("error", exc.kind, str(exc))
+            break
+    rec = acc.rec
+    state = {
+        "outcome": outcome,
+        "chunk_times": list(rec.chunk_times),
+        "first_token_time": rec.first_token_time,
+        "texts": acc.texts,
+        "events_left": acc.events_left,
+        "usage": acc.usage,
+        "cumulative": acc.cumulative,
+        "finished": acc.finished,
+        "complete_at": acc.complete_at,
+        "done": acc.done,
+    }
+    return state, lane.content_events
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_payload(), min_size=1, max_size=6), st.sampled_from([None, None, 50, 1, 3]))
+def test_plain_content_recorded_in_c_is_what_on_event_records(payloads: list[bytes], max_events: int | None) -> None:
+    in_python, none = _record(payloads, False, max_events)
+    in_c, _ = _record(payloads, True, max_events)
+    assert none == 0
+    assert in_c == in_python
+
+
+def test_a_plain_content_stream_is_recorded_in_c_and_the_rest_in_python() -> None:
+    """The common stream of a chat completion: role, content deltas (ASCII, escaped, UTF-8,
+    a surrogate pair), the finish and usage events, [DONE]. The content goes through C, the
+    rest through on_event, and the record is complete."""
+
+    def chunk(delta: dict, finish: str | None = None, usage: dict | None = None, ascii: bool = False) -> bytes:
+        obj = {"id": "c", "object": "chat.completion.chunk", "model": "m"}
+        obj["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+        if usage is not None:
+            obj["usage"] = usage
+        return json.dumps(obj, ensure_ascii=ascii, separators=(",", ":")).encode()
+
+    payloads = [
+        chunk({"role": "assistant", "content": ""}),
+        chunk({"content": " tok"}),
+        chunk({"content": 'line\n"quoted"'}, ascii=True),
+        chunk({"content": "é😀"}),
+        chunk({"content": "é😀"}, ascii=True),  # \u00e9\ud83d\ude00: two code points
+        chunk({"content": "!"}, finish="stop"),
+        json.dumps({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 5}}).encode(),
+        b"[DONE]",
+    ]
+    in_c, taken = _record(payloads, True, 100)
+    in_python, _ = _record(payloads, False, 100)
+    assert in_c == in_python
+    assert taken == 4  # the four plain content deltas; the role, finish and usage events went to on_event
+    assert in_c["texts"] == [4, 13, 2, 2, 1]
+    assert in_c["chunk_times"] == [1.0, 2.0, 3.0, 4.0, 5.0] and in_c["first_token_time"] == 1.0
+    assert in_c["done"] and in_c["finished"] and in_c["usage"].completion_tokens == 5
+
+
+def test_an_endless_stream_of_plain_content_is_stopped_with_the_same_error() -> None:
+    """The event budget holds on the C path: the event that would exhaust it goes to
+    on_event, which raises the typed error."""
+    payloads = [json.dumps({"choices": [{"delta": {"content": "x"}}]}).encode()] * 10
+    in_c, taken = _record(payloads, True, 4)
+    assert in_c == _record(payloads, False, 4)[0]
+    assert in_c["outcome"][1] is ErrorKind.PROTOCOL and "more than 4 events" in in_c["outcome"][2]
+    assert taken == 4 and in_c["chunk_times"] == [0.0, 1.0, 2.0, 3.0]

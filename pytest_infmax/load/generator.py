@@ -159,7 +159,15 @@ _encode_json = msgspec.json.Encoder().encode
 
 
 class ResponseAccumulator:
-    """Accumulates one SSE response into a record."""
+    """Accumulates one SSE response into a record.
+
+    The C lane records plain content events itself (``PLAIN_CONTENT_IN_C``; _lane.c):
+    what ``on_event`` does for them -- ``events_left``, ``rec.first_token_time``,
+    ``rec.chunk_times``, ``texts`` -- it does on the same fields, so a change here
+    must be made there too (tests/test_lane.py compares the two on generated events).
+    """
+
+    PLAIN_CONTENT_IN_C = True
 
     __slots__ = (
         "rec",

@@ -49,10 +49,14 @@ import httptools
 from pytest_infmax.records import ErrorKind
 
 # The C fast lane for streaming bodies (_lane.c): chunked framing and SSE splitting
-# without a Python call per piece. Optional: without a compiler the package installs
-# without it and the same work runs in Python here; INFMAX_WIRE=python chooses the
-# Python path (for comparison, and for tests that cover both).
+# without a Python call per piece, and plain content events recorded on the sink
+# without one either. Optional: without a compiler the package installs without it
+# and the same work runs in Python here. INFMAX_WIRE chooses, for comparison and for
+# tests that cover each path: "c" (the default: the lane frames and records plain
+# content events), "framing" (the lane frames; every event goes to the Python sink)
+# or "python" (no lane).
 WIRE_ENV = "INFMAX_WIRE"
+WIRE_MODES = ("c", "framing", "python")
 if TYPE_CHECKING:
     from pytest_infmax.load._lane import Lane
 _Lane: type[Lane] | None
@@ -68,9 +72,13 @@ else:
     _LaneError = _BuiltLaneError
 
 
-def fast_lane_available() -> bool:
-    """True when streaming bodies are read by the C fast lane."""
-    return _Lane is not None and os.environ.get(WIRE_ENV, "").strip().lower() != "python"
+def wire_mode() -> str:
+    """How streaming bodies are read: ``INFMAX_WIRE`` (one of ``WIRE_MODES``; empty is
+    "c"), or "python" wherever the C lane is not built."""
+    mode = os.environ.get(WIRE_ENV, "").strip().lower() or "c"
+    if mode not in WIRE_MODES:
+        raise ValueError(f"{WIRE_ENV}={mode!r}: allowed are {', '.join(map(repr, WIRE_MODES))} (the default is 'c')")
+    return "python" if _Lane is None else mode
 
 
 class _SwitchToLane(Exception):
@@ -102,7 +110,15 @@ class StreamError(Exception):
 
 
 class EventSink(Protocol):
-    """Receives a stream's SSE events (``data`` bytes, arrival stamp)."""
+    """Receives a stream's SSE events (``data`` bytes, arrival stamp).
+
+    A sink whose class sets ``PLAIN_CONTENT_IN_C = True`` lets the C lane record plain
+    content events on it without calling ``on_event``: it has ``events_left`` (an int,
+    decremented per event; ``on_event`` raises when it reaches 0), ``texts`` (a list:
+    characters per content event) and ``rec`` (``first_token_time``, ``chunk_times``),
+    and ``on_event`` records such an event exactly so (generator.ResponseAccumulator;
+    _lane.c says which events are plain).
+    """
 
     done: bool  # the sink has seen the end of the stream ([DONE]); later events are ignored
 
@@ -405,7 +421,9 @@ class StreamConnection(asyncio.Protocol):
         body_start = head.find(b"\r\n\r\n") + 4 - (len(head) - len(data))
         decoder = ex.decoder
         assert _Lane is not None  # the pool's fast_lane is set only where the C lane was imported
-        self.lane = lane = _Lane(decoder.sink.on_event, self._lane_block, self._lane_raw, decoder.max_event_bytes)
+        sink = decoder.sink
+        records = sink if self.pool.c_content and getattr(sink, "PLAIN_CONTENT_IN_C", False) else None
+        self.lane = lane = _Lane(sink.on_event, self._lane_block, self._lane_raw, decoder.max_event_bytes, records)
         if body_start < len(data):
             self._lane_feed(lane, data[body_start:], now)
 
@@ -544,7 +562,9 @@ class ConnectionPool:
         )
         self._idle_conns: list[StreamConnection] = []
         self._all: set[StreamConnection] = set()
-        self.fast_lane = fast_lane_available()  # read streaming bodies with the C fast lane
+        mode = wire_mode()
+        self.fast_lane = mode != "python"  # read streaming bodies with the C fast lane
+        self.c_content = mode == "c"  # ... which records plain content events itself
 
     async def acquire(self) -> StreamConnection:
         while self._idle_conns:
