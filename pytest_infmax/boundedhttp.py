@@ -21,27 +21,23 @@ Failures are :class:`HTTPLimitError` (the deadline or the size limit), or the
 ``OSError`` / ``http.client.HTTPException`` of the connection; an HTTP error status
 is not a failure here: the caller reads :attr:`Response.status`.
 
-:func:`aget` is the same GET for an event loop that must not wait on a thread (the
-metrics scraper, whose baseline scrape is taken the moment warm-up ends): aiohttp
-on the caller's session (kept-alive connections), with the same deadline, size
-limit and redirect rule; aiohttp's errors are reported as ``OSError``.
+:func:`aget` is the same GET for an event loop that must not wait on it (the metrics
+scraper, whose baseline scrape is taken the moment warm-up ends): it runs in the
+loop's executor thread, and its failures are ``OSError``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import http.client
 import socket
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 from urllib.parse import urljoin, urlsplit
-
-if TYPE_CHECKING:
-    import aiohttp
 
 DEFAULT_MAX_BYTES = 8 << 20  # /v1/models of a gateway with many models, /sim/stats: far below this
 MAX_REDIRECTS = 5
@@ -120,7 +116,6 @@ def _next_hop(
 
 
 async def aget(
-    session: aiohttp.ClientSession,
     url: str,
     *,
     headers: Mapping[str, str] | None = None,
@@ -128,38 +123,19 @@ async def aget(
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_redirects: int = MAX_REDIRECTS,
 ) -> Response:
-    """:func:`get` on an aiohttp session, in the event loop."""
-    import aiohttp  # only where an event loop scrapes: the readiness check does not need it
+    """:func:`get` for an event loop: the same GET in the loop's default executor thread, so
+    the loop goes on while it waits. A failure of the exchange is an ``OSError``.
 
-    shown = safe_url(url)
-    sent = dict(headers or {})
-    first_origin = _origin(url)
-
-    async def exchange() -> Response:
-        nonlocal url, sent
-        for _hop in range(max_redirects + 1):
-            async with session.get(url, headers=sent, allow_redirects=False) as response:
-                length = response.content_length
-                if length is not None and length > max_bytes:
-                    raise HTTPLimitError(
-                        f"GET {safe_url(url)}: the body is {length} bytes, more than the limit of {max_bytes}"
-                    )
-                location = response.headers.get("Location")
-                body = bytearray()
-                while piece := await response.content.read(min(_READ, max_bytes + 1 - len(body))):
-                    body += piece
-                    if len(body) > max_bytes:
-                        raise HTTPLimitError(f"GET {safe_url(url)}: the body exceeded the limit of {max_bytes} bytes")
-                if response.status not in _REDIRECTS or not location:
-                    return Response(response.status, bytes(body), url)
-            url, sent = _next_hop(url, location, sent, first_origin)
-        raise HTTPLimitError(f"GET {safe_url(url)}: more than {max_redirects} redirects")
-
+    Why not aiohttp here: the one caller, the metrics scraper, reads a page once a second;
+    importing aiohttp and its default SSL context for it cost every run about 0.2 s of CPU
+    (benchmarks/whole_run.py), more than the scrapes themselves. The thread ends by the
+    total deadline of :func:`get` even when the awaiting task is cancelled."""
+    call = functools.partial(
+        get, url, headers=headers, timeout=timeout, max_bytes=max_bytes, max_redirects=max_redirects
+    )
     try:
-        return await asyncio.wait_for(exchange(), timeout)
-    except asyncio.TimeoutError:
-        raise HTTPLimitError(f"GET {shown}: no answer within {timeout:.3g} s (the whole exchange)") from None
-    except aiohttp.ClientError as exc:
+        return await asyncio.get_running_loop().run_in_executor(None, call)
+    except (http.client.HTTPException, ValueError) as exc:
         raise OSError(f"{type(exc).__name__}: {exc}") from None
 
 

@@ -34,10 +34,8 @@ from pytest_infmax import boundedhttp
 from pytest_infmax.lazy import lazy_module
 
 if TYPE_CHECKING:
-    import aiohttp
     from prometheus_client import parser as prometheus_parser
 else:  # imported at first use, not with this module (pytest_infmax/lazy.py)
-    aiohttp = lazy_module("aiohttp")
     prometheus_parser = lazy_module("prometheus_client.parser")
 
 DEFAULT_INTERVAL = 1.0  # seconds between gauge samples during the run
@@ -493,7 +491,6 @@ class Scraper:
         self.timeout = timeout
         self.hint = hint  # added to "unavailable" reasons, e.g. how to turn the endpoint on
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._session: aiohttp.ClientSession | None = None  # kept-alive connections between scrapes
         self._probe: str | None = None  # the text read by open()
         self._failed: str | None = None
         self._baseline: asyncio.Task[str] | None = None
@@ -507,11 +504,9 @@ class Scraper:
         """The page's text; ScrapeError on any failure. The GET is bounded in time (``timeout``
         for the whole exchange) and size (``METRICS_MAX_BYTES``): a server that sends an endless
         page costs neither memory nor more than one timeout (``boundedhttp.aget``)."""
-        if self._session is None:
-            self._session = aiohttp.ClientSession()
         try:
             response = await boundedhttp.aget(
-                self._session, self.url, headers=self._headers, timeout=self.timeout, max_bytes=METRICS_MAX_BYTES
+                self.url, headers=self._headers, timeout=self.timeout, max_bytes=METRICS_MAX_BYTES
             )
         except boundedhttp.HTTPLimitError as exc:
             raise ScrapeError(str(exc)) from None
@@ -657,6 +652,3 @@ class Scraper:
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
