@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -176,6 +177,31 @@ def test_the_plugin_setting_runs_the_workers_on_ray(
     bad = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-sequential")
     assert bad.ret == pytest.ExitCode.USAGE_ERROR
     bad.stderr.fnmatch_lines(["*--infmax-sequential*needs one local load process*INFMAX_RAY = *"])
+
+
+def test_a_wrong_address_fails_at_once_naming_it(pytester: pytest.Pytester) -> None:
+    """A Ray address where nothing listens: the test fails within seconds, naming the address,
+    not after Ray's own two-minute wait for a GCS that never answers."""
+    with socket.socket() as sock:  # a port nothing listens on: bound, then closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    pytester.makepyfile(
+        test_r="""
+        from pytest_infmax import Scenario
+
+        def test_r(infmax):
+            infmax.run(Scenario("tiny", 16, 8), concurrency=2, num_requests=4, warmup=0)
+    """
+    )
+    start = time.monotonic()
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "--infmax-workers", "2", "--infmax-ray", f"127.0.0.1:{port}"
+    )
+    assert time.monotonic() - start < 60  # start-up and the simulator included; Ray's own wait was > 120 s
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [f"*could not connect to the Ray cluster at '127.0.0.1:{port}'*refused*ray start --head*"]
+    )
 
 
 # last in the module: it takes a node out of the shared cluster

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -181,6 +182,32 @@ async def _get(ref: Any, timeout: float | None = None) -> Any:
     return await asyncio.wait_for(asyncio.wrap_future(ref.future()), timeout)
 
 
+# A wrong address fails here at once instead of in Ray's own wait for a GCS that never
+# answers (its retries took over two minutes before ray.init raised).
+ADDRESS_CHECK_TIMEOUT_S = 5.0
+
+
+def check_address(address: str, timeout: float = ADDRESS_CHECK_TIMEOUT_S) -> None:
+    """For an address naming a host and port (``HOST:PORT``, ``ray://HOST:PORT``): something
+    must accept a TCP connection there within ``timeout`` seconds, else ``WorkerError`` naming
+    it. ``auto`` and ``local`` name no port; Ray finds (or starts) those itself."""
+    target = address.removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return
+    host = host.strip("[]")  # an IPv6 literal
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        reason = "no answer" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+        raise WorkerError(
+            f"could not connect to the Ray cluster at {address!r} (ray=, --infmax-ray): {host}:{port}: "
+            f"{reason} within {timeout:g} s; start one with `ray start --head` there, or give the address "
+            "`ray status` prints on a node of it (docs/scale-out.md)"
+        ) from None
+
+
 async def run_on_ray(
     generator_class: Any,
     base_url: str,
@@ -193,6 +220,7 @@ async def run_on_ray(
     ray = import_ray()
     owns = not ray.is_initialized()
     if owns:
+        await asyncio.to_thread(check_address, config.ray)
         try:
             ray.init(
                 address=None if config.ray == "local" else config.ray,
