@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from pytest_infmax.load.generator import LoadGenerator, arrival_offsets
 from pytest_infmax.load.plan import LoadConfig, LoadConfigError, RunRecords
 from pytest_infmax.load.scenarios import Scenario
 from pytest_infmax.load.workers import WorkerError, share
-from pytest_infmax.records import RequestRecord
+from pytest_infmax.records import ErrorKind, RequestRecord
 from pytest_infmax.servers.launch import Server, ServerConfig, running_server
 
 SCENARIO = Scenario("tiny", 32, 16)
@@ -125,10 +126,53 @@ def test_bad_worker_counts_are_refused_up_front() -> None:
         LoadConfig(SCENARIO, concurrency=2, workers=4)
 
 
-def test_stop_early_needs_one_process(server: Server) -> None:
+def test_stop_ends_every_worker_early_and_keeps_what_they_measured(server: Server) -> None:
+    """``stop`` (a dead server, seen by the runner's ServerWatch) reaches every worker
+    process: no new request starts, and the run ends with what they measured."""
+    seen: list[RequestRecord] = []
     gen = LoadGenerator(server.base_url, server.model)
-    with pytest.raises(LoadConfigError, match="needs workers=1"):
-        asyncio.run(gen.run(LoadConfig(SCENARIO, concurrency=2, workers=2), stop=lambda: False))
+    start = time.monotonic()
+    run = asyncio.run(
+        gen.run(
+            LoadConfig(SCENARIO, concurrency=4, duration=120, warmup=0, workers=2),
+            on_record=seen.append,
+            stop=lambda: len(seen) >= 8,
+        )
+    )
+    assert time.monotonic() - start < 30  # not the 120 s asked for
+    assert len(run.records) >= 8 and run.records == sorted(seen, key=lambda r: r.index)
+    assert len(run.records) < 400  # what the workers sent before they were told, not 120 s of it
+    assert {r.error_kind for r in run.records} <= {None, ErrorKind.CANCELLED}
+    assert not _workers_alive()
+    with pytest.raises(LoadConfigError, match="needs local load processes, not Ray actors"):
+        asyncio.run(gen.run(LoadConfig(SCENARIO, concurrency=2, workers=2, ray="local"), stop=lambda: False))
+
+
+def test_a_server_that_dies_mid_run_stops_a_run_over_workers(pytester: pytest.Pytester) -> None:
+    """The dead-server watch of a one-process run holds over worker processes too: before,
+    the workers' closed loops went on for the whole duration against nothing."""
+    pytester.makepyfile(
+        test_d="""
+        import pytest
+
+        @pytest.mark.infmax_server(sim_args="--decode-step-ms 2 --crash-after 20")
+        def test_long(infmax):
+            infmax.run("1k1k-mini", concurrency=2, duration=120, warmup=0)
+    """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-workers", "2", "--infmax-json", "r.json")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*the server died during the run:",
+            "*test_long c=2: the run stopped after * requests (* failed): the server exited with code 1: *",
+        ]
+    )
+    (res,) = json.loads((pytester.path / "r.json").read_text())["results"]
+    assert res["client"]["workers"] == 2
+    assert "the server exited with code 1" in res["server_died"]
+    assert res["metrics"]["duration"] < 30  # stopped within a moment, not after 120 s of refusals
+    result.stdout.fnmatch_lines(["*test_long*FAIL (server died)*"])
 
 
 def test_the_api_key_reaches_workers_through_the_environment_only(

@@ -449,15 +449,14 @@ class LoadGenerator:
         ``config.ray`` over Ray actors on that cluster (``pytest_infmax.load.rayworkers``).
         """
         if (config.workers > 1 or config.ray is not None) and shard is None:
-            if stop is not None:
+            if stop is not None and config.ray is not None:
                 raise LoadConfigError(
-                    "a run that can stop early (sequential comparison) needs workers=1 in this process; got "
-                    f"workers={config.workers}" + (f" on Ray ({config.ray})" if config.ray is not None else "")
+                    f"a run that can stop early needs local load processes, not Ray actors; got ray={config.ray!r}"
                 )
             if config.ray is not None:
                 run = await run_on_ray(type(self), self.base_url, self.model, self._api_key, config, on_record)
             else:
-                run = await run_sharded(self.base_url, self.model, self._api_key, config, on_record)
+                run = await run_sharded(self.base_url, self.model, self._api_key, config, on_record, stop)
             return refuse_bad_token_ids(run)
         clock_origin, epoch_origin = time.perf_counter(), time.time()
         records: list[RequestRecord] = []

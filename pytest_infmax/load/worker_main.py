@@ -40,9 +40,14 @@ async def _worker(stdin: asyncio.StreamReader, out: Callable[[dict[str, Any]], N
 
     run_task: asyncio.Future[Any] | None = None
 
+    stopped = False  # the parent said stop (its run stops early: a dead server)
+
     async def watch_parent() -> None:
+        nonlocal stopped
+        while line := await stdin.readline():
+            if _decode(line).get("kind") == "stop":
+                stopped = True
         # stdin closes when the parent dies: stop rather than load a server for nobody
-        await stdin.read()
         if run_task is not None:
             run_task.cancel()
 
@@ -67,6 +72,7 @@ async def _worker(stdin: asyncio.StreamReader, out: Callable[[dict[str, Any]], N
                 config,
                 on_record=lambda r: pending.append(r.to_dict()),
                 shard=Shard(k, n, wait_start),
+                stop=lambda: stopped,
             )
         )
         run = await run_task

@@ -44,6 +44,7 @@ from pytest_infmax.records import RequestRecord
 _API_KEY_ENV = "INFMAX_WORKER_API_KEY"
 _START_MARGIN = 0.02  # seconds between the start message and the common start
 _LINE_LIMIT = 1 << 28  # one batch of records per line
+_STOP_CHECK_S = 0.25  # how often a run that can stop early asks whether it should
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
@@ -96,8 +97,14 @@ async def run_sharded(
     api_key: str | None,
     config: Any,
     on_record: Callable[[RequestRecord], None] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> Any:
-    """Run ``config`` over ``config.workers`` processes; merged ``RunRecords``."""
+    """Run ``config`` over ``config.workers`` processes; merged ``RunRecords``.
+
+    ``stop`` is asked every ``_STOP_CHECK_S`` seconds once the run started, and after each
+    batch of records: once it answers True every worker is told to stop (no new request
+    starts, those in flight end), and the run ends with what they measured (a dead server:
+    runner.ServerWatch)."""
     n = config.workers
     env = dict(os.environ)
     env.pop(_API_KEY_ENV, None)
@@ -155,13 +162,33 @@ async def run_sharded(
                         records.append(rec)
                         if on_record is not None:
                             on_record(rec)
+                    await check_stop()
                 elif kind == "done":
                     results[k] = msg
                     return
                 elif kind == "error":
                     raise WorkerError(f"load worker {k} of {n} failed: {msg.get('message')}")
 
+        stopping = False
+
+        async def check_stop() -> None:
+            nonlocal stopping
+            if stop is None or stopping or not stop():
+                return
+            stopping = True
+            for proc in procs:
+                if proc.stdin is not None and not proc.stdin.is_closing():
+                    with contextlib.suppress(ConnectionError):
+                        proc.stdin.write(_encode({"kind": "stop"}) + b"\n")
+                        await proc.stdin.drain()
+
+        async def watch_stop() -> None:  # also when no records come (every request hanging)
+            while not stopping:
+                await asyncio.sleep(_STOP_CHECK_S)
+                await check_stop()
+
         followers = [asyncio.ensure_future(follow(k, p)) for k, p in enumerate(procs)]
+        watcher: asyncio.Future[None] | None = None
         try:
             # every shard warmed up and connected: one start for all
             waiting = asyncio.ensure_future(asyncio.gather(*ready))
@@ -177,11 +204,14 @@ async def run_sharded(
                 assert proc.stdin is not None
                 proc.stdin.write(_encode({"kind": "start", "at": start_at}) + b"\n")
                 await proc.stdin.drain()
+            watcher = asyncio.ensure_future(watch_stop()) if stop is not None else None
             await asyncio.gather(*followers)
         finally:
             for f in followers:
                 f.cancel()
-            await asyncio.gather(*followers, return_exceptions=True)
+            if watcher is not None:
+                watcher.cancel()
+            await asyncio.gather(*followers, *([watcher] if watcher is not None else []), return_exceptions=True)
     finally:
         for proc in procs:
             if proc.returncode is None:

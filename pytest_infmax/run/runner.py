@@ -371,8 +371,8 @@ class Infmax:
         )
         if seq is not None:
             watchers.append(_feed_sequential(seq))
-        # a dead server stops the run (one process only: a sharded run cannot stop early yet)
-        watch = ServerWatch(self.server) if plan.config.workers == 1 and plan.config.ray is None else None
+        # a dead server stops the run (in this process or its worker processes; Ray actors are not told)
+        watch = ServerWatch(self.server) if plan.config.ray is None else None
         if watch is not None:
             watchers.append(watch.on_record)
 
