@@ -27,7 +27,7 @@ from pytest_infmax.load.plan import LoadConfig, LoadConfigError, RunRecords
 from pytest_infmax.load.rayworkers import WorkerLost
 from pytest_infmax.load.scenarios import Scenario
 from pytest_infmax.load.workloads import Sessions
-from pytest_infmax.records import RequestRecord
+from pytest_infmax.records import ErrorKind, RequestRecord
 from pytest_infmax.servers.launch import Server, ServerConfig, running_server
 
 ray_cluster_utils = pytest.importorskip(
@@ -145,6 +145,26 @@ def test_open_loop_on_ray_keeps_the_single_process_schedule(cluster: Any, server
     sends = sorted(r.send_time for r in three.records)
     transit = [a - s for a, s in zip(arrivals, sends)]
     assert len(arrivals) == 24 and min(transit) > -0.0005 and sorted(transit)[12] < 0.002, transit
+
+
+@pytest.mark.slow
+def test_stop_halts_every_actor_and_keeps_what_they_measured(cluster: Any, server: Server) -> None:
+    """``stop`` (a dead server, seen by the runner's ServerWatch) reaches every actor: no new
+    request starts, and the run ends with what they measured, as over worker processes."""
+    seen: list[RequestRecord] = []
+    gen = LoadGenerator(server.base_url, server.model)
+    start = time.monotonic()
+    run = asyncio.run(
+        gen.run(
+            LoadConfig(SCENARIO, concurrency=3, duration=120, warmup=0, workers=3, ray=cluster.address),
+            on_record=seen.append,
+            stop=lambda: len(seen) >= 9,
+        )
+    )
+    assert time.monotonic() - start < 60  # not the 120 s asked for
+    assert len(run.records) >= 9 and len(run.records) < 600
+    assert {r.error_kind for r in run.records} <= {None, ErrorKind.CANCELLED}
+    assert run.client is not None and run.client.workers == 3
 
 
 def test_ray_runs_independent_requests_only() -> None:

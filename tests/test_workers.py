@@ -144,8 +144,6 @@ def test_stop_ends_every_worker_early_and_keeps_what_they_measured(server: Serve
     assert len(run.records) < 400  # what the workers sent before they were told, not 120 s of it
     assert {r.error_kind for r in run.records} <= {None, ErrorKind.CANCELLED}
     assert not _workers_alive()
-    with pytest.raises(LoadConfigError, match="needs local load processes, not Ray actors"):
-        asyncio.run(gen.run(LoadConfig(SCENARIO, concurrency=2, workers=2, ray="local"), stop=lambda: False))
 
 
 def test_a_server_that_dies_mid_run_stops_a_run_over_workers(pytester: pytest.Pytester) -> None:

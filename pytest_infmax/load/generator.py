@@ -449,12 +449,8 @@ class LoadGenerator:
         ``config.ray`` over Ray actors on that cluster (``pytest_infmax.load.rayworkers``).
         """
         if (config.workers > 1 or config.ray is not None) and shard is None:
-            if stop is not None and config.ray is not None:
-                raise LoadConfigError(
-                    f"a run that can stop early needs local load processes, not Ray actors; got ray={config.ray!r}"
-                )
             if config.ray is not None:
-                run = await run_on_ray(type(self), self.base_url, self.model, self._api_key, config, on_record)
+                run = await run_on_ray(type(self), self.base_url, self.model, self._api_key, config, on_record, stop)
             else:
                 run = await run_sharded(self.base_url, self.model, self._api_key, config, on_record, stop)
             return refuse_bad_token_ids(run)

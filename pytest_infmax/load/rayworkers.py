@@ -110,6 +110,7 @@ class ShardActor:
         self._started = asyncio.Event()
         self._start: float | None = None  # the common start on this host's perf_counter
         self._task: asyncio.Future[RunRecords] | None = None
+        self._halted = False  # the driver said stop: no new request starts (a dead server)
 
     def where(self) -> dict[str, str]:
         import ray
@@ -136,6 +137,7 @@ class ShardActor:
                 config_from_json(spec["config"]),
                 on_record=lambda rec: self._pending.append(rec),  # _drain swaps the list
                 shard=Shard(k, n, wait_start),
+                stop=lambda: self._halted,
             )
         )
         ready = asyncio.ensure_future(self._ready.wait())
@@ -157,6 +159,10 @@ class ShardActor:
 
     async def take(self) -> bytes:
         return _encode(self._drain())
+
+    async def halt(self) -> None:
+        """No new request starts; those in flight end, and ``finish`` returns."""
+        self._halted = True
 
     async def finish(self) -> bytes:
         assert self._task is not None and self._start is not None
@@ -215,8 +221,12 @@ async def run_on_ray(
     api_key: str | None,
     config: Any,
     on_record: Callable[[RequestRecord], None] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> RunRecords:
-    """Run ``config`` over ``config.workers`` Ray actors on the cluster at ``config.ray``; merged ``RunRecords``."""
+    """Run ``config`` over ``config.workers`` Ray actors on the cluster at ``config.ray``; merged ``RunRecords``.
+
+    ``stop`` is asked every ``POLL_SECONDS`` once the run started: once it answers True
+    every actor is told to halt (no new request starts), as worker processes are."""
     ray = import_ray()
     owns = not ray.is_initialized()
     if owns:
@@ -288,6 +298,7 @@ async def run_on_ray(
         await asyncio.gather(*(each(k, a.go.remote(start_epoch), PLACEMENT_TIMEOUT) for k, a in enumerate(actors)))
         finishing = {k: asyncio.ensure_future(each(k, a.finish.remote())) for k, a in enumerate(actors)}
         parts: dict[int, dict[str, Any]] = {}
+        halted = False
         try:
             while finishing:
                 done, _ = await asyncio.wait(finishing.values(), timeout=POLL_SECONDS)
@@ -302,6 +313,11 @@ async def run_on_ray(
                         parts[k] = done_msg
                 for k in list(finishing):
                     keep(_decode(await each(k, actors[k].take.remote(), PLACEMENT_TIMEOUT)))
+                if stop is not None and not halted and stop():
+                    halted = True
+                    await asyncio.gather(
+                        *(each(k, actors[k].halt.remote(), PLACEMENT_TIMEOUT) for k in list(finishing))
+                    )
         except WorkerLost as lost:
             # what the other actors measured until now is kept too
             for k in list(finishing):

@@ -371,8 +371,8 @@ class Infmax:
         )
         if seq is not None:
             watchers.append(_feed_sequential(seq))
-        # a dead server stops the run (in this process or its worker processes; Ray actors are not told)
-        watch = ServerWatch(self.server) if plan.config.ray is None else None
+        # a dead server stops the run (in this process, its worker processes or its Ray actors)
+        watch = ServerWatch(self.server)
         if watch is not None:
             watchers.append(watch.on_record)
 
