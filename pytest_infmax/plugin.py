@@ -823,7 +823,7 @@ class ResultCollector:
         state = self.state
         if not state.rows:
             return
-        from pytest_infmax.reports.table import capacity_lines, format_table
+        from pytest_infmax.reports.table import capacity_lines, format_table, turns_table
 
         terminalreporter = _RedactingWriter(terminalreporter)
         terminalreporter.write_sep("=", "infmax results")
@@ -836,6 +836,10 @@ class ResultCollector:
         for row in state.rows:  # the client's TTFT well above the server's own (servermetrics)
             if row.get("client_overhead_note"):
                 terminalreporter.write_line(f"infmax: {row['test']} {row['load']}: {row['client_overhead_note']}")
+        turns = turns_table(state.rows)
+        if turns:  # multi-turn sessions: how each turn fared (a later turn's TTFT shows prefix reuse)
+            terminalreporter.write_sep("-", "infmax turns")
+            terminalreporter.write_line(turns)
         capacities = [s for s in state.sweeps if s.get("capacity")]
         if capacities:
             terminalreporter.write_sep("-", "infmax capacity")

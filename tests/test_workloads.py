@@ -234,3 +234,48 @@ def test_a_duration_ends_closed_loop_sessions_before_any_next_turn(cached_sim: S
     # no turn is sent once the duration is over (a turn already sent runs to its end)
     assert max(r.send_time for r in records) - start < 0.4 + 0.02
     assert {r.session for r in records} == {0, 1} and max(r.turn or 0 for r in records) < 50
+
+
+def test_every_report_shows_each_turn_of_a_multi_turn_run(pytester: pytest.Pytester) -> None:
+    """A multi-turn run's per-turn figures (TTFT falling once the history is cached) reach the
+    terminal, Markdown and HTML, one line a turn; a run without turns adds no such section."""
+    pytester.makepyfile(
+        test_turns="""
+        import pytest
+
+        from pytest_infmax import Scenario, Sessions
+
+        TURN = Scenario("turn", isl=64, osl=16, range_ratio=1.0)
+
+
+        @pytest.mark.infmax_server(sim_args="--enable-prefix-caching --prefill-ms-per-1k-tokens 100")
+        def test_turns(infmax):
+            sessions = Sessions(turns=3, think_time=0.02, prefixes=1000, prefix_len=512)
+            infmax.run(TURN, concurrency=2, num_requests=6, warmup=0, workload=sessions)
+
+
+        def test_plain(infmax):
+            infmax.run(TURN, concurrency=2, num_requests=2, warmup=0)
+        """
+    )
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "--infmax-markdown", "s.md", "--infmax-html", "r.html"
+    )
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*- infmax turns -*",
+            "test *load*turn*reqs*TTFT p50 ms*TTFT p99 ms*E2E p50 ms*mean prompt tokens*designed prefix reuse",
+            "*test_turns*c=2 3-turn*1*2*",
+            "*test_turns*c=2 3-turn*2*2*",
+            "*test_turns*c=2 3-turn*3*2*",
+        ]
+    )
+    turn_lines = [line for line in result.stdout.lines if "3-turn" in line and line.split()[-1].endswith("%")]
+    assert len(turn_lines) == 3  # one a turn; test_plain has none
+    markdown = (pytester.path / "s.md").read_text()
+    assert "### Turns" in markdown
+    for k in (1, 2, 3):
+        assert f"| `test_turns.py::test_turns` | c=2 3-turn | {k} | 2 |" in markdown
+    html = (pytester.path / "r.html").read_text()
+    assert '<h2 id="turns">Turns</h2>' in html and html.count("c=2 3-turn</td>") >= 3

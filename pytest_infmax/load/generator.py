@@ -28,7 +28,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -432,6 +432,7 @@ class LoadGenerator:
         stop: Callable[[], bool] | None = None,
         *,
         shard: Shard | None = None,
+        before_measured: Callable[[], Awaitable[None]] | None = None,
         on_interrupted: Callable[[RunRecords], None] | None = None,
     ) -> RunRecords:
         """Run warm-up then the measured phase; return every record.
@@ -439,6 +440,10 @@ class LoadGenerator:
         ``stop`` is asked before each measured request is sent: once it answers
         True no new request starts (those in flight finish). Sequential
         comparisons use it to end a run whose verdict is settled.
+
+        ``before_measured`` is awaited after warm-up, right before the measured phase
+        starts (one process only): the runner reads the server's metrics there, so
+        their baseline holds no measured request.
 
         A run cancelled (Ctrl-C) during its measured phase hands ``on_interrupted``
         what it has, before the cancellation goes on: every record that ended, and
@@ -487,6 +492,8 @@ class LoadGenerator:
             # warm connections: the measured phase pays no TCP handshakes (open loop:
             # as many as max_concurrency allows, else a first batch)
             await pool.prefill(min(width or 64, 4096))
+            if before_measured is not None:  # e.g. the server's metrics read at the phase's very start
+                await before_measured()
             if shard is not None:  # every shard starts its measured phase at one instant
                 measured_start = await shard.start_time()
                 # libuv's timers have millisecond resolution and may wake early: wait out the rest

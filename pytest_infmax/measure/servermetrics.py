@@ -548,6 +548,15 @@ class Scraper:
         )
         self._sampler = asyncio.ensure_future(self._sample_gauges())
 
+    async def measured_phase_starts(self) -> None:
+        """The measured phase starts now (the load generator's ``before_measured``): the
+        baseline scrape, begun here or at the end of warm-up, is awaited, so that it holds
+        no measured request. Its failure is reported by ``finish``."""
+        self.begin()
+        if self._baseline is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._baseline), timeout=self.timeout + 1.0)
+
     def on_record(self, rec: Any) -> None:
         """The load generator's record callback (a ``RequestRecord``)."""
         if getattr(rec, "warmup", False):

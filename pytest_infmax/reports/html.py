@@ -40,11 +40,13 @@ from pytest_infmax.reports.markdown import (
     server_cells,
 )
 from pytest_infmax.reports.rows import (
+    TURN_COLUMNS,
     VerdictTally,
     failed_verdicts,
     figure_cell,
     load_label,
     result_row,
+    turn_cells,
     verdict_text,
 )
 
@@ -190,6 +192,8 @@ def render_html(
         parts.append(_sweeps_section(results, sweeps))
     if any((r.get("energy") or {}).get("measured") for r in results):
         parts.append(_energy_section(results))
+    if any(r["turns"] for r in rows):
+        parts.append(_turns_section(rows))
     if any(r["server_available"] for r in rows):
         parts.append(_server_section(rows))
     parts.append(_details_section(results))
@@ -425,6 +429,21 @@ def _energy_section(results: Sequence[Result]) -> str:
         "(output) tokens, as cost per input/output token is computed.</p>"
     )
     return '<h2 id="energy">Energy</h2>' + _table(headers, body, "energy") + note
+
+
+def _turns_section(rows: list[dict[str, Any]]) -> str:
+    body = [
+        [(_e(row["test"]), "test"), (_e(row["load"]), ""), *((_e(c), "num") for c in turn_cells(turn))]
+        for row in rows
+        for turn in row["turns"]
+    ]
+    headers = ["test", "load", *(h for _, h, _ in TURN_COLUMNS)]
+    note = (
+        '<p class="note">Multi-turn sessions, one line a turn: TTFT over the turn\'s successful requests; '
+        "a later turn's prompt holds the whole conversation so far, and its designed prefix reuse is "
+        "the share of it that repeats an earlier prompt's start.</p>"
+    )
+    return '<h2 id="turns">Turns</h2>' + _table(headers, body, "turns") + note
 
 
 def _server_section(rows: list[dict[str, Any]]) -> str:

@@ -31,12 +31,14 @@ from pytest_infmax.baselines.compare import COMPARISON_HEADERS, comparison_cells
 from pytest_infmax.measure.cost import Price
 from pytest_infmax.measure.registry import METRICS, SCALAR_METRICS
 from pytest_infmax.reports.rows import (
+    TURN_COLUMNS,
     VerdictTally,
     base_name,
     failed_verdicts,
     figure_cell,
     range_text,
     result_row,
+    turn_cells,
     verdict_text,
 )
 
@@ -235,6 +237,9 @@ def markdown_summary(
     elif energy_rows:  # say why once, rather than a column of "not measured"
         reasons = sorted({str(r["energy"].get("reason") or "unknown") for r in energy_rows})
         out += ["", "Energy: not measured (" + "; ".join(md_text(x) for x in reasons) + ")."]
+    if any(r["turns"] for r in rows):
+        out += ["", "### Turns", ""]
+        out += _turns_table(rows)
     server_rows = [r for r in rows if r["server_available"]]
     if server_rows:
         out += ["", "### Server-side metrics", ""]
@@ -379,6 +384,19 @@ SERVER_NOTE = (
     "known only to lie inside one histogram bucket, so it is shown as that bucket; gauges sampled "
     "during the run."
 )
+
+
+def _turns_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Multi-turn runs, one line a turn."""
+    out = [
+        "| test | load | " + " | ".join(h for _, h, _ in TURN_COLUMNS) + " |",
+        "|---|---|" + "--:|" * len(TURN_COLUMNS),
+    ]
+    for row in rows:
+        for turn in row["turns"]:
+            cells = [md_code(row["test"]), md_text(row["load"]), *(md_text(c) for c in turn_cells(turn))]
+            out.append("| " + " | ".join(cells) + " |")
+    return out
 
 
 def _server_table(rows: list[dict[str, Any]]) -> list[str]:

@@ -212,7 +212,54 @@ def result_row(result: Result, price: Price | Mapping[str, Any] | None = None) -
         "reasons": reasons,
         "baseline": (result.get("outcome") or {}).get("baseline"),
         "figures": figures(result),
+        "turns": turn_rows(m),
     }
+
+
+# Multi-turn sessions: each turn's figures (metrics.turns), one line a turn in every report
+# (terminal, Markdown, HTML): (key in turn_rows' dicts, header, format).
+TURN_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("turn", "turn", "d"),
+    ("requests", "reqs", "d"),
+    ("ttft_p50_ms", "TTFT p50 ms", ".1f"),
+    ("ttft_p99_ms", "TTFT p99 ms", ".1f"),
+    ("e2e_p50_ms", "E2E p50 ms", ".1f"),
+    ("mean_prompt_tokens", "mean prompt tokens", ".0f"),
+    ("designed_prefix_reuse", "designed prefix reuse", "%"),
+)
+
+
+def turn_rows(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """A multi-turn run's figures per turn (empty for any other run)."""
+    return [
+        {
+            "turn": t.get("turn"),
+            "requests": t.get("num_requests"),
+            "ok": t.get("num_ok"),
+            "ttft_p50_ms": _stat(t, "ttft", "p50", 1000.0),
+            "ttft_p99_ms": _stat(t, "ttft", "p99", 1000.0),
+            "e2e_p50_ms": _stat(t, "e2e", "p50", 1000.0),
+            "mean_prompt_tokens": t.get("mean_prompt_tokens"),
+            "designed_prefix_reuse": t.get("designed_prefix_reuse"),
+        }
+        for t in metrics.get("turns") or ()
+    ]
+
+
+def turn_cells(turn: Mapping[str, Any]) -> list[str]:
+    """One turn's cells, in TURN_COLUMNS' order, as text ("n/a": not measured)."""
+    cells = []
+    for key, _, spec in TURN_COLUMNS:
+        value = turn.get(key)
+        if key == "requests" and turn.get("ok") != value:
+            cells.append(f"{turn.get('ok')}/{value}")
+        elif value is None:
+            cells.append("n/a")
+        elif spec == "%":
+            cells.append(f"{value * 100:.0f}%")
+        else:
+            cells.append(format(value, spec))
+    return cells
 
 
 def server_figures(result: Result) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from pytest_infmax.reports.rows import range_text, verdict_text
+from pytest_infmax.reports.rows import TURN_COLUMNS, range_text, turn_cells, verdict_text
 
 COLUMNS: tuple[tuple[str, str, str], ...] = (
     # (key in summary, header, format)
@@ -78,6 +78,20 @@ def format_table(rows: Sequence[dict[str, Any]], max_test_width: int = 48) -> st
     out = [fmt_line(headers), "  ".join("-" * w for w in widths)]
     out.extend(fmt_line(c) for c in cells)
     return "\n".join(out)
+
+
+def turns_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Multi-turn runs, one line a turn (rows without turns are left out; empty if none has)."""
+    lines = [[row["test"], row["load"], *turn_cells(turn)] for row in rows for turn in row.get("turns") or ()]
+    if not lines:
+        return ""
+    headers = ["test", "load", *(h for _, h, _ in TURN_COLUMNS)]
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(headers)]
+
+    def fmt_line(items: Sequence[str]) -> str:
+        return "  ".join(s.ljust(w) if i < 2 else s.rjust(w) for i, (s, w) in enumerate(zip(items, widths)))
+
+    return "\n".join([fmt_line(headers), "  ".join("-" * w for w in widths), *map(fmt_line, lines)])
 
 
 def capacity_lines(sweeps: Sequence[dict[str, Any]]) -> list[str]:

@@ -404,6 +404,11 @@ class Infmax:
                 on_record=on_record if watchers else None,
                 stop=stop if watch is not None or seq is not None else None,
                 on_interrupted=lambda partial: keep_partial(partial, "the run was interrupted"),
+                before_measured=(
+                    scraper.measured_phase_starts
+                    if scraper is not None and plan.config.workers == 1 and plan.config.ray is None
+                    else None
+                ),
             )
         except BaseException as exc:
             if isinstance(exc, WorkerLost) and exc.partial is not None:
