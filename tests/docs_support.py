@@ -119,6 +119,7 @@ POLICY: tuple[Rule, ...] = (
         "60 fresh simulator starts: 1.5 (--quick) to 4.5 minutes",
     ),
     Rule(("python", "benchmarks/loop_stall.py"), Action.FLAGS, "starts real vLLM (make vllm); about a minute a run"),
+    Rule(("python", "benchmarks/server_ttft.py"), Action.FLAGS, "a simulator start per run: about a minute"),
     Rule(
         ("pytest",),
         Action.FLAGS,
