@@ -34,6 +34,11 @@ Reported, in milliseconds:
     .venv/bin/python benchmarks/timing_truth.py             # 64 and 256 streams, ~1.5 min on 2 cores
     .venv/bin/python benchmarks/timing_truth.py --no-wire   # the simulator's trace only
     .venv/bin/python benchmarks/timing_truth.py --workers 2 # the same over two load processes
+    .venv/bin/python benchmarks/timing_truth.py --repeat 3  # 3 interleaved runs: median [min-max]
+
+With ``--repeat N`` the stream counts are interleaved (64, 256, 64, 256, ...), each run
+a fresh simulator, and a last table gives each figure's median over the runs with its
+range; the load average at each run's start is printed beside it.
 
 By default the server gets the first CPU and the client the others (``--no-pin``
 lets the OS place them): on a 2-core machine the kernel otherwise wakes the
@@ -263,6 +268,38 @@ def _cell(stats: dict) -> str:
     return f"{stats['p50']:.3f} / {stats['p99']:.3f} / {stats['max']:.2f}" if stats["n"] else "-"
 
 
+def _spread(values: list[float], digits: int) -> str:
+    """median [min-max] of one figure over the runs."""
+    return f"{np.median(values):.{digits}f} [{min(values):.{digits}f}–{max(values):.{digits}f}]"
+
+
+def _print_medians(rows: list[dict], streams: list[int], wire: bool) -> None:
+    """Each figure's p50 and p99, median [min-max] over the runs of each stream count."""
+    truth, keys = (
+        ("wire", ("chunk", "itl", "first", "ttft", "read_lag"))
+        if wire
+        else ("sim", ("chunk", "itl", "first", "ttft", "trip"))
+    )
+    names = {
+        "chunk": "chunk stamp error",
+        "itl": "ITL error",
+        "first": "first-token stamp error",
+        "ttft": "TTFT error",
+        "read_lag": "server read lag (arrival - wire)",
+        "trip": "request trip (send to server arrival)",
+    }
+    runs = max(r["run"] for r in rows)
+    against = "the wire" if wire else "the simulator's trace"
+    print(f"\nAgainst {against}, median [min-max] of {runs} interleaved runs, ms p50 / p99:\n")
+    print("| streams | " + " | ".join(names[k] for k in keys) + " | load average |")
+    print("|--:|" + "--|" * len(keys) + "--:|")
+    for n in streams:
+        mine = [r for r in rows if r["streams"] == n and r.get(truth)]
+        cells = [" / ".join(_spread([r[truth][k][q] for r in mine], 3) for q in ("p50", "p99")) for k in keys]
+        load = _spread([r["load_average"] for r in mine], 1)
+        print(f"| {n} | " + " | ".join(cells) + f" | {load} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--streams", type=int, nargs="+", default=[64, 256])
@@ -282,6 +319,13 @@ def main() -> None:
         help="the simulator's decode step: one chunk per stream per step (default: %(default)g)",
     )
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs of every stream count, interleaved (64, 256, 64, 256, ...); with more than one, "
+        "a last table gives each figure's median [min-max] over the runs (default: %(default)s)",
+    )
     p.add_argument(
         "--no-pin",
         action="store_true",
@@ -312,8 +356,11 @@ def main() -> None:
         f"event loop: {os.environ.get('INFMAX_EVENT_LOOP', 'uvloop')}, workers: {args.workers}, "
         f"wire capture: {'on' if wire else 'off'}, simulator's stream writer: {args.sim_wire}"
     )
+    if args.repeat < 1:
+        raise SystemExit(f"--repeat must be at least 1, got {args.repeat}")
     rows = []
-    for streams in args.streams:
+    for run, streams in [(run, s) for run in range(1, args.repeat + 1) for s in args.streams]:
+        load = os.getloadavg()[0]
         row = measure(
             streams,
             args.rounds,
@@ -326,9 +373,10 @@ def main() -> None:
             wire_cpus=args.wire_cpus,
             sse_writer=args.sim_wire,
         )
+        row["run"], row["load_average"] = run, load
         rows.append(row)
         print(
-            f"  streams={streams}: {row['requests']} requests matched to the trace ({row['unmatched']} "
+            f"  run {run}, streams={streams} (load average {load:.1f}): {row['requests']} requests matched to the trace ({row['unmatched']} "
             f"unmatched, {row['errors']} errors); client loop lag p99 {row['loop_lag_p99_ms']:.2f} ms, "
             f"CPU {row['cpu_utilisation']:.0%}",
             flush=True,
@@ -350,13 +398,13 @@ def main() -> None:
         "data_received), ms p50 / p99 / max:\n"
     )
     print(
-        "| streams | chunk stamp error | ITL error | first-token stamp error | TTFT error | "
+        "| run | streams | chunk stamp error | ITL error | first-token stamp error | TTFT error | "
         "request trip (send to server arrival) | server front-end queue (handler start - arrival) |"
     )
-    print("|--:|--|--|--|--|--|--|")
+    print("|--:|--:|--|--|--|--|--|--|")
     for r in rows:
         print(
-            f"| {r['streams']} | "
+            f"| {r['run']} | {r['streams']} | "
             + " | ".join(_cell(r["sim"][k]) for k in ("chunk", "itl", "first", "ttft", "trip", "queue"))
             + " |"
         )
@@ -364,13 +412,13 @@ def main() -> None:
     if wired:
         print("\nAgainst the wire (kernel timestamps of the loopback packets), ms p50 / p99 / max:\n")
         print(
-            "| streams | chunk stamp error | ITL error | first-token stamp error | send stamp error | "
+            "| run | streams | chunk stamp error | ITL error | first-token stamp error | send stamp error | "
             "TTFT error | server read lag (arrival - wire) | handler start - wire |"
         )
-        print("|--:|--|--|--|--|--|--|--|")
+        print("|--:|--:|--|--|--|--|--|--|--|")
         for r in wired:
             print(
-                f"| {r['streams']} | "
+                f"| {r['run']} | {r['streams']} | "
                 + " | ".join(
                     _cell(r["wire"][k]) for k in ("chunk", "itl", "first", "send", "ttft", "read_lag", "queue")
                 )
@@ -378,9 +426,11 @@ def main() -> None:
             )
         print(
             "\n(server write stamp - wire, every chunk: "
-            + ", ".join(f"{r['streams']}: {_cell(r['wire']['server_write'])}" for r in wired)
+            + ", ".join(f"run {r['run']} {r['streams']}: {_cell(r['wire']['server_write'])}" for r in wired)
             + ")"
         )
+    if args.repeat > 1:
+        _print_medians(rows, args.streams, wire=bool(wired) and len(wired) == len(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

@@ -39,6 +39,7 @@ import textwrap
 import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +112,15 @@ POLICY: tuple[Rule, ...] = (
         "starts real vLLM (make vllm) and takes 3 to 10 minutes; tests/test_vllm.py covers what it compares",
     ),
     Rule(("python", "benchmarks/regression_error_rates_history.py"), Action.FLAGS, "takes 3 to 20 minutes"),
+    Rule(("python", "benchmarks/regression_error_rates.py"), Action.FLAGS, "takes 40 s (--quick) to 3 minutes"),
+    Rule(
+        ("python", "benchmarks/regression_error_rates_sim.py"),
+        Action.FLAGS,
+        "60 fresh simulator starts: 1.5 (--quick) to 4.5 minutes",
+    ),
+    Rule(("python", "benchmarks/loop_stall.py"), Action.FLAGS, "starts real vLLM (make vllm); about a minute a run"),
+    Rule(("python", "benchmarks/server_ttft.py"), Action.FLAGS, "a simulator start per run: about a minute"),
+    Rule(("python", "benchmarks/micro.py"), Action.FLAGS, "a timing: about 30 s of interleaved rounds"),
     Rule(
         ("pytest",),
         Action.FLAGS,
@@ -263,6 +273,18 @@ def run_command(argv: Sequence[str], cwd: Path, timeout: float = COMMAND_TIMEOUT
 
 
 _help_cache: dict[tuple[str, ...], Completed] = {}
+
+
+def prefetch_help(commands: Iterable[Sequence[str]], cwd: Path) -> None:
+    """Run the ``--help`` of every command's program at once, each in its own process, into
+    the cache :func:`missing_flags` reads (so that checking many programs takes as long as
+    the slowest one, not their sum)."""
+    pending = sorted({tuple(help_command(argv)[0]) for argv in commands} - _help_cache.keys())
+    if not pending:
+        return
+    with ThreadPoolExecutor(max_workers=len(pending)) as pool:
+        for key, done in zip(pending, pool.map(lambda key: run_command(resolve(key), cwd), pending)):
+            _help_cache[key] = done
 
 
 def missing_flags(argv: Sequence[str], cwd: Path) -> str | None:
