@@ -18,7 +18,10 @@ connections (the engine's figures include both), and reports:
   CLOCK_MONOTONIC. It holds the server's read lag (bytes waiting in its socket while its
   loop writes everyone else's events) and the client's own delay;
 * send to arrival: the request's trip from the client's send stamp to the simulator's
-  ``data_received`` (its read lag, mostly);
+  arrival stamp (the loop's poll that found its first bytes readable: its read lag, mostly);
+* front-end queue: the trace's handler start minus its arrival (the request parsed, then
+  waiting for its turn at the simulator's front door, sim/frontdoor.py); inside the
+  trace's TTFT, so not in the TTFT error;
 * chunk error: every content event, client stamp - the trace's write stamp;
 * the simulator's CPU seconds over the run, and per content (SSE) event written, split
   into user and kernel time (the kernel's part is mostly the loopback TCP send of each
@@ -125,6 +128,7 @@ def measure(streams: int, writer: str, args: argparse.Namespace, sim_args: list[
                 os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
     ttft_error: list[float] = []
     trip: list[float] = []
+    queue: list[float] = []
     chunk_error: list[float] = []
     events = 0
     for truth in trace.values():
@@ -139,6 +143,8 @@ def measure(streams: int, writer: str, args: argparse.Namespace, sim_args: list[
         server_chunks = truth["chunk_mono"]
         ttft_error.append((rec.chunk_times[0] - rec.send_time) - (server_chunks[0] - truth["arrival_mono"]))
         trip.append(truth["arrival_mono"] - rec.send_time)
+        if truth.get("handler_mono") is not None:
+            queue.append(truth["handler_mono"] - truth["arrival_mono"])
         chunk_error += [c - s for c, s in zip(rec.chunk_times, server_chunks)]
     lateness, writes = stats["lateness_ms"], stats["write_lateness_ms"]
     return {
@@ -159,6 +165,8 @@ def measure(streams: int, writer: str, args: argparse.Namespace, sim_args: list[
         "ttft_error_p99_ms": _pct(ttft_error, 99) * 1e3,
         "trip_p50_ms": _pct(trip, 50) * 1e3,
         "trip_p99_ms": _pct(trip, 99) * 1e3,
+        "queue_p50_ms": _pct(queue, 50) * 1e3,
+        "queue_p99_ms": _pct(queue, 99) * 1e3,
         "chunk_error_p50_ms": _pct(chunk_error, 50) * 1e3,
         "chunk_error_p99_ms": _pct(chunk_error, 99) * 1e3,
         "sim_cpu_s": server_cpu,
@@ -181,6 +189,8 @@ _COLUMNS = (
     ("ttft_error_p99_ms", "TTFT error p99"),
     ("trip_p50_ms", "send to arrival p50"),
     ("trip_p99_ms", "send to arrival p99"),
+    ("queue_p50_ms", "front-end queue p50"),
+    ("queue_p99_ms", "front-end queue p99"),
     ("chunk_error_p50_ms", "chunk error p50"),
     ("chunk_error_p99_ms", "chunk error p99"),
     ("sim_cpu_s", "sim CPU s"),

@@ -71,6 +71,7 @@ from pytest_infmax.sim.faults import (
     FaultSpec,
     FaultSpecError,
 )
+from pytest_infmax.sim.frontdoor import FrontDoor, poll_clock
 from pytest_infmax.sim.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from pytest_infmax.sim.metrics import SimMetrics
 from pytest_infmax.sim.noise import noise_of
@@ -325,8 +326,14 @@ def _max_tokens(body: dict[str, Any], names: tuple[str, ...]) -> int:
     return DEFAULT_MAX_TOKENS
 
 
+def _all_ints(values: list[Any]) -> bool:
+    """Every item an int (not a bool); at C speed for a JSON list of plain ints (a prompt's
+    ids are checked on the request's way in, where a Python loop over them cost ~40 us)."""
+    return set(map(type, values)) <= {int} or all(_is_int(item) for item in values)
+
+
 def _token_id_list(value: list[Any], param: str, vocab_size: int | None = None) -> int:
-    if not all(_is_int(token) and token >= 0 for token in value):
+    if not _all_ints(value) or (value and min(value) < 0):
         raise ApiError(400, f"'{param}': token ids must be non-negative integers", param=param)
     if vocab_size is not None and value and max(value) >= vocab_size:
         raise ApiError(400, f"Token id {max(value)} is out of vocabulary", param=param)
@@ -342,7 +349,7 @@ def completion_prompt_tokens(prompt: Any, vocab_size: int | None = None) -> int:
         raise _bad_field("prompt", "a string, a list of token ids, or a one-element list of those", prompt)
     if not prompt:
         raise ApiError(400, "'prompt': must not be empty", param="prompt")
-    if all(_is_int(item) for item in prompt):
+    if _all_ints(prompt):
         return _token_id_list(prompt, "prompt", vocab_size)
     if all(isinstance(item, (str, list)) for item in prompt):
         if len(prompt) != 1:
@@ -1032,6 +1039,7 @@ class _FastSseStream:
 
 
 OUTBOX_KEY = web.AppKey("infmax_sim_outbox", _Outbox)
+FRONT_DOOR_KEY = web.AppKey("infmax_sim_front_door", FrontDoor)
 
 
 def _fast_stream_possible(request: web.Request, writer: Any) -> bool:
@@ -1299,7 +1307,7 @@ class _ArrivalStampingHandler(RequestHandler):
     """aiohttp's HTTP/1 protocol, plus a ``time.monotonic()`` stamp per request of
     when its first bytes were handed to ``data_received``."""
 
-    __slots__ = ("infmax_stamps", "_infmax_first_rx", "_infmax_body")
+    __slots__ = ("infmax_stamps", "_infmax_first_rx", "_infmax_body", "_infmax_polls")
 
     def __init__(self, manager: web.Server, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -1307,9 +1315,16 @@ class _ArrivalStampingHandler(RequestHandler):
         self.infmax_stamps: dict[int, tuple[object, float]] = {}
         self._infmax_first_rx: float | None = None  # first bytes of a request not yet parsed
         self._infmax_body: Any = None  # payload of the latest request, while its body arrives
+        self._infmax_polls = poll_clock(asyncio.get_running_loop())
 
     def data_received(self, data: bytes) -> None:
+        # The bytes were readable when the loop's poll that reported them returned, in this
+        # same iteration (asyncio reads in the iteration of its select), possibly after every
+        # callback queued before that poll and the reads of the sockets before this one.
         now = time.monotonic()
+        polls = self._infmax_polls
+        if polls.known and polls.at < now:
+            now = polls.at
         body = self._infmax_body
         if data and self._infmax_first_rx is None and (body is None or body.is_eof()):
             self._infmax_first_rx = now  # not the rest of a body: these bytes start a request
@@ -1387,6 +1402,7 @@ def _prompt_blocks(config: SimConfig, body: dict[str, Any], chat: bool) -> tuple
 
 
 async def handle_completions(request: web.Request) -> web.StreamResponse:
+    await request.app[FRONT_DOOR_KEY].enter()  # a burst of requests starts in slices (frontdoor.py)
     handler_start = time.monotonic()
     request.app[OBS_KEY].on_generation_request()
     config = request.app[CONFIG_KEY]
@@ -1397,6 +1413,7 @@ async def handle_completions(request: web.Request) -> web.StreamResponse:
 
 
 async def handle_chat_completions(request: web.Request) -> web.StreamResponse:
+    await request.app[FRONT_DOOR_KEY].enter()
     handler_start = time.monotonic()
     request.app[OBS_KEY].on_generation_request()
     config = request.app[CONFIG_KEY]
@@ -1464,6 +1481,7 @@ async def handle_stats(request: web.Request) -> web.Response:
     body["power_modelled"] = deployment is not None and deployment.hardware.tdp_w is not None
     body["sse_streams"] = dict(request.app[OBS_KEY].sse_streams)  # streams per writer (--sse-writer)
     body["write_lateness_ms"] = request.app[OBS_KEY].write_lateness.summary_ms()
+    body["front_door_held"] = request.app[FRONT_DOOR_KEY].held  # requests that waited for a slice
     noise = noise_of(request.app[CONFIG_KEY].cost_model)
     if noise is not None:  # this start's drawn factors (--start-jitter and friends)
         body["noise"] = noise.describe()
@@ -1575,6 +1593,7 @@ def build_app(config: SimConfig) -> web.Application:
         if config.sse_writer == "fast":
             engine.backlog = outbox.backlog  # the engine waits for a writer that falls behind
         app[OUTBOX_KEY] = outbox
+        app[FRONT_DOOR_KEY] = FrontDoor(asyncio.get_running_loop())
 
     async def stop_engine(app: web.Application) -> None:
         if ENGINE_KEY in app:
