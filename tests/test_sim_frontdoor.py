@@ -51,7 +51,7 @@ async def test_a_burst_of_request_starts_is_let_in_between_polls() -> None:
     await asyncio.wait_for(asyncio.gather(*tasks), timeout=60)
     assert order == list(range(300)), "first come, first served"
     late = sorted(since_poll)
-    assert late[len(late) // 2] < 0.002, late[len(late) // 2]  # ~a slice (0.2 ms) after its poll
+    assert late[len(late) // 2] < 0.003, late[len(late) // 2]  # within about a slice (1 ms) of its poll
     assert late[-1] < 0.015, late[-1]  # generous for a busy machine: 30 ms without the door
     assert door.held > 250, door.held
 

@@ -1481,7 +1481,8 @@ async def handle_stats(request: web.Request) -> web.Response:
     body["power_modelled"] = deployment is not None and deployment.hardware.tdp_w is not None
     body["sse_streams"] = dict(request.app[OBS_KEY].sse_streams)  # streams per writer (--sse-writer)
     body["write_lateness_ms"] = request.app[OBS_KEY].write_lateness.summary_ms()
-    body["front_door_held"] = request.app[FRONT_DOOR_KEY].held  # requests that waited for a slice
+    door = request.app[FRONT_DOOR_KEY]  # requests that waited for a slice, a start's measured cost
+    body["front_door"] = {"held": door.held, "start_cost_us": round(door.start_cost_s * 1e6, 1)}
     noise = noise_of(request.app[CONFIG_KEY].cost_model)
     if noise is not None:  # this start's drawn factors (--start-jitter and friends)
         body["noise"] = noise.describe()
