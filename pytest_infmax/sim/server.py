@@ -71,10 +71,10 @@ from pytest_infmax.sim.faults import (
     FaultSpec,
     FaultSpecError,
 )
-from pytest_infmax.sim.frontdoor import FrontDoor, poll_clock
 from pytest_infmax.sim.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from pytest_infmax.sim.metrics import SimMetrics
 from pytest_infmax.sim.noise import noise_of
+from pytest_infmax.sim.pollclock import poll_clock
 from pytest_infmax.sim.prefixcache import block_hashes
 from pytest_infmax.sim.trace import (
     ABORTED,
@@ -1039,7 +1039,6 @@ class _FastSseStream:
 
 
 OUTBOX_KEY = web.AppKey("infmax_sim_outbox", _Outbox)
-FRONT_DOOR_KEY = web.AppKey("infmax_sim_front_door", FrontDoor)
 
 
 def _fast_stream_possible(request: web.Request, writer: Any) -> bool:
@@ -1320,7 +1319,8 @@ class _ArrivalStampingHandler(RequestHandler):
     def data_received(self, data: bytes) -> None:
         # The bytes were readable when the loop's poll that reported them returned, in this
         # same iteration (asyncio reads in the iteration of its select), possibly after every
-        # callback queued before that poll and the reads of the sockets before this one.
+        # callback queued before that poll and the reads of the sockets before this one
+        # (sim/pollclock.py).
         now = time.monotonic()
         polls = self._infmax_polls
         if polls.known and polls.at < now:
@@ -1402,7 +1402,6 @@ def _prompt_blocks(config: SimConfig, body: dict[str, Any], chat: bool) -> tuple
 
 
 async def handle_completions(request: web.Request) -> web.StreamResponse:
-    await request.app[FRONT_DOOR_KEY].enter()  # a burst of requests starts in slices (frontdoor.py)
     handler_start = time.monotonic()
     request.app[OBS_KEY].on_generation_request()
     config = request.app[CONFIG_KEY]
@@ -1413,7 +1412,6 @@ async def handle_completions(request: web.Request) -> web.StreamResponse:
 
 
 async def handle_chat_completions(request: web.Request) -> web.StreamResponse:
-    await request.app[FRONT_DOOR_KEY].enter()
     handler_start = time.monotonic()
     request.app[OBS_KEY].on_generation_request()
     config = request.app[CONFIG_KEY]
@@ -1481,8 +1479,6 @@ async def handle_stats(request: web.Request) -> web.Response:
     body["power_modelled"] = deployment is not None and deployment.hardware.tdp_w is not None
     body["sse_streams"] = dict(request.app[OBS_KEY].sse_streams)  # streams per writer (--sse-writer)
     body["write_lateness_ms"] = request.app[OBS_KEY].write_lateness.summary_ms()
-    door = request.app[FRONT_DOOR_KEY]  # requests that waited for a slice, a start's measured cost
-    body["front_door"] = {"held": door.held, "start_cost_us": round(door.start_cost_s * 1e6, 1)}
     noise = noise_of(request.app[CONFIG_KEY].cost_model)
     if noise is not None:  # this start's drawn factors (--start-jitter and friends)
         body["noise"] = noise.describe()
@@ -1594,7 +1590,6 @@ def build_app(config: SimConfig) -> web.Application:
         if config.sse_writer == "fast":
             engine.backlog = outbox.backlog  # the engine waits for a writer that falls behind
         app[OUTBOX_KEY] = outbox
-        app[FRONT_DOOR_KEY] = FrontDoor(asyncio.get_running_loop())
 
     async def stop_engine(app: web.Application) -> None:
         if ENGINE_KEY in app:
