@@ -1287,8 +1287,10 @@ async def _generate(
 # compared against it is charged with the server's delay. So every request is stamped
 # in ``data_received``, when the first bytes of it reach the process, and that stamp
 # is the request's ``arrival`` (trace, TTFT, e2e); the handler start is kept beside it
-# (``handler_mono``). It is still as late as the loop's next read of that socket:
-# ``benchmarks/timing_truth.py --wire`` measures that part from kernel timestamps.
+# (``handler_mono``). The stamp is the return of the poll that reported the bytes, which
+# the read in the same iteration can follow by milliseconds (sim/pollclock.py). It is
+# still as late as the loop's next poll: ``benchmarks/timing_truth.py --wire`` measures
+# that part from kernel timestamps.
 #
 # aiohttp has no public hook for the per-connection protocol, so ``build_app``
 # wraps the app's (private) ``_make_handler``: the Server it returns makes
@@ -1304,7 +1306,8 @@ _MAX_PENDING_STAMPS = 64  # bounded: stamps of messages that never reach the fac
 
 class _ArrivalStampingHandler(RequestHandler):
     """aiohttp's HTTP/1 protocol, plus a ``time.monotonic()`` stamp per request of
-    when its first bytes were handed to ``data_received``."""
+    when its first bytes were found readable: the return of the loop's poll that reported
+    them (sim/pollclock.py), else when they were handed to ``data_received``."""
 
     __slots__ = ("infmax_stamps", "_infmax_first_rx", "_infmax_body", "_infmax_polls")
 
