@@ -207,3 +207,18 @@ def test_the_sim_refuses_ids_outside_its_vocabulary_as_vllm_does() -> None:
     with pytest.raises(ApiError, match="Token id 4096 is out of vocabulary"):
         completion_prompt_tokens([5, 4096], vocab_size=4096)
     assert completion_prompt_tokens([29999]) == 1  # no --vocab-size: any id
+
+
+def test_the_sim_checks_every_token_id_of_a_prompt() -> None:
+    """The prompt's ids are checked as a whole (at C speed for plain ints): a negative id,
+    a bool or a float anywhere in it is refused, in a bare list and in a one-prompt list."""
+    from pytest_infmax.sim.server import ApiError, completion_prompt_tokens
+
+    assert completion_prompt_tokens(list(range(128))) == 128
+    assert completion_prompt_tokens([[7, 8, 9]]) == 3
+    for bad in ([1, -2, 3], [[4, 5, -1]], [[4, True, 5]]):
+        with pytest.raises(ApiError, match="token ids must be non-negative integers"):
+            completion_prompt_tokens(bad)
+    for mixed in ([1, True, 3], [1, 2.0, 3]):  # neither ids nor one prompt
+        with pytest.raises(ApiError, match="expected a string, a list of token ids"):
+            completion_prompt_tokens(mixed)

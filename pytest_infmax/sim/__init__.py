@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -541,6 +542,10 @@ async def serve(config: SimConfig, host: str, port: int, port_file: Path | None,
         if port_file is not None:
             write_port_file(port_file, bound_port)
         logger.info("infmax-sim: serving %s on %s", config.model, _url(host, bound_port))
+        # What start-up made (modules, the app, the engine's tables) lives as long as the process:
+        # out of the collector's sight, a full collection scans only what serving made since
+        # (one took 14 ms at 256 streams, a stall in which no socket was read).
+        gc.freeze()
         if parent_pid is not None:
             watcher = loop.create_task(_watch_parent(parent_pid, stop))
         await stop.wait()

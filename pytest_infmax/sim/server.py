@@ -74,6 +74,7 @@ from pytest_infmax.sim.faults import (
 from pytest_infmax.sim.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from pytest_infmax.sim.metrics import SimMetrics
 from pytest_infmax.sim.noise import noise_of
+from pytest_infmax.sim.pollclock import poll_clock
 from pytest_infmax.sim.prefixcache import block_hashes
 from pytest_infmax.sim.trace import (
     ABORTED,
@@ -325,8 +326,14 @@ def _max_tokens(body: dict[str, Any], names: tuple[str, ...]) -> int:
     return DEFAULT_MAX_TOKENS
 
 
+def _all_ints(values: list[Any]) -> bool:
+    """Every item an int (not a bool); at C speed for a JSON list of plain ints (a prompt's
+    ids are checked on the request's way in, where a Python loop over them cost ~40 us)."""
+    return set(map(type, values)) <= {int} or all(_is_int(item) for item in values)
+
+
 def _token_id_list(value: list[Any], param: str, vocab_size: int | None = None) -> int:
-    if not all(_is_int(token) and token >= 0 for token in value):
+    if not _all_ints(value) or (value and min(value) < 0):
         raise ApiError(400, f"'{param}': token ids must be non-negative integers", param=param)
     if vocab_size is not None and value and max(value) >= vocab_size:
         raise ApiError(400, f"Token id {max(value)} is out of vocabulary", param=param)
@@ -342,7 +349,7 @@ def completion_prompt_tokens(prompt: Any, vocab_size: int | None = None) -> int:
         raise _bad_field("prompt", "a string, a list of token ids, or a one-element list of those", prompt)
     if not prompt:
         raise ApiError(400, "'prompt': must not be empty", param="prompt")
-    if all(_is_int(item) for item in prompt):
+    if _all_ints(prompt):
         return _token_id_list(prompt, "prompt", vocab_size)
     if all(isinstance(item, (str, list)) for item in prompt):
         if len(prompt) != 1:
@@ -1280,8 +1287,10 @@ async def _generate(
 # compared against it is charged with the server's delay. So every request is stamped
 # in ``data_received``, when the first bytes of it reach the process, and that stamp
 # is the request's ``arrival`` (trace, TTFT, e2e); the handler start is kept beside it
-# (``handler_mono``). It is still as late as the loop's next read of that socket:
-# ``benchmarks/timing_truth.py --wire`` measures that part from kernel timestamps.
+# (``handler_mono``). The stamp is the return of the poll that reported the bytes, which
+# the read in the same iteration can follow by milliseconds (sim/pollclock.py). It is
+# still as late as the loop's next poll: ``benchmarks/timing_truth.py --wire`` measures
+# that part from kernel timestamps.
 #
 # aiohttp has no public hook for the per-connection protocol, so ``build_app``
 # wraps the app's (private) ``_make_handler``: the Server it returns makes
@@ -1297,9 +1306,10 @@ _MAX_PENDING_STAMPS = 64  # bounded: stamps of messages that never reach the fac
 
 class _ArrivalStampingHandler(RequestHandler):
     """aiohttp's HTTP/1 protocol, plus a ``time.monotonic()`` stamp per request of
-    when its first bytes were handed to ``data_received``."""
+    when its first bytes were found readable: the return of the loop's poll that reported
+    them (sim/pollclock.py), else when they were handed to ``data_received``."""
 
-    __slots__ = ("infmax_stamps", "_infmax_first_rx", "_infmax_body")
+    __slots__ = ("infmax_stamps", "_infmax_first_rx", "_infmax_body", "_infmax_polls")
 
     def __init__(self, manager: web.Server, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -1307,9 +1317,17 @@ class _ArrivalStampingHandler(RequestHandler):
         self.infmax_stamps: dict[int, tuple[object, float]] = {}
         self._infmax_first_rx: float | None = None  # first bytes of a request not yet parsed
         self._infmax_body: Any = None  # payload of the latest request, while its body arrives
+        self._infmax_polls = poll_clock(asyncio.get_running_loop())
 
     def data_received(self, data: bytes) -> None:
+        # The bytes were readable when the loop's poll that reported them returned, in this
+        # same iteration (asyncio reads in the iteration of its select), possibly after every
+        # callback queued before that poll and the reads of the sockets before this one
+        # (sim/pollclock.py).
         now = time.monotonic()
+        polls = self._infmax_polls
+        if polls.known and polls.at < now:
+            now = polls.at
         body = self._infmax_body
         if data and self._infmax_first_rx is None and (body is None or body.is_eof()):
             self._infmax_first_rx = now  # not the rest of a body: these bytes start a request

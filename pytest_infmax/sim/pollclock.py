@@ -1,0 +1,54 @@
+"""When the simulator's event loop last polled its sockets: a request's arrival stamp.
+
+asyncio reads a socket in the loop iteration whose poll (``select``) reported it readable,
+but only after every callback that was queued before that poll (a stream writer's slice,
+the handlers of the requests read in the iteration before), and after the reads of the
+sockets ahead of it in the poll's list. A request's arrival (what its TTFT counts from) is
+therefore the return of the poll that found its first bytes, not the later
+``data_received`` call: the bytes were in the socket by then.
+
+The poll's return is read from the loop's selector, wrapped once per loop (asyncio's
+selector event loop keeps it as ``_selector``); on a loop without one (uvloop) the clock
+is not ``known`` and the arrival stays the ``data_received`` stamp.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import weakref
+from typing import Any
+
+
+class PollClock:
+    """When the loop's selector last returned (``time.monotonic()``)."""
+
+    __slots__ = ("at", "known", "__weakref__")
+
+    def __init__(self) -> None:
+        self.at = time.monotonic()
+        self.known = False  # no selector to watch: ``at`` means nothing
+
+
+_CLOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, PollClock] = weakref.WeakKeyDictionary()
+
+
+def poll_clock(loop: asyncio.AbstractEventLoop) -> PollClock:
+    """The loop's poll clock, its selector wrapped on first use (once per loop)."""
+    clock = _CLOCKS.get(loop)
+    if clock is not None:
+        return clock
+    clock = PollClock()
+    selector: Any = getattr(loop, "_selector", None)
+    select = getattr(selector, "select", None)
+    if select is not None:
+
+        def stamped_select(timeout: float | None = None) -> Any:
+            ready = select(timeout)
+            clock.at = time.monotonic()
+            return ready
+
+        selector.select = stamped_select
+        clock.known = True
+    _CLOCKS[loop] = clock
+    return clock

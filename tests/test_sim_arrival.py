@@ -1,0 +1,84 @@
+"""The simulator's request trip (issue 20, item 4): a request's arrival is stamped at the
+loop's poll that found its bytes (pytest_infmax/sim/pollclock.py), not at the later read.
+
+Real parts: asyncio's own selector loop (the simulator's), the simulator's app served on
+it over loopback, a raw keep-alive socket. The loop's other work is modelled by spinning
+on the clock (work, not a wait); nothing waits on a sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from pytest_infmax.sim import build_parser, config_from_args
+from pytest_infmax.sim.pollclock import poll_clock
+from pytest_infmax.sim.server import build_app
+
+
+def _spin(seconds: float) -> None:
+    """Busy the loop for ``seconds`` of CPU, as a stream writer's slice or a burst of handlers does."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+
+@pytest.mark.asyncio
+async def test_a_keep_alive_request_arrives_at_the_poll_that_found_it() -> None:
+    """The loop is busy after the poll that found the request (callbacks queued before it
+    run first, in the same iteration): the arrival is that poll, not the later read."""
+    assert poll_clock(asyncio.get_running_loop()).known, "asyncio's selector loop: its polls are seen"
+    config = config_from_args(build_parser().parse_args(["--decode-step-ms", "1", "--model", "m"]))
+    runner = web.AppRunner(build_app(config), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout=10)
+    try:
+
+        def request(request_id: str) -> bytes:
+            body = json.dumps({"model": "m", "prompt": [1, 2, 3], "max_tokens": 2, "stream": False}).encode()
+            head = (
+                f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+                f"X-Request-Id: {request_id}\r\nContent-Length: {len(body)}\r\n\r\n"
+            )
+            return head.encode() + body
+
+        async def response() -> None:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            length = next(
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length")
+            )
+            await asyncio.wait_for(reader.readexactly(length), timeout=10)
+
+        writer.write(request("first"))  # opens the keep-alive connection
+        await response()
+        writer.write(request("second"))  # asyncio sends at once: on loopback, readable at the next poll
+        sent = time.monotonic()
+        loop = asyncio.get_running_loop()
+        loop.call_soon(_spin, 0.05)  # queued before that poll: runs after it, before the read
+        await response()
+        trace = await _get_json(port, "/sim/trace")
+        second = next(t for t in trace["requests"] if t["x_request_id"] == "second")
+        trip = second["arrival_mono"] - sent
+        assert trip < 0.025, f"arrival {trip * 1e3:.1f} ms after the send: the read, not the poll"
+        assert second["arrival_mono"] <= second["handler_mono"]
+    finally:
+        writer.close()
+        await runner.cleanup()
+
+
+async def _get_json(port: int, path: str) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{port}{path}", timeout=aiohttp.ClientTimeout(total=10)) as response:
+            return dict(await response.json())
