@@ -109,7 +109,7 @@ def test_bad_input_is_refused_naming_the_problem() -> None:
         CompareOptions(predictive_history=2)
 
 
-FAST = "--decode-step-ms 2 --decode-ms-per-seq 0.01"
+FAST = "--decode-step-ms 1 --decode-ms-per-seq 0.01"
 
 
 @pytest.mark.slow
@@ -119,7 +119,7 @@ def test_gate_uses_the_predictive_distribution_once_the_history_holds_20_runs(py
     pytester.makepyfile(
         test_perf="""
         def test_one(infmax):
-            infmax.run("1k1k-mini", concurrency=2, num_requests=8, warmup=0)
+            infmax.run("1k1k-mini", concurrency=2, num_requests=4, warmup=0)
     """
     )
     pytester.makeini(f"[pytest]\ninfmax_sim_args = {FAST}\nasyncio_default_fixture_loop_scope = function\n")
