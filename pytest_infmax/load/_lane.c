@@ -406,6 +406,25 @@ scan_literal(Scan *s, const char *word, Py_ssize_t n)
     return 1;
 }
 
+/* After a member's or an element's value: ',' (1: another follows), the container's
+ * ``closer`` (2: it ends), else 0. */
+static int
+scan_next(Scan *s, char closer)
+{
+    scan_ws(s);
+    if (s->p >= s->end)
+        return 0;
+    if (*s->p == ',') {
+        s->p++;
+        return 1;
+    }
+    if (*s->p == closer) {
+        s->p++;
+        return 2;
+    }
+    return 0;
+}
+
 static int scan_value(Scan *s);
 
 /* Members of an object whose '{' was just read: keys and values checked, nothing kept. */
@@ -427,18 +446,9 @@ scan_members(Scan *s)
         scan_ws(s);
         if (!scan_value(s))
             return 0;
-        scan_ws(s);
-        if (s->p >= s->end)
-            return 0;
-        if (*s->p == ',') {
-            s->p++;
-            continue;
-        }
-        if (*s->p == '}') {
-            s->p++;
-            return 1;
-        }
-        return 0;
+        int next = scan_next(s, '}');
+        if (next != 1)
+            return next == 2;
     }
 }
 
@@ -472,19 +482,11 @@ scan_value(Scan *s)
             scan_ws(s);
             if (!scan_value(s))
                 return 0;
-            scan_ws(s);
-            if (s->p >= s->end)
-                return 0;
-            if (*s->p == ',') {
-                s->p++;
-                continue;
-            }
-            if (*s->p == ']') {
-                s->p++;
+            int next = scan_next(s, ']');
+            if (next != 1) {
                 s->depth--;
-                return 1;
+                return next == 2;
             }
-            return 0;
         }
     }
     case 't':
@@ -519,26 +521,6 @@ scan_key(Scan *s, const unsigned char **key, Py_ssize_t *len)
     return 1;
 }
 
-#define KEY_IS(k, n, lit) ((n) == (Py_ssize_t)(sizeof(lit) - 1) && memcmp((k), (lit), (n)) == 0)
-
-/* After a member's value: ',' (1: another member follows), '}' (2: the object ends), else 0. */
-static int
-scan_next_member(Scan *s)
-{
-    scan_ws(s);
-    if (s->p >= s->end)
-        return 0;
-    if (*s->p == ',') {
-        s->p++;
-        return 1;
-    }
-    if (*s->p == '}') {
-        s->p++;
-        return 2;
-    }
-    return 0;
-}
-
 static int
 scan_null(Scan *s)
 {
@@ -555,151 +537,161 @@ scan_str_or_null(Scan *s, Py_ssize_t *chars)
     return scan_null(s) ? 2 : 0;
 }
 
-/* The delta object, '{' just read: content (str or null), reasoning fields null or absent. */
+/* The keys of an object the scanner reads (the others are validated and skipped): each
+ * key's value is scanned by its function, which fills the scan's context. */
+typedef int (*field_fn)(Scan *s, void *ctx);
+typedef struct {
+    const char *name;
+    Py_ssize_t len;
+    field_fn scan;
+} Field;
+#define FIELD(name, fn) {name, sizeof(name) - 1, fn}
+
+/* An object's members, its '{' just read: a known key at most once (msgspec keeps the
+ * last of a repeated key: "not sure"), each value scanned. 1, or 0 when not sure. */
 static int
-scan_delta(Scan *s, Py_ssize_t *content)
+scan_object(Scan *s, const Field *fields, int nfields, void *ctx)
 {
-    int seen_content = 0, seen_rc = 0, seen_r = 0;
-    *content = -1;
+    unsigned seen = 0;
+    if (++s->depth > SCAN_MAX_DEPTH)
+        return 0;
     scan_ws(s);
     if (s->p < s->end && *s->p == '}') {
         s->p++;
+        s->depth--;
         return 1;
     }
     for (;;) {
         const unsigned char *k;
         Py_ssize_t n;
+        int i;
         if (!scan_key(s, &k, &n))
             return 0;
-        if (KEY_IS(k, n, "content")) {
-            Py_ssize_t chars;
-            int r;
-            if (seen_content++ || !(r = scan_str_or_null(s, &chars)))
+        for (i = 0; i < nfields; i++)
+            if (n == fields[i].len && memcmp(k, fields[i].name, n) == 0)
+                break;
+        if (i < nfields) {
+            if (seen & (1u << i))
                 return 0;
-            *content = r == 1 ? chars : -1;
-        }
-        else if (KEY_IS(k, n, "reasoning_content")) {
-            if (seen_rc++ || !scan_null(s))
-                return 0;
-        }
-        else if (KEY_IS(k, n, "reasoning")) {
-            if (seen_r++ || !scan_null(s))
+            seen |= 1u << i;
+            if (!fields[i].scan(s, ctx))
                 return 0;
         }
         else if (!scan_value(s))
             return 0;
-        int next = scan_next_member(s);
-        if (next == 0)
-            return 0;
-        if (next == 2)
-            return 1;
+        int next = scan_next(s, '}');
+        if (next != 1) {
+            s->depth--;
+            return next == 2;
+        }
     }
 }
 
-/* The one choice object, '{' just read. *chars: the text's code points, or -1 (none). */
 static int
-scan_choice(Scan *s, Py_ssize_t *chars)
+field_null(Scan *s, void *ctx)
 {
-    int seen_text = 0, seen_delta = 0, seen_finish = 0;
-    Py_ssize_t text = -1, content = -1;
-    int text_kind = 2; /* absent counts as null */
-    int delta_kind = 2;
-    scan_ws(s);
-    if (s->p < s->end && *s->p == '}')
-        return 0; /* no content */
-    for (;;) {
-        const unsigned char *k;
-        Py_ssize_t n;
-        if (!scan_key(s, &k, &n))
-            return 0;
-        if (KEY_IS(k, n, "text")) {
-            if (seen_text++ || !(text_kind = scan_str_or_null(s, &text)))
-                return 0;
-        }
-        else if (KEY_IS(k, n, "delta")) {
-            if (seen_delta++)
-                return 0;
-            if (s->p < s->end && *s->p == '{') {
-                s->p++;
-                if (++s->depth > SCAN_MAX_DEPTH || !scan_delta(s, &content))
-                    return 0;
-                s->depth--;
-                delta_kind = 1;
-            }
-            else if (!scan_null(s))
-                return 0;
-        }
-        else if (KEY_IS(k, n, "finish_reason")) {
-            if (seen_finish++ || !scan_null(s))
-                return 0;
-        }
-        else if (!scan_value(s))
-            return 0;
-        int next = scan_next_member(s);
-        if (next == 0)
-            return 0;
-        if (next == 2)
-            break;
-    }
-    if (text_kind == 1) /* completions: the text, when not empty (an empty one is no content) */
-        *chars = text;
-    else if (delta_kind == 1) /* chat: the delta's content */
-        *chars = content;
-    else
-        return 0;
-    return *chars > 0;
+    (void)ctx;
+    return scan_null(s);
 }
+
+/* choices[0].delta: content a string or null; the reasoning fields null (or absent) */
+typedef struct {
+    Py_ssize_t content; /* code points, or -1: none */
+} Delta;
+
+static int
+delta_content(Scan *s, void *ctx)
+{
+    Py_ssize_t chars;
+    int r = scan_str_or_null(s, &chars);
+    ((Delta *)ctx)->content = r == 1 ? chars : -1;
+    return r != 0;
+}
+
+static const Field DELTA_FIELDS[] = {
+    FIELD("content", delta_content),
+    FIELD("reasoning_content", field_null),
+    FIELD("reasoning", field_null),
+};
+
+/* choices[0]: text (completions) or delta (chat), finish_reason null (or absent) */
+typedef struct {
+    int text_kind;  /* 1 a string, 2 null or absent */
+    Py_ssize_t text;
+    int has_delta;  /* an object, not null or absent */
+    Py_ssize_t content;
+} Choice;
+
+static int
+choice_text(Scan *s, void *ctx)
+{
+    Choice *c = ctx;
+    c->text_kind = scan_str_or_null(s, &c->text);
+    return c->text_kind != 0;
+}
+
+static int
+choice_delta(Scan *s, void *ctx)
+{
+    Choice *c = ctx;
+    if (s->p < s->end && *s->p == '{') {
+        Delta d = {-1};
+        s->p++;
+        if (!scan_object(s, DELTA_FIELDS, 3, &d))
+            return 0;
+        c->has_delta = 1;
+        c->content = d.content;
+        return 1;
+    }
+    return scan_null(s);
+}
+
+static const Field CHOICE_FIELDS[] = {
+    FIELD("text", choice_text),
+    FIELD("delta", choice_delta),
+    FIELD("finish_reason", field_null),
+};
+
+/* The event: choices exactly one choice with content; usage and error null (or absent) */
+typedef struct {
+    Py_ssize_t chars; /* the content's code points, or -1: none */
+} Event;
+
+static int
+event_choices(Scan *s, void *ctx)
+{
+    /* exactly one choice: every element is typed by msgspec, so more are "not sure" */
+    Choice c = {2, -1, 0, -1};
+    if (s->p >= s->end || *s->p++ != '[')
+        return 0;
+    scan_ws(s);
+    if (s->p >= s->end || *s->p++ != '{' || !scan_object(s, CHOICE_FIELDS, 3, &c))
+        return 0;
+    scan_ws(s);
+    if (s->p >= s->end || *s->p++ != ']')
+        return 0;
+    /* completions: the text, when it is a string (an empty one is no content); chat: the delta's content */
+    ((Event *)ctx)->chars = c.text_kind == 1 ? c.text : c.has_delta ? c.content : -1;
+    return 1;
+}
+
+static const Field EVENT_FIELDS[] = {
+    FIELD("choices", event_choices),
+    FIELD("usage", field_null),
+    FIELD("error", field_null),
+};
 
 static int
 plain_content(const char *data, Py_ssize_t size, Py_ssize_t *chars)
 {
-    Scan s = {(const unsigned char *)data, (const unsigned char *)data + size, 1};
-    int seen_choices = 0, seen_usage = 0, seen_error = 0;
-    *chars = -1;
+    Scan s = {(const unsigned char *)data, (const unsigned char *)data + size, 0};
+    Event e = {-1};
     scan_ws(&s);
-    if (s.p >= s.end || *s.p++ != '{')
+    if (s.p >= s.end || *s.p++ != '{' || !scan_object(&s, EVENT_FIELDS, 3, &e))
         return 0;
     scan_ws(&s);
-    if (s.p < s.end && *s.p == '}')
-        return 0;
-    for (;;) {
-        const unsigned char *k;
-        Py_ssize_t n;
-        if (!scan_key(&s, &k, &n))
-            return 0;
-        if (KEY_IS(k, n, "choices")) {
-            /* exactly one choice: every element is typed by msgspec, so more are "not sure" */
-            if (seen_choices++ || s.p >= s.end || *s.p++ != '[')
-                return 0;
-            scan_ws(&s);
-            if (s.p >= s.end || *s.p++ != '{')
-                return 0;
-            s.depth++;
-            if (!scan_choice(&s, chars))
-                return 0;
-            s.depth--;
-            scan_ws(&s);
-            if (s.p >= s.end || *s.p++ != ']')
-                return 0;
-        }
-        else if (KEY_IS(k, n, "usage")) {
-            if (seen_usage++ || !scan_null(&s))
-                return 0;
-        }
-        else if (KEY_IS(k, n, "error")) {
-            if (seen_error++ || !scan_null(&s))
-                return 0;
-        }
-        else if (!scan_value(&s))
-            return 0;
-        int next = scan_next_member(&s);
-        if (next == 0)
-            return 0;
-        if (next == 2)
-            break;
-    }
-    scan_ws(&s);
-    return s.p == s.end && seen_choices && *chars > 0;
+    *chars = e.chars;
+    return s.p == s.end && e.chars > 0;
 }
 
 static PyObject *str_events_left, *str_first_token_time;
