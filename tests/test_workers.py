@@ -146,6 +146,21 @@ def test_stop_ends_every_worker_early_and_keeps_what_they_measured(server: Serve
     assert not _workers_alive()
 
 
+def test_a_stop_asked_during_warm_up_waits_for_the_common_start(server: Server) -> None:
+    """A stop that holds from the first warm-up record (a server already dead) reaches the
+    workers after the common start, not before it, where a worker would read it as the start."""
+    start = time.monotonic()
+    run = asyncio.run(
+        LoadGenerator(server.base_url, server.model).run(
+            LoadConfig(SCENARIO, concurrency=2, duration=60, warmup=40, workers=2), stop=lambda: True
+        )
+    )
+    assert time.monotonic() - start < 30
+    assert sum(r.warmup for r in run.records) == 40  # a warm-up long enough that its records come before the start
+    assert sum(not r.warmup for r in run.records) < 200  # what went out before the stop arrived: not 60 s of it
+    assert not _workers_alive()
+
+
 def test_a_server_that_dies_mid_run_stops_a_run_over_workers(pytester: pytest.Pytester) -> None:
     """The dead-server watch of a one-process run holds over worker processes too: before,
     the workers' closed loops went on for the whole duration against nothing."""
@@ -171,6 +186,26 @@ def test_a_server_that_dies_mid_run_stops_a_run_over_workers(pytester: pytest.Py
     assert "the server exited with code 1" in res["server_died"]
     assert res["metrics"]["duration"] < 30  # stopped within a moment, not after 120 s of refusals
     result.stdout.fnmatch_lines(["*test_long*FAIL (server died)*"])
+
+
+def test_a_server_that_dies_during_warm_up_stops_a_run_over_workers(pytester: pytest.Pytester) -> None:
+    """Dead before the common start: the workers are told to stop once it went out (a stop
+    before it would be read as the start), and the run says the server died."""
+    pytester.makepyfile(
+        test_d="""
+        import pytest
+
+        @pytest.mark.infmax_server(sim_args="--decode-step-ms 2 --crash-after 2")
+        def test_early(infmax):
+            infmax.run("1k1k-mini", concurrency=2, duration=120, warmup=4)
+    """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-workers", "2", "--infmax-json", "r.json")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*the server died during the run:*"])
+    (res,) = json.loads((pytester.path / "r.json").read_text())["results"]
+    assert "the server exited with code 1" in res["server_died"]
+    assert res["metrics"]["duration"] < 30
 
 
 def test_the_api_key_reaches_workers_through_the_environment_only(

@@ -170,10 +170,11 @@ async def run_sharded(
                     raise WorkerError(f"load worker {k} of {n} failed: {msg.get('message')}")
 
         stopping = False
+        started = False  # the start went out: a worker reads "stop" only after it
 
         async def check_stop() -> None:
             nonlocal stopping
-            if stop is None or stopping or not stop():
+            if stop is None or stopping or not started or not stop():
                 return
             stopping = True
             for proc in procs:
@@ -204,6 +205,7 @@ async def run_sharded(
                 assert proc.stdin is not None
                 proc.stdin.write(_encode({"kind": "start", "at": start_at}) + b"\n")
                 await proc.stdin.drain()
+            started = True
             watcher = asyncio.ensure_future(watch_stop()) if stop is not None else None
             await asyncio.gather(*followers)
         finally:
