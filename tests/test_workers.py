@@ -188,26 +188,6 @@ def test_a_server_that_dies_mid_run_stops_a_run_over_workers(pytester: pytest.Py
     result.stdout.fnmatch_lines(["*test_long*FAIL (server died)*"])
 
 
-def test_a_server_that_dies_during_warm_up_stops_a_run_over_workers(pytester: pytest.Pytester) -> None:
-    """Dead before the common start: the workers are told to stop once it went out (a stop
-    before it would be read as the start), and the run says the server died."""
-    pytester.makepyfile(
-        test_d="""
-        import pytest
-
-        @pytest.mark.infmax_server(sim_args="--decode-step-ms 2 --crash-after 2")
-        def test_early(infmax):
-            infmax.run("1k1k-mini", concurrency=2, duration=120, warmup=4)
-    """
-    )
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-workers", "2", "--infmax-json", "r.json")
-    result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["*the server died during the run:*"])
-    (res,) = json.loads((pytester.path / "r.json").read_text())["results"]
-    assert "the server exited with code 1" in res["server_died"]
-    assert res["metrics"]["duration"] < 30
-
-
 def test_the_api_key_reaches_workers_through_the_environment_only(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
