@@ -373,15 +373,14 @@ class Infmax:
             watchers.append(_feed_sequential(seq))
         # a dead server stops the run (in this process, its worker processes or its Ray actors)
         watch = ServerWatch(self.server)
-        if watch is not None:
-            watchers.append(watch.on_record)
+        watchers.append(watch.on_record)
 
         def stop() -> bool:
-            return (seq is not None and seq.state.stop) or (watch is not None and watch.dead())
+            return (seq is not None and seq.state.stop) or watch.dead()
 
         def on_record(rec: RequestRecord) -> None:
-            for watch in watchers:
-                watch(rec)
+            for watcher in watchers:
+                watcher(rec)
 
         scraper = await self._metrics_scraper(plan.config.effective_warmup)
         if scraper is not None:  # baseline when warm-up ends; counts the measured requests
@@ -401,8 +400,8 @@ class Infmax:
         try:
             run = await generator.run(
                 plan.config,
-                on_record=on_record if watchers else None,
-                stop=stop if watch is not None or seq is not None else None,
+                on_record=on_record,
+                stop=stop,
                 on_interrupted=lambda partial: keep_partial(partial, "the run was interrupted"),
                 before_measured=(
                     scraper.measured_phase_starts
@@ -422,7 +421,7 @@ class Infmax:
         server_metrics = await scraper.finish() if scraper is not None else None
         result = self._result(plan, run, server_metrics)
         # stopped by it, or died with the last requests (a wait of up to 1 s for a crash to show: off the loop)
-        if watch is not None and await asyncio.to_thread(watch.dead, now=True):
+        if await asyncio.to_thread(watch.dead, now=True):
             result.server_died = watch.note
         if seq is not None:
             result.sequential = {"gate": seq.gate.label, **dataclasses.asdict(seq.state)}
