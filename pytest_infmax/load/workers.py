@@ -101,10 +101,9 @@ async def run_sharded(
 ) -> Any:
     """Run ``config`` over ``config.workers`` processes; merged ``RunRecords``.
 
-    ``stop`` is asked every ``_STOP_CHECK_S`` seconds once the run started, and after each
-    batch of records: once it answers True every worker is told to stop (no new request
-    starts, those in flight end), and the run ends with what they measured (a dead server:
-    runner.ServerWatch)."""
+    ``stop`` is asked every ``_STOP_CHECK_S`` seconds once the common start went out: once
+    it answers True every worker is told to stop (no new request starts, those in flight
+    end), and the run ends with what they measured (a dead server: runner.ServerWatch)."""
     n = config.workers
     env = dict(os.environ)
     env.pop(_API_KEY_ENV, None)
@@ -162,31 +161,21 @@ async def run_sharded(
                         records.append(rec)
                         if on_record is not None:
                             on_record(rec)
-                    await check_stop()
                 elif kind == "done":
                     results[k] = msg
                     return
                 elif kind == "error":
                     raise WorkerError(f"load worker {k} of {n} failed: {msg.get('message')}")
 
-        stopping = False
-        started = False  # the start went out: a worker reads "stop" only after it
-
-        async def check_stop() -> None:
-            nonlocal stopping
-            if stop is None or stopping or not started or not stop():
-                return
-            stopping = True
+        async def watch_stop(stop: Callable[[], bool]) -> None:
+            """Started once the common start went out: a worker reads "stop" only after it."""
+            while not stop():
+                await asyncio.sleep(_STOP_CHECK_S)
             for proc in procs:
                 if proc.stdin is not None and not proc.stdin.is_closing():
                     with contextlib.suppress(ConnectionError):
                         proc.stdin.write(_encode({"kind": "stop"}) + b"\n")
                         await proc.stdin.drain()
-
-        async def watch_stop() -> None:  # also when no records come (every request hanging)
-            while not stopping:
-                await asyncio.sleep(_STOP_CHECK_S)
-                await check_stop()
 
         followers = [asyncio.ensure_future(follow(k, p)) for k, p in enumerate(procs)]
         watcher: asyncio.Future[None] | None = None
@@ -205,8 +194,7 @@ async def run_sharded(
                 assert proc.stdin is not None
                 proc.stdin.write(_encode({"kind": "start", "at": start_at}) + b"\n")
                 await proc.stdin.drain()
-            started = True
-            watcher = asyncio.ensure_future(watch_stop()) if stop is not None else None
+            watcher = asyncio.ensure_future(watch_stop(stop)) if stop is not None else None
             await asyncio.gather(*followers)
         finally:
             for f in followers:
