@@ -60,7 +60,7 @@ sys.path.insert(0, str(REPO))
 from pytest_infmax.load.generator import LoadGenerator, encode_body, run_coroutine  # noqa: E402
 from pytest_infmax.load.plan import LoadConfig  # noqa: E402
 from pytest_infmax.load.scenarios import Scenario, plan_request  # noqa: E402
-from pytest_infmax.sim import SSE_WRITERS  # noqa: E402
+from pytest_infmax.sim import FRONT_ENDS, SSE_WRITERS  # noqa: E402
 
 MODEL = "sim-model"
 
@@ -97,8 +97,9 @@ def _get(url: str) -> Any:
         return json.load(response)
 
 
-def measure(streams: int, writer: str, args: argparse.Namespace, sim_args: list[str]) -> dict[str, Any]:
-    """One simulator start, one run; its numbers."""
+def measure(streams: int, variant: str, args: argparse.Namespace, sim_args: list[str]) -> dict[str, Any]:
+    """One simulator start, one run; its numbers. ``variant``: "WRITER/FRONT-END"."""
+    writer, front_end = variant.split("/")
     requests = args.requests_per_stream * streams
     scenario = Scenario("lateness", args.isl, args.osl, range_ratio=1.0)
     # a warm-up round opens the connections (their TCP handshakes are not the front end's lag)
@@ -110,7 +111,7 @@ def measure(streams: int, writer: str, args: argparse.Namespace, sim_args: list[
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         command = [
             sys.executable, "-m", "pytest_infmax.sim", "--port", "0", "--port-file", str(port_file),
-            "--model", MODEL, "--sse-writer", writer, "--trace-capacity", str(requests + 16), *extra, *sim_args,
+            "--model", MODEL, "--sse-writer", writer, "--front-end", front_end, "--trace-capacity", str(requests + 16), *extra, *sim_args,
         ]  # fmt: skip
         server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
@@ -165,7 +166,7 @@ def measure(streams: int, writer: str, args: argparse.Namespace, sim_args: list[
     lateness, writes = stats["lateness_ms"], stats["write_lateness_ms"]
     return {
         "streams": streams,
-        "writer": writer,
+        "writer": variant,
         "requests": len(run.records),
         "errors": sum(1 for r in run.records if not r.ok),
         "matched": len(ttft_error),
@@ -237,12 +238,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="Flags after -- go to the simulator, e.g. -- --profile b200/gpt-oss-120b (the figures of "
-        "docs/calibration.md); --sse-writer, --max-num-seqs (the stream count, at least 256) and "
+        "docs/calibration.md); --sse-writer, --front-end, --max-num-seqs (the stream count, at least 256) and "
         "--trace-capacity are set here.",
     )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[256], help="stream counts (default: 256)")
     parser.add_argument(
         "--sim-wire", nargs="+", choices=SSE_WRITERS, default=list(SSE_WRITERS), help="the writers to compare"
+    )
+    parser.add_argument(
+        "--front-end",
+        nargs="+",
+        choices=FRONT_ENDS,
+        default=[FRONT_ENDS[0]],
+        help="the simulator's front ends to compare (--front-end; default: %(default)s), each with every writer",
     )
     parser.add_argument("--runs", type=int, default=3, help="interleaved rounds (default: %(default)s)")
     parser.add_argument("--requests-per-stream", type=int, default=2)
@@ -268,8 +276,9 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     rows: list[dict[str, Any]] = []
+    variants = [f"{writer}/{front_end}" for writer in args.sim_wire for front_end in args.front_end]
     for round_index in range(args.runs):
-        writers = args.sim_wire if round_index % 2 == 0 else list(reversed(args.sim_wire))
+        writers = variants if round_index % 2 == 0 else list(reversed(variants))
         for streams in args.concurrency:
             for writer in writers:
                 row = measure(streams, writer, args, sim_args)
@@ -277,10 +286,10 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
     print(f"\nmedian [min-max] of {args.runs} interleaved runs; times in ms:\n")
-    print("| streams | writer | " + " | ".join(title for _, title in _COLUMNS) + " |")
+    print("| streams | writer / front end | " + " | ".join(title for _, title in _COLUMNS) + " |")
     print("|--:|--|" + "--:|" * len(_COLUMNS))
     for streams in args.concurrency:
-        for writer in args.sim_wire:
+        for writer in variants:
             cells = [r for r in rows if r["streams"] == streams and r["writer"] == writer]
             print(
                 f"| {streams} | {writer} | " + " | ".join(_cell([r[key] for r in cells]) for key, _ in _COLUMNS) + " |"

@@ -36,6 +36,8 @@ SHUTDOWN_TIMEOUT_S = 2.0
 LISTEN_BACKLOG = 2048
 # --sse-writer: the stream writers of sim.server (SimConfig.sse_writer), the first the default
 SSE_WRITERS = ("fast", "aiohttp")
+# --front-end: who reads requests (SimConfig.front_end), the first the default
+FRONT_ENDS = ("fast", "aiohttp")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="how streams are written: 'fast' (default) writes each step's events straight to the socket from "
         "the engine's step; 'aiohttp' through a task per stream and aiohttp's writer, as before (faulted "
         "streams always take that path)",
+    )
+    server.add_argument(
+        "--front-end",
+        choices=FRONT_ENDS,
+        default=FRONT_ENDS[0],
+        help="who reads requests: 'fast' (default) serves plain streaming completions at the protocol level "
+        "(httptools, in the read's callback) and hands every other request's connection to aiohttp; 'aiohttp' "
+        "serves everything through aiohttp, as before",
     )
     server.add_argument(
         "--vocab-size",
@@ -467,6 +477,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         seed=args.seed,
         vocab_size=args.vocab_size,
         sse_writer=args.sse_writer,
+        front_end=args.front_end,
     )
 
 
@@ -520,7 +531,8 @@ async def serve(config: SimConfig, host: str, port: int, port_file: Path | None,
     """Serve until SIGTERM / SIGINT or the parent's death; then shut down gracefully."""
     from aiohttp import web
 
-    from pytest_infmax.sim.server import build_app
+    from pytest_infmax.sim.frontdoor import FrontDoors
+    from pytest_infmax.sim.server import ENGINE_KEY, build_app
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -528,16 +540,24 @@ async def serve(config: SimConfig, host: str, port: int, port_file: Path | None,
         loop.add_signal_handler(signal_number, stop.set)
 
     sock = bind_socket(host, port)
+    app = build_app(config)
     runner = web.AppRunner(
-        build_app(config),
+        app,
         access_log=None,
         handler_cancellation=True,  # a client disconnect cancels its handler: frees the engine slot
         shutdown_timeout=SHUTDOWN_TIMEOUT_S,
     )
     await runner.setup()
     watcher: asyncio.Task[None] | None = None
+    listener: asyncio.Server | None = None
+    doors: FrontDoors | None = None  # the connections the front door serves (sim/frontdoor.py)
     try:
-        await web.SockSite(runner, sock, backlog=LISTEN_BACKLOG).start()
+        if config.front_end == "fast":
+            assert runner.server is not None
+            doors = FrontDoors(app, runner.server)
+            listener = await loop.create_server(doors, sock=sock, backlog=LISTEN_BACKLOG)
+        else:
+            await web.SockSite(runner, sock, backlog=LISTEN_BACKLOG).start()
         bound_port = sock.getsockname()[1]
         if port_file is not None:
             write_port_file(port_file, bound_port)
@@ -552,6 +572,14 @@ async def serve(config: SimConfig, host: str, port: int, port_file: Path | None,
     finally:
         if watcher is not None:
             watcher.cancel()
+        if listener is not None:
+            listener.close()
+        if doors is not None:
+            # the engine's stop ends every stream with an abort event, which the front door
+            # writes before it closes; aiohttp's connections end in runner.cleanup, as before
+            if ENGINE_KEY in app:
+                await app[ENGINE_KEY].stop()
+            await doors.close(SHUTDOWN_TIMEOUT_S)
         await runner.cleanup()
         sock.close()
     return 0

@@ -136,6 +136,7 @@ class SimConfig:
     # "fast": streams without a stream fault are written from the engine's step straight to the
     # socket (_FastSseStream); "aiohttp": every stream through _SseWriter (--sse-writer)
     sse_writer: str = "fast"
+    front_end: str = "fast"  # sim/frontdoor.py serves plain streams, or "aiohttp" serves everything
 
 
 CONFIG_KEY = web.AppKey("infmax_sim_config", SimConfig)
@@ -332,8 +333,9 @@ def _all_ints(values: list[Any]) -> bool:
     return set(map(type, values)) <= {int} or all(_is_int(item) for item in values)
 
 
-def _token_id_list(value: list[Any], param: str, vocab_size: int | None = None) -> int:
-    if not _all_ints(value) or (value and min(value) < 0):
+def _token_id_list(value: list[Any], param: str, vocab_size: int | None = None, ints: bool = False) -> int:
+    """``ints``: the caller has checked that every item is an int."""
+    if not (ints or _all_ints(value)) or (value and min(value) < 0):
         raise ApiError(400, f"'{param}': token ids must be non-negative integers", param=param)
     if vocab_size is not None and value and max(value) >= vocab_size:
         raise ApiError(400, f"Token id {max(value)} is out of vocabulary", param=param)
@@ -350,7 +352,7 @@ def completion_prompt_tokens(prompt: Any, vocab_size: int | None = None) -> int:
     if not prompt:
         raise ApiError(400, "'prompt': must not be empty", param="prompt")
     if _all_ints(prompt):
-        return _token_id_list(prompt, "prompt", vocab_size)
+        return _token_id_list(prompt, "prompt", vocab_size, ints=True)
     if all(isinstance(item, (str, list)) for item in prompt):
         if len(prompt) != 1:
             raise ApiError(
@@ -563,14 +565,19 @@ class Observability:
         self.generation_requests = 0
         # streams written by each writer (--sse-writer; a faulted stream always takes "aiohttp")
         self.sse_streams = {"fast": 0, "aiohttp": 0}
+        # generation requests read by each front end (--front-end; sim/frontdoor.py): "fast" counts
+        # those the front door served, "aiohttp" the rest (handed over, or every one under
+        # --front-end aiohttp)
+        self.front_end_requests = {"fast": 0, "aiohttp": 0}
         # content events of unfaulted streams: their write stamp minus the end of the engine step
         # that produced them (the engine's own lateness is its steps'; this is the wire's)
         self.write_lateness = LatenessWindow()
 
-    def on_generation_request(self) -> None:
-        """Count a generation request; past ``--crash-after``, exit like a crashed
-        process: no response, no graceful shutdown, every connection dropped."""
+    def on_generation_request(self, front_end: str) -> None:
+        """Count a generation request (read by ``front_end``); past ``--crash-after``, exit
+        like a crashed process: no response, no graceful shutdown, every connection dropped."""
         self.generation_requests += 1
+        self.front_end_requests[front_end] += 1
         if self.crash_after is not None and self.generation_requests > self.crash_after:
             logger.error(
                 "infmax-sim: injected crash (--crash-after %d): exiting with status 1 at request %d",
@@ -891,6 +898,7 @@ class _FastSseStream:
         "_middle",
         "_tail",
         "_waiter",
+        "on_wake",
         "pending",
         "completion_tokens",
         "first",
@@ -929,6 +937,8 @@ class _FastSseStream:
         if params.continuous_usage:
             self._middle, _, self._tail = rest.partition(_json_text(_USAGE_MARK))
         self._waiter: asyncio.Future[None] | None = None
+        # who writes what waits and ends the body, where no handler awaits ``wait`` (sim/frontdoor.py)
+        self.on_wake: Callable[[], None] | None = None
         self.pending: list[TokenDelivery] = []  # deliveries not yet written (a paused transport)
         self.completion_tokens = 0
         self.first = True
@@ -1023,6 +1033,9 @@ class _FastSseStream:
             self._wake()
 
     def _wake(self) -> None:
+        if self.on_wake is not None:
+            self.on_wake()
+            return
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -1406,7 +1419,7 @@ def _prompt_blocks(config: SimConfig, body: dict[str, Any], chat: bool) -> tuple
 
 async def handle_completions(request: web.Request) -> web.StreamResponse:
     handler_start = time.monotonic()
-    request.app[OBS_KEY].on_generation_request()
+    request.app[OBS_KEY].on_generation_request("aiohttp")
     config = request.app[CONFIG_KEY]
     body = await _read_json_body(request)
     params = parse_completion_request(body, config.model, config.vocab_size)
@@ -1416,7 +1429,7 @@ async def handle_completions(request: web.Request) -> web.StreamResponse:
 
 async def handle_chat_completions(request: web.Request) -> web.StreamResponse:
     handler_start = time.monotonic()
-    request.app[OBS_KEY].on_generation_request()
+    request.app[OBS_KEY].on_generation_request("aiohttp")
     config = request.app[CONFIG_KEY]
     body = await _read_json_body(request)
     params = parse_chat_request(body, config.model)
@@ -1481,6 +1494,7 @@ async def handle_stats(request: web.Request) -> web.Response:
     body["hardware"] = deployment.hardware.name if deployment is not None else None
     body["power_modelled"] = deployment is not None and deployment.hardware.tdp_w is not None
     body["sse_streams"] = dict(request.app[OBS_KEY].sse_streams)  # streams per writer (--sse-writer)
+    body["front_end_requests"] = dict(request.app[OBS_KEY].front_end_requests)  # per reader (--front-end)
     body["write_lateness_ms"] = request.app[OBS_KEY].write_lateness.summary_ms()
     noise = noise_of(request.app[CONFIG_KEY].cost_model)
     if noise is not None:  # this start's drawn factors (--start-jitter and friends)
@@ -1541,9 +1555,9 @@ def _is_ready(app: web.Application) -> bool:
     return asyncio.get_running_loop().time() >= app[READY_AT_KEY]
 
 
-def _check_api_key(request: web.Request, api_key: str) -> None:
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
+def check_api_key(authorization: str, api_key: str) -> None:
+    """Raise the 401 ``ApiError`` unless the ``Authorization`` header's value carries ``api_key``."""
+    scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
         raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
 
@@ -1559,7 +1573,7 @@ async def _openai_gate(request: web.Request, handler: Handler) -> web.StreamResp
         if is_api:
             config = request.app[CONFIG_KEY]
             if config.api_key:
-                _check_api_key(request, config.api_key)
+                check_api_key(request.headers.get("Authorization", ""), config.api_key)
             if not _is_ready(request.app):
                 raise _service_unavailable("the simulator is starting (startup delay)")
         return await handler(request)
