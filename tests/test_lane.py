@@ -63,6 +63,9 @@ class _Transport:
     def abort(self) -> None:
         self.aborted = True
 
+    def set_protocol(self, protocol: object) -> None:
+        pass  # the replay calls the connection's data_received, whichever it is
+
 
 def _replay(reads: list[bytes], lane: bool, max_event_bytes: int, monkeypatch: pytest.MonkeyPatch) -> dict:
     """Feed ``reads`` (read i stamped i) to one connection; what it delivered and how it ended."""

@@ -89,6 +89,11 @@ typedef struct {
     PyObject *texts;          /* sink.texts, a list */
     char first_seen;          /* rec.first_token_time is known to be set */
     Py_ssize_t content_events;
+    /* data_received's owner (attach): on_end(end, size, t) once [DONE] was seen or the
+       message ended; on_error(exc) when the body cannot be read; clock() stamps a read */
+    PyObject *on_end;
+    PyObject *on_error;
+    PyObject *clock;
 } Lane;
 
 static int
@@ -101,6 +106,9 @@ lane_traverse(Lane *self, visitproc visit, void *arg)
     Py_VISIT(self->rec);
     Py_VISIT(self->append_time);
     Py_VISIT(self->texts);
+    Py_VISIT(self->on_end);
+    Py_VISIT(self->on_error);
+    Py_VISIT(self->clock);
     return 0;
 }
 
@@ -114,6 +122,9 @@ lane_clear(Lane *self)
     Py_CLEAR(self->rec);
     Py_CLEAR(self->append_time);
     Py_CLEAR(self->texts);
+    Py_CLEAR(self->on_end);
+    Py_CLEAR(self->on_error);
+    Py_CLEAR(self->clock);
     return 0;
 }
 
@@ -992,6 +1003,67 @@ lane_feed(Lane *self, PyObject *const *args, Py_ssize_t nargs)
     return PyLong_FromLong(-1);
 }
 
+/* What the connection's data_received did per read, as the transport's callback itself
+   (the lane is set as the protocol's data_received while it reads a body): no Python frame
+   per read. The read is stamped by the owner's clock (time.perf_counter: a C call). */
+static PyObject *
+lane_data_received(Lane *self, PyObject *data)
+{
+    if (self->on_end == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Lane.data_received before attach()");
+        return NULL;
+    }
+    PyObject *t = PyObject_CallNoArgs(self->clock);
+    if (t == NULL)
+        return NULL;
+    PyObject *args[3] = {data, t, NULL};
+    PyObject *end = lane_feed(self, args, 2);
+    PyObject *result = NULL;
+    if (end == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_Exception)) { /* never into the event loop's callback */
+            PyObject *type, *value, *tb;
+            PyErr_Fetch(&type, &value, &tb);
+            PyErr_NormalizeException(&type, &value, &tb);
+            if (tb != NULL)
+                PyException_SetTraceback(value, tb);
+            result = PyObject_CallOneArg(self->on_error, value);
+            Py_XDECREF(type);
+            Py_XDECREF(value);
+            Py_XDECREF(tb);
+        }
+    }
+    else {
+        Py_ssize_t offset = PyLong_AsSsize_t(end);
+        if (self->done || offset >= 0) {
+            PyObject *size = PyLong_FromSsize_t(PyBytes_GET_SIZE(data));
+            if (size != NULL) {
+                PyObject *call[3] = {end, size, t};
+                result = PyObject_Vectorcall(self->on_end, call, 3, NULL);
+                Py_DECREF(size);
+            }
+        }
+        else {
+            result = Py_NewRef(Py_None);
+        }
+        Py_DECREF(end);
+    }
+    Py_DECREF(t);
+    return result;
+}
+
+static PyObject *
+lane_attach(Lane *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyCallable_Check(args[0]) || !PyCallable_Check(args[1]) || !PyCallable_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "attach(on_end, on_error, clock)");
+        return NULL;
+    }
+    Py_XSETREF(self->on_end, Py_NewRef(args[0]));
+    Py_XSETREF(self->on_error, Py_NewRef(args[1]));
+    Py_XSETREF(self->clock, Py_NewRef(args[2]));
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 lane_take_rest(Lane *self, PyObject *Py_UNUSED(ignored))
 {
@@ -1003,6 +1075,10 @@ lane_take_rest(Lane *self, PyObject *Py_UNUSED(ignored))
 static PyMethodDef lane_methods[] = {
     {"feed", (PyCFunction)(void (*)(void))lane_feed, METH_FASTCALL,
      "feed(data, t) -> -1 while the message goes on, else the offset just past its end"},
+    {"data_received", (PyCFunction)lane_data_received, METH_O,
+     "the transport's read callback while the lane reads a body (after attach)"},
+    {"attach", (PyCFunction)(void (*)(void))lane_attach, METH_FASTCALL,
+     "attach(on_end, on_error, clock): data_received's owner and its clock"},
     {"take_rest", (PyCFunction)lane_take_rest, METH_NOARGS,
      "the buffered start of an unfinished event (the buffer is emptied)"},
     {NULL}

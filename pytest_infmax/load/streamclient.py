@@ -264,18 +264,9 @@ class StreamConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        # The status line, the headers and bodies the lane does not read. A streaming body
+        # the C lane reads arrives at the lane's own data_received instead (_enter_lane).
         now = time.perf_counter()  # when these bytes reached us: every stamp below
-        lane = self.lane
-        if lane is not None:  # the common case: a streaming body, read by the C fast lane
-            # (_lane_feed inlined: a Python call less per event)
-            try:
-                end = lane.feed(data, now)
-            except Exception as exc:  # never let a bad stream kill the event loop's callback
-                self._fail(_lane_failure(exc))
-                return
-            if lane.done or end >= 0:
-                self._lane_progress(lane, end, len(data), now)
-            return
         self._now = now
         ex = self.exchange
         if ex is None:  # bytes nobody asked for (or after a failure): the connection is unusable
@@ -424,6 +415,13 @@ class StreamConnection(asyncio.Protocol):
         sink = decoder.sink
         records = sink if self.pool.c_content and getattr(sink, "PLAIN_CONTENT_IN_C", False) else None
         self.lane = lane = _Lane(sink.on_event, self._lane_block, self._lane_raw, decoder.max_event_bytes, records)
+        # From the next read on the lane is the transport's read callback itself: what
+        # data_received does for a lane, without a Python frame per read (uvloop reads the
+        # protocol's data_received when it is set, hence set_protocol).
+        lane.attach(self._lane_end, self._lane_error, time.perf_counter)
+        self.data_received = lane.data_received  # type: ignore[method-assign,assignment]
+        assert self.transport is not None
+        self.transport.set_protocol(self)
         if body_start < len(data):
             self._lane_feed(lane, data[body_start:], now)
 
@@ -436,6 +434,24 @@ class StreamConnection(asyncio.Protocol):
             return
         if lane.done or end >= 0:
             self._lane_progress(lane, end, len(data), now)
+
+    def _lane_end(self, end: int, size: int, now: float) -> None:
+        """From the lane's data_received: [DONE] was seen, or the message ended."""
+        lane = self.lane
+        if lane is not None:
+            self._lane_progress(lane, end, size, now)
+
+    def _lane_error(self, exc: Exception) -> None:
+        """From the lane's data_received: the body could not be read."""
+        self._fail(_lane_failure(exc))
+
+    def _leave_lane(self) -> None:
+        """The lane's read is over: reads go to this protocol's data_received again."""
+        self.lane = None
+        if "data_received" in self.__dict__:
+            del self.data_received
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.set_protocol(self)
 
     def _lane_block(self, block: bytes, t: float) -> bool:
         """An event that is not one ``data:`` line: the SSE spec's path, in Python."""
@@ -462,7 +478,7 @@ class StreamConnection(asyncio.Protocol):
             ex.future.set_result(ex.status)
         if end < 0:
             return
-        self.lane = None
+        self._leave_lane()
         ex.finished = True
         if end < size:  # bytes after the end of the message, unasked for: do not reuse the connection
             ex.keep_alive = False
@@ -537,7 +553,7 @@ class StreamConnection(asyncio.Protocol):
     def _abort(self) -> None:
         self.closed = True
         self.exchange = None
-        self.lane = None
+        self._leave_lane()
         self.pool._forget(self)
         if self.transport is not None and not self.transport.is_closing():
             self.transport.abort()
