@@ -335,3 +335,25 @@ def test_a_client_that_reads_slowly_gets_every_event(tmp_path: Path) -> None:
     assert json.loads(events[-2][len("data: ") :])["usage"]["completion_tokens"] == tokens
     texts = [json.loads(event[len("data: ") :])["choices"][0]["text"] for event in events[:-2]]
     assert len(texts) == tokens and all(text.startswith(" ") for text in texts)
+
+
+def test_a_large_pipelined_request_waits_for_the_stream_before_it(sims: dict[str, Sim]) -> None:
+    """Over 1 MiB sent while a stream is written: the door stops reading the connection
+    (rather than buffer without bound or cut the stream), then serves it after that stream."""
+    sim = sims["fast"]
+    first = post("/v1/completions", {**STREAM, "max_tokens": 2000}, {"X-Request-Id": "long"})
+    second = post("/v1/completions", {**STREAM, "pad": "a" * 1_500_000}, {"X-Request-Id": "large"})
+    with sim.connect() as sock:
+        sock.sendall(first)
+        seen = b""
+        while b"data: " not in seen:  # the first stream is being written
+            seen += sock.recv(65536)
+        sock.sendall(second)
+        data = bytearray(seen)
+        while data.count(b"0\r\n\r\n") < 2:
+            chunk = sock.recv(65536)
+            assert chunk, "the connection closed"
+            data += chunk
+    heads = re.findall(rb"X-Request-Id: (\S+)\r\n", bytes(data))
+    assert heads == [b"long", b"large"]
+    assert data.count(b'"finish_reason":"length"') == 2

@@ -66,7 +66,8 @@ _PATHS = {b"/v1/completions": False, b"/v1/chat/completions": True}
 # longer heads go to aiohttp, which applies its limits (a line or a header field of 8,190 bytes at
 # most) and answers them: a head within this is within those
 _MAX_HEAD_BYTES = 8190
-# bytes a client may send while its stream is being written (pipelining); more and it is cut off
+# bytes a client may send while its stream is being written (pipelining); past them the
+# door stops reading the connection until that stream has ended
 _MAX_PIPELINED_BYTES = 1024 * 1024
 _STARTS = (b"POST /v1/completions ", b"POST /v1/chat/completions ")
 _SSE_HEAD = (
@@ -205,8 +206,8 @@ class FrontDoor(asyncio.Protocol):
             self._first_rx = now  # these bytes start a request
         buf += data
         if self._stream is not None:  # sent while its last response is written: served after it
-            if len(buf) > _MAX_PIPELINED_BYTES:
-                self._close()
+            if len(buf) > _MAX_PIPELINED_BYTES and self._transport is not None:
+                self._transport.pause_reading()  # resumed when the stream ends (_pump)
             return
         self._serve_buffered(now)
 
@@ -379,6 +380,10 @@ class FrontDoor(asyncio.Protocol):
         handler = self._aiohttp()
         transport.set_protocol(handler)
         handler.connection_made(transport)
+        if self.writing_paused:  # the last stream's end still fills the transport's buffer
+            handler.pause_writing()
+        if not transport.is_reading():
+            transport.resume_reading()
         data = bytes(self._buf)
         self._buf.clear()
         if data:
@@ -411,7 +416,10 @@ class FrontDoor(asyncio.Protocol):
             self._end_stream()
             if self._closing:
                 self._close()
-            elif self._buf:
+                return
+            if not transport.is_reading():
+                transport.resume_reading()
+            if self._buf:
                 self._serve_buffered(time.monotonic())
 
     def _end_stream(self) -> None:
