@@ -19,7 +19,7 @@ from aiohttp import web
 
 from pytest_infmax.sim import build_parser, config_from_args
 from pytest_infmax.sim.pollclock import poll_clock
-from pytest_infmax.sim.server import build_app
+from pytest_infmax.sim.server import OBS_KEY, build_app
 
 
 def _spin(seconds: float) -> None:
@@ -82,3 +82,52 @@ async def _get_json(port: int, path: str) -> dict[str, Any]:
     async with aiohttp.ClientSession() as session:
         async with session.get(f"http://127.0.0.1:{port}{path}", timeout=aiohttp.ClientTimeout(total=10)) as response:
             return dict(await response.json())
+
+
+@pytest.mark.asyncio
+async def test_the_front_door_stamps_a_stream_at_the_poll_that_found_it() -> None:
+    """The same for a streaming request the front door serves (sim/frontdoor.py)."""
+    from pytest_infmax.sim.frontdoor import FrontDoors
+
+    config = config_from_args(build_parser().parse_args(["--decode-step-ms", "1", "--model", "m"]))
+    app = build_app(config)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    assert runner.server is not None
+    loop = asyncio.get_running_loop()
+    doors = FrontDoors(app, runner.server)
+    listener = await loop.create_server(doors, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout=10)
+    try:
+
+        def request(request_id: str) -> bytes:
+            body = json.dumps({"model": "m", "prompt": [1, 2, 3], "max_tokens": 2, "stream": True}).encode()
+            head = (
+                f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+                f"X-Request-Id: {request_id}\r\nContent-Length: {len(body)}\r\n\r\n"
+            )
+            return head.encode() + body
+
+        async def response() -> None:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            await asyncio.wait_for(reader.readuntil(b"\r\n0\r\n\r\n"), timeout=10)  # the body's last chunk
+
+        writer.write(request("first"))
+        await response()
+        writer.write(request("second"))
+        sent = time.monotonic()
+        loop.call_soon(_spin, 0.05)  # queued before that poll: runs after it, before the read
+        await response()
+        trace = await _get_json(port, "/sim/trace")
+        second = next(t for t in trace["requests"] if t["x_request_id"] == "second")
+        trip = second["arrival_mono"] - sent
+        assert trip < 0.025, f"arrival {trip * 1e3:.1f} ms after the send: the read, not the poll"
+        assert second["arrival_mono"] <= second["handler_mono"]
+        assert app[OBS_KEY].front_end_requests == {"fast": 2, "aiohttp": 0}
+    finally:
+        writer.close()
+        listener.close()
+        await doors.close(1.0)
+        await runner.cleanup()
