@@ -29,6 +29,15 @@ def _spin(seconds: float) -> None:
         pass
 
 
+def _request(port: int, request_id: str, *, stream: bool) -> bytes:
+    body = json.dumps({"model": "m", "prompt": [1, 2, 3], "max_tokens": 2, "stream": stream}).encode()
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+        f"X-Request-Id: {request_id}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
 @pytest.mark.asyncio
 async def test_a_keep_alive_request_arrives_at_the_poll_that_found_it() -> None:
     """The loop is busy after the poll that found the request (callbacks queued before it
@@ -43,14 +52,6 @@ async def test_a_keep_alive_request_arrives_at_the_poll_that_found_it() -> None:
     reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout=10)
     try:
 
-        def request(request_id: str) -> bytes:
-            body = json.dumps({"model": "m", "prompt": [1, 2, 3], "max_tokens": 2, "stream": False}).encode()
-            head = (
-                f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
-                f"X-Request-Id: {request_id}\r\nContent-Length: {len(body)}\r\n\r\n"
-            )
-            return head.encode() + body
-
         async def response() -> None:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
             assert head.startswith(b"HTTP/1.1 200"), head
@@ -61,9 +62,11 @@ async def test_a_keep_alive_request_arrives_at_the_poll_that_found_it() -> None:
             )
             await asyncio.wait_for(reader.readexactly(length), timeout=10)
 
-        writer.write(request("first"))  # opens the keep-alive connection
+        writer.write(_request(port, "first", stream=False))  # opens the keep-alive connection
         await response()
-        writer.write(request("second"))  # asyncio sends at once: on loopback, readable at the next poll
+        writer.write(
+            _request(port, "second", stream=False)
+        )  # asyncio sends at once: on loopback, readable at the next poll
         sent = time.monotonic()
         loop = asyncio.get_running_loop()
         loop.call_soon(_spin, 0.05)  # queued before that poll: runs after it, before the read
@@ -101,22 +104,14 @@ async def test_the_front_door_stamps_a_stream_at_the_poll_that_found_it() -> Non
     reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout=10)
     try:
 
-        def request(request_id: str) -> bytes:
-            body = json.dumps({"model": "m", "prompt": [1, 2, 3], "max_tokens": 2, "stream": True}).encode()
-            head = (
-                f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
-                f"X-Request-Id: {request_id}\r\nContent-Length: {len(body)}\r\n\r\n"
-            )
-            return head.encode() + body
-
         async def response() -> None:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
             assert head.startswith(b"HTTP/1.1 200"), head
             await asyncio.wait_for(reader.readuntil(b"\r\n0\r\n\r\n"), timeout=10)  # the body's last chunk
 
-        writer.write(request("first"))
+        writer.write(_request(port, "first", stream=True))
         await response()
-        writer.write(request("second"))
+        writer.write(_request(port, "second", stream=True))
         sent = time.monotonic()
         loop.call_soon(_spin, 0.05)  # queued before that poll: runs after it, before the read
         await response()

@@ -196,11 +196,7 @@ class FrontDoor(asyncio.Protocol):
         self._doors.add(self)
 
     def data_received(self, data: bytes) -> None:
-        # the bytes were readable when the poll that reported them returned (sim/pollclock.py)
-        now = time.monotonic()
-        polls = self._polls
-        if polls.known and polls.at < now:
-            now = polls.at
+        now = self._polls.arrival()  # the return of the poll that reported the bytes
         buf = self._buf
         if not buf:
             self._first_rx = now  # these bytes start a request

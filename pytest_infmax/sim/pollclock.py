@@ -29,6 +29,12 @@ class PollClock:
         self.at = time.monotonic()
         self.known = False  # no selector to watch: ``at`` means nothing
 
+    def arrival(self) -> float:
+        """When bytes read now reached the process: the return of the poll that reported
+        them (asyncio reads in the iteration of its poll), else now."""
+        now = time.monotonic()
+        return self.at if self.known and self.at < now else now
+
 
 _CLOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, PollClock] = weakref.WeakKeyDictionary()
 

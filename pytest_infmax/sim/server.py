@@ -1337,10 +1337,7 @@ class _ArrivalStampingHandler(RequestHandler):
         # same iteration (asyncio reads in the iteration of its select), possibly after every
         # callback queued before that poll and the reads of the sockets before this one
         # (sim/pollclock.py).
-        now = time.monotonic()
-        polls = self._infmax_polls
-        if polls.known and polls.at < now:
-            now = polls.at
+        now = self._infmax_polls.arrival()
         body = self._infmax_body
         if data and self._infmax_first_rx is None and (body is None or body.is_eof()):
             self._infmax_first_rx = now  # not the rest of a body: these bytes start a request
