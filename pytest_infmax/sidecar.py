@@ -65,6 +65,20 @@ def _records(doc: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
                 yield from (r for r in records if isinstance(r, dict))
 
 
+def _stamps(rec: Mapping[str, Any], key: str) -> Any:
+    """A record's stamps: a list (as JSON reads them) or a numpy array (``to_dict(arrays=True)``)."""
+    value = rec.get(key)
+    return () if value is None else value
+
+
+def _column(parts: list[Any], dtype: Any, count: int) -> np.ndarray:
+    """Every record's stamps in one array, in order: numpy arrays joined as they are (a copy
+    at memory speed), lists read once."""
+    if parts and all(isinstance(p, np.ndarray) for p in parts):
+        return np.concatenate(parts).astype(dtype, copy=False)
+    return np.fromiter(chain.from_iterable(parts), dtype=dtype, count=count)
+
+
 def split(doc: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
     """``doc`` without its records' stamps (a copy: ``doc`` is left as it is), and the
     sidecar's arrays; None where no record has a stamp list."""
@@ -83,7 +97,7 @@ def split(doc: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]
             if not isinstance(rec, dict):
                 kept.append(rec)
                 continue
-            t, k = rec.get("chunk_times") or (), rec.get("chunk_tokens") or ()
+            t, k = _stamps(rec, "chunk_times"), _stamps(rec, "chunk_tokens")
             times.append(t)
             tokens.append(k)
             time_counts.append(len(t))
@@ -96,14 +110,37 @@ def split(doc: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]
     arrays = {
         "format": np.array(FORMAT),
         "id": np.array(ident),
-        "times": np.fromiter(chain.from_iterable(times), dtype=np.float64, count=sum(time_counts)),
-        "tokens": np.fromiter(chain.from_iterable(tokens), dtype=np.int64, count=sum(token_counts)),
+        "times": _column(times, np.float64, sum(time_counts)),
+        "tokens": _column(tokens, np.int64, sum(token_counts)),
         "time_counts": np.array(time_counts, dtype=np.int64),
         "token_counts": np.array(token_counts, dtype=np.int64),
     }
     out = {**doc, "results": results}
     out["chunks"] = {"id": ident, "records": len(time_counts), "stamps": int(arrays["times"].size)}
     return out, arrays
+
+
+def with_lists(results: list[Any]) -> list[Any]:
+    """``results`` (result dicts) with their records' stamps as lists, as JSON reads them: plain
+    data, for what carries results to another process (pytest-xdist's report serialisation);
+    the records are copies where a stamp array was turned into a list, ``results`` unchanged."""
+    out = []
+    for result in results:
+        records = result.get("records") if isinstance(result, Mapping) else None
+        if isinstance(records, list) and any(
+            isinstance(rec, dict) and hasattr(rec.get(key), "tolist") for rec in records for key in _KEYS
+        ):
+            result = {
+                **result,
+                "records": [
+                    {k: v.tolist() if k in _KEYS and hasattr(v, "tolist") else v for k, v in rec.items()}
+                    if isinstance(rec, dict)
+                    else rec
+                    for rec in records
+                ],
+            }
+        out.append(result)
+    return out
 
 
 def apart_from_stamps(doc: dict[str, Any], fn: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:

@@ -138,6 +138,9 @@ class Journal:
         self._fd: int | None = None
         self._stamps_fd: int | None = None
         self._stamps_at = 0  # the stamps file's size: where the next block goes
+        # the blocks the lines of the latest test wrote: its ``result`` line names the block of
+        # its ``run`` line where the stamps are the same, not a second copy (see _write_stamps)
+        self._blocks: tuple[str | None, list[tuple[list[np.ndarray], dict[str, int]]]] = (None, [])
         self._lock = threading.Lock()
 
     def open(self) -> None:
@@ -166,15 +169,29 @@ class Journal:
         assert self._fd is not None
         _write_all(self._fd, (redact(json.dumps(line, allow_nan=False)) + "\n").encode("utf-8"))
 
-    def _write_stamps(self, arrays: dict[str, np.ndarray]) -> dict[str, int]:
+    def _write_stamps(self, arrays: dict[str, np.ndarray], test: str | None) -> dict[str, int]:
         """Append one line's stamps to the stamps file, fsynced before the line that names them
-        is written: a line never names a block that is not whole."""
+        is written: a line never names a block that is not whole. A block the same, byte for
+        byte, as one an earlier line of the same test wrote (a test's ``result`` line holds the
+        records its ``run`` line did) is named again, not written twice."""
         if self._stamps_fd is None:
             self._stamps_fd = os.open(
                 stamps_path(self.path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o666
             )
             self._stamps_at = 0
-        block = b"".join(np.ascontiguousarray(arrays[name], dtype=dtype).tobytes() for name, dtype, _ in _BLOCK)
+            self._blocks = (None, [])
+        parts = [np.ascontiguousarray(arrays[name], dtype=dtype) for name, dtype, _ in _BLOCK]
+        owner, blocks = self._blocks
+        if owner != test:  # a new test's lines: the blocks of the last one are not needed again
+            blocks = []
+            self._blocks = (test, blocks)
+        for earlier, where in blocks:
+            if all(
+                a.shape == b.shape and np.array_equal(a.view(np.uint8), b.view(np.uint8))
+                for a, b in zip(parts, earlier)
+            ):
+                return dict(where)
+        block = b"".join(part.tobytes() for part in parts)
         _write_all(self._stamps_fd, block)
         where = {
             "at": self._stamps_at,
@@ -183,7 +200,8 @@ class Journal:
             "tokens": int(arrays["tokens"].size),
         }
         self._stamps_at += len(block)
-        return where
+        blocks.append((parts, where))
+        return dict(where)
 
     def append(self, kind: str, data: dict[str, Any], *, test: str | None = None) -> None:
         """Append one line (of the pytest test ``test``, where there is one) and make it
@@ -196,7 +214,7 @@ class Journal:
             if isinstance(data.get("records"), list):  # the records' stamps: binary, as in the sidecar
                 doc, arrays = sidecar.split({"results": [data]})
                 if arrays is not None:
-                    line["stamps"] = self._write_stamps(arrays)
+                    line["stamps"] = self._write_stamps(arrays, test)
                     data = doc["results"][0]
             line["data"] = data
             self._write(line)
@@ -208,6 +226,7 @@ class Journal:
                 if fd is not None:
                     os.close(fd)
             self._fd = self._stamps_fd = None
+            self._blocks = (None, [])
             if remove:
                 for path in (self.path, stamps_path(self.path)):
                     try:
