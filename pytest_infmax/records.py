@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import enum
 from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
+from itertools import chain
 from typing import TYPE_CHECKING, Any
 
 from pytest_infmax.lazy import lazy_module
@@ -215,10 +217,12 @@ class RequestRecord:
         times = np.round(np.frombuffer(self.chunk_times, dtype=np.float64) - t0, 9)
         d["chunk_times"] = times if arrays else times.tolist()
         d["chunk_tokens"] = list(self.chunk_tokens)
-        if arrays:
+        if arrays and self.chunk_tokens.count(1) == len(self.chunk_tokens):  # one token an event: no list to read
+            d["chunk_tokens"] = np.ones(len(self.chunk_tokens), dtype=np.int64)
+        elif arrays:
             try:
-                d["chunk_tokens"] = np.asarray(d["chunk_tokens"], dtype=np.int64)
-            except OverflowError:  # a count past int64 (a hostile server's): kept as the list it is
+                d["chunk_tokens"] = np.asarray(self.chunk_tokens, dtype=np.int64)
+            except OverflowError:  # a count past int64 (a hostile server's): kept as the list
                 pass
         for key in ("input_tokens_source", "output_tokens_source", "chunk_tokens_source"):
             d[key] = d[key].value
@@ -245,3 +249,37 @@ class RequestRecord:
 
 
 _FIELDS = tuple(f.name for f in fields(RequestRecord))
+
+
+def joined_itls(records: Sequence[RequestRecord]) -> tuple[np.ndarray, int]:
+    """Every record's :meth:`RequestRecord.itl_array`, one after another in one array, and how
+    many records gave any: the same numbers, computed over every record's stamps at once (a call
+    per record cost 20 ms per 512 records at the end of a run). Where a record's counts are not
+    one per chunk, or are past the expansion limit or int64, each record is computed on its own."""
+    chosen = [r for r in records if r.ok and len(r.chunk_times) > 1]
+    if not chosen:
+        return np.empty(0), 0
+    lengths = np.fromiter((len(r.chunk_times) for r in chosen), dtype=np.int64, count=len(chosen))
+    total = int(lengths.sum())
+    if all(len(r.chunk_tokens) == len(r.chunk_times) for r in chosen):
+        tokens: np.ndarray | None
+        if sum(r.chunk_tokens.count(1) for r in chosen) == total:  # one token an event: no list to read
+            tokens = np.ones(total, dtype=np.int64)
+        else:
+            try:
+                tokens = np.fromiter(chain.from_iterable(r.chunk_tokens for r in chosen), dtype=np.int64, count=total)
+            except OverflowError:  # a count past int64 (a hostile server's): each record's exact path
+                tokens = None
+        if tokens is not None:
+            starts = np.cumsum(lengths) - lengths  # each record's first chunk: no gap before it
+            counts = np.maximum(np.delete(tokens, starts), 1)
+            gaps = lengths - 1
+            if float(np.add.reduceat(counts.astype(np.float64), starts - np.arange(len(chosen))).max()) <= (
+                ITL_EXPANSION_LIMIT
+            ):
+                times = np.concatenate([np.frombuffer(r.chunk_times, dtype=np.float64) for r in chosen])
+                dts = np.delete(np.diff(times), starts[1:] - 1)  # no gap across two records
+                assert dts.size == counts.size == int(gaps.sum())
+                return np.repeat(dts / counts, counts), len(chosen)
+    arrays = [r.itl_array() for r in chosen]
+    return np.concatenate(arrays), sum(1 for a in arrays if a.size)
