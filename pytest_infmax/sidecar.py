@@ -25,7 +25,6 @@ records: every report sees the same records as the session that wrote them.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import uuid
@@ -35,7 +34,7 @@ from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pytest_infmax.atomic import write_bytes_atomic, write_text_atomic
+from pytest_infmax.atomic import write_stream_atomic, write_text_atomic
 from pytest_infmax.lazy import lazy_module
 
 if TYPE_CHECKING:
@@ -174,18 +173,19 @@ def write_results(path: Path, doc: Mapping[str, Any]) -> list[Path]:
     if arrays is not None:
         side = sidecar_path(path)
         out["chunks"] = {"sidecar": side.name, **out["chunks"]}
-        buffer = io.BytesIO()
         a = arrays  # uncompressed: stamps do not compress much, and time matters; no object arrays, so no pickle
-        np.savez(
-            buffer,
-            format=a["format"],
-            id=a["id"],
-            times=a["times"],
-            tokens=a["tokens"],
-            time_counts=a["time_counts"],
-            token_counts=a["token_counts"],
+        write_stream_atomic(  # numpy writes the arrays into the file itself: no copy of them in memory
+            side,
+            lambda f: np.savez(
+                f,
+                format=a["format"],
+                id=a["id"],
+                times=a["times"],
+                tokens=a["tokens"],
+                time_counts=a["time_counts"],
+                token_counts=a["token_counts"],
+            ),
         )
-        write_bytes_atomic(side, buffer.getvalue())
         written.append(side)
     else:  # a sidecar of an earlier file of the same path is stale now
         try:
