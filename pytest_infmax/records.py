@@ -216,14 +216,15 @@ class RequestRecord:
                 d[key] = round(d[key] - t0, 9)
         times = np.round(np.frombuffer(self.chunk_times, dtype=np.float64) - t0, 9)
         d["chunk_times"] = times if arrays else times.tolist()
-        d["chunk_tokens"] = list(self.chunk_tokens)
-        if arrays and self.chunk_tokens.count(1) == len(self.chunk_tokens):  # one token an event: no list to read
+        if not arrays:
+            d["chunk_tokens"] = list(self.chunk_tokens)
+        elif self.chunk_tokens.count(1) == len(self.chunk_tokens):  # one token an event: no list to read
             d["chunk_tokens"] = np.ones(len(self.chunk_tokens), dtype=np.int64)
-        elif arrays:
+        else:
             try:
                 d["chunk_tokens"] = np.asarray(self.chunk_tokens, dtype=np.int64)
-            except OverflowError:  # a count past int64 (a hostile server's): kept as the list
-                pass
+            except OverflowError:  # a count past int64 (a hostile server's): kept as a list
+                d["chunk_tokens"] = list(self.chunk_tokens)
         for key in ("input_tokens_source", "output_tokens_source", "chunk_tokens_source"):
             d[key] = d[key].value
         d["error_kind"] = self.error_kind.value if self.error_kind else None

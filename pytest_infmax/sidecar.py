@@ -72,10 +72,19 @@ def _stamps(rec: Mapping[str, Any], key: str) -> Any:
 
 def _column(parts: list[Any], dtype: Any, count: int) -> np.ndarray:
     """Every record's stamps in one array, in order: numpy arrays joined as they are (a copy
-    at memory speed), lists read once."""
-    if parts and all(isinstance(p, np.ndarray) for p in parts):
-        return np.concatenate(parts).astype(dtype, copy=False)
-    return np.fromiter(chain.from_iterable(parts), dtype=dtype, count=count)
+    at memory speed), lists read once (the plugin's arrays and a crashed xdist worker's
+    journaled lists may meet in one document)."""
+    if all(isinstance(p, np.ndarray) for p in parts):
+        joined = np.concatenate(parts) if parts else np.empty(0)
+        return joined.astype(dtype, copy=False)
+    if not any(isinstance(p, np.ndarray) for p in parts):
+        return np.fromiter(chain.from_iterable(parts), dtype=dtype, count=count)
+    return np.concatenate(
+        [
+            p.astype(dtype, copy=False) if isinstance(p, np.ndarray) else np.fromiter(p, dtype=dtype, count=len(p))
+            for p in parts
+        ]
+    )
 
 
 def split(doc: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:

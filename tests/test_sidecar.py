@@ -184,7 +184,7 @@ def test_stamps_kept_as_arrays_write_every_report_byte_for_byte_as_lists_do(tmp_
     journal and the sidecar write as they are; every report must be what the lists made."""
     from pytest_infmax.plugin import _redact_json
     from pytest_infmax.reports.plots import throughput_series
-    from pytest_infmax.sidecar import apart_from_stamps, with_lists
+    from pytest_infmax.sidecar import apart_from_stamps, split, with_lists
 
     results = _load_results()
     listed = [r.to_dict() for r in results]
@@ -197,6 +197,12 @@ def test_stamps_kept_as_arrays_write_every_report_byte_for_byte_as_lists_do(tmp_
         for a, b in zip(got["records"], want["records"]):
             x, y = RequestRecord.from_dict(a, 1234.5), RequestRecord.from_dict(b, 1234.5)
             assert x.chunk_times.tobytes() == y.chunk_times.tobytes() and x == y
+
+    # arrays and lists in one document (a crashed xdist worker's journaled runs beside the plugin's)
+    _, want_arrays = split({"results": listed})
+    _, mixed = split({"results": [arrayed[0], listed[1]]})
+    assert want_arrays is not None and mixed is not None
+    assert all(mixed[k].tobytes() == want_arrays[k].tobytes() for k in want_arrays if k != "id")
 
     texts: dict[str, dict[str, Any]] = {}
     for how, entries in (("lists", listed), ("arrays", arrayed)):

@@ -37,7 +37,9 @@ binary, ``pytest_infmax/sidecar.py``): each journal file has a stamps file besid
 ``PATH.journal-stamps`` (``PATH.journal.gw0-stamps``), append-only, and the line says
 where its block is (``"stamps": {"at": byte offset, "records", "times", "tokens"}``: the
 per-record counts, then the stamps, little-endian int64 and float64). The block is
-fsynced before its line is written, so a line never names a block that is not whole;
+fsynced before its line is written, so a line never names a block that is not whole; a
+test's ``result`` line names the block its ``run`` line wrote where the stamps are the
+same, byte for byte (a run's 512k stamps are 8 MB, written once);
 the reader puts the stamps back into the records, so every report reads the same data.
 
 Each line is redacted (:func:`pytest_infmax.redact.redact`) like every other file. A
