@@ -261,26 +261,24 @@ def joined_itls(records: Sequence[RequestRecord]) -> tuple[np.ndarray, int]:
     if not chosen:
         return np.empty(0), 0
     lengths = np.fromiter((len(r.chunk_times) for r in chosen), dtype=np.int64, count=len(chosen))
+    starts = np.cumsum(lengths) - lengths  # each record's first chunk: no gap before it
     total = int(lengths.sum())
-    if all(len(r.chunk_tokens) == len(r.chunk_times) for r in chosen):
-        tokens: np.ndarray | None
-        if sum(r.chunk_tokens.count(1) for r in chosen) == total:  # one token an event: no list to read
-            tokens = np.ones(total, dtype=np.int64)
-        else:
-            try:
-                tokens = np.fromiter(chain.from_iterable(r.chunk_tokens for r in chosen), dtype=np.int64, count=total)
-            except OverflowError:  # a count past int64 (a hostile server's): each record's exact path
-                tokens = None
-        if tokens is not None:
-            starts = np.cumsum(lengths) - lengths  # each record's first chunk: no gap before it
-            counts = np.maximum(np.delete(tokens, starts), 1)
-            gaps = lengths - 1
-            if float(np.add.reduceat(counts.astype(np.float64), starts - np.arange(len(chosen))).max()) <= (
-                ITL_EXPANSION_LIMIT
-            ):
-                times = np.concatenate([np.frombuffer(r.chunk_times, dtype=np.float64) for r in chosen])
-                dts = np.delete(np.diff(times), starts[1:] - 1)  # no gap across two records
-                assert dts.size == counts.size == int(gaps.sum())
-                return np.repeat(dts / counts, counts), len(chosen)
-    arrays = [r.itl_array() for r in chosen]
+    if not all(len(r.chunk_tokens) == len(r.chunk_times) for r in chosen):
+        return _each_records_itls(chosen)
+    times = np.concatenate([np.frombuffer(r.chunk_times, dtype=np.float64) for r in chosen])
+    dts = np.delete(np.diff(times), starts[1:] - 1)  # no gap across two records
+    if sum(r.chunk_tokens.count(1) for r in chosen) == total:  # one token an event: each gap is one token's
+        return dts, len(chosen)  # (each dt / 1 and repeated once: dt itself)
+    try:
+        tokens = np.fromiter(chain.from_iterable(r.chunk_tokens for r in chosen), dtype=np.int64, count=total)
+    except OverflowError:  # a count past int64 (a hostile server's): each record's exact path
+        return _each_records_itls(chosen)
+    counts = np.maximum(np.delete(tokens, starts), 1)
+    if float(np.add.reduceat(counts.astype(np.float64), starts - np.arange(len(chosen))).max()) > ITL_EXPANSION_LIMIT:
+        return _each_records_itls(chosen)
+    return np.repeat(dts / counts, counts), len(chosen)
+
+
+def _each_records_itls(records: Sequence[RequestRecord]) -> tuple[np.ndarray, int]:
+    arrays = [r.itl_array() for r in records]
     return np.concatenate(arrays), sum(1 for a in arrays if a.size)

@@ -187,9 +187,11 @@ class Journal:
         if owner != test:  # a new test's lines: the blocks of the last one are not needed again
             blocks = []
             self._blocks = (test, blocks)
-        for earlier, where in blocks:
+        for earlier, where in blocks:  # the counts first: a block of other records differs there
+            # bit for bit, as 8-byte integers (every array of a block is 8 bytes an item): a float
+            # NaN equals itself, -0.0 does not equal 0.0
             if all(
-                a.shape == b.shape and np.array_equal(a.view(np.uint8), b.view(np.uint8))
+                a.shape == b.shape and np.array_equal(a.view(np.int64), b.view(np.int64))
                 for a, b in zip(parts, earlier)
             ):
                 return dict(where)
