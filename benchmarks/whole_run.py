@@ -34,6 +34,18 @@ DIR is ``utils/bench_serving`` of an InferenceX checkout; PY an interpreter with
 requirements, e.g. ``python3 -m venv .venv-peer && .venv-peer/bin/pip install -c
 requirements/lock.txt transformers tqdm aiohttp numpy`` (docs/performance.md).
 ``--no-peer`` measures ours alone.
+
+``--phases`` says where ours spends the CPU that is not streaming: the user's project gets a
+conftest that reads ``time.process_time()`` at pytest's hooks, and the table splits each run
+into start (interpreter, pytest, the plugin, collection), setup (the fixtures: the imports
+the first perf test needs), streaming (the load generator's run; its measured phase is the
+run's own ``client.cpu_seconds``), then what follows it: the result and its journal line
+(after streaming), the test's report and the journal's result line (report hooks), the
+JSON and its sidecar (session end), and the interpreter's exit. ``--against DIR`` adds the
+plugin of another checkout (first on ``PYTHONPATH``; its C lane built, e.g. the ``.so``
+copied in), interleaved with this one, so a change is measured before and after in one run:
+
+    .venv/bin/python benchmarks/whole_run.py --no-peer --phases --streams 256 --against ../base
 """
 
 from __future__ import annotations
@@ -51,6 +63,7 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -74,6 +87,86 @@ def test_whole_run(infmax):
     )
     assert result.metrics.num_ok == {requests}
 """
+
+# --phases: the user's project's conftest, reading the process's CPU time at pytest's hooks (and
+# where the load generator's run returns: the end of streaming), written out at unconfigure.
+PHASES_CONFTEST = """
+import json
+import os
+import time
+
+import pytest
+
+_MARKS = {}
+
+
+def _mark(name):
+    _MARKS.setdefault(name, time.process_time())
+
+
+def pytest_collection_finish(session):
+    _mark("collected")
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_setup(item):
+    try:
+        return (yield)
+    finally:
+        _mark("set up")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_call(item):
+    from pytest_infmax.load.generator import LoadGenerator
+
+    run = LoadGenerator.run
+
+    async def timed_run(self, *args, **kwargs):
+        try:
+            return await run(self, *args, **kwargs)
+        finally:
+            _mark("streamed")
+
+    LoadGenerator.run = timed_run
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem):
+    try:
+        return (yield)
+    finally:
+        _mark("ran")
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_logreport(report):
+    try:
+        return (yield)
+    finally:
+        if report.when == "call":
+            _mark("reported")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    _mark("unconfigured")
+    with open(os.environ["WHOLE_RUN_PHASES"], "w") as f:
+        json.dump(_MARKS, f)
+"""
+
+# (name, from mark, to mark): the CPU seconds between two of PHASES_CONFTEST's marks ("exit": from
+# the last mark to the process's end, from its rusage)
+PHASES = (
+    ("start: interpreter, pytest, plugin, collection", None, "collected"),
+    ("setup: the fixtures and their imports", "collected", "set up"),
+    ("streaming: the load generator's run", "set up", "streamed"),
+    ("after streaming: result, metrics, journal", "streamed", "ran"),
+    ("report hooks: the test's report, journal", "ran", "reported"),
+    ("session end: the JSON and its sidecar", "reported", "unconfigured"),
+    ("exit: the interpreter's end", "unconfigured", None),
+)
+POST_RUN = PHASES[3:]  # what follows streaming
 
 # A word-level tokenizer, built offline, in which the emitter's " tok" is one token.
 MAKE_TOKENIZER = """
@@ -115,11 +208,24 @@ def _fail(what: str, proc: subprocess.CompletedProcess[str]) -> SystemExit:
 
 
 def run_ours(
-    base: str, work: Path, streams: int, requests: int, tokens: int, all_plugins: bool = False
-) -> dict[str, float | None]:
+    base: str,
+    work: Path,
+    streams: int,
+    requests: int,
+    tokens: int,
+    all_plugins: bool = False,
+    *,
+    phases: bool = False,
+    pythonpath: Path | None = None,
+) -> dict[str, Any]:
     project = work / f"ours-{streams}"
     project.mkdir(exist_ok=True)
     (project / "pytest.ini").write_text("[pytest]\n")
+    conftest = project / "conftest.py"
+    if phases:
+        conftest.write_text(PHASES_CONFTEST)
+    else:
+        conftest.unlink(missing_ok=True)
     (project / "test_whole_run.py").write_text(
         textwrap.dedent(OURS_TEST).format(
             isl=ISL, tokens=tokens, streams=streams, requests=requests, timeout=CLIENT_TIMEOUT_S
@@ -135,12 +241,24 @@ def run_ours(
         env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
         cmd += ["-p", "pytest_infmax.plugin"]
     cmd += ["--infmax-endpoint", base, "--infmax-json", str(out)]
+    if pythonpath is not None:  # another checkout's plugin (--against)
+        env["PYTHONPATH"] = str(pythonpath)
+    marks_file = project / "phases.json"
+    marks_file.unlink(missing_ok=True)
+    env["WHOLE_RUN_PHASES"] = str(marks_file)
     wall, cpu, proc = _child_run(cmd, project, env)
     if proc.returncode != 0 or not out.is_file():
         raise _fail("ours (pytest)", proc)
     result = json.loads(out.read_text())["results"][0]
     client = result.get("client") or {}
-    return {"wall": wall, "cpu": cpu, "streaming_cpu": client.get("cpu_seconds")}
+    row: dict[str, Any] = {"wall": wall, "cpu": cpu, "streaming_cpu": client.get("cpu_seconds")}
+    if phases:
+        marks = json.loads(marks_file.read_text())
+        for name, start, end in PHASES:
+            row[name] = (cpu if end is None else marks[end]) - (0.0 if start is None else marks[start])
+        row["post-run"] = sum(row[name] for name, _, _ in POST_RUN)
+        row["not streaming"] = cpu - (client.get("cpu_seconds") or 0.0)
+    return row
 
 
 def make_tokenizer(peer_python: str, where: Path) -> Path:
@@ -198,7 +316,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--all-plugins", action="store_true", help="ours with every pytest plugin of this venv, not our plugin alone"
     )
+    p.add_argument(
+        "--phases", action="store_true", help="ours: the CPU of each phase (start, setup, streaming, after it, exit)"
+    )
+    p.add_argument(
+        "--against", type=Path, metavar="DIR", help="also run ours with the plugin of this checkout (on PYTHONPATH)"
+    )
     args = p.parse_args(argv)
+    if args.against is not None:
+        if not (args.against / "pytest_infmax" / "plugin.py").is_file():
+            p.error(f"--against {args.against}: no pytest_infmax/plugin.py there; give a checkout of the project")
+        args.against = args.against.resolve()
     if args.quick:
         args.streams, args.tokens, args.rounds, args.runs = [8], 50, 1, 1
     if not args.no_peer:
@@ -210,7 +338,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.peer_python:
             p.error("--peer-python PY: an interpreter with transformers, aiohttp, numpy and tqdm (or --no-peer)")
         args.bench_serving = args.bench_serving.resolve()
-    clients = ["ours"] if args.no_peer else ["ours", "InferenceMAX"]
+    against = f"ours ({args.against.name})" if args.against is not None else None
+    clients = ["ours", *([against] if against else []), *([] if args.no_peer else ["InferenceMAX"])]
+    ours_clients = {"ours": None, **({against: args.against} if against else {})}  # client -> its PYTHONPATH
 
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
@@ -226,11 +356,12 @@ def main(argv: list[str] | None = None) -> int:
             emitter_dir = work / f"emitter-{streams}"  # its port file: one per emitter
             emitter_dir.mkdir()
             proc, base = client_overhead._start_emitter(emitter_dir, 1, args.itl_ms / 1000)
-            runs: dict[str, list[dict[str, float | None]]] = {c: [] for c in clients}
+            runs: dict[str, list[dict[str, Any]]] = {c: [] for c in clients}
             try:
                 # one untimed run of each client first: bytecode and page caches warm, as on a
                 # machine that has run its benchmark before
-                run_ours(base, work, min(streams, 8), min(streams, 8), 10, args.all_plugins)
+                for path in ours_clients.values():
+                    run_ours(base, work, min(streams, 8), min(streams, 8), 10, args.all_plugins, pythonpath=path)
                 if tokdir is not None:
                     run_peer(
                         base, work, min(streams, 8), min(streams, 8), 10, args.bench_serving, args.peer_python, tokdir
@@ -238,8 +369,17 @@ def main(argv: list[str] | None = None) -> int:
                 for _ in range(args.runs):
                     for client in clients:  # interleaved: a drift of the machine hits both
                         before = client_overhead._get_stats(base)
-                        if client == "ours":
-                            r = run_ours(base, work, streams, requests, args.tokens, args.all_plugins)
+                        if client in ours_clients:
+                            r = run_ours(
+                                base,
+                                work,
+                                streams,
+                                requests,
+                                args.tokens,
+                                args.all_plugins,
+                                phases=args.phases,
+                                pythonpath=ours_clients[client],
+                            )
                         else:
                             assert tokdir is not None
                             r = run_peer(
@@ -265,9 +405,22 @@ def main(argv: list[str] | None = None) -> int:
             for client in clients:
                 rs = runs[client]
                 print(
-                    f"  {client:<14} {_spread([r['wall'] for r in rs]):>22} {_spread([r['cpu'] for r in rs]):>22} "
+                    f"  {client:<14.14} {_spread([r['wall'] for r in rs]):>22} {_spread([r['cpu'] for r in rs]):>22} "
                     f"{_spread([r['cpu_per_mtok'] for r in rs], '{:.1f}'):>26} "
                     f"{_spread([r['streaming_cpu_per_mtok'] for r in rs], '{:.1f}'):>26}"
+                )
+            if args.phases:
+                width = max(len(name) for name, _, _ in PHASES)
+                print(f"\n  ours, CPU s per phase, median (min-max) of {args.runs}:")
+                print(f"  {'phase':<{width}} " + " ".join(f"{c:>22}" for c in ours_clients))
+                for name in [*(n for n, _, _ in PHASES), "post-run", "not streaming"]:
+                    print(
+                        f"  {name:<{width}} "
+                        + " ".join(f"{_spread([r[name] for r in runs[c]], '{:.3f}'):>22}" for c in ours_clients)
+                    )
+                print(
+                    f"  {'  of streaming, the measured phase':<{width}} "
+                    + " ".join(f"{_spread([r['streaming_cpu'] for r in runs[c]], '{:.3f}'):>22}" for c in ours_clients)
                 )
             if not args.no_peer:
                 ours = statistics.median(r["cpu_per_mtok"] or 0.0 for r in runs["ours"])

@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pytest_infmax.redact import redact
 
@@ -21,12 +22,18 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
     The file gets the mode a plain ``open()`` would give (the umask's), not mkstemp's 0600:
     reports and baselines are meant to be read by others.
     """
+    return write_stream_atomic(path, lambda f: f.write(data))
+
+
+def write_stream_atomic(path: str | os.PathLike[str], fill: Callable[[BinaryIO], object]) -> Path:
+    """:func:`write_bytes_atomic` of what ``fill`` writes to the file it is given: a large
+    binary file (the stamps sidecar) goes to disk without a copy of it in memory first."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            fill(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())

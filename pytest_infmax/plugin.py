@@ -350,7 +350,7 @@ def _journal_run(item: pytest.Item, state: PluginState, result: LoadResult) -> N
     journal = state.journal
     if journal is None:
         return
-    entry = result.to_dict(include_records=True)
+    entry = result.to_dict(include_records=True, arrays=True)  # the stamps go to binary as they are
     entry["outcome"] = _outcome(state.settings, None, test_failed=None)  # the test has not finished yet
     try:
         journal.append("run", entry, test=item.nodeid)
@@ -537,6 +537,15 @@ def _check_marker_slas(pyfuncitem: pytest.Item) -> None:
 
 
 @pytest.hookimpl(wrapper=True)
+def pytest_report_to_serializable(config: pytest.Config, report: Any) -> Any:
+    """pytest-xdist sends a worker's reports as plain data: the records' stamp arrays as lists."""
+    data = yield
+    if isinstance(data, dict) and data.get("infmax_results"):
+        data["infmax_results"] = sidecar.with_lists(data["infmax_results"])
+    return data
+
+
+@pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     report = yield
     try:
@@ -610,7 +619,9 @@ def _result_entries(
     settings = item.config.stash[STATE_KEY].settings
     # Plots and the HTML report are drawn from the per-request records too.
     want_records = bool(settings.json or settings.html or settings.plots or settings.benchmark_json)
-    full = [r.to_dict(include_records=want_records) for r in results]
+    # the stamps as numpy arrays, which the journal and the sidecar write as they are (lists only
+    # where a report crosses to another process: pytest_report_to_serializable)
+    full = [r.to_dict(include_records=want_records, arrays=True) for r in results]
     for i, entry in enumerate(full):  # every reason the test failed
         entry["outcome"] = _outcome(settings, checks[i] if len(checks) == len(results) else None, test_failed)
         if test_failed and failure:
@@ -636,7 +647,9 @@ def _keep_interrupted(item: pytest.Item) -> None:
     if results and isinstance(collector, ResultCollector):
         from pytest_infmax.reports.markdown import sweep_to_dict
 
-        entries = [_redact_json(e) for e in _result_entries(item, results, [], test_failed=True)]
+        entries = sidecar.apart_from_stamps(
+            {"results": _result_entries(item, results, [], test_failed=True)}, _redact_json
+        )["results"]
         collector.add(
             entries, [sweep_to_dict(sw, name=item.nodeid) for sw in item.stash.get(SWEEPS_KEY, [])], test=item.nodeid
         )

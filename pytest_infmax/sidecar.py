@@ -25,7 +25,6 @@ records: every report sees the same records as the session that wrote them.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import uuid
@@ -35,7 +34,7 @@ from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pytest_infmax.atomic import write_bytes_atomic, write_text_atomic
+from pytest_infmax.atomic import write_stream_atomic, write_text_atomic
 from pytest_infmax.lazy import lazy_module
 
 if TYPE_CHECKING:
@@ -65,6 +64,29 @@ def _records(doc: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
                 yield from (r for r in records if isinstance(r, dict))
 
 
+def _stamps(rec: Mapping[str, Any], key: str) -> Any:
+    """A record's stamps: a list (as JSON reads them) or a numpy array (``to_dict(arrays=True)``)."""
+    value = rec.get(key)
+    return () if value is None else value
+
+
+def _column(parts: list[Any], dtype: Any, count: int) -> np.ndarray:
+    """Every record's stamps in one array, in order: numpy arrays joined as they are (a copy
+    at memory speed), lists read once (the plugin's arrays and a crashed xdist worker's
+    journaled lists may meet in one document)."""
+    if all(isinstance(p, np.ndarray) for p in parts):
+        joined = np.concatenate(parts) if parts else np.empty(0)
+        return joined.astype(dtype, copy=False)
+    if not any(isinstance(p, np.ndarray) for p in parts):
+        return np.fromiter(chain.from_iterable(parts), dtype=dtype, count=count)
+    return np.concatenate(
+        [
+            p.astype(dtype, copy=False) if isinstance(p, np.ndarray) else np.fromiter(p, dtype=dtype, count=len(p))
+            for p in parts
+        ]
+    )
+
+
 def split(doc: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
     """``doc`` without its records' stamps (a copy: ``doc`` is left as it is), and the
     sidecar's arrays; None where no record has a stamp list."""
@@ -83,7 +105,7 @@ def split(doc: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]
             if not isinstance(rec, dict):
                 kept.append(rec)
                 continue
-            t, k = rec.get("chunk_times") or (), rec.get("chunk_tokens") or ()
+            t, k = _stamps(rec, "chunk_times"), _stamps(rec, "chunk_tokens")
             times.append(t)
             tokens.append(k)
             time_counts.append(len(t))
@@ -96,14 +118,37 @@ def split(doc: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]
     arrays = {
         "format": np.array(FORMAT),
         "id": np.array(ident),
-        "times": np.fromiter(chain.from_iterable(times), dtype=np.float64, count=sum(time_counts)),
-        "tokens": np.fromiter(chain.from_iterable(tokens), dtype=np.int64, count=sum(token_counts)),
+        "times": _column(times, np.float64, sum(time_counts)),
+        "tokens": _column(tokens, np.int64, sum(token_counts)),
         "time_counts": np.array(time_counts, dtype=np.int64),
         "token_counts": np.array(token_counts, dtype=np.int64),
     }
     out = {**doc, "results": results}
     out["chunks"] = {"id": ident, "records": len(time_counts), "stamps": int(arrays["times"].size)}
     return out, arrays
+
+
+def with_lists(results: list[Any]) -> list[Any]:
+    """``results`` (result dicts) with their records' stamps as lists, as JSON reads them: plain
+    data, for what carries results to another process (pytest-xdist's report serialisation);
+    the records are copies where a stamp array was turned into a list, ``results`` unchanged."""
+    out = []
+    for result in results:
+        records = result.get("records") if isinstance(result, Mapping) else None
+        if isinstance(records, list) and any(
+            isinstance(rec, dict) and hasattr(rec.get(key), "tolist") for rec in records for key in _KEYS
+        ):
+            result = {
+                **result,
+                "records": [
+                    {k: v.tolist() if k in _KEYS and hasattr(v, "tolist") else v for k, v in rec.items()}
+                    if isinstance(rec, dict)
+                    else rec
+                    for rec in records
+                ],
+            }
+        out.append(result)
+    return out
 
 
 def apart_from_stamps(doc: dict[str, Any], fn: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
@@ -137,18 +182,19 @@ def write_results(path: Path, doc: Mapping[str, Any]) -> list[Path]:
     if arrays is not None:
         side = sidecar_path(path)
         out["chunks"] = {"sidecar": side.name, **out["chunks"]}
-        buffer = io.BytesIO()
         a = arrays  # uncompressed: stamps do not compress much, and time matters; no object arrays, so no pickle
-        np.savez(
-            buffer,
-            format=a["format"],
-            id=a["id"],
-            times=a["times"],
-            tokens=a["tokens"],
-            time_counts=a["time_counts"],
-            token_counts=a["token_counts"],
+        write_stream_atomic(  # numpy writes the arrays into the file itself: no copy of them in memory
+            side,
+            lambda f: np.savez(
+                f,
+                format=a["format"],
+                id=a["id"],
+                times=a["times"],
+                tokens=a["tokens"],
+                time_counts=a["time_counts"],
+                token_counts=a["token_counts"],
+            ),
         )
-        write_bytes_atomic(side, buffer.getvalue())
         written.append(side)
     else:  # a sidecar of an earlier file of the same path is stale now
         try:

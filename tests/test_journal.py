@@ -358,3 +358,41 @@ def test_worker_journals_of_the_session_are_merged_and_another_sessions_are_skip
     assert shards(path) == [shard_path(path, "gw0"), shard_path(path, "gw7")]  # not the stamps files
     assert doc["results"][0]["passed"] is True  # the controller's complete line, not the run's
     assert any("gw7" in n and "another session" in n for n in notes)
+
+
+def test_a_result_line_names_the_stamps_its_run_line_wrote_instead_of_a_second_copy(tmp_path: Path) -> None:
+    """A test's ``result`` line holds the records its ``run`` line did: their stamps are written
+    once and named by both lines; stamps that differ (another run, another test) get a block."""
+    import numpy as np
+
+    from pytest_infmax.records import RequestRecord
+
+    def entry(name: str, shift: float, *, arrays: bool) -> dict[str, object]:
+        records = [
+            RequestRecord(index=i, send_time=0.0, end_time=1.0, chunk_times=[0.1 * k + shift for k in range(50)])
+            for i in range(4)
+        ]
+        for rec in records:
+            rec.chunk_tokens = [1] * 50
+        return {"name": name, "records": [r.to_dict(arrays=arrays) for r in records]}
+
+    path = journal_path(tmp_path / "r.json")
+    journal = Journal(path)
+    journal.append("run", entry("a", 0.0, arrays=True), test="t.py::a")
+    one_block = stamps_path(path).stat().st_size
+    assert one_block == 2 * 4 * 8 + 2 * 200 * 8  # the counts, then 200 stamps and 200 token counts
+    journal.append("result", entry("a", 0.0, arrays=False), test="t.py::a")  # the same stamps, as lists
+    assert stamps_path(path).stat().st_size == one_block
+    journal.append("run", entry("b", 0.5, arrays=True), test="t.py::b")
+    journal.append("result", entry("b", 0.25, arrays=True), test="t.py::b")  # not its run's: written
+    journal.append("result", entry("a", 0.0, arrays=True), test="t.py::c")  # another test's: written
+    assert stamps_path(path).stat().st_size == 4 * one_block
+    lines = [json.loads(line) for line in path.read_text().splitlines()[1:]]
+    assert [line["stamps"]["at"] for line in lines] == [0, 0, one_block, 2 * one_block, 3 * one_block]
+    doc, notes = read_journal(path)
+    assert not notes and [r["name"] for r in doc["results"]] == ["a", "b", "a"]
+    for result, shift in zip(doc["results"], (0.0, 0.25, 0.0)):
+        for rec in result["records"]:
+            assert rec["chunk_times"] == np.round(np.array([0.1 * k + shift for k in range(50)]), 9).tolist()
+            assert rec["chunk_tokens"] == [1] * 50
+    journal.close(remove=True)

@@ -531,3 +531,57 @@ def test_goodput_dict_accepts_numpy_numbers(run: list[RequestRecord]) -> None:
     limits = GoodputLimits.parse({"ttft": np.float64(0.25), "tpot": np.int64(1)})
     assert str(limits) == "ttft <= 0.25 s, tpot <= 1 s"
     assert compute_metrics(run, goodput=limits).num_good == 2
+
+
+def _itl_records(draw: typing.Any) -> list[RequestRecord]:
+    from hypothesis import strategies as st
+
+    out = []
+    for i in range(draw(st.integers(0, 6))):
+        n = draw(st.integers(0, 12))
+        gaps = draw(st.lists(st.floats(0.0, 0.5, allow_nan=False), min_size=n, max_size=n))
+        times = np.cumsum(np.asarray(gaps, dtype=np.float64)) + 100.0
+        # one count a chunk, fewer, more, zeros, or past the expansion limit or int64
+        counts = draw(
+            st.lists(
+                st.one_of(st.integers(0, 4), st.sampled_from([1 << 17, 1 << 70])),
+                min_size=draw(st.sampled_from([n, n, n, max(n - 2, 0), n + 1])),
+                max_size=n + 1,
+            )
+        )[: draw(st.sampled_from([n, n, max(n - 2, 0), n + 1]))]
+        rec = RequestRecord(index=i, send_time=99.0, end_time=200.0, chunk_times=times.tolist(), chunk_tokens=counts)
+        if draw(st.booleans()) and draw(st.booleans()):
+            rec.error_kind = ErrorKind.DISCONNECT
+        out.append(rec)
+    return out
+
+
+def test_every_records_itls_at_once_are_each_records_own_one_after_another() -> None:
+    """metrics computes the per-token gaps of every record at once (records.joined_itls); the
+    figures must be the ones each record's itl_array gives, bit for bit, whatever the counts."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from pytest_infmax.records import joined_itls
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.data())
+    def check(data: typing.Any) -> None:
+        records = _itl_records(data.draw)
+        got, n = joined_itls(records)
+        own = [r.itl_array() for r in records]
+        want = np.concatenate(own) if own else np.empty(0)
+        assert got.dtype == np.float64 and got.tobytes() == want.tobytes()
+        assert n == sum(1 for a in own if a.size)
+
+    check()
+
+
+def test_percentiles_taken_together_are_each_ones_own() -> None:
+    """Distribution takes every percentile in one numpy call; each is what its own call gives."""
+    rng = np.random.default_rng(7)
+    for n in (1, 2, 3, 10, 999, 5000):
+        values = rng.standard_exponential(n) * 0.01
+        qs = (0.1, 25.0, 50.0, 90.0, 95.0, 99.0, 99.9, 100.0)
+        d = Distribution.from_values(values, qs)
+        assert all(d.percentiles[q] == float(np.percentile(values, q)) for q in qs)

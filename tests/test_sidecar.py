@@ -8,9 +8,11 @@ another run's or not numpy's is refused with the fix, never joined to the wrong 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
+from array import array
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +53,15 @@ def _record(i: int, n_chunks: int, *, ok: bool = True) -> RequestRecord:
     )
 
 
-def _result(name: str, records: list[RequestRecord]) -> dict[str, Any]:
+def _load_result(name: str, records: list[RequestRecord], origin: float = 0.0) -> LoadResult:
     end = max(r.end_time or 0.0 for r in records)
-    run = RunRecords(records=records, clock_origin=0.0, epoch_origin=1.7e9, measured_start=0.0, measured_end=end)
+    run = RunRecords(records=records, clock_origin=origin, epoch_origin=1.7e9, measured_start=origin, measured_end=end)
     config = LoadConfig(scenario=get_scenario("1k1k-mini"), concurrency=4, num_requests=len(records), warmup=0)
-    return LoadResult(name=name, config=config, run=run, server={"kind": "sim"}).to_dict()
+    return LoadResult(name=name, config=config, run=run, server={"kind": "sim"})
+
+
+def _result(name: str, records: list[RequestRecord]) -> dict[str, Any]:
+    return _load_result(name, records).to_dict()
 
 
 def _doc() -> dict[str, Any]:
@@ -156,3 +162,72 @@ def test_redaction_walks_the_document_without_its_stamps_and_keeps_them() -> Non
     assert out is not doc and "sk-sidecar-secret-987654" not in json.dumps(out)
     assert [r["chunk_times"] for res in out["results"] for r in res["records"]] == stamps  # put back, in order
     assert [r["chunk_times"] for res in doc["results"] for r in res["records"]] == stamps  # the input too
+
+
+def _load_results() -> list[LoadResult]:
+    """Runs whose clock origin is not 0, so every stamp is rounded relative to it, as in a session."""
+    first = [_record(i, n) for i, n in enumerate((5, 0, 17, 1))]
+    first.append(_record(4, 3, ok=False))
+    for rec in first:  # stamps that round differently at the ninth decimal
+        rec.chunk_times = array("d", [t + 1234.5678901234567 for t in rec.chunk_times])
+        rec.send_time += 1234.5678901234567
+        rec.end_time = (rec.end_time or 0.0) + 1234.5678901234567
+        if rec.first_token_time is not None:
+            rec.first_token_time += 1234.5678901234567
+    second = [_record(i, 40) for i in range(3)]
+    second[1].chunk_tokens = second[1].chunk_tokens[:10]  # fewer counts than chunks: kept as they are
+    return [_load_result("t.py::a", first, origin=1234.5), _load_result("t.py::b", second)]
+
+
+def test_stamps_kept_as_arrays_write_every_report_byte_for_byte_as_lists_do(tmp_path: Path) -> None:
+    """The plugin keeps its records' stamps as numpy arrays (to_dict(arrays=True)), which the
+    journal and the sidecar write as they are; every report must be what the lists made."""
+    from pytest_infmax.plugin import _redact_json
+    from pytest_infmax.reports.plots import throughput_series
+    from pytest_infmax.sidecar import apart_from_stamps, split, with_lists
+
+    results = _load_results()
+    listed = [r.to_dict() for r in results]
+    arrayed = [r.to_dict(arrays=True) for r in results]
+    rec = arrayed[0]["records"][0]
+    assert isinstance(rec["chunk_times"], np.ndarray) and isinstance(rec["chunk_tokens"], np.ndarray)
+    assert with_lists(arrayed) == listed  # what crosses to another process (xdist) is the lists
+    assert [throughput_series(r) for r in arrayed] == [throughput_series(r) for r in listed]
+    for got, want in zip(arrayed, listed):  # a record read back from either is the same record
+        for a, b in zip(got["records"], want["records"]):
+            x, y = RequestRecord.from_dict(a, 1234.5), RequestRecord.from_dict(b, 1234.5)
+            assert x.chunk_times.tobytes() == y.chunk_times.tobytes() and x == y
+
+    # arrays and lists in one document (a crashed xdist worker's journaled runs beside the plugin's)
+    _, want_arrays = split({"results": listed})
+    _, mixed = split({"results": [arrayed[0], listed[1]]})
+    assert want_arrays is not None and mixed is not None
+    assert all(mixed[k].tobytes() == want_arrays[k].tobytes() for k in want_arrays if k != "id")
+
+    texts: dict[str, dict[str, Any]] = {}
+    for how, entries in (("lists", listed), ("arrays", arrayed)):
+        out = tmp_path / how
+        doc = results_document(entries, [{"kind": "sim"}])
+        doc["environment"] = {"python": "3"}  # the same in both: it is read from this machine
+        doc = apart_from_stamps(doc, _redact_json)  # as the plugin's session end does
+        outcome = write_reports(
+            doc,
+            ReportRequest(
+                json=out / "r.json", benchmark_json=out / "b.json", html=out / "r.html", markdown=out / "r.md"
+            ),
+        )
+        assert outcome.ok, outcome.failures
+        side = sidecar_path(out / "r.json")
+        chunk_id = json.loads((out / "r.json").read_text())["chunks"]["id"]  # each file's own, new each time
+        # less the file's id and when it was written (to the second, in the HTML and pytest-benchmark's JSON)
+        files = {
+            p.name: re.sub(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", "WHEN", p.read_text().replace(chunk_id, "ID"))
+            for p in out.iterdir()
+            if p.suffix != ".npz"
+        }
+        with np.load(side, allow_pickle=False) as z:
+            files["stamps"] = {k: z[k].tobytes() for k in z.files if k != "id"}
+        texts[how] = files
+    assert texts["arrays"] == texts["lists"]
+    # and read back, the records hold what the lists held, bit for bit
+    assert load_results(tmp_path / "arrays" / "r.json")["results"] == json.loads(json.dumps(listed))

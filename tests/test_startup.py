@@ -128,6 +128,23 @@ def test_importing_the_package_imports_no_heavy_module() -> None:
     assert "pytest_infmax.run.runner" not in modules and "pytest_infmax.servers.launch" not in modules
 
 
+def test_writing_the_json_alone_imports_no_other_reports_writer(tmp_path: Path) -> None:
+    """A run's usual end writes the JSON and its sidecar: the HTML, Markdown, plots and
+    pytest-benchmark writers are imported where those reports are asked for."""
+    out = _run_python(
+        f"""
+        import json, sys
+        from pathlib import Path
+        from pytest_infmax.reports.writer import ReportRequest, write_reports
+        doc = {{"format": "pytest-infmax/1", "results": [{{"name": "t", "records": []}}]}}
+        assert write_reports(doc, ReportRequest(json=Path({str(tmp_path / "r.json")!r}))).ok
+        print(json.dumps({{"modules": sorted(sys.modules)}}))
+        """
+    )
+    others = ["reports.html", "reports.markdown", "reports.plots", "baselines.benchmark"]
+    assert [m for m in others if f"pytest_infmax.{m}" in out["modules"]] == []  # type: ignore[operator]
+
+
 def test_the_load_path_imports_ray_only_for_a_run_that_asks_for_it() -> None:
     out = _run_python(
         """

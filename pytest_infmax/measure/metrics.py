@@ -64,7 +64,7 @@ from pytest_infmax.measure.registry import (
     stat_quantile,
 )
 from pytest_infmax.measure.sla import Objective, parse_goodput_limits
-from pytest_infmax.records import RequestRecord
+from pytest_infmax.records import RequestRecord, joined_itls
 
 if TYPE_CHECKING:
     import numpy as np
@@ -134,7 +134,8 @@ class Distribution:
             nan = math.nan
             pct = {q: nan for q in qs}
             return cls(arr, 0, nan, nan, nan, nan, nan, pct, num_requests or 0)
-        pct = {q: float(np.percentile(arr, q)) for q in qs}
+        # one call for every percentile: one partition of the values, not one each (the same numbers)
+        pct = dict(zip(qs, np.percentile(arr, qs).tolist()))
         return cls(
             values=arr,
             count=count,
@@ -617,12 +618,11 @@ def _distributions(ok: Sequence[RequestRecord], qs: tuple[float, ...]) -> dict[s
     e2e = [t for t in (r.e2e_from_schedule for r in ok) if t is not None]
     tpot = [r.tpot for r in ok if r.tpot is not None]
     interactivity = [1.0 / t for t in tpot if t > 0]
-    itl_arrays = [r.itl_array() for r in ok]
-    itl = np.concatenate(itl_arrays) if itl_arrays else np.empty(0)
+    itl, itl_requests = joined_itls(ok)  # every record's per-token gaps, computed at once
     return {
         "ttft": Distribution.from_values(ttft, qs),
         "tpot": Distribution.from_values(tpot, qs),
-        "itl": Distribution.from_values(itl, qs, num_requests=sum(1 for g in itl_arrays if g.size)),
+        "itl": Distribution.from_values(itl, qs, num_requests=itl_requests),
         "e2e": Distribution.from_values(e2e, qs),
         "interactivity": Distribution.from_values(interactivity, qs),
     }

@@ -37,7 +37,9 @@ binary, ``pytest_infmax/sidecar.py``): each journal file has a stamps file besid
 ``PATH.journal-stamps`` (``PATH.journal.gw0-stamps``), append-only, and the line says
 where its block is (``"stamps": {"at": byte offset, "records", "times", "tokens"}``: the
 per-record counts, then the stamps, little-endian int64 and float64). The block is
-fsynced before its line is written, so a line never names a block that is not whole;
+fsynced before its line is written, so a line never names a block that is not whole; a
+test's ``result`` line names the block its ``run`` line wrote where the stamps are the
+same, byte for byte (a run's 512k stamps are 8 MB, written once);
 the reader puts the stamps back into the records, so every report reads the same data.
 
 Each line is redacted (:func:`pytest_infmax.redact.redact`) like every other file. A
@@ -138,6 +140,9 @@ class Journal:
         self._fd: int | None = None
         self._stamps_fd: int | None = None
         self._stamps_at = 0  # the stamps file's size: where the next block goes
+        # the blocks the lines of the latest test wrote: its ``result`` line names the block of
+        # its ``run`` line where the stamps are the same, not a second copy (see _write_stamps)
+        self._blocks: tuple[str | None, list[tuple[list[np.ndarray], dict[str, int]]]] = (None, [])
         self._lock = threading.Lock()
 
     def open(self) -> None:
@@ -166,24 +171,43 @@ class Journal:
         assert self._fd is not None
         _write_all(self._fd, (redact(json.dumps(line, allow_nan=False)) + "\n").encode("utf-8"))
 
-    def _write_stamps(self, arrays: dict[str, np.ndarray]) -> dict[str, int]:
+    def _write_stamps(self, arrays: dict[str, np.ndarray], test: str | None) -> dict[str, int]:
         """Append one line's stamps to the stamps file, fsynced before the line that names them
-        is written: a line never names a block that is not whole."""
+        is written: a line never names a block that is not whole. A block the same, byte for
+        byte, as one an earlier line of the same test wrote (a test's ``result`` line holds the
+        records its ``run`` line did) is named again, not written twice."""
         if self._stamps_fd is None:
             self._stamps_fd = os.open(
                 stamps_path(self.path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o666
             )
             self._stamps_at = 0
-        block = b"".join(np.ascontiguousarray(arrays[name], dtype=dtype).tobytes() for name, dtype, _ in _BLOCK)
-        _write_all(self._stamps_fd, block)
+            self._blocks = (None, [])
+        parts = [np.ascontiguousarray(arrays[name], dtype=dtype) for name, dtype, _ in _BLOCK]
+        owner, blocks = self._blocks
+        if owner != test:  # a new test's lines: the blocks of the last one are not needed again
+            blocks = []
+            self._blocks = (test, blocks)
+        for earlier, where in blocks:  # the counts first: a block of other records differs there
+            # bit for bit, as 8-byte integers (every array of a block is 8 bytes an item): a float
+            # NaN equals itself, -0.0 does not equal 0.0
+            if all(
+                a.shape == b.shape and np.array_equal(a.view(np.int64), b.view(np.int64))
+                for a, b in zip(parts, earlier)
+            ):
+                return dict(where)
+        for part in parts:  # each array's own bytes, written as they are: no copy of them joined first
+            _write_all(self._stamps_fd, part.data.cast("B"), sync=False)
+        os.fsync(self._stamps_fd)
+        size = sum(part.nbytes for part in parts)
         where = {
             "at": self._stamps_at,
             "records": int(arrays["time_counts"].size),
             "times": int(arrays["times"].size),
             "tokens": int(arrays["tokens"].size),
         }
-        self._stamps_at += len(block)
-        return where
+        self._stamps_at += size
+        blocks.append((parts, where))
+        return dict(where)
 
     def append(self, kind: str, data: dict[str, Any], *, test: str | None = None) -> None:
         """Append one line (of the pytest test ``test``, where there is one) and make it
@@ -196,7 +220,7 @@ class Journal:
             if isinstance(data.get("records"), list):  # the records' stamps: binary, as in the sidecar
                 doc, arrays = sidecar.split({"results": [data]})
                 if arrays is not None:
-                    line["stamps"] = self._write_stamps(arrays)
+                    line["stamps"] = self._write_stamps(arrays, test)
                     data = doc["results"][0]
             line["data"] = data
             self._write(line)
@@ -208,6 +232,7 @@ class Journal:
                 if fd is not None:
                     os.close(fd)
             self._fd = self._stamps_fd = None
+            self._blocks = (None, [])
             if remove:
                 for path in (self.path, stamps_path(self.path)):
                     try:
@@ -216,11 +241,12 @@ class Journal:
                         pass
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes | memoryview, *, sync: bool = True) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
-    os.fsync(fd)
+    if sync:
+        os.fsync(fd)
 
 
 class _Stamps:

@@ -112,8 +112,11 @@ def throughput_series(result: Result, bin_s: float = 1.0) -> tuple[list[float], 
     for r in _measured(result):
         if not _ok(r):
             continue
-        times = r.get("chunk_times") or []
-        tokens = r.get("chunk_tokens") or []
+        # lists (a JSON file's) or numpy arrays (the plugin's own records, to_dict(arrays=True))
+        times = r.get("chunk_times")
+        times = [] if times is None else times
+        tokens = r.get("chunk_tokens")
+        tokens = [] if tokens is None else tokens
         for i, t in enumerate(times):
             chunks.append((t, int(tokens[i]) if i < len(tokens) else 1))
     if not chunks:

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from pytest_infmax.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
-from pytest_infmax.baselines.benchmark import export_benchmark_json
-from pytest_infmax.reports import plots as plots_mod
-from pytest_infmax.reports.html import render_html
-from pytest_infmax.reports.markdown import markdown_summary, write_github_step_summary
 from pytest_infmax.sidecar import write_results
+
+# Each other report's module is imported where that report is asked for: a session that
+# writes the JSON alone (a run's usual end) does not import the HTML, Markdown, plots and
+# pytest-benchmark writers.
 
 
 @dataclass(frozen=True)
@@ -87,12 +87,16 @@ def write_reports(doc: Mapping[str, Any], request: ReportRequest) -> ReportOutco
         attempt("JSON results", json_path, lambda: written.extend(write_results(json_path, doc)))
         outcome.written.extend(written)
     if request.benchmark_json is not None:
+        from pytest_infmax.baselines.benchmark import export_benchmark_json
+
         bench_path = request.benchmark_json
         attempt(
             "pytest-benchmark JSON", bench_path, lambda: write_json_atomic(bench_path, export_benchmark_json(results))
         )
     rendered: Any = "auto" if request.html is not None else None
     if request.plots_dir is not None:
+        from pytest_infmax.reports import plots as plots_mod
+
         try:
             rendered = plots_mod.render_plots(results, sweeps)
         except plots_mod.PlotsUnavailable as exc:
@@ -103,6 +107,8 @@ def write_reports(doc: Mapping[str, Any], request: ReportRequest) -> ReportOutco
                     path = request.plots_dir / f"{request.plots_prefix}-{plot.name}.png"
                     attempt(f"{plot.name} plot", path, functools.partial(write_bytes_atomic, path, plot.png))
     if request.html is not None:
+        from pytest_infmax.reports.html import render_html
+
         html_path = request.html
         text = render_html(
             results,
@@ -115,6 +121,8 @@ def write_reports(doc: Mapping[str, Any], request: ReportRequest) -> ReportOutco
         )
         attempt("HTML report", html_path, lambda: write_text_atomic(html_path, text))
     if request.markdown is not None or request.step_summary:
+        from pytest_infmax.reports.markdown import markdown_summary, write_github_step_summary
+
         md = markdown_summary(
             results, sweeps, checks, title=request.markdown_title, artifacts=[p.name for p in outcome.written]
         )

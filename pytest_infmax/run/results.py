@@ -135,7 +135,10 @@ class LoadResult:
         out["comparison"] = compare_ttft(out, m.value("ttft", "mean"), m.value("ttft", "p50"))
         return out
 
-    def to_dict(self, include_records: bool = True) -> dict[str, Any]:
+    def to_dict(self, include_records: bool = True, *, arrays: bool = False) -> dict[str, Any]:
+        """Plain data: the ``--infmax-json`` result. ``arrays``: the records' per-chunk stamps as
+        numpy arrays, not lists (``RequestRecord.to_dict``): the plugin's own reports, whose
+        stamps go to binary files (``sidecar.py``)."""
         run = self.run
         out: dict[str, Any] = {
             "name": self.name,
@@ -167,7 +170,7 @@ class LoadResult:
         if self.capacity_probe:
             out["capacity_probe"] = True
         if include_records:
-            out["records"] = [r.to_dict(run.clock_origin) for r in run.records]
+            out["records"] = [r.to_dict(run.clock_origin, arrays=arrays) for r in run.records]
         return out
 
 

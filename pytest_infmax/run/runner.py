@@ -14,7 +14,7 @@ import difflib
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pytest_infmax.load.generator import LoadGenerator, run_coroutine
 from pytest_infmax.load.plan import LoadConfig, LoadConfigError, RunRecords
@@ -29,13 +29,15 @@ from pytest_infmax.measure.servermetrics import Scraper, metrics_url
 from pytest_infmax.measure.sla import Objective
 from pytest_infmax.measure.verdicts import SLA
 from pytest_infmax.records import RequestRecord
-from pytest_infmax.run.capacity import CapacityResult, Grid, Method, Over, Probe, margin, search
 from pytest_infmax.run.repeats import RepeatError, repeat_count
 from pytest_infmax.run.results import DEFAULT_PERCENTILES, LoadResult, combine
-from pytest_infmax.run.sweep import FrontierObjective, SweepResult
 from pytest_infmax.run.watch import ServerWatch
 from pytest_infmax.servers import engines, telemetry
 from pytest_infmax.servers.launch import Server, ServerError, restart_server
+
+if TYPE_CHECKING:  # imported by sweep() and capacity(): a run() alone does not need them
+    from pytest_infmax.run.capacity import CapacityResult, Method, Over, Probe
+    from pytest_infmax.run.sweep import SweepResult
 
 
 class Infmax:
@@ -151,6 +153,8 @@ class Infmax:
         rates = list(rate) if rate is not None else []
         if not counts and not rates:
             raise LoadConfigError("sweep() needs at least one level")
+        from pytest_infmax.run.sweep import FrontierObjective, SweepResult
+
         objectives = [FrontierObjective.parse(o) for o in frontier_sla]
         base = kwargs.pop("name", None) or self.name
         plans = [self._plan(scenario, concurrency=c, name=f"{base}[c={c}]", **kwargs) for c in counts] + [
@@ -205,6 +209,8 @@ class Infmax:
             extra=("over", "lo", "hi", "step", "method", "price"),
             drop=("concurrency", "rate"),
         )
+        from pytest_infmax.run.capacity import CapacityResult, Grid, Probe, margin, search
+
         grid = Grid.of(over, lo, hi, step)
         if method not in ("pchip", "bisect"):
             raise LoadConfigError(f"capacity(method={method!r}): method must be 'pchip' or 'bisect'")
