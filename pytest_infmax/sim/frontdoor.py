@@ -10,7 +10,7 @@ that iteration's poll waited it out, and the TTFT a client measured held that wa
 Here the request the fast stream writer serves anyway -- ``POST /v1/completions`` or
 ``/v1/chat/completions`` over keep-alive HTTP/1.1 with a ``Content-Length`` body, a valid
 body with ``"stream": true``, the simulator ready, the API key right, no fault to inject --
-is parsed by httptools (the parser aiohttp's C path is built on, as the client's is) in
+is parsed by httptools (llhttp, which aiohttp's C parser is built on too; the client uses it) in
 ``data_received`` and its stream started in that same callback: no task, no request object,
 no middleware. Its events are written by the same ``_FastSseStream`` as aiohttp's fast path
 (sim/server.py), so the bytes on the wire, the trace and the metrics are the same.
