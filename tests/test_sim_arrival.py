@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -62,23 +63,29 @@ async def test_a_keep_alive_request_arrives_at_the_poll_that_found_it() -> None:
             )
             await asyncio.wait_for(reader.readexactly(length), timeout=10)
 
-        writer.write(_request(port, "first", stream=False))  # opens the keep-alive connection
-        await response()
-        writer.write(
-            _request(port, "second", stream=False)
-        )  # asyncio sends at once: on loopback, readable at the next poll
-        sent = time.monotonic()
-        loop = asyncio.get_running_loop()
-        loop.call_soon(_spin, 0.05)  # queued before that poll: runs after it, before the read
-        await response()
-        trace = await _get_json(port, "/sim/trace")
-        second = next(t for t in trace["requests"] if t["x_request_id"] == "second")
-        trip = second["arrival_mono"] - sent
-        assert trip < 0.025, f"arrival {trip * 1e3:.1f} ms after the send: the read, not the poll"
-        assert second["arrival_mono"] <= second["handler_mono"]
+        await _second_arrives_at_its_poll(port, writer, response, stream=False)
     finally:
         writer.close()
         await runner.cleanup()
+
+
+async def _second_arrives_at_its_poll(
+    port: int, writer: asyncio.StreamWriter, response: Callable[[], Awaitable[None]], *, stream: bool
+) -> None:
+    """A first request opens the keep-alive connection; the second is sent (on loopback,
+    readable at the loop's next poll) with the loop's work queued before that poll: its
+    arrival must be the poll, not the read after the work."""
+    writer.write(_request(port, "first", stream=stream))
+    await response()
+    writer.write(_request(port, "second", stream=stream))  # asyncio sends at once
+    sent = time.monotonic()
+    asyncio.get_running_loop().call_soon(_spin, 0.05)  # queued before that poll: runs after it, before the read
+    await response()
+    trace = await _get_json(port, "/sim/trace")
+    second = next(t for t in trace["requests"] if t["x_request_id"] == "second")
+    trip = second["arrival_mono"] - sent
+    assert trip < 0.025, f"arrival {trip * 1e3:.1f} ms after the send: the read, not the poll"
+    assert second["arrival_mono"] <= second["handler_mono"]
 
 
 async def _get_json(port: int, path: str) -> dict[str, Any]:
@@ -109,17 +116,7 @@ async def test_the_front_door_stamps_a_stream_at_the_poll_that_found_it() -> Non
             assert head.startswith(b"HTTP/1.1 200"), head
             await asyncio.wait_for(reader.readuntil(b"\r\n0\r\n\r\n"), timeout=10)  # the body's last chunk
 
-        writer.write(_request(port, "first", stream=True))
-        await response()
-        writer.write(_request(port, "second", stream=True))
-        sent = time.monotonic()
-        loop.call_soon(_spin, 0.05)  # queued before that poll: runs after it, before the read
-        await response()
-        trace = await _get_json(port, "/sim/trace")
-        second = next(t for t in trace["requests"] if t["x_request_id"] == "second")
-        trip = second["arrival_mono"] - sent
-        assert trip < 0.025, f"arrival {trip * 1e3:.1f} ms after the send: the read, not the poll"
-        assert second["arrival_mono"] <= second["handler_mono"]
+        await _second_arrives_at_its_poll(port, writer, response, stream=True)
         assert app[OBS_KEY].front_end_requests == {"fast": 2, "aiohttp": 0}
     finally:
         writer.close()
