@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import hashlib
 import socket
 import time
 
@@ -37,10 +36,9 @@ from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
 
 from pytest_infmax.sim.engine import EngineRequest, EngineStopped, RequestTooLarge
-from pytest_infmax.sim.faults import FAULT_HEADER
+from pytest_infmax.sim.faults import FAULT_HEADER, NO_FAULT
 from pytest_infmax.sim.pollclock import poll_clock
 from pytest_infmax.sim.server import (
-    _FAST_CATCH_UP_DELIVERIES,
     _SSE_HEADERS,
     CONFIG_KEY,
     ENGINE_KEY,
@@ -339,14 +337,9 @@ class FrontDoor(asyncio.Protocol):
         shape: _ResponseShape = ChatShape(config.model) if chat else CompletionShape(config.model)
         request_id = head.headers.get(b"x-request-id")
         x_request_id = None if request_id is None else request_id.decode("utf-8", "surrogateescape")
+        arrival = min(self._first_rx, handler_start)
         path = head.url.decode()
-        trace = obs.traces.begin(path, min(self._first_rx, handler_start), x_request_id, handler_start)
-        trace.response_id = shape.response_id
-        trace.stream = True
-        trace.prompt_tokens = params.prompt_tokens
-        trace.max_tokens = params.max_tokens
-        trace.body_sha256 = hashlib.sha256(raw_body).hexdigest()
-        trace.fault = obs.faults.choose(None).describe()
+        trace = obs.begin_trace(path, arrival, x_request_id, handler_start, shape, params, raw_body, NO_FAULT)
         trace.queued = time.monotonic()
         output = OutputText(config.seed * 1_000_003 + engine_request.request_id)
         transport = self._transport
@@ -359,10 +352,7 @@ class FrontDoor(asyncio.Protocol):
         stream.on_wake = self._wake
         obs.sse_streams["fast"] += 1
         self._stream, self._trace, self._engine_request = stream, trace, engine_request
-        queue = engine_request.deliveries
-        while not queue.empty():
-            stream.pending.append(queue.get_nowait())
-        engine_request.sink = stream.post
+        stream.attach()
         if stream.pending:
             self._wake()
         return True
@@ -404,9 +394,7 @@ class FrontDoor(asyncio.Protocol):
             self._close()
             return
         while stream.pending and not self.writing_paused:
-            batch = stream.pending[:_FAST_CATCH_UP_DELIVERIES]
-            del stream.pending[:_FAST_CATCH_UP_DELIVERIES]
-            stream.write(batch)
+            stream.write_batch()
         if stream.finished and not stream.pending:
             transport.write(_END_OF_BODY)
             self._end_stream()

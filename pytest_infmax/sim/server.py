@@ -597,6 +597,28 @@ class Observability:
         except FaultSpecError as exc:
             raise ApiError(400, f"{FAULT_HEADER}: {exc}", param=FAULT_HEADER) from None
 
+    def begin_trace(
+        self,
+        path: str,
+        arrival: float,
+        x_request_id: str | None,
+        handler_start: float,
+        shape: _ResponseShape,
+        params: GenerationParams,
+        raw_body: bytes,
+        fault: FaultSpec,
+    ) -> RequestTrace:
+        """The trace of a generation request, opened with what its request says (aiohttp's
+        handler and the front door, sim/frontdoor.py, alike)."""
+        trace = self.traces.begin(path, arrival, x_request_id, handler_start)
+        trace.response_id = shape.response_id
+        trace.stream = params.stream
+        trace.prompt_tokens = params.prompt_tokens
+        trace.max_tokens = params.max_tokens
+        trace.body_sha256 = hashlib.sha256(raw_body).hexdigest()
+        trace.fault = fault.describe()
+        return trace
+
     def record_chunk(self, trace: RequestTrace, t: float, tokens: int) -> None:
         """A content event with ``tokens`` output tokens is being written at ``t``."""
         previous = trace.chunk_times[-1] if trace.chunk_times else None
@@ -945,9 +967,19 @@ class _FastSseStream:
         self.finished = False  # the last event was written (or the stream failed): the handler ends it
         self.error: BaseException | None = None
 
-    def post(self, delivery: TokenDelivery) -> None:
-        """The engine's sink (inside its step): into the outbox, written in the next slice."""
-        self._outbox.put(self, delivery)
+    def attach(self) -> None:
+        """Become the engine's sink for its request (deliveries go into the outbox, written in
+        its next slice); what it delivered before waits in ``pending``."""
+        queue = self._engine_request.deliveries
+        while not queue.empty():  # delivered before the sink was set (prepare may have yielded)
+            self.pending.append(queue.get_nowait())
+        self._engine_request.sink = functools.partial(self._outbox.put, self)  # one call less than a method
+
+    def write_batch(self) -> None:
+        """Write the next deliveries that waited (a paused transport), 64 at most at a time."""
+        batch = self.pending[:_FAST_CATCH_UP_DELIVERIES]
+        del self.pending[:_FAST_CATCH_UP_DELIVERIES]
+        self.write(batch)
 
     def on_delivery(self, delivery: TokenDelivery) -> None:
         """From the outbox: write the event now, unless the client is not
@@ -1073,10 +1105,7 @@ async def _fast_stream(
     It writes only what waited for a paused transport (after draining it) and the body's end.
     A client that goes away cancels this task (``handler_cancellation``) or fails the drain;
     either way ``_generate`` drops the request from the engine."""
-    queue = engine_request.deliveries
-    while not queue.empty():  # delivered before the sink was set (prepare may have yielded)
-        stream.pending.append(queue.get_nowait())
-    engine_request.sink = functools.partial(stream._outbox.put, stream)  # what post() does, one call less
+    stream.attach()
     transport = stream._transport
     try:
         while True:
@@ -1086,9 +1115,7 @@ async def _fast_stream(
                 await writer.drain()  # waits while the client does not read
                 if transport.is_closing():
                     raise ConnectionResetError("the client closed the connection")
-                batch = stream.pending[:_FAST_CATCH_UP_DELIVERIES]
-                del stream.pending[:_FAST_CATCH_UP_DELIVERIES]
-                stream.write(batch)
+                stream.write_batch()
                 continue
             if stream.finished:
                 break
@@ -1251,15 +1278,16 @@ async def _generate(
     engine = request.app[ENGINE_KEY]
     obs = request.app[OBS_KEY]
     fault = obs.choose_fault(request)
-    trace = obs.traces.begin(
-        request.path, request_arrival(request, handler_start), request.headers.get("X-Request-Id"), handler_start
+    trace = obs.begin_trace(
+        request.path,
+        request_arrival(request, handler_start),
+        request.headers.get("X-Request-Id"),
+        handler_start,
+        shape,
+        params,
+        await request.read(),
+        fault,
     )
-    trace.response_id = shape.response_id
-    trace.stream = params.stream
-    trace.prompt_tokens = params.prompt_tokens
-    trace.max_tokens = params.max_tokens
-    trace.body_sha256 = hashlib.sha256(await request.read()).hexdigest()
-    trace.fault = fault.describe()
     engine_request: EngineRequest | None = None
     try:
         if fault.status is not None:
