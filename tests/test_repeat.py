@@ -109,13 +109,12 @@ def test_repeats_of_a_noisy_simulator_catch_a_slowdown_and_pass_without_one(pyte
     saved.stdout.fnmatch_lines(["*saved to * (3 runs)*"])
     (result,) = json.loads((pytester.path / "base.json").read_text())["results"]
     logs = [Path(run["server"]["log"]).read_text() for run in result["repeats"]["runs"]]
-    factors = {
-        line.split("start factor ")[1].split()[0]
-        for log in logs
-        for line in log.splitlines()
-        if line.startswith("infmax-sim: noise: ")
-    }
-    assert len(factors) == 3, logs  # three starts, three factors drawn
+    noise_lines = [[line for line in log.splitlines() if line.startswith("infmax-sim: noise: ")] for log in logs]
+    assert [len(lines) for lines in noise_lines] == [1, 1, 1], logs  # each start states its noise
+    # Three starts, three draws. The 64-bit seeds are compared, not the factors: two of three
+    # lognormal(sd 0.02) factors agree to the 4 decimals printed about once in 250 runs.
+    seeds = {lines[0].split("start seed ")[1].split()[0] for lines in noise_lines}
+    assert len(seeds) == 3, logs
 
     slowed = pytester.runpytest_subprocess(
         "-p", "no:cacheprovider", "--infmax-compare-force", f"--infmax-sim-args={NOISY} --slowdown 2"
