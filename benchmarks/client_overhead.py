@@ -47,6 +47,7 @@ import json
 import os
 import platform
 import re
+import resource
 import signal
 import statistics
 import subprocess
@@ -228,9 +229,11 @@ def client_ours(
         workers=workers,
     )
     gen = LoadGenerator(url, "bench")
+    children0 = _children_cpu()
     cpu0, t0 = time.process_time(), time.perf_counter()
     run = run_coroutine(gen.run(config))
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
+    children_cpu = _children_cpu() - children0  # worker processes, reaped by the run
     ok = [r for r in run.records if r.ok]
     errors = sorted({r.error_message or "" for r in run.records if not r.ok})
     client = run.client.to_dict() if run.client else {}
@@ -247,7 +250,13 @@ def client_ours(
         # the measured phase as the run saw it (with workers: every worker's CPU, summed)
         "measured_wall": run.measured_end - run.measured_start,
         "measured_cpu": client.get("cpu_seconds"),
+        "children_cpu": children_cpu,
     }
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def client_floor(url: str, streams: int, requests: int, osl: int) -> dict:
@@ -454,7 +463,9 @@ def workers_sweep(
         f"{event_rate:g} events/s (more than one client process reads); {repeat} interleaved rounds"
         + (f"; emitter on CPU {pin_emitter}, clients on CPUs {client_cpus}" if client_cpus else "")
     )
-    runs: dict[int, list[tuple[float, float, float, bool]]] = {n: [] for n in counts}
+    # (tok/s, measured CPU, measured wall, client-bound, wall outside the measured phase,
+    #  CPU per worker process outside it: its interpreter, imports, connecting, exit)
+    runs: dict[int, list[tuple[float, float, float, bool, float, float | None]]] = {n: [] for n in counts}
     saved = os.sched_getaffinity(0)
     with tempfile.TemporaryDirectory() as tmpdir:
         proc, base = _start_emitter(Path(tmpdir), 1, streams / event_rate)
@@ -469,7 +480,11 @@ def workers_sweep(
                     after = _get_stats(base)
                     assert r["requests"] == after["requests"] - before["requests"] == streams * 2, r
                     rate = r["tokens"] / r["measured_wall"]
-                    runs[n].append((rate, r["measured_cpu"], r["measured_wall"], r["client_bound"]))
+                    outside = r["wall"] - r["measured_wall"]
+                    per_worker = (r["children_cpu"] - r["measured_cpu"]) / n if n > 1 else None
+                    runs[n].append(
+                        (rate, r["measured_cpu"], r["measured_wall"], r["client_bound"], outside, per_worker)
+                    )
                     print(f"  workers={n}: {rate:,.0f} tok/s", flush=True)
         finally:
             os.sched_setaffinity(0, saved)
@@ -482,16 +497,19 @@ def workers_sweep(
 
     first = statistics.median(r[0] for r in runs[counts[0]])
     print(
-        "\n| workers | tokens/s consumed | vs first | client CPU-s (all workers) | CPU % of one core | client-bound |"
+        "\n| workers | tokens/s consumed | vs first | client CPU-s (all workers) | CPU % of one core | client-bound "
+        "| wall outside the measured phase, s | start-up and exit CPU-s per worker process |"
     )
-    print("|--:|--:|--:|--:|--:|--:|")
+    print("|--:|--:|--:|--:|--:|--:|--:|--:|")
     for n in counts:
         rs = runs[n]
         rates = [r[0] for r in rs]
         print(
             f"| {n} | {spread(rates, '{:,.0f}')} | {statistics.median(rates) / first:.2f} | "
             f"{spread([r[1] for r in rs], '{:.2f}')} | {spread([100 * r[1] / r[2] for r in rs], '{:.0f}')} % | "
-            f"{sum(r[3] for r in rs)} of {len(rs)} |"
+            f"{sum(r[3] for r in rs)} of {len(rs)} | {spread([r[4] for r in rs], '{:.2f}')} | "
+            + (spread([r[5] for r in rs if r[5] is not None], "{:.2f}") if n > 1 else "- (in the process)")
+            + " |"
         )
 
 

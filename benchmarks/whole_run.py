@@ -33,7 +33,9 @@ InferenceMAX's whole-run CPU per million tokens (issue 20's goal: <= 0.25).
 DIR is ``utils/bench_serving`` of an InferenceX checkout; PY an interpreter with its
 requirements, e.g. ``python3 -m venv .venv-peer && .venv-peer/bin/pip install -c
 requirements/lock.txt transformers tqdm aiohttp numpy`` (docs/performance.md).
-``--no-peer`` measures ours alone.
+``--no-peer`` measures ours alone. ``--floor`` adds client_overhead.py's protocol floor as a
+third client, a whole process too (a uvloop protocol that only finds each response's end):
+what the kernel and the event loop cost, below which no Python client on this machine goes.
 
 ``--phases`` says where ours spends the CPU that is not streaming: the user's project gets a
 conftest that reads ``time.process_time()`` at pytest's hooks, and the table splits each run
@@ -261,6 +263,21 @@ def run_ours(
     return row
 
 
+def run_floor(base: str, work: Path, streams: int, requests: int, tokens: int) -> dict[str, Any]:
+    """--floor: client_overhead.py's protocol floor as a whole process (its interpreter, uvloop and
+    aiohttp's import, then keep-alive connections that only look for each response's end): what
+    the kernel and the event loop cost, below which no Python client on this machine goes."""
+    cmd = [sys.executable, str(HERE / "client_overhead.py"), "_client", "protocol-floor", base + "/v1/completions"]
+    cmd += [str(streams), str(requests), str(tokens)]
+    wall, cpu, proc = _child_run(cmd, work, _user_env(dict(os.environ)))
+    if proc.returncode != 0:
+        raise _fail("the protocol floor", proc)
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    if out["requests"] != requests:
+        raise _fail(f"the protocol floor completed {out['requests']} of {requests} requests:", proc)
+    return {"wall": wall, "cpu": cpu, "streaming_cpu": out["cpu"]}
+
+
 def make_tokenizer(peer_python: str, where: Path) -> Path:
     tokdir = where / "tokenizer"
     proc = subprocess.run([peer_python, "-c", MAKE_TOKENIZER, str(tokdir)], capture_output=True, text=True, timeout=300)
@@ -311,6 +328,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bench-serving", type=Path, help="InferenceX's utils/bench_serving directory")
     p.add_argument("--peer-python", help="an interpreter with bench_serving's requirements (transformers...)")
     p.add_argument("--no-peer", action="store_true", help="measure ours alone")
+    p.add_argument(
+        "--floor",
+        action="store_true",
+        help="also run client_overhead.py's protocol floor as a whole process: what no Python client goes under",
+    )
     p.add_argument("--quick", action="store_true", help="a check that it works: 8 streams, 50 tokens, 1 run")
     p.add_argument("--json", type=Path, help="also write every run here")
     p.add_argument(
@@ -340,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         args.bench_serving = args.bench_serving.resolve()
     against = f"ours ({args.against.name})" if args.against is not None else None
     clients = ["ours", *([against] if against else []), *([] if args.no_peer else ["InferenceMAX"])]
+    clients += ["protocol floor"] if args.floor else []
     ours_clients = {"ours": None, **({against: args.against} if against else {})}  # client -> its PYTHONPATH
 
     print(
@@ -380,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
                                 phases=args.phases,
                                 pythonpath=ours_clients[client],
                             )
+                        elif client == "protocol floor":
+                            r = run_floor(base, work, streams, requests, args.tokens)
                         else:
                             assert tokdir is not None
                             r = run_peer(
@@ -426,6 +451,13 @@ def main(argv: list[str] | None = None) -> int:
                 ours = statistics.median(r["cpu_per_mtok"] or 0.0 for r in runs["ours"])
                 peer = statistics.median(r["cpu_per_mtok"] or 0.0 for r in runs["InferenceMAX"])
                 print(f"  ours / InferenceMAX, whole-run CPU per M tokens: {ours / peer:.2f} (goal <= 0.25)")
+                if args.floor:
+                    floor = statistics.median(r["cpu_per_mtok"] or 0.0 for r in runs["protocol floor"])
+                    print(f"  protocol floor / InferenceMAX, whole-run CPU per M tokens: {floor / peer:.2f}")
+            if args.floor:
+                ours_s = statistics.median(r["streaming_cpu_per_mtok"] or 0.0 for r in runs["ours"])
+                floor_s = statistics.median(r["streaming_cpu_per_mtok"] or 0.0 for r in runs["protocol floor"])
+                print(f"  ours / protocol floor, CPU per M tokens while streaming: {ours_s / floor_s:.2f}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0
