@@ -283,8 +283,10 @@ def _progress_writer(config: pytest.Config) -> Any:
 @pytest.fixture(scope="session")
 def infmax_server_pool(pytestconfig: pytest.Config) -> Iterator[ServerPool]:
     """Every server this session started, one per distinct configuration; stopped at the end."""
+    from pytest_infmax.lazy import quiet_blas_threads
     from pytest_infmax.servers.launch import ServerPool, require_gpus_released
 
+    quiet_blas_threads()  # a perf session, before it imports numpy: no BLAS spin beside the server
     state = pytestconfig.stash[STATE_KEY]
     pool = ServerPool(state.log_dir, echo=state.echo, after_stop=require_gpus_released)
     try:

@@ -382,19 +382,34 @@ def _payload(draw: st.DrawFn) -> bytes:
     return data.replace(b"\n", b"").replace(b"\r", b"")  # one data line, as the lane takes it
 
 
-def _record(payloads: list[bytes], in_c: bool, max_events: int | None) -> tuple[dict, int]:
-    """Feeds the events through a lane (recording plain content in C or not); the record."""
+def _record(payloads: list[bytes], in_c: bool, max_events: int | None, reads: bool = False) -> tuple[dict, int]:
+    """Feeds the events through a lane (recording plain content in C or not); the record.
+
+    ``reads``: as a connection reads them, through the lane's own ``data_received`` (which
+    writes the ``events_left`` it counts in C back only before a callback), then ``sync()``,
+    as the connection does when the lane's read ends."""
     acc = ResponseAccumulator(RequestRecord(index=0), max_events)
     assert streamclient._Lane is not None
     lane = streamclient._Lane(acc.on_event, lambda b, t: False, lambda b, t: False, 1 << 20, acc if in_c else None)
     outcome: tuple = ("ok",)
+    failures: list[Exception] = []
+    stamps = itertools.count()
+    if reads:
+        lane.attach(lambda end, size, t: None, failures.append, lambda: float(next(stamps)))
     for i, data in enumerate(payloads):
         event = b"data: " + data + b"\n\n"
+        framed = b"%x\r\n%s\r\n" % (len(event), event)
         try:
-            lane.feed(b"%x\r\n%s\r\n" % (len(event), event), float(i))
+            if reads:
+                lane.data_received(framed)
+                if failures:
+                    raise failures[0]
+            else:
+                lane.feed(framed, float(i))
         except StreamError as exc:
             outcome = ("error", exc.kind, str(exc))
             break
+    lane.sync()
     rec = acc.rec
     state = {
         "outcome": outcome,
@@ -418,6 +433,9 @@ def test_plain_content_recorded_in_c_is_what_on_event_records(payloads: list[byt
     in_c, _ = _record(payloads, True, max_events)
     assert none == 0
     assert in_c == in_python
+    # read by the lane's own data_received: the count kept in C between reads comes out the same
+    read_in_c, _ = _record(payloads, True, max_events, reads=True)
+    assert read_in_c == in_python
 
 
 def test_a_plain_content_stream_is_recorded_in_c_and_the_rest_in_python() -> None:

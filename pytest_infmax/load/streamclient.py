@@ -447,6 +447,8 @@ class StreamConnection(asyncio.Protocol):
 
     def _leave_lane(self) -> None:
         """The lane's read is over: reads go to this protocol's data_received again."""
+        if self.lane is not None:
+            self.lane.sync()  # the sink's events_left, counted in C while the lane read
         self.lane = None
         if "data_received" in self.__dict__:
             del self.data_received

@@ -36,6 +36,7 @@ from typing import Any
 
 import msgspec
 
+from pytest_infmax.lazy import quiet_blas_threads
 from pytest_infmax.load.clientstats import ClientStats
 from pytest_infmax.load.plan import LoadConfig, RunRecords
 from pytest_infmax.load.scenarios import Scenario, TokenWindow
@@ -106,6 +107,7 @@ async def run_sharded(
     end), and the run ends with what they measured (a dead server: runner.ServerWatch)."""
     n = config.workers
     env = dict(os.environ)
+    quiet_blas_threads(env)  # a worker uses no BLAS; its cores are the load's
     env.pop(_API_KEY_ENV, None)
     if api_key:
         env[_API_KEY_ENV] = api_key

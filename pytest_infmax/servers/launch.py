@@ -45,6 +45,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pytest_infmax import boundedhttp
+from pytest_infmax.lazy import quiet_blas_threads
 from pytest_infmax.redact import redact, redact_argv
 from pytest_infmax.servers import engines, telemetry, vocab
 from pytest_infmax.servers.config import (
@@ -485,6 +486,8 @@ def _start_once(
         argv = (*config.launcher_prefix, *(arg.format(**fill) for arg in config.command), *config.extra_args)
 
     env = {**os.environ, **dict(config.env)}
+    if config.kind == "sim":
+        quiet_blas_threads(env)  # the simulator uses no BLAS; it shares the host with the client
     if shutil.which(argv[0], path=env.get("PATH")) is None:
         raise ServerError(f"cannot start {argv[0]!r}: no such executable; is it installed and on PATH?")
     started = time.monotonic()
