@@ -431,9 +431,16 @@ def _start_emitter(tmp: Path, k: int, tick: float) -> tuple[subprocess.Popen, st
 
 
 def _run_client(kind: str, base: str, streams: int, requests: int, osl: int) -> dict:
+    # Every client imports numpy (the request builder): none of them measures OpenBLAS's idle
+    # threads spinning after the import (docs/load-generator.md, "How it reads a stream").
+    from pytest_infmax.lazy import quiet_blas_threads
+
+    env = dict(os.environ)
+    quiet_blas_threads(env)
     out = subprocess.run(
         [sys.executable, __file__, "_client", kind, base, str(streams), str(requests), str(osl)],
         cwd=REPO,
+        env=env,
         capture_output=True,
         text=True,
         timeout=300,

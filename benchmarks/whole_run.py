@@ -72,6 +72,8 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 import client_overhead  # noqa: E402  (its emitter is the reference server)
 
+from pytest_infmax.lazy import quiet_blas_threads  # noqa: E402
+
 ISL = client_overhead.ISL
 CLIENT_TIMEOUT_S = 900  # one client run, at most
 
@@ -269,7 +271,9 @@ def run_floor(base: str, work: Path, streams: int, requests: int, tokens: int) -
     the kernel and the event loop cost, below which no Python client on this machine goes."""
     cmd = [sys.executable, str(HERE / "client_overhead.py"), "_client", "protocol-floor", base + "/v1/completions"]
     cmd += [str(streams), str(requests), str(tokens)]
-    wall, cpu, proc = _child_run(cmd, work, _user_env(dict(os.environ)))
+    env = _user_env(dict(os.environ))
+    quiet_blas_threads(env)  # it imports numpy (our request builder): no BLAS spin in a floor
+    wall, cpu, proc = _child_run(cmd, work, env)
     if proc.returncode != 0:
         raise _fail("the protocol floor", proc)
     out = json.loads(proc.stdout.strip().splitlines()[-1])
