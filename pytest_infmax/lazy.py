@@ -101,8 +101,9 @@ def quiet_blas_threads(env: MutableMapping[str, str] | None = None) -> None:
     Why: at numpy's import, and after each threaded BLAS call, OpenBLAS's threads spin ~0.1 s
     on the other cores before they sleep. A run uses no BLAS, so that is a core's CPU taken
     from the server under test when both share a host, as in CI: measured here (2 cores),
-    ``import numpy`` costs 0.18 CPU-s with the spin and 0.06 without, and a 64-stream pytest
-    run 0.76 against 0.59 CPU-s (docs/load-generator.md, "What it costs"). The threads stay:
+    ``import numpy`` costs 0.18 CPU-s with the spin and 0.06 without, and a pytest run of
+    128 requests at 64 streams 0.93 against 0.82 CPU-s (docs/performance.md, "At
+    InferenceMAX's own run length, and the BLAS threads"). The threads stay:
     BLAS calls are as parallel as before, and wake them from sleep instead of a spin."""
     if env is None:
         if "numpy" in sys.modules:
