@@ -56,7 +56,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import signal
 import statistics
 import subprocess
@@ -197,13 +196,11 @@ def _user_env(env: dict[str, str]) -> dict[str, str]:
 
 def _child_run(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float, subprocess.CompletedProcess[str]]:
     """Runs ``cmd`` to its end: (wall seconds from spawn to exit, CPU seconds of it and its children)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    before = client_overhead._children_cpu()
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=CLIENT_TIMEOUT_S)
     wall = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return wall, cpu, proc
+    return wall, client_overhead._children_cpu() - before, proc
 
 
 def _fail(what: str, proc: subprocess.CompletedProcess[str]) -> SystemExit:
@@ -320,6 +317,10 @@ def _spread(values: list[float | None], fmt: str = "{:.2f}") -> str:
     if not got:
         return "-"
     return f"{fmt.format(statistics.median(got))} ({fmt.format(min(got))}-{fmt.format(max(got))})"
+
+
+def _median(runs: dict[str, list[dict[str, Any]]], client: str, key: str = "cpu_per_mtok") -> float:
+    return statistics.median(r[key] or 0.0 for r in runs[client])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -452,16 +453,16 @@ def main(argv: list[str] | None = None) -> int:
                     + " ".join(f"{_spread([r['streaming_cpu'] for r in runs[c]], '{:.3f}'):>22}" for c in ours_clients)
                 )
             if not args.no_peer:
-                ours = statistics.median(r["cpu_per_mtok"] or 0.0 for r in runs["ours"])
-                peer = statistics.median(r["cpu_per_mtok"] or 0.0 for r in runs["InferenceMAX"])
-                print(f"  ours / InferenceMAX, whole-run CPU per M tokens: {ours / peer:.2f} (goal <= 0.25)")
+                peer = _median(runs, "InferenceMAX")
+                ours = _median(runs, "ours") / peer
+                print(f"  ours / InferenceMAX, whole-run CPU per M tokens: {ours:.2f} (goal <= 0.25)")
                 if args.floor:
-                    floor = statistics.median(r["cpu_per_mtok"] or 0.0 for r in runs["protocol floor"])
-                    print(f"  protocol floor / InferenceMAX, whole-run CPU per M tokens: {floor / peer:.2f}")
+                    floor = _median(runs, "protocol floor") / peer
+                    print(f"  protocol floor / InferenceMAX, whole-run CPU per M tokens: {floor:.2f}")
             if args.floor:
-                ours_s = statistics.median(r["streaming_cpu_per_mtok"] or 0.0 for r in runs["ours"])
-                floor_s = statistics.median(r["streaming_cpu_per_mtok"] or 0.0 for r in runs["protocol floor"])
-                print(f"  ours / protocol floor, CPU per M tokens while streaming: {ours_s / floor_s:.2f}")
+                key = "streaming_cpu_per_mtok"
+                streaming = _median(runs, "ours", key) / _median(runs, "protocol floor", key)
+                print(f"  ours / protocol floor, CPU per M tokens while streaming: {streaming:.2f}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0

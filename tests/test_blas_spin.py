@@ -42,7 +42,11 @@ def test_one(infmax, infmax_server):
 """
 
 
-def _found(result: pytest.RunResult) -> tuple[str, str]:
+def _found(pytester: pytest.Pytester) -> tuple[str, str]:
+    """Runs PERF_TEST in a session of its own; the setting it found here and in the simulator."""
+    pytester.makepyfile(test_perf=PERF_TEST)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-s")
+    result.assert_outcomes(passed=1)
     out = result.stdout.str()
     here, sim = re.search(r"HERE (\S+)", out), re.search(r"SIM (\S+)", out)
     assert here and sim, out
@@ -54,19 +58,13 @@ def test_a_perf_session_parks_blas_threads_in_itself_and_the_simulator(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv(BLAS_SPIN_ENV, raising=False)
-    pytester.makepyfile(test_perf=PERF_TEST)
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-s")
-    result.assert_outcomes(passed=1)
-    assert _found(result) == ("4", "4")
+    assert _found(pytester) == ("4", "4")
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
 def test_the_users_own_blas_setting_is_kept(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(BLAS_SPIN_ENV, "20")
-    pytester.makepyfile(test_perf=PERF_TEST)
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-s")
-    result.assert_outcomes(passed=1)
-    assert _found(result) == ("20", "20")
+    assert _found(pytester) == ("20", "20")
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
@@ -78,10 +76,7 @@ def test_a_session_that_loaded_numpy_first_is_left_as_it_is_but_the_simulator_is
     a process of its own, still gets it."""
     monkeypatch.delenv(BLAS_SPIN_ENV, raising=False)
     pytester.makeconftest("import numpy\n")
-    pytester.makepyfile(test_perf=PERF_TEST)
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-s")
-    result.assert_outcomes(passed=1)
-    assert _found(result) == ("None", "4")
+    assert _found(pytester) == ("None", "4")
 
 
 def test_a_childs_environment_gets_the_setting_unless_it_has_one() -> None:
