@@ -33,11 +33,17 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 def _workers_alive() -> list[psutil.Process]:
-    return [
-        p
-        for p in psutil.Process().children(recursive=True)
-        if "pytest_infmax.load.worker_main" in " ".join(p.cmdline())
-    ]
+    alive = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            line = " ".join(p.cmdline())
+        except psutil.Error:
+            # gone, or a zombie (dead, not yet reaped): not alive, whatever it was. A zombie child
+            # of another test's (a Ray node's that timed out starting) made cmdline() raise here.
+            continue
+        if "pytest_infmax.load.worker_main" in line:
+            alive.append(p)
+    return alive
 
 
 def _run(server: Server, config: LoadConfig, on_record=None) -> RunRecords:
