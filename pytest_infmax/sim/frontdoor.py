@@ -12,8 +12,8 @@ Here the request the fast stream writer serves anyway -- ``POST /v1/completions`
 body with ``"stream": true``, the simulator ready, the API key right, no fault to inject --
 is parsed by httptools (llhttp, which aiohttp's C parser is built on too; the client uses it) in
 ``data_received`` and its stream started in that same callback: no task, no request object,
-no middleware. Its events are written by the same ``_FastSseStream`` as aiohttp's fast path
-(sim/server.py), so the bytes on the wire, the trace and the metrics are the same.
+no middleware. Its events are written by the same ``FastSseStream`` as aiohttp's fast path
+(sim/streams.py), so the bytes on the wire, the trace and the metrics are the same.
 
 Anything else (another path or method, a request to be answered with an error, a fault, a
 non-streaming body, ``Expect``, a chunked request body, HTTP/1.0, ``Connection: close``) is
@@ -38,25 +38,24 @@ from aiohttp.http import SERVER_SOFTWARE
 from pytest_infmax.sim.engine import EngineRequest, EngineStopped, RequestTooLarge
 from pytest_infmax.sim.faults import FAULT_HEADER, NO_FAULT
 from pytest_infmax.sim.pollclock import poll_clock
+from pytest_infmax.sim.requests import (
+    ApiError,
+    GenerationParams,
+    OutputText,
+    parse_chat_request,
+    parse_completion_request,
+)
+from pytest_infmax.sim.responses import SSE_HEADERS, ChatShape, CompletionShape, ResponseShape
 from pytest_infmax.sim.server import (
-    _SSE_HEADERS,
     CONFIG_KEY,
     ENGINE_KEY,
     OBS_KEY,
     OUTBOX_KEY,
-    ApiError,
-    ChatShape,
-    CompletionShape,
-    GenerationParams,
-    OutputText,
-    _FastSseStream,
     _is_ready,
     _prompt_blocks,
-    _ResponseShape,
     check_api_key,
-    parse_chat_request,
-    parse_completion_request,
 )
+from pytest_infmax.sim.streams import FastSseStream
 from pytest_infmax.sim.trace import CANCELLED, RequestTrace
 
 # the paths served here, and the response shape each takes
@@ -70,7 +69,7 @@ _MAX_PIPELINED_BYTES = 1024 * 1024
 _STARTS = (b"POST /v1/completions ", b"POST /v1/chat/completions ")
 _SSE_HEAD = (
     b"HTTP/1.1 200 OK\r\n"
-    + b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in _SSE_HEADERS.items())
+    + b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in SSE_HEADERS.items())
     + b"Transfer-Encoding: chunked\r\nServer: "
     + SERVER_SOFTWARE.encode()
     + b"\r\n"
@@ -174,12 +173,12 @@ class FrontDoor(asyncio.Protocol):
         self._head: _Head | None = None  # the parsed head of that request, while its body arrives
         self._head_len = 0
         self._body_len = 0
-        self._stream: _FastSseStream | None = None  # the stream being written, one at a time
+        self._stream: FastSseStream | None = None  # the stream being written, one at a time
         self._trace: RequestTrace | None = None
         self._engine_request: EngineRequest | None = None
         self._pump_scheduled = False
         self._closing = False  # shutting down: close once the stream in flight has ended
-        self.writing_paused = False  # what _FastSseStream reads, as on aiohttp's protocol
+        self.writing_paused = False  # what FastSseStream reads, as on aiohttp's protocol
 
     # -- asyncio.Protocol -----------------------------------------------------------------
 
@@ -334,7 +333,7 @@ class FrontDoor(asyncio.Protocol):
             return False
         handler_start = time.monotonic()
         obs.on_generation_request("fast")
-        shape: _ResponseShape = ChatShape(config.model) if chat else CompletionShape(config.model)
+        shape: ResponseShape = ChatShape(config.model) if chat else CompletionShape(config.model)
         request_id = head.headers.get(b"x-request-id")
         x_request_id = None if request_id is None else request_id.decode("utf-8", "surrogateescape")
         arrival = min(self._first_rx, handler_start)
@@ -348,7 +347,7 @@ class FrontDoor(asyncio.Protocol):
         if request_id is not None:
             response_head += b"X-Request-Id: %s\r\n" % request_id
         transport.write(response_head + b"\r\n")
-        stream = _FastSseStream(transport, self, params, shape, engine_request, output, trace, obs, app[OUTBOX_KEY])
+        stream = FastSseStream(transport, self, params, shape, engine_request, output, trace, obs, app[OUTBOX_KEY])
         stream.on_wake = self._wake
         obs.sse_streams["fast"] += 1
         self._stream, self._trace, self._engine_request = stream, trace, engine_request
