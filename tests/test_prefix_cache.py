@@ -14,7 +14,7 @@ import aiohttp
 from pytest_infmax.servers.launch import ServerConfig, running_server
 from pytest_infmax.sim.engine import EngineConfig, EngineRequest, Scheduler, TokenDelivery
 from pytest_infmax.sim.prefixcache import PrefixCache, block_hashes
-from pytest_infmax.sim.server import chat_prompt_tokens, chat_token_sequence
+from pytest_infmax.sim.requests import chat_prompt_tokens, chat_token_sequence
 
 
 def _run(scheduler: Scheduler, *requests: EngineRequest) -> list[int]:

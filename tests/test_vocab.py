@@ -201,7 +201,7 @@ def test_the_simulator_takes_any_id_with_no_setting(pytester: pytest.Pytester, n
 
 
 def test_the_sim_refuses_ids_outside_its_vocabulary_as_vllm_does() -> None:
-    from pytest_infmax.sim.server import ApiError, completion_prompt_tokens
+    from pytest_infmax.sim.requests import ApiError, completion_prompt_tokens
 
     assert completion_prompt_tokens([0, 4095], vocab_size=4096) == 2
     with pytest.raises(ApiError, match="Token id 4096 is out of vocabulary"):
@@ -212,7 +212,7 @@ def test_the_sim_refuses_ids_outside_its_vocabulary_as_vllm_does() -> None:
 def test_the_sim_checks_every_token_id_of_a_prompt() -> None:
     """The prompt's ids are checked as a whole (at C speed for plain ints): a negative id,
     a bool or a float anywhere in it is refused, in a bare list and in a one-prompt list."""
-    from pytest_infmax.sim.server import ApiError, completion_prompt_tokens
+    from pytest_infmax.sim.requests import ApiError, completion_prompt_tokens
 
     assert completion_prompt_tokens(list(range(128))) == 128
     assert completion_prompt_tokens([[7, 8, 9]]) == 3

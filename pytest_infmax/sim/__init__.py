@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the server imports aiohttp; keep `import pytest_infmax.sim` light
-    from pytest_infmax.sim.server import SimConfig
+    from pytest_infmax.sim.config import SimConfig
 
 logger = logging.getLogger("pytest_infmax.sim")
 
@@ -34,7 +34,7 @@ API_KEY_ENV = "INFMAX_SIM_API_KEY"
 PARENT_POLL_INTERVAL_S = 0.5
 SHUTDOWN_TIMEOUT_S = 2.0
 LISTEN_BACKLOG = 2048
-# --sse-writer: the stream writers of sim.server (SimConfig.sse_writer), the first the default
+# --sse-writer: the stream writers of sim.streams (SimConfig.sse_writer), the first the default
 SSE_WRITERS = ("fast", "aiohttp")
 # --front-end: who reads requests (SimConfig.front_end), the first the default
 FRONT_ENDS = ("fast", "aiohttp")
@@ -466,7 +466,7 @@ def _vocab_size(text: str) -> int:
 
 
 def config_from_args(args: argparse.Namespace) -> SimConfig:
-    from pytest_infmax.sim.server import SimConfig
+    from pytest_infmax.sim.config import SimConfig
 
     return SimConfig(
         **_faults_and_observability(args),

@@ -17,8 +17,9 @@ Header grammar: items separated by ``;`` or ``,``, each ``key=value`` (or a bare
     X-Infmax-Fault: reset_after=5
     X-Infmax-Fault: malformed=no_space+comment+no_done
 
-This module only describes faults; :mod:`pytest_infmax.sim.server` carries them
-out. It imports nothing heavy, so ``pytest_infmax.sim`` stays light.
+This module only describes faults; :mod:`pytest_infmax.sim.server` and
+:mod:`pytest_infmax.sim.streams` carry them out. It imports nothing heavy, so
+``pytest_infmax.sim`` stays light.
 """
 
 from __future__ import annotations

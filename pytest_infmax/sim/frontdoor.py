@@ -12,7 +12,7 @@ Here the request the fast stream writer serves anyway -- ``POST /v1/completions`
 body with ``"stream": true``, the simulator ready, the API key right, no fault to inject --
 is parsed by httptools (llhttp, which aiohttp's C parser is built on too; the client uses it) and
 its stream started from a plain callback: no task, no request object, no middleware. Its events
-are written by the same ``_FastSseStream`` as aiohttp's fast path (sim/server.py), so the bytes
+are written by the same ``FastSseStream`` as aiohttp's fast path (sim/streams.py), so the bytes
 on the wire, the trace and the metrics are the same.
 
 ``data_received`` only stamps the bytes' arrival and keeps them: the requests read are parsed
@@ -48,25 +48,24 @@ from aiohttp.http import SERVER_SOFTWARE
 from pytest_infmax.sim.engine import EngineRequest, EngineStopped, RequestTooLarge
 from pytest_infmax.sim.faults import FAULT_HEADER, NO_FAULT
 from pytest_infmax.sim.pollclock import poll_clock
+from pytest_infmax.sim.requests import (
+    ApiError,
+    GenerationParams,
+    OutputText,
+    parse_chat_request,
+    parse_completion_request,
+)
+from pytest_infmax.sim.responses import SSE_HEADERS, ChatShape, CompletionShape, ResponseShape
 from pytest_infmax.sim.server import (
-    _SSE_HEADERS,
     CONFIG_KEY,
     ENGINE_KEY,
     OBS_KEY,
     OUTBOX_KEY,
-    ApiError,
-    ChatShape,
-    CompletionShape,
-    GenerationParams,
-    OutputText,
-    _FastSseStream,
     _is_ready,
     _prompt_blocks,
-    _ResponseShape,
     check_api_key,
-    parse_chat_request,
-    parse_completion_request,
 )
+from pytest_infmax.sim.streams import FastSseStream
 from pytest_infmax.sim.trace import CANCELLED, RequestTrace
 
 # the paths served here, and the response shape each takes
@@ -80,13 +79,13 @@ _MAX_PIPELINED_BYTES = 1024 * 1024
 _STARTS = (b"POST /v1/completions ", b"POST /v1/chat/completions ")
 _SSE_HEAD = (
     b"HTTP/1.1 200 OK\r\n"
-    + b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in _SSE_HEADERS.items())
+    + b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in SSE_HEADERS.items())
     + b"Transfer-Encoding: chunked\r\nServer: "
     + SERVER_SOFTWARE.encode()
     + b"\r\n"
 )
 _END_OF_BODY = b"0\r\n\r\n"  # the last chunk, no trailers
-# Requests read are started in slices of about this long (the stream writer's slice, sim/server.py),
+# Requests read are started in slices of about this long (the stream writer's slice, sim/streams.py),
 # with the loop's poll between two: a request whose bytes come in while a burst of others is
 # started is stamped at the next poll, a slice later, not after the whole burst.
 _START_SLICE_S = 0.0002
@@ -192,12 +191,12 @@ class FrontDoor(asyncio.Protocol):
         self._head: _Head | None = None  # the parsed head of that request, while its body arrives
         self._head_len = 0
         self._body_len = 0
-        self._stream: _FastSseStream | None = None  # the stream being written, one at a time
+        self._stream: FastSseStream | None = None  # the stream being written, one at a time
         self._trace: RequestTrace | None = None
         self._engine_request: EngineRequest | None = None
         self._pump_scheduled = False
         self._closing = False  # shutting down: close once the stream in flight has ended
-        self.writing_paused = False  # what _FastSseStream reads, as on aiohttp's protocol
+        self.writing_paused = False  # what FastSseStream reads, as on aiohttp's protocol
 
     # -- asyncio.Protocol -----------------------------------------------------------------
 
@@ -358,7 +357,7 @@ class FrontDoor(asyncio.Protocol):
             return False
         handler_start = time.monotonic()
         obs.on_generation_request("fast")
-        shape: _ResponseShape = ChatShape(config.model) if chat else CompletionShape(config.model)
+        shape: ResponseShape = ChatShape(config.model) if chat else CompletionShape(config.model)
         request_id = head.headers.get(b"x-request-id")
         x_request_id = None if request_id is None else request_id.decode("utf-8", "surrogateescape")
         arrival = min(self._first_rx, handler_start)
@@ -372,7 +371,7 @@ class FrontDoor(asyncio.Protocol):
         if request_id is not None:
             response_head += b"X-Request-Id: %s\r\n" % request_id
         transport.write(response_head + b"\r\n")
-        stream = _FastSseStream(transport, self, params, shape, engine_request, output, trace, obs, app[OUTBOX_KEY])
+        stream = FastSseStream(transport, self, params, shape, engine_request, output, trace, obs, app[OUTBOX_KEY])
         stream.on_wake = self._wake
         obs.sse_streams["fast"] += 1
         self._stream, self._trace, self._engine_request = stream, trace, engine_request
