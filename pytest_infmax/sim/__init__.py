@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # the server imports aiohttp; keep `import pytest_infmax.sim` light
+if TYPE_CHECKING:  # the config imports the engine, the server aiohttp: keep `import pytest_infmax.sim` light
     from pytest_infmax.sim.config import SimConfig
 
 logger = logging.getLogger("pytest_infmax.sim")
