@@ -49,6 +49,7 @@ import platform
 import re
 import resource
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -189,14 +190,24 @@ class _Conn(asyncio.Protocol):
             self.emitter.start_stream(self.transport, int(mt.group(1)) if mt else 16)
 
 
-def serve(port_file: Path, tokens_per_event: int, tick: float) -> None:
+def serve(port_file: Path, tokens_per_event: int, tick: float, shared_port: int = 0) -> None:
+    """One emitter process. It listens on a port with ``SO_REUSEPORT`` (``shared_port``, or a
+    new one): several emitters on one port, each on a core of its own, share the streams (the
+    kernel spreads connections over them), so the events a host can send are not one
+    process's. Each also listens on a port of its own for its ``/stats``. Writes "PORT
+    STATS_PORT" to ``port_file``."""
+
     async def main() -> None:
         emitter = Emitter(tokens_per_event, tick)
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(lambda: _Conn(emitter), "127.0.0.1", 0, backlog=1024)
-        port = server.sockets[0].getsockname()[1]
+        shared = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        shared.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        shared.bind(("127.0.0.1", shared_port))
+        server = await loop.create_server(lambda: _Conn(emitter), sock=shared, backlog=1024)
+        own = await loop.create_server(lambda: _Conn(emitter), "127.0.0.1", 0)
+        port, stats_port = (srv.sockets[0].getsockname()[1] for srv in (server, own))
         tmp = port_file.with_suffix(".tmp")
-        tmp.write_text(str(port))
+        tmp.write_text(f"{port} {stats_port}")
         tmp.rename(port_file)
         stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -204,6 +215,7 @@ def serve(port_file: Path, tokens_per_event: int, tick: float) -> None:
         await stop.wait()
         ticker.cancel()
         server.close()
+        own.close()
 
     asyncio.run(main())
 
@@ -409,17 +421,23 @@ def client_protocol_floor(url: str, streams: int, requests: int, osl: int) -> di
 # -- the driver -----------------------------------------------------------------------
 
 
-def _get_stats(base: str) -> dict:
+def _get_stats(base: str | list[str]) -> dict:
+    """The emitter's counts; of several emitters (their stats URLs), the sums."""
     import urllib.request
 
-    with urllib.request.urlopen(base + "/stats", timeout=10) as r:
-        return json.loads(r.read())
+    totals: dict = {}
+    for url in [base] if isinstance(base, str) else base:
+        with urllib.request.urlopen(url + "/stats", timeout=10) as r:
+            for key, value in json.loads(r.read()).items():
+                totals[key] = totals.get(key, 0) + value
+    return totals
 
 
-def _start_emitter(tmp: Path, k: int, tick: float) -> tuple[subprocess.Popen, str]:
-    port_file = tmp / f"port-{k}-{tick}"
+def _start_emitter(tmp: Path, k: int, tick: float, shared_port: int = 0) -> tuple[subprocess.Popen, str, str]:
+    """An emitter process: (process, URL of the port it serves, URL of its own /stats)."""
+    port_file = tmp / f"port-{k}-{tick}-{shared_port}-{time.monotonic_ns()}"
     proc = subprocess.Popen(
-        [sys.executable, __file__, "_emit", str(port_file), str(k), str(tick)],
+        [sys.executable, __file__, "_emit", str(port_file), str(k), str(tick), str(shared_port)],
         cwd=REPO,
     )
     deadline = time.monotonic() + 20
@@ -427,7 +445,8 @@ def _start_emitter(tmp: Path, k: int, tick: float) -> tuple[subprocess.Popen, st
         if proc.poll() is not None or time.monotonic() > deadline:
             raise SystemExit("the emitter did not start")
         time.sleep(0.02)
-    return proc, f"http://127.0.0.1:{port_file.read_text()}"
+    port, stats_port = port_file.read_text().split()
+    return proc, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{stats_port}"
 
 
 def _run_client(kind: str, base: str, streams: int, requests: int, osl: int) -> dict:
@@ -454,37 +473,53 @@ KINDS = ("ours", "ours-framing", "ours-python-wire", "ours-asyncio", "peer", "fl
 
 
 def workers_sweep(
-    counts: list[int], streams: int, event_rate: float, osl: int, repeat: int = 1, pin_emitter: int | None = None
+    counts: list[int],
+    streams: int,
+    event_rate: float,
+    osl: int,
+    repeat: int = 1,
+    pin_emitter: list[int] | None = None,
 ) -> None:
     """Tokens per second the client consumes from an emitter asked for more than one
     process can read, with the load over 1..N worker processes; ``repeat`` interleaved
-    rounds (median and spread). ``pin_emitter``: the emitter runs on that CPU alone and the
-    clients on the others, so the clients' scaling is not the emitter's."""
+    rounds (median and spread). ``pin_emitter``: one emitter process on each of these CPUs,
+    all on one port (``serve``), and the clients on the other CPUs, so the clients' scaling
+    is not the emitters'."""
     client_cpus: list[int] = []
-    if pin_emitter is not None:
-        client_cpus = sorted(os.sched_getaffinity(0) - {pin_emitter})
+    emitter_cpus = sorted(set(pin_emitter or ()))
+    if emitter_cpus:
+        client_cpus = sorted(os.sched_getaffinity(0) - set(emitter_cpus))
         if not client_cpus:
-            raise SystemExit(f"--pin-emitter {pin_emitter}: no CPU is left for the clients")
+            raise SystemExit(f"--pin-emitter {' '.join(map(str, emitter_cpus))}: no CPU is left for the clients")
     print(
-        f"\nworkers: {streams} streams of {osl} one-token events, the emitter asked for "
-        f"{event_rate:g} events/s (more than one client process reads); {repeat} interleaved rounds"
-        + (f"; emitter on CPU {pin_emitter}, clients on CPUs {client_cpus}" if client_cpus else "")
+        f"\nworkers: {streams} streams of {osl} one-token events, the emitter"
+        f"{'s' if len(emitter_cpus) > 1 else ''} asked for {event_rate:g} events/s (more than one client "
+        f"process reads); {repeat} interleaved rounds"
+        + (f"; emitters on CPUs {emitter_cpus}, clients on CPUs {client_cpus}" if client_cpus else "")
     )
     # (tok/s, measured CPU, measured wall, client-bound, wall outside the measured phase,
     #  CPU per worker process outside it: its interpreter, imports, connecting, exit)
     runs: dict[int, list[tuple[float, float, float, bool, float, float | None]]] = {n: [] for n in counts}
     saved = os.sched_getaffinity(0)
     with tempfile.TemporaryDirectory() as tmpdir:
-        proc, base = _start_emitter(Path(tmpdir), 1, streams / event_rate)
+        emitters: list[subprocess.Popen] = []
         try:
-            if pin_emitter is not None:
-                os.sched_setaffinity(proc.pid, {pin_emitter})
+            proc, base, stats = _start_emitter(Path(tmpdir), 1, streams / event_rate)
+            emitters.append(proc)
+            stats_urls = [stats]
+            for _ in emitter_cpus[1:]:  # the others on the first one's port
+                proc, _, stats = _start_emitter(Path(tmpdir), 1, streams / event_rate, int(base.rsplit(":", 1)[1]))
+                emitters.append(proc)
+                stats_urls.append(stats)
+            for proc, cpu in zip(emitters, emitter_cpus):
+                os.sched_setaffinity(proc.pid, {cpu})
+            if client_cpus:
                 os.sched_setaffinity(0, set(client_cpus))  # inherited by the clients started below
             for _ in range(repeat):
                 for n in counts:  # interleaved: a drift of the machine hits every count
-                    before = _get_stats(base)
+                    before = _get_stats(stats_urls)
                     r = _run_client(f"ours-w{n}", base + "/v1/completions", streams, streams * 2, osl)
-                    after = _get_stats(base)
+                    after = _get_stats(stats_urls)
                     assert r["requests"] == after["requests"] - before["requests"] == streams * 2, r
                     rate = r["tokens"] / r["measured_wall"]
                     outside = r["wall"] - r["measured_wall"]
@@ -495,8 +530,10 @@ def workers_sweep(
                     print(f"  workers={n}: {rate:,.0f} tok/s", flush=True)
         finally:
             os.sched_setaffinity(0, saved)
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=10)
+            for proc in emitters:
+                proc.send_signal(signal.SIGTERM)
+            for proc in emitters:
+                proc.wait(timeout=10)
 
     def spread(values: list[float], fmt: str) -> str:
         med = fmt.format(statistics.median(values))
@@ -563,8 +600,10 @@ def main() -> None:
     p.add_argument(
         "--pin-emitter",
         type=int,
+        nargs="+",
         metavar="CPU",
-        help="in --workers-sweep: run the emitter on this CPU alone and the clients on the others",
+        help="in --workers-sweep: one emitter process on each of these CPUs alone, all on one port "
+        "(SO_REUSEPORT), and the clients on the other CPUs",
     )
     args = p.parse_args()
     events = args.events or (25_000 if args.quick else 120_000)
@@ -595,7 +634,7 @@ def main() -> None:
                 rounds = max(1, round(events / per_request / streams))
                 requests = streams * rounds
                 tick = streams / args.event_rate  # each stream gets one event per tick
-                proc, base = _start_emitter(Path(tmpdir), k, tick)
+                proc, base, _ = _start_emitter(Path(tmpdir), k, tick)
                 url = base + "/v1/completions"
                 try:
                     res = {}
@@ -717,7 +756,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_emit":
-        serve(Path(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))
+        serve(Path(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]) if len(sys.argv) > 5 else 0)
     elif len(sys.argv) > 1 and sys.argv[1] == "_client":
         sys.path.insert(0, str(REPO))
         kind, rest = sys.argv[2], (sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]))

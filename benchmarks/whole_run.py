@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
             requests = streams * args.rounds
             emitter_dir = work / f"emitter-{streams}"  # its port file: one per emitter
             emitter_dir.mkdir()
-            proc, base = client_overhead._start_emitter(emitter_dir, 1, args.itl_ms / 1000)
+            proc, base, _ = client_overhead._start_emitter(emitter_dir, 1, args.itl_ms / 1000)
             runs: dict[str, list[dict[str, Any]]] = {c: [] for c in clients}
             try:
                 # one untimed run of each client first: bytecode and page caches warm, as on a
