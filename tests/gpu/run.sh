@@ -20,7 +20,7 @@ status=${PIPESTATUS[0]}
 echo "pytest exit status: $status"
 nvidia-smi --query-compute-apps=pid,used_memory --format=csv 2>&1 | tee -a "$out/nvidia-smi.txt"
 # Issue 20, item 6: tokens/s the client consumes with 1..N worker processes on this host's cores.
-# Half the CPUs run emitters (one port, one each: ~0.35M events/s a core), the other half the clients.
+# Half the CPUs run emitters (one port, one each, asked for 0.4M events/s a core), the other half the clients.
 if [ "${INFMAX_GPU_WORKERS_SWEEP:-1}" != 0 ]; then
     cpus=$(nproc); emitters=$(( cpus / 2 )); [ "$emitters" -ge 1 ] || emitters=1
     counts=""; for n in 1 2 4 8 16 32; do [ "$n" -le $(( cpus - emitters )) ] && counts="$counts $n"; done
