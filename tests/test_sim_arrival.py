@@ -9,9 +9,10 @@ on the clock (work, not a wait); nothing waits on a sleep.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -94,9 +95,9 @@ async def _get_json(port: int, path: str) -> dict[str, Any]:
             return dict(await response.json())
 
 
-@pytest.mark.asyncio
-async def test_the_front_door_stamps_a_stream_at_the_poll_that_found_it() -> None:
-    """The same for a streaming request the front door serves (sim/frontdoor.py)."""
+@contextlib.asynccontextmanager
+async def _front_door() -> AsyncIterator[tuple[web.Application, int]]:
+    """The simulator's app behind its front door (sim/frontdoor.py), on this loop: (app, port)."""
     from pytest_infmax.sim.frontdoor import FrontDoors
 
     config = config_from_args(build_parser().parse_args(["--decode-step-ms", "1", "--model", "m"]))
@@ -104,25 +105,32 @@ async def test_the_front_door_stamps_a_stream_at_the_poll_that_found_it() -> Non
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     assert runner.server is not None
-    loop = asyncio.get_running_loop()
     doors = FrontDoors(app, runner.server)
-    listener = await loop.create_server(doors, "127.0.0.1", 0)
-    port = listener.sockets[0].getsockname()[1]
-    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout=10)
+    listener = await asyncio.get_running_loop().create_server(doors, "127.0.0.1", 0)
     try:
-
-        async def response() -> None:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
-            assert head.startswith(b"HTTP/1.1 200"), head
-            await asyncio.wait_for(reader.readuntil(b"\r\n0\r\n\r\n"), timeout=10)  # the body's last chunk
-
-        await _second_arrives_at_its_poll(port, writer, response, stream=True)
-        assert app[OBS_KEY].front_end_requests == {"fast": 2, "aiohttp": 0}
+        yield app, listener.sockets[0].getsockname()[1]
     finally:
-        writer.close()
         listener.close()
         await doors.close(1.0)
         await runner.cleanup()
+
+
+@pytest.mark.asyncio
+async def test_the_front_door_stamps_a_stream_at_the_poll_that_found_it() -> None:
+    """The same for a streaming request the front door serves (sim/frontdoor.py)."""
+    async with _front_door() as (app, port):
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout=10)
+        try:
+
+            async def response() -> None:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
+                assert head.startswith(b"HTTP/1.1 200"), head
+                await asyncio.wait_for(reader.readuntil(b"\r\n0\r\n\r\n"), timeout=10)  # the body's last chunk
+
+            await _second_arrives_at_its_poll(port, writer, response, stream=True)
+            assert app[OBS_KEY].front_end_requests == {"fast": 2, "aiohttp": 0}
+        finally:
+            writer.close()
 
 
 @pytest.mark.asyncio
@@ -132,33 +140,10 @@ async def test_a_request_read_during_a_burst_of_starts_is_stamped_at_its_poll(mo
     a slice later, not after the whole burst; its wait for the burst's starts is the front-end
     queue, inside the TTFT the trace records. So the client's TTFT and the trace's agree."""
     from pytest_infmax.sim import frontdoor
-    from pytest_infmax.sim.frontdoor import FrontDoors
 
     burst, start_cost = 40, 0.002  # 80 ms of starts: a thousand streams' worth at ~0.1 ms each
-    config = config_from_args(build_parser().parse_args(["--decode-step-ms", "1", "--model", "m"]))
-    app = build_app(config)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    assert runner.server is not None
-    loop = asyncio.get_running_loop()
-    doors = FrontDoors(app, runner.server)
-    listener = await loop.create_server(doors, "127.0.0.1", 0)
-    port = listener.sockets[0].getsockname()[1]
-    connections = [
-        await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout=10) for _ in range(burst + 1)
-    ]
-    late_writer, bursting = connections[-1][1], connections[:-1]
     late_sent: list[float] = []
     start = frontdoor.FrontDoor._start
-
-    def costly_start(self: frontdoor.FrontDoor, head: Any, raw_body: bytes) -> bool:
-        if not late_sent:  # the late request's bytes come in while the burst is being started
-            late_writer.write(_request(port, "late", stream=True))  # asyncio sends at once
-            late_sent.append(time.monotonic())
-        _spin(start_cost)
-        return start(self, head, raw_body)
-
-    monkeypatch.setattr(frontdoor.FrontDoor, "_start", costly_start)
 
     async def first_event(reader: asyncio.StreamReader) -> float:
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=30)
@@ -168,24 +153,35 @@ async def test_a_request_read_during_a_burst_of_starts_is_stamped_at_its_poll(mo
         await asyncio.wait_for(reader.readuntil(b"\r\n0\r\n\r\n"), timeout=30)  # the body's last chunk
         return received
 
-    try:
-        for index, (_, writer) in enumerate(bursting):
-            writer.write(_request(port, f"burst-{index}", stream=True))
-        received = await asyncio.gather(*(first_event(reader) for reader, _ in connections))
-        trace = await _get_json(port, "/sim/trace")
-        late = next(t for t in trace["requests"] if t["x_request_id"] == "late")
-        trip = late["arrival_mono"] - late_sent[0]
-        queue = late["handler_mono"] - late["arrival_mono"]
-        client_ttft = received[-1] - late_sent[0]
-        trace_ttft = late["chunk_mono"][0] - late["arrival_mono"]
-        assert trip < 0.02, f"arrival {trip * 1e3:.1f} ms after the send: stamped after the burst's starts"
-        assert queue > 0.02, f"front-end queue {queue * 1e3:.1f} ms: the burst's starts should show here"
-        assert client_ttft - trace_ttft < 0.02, (
-            f"client TTFT {client_ttft * 1e3:.1f} ms, trace {trace_ttft * 1e3:.1f} ms: the trace misses the wait"
-        )
-    finally:
-        for _, writer in connections:
-            writer.close()
-        listener.close()
-        await doors.close(1.0)
-        await runner.cleanup()
+    async with _front_door() as (_, port):
+        connections = [
+            await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout=10) for _ in range(burst + 1)
+        ]
+        late_writer = connections[-1][1]
+
+        def costly_start(self: frontdoor.FrontDoor, head: Any, raw_body: bytes) -> bool:
+            if not late_sent:  # the late request's bytes come in while the burst is being started
+                late_writer.write(_request(port, "late", stream=True))  # asyncio sends at once
+                late_sent.append(time.monotonic())
+            _spin(start_cost)
+            return start(self, head, raw_body)
+
+        monkeypatch.setattr(frontdoor.FrontDoor, "_start", costly_start)
+        try:
+            for index, (_, writer) in enumerate(connections[:-1]):
+                writer.write(_request(port, f"burst-{index}", stream=True))
+            received = await asyncio.gather(*(first_event(reader) for reader, _ in connections))
+            trace = await _get_json(port, "/sim/trace")
+        finally:
+            for _, writer in connections:
+                writer.close()
+    late = next(t for t in trace["requests"] if t["x_request_id"] == "late")
+    trip = late["arrival_mono"] - late_sent[0]
+    queue = late["handler_mono"] - late["arrival_mono"]
+    client_ttft = received[-1] - late_sent[0]
+    trace_ttft = late["chunk_mono"][0] - late["arrival_mono"]
+    assert trip < 0.02, f"arrival {trip * 1e3:.1f} ms after the send: stamped after the burst's starts"
+    assert queue > 0.02, f"front-end queue {queue * 1e3:.1f} ms: the burst's starts should show here"
+    assert client_ttft - trace_ttft < 0.02, (
+        f"client TTFT {client_ttft * 1e3:.1f} ms, trace {trace_ttft * 1e3:.1f} ms: the trace misses the wait"
+    )
