@@ -557,6 +557,63 @@ def workers_sweep(
         )
 
 
+def _idle_wakeup_cpu(interval: float = 0.01, seconds: float = 3.0) -> float:
+    """CPU seconds one wake-up of an otherwise idle uvloop loop costs: a task sleeping
+    ``interval`` in a loop for ``seconds``, the process's CPU over its wake-ups (kernel included)."""
+    import uvloop
+
+    async def sleeper() -> int:
+        end, wakeups = time.monotonic() + seconds, 0
+        while time.monotonic() < end:
+            await asyncio.sleep(interval)
+            wakeups += 1
+        return wakeups
+
+    cpu = time.process_time()
+    wakeups = uvloop.run(sleeper())
+    return (time.process_time() - cpu) / wakeups
+
+
+def wakeups(streams: int, osl: int, repeat: int, intervals: list[float]) -> None:
+    """What the client's event-loop lag ticker costs: an idle loop's wake-up, then our client
+    with the ticker at each of ``intervals`` (ms), interleaved, against the emitter's 10 ms
+    events (the client idles between two)."""
+    out = subprocess.run(
+        [sys.executable, __file__, "_wakeup"], cwd=REPO, capture_output=True, text=True, timeout=60, check=True
+    )
+    print(f"\nan idle uvloop loop's wake-up: {float(out.stdout.split()[-1]) * 1e6:.0f} us of CPU")
+    runs: dict[float, list[float]] = {ms: [] for ms in intervals}
+    saved = os.sched_getaffinity(0)
+    with tempfile.TemporaryDirectory() as tmpdir:
+        proc, base, _ = _start_emitter(Path(tmpdir), 1, 0.01)
+        try:
+            if len(saved) > 1:  # the emitter on the first CPU, the clients on the others
+                os.sched_setaffinity(proc.pid, {min(saved)})
+                os.sched_setaffinity(0, saved - {min(saved)})
+            for round_index in range(repeat):
+                order = intervals if round_index % 2 == 0 else list(reversed(intervals))
+                for ms in order:
+                    r = _run_client(f"ours-lag{ms:g}", base + "/v1/completions", streams, streams * 2, osl)
+                    runs[ms].append(r["measured_cpu"] / r["tokens"] * 1e6)
+                    print(f"  ticker {ms:g} ms: {runs[ms][-1]:.2f} CPU-s per M tokens", flush=True)
+        finally:
+            os.sched_setaffinity(0, saved)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=10)
+    first = statistics.median(runs[intervals[0]])
+    print(
+        f"\n{streams} streams of {osl} one-token events every 10 ms; median (min-max) of {repeat} interleaved rounds\n"
+    )
+    print(f"| lag ticker | CPU-s per M tokens | vs {intervals[0]:g} ms |")
+    print("|--:|--:|--:|")
+    for ms in intervals:
+        values = runs[ms]
+        print(
+            f"| {ms:g} ms | {statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f}) | "
+            f"{statistics.median(values) / first:.2f} |"
+        )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="shorter responses, fewer events (< 1.5 min)")
@@ -605,8 +662,18 @@ def main() -> None:
         help="in --workers-sweep: one emitter process on each of these CPUs alone, all on one port "
         "(SO_REUSEPORT), and the clients on the other CPUs",
     )
+    p.add_argument(
+        "--wakeups",
+        type=float,
+        nargs="+",
+        metavar="MS",
+        help="instead: what the event-loop lag ticker costs, at each of these intervals in ms (e.g. 10 50)",
+    )
     args = p.parse_args()
     events = args.events or (25_000 if args.quick else 120_000)
+    if args.wakeups:
+        wakeups(args.streams[-1], args.tokens_per_request or 1000, args.repeat, args.wakeups)
+        return
     if args.workers_sweep:
         workers_sweep(
             args.workers_sweep,
@@ -757,10 +824,17 @@ def main() -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_emit":
         serve(Path(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]) if len(sys.argv) > 5 else 0)
+    elif len(sys.argv) > 1 and sys.argv[1] == "_wakeup":
+        print(_idle_wakeup_cpu())
     elif len(sys.argv) > 1 and sys.argv[1] == "_client":
         sys.path.insert(0, str(REPO))
         kind, rest = sys.argv[2], (sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]))
         if kind == "ours":
+            out = client_ours(*rest)
+        elif kind.startswith("ours-lag"):  # the event-loop lag ticker at another interval (--wakeups)
+            from pytest_infmax.load import clientstats
+
+            clientstats.LoopLagMonitor.__init__.__defaults__ = (float(kind[len("ours-lag") :]) / 1000,)
             out = client_ours(*rest)
         elif kind.startswith("ours-w"):
             out = client_ours(*rest, workers=int(kind[len("ours-w") :]))

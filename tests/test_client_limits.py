@@ -170,6 +170,25 @@ def test_loop_lag_monitor_counts_a_block_at_the_end_of_the_phase() -> None:
     assert lags and max(lags) >= 0.04
 
 
+def test_the_lag_sampler_wakes_an_idle_loop_at_most_twenty_times_a_second() -> None:
+    """Each lag sample is a timer that wakes the loop, idle between a stream's events, and an
+    idle wake-up costs tens of microseconds of CPU: at the old 10 ms (100 a second) it was 8 %
+    of the client's CPU at 256 streams (benchmarks/client_overhead.py --wakeups). A block of
+    the loop is still caught (the test above, and the client-bound tests)."""
+
+    async def go() -> int:
+        monitor = LoopLagMonitor()
+        monitor.start()
+        loop = asyncio.get_running_loop()
+        watched = loop.create_future()
+        loop.call_later(0.5, watched.set_result, None)  # half a second of an otherwise idle loop
+        await watched
+        await monitor.stop()
+        return len(monitor.samples)
+
+    assert asyncio.run(go()) <= 10
+
+
 @pytest.mark.slow
 def test_plugin_warns_or_fails_on_a_client_bound_run(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
