@@ -118,6 +118,13 @@ def comm(pid: int) -> str:
         return ""
 
 
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:200]
+    except OSError:
+        return ""
+
+
 def left_running(pids: dict[int, int], timeout: float = 10.0) -> list[str]:
     """Which of ``pids`` (pid -> start time) still run after ``timeout`` s (pid reuse ignored)."""
     deadline = time.monotonic() + timeout
@@ -308,7 +315,12 @@ def test_ctrl_c_stops_vllm_its_engine_core_and_frees_the_port(pytester: pytest.P
         state = json.loads(ready.read_text())
         leader = int(state["pid"])
         pids = {leader: start_time(leader), **{int(p): s for p, s in state["tracked"].items()}}
-        assert any(comm(p).startswith("VLLM::EngineCor") for p in pids), {p: comm(p) for p in pids}
+        # vLLM's EngineCore names itself (setproctitle) once its spawned interpreter runs vLLM's
+        # code; a fresh-clone run once read it before that, as 'python'. Its name within 30 s:
+        titled = time.monotonic() + 30
+        while not any(comm(p).startswith("VLLM::EngineCor") for p in pids):
+            assert time.monotonic() < titled, {p: (comm(p), cmdline(p)) for p in pids}
+            time.sleep(0.2)
         assert not port_free("127.0.0.1", int(state["base_url"].rsplit(":", 1)[1]))  # it listens there now
         os.killpg(inner.pid, signal.SIGINT)  # Ctrl-C in the terminal: the foreground group
         inner.wait(timeout=120)
