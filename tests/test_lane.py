@@ -13,8 +13,10 @@ live paths over loopback are covered by test_hostile_server.py, which runs both.
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import json
+from array import array
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -415,7 +417,7 @@ def _record(payloads: list[bytes], in_c: bool, max_events: int | None, reads: bo
         "outcome": outcome,
         "chunk_times": list(rec.chunk_times),
         "first_token_time": rec.first_token_time,
-        "texts": acc.texts,
+        "texts": list(acc.texts),
         "events_left": acc.events_left,
         "usage": acc.usage,
         "cumulative": acc.cumulative,
@@ -477,3 +479,74 @@ def test_an_endless_stream_of_plain_content_is_stopped_with_the_same_error() -> 
     assert in_c == _record(payloads, False, 4)[0]
     assert in_c["outcome"][1] is ErrorKind.PROTOCOL and "more than 4 events" in in_c["outcome"][2]
     assert taken == 4 and in_c["chunk_times"] == [0.0, 1.0, 2.0, 3.0]
+
+
+def _plain(text: str) -> bytes:
+    event = b"data: " + json.dumps({"choices": [{"delta": {"content": text}}]}).encode() + b"\n\n"
+    return b"%x\r\n%s\r\n" % (len(event), event)
+
+
+@pytest.mark.parametrize("end", ["timeout", "cancelled", "closed by the server"])
+def test_a_stream_cut_short_keeps_every_stamp_the_lane_recorded(end: str) -> None:
+    """The lane keeps plain content events' stamps and lengths in C and writes them to the
+    record at its write-backs (before any Python callback, on sync), not per event. A stream
+    that ends mid-way -- the request's timeout, the caller cancelled (Ctrl-C), the server
+    closing -- ends the lane's read (the connection syncs it), so the record holds every
+    stamp that arrived, in order, as the Python path records them."""
+
+    async def go() -> tuple[RequestRecord, ResponseAccumulator, bool]:
+        pool = ConnectionPool("http://127.0.0.1:9/v1/completions")
+        assert pool.fast_lane
+        conn = StreamConnection(pool)
+        conn.connection_made(_Transport())  # type: ignore[arg-type]
+        rec = RequestRecord(index=0)
+        acc = ResponseAccumulator(rec, 100)
+        future = conn.start(b"POST", SSEDecoder(acc, 1 << 20))
+        conn.data_received(HEAD)
+        for i in range(5):
+            conn.data_received(_plain("ab" * (i + 1)))
+        in_lane = conn.lane is not None
+        if end == "timeout":
+            streamclient._expire(conn, future, 1.0)
+        elif end == "cancelled":
+            conn.finished_with(False)
+        else:
+            conn.connection_lost(None)
+        return rec, acc, in_lane
+
+    rec, acc, in_lane = asyncio.run(go())
+    assert in_lane  # the five events were read by the lane, not the Python path
+    assert len(rec.chunk_times) == 5 and list(rec.chunk_times) == sorted(rec.chunk_times)
+    assert rec.first_token_time == rec.chunk_times[0]
+    assert list(acc.texts) == [2, 4, 6, 8, 10]
+    assert acc.events_left == 101 - 5
+
+
+def test_a_lane_dropped_without_its_write_back_still_leaves_its_stamps() -> None:
+    """Belt and braces: a lane collected before any sync (its connection dropped, not
+    closed) writes what it recorded to the sink as it goes."""
+    acc = ResponseAccumulator(RequestRecord(index=0), 100)
+    assert streamclient._Lane is not None
+    lane = streamclient._Lane(acc.on_event, lambda b, t: False, lambda b, t: False, 1 << 20, acc)
+    stamps = itertools.count(1)
+    lane.attach(lambda end, size, t: None, lambda exc: None, lambda: float(next(stamps)))
+    for i in range(3):
+        lane.data_received(_plain("x" * (i + 1)))
+    assert len(acc.rec.chunk_times) == 0  # kept in C until a write-back
+    del lane
+    gc.collect()
+    assert list(acc.rec.chunk_times) == [1.0, 2.0, 3.0] and list(acc.texts) == [1, 2, 3]
+
+
+def test_the_lane_refuses_a_sink_whose_fields_are_not_arrays_of_8_byte_items() -> None:
+    """The lane appends its stamps and lengths as raw bytes: a list, or an array of another
+    type, is refused at once, not filled with garbage."""
+    assert streamclient._Lane is not None
+    acc = ResponseAccumulator(RequestRecord(index=0), 100)
+    acc.texts = [1]  # type: ignore[assignment]
+    with pytest.raises(TypeError, match=r"sink.texts must be an array.array\('q'\)"):
+        streamclient._Lane(acc.on_event, lambda b, t: False, lambda b, t: False, 1 << 20, acc)
+    acc = ResponseAccumulator(RequestRecord(index=0), 100)
+    acc.rec.chunk_times = array("f")
+    with pytest.raises(TypeError, match=r"sink.rec.chunk_times must be an array.array\('d'\)"):
+        streamclient._Lane(acc.on_event, lambda b, t: False, lambda b, t: False, 1 << 20, acc)

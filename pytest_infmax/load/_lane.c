@@ -25,8 +25,8 @@
  * exactly a content delta -- one choice, a non-empty delta.content (or text), no
  * finish_reason, no usage, no error, no reasoning -- is validated and read by a
  * strict scanner below and recorded on the sink without a Python call: the event
- * counter decremented, the stamp appended to rec.chunk_times, the text's length in
- * code points to texts, rec.first_token_time set once. Anything the scanner is not
+ * counter decremented, the stamp kept for rec.chunk_times, the text's length in
+ * code points for texts, rec.first_token_time set once. Anything the scanner is not
  * sure of (another shape, an escaped key, a lone surrogate, invalid JSON or UTF-8,
  * a duplicated field, the event limit about to be hit) goes to on_event as before,
  * so msgspec and the Python code decide it: the C path only ever takes events whose
@@ -39,13 +39,19 @@
  *   done: a "data: [DONE]" event was seen (later events are not delivered);
  *   take_rest() -> bytes: the buffered start of an unfinished event;
  *   content_events: the plain content events recorded here, not by on_event.
- *   sync(): writes events_left, counted in C, back to the sink.
+ *   sync(): writes events_left and the recorded events, kept in C, back to the sink.
  * The sink's events_left is counted here in C between the lane's calls out to Python:
  * read once, written back before every callback (on_event, on_block, on_raw, on_end,
  * on_error), before feed returns and on sync() (the connection calls it when the lane's
  * read ends), so no Python code sees a stale count. Reading and writing a Python int
  * attribute per event was ~3 % of the client's perf samples at one event per read
  * (PyObject_GetAttr and PyMember_GetOne alone, 256 streams).
+ * The stamps and text lengths of plain content events are kept the same way: in C
+ * arrays here, appended to rec.chunk_times (array('d')) and sink.texts (array('q')) in
+ * one frombytes call each at those same write-backs. A call to chunk_times.append and
+ * a list append per event (their argument parsing, a float and an int object) were 5 %
+ * of the client's CPU at 64 streams of one-token events (perf, against the protocol
+ * floor: docs/performance.md).
  * Malformed framing or an event over max_event_bytes raises LaneError; an
  * exception from a callback propagates unchanged.
  */
@@ -92,8 +98,12 @@ typedef struct {
     /* plain content events, recorded on the sink (NULL: every event to on_event) */
     PyObject *sink;           /* has events_left (int) */
     PyObject *rec;            /* sink.rec: first_token_time */
-    PyObject *append_time;    /* sink.rec.chunk_times.append */
-    PyObject *texts;          /* sink.texts, a list */
+    PyObject *times_extend;   /* sink.rec.chunk_times.frombytes (an array('d')) */
+    PyObject *texts_extend;   /* sink.texts.frombytes (an array('q')) */
+    double *pending_times;    /* plain content events recorded since the last write-back */
+    long long *pending_chars;
+    Py_ssize_t pending;
+    Py_ssize_t pending_cap;
     char first_seen;          /* rec.first_token_time is known to be set */
     char left_read;           /* left holds sink.events_left (read since the last write-back) */
     char left_dirty;          /* left changed since it was read: write it back */
@@ -114,24 +124,41 @@ lane_traverse(Lane *self, visitproc visit, void *arg)
     Py_VISIT(self->on_raw);
     Py_VISIT(self->sink);
     Py_VISIT(self->rec);
-    Py_VISIT(self->append_time);
-    Py_VISIT(self->texts);
+    Py_VISIT(self->times_extend);
+    Py_VISIT(self->texts_extend);
     Py_VISIT(self->on_end);
     Py_VISIT(self->on_error);
     Py_VISIT(self->clock);
     return 0;
 }
 
+static int flush_pending(Lane *self);
+
+/* A lane dropped before its write-back (a connection collected, not closed) still leaves
+   the events it recorded on the sink. */
+static void
+flush_before_clear(Lane *self)
+{
+    if (self->pending == 0 || self->times_extend == NULL || self->texts_extend == NULL)
+        return;
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    if (flush_pending(self) < 0)
+        PyErr_WriteUnraisable((PyObject *)self);
+    PyErr_Restore(type, value, tb);
+}
+
 static int
 lane_clear(Lane *self)
 {
+    flush_before_clear(self);
     Py_CLEAR(self->on_event);
     Py_CLEAR(self->on_block);
     Py_CLEAR(self->on_raw);
     Py_CLEAR(self->sink);
     Py_CLEAR(self->rec);
-    Py_CLEAR(self->append_time);
-    Py_CLEAR(self->texts);
+    Py_CLEAR(self->times_extend);
+    Py_CLEAR(self->texts_extend);
     Py_CLEAR(self->on_end);
     Py_CLEAR(self->on_error);
     Py_CLEAR(self->clock);
@@ -144,7 +171,32 @@ lane_dealloc(Lane *self)
     PyObject_GC_UnTrack(self);
     lane_clear(self);
     PyMem_Free(self->buf);
+    PyMem_Free(self->pending_times);
+    PyMem_Free(self->pending_chars);
     Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* obj.frombytes, where obj is an array.array of this typecode with 8-byte items (the
+   pending stamps and lengths are appended as their bytes); NULL with TypeError if not. */
+static PyObject *
+array_extender(PyObject *obj, const char *typecode, const char *what)
+{
+    PyObject *code = PyObject_GetAttrString(obj, "typecode");
+    if (code == NULL) {
+        PyErr_Clear();
+    }
+    else {
+        int same = PyUnicode_Check(code) && PyUnicode_CompareWithASCIIString(code, typecode) == 0;
+        Py_DECREF(code);
+        PyObject *size = same ? PyObject_GetAttrString(obj, "itemsize") : NULL;
+        long itemsize = size ? PyLong_AsLong(size) : -1;
+        Py_XDECREF(size);
+        PyErr_Clear();
+        if (itemsize == 8)
+            return PyObject_GetAttrString(obj, "frombytes");
+    }
+    PyErr_Format(PyExc_TypeError, "Lane(sink=...): %s must be an array.array('%s')", what, typecode);
+    return NULL;
 }
 
 static int
@@ -155,10 +207,12 @@ lane_init(Lane *self, PyObject *args, PyObject *kwds)
     Py_ssize_t max_event;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOn|O", kwlist, &on_event, &on_block, &on_raw, &max_event, &sink))
         return -1;
+    flush_before_clear(self);
     Py_CLEAR(self->sink);
     Py_CLEAR(self->rec);
-    Py_CLEAR(self->append_time);
-    Py_CLEAR(self->texts);
+    Py_CLEAR(self->times_extend);
+    Py_CLEAR(self->texts_extend);
+    self->pending = 0;
     self->first_seen = 0;
     self->left_read = 0;
     self->left_dirty = 0;
@@ -168,23 +222,21 @@ lane_init(Lane *self, PyObject *args, PyObject *kwds)
         if (rec == NULL)
             return -1;
         PyObject *times = PyObject_GetAttrString(rec, "chunk_times");
-        PyObject *append = times ? PyObject_GetAttrString(times, "append") : NULL;
+        PyObject *times_extend = times ? array_extender(times, "d", "sink.rec.chunk_times") : NULL;
         Py_XDECREF(times);
-        PyObject *texts = append ? PyObject_GetAttrString(sink, "texts") : NULL;
-        if (texts != NULL && !PyList_CheckExact(texts)) {
-            PyErr_SetString(PyExc_TypeError, "Lane(sink=...): sink.texts must be a list");
-            Py_CLEAR(texts);
-        }
-        if (texts == NULL) {
+        PyObject *texts = times_extend ? PyObject_GetAttrString(sink, "texts") : NULL;
+        PyObject *texts_extend = texts ? array_extender(texts, "q", "sink.texts") : NULL;
+        Py_XDECREF(texts);
+        if (texts_extend == NULL) {
             Py_DECREF(rec);
-            Py_XDECREF(append);
+            Py_XDECREF(times_extend);
             return -1;
         }
         Py_INCREF(sink);
         self->sink = sink;
         self->rec = rec;
-        self->append_time = append;
-        self->texts = texts;
+        self->times_extend = times_extend;
+        self->texts_extend = texts_extend;
     }
     Py_INCREF(on_event);
     Py_INCREF(on_block);
@@ -225,11 +277,37 @@ buf_append(Lane *self, const char *p, Py_ssize_t n)
 
 static PyObject *str_events_left, *str_first_token_time;
 
-/* Writes the counted events_left back to the sink (before any Python code runs that may
-   read or change it); the next content event reads it afresh. 0 or -1. */
+/* Appends the pending stamps and lengths to rec.chunk_times and sink.texts. 0 or -1. */
+static int
+flush_pending(Lane *self)
+{
+    Py_ssize_t n = self->pending;
+    if (n == 0)
+        return 0;
+    self->pending = 0;
+    PyObject *view = PyMemoryView_FromMemory((char *)self->pending_times, n * (Py_ssize_t)sizeof(double), PyBUF_READ);
+    PyObject *r = view ? PyObject_CallOneArg(self->times_extend, view) : NULL;
+    Py_XDECREF(view);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    view = PyMemoryView_FromMemory((char *)self->pending_chars, n * (Py_ssize_t)sizeof(long long), PyBUF_READ);
+    r = view ? PyObject_CallOneArg(self->texts_extend, view) : NULL;
+    Py_XDECREF(view);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* Writes what was counted and recorded in C back to the sink: the pending stamps and
+   lengths, and events_left (before any Python code runs that may read or change them);
+   the next content event reads events_left afresh. 0 or -1. */
 static int
 sync_left(Lane *self)
 {
+    if (flush_pending(self) < 0)
+        return -1;
     self->left_read = 0;
     if (!self->left_dirty)
         return 0;
@@ -758,7 +836,6 @@ record_content(Lane *self, Py_ssize_t chars, PyObject *t)
         return 0;
     self->left--;
     self->left_dirty = 1;
-    int r;
     if (!self->first_seen) {
         PyObject *first = PyObject_GetAttr(self->rec, str_first_token_time);
         if (first == NULL)
@@ -769,17 +846,28 @@ record_content(Lane *self, Py_ssize_t chars, PyObject *t)
             return -1;
         self->first_seen = 1;
     }
-    PyObject *res = PyObject_CallOneArg(self->append_time, t);
-    if (res == NULL)
+    double stamp = PyFloat_AsDouble(t);
+    if (stamp == -1.0 && PyErr_Occurred())
         return -1;
-    Py_DECREF(res);
-    PyObject *len = PyLong_FromSsize_t(chars);
-    if (len == NULL)
-        return -1;
-    r = PyList_Append(self->texts, len);
-    Py_DECREF(len);
-    if (r < 0)
-        return -1;
+    if (self->pending == self->pending_cap) {
+        Py_ssize_t cap = self->pending_cap ? self->pending_cap * 2 : 64;
+        double *nt = PyMem_Realloc(self->pending_times, cap * sizeof(double));
+        if (nt == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        self->pending_times = nt;
+        long long *nc = PyMem_Realloc(self->pending_chars, cap * sizeof(long long));
+        if (nc == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        self->pending_chars = nc;
+        self->pending_cap = cap;
+    }
+    self->pending_times[self->pending] = stamp;
+    self->pending_chars[self->pending] = (long long)chars;
+    self->pending++;
     self->content_events++;
     return 1;
 }

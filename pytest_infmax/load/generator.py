@@ -28,7 +28,8 @@ import math
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from array import array
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -197,7 +198,9 @@ class ResponseAccumulator:
         self.max_tokens = max_tokens
         self.max_prompt_tokens = max_prompt_tokens
         self.events_left = max_events + 1 if max_events is not None else -1
-        self.texts: list[int] = []  # characters per content chunk, for apportioning
+        # characters per content chunk, for apportioning; an array('q'), which the C lane
+        # extends with the lengths it kept, in one call at each write-back (_lane.c)
+        self.texts: array[int] = array("q")
         self.usage: _Usage | None = None
         self.cumulative: list[int] = []  # continuous usage: completion tokens so far
         self.finished = False  # a finish_reason was seen
@@ -382,7 +385,7 @@ def check_usage(
 
 
 def _chunk_tokens(
-    n_chunks: int, total: int, cumulative: list[int], text_lens: list[int], from_usage: bool
+    n_chunks: int, total: int, cumulative: list[int], text_lens: Sequence[int], from_usage: bool
 ) -> tuple[list[int], TokenSource]:
     """How many tokens each content chunk carried, and how we know.
 

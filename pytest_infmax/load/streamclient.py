@@ -114,10 +114,12 @@ class EventSink(Protocol):
 
     A sink whose class sets ``PLAIN_CONTENT_IN_C = True`` lets the C lane record plain
     content events on it without calling ``on_event``: it has ``events_left`` (an int,
-    decremented per event; ``on_event`` raises when it reaches 0), ``texts`` (a list:
-    characters per content event) and ``rec`` (``first_token_time``, ``chunk_times``),
-    and ``on_event`` records such an event exactly so (generator.ResponseAccumulator;
-    _lane.c says which events are plain).
+    decremented per event; ``on_event`` raises when it reaches 0), ``texts`` (an
+    ``array('q')``: characters per content event) and ``rec`` (``first_token_time``,
+    ``chunk_times``, an ``array('d')``), and ``on_event`` records such an event exactly so
+    (generator.ResponseAccumulator; _lane.c says which events are plain). The lane keeps
+    the stamps and lengths in C and appends them at each write-back: before it calls any
+    Python code, before ``feed`` returns, and on ``sync()``.
     """
 
     done: bool  # the sink has seen the end of the stream ([DONE]); later events are ignored
