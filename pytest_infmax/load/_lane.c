@@ -304,7 +304,7 @@ flush_pending(Lane *self)
    lengths, and events_left (before any Python code runs that may read or change them);
    the next content event reads events_left afresh. 0 or -1. */
 static int
-sync_left(Lane *self)
+sync_sink(Lane *self)
 {
     if (flush_pending(self) < 0)
         return -1;
@@ -337,7 +337,7 @@ call_bytes(PyObject *fn, const char *p, Py_ssize_t n, PyObject *t)
 static int
 call_done(Lane *self, PyObject *fn, const char *p, Py_ssize_t n, PyObject *t)
 {
-    if (sync_left(self) < 0)
+    if (sync_sink(self) < 0)
         return -1;
     PyObject *r = call_bytes(fn, p, n, t);
     if (r == NULL)
@@ -892,7 +892,7 @@ block(Lane *self, const char *p, Py_ssize_t n, PyObject *t)
                     return 0;
             }
         }
-        if (sync_left(self) < 0)
+        if (sync_sink(self) < 0)
             return -1;
         r = call_bytes(self->on_event, p + 6, n - 6, t);
         if (r == NULL)
@@ -1131,7 +1131,7 @@ lane_feed(Lane *self, PyObject *const *args, Py_ssize_t nargs)
     PyObject *result = feed_body(self, args, nargs);
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);  /* the write-back runs with no exception set */
-    if (sync_left(self) < 0) {
+    if (sync_sink(self) < 0) {
         Py_XDECREF(type);
         Py_XDECREF(value);
         Py_XDECREF(tb);
@@ -1145,7 +1145,7 @@ lane_feed(Lane *self, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 lane_sync(Lane *self, PyObject *Py_UNUSED(ignored))
 {
-    if (sync_left(self) < 0)
+    if (sync_sink(self) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
@@ -1175,7 +1175,7 @@ lane_data_received(Lane *self, PyObject *data)
             PyErr_NormalizeException(&type, &value, &tb);
             if (tb != NULL)
                 PyException_SetTraceback(value, tb);
-            result = sync_left(self) < 0 ? NULL : PyObject_CallOneArg(self->on_error, value);
+            result = sync_sink(self) < 0 ? NULL : PyObject_CallOneArg(self->on_error, value);
             Py_XDECREF(type);
             Py_XDECREF(value);
             Py_XDECREF(tb);
@@ -1184,7 +1184,7 @@ lane_data_received(Lane *self, PyObject *data)
     else {
         Py_ssize_t offset = PyLong_AsSsize_t(end);
         if (self->done || offset >= 0) {
-            PyObject *size = sync_left(self) < 0 ? NULL : PyLong_FromSsize_t(PyBytes_GET_SIZE(data));
+            PyObject *size = sync_sink(self) < 0 ? NULL : PyLong_FromSsize_t(PyBytes_GET_SIZE(data));
             if (size != NULL) {
                 PyObject *call[3] = {end, size, t};
                 result = PyObject_Vectorcall(self->on_end, call, 3, NULL);
