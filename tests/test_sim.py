@@ -463,7 +463,13 @@ async def test_max_num_seqs_queues_requests(tmp_path: Path) -> None:
     with running_sim(tmp_path, *args) as handle:
         async with aiohttp.ClientSession() as session:
             streams = [asyncio.ensure_future(_timed_stream(session, handle.base_url, 20)) for _ in range(4)]
-            saw_waiting = await poll_stats_until(session, handle.base_url, lambda s: s["waiting"] == 2)
+            # both slots taken and two queued: the state that lasts while the first two stream
+            # (~200 ms). "Two waiting" alone also matches a passing moment (one running, the
+            # third and fourth arrived before the next step admits the second): a fresh-clone
+            # run under load caught {running: 1, waiting: 2} so.
+            saw_waiting = await poll_stats_until(
+                session, handle.base_url, lambda s: s["waiting"] == 2 and s["running"] >= 2
+            )
             results = await asyncio.gather(*streams)
     assert saw_waiting["running"] == 2
     ttfts = sorted(arrivals[0] - started for started, arrivals in results)
