@@ -34,7 +34,8 @@ connections (the engine's figures include both), and reports:
 writer order alternating) and the table gives the median of the rounds with their spread
 [min-max], next to the load average. The client shares the machine: on 2 cores at 1,000
 streams it is itself a bottleneck (its CPU is printed), so the CPU per event is the figure
-to compare across machines.
+to compare across machines. ``--against DIR`` adds, for every writer, the simulator of another
+checkout of the project (e.g. ``git archive`` of an earlier commit), interleaved with ours.
 
     .venv/bin/python benchmarks/lateness.py --concurrency 256 1000 --runs 3 -- --profile b200/gpt-oss-120b
 """
@@ -98,8 +99,10 @@ def _get(url: str) -> Any:
 
 
 def measure(streams: int, variant: str, args: argparse.Namespace, sim_args: list[str]) -> dict[str, Any]:
-    """One simulator start, one run; its numbers. ``variant``: "WRITER/FRONT-END"."""
-    writer, front_end = variant.split("/")
+    """One simulator start, one run; its numbers. ``variant``: "WRITER/FRONT-END", with " (DIR)"
+    after it for the simulator of ``--against``'s checkout."""
+    tree = args.against if variant.endswith(")") else REPO
+    writer, front_end = variant.split(" ")[0].split("/")
     requests = args.requests_per_stream * streams
     scenario = Scenario("lateness", args.isl, args.osl, range_ratio=1.0)
     # a warm-up round opens the connections (their TCP handshakes are not the front end's lag)
@@ -108,7 +111,7 @@ def measure(streams: int, variant: str, args: argparse.Namespace, sim_args: list
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as workdir:
         port_file = Path(workdir) / "port"
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")]))}
         command = [
             sys.executable, "-m", "pytest_infmax.sim", "--port", "0", "--port-file", str(port_file),
             "--model", MODEL, "--sse-writer", writer, "--front-end", front_end, "--trace-capacity", str(requests + 16), *extra, *sim_args,
@@ -264,7 +267,17 @@ def main(argv: list[str] | None = None) -> int:
         "the others: woken on the core the simulator writes from, the client would wait for its burst)",
     )
     parser.add_argument("--json", type=Path, help="also write every run's numbers here")
+    parser.add_argument(
+        "--against",
+        type=Path,
+        metavar="DIR",
+        help="also run the simulator of this checkout (e.g. `git archive` of an earlier commit), same flags",
+    )
     args = parser.parse_args(argv)
+    if args.against is not None:
+        if not (args.against / "pytest_infmax" / "sim" / "__main__.py").is_file():
+            parser.error(f"--against {args.against}: no pytest_infmax/sim there; give a checkout of the project")
+        args.against = args.against.resolve()
     if (os.cpu_count() or 1) < 2:
         args.pin = False
     if sys.platform != "linux":
@@ -277,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows: list[dict[str, Any]] = []
     variants = [f"{writer}/{front_end}" for writer in args.sim_wire for front_end in args.front_end]
+    if args.against is not None:
+        variants += [f"{variant} ({args.against.name})" for variant in variants]
     for round_index in range(args.runs):
         writers = variants if round_index % 2 == 0 else list(reversed(variants))
         for streams in args.concurrency:
