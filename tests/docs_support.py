@@ -121,6 +121,7 @@ POLICY: tuple[Rule, ...] = (
     Rule(("python", "benchmarks/loop_stall.py"), Action.FLAGS, "starts real vLLM (make vllm); about a minute a run"),
     Rule(("python", "benchmarks/server_ttft.py"), Action.FLAGS, "a simulator start per run: about a minute"),
     Rule(("python", "benchmarks/micro.py"), Action.FLAGS, "a timing: about 30 s of interleaved rounds"),
+    Rule(("python", "benchmarks/loopback_send.py"), Action.FLAGS, "a timing: ~10 s with its two processes pinned"),
     Rule(
         ("pytest",),
         Action.FLAGS,
