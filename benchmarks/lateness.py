@@ -98,25 +98,43 @@ def _get(url: str) -> Any:
         return json.load(response)
 
 
+def _tree_env(tree: Path) -> dict[str, str]:
+    """The environment that runs ``tree``'s simulator (with ``cwd=tree``: ``python -m`` puts the
+    working directory first on sys.path, before PYTHONPATH)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")]))}
+
+
+def _check_tree_runs(tree: Path) -> None:
+    """``python -m pytest_infmax.sim`` started as ``measure`` starts it imports ``tree``'s code: a
+    side-by-side that ran one tree twice compared nothing (it did, until 2026-12-07)."""
+    probe = "import pytest_infmax.sim, sys; sys.stdout.write(pytest_infmax.sim.__file__)"
+    imported = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tree, env=_tree_env(tree), capture_output=True, text=True, timeout=60
+    ).stdout
+    if not Path(imported).resolve().is_relative_to(tree):
+        raise SystemExit(f"--against {tree}: its simulator would import {imported or 'nothing'}, not its own code")
+
+
 def measure(streams: int, variant: str, args: argparse.Namespace, sim_args: list[str]) -> dict[str, Any]:
     """One simulator start, one run; its numbers. ``variant``: "WRITER/FRONT-END", with " (DIR)"
     after it for the simulator of ``--against``'s checkout."""
     tree = args.against if variant.endswith(")") else REPO
     writer, front_end = variant.split(" ")[0].split("/")
     requests = args.requests_per_stream * streams
-    scenario = Scenario("lateness", args.isl, args.osl, range_ratio=1.0)
+    scenario = Scenario("lateness", args.isl, args.osl, range_ratio=args.range_ratio)
     # a warm-up round opens the connections (their TCP handshakes are not the front end's lag)
     config = LoadConfig(scenario, concurrency=streams, num_requests=requests, warmup=streams, request_timeout=600)
     extra = [] if "--max-num-seqs" in sim_args else ["--max-num-seqs", str(max(256, streams))]
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as workdir:
         port_file = Path(workdir) / "port"
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")]))}
+        env = _tree_env(tree)
         command = [
             sys.executable, "-m", "pytest_infmax.sim", "--port", "0", "--port-file", str(port_file),
             "--model", MODEL, "--sse-writer", writer, "--front-end", front_end, "--trace-capacity", str(requests + 16), *extra, *sim_args,
         ]  # fmt: skip
-        server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # cwd too: ``python -m`` puts the working directory first on sys.path, before PYTHONPATH
+        server = subprocess.Popen(command, cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             deadline = time.monotonic() + 30
             while not port_file.exists():
@@ -260,6 +278,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--isl", type=int, default=128)
     parser.add_argument("--osl", type=int, default=256)
     parser.add_argument(
+        "--range-ratio",
+        type=float,
+        default=1.0,
+        help="lengths uniform in [R x L, L] (InferenceMAX: 0.8); 1.0, the default, runs every stream "
+        "the same length, so the streams end and start together (the costliest steps)",
+    )
+    parser.add_argument(
         "--no-pin",
         dest="pin",
         action="store_false",
@@ -278,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.against / "pytest_infmax" / "sim" / "__main__.py").is_file():
             parser.error(f"--against {args.against}: no pytest_infmax/sim there; give a checkout of the project")
         args.against = args.against.resolve()
+        _check_tree_runs(args.against)
     if (os.cpu_count() or 1) < 2:
         args.pin = False
     if sys.platform != "linux":
@@ -285,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, client event loop "
         f"{os.environ.get('INFMAX_EVENT_LOOP', 'uvloop')}, {'pinned' if args.pin else 'unpinned'}, "
-        f"simulator: {' '.join(sim_args) or '(defaults)'}",
+        f"lengths in [{args.range_ratio:g} L, L], simulator: {' '.join(sim_args) or '(defaults)'}",
         flush=True,
     )
     rows: list[dict[str, Any]] = []

@@ -28,7 +28,8 @@ from pytest_infmax.load.generator import LoadGenerator
 from pytest_infmax.load.plan import LoadConfig
 from pytest_infmax.load.scenarios import Scenario
 from pytest_infmax.servers.launch import ServerConfig, running_server
-from pytest_infmax.sim.engine import FINISH_LENGTH, Engine, EngineConfig, LinearCostModel
+from pytest_infmax.sim.engine import FINISH_LENGTH, PRECISE_TIMER_LEAD_S, Engine, EngineConfig, LinearCostModel
+from pytest_infmax.sim.pollclock import poll_clock
 
 WRITERS = ("fast", "aiohttp")
 _ID = re.compile(rb'"id":"(chatcmpl|cmpl)-[0-9a-f]{32}"')
@@ -260,3 +261,79 @@ async def test_the_engine_holds_a_step_while_its_writer_has_a_backlog() -> None:
         assert deliveries[0].finish_reason == FINISH_LENGTH
     finally:
         await engine.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_steps_events_are_made_before_its_end_and_handed_out_at_it() -> None:
+    """The engine completes a step early, so a sink makes its event before the step's end
+    (what is left at the end is the writing); the tokens are handed out (``on_output``, a
+    queue) never before it."""
+    engine = Engine(EngineConfig(), LinearCostModel(decode_step_ms=5.0, decode_ms_per_seq=0.0))
+    loop = asyncio.get_running_loop()
+    if poll_clock(loop).precise:  # as the simulator's server does on its loop
+        engine.timer_lead_s = PRECISE_TIMER_LEAD_S
+    made: list[tuple[float, float]] = []  # (when the sink got it, its step's end)
+    released: list[float] = []
+    ends: list[float] = []
+    engine.on_output = lambda: released.append(loop.time())
+    engine.start()
+    try:
+        sunk = engine.submit(prompt_tokens=4, max_tokens=20)
+        sunk.sink = lambda delivery: made.append((loop.time(), delivery.emit_time))
+        queued = engine.submit(prompt_tokens=4, max_tokens=20)
+        while True:
+            delivery = await asyncio.wait_for(queued.deliveries.get(), 10)
+            assert loop.time() >= delivery.emit_time  # a queue's consumer never sees it early
+            ends.append(delivery.emit_time)
+            if delivery.finish_reason is not None:
+                break
+    finally:
+        await engine.stop()
+    assert len(made) == 20 and len(ends) == 20
+    # each step's output went out at its end or after, not before
+    for emitted in ends:
+        assert any(r >= emitted for r in released)
+        assert not any(emitted - 0.003 < r < emitted for r in released), (emitted, released)
+    # made ahead of the end: the timer fires early (by the lead, and by the making's own time);
+    # a busy machine may fire some late, then they are made and handed out at once
+    assert sum(1 for at, end in made if at < end) >= 5, made
+
+
+def test_a_reader_that_falls_behind_gets_the_same_bytes_from_both_writers(tmp_path: Path) -> None:
+    """The fast writer writes straight to the socket while nothing is buffered before it, and
+    through the transport once something is (a partial write, a full socket). A client that
+    stops reading until the simulator stops writing, then reads all, must get the aiohttp
+    writer's body, byte for byte: nothing lost, repeated or reordered at the switch."""
+    import http.client
+
+    model = "m" * 20_000  # 20 KB events: the socket buffers fill in a few dozen
+
+    class SmallWindow(http.client.HTTPConnection):
+        def connect(self) -> None:
+            self.sock = socket.socket()
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            self.sock.settimeout(30)
+            self.sock.connect((self.host, self.port))
+
+    bodies = {}
+    for writer in WRITERS:
+        args = ("--sse-writer", writer, "--decode-step-ms", "1", "--model", model)
+        with running_server(ServerConfig(sim_args=args, model=model), tmp_path / writer) as server:
+            host, port = server.base_url.removeprefix("http://").rsplit(":", 1)
+            connection = SmallWindow(host, int(port))
+            try:
+                path, body = _request(chat=True, usage="continuous", max_tokens=400)
+                connection.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+                response = connection.getresponse()
+                assert response.status == 200
+                started, previous, written = time.monotonic(), -1, _generation_tokens(server.base_url)
+                while written != previous:  # until the simulator holds its writes back
+                    assert time.monotonic() < started + 30, f"still writing after 30 s: {written} tokens"
+                    time.sleep(0.3)
+                    previous, written = written, _generation_tokens(server.base_url)
+                assert written < 400  # it did stop for the reader, with events still to come
+                bodies[writer] = response.read()
+            finally:
+                connection.close()
+    assert bodies["fast"].endswith(b"data: [DONE]\n\n")
+    assert _normalised(bodies["fast"]) == _normalised(bodies["aiohttp"])

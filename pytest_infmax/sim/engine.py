@@ -65,7 +65,22 @@ LATENESS_WINDOW = 8192  # sorting this many floats per /sim/stats call takes wel
 # so a timer at the deadline fires 0-1 ms late. The step timer is set this much early
 # instead, and a timer that fires before the deadline sleeps the rest (at most this
 # long, and only the step loop's own idle time), so steps end within ~0.5 ms of it.
+# On a loop whose timers fire to the microsecond (the simulator's: sim/pollclock.py) the
+# server sets ``Engine.timer_lead_s`` to PRECISE_TIMER_LEAD_S instead.
 _TIMER_LEAD_S = 0.0005
+PRECISE_TIMER_LEAD_S = 0.0003  # a timed wait's overshoot: p90 0.1 ms, p99 0.3 on a VM here
+# A sleep overshoots too (the kernel's timer slack and the wake-up: ~0.08 ms here), so the
+# last part of the wait for a step's end is spun instead of slept.
+_SPIN_S = 0.00015
+# A step's output is made before its end, so that at the deadline only the writing of it is
+# left (docs/calibration.md, "Events made ahead"): the step's timer fires early by what the
+# recent steps' completion took per request, plus the consumer's estimate of its making
+# (``Engine.making_seconds``), times this margin (a step where many streams start or end makes
+# costlier events), plus a floor, at most _MAX_MAKE_AHEAD_S; the tokens are handed out at the
+# deadline, the loop free until then.
+_MAKE_AHEAD_MARGIN = 3.0
+_MIN_MAKE_AHEAD_S = 0.0005
+_MAX_MAKE_AHEAD_S = 0.02
 
 
 class LatenessWindow:
@@ -283,6 +298,10 @@ class StepPlan:
 
     def prefill_tokens(self) -> int:
         return sum(chunk for _, chunk in self.prefill)
+
+    def size(self) -> int:
+        """Requests in the step."""
+        return len(self.prefill) + len(self.decode)
 
     def context_tokens(self) -> int:
         decode_context = sum(r.prompt_tokens + r.generated_tokens for r in self.decode)
@@ -533,10 +552,12 @@ class Engine:
     """The scheduler driven in real time on the running event loop.
 
     Each step is a timer: the step is planned, its end is scheduled with
-    ``loop.call_at`` at an absolute deadline (so sleep overshoot never accumulates),
-    and the timer callback publishes the tokens and plans the next step at once,
-    without a task switch in between. How late each step ended against its deadline
-    is recorded (``stats().lateness_ms``).
+    ``loop.call_at`` at an absolute deadline (so sleep overshoot never accumulates).
+    The timer fires a little before the deadline: the step completes then (its
+    deliveries go to their sinks, whose consumer makes its events meanwhile), and at
+    the deadline the tokens are handed out (``on_output``; queues get theirs) and the
+    next step is planned, without a task switch in between. How late each step's
+    hand-out was against its deadline is recorded (``stats().lateness_ms``).
     """
 
     def __init__(self, config: EngineConfig, cost_model: StepCostModel) -> None:
@@ -555,7 +576,16 @@ class Engine:
         # writes slower than the engine steps slows the engine down instead of falling behind
         # it without bound; the wait shows as the step's lateness.
         self.backlog: Callable[[], bool] | None = None
+        # Called at a step's end, once every delivery of the step went to its sink (before the
+        # end: the consumer makes its events meanwhile): the consumer writes what it made now.
+        self.on_output: Callable[[], None] | None = None
+        # The consumer's estimate of the seconds it needs to make the events of n deliveries
+        # (added to how early a step completes).
+        self.making_seconds: Callable[[int], float] | None = None
+        self.timer_lead_s = _TIMER_LEAD_S  # how early a step's timer fires (see _TIMER_LEAD_S)
         self._held: tuple[StepPlan, float] | None = None
+        self._due: list[tuple[EngineRequest, TokenDelivery]] = []  # queue deliveries, put at the end
+        self._make_s_per_request = 0.0  # how long completing a step took, per request (recent steps)
         self._busy_s = 0.0
 
     @property
@@ -592,7 +622,7 @@ class Engine:
             if handle is not None:
                 handle.cancel()
         self._timer = self._kick = None
-        self._scheduler.abort_all(asyncio.get_running_loop().time())
+        self._abort_all(asyncio.get_running_loop().time())
 
     # -- request API ---------------------------------------------------------------
 
@@ -662,7 +692,7 @@ class Engine:
             duration = step_duration(self._cost_model, plan, self._config.slowdown)
         except Exception:
             logger.exception("infmax-sim: the cost model failed; aborting every request")
-            self._scheduler.abort_all(loop.time())
+            self._abort_all(loop.time())
             return
         now = loop.time()
         for request, _ in plan.prefill:  # first scheduled: ends the server's queue-time metric
@@ -672,7 +702,12 @@ class Engine:
         if previous is None or now - previous > _MAX_SCHEDULE_LAG_S:
             previous = now
         deadline = previous + duration
-        self._timer = loop.call_at(deadline - _TIMER_LEAD_S, self._end_step, plan, deadline, duration)
+        size = plan.size()
+        making = self._make_s_per_request * size
+        if self.making_seconds is not None:
+            making += self.making_seconds(size)
+        ahead = min(_MAX_MAKE_AHEAD_S, _MIN_MAKE_AHEAD_S + _MAKE_AHEAD_MARGIN * making)
+        self._timer = loop.call_at(deadline - self.timer_lead_s - ahead, self._end_step, plan, deadline, duration)
 
     def _end_step(self, plan: StepPlan, deadline: float, duration: float = 0.0) -> None:
         self._timer = None
@@ -691,25 +726,57 @@ class Engine:
             self._complete_step(*held)
 
     def _complete_step(self, plan: StepPlan, deadline: float) -> None:
+        """Complete the step (its deliveries go to their sinks, which make their events now),
+        then hand its tokens out at the deadline: at once if it is near or past, else from a
+        timer just before it, the loop free meanwhile."""
+        loop = self._loop
+        assert loop is not None
+        start = loop.time()
+        self._scheduler.complete(plan, max(start, deadline))  # tokens are due at the step's end
+        made = loop.time()
+        size = plan.size()
+        if size:  # mostly the same batch from step to step: an average of the last few
+            self._make_s_per_request += ((made - start) / size - self._make_s_per_request) / 4
+        lead = self.timer_lead_s
+        if deadline - made > lead:
+            self._timer = loop.call_at(deadline - lead, self._hand_out, deadline)
+        else:
+            self._hand_out(deadline)
+
+    def _hand_out(self, deadline: float) -> None:
+        """The step's end: its tokens go out (the sinks' consumer writes, queues get theirs),
+        and the next step is planned."""
+        self._timer = None
         loop = self._loop
         assert loop is not None
         early = deadline - loop.time()
-        if early > 0:
-            time.sleep(min(early, _TIMER_LEAD_S))
-        now = loop.time()
-        lateness = now - deadline
-        self._lateness.add(lateness)
-        self._scheduler.complete(plan, now)
+        if early > _SPIN_S:
+            time.sleep(min(early, self.timer_lead_s) - _SPIN_S)
+        while loop.time() < deadline:  # at most _SPIN_S, plus a short sleep's overshoot
+            pass
+        self._lateness.add(loop.time() - deadline)
+        self._release()
         self._previous_deadline = deadline
         self._begin_step()
 
-    @staticmethod
-    def _put_delivery(request: EngineRequest, delivery: TokenDelivery) -> None:
+    def _release(self) -> None:
+        due, self._due = self._due, []
+        for request, delivery in due:
+            request.deliveries.put_nowait(delivery)
+        if self.on_output is not None:
+            self.on_output()
+
+    def _abort_all(self, now: float) -> None:
+        """End every open request with an abort delivery, handed out at once."""
+        self._scheduler.abort_all(now)
+        self._release()
+
+    def _put_delivery(self, request: EngineRequest, delivery: TokenDelivery) -> None:
         sink = request.sink
         if sink is not None:
             sink(delivery)
         else:
-            request.deliveries.put_nowait(delivery)
+            self._due.append((request, delivery))
 
 
 def _percentile(sorted_values: Sequence[float], q: float) -> float:

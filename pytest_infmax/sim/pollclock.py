@@ -10,11 +10,18 @@ therefore the return of the poll that found its first bytes, not the later
 The poll's return is read from the loop's selector, wrapped once per loop (asyncio's
 selector event loop keeps it as ``_selector``); on a loop without one (uvloop) the clock
 is not ``known`` and the arrival stays the ``data_received`` stamp.
+
+The same wrapper makes the loop's timers fire on time (``precise``): ``epoll_wait`` takes
+whole milliseconds, and Python's epoll selector rounds a timeout up, so a timer fires up to
+1 ms late; the engine's step ends are timers. A wait with a timeout is therefore done by
+``select(2)`` on the epoll file descriptor itself (readable when any socket the loop watches
+is; microseconds), followed by the selector's own poll without a wait.
 """
 
 from __future__ import annotations
 
 import asyncio
+import select as _select
 import time
 import weakref
 from typing import Any
@@ -23,11 +30,12 @@ from typing import Any
 class PollClock:
     """When the loop's selector last returned (``time.monotonic()``)."""
 
-    __slots__ = ("at", "known", "__weakref__")
+    __slots__ = ("at", "known", "precise", "__weakref__")
 
     def __init__(self) -> None:
         self.at = time.monotonic()
         self.known = False  # no selector to watch: ``at`` means nothing
+        self.precise = False  # the loop's timers fire within microseconds, not up to 1 ms late
 
     def arrival(self) -> float:
         """When bytes read now reached the process: the return of the poll that reported
@@ -48,11 +56,26 @@ def poll_clock(loop: asyncio.AbstractEventLoop) -> PollClock:
     selector: Any = getattr(loop, "_selector", None)
     select = getattr(selector, "select", None)
     if select is not None:
+        epoll: Any = getattr(selector, "_selector", None)  # EpollSelector's select.epoll
+        epoll_type: Any = getattr(_select, "epoll", None)  # Linux only
+        epoll_fd = epoll.fileno() if epoll_type is not None and isinstance(epoll, epoll_type) else -1
+        if 0 <= epoll_fd < 1024:  # select(2) takes descriptors below FD_SETSIZE only
 
-        def stamped_select(timeout: float | None = None) -> Any:
-            ready = select(timeout)
-            clock.at = time.monotonic()
-            return ready
+            def stamped_select(timeout: float | None = None) -> Any:
+                if timeout is not None and timeout > 0:
+                    _select.select((epoll_fd,), (), (), timeout)  # the wait, to the microsecond
+                    timeout = 0
+                ready = select(timeout)
+                clock.at = time.monotonic()
+                return ready
+
+            clock.precise = True
+        else:
+
+            def stamped_select(timeout: float | None = None) -> Any:
+                ready = select(timeout)
+                clock.at = time.monotonic()
+                return ready
 
         selector.select = stamped_select
         clock.known = True

@@ -38,6 +38,7 @@ from aiohttp.web_protocol import RequestHandler
 from pytest_infmax.sim.config import SimConfig
 from pytest_infmax.sim.engine import (
     FINISH_ABORT,
+    PRECISE_TIMER_LEAD_S,
     Engine,
     EngineRequest,
     EngineStats,
@@ -643,12 +644,16 @@ def build_app(config: SimConfig) -> web.Application:
 
     async def start_engine(app: web.Application) -> None:
         engine = Engine(config.engine, config.cost_model)
+        if poll_clock(asyncio.get_running_loop()).precise:
+            engine.timer_lead_s = PRECISE_TIMER_LEAD_S  # the loop's timers fire to the microsecond
         engine.start()
         app[ENGINE_KEY] = engine
         app[STARTED_AT_KEY] = time.monotonic()
         app[READY_AT_KEY] = asyncio.get_running_loop().time() + config.startup_delay_s
         app[OBS_KEY].traces.open_file()
         outbox = Outbox(asyncio.get_running_loop(), engine.output_drained)
+        engine.on_output = outbox.release  # the fast streams' events, made ahead, written at the step's end
+        engine.making_seconds = outbox.making_seconds
         if config.sse_writer == "fast":
             engine.backlog = outbox.backlog  # the engine waits for a writer that falls behind
         app[OUTBOX_KEY] = outbox

@@ -18,6 +18,7 @@ import asyncio
 import collections
 import contextlib
 import functools
+import os
 import socket
 import struct
 import time
@@ -154,8 +155,9 @@ class SseWriter:
 # every step, and a new request's bytes wait in its socket meanwhile (the "server read lag"
 # of docs/load-generator.md). A stream without a stream fault therefore takes this path:
 # the engine hands each delivery to the stream's sink inside its step (EngineRequest.sink),
-# which fills a byte template split once around the text and writes the event, framed as
-# one HTTP/1.1 chunk, straight to the transport. The handler task only waits for the end
+# which makes the event (a byte template split once around the text, framed as one HTTP/1.1
+# chunk) before the step's end, and the outbox writes it at the end, straight to the socket
+# (see _WRITE_SLICE_S below). The handler task only waits for the end
 # (and for a paused transport: see FastSseStream.on_delivery). The bytes on the wire are
 # the aiohttp path's, event for event (tests/test_sim_fastpath.py).
 
@@ -166,47 +168,172 @@ _USAGE_MARK = "\x00infmax-usage"
 _FAST_CATCH_UP_DELIVERIES = 64
 
 
-# A step's events are written in slices of about this long, with the event loop free between
-# two: it reads the sockets then (a new request's first bytes get their arrival stamp), so the
-# writing of one step delays a request by at most a slice, not by the whole step's writing.
+# A step's events are made before the step's end (the engine completes a step early: see
+# _MAKE_AHEAD_MARGIN in sim/engine.py), so at the end only their writes are left: each one
+# straight to its socket where the transport's buffer is empty (what the transport's write
+# would do, less its checks and calls: docs/calibration.md, "Events made ahead"), their booking
+# in the trace and the metrics once the step's last is out. The making, the writes and the
+# booking go in slices of about this long, with the event loop free between two: it reads the
+# sockets then (a new request's first bytes get their arrival stamp), so the writing of one
+# step delays a request by at most a slice, not by the whole step's writing.
 _WRITE_SLICE_S = 0.0002
 
 
 class Outbox:
-    """The fast streams' deliveries in the order the engine handed them out, written in
-    slices (one ``call_soon`` each) so that the loop polls its sockets between two."""
+    """The fast streams' events of a step: handed out by the engine before the step's end,
+    made in slices until it, and written at it (``release``), in the order the engine handed
+    them out, in slices too (one ``call_soon`` each): the loop polls its sockets between two.
 
-    __slots__ = ("_loop", "_queue", "_scheduled", "_on_drained")
+    A made event is held by its stream (``FastSseStream.make``), not in an object of its own:
+    an event lives from its making to its booking, a step or so, and containers living that
+    long survive the collector's young generations into the old one, which then fills faster
+    and is collected more often, each a stall of several milliseconds at 1,000 streams. The
+    queues hold streams and deliveries side by side."""
+
+    __slots__ = (
+        "_loop",
+        "_to_make",
+        "_to_make_deliveries",
+        "_making",
+        "_queue",
+        "_queue_deliveries",
+        "_scheduled",
+        "_on_drained",
+        "_written",
+        "_written_at",
+        "_booked",
+        "_make_s",
+    )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, on_drained: Callable[[], None]) -> None:
         self._loop = loop
-        self._queue: collections.deque[tuple[FastSseStream, TokenDelivery]] = collections.deque()
-        self._scheduled = False
+        # handed out, not yet made
+        self._to_make: collections.deque[FastSseStream] = collections.deque()
+        self._to_make_deliveries: collections.deque[TokenDelivery] = collections.deque()
+        self._making = False  # a making slice is scheduled
+        # to write: a stream with None holds its made event; with a delivery, it is made as written
+        self._queue: collections.deque[FastSseStream] = collections.deque()
+        self._queue_deliveries: collections.deque[TokenDelivery | None] = collections.deque()
+        self._written: list[FastSseStream] = []  # written straight to the socket this step
+        self._written_at: list[float] = []  # their write stamps
+        self._booked = 0  # how many of them are booked
+        self._scheduled = False  # a writing or booking slice is scheduled
         self._on_drained = on_drained  # the engine's output_drained: a step held for us goes on
+        self._make_s = 0.0  # CPU seconds to make an event (recent slices)
 
     def backlog(self) -> bool:
         """Events of an earlier step are still unwritten (the engine holds its next step)."""
-        return bool(self._queue)
+        return bool(self._queue or self._to_make or self._written)
+
+    def making_seconds(self, events: int) -> float:
+        """About how long making ``events`` events takes (the engine's ``making_seconds``)."""
+        return events * self._make_s
 
     def put(self, stream: FastSseStream, delivery: TokenDelivery) -> None:
-        self._queue.append((stream, delivery))
+        """The engine's sink (inside its step's completion, before the step's end): the event
+        is made in the next slices."""
+        self._to_make.append(stream)
+        self._to_make_deliveries.append(delivery)
+        if not self._making:
+            self._making = True
+            self._loop.call_soon(self._make_slice)
+
+    def _make_slice(self) -> None:
+        self._making = False
+        to_make, deliveries = self._to_make, self._to_make_deliveries
+        queue, queue_deliveries = self._queue, self._queue_deliveries
+        clock = time.monotonic
+        start = clock()
+        end, made = start + _WRITE_SLICE_S, 0
+        while to_make:
+            stream, delivery = to_make.popleft(), deliveries.popleft()
+            queue.append(stream)
+            queue_deliveries.append(None if stream.make(delivery) else delivery)
+            made += 1
+            if clock() >= end:
+                break
+        if made:
+            self._make_s += ((clock() - start) / made - self._make_s) / 4
+        if to_make:
+            self._making = True
+            self._loop.call_soon(self._make_slice)
+
+    def release(self) -> None:
+        """The step's end (the engine's ``on_output``): write its events, the first slice now.
+        An event not made by now is made as it is written."""
+        self._queue.extend(self._to_make)
+        self._queue_deliveries.extend(self._to_make_deliveries)
+        self._to_make.clear()
+        self._to_make_deliveries.clear()
         if not self._scheduled:
-            self._scheduled = True
-            self._loop.call_soon(self._flush)
+            self._flush()
 
     def _flush(self) -> None:
-        queue = self._queue
-        end = time.monotonic() + _WRITE_SLICE_S
+        self._scheduled = False
+        queue, deliveries = self._queue, self._queue_deliveries
+        written, written_at = self._written, self._written_at
+        ended_from = len(written)  # the streams' ends written in this slice are booked in it
+        ended = False
+        clock = time.monotonic
+        end = clock() + _WRITE_SLICE_S
         while queue:
-            stream, delivery = queue.popleft()
-            stream.on_delivery(delivery)
-            if time.monotonic() >= end:
+            stream, delivery = queue.popleft(), deliveries.popleft()
+            if delivery is not None:  # not made: made and written now, or left for the handler
+                stream.on_delivery(delivery)
+            elif stream._made_fd < 0 or stream._transport.is_closing():  # (closing: its fd may be gone)
+                stream.send_made()  # the transport's own write, or what a closed one does
+            else:
+                frame: bytes = stream._made_frame  # type: ignore[assignment]
+                t = clock()
+                try:
+                    sent = os.write(stream._made_fd, frame)
+                except OSError:  # EAGAIN, or the peer gone: the transport buffers it or fails
+                    sent = 0
+                if sent < len(frame):
+                    stream._transport.write(frame[sent:])
+                written.append(stream)
+                written_at.append(t)
+                ended = ended or stream._made_end is not None
+            if clock() >= end:
                 break
+        # A stream's end is booked and its trace committed before the loop reads a request
+        # again: a client that saw the end cannot ask for the trace before it is there.
+        if ended:
+            for index in range(ended_from, len(written)):
+                if written[index]._made_end is not None:
+                    written[index].ended(written_at[index])
         if queue:
+            self._scheduled = True
             self._loop.call_soon(self._flush)
-        else:
-            self._scheduled = False
-            self._on_drained()
+            return
+        self._book()
+
+    def _book(self) -> None:
+        """The step's written events into the trace and the metrics, in slices too (1,000 of
+        them take ~2 ms); the engine's next step waits for them (``backlog``), so a stream's
+        events are booked in their order. (A stream's end was booked as it was written.)"""
+        written, written_at = self._written, self._written_at
+        end = time.monotonic() + _WRITE_SLICE_S
+        index, count = self._booked, len(written)
+        while index < count:
+            stop = min(index + 32, count)
+            for i in range(index, stop):
+                written[i].book_made(written_at[i])
+            index = stop
+            if index < count and time.monotonic() >= end:
+                self._booked = index
+                self._scheduled = True
+                self._loop.call_soon(self._book_slice)
+                return
+        self._written, self._written_at, self._booked = [], [], 0
+        if self._queue:  # released while this was booked (the aborts of a shutdown)
+            self._flush()
+            return
+        self._on_drained()
+
+    def _book_slice(self) -> None:
+        self._scheduled = False
+        self._book()
 
 
 def _json_text(text: str) -> bytes:
@@ -218,6 +345,7 @@ class FastSseStream:
 
     __slots__ = (
         "_transport",
+        "_fd",
         "_protocol",
         "_params",
         "_shape",
@@ -230,6 +358,11 @@ class FastSseStream:
         "_middle",
         "_tail",
         "_waiter",
+        "_made_frame",
+        "_made_delivery",
+        "_made_content",
+        "_made_end",
+        "_made_fd",
         "on_wake",
         "pending",
         "completion_tokens",
@@ -251,6 +384,9 @@ class FastSseStream:
         outbox: Outbox,
     ) -> None:
         self._transport = transport
+        sock = transport.get_extra_info("socket")
+        plain = sock is not None and transport.get_extra_info("sslcontext") is None
+        self._fd = sock.fileno() if plain else -1  # -1: only through the transport
         self._protocol = protocol
         self._params = params
         self._shape = shape
@@ -269,6 +405,12 @@ class FastSseStream:
         if params.continuous_usage:
             self._middle, _, self._tail = rest.partition(_json_text(_USAGE_MARK))
         self._waiter: asyncio.Future[None] | None = None
+        # the event made before its step's end, until the outbox writes and books it (make)
+        self._made_frame: bytes | None = None
+        self._made_delivery: TokenDelivery | None = None
+        self._made_content = False  # it holds the delivery's content event (booked once written)
+        self._made_end: tuple[str, str | None] | None = None  # (outcome, finish reason) if it ends the stream
+        self._made_fd = -1  # the socket to write it to directly (nothing was buffered), else -1
         # who writes what waits and ends the body, where no handler awaits ``wait`` (sim/frontdoor.py)
         self.on_wake: Callable[[], None] | None = None
         self.pending: list[TokenDelivery] = []  # deliveries not yet written (a paused transport)
@@ -278,8 +420,8 @@ class FastSseStream:
         self.error: BaseException | None = None
 
     def attach(self) -> None:
-        """Become the engine's sink for its request (deliveries go into the outbox, written in
-        its next slice); what it delivered before waits in ``pending``."""
+        """Become the engine's sink for its request (deliveries go into the outbox, made at
+        once, written at the step's end); what it delivered before waits in ``pending``."""
         queue = self._engine_request.deliveries
         while not queue.empty():  # delivered before the sink was set (prepare may have yielded)
             self.pending.append(queue.get_nowait())
@@ -291,12 +433,96 @@ class FastSseStream:
         del self.pending[:_FAST_CATCH_UP_DELIVERIES]
         self.write(batch)
 
+    def make(self, delivery: TokenDelivery) -> bool:
+        """Make the event of ``delivery`` before its step's end, held here until the outbox
+        writes it at the end; False if not made. Made now only if it can be written then: the
+        stream open and keeping up (no delivery waiting, its transport not paused or closing,
+        as ``on_delivery`` checks), and no event of it held already (the aborts of a shutdown
+        after a made event); else it is made when written, or waits for the handler."""
+        if (
+            self._made_frame is not None
+            or self.finished
+            or self.pending
+            or self._protocol.writing_paused
+            or self._transport.is_closing()
+        ):
+            return False
+        try:
+            if self.first or delivery.finish_reason is not None or self._params.continuous_usage:
+                frame, content, end = self._make((delivery,))
+                has_content = bool(content)
+            else:  # the common event, inline: the template around its text
+                self.completion_tokens += delivery.token_count
+                data = self._head + self._output.take_json(delivery.token_count) + self._middle
+                frame, has_content, end = b"%x\r\n%b\r\n" % (len(data), data), True, None
+        except Exception as exc:  # never into the engine's step: the handler raises it
+            self.error = exc
+            self.finished = True
+            self._wake()
+            return False
+        self._made_frame, self._made_delivery, self._made_content, self._made_end = frame, delivery, has_content, end
+        # written straight to the socket only where nothing is buffered before it, which stays
+        # so until the step's end: only this stream writes to its transport meanwhile
+        self._made_fd = self._fd if self._transport.get_write_buffer_size() == 0 else -1
+        return True
+
+    def _take_made(self) -> tuple[bytes, tuple[TokenDelivery, ...], tuple[str, str | None] | None]:
+        frame, delivery, end = self._made_frame, self._made_delivery, self._made_end
+        assert frame is not None and delivery is not None
+        content = (delivery,) if self._made_content else ()
+        self._made_frame = self._made_delivery = self._made_end = None
+        return frame, content, end
+
+    def send_made(self) -> None:
+        """From the outbox, at the step's end: write the made event through the transport (to
+        a socket that had bytes buffered), or, if the client went away since, leave it to the
+        handler (which ends the stream)."""
+        delivery = self._made_delivery
+        frame, content, end = self._take_made()
+        if self._transport.is_closing():
+            self.pending.append(delivery)  # type: ignore[arg-type]
+            self._wake()
+        else:
+            self._send(frame, content, end)
+
+    def ended(self, t: float) -> None:
+        """From the outbox: the stream's last event was written at ``t`` (straight to the
+        socket): booked, the trace committed, the handler woken to end the body."""
+        _, content, end = self._take_made()
+        for delivery in content:
+            self.book(delivery, t)
+        if self._trace.end is None:
+            self._trace.end = t
+        assert end is not None
+        self._obs.finish(self._trace, end[0], self._engine_request, end[1])
+        self.finished = True
+        self._wake()
+
+    def book_made(self, t: float) -> None:
+        """From the outbox: the made event was written at ``t``; book it (a stream's end was
+        booked as it was written)."""
+        if self._made_frame is None:  # an end, booked already
+            return
+        delivery, content = self._made_delivery, self._made_content
+        self._made_frame = self._made_delivery = self._made_end = None
+        if content:
+            self.book(delivery, t)  # type: ignore[arg-type]
+
+    def book(self, delivery: TokenDelivery, t: float) -> None:
+        """A content event written at ``t`` goes into the trace, the metrics, the write lateness."""
+        trace = self._trace
+        if trace.committed:  # the stream ended (its client gone) while the step was written
+            return
+        obs = self._obs
+        obs.record_chunk(trace, t, delivery.token_count)
+        obs.write_lateness.add(t - delivery.emit_time)
+
     def on_delivery(self, delivery: TokenDelivery) -> None:
-        """From the outbox: write the event now, unless the client is not
-        keeping up (the transport paused writing above its high-water mark, as aiohttp's
-        drain waits on) or gone: then the delivery waits here for the handler, which drains
-        first. Pending deliveries are token counts (as many as the request's max_tokens at
-        most, as in the queue of the aiohttp path); their bytes are made when written."""
+        """Write the event now, unless the client is not keeping up (the transport paused
+        writing above its high-water mark, as aiohttp's drain waits on) or gone: then the
+        delivery waits here for the handler, which drains first. Pending deliveries are token
+        counts (as many as the request's max_tokens at most, as in the queue of the aiohttp
+        path); their bytes are made when written."""
         if self.finished:
             return
         if self.pending or self._protocol.writing_paused or self._transport.is_closing():
@@ -304,17 +530,7 @@ class FastSseStream:
             self._wake()
             return
         try:
-            if self.first or delivery.finish_reason is not None or self._params.continuous_usage:
-                self.write((delivery,))
-                return
-            # the common event, inline: the template around its text, stamped, written
-            self.completion_tokens += delivery.token_count
-            data = self._head + self._output.take_json(delivery.token_count) + self._middle
-            now = time.monotonic()
-            obs = self._obs
-            obs.record_chunk(self._trace, now, delivery.token_count)
-            obs.write_lateness.add(now - delivery.emit_time)
-            self._transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+            self.write((delivery,))
         except Exception as exc:  # never into the engine's step: the handler raises it
             self.error = exc
             self.finished = True
@@ -323,9 +539,16 @@ class FastSseStream:
     def write(self, deliveries: Sequence[TokenDelivery]) -> None:
         """Write the events of ``deliveries`` as one HTTP chunk, each content event stamped in
         the trace just before the write; the last one commits the trace first."""
+        self._send(*self._make(deliveries))
+
+    def _make(
+        self, deliveries: Sequence[TokenDelivery]
+    ) -> tuple[bytes, tuple[TokenDelivery, ...], tuple[str, str | None] | None]:
+        """The events of ``deliveries`` as one HTTP chunk; its content events' deliveries; and
+        (outcome, finish reason) if it ends the stream."""
         params, shape = self._params, self._shape
         events: list[bytes] = []
-        written: list[TokenDelivery] = []  # the content events' deliveries
+        content: list[TokenDelivery] = []
         if self.first:
             self.first = False
             preamble = shape.preamble_choice()
@@ -348,13 +571,13 @@ class FastSseStream:
                     events.append(b"".join((self._head, text_json, self._middle, usage_json, self._tail)))
                 else:
                     events.append(b"".join((self._head, text_json, self._middle)))
-                written.append(delivery)
+                content.append(delivery)
                 continue
             text = self._output.take(count)
             usage = usage_of(params.prompt_tokens, self.completion_tokens) if params.continuous_usage else None
             choice = shape.content_choice(text, delivery.finish_reason)
             events.append(sse(shape.chunk(choice, usage, params.include_usage)))
-            written.append(delivery)
+            content.append(delivery)
             if params.include_usage:
                 final_usage = usage_of(params.prompt_tokens, self.completion_tokens)
                 events.append(sse(shape.chunk(None, final_usage, True)))
@@ -362,14 +585,17 @@ class FastSseStream:
             end = (OK, delivery.finish_reason)
             break
         data = b"".join(events)
+        return b"%x\r\n%b\r\n" % (len(data), data), tuple(content), end
+
+    def _send(self, frame: bytes, content: Sequence[TokenDelivery], end: tuple[str, str | None] | None) -> None:
+        """Write a made chunk through the transport: its content booked at the write, the
+        trace committed first when it ends the stream."""
         now = time.monotonic()
-        obs = self._obs
-        for delivery in written:
-            obs.record_chunk(self._trace, now, delivery.token_count)
-            obs.write_lateness.add(now - delivery.emit_time)
+        for delivery in content:
+            self.book(delivery, now)
         if end is not None:
             self._obs.finish(self._trace, end[0], self._engine_request, end[1])
-        self._transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        self._transport.write(frame)
         if end is not None:
             self.finished = True
             self._wake()
