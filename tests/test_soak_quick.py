@@ -9,6 +9,8 @@ client memory bounded, no process left) must pass here too.
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -78,3 +80,44 @@ def test_the_report_fails_what_it_should() -> None:
     verdicts = [ok for ok, _ in report.criteria()]
     assert verdicts == [False, False, False, False]
     assert report.table().count("FAIL  ") == 4
+
+
+def test_the_leftover_check_counts_what_the_soak_started_not_what_an_older_child_forks() -> None:
+    """A server an earlier test started (the session's PostgreSQL) forks workers of its own
+    while the soak runs: they are not the soak's leftovers. A process the soak started, or one
+    of its children, is. (CI saw an autovacuum worker reported as "child N".)"""
+    soak = _load_soak()
+    # an older child that forks a grandchild when told, and reports its pid
+    forker_code = (
+        "import os, subprocess, sys\n"
+        "sys.stdin.readline()\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import sys; sys.stdin.read()'], stdin=subprocess.PIPE)\n"
+        "print(child.pid, flush=True)\n"
+        "sys.stdin.readline()\n"
+        "child.stdin.close(); child.wait()\n"
+    )
+    older = subprocess.Popen(
+        [sys.executable, "-c", forker_code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    ours: subprocess.Popen[str] | None = None
+    try:
+        before = set(soak.descendants(os.getpid()))
+        assert older.stdin is not None and older.stdout is not None
+        older.stdin.write("fork\n")
+        older.stdin.flush()
+        grandchild = int(older.stdout.readline())
+        ours = subprocess.Popen(
+            [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE, text=True
+        )
+        started = soak._started_by_us(before)
+        assert grandchild not in started
+        assert ours.pid in started
+    finally:
+        if ours is not None:
+            assert ours.stdin is not None
+            ours.stdin.close()
+            ours.wait(timeout=30)
+        assert older.stdin is not None
+        older.stdin.write("done\n")
+        older.stdin.close()
+        older.wait(timeout=30)

@@ -18,6 +18,7 @@ import asyncio
 import collections
 import contextlib
 import functools
+import itertools
 import os
 import socket
 import struct
@@ -197,6 +198,7 @@ class Outbox:
         "_making",
         "_queue",
         "_queue_deliveries",
+        "_ends",
         "_scheduled",
         "_on_drained",
         "_written",
@@ -214,6 +216,9 @@ class Outbox:
         # to write: a stream with None holds its made event; with a delivery, it is made as written
         self._queue: collections.deque[FastSseStream] = collections.deque()
         self._queue_deliveries: collections.deque[TokenDelivery | None] = collections.deque()
+        # made events that end their stream: written after the step's others, since each one's
+        # booking (its trace committed) follows its write in the same slice
+        self._ends: collections.deque[FastSseStream] = collections.deque()
         self._written: list[FastSseStream] = []  # written straight to the socket this step
         self._written_at: list[float] = []  # their write stamps
         self._booked = 0  # how many of them are booked
@@ -223,7 +228,7 @@ class Outbox:
 
     def backlog(self) -> bool:
         """Events of an earlier step are still unwritten (the engine holds its next step)."""
-        return bool(self._queue or self._to_make or self._written)
+        return bool(self._queue or self._to_make or self._ends or self._written)
 
     def making_seconds(self, events: int) -> float:
         """About how long making ``events`` events takes (the engine's ``making_seconds``)."""
@@ -241,14 +246,20 @@ class Outbox:
     def _make_slice(self) -> None:
         self._making = False
         to_make, deliveries = self._to_make, self._to_make_deliveries
-        queue, queue_deliveries = self._queue, self._queue_deliveries
+        queue, queue_deliveries, ends = self._queue, self._queue_deliveries, self._ends
         clock = time.monotonic
         start = clock()
         end, made = start + _WRITE_SLICE_S, 0
         while to_make:
             stream, delivery = to_make.popleft(), deliveries.popleft()
-            queue.append(stream)
-            queue_deliveries.append(None if stream.make(delivery) else delivery)
+            if not stream.make(delivery):
+                queue.append(stream)
+                queue_deliveries.append(delivery)
+            elif stream._made_end is None:
+                queue.append(stream)
+                queue_deliveries.append(None)
+            else:
+                ends.append(stream)
             made += 1
             if clock() >= end:
                 break
@@ -265,6 +276,10 @@ class Outbox:
         self._queue_deliveries.extend(self._to_make_deliveries)
         self._to_make.clear()
         self._to_make_deliveries.clear()
+        if self._ends:
+            self._queue.extend(self._ends)
+            self._queue_deliveries.extend(itertools.repeat(None, len(self._ends)))
+            self._ends.clear()
         if not self._scheduled:
             self._flush()
 
