@@ -328,27 +328,11 @@ def _tally(report: SoakReport, records: list[Any]) -> None:
         report.outcomes["ok" if r.ok else str(getattr(r.error_kind, "value", r.error_kind))] += 1
 
 
-def _parent(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return int(f.read().rsplit(b")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 def _started_by_us(before: set[int]) -> list[int]:
     """Live descendants of this process started since ``before`` whose line back to it runs
     through none of ``before``: what the soak started, not the workers that a server started
     earlier forks meanwhile (a test session's PostgreSQL forks autovacuum workers)."""
-    me = os.getpid()
-    ours: list[int] = []
-    for pid in set(descendants(me)) - before:
-        parent = _parent(pid)
-        while parent is not None and parent != me and parent not in before:
-            parent = _parent(parent)
-        if parent == me:
-            ours.append(pid)
-    return ours
+    return list(descendants(os.getpid(), excluding=before))
 
 
 def _processes_left(server: Server, before: set[int], log_dir: Path) -> list[str]:

@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -172,8 +172,9 @@ def _stat(pid: int) -> tuple[str, int, int, int] | None:
     return fields[0], int(fields[1]), int(fields[2]), int(fields[19])
 
 
-def descendants(root: int) -> dict[int, int]:
-    """Every live descendant of ``root`` (walking /proc ppid links), as pid -> start time."""
+def descendants(root: int, excluding: Collection[int] = ()) -> dict[int, int]:
+    """Every live descendant of ``root`` (walking /proc ppid links), as pid -> start time;
+    ``excluding``: processes left out with all their descendants."""
     children: dict[int, list[int]] = {}
     starts: dict[int, int] = {}
     for entry in os.listdir("/proc"):
@@ -188,7 +189,7 @@ def descendants(root: int) -> dict[int, int]:
     todo = list(children.get(root, ()))
     while todo:
         pid = todo.pop()
-        if pid in found:
+        if pid in found or pid in excluding:
             continue
         found[pid] = starts[pid]
         todo.extend(children.get(pid, ()))

@@ -59,23 +59,15 @@ def poll_clock(loop: asyncio.AbstractEventLoop) -> PollClock:
         epoll: Any = getattr(selector, "_selector", None)  # EpollSelector's select.epoll
         epoll_type: Any = getattr(_select, "epoll", None)  # Linux only
         epoll_fd = epoll.fileno() if epoll_type is not None and isinstance(epoll, epoll_type) else -1
-        if 0 <= epoll_fd < 1024:  # select(2) takes descriptors below FD_SETSIZE only
+        precise = clock.precise = 0 <= epoll_fd < 1024  # select(2) takes descriptors below FD_SETSIZE only
 
-            def stamped_select(timeout: float | None = None) -> Any:
-                if timeout is not None and timeout > 0:
-                    _select.select((epoll_fd,), (), (), timeout)  # the wait, to the microsecond
-                    timeout = 0
-                ready = select(timeout)
-                clock.at = time.monotonic()
-                return ready
-
-            clock.precise = True
-        else:
-
-            def stamped_select(timeout: float | None = None) -> Any:
-                ready = select(timeout)
-                clock.at = time.monotonic()
-                return ready
+        def stamped_select(timeout: float | None = None) -> Any:
+            if precise and timeout is not None and timeout > 0:
+                _select.select((epoll_fd,), (), (), timeout)  # the wait, to the microsecond
+                timeout = 0
+            ready = select(timeout)
+            clock.at = time.monotonic()
+            return ready
 
         selector.select = stamped_select
         clock.known = True
