@@ -299,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         help="also run the simulator of this checkout (e.g. `git archive` of an earlier commit), same flags",
     )
     args = parser.parse_args(argv)
+    if not 0 < args.range_ratio <= 1:
+        parser.error(f"--range-ratio must be in (0, 1], got {args.range_ratio:g}")
     if args.against is not None:
         if not (args.against / "pytest_infmax" / "sim" / "__main__.py").is_file():
             parser.error(f"--against {args.against}: no pytest_infmax/sim there; give a checkout of the project")
