@@ -36,6 +36,7 @@ from pytest_infmax.sim.engine import (
     Engine,
     EngineConfig,
     EngineRequest,
+    LatenessHistogram,
     LinearCostModel,
     RequestTooLarge,
     Scheduler,
@@ -487,6 +488,31 @@ def test_profile_server_serves_refuses_too_large_and_reports_lateness(served_pro
     lateness = stats["lateness_ms"]
     assert set(lateness) == {"count", "p50", "p99", "max"} and lateness["count"] >= 20
     assert 0 <= lateness["p50"] <= lateness["p99"] <= lateness["max"]
+
+
+def test_lateness_percentiles_count_the_whole_run_not_its_last_values() -> None:
+    """A run's first 10,000 writes 5 ms late and its last 10,000 on time: the p99 is 5 ms (a
+    window of the last 8,192, what /sim/stats kept before, said 0)."""
+    lateness = LatenessHistogram()
+    for seconds in [0.005] * 10_000 + [0.0] * 10_000:
+        lateness.add(seconds)
+    summary = lateness.summary_ms()
+    assert summary["count"] == 20_000 and summary["max"] == 5.0
+    assert summary["p50"] == pytest.approx(0.005, abs=0.006)  # on time, to the 10 us bin
+    assert summary["p99"] == pytest.approx(5.0, abs=0.006)
+
+
+def test_lateness_percentiles_are_the_nearest_rank_to_ten_microseconds() -> None:
+    values = [i * 7.3e-6 for i in range(5_000)] + [-0.0002, 0.25]  # early, and past the bins' range
+    lateness = LatenessHistogram()
+    for seconds in values:
+        lateness.add(seconds)
+    ordered = sorted(values)
+    for q in (1, 50, 90, 99):
+        nearest_rank = ordered[max(1, -(-q * len(values) // 100)) - 1]
+        assert lateness.percentile(q) == pytest.approx(max(nearest_rank, 0.0), abs=5e-6), q
+    assert lateness.percentile(100) == lateness.max == 0.25  # the last bin reads as the max
+    assert LatenessHistogram().summary_ms() == {"count": 0, "p50": 0.0, "p99": 0.0, "max": 0.0}
 
 
 @pytest.mark.asyncio

@@ -20,7 +20,7 @@ import time
 from aiohttp import web
 
 from pytest_infmax.sim.config import SimConfig
-from pytest_infmax.sim.engine import EngineRequest, LatenessWindow
+from pytest_infmax.sim.engine import EngineRequest, LatenessHistogram
 from pytest_infmax.sim.faults import FAULT_HEADER, FaultPlan, FaultSpec, FaultSpecError
 from pytest_infmax.sim.metrics import SimMetrics
 from pytest_infmax.sim.requests import ApiError, GenerationParams
@@ -49,7 +49,7 @@ class Observability:
         self.front_end_requests = {"fast": 0, "aiohttp": 0}
         # content events of unfaulted streams: their write stamp minus the end of the engine step
         # that produced them (the engine's own lateness is its steps'; this is the wire's)
-        self.write_lateness = LatenessWindow()
+        self.write_lateness = LatenessHistogram()
 
     def on_generation_request(self, front_end: str) -> None:
         """Count a generation request (read by ``front_end``); past ``--crash-after``, exit
