@@ -26,6 +26,8 @@ connections (the engine's figures include both), and reports:
   The trip is the figure it moves: a single CPU-bound process there took the send to
   arrival p50 from 0.7 to 9 ms at 256 streams (docs/calibration.md, "The request's trip");
 * chunk error: every content event, client stamp - the trace's write stamp;
+* the simulator's garbage collector (``collector`` in ``/sim/stats``, from its start):
+  its full collections and its longest pause, a stall of every stream (sim/collector.py);
 * the simulator's CPU seconds over the run, and per content (SSE) event written, split
   into user and kernel time (the kernel's part is mostly the loopback TCP send of each
   event): the machine-independent cost of its front end.
@@ -185,6 +187,7 @@ def measure(streams: int, variant: str, args: argparse.Namespace, sim_args: list
             queue.append(truth["handler_mono"] - truth["arrival_mono"])
         chunk_error += [c - s for c, s in zip(rec.chunk_times, server_chunks)]
     lateness, writes = stats["lateness_ms"], stats["write_lateness_ms"]
+    collector = stats.get("collector")  # None from a checkout before sim/collector.py
     return {
         "streams": streams,
         "writer": variant,
@@ -214,6 +217,8 @@ def measure(streams: int, variant: str, args: argparse.Namespace, sim_args: list
         "sim_cpu_us_per_event": server_cpu / events * 1e6 if events else float("nan"),
         "sim_user_us_per_event": server_user / events * 1e6 if events else float("nan"),
         "sim_sys_us_per_event": server_sys / events * 1e6 if events else float("nan"),
+        "sim_full_collections": collector["collections"][2] if collector else float("nan"),
+        "sim_longest_collection_ms": max(collector["longest_pause_ms"]) if collector else float("nan"),
     }
 
 
@@ -236,6 +241,8 @@ _COLUMNS = (
     ("sim_cpu_us_per_event", "sim CPU us / event"),
     ("sim_user_us_per_event", "of which user"),
     ("sim_sys_us_per_event", "of which kernel"),
+    ("sim_full_collections", "sim full GCs"),
+    ("sim_longest_collection_ms", "sim longest GC pause"),
     ("client_cpu_s", "client CPU s"),
     ("sim_core_others_pct", "other work on the sim's core %"),
     ("load_avg", "load avg"),

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import logging
 import os
 import signal
@@ -531,8 +530,9 @@ async def serve(config: SimConfig, host: str, port: int, port_file: Path | None,
     """Serve until SIGTERM / SIGINT or the parent's death; then shut down gracefully."""
     from aiohttp import web
 
+    from pytest_infmax.sim.collector import CollectorWatch, settle_collector
     from pytest_infmax.sim.frontdoor import FrontDoors
-    from pytest_infmax.sim.server import ENGINE_KEY, build_app
+    from pytest_infmax.sim.server import ENGINE_KEY, OBS_KEY, build_app
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -551,6 +551,7 @@ async def serve(config: SimConfig, host: str, port: int, port_file: Path | None,
     watcher: asyncio.Task[None] | None = None
     listener: asyncio.Server | None = None
     doors: FrontDoors | None = None  # the connections the front door serves (sim/frontdoor.py)
+    collector: CollectorWatch | None = None
     try:
         if config.front_end == "fast":
             assert runner.server is not None
@@ -562,14 +563,17 @@ async def serve(config: SimConfig, host: str, port: int, port_file: Path | None,
         if port_file is not None:
             write_port_file(port_file, bound_port)
         logger.info("infmax-sim: serving %s on %s", config.model, _url(host, bound_port))
-        # What start-up made (modules, the app, the engine's tables) lives as long as the process:
-        # out of the collector's sight, a full collection scans only what serving made since
-        # (one took 14 ms at 256 streams, a stall in which no socket was read).
-        gc.freeze()
+        # The collector off the schedule: start-up's objects frozen, full collections spaced out
+        # (sim/collector.py); /sim/stats shows what it did from here on.
+        settle_collector()
+        collector = app[OBS_KEY].collector
+        collector.install()
         if parent_pid is not None:
             watcher = loop.create_task(_watch_parent(parent_pid, stop))
         await stop.wait()
     finally:
+        if collector is not None:
+            collector.uninstall()
         if watcher is not None:
             watcher.cancel()
         if listener is not None:
