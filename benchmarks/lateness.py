@@ -127,13 +127,15 @@ def measure(streams: int, variant: str, args: argparse.Namespace, sim_args: list
     # a warm-up round opens the connections (their TCP handshakes are not the front end's lag)
     config = LoadConfig(scenario, concurrency=streams, num_requests=requests, warmup=streams, request_timeout=600)
     extra = [] if "--max-num-seqs" in sim_args else ["--max-num-seqs", str(max(256, streams))]
+    # every request's trace, the warm-up's too: the simulator's CPU below is the whole run's
+    traced = requests + config.warmup + 16
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as workdir:
         port_file = Path(workdir) / "port"
         env = _tree_env(tree)
         command = [
             sys.executable, "-m", "pytest_infmax.sim", "--port", "0", "--port-file", str(port_file),
-            "--model", MODEL, "--sse-writer", writer, "--front-end", front_end, "--trace-capacity", str(requests + 16), *extra, *sim_args,
+            "--model", MODEL, "--sse-writer", writer, "--front-end", front_end, "--trace-capacity", str(traced), *extra, *sim_args,
         ]  # fmt: skip
         # cwd too: ``python -m`` puts the working directory first on sys.path, before PYTHONPATH
         server = subprocess.Popen(command, cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -160,19 +162,20 @@ def measure(streams: int, variant: str, args: argparse.Namespace, sim_args: list
             others = (_cpu_busy_seconds(0) - core_before - server_cpu) / wall if args.pin else float("nan")
             client_cpu = time.process_time() - client_before
             stats = _get(f"{url}/sim/stats")
-            trace = {t["body_sha256"]: t for t in _get(f"{url}/sim/trace")["requests"]}
+            traces = _get(f"{url}/sim/trace")
         finally:
             server.terminate()
             server.wait(timeout=30)
             if args.pin:
                 os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+    if traces["dropped"]:  # the events counted would be fewer than the CPU measured was spent on
+        raise SystemExit(f"the simulator's trace dropped {traces['dropped']} of its requests (capacity {traced})")
+    trace = {t["body_sha256"]: t for t in traces["requests"]}
     ttft_error: list[float] = []
     trip: list[float] = []
     queue: list[float] = []
     chunk_error: list[float] = []
-    events = 0
-    for truth in trace.values():
-        events += len(truth["chunk_mono"])
+    events = sum(len(truth["chunk_mono"]) for truth in traces["requests"])
     for rec in run.records:
         if not rec.ok or rec.warmup:
             continue
