@@ -65,6 +65,9 @@ from pytest_infmax.load.plan import LoadConfig  # noqa: E402
 from pytest_infmax.load.scenarios import Scenario, plan_request  # noqa: E402
 from pytest_infmax.sim import FRONT_ENDS, SSE_WRITERS  # noqa: E402
 
+sys.path.insert(0, str(REPO / "benchmarks"))
+from _affinity import pin_tree  # noqa: E402
+
 MODEL = "sim-model"
 
 
@@ -149,7 +152,7 @@ def measure(streams: int, variant: str, args: argparse.Namespace, sim_args: list
                 time.sleep(0.02)
             url = f"http://127.0.0.1:{int(port_file.read_text())}"
             if args.pin:  # the simulator on the first CPU, the client on the others: never one core
-                os.sched_setaffinity(server.pid, {0})
+                pin_tree(server.pid, {0})  # its threads too
                 os.sched_setaffinity(0, set(range(1, os.cpu_count() or 2)))
             cpu_before, started, client_before = _cpu_seconds(server.pid), time.monotonic(), time.process_time()
             core_before = _cpu_busy_seconds(0) if args.pin else float("nan")

@@ -76,6 +76,7 @@ from pytest_infmax.servers.launch import ServerConfig, running_server  # noqa: E
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _wire_capture  # noqa: E402
+from _affinity import pin_tree  # noqa: E402
 
 
 def _same_clock() -> bool:
@@ -92,11 +93,6 @@ def _pcts(values: list[float]) -> dict[str, float]:
         "max": float(a.max()),
         "min": float(a.min()),
     }
-
-
-def _pin(pid: int, cpus: set[int]) -> None:
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(pid, cpus)
 
 
 class WireCapture:
@@ -179,15 +175,19 @@ def measure(
     wire_info: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         with running_server(ServerConfig(sim_args=sim_args), Path(tmp)) as server:
-            if pin:  # the server on the first CPU, the client on the others: they never share a core
-                assert server.process is not None
-                _pin(server.process.pid, {0})
-                _pin(0, set(range(1, os.cpu_count() or 2)))
             port = int(server.base_url.rsplit(":", 1)[1])
+            everywhere = os.sched_getaffinity(0)
+            if pin:  # the server on the first CPU: the launcher's supervisor, the simulator, their threads
+                assert server.process is not None
+                pin_tree(server.process.pid, {0})
+            # the capture before the client pins itself: it inherits every CPU (or --wire-cpus)
             capture = WireCapture(port, Path(tmp) / "wire.bin", wire_cpus) if wire else None
+            if pin:  # the client on the others: they never share a core
+                os.sched_setaffinity(0, set(range(1, os.cpu_count() or 2)))
             try:
                 run = run_coroutine(LoadGenerator(server.base_url, server.model).run(config))
             finally:
+                os.sched_setaffinity(0, everywhere)  # the next run's simulator starts from every CPU
                 if capture is not None:
                     try:
                         wire_stats = capture.stop()
