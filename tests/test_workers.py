@@ -91,6 +91,24 @@ def test_on_record_sees_every_record_as_workers_report_them(server: Server) -> N
     assert sorted(r.index for r in seen) == [r.index for r in run.records]
 
 
+def test_the_runs_cpu_counts_the_coordinating_process_with_its_workers(server: Server) -> None:
+    """The parent reads and decodes every record while the workers run: its CPU is the load's
+    too. Each measured record here costs the parent 50 ms of CPU (in ``on_record``)."""
+    burnt = 0.0
+
+    def costly(record: RequestRecord) -> None:
+        nonlocal burnt
+        if not record.warmup:
+            start = time.process_time()
+            while time.process_time() - start < 0.05:
+                pass
+            burnt += time.process_time() - start
+
+    run = _run(server, LoadConfig(SCENARIO, concurrency=2, num_requests=8, warmup=2, workers=2), costly)
+    assert run.client is not None and burnt >= 0.4
+    assert run.client.cpu_seconds >= burnt  # the workers' own CPU on top
+
+
 def test_a_worker_that_dies_fails_the_run_and_the_others_are_ended(server: Server) -> None:
     killed: list[int] = []
 

@@ -115,7 +115,9 @@ class ClientStats:
     send_lags: list[float] = field(default_factory=list)  # seconds, one per measured request
     loop_lags: list[float] = field(default_factory=list)  # seconds, one per sample
     loop_lag_interval: float = DEFAULT_LOOP_LAG_INTERVAL
-    cpu_seconds: float = 0.0  # process CPU (user + system) during the measured phase
+    # process CPU (user + system) during the measured phase; over workers, theirs and the
+    # coordinating process's (workers.merge_shards)
+    cpu_seconds: float = 0.0
     wall_seconds: float = 0.0
     threshold: float = DEFAULT_LAG_THRESHOLD
     send_lag_reference: str = ""  # what send lag was measured from (closed / open loop)

@@ -192,12 +192,14 @@ async def run_sharded(
                         f.result()  # the worker's error
                         raise WorkerError("a load worker ended before the common start")
             start_at = time.perf_counter() + _START_MARGIN
+            coordinator_cpu = time.process_time()
             for proc in procs:
                 assert proc.stdin is not None
                 proc.stdin.write(_encode({"kind": "start", "at": start_at}) + b"\n")
                 await proc.stdin.drain()
             watcher = asyncio.ensure_future(watch_stop(stop)) if stop is not None else None
             await asyncio.gather(*followers)
+            coordinator_cpu = time.process_time() - coordinator_cpu
         finally:
             for f in followers:
                 f.cancel()
@@ -213,7 +215,7 @@ async def run_sharded(
                 await asyncio.wait_for(proc.wait(), 10)
 
     parts = [r for r in results if r is not None]
-    return merge_shards(records, parts, config, clock_origin, epoch_origin)
+    return merge_shards(records, parts, config, clock_origin, epoch_origin, coordinator_cpu)
 
 
 def merge_shards(
@@ -222,6 +224,7 @@ def merge_shards(
     config: Any,
     clock_origin: float,
     epoch_origin: float,
+    coordinator_cpu: float,
 ) -> RunRecords:
     """One run's ``RunRecords`` from its shards' raw records and their ``done`` messages.
 
@@ -229,7 +232,9 @@ def merge_shards(
     (:mod:`pytest_infmax.load.rayworkers`): every record comes back whole, so the merged
     percentiles are exact. ``parts[k]`` holds shard k's ``measured_start`` and
     ``measured_end`` on this process's clock, and its ``client`` figures (loop lags,
-    CPU seconds).
+    CPU seconds). ``coordinator_cpu``: this process's CPU seconds from the common start to
+    the last shard's end (it reads and decodes every record meanwhile), counted in the
+    run's ``cpu_seconds`` with the shards'.
     """
     records.sort(key=lambda r: r.index)
     measured_start = min(p["measured_start"] for p in parts)
@@ -239,7 +244,7 @@ def merge_shards(
         send_lags=[lag for r in records if not r.warmup and (lag := r.send_lag) is not None],
         loop_lags=[x for s in stats for x in s["loop_lags"]],
         loop_lag_interval=stats[0]["loop_lag_interval"],
-        cpu_seconds=sum(s["cpu_seconds"] for s in stats),
+        cpu_seconds=sum(s["cpu_seconds"] for s in stats) + coordinator_cpu,
         wall_seconds=measured_end - measured_start,
         threshold=config.client_lag_threshold,
         send_lag_reference=stats[0]["send_lag_reference"],
