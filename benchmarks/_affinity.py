@@ -20,35 +20,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pytest_infmax.servers.processes import descendants  # noqa: E402
 
 
-def pin_tree(root: int, cpus: set[int]) -> list[int]:
-    """Pin every thread of ``root`` and of each of its live descendants to ``cpus``; the
-    thread ids pinned. A thread or process that ended meanwhile is skipped."""
-    pinned = []
+def _threads(root: int) -> list[int]:
+    """The thread ids of ``root`` and of each of its live descendants."""
+    found = []
     for pid in [root, *descendants(root)]:
         try:
-            threads = [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
+            found += [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
         except OSError:  # ended
             continue
-        for tid in threads:
-            try:
-                os.sched_setaffinity(tid, cpus)
-            except (ProcessLookupError, FileNotFoundError):
-                continue
-            pinned.append(tid)
+    return found
+
+
+def pin_tree(root: int, cpus: set[int]) -> list[int]:
+    """Pin every thread of ``root`` and of each of its live descendants to ``cpus``; the
+    thread ids pinned. A thread that ended meanwhile is skipped."""
+    pinned = []
+    for tid in _threads(root):
+        try:
+            os.sched_setaffinity(tid, cpus)
+        except ProcessLookupError:  # ended (any other refusal is raised: a pin must not fail silently)
+            continue
+        pinned.append(tid)
     return pinned
 
 
 def affinities(root: int) -> dict[int, set[int]]:
     """Every thread of ``root`` and its descendants -> the CPUs it may run on."""
     found = {}
-    for pid in [root, *descendants(root)]:
+    for tid in _threads(root):
         try:
-            threads = os.listdir(f"/proc/{pid}/task")
-        except OSError:
+            found[tid] = os.sched_getaffinity(tid)
+        except ProcessLookupError:  # ended
             continue
-        for tid in threads:
-            try:
-                found[int(tid)] = os.sched_getaffinity(int(tid))
-            except OSError:
-                continue
     return found
