@@ -7,22 +7,25 @@ timing_truth.py's later simulators on the client's."""
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from _affinity import affinities, pin_tree  # noqa: E402
+from pytest_infmax.servers.launch import ServerConfig, running_server
 
-from pytest_infmax.servers.launch import ServerConfig, running_server  # noqa: E402
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 pytestmark = pytest.mark.skipif(
     not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs to pin to one"
 )
 
 
-def test_the_launched_simulator_and_its_threads_go_where_the_server_is_pinned(tmp_path: Path) -> None:
+def test_the_launched_simulator_and_its_threads_go_where_the_server_is_pinned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # a benchmark's helper module, not the package's
+    from _affinity import affinities, pin_tree
+
     first = min(os.sched_getaffinity(0))
     with running_server(ServerConfig(), tmp_path) as server:
         assert server.process is not None

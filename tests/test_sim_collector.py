@@ -72,7 +72,7 @@ def test_the_watch_counts_each_generations_collections_and_pauses() -> None:
     finally:
         watch.uninstall()
     gc.collect()  # not counted: uninstalled
-    summary = watch.summary()
+    summary = watch.describe()
     assert summary["collections"][2] == 1 and summary["collections"][0] >= 1
     assert 0 < summary["longest_pause_ms"][2] <= summary["total_pause_ms"][2]
     assert summary["thresholds"] == list(gc.get_threshold())

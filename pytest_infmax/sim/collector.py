@@ -63,7 +63,7 @@ class CollectorWatch:
         if self._callback in gc.callbacks:
             gc.callbacks.remove(self._callback)
 
-    def summary(self) -> dict[str, Any]:
+    def describe(self) -> dict[str, Any]:
         """``collector`` in ``GET /sim/stats``: lists indexed by generation (2: full)."""
         return {
             "collections": list(self.collections),
