@@ -12,12 +12,8 @@ client's CPU (timing_truth.py until 2026-12-07; docs/load-generator.md says whic
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pytest_infmax.servers.processes import descendants  # noqa: E402
+from pytest_infmax.servers.processes import descendants
 
 
 def _threads(root: int) -> list[int]:

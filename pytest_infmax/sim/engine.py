@@ -114,25 +114,25 @@ class LatenessHistogram:
             index = _LATENESS_BINS
         self._bins[index] += 1
 
-    def percentile(self, q: float) -> float:
-        """The nearest-rank ``q``-th percentile in seconds (0.0 when empty): the middle of its
-        bin, at most the max (the last bin's values read as the max)."""
+    def percentiles(self, *qs: float) -> list[float]:
+        """The nearest-rank ``q``-th percentiles in seconds (0.0 when empty): each the middle of
+        its bin, at most the max (the last bin's values read as the max)."""
         if not self.count:
-            return 0.0
-        rank = max(1, math.ceil(q / 100.0 * self.count))
-        index = bisect.bisect_left(list(itertools.accumulate(self._bins)), rank)
-        if index >= _LATENESS_BINS:
-            return self.max
-        return min((index + 0.5) * LATENESS_BIN_S, self.max)
+            return [0.0 for _ in qs]
+        cumulative = list(itertools.accumulate(self._bins))  # once for every q
+        found = []
+        for q in qs:
+            index = bisect.bisect_left(cumulative, max(1, math.ceil(q / 100.0 * self.count)))
+            found.append(self.max if index >= _LATENESS_BINS else min((index + 0.5) * LATENESS_BIN_S, self.max))
+        return found
+
+    def percentile(self, q: float) -> float:
+        return self.percentiles(q)[0]
 
     def summary_ms(self) -> dict[str, float]:
         """count, p50, p99 and max since the start, in ms."""
-        return {
-            "count": self.count,
-            "p50": self.percentile(50) * 1e3,
-            "p99": self.percentile(99) * 1e3,
-            "max": self.max * 1e3,
-        }
+        p50, p99 = self.percentiles(50, 99)
+        return {"count": self.count, "p50": p50 * 1e3, "p99": p99 * 1e3, "max": self.max * 1e3}
 
 
 class StepCostModel(Protocol):
