@@ -562,10 +562,14 @@ def make_sybil(root: Path, patterns: Sequence[str] = DOC_PATTERNS) -> Sybil:
 # -- pytest-xdist: a document's examples run on one worker, in order ---------------------------
 
 
-# Test modules whose tests share one expensive server (a session fixture): one unit of work too,
-# so that one worker starts it once (tests/test_vllm.py: real vLLM, a minute to start;
-# tests/test_rayworkers.py: a three-node Ray cluster, 10-15 s).
+# Test modules whose tests share one expensive server (a module fixture): one unit of work
+# together, so that one worker starts each once (tests/test_vllm.py: real vLLM, a minute to
+# start; tests/test_rayworkers.py: a three-node Ray cluster, 10-15 s), and the two never run
+# beside each other. Side by side on 2 cores each starved the other: in a fresh-clone run
+# (2026-12-07) vLLM's Ctrl-C test took 154 s (48 s alone) and a Ray test's read of the
+# simulator's /sim/stats timed out after 10 s (the test took 104 s; under 10 s alone).
 ONE_WORKER_MODULES = ("tests/test_vllm.py", "tests/test_rayworkers.py")
+HEAVY_SERVERS_UNIT = "heavy servers: " + " ".join(ONE_WORKER_MODULES)
 
 # Tests that run in the vLLM module's unit of work, before or after it, never beside it. Twice
 # in CI (2026-12-06) the simulator under a stand-in whose worker had left its process group
@@ -582,15 +586,22 @@ WITH_VLLM_TESTS = (
 
 def document_scheduler(config: pytest.Config, log: Any) -> Any:
     """``--dist load``, except that a document's examples are one unit of work: they share
-    a namespace and a working directory, so they must run on one worker, in order. So are
-    the tests of each module in :data:`ONE_WORKER_MODULES`."""
+    a namespace and a working directory, so they must run on one worker, in order. The
+    tests of the modules in :data:`ONE_WORKER_MODULES`, and :data:`WITH_VLLM_TESTS`, are
+    one unit too, run in collection order."""
     from xdist.scheduler import LoadScopeScheduling
 
     class DocumentScheduling(LoadScopeScheduling):  # type: ignore[misc]
         def _split_scope(self, nodeid: str) -> str:
-            path = nodeid.split("::", 1)[0]
-            if nodeid.startswith(WITH_VLLM_TESTS):
-                return ONE_WORKER_MODULES[0]
-            return path if path.endswith(".md") or path in ONE_WORKER_MODULES else nodeid
+            return work_unit(nodeid)
 
     return DocumentScheduling(config, log)
+
+
+def work_unit(nodeid: str) -> str:
+    """The unit of work a test belongs to under :func:`document_scheduler` (its node id
+    where it is a unit of its own)."""
+    path = nodeid.split("::", 1)[0]
+    if path in ONE_WORKER_MODULES or nodeid.startswith(WITH_VLLM_TESTS):
+        return HEAVY_SERVERS_UNIT
+    return path if path.endswith(".md") else nodeid

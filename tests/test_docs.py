@@ -20,6 +20,7 @@ from docs_support import (
     make_sybil,
     normalise,
     parse_console,
+    work_unit,
 )
 
 SUPPORT = Path(__file__).with_name("docs_support.py")
@@ -55,6 +56,19 @@ def test_policy_decisions() -> None:
         ["--port", "--stall-ms"],
     )
     assert help_command(["infmax", "sim", "--tp", "1"]) == (["infmax", "sim", "--help"], ["--tp"])
+
+
+def test_the_heavy_servers_share_one_unit_of_work_and_other_tests_spread() -> None:
+    """Real vLLM and the Ray cluster run on one xdist worker, one after the other: beside
+    each other on 2 cores each starved the other past its timeouts."""
+    vllm = work_unit("tests/test_vllm.py::test_vllm_starts_and_is_ready")
+    ray = work_unit("tests/test_rayworkers.py::test_open_loop_on_ray_keeps_the_single_process_schedule")
+    beside_vllm = work_unit("tests/test_engines.py::test_child_that_left_the_process_group_is_killed")
+    assert vllm == ray == beside_vllm
+    # a document's examples are one unit each; any other test is a unit of its own
+    assert work_unit("README.md::line:181,column:1") == work_unit("README.md::line:280,column:1") == "README.md"
+    assert work_unit("tests/test_sim.py::test_a") != work_unit("tests/test_sim.py::test_b")
+    assert vllm not in (work_unit("tests/test_sim.py::test_a"), "README.md")
 
 
 def test_every_rule_is_used_by_a_documented_command() -> None:
