@@ -295,7 +295,7 @@ async def run_on_ray(
         # one wall-clock start for every host; this process's perf_counter for the same instant
         start_epoch = time.time() + START_MARGIN
         start = _wall_to_perf(start_epoch)
-        coordinator_cpu = time.process_time()
+        cpu_at_start = time.process_time()
         await asyncio.gather(*(each(k, a.go.remote(start_epoch), PLACEMENT_TIMEOUT) for k, a in enumerate(actors)))
         finishing = {k: asyncio.ensure_future(each(k, a.finish.remote())) for k, a in enumerate(actors)}
         parts: dict[int, dict[str, Any]] = {}
@@ -319,7 +319,7 @@ async def run_on_ray(
                     await asyncio.gather(
                         *(each(k, actors[k].halt.remote(), PLACEMENT_TIMEOUT) for k in list(finishing))
                     )
-            coordinator_cpu = time.process_time() - coordinator_cpu  # this driver's reading of every record
+            coordinator_cpu = time.process_time() - cpu_at_start  # this driver's reading of every record
         except WorkerLost as lost:
             # what the other actors measured until now is kept too
             for k in list(finishing):

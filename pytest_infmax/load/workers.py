@@ -192,14 +192,14 @@ async def run_sharded(
                         f.result()  # the worker's error
                         raise WorkerError("a load worker ended before the common start")
             start_at = time.perf_counter() + _START_MARGIN
-            coordinator_cpu = time.process_time()
+            cpu_at_start = time.process_time()
             for proc in procs:
                 assert proc.stdin is not None
                 proc.stdin.write(_encode({"kind": "start", "at": start_at}) + b"\n")
                 await proc.stdin.drain()
             watcher = asyncio.ensure_future(watch_stop(stop)) if stop is not None else None
             await asyncio.gather(*followers)
-            coordinator_cpu = time.process_time() - coordinator_cpu
+            coordinator_cpu = time.process_time() - cpu_at_start
         finally:
             for f in followers:
                 f.cancel()
