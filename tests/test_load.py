@@ -407,3 +407,34 @@ def test_run_coroutine_never_turns_its_result_into_text(monkeypatch: pytest.Monk
 
     with pytest.raises(KeyError, match="boom"):
         run_coroutine(fail())
+
+
+def test_a_duration_bound_closed_loop_measures_at_least_its_duration() -> None:
+    """A slot freed before ``duration`` has passed since the first send is filled again, so the
+    measured window (first send to last end) is never shorter than asked. The sender here
+    stamps each request as written 2 ms after the loop hands it over and answered at once:
+    the first send comes after the loop's start, and every slot frees a hair before any
+    deadline taken from that start. A deadline from the loop's start measured 2 ms less."""
+    import itertools
+    import time
+    from types import SimpleNamespace
+
+    from pytest_infmax.load.generator import LoadGenerator
+    from pytest_infmax.measure.metrics import wall_time
+
+    class LateStampingSender:
+        config = SimpleNamespace(
+            scenario=Scenario("tiny", 8, 4), seed=0, tokens=LoadConfig(Scenario("t", 8, 4), concurrency=1).tokens
+        )
+
+        async def one(self, plan, warmup, scheduled, ready):  # type: ignore[no-untyped-def]
+            await asyncio.sleep(0)
+            sent = time.perf_counter() + 0.002
+            return RequestRecord(index=plan.index, warmup=warmup, ready_time=ready, send_time=sent, end_time=sent)
+
+    records: list[RequestRecord] = []
+    loop = LoadGenerator("http://127.0.0.1:9", "m")._closed_loop
+    for duration in (0.02, 0.05):
+        records.clear()
+        asyncio.run(loop(LateStampingSender(), 2, None, duration, itertools.count(), False, records.append))  # type: ignore[arg-type]
+        assert wall_time(records) >= duration, (duration, wall_time(records))

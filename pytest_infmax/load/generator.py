@@ -588,25 +588,33 @@ class LoadGenerator:
         keep: Callable[[RequestRecord], None],
         stop: Callable[[], bool] | None = None,
     ) -> None:
-        deadline = None if duration is None else time.perf_counter() + duration
         issued = itertools.count()
         config = sender.config
+        # duration: a slot that came free less than ``duration`` after the run's first send is
+        # filled again, so the measured window (first send to last end, metrics.wall_time) lasts
+        # at least ``duration``. (A deadline taken before the first send, checked after each
+        # response, let a run whose slots freed just before it measure a hair less.)
+        first_send = math.inf  # the earliest send of a finished request
 
         async def worker() -> None:
+            nonlocal first_send
             previous_end: float | None = None
+            freed_at: float | None = None  # when this worker's previous request ended or failed
             while True:
                 # ready: the slot is free since the previous response ended (so a
                 # slow on_record callback counts as the client's delay), else now
                 ready = previous_end if previous_end is not None else time.perf_counter()
                 if num_requests is not None and next(issued) >= num_requests:
                     return
-                if deadline is not None and time.perf_counter() >= deadline:
+                if duration is not None and freed_at is not None and freed_at - first_send >= duration:
                     return
                 if stop is not None and stop():
                     return
                 plan = plan_request(config.scenario, next(index), config.seed, config.tokens)
                 rec = await sender.one(plan, warmup, None, ready)
                 previous_end = rec.end_time
+                freed_at = previous_end if previous_end is not None else time.perf_counter()
+                first_send = min(first_send, rec.send_time)
                 keep(rec)
 
         await _gather_cancelling([worker() for _ in range(concurrency)])
