@@ -122,6 +122,7 @@ POLICY: tuple[Rule, ...] = (
     Rule(("python", "benchmarks/server_ttft.py"), Action.FLAGS, "a simulator start per run: about a minute"),
     Rule(("python", "benchmarks/micro.py"), Action.FLAGS, "a timing: about 30 s of interleaved rounds"),
     Rule(("python", "benchmarks/loopback_send.py"), Action.FLAGS, "a timing: ~10 s with its two processes pinned"),
+    Rule(("python", "benchmarks/start_burst.py"), Action.FLAGS, "a simulator start per run: about 5 minutes"),
     Rule(
         ("pytest",),
         Action.FLAGS,

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import time
 import tracemalloc
+from typing import Any
 
 import numpy as np
 import pytest
@@ -438,3 +440,107 @@ def test_a_duration_bound_closed_loop_measures_at_least_its_duration() -> None:
         records.clear()
         asyncio.run(loop(LateStampingSender(), 2, None, duration, itertools.count(), False, records.append))  # type: ignore[arg-type]
         assert wall_time(records) >= duration, (duration, wall_time(records))
+
+
+def _busy(seconds: float) -> None:
+    """CPU work standing in for a request's planning, encoding and write."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+class _CountingSender:
+    """Stands in for ``_Sender``: each request costs 1 ms of CPU before its first await (as a
+    real one plans, encodes and writes); all are answered once the last has started, so each
+    start is a first request. ``starts`` counts them."""
+
+    def __init__(self, config: LoadConfig, total: int) -> None:
+        self.config = config
+        self.total = total
+        self.starts = 0
+        self.all_started = asyncio.Event()
+
+    async def one(self, plan, warmup, scheduled, ready):  # type: ignore[no-untyped-def]
+        self.starts += 1
+        _busy(0.001)
+        sent = time.perf_counter()
+        if self.starts == self.total:
+            self.all_started.set()
+        await self.all_started.wait()
+        return RequestRecord(index=plan.index, warmup=warmup, ready_time=ready, send_time=sent, end_time=sent)
+
+
+async def _most_starts_between_polls(sender: _CountingSender, run: Any) -> int:
+    """The most request starts in one event-loop iteration while ``run`` runs: a ticker task
+    wakes once per iteration, and notes how many requests started since it last woke."""
+    most, seen, running = 0, 0, True
+
+    async def ticker() -> None:
+        nonlocal most, seen
+        while running:
+            most, seen = max(most, sender.starts - seen), sender.starts
+            await asyncio.sleep(0)
+
+    tick = asyncio.ensure_future(ticker())
+    await asyncio.sleep(0)
+    try:
+        await run
+    finally:
+        running = False
+        await tick
+    return most
+
+
+@pytest.mark.parametrize("loop", ["closed", "sessions", "open, rate=inf"])
+def test_requests_due_at_one_instant_start_in_slices_with_the_loop_polling_between(loop: str) -> None:
+    """200 requests due at once (a closed loop's first ones, an open loop's burst) cost 200 ms of
+    client CPU before their first await: started in one loop iteration, no response would be
+    read for 200 ms, and every first token arriving then would be stamped that late (1,000
+    streams of 8k prompts held the loop 580 ms; a first token was stamped 400 ms late). They
+    start in slices of about START_SLICE_SECONDS of work, the loop polling between slices."""
+    import itertools
+
+    from pytest_infmax.load.generator import LoadGenerator
+    from pytest_infmax.load.workloads import Sessions
+
+    generator = LoadGenerator("http://127.0.0.1:9", "m")
+    if loop == "closed":
+        config = LoadConfig(Scenario("tiny", 8, 4), concurrency=200, num_requests=200)
+        sender = _CountingSender(config, 200)
+        run = generator._closed_loop(sender, 200, 200, None, itertools.count(), False, lambda r: None)  # type: ignore[arg-type]
+    elif loop == "sessions":  # each user's first turn
+        config = LoadConfig(Scenario("tiny", 8, 4), concurrency=200, num_requests=200, workload=Sessions(turns=1))
+        sender = _CountingSender(config, 200)
+        run = generator._session_loop(
+            sender, 200, 200, None, itertools.count(), itertools.count(), False, lambda r: None
+        )  # type: ignore[arg-type]
+    else:
+        config = LoadConfig(Scenario("tiny", 8, 4), rate=float("inf"), num_requests=200)
+        sender = _CountingSender(config, 200)
+        run = generator._open_loop(sender, time.perf_counter(), 0, (0, 1), lambda r: None)  # type: ignore[arg-type]
+
+    most = asyncio.run(_most_starts_between_polls(sender, run))
+    assert sender.starts == 200
+    # a slice holds about START_SLICE_SECONDS (2 ms) of the 1 ms requests; one block held all 200
+    assert most <= 10, most
+
+
+def test_a_prompt_is_kept_packed_and_posted_as_the_same_ids() -> None:
+    """A plan holds its prompt's token ids in 4 bytes each, not a Python int per token (an 8k
+    prompt was ~300 KB as a tuple); the ids it posts and shows are those drawn."""
+    plan = plan_request(PRESETS["8k1k"], 3, seed=1)
+    assert plan.packed_ids is not None and len(plan.packed_ids) == 4 * plan.input_len
+    ids = plan.token_ids
+    assert ids is not None and len(ids) == plan.input_len and all(type(i) is int for i in ids[:5])
+    assert request_body(plan, "m", "completions")["prompt"] == list(ids)
+    assert plan == plan_request(PRESETS["8k1k"], 3, seed=1) and hash(plan) == hash(
+        plan_request(PRESETS["8k1k"], 3, seed=1)
+    )
+    assert plan_request(Scenario("c", 16, 4, endpoint="chat"), 0, seed=0).token_ids is None
+
+
+def test_a_token_window_past_32_bit_ids_is_refused() -> None:
+    from pytest_infmax.load.scenarios import TokenWindow
+
+    with pytest.raises(ValueError, match="ids must be below 2147483648"):
+        TokenWindow(0, 2**31 + 1)

@@ -29,7 +29,7 @@ import os
 import sys
 import time
 from array import array
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -617,7 +617,7 @@ class LoadGenerator:
                 first_send = min(first_send, rec.send_time)
                 keep(rec)
 
-        await _gather_cancelling([worker() for _ in range(concurrency)])
+        await _gather_cancelling((worker() for _ in range(concurrency)), StartSlices())
 
     async def _session_loop(
         self,
@@ -666,7 +666,7 @@ class LoadGenerator:
                     previous_end = rec.end_time
                     keep(rec)
 
-        await _gather_cancelling([user() for _ in range(max(1, users))])
+        await _gather_cancelling((user() for _ in range(max(1, users))), StartSlices())
 
     async def _open_loop(
         self,
@@ -733,6 +733,7 @@ class LoadGenerator:
                 previous_end = sent[0].end_time
 
         index = itertools.count(first_index)
+        slices = StartSlices()
 
         try:
             for j in range(k, len(offsets), count):
@@ -744,6 +745,8 @@ class LoadGenerator:
                 scheduled = start + float(offset)
                 while (delay := scheduled - time.perf_counter()) > 0:  # never early (libuv timers are ms)
                     await asyncio.sleep(delay)
+                    slices.waited()  # the loop polled while this one waited
+                await slices.before_start()  # arrivals due together (a burst, rate=inf) start in slices
                 if conversations is not None:
                     assert sessions is not None
                     turns = conversations.plan(config.scenario, next(sessions), config.seed, config.tokens)
@@ -797,7 +800,7 @@ class _Sender:
         )
         body = encode_body(plan, self.model, config)
         request = build_request(self.pool, self.path, body, self.headers)
-        exact_input = plan.input_len if plan.token_ids is not None else None
+        exact_input = plan.input_len if plan.packed_ids is not None else None
         state = ResponseAccumulator(
             rec,
             max_events_for(plan.output_len),
@@ -844,7 +847,7 @@ def _refuses_token_ids(message: str) -> bool:
 
 def with_vocab_hint(message: str, plan: PlannedRequest, tokens: TokenWindow) -> str:
     """A server's rejection of the prompt's token ids, with what they were and how to fix them."""
-    if plan.token_ids is None or not _refuses_token_ids(message):
+    if plan.packed_ids is None or not _refuses_token_ids(message):
         return message
     if tokens.vocab_known:
         return (
@@ -901,10 +904,53 @@ def _fail(rec: RequestRecord, kind: ErrorKind, message: str) -> None:
         rec.end_time = time.perf_counter()
 
 
-async def _gather_cancelling(aws: list[Any]) -> None:
-    """Await all; if one raises or we are cancelled, cancel the rest first."""
-    tasks = [asyncio.ensure_future(a) for a in aws]
+# How much of the client's work on requests starting at one instant runs in one event-loop
+# iteration before the loop polls its sockets. A closed loop's first requests all start at once:
+# at 1,000 streams their planning, encoding and writes took ~100 ms in one iteration at 1k-token
+# prompts (580 ms at 8k), in which no response was read, so a first token that arrived then was
+# stamped up to that late: TTFT errors of 75-79 ms against the simulator's own trace (400 ms at
+# 8k). docs/load-generator.md, "Requests due at one instant"; benchmarks/start_burst.py.
+DEFAULT_START_SLICE_SECONDS = 0.002
+START_SLICE_SECONDS = DEFAULT_START_SLICE_SECONDS  # benchmarks/start_burst.py sets inf: one block, as before
+
+
+class StartSlices:
+    """Starts many requests due at one instant in slices, the loop polling between them.
+
+    ``await before_start()`` before starting each request: once the slice is full it yields for
+    one loop iteration (the slice's requests take their first steps, sending, then the loop polls
+    and reads), and sizes the next slice from what this one cost, to about ``seconds`` of work.
+    ``waited()`` says the starter slept anyway (an open loop's next arrival was not due yet)."""
+
+    def __init__(self, seconds: float | None = None) -> None:
+        self.seconds = START_SLICE_SECONDS if seconds is None else seconds
+        self.size = 1  # the first slice: one request, to learn a request's cost
+        self.count = 0
+        self.opened = time.perf_counter()
+
+    async def before_start(self) -> None:
+        if self.count >= self.size and self.seconds < math.inf:  # inf: one block
+            await asyncio.sleep(0)
+            spent = time.perf_counter() - self.opened
+            # at most 4x larger at once: one fast slice (a cached plan) says little about the next
+            self.size = max(1, int(min(4 * self.size, self.size * self.seconds / max(spent, 1e-9))))
+            self.waited()
+        self.count += 1
+
+    def waited(self) -> None:
+        self.count = 0
+        self.opened = time.perf_counter()
+
+
+async def _gather_cancelling(aws: Iterable[Awaitable[Any]], slices: StartSlices | None = None) -> None:
+    """Await all; if one raises or we are cancelled, cancel the rest first. With ``slices``
+    the awaitables start a slice at a time (pass a generator: each is made when started)."""
+    tasks: list[asyncio.Future[Any]] = []
     try:
+        for a in aws:
+            if slices is not None:
+                await slices.before_start()
+            tasks.append(asyncio.ensure_future(a))
         await asyncio.gather(*tasks)
     finally:
         for t in tasks:

@@ -27,6 +27,19 @@ else:  # imported at first use, not with this module (pytest_infmax/lazy.py)
 
 Endpoint = Literal["completions", "chat"]
 
+# A plan's prompt token ids are kept packed, 4 bytes each (PlannedRequest.packed_ids), not as a
+# tuple of Python ints, ~40 bytes each: 1,000 streams of 8k prompts held ~300 MB of them, and
+# with that many plans alive planning and encoding a request cost 456 us, 215 packed
+# (benchmarks/start_burst.py; docs/load-generator.md, "Requests due at one instant").
+PROMPT_ID_DTYPE = "<i4"
+PROMPT_ID_LIMIT = 2**31
+
+
+def pack_token_ids(ids: Any) -> bytes:
+    """A prompt's token ids (an integer array or sequence) packed as a plan keeps them."""
+    return np.asarray(ids, dtype=PROMPT_ID_DTYPE).tobytes()
+
+
 # Token ids drawn for random prompts when the vocabulary is large or unknown. Every
 # production tokenizer has at least 32k entries and keeps its special tokens at the low or
 # high end, so this window is ordinary text tokens for all of them. A smaller vocabulary
@@ -59,6 +72,8 @@ class TokenWindow:
         object.__setattr__(self, "exclude", tuple(sorted({int(i) for i in self.exclude})))
         if not 0 <= self.low < self.high:
             raise ValueError(f"token window must have 0 <= low < high, got {self.low}..{self.high}")
+        if self.high > PROMPT_ID_LIMIT:  # plans keep ids packed in 32 bits (PlannedRequest.packed_ids)
+            raise ValueError(f"token window {self.low}..{self.high}: ids must be below {PROMPT_ID_LIMIT}")
         if any(not self.low <= i < self.high for i in self.exclude):
             raise ValueError(f"token window {self.low}..{self.high}: excluded ids must lie inside it")
         if self.high - self.low - len(self.exclude) < 1:
@@ -210,7 +225,7 @@ class PlannedRequest:
     index: int
     input_len: int
     output_len: int
-    token_ids: tuple[int, ...] | None  # completions: the exact prompt
+    packed_ids: bytes | None  # completions: the exact prompt's token ids (pack_token_ids)
     text: str | None  # chat: a prompt of input_len words
     # multi-turn sessions and trace replay (load.workloads): where the request belongs, the prompt
     # tokens designed to repeat an earlier prompt's start, and a chat's whole conversation
@@ -218,6 +233,18 @@ class PlannedRequest:
     turn: int | None = None
     shared_prefix_tokens: int = 0
     messages: tuple[tuple[str, str], ...] | None = None  # (role, content) pairs
+
+    @property
+    def token_ids(self) -> tuple[int, ...] | None:
+        """Completions: the prompt's token ids (None for chat)."""
+        return None if self.packed_ids is None else tuple(self.prompt_ids())
+
+    def prompt_ids(self) -> list[int]:
+        """Completions: the prompt's token ids as the fresh list a request body holds."""
+        if self.packed_ids is None:
+            return []
+        ids: list[int] = np.frombuffer(self.packed_ids, dtype=PROMPT_ID_DTYPE).tolist()
+        return ids
 
 
 def plan_request(
@@ -231,7 +258,7 @@ def plan_request(
     isl, osl = scenario.sample_lengths(rng)
     if scenario.endpoint == "completions":
         ids = tokens.draw(rng, isl)
-        return PlannedRequest(index, isl, osl, tuple(ids.tolist()), None)
+        return PlannedRequest(index, isl, osl, pack_token_ids(ids), None)
     words = rng.integers(0, len(_WORDS), size=isl)
     return PlannedRequest(index, isl, osl, None, " ".join(_WORDS[w] for w in words))
 
@@ -257,7 +284,7 @@ def request_body(
         "temperature": 0.0,
     }
     if endpoint == "completions":
-        body["prompt"] = list(plan.token_ids or ())
+        body["prompt"] = plan.prompt_ids()
     else:
         body["messages"] = (
             [{"role": role, "content": content} for role, content in plan.messages]

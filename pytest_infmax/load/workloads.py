@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pytest_infmax.lazy import lazy_module
-from pytest_infmax.load.scenarios import _WORDS, PlannedRequest, Scenario, TokenWindow
+from pytest_infmax.load.scenarios import _WORDS, PlannedRequest, Scenario, TokenWindow, pack_token_ids
 
 if TYPE_CHECKING:
     import numpy as np
@@ -86,7 +86,14 @@ def _request(
 ) -> PlannedRequest:
     if endpoint == "completions":
         return PlannedRequest(
-            index, len(prompt), output_len, tuple(prompt), None, session=session, turn=turn, shared_prefix_tokens=shared
+            index,
+            len(prompt),
+            output_len,
+            pack_token_ids(prompt),
+            None,
+            session=session,
+            turn=turn,
+            shared_prefix_tokens=shared,
         )
     return PlannedRequest(
         index,
