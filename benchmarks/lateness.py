@@ -27,7 +27,7 @@ connections (the engine's figures include both), and reports:
   arrival p50 from 0.7 to 9 ms at 256 streams (docs/calibration.md, "The request's trip");
 * chunk error: every content event, client stamp - the trace's write stamp;
 * the simulator's garbage collector (``collector`` in ``/sim/stats``, from its start):
-  its full collections and its longest pause, a stall of every stream (sim/collector.py);
+  its full collections and its longest pause, a stall of every stream (pytest_infmax/collector.py);
 * the simulator's CPU seconds over the run, and per content (SSE) event written, split
   into user and kernel time (the kernel's part is mostly the loopback TCP send of each
   event): the machine-independent cost of its front end.
@@ -193,7 +193,7 @@ def measure(streams: int, variant: str, args: argparse.Namespace, sim_args: list
             queue.append(truth["handler_mono"] - truth["arrival_mono"])
         chunk_error += [c - s for c, s in zip(rec.chunk_times, server_chunks)]
     lateness, writes = stats["lateness_ms"], stats["write_lateness_ms"]
-    collector = stats.get("collector")  # None from a checkout before sim/collector.py
+    collector = stats.get("collector")  # None from a checkout before the simulator watched its collector
     return {
         "streams": streams,
         "writer": variant,

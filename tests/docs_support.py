@@ -123,6 +123,7 @@ POLICY: tuple[Rule, ...] = (
     Rule(("python", "benchmarks/micro.py"), Action.FLAGS, "a timing: about 30 s of interleaved rounds"),
     Rule(("python", "benchmarks/loopback_send.py"), Action.FLAGS, "a timing: ~10 s with its two processes pinned"),
     Rule(("python", "benchmarks/start_burst.py"), Action.FLAGS, "a simulator start per run: about 5 minutes"),
+    Rule(("python", "benchmarks/client_collector.py"), Action.FLAGS, "a timing: a pytest session of ~35 s"),
     Rule(
         ("pytest",),
         Action.FLAGS,

@@ -1,4 +1,4 @@
-"""The simulator's garbage collector (sim/collector.py): start-up frozen, full collections
+"""The simulator's garbage collector (pytest_infmax/collector.py): start-up frozen, full collections
 spaced out, and what the collector did in ``/sim/stats``."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from pytest_infmax.collector import FULL_EVERY, CollectorWatch
 from pytest_infmax.servers.launch import ServerConfig, running_server
-from pytest_infmax.sim.collector import FULL_EVERY, CollectorWatch
 
 # A serving pattern in miniature, in a process of its own (the settings are process-wide):
 # each step makes a burst of short-lived containers (its events) while a few of 1,000 open
@@ -22,7 +22,7 @@ from pytest_infmax.sim.collector import FULL_EVERY, CollectorWatch
 _SERVING = textwrap.dedent(
     """
     import collections, gc, json, sys
-    from pytest_infmax.sim.collector import settle_collector
+    from pytest_infmax.collector import settle_collector
     if sys.argv[1] == "settled":
         settle_collector()
     class Stream:

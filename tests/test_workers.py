@@ -256,6 +256,8 @@ def test_plugin_option_spreads_runs_over_workers(pytester: pytest.Pytester) -> N
     result.assert_outcomes(passed=1)
     runs = json.loads((pytester.path / "out.json").read_text())["results"]
     assert [r["client"]["workers"] for r in runs] == [2, 1]  # never more workers than streams
+    # each process ran its measured phase with its start-up's objects frozen (pytest_infmax/collector.py)
+    assert all(r["client"]["collector"]["frozen_objects"] > 1000 for r in runs)
     bad = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--infmax-workers", "2", "--infmax-sequential")
     assert bad.ret == pytest.ExitCode.USAGE_ERROR
     bad.stderr.fnmatch_lines(["*--infmax-sequential*needs one load process*--infmax-workers = 2*"])

@@ -13,7 +13,9 @@ because the event loop was busy. This module measures that during a run:
   again, and records how much later it actually ran (a busy or blocked loop delays
   every timestamp the client takes by about that much);
 * **client CPU**: process CPU seconds over wall seconds of the measured phase
-  (1.0 = one core busy all the time; the asyncio client uses at most ~1 core).
+  (1.0 = one core busy all the time; the asyncio client uses at most ~1 core);
+* **the garbage collector**: its collections and pauses over the measured phase, which it
+  spends with the session's objects frozen (``pytest_infmax.collector.CollectorHold``).
 
 A run is marked ``client_bound`` with the reason when the p99 of the event-loop
 lag or of the send lag passes ``threshold`` (default 10 ms).
@@ -122,6 +124,9 @@ class ClientStats:
     threshold: float = DEFAULT_LAG_THRESHOLD
     send_lag_reference: str = ""  # what send lag was measured from (closed / open loop)
     workers: int = 1  # processes the load ran in (CPU is their sum; loop lag is every loop's samples)
+    # the garbage collector over the measured phase (pytest_infmax/collector.py CollectorHold):
+    # collections, longest and total pause per generation, objects frozen; over workers, merged
+    collector: dict[str, Any] | None = None
 
     @property
     def cpu_utilisation(self) -> float | None:
@@ -172,4 +177,5 @@ class ClientStats:
             "wall_seconds": round(self.wall_seconds, 6),
             "cpu_utilisation": None if cpu is None else round(cpu, 4),
             "workers": self.workers,
+            "collector": self.collector,
         }

@@ -37,6 +37,7 @@ import msgspec
 import numpy as np
 import numpy.random  # noqa: F401  numpy loads it at first use (~25 ms): here, not at a worker's first request
 
+from pytest_infmax.collector import CollectorHold
 from pytest_infmax.load.clientstats import ClientStats, LoopLagMonitor
 from pytest_infmax.load.plan import LoadConfig, LoadConfigError, RunRecords
 from pytest_infmax.load.rayworkers import run_on_ray
@@ -483,6 +484,7 @@ class LoadGenerator:
         sender = _Sender(pool, urlsplit(url).path, self._headers, self.model, config)
         monitor = LoopLagMonitor()
         monitor.start()
+        collector = CollectorHold()  # held over the measured phase: no full scan of the session's objects
         try:
             warmup = share(config.effective_warmup, k, n)
             index = itertools.count(k, n)
@@ -497,6 +499,7 @@ class LoadGenerator:
             await pool.prefill(min(width or 64, 4096))
             if before_measured is not None:  # e.g. the server's metrics read at the phase's very start
                 await before_measured()
+            collector.start()
             if shard is not None:  # every shard starts its measured phase at one instant
                 measured_start = await shard.start_time()
                 # libuv's timers have millisecond resolution and may wake early: wait out the rest
@@ -527,6 +530,7 @@ class LoadGenerator:
                 if on_interrupted is not None:
                     # the tasks are cancelled by now: each request in flight left a cancelled record
                     ended = time.perf_counter(), time.process_time()
+                    collector.stop()
                     on_interrupted(
                         self._run_records(
                             [*records, *sender.cancelled],
@@ -534,12 +538,14 @@ class LoadGenerator:
                             monitor,
                             ended[1] - cpu_start,
                             config,
+                            collector.describe(),
                         )
                     )
                 raise
             measured_end = time.perf_counter()
             cpu_end = time.process_time()
         finally:
+            collector.stop()
             pool.close()
             await monitor.stop()
         return refuse_bad_token_ids(
@@ -549,6 +555,7 @@ class LoadGenerator:
                 monitor,
                 cpu_end - cpu_start,
                 config,
+                collector.describe(),
             )
         )
 
@@ -559,6 +566,7 @@ class LoadGenerator:
         monitor: LoopLagMonitor,
         cpu_seconds: float,
         config: LoadConfig,
+        collector: dict[str, Any] | None = None,
     ) -> RunRecords:
         clock_origin, epoch_origin, measured_start, measured_end = clocks
         records.sort(key=lambda r: r.index)
@@ -568,6 +576,7 @@ class LoadGenerator:
             loop_lag_interval=monitor.interval,
             cpu_seconds=cpu_seconds,
             wall_seconds=measured_end - measured_start,
+            collector=collector,
             threshold=config.client_lag_threshold,
             send_lag_reference=(
                 "closed loop: from the end of the worker's previous response (its first: the worker's start)"
@@ -906,9 +915,9 @@ def _fail(rec: RequestRecord, kind: ErrorKind, message: str) -> None:
 
 # How much of the client's work on requests starting at one instant runs in one event-loop
 # iteration before the loop polls its sockets. A closed loop's first requests all start at once:
-# at 1,000 streams their planning, encoding and writes took ~100 ms in one iteration at 1k-token
+# at 1,000 streams their planning, encoding and writes took 73-116 ms in one iteration at 1k-token
 # prompts (580 ms at 8k), in which no response was read, so a first token that arrived then was
-# stamped up to that late: TTFT errors of 75-79 ms against the simulator's own trace (400 ms at
+# stamped up to that late: TTFT errors of 53-96 ms against the simulator's own trace (400 ms at
 # 8k). docs/load-generator.md, "Requests due at one instant"; benchmarks/start_burst.py.
 DEFAULT_START_SLICE_SECONDS = 0.002
 START_SLICE_SECONDS = DEFAULT_START_SLICE_SECONDS  # benchmarks/start_burst.py sets inf: one block, as before

@@ -36,6 +36,7 @@ from typing import Any
 
 import msgspec
 
+from pytest_infmax.collector import merge_collector_figures
 from pytest_infmax.lazy import quiet_blas_threads
 from pytest_infmax.load.clientstats import ClientStats
 from pytest_infmax.load.plan import LoadConfig, RunRecords
@@ -249,6 +250,7 @@ def merge_shards(
         threshold=config.client_lag_threshold,
         send_lag_reference=stats[0]["send_lag_reference"],
         workers=len(parts),
+        collector=merge_collector_figures([s.get("collector") for s in stats]),
     )
     return RunRecords(records, clock_origin, epoch_origin, measured_start, measured_end, client)
 
@@ -262,4 +264,5 @@ def client_part(run: RunRecords) -> dict[str, Any]:
         "loop_lag_interval": client.loop_lag_interval,
         "cpu_seconds": client.cpu_seconds,
         "send_lag_reference": client.send_lag_reference,
+        "collector": client.collector,
     }

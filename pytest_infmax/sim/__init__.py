@@ -530,7 +530,7 @@ async def serve(config: SimConfig, host: str, port: int, port_file: Path | None,
     """Serve until SIGTERM / SIGINT or the parent's death; then shut down gracefully."""
     from aiohttp import web
 
-    from pytest_infmax.sim.collector import CollectorWatch, settle_collector
+    from pytest_infmax.collector import CollectorWatch, settle_collector
     from pytest_infmax.sim.frontdoor import FrontDoors
     from pytest_infmax.sim.server import ENGINE_KEY, OBS_KEY, build_app
 
@@ -564,7 +564,7 @@ async def serve(config: SimConfig, host: str, port: int, port_file: Path | None,
             write_port_file(port_file, bound_port)
         logger.info("infmax-sim: serving %s on %s", config.model, _url(host, bound_port))
         # The collector off the schedule: start-up's objects frozen, full collections spaced out
-        # (sim/collector.py); /sim/stats shows what it did from here on.
+        # (pytest_infmax/collector.py); /sim/stats shows what it did from here on.
         settle_collector()
         collector = app[OBS_KEY].collector
         collector.install()

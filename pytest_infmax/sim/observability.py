@@ -19,7 +19,7 @@ import time
 
 from aiohttp import web
 
-from pytest_infmax.sim.collector import CollectorWatch
+from pytest_infmax.collector import CollectorWatch
 from pytest_infmax.sim.config import SimConfig
 from pytest_infmax.sim.engine import EngineRequest, LatenessHistogram
 from pytest_infmax.sim.faults import FAULT_HEADER, FaultPlan, FaultSpec, FaultSpecError
@@ -51,7 +51,7 @@ class Observability:
         # content events of unfaulted streams: their write stamp minus the end of the engine step
         # that produced them (the engine's own lateness is its steps'; this is the wire's)
         self.write_lateness = LatenessHistogram()
-        # the garbage collector's passes and pauses (sim/collector.py); counting from serve()'s start
+        # the garbage collector's passes and pauses (pytest_infmax/collector.py); counting from serve()'s start
         self.collector = CollectorWatch()
 
     def on_generation_request(self, front_end: str) -> None:
