@@ -23,6 +23,9 @@ import tempfile
 import textwrap
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _figures import spread_cell  # noqa: E402
+
 _TEST = textwrap.dedent(
     """
     import gc, json, os, time
@@ -51,11 +54,6 @@ _TEST = textwrap.dedent(
 )
 
 
-def _cell(values: list[float]) -> str:
-    digits = 1 if max(values) < 100 else 0
-    return f"{statistics.median(values):.{digits}f} [{min(values):.{digits}f}-{max(values):.{digits}f}]"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5, help="runs in the session, each followed by both timings")
@@ -78,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"A full collection in a pytest session with the plugin, after each of {args.runs} runs: median [min-max]")
     print("| objects tracked | as the session stands, ms | its objects frozen, ms |\n|--:|--:|--:|")
     print(
-        f"| {statistics.median(r['tracked'] for r in rows):.0f} | {_cell([r['as_is_ms'] for r in rows])} "
-        f"| {_cell([r['frozen_ms'] for r in rows])} |"
+        f"| {statistics.median(r['tracked'] for r in rows):.0f} | {spread_cell([r['as_is_ms'] for r in rows], 1)} "
+        f"| {spread_cell([r['frozen_ms'] for r in rows], 1)} |"
     )
     return 0
 

@@ -48,7 +48,6 @@ import argparse
 import hashlib
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -67,6 +66,7 @@ from pytest_infmax.sim import FRONT_ENDS, SSE_WRITERS  # noqa: E402
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 from _affinity import pin_tree  # noqa: E402
+from _figures import split_simulator_flags, spread_cell  # noqa: E402
 
 MODEL = "sim-model"
 
@@ -255,20 +255,8 @@ _COLUMNS = (
 )
 
 
-def _cell(values: list[float]) -> str:
-    digits = 2 if max(abs(v) for v in values) < 100 else 0
-    median = statistics.median(values)
-    if len(values) == 1:
-        return f"{median:.{digits}f}"
-    return f"{median:.{digits}f} [{min(values):.{digits}f}-{max(values):.{digits}f}]"
-
-
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    sim_args: list[str] = []
-    if "--" in argv:
-        split = argv.index("--")
-        argv, sim_args = argv[:split], argv[split + 1 :]
+    argv, sim_args = split_simulator_flags(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="Flags after -- go to the simulator, e.g. -- --profile b200/gpt-oss-120b (the figures of "
@@ -348,7 +336,9 @@ def main(argv: list[str] | None = None) -> int:
         for writer in variants:
             cells = [r for r in rows if r["streams"] == streams and r["writer"] == writer]
             print(
-                f"| {streams} | {writer} | " + " | ".join(_cell([r[key] for r in cells]) for key, _ in _COLUMNS) + " |"
+                f"| {streams} | {writer} | "
+                + " | ".join(spread_cell([r[key] for r in cells]) for key, _ in _COLUMNS)
+                + " |"
             )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))

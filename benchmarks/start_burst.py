@@ -55,6 +55,9 @@ from pytest_infmax.load.scenarios import (  # noqa: E402
     request_body,
 )
 
+sys.path.insert(0, str(REPO / "benchmarks"))
+from _figures import split_simulator_flags, spread_cell  # noqa: E402
+
 MODEL = "sim-model"
 _encode = msgspec.json.Encoder().encode
 
@@ -156,17 +159,8 @@ def live(streams: int, isl: int, sliced: bool, sim_args: list[str]) -> dict[str,
     }
 
 
-def _cell(values: list[float]) -> str:
-    digits = 1 if max(abs(v) for v in values) < 100 else 0
-    return f"{statistics.median(values):.{digits}f} [{min(values):.{digits}f}-{max(values):.{digits}f}]"
-
-
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    sim_args: list[str] = []
-    if "--" in argv:
-        split = argv.index("--")
-        argv, sim_args = argv[:split], argv[split + 1 :]
+    argv, sim_args = split_simulator_flags(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="Flags after -- go to the simulator, e.g. -- --profile b200/gpt-oss-120b (the figures of "
@@ -193,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         ratio = statistics.median(cost["packed"]) / statistics.median(cost["tuple"])
         held = plan_bytes(isl)
         print(
-            f"| {isl} | {_cell(cost['packed'])} | {_cell(cost['tuple'])} | {ratio:.2f} "
+            f"| {isl} | {spread_cell(cost['packed'], 1)} | {spread_cell(cost['tuple'], 1)} | {ratio:.2f} "
             f"| {held['packed']:.1f} / {held['tuple']:.1f} |"
         )
     if not args.live:
@@ -220,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("|---|--:|--:|--:|--:|")
     for name, values in rows.items():
-        print(f"| {name} | " + " | ".join(_cell(values[c]) for c in columns) + " |")
+        print(f"| {name} | " + " | ".join(spread_cell(values[c], 1) for c in columns) + " |")
     return 0
 
 

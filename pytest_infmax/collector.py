@@ -6,10 +6,11 @@ generator, stamping every event it reads (``CollectorHold`` for a run's measured
 its process is the pytest session, not the client's alone).
 
 The load generator's measured phase: a full collection in a pytest session with the plugin
-scanned ~55,000 objects (pytest's, the plugin's, the tests') and paused 12-29 ms, every
-stream's stamps as late (two sessions, three runs each: ``gc.collect()`` timed after a run);
-with them frozen it took 0.1 ms. The hold freezes what exists when the phase starts, spaces
-full collections out as below, and puts both back when the phase ends.
+scanned ~55,000 objects (pytest's, the plugin's, the tests') and paused 16.8 [15.8-24.4] ms,
+every stream's stamps as late; with them frozen it took 0.0 [0.0-0.1] ms
+(``benchmarks/client_collector.py --runs 5``, docs/load-generator.md). The hold freezes what
+exists when the phase starts, spaces full collections out as below, and puts both back when
+the phase ends.
 
 The simulator:
 
