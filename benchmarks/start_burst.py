@@ -115,7 +115,8 @@ def live(streams: int, isl: int, sliced: bool, sim_args: list[str]) -> dict[str,
     """One simulator start, one closed-loop run of ``streams`` requests after a warm-up round."""
     scenario = Scenario("burst", isl, 64, range_ratio=1.0)
     config = LoadConfig(scenario, concurrency=streams, num_requests=streams, warmup=streams, request_timeout=600)
-    generator.START_SLICE_SECONDS = generator.DEFAULT_START_SLICE_SECONDS if sliced else math.inf
+    slice_seconds = generator.START_SLICE_SECONDS
+    generator.START_SLICE_SECONDS = slice_seconds if sliced else math.inf
     with tempfile.TemporaryDirectory() as workdir:
         port_file = Path(workdir) / "port"
         command = [
@@ -135,7 +136,7 @@ def live(streams: int, isl: int, sliced: bool, sim_args: list[str]) -> dict[str,
         finally:
             server.terminate()
             server.wait(timeout=30)
-            generator.START_SLICE_SECONDS = generator.DEFAULT_START_SLICE_SECONDS
+            generator.START_SLICE_SECONDS = slice_seconds
     trace = {t["body_sha256"]: t for t in traces["requests"]}
     errors, sends = [], []
     for rec in run.records:

@@ -77,15 +77,17 @@ class CollectorWatch:
         if self._callback in gc.callbacks:
             gc.callbacks.remove(self._callback)
 
-    def describe(self) -> dict[str, Any]:
-        """``collector`` in ``GET /sim/stats``: lists indexed by generation (2: full)."""
+    def pauses(self) -> dict[str, Any]:
+        """Collections and their longest and total pause: lists indexed by generation (2: full)."""
         return {
             "collections": list(self.collections),
             "longest_pause_ms": [round(value, 3) for value in self.longest_ms],
             "total_pause_ms": [round(value, 3) for value in self.total_ms],
-            "frozen": gc.get_freeze_count(),
-            "thresholds": list(gc.get_threshold()),
         }
+
+    def describe(self) -> dict[str, Any]:
+        """``collector`` in ``GET /sim/stats``: the pauses, what is frozen, the thresholds."""
+        return {**self.pauses(), "frozen": gc.get_freeze_count(), "thresholds": list(gc.get_threshold())}
 
 
 def settle_collector(full_every: int = FULL_EVERY) -> None:
@@ -133,13 +135,8 @@ class CollectorHold:
         self.watch.uninstall()
 
     def describe(self) -> dict[str, Any]:
-        """What the collector did meanwhile: lists indexed by generation (2: full)."""
-        return {
-            "collections": list(self.watch.collections),
-            "longest_pause_ms": [round(value, 3) for value in self.watch.longest_ms],
-            "total_pause_ms": [round(value, 3) for value in self.watch.total_ms],
-            "frozen_objects": self.frozen,
-        }
+        """What the collector did meanwhile (``CollectorWatch.pauses``) and the objects frozen."""
+        return {**self.watch.pauses(), "frozen_objects": self.frozen}
 
 
 def merge_collector_figures(parts: list[dict[str, Any] | None]) -> dict[str, Any] | None:

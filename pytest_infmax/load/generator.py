@@ -919,8 +919,7 @@ def _fail(rec: RequestRecord, kind: ErrorKind, message: str) -> None:
 # prompts (580 ms at 8k), in which no response was read, so a first token that arrived then was
 # stamped up to that late: TTFT errors of 53-96 ms against the simulator's own trace (400 ms at
 # 8k). docs/load-generator.md, "Requests due at one instant"; benchmarks/start_burst.py.
-DEFAULT_START_SLICE_SECONDS = 0.002
-START_SLICE_SECONDS = DEFAULT_START_SLICE_SECONDS  # benchmarks/start_burst.py sets inf: one block, as before
+START_SLICE_SECONDS = 0.002  # benchmarks/start_burst.py sets inf for a run: one block, as before
 
 
 class StartSlices:
@@ -928,11 +927,11 @@ class StartSlices:
 
     ``await before_start()`` before starting each request: once the slice is full it yields for
     one loop iteration (the slice's requests take their first steps, sending, then the loop polls
-    and reads), and sizes the next slice from what this one cost, to about ``seconds`` of work.
+    and reads), and sizes the next slice from what this one cost, to about ``START_SLICE_SECONDS`` of work.
     ``waited()`` says the starter slept anyway (an open loop's next arrival was not due yet)."""
 
-    def __init__(self, seconds: float | None = None) -> None:
-        self.seconds = START_SLICE_SECONDS if seconds is None else seconds
+    def __init__(self) -> None:
+        self.seconds = START_SLICE_SECONDS
         self.size = 1  # the first slice: one request, to learn a request's cost
         self.count = 0
         self.opened = time.perf_counter()
