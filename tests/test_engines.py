@@ -17,8 +17,10 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -315,6 +317,78 @@ def test_engine_starts_serves_load_and_stops_cleanly(engine: str, tmp_path: Path
         server.stop()
     assert any("stand-in] pid" in line and line.startswith(f"[{engine} ") for line in lines)  # -v echo
     assert server.stopped_pids and not any(pid_alive(p) for p in server.stopped_pids)
+
+
+def _file_store_named_in(log: Path) -> Path:
+    (line,) = [line for line in log.read_text().splitlines() if "distributed_init_method=file://" in line]
+    return Path(line.split("file://", 1)[1].split()[0])
+
+
+@pytest.mark.parametrize("mode", ["", "crash"], ids=["stopped", "crashed-at-start"])
+def test_vllms_runtime_files_go_when_it_ends(mode: str, tmp_path: Path, no_leaks) -> None:
+    """vLLM leaves its IPC sockets and torch.distributed's file store in the temp folder, however
+    it ends (the stand-in makes them as vLLM does): the sockets go to a folder of the server's
+    own, and the launcher removes both once the server has stopped, or failed to start."""
+    config = engine_config(tmp_path, "vllm", mode)
+    if mode == "crash":
+        with pytest.raises(ServerError, match="exited with code 1"):
+            start_server(config, tmp_path / "logs")
+        (log,) = (tmp_path / "logs").glob("server-vllm-*.log")
+        assert not _file_store_named_in(log).exists()
+        (call,) = recorded_argv(tmp_path)
+        assert call["ipc"] and not Path(call["ipc"]).exists()  # its own folder went too
+        return
+    server = start_server(config, tmp_path / "logs")
+    try:
+        assert server.scratch_dir is not None and server.scratch_dir.parent == Path(tempfile.gettempdir())
+        assert recorded_argv(tmp_path)[0]["ipc"] == str(server.scratch_dir)
+        (ipc,) = server.scratch_dir.iterdir()
+        assert ipc.is_socket()
+        assert server.log_path is not None
+        store = _file_store_named_in(server.log_path)
+        assert store.is_file() and store.parent == Path(tempfile.gettempdir())
+    finally:
+        server.stop()
+    assert not server.scratch_dir.exists() and not store.exists()
+
+
+def test_vllms_ipc_folder_is_the_users_where_set_and_none_under_a_launcher(tmp_path: Path) -> None:
+    mine = {"VLLM_RPC_BASE_PATH": str(tmp_path)}
+    assert engines.private_ipc_dir("vllm", mine) is None and mine == {"VLLM_RPC_BASE_PATH": str(tmp_path)}
+    env: dict[str, str] = {}
+    assert engines.private_ipc_dir("vllm", env, ("srun",)) is None and env == {}  # maybe another host's
+    assert engines.private_ipc_dir("sglang", env) is None and env == {}
+    folder = engines.private_ipc_dir("vllm", env)
+    try:
+        assert folder is not None and folder.is_dir() and env == {"VLLM_RPC_BASE_PATH": str(folder)}
+        assert len(str(folder)) < 70  # a socket's path: 107 bytes at most, and a UUID (36) goes below
+    finally:
+        if folder is not None:
+            folder.rmdir()
+
+
+def test_a_logs_file_store_is_removed_only_as_vllm_names_it_in_a_temp_folder(tmp_path: Path) -> None:
+    """The path comes from the server's log: whatever else a log names is never touched."""
+    hexes = [uuid.uuid4().hex for _ in range(4)]
+    own_tmp = tmp_path / "tmp"
+    own_tmp.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    real = own_tmp / f"vllm_dist_{hexes[0]}"
+    outside = elsewhere / f"vllm_dist_{hexes[1]}"
+    other_name = own_tmp / "vllm_dist_notes"
+    linked = own_tmp / f"vllm_dist_{hexes[2]}"
+    for path in (real, outside, other_name):
+        path.write_text("x")
+    linked.symlink_to(outside)
+    log = "\n".join(
+        f"INFO [parallel_state.py:1907] world_size=1 rank=0 distributed_init_method=file://{p} backend=gloo"
+        for p in (real, real, outside, other_name, linked, own_tmp / ".." / "elsewhere" / outside.name)
+    )
+    found = engines.file_store_leftovers("vllm", log, {"TMPDIR": str(own_tmp)})
+    assert found == [real]
+    assert engines.file_store_leftovers("vllm", log, {}) == []  # not in this process's temp folder
+    assert engines.file_store_leftovers("sglang", log, {"TMPDIR": str(own_tmp)}) == []
 
 
 def test_mpirun_as_root_without_the_flag_fails_at_once(tmp_path: Path, no_leaks) -> None:

@@ -31,7 +31,8 @@ import shlex
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterable, Mapping
+import tempfile
+from collections.abc import Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -378,6 +379,45 @@ def engine_program(engine: str, executable: str | None, env: Mapping[str, str]) 
     if engine == "vllm":
         return vllm_program(executable, env)
     return default_program(engine, executable)
+
+
+# vLLM's runtime files outside its log, both in the temp folder by default and neither removed
+# when the server ends, however it ends: its ZMQ IPC sockets, in VLLM_RPC_BASE_PATH (10 or so a
+# start: vllm/envs.py, vllm/utils/network_utils.py get_open_zmq_ipc_path), and the file store of
+# torch.distributed's rendezvous (``vllm_dist_<hex>``: get_file_store_init_method). A suite's
+# vLLM starts left ~850 of them in /tmp. The sockets go to a folder of the server's own; the
+# file store's path is only known from the line vLLM logs when it sets up torch.distributed.
+VLLM_IPC_ENV = "VLLM_RPC_BASE_PATH"
+_VLLM_FILE_STORE = re.compile(r"distributed_init_method=file://(\S+/vllm_dist_[0-9a-f]{32})(?![0-9a-zA-Z])")
+
+
+def private_ipc_dir(engine: str, env: MutableMapping[str, str], launcher_prefix: Iterable[str] = ()) -> Path | None:
+    """A fresh folder for the engine's IPC sockets, named in ``env``, removed once it has stopped.
+
+    vLLM only, and only where its sockets would otherwise go to the shared temp folder: not when
+    ``env`` names a folder already (the user's choice stands), nor under a launcher (``srun``,
+    ``mpirun``: the engine may run on another host, where this folder does not exist).
+    """
+    if engine != "vllm" or VLLM_IPC_ENV in env or tuple(launcher_prefix):
+        return None
+    folder = Path(tempfile.mkdtemp(prefix="infmax-vllm-ipc-"))
+    env[VLLM_IPC_ENV] = str(folder)
+    return folder
+
+
+def file_store_leftovers(engine: str, log_text: str, env: Mapping[str, str]) -> list[Path]:
+    """The torch.distributed file stores a stopped vLLM server named in its log, where they remain.
+
+    Only files named as vLLM names them (``vllm_dist_`` and 32 hex digits) and only in a temp
+    folder, this process's or one the server's ``env`` names (TMPDIR, TEMP, TMP: Python's
+    tempfile looks there first): a path read from a log is never trusted further than that.
+    """
+    if engine != "vllm":
+        return []
+    temps = {Path(tempfile.gettempdir()).resolve()}
+    temps |= {Path(env[name]).resolve() for name in ("TMPDIR", "TEMP", "TMP") if env.get(name)}
+    found = {Path(m) for m in _VLLM_FILE_STORE.findall(log_text)}
+    return sorted(p for p in found if p.parent.resolve() in temps and p.is_file() and not p.is_symlink())
 
 
 def build_argv(

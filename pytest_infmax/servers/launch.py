@@ -71,6 +71,8 @@ from pytest_infmax.servers.readiness import (
     _probe,
 )
 
+# how much of a server's log is searched for the files it set up at start-up (_remove_leftovers)
+_LOG_HEAD_BYTES = 8 << 20
 PORT_TRIES = 3  # starts of a server that could not bind its port (another process took it)
 
 
@@ -110,6 +112,8 @@ class Server:
     launch_note: str = ""
     # where the supervisor writes the leader's exit status (supervisor.py), the moment it exits
     exit_file: Path | None = None
+    # a folder of the server's own for its runtime files (engines.private_ipc_dir), removed at stop
+    scratch_dir: Path | None = None
     _tailer: LogTailer | None = None
 
     @property
@@ -213,6 +217,7 @@ class Server:
                 self._tailer.stop()
         with _LIVE_LOCK:  # only once it is really gone; else exit-time cleanup tries again
             _LIVE.discard(self)
+        self._remove_leftovers()
         port = urlsplit(self.base_url).port if self.base_url else None
         left = listeners(port) if port else []
         if left:
@@ -223,6 +228,22 @@ class Server:
             )
         if self.after_stop is not None:
             self.after_stop(self.stopped_pids)
+
+    def _remove_leftovers(self) -> None:
+        """What the stopped server's processes left outside its log: its scratch folder, and the
+        files its log names as its own (vLLM's file store: engines.file_store_leftovers)."""
+        if self.scratch_dir is not None:
+            shutil.rmtree(self.scratch_dir, ignore_errors=True)
+        if self.log_path is None or not engines.is_engine(self.config.kind):
+            return
+        try:
+            with open(self.log_path, "rb") as log:  # set up at start-up: the log's head names it
+                head = log.read(_LOG_HEAD_BYTES).decode(errors="replace")
+        except OSError:
+            return
+        for path in engines.file_store_leftovers(self.config.kind, head, dict(self.config.env)):
+            with contextlib.suppress(OSError):
+                path.unlink()
 
     @property
     def restartable(self) -> bool:
@@ -490,6 +511,7 @@ def _start_once(
         quiet_blas_threads(env)  # the simulator uses no BLAS; it shares the host with the client
     if shutil.which(argv[0], path=env.get("PATH")) is None:
         raise ServerError(f"cannot start {argv[0]!r}: no such executable; is it installed and on PATH?")
+    scratch_dir = engines.private_ipc_dir(config.kind, env, config.launcher_prefix)
     started = time.monotonic()
     log = open(log_path, "wb")
     try:
@@ -497,6 +519,8 @@ def _start_once(
         # subreaper); its stdin is a pipe whose end only this process holds (supervisor.py).
         proc = spawn_in_own_group(supervised(argv, exit_file), log, env, stdin=subprocess.PIPE)
     except OSError as exc:
+        if scratch_dir is not None:
+            shutil.rmtree(scratch_dir, ignore_errors=True)
         raise ServerError(f"cannot start {argv[0]!r}: {exc}; is it installed and on PATH?") from None
     finally:
         if not log.closed:
@@ -511,6 +535,7 @@ def _start_once(
         after_stop=after_stop,
         launch_note=launch_note,
         exit_file=exit_file,
+        scratch_dir=scratch_dir,
     )
     with _LIVE_LOCK:
         _LIVE.add(server)

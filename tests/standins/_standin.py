@@ -24,9 +24,12 @@ import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
+import uuid
 from typing import Any
 
 
@@ -38,7 +41,26 @@ def record_argv(prog: str) -> None:
     path = os.environ.get("INFMAX_STANDIN_ARGV")
     if path:
         with open(path, "a") as f:
-            f.write(json.dumps({"prog": prog, "argv": sys.argv[1:], "pid": os.getpid()}) + "\n")
+            ipc = os.environ.get("VLLM_RPC_BASE_PATH")  # vLLM's IPC socket folder, as it was given
+            f.write(json.dumps({"prog": prog, "argv": sys.argv[1:], "pid": os.getpid(), "ipc": ipc}) + "\n")
+
+
+def vllm_runtime_files() -> None:
+    """What vLLM leaves behind however it ends (vllm/utils/network_utils.py): its ZMQ IPC sockets
+    in VLLM_RPC_BASE_PATH, and torch.distributed's file store in the temp folder, named in its
+    log. (Without VLLM_RPC_BASE_PATH vLLM binds in the temp folder; the stand-in then binds
+    nothing, so that no test leaves a socket in a folder the tests share.)"""
+    base = os.environ.get("VLLM_RPC_BASE_PATH")
+    if base:
+        ipc = socket.socket(socket.AF_UNIX)
+        ipc.bind(os.path.join(base, str(uuid.uuid4())))  # closed at exec; its file stays
+    store = os.path.join(tempfile.gettempdir(), f"vllm_dist_{uuid.uuid4().hex}")
+    open(store, "w").close()
+    print(
+        "INFO 12-07 16:00:00 [parallel_state.py:1907] world_size=1 rank=0 local_rank=0 "
+        f"distributed_init_method=file://{store} backend=gloo",
+        flush=True,
+    )
 
 
 def serve(prog: str, host: str, port: int, model: str, parsed: dict[str, Any]) -> None:
