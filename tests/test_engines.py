@@ -352,6 +352,42 @@ def test_vllms_runtime_files_go_when_it_ends(mode: str, tmp_path: Path, no_leaks
     assert not server.scratch_dir.exists() and not store.exists()
 
 
+SESSION_KILLED_WITH_A_SERVER = """
+import json, sys, time
+from pathlib import Path
+from pytest_infmax.servers.config import config_from_mapping
+from pytest_infmax.servers.launch import ServerConfig, start_server
+server = start_server(config_from_mapping(ServerConfig(), json.loads(sys.argv[1])), Path(sys.argv[2]))
+Path(sys.argv[3]).write_text(str(server.scratch_dir))
+time.sleep(300)  # SIGKILLed here
+"""
+
+
+def test_vllms_ipc_folder_goes_when_the_session_is_killed(tmp_path: Path, no_leaks) -> None:
+    """A session SIGKILLed runs no teardown: the server's supervisor, the last of its processes
+    to end, removes the folder."""
+    script = tmp_path / "session.py"
+    script.write_text(SESSION_KILLED_WITH_A_SERVER)
+    told = tmp_path / "scratch.txt"
+    env = {**standin_env(tmp_path), "TMPDIR": str(tmp_path)}  # where the file store stays: no teardown runs
+    options = dict(engine="vllm", model=f"{tmp_path}/models/tiny-llama", env=env, startup_timeout=60)
+    session = subprocess.Popen([sys.executable, str(script), json.dumps(options), str(tmp_path / "logs"), str(told)])
+    try:
+        deadline = time.monotonic() + 90
+        while not told.exists():
+            assert session.poll() is None and time.monotonic() < deadline, "the session's server never started"
+            time.sleep(0.05)
+        scratch = Path(told.read_text())
+        assert scratch.is_dir() and any(scratch.iterdir())  # the stand-in's socket is in it
+    finally:
+        session.kill()
+        session.wait(timeout=10)
+    deadline = time.monotonic() + 30
+    while scratch.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not scratch.exists()
+
+
 def test_vllms_ipc_folder_is_the_users_where_set_and_none_under_a_launcher(tmp_path: Path) -> None:
     mine = {"VLLM_RPC_BASE_PATH": str(tmp_path)}
     assert engines.private_ipc_dir("vllm", mine) is None and mine == {"VLLM_RPC_BASE_PATH": str(tmp_path)}

@@ -517,7 +517,7 @@ def _start_once(
     try:
         # The supervisor starts the server and holds every process it starts (a child
         # subreaper); its stdin is a pipe whose end only this process holds (supervisor.py).
-        proc = spawn_in_own_group(supervised(argv, exit_file), log, env, stdin=subprocess.PIPE)
+        proc = spawn_in_own_group(supervised(argv, exit_file, scratch_dir), log, env, stdin=subprocess.PIPE)
     except OSError as exc:
         if scratch_dir is not None:
             shutil.rmtree(scratch_dir, ignore_errors=True)

@@ -218,10 +218,15 @@ def free_port(host: str = "127.0.0.1") -> int:
 SUPERVISOR = Path(__file__).with_name("supervisor.py")
 
 
-def supervised(argv: tuple[str, ...] | list[str], exit_file: Path | None = None) -> list[str]:
+def supervised(
+    argv: tuple[str, ...] | list[str], exit_file: Path | None = None, scratch: Path | None = None
+) -> list[str]:
     """``argv`` run under the supervisor (``supervisor.py``: isolated, standard library only),
-    which writes the leader's exit status to ``exit_file`` when the leader exits."""
+    which writes the leader's exit status to ``exit_file`` when the leader exits, and removes
+    the folder ``scratch`` once every process of the server has ended."""
     told = ["--exit-file", str(exit_file)] if exit_file is not None else []
+    if scratch is not None:
+        told += ["--scratch", str(scratch)]
     return [sys.executable, "-I", "-S", str(SUPERVISOR), *told, "--", *argv]
 
 

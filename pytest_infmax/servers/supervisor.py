@@ -1,6 +1,6 @@
 """The server's supervisor: the one process the launcher starts; it starts the server.
 
-``python -I -S supervisor.py [--exit-file F] -- ARGV...`` (run by path, standard library only, so it
+``python -I -S supervisor.py [--exit-file F] [--scratch D] -- ARGV...`` (run by path, standard library only, so it
 starts in a few milliseconds and imports nothing of the package) becomes a *child
 subreaper* (``prctl(PR_SET_CHILD_SUBREAPER)``, Linux): every process the server
 starts that loses its parent is reparented to the supervisor instead of to init.
@@ -22,13 +22,16 @@ sessions and process groups, and whenever the leader exits. The supervisor:
 * when its stdin reaches end of file, SIGKILLs every descendant until none is
   left, then exits. The launcher holds the other end of that pipe: it closes it
   after the grace period, and the kernel closes it when pytest dies, even by
-  SIGKILL, so nothing the server started outlives the session.
+  SIGKILL, so nothing the server started outlives the session;
+* with ``--scratch D``, removes the folder ``D`` (the server's runtime files, e.g. vLLM's
+  IPC sockets) once none of them is left, however the session ended.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -122,13 +125,26 @@ def _leader_exited(pid: int, code: int, exit_file: str | None) -> None:
 
 def main(argv: list[str]) -> int:
     exit_file: str | None = None
-    if argv[:1] == ["--exit-file"] and len(argv) > 1:
-        exit_file, argv = argv[1], argv[2:]
+    scratch: str | None = None
+    while argv[:1] in (["--exit-file"], ["--scratch"]) and len(argv) > 1:
+        if argv[0] == "--exit-file":
+            exit_file = argv[1]
+        else:
+            scratch = argv[1]
+        argv = argv[2:]
     if argv[:1] == ["--"]:
         argv = argv[1:]
     if not argv:
         print("supervisor: no command given", file=sys.stderr, flush=True)
         return 2
+    try:
+        return _supervise(argv, exit_file)
+    finally:
+        if scratch:  # nothing the server started runs any more (or it could not start)
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _supervise(argv: list[str], exit_file: str | None) -> int:
     if not _prctl(PR_SET_CHILD_SUBREAPER, 1):
         print("supervisor: cannot become a child subreaper (not Linux?); daemonized children may escape", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: _signal_all(signal.SIGTERM))
