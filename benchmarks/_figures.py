@@ -1,9 +1,18 @@
-"""What the side-by-side benchmarks share: a figure as its median with the spread, and the
-simulator's flags handed on after ``--``."""
+"""What the side-by-side benchmarks share: a figure as its median with the spread, the
+simulator's flags handed on after ``--``, and a simulator started for a live part."""
 
 from __future__ import annotations
 
+import contextlib
 import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def spread_cell(values: list[float], small_digits: int = 2) -> str:
@@ -21,3 +30,27 @@ def split_simulator_flags(argv: list[str]) -> tuple[list[str], list[str]]:
         return argv, []
     split = argv.index("--")
     return argv[:split], argv[split + 1 :]
+
+
+@contextlib.contextmanager
+def simulator(model: str, streams: int, sim_args: list[str], trace_capacity: int | None = None) -> Iterator[str]:
+    """The embedded simulator in a process of its own, batching up to ``streams`` (at least 256);
+    yields its base URL, and ends it."""
+    with tempfile.TemporaryDirectory() as workdir:
+        port_file = Path(workdir) / "port"
+        command = [
+            sys.executable, "-m", "pytest_infmax.sim", "--port", "0", "--port-file", str(port_file), "--model", model,
+            "--max-num-seqs", str(max(256, streams)),
+            *(["--trace-capacity", str(trace_capacity)] if trace_capacity else []), *sim_args,
+        ]  # fmt: skip
+        server = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 30
+            while not port_file.exists():
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit("the simulator did not start")
+                time.sleep(0.02)
+            yield f"http://127.0.0.1:{int(port_file.read_text())}"
+        finally:
+            server.terminate()
+            server.wait(timeout=30)

@@ -9,11 +9,21 @@ when a measured phase starts), the order alternating. A full collection stops th
 every stream's stamps are as late as it lasts. Prints the median [min-max] of the runs.
 
     .venv/bin/python benchmarks/client_collector.py --runs 5
+
+``--live STREAMS``: instead, the young and middle collections of a closed loop of STREAMS
+streams against the simulator (started here; flags after ``--`` go to it), 3 x STREAMS
+measured requests of ISL 1024 and ``--osl`` tokens in [0.8 L, L], after a warm-up round,
+``--runs`` times each way, interleaved: each record's per-chunk token counts kept as an
+``array('q')`` (now), and as a list of ints (until 2026-12-07; the generator's own counts
+turned into a list), which every collection that meets a record walks item by item.
+
+    .venv/bin/python benchmarks/client_collector.py --live 1000 --osl 256 --runs 3 -- --profile b200/gpt-oss-120b
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -24,7 +34,7 @@ import textwrap
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _figures import spread_cell  # noqa: E402
+from _figures import simulator, split_simulator_flags, spread_cell  # noqa: E402
 
 _TEST = textwrap.dedent(
     """
@@ -54,10 +64,67 @@ _TEST = textwrap.dedent(
 )
 
 
+def live(streams: int, osl: int, as_lists: bool, sim_args: list[str]) -> dict[str, float]:
+    """One closed-loop run against a fresh simulator: what the client's collector did."""
+    from pytest_infmax.load import generator
+    from pytest_infmax.load.plan import LoadConfig
+    from pytest_infmax.load.scenarios import Scenario
+
+    scenario = Scenario("collector", 1024, osl, range_ratio=0.8)
+    config = LoadConfig(scenario, concurrency=streams, num_requests=3 * streams, warmup=streams, request_timeout=600)
+    counts = generator._chunk_tokens
+    if as_lists:  # as records kept them until 2026-12-07
+        generator._chunk_tokens = lambda *a, **k: (lambda got: (list(got[0]), got[1]))(counts(*a, **k))
+    try:
+        with simulator("sim-model", streams, sim_args) as url:
+            run = generator.run_coroutine(generator.LoadGenerator(url, "sim-model").run(config))
+    finally:
+        generator._chunk_tokens = counts
+    assert run.client is not None and run.client.collector is not None
+    figures = run.client.collector
+    return {
+        "young_longest_ms": figures["longest_pause_ms"][0],
+        "young_total_ms": figures["total_pause_ms"][0],
+        "middle_longest_ms": figures["longest_pause_ms"][1],
+        "middle_total_ms": figures["total_pause_ms"][1],
+        "loop_lag_max_ms": max(run.client.loop_lags, default=0.0) * 1e3,
+    }
+
+
+def live_main(streams: int, osl: int, runs: int, sim_args: list[str]) -> int:
+    print(f"{streams} streams, ISL 1024, OSL {osl} in [0.8 L, L], simulator: {' '.join(sim_args) or '(defaults)'}")
+    rows: dict[str, dict[str, list[float]]] = {"array('q') (now)": {}, "list of ints (before)": {}}
+    for round_index in range(runs):
+        for as_lists in (False, True) if round_index % 2 == 0 else (True, False):
+            name = "list of ints (before)" if as_lists else "array('q') (now)"
+            result = live(streams, osl, as_lists, sim_args)
+            gc.collect()
+            for key, value in result.items():
+                rows[name].setdefault(key, []).append(value)
+            print(f"  round {round_index + 1}, {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in result.items()))
+    columns = ["young_longest_ms", "young_total_ms", "middle_longest_ms", "middle_total_ms", "loop_lag_max_ms"]
+    print("\n| token counts | young: longest ms | total ms | middle: longest ms | total ms | loop lag max ms |")
+    print("|---|--:|--:|--:|--:|--:|")
+    for name, values in rows.items():
+        print(f"| {name} | " + " | ".join(spread_cell(values[c], 1) for c in columns) + " |")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    argv, sim_args = split_simulator_flags(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Flags after -- go to the simulator (--live), e.g. -- --profile b200/gpt-oss-120b (the figures of "
+        "docs/load-generator.md); --max-num-seqs (the stream count, at least 256) is set here.",
+    )
     parser.add_argument("--runs", type=int, default=5, help="runs in the session, each followed by both timings")
+    parser.add_argument(
+        "--live", type=int, metavar="STREAMS", help="instead: a closed loop's young and middle collections"
+    )
+    parser.add_argument("--osl", type=int, default=256, help="--live: output tokens per request, at most (default 256)")
     args = parser.parse_args(argv)
+    if args.live:
+        return live_main(args.live, args.osl, args.runs, sim_args)
     with tempfile.TemporaryDirectory() as workdir:
         (Path(workdir) / "test_collections.py").write_text(_TEST)
         out = Path(workdir) / "rows.json"

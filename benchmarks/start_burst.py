@@ -29,9 +29,7 @@ import hashlib
 import json
 import math
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import tracemalloc
 import urllib.request
@@ -56,7 +54,7 @@ from pytest_infmax.load.scenarios import (  # noqa: E402
 )
 
 sys.path.insert(0, str(REPO / "benchmarks"))
-from _figures import split_simulator_flags, spread_cell  # noqa: E402
+from _figures import simulator, split_simulator_flags, spread_cell  # noqa: E402
 
 MODEL = "sim-model"
 _encode = msgspec.json.Encoder().encode
@@ -117,26 +115,12 @@ def live(streams: int, isl: int, sliced: bool, sim_args: list[str]) -> dict[str,
     config = LoadConfig(scenario, concurrency=streams, num_requests=streams, warmup=streams, request_timeout=600)
     slice_seconds = generator.START_SLICE_SECONDS
     generator.START_SLICE_SECONDS = slice_seconds if sliced else math.inf
-    with tempfile.TemporaryDirectory() as workdir:
-        port_file = Path(workdir) / "port"
-        command = [
-            sys.executable, "-m", "pytest_infmax.sim", "--port", "0", "--port-file", str(port_file), "--model", MODEL,
-            "--trace-capacity", str(2 * streams + 16), "--max-num-seqs", str(max(256, streams)), *sim_args,
-        ]  # fmt: skip
-        server = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + 30
-            while not port_file.exists():
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit("the simulator did not start")
-                time.sleep(0.02)
-            url = f"http://127.0.0.1:{int(port_file.read_text())}"
+    try:
+        with simulator(MODEL, streams, sim_args, trace_capacity=2 * streams + 16) as url:
             run = run_coroutine(LoadGenerator(url, MODEL).run(config))
             traces = _get(f"{url}/sim/trace")
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
-            generator.START_SLICE_SECONDS = slice_seconds
+    finally:
+        generator.START_SLICE_SECONDS = slice_seconds
     trace = {t["body_sha256"]: t for t in traces["requests"]}
     errors, sends = [], []
     for rec in run.records:

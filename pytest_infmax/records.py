@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from itertools import chain
 from typing import TYPE_CHECKING, Any
@@ -56,6 +56,18 @@ class ErrorKind(str, enum.Enum):
     CANCELLED = "cancelled"  # the run was stopped before the request ended
 
 
+def token_counts(counts: Iterable[int]) -> array[int] | list[int]:
+    """Per-chunk token counts as a record holds them: an ``array('q')``, or, only when a
+    count does not fit in int64 (a hostile server's), a list of the exact ints."""
+    if isinstance(counts, array) and counts.typecode == "q":
+        return counts
+    kept = counts if isinstance(counts, (list, tuple, array)) else list(counts)
+    try:
+        return array("q", kept)
+    except (OverflowError, TypeError):  # past int64, or not ints at all: kept as given, for the checks downstream
+        return list(kept)
+
+
 @dataclass(slots=True)
 class RequestRecord:
     """One request as observed by the client.
@@ -68,6 +80,11 @@ class RequestRecord:
     of floats takes 32, appended to as the stream is read (a list given to the
     constructor becomes one); ``numpy.frombuffer(rec.chunk_times)`` views it without a
     copy. On disk the stamps go to a binary sidecar beside the JSON (``sidecar.py``).
+    ``chunk_tokens`` likewise, an ``array('q')`` (:func:`token_counts`): a list of ints is a
+    container the garbage collector walks item by item, and a run keeps thousands of
+    records alive (at 1,000 streams of 256 tokens the young collections that met a fresh
+    record's list took 3.4-6.9 ms, against 1.2-1.3 with arrays). Only a count past int64
+    (a hostile server's) keeps the list, exact.
     """
 
     index: int
@@ -77,7 +94,7 @@ class RequestRecord:
     first_token_time: float | None = None  # first event with non-empty content
     end_time: float | None = None  # response fully read (or failure observed)
     chunk_times: array[float] = field(default_factory=lambda: array("d"))
-    chunk_tokens: list[int] = field(default_factory=list)
+    chunk_tokens: array[int] | list[int] = field(default_factory=lambda: array("q"))
     input_tokens: int | None = None
     input_tokens_source: TokenSource = TokenSource.NONE
     output_tokens: int | None = None
@@ -101,6 +118,7 @@ class RequestRecord:
     def __post_init__(self) -> None:
         if not isinstance(self.chunk_times, array) or self.chunk_times.typecode != "d":
             self.chunk_times = array("d", self.chunk_times)
+        self.chunk_tokens = token_counts(self.chunk_tokens)
 
     @property
     def ok(self) -> bool:
@@ -216,15 +234,13 @@ class RequestRecord:
                 d[key] = round(d[key] - t0, 9)
         times = np.round(np.frombuffer(self.chunk_times, dtype=np.float64) - t0, 9)
         d["chunk_times"] = times if arrays else times.tolist()
+        tokens = self.chunk_tokens
         if not arrays:
-            d["chunk_tokens"] = list(self.chunk_tokens)
-        elif self.chunk_tokens.count(1) == len(self.chunk_tokens):  # one token an event: no list to read
-            d["chunk_tokens"] = np.ones(len(self.chunk_tokens), dtype=np.int64)
-        else:
-            try:
-                d["chunk_tokens"] = np.asarray(self.chunk_tokens, dtype=np.int64)
-            except OverflowError:  # a count past int64 (a hostile server's): kept as a list
-                d["chunk_tokens"] = list(self.chunk_tokens)
+            d["chunk_tokens"] = tokens.tolist() if isinstance(tokens, array) else list(tokens)
+        elif isinstance(tokens, array):  # a copy: the dict outlives no change to the record, but is its own
+            d["chunk_tokens"] = np.frombuffer(tokens, dtype=np.int64).copy()
+        else:  # a count past int64 (a hostile server's): kept as a list
+            d["chunk_tokens"] = list(tokens)
         for key in ("input_tokens_source", "output_tokens_source", "chunk_tokens_source"):
             d[key] = d[key].value
         d["error_kind"] = self.error_kind.value if self.error_kind else None
@@ -241,8 +257,11 @@ class RequestRecord:
             d["chunk_times"] = array("d", [t + t0 for t in times])
         else:  # a numpy array, as to_dict(arrays=True) makes it: the same sums, at once
             d["chunk_times"] = array("d", (np.asarray(times, dtype=np.float64) + t0).tobytes())
-        if hasattr(d.get("chunk_tokens"), "tolist"):  # a numpy array: plain ints
-            d["chunk_tokens"] = d["chunk_tokens"].tolist()
+        tokens = d.get("chunk_tokens")
+        if isinstance(tokens, np.ndarray) and tokens.dtype == np.int64:  # as to_dict(arrays=True) makes it
+            d["chunk_tokens"] = array("q", tokens.tobytes())
+        elif isinstance(tokens, np.ndarray):  # another numpy array: plain ints
+            d["chunk_tokens"] = tokens.tolist()
         for key in ("input_tokens_source", "output_tokens_source", "chunk_tokens_source"):
             d[key] = TokenSource(d.get(key, "none"))
         d["error_kind"] = ErrorKind(d["error_kind"]) if d.get("error_kind") else None

@@ -321,7 +321,7 @@ def test_trace_is_ground_truth_for_the_load_generators_timing(tmp_path: Path) ->
         assert truth["outcome"] == "ok"
         assert truth["prompt_tokens"] == record.input_tokens
         assert truth["completion_tokens"] == record.output_tokens
-        assert truth["chunk_tokens"] == record.chunk_tokens
+        assert truth["chunk_tokens"] == list(record.chunk_tokens)
         assert len(truth["chunk_wall"]) == len(record.chunk_times)
         assert record.first_token_time is not None
         first_errors.append(wall(record.first_token_time) - truth["first_token_wall"])

@@ -45,7 +45,7 @@ from pytest_infmax.load.scenarios import Endpoint, PlannedRequest, TokenWindow, 
 from pytest_infmax.load.streamclient import ConnectionPool, SSEDecoder, StreamError, build_request, stream_post
 from pytest_infmax.load.workers import Shard, run_sharded, share
 from pytest_infmax.load.workloads import Sessions, Trace
-from pytest_infmax.records import ErrorKind, RequestRecord, TokenSource
+from pytest_infmax.records import ErrorKind, RequestRecord, TokenSource, token_counts
 
 __all__ = ["LoadGenerator", "StreamError", "arrival_offsets"]
 
@@ -387,7 +387,7 @@ def check_usage(
 
 def _chunk_tokens(
     n_chunks: int, total: int, cumulative: list[int], text_lens: Sequence[int], from_usage: bool
-) -> tuple[list[int], TokenSource]:
+) -> tuple[array[int] | list[int], TokenSource]:
     """How many tokens each content chunk carried, and how we know.
 
     Exact when the server sent cumulative usage per chunk, or when the usage
@@ -398,21 +398,24 @@ def _chunk_tokens(
     if len(cumulative) == n_chunks and cumulative and cumulative[-1] == total:
         counts = [cumulative[0]] + [b - a for a, b in zip(cumulative, cumulative[1:])]
         if all(c >= 0 for c in counts):
-            return counts, TokenSource.USAGE_DELTA
+            return token_counts(counts), TokenSource.USAGE_DELTA
     if not from_usage:
-        return [1] * n_chunks, TokenSource.CHUNKS
+        return _ONE_TOKEN * n_chunks, TokenSource.CHUNKS
     if total == n_chunks:
-        return [1] * n_chunks, TokenSource.USAGE
+        return _ONE_TOKEN * n_chunks, TokenSource.USAGE
     if total % n_chunks == 0 and min(text_lens) == max(text_lens):
         # equal texts share equally: what the general path below gives, without its sort
-        return [total // n_chunks] * n_chunks, TokenSource.APPORTIONED
+        return token_counts([total // n_chunks]) * n_chunks, TokenSource.APPORTIONED
     chars = sum(text_lens) or n_chunks
     shares = [total * (c or 1) / chars for c in text_lens]
     counts = [int(s) for s in shares]
     order = sorted(range(n_chunks), key=lambda i: shares[i] - counts[i], reverse=True)
     for i in order[: total - sum(counts)]:
         counts[i] += 1
-    return counts, TokenSource.APPORTIONED
+    return token_counts(counts), TokenSource.APPORTIONED
+
+
+_ONE_TOKEN = array("q", [1])  # one token an event: the common case, repeated in C
 
 
 class LoadGenerator:
