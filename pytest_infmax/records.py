@@ -82,9 +82,9 @@ class RequestRecord:
     copy. On disk the stamps go to a binary sidecar beside the JSON (``sidecar.py``).
     ``chunk_tokens`` likewise, an ``array('q')`` (:func:`token_counts`): a list of ints is a
     container the garbage collector walks item by item, and a run keeps thousands of
-    records alive (at 1,000 streams of 256 tokens the young collections that met a fresh
-    record's list took 3.4-6.9 ms, against 1.2-1.3 with arrays). Only a count past int64
-    (a hostile server's) keeps the list, exact.
+    records alive (at 1,000 streams of 256 tokens the young collections cost a fifth less
+    with arrays, their longest 1.2 ms against 3.8: docs/load-generator.md, "What the young
+    collections meet"). Only a count past int64 (a hostile server's) keeps the list, exact.
     """
 
     index: int
