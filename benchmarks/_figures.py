@@ -1,5 +1,6 @@
-"""What the side-by-side benchmarks share: a figure as its median with the spread, the
-simulator's flags handed on after ``--``, and a simulator started for a live part."""
+"""What the side-by-side benchmarks share: a figure as its median with the spread, variants
+measured in interleaved rounds and their table, the simulator's flags handed on after ``--``,
+and a simulator started for a live part."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,6 +23,32 @@ def spread_cell(values: list[float], small_digits: int = 2) -> str:
     if len(values) == 1:
         return f"{median:.{digits}f}"
     return f"{median:.{digits}f} [{min(values):.{digits}f}-{max(values):.{digits}f}]"
+
+
+def interleaved(runs: int, variants: dict[str, Callable[[], dict[str, float]]]) -> dict[str, dict[str, list[float]]]:
+    """Each variant measured ``runs`` times, the variants in turn forwards and backwards from
+    round to round (so that none always runs first, or after the same other one); each run
+    is printed as it comes. The figures, per variant and per key."""
+    figures: dict[str, dict[str, list[float]]] = {name: {} for name in variants}
+    for round_index in range(runs):
+        names = list(variants) if round_index % 2 == 0 else list(reversed(variants))
+        for name in names:
+            result = variants[name]()
+            for key, value in result.items():
+                figures[name].setdefault(key, []).append(value)
+            print(
+                f"  round {round_index + 1}, {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in result.items()),
+                flush=True,
+            )
+    return figures
+
+
+def print_spread_table(label: str, columns: dict[str, str], figures: dict[str, dict[str, list[float]]]) -> None:
+    """A Markdown table: a row per variant, a ``spread_cell`` per column (``columns``: key -> heading)."""
+    print(f"\n| {label} | " + " | ".join(columns.values()) + " |")
+    print("|---|" + "--:|" * len(columns))
+    for name, values in figures.items():
+        print(f"| {name} | " + " | ".join(spread_cell(values[key], 1) for key in columns) + " |")
 
 
 def split_simulator_flags(argv: list[str]) -> tuple[list[str], list[str]]:

@@ -34,7 +34,7 @@ import textwrap
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _figures import simulator, split_simulator_flags, spread_cell  # noqa: E402
+from _figures import interleaved, print_spread_table, simulator, split_simulator_flags, spread_cell  # noqa: E402
 
 _TEST = textwrap.dedent(
     """
@@ -70,6 +70,7 @@ def live(streams: int, osl: int, as_lists: bool, sim_args: list[str]) -> dict[st
     from pytest_infmax.load.plan import LoadConfig
     from pytest_infmax.load.scenarios import Scenario
 
+    gc.collect()  # the last run's records go before this one
     scenario = Scenario("collector", 1024, osl, range_ratio=0.8)
     config = LoadConfig(scenario, concurrency=streams, num_requests=3 * streams, warmup=streams, request_timeout=600)
     counts = generator._chunk_tokens
@@ -93,20 +94,21 @@ def live(streams: int, osl: int, as_lists: bool, sim_args: list[str]) -> dict[st
 
 def live_main(streams: int, osl: int, runs: int, sim_args: list[str]) -> int:
     print(f"{streams} streams, ISL 1024, OSL {osl} in [0.8 L, L], simulator: {' '.join(sim_args) or '(defaults)'}")
-    rows: dict[str, dict[str, list[float]]] = {"array('q') (now)": {}, "list of ints (before)": {}}
-    for round_index in range(runs):
-        for as_lists in (False, True) if round_index % 2 == 0 else (True, False):
-            name = "list of ints (before)" if as_lists else "array('q') (now)"
-            result = live(streams, osl, as_lists, sim_args)
-            gc.collect()
-            for key, value in result.items():
-                rows[name].setdefault(key, []).append(value)
-            print(f"  round {round_index + 1}, {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in result.items()))
-    columns = ["young_longest_ms", "young_total_ms", "middle_longest_ms", "middle_total_ms", "loop_lag_max_ms"]
-    print("\n| token counts | young: longest ms | total ms | middle: longest ms | total ms | loop lag max ms |")
-    print("|---|--:|--:|--:|--:|--:|")
-    for name, values in rows.items():
-        print(f"| {name} | " + " | ".join(spread_cell(values[c], 1) for c in columns) + " |")
+    figures = interleaved(
+        runs,
+        {
+            "array('q') (now)": lambda: live(streams, osl, False, sim_args),
+            "list of ints (before)": lambda: live(streams, osl, True, sim_args),
+        },
+    )
+    columns = {
+        "young_longest_ms": "young: longest ms",
+        "young_total_ms": "total ms",
+        "middle_longest_ms": "middle: longest ms",
+        "middle_total_ms": "total ms",
+        "loop_lag_max_ms": "loop lag max ms",
+    }
+    print_spread_table("token counts", columns, figures)
     return 0
 
 

@@ -54,7 +54,7 @@ from pytest_infmax.load.scenarios import (  # noqa: E402
 )
 
 sys.path.insert(0, str(REPO / "benchmarks"))
-from _figures import simulator, split_simulator_flags, spread_cell  # noqa: E402
+from _figures import interleaved, print_spread_table, simulator, split_simulator_flags, spread_cell  # noqa: E402
 
 MODEL = "sim-model"
 _encode = msgspec.json.Encoder().encode
@@ -181,25 +181,20 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nLive: {args.streams} streams, ISL {args.isl}, simulator: {' '.join(sim_args) or '(defaults)'}", flush=True
     )
-    rows: dict[str, dict[str, list[float]]] = {"in slices (now)": {}, "in one block (before)": {}}
-    for round_index in range(args.runs):
-        order = [True, False] if round_index % 2 == 0 else [False, True]
-        for sliced in order:
-            result = live(args.streams, args.isl, sliced, sim_args)
-            name = "in slices (now)" if sliced else "in one block (before)"
-            for key, value in result.items():
-                rows[name].setdefault(key, []).append(value)
-            print(
-                f"  round {round_index + 1}, {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in result.items()),
-                flush=True,
-            )
-    columns = ["ttft_error_p99_ms", "ttft_error_max_ms", "loop_lag_max_ms", "first_sends_ms"]
-    print(
-        "\n| first requests started | TTFT error p99 ms | TTFT error max ms | loop lag max ms | first sends took ms |"
+    figures = interleaved(
+        args.runs,
+        {
+            "in slices (now)": lambda: live(args.streams, args.isl, True, sim_args),
+            "in one block (before)": lambda: live(args.streams, args.isl, False, sim_args),
+        },
     )
-    print("|---|--:|--:|--:|--:|")
-    for name, values in rows.items():
-        print(f"| {name} | " + " | ".join(spread_cell(values[c], 1) for c in columns) + " |")
+    columns = {
+        "ttft_error_p99_ms": "TTFT error p99 ms",
+        "ttft_error_max_ms": "TTFT error max ms",
+        "loop_lag_max_ms": "loop lag max ms",
+        "first_sends_ms": "first sends took ms",
+    }
+    print_spread_table("first requests started", columns, figures)
     return 0
 
 

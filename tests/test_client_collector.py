@@ -9,7 +9,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -119,3 +122,15 @@ def test_a_run_cancelled_mid_phase_puts_the_collector_back(server: Server) -> No
     assert gc.get_freeze_count() == 0 and gc.get_threshold() == thresholds
     (run,) = interrupted
     assert run.client.collector["frozen_objects"] > 1000
+
+
+def test_the_live_benchmark_measures_both_token_count_keepings() -> None:
+    """benchmarks/client_collector.py --live at a small scale, so the figures docs/load-generator.md
+    quotes keep a script that makes them: a run each way, each with the client's collector figures."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "client_collector.py"
+    command = [sys.executable, str(script), "--live", "16", "--osl", "8", "--runs", "1", "--", "--decode-step-ms", "1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert any(row.startswith("| array('q') (now) |") for row in rows), done.stdout
+    assert any(row.startswith("| list of ints (before) |") for row in rows), done.stdout
