@@ -98,8 +98,8 @@ typedef struct {
     /* plain content events, recorded on the sink (NULL: every event to on_event) */
     PyObject *sink;           /* has events_left (int) */
     PyObject *rec;            /* sink.rec: first_token_time */
-    PyObject *times_extend;   /* sink.rec.chunk_times.frombytes (an array('d')) */
-    PyObject *texts_extend;   /* sink.texts.frombytes (an array('q')) */
+    PyObject *times;          /* sink.rec.chunk_times (an array('d')) */
+    PyObject *texts;          /* sink.texts (an array('q')) */
     double *pending_times;    /* plain content events recorded since the last write-back */
     long long *pending_chars;
     Py_ssize_t pending;
@@ -124,8 +124,8 @@ lane_traverse(Lane *self, visitproc visit, void *arg)
     Py_VISIT(self->on_raw);
     Py_VISIT(self->sink);
     Py_VISIT(self->rec);
-    Py_VISIT(self->times_extend);
-    Py_VISIT(self->texts_extend);
+    Py_VISIT(self->times);
+    Py_VISIT(self->texts);
     Py_VISIT(self->on_end);
     Py_VISIT(self->on_error);
     Py_VISIT(self->clock);
@@ -139,7 +139,7 @@ static int flush_pending(Lane *self);
 static void
 flush_before_clear(Lane *self)
 {
-    if (self->pending == 0 || self->times_extend == NULL || self->texts_extend == NULL)
+    if (self->pending == 0 || self->times == NULL || self->texts == NULL)
         return;
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
@@ -157,8 +157,8 @@ lane_clear(Lane *self)
     Py_CLEAR(self->on_raw);
     Py_CLEAR(self->sink);
     Py_CLEAR(self->rec);
-    Py_CLEAR(self->times_extend);
-    Py_CLEAR(self->texts_extend);
+    Py_CLEAR(self->times);
+    Py_CLEAR(self->texts);
     Py_CLEAR(self->on_end);
     Py_CLEAR(self->on_error);
     Py_CLEAR(self->clock);
@@ -176,10 +176,12 @@ lane_dealloc(Lane *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* obj.frombytes, where obj is an array.array of this typecode with 8-byte items (the
-   pending stamps and lengths are appended as their bytes); NULL with TypeError if not. */
+/* obj (a new reference), an array.array of this typecode with 8-byte items (the pending
+   stamps and lengths are appended as their bytes, by its frombytes); NULL with TypeError
+   if it is not one. The array is held, not its bound frombytes: a bound method is one more
+   object a request for the collector to walk while the request is in flight. */
 static PyObject *
-array_extender(PyObject *obj, const char *typecode, const char *what)
+array_of(PyObject *obj, const char *typecode, const char *what)
 {
     PyObject *code = PyObject_GetAttrString(obj, "typecode");
     if (code == NULL) {
@@ -193,7 +195,7 @@ array_extender(PyObject *obj, const char *typecode, const char *what)
         Py_XDECREF(size);
         PyErr_Clear();
         if (itemsize == 8)
-            return PyObject_GetAttrString(obj, "frombytes");
+            return Py_NewRef(obj);
     }
     PyErr_Format(PyExc_TypeError, "Lane(sink=...): %s must be an array.array('%s')", what, typecode);
     return NULL;
@@ -210,8 +212,8 @@ lane_init(Lane *self, PyObject *args, PyObject *kwds)
     flush_before_clear(self);
     Py_CLEAR(self->sink);
     Py_CLEAR(self->rec);
-    Py_CLEAR(self->times_extend);
-    Py_CLEAR(self->texts_extend);
+    Py_CLEAR(self->times);
+    Py_CLEAR(self->texts);
     self->pending = 0;
     self->first_seen = 0;
     self->left_read = 0;
@@ -221,22 +223,22 @@ lane_init(Lane *self, PyObject *args, PyObject *kwds)
         PyObject *rec = PyObject_GetAttrString(sink, "rec");
         if (rec == NULL)
             return -1;
-        PyObject *times = PyObject_GetAttrString(rec, "chunk_times");
-        PyObject *times_extend = times ? array_extender(times, "d", "sink.rec.chunk_times") : NULL;
-        Py_XDECREF(times);
-        PyObject *texts = times_extend ? PyObject_GetAttrString(sink, "texts") : NULL;
-        PyObject *texts_extend = texts ? array_extender(texts, "q", "sink.texts") : NULL;
-        Py_XDECREF(texts);
-        if (texts_extend == NULL) {
+        PyObject *got = PyObject_GetAttrString(rec, "chunk_times");
+        PyObject *times = got ? array_of(got, "d", "sink.rec.chunk_times") : NULL;
+        Py_XDECREF(got);
+        got = times ? PyObject_GetAttrString(sink, "texts") : NULL;
+        PyObject *texts = got ? array_of(got, "q", "sink.texts") : NULL;
+        Py_XDECREF(got);
+        if (texts == NULL) {
             Py_DECREF(rec);
-            Py_XDECREF(times_extend);
+            Py_XDECREF(times);
             return -1;
         }
         Py_INCREF(sink);
         self->sink = sink;
         self->rec = rec;
-        self->times_extend = times_extend;
-        self->texts_extend = texts_extend;
+        self->times = times;
+        self->texts = texts;
     }
     Py_INCREF(on_event);
     Py_INCREF(on_block);
@@ -275,7 +277,23 @@ buf_append(Lane *self, const char *p, Py_ssize_t n)
     return 0;
 }
 
-static PyObject *str_events_left, *str_first_token_time;
+static PyObject *str_events_left, *str_first_token_time, *str_frombytes;
+
+/* array.frombytes(memory), called by name (no bound method made); 0 or -1. */
+static int
+array_frombytes(PyObject *array, void *p, Py_ssize_t size)
+{
+    PyObject *view = PyMemoryView_FromMemory((char *)p, size, PyBUF_READ);
+    if (view == NULL)
+        return -1;
+    PyObject *argv[2] = {array, view};
+    PyObject *r = PyObject_VectorcallMethod(str_frombytes, argv, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    Py_DECREF(view);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
 
 /* Appends the pending stamps and lengths to rec.chunk_times and sink.texts. 0 or -1. */
 static int
@@ -285,19 +303,9 @@ flush_pending(Lane *self)
     if (n == 0)
         return 0;
     self->pending = 0;
-    PyObject *view = PyMemoryView_FromMemory((char *)self->pending_times, n * (Py_ssize_t)sizeof(double), PyBUF_READ);
-    PyObject *r = view ? PyObject_CallOneArg(self->times_extend, view) : NULL;
-    Py_XDECREF(view);
-    if (r == NULL)
+    if (array_frombytes(self->times, self->pending_times, n * (Py_ssize_t)sizeof(double)) < 0)
         return -1;
-    Py_DECREF(r);
-    view = PyMemoryView_FromMemory((char *)self->pending_chars, n * (Py_ssize_t)sizeof(long long), PyBUF_READ);
-    r = view ? PyObject_CallOneArg(self->texts_extend, view) : NULL;
-    Py_XDECREF(view);
-    if (r == NULL)
-        return -1;
-    Py_DECREF(r);
-    return 0;
+    return array_frombytes(self->texts, self->pending_chars, n * (Py_ssize_t)sizeof(long long));
 }
 
 /* Writes what was counted and recorded in C back to the sink: the pending stamps and
@@ -1270,7 +1278,8 @@ PyInit__lane(void)
         plain_ascii[c] = c != '"' && c != '\\';
     str_events_left = PyUnicode_InternFromString("events_left");
     str_first_token_time = PyUnicode_InternFromString("first_token_time");
-    if (str_events_left == NULL || str_first_token_time == NULL)
+    str_frombytes = PyUnicode_InternFromString("frombytes");
+    if (str_events_left == NULL || str_first_token_time == NULL || str_frombytes == NULL)
         return NULL;
     PyObject *m = PyModule_Create(&lanemodule);
     if (m == NULL)

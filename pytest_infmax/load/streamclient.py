@@ -246,19 +246,45 @@ class _Exchange:
         self.chunked: bool | None = False  # Transfer-Encoding: chunked (None: Content-Length too)
 
 
+class _ParserCallbacks:
+    """One connection's httptools callbacks, bound once. A response read by the lane spends
+    its parser (httptools stops at the head by an exception), so each response gets a new
+    one, which reads its callbacks from the object it is given: from the connection itself
+    it bound five new methods a request."""
+
+    __slots__ = ("on_message_begin", "on_header", "on_headers_complete", "on_body", "on_message_complete")
+
+    def __init__(self, conn: StreamConnection) -> None:
+        self.on_message_begin = conn.on_message_begin
+        self.on_header = conn.on_header
+        self.on_headers_complete = conn.on_headers_complete
+        self.on_body = conn.on_body
+        self.on_message_complete = conn.on_message_complete
+
+
 class StreamConnection(asyncio.Protocol):
     """One keep-alive HTTP/1.1 connection that runs one streaming exchange at a time."""
 
     def __init__(self, pool: ConnectionPool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
+        self._parser_callbacks = _ParserCallbacks(self)
+        self.parser = httptools.HttpResponseParser(self._parser_callbacks)
         self.exchange: _Exchange | None = None
         self.closed = False
         self._now = 0.0
         self.lane: Lane | None = None  # the exchange's fast lane while it reads the body
         self._parser_spent = False  # httptools was stopped mid-message: a new one for the next
         self._head: list[bytes] = []  # the pieces read while the head is incomplete
+        # The lane's callbacks and this protocol's own read, bound once a connection: bound
+        # at each response they were containers made per request, which the collector's
+        # young and middle collections walk while the request is in flight (see
+        # docs/load-generator.md, "What a request left for the collector").
+        self._read_head = self.data_received
+        self._on_lane_block = self._lane_block
+        self._on_lane_raw = self._lane_raw
+        self._on_lane_end = self._lane_end
+        self._on_lane_error = self._lane_error
 
     # -- asyncio.Protocol ------------------------------------------------------------
 
@@ -405,7 +431,7 @@ class StreamConnection(asyncio.Protocol):
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.exchange = _Exchange(future, decoder)
         if self._parser_spent:
-            self.parser = httptools.HttpResponseParser(self)
+            self.parser = httptools.HttpResponseParser(self._parser_callbacks)
             self._parser_spent = False
         self.transport.write(request)
         return future
@@ -425,11 +451,13 @@ class StreamConnection(asyncio.Protocol):
         assert _Lane is not None  # the pool's fast_lane is set only where the C lane was imported
         sink = decoder.sink
         records = sink if self.pool.c_content and getattr(sink, "PLAIN_CONTENT_IN_C", False) else None
-        self.lane = lane = _Lane(sink.on_event, self._lane_block, self._lane_raw, decoder.max_event_bytes, records)
+        self.lane = lane = _Lane(
+            sink.on_event, self._on_lane_block, self._on_lane_raw, decoder.max_event_bytes, records
+        )
         # From the next read on the lane is the transport's read callback itself: what
         # data_received does for a lane, without a Python frame per read (uvloop reads the
         # protocol's data_received when it is set, hence set_protocol).
-        lane.attach(self._lane_end, self._lane_error, time.perf_counter)
+        lane.attach(self._on_lane_end, self._on_lane_error, time.perf_counter)
         self.data_received = lane.data_received  # type: ignore[method-assign,assignment]
         assert self.transport is not None
         self.transport.set_protocol(self)
@@ -461,8 +489,8 @@ class StreamConnection(asyncio.Protocol):
         if self.lane is not None:
             self.lane.sync()  # the sink's events_left, counted in C while the lane read
         self.lane = None
-        if "data_received" in self.__dict__:
-            del self.data_received
+        if self.data_received is not self._read_head:
+            self.data_received = self._read_head  # type: ignore[method-assign]
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.set_protocol(self)
 
