@@ -18,6 +18,10 @@ measured requests of ISL 1024 and ``--osl`` tokens in [0.8 L, L], after a warm-u
 turned into a list), which every collection that meets a record walks item by item.
 
     .venv/bin/python benchmarks/client_collector.py --live 1000 --osl 256 --runs 3 -- --profile b200/gpt-oss-120b
+
+``--live STREAMS --against DIR``: the same runs, this checkout's client against the client of
+another checkout (e.g. ``git archive`` of an earlier commit, its C lane built or copied in),
+each run in a process of its own; the simulator is this checkout's for both.
 """
 
 from __future__ import annotations
@@ -32,9 +36,10 @@ import sys
 import tempfile
 import textwrap
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _figures import interleaved, print_spread_table, simulator, split_simulator_flags, spread_cell  # noqa: E402
+from _figures import REPO, interleaved, print_spread_table, simulator, split_simulator_flags, spread_cell  # noqa: E402
 
 _TEST = textwrap.dedent(
     """
@@ -84,31 +89,69 @@ def live(streams: int, osl: int, as_lists: bool, sim_args: list[str]) -> dict[st
     assert run.client is not None and run.client.collector is not None
     figures = run.client.collector
     return {
+        "young_collections": figures["collections"][0],
         "young_longest_ms": figures["longest_pause_ms"][0],
         "young_total_ms": figures["total_pause_ms"][0],
+        "middle_collections": figures["collections"][1],
         "middle_longest_ms": figures["longest_pause_ms"][1],
         "middle_total_ms": figures["total_pause_ms"][1],
         "loop_lag_max_ms": max(run.client.loop_lags, default=0.0) * 1e3,
     }
 
 
-def live_main(streams: int, osl: int, runs: int, sim_args: list[str]) -> int:
+def _tree_client(tree: Path, streams: int, osl: int, sim_args: list[str]) -> dict[str, float]:
+    """One ``live`` run in a process whose client is ``tree``'s (first on its path); the
+    simulator stays this checkout's (``simulator`` starts it with this checkout as its cwd)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")]))}
+    command = [sys.executable, __file__, "--live-one", str(streams), "--osl", str(osl), "--", *sim_args]
+    done = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True, timeout=1200)
+    if done.returncode != 0:
+        raise SystemExit(f"the run with {tree}'s client failed:\n{done.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
+    imported = Path(result.pop("client")).resolve()
+    if not imported.is_relative_to(tree):
+        raise SystemExit(f"{tree}: its run imported the client from {imported}, not its own code")
+    wire = result.pop("wire")
+    if wire != "c":
+        raise SystemExit(f"{tree}: its client read with the {wire} lane, not the C lane (build or copy it in)")
+    return result
+
+
+def _live_one(streams: int, osl: int, sim_args: list[str]) -> int:
+    from pytest_infmax.load import streamclient
+
+    result: dict[str, Any] = dict(live(streams, osl, False, sim_args))
+    result["client"] = streamclient.__file__
+    result["wire"] = "c" if streamclient._Lane is not None else "python"
+    print(json.dumps(result))
+    return 0
+
+
+def live_main(streams: int, osl: int, runs: int, sim_args: list[str], against: Path | None = None) -> int:
     print(f"{streams} streams, ISL 1024, OSL {osl} in [0.8 L, L], simulator: {' '.join(sim_args) or '(defaults)'}")
-    figures = interleaved(
-        runs,
-        {
+    if against is None:
+        label = "token counts"
+        variants = {
             "array('q') (now)": lambda: live(streams, osl, False, sim_args),
             "list of ints (before)": lambda: live(streams, osl, True, sim_args),
-        },
-    )
+        }
+    else:
+        label = "client"
+        variants = {
+            "this checkout": lambda: _tree_client(REPO, streams, osl, sim_args),
+            against.name: lambda: _tree_client(against, streams, osl, sim_args),
+        }
+    figures = interleaved(runs, variants)
     columns = {
-        "young_longest_ms": "young: longest ms",
+        "young_collections": "young: collections",
+        "young_longest_ms": "longest ms",
         "young_total_ms": "total ms",
-        "middle_longest_ms": "middle: longest ms",
+        "middle_collections": "middle: collections",
+        "middle_longest_ms": "longest ms",
         "middle_total_ms": "total ms",
         "loop_lag_max_ms": "loop lag max ms",
     }
-    print_spread_table("token counts", columns, figures)
+    print_spread_table(label, columns, figures)
     return 0
 
 
@@ -124,9 +167,21 @@ def main(argv: list[str] | None = None) -> int:
         "--live", type=int, metavar="STREAMS", help="instead: a closed loop's young and middle collections"
     )
     parser.add_argument("--osl", type=int, default=256, help="--live: output tokens per request, at most (default 256)")
+    parser.add_argument(
+        "--against", type=Path, metavar="DIR", help="--live: this checkout's client against DIR's (a checkout)"
+    )
+    parser.add_argument("--live-one", type=int, metavar="STREAMS", help=argparse.SUPPRESS)  # one run, as JSON
     args = parser.parse_args(argv)
+    if args.live_one:
+        return _live_one(args.live_one, args.osl, sim_args)
+    if args.against is not None:
+        if not args.live:
+            parser.error("--against compares clients in --live runs: give --live STREAMS too")
+        if not (args.against / "pytest_infmax" / "load" / "streamclient.py").is_file():
+            parser.error(f"--against {args.against}: no pytest_infmax/load there; give a checkout of the project")
+        args.against = args.against.resolve()
     if args.live:
-        return live_main(args.live, args.osl, args.runs, sim_args)
+        return live_main(args.live, args.osl, args.runs, sim_args, args.against)
     with tempfile.TemporaryDirectory() as workdir:
         (Path(workdir) / "test_collections.py").write_text(_TEST)
         out = Path(workdir) / "rows.json"

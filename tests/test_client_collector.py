@@ -159,3 +159,20 @@ def test_the_live_benchmark_measures_both_token_count_keepings() -> None:
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
     assert any(row.startswith("| array('q') (now) |") for row in rows), done.stdout
     assert any(row.startswith("| list of ints (before) |") for row in rows), done.stdout
+
+
+def test_the_live_benchmark_compares_this_client_with_another_checkouts(tmp_path: Path) -> None:
+    """``--against DIR``: each run in a process whose client is that tree's (here this checkout
+    twice, so the plumbing, not a difference, is what is checked); a tree without the
+    project is refused with what to give."""
+    repo = Path(__file__).resolve().parents[1]
+    script = repo / "benchmarks" / "client_collector.py"
+    command = [sys.executable, str(script), "--live", "16", "--osl", "8", "--runs", "1", "--against", str(repo)]
+    done = subprocess.run([*command, "--", "--decode-step-ms", "1"], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| client | young: collections |"), done.stdout
+    assert any(row.startswith("| this checkout |") for row in rows), done.stdout
+    assert any(row.startswith(f"| {repo.name} |") for row in rows), done.stdout
+    refused = subprocess.run([*command[:-1], str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "give a checkout of the project" in refused.stderr
