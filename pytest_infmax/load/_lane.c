@@ -176,12 +176,12 @@ lane_dealloc(Lane *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+static PyObject *array_type; /* array.array */
+
 /* obj (a new reference), an array.array of this typecode with 8-byte items (the pending
    stamps and lengths are appended as their bytes, by its frombytes); NULL with TypeError
    if it is not one. The array is held, not its bound frombytes: a bound method is one more
    object a request for the collector to walk while the request is in flight. */
-static PyObject *array_type; /* array.array */
-
 static PyObject *
 array_of(PyObject *obj, const char *typecode, const char *what)
 {
