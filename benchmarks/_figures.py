@@ -5,6 +5,7 @@ and a simulator started for a live part."""
 from __future__ import annotations
 
 import contextlib
+import os
 import statistics
 import subprocess
 import sys
@@ -49,6 +50,13 @@ def print_spread_table(label: str, columns: dict[str, str], figures: dict[str, d
     print("|---|" + "--:|" * len(columns))
     for name, values in figures.items():
         print(f"| {name} | " + " | ".join(spread_cell(values[key], 1) for key in columns) + " |")
+
+
+def tree_env(tree: Path) -> dict[str, str]:
+    """The environment that runs ``tree``'s code (another checkout's, for ``--against``): it
+    first on PYTHONPATH. Run with ``cwd=tree`` too: ``python -m`` puts the working directory
+    first on sys.path, before PYTHONPATH."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")]))}
 
 
 def split_simulator_flags(argv: list[str]) -> tuple[list[str], list[str]]:

@@ -39,7 +39,15 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _figures import REPO, interleaved, print_spread_table, simulator, split_simulator_flags, spread_cell  # noqa: E402
+from _figures import (  # noqa: E402
+    REPO,
+    interleaved,
+    print_spread_table,
+    simulator,
+    split_simulator_flags,
+    spread_cell,
+    tree_env,
+)
 
 _TEST = textwrap.dedent(
     """
@@ -102,7 +110,7 @@ def live(streams: int, osl: int, as_lists: bool, sim_args: list[str]) -> dict[st
 def _tree_client(tree: Path, streams: int, osl: int, sim_args: list[str]) -> dict[str, float]:
     """One ``live`` run in a process whose client is ``tree``'s (first on its path); the
     simulator stays this checkout's (``simulator`` starts it with this checkout as its cwd)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")]))}
+    env = tree_env(tree)
     command = [sys.executable, __file__, "--live-one", str(streams), "--osl", str(osl), "--", *sim_args]
     done = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True, timeout=1200)
     if done.returncode != 0:

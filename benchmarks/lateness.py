@@ -66,7 +66,7 @@ from pytest_infmax.sim import FRONT_ENDS, SSE_WRITERS  # noqa: E402
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 from _affinity import pin_tree  # noqa: E402
-from _figures import split_simulator_flags, spread_cell  # noqa: E402
+from _figures import split_simulator_flags, spread_cell, tree_env  # noqa: E402
 
 MODEL = "sim-model"
 
@@ -103,18 +103,12 @@ def _get(url: str) -> Any:
         return json.load(response)
 
 
-def _tree_env(tree: Path) -> dict[str, str]:
-    """The environment that runs ``tree``'s simulator (with ``cwd=tree``: ``python -m`` puts the
-    working directory first on sys.path, before PYTHONPATH)."""
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")]))}
-
-
 def _check_tree_runs(tree: Path) -> None:
     """``python -m pytest_infmax.sim`` started as ``measure`` starts it imports ``tree``'s code: a
     side-by-side that ran one tree twice compared nothing (it did, until 2026-12-07)."""
     probe = "import pytest_infmax.sim, sys; sys.stdout.write(pytest_infmax.sim.__file__)"
     imported = subprocess.run(
-        [sys.executable, "-c", probe], cwd=tree, env=_tree_env(tree), capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", probe], cwd=tree, env=tree_env(tree), capture_output=True, text=True, timeout=60
     ).stdout
     if not Path(imported).resolve().is_relative_to(tree):
         raise SystemExit(f"--against {tree}: its simulator would import {imported or 'nothing'}, not its own code")
@@ -135,7 +129,7 @@ def measure(streams: int, variant: str, args: argparse.Namespace, sim_args: list
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as workdir:
         port_file = Path(workdir) / "port"
-        env = _tree_env(tree)
+        env = tree_env(tree)
         command = [
             sys.executable, "-m", "pytest_infmax.sim", "--port", "0", "--port-file", str(port_file),
             "--model", MODEL, "--sse-writer", writer, "--front-end", front_end, "--trace-capacity", str(traced), *extra, *sim_args,
