@@ -121,7 +121,9 @@ def _tree_client(tree: Path, streams: int, osl: int, sim_args: list[str]) -> dic
         raise SystemExit(f"{tree}: its run imported the client from {imported}, not its own code")
     wire = result.pop("wire")
     if wire != "c":
-        raise SystemExit(f"{tree}: its client read with the {wire} lane, not the C lane (build or copy it in)")
+        raise SystemExit(
+            f"{tree}: its client read with the {wire!r} wire mode, not the C lane (build or copy it in; unset INFMAX_WIRE)"
+        )
     return result
 
 
@@ -130,7 +132,7 @@ def _live_one(streams: int, osl: int, sim_args: list[str]) -> int:
 
     result: dict[str, Any] = dict(live(streams, osl, False, sim_args))
     result["client"] = streamclient.__file__
-    result["wire"] = "c" if streamclient._Lane is not None else "python"
+    result["wire"] = streamclient.wire_mode()  # what the run read with: INFMAX_WIRE, or python where no C lane
     print(json.dumps(result))
     return 0
 
