@@ -27,3 +27,5 @@ def test_every_request_of_the_run_counts_in_its_events(tmp_path: Path) -> None:
     assert row["matched"] == 64  # the measured requests, matched to their traces
     assert row["events"] == 96 * 8  # one content event per token, warm-up included
     assert row["sim_cpu_us_per_event"] == row["sim_cpu_s"] / row["events"] * 1e6
+    # the streams' first events' write lateness, read from this simulator's stats (NaN if absent)
+    assert 0 <= row["first_write_lateness_p50_ms"] <= row["first_write_lateness_p99_ms"]

@@ -102,6 +102,9 @@ async def test_the_fast_stream_is_byte_for_byte_the_aiohttp_one(
         written = after[writer]["write_lateness_ms"]["count"] - before[writer]["write_lateness_ms"]["count"]
         assert written == -(-10 // interval)
         assert after[writer]["write_lateness_ms"]["max"] >= 0
+        # and the stream's first content event, once more, on its own
+        firsts = after[writer]["first_write_lateness_ms"]["count"] - before[writer]["first_write_lateness_ms"]["count"]
+        assert firsts == 1
     assert _normalised(bodies["fast"]) == _normalised(bodies["aiohttp"])
     events = [line for line in bodies["fast"].split(b"\n\n") if line]
     assert events[-1] == b"data: [DONE]"

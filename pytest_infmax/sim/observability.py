@@ -51,6 +51,9 @@ class Observability:
         # content events of unfaulted streams: their write stamp minus the end of the engine step
         # that produced them (the engine's own lateness is its steps'; this is the wire's)
         self.write_lateness = LatenessHistogram()
+        # the same for each stream's first content event alone: what the front end adds to the
+        # time to first token between the model's first token and the wire
+        self.first_write_lateness = LatenessHistogram()
         # the garbage collector's passes and pauses (pytest_infmax/collector.py); counting from serve()'s start
         self.collector = CollectorWatch()
 
@@ -107,6 +110,13 @@ class Observability:
         if previous is None:
             self.metrics.on_first_token(trace.prompt_tokens or 0, t - trace.arrival)
         self.metrics.on_tokens(tokens, None if previous is None else t - previous)
+
+    def add_write_lateness(self, seconds: float, first: bool) -> None:
+        """A content event was written ``seconds`` after its step's end; ``first``: the
+        stream's first content event."""
+        self.write_lateness.add(seconds)
+        if first:
+            self.first_write_lateness.add(seconds)
 
     def finish(
         self,

@@ -542,6 +542,7 @@ async def handle_stats(request: web.Request) -> web.Response:
     body["sse_streams"] = dict(request.app[OBS_KEY].sse_streams)  # streams per writer (--sse-writer)
     body["front_end_requests"] = dict(request.app[OBS_KEY].front_end_requests)  # per reader (--front-end)
     body["write_lateness_ms"] = request.app[OBS_KEY].write_lateness.summary_ms()
+    body["first_write_lateness_ms"] = request.app[OBS_KEY].first_write_lateness.summary_ms()  # streams' first events
     body["collector"] = request.app[OBS_KEY].collector.describe()  # its pauses stop every stream
     noise = noise_of(request.app[CONFIG_KEY].cost_model)
     if noise is not None:  # this start's drawn factors (--start-jitter and friends)

@@ -110,11 +110,13 @@ class SseWriter:
         each content event's tokens (for the write lateness)."""
         if not self.fault.rewrites_stream:
             now = time.monotonic()
+            first = not self.trace.chunk_times
             for _, tokens in events:
                 if tokens:
                     self._record(now, tokens)
             for emitted in emit_times:
-                self.obs.write_lateness.add(now - emitted)
+                self.obs.add_write_lateness(now - emitted, first)
+                first = False
             if on_last is not None:
                 on_last()
             await self.response.write(b"".join(data for data, _ in events))
@@ -529,8 +531,9 @@ class FastSseStream:
         if trace.committed:  # the stream ended (its client gone) while the step was written
             return
         obs = self._obs
+        first = not trace.chunk_times
         obs.record_chunk(trace, t, delivery.token_count)
-        obs.write_lateness.add(t - delivery.emit_time)
+        obs.add_write_lateness(t - delivery.emit_time, first)
 
     def on_delivery(self, delivery: TokenDelivery) -> None:
         """Write the event now, unless the client is not keeping up (the transport paused
