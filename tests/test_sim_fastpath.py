@@ -344,3 +344,49 @@ def test_a_reader_that_falls_behind_gets_the_same_bytes_from_both_writers(tmp_pa
                 connection.close()
     assert bodies["fast"].endswith(b"data: [DONE]\n\n")
     assert _normalised(bodies["fast"]) == _normalised(bodies["aiohttp"])
+
+
+async def _long_streams_then_newcomers(url: str, long_streams: int, newcomers: int) -> None:
+    """``long_streams`` streams of 400 tokens; once each has its first event, ``newcomers``
+    short streams one after another, each joining the running batch."""
+    async with aiohttp.ClientSession() as session:
+
+        async def stream(request_id: str, max_tokens: int, first_event: asyncio.Event | None = None) -> None:
+            body = {"prompt": "x", "max_tokens": max_tokens, "stream": True, "ignore_eos": True}
+            headers = {"X-Request-Id": request_id}
+            async with session.post(f"{url}/v1/completions", json=body, headers=headers) as response:
+                assert response.status == 200, await response.text()
+                async for line in response.content:
+                    if first_event is not None and line.startswith(b"data:"):
+                        first_event.set()
+
+        firsts = [asyncio.Event() for _ in range(long_streams)]
+        running = [asyncio.create_task(stream(f"long-{i}", 400, firsts[i])) for i in range(long_streams)]
+        await asyncio.wait_for(asyncio.gather(*(first.wait() for first in firsts)), timeout=30)
+        for k in range(newcomers):
+            await asyncio.wait_for(stream(f"new-{k}", 3), timeout=30)
+        await asyncio.wait_for(asyncio.gather(*running), timeout=60)
+
+
+def test_a_streams_first_event_goes_out_before_the_other_events_of_its_step(tmp_path: Path) -> None:
+    """A stream that joins a running batch gets its first token at the end of the step that
+    prefilled it, with every running stream's next token: its event is written first (the
+    engine completes a step's prefills before its decodes, and the outbox keeps that order),
+    so that the time to first token holds no other stream's write (at 1,000 streams a step's
+    writes take milliseconds). Read off the trace: no other stream's event was written in the
+    3 ms before the newcomer's first (the step is 5 ms), and every running stream's was
+    written in the 3 ms after it."""
+    long_streams, newcomers = 24, 4
+    args = ("--sse-writer", "fast", "--decode-step-ms", "5", "--max-num-seqs", "64")
+    with running_server(ServerConfig(sim_args=args), tmp_path) as server:
+        asyncio.run(_long_streams_then_newcomers(server.base_url, long_streams, newcomers))
+        traces = json.loads(_get(f"{server.base_url}/sim/trace"))["requests"]
+    chunks = {trace["x_request_id"]: trace["chunk_mono"] for trace in traces}
+    assert len(chunks) == long_streams + newcomers
+    for k in range(newcomers):
+        first = chunks[f"new-{k}"][0]
+        others = [t for request_id, times in chunks.items() if request_id != f"new-{k}" for t in times]
+        before = [round((first - t) * 1e3, 3) for t in others if first - 0.003 < t < first]
+        after = [t for t in others if first < t < first + 0.003]
+        assert not before, f"new-{k}: other streams' events written {before} ms before its first"
+        assert len(after) >= long_streams, (k, len(after))  # its step was the running batch's
