@@ -387,25 +387,19 @@ def bound_unix_sockets(pids: Iterable[int]) -> set[Path]:
     return paths
 
 
-def test_teardown_leaves_no_vllm_process_and_frees_the_port(vllm: SharedServer) -> None:
+def test_teardown_leaves_no_vllm_process_no_file_and_frees_the_port(vllm: SharedServer) -> None:
+    """stop() returns once every process of vLLM's is gone and its port is free. And vLLM makes
+    its ZMQ IPC sockets and torch.distributed's file store in the temp folder and removes
+    neither, however it ends: a suite of starts left ~850 in /tmp. The sockets now go to a
+    folder of the server's own, and both are gone once it has stopped. (One test: each vLLM
+    start costs ~35 s of the suite on 2 cores.)"""
     server = vllm.get()
     server.track_descendants()
     assert server.pid is not None
     pids = {server.pid: start_time(server.pid), **server.tracked}
     assert len(pids) >= 2  # the API server and its engine core at least
     assert not port_free(server.config.host, port_of(server))  # it listens there now
-    server.stop()
-    assert left_running(pids, timeout=0) == []  # stop() returns once all are gone
-    assert port_free(server.config.host, port_of(server))
-
-
-def test_teardown_leaves_no_file_of_vllms_in_the_temp_folder(vllm: SharedServer) -> None:
-    """vLLM makes its ZMQ IPC sockets and torch.distributed's file store in the temp folder and
-    removes neither, however it ends: a suite of starts left ~850 in /tmp. The sockets now go
-    to a folder of the server's own, and both are gone once it has stopped."""
-    server = vllm.get()
-    server.track_descendants()
-    sockets = bound_unix_sockets([p for p in (server.pid, *server.tracked) if p is not None])
+    sockets = bound_unix_sockets(pids)
     assert sockets, "vLLM's processes hold no Unix socket: did it stop using ZMQ IPC?"
     temp = Path(tempfile.gettempdir()).resolve()
     assert all(path.parent.resolve() != temp for path in sockets), sockets  # none in the shared folder
@@ -413,5 +407,7 @@ def test_teardown_leaves_no_file_of_vllms_in_the_temp_folder(vllm: SharedServer)
     stores = engines.file_store_leftovers("vllm", server.log_path.read_text(errors="replace"), {})
     assert stores, "vLLM's log names no file store in the temp folder"
     server.stop()
+    assert left_running(pids, timeout=0) == []  # stop() returns once all are gone
+    assert port_free(server.config.host, port_of(server))
     assert [p for p in (*sockets, *stores) if p.exists()] == []
     assert server.scratch_dir is not None and not server.scratch_dir.exists()
