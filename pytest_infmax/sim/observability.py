@@ -103,20 +103,18 @@ class Observability:
         trace.fault = fault.describe()
         return trace
 
-    def record_chunk(self, trace: RequestTrace, t: float, tokens: int) -> None:
-        """A content event with ``tokens`` output tokens is being written at ``t``."""
+    def record_chunk(self, trace: RequestTrace, t: float, tokens: int, emitted: float | None = None) -> None:
+        """A content event with ``tokens`` output tokens is being written at ``t``; ``emitted``:
+        the end of the engine step that produced them (its write lateness), if known."""
         previous = trace.chunk_times[-1] if trace.chunk_times else None
         trace.add_chunk(t, tokens)
         if previous is None:
             self.metrics.on_first_token(trace.prompt_tokens or 0, t - trace.arrival)
         self.metrics.on_tokens(tokens, None if previous is None else t - previous)
-
-    def add_write_lateness(self, seconds: float, first: bool) -> None:
-        """A content event was written ``seconds`` after its step's end; ``first``: the
-        stream's first content event."""
-        self.write_lateness.add(seconds)
-        if first:
-            self.first_write_lateness.add(seconds)
+        if emitted is not None:
+            self.write_lateness.add(t - emitted)
+            if previous is None:
+                self.first_write_lateness.add(t - emitted)
 
     def finish(
         self,

@@ -110,13 +110,10 @@ class SseWriter:
         each content event's tokens (for the write lateness)."""
         if not self.fault.rewrites_stream:
             now = time.monotonic()
-            first = not self.trace.chunk_times
+            emitted = iter(emit_times)  # one a content event, in order (a delivery has a token at least)
             for _, tokens in events:
                 if tokens:
-                    self._record(now, tokens)
-            for emitted in emit_times:
-                self.obs.add_write_lateness(now - emitted, first)
-                first = False
+                    self._record(now, tokens, next(emitted, None))
             if on_last is not None:
                 on_last()
             await self.response.write(b"".join(data for data, _ in events))
@@ -135,8 +132,8 @@ class SseWriter:
                         on_last()
                 await self.response.write(piece)
 
-    def _record(self, t: float, tokens: int) -> None:
-        self.obs.record_chunk(self.trace, t, tokens)
+    def _record(self, t: float, tokens: int, emitted: float | None = None) -> None:
+        self.obs.record_chunk(self.trace, t, tokens, emitted)
         self.tokens_written += tokens
 
     async def _before_event(self) -> None:
@@ -530,10 +527,7 @@ class FastSseStream:
         trace = self._trace
         if trace.committed:  # the stream ended (its client gone) while the step was written
             return
-        obs = self._obs
-        first = not trace.chunk_times
-        obs.record_chunk(trace, t, delivery.token_count)
-        obs.add_write_lateness(t - delivery.emit_time, first)
+        self._obs.record_chunk(trace, t, delivery.token_count, delivery.emit_time)
 
     def on_delivery(self, delivery: TokenDelivery) -> None:
         """Write the event now, unless the client is not keeping up (the transport paused
